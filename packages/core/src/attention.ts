@@ -1,0 +1,42 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { check } from './errors.js';
+
+/**
+ * Additive causal mask [n, N]: query row i (the i-th of the last `tail` cached tokens, n = q rows)
+ * sees cached tokens 0 … N − n + i. Rows are the n newest tokens.
+ */
+export function causalTailMask(n: number, N: number, tail = n): tf.Tensor2D {
+  const m = new Float32Array(n * N);
+  for (let i = 0; i < n; i++) {
+    const last = N - tail + i; // inclusive
+    for (let j = last + 1; j < N; j++) m[i * N + j] = -1e30;
+  }
+  return tf.tensor2d(m, [n, N]);
+}
+
+/**
+ * Scaled dot-product attention with GQA: softmax(q·Kᵀ/√d + mask)·V.
+ * @param q post-RoPE queries [n, H, d]
+ * @param k post-RoPE keys [N, H_kv, d]
+ * @param v values [N, H_kv, d]
+ * @param causalTail the last `causalTail` cached tokens are the queries' own (causal among them); 0 = no mask
+ * @returns [n, H, d]
+ * @throws KvpackError('shape') when heads or head_dim disagree.
+ */
+export function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, causalTail = q.shape[0]): tf.Tensor3D {
+  const [n, H, d] = q.shape;
+  const [N, Hkv] = k.shape;
+  check(k.shape[2] === d && v.shape[2] === d && v.shape[0] === N && v.shape[1] === Hkv, 'shape', `attention: q [${q.shape}], k [${k.shape}], v [${v.shape}] disagree`);
+  check(H % Hkv === 0, 'shape', `attention: ${H} query heads are not a multiple of ${Hkv} KV heads`);
+  const g = H / Hkv;
+  return tf.tidy(() => {
+    const qh = q.reshape([n, Hkv, g, d]).transpose([1, 0, 2, 3]).reshape([Hkv, n * g, d]);
+    const kh = k.transpose([1, 0, 2]);
+    const vh = v.transpose([1, 0, 2]);
+    let s = tf.matMul(qh, kh, false, true).mul(1 / Math.sqrt(d)).reshape([Hkv, n, g, N]);
+    if (causalTail > 0 && (n > 1 || causalTail < n)) s = s.add(causalTailMask(n, N, causalTail).reshape([1, n, 1, N]));
+    const p = tf.softmax(s, -1).reshape([Hkv, n * g, N]);
+    const o = tf.matMul(p, vh).reshape([Hkv, n, g, d]).transpose([1, 0, 2, 3]);
+    return o.reshape([n, H, d]) as tf.Tensor3D;
+  });
+}

@@ -1,0 +1,147 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { createRequire } from 'node:module';
+import { KvpackError } from './errors.js';
+
+/** Backend names kvpack knows, best first. */
+export type BackendName = 'tensorflow' | 'webgpu' | 'wasm' | 'cpu';
+
+/**
+ * A backend kvpack can try. `load` imports and registers it with tfjs and resolves to nothing, or
+ * throws with a one-line reason why it is unavailable. Higher priority is tried first by `auto`
+ * (the same idea as tfjs's `registerBackend(name, factory, priority)`).
+ */
+export interface BackendCandidate {
+  name: string;
+  priority: number;
+  load(): Promise<void>;
+}
+
+const candidates = new Map<string, BackendCandidate>();
+
+/** Adds (or replaces) a candidate backend for {@link selectBackend}. */
+export function registerBackendCandidate(c: BackendCandidate): void {
+  candidates.set(c.name, c);
+}
+
+const req = createRequire(import.meta.url);
+
+async function optionalImport(name: string): Promise<unknown> {
+  try {
+    return await import(name);
+  } catch (e) {
+    const msg = (e as Error).message.split('\n')[0];
+    throw new Error(/Cannot find (package|module)/.test(msg) ? `${name} is not installed` : `${name} failed to load: ${msg}`);
+  }
+}
+
+registerBackendCandidate({
+  name: 'tensorflow',
+  priority: 4,
+  async load() {
+    const reasons: string[] = [];
+    for (const pkg of ['@tensorflow/tfjs-node-gpu', '@tensorflow/tfjs-node']) {
+      try {
+        await optionalImport(pkg);
+        if (tf.findBackend('tensorflow')) return;
+        reasons.push(`${pkg} loaded but registered no "tensorflow" backend (a second copy of tfjs-core?)`);
+      } catch (e) {
+        reasons.push((e as Error).message);
+      }
+    }
+    throw new Error(reasons.join('; '));
+  },
+});
+
+/**
+ * Dawn's Node addon: from the file named by KVPACK_DAWN_NODE (bundles), else the `webgpu` package.
+ */
+function loadDawn(): { create(flags: string[]): unknown; globals: Record<string, unknown> } {
+  const path = process.env.KVPACK_DAWN_NODE;
+  if (path) return req(path);
+  try {
+    return req('webgpu');
+  } catch {
+    throw new Error('the "webgpu" package (Dawn) is not installed and KVPACK_DAWN_NODE is unset');
+  }
+}
+
+registerBackendCandidate({
+  name: 'webgpu',
+  priority: 3,
+  async load() {
+    const g = globalThis as unknown as { navigator?: { gpu?: { requestAdapter(): Promise<unknown> } } };
+    if (!g.navigator?.gpu) {
+      const dawn = loadDawn();
+      Object.assign(globalThis, dawn.globals);
+      const gpu = dawn.create([]) as { requestAdapter(): Promise<unknown> };
+      try {
+        Object.defineProperty(globalThis, 'navigator', { value: { gpu }, configurable: true, writable: true });
+      } catch {
+        (g as { navigator: unknown }).navigator = { gpu };
+      }
+    }
+    const adapter = await g.navigator!.gpu!.requestAdapter();
+    if (!adapter) throw new Error('Dawn found no GPU adapter (no Vulkan driver?)');
+    // The webgpu backend registers itself on import only when navigator.gpu already exists.
+    await optionalImport('@tensorflow/tfjs-backend-webgpu');
+    if (!tf.findBackend('webgpu')) throw new Error('@tensorflow/tfjs-backend-webgpu registered no backend');
+  },
+});
+
+registerBackendCandidate({
+  name: 'wasm',
+  priority: 2,
+  async load() {
+    await optionalImport('@tensorflow/tfjs-backend-wasm');
+  },
+});
+
+registerBackendCandidate({
+  name: 'cpu',
+  priority: 1,
+  async load() {
+    await optionalImport('@tensorflow/tfjs-backend-cpu');
+  },
+});
+
+/** What {@link selectBackend} chose and why it skipped the others. */
+export interface BackendChoice {
+  name: string;
+  skipped: { name: string; reason: string }[];
+}
+
+let current: BackendChoice | null = null;
+
+/**
+ * Selects the tfjs backend. `auto` (default, or env KVPACK_BACKEND) tries tensorflow
+ * (tfjs-node-gpu, then tfjs-node), webgpu, wasm, cpu in priority order and keeps the first that
+ * loads and initializes; each skipped one gets a one-line reason.
+ * @throws KvpackError('unsupported') when a named backend (or every backend) fails.
+ */
+export async function selectBackend(preference: string = process.env.KVPACK_BACKEND || 'auto'): Promise<BackendChoice> {
+  if (current && (preference === 'auto' || preference === current.name) && tf.getBackend() === current.name) return current;
+  const order = [...candidates.values()].sort((a, b) => b.priority - a.priority);
+  const tryList = preference === 'auto' ? order : order.filter((c) => c.name === preference);
+  if (tryList.length === 0)
+    throw new KvpackError('unsupported', `unknown backend "${preference}"; choose auto or one of ${order.map((c) => c.name).join(', ')}`);
+  const skipped: { name: string; reason: string }[] = [];
+  for (const c of tryList) {
+    try {
+      await c.load();
+      const ok = await tf.setBackend(c.name);
+      if (!ok) throw new Error(`tf.setBackend("${c.name}") failed to initialize`);
+      await tf.ready();
+      current = { name: c.name, skipped };
+      return current;
+    } catch (e) {
+      skipped.push({ name: c.name, reason: (e as Error).message.split('\n')[0] });
+    }
+  }
+  throw new KvpackError('unsupported', `no tfjs backend could be started: ${skipped.map((s) => `${s.name}: ${s.reason}`).join('; ')}`);
+}
+
+/** One line describing a backend choice, e.g. `backend wasm (skipped tensorflow: … ; webgpu: …)`. */
+export function describeBackend(choice: BackendChoice): string {
+  const s = choice.skipped.map((x) => `${x.name}: ${x.reason}`).join('; ');
+  return `backend ${choice.name}${s ? ` (skipped ${s})` : ''}`;
+}

@@ -1,0 +1,204 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { check, KvpackError } from './errors.js';
+import { decodeBFloat16, decodeHalf, encodeHalf, roundHalf } from './fp16.js';
+import { encodeContainer, payloadBytes, type StoredDType, type StoredTensor, type DecodedContainer } from './serialize.js';
+import type { CompressedCache, ModelLayout, RopeConfig, AttendOptions } from './types.js';
+import { checkKV } from './validate.js';
+import { attention } from './attention.js';
+
+const ITEM: Record<StoredDType, number> = { float32: 4, float16: 2, bfloat16: 2, int8: 1, uint8: 1, int32: 4, uint16: 2 };
+
+/** Name, dtype and shape of one stored tensor, known without reading it from the backend. */
+export interface StoredSpec {
+  name: string;
+  dtype: StoredDType;
+  shape: number[];
+}
+
+/** Bytes of one stored tensor. */
+export function specBytes(s: StoredSpec): number {
+  return s.shape.reduce((a, b) => a * b, 1) * ITEM[s.dtype];
+}
+
+/** Rounds a float32 tensor's values through float16 (what 16-bit storage keeps). Returns a new tensor. */
+export async function roundToHalf(x: tf.Tensor): Promise<tf.Tensor> {
+  const data = (await x.data()) as Float32Array;
+  return tf.tensor(roundHalf(data), x.shape, 'float32');
+}
+
+/** Reads a float32 tensor into a stored tensor of dtype float16 or float32. */
+export function storeTensor(name: string, x: tf.Tensor, dtype: 'float16' | 'float32'): StoredTensor {
+  const data = x.dataSync() as Float32Array;
+  return { name, dtype, shape: [...x.shape], data: dtype === 'float16' ? encodeHalf(data) : Float32Array.from(data) };
+}
+
+/** Restores a stored float tensor (float32, float16 or bfloat16) as a float32 tf tensor. */
+export function loadTensor(t: StoredTensor): tf.Tensor {
+  const data =
+    t.dtype === 'float16'
+      ? decodeHalf(t.data as Uint16Array)
+      : t.dtype === 'bfloat16'
+        ? decodeBFloat16(t.data as Uint16Array)
+        : t.dtype === 'float32'
+          ? (t.data as Float32Array)
+          : (() => {
+              throw new KvpackError('corrupt', `tensor "${t.name}" has dtype ${t.dtype}, expected a float dtype`);
+            })();
+  return tf.tensor(data, t.shape, 'float32');
+}
+
+/**
+ * Base class for compressed caches. A subclass stores the compressed prefill and implements
+ * `prefillKeys` / `prefillValues` / `storedSpecs` / `storedTensors`; this class adds the exact
+ * float32 residual buffer for decode tokens, byte accounting, serialization and disposal.
+ *
+ * `byteSize()` = Σ bytes of `storedSpecs()` + residual buffer, which equals the payload that
+ * `serialize()` writes (the container header is the only overhead).
+ */
+export abstract class BaseCompressedCache implements CompressedCache {
+  abstract readonly strategy: string;
+  /** Options recorded in the serialization, so that `deserializeCache` can rebuild the strategy. */
+  abstract readonly options: unknown;
+  private resK: (tf.Tensor3D | null)[];
+  private resV: (tf.Tensor3D | null)[];
+  protected disposed = false;
+
+  constructor(
+    readonly layout: ModelLayout,
+    readonly rope: RopeConfig,
+    readonly prefillLength: number,
+  ) {
+    this.resK = new Array(layout.nLayers).fill(null);
+    this.resV = new Array(layout.nLayers).fill(null);
+  }
+
+  /** Post-RoPE reconstructed prefill keys of one layer, [T_kept, H_kv, d]. */
+  protected abstract prefillKeys(layer: number): tf.Tensor3D;
+  /** Reconstructed prefill values of one layer, [T_kept, H_kv, d]. */
+  protected abstract prefillValues(layer: number): tf.Tensor3D;
+  /** Number of prefill tokens kept for a layer (T unless tokens are evicted or merged away). */
+  protected prefillTokens(_layer: number): number {
+    return this.prefillLength;
+  }
+  /** Specs of the compressed prefill's stored tensors, in serialization order. */
+  protected abstract storedSpecs(): StoredSpec[];
+  /** Data of the compressed prefill's stored tensors, same order as `storedSpecs()`. */
+  protected abstract storedTensors(): StoredTensor[];
+  /** Strategy-specific JSON metadata for the serialization. */
+  protected meta(): Record<string, unknown> {
+    return {};
+  }
+  /** Frees the subclass's tensors. */
+  protected abstract disposeStored(): void;
+
+  protected assertLive(layer?: number): void {
+    if (this.disposed) throw new KvpackError('disposed', `${this.strategy} cache was disposed`);
+    if (layer !== undefined)
+      check(Number.isInteger(layer) && layer >= 0 && layer < this.layout.nLayers, 'shape', `layer ${layer} is out of range [0, ${this.layout.nLayers})`);
+  }
+
+  tokenCount(layer: number): number {
+    this.assertLive(layer);
+    return this.prefillTokens(layer) + (this.resK[layer]?.shape[0] ?? 0);
+  }
+
+  /** Decode tokens held in the residual buffer of a layer. */
+  residualTokens(layer: number): number {
+    return this.resK[layer]?.shape[0] ?? 0;
+  }
+
+  keys(layer: number): tf.Tensor3D {
+    this.assertLive(layer);
+    const r = this.resK[layer];
+    if (!r) return this.prefillKeys(layer);
+    return tf.tidy(() => tf.concat([this.prefillKeys(layer), r], 0));
+  }
+
+  values(layer: number): tf.Tensor3D {
+    this.assertLive(layer);
+    const r = this.resV[layer];
+    if (!r) return this.prefillValues(layer);
+    return tf.tidy(() => tf.concat([this.prefillValues(layer), r], 0));
+  }
+
+  /** Residual (decode) keys and values of a layer, or null when none were appended. Not copies. */
+  protected residual(layer: number): { k: tf.Tensor3D; v: tf.Tensor3D } | null {
+    const k = this.resK[layer];
+    const v = this.resV[layer];
+    return k && v ? { k, v } : null;
+  }
+
+  append(layer: number, keys: tf.Tensor3D, values: tf.Tensor3D): void {
+    this.assertLive(layer);
+    checkKV(keys, this.layout, `append(layer ${layer}) keys`);
+    checkKV(values, this.layout, `append(layer ${layer}) values`, keys.shape[0]);
+    const k = this.resK[layer];
+    const v = this.resV[layer];
+    this.resK[layer] = k ? tf.concat([k, keys], 0) : (tf.clone(keys) as tf.Tensor3D);
+    this.resV[layer] = v ? tf.concat([v, values], 0) : (tf.clone(values) as tf.Tensor3D);
+    k?.dispose();
+    v?.dispose();
+  }
+
+  attend(layer: number, queries: tf.Tensor3D, options?: AttendOptions): tf.Tensor3D {
+    return tf.tidy(() => attention(queries, this.keys(layer), this.values(layer), options?.causalTail ?? queries.shape[0]));
+  }
+
+  private residualSpecs(): StoredSpec[] {
+    const out: StoredSpec[] = [];
+    for (let l = 0; l < this.layout.nLayers; l++) {
+      const k = this.resK[l];
+      if (!k) continue;
+      out.push({ name: `residual.k.${l}`, dtype: 'float32', shape: [...k.shape] });
+      out.push({ name: `residual.v.${l}`, dtype: 'float32', shape: [...k.shape] });
+    }
+    return out;
+  }
+
+  byteSize(): number {
+    this.assertLive();
+    return [...this.storedSpecs(), ...this.residualSpecs()].reduce((a, s) => a + specBytes(s), 0);
+  }
+
+  serialize(): Uint8Array {
+    this.assertLive();
+    const tensors = [...this.storedTensors()];
+    for (let l = 0; l < this.layout.nLayers; l++) {
+      const k = this.resK[l];
+      const v = this.resV[l];
+      if (!k || !v) continue;
+      tensors.push(storeTensor(`residual.k.${l}`, k, 'float32'), storeTensor(`residual.v.${l}`, v, 'float32'));
+    }
+    const bytes = encodeContainer({
+      strategy: this.strategy,
+      options: this.options,
+      meta: { layout: this.layout, rope: this.rope, prefillLength: this.prefillLength, ...this.meta() },
+      tensors,
+    });
+    check(payloadBytes(tensors) === this.byteSize(), 'corrupt', `${this.strategy}: byte accounting disagrees with the serialization`);
+    return bytes;
+  }
+
+  /** Restores the residual buffers written by `serialize` (for subclasses' deserializers). */
+  protected restoreResidual(c: DecodedContainer): void {
+    for (let l = 0; l < this.layout.nLayers; l++) {
+      if (!c.has(`residual.k.${l}`)) continue;
+      this.resK[l] = loadTensor(c.get(`residual.k.${l}`)) as tf.Tensor3D;
+      this.resV[l] = loadTensor(c.get(`residual.v.${l}`)) as tf.Tensor3D;
+    }
+  }
+
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    for (const t of [...this.resK, ...this.resV]) t?.dispose();
+    this.disposeStored();
+  }
+}
+
+/** Reads layout, rope and prefillLength from a decoded container's metadata. */
+export function containerHeader(c: DecodedContainer): { layout: ModelLayout; rope: RopeConfig; prefillLength: number } {
+  const m = c.meta as { layout?: ModelLayout; rope?: RopeConfig; prefillLength?: number };
+  check(m.layout && m.rope && Number.isInteger(m.prefillLength), 'corrupt', `serialized ${c.strategy} cache is corrupt: metadata lacks layout, rope or prefillLength`);
+  return { layout: m.layout, rope: m.rope, prefillLength: m.prefillLength as number };
+}

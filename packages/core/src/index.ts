@@ -1,0 +1,14 @@
+// Registers tfjs's chained ops (x.reshape(), x.mul(), …) on Tensor; tfjs-core alone does not.
+import '@tensorflow/tfjs-core/dist/public/chained_ops/register_all_chained_ops';
+export * from './types.js';
+export * from './errors.js';
+export * from './fp16.js';
+export * from './rope.js';
+export * from './attention.js';
+export * from './serialize.js';
+export * from './cache.js';
+export * from './validate.js';
+export * from './memory.js';
+export * from './registry.js';
+export * from './backend.js';
+export * from './linalg.js';

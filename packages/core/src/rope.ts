@@ -1,0 +1,90 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { check } from './errors.js';
+import type { RopeConfig } from './types.js';
+
+/**
+ * RoPE inverse frequencies for head_dim `d` (length d/2), float64, with `rope.scaling` applied as in
+ * Hugging Face `modeling_rope_utils.py` (`linear`, `llama3`).
+ */
+export function ropeInverseFrequencies(rope: RopeConfig, headDim: number): Float64Array {
+  check(headDim % 2 === 0, 'shape', `RoPE needs an even head_dim, got ${headDim}`);
+  const half = headDim / 2;
+  const inv = new Float64Array(half);
+  for (let i = 0; i < half; i++) inv[i] = 1 / Math.pow(rope.theta, (2 * i) / headDim);
+  const s = rope.scaling;
+  if (!s) return inv;
+  if (s.type === 'linear') {
+    for (let i = 0; i < half; i++) inv[i] /= s.factor;
+    return inv;
+  }
+  const lowWavelen = s.originalMaxPositionEmbeddings / s.lowFreqFactor;
+  const highWavelen = s.originalMaxPositionEmbeddings / s.highFreqFactor;
+  for (let i = 0; i < half; i++) {
+    const wavelen = (2 * Math.PI) / inv[i];
+    if (wavelen > lowWavelen) inv[i] = inv[i] / s.factor;
+    else if (wavelen >= highWavelen) {
+      const smooth =
+        (s.originalMaxPositionEmbeddings / wavelen - s.lowFreqFactor) / (s.highFreqFactor - s.lowFreqFactor);
+      inv[i] = (1 - smooth) * (inv[i] / s.factor) + smooth * inv[i];
+    }
+  }
+  return inv;
+}
+
+/** Positions as an explicit list, or `count` consecutive positions from `start`. */
+export type Positions = { start: number; count: number } | Int32Array | number[];
+
+function positionList(p: Positions): ArrayLike<number> {
+  if ('start' in p && !Array.isArray(p) && !(p instanceof Int32Array)) {
+    const out = new Int32Array(p.count);
+    for (let i = 0; i < p.count; i++) out[i] = p.start + i;
+    return out;
+  }
+  return p as ArrayLike<number>;
+}
+
+/**
+ * cos/sin tables, each [T, d/2] float32, computed in float64 on the host for the given positions.
+ */
+export function ropeTables(rope: RopeConfig, headDim: number, positions: Positions): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+  const pos = positionList(positions);
+  const inv = ropeInverseFrequencies(rope, headDim);
+  const half = headDim / 2;
+  const c = new Float32Array(pos.length * half);
+  const s = new Float32Array(pos.length * half);
+  for (let t = 0; t < pos.length; t++) {
+    for (let i = 0; i < half; i++) {
+      const a = pos[t] * inv[i];
+      c[t * half + i] = Math.cos(a);
+      s[t * half + i] = Math.sin(a);
+    }
+  }
+  return { cos: tf.tensor2d(c, [pos.length, half]), sin: tf.tensor2d(s, [pos.length, half]) };
+}
+
+/**
+ * Applies RoPE to x of shape [T, H, d] (keys or queries) at the given positions; returns [T, H, d].
+ * `inverse` rotates the other way (post-RoPE → pre-RoPE).
+ * @throws KvpackError('shape') when T disagrees with the positions or d is odd.
+ */
+export function applyRope(x: tf.Tensor3D, rope: RopeConfig, positions: Positions, inverse = false): tf.Tensor3D {
+  const [T, H, d] = x.shape;
+  const pos = positionList(positions);
+  check(pos.length === T, 'shape', `applyRope: ${pos.length} positions for ${T} tokens`);
+  return tf.tidy(() => {
+    const { cos, sin } = ropeTables(rope, d, pos as Int32Array);
+    const c = cos.reshape([T, 1, d / 2]);
+    const s = inverse ? sin.neg().reshape([T, 1, d / 2]) : sin.reshape([T, 1, d / 2]);
+    if (rope.layout === 'half') {
+      const [x1, x2] = tf.split(x, 2, 2);
+      return tf.concat([x1.mul(c).sub(x2.mul(s)), x2.mul(c).add(x1.mul(s))], 2) as tf.Tensor3D;
+    }
+    const pairs = x.reshape([T, H, d / 2, 2]);
+    const [a, b] = tf.split(pairs, 2, 3);
+    const a3 = a.reshape([T, H, d / 2]);
+    const b3 = b.reshape([T, H, d / 2]);
+    const o0 = a3.mul(c).sub(b3.mul(s));
+    const o1 = a3.mul(s).add(b3.mul(c));
+    return tf.stack([o0, o1], 3).reshape([T, H, d]) as tf.Tensor3D;
+  });
+}

@@ -1,0 +1,116 @@
+import type * as tf from '@tensorflow/tfjs-core';
+
+/**
+ * Attention layout of a decoder-only model.
+ * `nHeads` query heads share `nKvHeads` KV heads (GQA when nKvHeads < nHeads), each of `headDim` channels.
+ */
+export interface ModelLayout {
+  /** Number of decoder layers L. */
+  nLayers: number;
+  /** Number of query heads H. */
+  nHeads: number;
+  /** Number of KV heads H_kv (H % H_kv == 0). */
+  nKvHeads: number;
+  /** Channels per head, d. */
+  headDim: number;
+}
+
+/** RoPE frequency scaling, as in Hugging Face `rope_scaling`. */
+export type RopeScaling =
+  | { type: 'linear'; factor: number }
+  | {
+      type: 'llama3';
+      factor: number;
+      lowFreqFactor: number;
+      highFreqFactor: number;
+      originalMaxPositionEmbeddings: number;
+    };
+
+/**
+ * Rotary position embedding parameters.
+ * - `interleaved`: rotate adjacent pairs (x[2i], x[2i+1]) as in llama2.c / Meta's reference.
+ * - `half`: rotate (x[i], x[i + d/2]) as in Hugging Face `rotate_half`.
+ */
+export interface RopeConfig {
+  theta: number;
+  layout: 'interleaved' | 'half';
+  scaling?: RopeScaling | null;
+}
+
+/**
+ * A model's prefill KV cache. Per layer, keys and values have shape [T, H_kv, d].
+ * Keys are **pre-RoPE**; `rope` says how to rotate them. Token i sits at position `startPosition + i`.
+ *
+ * Ownership: strategies never dispose the tensors of a `KVCache` they are given.
+ */
+export interface KVCache {
+  layout: ModelLayout;
+  rope: RopeConfig;
+  /** Pre-RoPE keys per layer, [T, H_kv, d] float32. */
+  keys: tf.Tensor3D[];
+  /** Values per layer, [T, H_kv, d] float32. */
+  values: tf.Tensor3D[];
+  /** Position of the first token (default 0). */
+  startPosition?: number;
+  /**
+   * Optional post-RoPE queries of the last prompt tokens per layer, [T_obs, H, d], used by
+   * query-aware strategies (SnapKV). They belong to positions startPosition + T − T_obs … + T − 1.
+   */
+  queries?: tf.Tensor3D[];
+}
+
+/** Options for {@link CompressedCache.attend}. */
+export interface AttendOptions {
+  /**
+   * How many of the cache's last tokens are the query rows' own tokens (they were just appended);
+   * query row i may attend to every cached token except the last `n − 1 − i` of those. Default n.
+   */
+  causalTail?: number;
+}
+
+/**
+ * A compressed KV cache: the result of {@link Strategy.compress}.
+ *
+ * Tensors returned by `keys`/`values`/`attend` belong to the caller, who must dispose them.
+ */
+export interface CompressedCache {
+  /** Registered strategy name that produced this cache. */
+  readonly strategy: string;
+  readonly layout: ModelLayout;
+  readonly rope: RopeConfig;
+  /** Number of prefill tokens that were compressed (T). */
+  readonly prefillLength: number;
+  /** Number of tokens `keys(layer)` returns (prefill tokens kept + decode tokens). */
+  tokenCount(layer: number): number;
+  /** Reconstructed **post-RoPE** keys of one layer, [N, H_kv, d], ready for attention. */
+  keys(layer: number): tf.Tensor3D;
+  /** Reconstructed values of one layer, [N, H_kv, d]. */
+  values(layer: number): tf.Tensor3D;
+  /**
+   * Appends decode-time tokens to one layer: **post-RoPE** keys and values, [n, H_kv, d].
+   * Kept exact (float32) in a residual buffer unless the strategy documents otherwise. The tensors
+   * are copied; the caller keeps ownership of its arguments.
+   */
+  append(layer: number, keys: tf.Tensor3D, values: tf.Tensor3D): void;
+  /**
+   * Optional fast path: attention output softmax(q·Kᵀ/√d)·V for post-RoPE queries q [n, H, d] of one
+   * layer, over all cached tokens. Returns [n, H, d]. When absent, callers reconstruct keys/values.
+   */
+  attend?(layer: number, queries: tf.Tensor3D, options?: AttendOptions): tf.Tensor3D;
+  /** Bytes really held (payload of {@link serialize}), with 16-bit storage counted as 2 bytes. */
+  byteSize(): number;
+  /** Self-describing binary form; `deserializeCache` (registry) restores it. */
+  serialize(): Uint8Array;
+  /** Frees every tensor this cache holds. Idempotent. */
+  dispose(): void;
+}
+
+/** A configured compression method. */
+export interface Strategy<Options = unknown> {
+  readonly name: string;
+  readonly options: Options;
+  /** Compresses a whole prefill cache. Does not dispose `cache`. */
+  compress(cache: KVCache): Promise<CompressedCache>;
+  /** Restores a cache from the payload written by its `serialize`. */
+  deserialize(bytes: Uint8Array): CompressedCache;
+}
