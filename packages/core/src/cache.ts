@@ -63,6 +63,7 @@ export abstract class BaseCompressedCache implements CompressedCache {
   private resV: (tf.Tensor3D | null)[];
   protected disposed = false;
 
+
   constructor(
     readonly layout: ModelLayout,
     readonly rope: RopeConfig,
@@ -180,7 +181,7 @@ export abstract class BaseCompressedCache implements CompressedCache {
   }
 
   /** Restores the residual buffers written by `serialize` (for subclasses' deserializers). */
-  protected restoreResidual(c: DecodedContainer): void {
+  restoreResidual(c: DecodedContainer): void {
     for (let l = 0; l < this.layout.nLayers; l++) {
       if (!c.has(`residual.k.${l}`)) continue;
       this.resK[l] = loadTensor(c.get(`residual.k.${l}`)) as tf.Tensor3D;

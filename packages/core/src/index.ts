@@ -12,3 +12,4 @@ export * from './memory.js';
 export * from './registry.js';
 export * from './backend.js';
 export * from './linalg.js';
+export * from './dense/index.js';

@@ -1,0 +1,95 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { z } from 'zod';
+import { BaseCompressedCache, containerHeader, loadTensor, roundToHalf, storeTensor, type StoredSpec } from '../cache.js';
+import { applyRope } from '../rope.js';
+import { registerStrategy } from '../registry.js';
+import { decodeContainer, type StoredTensor } from '../serialize.js';
+import type { CompressedCache, KVCache, ModelLayout, RopeConfig, Strategy } from '../types.js';
+import { validateKVCache } from '../validate.js';
+import { check } from '../errors.js';
+
+/** Options of the `dense` strategy. */
+export const DenseOptionsSchema = z.strictObject({
+  /** Storage precision: float16 (what serving systems keep; ratio 1.0) or float32 (bit-exact). */
+  storage: z.enum(['float16', 'float32']).default('float16'),
+});
+export type DenseOptions = z.output<typeof DenseOptionsSchema>;
+
+/**
+ * The uncompressed reference: keeps every prefill token's pre-RoPE keys and values, rotating keys
+ * at read time. Its measured ratio is 1.0 at float16 storage and 0.5 at float32.
+ */
+export class DenseCache extends BaseCompressedCache {
+  readonly strategy = 'dense';
+  constructor(
+    layout: ModelLayout,
+    rope: RopeConfig,
+    prefillLength: number,
+    readonly options: DenseOptions,
+    private readonly k: tf.Tensor3D[],
+    private readonly v: tf.Tensor3D[],
+    private readonly startPosition: number,
+  ) {
+    super(layout, rope, prefillLength);
+  }
+  protected prefillKeys(layer: number): tf.Tensor3D {
+    return applyRope(this.k[layer], this.rope, { start: this.startPosition, count: this.prefillLength });
+  }
+  protected prefillValues(layer: number): tf.Tensor3D {
+    return tf.clone(this.v[layer]);
+  }
+  protected storedSpecs(): StoredSpec[] {
+    return this.k.flatMap((k, l) => [
+      { name: `k.${l}`, dtype: this.options.storage, shape: [...k.shape] },
+      { name: `v.${l}`, dtype: this.options.storage, shape: [...k.shape] },
+    ]);
+  }
+  protected storedTensors(): StoredTensor[] {
+    return this.k.flatMap((k, l) => [storeTensor(`k.${l}`, k, this.options.storage), storeTensor(`v.${l}`, this.v[l], this.options.storage)]);
+  }
+  protected meta(): Record<string, unknown> {
+    return { startPosition: this.startPosition };
+  }
+  protected disposeStored(): void {
+    tf.dispose([...this.k, ...this.v]);
+  }
+
+  /** Restores a serialized dense cache. @throws KvpackError('corrupt' | 'truncated') */
+  static fromBytes(bytes: Uint8Array, options: DenseOptions): DenseCache {
+    const c = decodeContainer(bytes);
+    check(c.strategy === 'dense', 'corrupt', `expected a dense cache, got "${c.strategy}"`);
+    const { layout, rope, prefillLength } = containerHeader(c);
+    const k: tf.Tensor3D[] = [];
+    const v: tf.Tensor3D[] = [];
+    for (let l = 0; l < layout.nLayers; l++) {
+      k.push(loadTensor(c.get(`k.${l}`)) as tf.Tensor3D);
+      v.push(loadTensor(c.get(`v.${l}`)) as tf.Tensor3D);
+    }
+    const cache = new DenseCache(layout, rope, prefillLength, options, k, v, Number(c.meta.startPosition ?? 0));
+    cache.restoreResidual(c);
+    return cache;
+  }
+}
+
+/** Builds the `dense` strategy. */
+export function denseStrategy(options: DenseOptions): Strategy<DenseOptions> {
+  return {
+    name: 'dense',
+    options,
+    async compress(cache: KVCache): Promise<CompressedCache> {
+      const T = await validateKVCache(cache);
+      const round = async (x: tf.Tensor3D) => (options.storage === 'float16' ? ((await roundToHalf(x)) as tf.Tensor3D) : (tf.clone(x) as tf.Tensor3D));
+      const k = await Promise.all(cache.keys.map(round));
+      const v = await Promise.all(cache.values.map(round));
+      return new DenseCache(cache.layout, cache.rope, T, options, k, v, cache.startPosition ?? 0);
+    },
+    deserialize: (bytes) => DenseCache.fromBytes(bytes, options),
+  };
+}
+
+registerStrategy({
+  name: 'dense',
+  description: 'uncompressed reference cache (float16 or float32 storage)',
+  schema: DenseOptionsSchema,
+  create: denseStrategy,
+});
