@@ -2,11 +2,14 @@ import { fileURLToPath } from 'node:url';
 import { defineConfig } from 'vitest/config';
 
 const pkgs = ['core', 'xkv', 'baselines', 'models', 'bench'] as const;
-const alias = Object.fromEntries(
-  pkgs.map((p) => [`@kvpack/${p}`, fileURLToPath(new URL(`./packages/${p}/src/index.ts`, import.meta.url))]),
-);
+const src = (p: string) => fileURLToPath(new URL(`./packages/${p}`, import.meta.url));
+// Tests run against the TypeScript sources (no build needed).
+const alias = [
+  { find: /^@kvpack\/core\/conformance$/, replacement: `${src('core')}/src/conformance.ts` },
+  ...pkgs.map((p) => ({ find: new RegExp(`^@kvpack/${p}$`), replacement: `${src(p)}/src/index.ts` })),
+];
 
-// Tests run against the TypeScript sources (no build needed); each package is its own project.
+// Each package is its own vitest project: `npx vitest run --project core`.
 export default defineConfig({
   resolve: { alias },
   test: {
@@ -14,11 +17,11 @@ export default defineConfig({
       resolve: { alias },
       test: {
         name: p,
-        root: fileURLToPath(new URL(`./packages/${p}`, import.meta.url)),
+        root: src(p),
         include: ['src/**/*.test.ts'],
         environment: 'node',
-        testTimeout: 120_000,
-        hookTimeout: 120_000,
+        testTimeout: 180_000,
+        hookTimeout: 180_000,
         pool: 'forks',
       },
     })),

@@ -1,0 +1,265 @@
+import '@tensorflow/tfjs-core/dist/public/chained_ops/register_all_chained_ops';
+/**
+ * The strategy conformance suite (after livekit/agents-js's plugin test suites): every registered
+ * strategy runs it with one line,
+ *
+ * ```ts
+ * runStrategyConformance('xkv', { compressing: { rankK: 4, rankV: 6 }, lossless: { rankK: 16, rankV: 16, exact: true } });
+ * ```
+ *
+ * It checks reconstruction shapes and dtypes; measured bytes = serialized payload and a bit-identical
+ * serialize → deserialize → reconstruct; ratio > 1 when compressing and exact reconstruction at a
+ * "no compression" setting; determinism; decode-time append; that dispose frees every tensor; and that
+ * bad options and bad caches are clear errors. Import from `@kvpack/core/conformance` (needs vitest).
+ */
+import * as tf from '@tensorflow/tfjs-core';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { selectBackend } from './backend.js';
+import { KvpackError } from './errors.js';
+import { denseCacheBytes } from './memory.js';
+import { createStrategy, deserializeCache } from './registry.js';
+import { applyRope } from './rope.js';
+import { headerBytes } from './serialize.js';
+import type { CompressedCache, KVCache, ModelLayout, RopeConfig } from './types.js';
+
+/** Settings a strategy is held to. */
+export interface ConformanceCases {
+  /** Options at which the strategy must compress (measured ratio > 1). */
+  compressing: Record<string, unknown>;
+  /**
+   * Options at which reconstruction must equal the input (full rank, 16 bits, no eviction…), within
+   * `losslessTolerance` relative Frobenius error (default 2e-3: float16 storage rounding).
+   * Omit only for strategies with no lossless setting, and say why in `noLosslessReason`.
+   */
+  lossless?: Record<string, unknown>;
+  losslessTolerance?: number;
+  noLosslessReason?: string;
+  /** Invalid options: each must throw KvpackError('config'). */
+  badOptions: Record<string, unknown>[];
+  /** Decode tokens appended are returned exactly (default true; KIVI-style strategies may quantize). */
+  exactDecode?: boolean;
+  /** Set false only for the uncompressed reference (`dense`), whose ratio is 1 by design. */
+  ratioAboveOne?: boolean;
+  /** Synthetic cache size (defaults: T = 64, L = 4, H = 4, H_kv = 2, d = 16). */
+  tokens?: number;
+  layout?: Partial<ModelLayout>;
+}
+
+/** Test layout and RoPE used by the suite. */
+export const CONFORMANCE_ROPE: RopeConfig = { theta: 10000, layout: 'interleaved' };
+
+/**
+ * A deterministic synthetic prefill cache with low-rank structure shared across layers (like real
+ * caches, so low-rank strategies compress it meaningfully), plus post-RoPE queries of the last 8
+ * tokens for query-aware strategies. Caller disposes with {@link disposeKVCache}.
+ */
+export function syntheticCache(T = 64, layoutOver: Partial<ModelLayout> = {}, seed = 1, rope: RopeConfig = CONFORMANCE_ROPE): KVCache {
+  const layout: ModelLayout = { nLayers: 4, nHeads: 4, nKvHeads: 2, headDim: 16, ...layoutOver };
+  const F = layout.nKvHeads * layout.headDim;
+  const obs = Math.min(8, T);
+  return tf.tidy(() => {
+    const shared = tf.randomNormal([T, 6], 0, 1, 'float32', seed);
+    const keys: tf.Tensor3D[] = [];
+    const values: tf.Tensor3D[] = [];
+    const queries: tf.Tensor3D[] = [];
+    for (let l = 0; l < layout.nLayers; l++) {
+      const own = tf.randomNormal([T, 2], 0, 1, 'float32', seed + 10 * l + 1);
+      const basis = tf.concat([shared, own], 1);
+      const mk = (s: number) =>
+        tf
+          .matMul(basis, tf.randomNormal([8, F], 0, 1, 'float32', s))
+          .add(tf.randomNormal([T, F], 0, 0.05, 'float32', s + 1))
+          .reshape([T, layout.nKvHeads, layout.headDim]) as tf.Tensor3D;
+      keys.push(tf.keep(mk(seed + 10 * l + 2)));
+      values.push(tf.keep(mk(seed + 10 * l + 4)));
+      const q = tf.randomNormal([obs, layout.nHeads, layout.headDim], 0, 1, 'float32', seed + 10 * l + 6) as tf.Tensor3D;
+      queries.push(tf.keep(applyRope(q, rope, { start: T - obs, count: obs })));
+    }
+    return { layout, rope, keys, values, queries } as KVCache;
+  });
+}
+
+/** Disposes every tensor of a KVCache. */
+export function disposeKVCache(c: KVCache): void {
+  tf.dispose([...c.keys, ...c.values, ...(c.queries ?? [])]);
+}
+
+async function relErr(a: tf.Tensor, b: tf.Tensor): Promise<number> {
+  const r = tf.tidy(() => tf.stack([tf.sum(tf.square(tf.sub(a, b))), tf.sum(tf.square(b))]));
+  const [n, d] = await r.data();
+  r.dispose();
+  return Math.sqrt(n / d);
+}
+
+async function snapshot(c: CompressedCache): Promise<Float32Array[]> {
+  const out: Float32Array[] = [];
+  for (let l = 0; l < c.layout.nLayers; l++) {
+    const k = c.keys(l);
+    const v = c.values(l);
+    out.push((await k.data()) as Float32Array, (await v.data()) as Float32Array);
+    tf.dispose([k, v]);
+  }
+  return out;
+}
+
+/** Registers the conformance tests of one strategy with vitest. */
+export function runStrategyConformance(name: string, cases: ConformanceCases): void {
+  const T = cases.tokens ?? 64;
+  describe(`conformance: ${name}`, () => {
+    let cache: KVCache;
+    beforeAll(async () => {
+      await selectBackend(process.env.KVPACK_BACKEND ?? 'wasm');
+      cache = syntheticCache(T, cases.layout);
+    });
+
+    it('reconstructs [N, H_kv, d] float32 keys and values for every layer', async () => {
+      const c = await createStrategy({ name, options: cases.compressing }).compress(cache);
+      try {
+        expect(c.strategy).toBe(name);
+        expect(c.prefillLength).toBe(T);
+        for (let l = 0; l < cache.layout.nLayers; l++) {
+          const k = c.keys(l);
+          const v = c.values(l);
+          const n = c.tokenCount(l);
+          expect(n).toBeGreaterThan(0);
+          expect(n).toBeLessThanOrEqual(T);
+          expect(k.shape).toEqual([n, cache.layout.nKvHeads, cache.layout.headDim]);
+          expect(v.shape).toEqual([n, cache.layout.nKvHeads, cache.layout.headDim]);
+          expect(k.dtype).toBe('float32');
+          expect(v.dtype).toBe('float32');
+          const finite = tf.tidy(() => tf.sum(tf.add(k.mul(0), v.mul(0))).dataSync()[0]);
+          expect(Number.isFinite(finite)).toBe(true);
+          tf.dispose([k, v]);
+        }
+      } finally {
+        c.dispose();
+      }
+    });
+
+    it('measures bytes equal to the serialized payload, and round-trips bit-identically', async () => {
+      const c = await createStrategy({ name, options: cases.compressing }).compress(cache);
+      const bytes = c.serialize();
+      expect(c.byteSize()).toBe(bytes.length - headerBytes(bytes));
+      const restored = deserializeCache(bytes);
+      expect(restored.strategy).toBe(name);
+      expect(restored.byteSize()).toBe(c.byteSize());
+      const a = await snapshot(c);
+      const b = await snapshot(restored);
+      expect(b.length).toBe(a.length);
+      a.forEach((x, i) => expect(Buffer.from(b[i].buffer).equals(Buffer.from(x.buffer))).toBe(true));
+      c.dispose();
+      restored.dispose();
+    });
+
+    it('compresses: measured ratio > 1 at its compressing setting', async () => {
+      const c = await createStrategy({ name, options: cases.compressing }).compress(cache);
+      const ratio = denseCacheBytes(cache.layout, T) / c.byteSize();
+      if (cases.ratioAboveOne ?? true) expect(ratio).toBeGreaterThan(1);
+      else expect(ratio).toBeCloseTo(1, 12);
+      c.dispose();
+    });
+
+    if (cases.lossless) {
+      it('is exact at its no-compression setting', async () => {
+        const c = await createStrategy({ name, options: cases.lossless }).compress(cache);
+        const tol = cases.losslessTolerance ?? 2e-3;
+        for (let l = 0; l < cache.layout.nLayers; l++) {
+          expect(c.tokenCount(l)).toBe(T);
+          const k = c.keys(l);
+          const v = c.values(l);
+          const ref = applyRope(cache.keys[l], cache.rope, { start: 0, count: T });
+          expect(await relErr(k, ref)).toBeLessThan(tol);
+          expect(await relErr(v, cache.values[l])).toBeLessThan(tol);
+          tf.dispose([k, v, ref]);
+        }
+        c.dispose();
+      });
+    } else {
+      it.skip(`has no lossless setting: ${cases.noLosslessReason ?? 'reason not given'}`, () => {});
+    }
+
+    it('is deterministic: the same options give the same bytes', async () => {
+      const a = await createStrategy({ name, options: cases.compressing }).compress(cache);
+      const b = await createStrategy({ name, options: cases.compressing }).compress(cache);
+      expect(Buffer.from(a.serialize()).equals(Buffer.from(b.serialize()))).toBe(true);
+      a.dispose();
+      b.dispose();
+    });
+
+    it('appends decode-time tokens to every layer', async () => {
+      const c = await createStrategy({ name, options: cases.compressing }).compress(cache);
+      const n = 3;
+      const shape: [number, number, number] = [n, cache.layout.nKvHeads, cache.layout.headDim];
+      for (let l = 0; l < cache.layout.nLayers; l++) {
+        const before = c.tokenCount(l);
+        const k = tf.randomNormal(shape, 0, 1, 'float32', 100 + l) as tf.Tensor3D;
+        const v = tf.randomNormal(shape, 0, 1, 'float32', 200 + l) as tf.Tensor3D;
+        c.append(l, k, v);
+        expect(c.tokenCount(l)).toBe(before + n);
+        const kk = c.keys(l);
+        const vv = c.values(l);
+        expect(kk.shape[0]).toBe(before + n);
+        if (cases.exactDecode ?? true) {
+          const kt = kk.slice([before, 0, 0], shape);
+          const vt = vv.slice([before, 0, 0], shape);
+          expect(Array.from(await kt.data())).toEqual(Array.from(await k.data()));
+          expect(Array.from(await vt.data())).toEqual(Array.from(await v.data()));
+          tf.dispose([kt, vt]);
+        } else {
+          const kt = kk.slice([before, 0, 0], shape);
+          expect(await relErr(kt, k)).toBeLessThan(0.5);
+          kt.dispose();
+        }
+        tf.dispose([k, v, kk, vv]);
+      }
+      const bytes = c.serialize();
+      expect(c.byteSize()).toBe(bytes.length - headerBytes(bytes));
+      const r = deserializeCache(bytes);
+      expect(r.tokenCount(0)).toBe(c.tokenCount(0));
+      const a = await snapshot(c);
+      const b = await snapshot(r);
+      a.forEach((x, i) => expect(Buffer.from(b[i].buffer).equals(Buffer.from(x.buffer))).toBe(true));
+      c.dispose();
+      r.dispose();
+    });
+
+    it('frees every tensor on dispose (repeated compress / reconstruct / dispose)', async () => {
+      const start = tf.memory().numTensors;
+      for (let i = 0; i < 3; i++) {
+        const c = await createStrategy({ name, options: cases.compressing }).compress(cache);
+        for (let l = 0; l < cache.layout.nLayers; l++) tf.dispose([c.keys(l), c.values(l)]);
+        c.dispose();
+        c.dispose();
+        expect(tf.memory().numTensors).toBe(start);
+      }
+      const c = await createStrategy({ name, options: cases.compressing }).compress(cache);
+      c.dispose();
+      expect(() => c.keys(0)).toThrow(KvpackError);
+    });
+
+    it('rejects bad options with a KvpackError naming the problem', () => {
+      expect(() => createStrategy({ name, options: { notAnOption: 1, ...cases.compressing } })).toThrow(/notAnOption|unrecognized/i);
+      for (const bad of cases.badOptions) {
+        let err: unknown;
+        try {
+          createStrategy({ name, options: bad });
+        } catch (e) {
+          err = e;
+        }
+        expect(err, `options ${JSON.stringify(bad)} should be rejected`).toBeInstanceOf(KvpackError);
+      }
+    });
+
+    it('rejects NaN/Inf and a layer count that does not match the layout', async () => {
+      const s = createStrategy({ name, options: cases.compressing });
+      const data = Float32Array.from(cache.keys[1].dataSync());
+      data[5] = NaN;
+      const poisoned = tf.tensor3d(data, cache.keys[1].shape);
+      const bad: KVCache = { ...cache, keys: cache.keys.map((k, l) => (l === 1 ? poisoned : k)) };
+      await expect(s.compress(bad)).rejects.toThrow(/NaN or Inf/);
+      poisoned.dispose();
+      const short: KVCache = { ...cache, keys: cache.keys.slice(1), values: cache.values.slice(1) };
+      await expect(s.compress(short)).rejects.toThrow(/layers/);
+    });
+  });
+}

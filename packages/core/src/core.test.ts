@@ -1,0 +1,180 @@
+import * as tf from '@tensorflow/tfjs-core';
+import fc from 'fast-check';
+import { beforeAll, describe, expect, it } from 'vitest';
+import {
+  applyRope,
+  attention,
+  createStrategy,
+  decodeContainer,
+  decodeHalf,
+  encodeContainer,
+  encodeHalf,
+  fromHalfBits,
+  headerBytes,
+  KvpackError,
+  listStrategies,
+  ropeInverseFrequencies,
+  selectBackend,
+  toHalfBits,
+  encodeBFloat16,
+  decodeBFloat16,
+} from './index.js';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+beforeAll(async () => {
+  await selectBackend('wasm');
+});
+
+describe('fp16 / bf16', () => {
+  it('matches the IEEE-754 binary16 closed forms', () => {
+    expect(toHalfBits(1)).toBe(0x3c00);
+    expect(toHalfBits(-2)).toBe(0xc000);
+    expect(toHalfBits(65504)).toBe(0x7bff);
+    expect(toHalfBits(65520)).toBe(0x7c00); // rounds to +Inf
+    expect(fromHalfBits(0x0001)).toBe(2 ** -24); // smallest subnormal
+    expect(toHalfBits(2 ** -24)).toBe(1);
+    expect(toHalfBits(1 + 2 ** -11)).toBe(0x3c00); // tie → even
+    expect(toHalfBits(1 + 3 * 2 ** -11)).toBe(0x3c02);
+  });
+  it('round-trips every finite half value and rounds to the nearest half', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 0, max: 0xffff }), (h) => {
+        const v = fromHalfBits(h);
+        if (!Number.isFinite(v)) return true;
+        return toHalfBits(v) === h || (v === 0 && (h & 0x7fff) === 0);
+      }),
+    );
+    fc.assert(
+      fc.property(fc.float({ min: -60000, max: 60000, noNaN: true }), (x) => {
+        const r = decodeHalf(encodeHalf([x]))[0];
+        const f = Math.fround(x);
+        // nearest-rounding bound: half an ulp of binary16 at |x|
+        const ulp = Math.abs(f) < 2 ** -14 ? 2 ** -24 : 2 ** (Math.floor(Math.log2(Math.abs(f))) - 10);
+        return Math.abs(r - f) <= ulp / 2 + 1e-12;
+      }),
+    );
+  });
+  it('bfloat16 keeps the top 16 bits with round-to-nearest-even', () => {
+    const x = [1, -3.140625, 1 + 2 ** -8, 1 + 3 * 2 ** -8];
+    expect(Array.from(decodeBFloat16(encodeBFloat16(x)))).toEqual([1, -3.140625, 1, 1 + 2 ** -6]);
+  });
+});
+
+describe('RoPE', () => {
+  it('interleaved and half layouts rotate pairs by position × θ^(-2i/d) (float64 re-computation)', () => {
+    for (const layout of ['interleaved', 'half'] as const) {
+      const T = 5, H = 2, d = 8;
+      const x = tf.randomNormal([T, H, d], 0, 1, 'float32', 3) as tf.Tensor3D;
+      const xs = x.dataSync();
+      const out = applyRope(x, { theta: 10000, layout }, { start: 7, count: T }).dataSync();
+      for (let t = 0; t < T; t++)
+        for (let h = 0; h < H; h++)
+          for (let i = 0; i < d / 2; i++) {
+            const a = (7 + t) * Math.pow(10000, (-2 * i) / d);
+            const [p, q] = layout === 'interleaved' ? [2 * i, 2 * i + 1] : [i, i + d / 2];
+            const base = (t * H + h) * d;
+            const x0 = xs[base + p], x1 = xs[base + q];
+            expect(out[base + p]).toBeCloseTo(x0 * Math.cos(a) - x1 * Math.sin(a), 5);
+            expect(out[base + q]).toBeCloseTo(x0 * Math.sin(a) + x1 * Math.cos(a), 5);
+          }
+      const back = applyRope(applyRope(x, { theta: 10000, layout }, [3, 9, 1, 0, 2]), { theta: 10000, layout }, [3, 9, 1, 0, 2], true);
+      const diff = tf.max(tf.abs(tf.sub(back, x))).dataSync()[0];
+      expect(diff).toBeLessThan(1e-5);
+      tf.dispose([x, back]);
+    }
+  });
+  it('llama3 scaling follows the Hugging Face piecewise rule', () => {
+    const s = { type: 'llama3' as const, factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 };
+    const base = ropeInverseFrequencies({ theta: 500000, layout: 'half' }, 128);
+    const inv = ropeInverseFrequencies({ theta: 500000, layout: 'half', scaling: s }, 128);
+    for (let i = 0; i < 64; i++) {
+      const wl = (2 * Math.PI) / base[i];
+      if (wl < 8192 / 4) expect(inv[i]).toBe(base[i]);
+      else if (wl > 8192) expect(inv[i]).toBeCloseTo(base[i] / 8, 15);
+      else {
+        const sm = (8192 / wl - 1) / 3;
+        expect(inv[i]).toBeCloseTo((1 - sm) * (base[i] / 8) + sm * base[i], 15);
+      }
+    }
+  });
+});
+
+describe('attention', () => {
+  it('equals a float64 softmax(qKᵀ/√d)V with GQA and a causal tail', () => {
+    const n = 3, N = 7, H = 4, Hkv = 2, d = 4;
+    const q = tf.randomNormal([n, H, d], 0, 1, 'float32', 1) as tf.Tensor3D;
+    const k = tf.randomNormal([N, Hkv, d], 0, 1, 'float32', 2) as tf.Tensor3D;
+    const v = tf.randomNormal([N, Hkv, d], 0, 1, 'float32', 3) as tf.Tensor3D;
+    const out = attention(q, k, v, n).dataSync();
+    const Q = q.dataSync(), K = k.dataSync(), V = v.dataSync();
+    for (let i = 0; i < n; i++)
+      for (let h = 0; h < H; h++) {
+        const g = Math.floor(h / (H / Hkv));
+        const last = N - n + i;
+        const s: number[] = [];
+        for (let j = 0; j <= last; j++) {
+          let dot = 0;
+          for (let c = 0; c < d; c++) dot += Q[(i * H + h) * d + c] * K[(j * Hkv + g) * d + c];
+          s.push(dot / Math.sqrt(d));
+        }
+        const m = Math.max(...s);
+        const e = s.map((x) => Math.exp(x - m));
+        const z = e.reduce((a, b) => a + b, 0);
+        for (let c = 0; c < d; c++) {
+          let o = 0;
+          for (let j = 0; j <= last; j++) o += (e[j] / z) * V[(j * Hkv + g) * d + c];
+          expect(out[(i * H + h) * d + c]).toBeCloseTo(o, 5);
+        }
+      }
+    tf.dispose([q, k, v]);
+  });
+});
+
+describe('container serialization', () => {
+  const c = {
+    strategy: 'x',
+    options: { a: 1 },
+    meta: { note: 'héllo' },
+    tensors: [
+      { name: 'a', dtype: 'float16' as const, shape: [2, 3], data: encodeHalf([1, 2, 3, 4, 5, 6]) },
+      { name: 'b', dtype: 'int8' as const, shape: [4], data: new Int8Array([-1, 2, -3, 4]) },
+    ],
+  };
+  it('round-trips, and the header is the only overhead', () => {
+    const bytes = encodeContainer(c);
+    expect(bytes.length - headerBytes(bytes)).toBe(12 + 4);
+    const d = decodeContainer(bytes);
+    expect(Array.from(decodeHalf(d.get('a').data as Uint16Array))).toEqual([1, 2, 3, 4, 5, 6]);
+    expect(Array.from(d.get('b').data)).toEqual([-1, 2, -3, 4]);
+    expect(d.meta.note).toBe('héllo');
+  });
+  it('names truncation and corruption', () => {
+    const bytes = encodeContainer(c);
+    expect(() => decodeContainer(bytes.slice(0, bytes.length - 3))).toThrow(/truncated/);
+    expect(() => decodeContainer(bytes.slice(0, 20))).toThrow(/truncated/);
+    const flipped = bytes.slice();
+    flipped[bytes.length - 1] ^= 0xff;
+    expect(() => decodeContainer(flipped)).toThrow(/CRC-32/);
+    const magic = bytes.slice();
+    magic[0] = 0;
+    expect(() => decodeContainer(magic)).toThrow(/magic/);
+    expect(() => decodeContainer(new Uint8Array(4))).toThrow(KvpackError);
+  });
+});
+
+describe('registry and config', () => {
+  it('lists strategies in the unknown-name error', () => {
+    expect(() => createStrategy({ name: 'nope' })).toThrow(/unknown strategy "nope"; registered strategies: .*dense/);
+  });
+  it('reads JSON and YAML configs and reports bad options with the allowed list', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'kvpack-'));
+    writeFileSync(join(dir, 'a.yaml'), 'name: dense\noptions:\n  storage: float32\n');
+    writeFileSync(join(dir, 'b.json'), JSON.stringify({ name: 'dense', options: { storage: 'bf12' } }));
+    expect(createStrategy(join(dir, 'a.yaml')).options).toEqual({ storage: 'float32' });
+    expect(() => createStrategy(join(dir, 'b.json'))).toThrow(/invalid options for strategy "dense"[\s\S]*storage[\s\S]*allowed options: storage/);
+    expect(() => createStrategy(join(dir, 'missing.yaml'))).toThrow(/cannot read config file/);
+    expect(listStrategies()).toContain('dense');
+  });
+});
