@@ -24,7 +24,9 @@ export function registerBackendCandidate(c: BackendCandidate): void {
   candidates.set(c.name, c);
 }
 
-const req = createRequire(import.meta.url);
+// In a CommonJS bundle (the GPU host's esbuild bundle) `require` exists and import.meta.url does not.
+declare const require: NodeRequire | undefined;
+const req: NodeRequire = typeof require === 'function' ? require : createRequire(import.meta.url);
 
 async function optionalImport(name: string): Promise<unknown> {
   try {
@@ -43,7 +45,7 @@ registerBackendCandidate({
     for (const pkg of ['@tensorflow/tfjs-node-gpu', '@tensorflow/tfjs-node']) {
       try {
         await optionalImport(pkg);
-        if (tf.findBackend('tensorflow')) return;
+        if (tf.findBackendFactory('tensorflow')) return;
         reasons.push(`${pkg} loaded but registered no "tensorflow" backend (a second copy of tfjs-core?)`);
       } catch (e) {
         reasons.push((e as Error).message);
@@ -84,8 +86,12 @@ registerBackendCandidate({
     const adapter = await g.navigator!.gpu!.requestAdapter();
     if (!adapter) throw new Error('Dawn found no GPU adapter (no Vulkan driver?)');
     // The webgpu backend registers itself on import only when navigator.gpu already exists.
-    await optionalImport('@tensorflow/tfjs-backend-webgpu');
-    if (!tf.findBackend('webgpu')) throw new Error('@tensorflow/tfjs-backend-webgpu registered no backend');
+    try {
+      await import('@tensorflow/tfjs-backend-webgpu'); // a literal specifier, so bundlers include it
+    } catch (e) {
+      throw new Error(`@tensorflow/tfjs-backend-webgpu failed to load: ${(e as Error).message.split('\n')[0]}`);
+    }
+    if (!tf.findBackendFactory('webgpu')) throw new Error('@tensorflow/tfjs-backend-webgpu registered no backend');
   },
 });
 
@@ -93,7 +99,7 @@ registerBackendCandidate({
   name: 'wasm',
   priority: 2,
   async load() {
-    await optionalImport('@tensorflow/tfjs-backend-wasm');
+    await import('@tensorflow/tfjs-backend-wasm');
   },
 });
 
@@ -101,7 +107,7 @@ registerBackendCandidate({
   name: 'cpu',
   priority: 1,
   async load() {
-    await optionalImport('@tensorflow/tfjs-backend-cpu');
+    await import('@tensorflow/tfjs-backend-cpu');
   },
 });
 

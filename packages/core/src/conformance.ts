@@ -20,6 +20,8 @@ import { denseCacheBytes } from './memory.js';
 import { createStrategy, deserializeCache } from './registry.js';
 import { applyRope } from './rope.js';
 import { headerBytes } from './serialize.js';
+import { disposeKVCache } from './validate.js';
+export { disposeKVCache };
 import type { CompressedCache, KVCache, ModelLayout, RopeConfig } from './types.js';
 
 /** Settings a strategy is held to. */
@@ -57,7 +59,8 @@ export function syntheticCache(T = 64, layoutOver: Partial<ModelLayout> = {}, se
   const layout: ModelLayout = { nLayers: 4, nHeads: 4, nKvHeads: 2, headDim: 16, ...layoutOver };
   const F = layout.nKvHeads * layout.headDim;
   const obs = Math.min(8, T);
-  return tf.tidy(() => {
+  let out!: KVCache;
+  tf.tidy(() => {
     const shared = tf.randomNormal([T, 6], 0, 1, 'float32', seed);
     const keys: tf.Tensor3D[] = [];
     const values: tf.Tensor3D[] = [];
@@ -75,14 +78,11 @@ export function syntheticCache(T = 64, layoutOver: Partial<ModelLayout> = {}, se
       const q = tf.randomNormal([obs, layout.nHeads, layout.headDim], 0, 1, 'float32', seed + 10 * l + 6) as tf.Tensor3D;
       queries.push(tf.keep(applyRope(q, rope, { start: T - obs, count: obs })));
     }
-    return { layout, rope, keys, values, queries } as KVCache;
+    out = { layout, rope, keys, values, queries };
   });
+  return out;
 }
 
-/** Disposes every tensor of a KVCache. */
-export function disposeKVCache(c: KVCache): void {
-  tf.dispose([...c.keys, ...c.values, ...(c.queries ?? [])]);
-}
 
 async function relErr(a: tf.Tensor, b: tf.Tensor): Promise<number> {
   const r = tf.tidy(() => tf.stack([tf.sum(tf.square(tf.sub(a, b))), tf.sum(tf.square(b))]));

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { EigenvalueDecomposition, Matrix } from 'ml-matrix';
+import { choleskyUpper, invertUpper, symmetricEigHost } from './hostla.js';
 import { check } from './errors.js';
 
 /**
@@ -15,33 +15,23 @@ export function matmul(a: tf.Tensor2D, b: tf.Tensor2D, transposeA = false, trans
   return tf.matMul(a, b, transposeA, transposeB);
 }
 
-/** Eigen-decomposition of a symmetric n×n float64 matrix (row-major), eigenvalues descending. */
+/**
+ * Eigen-decomposition of a symmetric n×n matrix (row-major, symmetrized as (A + Aᵀ)/2) in float64 on
+ * the host; eigenvalues descending, eigenvectors as columns. See hostla.ts.
+ */
 export function symmetricEig(a: Float64Array | Float32Array, n: number): { values: Float64Array; vectors: Float64Array } {
   check(a.length === n * n, 'shape', `symmetricEig: ${a.length} elements for ${n}×${n}`);
-  const rows: number[][] = [];
-  for (let i = 0; i < n; i++) {
-    const r = new Array<number>(n);
-    for (let j = 0; j < n; j++) r[j] = 0.5 * (a[i * n + j] + a[j * n + i]);
-    rows.push(r);
-  }
-  const evd = new EigenvalueDecomposition(new Matrix(rows), { assumeSymmetric: true });
-  const vals = evd.realEigenvalues;
-  const V = evd.eigenvectorMatrix;
-  const order = vals.map((_, i) => i).sort((x, y) => vals[y] - vals[x]);
-  const values = new Float64Array(n);
-  const vectors = new Float64Array(n * n); // column j = eigenvector j
-  order.forEach((src, j) => {
-    values[j] = vals[src];
-    for (let i = 0; i < n; i++) vectors[i * n + j] = V.get(i, src);
-  });
-  return { values, vectors };
+  const sym = new Float64Array(n * n);
+  for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) sym[i * n + j] = 0.5 * (a[i * n + j] + a[j * n + i]);
+  return symmetricEigHost(sym, n);
 }
 
 /**
- * Orthonormal basis of the column space of Y [m, k] via the Gram matrix YᵀY (k×k, on the backend)
- * and its float64 eigen-decomposition on the host: Q = Y·W·Λ^(-1/2), dropping directions with
- * λ < tol·λ_max. `passes` = 2 repeats it once more on Q (as Cholesky-QR2) for float32 orthogonality.
- * Returns Q [m, k'] with k' ≤ k.
+ * Orthonormal basis of the column space of Y [m, k]: the Gram matrix YᵀY (k×k) is formed on the
+ * backend, factored on the host in float64 (Cholesky, so Q = Y·R⁻¹; or, when YᵀY is numerically
+ * singular, its eigen-decomposition, dropping directions with λ < tol·λ_max), and applied on the
+ * backend. `passes` = 2 repeats it on Q (Cholesky-QR2, Yamamoto et al. 2015) to restore float32
+ * orthogonality. Returns Q [m, k'] with k' ≤ k.
  */
 export async function orthonormalize(Y: tf.Tensor2D, passes = 2, tol = 1e-10): Promise<tf.Tensor2D> {
   let Q = tf.clone(Y);
@@ -50,10 +40,19 @@ export async function orthonormalize(Y: tf.Tensor2D, passes = 2, tol = 1e-10): P
     const G = matmul(Q, Q, true, false);
     const g = (await G.data()) as Float32Array;
     G.dispose();
-    const { values, vectors } = symmetricEig(g, k);
-    const keep = Math.max(1, values.filter((v) => v > tol * Math.max(values[0], 1e-300)).length);
-    const W = new Float32Array(k * keep);
-    for (let i = 0; i < k; i++) for (let j = 0; j < keep; j++) W[i * keep + j] = vectors[i * k + j] / Math.sqrt(Math.max(values[j], 1e-300));
+    // Cholesky-QR: Q·R⁻¹ with GᵀG = RᵀR (k³/3 flops on the host); when G is numerically singular,
+    // fall back to the eigen-decomposition, which drops the null directions.
+    const R = choleskyUpper(g, k, 1e-7);
+    let W: Float32Array;
+    let keep = k;
+    if (R) {
+      W = Float32Array.from(invertUpper(R, k));
+    } else {
+      const { values, vectors } = symmetricEig(g, k);
+      keep = Math.max(1, values.filter((v) => v > tol * Math.max(values[0], 1e-300)).length);
+      W = new Float32Array(k * keep);
+      for (let i = 0; i < k; i++) for (let j = 0; j < keep; j++) W[i * keep + j] = vectors[i * k + j] / Math.sqrt(Math.max(values[j], 1e-300));
+    }
     const Wt = tf.tensor2d(W, [k, keep]);
     const next = matmul(Q, Wt);
     Wt.dispose();
@@ -61,6 +60,30 @@ export async function orthonormalize(Y: tf.Tensor2D, passes = 2, tol = 1e-10): P
     Q = next;
   }
   return Q as tf.Tensor2D;
+}
+
+/**
+ * A [rows, cols] float32 matrix of standard normal draws made on the host from `seed` (mulberry32
+ * + Box–Muller), so that it is the same on every backend and for every seed. (tfjs's
+ * `randomNormal` treats seed 0 as "no seed" and draws from Math.random.)
+ */
+export function gaussianMatrix(rows: number, cols: number, seed: number): tf.Tensor2D {
+  let a = (Math.trunc(seed) ^ 0x9e3779b9) >>> 0;
+  const uniform = (): number => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const out = new Float32Array(rows * cols);
+  for (let i = 0; i < out.length; i += 2) {
+    const r = Math.sqrt(-2 * Math.log(1 - uniform()));
+    const th = 2 * Math.PI * uniform();
+    out[i] = r * Math.cos(th);
+    if (i + 1 < out.length) out[i + 1] = r * Math.sin(th);
+  }
+  return tf.tensor2d(out, [rows, cols]);
 }
 
 /** Options of {@link truncatedSvd}. */
@@ -102,11 +125,12 @@ export async function truncatedSvd(X: tf.Tensor2D, opts: TruncatedSvdOptions): P
   check(Number.isInteger(r) && r >= 1 && r <= m, 'rank', `rank ${r} is out of range: it must be an integer in [1, min(T=${T}, features=${F}) = ${m}]`);
   const k = opts.exact ? m : Math.min(m, r + (opts.oversample ?? 8));
   const q = k >= m ? 0 : opts.powerIters ?? 1;
+  if (k >= m && T > F) return exactTallSvd(X, r);
   let Q: tf.Tensor2D;
   if (k >= m && T <= F) {
     Q = tf.eye(T) as tf.Tensor2D; // the range of X is all of R^T
   } else {
-    const omega = tf.randomNormal([F, k], 0, 1, 'float32', opts.seed ?? 0) as tf.Tensor2D;
+    const omega = gaussianMatrix(F, k, opts.seed ?? 0);
     const Y = matmul(X, omega);
     omega.dispose();
     Q = await orthonormalize(Y, q > 0 ? 1 : 2);
@@ -138,6 +162,36 @@ export async function truncatedSvd(X: tf.Tensor2D, opts: TruncatedSvdOptions): P
   const singularValues = new Float64Array(r);
   for (let j = 0; j < rr; j++) singularValues[j] = Math.sqrt(Math.max(values[j], 0));
   return { basis, coeffs, singularValues };
+}
+
+/**
+ * Exact truncated SVD of a tall X [T, F] (T > F) from the right: V = eigenvectors of the F×F Gram
+ * XᵀX (float64 on the host), basis = X·V_r·diag(1/σ), coeffs = diag(σ)·V_rᵀ with σ the column norms
+ * of X·V_r. The product is X·V_r·V_rᵀ with V orthonormal in float64, so the reconstruction error
+ * stays at the truncation error even where float32 Cholesky-QR of X·Ω would lose orthogonality on a
+ * wide singular-value range (it is exact to float32 rounding at full rank).
+ */
+async function exactTallSvd(X: tf.Tensor2D, r: number): Promise<LowRankFactors> {
+  const F = X.shape[1];
+  const G = matmul(X, X, true, false);
+  const g = (await G.data()) as Float32Array;
+  G.dispose();
+  const { vectors } = symmetricEig(g, F);
+  const V = new Float32Array(F * r);
+  for (let i = 0; i < F; i++) for (let j = 0; j < r; j++) V[i * r + j] = vectors[i * F + j];
+  const Vr = tf.tensor2d(V, [F, r]);
+  const XV = matmul(X, Vr); // [T, r], column j = σ_j u_j
+  const norms = tf.tidy(() => tf.sqrt(tf.sum(tf.square(XV), 0)));
+  const sigma = Float64Array.from((await norms.data()) as Float32Array);
+  norms.dispose();
+  const inv = Float32Array.from(sigma, (s) => (s > 0 ? 1 / s : 0));
+  const [basis, coeffs] = tf.tidy(() => {
+    const iv = tf.tensor2d(inv, [1, r]);
+    const sv = tf.tensor2d(Float32Array.from(sigma), [r, 1]);
+    return [tf.mul(XV, iv) as tf.Tensor2D, tf.mul(Vr.transpose(), sv) as tf.Tensor2D];
+  });
+  tf.dispose([Vr, XV]);
+  return { basis, coeffs, singularValues: sigma };
 }
 
 /** ‖X − A‖_F / ‖X‖_F, computed on the backend. */

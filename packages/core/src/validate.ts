@@ -60,3 +60,8 @@ export async function validateKVCache(cache: KVCache): Promise<number> {
   }
   return T;
 }
+
+/** Disposes every tensor of a KVCache (keys, values and queries). */
+export function disposeKVCache(c: KVCache): void {
+  tf.dispose([...c.keys, ...c.values, ...(c.queries ?? [])]);
+}
