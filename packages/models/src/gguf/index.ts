@@ -1,1 +1,3 @@
-export {};
+export * from './quant.js';
+export * from './tokenizer.js';
+export * from './load.js';

@@ -1,1 +1,2 @@
-export {};
+export * from './llama.js';
+export * from './sampling.js';

@@ -1,0 +1,170 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { KvpackError, createStrategy, deserializeCache, headerBytes, selectBackend, type ModelLayout } from '@kvpack/core';
+import './index.js'; // registers the strategy
+import { runStrategyConformance } from '@kvpack/core/conformance';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { KiviCache, kiviCacheBytes, packCodes, unpackCodes, type KiviOptions } from './index.js';
+import { f16, maxAbsDiff, prng, randomCache, rint, take, type RandomCache } from '../quant/testkit.js';
+
+runStrategyConformance('kivi', {
+  compressing: { bits: 2, groupSize: 8, residualLength: 16 },
+  // T = 64 < R = 128: every key and value stays in the float16 window.
+  lossless: { groupSize: 16, residualLength: 128 },
+  badOptions: [{ bits: 3 }, { bits: 8 }, { groupSize: 8, residualLength: 20 }, { groupSize: 0 }, { residualLength: -16 }],
+  exactDecode: false,
+});
+
+/**
+ * Float64 KIVI quantize → dequantize of x [n, H, d] (jy-yuan/KIVI quant/new_pack.py): groups of g
+ * tokens per channel (keys) or of g channels per token (values); mn = f16(min),
+ * s = f16((max − min)/(2^b − 1)), q = rint(clamp((x − mn)/s, 0, 2^b − 1)), x̂ = q·s + mn.
+ */
+function refKivi(x: ArrayLike<number>, n: number, H: number, d: number, g: number, bits: number, along: 'tokens' | 'channels'): Float64Array {
+  const out = new Float64Array(n * H * d);
+  const maxq = 2 ** bits - 1;
+  const groups: number[][] = [];
+  if (along === 'tokens') {
+    for (let t0 = 0; t0 < n; t0 += g)
+      for (let h = 0; h < H; h++)
+        for (let c = 0; c < d; c++) groups.push(Array.from({ length: g }, (_, i) => ((t0 + i) * H + h) * d + c));
+  } else {
+    for (let t = 0; t < n; t++)
+      for (let h = 0; h < H; h++)
+        for (let c0 = 0; c0 < d; c0 += g) groups.push(Array.from({ length: g }, (_, i) => (t * H + h) * d + c0 + i));
+  }
+  for (const idx of groups) {
+    const vals = idx.map((i) => x[i]);
+    const lo = Math.min(...vals);
+    const hi = Math.max(...vals);
+    const mn = f16(lo);
+    const s = f16((hi - lo) / maxq);
+    idx.forEach((i) => (out[i] = rint(Math.min(maxq, Math.max(0, (x[i] - mn) / s))) * s + mn));
+  }
+  return out;
+}
+
+const rowsOf = (x: ArrayLike<number>, from: number, to: number, H: number, d: number) => Array.prototype.slice.call(x, from * H * d, to * H * d) as number[];
+
+describe('kivi: bit packing', () => {
+  it('packs 2-bit codes four per byte and 4-bit codes two per byte, lowest bits first', () => {
+    expect(Array.from(packCodes([1, 2, 3, 0, 3], 2))).toEqual([1 | (2 << 2) | (3 << 4) | (0 << 6), 3]);
+    expect(Array.from(packCodes([0xa, 0x5, 0xf], 4))).toEqual([0x5a, 0x0f]);
+    expect(Array.from(packCodes([7, 200], 8))).toEqual([7, 200]);
+  });
+
+  it('round-trips random codes of every width and odd lengths', () => {
+    const rnd = prng(3);
+    for (const bits of [2, 4, 8] as const) {
+      for (const n of [1, 3, 7, 64, 1001]) {
+        const codes = Uint8Array.from({ length: n }, () => Math.floor(rnd() * 2 ** bits));
+        const packed = packCodes(codes, bits);
+        expect(packed.length).toBe(Math.ceil((n * bits) / 8));
+        expect(Array.from(unpackCodes(packed, bits, n))).toEqual(Array.from(codes));
+      }
+    }
+    expect(() => unpackCodes(new Uint8Array(3), 2, 20)).toThrow(KvpackError);
+  });
+});
+
+describe('kivi: quantization against a float64 re-computation', () => {
+  const layout: ModelLayout = { nLayers: 2, nHeads: 4, nKvHeads: 2, headDim: 16 };
+  const { nKvHeads: H, headDim: d } = layout;
+  const T = 70; // R = 16: 64 keys quantized + 6 in the window; 54 values quantized + 16 in the window
+  let rc: RandomCache;
+  beforeAll(async () => {
+    await selectBackend('wasm');
+    rc = randomCache(T, layout, 21);
+  });
+  afterAll(() => rc.dispose());
+
+  for (const bits of [2, 4] as const) {
+    it(`${bits}-bit: prefill keys per channel (post-RoPE), values per token, windows float16, bytes`, async () => {
+      const o: KiviOptions = { bits, groupSize: 8, residualLength: 16 };
+      const c = (await createStrategy({ name: 'kivi', options: o }).compress(rc.cache)) as KiviCache;
+      for (let l = 0; l < layout.nLayers; l++) {
+        expect(c.tokenCount(l)).toBe(T);
+        expect(c.quantizedKeyTokens(l)).toBe(64);
+        expect(c.quantizedValueTokens(l)).toBe(54);
+        const k = take(c.keys(l));
+        const v = take(c.values(l));
+        const refK = refKivi(rc.postKeys[l].subarray(0, 64 * H * d), 64, H, d, 8, bits, 'tokens');
+        expect(maxAbsDiff(k.subarray(0, 64 * H * d), refK)).toBeLessThan(1e-5);
+        expect(maxAbsDiff(k.subarray(64 * H * d), rowsOf(rc.postKeys[l], 64, 70, H, d).map(f16))).toBe(0);
+        const refV = refKivi(rc.values[l].subarray(0, 54 * H * d), 54, H, d, 8, bits, 'channels');
+        expect(maxAbsDiff(v.subarray(0, 54 * H * d), refV)).toBeLessThan(1e-5);
+        expect(maxAbsDiff(v.subarray(54 * H * d), rowsOf(rc.values[l], 54, 70, H, d).map(f16))).toBe(0);
+        // quantization error is visible but bounded by one step of the group's range
+        const err = maxAbsDiff(k.subarray(0, 64 * H * d), rc.postKeys[l].subarray(0, 64 * H * d));
+        expect(err).toBeGreaterThan(bits === 2 ? 0.1 : 0.01);
+      }
+      // bytes: per layer, keys 64·H·d·b/8 + 4·(64/8)·H·d + 2·6·H·d; values 54·H·d·b/8 + 4·54·H·(d/8) + 2·16·H·d
+      const perLayer = (64 * H * d * bits) / 8 + 4 * 8 * H * d + 2 * 6 * H * d + (54 * H * d * bits) / 8 + 4 * 54 * H * 2 + 2 * 16 * H * d;
+      expect(c.byteSize()).toBe(layout.nLayers * perLayer);
+      expect(kiviCacheBytes(layout, T, o)).toBe(layout.nLayers * perLayer);
+      const bytes = c.serialize();
+      expect(bytes.length - headerBytes(bytes)).toBe(c.byteSize());
+      c.dispose();
+    });
+  }
+
+  it('decode: keys flush R at a time, values slide one token at a time; state survives serialization', async () => {
+    const o: KiviOptions = { bits: 2, groupSize: 8, residualLength: 16 };
+    const c = (await createStrategy({ name: 'kivi', options: o }).compress(rc.cache)) as KiviCache;
+    const rnd = prng(9);
+    const appendedK: number[] = [];
+    const appendedV: number[] = [];
+    const l = 1;
+    const step = (i: number) => {
+      const kd = Float32Array.from({ length: H * d }, () => rnd() * 4 - 2);
+      const vd = Float32Array.from({ length: H * d }, () => rnd() * 4 - 2);
+      appendedK.push(...kd);
+      appendedV.push(...vd);
+      const k = tf.tensor3d(kd, [1, H, d]);
+      const v = tf.tensor3d(vd, [1, H, d]);
+      c.append(l, k, v);
+      tf.dispose([k, v]);
+      expect(c.tokenCount(l)).toBe(T + i + 1);
+    };
+    // The key window holds 6 tokens; 10 appends fill it to R = 16, still unquantized.
+    for (let i = 0; i < 10; i++) {
+      step(i);
+      expect(c.quantizedKeyTokens(l)).toBe(64);
+      // values: the window keeps R + 1 after an append; each later append quantizes its oldest token
+      expect(c.quantizedValueTokens(l)).toBe(54 + i);
+    }
+    step(10); // the full R-token key window is quantized as one block before the new key joins
+    expect(c.quantizedKeyTokens(l)).toBe(80);
+    expect(c.quantizedValueTokens(l)).toBe(64);
+    const k = take(c.keys(l));
+    const v = take(c.values(l));
+    // keys 64..79 = block of [6 prefill window keys, 10 appended keys], each rounded to float16 first
+    const block = [...rowsOf(rc.postKeys[l], 64, 70, H, d), ...appendedK.slice(0, 10 * H * d)].map(f16);
+    expect(maxAbsDiff(k.subarray(64 * H * d, 80 * H * d), refKivi(block, 16, H, d, 8, 2, 'tokens'))).toBeLessThan(1e-5);
+    expect(maxAbsDiff(k.subarray(80 * H * d), appendedK.slice(10 * H * d).map(f16))).toBe(0);
+    // values 54..63: the 10 oldest window tokens (prefill rows 54..63), quantized one by one
+    const slid = rowsOf(rc.values[l], 54, 64, H, d).map(f16);
+    expect(maxAbsDiff(v.subarray(54 * H * d, 64 * H * d), refKivi(slid, 10, H, d, 8, 2, 'channels'))).toBeLessThan(1e-5);
+    // the window: prefill rows 64..69 and the 11 appended values
+    expect(maxAbsDiff(v.subarray(64 * H * d), [...rowsOf(rc.values[l], 64, 70, H, d), ...appendedV].map(f16))).toBe(0);
+    // other layers are untouched
+    expect(c.tokenCount(0)).toBe(T);
+    const bytes = c.serialize();
+    expect(bytes.length - headerBytes(bytes)).toBe(c.byteSize());
+    const r = deserializeCache(bytes) as KiviCache;
+    expect(r.quantizedKeyTokens(l)).toBe(80);
+    expect(r.quantizedValueTokens(l)).toBe(64);
+    expect(Array.from(take(r.keys(l)))).toEqual(Array.from(k));
+    expect(Array.from(take(r.values(l)))).toEqual(Array.from(v));
+    c.dispose();
+    r.dispose();
+  });
+
+  it('rejects a head_dim that is not a multiple of the group size', async () => {
+    const s = createStrategy({ name: 'kivi', options: { groupSize: 32, residualLength: 64 } });
+    await expect(s.compress(rc.cache)).rejects.toThrow(/head_dim 16 is not a multiple of groupSize 32/);
+  });
+
+  it('rejects R not a multiple of g by name', () => {
+    expect(() => createStrategy({ name: 'kivi', options: { groupSize: 32, residualLength: 100 } })).toThrow(/residualLength \(R\) must be a multiple of groupSize/);
+  });
+});

@@ -1,0 +1,125 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { KvpackError, createStrategy, selectBackend, type KVCache, type ModelLayout } from '@kvpack/core';
+import './index.js'; // registers the strategy
+import { runStrategyConformance } from '@kvpack/core/conformance';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { MiniCacheCache, miniCacheBytes, type MiniCacheOptions } from './index.js';
+import { f16, randomCache, take, unrotate, type RandomCache } from '../quant/testkit.js';
+
+runStrategyConformance('minicache', {
+  compressing: {},
+  // γ = 1 retains every token pair unmerged: exact float16 storage
+  lossless: { gamma: 1 },
+  badOptions: [{ t: 1.5 }, { gamma: -0.1 }, { startLayer: -1 }, { startLayer: 1.5 }],
+});
+
+/** Closed-form MiniCache reference for one (token, KV head) of a merged pair, in float64. */
+function slerpRef(x0: ArrayLike<number>, x1: ArrayLike<number>, t: number): { e: number[]; n0: number; n1: number; omega: number } {
+  const n0 = Math.hypot(...Array.from(x0));
+  const n1 = Math.hypot(...Array.from(x1));
+  const u0 = Array.from(x0, (v) => v / n0);
+  const u1 = Array.from(x1, (v) => v / n1);
+  const omega = Math.acos(Math.min(1, Math.max(-1, u0.reduce((a, v, i) => a + v * u1[i], 0))));
+  const e =
+    Math.sin(omega) < 1e-6
+      ? u0.map((v, i) => (1 - t) * v + t * u1[i])
+      : u0.map((v, i) => (Math.sin((1 - t) * omega) / Math.sin(omega)) * v + (Math.sin(t * omega) / Math.sin(omega)) * u1[i]);
+  return { e, n0, n1, omega };
+}
+
+describe('minicache: SLERP merge against its closed form', () => {
+  const layout: ModelLayout = { nLayers: 5, nHeads: 4, nKvHeads: 2, headDim: 8 };
+  const { nKvHeads: H, headDim: d } = layout;
+  const T = 40;
+  const options: MiniCacheOptions = { t: 0.6, gamma: 0.1 }; // k = round(0.1·40) = 4 per KV head
+  let rc: RandomCache;
+  beforeAll(async () => {
+    await selectBackend('wasm');
+    rc = randomCache(T, layout, 5);
+  });
+  afterAll(() => rc.dispose());
+
+  it('merges layers (2, 3), keeps 0, 1 and the unpaired 4 exact, retains the most distinct pairs', async () => {
+    const c = (await createStrategy({ name: 'minicache', options }).compress(rc.cache)) as MiniCacheCache;
+    const pre = { keys: [] as Float32Array[], values: [] as Float32Array[] };
+    for (let l = 0; l < layout.nLayers; l++) {
+      pre.keys.push(unrotate(c.keys(l)));
+      pre.values.push(take(c.values(l)));
+    }
+    for (const l of [0, 1, 4]) {
+      expect(c.retainedPositions(l, 'values')).toBeNull();
+      expect(Array.from(pre.values[l])).toEqual(Array.from(rc.values[l], f16).map(Math.fround));
+      for (let i = 0; i < T * H * d; i++) expect(Math.abs(pre.keys[l][i] - f16(rc.keys[l][i]))).toBeLessThan(1e-4);
+    }
+    for (const kind of ['keys', 'values'] as const) {
+      const x0 = rc[kind][2];
+      const x1 = rc[kind][3];
+      const got = [pre[kind][2], pre[kind][3]];
+      const tol = kind === 'keys' ? 1e-4 : 1e-6; // keys went through RoPE and back in float32
+      const retained = c.retainedPositions(2, kind)!;
+      expect(retained.length).toBe(4 * H);
+      expect(Array.from(c.retainedPositions(3, kind)!)).toEqual(Array.from(retained));
+      for (let h = 0; h < H; h++) {
+        const refs = Array.from({ length: T }, (_, t) => slerpRef(x0.subarray((t * H + h) * d, (t * H + h + 1) * d), x1.subarray((t * H + h) * d, (t * H + h + 1) * d), options.t));
+        // the paper's rule: the k pairs with the largest angular distance stay unmerged
+        const top = refs
+          .map((r, t) => [r.omega, t] as const)
+          .sort((a, b) => b[0] - a[0])
+          .slice(0, 4)
+          .map(([, t]) => t)
+          .sort((a, b) => a - b);
+        const mine = Array.from({ length: 4 }, (_, j) => retained[j * H + h]);
+        expect(mine).toEqual(top);
+        let exactRows = 0;
+        for (let t = 0; t < T; t++) {
+          const o = (t * H + h) * d;
+          const keep = top.includes(t);
+          for (const j of [0, 1]) {
+            const x = j === 0 ? x0 : x1;
+            const n = j === 0 ? refs[t].n0 : refs[t].n1;
+            let exact = true;
+            for (let ch = 0; ch < d; ch++) {
+              const want = keep ? f16(x[o + ch]) : n * refs[t].e[ch];
+              // float16 storage of the direction (and of the norm) bounds the merged error
+              expect(Math.abs(got[j][o + ch] - want)).toBeLessThanOrEqual(keep ? tol : n * 2 ** -10 + tol);
+              if (Math.abs(got[j][o + ch] - f16(x[o + ch])) > tol) exact = false;
+            }
+            if (exact && j === 0) exactRows++;
+          }
+        }
+        // only the retained rows reproduce the input: the others really were merged
+        expect(exactRows).toBe(4);
+      }
+    }
+    const k = 4;
+    const expected = 3 * 2 * T * H * d * 2 + 2 * (T * H * d * 2 + 2 * T * H * 2 + k * H * 4 + 2 * k * H * d * 2);
+    expect(c.byteSize()).toBe(expected);
+    expect(miniCacheBytes(layout, T, options)).toBe(expected);
+    c.dispose();
+  });
+
+  it('falls back to linear interpolation for parallel layers (Ω ≈ 0) and restores them', async () => {
+    const { nLayers: L } = layout;
+    const twice = (x: Float32Array) => tf.tensor3d(x.map((v) => 2 * v), [T, H, d]);
+    const par: KVCache = {
+      ...rc.cache,
+      keys: rc.cache.keys.map((k, l) => (l === 3 ? twice(rc.keys[2]) : k)),
+      values: rc.cache.values.map((v, l) => (l === 3 ? twice(rc.values[2]) : v)),
+    };
+    const c = await createStrategy({ name: 'minicache', options: { gamma: 0 } }).compress(par);
+    for (const l of [2, 3]) {
+      const v = take(c.values(l));
+      const ref = l === 2 ? rc.values[2] : rc.values[2].map((x) => 2 * x);
+      for (let i = 0; i < v.length; i++) expect(Math.abs(v[i] - ref[i])).toBeLessThan(Math.abs(ref[i]) * 2e-3 + 5e-3);
+    }
+    expect(L).toBe(5);
+    c.dispose();
+    tf.dispose([par.keys[3], par.values[3]]);
+  });
+
+  it('rejects a startLayer that leaves no pair to merge', async () => {
+    const s = createStrategy({ name: 'minicache', options: { startLayer: 4 } });
+    await expect(s.compress(rc.cache)).rejects.toThrow(KvpackError);
+    await expect(s.compress(rc.cache)).rejects.toThrow(/startLayer 4 leaves no adjacent layer pair/);
+  });
+});

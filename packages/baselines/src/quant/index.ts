@@ -1,0 +1,188 @@
+import * as tf from '@tensorflow/tfjs-core';
+import {
+  BaseCompressedCache,
+  applyRope,
+  check,
+  containerHeader,
+  decodeContainer,
+  registerStrategy,
+  validateKVCache,
+  type CompressedCache,
+  type KVCache,
+  type ModelLayout,
+  type RopeConfig,
+  type StoredSpec,
+  type StoredTensor,
+  type Strategy,
+} from '@kvpack/core';
+import { dequantizeMatrix, quantizeMatrix, quantizedBytes, type QuantSpec, type QuantizedMatrix } from '@kvpack/xkv';
+import { z } from 'zod';
+
+/** Options of the `quant` strategy. */
+export const QuantOptionsSchema = z.strictObject({
+  /** Bits per code: 8 (int8) or 4 (int4, two codes per byte). */
+  bits: z.union([z.literal(8), z.literal(4)]).default(8),
+  /**
+   * `symmetric`: one 16-bit scale per group, codes in [−2^(b−1), 2^(b−1) − 1].
+   * `asymmetric`: a 16-bit scale and an integer zero point (1 byte) per group, codes in [0, 2^b − 1].
+   */
+  mode: z.enum(['symmetric', 'asymmetric']).default('symmetric'),
+});
+export type QuantOptions = z.output<typeof QuantOptionsSchema>;
+
+/** The quantization spec of one token's one KV head: a group of d channels. */
+export function perTokenSpec(options: QuantOptions, headDim: number): QuantSpec {
+  return { bits: options.bits, groupSize: headDim, symmetric: options.mode === 'symmetric' };
+}
+
+/**
+ * Bytes the `quant` strategy holds for a prefill of T tokens (decode tokens excluded): per layer, for
+ * keys and for values, the packed codes ⌈T·H_kv·d·bits/8⌉, a 16-bit scale per token per KV head, and
+ * (asymmetric) a 1-byte zero point per token per KV head.
+ */
+export function quantCacheBytes(layout: ModelLayout, tokens: number, options: QuantOptions): number {
+  const rows = tokens * layout.nKvHeads;
+  return 2 * layout.nLayers * quantizedBytes(rows, layout.headDim, perTokenSpec(options, layout.headDim));
+}
+
+function matrixSpecs(name: string, q: QuantizedMatrix): StoredSpec[] {
+  const out: StoredSpec[] = [
+    { name: `${name}.codes`, dtype: 'uint8', shape: [q.codes.length] },
+    { name: `${name}.scales`, dtype: 'float16', shape: [q.scales.length] },
+  ];
+  if (q.zeros) out.push({ name: `${name}.zeros`, dtype: 'uint8', shape: [q.zeros.length] });
+  return out;
+}
+
+function matrixTensors(name: string, q: QuantizedMatrix): StoredTensor[] {
+  const out: StoredTensor[] = [
+    { name: `${name}.codes`, dtype: 'uint8', shape: [q.codes.length], data: q.codes },
+    { name: `${name}.scales`, dtype: 'float16', shape: [q.scales.length], data: q.scales },
+  ];
+  if (q.zeros) out.push({ name: `${name}.zeros`, dtype: 'uint8', shape: [q.zeros.length], data: q.zeros });
+  return out;
+}
+
+/**
+ * A per-token int8/int4 cache. Per layer it holds the quantized pre-RoPE keys and the quantized
+ * values (host-side codes, scales, zero points: what `serialize` writes and `byteSize` counts) and,
+ * on the backend, their dequantized float32 copies (rebuilt identically by the deserializer).
+ * Keys are rotated at read time, at positions startPosition + i.
+ */
+export class QuantCache extends BaseCompressedCache {
+  readonly strategy = 'quant';
+  private readonly deqK: tf.Tensor3D[];
+  private readonly deqV: tf.Tensor3D[];
+
+  constructor(
+    layout: ModelLayout,
+    rope: RopeConfig,
+    prefillLength: number,
+    readonly options: QuantOptions,
+    private readonly qk: QuantizedMatrix[],
+    private readonly qv: QuantizedMatrix[],
+    private readonly startPosition: number,
+  ) {
+    super(layout, rope, prefillLength);
+    const shape: [number, number, number] = [prefillLength, layout.nKvHeads, layout.headDim];
+    this.deqK = qk.map((q) => tf.tensor3d(dequantizeMatrix(q), shape));
+    this.deqV = qv.map((q) => tf.tensor3d(dequantizeMatrix(q), shape));
+  }
+
+  protected prefillKeys(layer: number): tf.Tensor3D {
+    return applyRope(this.deqK[layer], this.rope, { start: this.startPosition, count: this.prefillLength });
+  }
+  protected prefillValues(layer: number): tf.Tensor3D {
+    return tf.clone(this.deqV[layer]);
+  }
+  protected storedSpecs(): StoredSpec[] {
+    return this.qk.flatMap((q, l) => [...matrixSpecs(`k.${l}`, q), ...matrixSpecs(`v.${l}`, this.qv[l])]);
+  }
+  protected storedTensors(): StoredTensor[] {
+    return this.qk.flatMap((q, l) => [...matrixTensors(`k.${l}`, q), ...matrixTensors(`v.${l}`, this.qv[l])]);
+  }
+  protected meta(): Record<string, unknown> {
+    return { startPosition: this.startPosition };
+  }
+  protected disposeStored(): void {
+    tf.dispose([...this.deqK, ...this.deqV]);
+  }
+
+  /** Restores a serialized `quant` cache. @throws KvpackError('corrupt' | 'truncated') */
+  static fromBytes(bytes: Uint8Array, options: QuantOptions): QuantCache {
+    const c = decodeContainer(bytes);
+    check(c.strategy === 'quant', 'corrupt', `expected a quant cache, got "${c.strategy}"`);
+    const { layout, rope, prefillLength } = containerHeader(c);
+    const spec = perTokenSpec(options, layout.headDim);
+    const rows = prefillLength * layout.nKvHeads;
+    const load = (name: string): QuantizedMatrix => {
+      const codes = c.get(`${name}.codes`);
+      const scales = c.get(`${name}.scales`);
+      const zeros = spec.symmetric ? null : c.get(`${name}.zeros`);
+      check(
+        codes.dtype === 'uint8' &&
+          codes.data.length === Math.ceil((rows * layout.headDim * spec.bits) / 8) &&
+          scales.dtype === 'float16' &&
+          scales.data.length === rows &&
+          (!zeros || (zeros.dtype === 'uint8' && zeros.data.length === rows)),
+        'corrupt',
+        `serialized quant cache is corrupt: tensor "${name}" does not match ${rows} rows of ${layout.headDim} ${spec.bits}-bit codes`,
+      );
+      return {
+        ...spec,
+        rows,
+        cols: layout.headDim,
+        codes: codes.data as Uint8Array,
+        scales: scales.data as Uint16Array,
+        zeros: zeros ? (zeros.data as Uint8Array) : null,
+      };
+    };
+    const qk: QuantizedMatrix[] = [];
+    const qv: QuantizedMatrix[] = [];
+    for (let l = 0; l < layout.nLayers; l++) {
+      qk.push(load(`k.${l}`));
+      qv.push(load(`v.${l}`));
+    }
+    const cache = new QuantCache(layout, rope, prefillLength, options, qk, qv, Number(c.meta.startPosition ?? 0));
+    cache.restoreResidual(c);
+    return cache;
+  }
+}
+
+/**
+ * Builds the `quant` strategy: per-token integer quantization of the prefill cache. Each token's
+ * vector of one KV head (d channels of pre-RoPE keys, or of values) is one quantization group with a
+ * 16-bit scale (and, asymmetric, an integer zero point); codes are rounded half-to-even and
+ * bit-packed (int4: two per byte). This is the "per-token" KV quantization baseline (as in
+ * FlexGen / KIVI's fake-quant ablations); the quantizer is `quantizeMatrix` of @kvpack/xkv (the
+ * xKV authors' `xKV/customized_cache/quant.py` scheme) with rows = T·H_kv and group = d.
+ * Keys are quantized pre-RoPE (what the KVCache holds) and rotated at read time. Decode-time tokens
+ * stay exact (float32) in the residual buffer.
+ * `compress` throws KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache.
+ */
+export function quantStrategy(options: QuantOptions): Strategy<QuantOptions> {
+  return {
+    name: 'quant',
+    options,
+    async compress(cache: KVCache): Promise<CompressedCache> {
+      const T = await validateKVCache(cache);
+      const { nKvHeads, headDim } = cache.layout;
+      const spec = perTokenSpec(options, headDim);
+      const qk: QuantizedMatrix[] = [];
+      const qv: QuantizedMatrix[] = [];
+      for (let l = 0; l < cache.layout.nLayers; l++) {
+        qk.push(quantizeMatrix((await cache.keys[l].data()) as Float32Array, T * nKvHeads, headDim, spec));
+        qv.push(quantizeMatrix((await cache.values[l].data()) as Float32Array, T * nKvHeads, headDim, spec));
+      }
+      return new QuantCache(cache.layout, cache.rope, T, options, qk, qv, cache.startPosition ?? 0);
+    },
+    deserialize: (bytes) => QuantCache.fromBytes(bytes, options),
+  };
+}
+
+registerStrategy({
+  name: 'quant',
+  description: 'per-token int8/int4 quantization of keys (pre-RoPE) and values, 16-bit scale per token per KV head',
+  schema: QuantOptionsSchema,
+  create: quantStrategy,
+});

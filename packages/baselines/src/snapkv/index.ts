@@ -1,0 +1,169 @@
+import * as tf from '@tensorflow/tfjs-core';
+import {
+  KvpackError,
+  applyRope,
+  check,
+  registerStrategy,
+  validateKVCache,
+  type CompressedCache,
+  type KVCache,
+  type Strategy,
+} from '@kvpack/core';
+import { z } from 'zod';
+import { KeptTokensCache } from '../streamingllm/index.js';
+
+/** Options of the `snapkv` strategy. */
+export const SnapKvOptionsSchema = z
+  .strictObject({
+    /** Prefill tokens kept per KV head and layer, the observation window included (SnapKV's max_capacity_prompt). */
+    budget: z.int().positive().default(256),
+    /** Observation window w: the last w prompt tokens, whose queries vote and which are always kept. */
+    window: z.int().positive().default(32),
+    /** 1-D pooling kernel over token positions (odd, so the pooled scores keep their length). */
+    kernelSize: z.int().positive().default(7),
+    /** Pooling of the votes: avg (SnapKV's default) or max. */
+    pooling: z.enum(['avg', 'max']).default('avg'),
+  })
+  .refine((o) => o.budget > o.window, { message: 'budget must exceed window (the budget includes the observation window)', path: ['budget'] })
+  .refine((o) => o.kernelSize % 2 === 1, { message: 'kernelSize must be odd', path: ['kernelSize'] });
+export type SnapKvOptions = z.output<typeof SnapKvOptionsSchema>;
+
+/**
+ * SnapKV's votes for the prefix tokens of one layer (Li et al. 2024, arXiv 2404.14469, §4.1;
+ * FasterDecoding/SnapKV, snapkv_utils.py): attention weights of the w observation-window queries
+ * over all T keys (softmax(q·kᵀ/√d), causal inside the window), restricted to the T − w prefix keys,
+ * **summed** over the window queries and **averaged** over the query heads of each KV head's GQA
+ * group (as NVIDIA/kvpress's SnapKVPress averages per group). Runs on the tfjs backend.
+ * @param queries post-RoPE window queries [w, H, d]
+ * @param keys post-RoPE keys [T, H_kv, d]
+ * @returns votes [H_kv, T − w], row-major
+ */
+export async function snapkvVotes(queries: tf.Tensor3D, keys: tf.Tensor3D): Promise<Float32Array> {
+  const [w, Hq, d] = queries.shape;
+  const [T, Hkv] = keys.shape;
+  const g = Hq / Hkv;
+  const mask = new Float32Array(w * T);
+  for (let i = 0; i < w; i++) for (let j = T - w + i + 1; j < T; j++) mask[i * T + j] = -Infinity;
+  const votes = tf.tidy(() => {
+    const qh = queries.reshape([w, Hkv, g, d]).transpose([1, 2, 0, 3]).reshape([Hkv, g * w, d]);
+    const kT = keys.transpose([1, 2, 0]); // [H_kv, d, T], explicit (transposed matMul is slow on wasm)
+    const s = tf.matMul(qh, kT).mul(1 / Math.sqrt(d)).reshape([Hkv, g, w, T]).add(tf.tensor4d(mask, [1, 1, w, T]));
+    const p = tf.softmax(s, -1);
+    return p.slice([0, 0, 0, 0], [Hkv, g, w, T - w]).sum(2).mean(1);
+  });
+  const out = (await votes.data()) as Float32Array;
+  votes.dispose();
+  return out;
+}
+
+/**
+ * 1-D pooling of each row of `x` ([rows, n]) with a window of `kernel` (odd) positions centered on
+ * each position, stride 1, same length: `avg` divides by the kernel (zero padding counted, as
+ * torch's avg_pool1d), `max` ignores the padding.
+ */
+export function pool1d(x: ArrayLike<number>, rows: number, n: number, kernel: number, mode: 'avg' | 'max'): Float64Array {
+  const r = Math.floor(kernel / 2);
+  const out = new Float64Array(rows * n);
+  for (let h = 0; h < rows; h++) {
+    for (let i = 0; i < n; i++) {
+      let acc = mode === 'avg' ? 0 : -Infinity;
+      for (let j = Math.max(0, i - r); j <= Math.min(n - 1, i + r); j++) {
+        const v = x[h * n + j];
+        acc = mode === 'avg' ? acc + v : Math.max(acc, v);
+      }
+      out[h * n + i] = mode === 'avg' ? acc / kernel : acc;
+    }
+  }
+  return out;
+}
+
+/**
+ * Kept positions per KV head: the `k` highest pooled scores of the prefix (ties to the lower
+ * position), then the w window positions T − w … T − 1; ascending per head. Returns [k + w, H_kv]
+ * row-major.
+ */
+export function snapkvPositions(scores: Float64Array, Hkv: number, prefix: number, k: number, window: number): Int32Array {
+  const n = k + window;
+  const out = new Int32Array(n * Hkv);
+  for (let h = 0; h < Hkv; h++) {
+    const row = scores.subarray(h * prefix, (h + 1) * prefix);
+    const top = Array.from({ length: prefix }, (_, i) => i)
+      .sort((a, b) => row[b] - row[a] || a - b)
+      .slice(0, k)
+      .sort((a, b) => a - b);
+    for (let j = 0; j < n; j++) out[j * Hkv + h] = j < k ? top[j] : prefix + (j - k);
+  }
+  return out;
+}
+
+/**
+ * Builds the `snapkv` strategy (SnapKV, Li et al. 2024, arXiv 2404.14469): per layer and KV head,
+ * keep the budget − w prefix tokens with the highest pooled votes of the observation window
+ * ({@link snapkvVotes}, {@link pool1d}) plus the window itself. Different KV heads keep different
+ * tokens, the same count each, so `keys(layer)` is [budget, H_kv, d] (each head gathered on its own,
+ * ascending positions); kept keys keep their original RoPE positions; the kept positions are stored
+ * (int32 [budget, H_kv], counted in the bytes). When T ≤ budget nothing is evicted.
+ *
+ * Needs `cache.queries`: the post-RoPE queries of at least the last `window` prompt tokens per layer
+ * ([T_obs, H, d], T_obs ≥ window; the last `window` rows are used).
+ * @throws KvpackError('config') when the queries are missing or cover fewer than `window` tokens;
+ *         KvpackError('shape') when their shape disagrees with the layout;
+ *         KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache.
+ */
+export function snapKvStrategy(options: SnapKvOptions): Strategy<SnapKvOptions> {
+  return {
+    name: 'snapkv',
+    options,
+    async compress(cache: KVCache): Promise<CompressedCache> {
+      const T = await validateKVCache(cache);
+      const { nLayers: L, nHeads: Hq, nKvHeads: Hkv, headDim: d } = cache.layout;
+      const { budget, window: w, kernelSize, pooling } = options;
+      const q = cache.queries;
+      if (!q)
+        throw new KvpackError(
+          'config',
+          'snapkv needs the observation-window queries (KVCache.queries, post-RoPE [T_obs, H, d] per layer); ' +
+            `the model runner must provide them, e.g. LlamaModel.prefill(tokens, { observationWindow: ${w} })`,
+        );
+      check(Array.isArray(q) && q.length === L, 'layout', `snapkv: KVCache.queries has ${Array.isArray(q) ? q.length : 'no'} layers but the model has ${L} layers`);
+      for (let l = 0; l < L; l++) {
+        check(
+          q[l] instanceof tf.Tensor && q[l].dtype === 'float32' && q[l].rank === 3 && q[l].shape[1] === Hq && q[l].shape[2] === d,
+          'shape',
+          `snapkv: KVCache.queries layer ${l} must be float32 [T_obs, H=${Hq}, d=${d}], got ${q[l] instanceof tf.Tensor ? `${q[l].dtype} [${q[l].shape}]` : typeof q[l]}`,
+        );
+        check(
+          q[l].shape[0] >= w,
+          'config',
+          `snapkv: KVCache.queries layer ${l} covers ${q[l].shape[0]} prompt tokens but the observation window is ${w}; ` +
+            `prefill with observationWindow ≥ ${w} or lower the window option`,
+        );
+      }
+      const positions: Int32Array[] = [];
+      for (let l = 0; l < L; l++) {
+        if (T <= budget) {
+          const all = new Int32Array(T * Hkv);
+          for (let i = 0; i < T; i++) all.fill(i, i * Hkv, (i + 1) * Hkv);
+          positions.push(all);
+          continue;
+        }
+        const tObs = q[l].shape[0];
+        const win = q[l].slice([tObs - w, 0, 0], [w, Hq, d]);
+        const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
+        const votes = await snapkvVotes(win, post);
+        tf.dispose([win, post]);
+        const scores = pool1d(votes, Hkv, T - w, kernelSize, pooling);
+        positions.push(snapkvPositions(scores, Hkv, T - w, budget - w, w));
+      }
+      return KeptTokensCache.fromPositions('snapkv', options, cache, T, positions, true);
+    },
+    deserialize: (bytes) => KeptTokensCache.fromBytes(bytes, 'snapkv', options),
+  };
+}
+
+registerStrategy({
+  name: 'snapkv',
+  description: 'SnapKV: keep per KV head the prefix tokens the observation window attends to most, plus the window (Li et al. 2024)',
+  schema: SnapKvOptionsSchema,
+  create: snapKvStrategy,
+});

@@ -1,0 +1,33 @@
+import { registerStrategy, type CompressedCache, type KVCache, type Strategy } from '@kvpack/core';
+import { GroupSvdCache, compressGroupSvd, lowRankOptionShape } from '@kvpack/xkv';
+import { z } from 'zod';
+
+/**
+ * Options of the `svd` baseline: the same ranks, SVD, storage and factor-quantization options as
+ * `xkv`, without a group size (it is always 1).
+ */
+export const SvdOptionsSchema = z.strictObject({ ...lowRankOptionShape });
+export type SvdOptions = z.output<typeof SvdOptionsSchema>;
+
+/**
+ * Builds the per-layer `svd` baseline — the xKV paper's "Single SVD" (Chang et al. 2025, §4):
+ * each layer's pre-RoPE keys, and its values, X = [T, H_kv·d] with all KV heads side by side, are
+ * factored alone at rank `rankK` / `rankV`. It is xKV's grouped machinery with groups of one layer.
+ * `compress` throws KvpackError('rank' | 'layout' | 'shape' | 'dtype' | 'nonfinite') on bad input.
+ */
+export function svdStrategy(options: SvdOptions): Strategy<SvdOptions> {
+  const config = { ...options, groupSize: 1 };
+  return {
+    name: 'svd',
+    options,
+    compress: (cache: KVCache): Promise<CompressedCache> => compressGroupSvd(cache, 'svd', options, config),
+    deserialize: (bytes) => GroupSvdCache.fromBytes(bytes, 'svd', options, config),
+  };
+}
+
+registerStrategy({
+  name: 'svd',
+  description: 'per-layer truncated SVD of pre-RoPE keys and values ("Single SVD" in the xKV paper)',
+  schema: SvdOptionsSchema,
+  create: svdStrategy,
+});

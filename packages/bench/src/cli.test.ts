@@ -1,0 +1,64 @@
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { runCli } from './program.js';
+import type { CommandIO } from './commands.js';
+
+function capture(): CommandIO & { stdout: string; stderr: string } {
+  const io = { stdout: '', stderr: '', out: (t: string) => void (io.stdout += `${t}\n`), err: (t: string) => void (io.stderr += `${t}\n`) };
+  return io;
+}
+
+describe('kvpack CLI', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'kvpack-cli-'));
+
+  it('lists strategies with descriptions and options', async () => {
+    const io = capture();
+    expect(await runCli(['strategies'], io)).toBe(0);
+    expect(io.stdout).toMatch(/^xkv — xKV: cross-layer SVD/m);
+    expect(io.stdout).toMatch(/^ {4}groupSize +integer, > 0, default 4/m);
+    expect(io.stdout).toMatch(/^dense — /m);
+    expect(io.stdout).toMatch(/^svd — /m);
+  });
+
+  it('bad config: exit 2 and one error line naming the key, no stack trace', async () => {
+    const f = join(dir, 'bad.yaml');
+    writeFileSync(f, 'model: m.bin\nprompts: [{ text: hi }]\nstrategies: [{ name: xkv, options: { rank: 4 } }]\n');
+    const io = capture();
+    expect(await runCli(['bench', f], io)).toBe(2);
+    expect(io.stderr).toMatch(/^kvpack: error: .*setting "xkv": invalid options for strategy "xkv"/);
+    expect(io.stderr).toMatch(/rank/);
+    expect(io.stderr).not.toMatch(/\n\s+at /);
+  });
+
+  it('missing config or model: clear messages; an absent model exits 0 unless --require-model', async () => {
+    const io = capture();
+    expect(await runCli(['bench', join(dir, 'nope.yaml')], io)).toBe(2);
+    expect(io.stderr).toMatch(/nope\.yaml does not exist/);
+
+    const f = join(dir, 'nomodel.yaml');
+    writeFileSync(f, 'model: absent/model.bin\nmodelSource: get it from example.org\nprompts: [{ text: hi }]\nstrategies: [{ name: dense }]\n');
+    const a = capture();
+    expect(await runCli(['bench', f], a)).toBe(0);
+    expect(a.stdout).toMatch(/model files not found: .*absent\/model\.bin/);
+    expect(a.stdout).toMatch(/get it from example\.org/);
+    expect(a.stdout).toMatch(/KVPACK_MODELS_DIR/);
+    const b = capture();
+    expect(await runCli(['bench', f, '--require-model'], b)).toBe(2);
+  });
+
+  it('usage errors exit 2; --help exits 0; bench perf is a subcommand hook', async () => {
+    expect(await runCli(['bench'], capture())).toBe(2);
+    expect(await runCli(['bench', 'x.yaml', '--backend', 'tpu'], capture())).toBe(2);
+    expect(await runCli(['frobnicate'], capture())).toBe(2);
+    const h = capture();
+    expect(await runCli(['--help'], h)).toBe(0);
+    expect(h.stdout).toMatch(/bench/);
+    const p = capture();
+    expect(await runCli(['bench', 'perf'], p)).toBe(2);
+    expect(p.stderr).toMatch(/kvpack bench perf is not available/);
+    expect(await runCli(['bench', 'x.yaml', '--write-baseline'], capture())).toBe(2);
+    expect(await runCli(['bench', 'x.yaml', '--tolerance', 'foo=1'], capture())).toBe(2);
+  });
+});

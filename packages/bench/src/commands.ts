@@ -1,0 +1,217 @@
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { cpus } from 'node:os';
+import { basename, extname, join, resolve } from 'node:path';
+import { KvpackError, describeBackend, getStrategyDefinition, listStrategies, selectBackend } from '@kvpack/core';
+import { z } from 'zod';
+import { loadConfig, quickOverrides, type BenchConfig } from './config.js';
+import { loadBenchModel, modelFilesPresent, tokenizePrompts } from './load.js';
+import { benchPanels, renderRatioPlot } from './plot.js';
+import { createProgress } from './progress.js';
+import { compareToBaseline, parseTolerance, readBaseline, toBaseline, writeBaseline } from './regression.js';
+import { ERROR_BASIS, markdownReport, type BenchReport } from './report.js';
+import { runBench } from './runner.js';
+
+/** Where commands write: `out` for results (stdout), `err` for logs (stderr). */
+export interface CommandIO {
+  out(text: string): void;
+  err(text: string): void;
+}
+
+export const processIO: CommandIO = {
+  out: (t) => void process.stdout.write(t.endsWith('\n') ? t : `${t}\n`),
+  err: (t) => void process.stderr.write(t.endsWith('\n') ? t : `${t}\n`),
+};
+
+/** Exit codes of the kvpack CLI. */
+export const EXIT = { ok: 0, regression: 1, badInput: 2, internal: 3 } as const;
+
+/** Options of `kvpack bench CONFIG`. */
+export interface BenchCommandOptions {
+  out?: string;
+  backend?: string;
+  quick?: boolean;
+  /** Override the config's model / tokenizer (paths relative to the working directory). */
+  model?: string;
+  tokenizer?: string;
+  /** Exit 2 instead of 0 when the model files are absent. */
+  requireModel?: boolean;
+  baseline?: string;
+  writeBaseline?: boolean;
+  tolerance?: string;
+  /** Skip the SVG plot. */
+  plot?: boolean;
+}
+
+const VERSION = '0.1.0';
+
+/** Lines explaining where to get the model when its files are absent. */
+export function missingModelMessage(cfg: BenchConfig, missing: string[]): string {
+  const lines = [
+    `kvpack bench: model files not found: ${missing.join(', ')}`,
+    ...(cfg.data.modelSource ? cfg.data.modelSource.trim().split('\n').map((l) => `  ${l}`) : []),
+    `  Point the config at a model: set KVPACK_MODELS_DIR to the folder holding "${cfg.data.model}"${cfg.data.tokenizer ? ` and "${cfg.data.tokenizer}"` : ''},`,
+    `  edit "model:"${cfg.data.tokenizer ? '/"tokenizer:"' : ''} in ${cfg.source}, or pass --model FILE [--tokenizer FILE] (any llama2.c checkpoint, Hugging Face Llama folder or GGUF file).`,
+    '  Nothing was run.',
+  ];
+  return lines.join('\n');
+}
+
+function stem(path: string): string {
+  return basename(path, extname(path));
+}
+
+/**
+ * `kvpack bench CONFIG`: runs the config, prints the Markdown table on stdout, writes
+ * OUT/<config>.json, .md and .svg, and checks or writes a baseline.
+ * @returns the exit code (0 ok or model absent, 1 regression); throws KvpackError on bad input.
+ */
+export async function benchCommand(configPath: string, opts: BenchCommandOptions, io: CommandIO = processIO): Promise<number> {
+  await import('@kvpack/xkv');
+  await import('@kvpack/baselines');
+  if (opts.writeBaseline && !opts.baseline) throw new KvpackError('config', '--write-baseline needs --baseline FILE (where to write it)');
+  const tolerance = parseTolerance(opts.tolerance);
+  const cfg = loadConfig(configPath);
+  if (opts.model) cfg.modelPath = resolve(opts.model);
+  if (opts.tokenizer) cfg.tokenizerPath = resolve(opts.tokenizer);
+  const present = modelFilesPresent(cfg);
+  if (!present.ok) {
+    io.out(missingModelMessage(cfg, present.missing));
+    if (opts.requireModel) throw new KvpackError('io', `model files not found (--require-model): ${present.missing.join(', ')}`);
+    return EXIT.ok;
+  }
+  const choice = await selectBackend(opts.backend ?? (process.env.KVPACK_BACKEND || 'auto'));
+  const backendLine = describeBackend(choice);
+  io.err(backendLine);
+  const q = quickOverrides(cfg);
+  const run = opts.quick
+    ? { decodeTokens: q.decodeTokens, repeats: q.repeats, continuationTokens: q.continuationTokens, maxPrompts: q.maxPrompts }
+    : { decodeTokens: cfg.data.decodeTokens, repeats: cfg.data.repeats, continuationTokens: cfg.data.continuationTokens, maxPrompts: cfg.prompts.length };
+
+  const loaded = await loadBenchModel(cfg.modelPath, cfg.tokenizerPath);
+  const report: BenchReport = await (async () => {
+    try {
+      const prompts = tokenizePrompts(cfg.prompts, loaded.tokenizer, { bos: cfg.data.bos, continuationTokens: run.continuationTokens, maxPrompts: run.maxPrompts });
+      io.err(
+        `model ${cfg.modelPath} (${loaded.format}); ${prompts.length} prompt(s), ${cfg.settings.length} setting(s), ` +
+          `${run.decodeTokens} greedy tokens, ${run.repeats} compress repeat(s)`,
+      );
+      const progress = createProgress();
+      let result;
+      try {
+        result = await runBench(loaded.model, prompts, cfg.settings, { decodeTokens: run.decodeTokens, repeats: run.repeats }, progress);
+      } finally {
+        progress.stop();
+      }
+      return {
+        format: 'kvpack-bench/1',
+        ...(cfg.data.title ? { title: cfg.data.title } : {}),
+        environment: {
+          backend: choice.name,
+          backendLine,
+          node: process.version,
+          platform: process.platform,
+          arch: process.arch,
+          cpus: cpus().length,
+          date: new Date().toISOString(),
+          kvpackVersion: VERSION,
+          quick: Boolean(opts.quick),
+        },
+        config: { source: cfg.source, data: cfg.data },
+        model: { path: cfg.modelPath, ...(cfg.tokenizerPath ? { tokenizer: cfg.tokenizerPath } : {}), layout: result.layout },
+        run: { decodeTokens: run.decodeTokens, repeats: run.repeats, prompts: prompts.length },
+        errorBasis: ERROR_BASIS,
+        references: result.references,
+        results: result.results,
+      };
+    } finally {
+      loaded.model.dispose();
+    }
+  })();
+
+  for (const r of report.references) {
+    if (Math.abs(r.decodePathNllDelta) > 1e-3 || r.greedyForwardAgreement < 1)
+      io.err(
+        `warning: prompt "${r.prompt}": the model's decode path disagrees with its forward pass (dense float32 ΔNLL ${r.decodePathNllDelta.toExponential(2)}, ` +
+          `greedy/forward agreement ${r.greedyForwardAgreement.toFixed(3)}); the numbers below are suspect`,
+      );
+  }
+  io.out(markdownReport(report));
+  const outDir = resolve(opts.out ?? 'bench-out');
+  mkdirSync(outDir, { recursive: true });
+  const name = stem(configPath);
+  const jsonPath = join(outDir, `${name}.json`);
+  writeFileSync(jsonPath, `${JSON.stringify(report, null, 2)}\n`);
+  writeFileSync(join(outDir, `${name}.md`), `${markdownReport(report)}\n`);
+  const written = [jsonPath, join(outDir, `${name}.md`)];
+  if (opts.plot !== false) {
+    const svg = await renderRatioPlot(benchPanels(report.results), { title: report.title ?? `kvpack bench: ${name}` });
+    const svgPath = join(outDir, `${name}.svg`);
+    writeFileSync(svgPath, svg);
+    written.push(svgPath);
+  }
+  io.err(`wrote ${written.join(', ')}`);
+
+  const failed = report.results.filter((r) => r.error !== undefined);
+  if (failed.length) {
+    io.err(`kvpack: error: ${failed.length} setting(s) failed: ${failed.map((r) => `${r.label}: ${r.error}`).join('; ')}`);
+    return EXIT.badInput;
+  }
+  if (opts.baseline && opts.writeBaseline) {
+    const p = writeBaseline(opts.baseline, toBaseline(report, basename(cfg.source)));
+    io.err(`wrote baseline ${p} (${report.results.length} settings)`);
+    return EXIT.ok;
+  }
+  if (opts.baseline) {
+    const cmp = compareToBaseline(report.results, readBaseline(opts.baseline), tolerance);
+    for (const n of cmp.notes) io.err(`note: ${n}`);
+    if (cmp.added.length) io.err(`note: not in the baseline (unchecked): ${cmp.added.join('; ')}`);
+    const tolText = `tolerance: errors +${(tolerance.relError * 100).toFixed(1)}% relative, ΔNLL +${tolerance.deltaNll} nats, agreement −${tolerance.agreement}, bytes exact`;
+    if (cmp.regressions.length) {
+      io.out(`\nREGRESSION against ${opts.baseline} (${tolText}):`);
+      for (const r of cmp.regressions) io.out(`  - ${r.message}`);
+      return EXIT.regression;
+    }
+    io.out(`\nbaseline check passed: ${cmp.checked} setting(s) within ${tolText}`);
+  }
+  return EXIT.ok;
+}
+
+/** Renders a JSON-schema property as a short type description. */
+function describeProp(p: Record<string, unknown>): string {
+  const parts: string[] = [];
+  if (Array.isArray(p.enum)) parts.push(p.enum.map((x) => JSON.stringify(x)).join(' | '));
+  else if (Array.isArray(p.anyOf)) parts.push((p.anyOf as Record<string, unknown>[]).map((a) => ('const' in a ? JSON.stringify(a.const) : String(a.type ?? '?'))).join(' | '));
+  else if (p.type === 'object') parts.push(`{ ${Object.keys((p.properties as object) ?? {}).join(', ')} }`);
+  else if (p.type) parts.push(String(p.type));
+  const lo = typeof p.minimum === 'number' ? `≥ ${p.minimum}` : typeof p.exclusiveMinimum === 'number' ? `> ${p.exclusiveMinimum}` : null;
+  const hi = typeof p.maximum === 'number' && p.maximum < 1e15 ? `≤ ${p.maximum}` : typeof p.exclusiveMaximum === 'number' ? `< ${p.exclusiveMaximum}` : null;
+  if (lo) parts.push(lo);
+  if (hi) parts.push(hi);
+  if ('default' in p) parts.push(`default ${JSON.stringify(p.default)}`);
+  if (typeof p.description === 'string') parts.push(`— ${p.description}`);
+  return parts.join(', ');
+}
+
+/** `kvpack strategies`: registered names, descriptions and options. */
+export async function strategiesCommand(io: CommandIO = processIO): Promise<number> {
+  await import('@kvpack/xkv');
+  await import('@kvpack/baselines');
+  const lines: string[] = [];
+  for (const name of listStrategies()) {
+    const def = getStrategyDefinition(name);
+    lines.push(`${name} — ${def.description}`);
+    let schema: Record<string, unknown> = {};
+    try {
+      schema = z.toJSONSchema(def.schema, { io: 'input', unrepresentable: 'any' }) as Record<string, unknown>;
+    } catch {
+      /* a schema JSON Schema cannot express: list no options */
+    }
+    const props = (schema.properties ?? {}) as Record<string, Record<string, unknown>>;
+    const required = new Set((schema.required as string[]) ?? []);
+    const w = Math.max(0, ...Object.keys(props).map((k) => k.length));
+    for (const [k, p] of Object.entries(props)) lines.push(`    ${k.padEnd(w)}  ${describeProp(p)}${required.has(k) ? ' (required)' : ''}`);
+    lines.push('');
+  }
+  io.out(lines.join('\n').trimEnd());
+  return EXIT.ok;
+}

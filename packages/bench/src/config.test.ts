@@ -1,0 +1,75 @@
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { KvpackError } from '@kvpack/core';
+import '@kvpack/xkv';
+import '@kvpack/baselines';
+import { loadConfig, quickOverrides, resolveConfig } from './config.js';
+
+const base = { model: 'm.bin', prompts: [{ text: 'Once upon a time' }], strategies: [{ name: 'dense' }] };
+
+function err(raw: unknown): string {
+  try {
+    resolveConfig(raw, '/cfg', 'test.yaml', {});
+    return 'no error';
+  } catch (e) {
+    expect(e).toBeInstanceOf(KvpackError);
+    return (e as Error).message;
+  }
+}
+
+describe('bench config', () => {
+  it('applies defaults and resolves paths against modelsDir, or KVPACK_MODELS_DIR when set', () => {
+    const c = resolveConfig({ ...base, modelsDir: '../models', tokenizer: 'tok.bin' }, '/repo/examples', 'x', {});
+    expect(c.modelPath).toBe(resolve('/repo/models/m.bin'));
+    expect(c.tokenizerPath).toBe(resolve('/repo/models/tok.bin'));
+    expect(c.data.decodeTokens).toBe(32);
+    expect(c.data.continuationTokens).toBe(32);
+    expect(c.data.bos).toBe(true);
+    expect(c.settings[0].resolvedOptions).toEqual({ storage: 'float16' });
+    const e = resolveConfig({ ...base, modelsDir: '../models' }, '/repo/examples', 'x', { KVPACK_MODELS_DIR: '/mnt/models' });
+    expect(e.modelPath).toBe(resolve('/mnt/models/m.bin'));
+    expect(resolveConfig(base, '/repo/examples', 'x', {}).modelPath).toBe(resolve('/repo/examples/m.bin'));
+  });
+
+  it('names unknown keys at every level', () => {
+    expect(err({ ...base, modle: 'x' })).toMatch(/\(root\): unknown key "modle"/);
+    expect(err({ ...base, strategies: [{ name: 'dense', option: {} }] })).toMatch(/strategies\[0\]: unknown key "option"/);
+    expect(err({ ...base, quick: { decodeToken: 3 } })).toMatch(/quick: unknown key "decodeToken"/);
+  });
+
+  it('explains bad prompts, missing fields and wrong types', () => {
+    expect(err({ ...base, prompts: [{ txt: 'a' }] })).toMatch(/prompts\[0\]: a prompt needs one of: text, file, prompt \+ continuation, ids/);
+    expect(err({ ...base, prompts: [{ text: 'a', ids: [1, 2] }] })).toMatch(/prompts\[0\]: a prompt takes one source, got text and ids/);
+    expect(err({ prompts: base.prompts, strategies: base.strategies })).toMatch(/model: /);
+    expect(err({ ...base, decodeTokens: -1 })).toMatch(/decodeTokens: /);
+    expect(err({ ...base, strategies: [] })).toMatch(/strategies: /);
+  });
+
+  it('checks every expanded setting against its strategy schema', () => {
+    expect(err({ ...base, strategies: [{ name: 'nope' }] })).toMatch(/unknown strategy "nope"; registered strategies: .*xkv/);
+    const m = err({ ...base, strategies: [{ name: 'xkv', options: { groupSize: [1, 0] } }] });
+    expect(m).toMatch(/setting "xkv groupSize=0"/);
+    expect(m).toMatch(/groupSize/);
+    expect(err({ ...base, strategies: [{ name: 'xkv', options: { rankk: 4 } }] })).toMatch(/allowed options: groupSize, rankK, rankV/);
+  });
+
+  it('reads YAML files, text prompt files relative to the config, and quick overrides', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'kvpack-cfg-'));
+    writeFileSync(join(dir, 'story.txt'), 'Once upon a time there was a cat.');
+    writeFileSync(
+      join(dir, 'b.yaml'),
+      ['model: m.bin', 'prompts:', '  - file: story.txt', '    continuationTokens: 4', 'quick: { decodeTokens: 8 }', 'strategies:', '  - { name: xkv, options: { groupSize: [1, 2] } }'].join('\n'),
+    );
+    const c = loadConfig(join(dir, 'b.yaml'), {});
+    expect(c.prompts[0]).toMatchObject({ text: 'Once upon a time there was a cat.', continuationTokens: 4, name: 'story.txt' });
+    expect(c.settings.map((s) => s.label)).toEqual(['xkv groupSize=1', 'xkv groupSize=2']);
+    expect(quickOverrides(c)).toEqual({ decodeTokens: 8, continuationTokens: 32, maxPrompts: 1, repeats: 1 });
+    writeFileSync(join(dir, 'bad.yaml'), 'model: [unclosed');
+    expect(() => loadConfig(join(dir, 'bad.yaml'), {})).toThrow(/not valid YAML/);
+    expect(() => loadConfig(join(dir, 'absent.yaml'), {})).toThrow(/does not exist/);
+    writeFileSync(join(dir, 'c.yaml'), 'model: m.bin\nprompts: [{ file: nope.txt }]\nstrategies: [{ name: dense }]');
+    expect(() => loadConfig(join(dir, 'c.yaml'), {})).toThrow(/nope\.txt does not exist/);
+  });
+});

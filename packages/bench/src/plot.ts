@@ -1,0 +1,94 @@
+import * as vega from 'vega';
+import * as vl from 'vega-lite';
+import type { SettingResult } from './runner.js';
+
+/** One point of a metric-vs-compression-ratio plot. */
+export interface PlotPoint {
+  /** Measured compression ratio (x). */
+  ratio: number;
+  /** Metric value (y). */
+  value: number;
+  /** Line (color) it belongs to, e.g. a strategy or `xkv groupSize=4`. */
+  series: string;
+  /** Setting label (kept in the data for readers of the SVG). */
+  label?: string;
+}
+
+/** One panel: a metric against the compression ratio. */
+export interface PlotPanel {
+  title: string;
+  /** y-axis title, e.g. `ΔNLL (nats/token)` or `accuracy`. */
+  yTitle: string;
+  points: PlotPoint[];
+  /** y scale; default linear. */
+  yScale?: 'linear' | 'log';
+}
+
+/** Options of {@link renderRatioPlot}. */
+export interface PlotOptions {
+  title?: string;
+  /** x-axis title. Default `compression ratio (×, measured)`. */
+  xTitle?: string;
+  /** Log2 x axis (default true: ratios span 0.5× … 16×). */
+  logX?: boolean;
+  /** Panel width / height in pixels. Default 320 × 240. */
+  width?: number;
+  height?: number;
+}
+
+/**
+ * Renders metric-vs-compression-ratio panels side by side as an SVG string (vega-lite → vega, no
+ * browser): x = measured compression ratio, y = the panel's metric, one line (color) per series —
+ * the layout of the xKV paper's figures. Generic: issue 4's accuracy runner passes accuracy panels.
+ * Non-finite points are dropped.
+ */
+export async function renderRatioPlot(panels: PlotPanel[], options: PlotOptions = {}): Promise<string> {
+  const values = panels.flatMap((p, i) =>
+    p.points
+      .filter((pt) => Number.isFinite(pt.ratio) && Number.isFinite(pt.value) && pt.ratio > 0)
+      .map((pt) => ({ panel: i, ratio: pt.ratio, value: pt.value, series: pt.series, label: pt.label ?? pt.series })),
+  );
+  const series = [...new Set(values.map((v) => v.series))];
+  const spec: vl.TopLevelSpec = {
+    $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
+    ...(options.title ? { title: options.title } : {}),
+    data: { values },
+    hconcat: panels.map((p, i) => ({
+      title: p.title,
+      width: options.width ?? 320,
+      height: options.height ?? 240,
+      transform: [{ filter: `datum.panel === ${i}` }],
+      mark: { type: 'line', point: true, strokeWidth: 1.5 },
+      encoding: {
+        x: {
+          field: 'ratio',
+          type: 'quantitative',
+          title: options.xTitle ?? 'compression ratio (×, measured)',
+          scale: options.logX === false ? { zero: false } : { type: 'log', base: 2 },
+        },
+        y: { field: 'value', type: 'quantitative', title: p.yTitle, scale: p.yScale === 'log' ? { type: 'log' } : { zero: false } },
+        color: { field: 'series', type: 'nominal', title: 'strategy', scale: { domain: series } },
+        order: { field: 'ratio', type: 'quantitative' },
+      },
+    })),
+    resolve: { scale: { color: 'shared' } },
+  } as vl.TopLevelSpec;
+  const compiled = vl.compile(spec).spec;
+  const view = new vega.View(vega.parse(compiled), { renderer: 'none' });
+  try {
+    return await view.toSVG();
+  } finally {
+    view.finalize();
+  }
+}
+
+/** The bench's quality-vs-ratio panels: ΔNLL, post-RoPE key error and value error against the measured ratio. */
+export function benchPanels(results: SettingResult[]): PlotPanel[] {
+  const pts = (f: (r: SettingResult) => number | null) =>
+    results.filter((r) => f(r) !== null).map((r) => ({ ratio: r.ratio, value: f(r) as number, series: r.series, label: r.label }));
+  return [
+    { title: 'ΔNLL of the held-out continuation', yTitle: 'ΔNLL (nats/token)', points: pts((r) => r.deltaNll) },
+    { title: 'key reconstruction error (post-RoPE)', yTitle: 'relative Frobenius error', points: pts((r) => r.keyError) },
+    { title: 'value reconstruction error', yTitle: 'relative Frobenius error', points: pts((r) => r.valueError) },
+  ];
+}

@@ -1,0 +1,71 @@
+import { Command, CommanderError, Option } from 'commander';
+import { KvpackError } from '@kvpack/core';
+import { EXIT, benchCommand, processIO, strategiesCommand, type BenchCommandOptions, type CommandIO } from './commands.js';
+import { registerPerfCommand } from './perf-hook.js';
+
+/**
+ * Builds the `kvpack` command line (commander). Actions store their exit code in `state.code`.
+ * Subcommands: `bench CONFIG` (quality bench; `bench perf` is a hook for the perf runner) and
+ * `strategies`.
+ */
+export function buildProgram(io: CommandIO, state: { code: number }): Command {
+  const program = new Command('kvpack')
+    .description('KV-cache compression benchmarks (xKV and baselines)')
+    .version('0.1.0')
+    .exitOverride()
+    .configureOutput({ writeOut: (s) => io.out(s), writeErr: (s) => io.err(s) })
+    .showHelpAfterError('(run kvpack --help for usage)');
+
+  const bench = program
+    .command('bench')
+    .description('run a quality benchmark config (YAML/JSON): compression ratio, reconstruction error, ΔNLL, greedy agreement')
+    .argument('<config>', 'bench config file (.yaml, .yml or .json), or "perf" for the performance benchmarks')
+    .option('--out <dir>', 'folder for the JSON, Markdown and SVG outputs', 'bench-out')
+    .addOption(new Option('--backend <name>', 'tfjs backend').choices(['auto', 'wasm', 'cpu', 'webgpu', 'tensorflow']))
+    .option('--quick', "quick run: one compress repeat and the config's `quick` overrides")
+    .option('--model <file>', "model checkpoint or folder, instead of the config's")
+    .option('--tokenizer <file>', "tokenizer file, instead of the config's")
+    .option('--require-model', 'exit 2 (instead of 0) when the model files are absent')
+    .option('--baseline <file>', 'compare quality metrics with this baseline JSON (exit 1 on regression)')
+    .option('--write-baseline', 'write this run as the baseline to --baseline FILE instead of comparing')
+    .option('--tolerance <spec>', 'regression tolerance, e.g. relError=0.05,deltaNll=0.02,agreement=0.05')
+    .option('--no-plot', 'skip the SVG plot')
+    .action(async (config: string, opts: BenchCommandOptions) => {
+      state.code = await benchCommand(config, opts, io);
+    });
+  registerPerfCommand(bench);
+
+  program
+    .command('strategies')
+    .description('list registered compression strategies with their options')
+    .action(async () => {
+      state.code = await strategiesCommand(io);
+    });
+  return program;
+}
+
+/**
+ * Runs the CLI on `argv` (without the node and script entries) and returns the exit code:
+ * 0 ok, 1 regression against a baseline, 2 bad input (usage, config, files), 3 internal error.
+ * Errors print as one line; set KVPACK_DEBUG=1 for stack traces.
+ */
+export async function runCli(argv: string[], io: CommandIO = processIO): Promise<number> {
+  const state = { code: EXIT.ok as number };
+  const program = buildProgram(io, state);
+  try {
+    await program.parseAsync(argv, { from: 'user' });
+    return state.code;
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return EXIT.ok;
+      return e.exitCode === 0 ? EXIT.ok : EXIT.badInput; // commander already printed the message
+    }
+    if (process.env.KVPACK_DEBUG) io.err((e as Error).stack ?? String(e));
+    if (e instanceof KvpackError) {
+      io.err(`kvpack: error: ${e.message}`);
+      return EXIT.badInput;
+    }
+    io.err(`kvpack: internal error: ${(e as Error)?.message ?? String(e)} (set KVPACK_DEBUG=1 for the stack trace)`);
+    return EXIT.internal;
+  }
+}

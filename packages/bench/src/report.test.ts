@@ -1,0 +1,24 @@
+import { describe, expect, it } from 'vitest';
+import { markdownTable, resultsTable } from './report.js';
+import { fakeResult } from './testing/fixtures.js';
+
+describe('Markdown rendering', () => {
+  it('pads columns and right-aligns numbers', () => {
+    const t = markdownTable(['a', 'bb'], [['x', '1.5'], ['long|name', '10']], ['l', 'r']);
+    expect(t).toBe(['| a          |  bb |', '| ---------- | --: |', '| x          | 1.5 |', '| long\\|name |  10 |'].join('\n'));
+  });
+
+  it('shows N/A for eviction errors, – for no paper ratio, none for no divergence, and errors', () => {
+    const t = resultsTable([
+      fakeResult(),
+      fakeResult({ label: 'snapkv', keyError: null, valueError: null, paperRatio: null, firstDivergence: null, agreement: 1, deltaNll: -0.001 }),
+      fakeResult({ label: 'bad', error: 'rank too large' }),
+    ]).split('\n');
+    expect(t).toHaveLength(5);
+    const cells = (row: string) => row.split('|').slice(1, -1).map((c) => c.trim());
+    expect(cells(t[0])).toEqual(['setting', 'ratio', 'paper ratio', 'key err', 'value err', 'NLL', 'ΔNLL', 'agree', 'first div', 'compress ms']);
+    expect(cells(t[2])).toEqual(['xkv groupSize=2', '4.00×', '3.50×', '0.1235', '0.5000', '1.2500', '+0.0500', '0.750', '3', '12.3']);
+    expect(cells(t[3])).toEqual(['snapkv', '4.00×', '–', 'N/A', 'N/A', '1.2500', '-0.0010', '1.000', 'none', '12.3']);
+    expect(cells(t[4]).slice(0, 2)).toEqual(['bad', 'error']);
+  });
+});

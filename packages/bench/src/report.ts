@@ -1,0 +1,112 @@
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import type { BenchRunResult, PromptReference, SettingResult } from './runner.js';
+
+/** Where and how a run happened. */
+export interface BenchEnvironment {
+  backend: string;
+  /** describeBackend line, with skipped backends. */
+  backendLine: string;
+  node: string;
+  platform: string;
+  arch: string;
+  cpus: number;
+  /** ISO date of the run. */
+  date: string;
+  kvpackVersion: string;
+  quick: boolean;
+}
+
+/** The JSON report `kvpack bench` writes (also the baseline format). */
+export interface BenchReport {
+  /** Format version of this file. */
+  format: 'kvpack-bench/1';
+  title?: string;
+  environment: BenchEnvironment;
+  /** The config file and its parsed content. */
+  config: { source: string; data: unknown };
+  model: { path: string; tokenizer?: string; layout: BenchRunResult['layout'] };
+  /** Run parameters after --quick. */
+  run: { decodeTokens: number; repeats: number; prompts: number };
+  /** What the reconstruction errors compare. */
+  errorBasis: string;
+  references: PromptReference[];
+  results: SettingResult[];
+}
+
+/** The sentence every report carries about the error basis. */
+export const ERROR_BASIS =
+  'keys: post-RoPE reconstructed keys vs RoPE applied to the original pre-RoPE keys; values: reconstructed vs original; ' +
+  'relative Frobenius error sqrt(Σ‖X − X̂‖² / Σ‖X‖²) pooled over layers and prompts; N/A when tokens were evicted';
+
+function num(x: number | null | undefined, digits: number): string {
+  if (x === null || x === undefined || Number.isNaN(x)) return 'N/A';
+  return x.toFixed(digits);
+}
+
+function signed(x: number, digits: number): string {
+  const s = x.toFixed(digits);
+  return x >= 0 && !s.startsWith('-') ? `+${s}` : s;
+}
+
+/** Renders rows as a Markdown table with padded columns. Cells must not contain `|` (escaped if they do). */
+export function markdownTable(header: string[], rows: string[][], align: ('l' | 'r')[] = []): string {
+  const esc = (c: string) => c.replace(/\|/g, '\\|');
+  const all = [header, ...rows].map((r) => r.map(esc));
+  const w = header.map((_, j) => Math.max(3, ...all.map((r) => (r[j] ?? '').length)));
+  const line = (r: string[]) => `| ${r.map((c, j) => (align[j] === 'r' ? c.padStart(w[j]) : c.padEnd(w[j]))).join(' | ')} |`;
+  const sep = `| ${w.map((n, j) => (align[j] === 'r' ? `${'-'.repeat(n - 1)}:` : '-'.repeat(n))).join(' | ')} |`;
+  return [line(all[0]), sep, ...all.slice(1).map(line)].join('\n');
+}
+
+/** The results table: one row per setting. */
+export function resultsTable(results: SettingResult[]): string {
+  const header = ['setting', 'ratio', 'paper ratio', 'key err', 'value err', 'NLL', 'ΔNLL', 'agree', 'first div', 'compress ms'];
+  const rows = results.map((r) => r.error !== undefined ? [r.label, 'error', ...Array(header.length - 2).fill('')] : [
+    r.label,
+    `${num(r.ratio, 2)}×`,
+    r.paperRatio === null ? '–' : `${num(r.paperRatio, 2)}×`,
+    num(r.keyError, 4),
+    num(r.valueError, 4),
+    num(r.nll, 4),
+    signed(r.deltaNll, 4),
+    r.agreement === null ? '–' : num(r.agreement, 3),
+    r.agreement === null ? '–' : r.firstDivergence === null ? 'none' : String(r.firstDivergence),
+    num(r.compressMs, 1),
+  ]);
+  return markdownTable(header, rows, ['l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r']);
+}
+
+/** The full Markdown report: title, environment line, table and notes. */
+export function markdownReport(report: BenchReport): string {
+  const e = report.environment;
+  const refs = report.references;
+  const refNll = refs.reduce((a, r) => a + r.nll * r.continuationTokens, 0) / refs.reduce((a, r) => a + r.continuationTokens, 0);
+  const l = report.model.layout;
+  return [
+    `## ${report.title ?? 'kvpack bench'}`,
+    '',
+    `${e.backendLine} · node ${e.node} · ${e.date}${e.quick ? ' · --quick' : ''}`,
+    `model ${report.model.path} (${l.nLayers} layers, ${l.nHeads} heads, ${l.nKvHeads} KV heads, head_dim ${l.headDim}) · ` +
+      `${refs.length} prompt(s), ${refs.map((r) => r.contextTokens - 1).join('/')} prefill tokens, ` +
+      `${refs.map((r) => r.continuationTokens).join('/')} held-out tokens, ${report.run.decodeTokens} greedy tokens · ` +
+      `uncompressed NLL ${refNll.toFixed(4)}`,
+    '',
+    resultsTable(report.results),
+    '',
+    ...report.results.filter((r) => r.error !== undefined).map((r) => `**${r.label} failed:** ${r.error}\n`),
+    `ratio: fp16 dense bytes / bytes held (measured); paper ratio: the strategy's own formula. ` +
+      `key/value err: ${ERROR_BASIS}. ΔNLL: continuation NLL (nats/token) with the compressed cache minus the uncompressed forward pass. ` +
+      `agree: fraction of greedy tokens equal to the uncompressed run; first div: first differing index. ` +
+      `compress ms: median of ${report.run.repeats} run(s).`,
+  ].join('\n');
+}
+
+/** Writes `bench.json` (and returns its path) under `outDir`, creating it. */
+export function writeJsonReport(report: BenchReport, outDir: string, file = 'bench.json'): string {
+  const dir = resolve(outDir);
+  mkdirSync(dir, { recursive: true });
+  const path = join(dir, file);
+  writeFileSync(path, `${JSON.stringify(report, null, 2)}\n`);
+  return path;
+}

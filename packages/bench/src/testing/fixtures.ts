@@ -1,0 +1,29 @@
+import type { SettingResult } from '../runner.js';
+
+/** A made-up setting result for rendering tests. */
+export function fakeResult(over: Partial<SettingResult> = {}): SettingResult {
+  return {
+    label: 'xkv groupSize=2',
+    name: 'xkv',
+    series: 'xkv',
+    key: 'xkv {"groupSize":2}',
+    options: { groupSize: 2 },
+    resolvedOptions: { groupSize: 2 },
+    observationWindow: null,
+    tokens: 100,
+    bytes: 1000,
+    denseBytes: 4000,
+    ratio: 4,
+    paperRatio: 3.5,
+    keyError: 0.12345,
+    valueError: 0.5,
+    nll: 1.25,
+    nllReference: 1.2,
+    deltaNll: 0.05,
+    agreement: 0.75,
+    firstDivergence: 3,
+    compressMs: 12.34,
+    perPrompt: [],
+    ...over,
+  };
+}

@@ -1,0 +1,129 @@
+import { readFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
+import { Tokenizer as HfTokenizerImpl } from '@huggingface/tokenizers';
+import { KvpackError, check } from '@kvpack/core';
+import type { Tokenizer } from '../types.js';
+
+type Json = Record<string, unknown>;
+
+/** Options of {@link HfTokenizer}. */
+export interface HfTokenizerOptions {
+  /** BOS id; default: the id of tokenizer_config.json's `bos_token`. */
+  bosId?: number;
+  /** EOS id; default: the id of tokenizer_config.json's `eos_token`. */
+  eosId?: number;
+  /** Name used in error messages (default "tokenizer.json"). */
+  source?: string;
+}
+
+function tokenContent(v: unknown): string | undefined {
+  if (typeof v === 'string') return v;
+  if (v && typeof v === 'object' && typeof (v as Json).content === 'string') return (v as Json).content as string;
+  return undefined;
+}
+
+/**
+ * A Hugging Face `tokenizer.json` (BPE, WordPiece, Unigram, WordLevel, with their normalizers,
+ * pre-tokenizers and decoders) run by `@huggingface/tokenizers`, as a kvpack {@link Tokenizer}.
+ *
+ * `encode` never lets the tokenizer's post-processor add special tokens; BOS/EOS are added only when
+ * asked. Special tokens written in the text (e.g. `<bos>`) are still recognised as added tokens.
+ */
+export class HfTokenizer implements Tokenizer {
+  readonly vocabSize: number;
+  readonly bosId: number | undefined;
+  readonly eosId: number | undefined;
+  private readonly tok: HfTokenizerImpl;
+  private readonly source: string;
+
+  /**
+   * @param tokenizerJson parsed tokenizer.json
+   * @param tokenizerConfig parsed tokenizer_config.json (or {})
+   * @throws KvpackError('unsupported') when the library cannot build the tokenizer.
+   */
+  constructor(tokenizerJson: Json, tokenizerConfig: Json = {}, options: HfTokenizerOptions = {}) {
+    this.source = options.source ?? 'tokenizer.json';
+    check(tokenizerJson && typeof tokenizerJson === 'object' && tokenizerJson.model, 'corrupt', `${this.source}: no "model" section`);
+    const json = { added_tokens: [], ...tokenizerJson } as Json;
+    const model = json.model as Json;
+    const config: Json = { ...tokenizerConfig };
+    // WordLevel vocabularies name their unknown token in tokenizer.json only; the library reads it
+    // from the config.
+    if (config.unk_token === undefined && typeof model.unk_token === 'string') config.unk_token = model.unk_token;
+    for (const k of ['bos_token', 'eos_token', 'unk_token', 'pad_token']) {
+      const c = tokenContent(config[k]);
+      if (c === undefined) delete config[k];
+      else config[k] = c;
+    }
+    try {
+      this.tok = new HfTokenizerImpl(json, config);
+    } catch (e) {
+      throw new KvpackError('unsupported', `${this.source}: @huggingface/tokenizers cannot build this tokenizer: ${(e as Error).message}`, { cause: e });
+    }
+    let maxId = -1;
+    for (const id of this.tok.get_vocab(true).values()) if (id > maxId) maxId = id;
+    this.vocabSize = maxId + 1;
+    const idOf = (k: string) => {
+      const c = tokenContent(config[k]);
+      return c === undefined ? undefined : this.tok.token_to_id(c);
+    };
+    this.bosId = options.bosId ?? idOf('bos_token');
+    this.eosId = options.eosId ?? idOf('eos_token');
+  }
+
+  /**
+   * Reads `tokenizer.json` (and `tokenizer_config.json` beside it, when present).
+   * @param path a model directory or the tokenizer.json file
+   * @throws KvpackError('io') when tokenizer.json is missing; ('corrupt') for invalid JSON.
+   */
+  static async fromFile(path: string, options: HfTokenizerOptions = {}): Promise<HfTokenizer> {
+    const file = basename(path) === 'tokenizer.json' || path.endsWith('.json') ? path : join(path, 'tokenizer.json');
+    check(existsSync(file), 'io', `no tokenizer.json at ${file}`);
+    const json = await readJson(file);
+    const cfgFile = join(dirname(file), 'tokenizer_config.json');
+    const cfg = existsSync(cfgFile) ? await readJson(cfgFile) : {};
+    return new HfTokenizer(json, cfg, { source: file, ...options });
+  }
+
+  encode(text: string, options: { bos?: boolean; eos?: boolean } = {}): number[] {
+    const enc = this.tok.encode(text, { add_special_tokens: false });
+    const ids = enc.ids as number[];
+    const bad = ids.findIndex((x) => !Number.isInteger(x));
+    if (bad >= 0)
+      throw new KvpackError('unsupported', `${this.source}: token "${enc.tokens[bad]}" has no id and the tokenizer defines no unknown token`);
+    if (options.bos) {
+      check(this.bosId !== undefined, 'config', `${this.source}: BOS was requested but the tokenizer has no bos_token`);
+      ids.unshift(this.bosId);
+    }
+    if (options.eos) {
+      check(this.eosId !== undefined, 'config', `${this.source}: EOS was requested but the tokenizer has no eos_token`);
+      ids.push(this.eosId);
+    }
+    return ids;
+  }
+
+  decode(ids: number[]): string {
+    return this.tok.decode(ids, { skip_special_tokens: false });
+  }
+
+  /** The token string of an id (undefined when out of range). */
+  idToToken(id: number): string | undefined {
+    return this.tok.id_to_token(id);
+  }
+}
+
+/** Reads and parses a JSON file. @throws KvpackError('io' | 'corrupt') naming the file. */
+export async function readJson(file: string): Promise<Json> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (e) {
+    throw new KvpackError('io', `cannot read ${file}: ${(e as Error).message}`, { cause: e });
+  }
+  try {
+    return JSON.parse(text) as Json;
+  } catch (e) {
+    throw new KvpackError('corrupt', `${file} is not valid JSON: ${(e as Error).message}`, { cause: e });
+  }
+}

@@ -1,0 +1,16 @@
+import { runStrategyConformance } from '@kvpack/core/conformance';
+import './index.js';
+
+// Synthetic cache: T = 64, L = 4, H_kv = 2, d = 16 (H_kv·d = 32). Full rank for G = 4 is min(T, 4·32) = 64 = 16 × 4.
+const badOptions = [{ rankK: -1 }, { rankV: 1.5 }, { groupSize: 0 }, { storage: 'int3' }, { factorQuantization: { bits: 2 } }, { factorQuantization: { bits: 4, apply: 'all' } }];
+runStrategyConformance('xkv', {
+  compressing: { rankK: 2, rankV: 3 },
+  lossless: { groupSize: 4, rankK: 16, rankV: 16, exact: true },
+  badOptions,
+});
+runStrategyConformance('xkv', {
+  compressing: { groupSize: 2, rankK: 4, rankV: 6, factorQuantization: { bits: 4, groupSize: 16 } },
+  lossless: { groupSize: 1, rankK: 32, rankV: 32, factorQuantization: { bits: 8, groupSize: 8, apply: 'factors' } },
+  losslessTolerance: 2e-2,
+  badOptions,
+});

@@ -1,0 +1,465 @@
+import * as tf from '@tensorflow/tfjs-core';
+import {
+  BaseCompressedCache,
+  KvpackError,
+  applyRope,
+  check,
+  containerHeader,
+  decodeContainer,
+  denseCacheBytes,
+  loadTensor,
+  matmul,
+  roundToHalf,
+  specBytes,
+  storeTensor,
+  truncatedSvd,
+  validateKVCache,
+  type CompressedCache,
+  type KVCache,
+  type ModelLayout,
+  type RopeConfig,
+  type StoredSpec,
+  type StoredTensor,
+} from '@kvpack/core';
+import { dequantizeMatrix, quantizeMatrix, quantizedBytes, type QuantSpec, type QuantizedMatrix } from './quant.js';
+import { paperCompressionRatio } from './ratio.js';
+
+/** Which stored factors {@link FactorQuantization} applies to. */
+export type QuantTarget = 'basis' | 'factors' | 'both';
+
+/** Group-wise int8/int4 quantization of the stored low-rank factors (see `quant.ts`). */
+export interface FactorQuantization extends QuantSpec {
+  /**
+   * `basis`: the shared token bases [T, R] (what the xKV authors quantize); `factors`: the per-layer
+   * [R, H_kv·d] factors; `both`.
+   */
+  apply: QuantTarget;
+}
+
+/**
+ * Settings of the grouped low-rank machinery shared by `xkv` (G ≥ 1) and the per-layer `svd`
+ * baseline (G = 1).
+ */
+export interface GroupSvdConfig {
+  /** Layers per group G; consecutive layers from layer 0, the last group may be shorter. */
+  groupSize: number;
+  /** Per-layer key rank r_K; a group of n layers gets rank r_K · n. */
+  rankK: number;
+  /** Per-layer value rank r_V; a group of n layers gets rank r_V · n. */
+  rankV: number;
+  /** Randomized SVD oversampling p (Halko et al. 2011). */
+  oversample: number;
+  /** Randomized SVD power iterations q. */
+  powerIters: number;
+  /** Seed of the randomized SVD's Gaussian test matrix. */
+  seed: number;
+  /** Exact truncated SVD instead of the randomized one. */
+  exact: boolean;
+  /** Storage of factors that are not quantized. */
+  storage: 'float16' | 'float32';
+  /** Optional quantization of the factors. */
+  factorQuantization?: FactorQuantization;
+}
+
+/** A group of consecutive layers sharing one token basis. */
+export interface LayerGroup {
+  index: number;
+  /** Layer indices, consecutive. */
+  layers: number[];
+}
+
+/** Consecutive groups of `groupSize` layers from layer 0; the last one holds the remainder. */
+export function layerGroups(nLayers: number, groupSize: number): LayerGroup[] {
+  check(Number.isInteger(groupSize) && groupSize >= 1, 'config', `groupSize must be a positive integer, got ${groupSize}`);
+  const out: LayerGroup[] = [];
+  for (let s = 0, g = 0; s < nLayers; s += groupSize, g++) {
+    out.push({ index: g, layers: Array.from({ length: Math.min(groupSize, nLayers - s) }, (_, i) => s + i) });
+  }
+  return out;
+}
+
+/** Keys or values. */
+export type Kind = 'k' | 'v';
+const KINDS: Kind[] = ['k', 'v'];
+
+/** One stored matrix: its values as held on the backend, and its quantized form when quantized. */
+interface Block {
+  name: string;
+  rows: number;
+  cols: number;
+  /** float32 values equal to what deserialization restores, [rows, cols]. */
+  tensor: tf.Tensor2D;
+  quant: QuantizedMatrix | null;
+}
+
+/** Byte breakdown and ratios of a grouped low-rank cache; see {@link GroupSvdCache.stats}. */
+export interface GroupSvdStats {
+  strategy: string;
+  /** Prefill tokens T. */
+  tokens: number;
+  groupSize: number;
+  groups: { layers: number[]; rankK: number; rankV: number }[];
+  /** Bytes of the shared token bases (codes + scales + zero points when quantized). */
+  basisBytes: number;
+  /** Bytes of the per-layer factors. */
+  factorBytes: number;
+  /** Bytes of the exact decode-token buffer. */
+  residualBytes: number;
+  /** basisBytes + factorBytes + residualBytes = byteSize(). */
+  totalBytes: number;
+  /** Bytes of the fp16 dense cache of the prefill: `denseCacheBytes(layout, T)`. */
+  denseBytes: number;
+  /** denseBytes / totalBytes. */
+  measuredRatio: number;
+  /** The xKV authors' formula ({@link paperCompressionRatio}) at 16 bits per element. */
+  paperRatio: number;
+}
+
+function rankOf(config: GroupSvdConfig, kind: Kind, group: LayerGroup): number {
+  return (kind === 'k' ? config.rankK : config.rankV) * group.layers.length;
+}
+
+/**
+ * Checks every group's key and value rank against min(T, features) before any work.
+ * @throws KvpackError('rank') naming the group, its rank and the bound.
+ */
+export function checkGroupRanks(strategy: string, config: GroupSvdConfig, layout: ModelLayout, T: number): void {
+  const F = layout.nKvHeads * layout.headDim;
+  for (const g of layerGroups(layout.nLayers, config.groupSize)) {
+    for (const kind of KINDS) {
+      const per = kind === 'k' ? config.rankK : config.rankV;
+      const r = rankOf(config, kind, g);
+      const feats = g.layers.length * F;
+      const bound = Math.min(T, feats);
+      const what = kind === 'k' ? 'key' : 'value';
+      check(
+        Number.isInteger(per) && r >= 1 && r <= bound,
+        'rank',
+        () =>
+          `${strategy}: group ${g.index} (layers ${g.layers[0]}–${g.layers[g.layers.length - 1]}) ${what} rank ${r} ` +
+          `(rank${kind.toUpperCase()} ${per} × ${g.layers.length} layers) is out of range [1, min(T=${T}, features=${feats}) = ${bound}]`,
+      );
+    }
+  }
+}
+
+function quantFor(config: GroupSvdConfig, part: 'basis' | 'factors'): QuantSpec | null {
+  const q = config.factorQuantization;
+  if (!q || (q.apply !== 'both' && q.apply !== part)) return null;
+  return { bits: q.bits, groupSize: q.groupSize, symmetric: q.symmetric };
+}
+
+/** Makes a stored block from float32 values: quantizes, or rounds through float16, as configured. Takes ownership of `x`. */
+async function makeBlock(name: string, x: tf.Tensor2D, config: GroupSvdConfig, part: 'basis' | 'factors'): Promise<Block> {
+  const [rows, cols] = x.shape;
+  const spec = quantFor(config, part);
+  if (spec) {
+    const quant = quantizeMatrix((await x.data()) as Float32Array, rows, cols, spec);
+    x.dispose();
+    return { name, rows, cols, tensor: tf.tensor2d(dequantizeMatrix(quant), [rows, cols]), quant };
+  }
+  if (config.storage === 'float16') {
+    const t = (await roundToHalf(x)) as tf.Tensor2D;
+    x.dispose();
+    return { name, rows, cols, tensor: t, quant: null };
+  }
+  return { name, rows, cols, tensor: x, quant: null };
+}
+
+function blockSpecs(b: Block, storage: 'float16' | 'float32'): StoredSpec[] {
+  if (!b.quant) return [{ name: b.name, dtype: storage, shape: [b.rows, b.cols] }];
+  const out: StoredSpec[] = [
+    { name: `${b.name}.codes`, dtype: 'uint8', shape: [b.quant.codes.length] },
+    { name: `${b.name}.scales`, dtype: 'float16', shape: [b.quant.scales.length] },
+  ];
+  if (b.quant.zeros) out.push({ name: `${b.name}.zeros`, dtype: 'uint8', shape: [b.quant.zeros.length] });
+  return out;
+}
+
+function blockTensors(b: Block, storage: 'float16' | 'float32'): StoredTensor[] {
+  if (!b.quant) return [storeTensor(b.name, b.tensor, storage)];
+  const out: StoredTensor[] = [
+    { name: `${b.name}.codes`, dtype: 'uint8', shape: [b.quant.codes.length], data: b.quant.codes },
+    { name: `${b.name}.scales`, dtype: 'float16', shape: [b.quant.scales.length], data: b.quant.scales },
+  ];
+  if (b.quant.zeros) out.push({ name: `${b.name}.zeros`, dtype: 'uint8', shape: [b.quant.zeros.length], data: b.quant.zeros });
+  return out;
+}
+
+/** The stored matrices of one kind (keys or values). */
+interface KindBlocks {
+  /** Shared token basis per group, [T, R_g]. */
+  basis: Block[];
+  /** Reconstruction factor per layer, [R_g, H_kv·d]. */
+  factors: Block[];
+}
+
+/**
+ * A KV cache compressed by grouped low-rank factorization (xKV, Chang et al. 2025, §3; with
+ * G = 1 the per-layer "Single SVD" baseline). For each group g of layers and each of keys
+ * (pre-RoPE) and values, X_g = [T, G·H_kv·d] ≈ U_g · [B_l₁ … B_l_G] with one shared token basis
+ * U_g [T, R_g] and one factor B_l [R_g, H_kv·d] per layer. Keys of layer l are rebuilt as
+ * RoPE(U_g · B_l) at positions startPosition…startPosition+T−1, values as U_g · B_l.
+ *
+ * Stored: U_g and B_l in float16 (or float32), or group-quantized when `factorQuantization` says so;
+ * the singular values are split evenly (U·√Σ, √Σ·Vᵀ, by row norm) as the authors' `fake_svd` does.
+ */
+export class GroupSvdCache extends BaseCompressedCache {
+  /** Layer groups, in order. */
+  readonly groups: LayerGroup[];
+  private readonly groupOf: number[];
+
+  constructor(
+    readonly strategy: string,
+    /** The strategy's options, recorded in the serialization. */
+    readonly options: unknown,
+    readonly config: GroupSvdConfig,
+    layout: ModelLayout,
+    rope: RopeConfig,
+    prefillLength: number,
+    /** Position of the first prefill token. */
+    readonly startPosition: number,
+    private readonly blocks: Record<Kind, KindBlocks>,
+  ) {
+    super(layout, rope, prefillLength);
+    this.groups = layerGroups(layout.nLayers, config.groupSize);
+    this.groupOf = [];
+    for (const g of this.groups) for (const l of g.layers) this.groupOf[l] = g.index;
+  }
+
+  /** Rank R_g of a group's keys or values (per-layer rank × layers in the group). */
+  groupRank(kind: Kind, group: number): number {
+    return rankOf(this.config, kind, this.groups[group]);
+  }
+
+  /** A copy of a group's stored token basis U_g, [T, R_g] float32 (dequantized / fp16-rounded values). */
+  basis(kind: Kind, group: number): tf.Tensor2D {
+    this.assertLive();
+    check(Number.isInteger(group) && group >= 0 && group < this.groups.length, 'shape', `group ${group} is out of range [0, ${this.groups.length})`);
+    return tf.clone(this.blocks[kind].basis[group].tensor);
+  }
+
+  /** A copy of a layer's stored factor B_l, [R_g, H_kv·d] float32. */
+  factor(kind: Kind, layer: number): tf.Tensor2D {
+    this.assertLive(layer);
+    return tf.clone(this.blocks[kind].factors[layer].tensor);
+  }
+
+  /** The quantized form of a stored matrix, or null when it is not quantized. */
+  quantized(kind: Kind, part: 'basis' | 'factor', index: number): QuantizedMatrix | null {
+    this.assertLive();
+    return (part === 'basis' ? this.blocks[kind].basis : this.blocks[kind].factors)[index].quant;
+  }
+
+  private rebuild(kind: Kind, layer: number): tf.Tensor3D {
+    const { nKvHeads, headDim } = this.layout;
+    const U = this.blocks[kind].basis[this.groupOf[layer]].tensor;
+    const B = this.blocks[kind].factors[layer].tensor;
+    return tf.tidy(() => matmul(U, B).reshape([this.prefillLength, nKvHeads, headDim]) as tf.Tensor3D);
+  }
+
+  protected prefillKeys(layer: number): tf.Tensor3D {
+    return tf.tidy(() => applyRope(this.rebuild('k', layer), this.rope, { start: this.startPosition, count: this.prefillLength }));
+  }
+
+  protected prefillValues(layer: number): tf.Tensor3D {
+    return this.rebuild('v', layer);
+  }
+
+  /** Pre-RoPE keys of one layer as reconstructed, [T, H_kv, d] (for error measurement). */
+  preRopeKeys(layer: number): tf.Tensor3D {
+    this.assertLive(layer);
+    return this.rebuild('k', layer);
+  }
+
+  private allBlocks(): Block[] {
+    return KINDS.flatMap((k) => [...this.blocks[k].basis, ...this.blocks[k].factors]);
+  }
+
+  protected storedSpecs(): StoredSpec[] {
+    return this.allBlocks().flatMap((b) => blockSpecs(b, this.config.storage));
+  }
+
+  protected storedTensors(): StoredTensor[] {
+    return this.allBlocks().flatMap((b) => blockTensors(b, this.config.storage));
+  }
+
+  protected meta(): Record<string, unknown> {
+    return {
+      startPosition: this.startPosition,
+      groupSize: this.config.groupSize,
+      ranks: { k: this.groups.map((g) => this.groupRank('k', g.index)), v: this.groups.map((g) => this.groupRank('v', g.index)) },
+    };
+  }
+
+  protected disposeStored(): void {
+    tf.dispose(this.allBlocks().map((b) => b.tensor));
+  }
+
+  /**
+   * Bytes (basis / factors / residual) and the measured compression ratio next to the xKV paper's
+   * formula ({@link paperCompressionRatio}).
+   */
+  stats(): GroupSvdStats {
+    this.assertLive();
+    const bytesOf = (bs: Block[]) => bs.flatMap((b) => blockSpecs(b, this.config.storage)).reduce((a, s) => a + specBytes(s), 0);
+    const basisBytes = bytesOf(KINDS.flatMap((k) => this.blocks[k].basis));
+    const factorBytes = bytesOf(KINDS.flatMap((k) => this.blocks[k].factors));
+    const totalBytes = this.byteSize();
+    const denseBytes = denseCacheBytes(this.layout, this.prefillLength);
+    return {
+      strategy: this.strategy,
+      tokens: this.prefillLength,
+      groupSize: this.config.groupSize,
+      groups: this.groups.map((g) => ({ layers: [...g.layers], rankK: this.groupRank('k', g.index), rankV: this.groupRank('v', g.index) })),
+      basisBytes,
+      factorBytes,
+      residualBytes: totalBytes - basisBytes - factorBytes,
+      totalBytes,
+      denseBytes,
+      measuredRatio: denseBytes / totalBytes,
+      paperRatio: paperCompressionRatio({
+        layout: this.layout,
+        tokens: this.prefillLength,
+        groupSize: this.config.groupSize,
+        rankK: this.config.rankK,
+        rankV: this.config.rankV,
+      }),
+    };
+  }
+
+  /**
+   * Restores a serialized cache written by {@link GroupSvdCache.serialize}.
+   * @throws KvpackError('corrupt' | 'truncated') naming the strategy and the tensor at fault.
+   */
+  static fromBytes(bytes: Uint8Array, strategy: string, options: unknown, config: GroupSvdConfig): GroupSvdCache {
+    const c = decodeContainer(bytes);
+    check(c.strategy === strategy, 'corrupt', `expected a serialized ${strategy} cache, got "${c.strategy}"`);
+    const { layout, rope, prefillLength: T } = containerHeader(c);
+    const F = layout.nKvHeads * layout.headDim;
+    const groups = layerGroups(layout.nLayers, config.groupSize);
+    const meta = c.meta as { groupSize?: number; ranks?: { k?: number[]; v?: number[] } };
+    const ranks = { k: groups.map((g) => rankOf(config, 'k', g)), v: groups.map((g) => rankOf(config, 'v', g)) };
+    check(
+      meta.groupSize === config.groupSize && JSON.stringify(meta.ranks) === JSON.stringify(ranks),
+      'corrupt',
+      `serialized ${strategy} cache was written with group size ${meta.groupSize} and group ranks ${JSON.stringify(meta.ranks)}, ` +
+        `but these options give ${config.groupSize} and ${JSON.stringify(ranks)} (restore it with deserializeCache)`,
+    );
+    const blocks: Record<Kind, KindBlocks> = { k: { basis: [], factors: [] }, v: { basis: [], factors: [] } };
+    const load = (name: string, rows: number, cols: number, part: 'basis' | 'factors'): Block => {
+      const spec = quantFor(config, part);
+      if (!spec) {
+        const st = c.get(name);
+        check(st.shape.length === 2 && st.shape[0] === rows && st.shape[1] === cols, 'corrupt', `serialized ${strategy} cache is corrupt: tensor "${name}" has shape [${st.shape}], expected [${rows}, ${cols}]`);
+        check(st.dtype === config.storage, 'corrupt', `serialized ${strategy} cache is corrupt: tensor "${name}" has dtype ${st.dtype}, expected ${config.storage}`);
+        return { name, rows, cols, tensor: loadTensor(st) as tf.Tensor2D, quant: null };
+      }
+      const codes = c.get(`${name}.codes`);
+      const scales = c.get(`${name}.scales`);
+      const zeros = spec.symmetric ? null : c.get(`${name}.zeros`);
+      const expect = quantizedBytes(rows, cols, spec);
+      const got = codes.data.byteLength + scales.data.byteLength + (zeros?.data.byteLength ?? 0);
+      check(
+        codes.dtype === 'uint8' && scales.dtype === 'float16' && (!zeros || zeros.dtype === 'uint8') && got === expect,
+        'corrupt',
+        `serialized ${strategy} cache is corrupt: quantized tensor "${name}" holds ${got} bytes, expected ${expect} for [${rows}, ${cols}] at ${spec.bits} bits`,
+      );
+      const quant: QuantizedMatrix = {
+        ...spec,
+        rows,
+        cols,
+        codes: codes.data as Uint8Array,
+        scales: scales.data as Uint16Array,
+        zeros: zeros ? (zeros.data as Uint8Array) : null,
+      };
+      return { name, rows, cols, tensor: tf.tensor2d(dequantizeMatrix(quant), [rows, cols]), quant };
+    };
+    try {
+      for (const kind of KINDS) {
+        for (const g of groups) {
+          const R = rankOf(config, kind, g);
+          blocks[kind].basis.push(load(`${kind}.basis.${g.index}`, T, R, 'basis'));
+          for (const l of g.layers) blocks[kind].factors[l] = load(`${kind}.factor.${l}`, R, F, 'factors');
+        }
+      }
+    } catch (e) {
+      tf.dispose(KINDS.flatMap((k) => [...blocks[k].basis, ...blocks[k].factors.filter(Boolean)].map((b) => b.tensor)));
+      throw e;
+    }
+    const cache = new GroupSvdCache(strategy, options, config, layout, rope, T, Number(c.meta.startPosition ?? 0), blocks);
+    cache.restoreResidual(c);
+    return cache;
+  }
+}
+
+/** {@link GroupSvdCache.stats} of an `xkv` or `svd` cache; null for caches of other strategies. */
+export function lowRankStats(cache: CompressedCache): GroupSvdStats | null {
+  return cache instanceof GroupSvdCache ? cache.stats() : null;
+}
+
+/**
+ * Compresses a prefill cache by grouped truncated SVD: per group of layers and per keys (pre-RoPE) /
+ * values, X_g = [T, n·H_kv·d] (the group's layers' [T, H_kv·d] side by side) is factored by
+ * `truncatedSvd` from @kvpack/core (randomized, or exact) at rank r · n.
+ *
+ * Shapes: cache.keys[l], cache.values[l] are [T, H_kv, d]; the result stores U_g [T, R_g] per group and
+ * B_l [R_g, H_kv·d] per layer, for keys and for values. Does not dispose `cache`.
+ * @throws KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') for a bad cache (from validateKVCache);
+ *         KvpackError('rank') when a group's rank is 0 or above min(T, features).
+ */
+export async function compressGroupSvd(cache: KVCache, strategy: string, options: unknown, config: GroupSvdConfig): Promise<GroupSvdCache> {
+  const T = await validateKVCache(cache);
+  const layout = cache.layout;
+  checkGroupRanks(strategy, config, layout, T);
+  const F = layout.nKvHeads * layout.headDim;
+  const groups = layerGroups(layout.nLayers, config.groupSize);
+  const blocks: Record<Kind, KindBlocks> = { k: { basis: [], factors: [] }, v: { basis: [], factors: [] } };
+  const live: tf.Tensor[] = [];
+  try {
+    for (const g of groups) {
+      for (const kind of KINDS) {
+        const src = kind === 'k' ? cache.keys : cache.values;
+        const X = tf.tidy(() => tf.concat(g.layers.map((l) => src[l].reshape([T, F])), 1) as tf.Tensor2D);
+        live.push(X);
+        const R = rankOf(config, kind, g);
+        const svd = await truncatedSvd(X, {
+          rank: R,
+          oversample: config.oversample,
+          powerIters: config.powerIters,
+          seed: config.seed,
+          exact: config.exact,
+        });
+        live.push(svd.basis, svd.coeffs);
+        X.dispose();
+        // Split Σ evenly between the basis and the factors (U·√Σ, √Σ·Vᵀ), using the factor rows' norms.
+        const norms = tf.tidy(() => tf.sqrt(tf.sum(tf.square(svd.coeffs), 1)));
+        const n = (await norms.data()) as Float32Array;
+        norms.dispose();
+        const sq = Float32Array.from(n, (v) => (v > 0 && Number.isFinite(v) ? Math.sqrt(v) : 1));
+        const [basis, coeffs] = tf.tidy(() => {
+          const s = tf.tensor1d(sq);
+          return [tf.mul(svd.basis, s.reshape([1, R])) as tf.Tensor2D, tf.div(svd.coeffs, s.reshape([R, 1])) as tf.Tensor2D];
+        });
+        tf.dispose([svd.basis, svd.coeffs]);
+        live.push(basis, coeffs);
+        const factors = g.layers.map((_, i) => tf.slice(coeffs, [0, i * F], [R, F]) as tf.Tensor2D);
+        live.push(...factors);
+        coeffs.dispose();
+        const bb = await makeBlock(`${kind}.basis.${g.index}`, basis, config, 'basis');
+        blocks[kind].basis[g.index] = bb;
+        live.push(bb.tensor);
+        for (let i = 0; i < g.layers.length; i++) {
+          const fb = await makeBlock(`${kind}.factor.${g.layers[i]}`, factors[i], config, 'factors');
+          blocks[kind].factors[g.layers[i]] = fb;
+          live.push(fb.tensor);
+        }
+      }
+    }
+  } catch (e) {
+    for (const t of live) if (!t.isDisposed) t.dispose();
+    if (e instanceof KvpackError) throw e;
+    throw new KvpackError('unsupported', `${strategy}: compression failed: ${(e as Error).message}`, { cause: e });
+  }
+  return new GroupSvdCache(strategy, options, config, layout, cache.rope, T, cache.startPosition ?? 0, blocks);
+}

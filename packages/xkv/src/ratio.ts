@@ -1,0 +1,61 @@
+import { check, type ModelLayout } from '@kvpack/core';
+
+/** Arguments of {@link paperCompressedElements} and {@link paperCompressionRatio}. */
+export interface PaperRatioArgs {
+  layout: ModelLayout;
+  /** Prefill length T, tokens. */
+  tokens: number;
+  /** Layers per group G (1 = per-layer "Single SVD"). */
+  groupSize: number;
+  /** Per-layer key rank r_K; the group's key rank is r_K · G. */
+  rankK: number;
+  /** Per-layer value rank r_V; the group's value rank is r_V · G. 0 = values stay uncompressed. */
+  rankV: number;
+  /** Bits per stored element for both the dense cache and the factors (default 16). */
+  bits?: number;
+}
+
+/**
+ * Elements the xKV authors count for a cross-layer low-rank KV cache (batch 1):
+ *
+ *   ⌈L / G⌉ · T · (R_K + R_V)  +  L · H_kv · d · (R_K + R_V)  [+ L · T · H_kv · d when R_V = 0]
+ *
+ * with group ranks R = r · G: one shared token basis [T, R] per group and one [R, H_kv·d]
+ * reconstruction factor per layer. Every group, the last one included, is charged G layers' rank.
+ *
+ * Source: abdelfattah-lab/xKV, `scripts/calc_kv_comp_rate.py` (`cross_layer_lowrank_elements`,
+ * rank scaled by the group size as its `scale_rank_with_gs` default does), the calculator behind the
+ * compression rates of the xKV paper (Chang et al. 2025, arXiv 2503.18893); the repository README
+ * likewise scales the rank with the group size "so that the average rank per layer is similar".
+ * @throws KvpackError('config') on non-positive sizes or negative ranks.
+ */
+export function paperCompressedElements(a: PaperRatioArgs): number {
+  const { layout, tokens: T, groupSize: G, rankK, rankV } = a;
+  check(Number.isInteger(T) && T > 0 && Number.isInteger(G) && G > 0, 'config', `paper ratio: tokens (${T}) and groupSize (${G}) must be positive integers`);
+  check(rankK >= 0 && rankV >= 0, 'config', `paper ratio: ranks must be ≥ 0, got rankK ${rankK}, rankV ${rankV}`);
+  const L = layout.nLayers;
+  const F = layout.nKvHeads * layout.headDim;
+  const Rk = rankK * G;
+  const Rv = rankV * G;
+  const groups = Math.ceil(L / G);
+  const vFull = rankV === 0 ? L * T * F : 0;
+  return groups * T * (Rk + Rv) + L * F * (Rk + Rv) + vFull;
+}
+
+/**
+ * The compression ratio as the xKV paper computes it: dense elements 2 · L · T · H_kv · d over
+ * {@link paperCompressedElements}, both at the same bits per element (so `bits` cancels; it is kept
+ * for symmetry with the authors' calculator).
+ *
+ * Differences from the measured ratio (`denseCacheBytes / byteSize()`), which kvpack reports beside it:
+ * - a shorter last group (L mod G ≠ 0) is charged the full G layers' rank here, while kvpack uses
+ *   r · (layers in the group), so the measured ratio is higher then;
+ * - float32 storage halves the measured ratio; decode-time tokens held exactly in the residual
+ *   buffer and quantization scales / zero points add bytes the formula does not count.
+ * With float16 storage, L mod G = 0 and no decode tokens, the two agree exactly.
+ */
+export function paperCompressionRatio(a: PaperRatioArgs): number {
+  const F = a.layout.nKvHeads * a.layout.headDim;
+  const dense = 2 * a.layout.nLayers * a.tokens * F;
+  return dense / paperCompressedElements(a);
+}
