@@ -95,7 +95,7 @@ export async function benchCommand(configPath: string, opts: BenchCommandOptions
         `model ${cfg.modelPath} (${loaded.format}); ${prompts.length} prompt(s), ${cfg.settings.length} setting(s), ` +
           `${run.decodeTokens} greedy tokens, ${run.repeats} compress repeat(s)`,
       );
-      const progress = createProgress();
+      const progress = createProgress(process.stderr, process.env, (l) => io.err(l));
       let result;
       try {
         result = await runBench(loaded.model, prompts, cfg.settings, { decodeTokens: run.decodeTokens, repeats: run.repeats }, progress);
@@ -183,7 +183,7 @@ function describeProp(p: Record<string, unknown>): string {
   else if (Array.isArray(p.anyOf)) parts.push((p.anyOf as Record<string, unknown>[]).map((a) => ('const' in a ? JSON.stringify(a.const) : String(a.type ?? '?'))).join(' | '));
   else if (p.type === 'object') parts.push(`{ ${Object.keys((p.properties as object) ?? {}).join(', ')} }`);
   else if (p.type) parts.push(String(p.type));
-  const lo = typeof p.minimum === 'number' ? `≥ ${p.minimum}` : typeof p.exclusiveMinimum === 'number' ? `> ${p.exclusiveMinimum}` : null;
+  const lo = typeof p.minimum === 'number' && p.minimum > -1e15 ? `≥ ${p.minimum}` : typeof p.exclusiveMinimum === 'number' ? `> ${p.exclusiveMinimum}` : null;
   const hi = typeof p.maximum === 'number' && p.maximum < 1e15 ? `≤ ${p.maximum}` : typeof p.exclusiveMaximum === 'number' ? `< ${p.exclusiveMaximum}` : null;
   if (lo) parts.push(lo);
   if (hi) parts.push(hi);

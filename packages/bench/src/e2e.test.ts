@@ -77,6 +77,7 @@ describe.skipIf(!present)('kvpack bench on stories260K (end to end)', () => {
     const d = report.results[0];
     expect(Math.abs(d.deltaNll)).toBeLessThan(1e-4);
     expect(d.agreement).toBe(1);
+    expect(d.top1Agreement).toBe(1);
     expect(d.firstDivergence).toBeNull();
     expect(d.keyError).toBeLessThan(1e-6);
     expect(report.references[0].greedyForwardAgreement).toBe(1);

@@ -13,7 +13,8 @@ export function settingLine(r: SettingResult, index: number, total: number): str
   if (r.error !== undefined) return `[${index + 1}/${total}] ${r.label}: FAILED: ${r.error}`;
   return (
     `[${index + 1}/${total}] ${r.label}: ratio ${r.ratio.toFixed(2)}×, key err ${e(r.keyError)}, value err ${e(r.valueError)}, ` +
-    `ΔNLL ${r.deltaNll >= 0 ? '+' : ''}${r.deltaNll.toFixed(4)}, agree ${r.agreement === null ? '–' : r.agreement.toFixed(3)}, ${r.compressMs.toFixed(1)} ms`
+    `ΔNLL ${r.deltaNll >= 0 ? '+' : ''}${r.deltaNll.toFixed(4)}, top-1 ${r.top1Agreement.toFixed(3)}, greedy ${r.agreement === null ? '–' : r.agreement.toFixed(3)}, ` +
+    `${r.compressMs.toFixed(1)} ms`
   );
 }
 
@@ -21,10 +22,14 @@ export function settingLine(r: SettingResult, index: number, total: number): str
  * Progress reporting for {@link runBench} on stderr: a cli-progress bar on a TTY outside CI, else
  * one line per finished setting. Call `stop()` when the run ends (or fails).
  */
-export function createProgress(stream: NodeJS.WriteStream = process.stderr, env: NodeJS.ProcessEnv = process.env): RunHooks & { stop(): void } {
+export function createProgress(
+  stream: NodeJS.WriteStream = process.stderr,
+  env: NodeJS.ProcessEnv = process.env,
+  log: (line: string) => void = (l) => void stream.write(`${l}\n`),
+): RunHooks & { stop(): void } {
   if (!progressBarEnabled(stream, env)) {
     return {
-      onSettingDone: (r, i, n) => void stream.write(`${settingLine(r, i, n)}\n`),
+      onSettingDone: (r, i, n) => log(settingLine(r, i, n)),
       stop() {},
     };
   }

@@ -70,6 +70,7 @@ describe('baseline regression check', () => {
     expect(at({ deltaNll: b.deltaNll - 1 })).toEqual([]); // improvements pass
     expect(at({ agreement: b.agreement! - 0.04 })).toEqual([]);
     expect(at({ agreement: b.agreement! - 0.06 })).toEqual(['agreement']);
+    expect(at({ top1Agreement: b.top1Agreement - 0.06 })).toEqual(['top1Agreement']);
     expect(at({ bytes: b.bytes + 1 })).toEqual(['bytes']);
     expect(at({ keyError: null })).toEqual(['keyError']);
     expect(at({ error: 'boom' })).toEqual(['missing']);

@@ -9,7 +9,7 @@ import type { SettingResult } from './runner.js';
  * How much worse a quality metric may get before the check fails.
  * - `relError`: relative increase of the key / value reconstruction error (0.05 = +5 %).
  * - `deltaNll`: absolute increase of ΔNLL, nats/token.
- * - `agreement`: absolute decrease of the greedy agreement fraction.
+ * - `agreement`: absolute decrease of the greedy and of the top-1 agreement fractions.
  * Byte sizes (and so compression ratios) must match exactly.
  */
 export interface Tolerance {
@@ -32,6 +32,7 @@ export interface BaselineEntry {
   nll: number;
   nllReference: number;
   deltaNll: number;
+  top1Agreement: number;
   agreement: number | null;
 }
 
@@ -61,6 +62,7 @@ const BaselineSchema = z.object({
       nll: z.number(),
       nllReference: z.number(),
       deltaNll: z.number(),
+      top1Agreement: z.number(),
       agreement: nullableNum,
     }),
   ),
@@ -83,6 +85,7 @@ export function toBaseline(report: Pick<BenchReport, 'config' | 'environment' | 
       nll: r.nll,
       nllReference: r.nllReference,
       deltaNll: r.deltaNll,
+      top1Agreement: r.top1Agreement,
       agreement: r.agreement,
     })),
   };
@@ -114,7 +117,7 @@ export function writeBaseline(path: string, baseline: Baseline): string {
 /** One failed check. */
 export interface Regression {
   label: string;
-  metric: 'bytes' | 'keyError' | 'valueError' | 'deltaNll' | 'agreement' | 'missing';
+  metric: 'bytes' | 'keyError' | 'valueError' | 'deltaNll' | 'top1Agreement' | 'agreement' | 'missing';
   baseline: number | null;
   current: number | null;
   /** The worst value the tolerance allows (null for exact / missing checks). */
@@ -138,8 +141,8 @@ const f = (x: number | null) => (x === null ? 'N/A' : Math.abs(x) >= 1e-3 || x =
 /**
  * Compares a run's quality metrics with a baseline, setting by setting (matched by strategy name
  * and options). Fails when: the byte size (so the compression ratio) differs at all; the key or value
- * error exceeds baseline × (1 + relError); ΔNLL exceeds baseline + deltaNll; the greedy agreement
- * falls below baseline − agreement; an error turns N/A or back; or a baseline setting is missing.
+ * error exceeds baseline × (1 + relError); ΔNLL exceeds baseline + deltaNll; the greedy or top-1
+ * agreement falls below baseline − agreement; an error turns N/A or back; or a baseline setting is missing.
  */
 export function compareToBaseline(
   current: (Pick<SettingResult, keyof BaselineEntry> & { error?: string })[],
@@ -177,6 +180,9 @@ export function compareToBaseline(
     }
     const nllLimit = b.deltaNll + tol.deltaNll;
     if (!(c.deltaNll <= nllLimit)) push('deltaNll', b.deltaNll, c.deltaNll, nllLimit, `ΔNLL ${f(c.deltaNll)} > baseline ${f(b.deltaNll)} + ${tol.deltaNll} = ${f(nllLimit)}`);
+    const t1Limit = b.top1Agreement - tol.agreement;
+    if (!(c.top1Agreement >= t1Limit - 1e-12))
+      push('top1Agreement', b.top1Agreement, c.top1Agreement, t1Limit, `top-1 agreement ${f(c.top1Agreement)} < baseline ${f(b.top1Agreement)} − ${tol.agreement} = ${f(t1Limit)}`);
     if (b.agreement !== null) {
       const agLimit = b.agreement - tol.agreement;
       if (c.agreement === null || !(c.agreement >= agLimit - 1e-12))

@@ -61,7 +61,7 @@ export function markdownTable(header: string[], rows: string[][], align: ('l' | 
 
 /** The results table: one row per setting. */
 export function resultsTable(results: SettingResult[]): string {
-  const header = ['setting', 'ratio', 'paper ratio', 'key err', 'value err', 'NLL', 'ΔNLL', 'agree', 'first div', 'compress ms'];
+  const header = ['setting', 'ratio', 'paper ratio', 'key err', 'value err', 'NLL', 'ΔNLL', 'top-1', 'greedy', 'first div', 'compress ms'];
   const rows = results.map((r) => r.error !== undefined ? [r.label, 'error', ...Array(header.length - 2).fill('')] : [
     r.label,
     `${num(r.ratio, 2)}×`,
@@ -70,11 +70,12 @@ export function resultsTable(results: SettingResult[]): string {
     num(r.valueError, 4),
     num(r.nll, 4),
     signed(r.deltaNll, 4),
+    num(r.top1Agreement, 3),
     r.agreement === null ? '–' : num(r.agreement, 3),
     r.agreement === null ? '–' : r.firstDivergence === null ? 'none' : String(r.firstDivergence),
     num(r.compressMs, 1),
   ]);
-  return markdownTable(header, rows, ['l', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r', 'r']);
+  return markdownTable(header, rows, ['l', ...header.slice(1).map(() => 'r' as const)]);
 }
 
 /** The full Markdown report: title, environment line, table and notes. */
@@ -97,7 +98,8 @@ export function markdownReport(report: BenchReport): string {
     ...report.results.filter((r) => r.error !== undefined).map((r) => `**${r.label} failed:** ${r.error}\n`),
     `ratio: fp16 dense bytes / bytes held (measured); paper ratio: the strategy's own formula. ` +
       `key/value err: ${ERROR_BASIS}. ΔNLL: continuation NLL (nats/token) with the compressed cache minus the uncompressed forward pass. ` +
-      `agree: fraction of greedy tokens equal to the uncompressed run; first div: first differing index. ` +
+      `top-1: fraction of held-out positions (teacher-forced) whose argmax matches the uncompressed pass. ` +
+      `greedy: fraction of ${report.run.decodeTokens} free-running greedy tokens equal to the uncompressed run's; first div: first differing index. ` +
       `compress ms: median of ${report.run.repeats} run(s).`,
   ].join('\n');
 }

@@ -74,6 +74,7 @@ describe('runBench (toy transformer)', () => {
     const [f32, f16] = run.results;
     expect(Math.abs(f32.deltaNll)).toBeLessThan(1e-5);
     expect(f32.agreement).toBe(1);
+    expect(f32.top1Agreement).toBe(1);
     expect(f32.firstDivergence).toBeNull();
     expect(f32.ratio).toBe(0.5);
     expect(f32.keyError).toBeLessThan(1e-6);

@@ -36,6 +36,8 @@ export interface PromptResult {
   /** Mean NLL of the continuation from an uncompressed forward pass over context + continuation. */
   nllReference: number;
   continuationTokens: number;
+  /** Continuation positions whose argmax (teacher-forced, compressed cache) equals the uncompressed argmax. */
+  top1Matches: number;
   /** Greedy tokens decoded with the compressed cache. */
   greedyTokens: number[];
   agreementMatches: number;
@@ -79,6 +81,12 @@ export interface SettingResult {
   nllReference: number;
   /** nll − nllReference, nats. */
   deltaNll: number;
+  /**
+   * Teacher-forced top-1 agreement over the held-out continuation: the fraction of positions where
+   * the compressed cache's argmax equals the uncompressed forward pass's. Unlike the free-running
+   * greedy agreement, one flipped near-tie does not decide it.
+   */
+  top1Agreement: number;
   /** Fraction of greedy tokens equal to the uncompressed run's (null when decodeTokens = 0). */
   agreement: number | null;
   /** Earliest first-divergence index over prompts (null when none diverged or nothing was decoded). */
@@ -97,6 +105,8 @@ export interface PromptReference {
   continuationTokens: number;
   /** Mean NLL of the continuation, one uncompressed forward pass over context + continuation. */
   nll: number;
+  /** The uncompressed forward pass's argmax at each continuation position (teacher-forced). */
+  continuationArgmax: number[];
   /** Greedy tokens from an uncompressed (dense float32) cache. */
   greedyTokens: number[];
   /**
@@ -158,14 +168,28 @@ async function logitsData(x: tf.Tensor2D): Promise<{ data: Float32Array; vocab: 
   return { data, vocab };
 }
 
-/** Mean NLL of `continuation` after decoding it teacher-forced through `cache` (which it appends to). */
-async function decodeNll(model: BenchModel, cache: CompressedCache, lastContextId: number, continuation: number[], position: number): Promise<number> {
+/** Argmax of every row of [n, V] logits. */
+function rowArgmax(data: Float32Array, vocab: number): number[] {
+  return Array.from({ length: data.length / vocab }, (_, i) => argmaxRow(data, vocab, i));
+}
+
+/**
+ * Decodes the last context token + continuation[0..n−2] teacher-forced through `cache` (which it
+ * appends to): mean NLL of the continuation, and each row's argmax.
+ */
+async function decodeNll(
+  model: BenchModel,
+  cache: CompressedCache,
+  lastContextId: number,
+  continuation: number[],
+  position: number,
+): Promise<{ nll: number; argmax: number[] }> {
   const ids = [lastContextId, ...continuation.slice(0, -1)];
   const { data, vocab } = await logitsData(await model.decode(ids, cache, position));
   const nlls = tokenNlls(data, vocab, continuation);
   let s = 0;
   for (const v of nlls) s += v;
-  return s / nlls.length;
+  return { nll: s / nlls.length, argmax: rowArgmax(data, vocab) };
 }
 
 /** Greedy decoding of `n` tokens through `cache`, starting by feeding `firstId` at `position`. */
@@ -219,9 +243,10 @@ async function prepare(model: BenchModel, p: BenchPrompt, windows: number[], dec
   // Uncompressed reference NLL: one forward pass over context + continuation.
   const full = await model.prefill([...ctx, ...cont]);
   disposeKVCache(full.cache);
-  const fullLogits = await logitsData(tf.tidy(() => full.logits.slice([T, 0], [cont.length, -1])) as tf.Tensor2D);
+  const fullLogits = await logitsData(tf.slice(full.logits, [T, 0], [cont.length, -1]) as tf.Tensor2D);
   full.logits.dispose();
   const refNlls = tokenNlls(fullLogits.data, fullLogits.vocab, cont);
+  const continuationArgmax = rowArgmax(fullLogits.data, fullLogits.vocab);
   const nll = refNlls.reduce((a, b) => a + b, 0) / refNlls.length;
 
   const caches = new Map<number, KVCache>();
@@ -235,7 +260,7 @@ async function prepare(model: BenchModel, p: BenchPrompt, windows: number[], dec
   // Reference greedy run and decode-path self-check through a dense float32 cache.
   const dense = createStrategy({ name: 'dense', options: { storage: 'float32' } });
   const d1 = await dense.compress(base);
-  const decodeNllDense = await decodeNll(model, d1, ctx[T], cont, T);
+  const decodeNllDense = (await decodeNll(model, d1, ctx[T], cont, T)).nll;
   d1.dispose();
   let greedyTokens: number[] = [];
   let greedyForwardAgreement = 1;
@@ -245,7 +270,7 @@ async function prepare(model: BenchModel, p: BenchPrompt, windows: number[], dec
     d2.dispose();
     const fw = await model.prefill([...ctx, ...greedyTokens.slice(0, -1)]);
     disposeKVCache(fw.cache);
-    const rows = await logitsData(tf.tidy(() => fw.logits.slice([T, 0], [decodeTokens, -1])) as tf.Tensor2D);
+    const rows = await logitsData(tf.slice(fw.logits, [T, 0], [decodeTokens, -1]) as tf.Tensor2D);
     fw.logits.dispose();
     let m = 0;
     for (let i = 0; i < decodeTokens; i++) if (argmaxRow(rows.data, rows.vocab, i) === greedyTokens[i]) m++;
@@ -260,6 +285,7 @@ async function prepare(model: BenchModel, p: BenchPrompt, windows: number[], dec
       continuationTokens: cont.length,
       nll,
       greedyTokens,
+      continuationArgmax,
       decodePathNllDelta: decodeNllDense - nll,
       greedyForwardAgreement,
     },
@@ -288,7 +314,8 @@ async function runOne(model: BenchModel, s: ResolvedSetting, pp: PreparedPrompt,
     const denseBytes = denseCacheBytes(cache.layout, T);
     const stats = cacheStats(c);
     const rec = await reconstructionSums(cache, c);
-    const nll = await decodeNll(model, c, ctx[T], cont, T);
+    const { nll, argmax } = await decodeNll(model, c, ctx[T], cont, T);
+    const top1Matches = argmax.filter((a, i) => a === pp.ref.continuationArgmax[i]).length;
     c.dispose();
     let greedyTokens: number[] = [];
     if (opts.decodeTokens > 0) {
@@ -310,6 +337,7 @@ async function runOne(model: BenchModel, s: ResolvedSetting, pp: PreparedPrompt,
       nll,
       nllReference: pp.ref.nll,
       continuationTokens: cont.length,
+      top1Matches,
       greedyTokens,
       agreementMatches: ag.matches,
       agreementTotal: ag.total,
@@ -353,6 +381,7 @@ export function aggregate(s: ResolvedSetting, window: number | null, per: Prompt
     nll,
     nllReference,
     deltaNll: nll - nllReference,
+    top1Agreement: sum((p) => p.top1Matches) / contTokens,
     agreement: agTotal > 0 ? sum((p) => p.agreementMatches) / agTotal : null,
     firstDivergence: divs.length ? Math.min(...divs) : null,
     compressMs: per.reduce((a, p) => a + median(p.compressMs), 0) / per.length,
@@ -380,6 +409,7 @@ export function failedResult(s: ResolvedSetting, window: number | null, error: s
     nll: NaN,
     nllReference: NaN,
     deltaNll: NaN,
+    top1Agreement: NaN,
     agreement: null,
     firstDivergence: null,
     compressMs: NaN,

@@ -255,7 +255,7 @@ export class GroupSvdCache extends BaseCompressedCache {
     const { nKvHeads, headDim } = this.layout;
     const U = this.blocks[kind].basis[this.groupOf[layer]].tensor;
     const B = this.blocks[kind].factors[layer].tensor;
-    return tf.tidy(() => matmul(U, B).reshape([this.prefillLength, nKvHeads, headDim]) as tf.Tensor3D);
+    return tf.tidy(() => tf.reshape(matmul(U, B), [this.prefillLength, nKvHeads, headDim]) as tf.Tensor3D);
   }
 
   protected prefillKeys(layer: number): tf.Tensor3D {
@@ -420,7 +420,7 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
     for (const g of groups) {
       for (const kind of KINDS) {
         const src = kind === 'k' ? cache.keys : cache.values;
-        const X = tf.tidy(() => tf.concat(g.layers.map((l) => src[l].reshape([T, F])), 1) as tf.Tensor2D);
+        const X = tf.tidy(() => tf.concat(g.layers.map((l) => tf.reshape(src[l], [T, F])), 1) as tf.Tensor2D);
         live.push(X);
         const R = rankOf(config, kind, g);
         const svd = await truncatedSvd(X, {
@@ -439,7 +439,7 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
         const sq = Float32Array.from(n, (v) => (v > 0 && Number.isFinite(v) ? Math.sqrt(v) : 1));
         const [basis, coeffs] = tf.tidy(() => {
           const s = tf.tensor1d(sq);
-          return [tf.mul(svd.basis, s.reshape([1, R])) as tf.Tensor2D, tf.div(svd.coeffs, s.reshape([R, 1])) as tf.Tensor2D];
+          return [tf.mul(svd.basis, tf.reshape(s, [1, R])) as tf.Tensor2D, tf.div(svd.coeffs, tf.reshape(s, [R, 1])) as tf.Tensor2D];
         });
         tf.dispose([svd.basis, svd.coeffs]);
         live.push(basis, coeffs);

@@ -33,7 +33,7 @@ export { HalfArray, PackedCodes, packCodes, unpackCodes } from './packing.js';
 export const KiviOptionsSchema = z
   .strictObject({
     /** Bits per code, for keys and values: 2 (KIVI-2) or 4 (KIVI-4). */
-    bits: z.union([z.literal(2), z.literal(4)]).default(2),
+    bits: z.union([z.literal(2), z.literal(4)], { error: 'bits must be 2 or 4' }).default(2),
     /** Group size g: keys are grouped over g tokens per channel, values over g channels per token. */
     groupSize: z.int().positive().default(32),
     /** Full-precision (16-bit) residual window R, in tokens; a multiple of g. */
@@ -356,6 +356,8 @@ export class KiviCache extends BaseCompressedCache {
       const vScale = t(`v.${l}.scale`);
       const nk = kScale.shape[0] * g;
       const nv = vScale.shape[0];
+      for (const name of [`k.${l}.codes`, `v.${l}.codes`]) check(t(name).dtype === 'uint8', 'corrupt', `serialized kivi cache is corrupt: "${name}" is ${t(name).dtype}, expected uint8`);
+      for (const name of [`k.${l}.scale`, `k.${l}.min`, `v.${l}.scale`, `v.${l}.min`]) check(t(name).dtype === 'float16', 'corrupt', `serialized kivi cache is corrupt: "${name}" is ${t(name).dtype}, expected float16`);
       const kCodes = new PackedCodes(bits, { bytes: t(`k.${l}.codes`).data as Uint8Array, count: nk * H * d });
       const vCodes = new PackedCodes(bits, { bytes: t(`v.${l}.codes`).data as Uint8Array, count: nv * H * d });
       const kBlock: KiviBlock = {

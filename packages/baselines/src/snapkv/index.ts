@@ -43,7 +43,7 @@ export async function snapkvVotes(queries: tf.Tensor3D, keys: tf.Tensor3D): Prom
   const [T, Hkv] = keys.shape;
   const g = Hq / Hkv;
   const mask = new Float32Array(w * T);
-  for (let i = 0; i < w; i++) for (let j = T - w + i + 1; j < T; j++) mask[i * T + j] = -Infinity;
+  for (let i = 0; i < w; i++) for (let j = T - w + i + 1; j < T; j++) mask[i * T + j] = -1e30; // as core attention: finite, so no backend turns it into NaN
   const votes = tf.tidy(() => {
     const qh = queries.reshape([w, Hkv, g, d]).transpose([1, 2, 0, 3]).reshape([Hkv, g * w, d]);
     const kT = keys.transpose([1, 2, 0]); // [H_kv, d, T], explicit (transposed matMul is slow on wasm)

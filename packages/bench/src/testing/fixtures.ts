@@ -20,6 +20,7 @@ export function fakeResult(over: Partial<SettingResult> = {}): SettingResult {
     nll: 1.25,
     nllReference: 1.2,
     deltaNll: 0.05,
+    top1Agreement: 0.875,
     agreement: 0.75,
     firstDivergence: 3,
     compressMs: 12.34,

@@ -44,12 +44,12 @@ export class ToyModel implements BenchModel {
     let x = tf.tidy(() => tf.gather(this.emb, tf.tensor1d(ids, 'int32')) as tf.Tensor2D);
     for (let l = 0; l < L; l++) {
       const [q, k, v] = tf.tidy(() => [
-        applyRope(tf.matMul(x, this.wq[l]).reshape([n, H, d]) as tf.Tensor3D, this.rope, { start, count: n }),
-        tf.matMul(x, this.wk[l]).reshape([n, Hkv, d]) as tf.Tensor3D,
-        tf.matMul(x, this.wv[l]).reshape([n, Hkv, d]) as tf.Tensor3D,
+        applyRope(tf.reshape(tf.matMul(x, this.wq[l]), [n, H, d]) as tf.Tensor3D, this.rope, { start, count: n }),
+        tf.reshape(tf.matMul(x, this.wk[l]), [n, Hkv, d]) as tf.Tensor3D,
+        tf.reshape(tf.matMul(x, this.wv[l]), [n, Hkv, d]) as tf.Tensor3D,
       ]);
       const o = layer(l, q, k, v);
-      const next = tf.tidy(() => tf.tanh(tf.add(x, tf.matMul(o.reshape([n, H * d]), this.wo[l]))) as tf.Tensor2D);
+      const next = tf.tidy(() => tf.tanh(tf.add(x, tf.matMul(tf.reshape(o, [n, H * d]), this.wo[l]))) as tf.Tensor2D);
       tf.dispose([x, q, k, v, o]);
       x = next;
     }
@@ -67,7 +67,7 @@ export class ToyModel implements BenchModel {
     const logits = this.run(ids, 0, (_l, q, k, v) => {
       keys.push(tf.clone(k));
       values.push(tf.clone(v));
-      if (w > 0) queries.push(q.slice([n - w, 0, 0], [w, -1, -1]));
+      if (w > 0) queries.push(tf.slice(q, [n - w, 0, 0], [w, -1, -1]));
       return tf.tidy(() => attention(q, applyRope(k, this.rope, { start: 0, count: n }), v, n));
     });
     const { nLayers, nHeads, nKvHeads, headDim } = this.config;

@@ -29,6 +29,8 @@ function tokenContent(v: unknown): string | undefined {
  *
  * `encode` never lets the tokenizer's post-processor add special tokens; BOS/EOS are added only when
  * asked. Special tokens written in the text (e.g. `<bos>`) are still recognised as added tokens.
+ * `decode` keeps special tokens and cleans up spaces before punctuation only when
+ * tokenizer_config.json sets `clean_up_tokenization_spaces: true` (transformers' current default).
  */
 export class HfTokenizer implements Tokenizer {
   readonly vocabSize: number;
@@ -51,6 +53,8 @@ export class HfTokenizer implements Tokenizer {
     // WordLevel vocabularies name their unknown token in tokenizer.json only; the library reads it
     // from the config.
     if (config.unk_token === undefined && typeof model.unk_token === 'string') config.unk_token = model.unk_token;
+    // transformers ≥ 4.45 defaults clean_up_tokenization_spaces to false (the library to true).
+    config.clean_up_tokenization_spaces = tokenizerConfig.clean_up_tokenization_spaces === true;
     for (const k of ['bos_token', 'eos_token', 'unk_token', 'pad_token']) {
       const c = tokenContent(config[k]);
       if (c === undefined) delete config[k];
