@@ -51,7 +51,7 @@ export async function renderRatioPlot(panels: PlotPanel[], options: PlotOptions 
   const series = [...new Set(values.map((v) => v.series))];
   const spec: vl.TopLevelSpec = {
     $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
-    ...(options.title ? { title: options.title } : {}),
+    ...(options.title ? { title: { text: options.title, anchor: 'start', offset: 16 } } : {}),
     data: { values },
     hconcat: panels.map((p, i) => ({
       title: p.title,
@@ -67,7 +67,13 @@ export async function renderRatioPlot(panels: PlotPanel[], options: PlotOptions 
           scale: options.logX === false ? { zero: false } : { type: 'log', base: 2 },
         },
         y: { field: 'value', type: 'quantitative', title: p.yTitle, scale: p.yScale === 'log' ? { type: 'log' } : { zero: false } },
-        color: { field: 'series', type: 'nominal', title: 'strategy', scale: { domain: series } },
+        color: {
+          field: 'series',
+          type: 'nominal',
+          title: 'strategy',
+          scale: { domain: series, scheme: series.length <= 10 ? 'tableau10' : 'tableau20' },
+          legend: { labelLimit: 360 },
+        },
         order: { field: 'ratio', type: 'quantitative' },
       },
     })),

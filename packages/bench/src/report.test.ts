@@ -22,3 +22,13 @@ describe('Markdown rendering', () => {
     expect(cells(t[4]).slice(0, 2)).toEqual(['bad', 'error']);
   });
 });
+
+describe('near-tie note', () => {
+  it('names the first reference greedy step whose top-2 gap is under 0.1', async () => {
+    const { nearTieNotes } = await import('./report.js');
+    const ref = { prompt: 'p', contextTokens: 5, continuationTokens: 2, nll: 1, continuationArgmax: [], greedyTokens: [1, 2, 3], decodePathNllDelta: 0, greedyForwardAgreement: 1 };
+    expect(nearTieNotes([{ ...ref, greedyMargins: [0.5, 0.2, 0.3] }])).toEqual([]);
+    const [n] = nearTieNotes([{ ...ref, greedyMargins: [0.5, 0.05, 0.01] }]);
+    expect(n).toMatch(/prompt "p": .* near-tie at step 1 \(top-2 logit gap 0\.050\)/);
+  });
+});

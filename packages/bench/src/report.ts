@@ -78,6 +78,22 @@ export function resultsTable(results: SettingResult[]): string {
   return markdownTable(header, rows, ['l', ...header.slice(1).map(() => 'r' as const)]);
 }
 
+/** Near-tie threshold (logits) for the greedy-fragility note. */
+export const NEAR_TIE = 0.1;
+
+/** Notes on reference greedy runs with a near-tie (top-2 logit gap < {@link NEAR_TIE}). */
+export function nearTieNotes(refs: PromptReference[]): string[] {
+  return refs.flatMap((r) => {
+    const i = r.greedyMargins.findIndex((m) => m < NEAR_TIE);
+    return i < 0
+      ? []
+      : [
+          `note: prompt "${r.prompt}": the uncompressed greedy run has a near-tie at step ${i} (top-2 logit gap ${r.greedyMargins[i].toFixed(3)}); ` +
+            `greedy agreement is fragile from there on — read top-1 alongside.`,
+        ];
+  });
+}
+
 /** The full Markdown report: title, environment line, table and notes. */
 export function markdownReport(report: BenchReport): string {
   const e = report.environment;
@@ -101,6 +117,7 @@ export function markdownReport(report: BenchReport): string {
       `top-1: fraction of held-out positions (teacher-forced) whose argmax matches the uncompressed pass. ` +
       `greedy: fraction of ${report.run.decodeTokens} free-running greedy tokens equal to the uncompressed run's; first div: first differing index. ` +
       `compress ms: median of ${report.run.repeats} run(s).`,
+    ...nearTieNotes(refs).flatMap((n) => ['', n]),
   ].join('\n');
 }
 

@@ -110,6 +110,11 @@ export interface PromptReference {
   /** Greedy tokens from an uncompressed (dense float32) cache. */
   greedyTokens: number[];
   /**
+   * Top-2 logit gap at each reference greedy step. A small gap is a near-tie that any perturbation
+   * may flip, after which free-running greedy agreement is mostly chance.
+   */
+  greedyMargins: number[];
+  /**
    * Self-check of the decode path: NLL through a dense float32 cache and decode steps minus `nll`
    * (float32 rounding only; large values mean the model's decode disagrees with its prefill).
    */
@@ -192,16 +197,34 @@ async function decodeNll(
   return { nll: s / nlls.length, argmax: rowArgmax(data, vocab) };
 }
 
-/** Greedy decoding of `n` tokens through `cache`, starting by feeding `firstId` at `position`. */
-async function greedyDecode(model: BenchModel, cache: CompressedCache, firstId: number, position: number, n: number): Promise<number[]> {
-  const out: number[] = [];
+/** Gap between the largest and second-largest value of a logits row. */
+function top2Gap(data: Float32Array): number {
+  let a = -Infinity;
+  let b = -Infinity;
+  for (const v of data) {
+    if (v > a) {
+      b = a;
+      a = v;
+    } else if (v > b) b = v;
+  }
+  return a - b;
+}
+
+/**
+ * Greedy decoding of `n` tokens through `cache`, starting by feeding `firstId` at `position`.
+ * Returns the tokens and each step's top-2 logit gap.
+ */
+async function greedyDecode(model: BenchModel, cache: CompressedCache, firstId: number, position: number, n: number): Promise<{ tokens: number[]; margins: number[] }> {
+  const tokens: number[] = [];
+  const margins: number[] = [];
   let id = firstId;
   for (let i = 0; i < n; i++) {
     const { data, vocab } = await logitsData(await model.decode([id], cache, position + i));
     id = argmaxRow(data, vocab, 0);
-    out.push(id);
+    tokens.push(id);
+    margins.push(top2Gap(data));
   }
-  return out;
+  return { tokens, margins };
 }
 
 /** Calls `stats()` on a cache when it has such a method (xKV reports its paper formula there). */
@@ -263,10 +286,11 @@ async function prepare(model: BenchModel, p: BenchPrompt, windows: number[], dec
   const decodeNllDense = (await decodeNll(model, d1, ctx[T], cont, T)).nll;
   d1.dispose();
   let greedyTokens: number[] = [];
+  let greedyMargins: number[] = [];
   let greedyForwardAgreement = 1;
   if (decodeTokens > 0) {
     const d2 = await dense.compress(base);
-    greedyTokens = await greedyDecode(model, d2, ctx[T], T, decodeTokens);
+    ({ tokens: greedyTokens, margins: greedyMargins } = await greedyDecode(model, d2, ctx[T], T, decodeTokens));
     d2.dispose();
     const fw = await model.prefill([...ctx, ...greedyTokens.slice(0, -1)]);
     disposeKVCache(fw.cache);
@@ -285,6 +309,7 @@ async function prepare(model: BenchModel, p: BenchPrompt, windows: number[], dec
       continuationTokens: cont.length,
       nll,
       greedyTokens,
+      greedyMargins,
       continuationArgmax,
       decodePathNllDelta: decodeNllDense - nll,
       greedyForwardAgreement,
@@ -321,7 +346,7 @@ async function runOne(model: BenchModel, s: ResolvedSetting, pp: PreparedPrompt,
     if (opts.decodeTokens > 0) {
       const c2 = made[1] ?? (await strategy.compress(cache));
       if (!made[1]) made.push(c2);
-      greedyTokens = await greedyDecode(model, c2, ctx[T], T, opts.decodeTokens);
+      greedyTokens = (await greedyDecode(model, c2, ctx[T], T, opts.decodeTokens)).tokens;
     }
     const ag = greedyAgreement(pp.ref.greedyTokens, greedyTokens);
     return {

@@ -114,7 +114,7 @@ function toGguf(ck: TinyCheckpoint, arch: 'llama' | 'qwen2', typeOf: (gguf: stri
     tensors.push({ name, ne: [...t.shape].reverse(), type, data: bytes });
     const values = refDequant(type, bytes, data.length);
     stored.set(name, { shape: t.shape, values });
-    let eff = Float32Array.from(values);
+    let eff: Float32Array = Float32Array.from(values);
     if (arch === 'llama' && heads) eff = permuteRows(eff, t.shape[0], t.shape[1], heads, true);
     effective.tensors.set(hf, { shape: t.shape, data: eff });
   }
@@ -422,7 +422,7 @@ describe('stories260K written as GGUF', () => {
     const tensors: GgufTensorSpec[] = [];
     const add = (name: string, t: tf.Tensor, matrix: boolean) => {
       const data = back(t, matrix);
-      const shape = matrix ? [t.shape[1], t.shape[0]] : [...t.shape];
+      const shape = matrix ? [t.shape[1]!, t.shape[0]] : [...t.shape];
       // F32: llama2.c's float32 group scales are not representable as Q8_0's float16 scales.
       tensors.push({ name, ne: [...shape].reverse(), type: F32, data: f32Bytes(data) });
     };

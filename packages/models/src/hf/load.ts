@@ -4,7 +4,7 @@ import { KvpackError, check } from '@kvpack/core';
 import type { LlamaConfig, LlamaWeights } from '../types.js';
 import { parseHfConfig } from './config.js';
 import { SafetensorsFile } from './safetensors.js';
-import { HfTokenizer, readJson } from './tokenizer.js';
+import { HfTokenizer, readHfJson } from './tokenizer.js';
 import { LlamaWeightsBuilder, type LayerField, type WeightSlot } from './weights.js';
 
 const LAYER_NAMES: Record<LayerField, string> = {
@@ -58,7 +58,7 @@ export interface HfShards {
 export async function findHfShards(dir: string): Promise<HfShards> {
   const indexFile = join(dir, 'model.safetensors.index.json');
   if (existsSync(indexFile)) {
-    const idx = await readJson(indexFile);
+    const idx = await readHfJson(indexFile);
     const wm = idx.weight_map as Record<string, unknown> | undefined;
     check(wm && typeof wm === 'object', 'corrupt', `${indexFile}: no "weight_map" object`);
     const weightMap = new Map<string, string>();
@@ -80,7 +80,7 @@ export async function findHfShards(dir: string): Promise<HfShards> {
 export async function loadHfConfig(dir: string): Promise<LlamaConfig> {
   const file = join(dir, 'config.json');
   check(existsSync(file), 'io', `no config.json in ${dir}`);
-  return parseHfConfig(await readJson(file), file);
+  return parseHfConfig(await readHfJson(file), file);
 }
 
 /**

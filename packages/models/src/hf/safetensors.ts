@@ -165,11 +165,12 @@ export class SafetensorsFile {
     }
   }
 
-  /** Tensor names in data order. */
+  /** Tensor names in data order (`__metadata__` excluded). */
   names(): string[] {
     return [...this.header.tensors.keys()];
   }
 
+  /** True when the file holds a tensor of this name. */
   has(name: string): boolean {
     return this.header.tensors.has(name);
   }
@@ -205,6 +206,7 @@ export class SafetensorsFile {
     return { shape: e.shape, data: bytesToFloat32(bytes, e.dtype as SafetensorsFloatDType) };
   }
 
+  /** Closes the file. Idempotent. */
   async close(): Promise<void> {
     const fh = this.fh;
     this.fh = null;

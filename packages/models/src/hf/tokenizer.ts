@@ -84,12 +84,16 @@ export class HfTokenizer implements Tokenizer {
   static async fromFile(path: string, options: HfTokenizerOptions = {}): Promise<HfTokenizer> {
     const file = basename(path) === 'tokenizer.json' || path.endsWith('.json') ? path : join(path, 'tokenizer.json');
     check(existsSync(file), 'io', `no tokenizer.json at ${file}`);
-    const json = await readJson(file);
+    const json = await readHfJson(file);
     const cfgFile = join(dirname(file), 'tokenizer_config.json');
-    const cfg = existsSync(cfgFile) ? await readJson(cfgFile) : {};
+    const cfg = existsSync(cfgFile) ? await readHfJson(cfgFile) : {};
     return new HfTokenizer(json, cfg, { source: file, ...options });
   }
 
+  /**
+   * Token ids of `text`, with BOS / EOS only when asked.
+   * @throws KvpackError('config') when BOS/EOS is asked for but unknown.
+   */
   encode(text: string, options: { bos?: boolean; eos?: boolean } = {}): number[] {
     const enc = this.tok.encode(text, { add_special_tokens: false });
     const ids = enc.ids as number[];
@@ -107,6 +111,7 @@ export class HfTokenizer implements Tokenizer {
     return ids;
   }
 
+  /** Text of token ids (special tokens kept). */
   decode(ids: number[]): string {
     return this.tok.decode(ids, { skip_special_tokens: false });
   }
@@ -118,7 +123,7 @@ export class HfTokenizer implements Tokenizer {
 }
 
 /** Reads and parses a JSON file. @throws KvpackError('io' | 'corrupt') naming the file. */
-export async function readJson(file: string): Promise<Json> {
+export async function readHfJson(file: string): Promise<Json> {
   let text: string;
   try {
     text = await readFile(file, 'utf8');

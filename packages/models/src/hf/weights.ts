@@ -131,6 +131,7 @@ export class LlamaWeightsBuilder {
     }
   }
 
+  /** True when the slot was stored. */
   has(slot: WeightSlot): boolean {
     return this.tensors.has(slotName(slot));
   }

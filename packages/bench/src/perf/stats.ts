@@ -1,0 +1,203 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { check } from '@kvpack/core';
+
+/**
+ * Median of a non-empty list (the mean of the two middle values for an even count).
+ * @throws KvpackError('shape') for an empty list or a non-finite value.
+ */
+export function median(xs: readonly number[]): number {
+  check(xs.length > 0, 'shape', 'median of an empty list');
+  check(
+    xs.every((x) => Number.isFinite(x)),
+    'nonfinite',
+    () => `median: non-finite value in [${xs.join(', ')}]`,
+  );
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 === 1 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+/** Timing summary of repeated runs, in ms. */
+export interface Timing {
+  /** Median of the timed runs (warm-up runs excluded). */
+  medianMs: number;
+  minMs: number;
+  maxMs: number;
+  /** Every timed run, in order. */
+  samplesMs: number[];
+  /** Warm-up runs done before the timed ones. */
+  warmup: number;
+}
+
+/** Summarizes timed runs (ms). @throws KvpackError('shape') when there are none. */
+export function summarize(samplesMs: readonly number[], warmup = 0): Timing {
+  return {
+    medianMs: median(samplesMs),
+    minMs: Math.min(...samplesMs),
+    maxMs: Math.max(...samplesMs),
+    samplesMs: [...samplesMs],
+    warmup,
+  };
+}
+
+/** What a timed operation may return: tensors to wait for and dispose, or anything else. */
+export type OpResult = tf.Tensor | tf.Tensor[] | { dispose(): void } | void | null | undefined;
+
+function tensorsOf(r: OpResult): tf.Tensor[] {
+  if (!r) return [];
+  if (r instanceof tf.Tensor) return [r];
+  if (Array.isArray(r)) return r.filter((t): t is tf.Tensor => t instanceof tf.Tensor);
+  return [];
+}
+
+/**
+ * Waits until the backend has finished computing `tensors`. On asynchronous backends (webgpu) this
+ * reads back one element of each (which waits for the queue); on wasm, cpu and tensorflow kernels
+ * run synchronously, so nothing is read.
+ */
+export async function syncTensors(tensors: readonly tf.Tensor[]): Promise<void> {
+  const be = tf.getBackend();
+  if (be === 'wasm' || be === 'cpu' || be === 'tensorflow') return;
+  for (const t of tensors) {
+    if (t.isDisposed || t.size === 0) continue;
+    const one = tf.tidy(() => tf.slice(tf.reshape(t, [-1]), [0], [1]));
+    await one.data();
+    one.dispose();
+  }
+}
+
+function release(r: OpResult): void {
+  if (!r) return;
+  if (r instanceof tf.Tensor) r.dispose();
+  else if (Array.isArray(r)) tf.dispose(r);
+  else if (typeof (r as { dispose?: unknown }).dispose === 'function') (r as { dispose(): void }).dispose();
+}
+
+/** Options of {@link timeOp}. */
+export interface TimeOptions {
+  /** Untimed runs first (JIT, shader compilation, allocator warm-up). Default 1. */
+  warmup?: number;
+  /** Timed runs; the median is reported. Default 3. */
+  reps?: number;
+}
+
+/**
+ * Times `op` `reps` times after `warmup` untimed runs and returns the median. Each run's clock stops
+ * after the tensors it returns are computed ({@link syncTensors}); what it returns is then disposed
+ * (tensors, arrays of tensors, or anything with `dispose()`, e.g. a compressed cache), outside the
+ * timed span.
+ * @throws KvpackError('config') for reps < 1 or warmup < 0.
+ */
+export async function timeOp(op: () => OpResult | Promise<OpResult>, opts: TimeOptions = {}): Promise<Timing> {
+  const warmup = opts.warmup ?? 1;
+  const reps = opts.reps ?? 3;
+  check(Number.isInteger(reps) && reps >= 1, 'config', `reps must be an integer ≥ 1, got ${reps}`);
+  check(Number.isInteger(warmup) && warmup >= 0, 'config', `warmup must be an integer ≥ 0, got ${warmup}`);
+  const samples: number[] = [];
+  for (let i = 0; i < warmup + reps; i++) {
+    const t0 = performance.now();
+    const r = await op();
+    await syncTensors(tensorsOf(r));
+    const dt = performance.now() - t0;
+    release(r);
+    if (i >= warmup) samples.push(dt);
+  }
+  return summarize(samples, warmup);
+}
+
+/** Tensor memory of one run of an operation, from tfjs's engine counters (bytes). */
+export interface MemoryProfile {
+  /** Highest tensor bytes held during the run minus the bytes held before it. */
+  peakBytes: number;
+  /** Tensor bytes still held after the run (what the result keeps) minus the bytes before. */
+  retainedBytes: number;
+}
+
+/**
+ * Peak of the engine's tensor-byte count at each kernel of a run, relative to the count before the
+ * run (only tensors tfjs tracks: host arrays, e.g. of host-side strategies, are not counted). Uses
+ * `tf.profile`, which records `tf.memory().numBytes` after every kernel; the run is not timed (tfjs
+ * synchronizes every kernel while profiling). Peak = max(kernel snapshots, the count after the run)
+ * − the count before.
+ * @param op the operation; its result is passed to `keep` (and then disposed unless `keep` returns true)
+ */
+export async function measurePeakMemory<R extends OpResult>(
+  op: () => R | Promise<R>,
+  keep?: (r: R) => boolean | void,
+): Promise<MemoryProfile & { result: R | null }> {
+  const before = tf.memory().numBytes;
+  let result: R | null = null;
+  let info: tf.ProfileInfo;
+  try {
+    info = await tf.profile(async () => {
+      result = await op();
+      return [] as tf.Tensor[];
+    });
+  } catch (e) {
+    (tf.engine().state as unknown as { profiling: boolean }).profiling = false;
+    throw e;
+  }
+  const after = tf.memory().numBytes;
+  const snapshots = info.kernels.map((k) => k.totalBytesSnapshot);
+  const peak = Math.max(after, before, ...snapshots);
+  const prof: MemoryProfile = { peakBytes: peak - before, retainedBytes: after - before };
+  const kept = result !== null && keep ? keep(result) === true : false;
+  if (!kept) {
+    release(result);
+    result = null;
+  }
+  return { ...prof, result };
+}
+
+/** A measured figure against a baseline measured in the same run. */
+export interface RatioCheck {
+  /** What is compared, e.g. "CPU: compress K+V of one G = 4 group …". */
+  label: string;
+  /** The measured figure (ms). */
+  valueMs: number;
+  /** The baseline (ms). */
+  baselineMs: number;
+  /** value / baseline. */
+  ratio: number;
+  /** Pass when ratio ≤ target. */
+  target: number;
+  pass: boolean;
+  /** One line: `PASS label = 2.41× baseline (target ≤ 3×)`. */
+  line: string;
+  /** Extra words on how the figures were measured. */
+  note?: string;
+}
+
+/**
+ * Ratio of a measured time to its baseline and whether it meets a target (ratio ≤ target).
+ * @throws KvpackError('nonfinite') unless both times are finite and the baseline is positive.
+ */
+export function ratioCheck(label: string, valueMs: number, baselineMs: number, target: number, baselineName: string, note?: string): RatioCheck {
+  check(Number.isFinite(valueMs) && valueMs >= 0, 'nonfinite', `${label}: measured time ${valueMs} ms is not a finite non-negative number`);
+  check(Number.isFinite(baselineMs) && baselineMs > 0, 'nonfinite', `${label}: baseline time ${baselineMs} ms must be finite and positive`);
+  const ratio = valueMs / baselineMs;
+  const pass = ratio <= target;
+  const line =
+    `${pass ? 'PASS' : 'FAIL'} ${label} = ${ratio.toFixed(2)}× ${baselineName} ` +
+    `(${fmtMs(valueMs)} vs ${fmtMs(baselineMs)}; target ≤ ${target}×)`;
+  return { label, valueMs, baselineMs, ratio, target, pass, line, ...(note ? { note } : {}) };
+}
+
+/** "12.3 ms", "1.23 s". */
+export function fmtMs(ms: number): string {
+  if (!Number.isFinite(ms)) return 'n/a';
+  if (ms >= 1000) return `${(ms / 1000).toFixed(2)} s`;
+  if (ms >= 100) return `${ms.toFixed(0)} ms`;
+  if (ms >= 10) return `${ms.toFixed(1)} ms`;
+  return `${ms.toFixed(2)} ms`;
+}
+
+/** "512 B", "1.5 KiB", "12.0 MiB", "1.50 GiB". */
+export function fmtBytes(b: number): string {
+  if (!Number.isFinite(b)) return 'n/a';
+  const a = Math.abs(b);
+  if (a >= 2 ** 30) return `${(b / 2 ** 30).toFixed(2)} GiB`;
+  if (a >= 2 ** 20) return `${(b / 2 ** 20).toFixed(1)} MiB`;
+  if (a >= 2 ** 10) return `${(b / 2 ** 10).toFixed(1)} KiB`;
+  return `${b} B`;
+}
