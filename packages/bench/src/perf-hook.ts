@@ -1,19 +1,12 @@
 import type { Command } from 'commander';
-import { KvpackError } from '@kvpack/core';
+import { registerPerfCommands } from './perf/command.js';
 
 /**
- * Hook for `kvpack bench perf` (throughput / latency benchmarks, owned by the perf runner). It
- * receives the `bench` command and adds a `perf` subcommand to it; `kvpack bench perf …` then runs
- * that subcommand while `kvpack bench CONFIG` runs the quality bench. Replace this placeholder's
- * body with the real command.
+ * Hook for the perf runner: adds `kvpack bench perf` (the performance suite on Llama-3.1-8B-shaped
+ * caches, issue 5) and `kvpack bench structure` (synthetic-vs-real cache structure) to the `bench`
+ * command. Both exit 0 on success; bad options throw KvpackError, which the CLI turns into exit 2.
+ * See packages/bench/PERF.md.
  */
 export function registerPerfCommand(bench: Command): void {
-  bench
-    .command('perf')
-    .description('throughput and latency benchmarks (not available in this build)')
-    .allowUnknownOption()
-    .allowExcessArguments()
-    .action(() => {
-      throw new KvpackError('unsupported', 'kvpack bench perf is not available in this build');
-    });
+  registerPerfCommands(bench, () => {});
 }

@@ -20,8 +20,8 @@ export interface PlotPanel {
   /** y-axis title, e.g. `ΔNLL (nats/token)` or `accuracy`. */
   yTitle: string;
   points: PlotPoint[];
-  /** y scale; default linear. */
-  yScale?: 'linear' | 'log';
+  /** y scale; default linear. `symlog` keeps small differences near 0 visible beside large ones. */
+  yScale?: 'linear' | 'log' | 'symlog';
 }
 
 /** Options of {@link renderRatioPlot}. */
@@ -66,7 +66,7 @@ export async function renderRatioPlot(panels: PlotPanel[], options: PlotOptions 
           title: options.xTitle ?? 'compression ratio (×, measured)',
           scale: options.logX === false ? { zero: false } : { type: 'log', base: 2 },
         },
-        y: { field: 'value', type: 'quantitative', title: p.yTitle, scale: p.yScale === 'log' ? { type: 'log' } : { zero: false } },
+        y: { field: 'value', type: 'quantitative', title: p.yTitle, scale: p.yScale === 'log' ? { type: 'log' } : p.yScale === 'symlog' ? { type: 'symlog', constant: 0.01 } : { zero: false } },
         color: {
           field: 'series',
           type: 'nominal',
@@ -93,7 +93,7 @@ export function benchPanels(results: SettingResult[]): PlotPanel[] {
   const pts = (f: (r: SettingResult) => number | null) =>
     results.filter((r) => f(r) !== null).map((r) => ({ ratio: r.ratio, value: f(r) as number, series: r.series, label: r.label }));
   return [
-    { title: 'ΔNLL of the held-out continuation', yTitle: 'ΔNLL (nats/token)', points: pts((r) => r.deltaNll) },
+    { title: 'ΔNLL of the held-out continuation', yTitle: 'ΔNLL (nats/token, symlog)', points: pts((r) => r.deltaNll), yScale: 'symlog' },
     { title: 'key reconstruction error (post-RoPE)', yTitle: 'relative Frobenius error', points: pts((r) => r.keyError) },
     { title: 'value reconstruction error', yTitle: 'relative Frobenius error', points: pts((r) => r.valueError) },
   ];

@@ -260,7 +260,7 @@ export class KiviCache extends BaseCompressedCache {
     s.kScale.push(block.scale);
     s.kMin.push(block.min);
     s.kDeq = concatOrKeep(s.kDeq, tf.tensor3d(dequantizeKeysPerChannel(block, H, d, g), [n, H, d]));
-    s.kWin = n === win.shape[0] ? null : win.slice([n, 0, 0], [win.shape[0] - n, H, d]);
+    s.kWin = n === win.shape[0] ? null : tf.slice(win, [n, 0, 0], [win.shape[0] - n, H, d]);
     win.dispose();
   }
 
@@ -275,7 +275,7 @@ export class KiviCache extends BaseCompressedCache {
     s.vScale.push(block.scale);
     s.vMin.push(block.min);
     s.vDeq = concatOrKeep(s.vDeq, tf.tensor3d(dequantizeValuesPerToken(block, d, g), [n, H, d]));
-    s.vWin = n === win.shape[0] ? null : win.slice([n, 0, 0], [win.shape[0] - n, H, d]);
+    s.vWin = n === win.shape[0] ? null : tf.slice(win, [n, 0, 0], [win.shape[0] - n, H, d]);
     win.dispose();
   }
 

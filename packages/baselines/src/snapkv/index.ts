@@ -45,11 +45,11 @@ export async function snapkvVotes(queries: tf.Tensor3D, keys: tf.Tensor3D): Prom
   const mask = new Float32Array(w * T);
   for (let i = 0; i < w; i++) for (let j = T - w + i + 1; j < T; j++) mask[i * T + j] = -1e30; // as core attention: finite, so no backend turns it into NaN
   const votes = tf.tidy(() => {
-    const qh = queries.reshape([w, Hkv, g, d]).transpose([1, 2, 0, 3]).reshape([Hkv, g * w, d]);
-    const kT = keys.transpose([1, 2, 0]); // [H_kv, d, T], explicit (transposed matMul is slow on wasm)
-    const s = tf.matMul(qh, kT).mul(1 / Math.sqrt(d)).reshape([Hkv, g, w, T]).add(tf.tensor4d(mask, [1, 1, w, T]));
-    const p = tf.softmax(s, -1);
-    return p.slice([0, 0, 0, 0], [Hkv, g, w, T - w]).sum(2).mean(1);
+    const qh = tf.reshape(tf.transpose(tf.reshape(queries, [w, Hkv, g, d]), [1, 2, 0, 3]), [Hkv, g * w, d]);
+    const kT = tf.transpose(keys, [1, 2, 0]); // [H_kv, d, T], explicit (transposed matMul is slow on wasm)
+    const logits = tf.reshape(tf.mul(tf.matMul(qh, kT), 1 / Math.sqrt(d)), [Hkv, g, w, T]);
+    const p = tf.softmax(tf.add(logits, tf.tensor4d(mask, [1, 1, w, T])), -1);
+    return tf.mean(tf.sum(tf.slice(p, [0, 0, 0, 0], [Hkv, g, w, T - w]), 2), 1);
   });
   const out = (await votes.data()) as Float32Array;
   votes.dispose();
@@ -148,7 +148,7 @@ export function snapKvStrategy(options: SnapKvOptions): Strategy<SnapKvOptions> 
           continue;
         }
         const tObs = q[l].shape[0];
-        const win = q[l].slice([tObs - w, 0, 0], [w, Hq, d]);
+        const win = tf.slice(q[l], [tObs - w, 0, 0], [w, Hq, d]);
         const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
         const votes = await snapkvVotes(win, post);
         tf.dispose([win, post]);

@@ -127,7 +127,7 @@ export async function measurePeakMemory<R extends OpResult>(
 ): Promise<MemoryProfile & { result: R | null }> {
   const before = tf.memory().numBytes;
   let result: R | null = null;
-  let info: tf.ProfileInfo;
+  let info: Awaited<ReturnType<typeof tf.profile>>;
   try {
     info = await tf.profile(async () => {
       result = await op();

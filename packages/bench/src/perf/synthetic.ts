@@ -11,7 +11,7 @@ export const LLAMA31_8B_LAYOUT: Readonly<ModelLayout> = Object.freeze({ nLayers:
  * Llama-3.1-8B's RoPE: theta 500,000, Hugging Face rotate-half layout, `llama3` frequency scaling
  * (factor 8, low/high frequency factors 1 and 4, original context 8,192).
  */
-export const LLAMA31_8B_ROPE: Readonly<RopeConfig> = Object.freeze({
+export const LLAMA31_8B_ROPE: Readonly<RopeConfig> = Object.freeze<RopeConfig>({
   theta: 500000,
   layout: 'half',
   scaling: { type: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 },
@@ -69,25 +69,25 @@ export interface SyntheticKindParams {
  * adjacent layers share their leading token subspace, and keys have a few outlier channel pairs.
  */
 export const DEFAULT_SYNTHETIC_KEYS: Readonly<SyntheticKindParams> = Object.freeze({
-  decay: 0.9,
-  noise: 0.05,
-  coupling: 0.92,
-  couplingDecay: 0.05,
+  decay: 1.0,
+  noise: 0.02,
+  coupling: 0.93,
+  couplingDecay: 0.02,
   outlierPairs: 2,
-  outlierGain: 6,
-  channelSpread: 0.35,
+  outlierGain: 3,
+  channelSpread: 0.25,
   rms: 1,
 });
 
 /** Default structure of the values (see {@link DEFAULT_SYNTHETIC_KEYS}). */
 export const DEFAULT_SYNTHETIC_VALUES: Readonly<SyntheticKindParams> = Object.freeze({
-  decay: 0.55,
-  noise: 0.1,
-  coupling: 0.85,
-  couplingDecay: 0.1,
+  decay: 0.8,
+  noise: 0.05,
+  coupling: 0.9,
+  couplingDecay: 0.03,
   outlierPairs: 0,
   outlierGain: 1,
-  channelSpread: 0.2,
+  channelSpread: 0.3,
   rms: 0.5,
 });
 

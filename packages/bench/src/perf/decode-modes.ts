@@ -1,0 +1,68 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { BaseCompressedCache, attention, type CompressedCache } from '@kvpack/core';
+
+/** One way to run a decode step's attention over a compressed cache. */
+export interface DecodeMode {
+  /** "full" (reconstruct the layer's keys and values, then core attention), "attend", "sparse". */
+  mode: string;
+  /** Words for the table, e.g. "sparse, budget 2048". */
+  label: string;
+  /** Attention output [1, H, d] of one post-RoPE query q [1, H, d] over the layer's cached tokens. */
+  step(layer: number, q: tf.Tensor3D): tf.Tensor3D;
+  /** Frees what the mode allocated (nothing for most). */
+  dispose?(): void;
+}
+
+/** Sparse attention as the xkv decode path may expose it (see {@link decodeModes}). */
+interface SparseAttendCache {
+  attendSparse?(layer: number, q: tf.Tensor3D, options?: { budget?: number }): tf.Tensor3D;
+  attend?(layer: number, q: tf.Tensor3D, options?: Record<string, unknown>): tf.Tensor3D;
+}
+
+/** Full reconstruction: `keys(layer)` (RoPE applied) and `values(layer)`, then core GQA attention. */
+export function fullMode(cache: CompressedCache): DecodeMode {
+  return {
+    mode: 'full',
+    label: 'full reconstruction',
+    step: (layer, q) => tf.tidy(() => attention(q, cache.keys(layer), cache.values(layer), 0)),
+  };
+}
+
+/**
+ * The decode modes measured for a cache. Every strategy gets its default path: `attend` when the
+ * cache offers it (the strategy's own fast path), else full reconstruction + core attention. The
+ * `xkv` strategy additionally gets full reconstruction (when its `attend` is a different path) and
+ * sparse mode with a token budget when its cache offers it — `attendSparse(layer, q, { budget })`,
+ * or `attend(layer, q, { mode: 'sparse', budget })` — the xKV-SR decode (landmarks per 8-token
+ * chunk, top chunks per KV head up to the budget, local and outlier chunks exact; issue 5).
+ */
+export function decodeModes(strategy: string, cache: CompressedCache, opts: { sparseBudget: number }): DecodeMode[] {
+  const modes: DecodeMode[] = [];
+  const c = cache as CompressedCache & SparseAttendCache;
+  const proto = Object.getPrototypeOf(cache) as Record<string, unknown>;
+  // BaseCompressedCache.attend is reconstruction + attention; a subclass override is a real fast path.
+  const ownAttend = typeof c.attend === 'function' && hasOverride(proto, 'attend');
+  if (strategy !== 'xkv') {
+    modes.push(
+      typeof c.attend === 'function'
+        ? { mode: 'attend', label: ownAttend ? 'attend (strategy fast path)' : 'attend (reconstruct + attention)', step: (l, q) => c.attend!(l, q) }
+        : fullMode(cache),
+    );
+    return modes;
+  }
+  modes.push(fullMode(cache));
+  if (ownAttend) modes.push({ mode: 'attend', label: 'attend (default path)', step: (l, q) => c.attend!(l, q) });
+  if (typeof c.attendSparse === 'function') {
+    modes.push({ mode: 'sparse', label: `sparse, budget ${opts.sparseBudget}`, step: (l, q) => c.attendSparse!(l, q, { budget: opts.sparseBudget }) });
+  }
+  return modes;
+}
+
+/** True when a class below BaseCompressedCache defines `name` itself. */
+function hasOverride(proto: Record<string, unknown> | null, name: string): boolean {
+  for (let p = proto; p && p !== Object.prototype; p = Object.getPrototypeOf(p) as Record<string, unknown> | null) {
+    if (p === (BaseCompressedCache.prototype as unknown)) return false;
+    if (Object.prototype.hasOwnProperty.call(p, name)) return true;
+  }
+  return false;
+}
