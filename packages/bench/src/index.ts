@@ -1,3 +1,5 @@
+// Types of tfjs's chained ops (x.reshape(), …) for this package's build; @kvpack/core registers them.
+import type {} from '@tensorflow/tfjs-core/dist/public/chained_ops/register_all_chained_ops';
 // @kvpack/bench: cross-strategy KV-cache compression benchmarks, reports and plots.
 export * from './grid.js';
 export * from './config.js';
@@ -11,3 +13,4 @@ export * from './progress.js';
 export * from './load.js';
 export * from './commands.js';
 export * from './program.js';
+export * from './accuracy/index.js';

@@ -1,4 +1,4 @@
-import '@tensorflow/tfjs-core/dist/public/chained_ops/register_all_chained_ops';
+import './chained.js';
 import * as tf from '@tensorflow/tfjs-core';
 import { createRequire } from 'node:module';
 import { KvpackError } from './errors.js';

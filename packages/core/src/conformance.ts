@@ -1,4 +1,4 @@
-import '@tensorflow/tfjs-core/dist/public/chained_ops/register_all_chained_ops';
+import './chained.js';
 /**
  * The strategy conformance suite (after livekit/agents-js's plugin test suites): every registered
  * strategy runs it with one line,

@@ -1,5 +1,5 @@
 // Registers tfjs's chained ops (x.reshape(), x.mul(), …) on Tensor; tfjs-core alone does not.
-import '@tensorflow/tfjs-core/dist/public/chained_ops/register_all_chained_ops';
+import './chained.js';
 export * from './types.js';
 export * from './errors.js';
 export * from './fp16.js';

@@ -1,3 +1,5 @@
+// Types of tfjs's chained ops (x.reshape(), …) for this package's build; @kvpack/core registers them.
+import type {} from '@tensorflow/tfjs-core/dist/public/chained_ops/register_all_chained_ops';
 export * from './types.js';
 export * from './llama2c/index.js';
 export * from './model/index.js';
