@@ -37,17 +37,17 @@ export function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, causal
     // and transposed operands are slower still; so loop over KV heads with plain 2-D products.
     return tf.tidy(() => {
       const mask = masked ? causalTailMask(n, N, causalTail).reshape([n, 1, N]) : null;
-      const qh = q.reshape([n, Hkv, g, d]).transpose([1, 0, 2, 3]); // [Hkv, n, g, d]
-      const kt = k.transpose([1, 2, 0]); // [Hkv, d, N]
-      const vh = v.transpose([1, 0, 2]); // [Hkv, N, d]
+      // unstack, not slice: wasm's slice copies the whole input to JS for every head.
+      const qs = tf.unstack(q.reshape([n, Hkv, g, d]), 1); // Hkv × [n, g, d]
+      const kts = tf.unstack(k.transpose([1, 2, 0]), 0); // Hkv × [d, N]
+      const vs = tf.unstack(v.transpose([1, 0, 2]), 0); // Hkv × [N, d]
       const outs: tf.Tensor3D[] = [];
       for (let h = 0; h < Hkv; h++) {
-        const qq = qh.slice([h, 0, 0, 0], [1, n, g, d]).reshape([n * g, d]) as tf.Tensor2D;
-        const kk = kt.slice([h, 0, 0], [1, d, N]).reshape([d, N]) as tf.Tensor2D;
-        let s = tf.matMul(qq, kk).mul(1 / Math.sqrt(d)).reshape([n, g, N]);
+        const qq = qs[h].reshape([n * g, d]) as tf.Tensor2D;
+        let s = tf.matMul(qq, kts[h] as tf.Tensor2D).mul(1 / Math.sqrt(d)).reshape([n, g, N]);
         if (mask) s = s.add(mask);
         const p = tf.softmax(s, -1).reshape([n * g, N]) as tf.Tensor2D;
-        outs.push(tf.matMul(p, vh.slice([h, 0, 0], [1, N, d]).reshape([N, d]) as tf.Tensor2D).reshape([n, g, d]));
+        outs.push(tf.matMul(p, vs[h] as tf.Tensor2D).reshape([n, g, d]));
       }
       return (Hkv === 1 ? outs[0] : tf.stack(outs, 1)).reshape([n, H, d]) as tf.Tensor3D;
     });

@@ -1,0 +1,533 @@
+import * as tf from '@tensorflow/tfjs-core';
+import {
+  attention,
+  check,
+  decodeHalf,
+  encodeHalf,
+  ropeInverseFrequencies,
+  type DecodedContainer,
+  type KVCache,
+  type ModelLayout,
+  type StoredSpec,
+  type StoredTensor,
+} from '@kvpack/core';
+import { z } from 'zod';
+import {
+  addRowMask,
+  causalParts,
+  ownHeadBlock,
+  queryBlocks,
+  ropeScores,
+  type DecodeState,
+  type QueryBlocks,
+  type ValuePath,
+} from './decode.js';
+
+/*
+ * Sparse decode (xKV-SR: the xKV authors' follow-up, after ShadowKV, Sun et al. 2024, arXiv
+ * 2410.21465; reference code abdelfattah-lab/xKV `xKV_SR/models/kv_cache_xkv.py`, ShadowKV's
+ * `ShadowKVCache`): at compress time, one landmark per chunk of `chunkSize` tokens (the mean of the
+ * chunk's exact post-RoPE keys), the chunks whose keys are least like their landmark kept exact
+ * ("outliers"), and the last tokens kept exact ("local"). At decode, per KV head, the chunks with the
+ * highest landmark attention are selected up to a token budget and only their keys and values are
+ * rebuilt from the low-rank factors.
+ */
+
+/** Options of the sparse decode mode (`sparse` in the xkv options). */
+export const SparseOptionsSchema = z
+  .strictObject({
+    /** Tokens rebuilt per KV head and decode step (a multiple of chunkSize); default 2,048 (ShadowKV / xKV-SR). */
+    budget: z.int().positive().default(2048),
+    /** Tokens per chunk (one landmark each); default 8. */
+    chunkSize: z.int().positive().default(8),
+    /**
+     * Outlier chunks per layer and KV head kept exact (16-bit); default 48, ShadowKV's count for a
+     * 2,048 budget (24 per 1,024). At most the number of chunks.
+     */
+    outlierChunks: z.int().nonnegative().default(48),
+    /** The last prompt tokens kept exact (16-bit), rounded up to whole chunks; default 32 (ShadowKV: 4 chunks). */
+    localTokens: z.int().nonnegative().default(32),
+  })
+  .refine((o) => o.budget % o.chunkSize === 0, { message: 'budget must be a multiple of chunkSize', path: ['budget'] });
+export type SparseOptions = z.output<typeof SparseOptionsSchema>;
+
+/** Host data of one layer's sparse index (what is stored and serialized). */
+export interface SparseLayer {
+  /** Landmarks, float16 bits, [C, H_kv, d]. */
+  landmarks: Uint16Array;
+  /** Outlier chunk indices per KV head, ascending, [H_kv, O]. */
+  outlierChunks: Int32Array;
+  /** Exact post-RoPE keys / values of the outlier chunks, float16 bits, [H_kv, O·c, d]. */
+  outlierK: Uint16Array;
+  outlierV: Uint16Array;
+  /** Exact post-RoPE keys / values of the local tokens C·c … T − 1, float16 bits, [T − C·c, H_kv, d]. */
+  localK: Uint16Array;
+  localV: Uint16Array;
+}
+
+/** The sparse index of a cache: chunk geometry and the per-layer host data. */
+export interface SparseIndex {
+  options: SparseOptions;
+  /** Tokens per chunk c. */
+  chunkSize: number;
+  /** Landmark chunks C = ⌊max(0, T − localTokens) / c⌋ (tokens 0 … C·c − 1). */
+  chunks: number;
+  /** Outlier chunks per KV head O = min(outlierChunks, C). */
+  outliers: number;
+  /** Exact local tokens T − C·c (≥ localTokens; includes a last partial chunk). */
+  local: number;
+  layers: SparseLayer[];
+}
+
+/** Chunk geometry for T tokens. */
+export function sparseGeometry(T: number, o: SparseOptions): { chunks: number; outliers: number; local: number } {
+  const chunks = Math.floor(Math.max(0, T - o.localTokens) / o.chunkSize);
+  return { chunks, outliers: Math.min(o.outlierChunks, chunks), local: T - chunks * o.chunkSize };
+}
+
+/**
+ * Builds the sparse index from a prefill cache's exact keys and values (compress time). Keys are
+ * rotated on the host in float64 at positions startPosition…; each landmark is the float64 mean of its
+ * chunk's post-RoPE keys (per KV head), stored as float16. The outlier score of a chunk is the lowest
+ * cosine similarity between one of its keys and its landmark (as ShadowKV: cos = x·y / max(‖x‖‖y‖,
+ * 1e-8)); the O lowest per KV head are outliers (ties: lower chunk first).
+ */
+export async function buildSparseIndex(cache: KVCache, T: number, o: SparseOptions): Promise<SparseIndex> {
+  const { nKvHeads: Hkv, headDim: d, nLayers } = cache.layout;
+  const F = Hkv * d;
+  const c = o.chunkSize;
+  const { chunks: C, outliers: O, local } = sparseGeometry(T, o);
+  const half = d / 2;
+  const inv = ropeInverseFrequencies(cache.rope, d);
+  const start = cache.startPosition ?? 0;
+  const cosT = new Float64Array(T * half);
+  const sinT = new Float64Array(T * half);
+  for (let t = 0; t < T; t++)
+    for (let i = 0; i < half; i++) {
+      const a = (start + t) * inv[i];
+      cosT[t * half + i] = Math.cos(a);
+      sinT[t * half + i] = Math.sin(a);
+    }
+  const interleaved = cache.rope.layout === 'interleaved';
+  const pairA = (i: number) => (interleaved ? 2 * i : i);
+  const pairB = (i: number) => (interleaved ? 2 * i + 1 : i + half);
+  /** Post-RoPE key of token t, KV head h, into out[off … off + d). */
+  const rotate = (x: Float32Array, t: number, h: number, out: Float64Array | Float32Array, off: number) => {
+    const base = t * F + h * d;
+    for (let i = 0; i < half; i++) {
+      const a = x[base + pairA(i)];
+      const b = x[base + pairB(i)];
+      const cs = cosT[t * half + i];
+      const sn = sinT[t * half + i];
+      out[off + pairA(i)] = a * cs - b * sn;
+      out[off + pairB(i)] = b * cs + a * sn;
+    }
+  };
+  const layers: SparseLayer[] = [];
+  const key = new Float64Array(c * d);
+  const mean = new Float64Array(d);
+  for (let l = 0; l < nLayers; l++) {
+    const K = (await cache.keys[l].data()) as Float32Array;
+    const V = (await cache.values[l].data()) as Float32Array;
+    const lm = new Float32Array(C * F);
+    const score = new Float64Array(Hkv * C);
+    for (let ch = 0; ch < C; ch++) {
+      for (let h = 0; h < Hkv; h++) {
+        mean.fill(0);
+        for (let j = 0; j < c; j++) {
+          rotate(K, ch * c + j, h, key, j * d);
+          for (let e = 0; e < d; e++) mean[e] += key[j * d + e];
+        }
+        let nm = 0;
+        for (let e = 0; e < d; e++) {
+          mean[e] /= c;
+          nm += mean[e] * mean[e];
+          lm[ch * F + h * d + e] = mean[e];
+        }
+        nm = Math.sqrt(nm);
+        let lowest = Infinity;
+        for (let j = 0; j < c; j++) {
+          let dot = 0;
+          let nk = 0;
+          for (let e = 0; e < d; e++) {
+            dot += key[j * d + e] * mean[e];
+            nk += key[j * d + e] * key[j * d + e];
+          }
+          lowest = Math.min(lowest, dot / Math.max(Math.sqrt(nk) * nm, 1e-8));
+        }
+        score[h * C + ch] = lowest;
+      }
+    }
+    const outl = new Int32Array(Hkv * O);
+    for (let h = 0; h < Hkv; h++) {
+      const order = Array.from({ length: C }, (_, i) => i).sort((a, b) => score[h * C + a] - score[h * C + b] || a - b);
+      const pick = order.slice(0, O).sort((a, b) => a - b);
+      outl.set(pick, h * O);
+    }
+    const oK = new Float32Array(Hkv * O * c * d);
+    const oV = new Float32Array(Hkv * O * c * d);
+    for (let h = 0; h < Hkv; h++)
+      for (let k = 0; k < O; k++)
+        for (let j = 0; j < c; j++) {
+          const t = outl[h * O + k] * c + j;
+          const off = ((h * O + k) * c + j) * d;
+          rotate(K, t, h, oK, off);
+          oV.set(V.subarray(t * F + h * d, t * F + h * d + d), off);
+        }
+    const lK = new Float32Array(local * F);
+    for (let u = 0; u < local; u++) for (let h = 0; h < Hkv; h++) rotate(K, C * c + u, h, lK, u * F + h * d);
+    const lV = V.slice(C * c * F, T * F);
+    layers.push({
+      landmarks: encodeHalf(lm),
+      outlierChunks: outl,
+      outlierK: encodeHalf(oK),
+      outlierV: encodeHalf(oV),
+      localK: encodeHalf(lK),
+      localV: encodeHalf(lV),
+    });
+  }
+  return { options: o, chunkSize: c, chunks: C, outliers: O, local, layers };
+}
+
+function layerSpecs(l: number, ix: SparseIndex, layout: ModelLayout): StoredSpec[] {
+  const { nKvHeads: H, headDim: d } = layout;
+  const { chunks: C, outliers: O, local, chunkSize: c } = ix;
+  return [
+    { name: `sparse.landmarks.${l}`, dtype: 'float16', shape: [C, H, d] },
+    { name: `sparse.outliers.${l}`, dtype: 'int32', shape: [H, O] },
+    { name: `sparse.outlier.k.${l}`, dtype: 'float16', shape: [H, O * c, d] },
+    { name: `sparse.outlier.v.${l}`, dtype: 'float16', shape: [H, O * c, d] },
+    { name: `sparse.local.k.${l}`, dtype: 'float16', shape: [local, H, d] },
+    { name: `sparse.local.v.${l}`, dtype: 'float16', shape: [local, H, d] },
+  ];
+}
+
+/** Specs of the stored sparse-index tensors, in serialization order. */
+export function sparseSpecs(ix: SparseIndex, layout: ModelLayout): StoredSpec[] {
+  return ix.layers.flatMap((_, l) => layerSpecs(l, ix, layout));
+}
+
+/** The stored sparse-index tensors, same order as {@link sparseSpecs}. */
+export function sparseTensors(ix: SparseIndex, layout: ModelLayout): StoredTensor[] {
+  return ix.layers.flatMap((L, l) => {
+    const s = layerSpecs(l, ix, layout);
+    const data = [L.landmarks, L.outlierChunks, L.outlierK, L.outlierV, L.localK, L.localV];
+    return s.map((spec, i) => ({ ...spec, data: data[i] }));
+  });
+}
+
+/** Sparse-index metadata written to the serialization. */
+export function sparseMeta(ix: SparseIndex): Record<string, number> {
+  return { chunkSize: ix.chunkSize, chunks: ix.chunks, outliers: ix.outliers, local: ix.local };
+}
+
+/**
+ * Restores a sparse index from a decoded container.
+ * @throws KvpackError('corrupt') naming the tensor whose dtype, shape or contents are wrong.
+ */
+export function loadSparseIndex(c: DecodedContainer, strategy: string, layout: ModelLayout, T: number, o: SparseOptions): SparseIndex {
+  const g = sparseGeometry(T, o);
+  const meta = (c.meta as { sparse?: Record<string, number> }).sparse;
+  check(
+    meta && meta.chunkSize === o.chunkSize && meta.chunks === g.chunks && meta.outliers === g.outliers && meta.local === g.local,
+    'corrupt',
+    `serialized ${strategy} cache has sparse index ${JSON.stringify(meta ?? null)}, but its options give ${JSON.stringify({ chunkSize: o.chunkSize, ...g })}`,
+  );
+  const ix: SparseIndex = { options: o, chunkSize: o.chunkSize, ...g, layers: [] };
+  for (let l = 0; l < layout.nLayers; l++) {
+    const data = layerSpecs(l, ix, layout).map((spec) => {
+      const t = c.get(spec.name);
+      check(
+        t.dtype === spec.dtype && t.shape.length === spec.shape.length && t.shape.every((v, i) => v === spec.shape[i]),
+        'corrupt',
+        `serialized ${strategy} cache is corrupt: tensor "${spec.name}" is ${t.dtype} [${t.shape}], expected ${spec.dtype} [${spec.shape}]`,
+      );
+      return t.data;
+    });
+    const outl = data[1] as Int32Array;
+    check(
+      outl.every((v) => v >= 0 && v < g.chunks),
+      'corrupt',
+      `serialized ${strategy} cache is corrupt: tensor "sparse.outliers.${l}" holds a chunk index outside [0, ${g.chunks})`,
+    );
+    ix.layers.push({
+      landmarks: data[0] as Uint16Array,
+      outlierChunks: outl,
+      outlierK: data[2] as Uint16Array,
+      outlierV: data[3] as Uint16Array,
+      localK: data[4] as Uint16Array,
+      localV: data[5] as Uint16Array,
+    });
+  }
+  return ix;
+}
+
+/** Long-lived per-layer tensors of sparse decode (built on first use, held by the DecodeState). */
+interface SparseLayerTensors {
+  /** Landmarks per KV head, transposed, [d, C]. */
+  lt: tf.Tensor2D[];
+  /** −1e30 at each head's outlier chunks, [H_kv, 1, C]; null without outliers. */
+  mask: tf.Tensor3D | null;
+  /** Exact keys / values per KV head: its outlier tokens then the local tokens, [E₀, d]. */
+  kx: tf.Tensor2D[];
+  vx: tf.Tensor2D[];
+  /** (token, KV head) of every exact row, [H_kv·E₀, 2] int32, and those rows' keys / values [H_kv·E₀, d]. */
+  exactIdx: tf.Tensor2D;
+  exactK: tf.Tensor2D;
+  exactV: tf.Tensor2D;
+}
+
+/** Options of {@link SparseDecoder.attend} beyond the configured ones (tests, benchmarks). */
+export interface SparseAttendOptions {
+  /** Token budget per KV head for this call (a multiple of chunkSize); default the configured budget. */
+  budget?: number;
+  /** Value side: compressed domain ((softmax·U_v)·B_v) or reconstruction; default by flop count. */
+  values?: ValuePath;
+  /** Row gathers: `host` copies rows through the wasm heap (wasm only), `device` uses tf.gather; default host on wasm. */
+  gather?: 'auto' | 'host' | 'device';
+}
+
+/**
+ * Sparse decode over a grouped low-rank cache (see the file comment). Tensors of the index are built
+ * on the backend on first use of a layer and held by the {@link DecodeState} (freed with the cache).
+ */
+export class SparseDecoder {
+  private readonly perLayer = new Map<number, SparseLayerTensors>();
+  private scratch = new Float32Array(0);
+
+  constructor(
+    readonly state: DecodeState,
+    readonly index: SparseIndex,
+  ) {}
+
+  /** Exact tokens per KV head E₀ = O·c + local. */
+  get exactPerHead(): number {
+    return this.index.outliers * this.index.chunkSize + this.index.local;
+  }
+
+  /** The (token index) list of KV head h's exact tokens: its outlier chunks' tokens, then the local tokens. */
+  exactTokens(layer: number, h: number): number[] {
+    const { outliers: O, chunkSize: c, chunks: C, local } = this.index;
+    const oc = this.index.layers[layer].outlierChunks;
+    const out: number[] = [];
+    for (let k = 0; k < O; k++) for (let j = 0; j < c; j++) out.push(oc[h * O + k] * c + j);
+    for (let u = 0; u < local; u++) out.push(C * c + u);
+    return out;
+  }
+
+  /** The layer's index tensors (built once). */
+  tensors(layer: number): SparseLayerTensors {
+    let t = this.perLayer.get(layer);
+    if (t) return t;
+    const { nKvHeads: H, headDim: d } = this.state.src.layout;
+    const F = H * d;
+    const { chunks: C, outliers: O, local, chunkSize: c } = this.index;
+    const L = this.index.layers[layer];
+    const E0 = this.exactPerHead;
+    const lmk = decodeHalf(L.landmarks);
+    const oK = decodeHalf(L.outlierK);
+    const oV = decodeHalf(L.outlierV);
+    const lK = decodeHalf(L.localK);
+    const lV = decodeHalf(L.localV);
+    const hold = <T extends tf.Tensor>(x: T) => this.state.hold(x);
+    const lt: tf.Tensor2D[] = [];
+    const kx: tf.Tensor2D[] = [];
+    const vx: tf.Tensor2D[] = [];
+    const idx = new Int32Array(H * E0 * 2);
+    const exK = new Float32Array(H * E0 * d);
+    const exV = new Float32Array(H * E0 * d);
+    for (let h = 0; h < H; h++) {
+      const a = new Float32Array(d * C);
+      for (let ch = 0; ch < C; ch++) for (let e = 0; e < d; e++) a[e * C + ch] = lmk[ch * F + h * d + e];
+      lt.push(hold(tf.tensor2d(a, [d, C])));
+      const k = new Float32Array(E0 * d);
+      const v = new Float32Array(E0 * d);
+      k.set(oK.subarray(h * O * c * d, (h + 1) * O * c * d));
+      v.set(oV.subarray(h * O * c * d, (h + 1) * O * c * d));
+      for (let u = 0; u < local; u++) {
+        k.set(lK.subarray(u * F + h * d, u * F + h * d + d), (O * c + u) * d);
+        v.set(lV.subarray(u * F + h * d, u * F + h * d + d), (O * c + u) * d);
+      }
+      kx.push(hold(tf.tensor2d(k, [E0, d])));
+      vx.push(hold(tf.tensor2d(v, [E0, d])));
+      exK.set(k, h * E0 * d);
+      exV.set(v, h * E0 * d);
+      this.exactTokens(layer, h).forEach((tok, i) => {
+        idx[(h * E0 + i) * 2] = tok;
+        idx[(h * E0 + i) * 2 + 1] = h;
+      });
+    }
+    let mask: tf.Tensor3D | null = null;
+    if (O > 0) {
+      const m = new Float32Array(H * C);
+      for (let h = 0; h < H; h++) for (let k = 0; k < O; k++) m[h * C + L.outlierChunks[h * O + k]] = -1e30;
+      mask = hold(tf.tensor3d(m, [H, 1, C]));
+    }
+    t = {
+      lt,
+      mask,
+      kx,
+      vx,
+      exactIdx: hold(tf.tensor2d(idx, [H * E0, 2], 'int32')),
+      exactK: hold(tf.tensor2d(exK, [H * E0, d])),
+      exactV: hold(tf.tensor2d(exV, [H * E0, d])),
+    };
+    this.perLayer.set(layer, t);
+    return t;
+  }
+
+  /**
+   * Overwrites a full reconstruction [T, H_kv, d] with the exact outlier and local rows: what sparse
+   * attention sees when its budget covers every chunk. Returns a new tensor.
+   */
+  patchExact(layer: number, full: tf.Tensor3D, kind: 'k' | 'v'): tf.Tensor3D {
+    const t = this.tensors(layer);
+    if (t.exactIdx.shape[0] === 0) return full;
+    return tf.tidy(() => tf.tensorScatterUpdate(full, t.exactIdx, kind === 'k' ? t.exactK : t.exactV) as tf.Tensor3D);
+  }
+
+  /**
+   * Chunk scores per KV head, [H_kv, C]: for each query row, softmax over the non-outlier chunks of
+   * q·landmark/√d; summed over the n query tokens; the maximum over the g query heads of the GQA
+   * group (ShadowKV's `get_retrieval_position_ids`; xKV-SR likewise).
+   */
+  chunkScores(layer: number, qb: QueryBlocks): tf.Tensor2D {
+    const t = this.tensors(layer);
+    const C = this.index.chunks;
+    return tf.tidy(() => {
+      const H = t.lt.length;
+      let a = tf.stack(t.lt.map((lt, h) => tf.matMul(qb.rows[h], lt)), 0) as tf.Tensor3D; // [H_kv, g·n, C]
+      if (t.mask) a = tf.add(a, t.mask);
+      const p = tf.reshape(tf.softmax(a, -1), [H, qb.g, qb.n, C]);
+      return tf.max(tf.sum(p, 2), 1) as tf.Tensor2D;
+    });
+  }
+
+  /** Number of chunks selected per KV head for a token budget: min(⌊budget / c⌋, C − O). */
+  selectedChunks(budget: number): number {
+    return Math.max(0, Math.min(Math.floor(budget / this.index.chunkSize), this.index.chunks - this.index.outliers));
+  }
+
+  /** The selected chunk indices per KV head, [H_kv, k] int32 (highest score first). */
+  selectChunks(layer: number, qb: QueryBlocks, budget: number): tf.Tensor2D | null {
+    const k = this.selectedChunks(budget);
+    if (k === 0) return null;
+    return tf.tidy(() => tf.topk(this.chunkScores(layer, qb), k).indices as tf.Tensor2D);
+  }
+
+  /** Rows of src [T, R] at the tokens of the given chunks (c consecutive rows each), [k·c, R]. */
+  private gatherChunks(src: tf.Tensor2D, chunks: Int32Array | tf.Tensor1D, useHost: boolean): tf.Tensor2D {
+    const c = this.index.chunkSize;
+    const R = src.shape[1];
+    if (useHost && chunks instanceof Int32Array) {
+      const view = (tf.backend() as unknown as { typedArrayFromHeap(t: tf.Tensor): Float32Array }).typedArrayFromHeap(src);
+      const need = chunks.length * c * R;
+      if (this.scratch.length < need) this.scratch = new Float32Array(need);
+      const out = this.scratch;
+      for (let i = 0; i < chunks.length; i++) out.set(view.subarray(chunks[i] * c * R, (chunks[i] + 1) * c * R), i * c * R);
+      // The wasm backend copies the values into its heap at creation, so the scratch is reusable.
+      return tf.tensor2d(out.subarray(0, need), [chunks.length * c, R]);
+    }
+    return tf.tidy(() => {
+      const ch = chunks instanceof Int32Array ? tf.tensor1d(chunks, 'int32') : chunks;
+      const tok = tf.reshape(tf.add(tf.reshape(tf.mul(ch, tf.scalar(c, 'int32')), [-1, 1]), tf.reshape(tf.range(0, c, 1, 'int32'), [1, c])), [-1]);
+      return tf.gather(src, tok) as tf.Tensor2D;
+    });
+  }
+
+  /**
+   * Sparse attention of post-RoPE queries q [n, H, d] over one layer (see the file comment): per KV
+   * head, the top chunks by landmark score up to the budget, their keys rebuilt as
+   * RoPE(U_k[rows]·B_k[:, h]) at their positions and their values in the compressed domain
+   * ((p·U_v[rows])·B_v[:, h]) or rebuilt (by flop count), plus the head's exact outlier and local
+   * tokens and the exact residual decode tokens, under one softmax. Returns [n, H, d].
+   * When the causal mask reaches into the prefill (the queries' own tokens are prefill tokens and
+   * n > 1) it falls back to core attention over the full representation (keys()/values()).
+   */
+  attend(
+    layer: number,
+    q: tf.Tensor3D,
+    tail: number,
+    residual: { k: tf.Tensor3D; v: tf.Tensor3D } | null,
+    full: () => { k: tf.Tensor3D; v: tf.Tensor3D },
+    opts: SparseAttendOptions = {},
+  ): tf.Tensor3D {
+    const src = this.state.src;
+    const { nKvHeads: Hkv, headDim: d } = src.layout;
+    const F = Hkv * d;
+    const nDec = residual ? residual.k.shape[0] : 0;
+    const budget = opts.budget ?? this.index.options.budget;
+    check(
+      Number.isInteger(budget) && budget > 0 && budget % this.index.chunkSize === 0,
+      'config',
+      `sparse attend: budget ${budget} must be a positive multiple of chunkSize ${this.index.chunkSize}`,
+    );
+    if (causalParts(q.shape[0], src.prefillLength, nDec, tail).pre) {
+      return tf.tidy(() => {
+        const { k, v } = full();
+        return attention(q, k, v, tail);
+      });
+    }
+    const t = this.tensors(layer);
+    const useHost = (opts.gather ?? 'auto') === 'host' || ((opts.gather ?? 'auto') === 'auto' && tf.getBackend() === 'wasm');
+    check(!useHost || tf.getBackend() === 'wasm', 'unsupported', `sparse attend: host gathers need the wasm backend, not ${tf.getBackend()}`);
+    return tf.tidy(() => {
+      const qb = queryBlocks(q, src.layout, this.state.pairSwap());
+      const { n, H, g } = qb;
+      const gn = g * n;
+      const masks = causalParts(n, src.prefillLength, nDec, tail);
+      const sel = this.selectChunks(layer, qb, budget); // [H_kv, k] int32
+      const hostChunks = sel && useHost ? (sel.dataSync() as Int32Array) : null;
+      const perHeadChunks = sel && !useHost ? (Hkv === 1 ? [tf.reshape(sel, [-1]) as tf.Tensor1D] : (tf.unstack(sel, 0) as tf.Tensor1D[])) : null;
+      const k = sel ? sel.shape[1] : 0;
+      const S = k * this.index.chunkSize;
+      const { cos, sin } = this.state.tables();
+      const Uk = src.basisOf('k', layer);
+      const Uv = src.basisOf('v', layer);
+      const Bh = this.state.headFactors('k', layer);
+      const Bvh = this.state.headFactors('v', layer);
+      const Rv = Uv.shape[1];
+      const path: ValuePath = opts.values && opts.values !== 'auto' ? opts.values : gn * S * Rv + gn * Rv * d <= S * Rv * d + gn * S * d ? 'compressed' : 'reconstruct';
+      // Residual (exact decode) tokens: scores for all heads at once through the block-diagonal queries.
+      const Sres = nDec > 0 ? addRowMask(tf.transpose(tf.matMul(tf.reshape(residual!.k, [nDec, F]) as tf.Tensor2D, qb.blockDiag)) as tf.Tensor2D, masks.res, n) : null;
+      const resRows = Sres ? (Hkv === 1 ? [Sres] : (tf.split(Sres, Hkv, 0) as tf.Tensor2D[])) : null;
+      const outs: tf.Tensor2D[] = [];
+      const zs: tf.Tensor2D[] = [];
+      const eres: tf.Tensor2D[] = [];
+      for (let h = 0; h < Hkv; h++) {
+        const parts: tf.Tensor2D[] = []; // [g·n, ·] score blocks: selected, exact, residual
+        let Uvs: tf.Tensor2D | null = null;
+        if (S > 0) {
+          const ch = hostChunks ? hostChunks.subarray(h * k, (h + 1) * k) : perHeadChunks![h];
+          const Us = this.gatherChunks(Uk, ch, useHost);
+          const cs = this.gatherChunks(cos, ch, useHost);
+          const sn = this.gatherChunks(sin, ch, useHost);
+          parts.push(ropeScores(tf.matMul(Us, Bh[h]), cs, sn, qb, h)); // keys at their positions, never materialized
+          Uvs = this.gatherChunks(Uv, ch, useHost);
+        }
+        if (this.exactPerHead > 0) parts.push(tf.transpose(tf.matMul(t.kx[h], qb.cols[h])) as tf.Tensor2D);
+        if (resRows) parts.push(resRows[h]);
+        let m = tf.max(parts[0], 1, true);
+        for (let i = 1; i < parts.length; i++) m = tf.maximum(m, tf.max(parts[i], 1, true));
+        const E = parts.map((s) => tf.exp(tf.sub(s, m)) as tf.Tensor2D);
+        zs.push(E.reduce((acc, e) => tf.add(acc, tf.sum(e, 1, true)) as tf.Tensor2D, tf.zeros([gn, 1]) as tf.Tensor2D));
+        let o = tf.zeros([gn, d]) as tf.Tensor2D;
+        let i = 0;
+        if (S > 0) {
+          const Es = E[i++];
+          o = tf.add(o, path === 'compressed' ? tf.matMul(tf.matMul(Es, Uvs!), Bvh[h]) : tf.matMul(Es, tf.matMul(Uvs!, Bvh[h]))) as tf.Tensor2D;
+        }
+        if (this.exactPerHead > 0) o = tf.add(o, tf.matMul(E[i++], t.vx[h])) as tf.Tensor2D;
+        if (resRows) eres.push(E[i++]);
+        outs.push(o);
+      }
+      let O = Hkv === 1 ? outs[0] : (tf.concat(outs, 0) as tf.Tensor2D); // [H·n, d]
+      const z = Hkv === 1 ? zs[0] : (tf.concat(zs, 0) as tf.Tensor2D);
+      if (eres.length) {
+        const Er = Hkv === 1 ? eres[0] : (tf.concat(eres, 0) as tf.Tensor2D);
+        O = tf.add(O, ownHeadBlock(tf.matMul(Er, tf.reshape(residual!.v, [nDec, F]) as tf.Tensor2D), qb, d)) as tf.Tensor2D;
+      }
+      return tf.transpose(tf.reshape(tf.div(O, z), [H, n, d]), [1, 0, 2]) as tf.Tensor3D;
+    });
+  }
+}
