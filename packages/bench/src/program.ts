@@ -2,6 +2,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { KvpackError } from '@kvpack/core';
 import { EXIT, benchCommand, processIO, strategiesCommand, type BenchCommandOptions, type CommandIO } from './commands.js';
 import { registerPerfCommand } from './perf-hook.js';
+import { registerAccuracyCommand } from './accuracy/command.js';
 
 /**
  * Builds the `kvpack` command line (commander). Actions store their exit code in `state.code`.
@@ -34,6 +35,7 @@ export function buildProgram(io: CommandIO, state: { code: number }): Command {
       state.code = await benchCommand(config, opts, io);
     });
   registerPerfCommand(bench);
+  registerAccuracyCommand(bench, io, state);
 
   program
     .command('strategies')

@@ -1,0 +1,202 @@
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { cpus } from 'node:os';
+import { basename, extname, join, resolve } from 'node:path';
+import { Option, type Command } from 'commander';
+import { KvpackError, describeBackend, selectBackend } from '@kvpack/core';
+import { EXIT, processIO, type CommandIO } from '../commands.js';
+import { loadBenchModel } from '../load.js';
+import { renderRatioPlot } from '../plot.js';
+import { createProgress, progressBarEnabled } from '../progress.js';
+import { loadAccuracyConfig, type AccuracyConfig } from './config.js';
+import { readEvalSet } from './dataset.js';
+import { accuracyMarkdown, accuracyPanels, automaticNotes, type AccuracyReport } from './report.js';
+import { runAccuracy, type AccuracyModel } from './runner.js';
+
+/** Options of `kvpack bench accuracy CONFIG`. */
+export interface AccuracyCommandOptions {
+  /** Output folder (default `bench-out`). */
+  out?: string;
+  backend?: string;
+  /** Examples per task, instead of the config's `limit`. */
+  limit?: string | number;
+  /** Comma-separated tasks, instead of the config's `tasks`. */
+  tasks?: string;
+  /** Model / eval file / tokenizer instead of the config's (relative to the working directory). */
+  model?: string;
+  eval?: string;
+  tokenizer?: string;
+  /** Exit 2 instead of 0 when the model or eval files are absent. */
+  requireModel?: boolean;
+  /** Skip the SVG plot. */
+  plot?: boolean;
+}
+
+const VERSION = '0.1.0';
+
+/** Lines explaining what is missing when the model or eval files are absent. */
+export function missingAccuracyFilesMessage(cfg: AccuracyConfig, missing: string[]): string {
+  return [
+    `kvpack bench accuracy: files not found: ${missing.join(', ')}`,
+    ...(cfg.data.modelSource ? cfg.data.modelSource.trim().split('\n').map((l) => `  ${l}`) : []),
+    `  Set KVPACK_MODELS_DIR to the folder holding "${cfg.data.model}" and "${cfg.data.eval}", edit ${cfg.source},`,
+    '  or pass --model DIR --eval FILE. Nothing was run.',
+  ].join('\n');
+}
+
+function parseLimit(v: string | number | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const n = typeof v === 'number' ? v : Number(v);
+  if (!Number.isInteger(n) || n < 1) throw new KvpackError('config', `--limit must be a positive integer, got "${v}"`);
+  return n;
+}
+
+/**
+ * `kvpack bench accuracy CONFIG`: RULER-style exact-match accuracy against compression ratio.
+ * Prints the Markdown table on stdout and writes OUT/<config>.json, .md and .svg.
+ * @returns 0 (also when the model is absent, after saying so), 2 when a setting failed;
+ *          throws KvpackError on bad input.
+ */
+export async function accuracyCommand(configPath: string, opts: AccuracyCommandOptions, io: CommandIO = processIO): Promise<number> {
+  await import('@kvpack/xkv');
+  await import('@kvpack/baselines');
+  const limit = parseLimit(opts.limit);
+  const cfg = loadAccuracyConfig(configPath);
+  if (opts.model) cfg.modelPath = resolve(opts.model);
+  if (opts.eval) cfg.evalPath = resolve(opts.eval);
+  if (opts.tokenizer) cfg.tokenizerPath = resolve(opts.tokenizer);
+  const tasks = opts.tasks
+    ? opts.tasks
+        .split(',')
+        .map((t) => t.trim())
+        .filter(Boolean)
+    : cfg.data.tasks;
+  if (opts.tasks && !tasks?.length) throw new KvpackError('config', `--tasks names no task: "${opts.tasks}"`);
+  const missing = [cfg.modelPath, cfg.evalPath, ...(cfg.tokenizerPath ? [cfg.tokenizerPath] : [])].filter((p) => !existsSync(p));
+  if (missing.length) {
+    io.out(missingAccuracyFilesMessage(cfg, missing));
+    if (opts.requireModel) throw new KvpackError('io', `files not found (--require-model): ${missing.join(', ')}`);
+    return EXIT.ok;
+  }
+  const choice = await selectBackend(opts.backend ?? (process.env.KVPACK_BACKEND || 'auto'));
+  const backendLine = describeBackend(choice);
+  io.err(backendLine);
+
+  const loaded = await loadBenchModel(cfg.modelPath, cfg.tokenizerPath);
+  let report: AccuracyReport;
+  try {
+    const evalSet = readEvalSet(cfg.evalPath, { tokenizer: loaded.tokenizer, bos: cfg.data.bos, tasks, limit: limit ?? cfg.data.limit });
+    io.err(
+      `model ${cfg.modelPath} (${loaded.format}); eval ${cfg.evalPath}: ${evalSet.examples.length} example(s) of ${evalSet.tasks.join(', ')}; ` +
+        `${cfg.settings.length} setting(s) + the uncompressed reference`,
+    );
+    const bar = createProgress(process.stderr, process.env, (l) => io.err(l));
+    const lines = !progressBarEnabled(process.stderr, process.env);
+    let result;
+    try {
+      result = await runAccuracy(
+        loaded.model as AccuracyModel,
+        evalSet.examples,
+        cfg.settings,
+        {
+          lastToken: cfg.data.lastToken,
+          stopAtEos: cfg.data.stopAtEos,
+          stopIds: cfg.data.stopIds,
+          maxNewTokens: cfg.data.maxNewTokens,
+          attentionQueries: cfg.data.attentionQueries,
+          tasks: evalSet.tasks,
+        },
+        {
+          onStart: (n) => bar.onStart?.(n),
+          onStep: (d, n, label) => bar.onStep?.(d, n, label),
+          onExampleDone: (ex, i, n, marks) => {
+            if (!lines) return;
+            const ok = marks.filter((m) => m.correct === true).length;
+            const wrong = marks.filter((m) => m.correct === false).map((m) => m.label);
+            io.err(
+              `[${i + 1}/${n}] ${ex.id} (${ex.task}): ${ok}/${marks.length} exact` + (wrong.length ? `; wrong: ${wrong.join(', ')}` : ''),
+            );
+          },
+        },
+      );
+    } finally {
+      bar.stop();
+    }
+    const pt = result.prefillTokens;
+    report = {
+      format: 'kvpack-accuracy/1',
+      ...(cfg.data.title ? { title: cfg.data.title } : {}),
+      environment: {
+        backend: choice.name,
+        backendLine,
+        node: process.version,
+        platform: process.platform,
+        arch: process.arch,
+        cpus: cpus().length,
+        date: new Date().toISOString(),
+        kvpackVersion: VERSION,
+        quick: false,
+      },
+      config: { source: cfg.source, data: cfg.data },
+      model: { path: cfg.modelPath, ...(cfg.tokenizerPath ? { tokenizer: cfg.tokenizerPath } : {}), layout: result.layout },
+      eval: { path: cfg.evalPath, tasks: evalSet.tasks, examples: evalSet.examples.length, available: evalSet.available },
+      run: {
+        lastToken: cfg.data.lastToken,
+        attentionQueries: result.attentionQueries,
+        prefillTokens: { min: Math.min(...pt), max: Math.max(...pt), mean: pt.reduce((a, b) => a + b, 0) / pt.length },
+      },
+      reference: result.reference,
+      results: result.results,
+      notes: [...(cfg.data.notes ?? []), ...automaticNotes(result.results, result.layout.nLayers)],
+    };
+  } finally {
+    loaded.model.dispose();
+  }
+
+  const md = accuracyMarkdown(report);
+  io.out(md);
+  const outDir = resolve(opts.out ?? 'bench-out');
+  mkdirSync(outDir, { recursive: true });
+  const name = basename(configPath, extname(configPath));
+  const written = [join(outDir, `${name}.json`), join(outDir, `${name}.md`)];
+  writeFileSync(written[0], `${JSON.stringify(report, null, 2)}\n`);
+  writeFileSync(written[1], `${md}\n`);
+  if (opts.plot !== false) {
+    const svg = await renderRatioPlot(accuracyPanels(report), { title: report.title ?? `kvpack bench accuracy: ${name}` });
+    const svgPath = join(outDir, `${name}.svg`);
+    writeFileSync(svgPath, svg);
+    written.push(svgPath);
+  }
+  io.err(`wrote ${written.join(', ')}`);
+  const failed = report.results.filter((r) => r.error !== undefined);
+  if (failed.length) {
+    io.err(`kvpack: error: ${failed.length} setting(s) failed: ${failed.map((r) => `${r.label}: ${r.error}`).join('; ')}`);
+    return EXIT.badInput;
+  }
+  return EXIT.ok;
+}
+
+/**
+ * Adds `accuracy` under the `bench` command: `kvpack bench accuracy CONFIG [--limit N] [--tasks a,b]
+ * [--out DIR] [--backend …] [--model DIR] [--eval FILE] [--tokenizer FILE] [--require-model] [--no-plot]`.
+ * The action stores its exit code in `state.code`.
+ */
+export function registerAccuracyCommand(bench: Command, io: CommandIO, state: { code: number }): void {
+  bench
+    .command('accuracy')
+    .description('RULER-style retrieval accuracy (exact match per task) against compression ratio, with the attention-output error')
+    .argument('<config>', 'accuracy config file (.yaml, .yml or .json)')
+    .option('--limit <n>', "examples per task, instead of the config's limit")
+    .option('--tasks <list>', "comma-separated tasks, instead of the config's tasks")
+    .option('--out <dir>', 'folder for the JSON, Markdown and SVG outputs', 'bench-out')
+    .addOption(new Option('--backend <name>', 'tfjs backend').choices(['auto', 'wasm', 'cpu', 'webgpu', 'tensorflow']))
+    .option('--model <path>', "model folder or file, instead of the config's")
+    .option('--eval <file>', "JSONL eval set, instead of the config's")
+    .option('--tokenizer <file>', "tokenizer file, instead of the config's")
+    .option('--require-model', 'exit 2 (instead of 0) when the model or eval files are absent')
+    .option('--no-plot', 'skip the SVG plot')
+    .action(async (config: string, _opts: AccuracyCommandOptions, cmd: Command) => {
+      // `bench` declares --out, --backend, --model, --tokenizer, --require-model and --no-plot too and
+      // (commander's default) consumes them wherever they appear: read the merged values.
+      state.code = await accuracyCommand(config, cmd.optsWithGlobals<AccuracyCommandOptions>(), io);
+    });
+}

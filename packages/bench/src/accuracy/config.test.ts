@@ -1,0 +1,55 @@
+import { resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+import { KvpackError, listStrategies } from '@kvpack/core';
+import '@kvpack/xkv';
+import '@kvpack/baselines';
+import { loadAccuracyConfig, resolveAccuracyConfig } from './config.js';
+
+const repoRoot = resolve(fileURLToPath(new URL('.', import.meta.url)), '../../../..');
+const example = resolve(repoRoot, 'examples', 'rulermini-accuracy.yaml');
+
+describe('accuracy config', () => {
+  it('examples/rulermini-accuracy.yaml covers every registered strategy over a range of settings', () => {
+    const cfg = loadAccuracyConfig(example, {});
+    expect(cfg.modelPath).toBe(resolve(repoRoot, '..', 'shared', 'models', 'rulermini-19m'));
+    expect(cfg.evalPath).toBe(resolve(repoRoot, '..', 'shared', 'models', 'rulermini-19m', 'eval_1024.jsonl'));
+    expect(cfg.data.tasks).toEqual(['niah_single']);
+    expect(new Set(cfg.settings.map((s) => s.name))).toEqual(new Set(listStrategies()));
+    expect(cfg.settings.filter((s) => s.name === 'xkv').map((s) => s.label)).toEqual([
+      'xkv-4 rankK=4 rankV=6',
+      'xkv-4 rankK=8 rankV=12',
+      'xkv-4 rankK=16 rankV=24',
+      'xkv-4 rankK=32 rankV=48',
+    ]);
+    // MiniCache once on all layers and once at its default start (⌊L/2⌋, left to the strategy).
+    expect(cfg.settings.filter((s) => s.name === 'minicache').map((s) => s.resolvedOptions.startLayer)).toEqual([0, undefined]);
+  });
+
+  it('KVPACK_MODELS_DIR replaces modelsDir for the model and the eval file', () => {
+    const cfg = loadAccuracyConfig(example, { KVPACK_MODELS_DIR: '/elsewhere/models' });
+    expect(cfg.modelPath).toBe('/elsewhere/models/rulermini-19m');
+    expect(cfg.evalPath).toBe('/elsewhere/models/rulermini-19m/eval_1024.jsonl');
+  });
+
+  it('names unknown keys, missing fields and bad strategy options', () => {
+    const base = { model: 'm', eval: 'e.jsonl', strategies: [{ name: 'dense' }] };
+    const err = (raw: unknown) => {
+      try {
+        resolveAccuracyConfig(raw, '/cfg', 'acc.yaml', {});
+      } catch (e) {
+        expect(e).toBeInstanceOf(KvpackError);
+        return (e as Error).message;
+      }
+      throw new Error('expected an error');
+    };
+    expect(err({ ...base, limt: 3 })).toMatch(/^invalid accuracy config acc\.yaml:\n\(root\): unknown key "limt"/);
+    expect(err({ model: 'm', strategies: [{ name: 'dense' }] })).toMatch(/eval: /);
+    expect(err({ ...base, limit: 0 })).toMatch(/limit: /);
+    expect(err({ ...base, strategies: [{ name: 'xkv', options: { rank: [4, 8] } }] })).toMatch(/^acc\.yaml: setting "xkv rank=4": invalid options for strategy "xkv"/);
+    expect(err({ ...base, strategies: [{ name: 'nope' }] })).toMatch(/unknown strategy "nope"/);
+    const ok = resolveAccuracyConfig(base, '/cfg', 'acc.yaml', {});
+    expect(ok.evalPath).toBe('/cfg/e.jsonl');
+    expect(ok.data).toMatchObject({ lastToken: 'decode', attentionQueries: 8, stopAtEos: true, bos: false, stopIds: [] });
+  });
+});

@@ -1,0 +1,110 @@
+import { existsSync } from 'node:fs';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import { KvpackError, parseStrategyOptions, readConfigFile } from '@kvpack/core';
+import { z } from 'zod';
+import { BenchConfigSchema, formatZodError, type ResolvedSetting } from '../config.js';
+import { expandGrid } from '../grid.js';
+
+const positiveInt = z.int().positive();
+
+/** A strategy entry: the quality bench's syntax (name, options grid, zip, label, series, seriesBy, observationWindow). */
+const StrategyEntrySchema = BenchConfigSchema.shape.strategies.element;
+
+/**
+ * The accuracy bench config (YAML or JSON). `model`, `tokenizer` and `eval` are relative to
+ * `modelsDir` (relative to the config file; env KVPACK_MODELS_DIR replaces it), or to the config
+ * file when there is no `modelsDir`.
+ */
+export const AccuracyConfigSchema = z.strictObject({
+  /** Free text shown in reports. */
+  title: z.string().optional(),
+  /** Folder holding the models, relative to the config file. Overridden by env KVPACK_MODELS_DIR. */
+  modelsDir: z.string().optional(),
+  /** Model checkpoint or folder (Hugging Face folder, GGUF, llama2.c .bin). */
+  model: z.string().min(1),
+  /** Where the model comes from: printed when its files are absent. */
+  modelSource: z.string().optional(),
+  /** Tokenizer file, when the model carries none and the eval set has text only. */
+  tokenizer: z.string().min(1).optional(),
+  /** JSONL eval set: `input_ids` + `answer_ids` or `input` + `answer`, optional `task`. */
+  eval: z.string().min(1),
+  /** Tasks to run, in this order (default: every task in the file). */
+  tasks: z.array(z.string().min(1)).min(1).optional(),
+  /** Examples per task (the first ones in the file; default: all). */
+  limit: positiveInt.optional(),
+  /** Prepend the tokenizer's BOS to tokenized `input` text (default false: RULER-style prompts carry it). */
+  bos: z.boolean().default(false),
+  /** End an answer at the model's EOS (the EOS is part of the prediction). Default true. */
+  stopAtEos: z.boolean().default(true),
+  /** Other ids that end an answer (included in the prediction). */
+  stopIds: z.array(z.int().nonnegative()).default([]),
+  /** Cap on generated tokens; by default each example decodes exactly len(answer_ids) tokens. */
+  maxNewTokens: positiveInt.optional(),
+  /**
+   * How the prompt's last token is handled:
+   * - `decode` (default): the prompt minus its last token is prefilled and compressed, and the last
+   *   prompt token is decoded through the compressed cache — every answer token is predicted through it;
+   * - `prefill`: the whole prompt is prefilled and compressed; the first answer token comes from the
+   *   prefill's exact logits (as `LlamaModel.generate` does).
+   */
+  lastToken: z.enum(['decode', 'prefill']).default('decode'),
+  /** Query rows (the prompt's last tokens) for the attention-output error; 0 skips it. Default 8. */
+  attentionQueries: z.int().nonnegative().default(8),
+  /** Free-text notes printed under the table (e.g. model-specific caveats). */
+  notes: z.array(z.string()).optional(),
+  strategies: z.array(StrategyEntrySchema).min(1),
+});
+export type AccuracyConfigInput = z.input<typeof AccuracyConfigSchema>;
+export type AccuracyConfigData = z.output<typeof AccuracyConfigSchema>;
+
+/** A loaded, validated accuracy config with absolute paths and expanded settings. */
+export interface AccuracyConfig {
+  /** Absolute path of the config file (or '<inline>'). */
+  source: string;
+  data: AccuracyConfigData;
+  modelPath: string;
+  tokenizerPath?: string;
+  evalPath: string;
+  settings: ResolvedSetting[];
+}
+
+/**
+ * Validates a raw accuracy config and resolves its paths against `baseDir`. The strategy grid is
+ * expanded with the quality bench's {@link expandGrid}, each setting checked against its strategy's
+ * schema (register strategies first: import @kvpack/xkv and @kvpack/baselines).
+ * @throws KvpackError('config' | 'unknown-strategy') naming the offending key or setting.
+ */
+export function resolveAccuracyConfig(raw: unknown, baseDir: string, source = '<inline>', env: NodeJS.ProcessEnv = process.env): AccuracyConfig {
+  const r = AccuracyConfigSchema.safeParse(raw);
+  if (!r.success) throw new KvpackError('config', `invalid accuracy config ${source}:\n${formatZodError(r.error)}`);
+  const data = r.data;
+  const modelsDir = env.KVPACK_MODELS_DIR ? resolve(env.KVPACK_MODELS_DIR) : data.modelsDir ? resolve(baseDir, data.modelsDir) : baseDir;
+  const at = (p: string) => (isAbsolute(p) ? p : resolve(modelsDir, p));
+  const entries = data.strategies.map((e) => ({ ...e, seriesBy: typeof e.seriesBy === 'string' ? [e.seriesBy] : e.seriesBy }));
+  const settings: ResolvedSetting[] = [];
+  for (const s of expandGrid(entries)) {
+    let resolvedOptions: Record<string, unknown>;
+    try {
+      resolvedOptions = parseStrategyOptions(s.name, s.options) as Record<string, unknown>;
+    } catch (err) {
+      if (err instanceof KvpackError) throw new KvpackError(err.code, `${source}: setting "${s.label}": ${err.message}`, { cause: err });
+      throw err;
+    }
+    settings.push({ ...s, resolvedOptions, observationWindow: entries[s.entry].observationWindow });
+  }
+  return {
+    source,
+    data,
+    modelPath: at(data.model),
+    ...(data.tokenizer ? { tokenizerPath: at(data.tokenizer) } : {}),
+    evalPath: at(data.eval),
+    settings,
+  };
+}
+
+/** Reads and validates an accuracy config file (.yaml, .yml or .json). @throws KvpackError */
+export function loadAccuracyConfig(path: string, env: NodeJS.ProcessEnv = process.env): AccuracyConfig {
+  const abs = resolve(path);
+  if (!existsSync(abs)) throw new KvpackError('io', `config file ${abs} does not exist`);
+  return resolveAccuracyConfig(readConfigFile(abs), dirname(abs), abs, env);
+}

@@ -1,0 +1,131 @@
+import type { PlotPanel } from '../plot.js';
+import { markdownTable, type BenchEnvironment } from '../report.js';
+import type { AccuracyReference, AccuracyRunResult, AccuracySettingResult } from './runner.js';
+
+/** The JSON report `kvpack bench accuracy` writes. */
+export interface AccuracyReport {
+  format: 'kvpack-accuracy/1';
+  title?: string;
+  environment: BenchEnvironment;
+  config: { source: string; data: unknown };
+  model: { path: string; tokenizer?: string; layout: AccuracyRunResult['layout'] };
+  eval: { path: string; tasks: string[]; examples: number; available: Record<string, number> };
+  run: {
+    lastToken: 'decode' | 'prefill';
+    attentionQueries: number;
+    /** Prefill tokens per example, min and max. */
+    prefillTokens: { min: number; max: number; mean: number };
+  };
+  /** The uncompressed model (dense float32 cache, same decode path). */
+  reference: AccuracyReference;
+  results: AccuracySettingResult[];
+  /** Notes printed under the table (config notes and automatic ones). */
+  notes: string[];
+}
+
+function fmt(x: number | null | undefined, digits: number): string {
+  if (x === null || x === undefined || !Number.isFinite(x)) return 'N/A';
+  return x.toFixed(digits);
+}
+
+function attnCell(x: number | null): string {
+  if (x === null || !Number.isFinite(x)) return '–';
+  return x === 0 ? '0' : x < 1e-3 ? x.toExponential(1) : x.toFixed(4);
+}
+
+/**
+ * The accuracy table: one row per setting (the uncompressed reference first) with the measured
+ * compression ratio, exact-match accuracy per task (and their mean when there are several), the
+ * fraction of answers equal to the uncompressed model's, the attention-output error and the
+ * compress time.
+ */
+export function accuracyTable(reference: AccuracyReference, results: AccuracySettingResult[]): string {
+  const tasks = reference.accuracy.tasks.map((t) => t.task);
+  const many = tasks.length > 1;
+  const header = ['setting', 'ratio', ...tasks, ...(many ? ['mean'] : []), 'agree', 'attn err', 'compress ms'];
+  const acc = (r: { accuracy: AccuracyReference['accuracy'] }) => [
+    ...tasks.map((t) => {
+      const a = r.accuracy.tasks.find((x) => x.task === t);
+      return a && a.total ? `${fmt(a.accuracy, 2)} (${a.correct}/${a.total})` : 'N/A';
+    }),
+    ...(many ? [fmt(r.accuracy.mean, 3)] : []),
+  ];
+  const rows: string[][] = [['uncompressed (float32)', '–', ...acc(reference), '1.00', '0', '–']];
+  for (const r of results) {
+    if (r.error !== undefined) {
+      rows.push([r.label, 'error', ...Array(header.length - 2).fill('')]);
+      continue;
+    }
+    rows.push([r.label, `${fmt(r.ratio, 2)}×`, ...acc(r), fmt(r.agreement, 2), attnCell(r.attentionError), fmt(r.compressMs, 0)]);
+  }
+  return markdownTable(header, rows, ['l', ...header.slice(1).map(() => 'r' as const)]);
+}
+
+/** Automatic notes: MiniCache settings that leave the lower layers exact. */
+export function automaticNotes(results: AccuracySettingResult[], nLayers: number): string[] {
+  const notes: string[] = [];
+  const mini = results.filter((r) => r.name === 'minicache' && r.error === undefined);
+  const partial = mini.filter((r) => {
+    const s = r.resolvedOptions.startLayer;
+    return s === undefined || (typeof s === 'number' && s > 0);
+  });
+  if (partial.length)
+    notes.push(
+      `MiniCache merges only layers from startLayer on (default ⌊L/2⌋ = ${Math.floor(nLayers / 2)} of ${nLayers}); the layers below stay exact. ` +
+        `On a model whose retrieval happens in the lower layers such a setting looks lossless; compare it with startLayer 0. Concerned: ${partial.map((r) => `"${r.label}"`).join(', ')}.`,
+    );
+  return notes;
+}
+
+/** The full Markdown report: title, environment, table, legend and notes. */
+export function accuracyMarkdown(report: AccuracyReport): string {
+  const e = report.environment;
+  const l = report.model.layout;
+  const p = report.run.prefillTokens;
+  return [
+    `## ${report.title ?? 'kvpack bench accuracy'}`,
+    '',
+    `${e.backendLine} · node ${e.node} · ${e.date}`,
+    `model ${report.model.path} (${l.nLayers} layers, ${l.nHeads} heads, ${l.nKvHeads} KV heads, head_dim ${l.headDim}) · ` +
+      `eval ${report.eval.path}: ${report.eval.examples} example(s) of ${report.eval.tasks.join(', ')} · ` +
+      `${p.min === p.max ? p.min : `${p.min}–${p.max}`} prefill tokens · last prompt token ${report.run.lastToken === 'decode' ? 'decoded through the compressed cache' : 'in the exact prefill'}`,
+    '',
+    accuracyTable(report.reference, report.results),
+    '',
+    ...report.results.filter((r) => r.error !== undefined).map((r) => `**${r.label} failed:** ${r.error}\n`),
+    `ratio: fp16 dense bytes / bytes the compressed prefill holds (measured, Σ over examples). ` +
+      `Task columns: exact-match accuracy — the greedy answer (len(answer_ids) tokens, or up to a stop id) equals answer_ids token for token. ` +
+      `agree: fraction of answers identical to the uncompressed model's. ` +
+      (report.run.attentionQueries > 0
+        ? `attn err: attention-output error ‖softmax(qKᵀ/√d)V − same over the compressed cache‖ / ‖exact‖ with the model's post-RoPE queries of the prompt's last ${report.run.attentionQueries} tokens (causal), pooled over layers and examples as sqrt(Σ‖ΔO‖² / Σ‖O‖²). `
+        : 'attn err: skipped (attentionQueries 0). ') +
+      `compress ms: mean time of one compress call.`,
+    ...report.notes.flatMap((n) => ['', `note: ${n}`]),
+  ].join('\n');
+}
+
+/**
+ * Plot panels for {@link renderRatioPlot}: exact-match accuracy against the measured compression
+ * ratio, one panel per task, one line per series (strategy); and, when measured, the
+ * attention-output error (log scale).
+ */
+export function accuracyPanels(report: Pick<AccuracyReport, 'reference' | 'results'>): PlotPanel[] {
+  const ok = report.results.filter((r) => r.error === undefined);
+  const panels: PlotPanel[] = report.reference.accuracy.tasks.map((t) => ({
+    title: `${t.task}: exact-match accuracy (uncompressed ${fmt(t.accuracy, 2)})`,
+    yTitle: 'accuracy',
+    points: ok.flatMap((r) => {
+      const a = r.accuracy.tasks.find((x) => x.task === t.task);
+      return a && a.total ? [{ ratio: r.ratio, value: a.accuracy, series: r.series, label: r.label }] : [];
+    }),
+  }));
+  const attn = ok.filter((r) => r.attentionError !== null && r.attentionError > 0);
+  if (attn.length)
+    panels.push({
+      title: 'attention-output error',
+      yTitle: 'relative error (log)',
+      yScale: 'log',
+      points: attn.map((r) => ({ ratio: r.ratio, value: r.attentionError as number, series: r.series, label: r.label })),
+    });
+  return panels;
+}
