@@ -13,3 +13,4 @@ export * from './registry.js';
 export * from './backend.js';
 export * from './linalg.js';
 export * from './dense/index.js';
+export * from './random.js';

@@ -1,3 +1,4 @@
+import { mulberry32 } from '@kvpack/core';
 // Helpers for this package's tests (not exported from the package).
 import * as tf from '@tensorflow/tfjs-core';
 import { existsSync } from 'node:fs';
@@ -17,17 +18,8 @@ export function hasFile(p: string): boolean {
   return existsSync(p);
 }
 
-/** Seeded uniform PRNG (mulberry32). */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Seeded uniform PRNG (core's mulberry32). */
+export const rng = mulberry32;
 
 /** Standard normal draws from a seeded PRNG (Box–Muller). */
 export function gaussian(seed: number): () => number {

@@ -1,3 +1,4 @@
+import { mulberry32 } from '@kvpack/core';
 /**
  * Test helpers shared by the baselines' tests (not exported from the package): float64 references
  * written independently of the code under test.
@@ -31,17 +32,8 @@ export function rint(x: number): number {
   return d < 0.5 ? f : d > 0.5 ? f + 1 : f % 2 === 0 ? f : f + 1;
 }
 
-/** Deterministic uniform PRNG (mulberry32). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Seeded uniform PRNG (core's mulberry32). */
+export const prng = mulberry32;
 
 /** Host data of a small random cache: per layer pre-RoPE keys and values [T, H_kv, d] and queries [T_obs, H, d]. */
 export interface RandomCache {

@@ -1,3 +1,4 @@
+import { mulberry32 } from '@kvpack/core';
 // Test helpers (not exported from the package): random Llama checkpoints in the Hugging Face layout.
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
@@ -8,17 +9,8 @@ import { encodeSafetensors, type SafetensorsTensorInput } from './safetensors.js
 export const MODELS_DIR =
   process.env.KVPACK_MODELS_DIR ?? resolve(fileURLToPath(new URL('../../../../', import.meta.url)), '..', 'shared', 'models');
 
-/** Deterministic uniform [0, 1) generator (mulberry32). */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Seeded uniform PRNG (core's mulberry32). */
+export const rng = mulberry32;
 
 /**
  * Random values k / 2^bits · scale with integer |k| < 2^bits, exactly representable in float16 and

@@ -1,4 +1,4 @@
-import { check } from '@kvpack/core';
+import { check, mulberry32 } from '@kvpack/core';
 
 /** Token sampling settings. */
 export interface SamplingOptions {
@@ -10,20 +10,7 @@ export interface SamplingOptions {
   seed?: number;
 }
 
-/**
- * mulberry32: a small seeded 32-bit PRNG (Tommy Ettinger), uniform in [0, 1). Deterministic across
- * platforms; not cryptographic and not run.c's xorshift sequence.
- */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { mulberry32 } from '@kvpack/core';
 
 /** Index of the largest value (the first one on ties). */
 export function argmax(x: ArrayLike<number>): number {
