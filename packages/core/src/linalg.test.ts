@@ -1,7 +1,16 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { Matrix, SingularValueDecomposition } from 'ml-matrix';
+import { Matrix, QrDecomposition, SingularValueDecomposition } from 'ml-matrix';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { selectBackend, truncatedSvd, relativeFrobeniusError, KvpackError } from './index.js';
+import {
+  selectBackend,
+  truncatedSvd,
+  relativeFrobeniusError,
+  KvpackError,
+  orthonormalize,
+  orthonormalizeDevice,
+  resolveOrthogonalization,
+  gaussianMatrix,
+} from './index.js';
 
 beforeAll(async () => {
   await selectBackend('wasm');
@@ -42,7 +51,7 @@ describe('truncatedSvd', () => {
     const err = await relativeFrobeniusError(X, A);
     const ref = exactError(data, T, F, r);
     expect(Math.abs(err - ref) / ref).toBeLessThan(0.01);
-    expect(singularValues[0]).toBeGreaterThan(singularValues[r - 1]);
+    expect(singularValues![0]).toBeGreaterThan(singularValues![r - 1]);
     tf.dispose([X, basis, coeffs, A]);
   });
 
@@ -71,5 +80,136 @@ describe('truncatedSvd', () => {
     }
     expect(tf.memory().numTensors).toBe(before + 1);
     tf.dispose([X, X2]);
+  });
+
+  /** A [T, F] matrix with singular values σ_i = ratio^(i/(n−1)) (i < n) and orthonormal factors, plus its σ. */
+  function conditioned(T: number, F: number, n: number, ratio: number, seed: number): { data: Float32Array; sigma: number[] } {
+    const U = new Matrix(Array.from({ length: T }, (_, i) => Array.from({ length: n }, (_, j) => Math.sin(seed + 1.3 * i * (j + 1) + 0.7 * j * j) + Math.cos(seed * (i + 2) + j))));
+    const V = new Matrix(Array.from({ length: F }, (_, i) => Array.from({ length: n }, (_, j) => Math.cos(seed + 0.9 * i * (j + 2) + 0.3 * j) + Math.sin(2 * seed + i * j * 0.11))));
+    const Uq = new QrDecomposition(U).orthogonalMatrix.subMatrix(0, T - 1, 0, n - 1);
+    const Vq = new QrDecomposition(V).orthogonalMatrix.subMatrix(0, F - 1, 0, n - 1);
+    const sigma = Array.from({ length: n }, (_, i) => Math.pow(ratio, i / (n - 1)));
+    const X = Uq.mmul(Matrix.diag(sigma)).mmul(Vq.transpose());
+    return { data: Float32Array.from(X.to1DArray()), sigma };
+  }
+
+  /** max |QᵀQ − I| in float64 from Q's float32 values. */
+  function orthogonalityError(q: Float32Array, m: number, k: number): number {
+    let worst = 0;
+    for (let i = 0; i < k; i++)
+      for (let j = 0; j <= i; j++) {
+        let s = 0;
+        for (let t = 0; t < m; t++) s += q[t * k + i] * q[t * k + j];
+        worst = Math.max(worst, Math.abs(s - (i === j ? 1 : 0)));
+      }
+    return worst;
+  }
+
+  it.each(['host', 'device'] as const)('orthonormalize (%s) of an ill-conditioned Y (σ from 1 to 1e-3) gives an orthonormal basis of its range', async (orth) => {
+    const m = 300, k = 24;
+    const { data } = conditioned(m, k, k, 1e-3, 3);
+    const Y = tf.tensor2d(data, [m, k]);
+    const Q = orth === 'host' ? await orthonormalize(Y, 2) : orthonormalizeDevice(Y, 2);
+    expect(Q.shape).toEqual([m, k]);
+    const q = (await Q.data()) as Float32Array;
+    expect(orthogonalityError(q, m, k)).toBeLessThan(1e-4);
+    // Range: every column of Y is reproduced by Q·Qᵀ·y (float64 here).
+    let res = 0, tot = 0;
+    for (let j = 0; j < k; j++) {
+      const c = new Float64Array(k);
+      for (let a = 0; a < k; a++) for (let t = 0; t < m; t++) c[a] += q[t * k + a] * data[t * k + j];
+      for (let t = 0; t < m; t++) {
+        let p = 0;
+        for (let a = 0; a < k; a++) p += q[t * k + a] * c[a];
+        res += (data[t * k + j] - p) ** 2;
+        tot += data[t * k + j] ** 2;
+      }
+    }
+    expect(Math.sqrt(res / tot)).toBeLessThan(1e-4);
+    tf.dispose([Y, Q]);
+  });
+
+  it.each([
+    ['host', 8, 1],
+    ['host', 0, 1],
+    ['device', 0, 1],
+    ['device', 8, 0.5],
+    ['host', 0, 1.5],
+    ['device', 0, 2],
+  ] as const)('randomized (%s, oversample %i, powerIters %s) is within a tenth of the float64 optimum, with an orthonormal basis', async (orth, p, q) => {
+    const T = 240, F = 160, r = 12;
+    const data = testMatrix(T, F, 11);
+    const X = tf.tensor2d(data, [T, F]);
+    const f = await truncatedSvd(X, { rank: r, oversample: p, powerIters: q, orthogonalization: orth, seed: 2 });
+    expect(f.basis.shape).toEqual([T, r]);
+    expect(f.coeffs.shape).toEqual([r, F]);
+    expect(f.singularValues === undefined).toBe(p === 0);
+    expect(orthogonalityError((await f.basis.data()) as Float32Array, T, r)).toBeLessThan(1e-4);
+    const A = tf.matMul(f.basis, f.coeffs);
+    const err = await relativeFrobeniusError(X, A);
+    const ref = exactError(data, T, F, r);
+    expect(err).toBeGreaterThanOrEqual(ref * (1 - 1e-4));
+    expect(err / ref - 1).toBeLessThan(0.1);
+    tf.dispose([X, A, f.basis, f.coeffs]);
+  });
+
+  it('device and host orthogonalization agree to float32 accuracy on a matrix with a wide spectrum', async () => {
+    const T = 200, F = 120, r = 16;
+    const { data, sigma } = conditioned(T, F, 40, 1e-4, 5);
+    const X = tf.tensor2d(data, [T, F]);
+    const errs: number[] = [];
+    for (const orth of ['host', 'device'] as const) {
+      const f = await truncatedSvd(X, { rank: r, oversample: 0, powerIters: 1, orthogonalization: orth, seed: 4 });
+      const A = tf.matMul(f.basis, f.coeffs);
+      errs.push(await relativeFrobeniusError(X, A));
+      tf.dispose([A, f.basis, f.coeffs]);
+    }
+    const tot = sigma.reduce((a, s) => a + s * s, 0);
+    const opt = Math.sqrt(sigma.slice(r).reduce((a, s) => a + s * s, 0) / tot);
+    for (const e of errs) expect(e / opt - 1).toBeLessThan(0.1);
+    expect(Math.abs(errs[0] - errs[1]) / opt).toBeLessThan(0.01);
+    X.dispose();
+  });
+
+  it('a rank-deficient X (rank 5 < k) keeps finite factors and reconstructs X on both paths', async () => {
+    const T = 120, F = 80;
+    const { data } = conditioned(T, F, 5, 0.1, 7);
+    const X = tf.tensor2d(data, [T, F]);
+    for (const orth of ['host', 'device'] as const) {
+      const f = await truncatedSvd(X, { rank: 10, oversample: 0, powerIters: 1, orthogonalization: orth });
+      const A = tf.matMul(f.basis, f.coeffs);
+      expect(f.basis.shape).toEqual([T, 10]);
+      expect(Array.from((await A.data()) as Float32Array).every(Number.isFinite)).toBe(true);
+      expect(await relativeFrobeniusError(X, A)).toBeLessThan(1e-3);
+      tf.dispose([A, f.basis, f.coeffs]);
+    }
+    X.dispose();
+  });
+
+  it('rejects bad oversample, powerIters and orthogonalization by name', async () => {
+    const X = tf.ones([20, 10]) as tf.Tensor2D;
+    await expect(truncatedSvd(X, { rank: 2, oversample: -1 })).rejects.toThrow(/oversample must be a non-negative integer or 'auto'/);
+    await expect(truncatedSvd(X, { rank: 2, powerIters: 0.3 })).rejects.toThrow(/powerIters must be a non-negative multiple of 0.5/);
+    await expect(truncatedSvd(X, { rank: 2, orthogonalization: 'gpu' as never })).rejects.toThrow(/orthogonalization must be/);
+    X.dispose();
+  });
+
+  it("'auto' orthogonalization is host on wasm; the test matrix is seeded and memoized", () => {
+    expect(resolveOrthogonalization('auto')).toBe('host');
+    const a = gaussianMatrix(7, 5, 3), b = gaussianMatrix(7, 5, 3), c = gaussianMatrix(7, 5, 4);
+    expect(Array.from(a.dataSync())).toEqual(Array.from(b.dataSync()));
+    expect(Array.from(a.dataSync())).not.toEqual(Array.from(c.dataSync()));
+    tf.dispose([a, b, c]);
+  });
+
+  it('leaks no tensors on the device path', async () => {
+    const X = tf.randomNormal([60, 40], 0, 1, 'float32', 3) as tf.Tensor2D;
+    const before = tf.memory().numTensors;
+    for (const q of [0, 0.5, 1, 2]) {
+      const f = await truncatedSvd(X, { rank: 6, oversample: 2, powerIters: q, orthogonalization: 'device' });
+      tf.dispose([f.basis, f.coeffs]);
+    }
+    expect(tf.memory().numTensors).toBe(before);
+    X.dispose();
   });
 });

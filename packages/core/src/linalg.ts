@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { choleskyUpper, invertUpper, symmetricEigHost } from './hostla.js';
 import { check } from './errors.js';
+import { mulberry32 } from './random.js';
 
 /**
  * Matrix product op(a)·op(b) on the tfjs backend. On wasm and cpu, tfjs's transposed kernels are
@@ -27,55 +28,161 @@ export function symmetricEig(a: Float64Array | Float32Array, n: number): { value
 }
 
 /**
- * Orthonormal basis of the column space of Y [m, k]: the Gram matrix YᵀY (k×k) is formed on the
- * backend, factored on the host in float64 (Cholesky, so Q = Y·R⁻¹; or, when YᵀY is numerically
- * singular, its eigen-decomposition, dropping directions with λ < tol·λ_max), and applied on the
- * backend. `passes` = 2 repeats it on Q (Cholesky-QR2, Yamamoto et al. 2015) to restore float32
- * orthogonality. Returns Q [m, k'] with k' ≤ k.
+ * Where {@link truncatedSvd} and the orthonormalizations do their k×k work (k = rank + oversample):
+ * - `host`: the Gram matrix YᵀY is read back and factored in float64 on the host (Cholesky-QR);
+ * - `device`: everything stays on the tfjs backend, with a Newton–Schulz iteration for (YᵀY)^(-1/2)
+ *   (no host round-trip; 24–27 k×k float32 products per pass, see {@link orthonormalizeDevice});
+ * - `auto` (default): `host` on the wasm and cpu backends (where the backend's k×k products are no
+ *   faster than host float64 code), `device` elsewhere (webgpu, webgl, tensorflow), where a host
+ *   factorization of k = 512 (≥ 50–300 ms in JS) would cost more than the whole sketch.
  */
-export async function orthonormalize(Y: tf.Tensor2D, passes = 2, tol = 1e-10): Promise<tf.Tensor2D> {
-  let Q = tf.clone(Y);
-  for (let p = 0; p < passes; p++) {
-    const k = Q.shape[1];
-    const G = matmul(Q, Q, true, false);
-    const g = (await G.data()) as Float32Array;
-    G.dispose();
-    // Cholesky-QR: Q·R⁻¹ with GᵀG = RᵀR (k³/3 flops on the host); when G is numerically singular,
-    // fall back to the eigen-decomposition, which drops the null directions.
-    const R = choleskyUpper(g, k, 1e-7);
-    let W: Float32Array;
-    let keep = k;
-    if (R) {
-      W = Float32Array.from(invertUpper(R, k));
-    } else {
-      const { values, vectors } = symmetricEig(g, k);
-      keep = Math.max(1, values.filter((v) => v > tol * Math.max(values[0], 1e-300)).length);
-      W = new Float32Array(k * keep);
-      for (let i = 0; i < k; i++) for (let j = 0; j < keep; j++) W[i * keep + j] = vectors[i * k + j] / Math.sqrt(Math.max(values[j], 1e-300));
-    }
-    const Wt = tf.tensor2d(W, [k, keep]);
-    const next = matmul(Q, Wt);
-    Wt.dispose();
-    Q.dispose();
-    Q = next;
-  }
-  return Q as tf.Tensor2D;
+export type Orthogonalization = 'auto' | 'host' | 'device';
+
+/** Resolves `auto` for the current tfjs backend (see {@link Orthogonalization}). */
+export function resolveOrthogonalization(o: Orthogonalization = 'auto'): 'host' | 'device' {
+  check(o === 'auto' || o === 'host' || o === 'device', 'config', `orthogonalization must be 'auto', 'host' or 'device', got ${String(o)}`);
+  if (o !== 'auto') return o;
+  const be = tf.getBackend();
+  return be === 'wasm' || be === 'cpu' ? 'host' : 'device';
 }
 
 /**
- * A [rows, cols] float32 matrix of standard normal draws made on the host from `seed` (mulberry32
- * + Box–Muller), so that it is the same on every backend and for every seed. (tfjs's
- * `randomNormal` treats seed 0 as "no seed" and draws from Math.random.)
+ * Host factor of a Gram matrix G = SᵀS [k, k] (read back, float64): W [k, k'] with S·W orthonormal.
+ * Cholesky G = RᵀR gives W = R⁻¹ (k³/3 + k³/3 flops); when G is numerically singular, its
+ * eigen-decomposition gives W = V_k'·Λ_k'^(-1/2), dropping directions with λ < tol·λ_max.
+ * Does not dispose G.
  */
-export function gaussianMatrix(rows: number, cols: number, seed: number): tf.Tensor2D {
-  let a = (Math.trunc(seed) ^ 0x9e3779b9) >>> 0;
-  const uniform = (): number => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+async function hostGramFactor(G: tf.Tensor2D, tol = 1e-10): Promise<tf.Tensor2D> {
+  const k = G.shape[0];
+  const g = (await G.data()) as Float32Array;
+  const R = choleskyUpper(g, k, 1e-7);
+  if (R) {
+    const W = tf.tensor2d(Float32Array.from(invertUpper(R, k)), [k, k]);
+    return W;
+  }
+  const { values, vectors } = symmetricEig(g, k);
+  const keep = Math.max(1, values.filter((v) => v > tol * Math.max(values[0], 1e-300)).length);
+  const W = new Float32Array(k * keep);
+  for (let i = 0; i < k; i++) for (let j = 0; j < keep; j++) W[i * keep + j] = vectors[i * k + j] / Math.sqrt(Math.max(values[j], 1e-300));
+  return tf.tensor2d(W, [k, keep]);
+}
+
+/**
+ * Orthonormal basis of the column space of Y [m, k], on the host: the Gram matrix YᵀY (k×k) is
+ * formed on the backend, factored on the host in float64 (Cholesky, so Q = Y·R⁻¹; or, when YᵀY is
+ * numerically singular, its eigen-decomposition, dropping directions with λ < tol·λ_max), and
+ * applied on the backend. `passes` = 2 repeats it on Q (Cholesky-QR2, Yamamoto et al. 2015) to
+ * restore float32 orthogonality. Returns Q [m, k'] with k' ≤ k. Does not dispose Y.
+ */
+export async function orthonormalize(Y: tf.Tensor2D, passes = 2, tol = 1e-10): Promise<tf.Tensor2D> {
+  let Q = Y;
+  for (let p = 0; p < passes; p++) {
+    const G = matmul(Q, Q, true, false);
+    const W = await hostGramFactor(G, tol);
+    const next = matmul(Q, W);
+    tf.dispose([G, W]);
+    if (Q !== Y) Q.dispose();
+    Q = next;
+  }
+  return Q === Y ? tf.clone(Y) : Q;
+}
+
+/** Ridge added to the scaled Gram matrix in {@link orthonormalizeDevice}: directions of Y below ~1e-3 of its largest are not blown up. */
+const NS_RIDGE = 1e-6;
+/**
+ * Odd quintic σ ↦ aσ + bσ³ + cσ⁵ (the coefficients of the Muon optimizer's Newton–Schulz
+ * orthogonalization, K. Jordan 2024): it multiplies small singular values by a ≈ 3.44 per step and
+ * maps (0, 1] into [0.68, 1.2] after 6 steps from σ ≥ 1e-3; cubic Newton–Schulz steps then converge
+ * quadratically to 1.
+ */
+const NS_QUINTIC = [3.4445, -4.775, 2.0315] as const;
+
+/**
+ * Steps of one Newton–Schulz pass (see {@link newtonSchulzInvSqrt}): `quintic` growth steps, then
+ * `cubic` convergence steps, after scaling G by a bound on λ_max.
+ */
+interface NsSchedule {
+  quintic: number;
+  cubic: number;
+  scale: 'frobenius' | 'rowsum';
+}
+/**
+ * A first pass (and the only pass between power iterations): 6 quintic + 1 cubic steps take
+ * σ ∈ [1e-3, 1] to within ~[0.9, 1.1] (27 k×k products).
+ */
+const NS_FIRST: NsSchedule = { quintic: 6, cubic: 1, scale: 'frobenius' };
+/**
+ * A second pass (G ≈ I, up to directions that the first pass's ridge under-normalized): 3 quintic
+ * + 4 cubic steps (24 k×k products); measured equal to a full 6 + 4 schedule on ill-conditioned
+ * sketches, and better than cubic steps alone.
+ */
+const NS_SECOND: NsSchedule = { quintic: 3, cubic: 4, scale: 'rowsum' };
+
+/**
+ * W ≈ c^(-1/2)·(G/c + δI)^(-1/2) for a symmetric positive semi-definite Gram matrix G [k, k], on the
+ * tfjs backend, by the coupled Newton–Schulz iteration written on the Gram matrix: M ← M·P(M)²,
+ * W ← W·P(M), with P the quintic (Muon) polynomial for the schedule's `quintic` steps, then the
+ * cubic (3I − M)/2 (Higham, Functions of Matrices, §6.7 and §8.3). All iterates are polynomials in
+ * G, so they commute. The scale c bounds λ_max(G): ‖G‖_F (`frobenius`) or the max absolute row sum
+ * (`rowsum`, tight when G ≈ I). Cost: 4 (quintic) or 3 (cubic) k×k products per step.
+ */
+function newtonSchulzInvSqrt(G: tf.Tensor2D, sch: NsSchedule): tf.Tensor2D {
+  return tf.tidy(() => {
+    const k = G.shape[0];
+    const I = tf.eye(k) as tf.Tensor2D;
+    const c = sch.scale === 'frobenius' ? tf.sqrt(tf.sum(tf.square(G))) : tf.max(tf.sum(tf.abs(G), 1));
+    const cs = tf.maximum(c, 1e-30);
+    let M = tf.add(tf.div(G, cs), tf.mul(I, NS_RIDGE)) as tf.Tensor2D;
+    let W = tf.mul(I, tf.rsqrt(cs)) as tf.Tensor2D;
+    const [a, b, cc] = NS_QUINTIC;
+    const aI = tf.mul(I, a);
+    const halfI = tf.mul(I, 1.5);
+    for (let i = 0; i < sch.quintic + sch.cubic; i++) {
+      const P =
+        i < sch.quintic
+          ? (tf.add(tf.add(aI, tf.mul(M, b)), tf.mul(matmul(M, M), cc)) as tf.Tensor2D)
+          : (tf.sub(halfI, tf.mul(M, 0.5)) as tf.Tensor2D);
+      W = matmul(W, P);
+      M = matmul(matmul(M, P), P);
+    }
+    return W;
+  });
+}
+
+/**
+ * Orthonormal basis of the column space of Y [m, k] computed entirely on the tfjs backend (no host
+ * round-trip): each pass forms G = YᵀY, W ≈ G^(-1/2) by Newton–Schulz ({@link newtonSchulzInvSqrt};
+ * first pass 6 quintic + 1 cubic steps on G/‖G‖_F + 1e-6·I, second pass 3 quintic + 4 cubic steps
+ * on G/max row sum), and Q = Y·W. Two passes give float32 orthogonality (like Cholesky-QR2); one
+ * pass (as between power iterations) leaves singular values within ~[0.9, 1.1]. Directions of Y
+ * weaker than ~1e-3 of its largest singular value come out as columns of small norm instead of
+ * being dropped, so Q is [m, k] always. Cost per pass: two [m, k]-by-k products and 24–27 k×k
+ * products. Does not dispose Y.
+ */
+export function orthonormalizeDevice(Y: tf.Tensor2D, passes = 2): tf.Tensor2D {
+  let Q = Y;
+  for (let p = 0; p < passes; p++) {
+    const next = tf.tidy(() => matmul(Q, deviceGramFactor(matmul(Q, Q, true, false), p)));
+    if (Q !== Y) Q.dispose();
+    Q = next;
+  }
+  return Q === Y ? tf.clone(Y) : Q;
+}
+
+/** Device factor W ≈ G^(-1/2) of a Gram matrix G = SᵀS (pass `pass` of an orthonormalization), with S·W orthonormal. */
+function deviceGramFactor(G: tf.Tensor2D, pass: number): tf.Tensor2D {
+  return newtonSchulzInvSqrt(G, pass === 0 ? NS_FIRST : NS_SECOND);
+}
+
+/** Host copies of recent test matrices (key rows×cols@seed): compressing many groups of one shape reuses one Ω. */
+const gaussianMemo: { key: string; data: Float32Array }[] = [];
+const GAUSSIAN_MEMO_ENTRIES = 2;
+
+function gaussianData(rows: number, cols: number, seed: number): Float32Array {
+  const key = `${rows}x${cols}@${Math.trunc(seed)}`;
+  const hit = gaussianMemo.find((e) => e.key === key);
+  if (hit) return hit.data;
+  const uniform = mulberry32((Math.trunc(seed) ^ 0x9e3779b9) >>> 0);
   const out = new Float32Array(rows * cols);
   for (let i = 0; i < out.length; i += 2) {
     const r = Math.sqrt(-2 * Math.log(1 - uniform()));
@@ -83,77 +190,217 @@ export function gaussianMatrix(rows: number, cols: number, seed: number): tf.Ten
     out[i] = r * Math.cos(th);
     if (i + 1 < out.length) out[i + 1] = r * Math.sin(th);
   }
-  return tf.tensor2d(out, [rows, cols]);
+  gaussianMemo.push({ key, data: out });
+  if (gaussianMemo.length > GAUSSIAN_MEMO_ENTRIES) gaussianMemo.shift();
+  return out;
+}
+
+/**
+ * A [rows, cols] float32 matrix of standard normal draws made on the host from `seed` (mulberry32
+ * + Box–Muller), so that it is the same on every backend and for every seed. (tfjs's
+ * `randomNormal` treats seed 0 as "no seed" and draws from Math.random.) The last two matrices
+ * drawn are kept on the host, so repeated calls with the same arguments cost only the upload.
+ */
+export function gaussianMatrix(rows: number, cols: number, seed: number): tf.Tensor2D {
+  const data = gaussianData(rows, cols, seed);
+  // The cpu backend keeps the array it is given (and hands it out from dataSync): give it a copy.
+  return tf.tensor2d(tf.getBackend() === 'cpu' ? data.slice() : data, [rows, cols]);
+}
+
+/** Largest rank at which `oversample: 'auto'` oversamples (see {@link autoOversample}). */
+export const AUTO_OVERSAMPLE_MAX_RANK = 128;
+/** Default power iterations q of {@link truncatedSvd}. */
+export const DEFAULT_POWER_ITERS = 1;
+
+/**
+ * The oversampling p that `oversample: 'auto'` uses at rank r: 8 for r ≤ 128, else 0. Measured
+ * (packages/xkv/README.md, "SVD defaults"): at r = 64 on real caches p = 8 halves the error excess
+ * over the optimum (≈ 10% → 4–6%) for a k×k host eigen-decomposition of a few ms; at r = 512 it
+ * gains < 0.5% while the k = 520 host eigen-decomposition costs about one large product on wasm
+ * and all of the budget on a GPU.
+ */
+export function autoOversample(rank: number): number {
+  return rank <= AUTO_OVERSAMPLE_MAX_RANK ? 8 : 0;
 }
 
 /** Options of {@link truncatedSvd}. */
 export interface TruncatedSvdOptions {
   /** Target rank r (1 ≤ r ≤ min(T, F)). */
   rank: number;
-  /** Extra sketch columns p (Halko et al. 2011, §4.2). Default 8. */
-  oversample?: number;
-  /** Power (subspace) iterations q, each re-orthonormalized. Default 1. */
+  /**
+   * Extra sketch columns p (Halko et al. 2011, §4.2), k = r + p, or `auto` (default:
+   * {@link autoOversample}, 8 for r ≤ 128 and 0 above). With p = 0 the sketch's basis is the result
+   * (no k×k eigen-decomposition; `singularValues` is then absent).
+   */
+  oversample?: number | 'auto';
+  /**
+   * Power (subspace) iterations q (Halko et al. 2011, Alg. 4.4), a multiple of 0.5. The method
+   * makes 2q + 2 products with X or Xᵀ (each a [T, F]-by-k product): q = 0 is X·Ω then Qᵀ·X; each
+   * half iteration adds one product and raises the spectral decay the sketch sees by one power of
+   * σ. A half-integer q starts from the row space (Ω'ᵀ·X, then X·P, …), which is cheaper when
+   * F < T. Each intermediate sketch is re-orthonormalized. Default 1.
+   */
   powerIters?: number;
   /** Seed of the Gaussian test matrix Ω (drawn on the host, so identical on every backend). */
   seed?: number;
   /** Force an exact decomposition: the sketch covers min(T, F). */
   exact?: boolean;
+  /** Where the k×k orthonormalization runs; default `auto` (see {@link Orthogonalization}). */
+  orthogonalization?: Orthogonalization;
 }
 
 /** Rank-r factors X ≈ basis · coeffs, with orthonormal basis columns. */
 export interface LowRankFactors {
   /** Orthonormal token basis U_r, [T, r]. */
   basis: tf.Tensor2D;
-  /** Coefficients S_r·V_rᵀ, [r, F]. */
+  /** Coefficients S_r·V_rᵀ (or Qᵀ·X when the final eigen-decomposition is skipped), [r, F]. */
   coeffs: tf.Tensor2D;
-  /** The r leading singular values (float64 estimates). */
-  singularValues: Float64Array;
+  /**
+   * The r leading singular values (float64 estimates), in descending order. Absent when the
+   * randomized path skips the final k×k eigen-decomposition (oversample 0): basis·coeffs is then
+   * the same rank-r approximation, with basis columns in no particular order.
+   */
+  singularValues?: Float64Array;
 }
 
 /**
  * Truncated SVD of X [T, F] by the randomized range finder with power iterations (Halko, Martinsson
- * & Tropp 2011, Alg. 4.4 + 5.1): Y = X·Ω, Q = orth(Y), B = Qᵀ·X, B·Bᵀ = W Λ Wᵀ on the host in float64,
- * basis = Q·W_r, coeffs = W_rᵀ·B. The large products run on the tfjs backend; only k×k matrices
- * (k = r + oversample) go to the host. When k ≥ min(T, F) the sketch spans X's range and the result
- * is the exact truncated SVD (up to float32 rounding).
- * @throws KvpackError('rank') when rank is not an integer in [1, min(T, F)].
+ * & Tropp 2011, Alg. 4.4 + 5.1): Y = X·Ω, Q = orth(Y), and q times Z = orth(Xᵀ·Q), Q = orth(X·Z);
+ * then B = Qᵀ·X. With oversample p > 0 the k×k B·Bᵀ = W Λ Wᵀ is decomposed on the host in float64
+ * and basis = Q·W_r, coeffs = W_rᵀ·B; with p = 0, basis = Q and coeffs = B (the same rank-k
+ * approximation Q·Qᵀ·X, as `torch.svd_lowrank` returns at q = rank). The large products run on the
+ * tfjs backend; the orthonormalizations run on the host (Cholesky-QR in float64) or on the device
+ * (Newton–Schulz), see {@link Orthogonalization}. When k ≥ min(T, F) the result is the exact
+ * truncated SVD (up to float32 rounding).
+ *
+ * Cost: 2q + 2 products of X ([T, F]) with k-column matrices, plus O((T + F)·k²) for the
+ * orthonormalizations, plus k³ host work per host orthonormalization and for p > 0.
+ * @throws KvpackError('rank') when rank is not an integer in [1, min(T, F)];
+ *         KvpackError('config') for a negative or non-integer oversample, or powerIters not a
+ *         non-negative multiple of 0.5.
  */
 export async function truncatedSvd(X: tf.Tensor2D, opts: TruncatedSvdOptions): Promise<LowRankFactors> {
   const [T, F] = X.shape;
   const m = Math.min(T, F);
   const r = opts.rank;
   check(Number.isInteger(r) && r >= 1 && r <= m, 'rank', `rank ${r} is out of range: it must be an integer in [1, min(T=${T}, features=${F}) = ${m}]`);
-  const k = opts.exact ? m : Math.min(m, r + (opts.oversample ?? 8));
-  const q = k >= m ? 0 : opts.powerIters ?? 1;
+  const p = opts.oversample === undefined || opts.oversample === 'auto' ? autoOversample(r) : opts.oversample;
+  check(Number.isInteger(p) && p >= 0, 'config', `oversample must be a non-negative integer or 'auto', got ${p}`);
+  const qIn = opts.powerIters ?? DEFAULT_POWER_ITERS;
+  check(Number.isInteger(2 * qIn) && qIn >= 0, 'config', `powerIters must be a non-negative multiple of 0.5, got ${qIn}`);
+  const orth = resolveOrthogonalization(opts.orthogonalization);
+  const k = opts.exact ? m : Math.min(m, r + p);
   if (k >= m && T > F) return exactTallSvd(X, r);
-  let Q: tf.Tensor2D;
-  if (k >= m && T <= F) {
-    Q = tf.eye(T) as tf.Tensor2D; // the range of X is all of R^T
-  } else {
-    const omega = gaussianMatrix(F, k, opts.seed ?? 0);
-    const Y = matmul(X, omega);
-    omega.dispose();
-    Q = await orthonormalize(Y, q > 0 ? 1 : 2);
-    Y.dispose();
-    for (let i = 0; i < q; i++) {
-      const Z = matmul(X, Q, true, false); // [F, k]
-      Q.dispose();
-      const Zq = await orthonormalize(Z, 1);
-      Z.dispose();
-      const Y2 = matmul(X, Zq);
-      Zq.dispose();
-      Q = await orthonormalize(Y2, i === q - 1 ? 2 : 1);
-      Y2.dispose();
-    }
+  if (k >= m) {
+    // T ≤ F: the range of X is all of R^T.
+    const Q = tf.eye(T) as tf.Tensor2D;
+    return rayleighRitz(Q, tf.clone(X), r);
   }
-  const B = matmul(Q, X, true, false); // [k', F]
+  const { Q, B } = await rangeFinder(X, k, Math.round(2 * qIn), opts.seed ?? 0, orth);
+  if (B.shape[0] === r) return { basis: Q, coeffs: B };
+  return rayleighRitz(Q, B, r);
+}
+
+/**
+ * Orthonormal Q [T, k'] whose range approximates X's dominant left singular subspace, and
+ * B = Qᵀ·X [k', F], with 2 + `halfSteps` products of X (with an odd number of half steps the first
+ * sketch is of the row space, Ω'ᵀ·X).
+ *
+ * No [T, k] Gram matrix is formed: a column sketch Y = X·M (M = Ω, or an orthonormal P [F, k]) is
+ * always followed by the product A = Yᵀ·X [k, F], and YᵀY = A·M is a [k, F]·[F, k] product. With W
+ * the factor of YᵀY (Q = Y·W orthonormal), A becomes the next row sketch Zᵀ = Wᵀ·A, or, for the
+ * last sketch, B = Wᵀ·A. A row sketch Zᵀ [k, F] is normalized on the F side: P = Z·W_Z, then
+ * Y = X·P. The last column sketch gets one pass when it follows a power iteration (Y = X·P is
+ * then well conditioned) and two (Cholesky-QR2-like) when it is the raw X·Ω.
+ */
+async function rangeFinder(X: tf.Tensor2D, k: number, halfSteps: number, seed: number, orth: 'host' | 'device'): Promise<{ Q: tf.Tensor2D; B: tf.Tensor2D }> {
+  const [T, F] = X.shape;
+  const factor = async (G: tf.Tensor2D, pass: number): Promise<tf.Tensor2D> => (orth === 'host' ? hostGramFactor(G) : deviceGramFactor(G, pass));
+  const gramOf = (A: tf.Tensor2D, M: tf.Tensor2D): tf.Tensor2D =>
+    tf.tidy(() => {
+      const G = matmul(A, M);
+      return tf.mul(tf.add(G, tf.transpose(G)), 0.5) as tf.Tensor2D;
+    });
+  let M: tf.Tensor2D; // Y = X·M
+  let Y: tf.Tensor2D;
+  let steps = halfSteps;
+  if (halfSteps % 2 === 0) {
+    M = gaussianMatrix(F, k, seed);
+    Y = matmul(X, M);
+  } else {
+    const omegaT = gaussianMatrix(k, T, seed);
+    const Zt0 = matmul(omegaT, X);
+    omegaT.dispose();
+    M = await rowToColumnBasis(Zt0, factor);
+    Zt0.dispose();
+    Y = matmul(X, M);
+    steps -= 1;
+  }
+  for (;;) {
+    const last = steps === 0;
+    if (last && orth === 'device') {
+      // Two passes, then B = Qᵀ·X from the explicit basis: folding Newton–Schulz factors into Yᵀ·X
+      // loses ~1e-3 of B in float32 when Y is ill conditioned.
+      M.dispose();
+      const Q = orthonormalizeDevice(Y, 2);
+      Y.dispose();
+      const B = matmul(Q, X, true, false);
+      return { Q, B };
+    }
+    const Yt = tf.transpose(Y) as tf.Tensor2D;
+    const A = matmul(Yt, X); // Yᵀ·X [k, F]
+    Yt.dispose();
+    const G = gramOf(A, M); // = YᵀY
+    M.dispose();
+    const W = await factor(G, 0);
+    G.dispose();
+    if (last) {
+      let Q = matmul(Y, W);
+      let B = matmul(W, A, true, false);
+      tf.dispose([Y, W, A]);
+      if (halfSteps === 0) {
+        // Second pass on the raw sketch X·Ω, which can be too ill-conditioned for one pass in float32.
+        const G2 = matmul(Q, Q, true, false);
+        const W2 = await factor(G2, 1);
+        const Q2 = matmul(Q, W2);
+        const B2 = matmul(W2, B, true, false);
+        tf.dispose([G2, W2, Q, B]);
+        Q = Q2;
+        B = B2;
+      }
+      return { Q, B };
+    }
+    const Zt = matmul(W, A, true, false);
+    tf.dispose([Y, W, A]);
+    M = await rowToColumnBasis(Zt, factor);
+    Zt.dispose();
+    Y = matmul(X, M);
+    steps -= 2;
+  }
+}
+
+/** Orthonormal P [F, k'] spanning the columns of Z = (Zᵀ)ᵀ, from the row sketch Zᵀ [k, F] (one pass). */
+async function rowToColumnBasis(Zt: tf.Tensor2D, factor: (G: tf.Tensor2D, pass: number) => Promise<tf.Tensor2D>): Promise<tf.Tensor2D> {
+  const Z = tf.transpose(Zt) as tf.Tensor2D;
+  const G = matmul(Zt, Z);
+  const W = await factor(G, 0);
+  const P = matmul(Z, W);
+  tf.dispose([Z, G, W]);
+  return P;
+}
+
+/**
+ * Rank-r truncation of Q·B (Q [T, k] orthonormal, B [k, F]): B·Bᵀ = W Λ Wᵀ on the host in float64,
+ * basis = Q·W_r, coeffs = W_rᵀ·B. Zero columns pad a numerically rank-deficient X. Disposes Q and B.
+ */
+async function rayleighRitz(Q: tf.Tensor2D, B: tf.Tensor2D, r: number): Promise<LowRankFactors> {
   const kk = B.shape[0];
   const BBt = matmul(B, B, false, true);
   const g = (await BBt.data()) as Float32Array;
   BBt.dispose();
   const { values, vectors } = symmetricEig(g, kk);
   const rr = Math.min(r, kk);
-  const W = new Float32Array(kk * r); // zero columns pad a numerically rank-deficient X
+  const W = new Float32Array(kk * r);
   for (let i = 0; i < kk; i++) for (let j = 0; j < rr; j++) W[i * r + j] = vectors[i * kk + j];
   const Wt = tf.tensor2d(W, [kk, r]);
   const basis = matmul(Q, Wt);

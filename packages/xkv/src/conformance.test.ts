@@ -14,3 +14,10 @@ runStrategyConformance('xkv', {
   losslessTolerance: 2e-2,
   badOptions,
 });
+// Sparse decode (landmarks, exact outlier and local tokens stored 16-bit): C = ⌊(64 − 8) / 8⌋ = 7 chunks.
+const sparse = { budget: 16, chunkSize: 8, outlierChunks: 1, localTokens: 8 };
+runStrategyConformance('xkv', {
+  compressing: { rankK: 2, rankV: 3, decode: 'sparse', sparse },
+  lossless: { groupSize: 4, rankK: 16, rankV: 16, exact: true, decode: 'sparse', sparse },
+  badOptions: [...badOptions, { decode: 'sparse', sparse: { budget: 12 } }, { sparse: { budget: 16 } }],
+});

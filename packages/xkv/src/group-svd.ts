@@ -2,7 +2,6 @@ import * as tf from '@tensorflow/tfjs-core';
 import {
   BaseCompressedCache,
   KvpackError,
-  applyRope,
   check,
   containerHeader,
   decodeContainer,
@@ -20,7 +19,11 @@ import {
   type RopeConfig,
   type StoredSpec,
   type StoredTensor,
+  type Orthogonalization,
+  type AttendOptions,
 } from '@kvpack/core';
+import { DecodeState, attendFull, queryBlocks, type ValuePath } from './decode.js';
+import { SparseDecoder, buildSparseIndex, loadSparseIndex, sparseMeta, sparseSpecs, sparseTensors, type SparseAttendOptions, type SparseIndex, type SparseOptions } from './sparse.js';
 import { dequantizeMatrix, quantizeMatrix, quantizedBytes, type QuantSpec, type QuantizedMatrix } from './quant.js';
 import { paperCompressionRatio } from './ratio.js';
 
@@ -47,18 +50,24 @@ export interface GroupSvdConfig {
   rankK: number;
   /** Per-layer value rank r_V; a group of n layers gets rank r_V · n. */
   rankV: number;
-  /** Randomized SVD oversampling p (Halko et al. 2011). */
-  oversample: number;
-  /** Randomized SVD power iterations q. */
+  /** Randomized SVD oversampling p (Halko et al. 2011), or `auto` (core `autoOversample` of the group rank). */
+  oversample: number | 'auto';
+  /** Randomized SVD power iterations q (a multiple of 0.5). */
   powerIters: number;
   /** Seed of the randomized SVD's Gaussian test matrix. */
   seed: number;
   /** Exact truncated SVD instead of the randomized one. */
   exact: boolean;
+  /** Where the randomized SVD's k×k orthonormalizations run (core `Orthogonalization`; default `auto`). */
+  orthogonalization?: Orthogonalization;
   /** Storage of factors that are not quantized. */
   storage: 'float16' | 'float32';
   /** Optional quantization of the factors. */
   factorQuantization?: FactorQuantization;
+  /** Decode mode of `attend` (default `full`); `sparse` stores the sparse index at compress time (sparse.ts). */
+  decode?: 'full' | 'sparse';
+  /** Sparse decode settings; used when `decode` is `sparse`. */
+  sparse?: SparseOptions;
 }
 
 /** A group of consecutive layers sharing one token basis. */
@@ -220,12 +229,36 @@ export class GroupSvdCache extends BaseCompressedCache {
     /** Position of the first prefill token. */
     readonly startPosition: number,
     private readonly blocks: Record<Kind, KindBlocks>,
+    /** The sparse-decode index (landmarks, outlier and local tokens) when `config.decode` is `sparse`. */
+    readonly sparseIndex: SparseIndex | null = null,
   ) {
     super(layout, rope, prefillLength);
     this.groups = layerGroups(layout.nLayers, config.groupSize);
     this.groupOf = [];
     for (const g of this.groups) for (const l of g.layers) this.groupOf[l] = g.index;
+    this.decodeState = new DecodeState({
+      layout,
+      rope,
+      prefillLength,
+      startPosition,
+      basisOf: (kind, l) => this.blocks[kind].basis[this.groupOf[l]].tensor,
+      factorOf: (kind, l) => this.blocks[kind].factors[l].tensor,
+    });
+    this.sparseDecoder = sparseIndex ? new SparseDecoder(this.decodeState, sparseIndex) : null;
+    if (this.sparseDecoder) {
+      this.attendSparse = (layer, queries, options = {}) => this.runAttend(layer, queries, options, 'sparse');
+    }
   }
+
+  /** Derived decode tensors (RoPE tables, pair swap, per-head factors); freed with the cache. */
+  private readonly decodeState: DecodeState;
+  private readonly sparseDecoder: SparseDecoder | null;
+
+  /**
+   * Sparse attention (xKV-SR; see sparse.ts) with per-call options — present only on caches compressed
+   * with `decode: 'sparse'` (they hold the landmarks). q [n, H, d] post-RoPE → [n, H, d].
+   */
+  readonly attendSparse?: (layer: number, queries: tf.Tensor3D, options?: AttendOptions & SparseAttendOptions) => tf.Tensor3D;
 
   /** Rank R_g of a group's keys or values (per-layer rank × layers in the group). */
   groupRank(kind: Kind, group: number): number {
@@ -258,12 +291,80 @@ export class GroupSvdCache extends BaseCompressedCache {
     return tf.tidy(() => tf.reshape(matmul(U, B), [this.prefillLength, nKvHeads, headDim]) as tf.Tensor3D);
   }
 
+  /**
+   * Post-RoPE keys RoPE(U_g·B_l), fused: (U·B)∘cos + (U·B)·P∘sin with cached tables (decode.ts). In
+   * sparse mode the exact outlier and local tokens replace their rebuilt rows.
+   */
   protected prefillKeys(layer: number): tf.Tensor3D {
-    return tf.tidy(() => applyRope(this.rebuild('k', layer), this.rope, { start: this.startPosition, count: this.prefillLength }));
+    const k = this.decodeState.keys(layer);
+    return this.sparseDecoder ? this.patch(layer, k, 'k') : k;
   }
 
+  /** Values U_g·B_l (sparse mode: exact outlier and local rows in place). */
   protected prefillValues(layer: number): tf.Tensor3D {
-    return this.rebuild('v', layer);
+    const v = this.decodeState.values(layer);
+    return this.sparseDecoder ? this.patch(layer, v, 'v') : v;
+  }
+
+  private patch(layer: number, full: tf.Tensor3D, kind: Kind): tf.Tensor3D {
+    const out = this.sparseDecoder!.patchExact(layer, full, kind);
+    if (out !== full) full.dispose();
+    return out;
+  }
+
+  /**
+   * Attention of post-RoPE queries q [n, H, d] over every cached token of a layer (prefill and
+   * decode tokens), in the cache's decode mode: `full` — every key scored at its position (the RoPE
+   * rotation moved to the queries), values in the compressed domain when cheaper ({@link attendFull}); `sparse` — landmark-selected chunks up to the
+   * token budget plus the exact outlier, local and decode tokens ({@link SparseDecoder.attend}).
+   * `causalTail` (default n): the last causalTail cached tokens are the queries' own.
+   * Returns [n, H, d].
+   * @throws KvpackError('shape') when q is not [n, H, d] of this layout or causalTail is out of range.
+   */
+  attend(layer: number, queries: tf.Tensor3D, options?: AttendOptions): tf.Tensor3D {
+    return this.runAttend(layer, queries, options ?? {}, this.sparseDecoder ? 'sparse' : 'full');
+  }
+
+  /** {@link attend} with a forced value path (tests, benchmarks); full mode only unless the cache is sparse. */
+  attendWith(layer: number, queries: tf.Tensor3D, options: AttendOptions & SparseAttendOptions & { mode?: 'full' | 'sparse' }): tf.Tensor3D {
+    return this.runAttend(layer, queries, options, options.mode ?? (this.sparseDecoder ? 'sparse' : 'full'));
+  }
+
+  /**
+   * The chunks sparse attention would select for queries q [n, H, d] at a layer: per KV head, the
+   * chunk indices (ascending; chunk i = prefill tokens i·c … i·c + c − 1). For tests and inspection.
+   * @throws KvpackError('unsupported') when the cache was not compressed with decode: 'sparse'.
+   */
+  sparseSelection(layer: number, queries: tf.Tensor3D, budget?: number): number[][] {
+    this.assertLive(layer);
+    check(this.sparseDecoder, 'unsupported', `${this.strategy}: sparseSelection needs a cache compressed with decode: 'sparse'`);
+    const dec = this.sparseDecoder;
+    const k = dec.selectedChunks(budget ?? dec.index.options.budget);
+    if (k === 0) return Array.from({ length: this.layout.nKvHeads }, () => []);
+    const sel = tf.tidy(() => dec.selectChunks(layer, queryBlocks(queries, this.layout, this.decodeState.pairSwap()), budget ?? dec.index.options.budget)!);
+    const H = sel.shape[0];
+    const data = sel.dataSync();
+    sel.dispose();
+    return Array.from({ length: H }, (_, h) => Array.from(data.subarray(h * k, (h + 1) * k)).sort((a, b) => a - b));
+  }
+
+  private runAttend(layer: number, q: tf.Tensor3D, options: AttendOptions & SparseAttendOptions, mode: 'full' | 'sparse'): tf.Tensor3D {
+    this.assertLive(layer);
+    const { nHeads, headDim } = this.layout;
+    check(
+      q instanceof tf.Tensor && q.rank === 3 && q.shape[0] >= 1 && q.shape[1] === nHeads && q.shape[2] === headDim && q.dtype === 'float32',
+      'shape',
+      () => `${this.strategy} attend(layer ${layer}): queries must be float32 [n, ${nHeads}, ${headDim}], got ${q?.dtype} [${q?.shape}]`,
+    );
+    const N = this.tokenCount(layer);
+    const tail = options.causalTail ?? q.shape[0];
+    check(Number.isInteger(tail) && tail >= 0 && tail <= N, 'shape', `${this.strategy} attend(layer ${layer}): causalTail ${tail} is out of range [0, ${N}]`);
+    const residual = this.residual(layer);
+    if (mode === 'sparse') {
+      check(this.sparseDecoder, 'unsupported', `${this.strategy} attend: sparse mode needs a cache compressed with decode: 'sparse'`);
+      return this.sparseDecoder.attend(layer, q, tail, residual, () => ({ k: this.keys(layer), v: this.values(layer) }), options);
+    }
+    return attendFull(this.decodeState, layer, q, tail, residual, (options.values ?? 'auto') as ValuePath);
   }
 
   /** Pre-RoPE keys of one layer as reconstructed, [T, H_kv, d] (for error measurement). */
@@ -277,11 +378,13 @@ export class GroupSvdCache extends BaseCompressedCache {
   }
 
   protected storedSpecs(): StoredSpec[] {
-    return this.allBlocks().flatMap((b) => blockSpecs(b, this.config.storage));
+    const specs = this.allBlocks().flatMap((b) => blockSpecs(b, this.config.storage));
+    return this.sparseIndex ? [...specs, ...sparseSpecs(this.sparseIndex, this.layout)] : specs;
   }
 
   protected storedTensors(): StoredTensor[] {
-    return this.allBlocks().flatMap((b) => blockTensors(b, this.config.storage));
+    const ts = this.allBlocks().flatMap((b) => blockTensors(b, this.config.storage));
+    return this.sparseIndex ? [...ts, ...sparseTensors(this.sparseIndex, this.layout)] : ts;
   }
 
   protected meta(): Record<string, unknown> {
@@ -289,10 +392,12 @@ export class GroupSvdCache extends BaseCompressedCache {
       startPosition: this.startPosition,
       groupSize: this.config.groupSize,
       ranks: { k: this.groups.map((g) => this.groupRank('k', g.index)), v: this.groups.map((g) => this.groupRank('v', g.index)) },
+      ...(this.sparseIndex ? { sparse: sparseMeta(this.sparseIndex) } : {}),
     };
   }
 
   protected disposeStored(): void {
+    this.decodeState.dispose();
     tf.dispose(this.allBlocks().map((b) => b.tensor));
   }
 
@@ -387,7 +492,16 @@ export class GroupSvdCache extends BaseCompressedCache {
       tf.dispose(KINDS.flatMap((k) => [...blocks[k].basis, ...blocks[k].factors.filter(Boolean)].map((b) => b.tensor)));
       throw e;
     }
-    const cache = new GroupSvdCache(strategy, options, config, layout, rope, T, Number(c.meta.startPosition ?? 0), blocks);
+    let sparse: SparseIndex | null = null;
+    if (config.decode === 'sparse') {
+      try {
+        sparse = loadSparseIndex(c, strategy, layout, T, config.sparse!);
+      } catch (e) {
+        tf.dispose(KINDS.flatMap((k) => [...blocks[k].basis, ...blocks[k].factors].map((b) => b.tensor)));
+        throw e;
+      }
+    }
+    const cache = new GroupSvdCache(strategy, options, config, layout, rope, T, Number(c.meta.startPosition ?? 0), blocks, sparse);
     cache.restoreResidual(c);
     return cache;
   }
@@ -429,6 +543,7 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
           powerIters: config.powerIters,
           seed: config.seed,
           exact: config.exact,
+          orthogonalization: config.orthogonalization,
         });
         live.push(svd.basis, svd.coeffs);
         X.dispose();
@@ -461,5 +576,14 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
     if (e instanceof KvpackError) throw e;
     throw new KvpackError('unsupported', `${strategy}: compression failed: ${(e as Error).message}`, { cause: e });
   }
-  return new GroupSvdCache(strategy, options, config, layout, cache.rope, T, cache.startPosition ?? 0, blocks);
+  let sparse: SparseIndex | null = null;
+  if (config.decode === 'sparse') {
+    try {
+      sparse = await buildSparseIndex(cache, T, config.sparse!);
+    } catch (e) {
+      tf.dispose(KINDS.flatMap((k) => [...blocks[k].basis, ...blocks[k].factors].map((b) => b.tensor)));
+      throw e;
+    }
+  }
+  return new GroupSvdCache(strategy, options, config, layout, cache.rope, T, cache.startPosition ?? 0, blocks, sparse);
 }

@@ -274,8 +274,11 @@ describe('xkv bad input', () => {
     }
   });
 
-  it('schema defaults: G=4, r_K=16, r_V=24 (K:V = 2:3), oversample 8, 1 power iteration, float16', () => {
-    expect(XkvOptionsSchema.parse({})).toEqual({ groupSize: 4, rankK: 16, rankV: 24, oversample: 8, powerIters: 1, seed: 0, exact: false, storage: 'float16' });
+  it("schema defaults: G=4, r_K=16, r_V=24 (K:V = 2:3), oversample 'auto', 1 power iteration, orthogonalization 'auto', float16", () => {
+    expect(XkvOptionsSchema.parse({})).toMatchObject({ groupSize: 4, rankK: 16, rankV: 24, oversample: 'auto', powerIters: 1, orthogonalization: 'auto', seed: 0, exact: false, storage: 'float16' });
+    expect(XkvOptionsSchema.parse({ powerIters: 1.5, oversample: 0, orthogonalization: 'device' })).toMatchObject({ powerIters: 1.5, oversample: 0, orthogonalization: 'device' });
+    expect(() => XkvOptionsSchema.parse({ powerIters: 0.25 })).toThrow();
+    expect(() => XkvOptionsSchema.parse({ orthogonalization: 'gpu' })).toThrow();
   });
 });
 

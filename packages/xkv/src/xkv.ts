@@ -1,6 +1,7 @@
 import { registerStrategy, type CompressedCache, type KVCache, type Strategy } from '@kvpack/core';
 import { z } from 'zod';
 import { GroupSvdCache, compressGroupSvd } from './group-svd.js';
+import { SparseOptionsSchema } from './sparse.js';
 
 /**
  * Options of `factorQuantization`: group-wise int8/int4 quantization of the stored factors, after
@@ -29,10 +30,19 @@ export const lowRankOptionShape = {
   rankK: z.int().nonnegative().default(16),
   /** Per-layer value rank r_V (group rank = r_V × layers in the group). */
   rankV: z.int().nonnegative().default(24),
-  /** Randomized SVD oversampling p. */
-  oversample: z.int().nonnegative().default(8),
-  /** Randomized SVD power iterations q. */
-  powerIters: z.int().nonnegative().default(1),
+  /**
+   * Randomized SVD oversampling p, or `auto` (default: 8 when the group rank is ≤ 128, else 0 — core
+   * `autoOversample`; the README's "SVD defaults" has the measured error/time trade-off).
+   */
+  oversample: z.union([z.literal('auto'), z.int().nonnegative()]).default('auto'),
+  /** Randomized SVD power iterations q, a multiple of 0.5 (2q + 2 products with the [T, G·H_kv·d] matrix; default 1). */
+  powerIters: z.number().nonnegative().multipleOf(0.5).default(1),
+  /**
+   * Where the randomized SVD's k×k orthonormalizations run: `host` (float64 Cholesky), `device`
+   * (Newton–Schulz on the tfjs backend, no host round-trip) or `auto` (default: host on wasm/cpu,
+   * device on webgpu/webgl/tensorflow).
+   */
+  orthogonalization: z.enum(['auto', 'host', 'device']).default('auto'),
   /** Seed of the randomized SVD's test matrix. */
   seed: z.int().default(0),
   /** Exact truncated SVD (slower) instead of the randomized one. */
@@ -44,11 +54,23 @@ export const lowRankOptionShape = {
 };
 
 /** Options of the `xkv` strategy. */
-export const XkvOptionsSchema = z.strictObject({
-  /** Layers per group G (default 4, the paper's xKV-4); consecutive from layer 0. */
-  groupSize: z.int().positive().default(4),
-  ...lowRankOptionShape,
-});
+export const XkvOptionsSchema = z
+  .strictObject({
+    /** Layers per group G (default 4, the paper's xKV-4); consecutive from layer 0. */
+    groupSize: z.int().positive().default(4),
+    ...lowRankOptionShape,
+    /**
+     * Decode mode of `attend`: `full` (when absent) rebuilds every key (fused RoPE) and forms values in
+     * the compressed domain when cheaper; `sparse` (xKV-SR, after ShadowKV) stores chunk landmarks and
+     * exact outlier/local tokens at compress time and rebuilds only the selected chunks' tokens.
+     */
+    decode: z.enum(['full', 'sparse']).optional(),
+    /** Sparse-decode settings (only with decode: 'sparse'); defaults budget 2048, chunkSize 8, outlierChunks 48, localTokens 32. */
+    sparse: SparseOptionsSchema.optional(),
+  })
+  .superRefine((o, ctx) => {
+    if (o.sparse && o.decode !== 'sparse') ctx.addIssue({ code: 'custom', path: ['sparse'], message: "sparse options need decode: 'sparse'" });
+  });
 export type XkvOptions = z.output<typeof XkvOptionsSchema>;
 
 /**
@@ -57,11 +79,12 @@ export type XkvOptions = z.output<typeof XkvOptionsSchema>;
  * `compress` throws KvpackError('rank' | 'layout' | 'shape' | 'dtype' | 'nonfinite') on bad input.
  */
 export function xkvStrategy(options: XkvOptions): Strategy<XkvOptions> {
+  const config = { ...options, sparse: options.decode === 'sparse' ? (options.sparse ?? SparseOptionsSchema.parse({})) : undefined };
   return {
     name: 'xkv',
     options,
-    compress: (cache: KVCache): Promise<CompressedCache> => compressGroupSvd(cache, 'xkv', options, options),
-    deserialize: (bytes) => GroupSvdCache.fromBytes(bytes, 'xkv', options, options),
+    compress: (cache: KVCache): Promise<CompressedCache> => compressGroupSvd(cache, 'xkv', options, config),
+    deserialize: (bytes) => GroupSvdCache.fromBytes(bytes, 'xkv', options, config),
   };
 }
 
