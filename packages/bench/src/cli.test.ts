@@ -56,8 +56,8 @@ describe('kvpack CLI', () => {
     expect(await runCli(['--help'], h)).toBe(0);
     expect(h.stdout).toMatch(/bench/);
     const p = capture();
-    expect(await runCli(['bench', 'perf'], p)).toBe(2);
-    expect(p.stderr).toMatch(/kvpack bench perf is not available/);
+    expect(await runCli(['bench', 'perf', '--strategies', 'nope'], p)).toBe(2);
+    expect(p.stderr).toMatch(/unknown perf strategy "nope"/);
     expect(await runCli(['bench', 'x.yaml', '--write-baseline'], capture())).toBe(2);
     expect(await runCli(['bench', 'x.yaml', '--tolerance', 'foo=1'], capture())).toBe(2);
   });

@@ -8,7 +8,7 @@ import { loadBenchModel, modelFilesPresent, tokenizePrompts } from './load.js';
 import { benchPanels, renderRatioPlot } from './plot.js';
 import { createProgress } from './progress.js';
 import { compareToBaseline, parseTolerance, readBaseline, toBaseline, writeBaseline } from './regression.js';
-import { ERROR_BASIS, markdownReport, type BenchReport } from './report.js';
+import { ERROR_BASIS, markdownReport, writeJsonReport, type BenchReport } from './report.js';
 import { runBench } from './runner.js';
 
 /** Where commands write: `out` for results (stdout), `err` for logs (stderr). */
@@ -139,8 +139,7 @@ export async function benchCommand(configPath: string, opts: BenchCommandOptions
   const outDir = resolve(opts.out ?? 'bench-out');
   mkdirSync(outDir, { recursive: true });
   const name = stem(configPath);
-  const jsonPath = join(outDir, `${name}.json`);
-  writeFileSync(jsonPath, `${JSON.stringify(report, null, 2)}\n`);
+  const jsonPath = writeJsonReport(report, outDir, `${name}.json`);
   writeFileSync(join(outDir, `${name}.md`), `${markdownReport(report)}\n`);
   const written = [jsonPath, join(outDir, `${name}.md`)];
   if (opts.plot !== false) {

@@ -53,9 +53,9 @@ describe.skipIf(!present)('kvpack bench on stories260K (end to end)', () => {
           { name: 'xkv', options: { groupSize: 2, rankK: 4, rankV: 6 } },
           { name: 'streamingllm', options: { sinks: 4, budget: 32 } },
         ],
-      }).replace(/^/, ''),
+      }),
     );
-    // JSON is valid YAML; keep the .yaml name to exercise the YAML path.
+    // JSON is valid YAML: the .yaml name exercises the YAML reader.
     io = capture();
     code = await runCli(['bench', config, '--out', join(dir, 'out'), '--backend', 'wasm'], io);
     report = JSON.parse(readFileSync(join(dir, 'out', 'e2e.json'), 'utf8')) as BenchReport;

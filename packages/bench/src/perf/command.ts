@@ -10,7 +10,7 @@ import { perfMarkdown, type PerfReport } from './report.js';
 import { parseTokenList, selectSettings, PERF_STRATEGY_NAMES } from './settings.js';
 import { cacheStructure, structureTable, type CacheStructure } from './structure.js';
 import { REAL_MODELS, defaultModelsDir, realModelCache, realModelPresent } from './real.js';
-import { runPerfSuite, type PerfHooks } from './suite.js';
+import { runPerfSuite, type PerfHooks, type PerfSuiteOptions } from './suite.js';
 import { syntheticLlamaCache } from './synthetic.js';
 
 /** Where the perf commands write: `out` for results (stdout), `err` for logs (stderr). */
@@ -107,7 +107,11 @@ export function perfEnvironment(backend: string, backendLine: string, quick: boo
  * and 32 elsewhere.
  * @returns exit code 0; throws KvpackError on bad options.
  */
-export async function perfCommand(opts: PerfCommandOptions, io: PerfIO = stdio): Promise<{ code: number; report: PerfReport }> {
+export async function perfCommand(
+  opts: PerfCommandOptions,
+  io: PerfIO = stdio,
+  extra: Partial<PerfSuiteOptions> = {},
+): Promise<{ code: number; report: PerfReport; markdown: string }> {
   await import('@kvpack/xkv');
   await import('@kvpack/baselines');
   const settings = selectSettings(opts.strategies);
@@ -124,7 +128,7 @@ export async function perfCommand(opts: PerfCommandOptions, io: PerfIO = stdio):
   let result;
   try {
     result = await runPerfSuite(
-      { tokens, settings, reps, warmup, layers, seed, sparseBudget, dump: opts.dump, checks: opts.checks !== false },
+      { tokens, settings, reps, warmup, layers, seed, sparseBudget, dump: opts.dump, checks: opts.checks !== false, ...extra },
       progress,
     );
   } finally {
@@ -140,7 +144,7 @@ export async function perfCommand(opts: PerfCommandOptions, io: PerfIO = stdio):
     writeFileSync(join(dir, 'perf.md'), `${md}\n`);
     io.err(`wrote ${join(dir, 'perf.json')} and perf.md`);
   }
-  return { code: 0, report };
+  return { code: 0, report, markdown: md };
 }
 
 /** Options of `kvpack bench structure`. */

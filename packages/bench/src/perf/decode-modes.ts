@@ -13,10 +13,12 @@ export interface DecodeMode {
   dispose?(): void;
 }
 
-/** Sparse attention as the xkv decode path may expose it (see {@link decodeModes}). */
-interface SparseAttendCache {
+/** The decode entry points of xkv's GroupSvdCache (packages/xkv group-svd.ts), used by duck typing. */
+interface XkvDecodeCache {
+  /** Present only on caches compressed with `decode: 'sparse'`. */
   attendSparse?(layer: number, q: tf.Tensor3D, options?: { budget?: number }): tf.Tensor3D;
-  attend?(layer: number, q: tf.Tensor3D, options?: Record<string, unknown>): tf.Tensor3D;
+  /** `attend` with a forced mode. */
+  attendWith?(layer: number, q: tf.Tensor3D, options: { mode?: 'full' | 'sparse' }): tf.Tensor3D;
 }
 
 /** Full reconstruction: `keys(layer)` (RoPE applied) and `values(layer)`, then core GQA attention. */
@@ -30,15 +32,16 @@ export function fullMode(cache: CompressedCache): DecodeMode {
 
 /**
  * The decode modes measured for a cache. Every strategy gets its default path: `attend` when the
- * cache offers it (the strategy's own fast path), else full reconstruction + core attention. The
- * `xkv` strategy additionally gets full reconstruction (when its `attend` is a different path) and
- * sparse mode with a token budget when its cache offers it — `attendSparse(layer, q, { budget })`,
- * or `attend(layer, q, { mode: 'sparse', budget })` — the xKV-SR decode (landmarks per 8-token
- * chunk, top chunks per KV head up to the budget, local and outlier chunks exact; issue 5).
+ * cache offers it (the strategy's own fast path, or BaseCompressedCache's reconstruction + core
+ * attention), else full reconstruction + core attention. The `xkv` strategy gets: `full` (explicit
+ * `keys`/`values` + core attention), `attend-full` (its fused full mode: RoPE fused into the key
+ * product, values in the compressed domain when cheaper — `attendWith(l, q, { mode: 'full' })`, or
+ * its own `attend`), and `sparse` when the cache was compressed with `decode: 'sparse'`
+ * (`attendSparse(l, q, { budget })`: landmark-selected chunks up to the budget, issue 5's xKV-SR).
  */
 export function decodeModes(strategy: string, cache: CompressedCache, opts: { sparseBudget: number }): DecodeMode[] {
   const modes: DecodeMode[] = [];
-  const c = cache as CompressedCache & SparseAttendCache;
+  const c = cache as CompressedCache & XkvDecodeCache;
   const proto = Object.getPrototypeOf(cache) as Record<string, unknown>;
   // BaseCompressedCache.attend is reconstruction + attention; a subclass override is a real fast path.
   const ownAttend = typeof c.attend === 'function' && hasOverride(proto, 'attend');
@@ -51,7 +54,11 @@ export function decodeModes(strategy: string, cache: CompressedCache, opts: { sp
     return modes;
   }
   modes.push(fullMode(cache));
-  if (ownAttend) modes.push({ mode: 'attend', label: 'attend (default path)', step: (l, q) => c.attend!(l, q) });
+  if (typeof c.attendWith === 'function') {
+    modes.push({ mode: 'attend-full', label: 'attend, full mode (fused)', step: (l, q) => c.attendWith!(l, q, { mode: 'full' }) });
+  } else if (ownAttend) {
+    modes.push({ mode: 'attend', label: 'attend (default path)', step: (l, q) => c.attend!(l, q) });
+  }
   if (typeof c.attendSparse === 'function') {
     modes.push({ mode: 'sparse', label: `sparse, budget ${opts.sparseBudget}`, step: (l, q) => c.attendSparse!(l, q, { budget: opts.sparseBudget }) });
   }

@@ -8,3 +8,5 @@ export * from './decode-modes.js';
 export * from './suite.js';
 export * from './report.js';
 export * from './command.js';
+export * from './dense-step.js';
+export * from './peer.js';

@@ -47,15 +47,15 @@ export function perfMarkdown(r: PerfReport): string {
   out.push('');
   out.push('Baselines measured in the same run (one layer = one query token over T tokens; floors are plain products):');
   out.push('');
-  out.push('| T | dense attention, 1 layer | matmul floors X·Ω / Qᵀ·X |');
+  out.push('| T | dense attention, 1 layer: core attention / attention-ready layout | matmul floors X·Ω / Qᵀ·X |');
   out.push('| --- | --- | --- |');
   for (const b of r.baselines) {
     const fl = b.floors.map((f) => `[${f.tokens}×${f.features}] r=${f.rank}: ${fmtMs(f.xOmega.medianMs)} / ${fmtMs(f.qtX.medianMs)}`).join('; ');
-    out.push(`| ${b.tokens} | ${fmtMs(b.denseAttention.medianMs)} | ${fl || '–'} |`);
+    out.push(`| ${b.tokens} | ${fmtMs(b.denseAttention.medianMs)} / ${fmtMs(b.denseReady.medianMs)} | ${fl || '–'} |`);
   }
   out.push('');
   out.push(
-    '| strategy | T | compress (all layers) | per layer | × matmul floor | reconstruct K / V (1 layer) | decode mode | decode step (1 layer) | × dense attn | bytes | ratio (paper) | resident tensors | peak: compress / step |',
+    '| strategy | T | compress (all layers) | per layer | × matmul floor | reconstruct K / V (1 layer) | decode mode | decode step (1 layer) | × dense attn (× core attn) | bytes | ratio (paper) | resident tensors: after compress / after decode | peak: compress / step |',
   );
   out.push('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
   for (const row of r.rows) {
@@ -69,16 +69,17 @@ export function perfMarkdown(r: PerfReport): string {
       out.push(
         `| ${first ? row.setting : ''} | ${row.tokens} | ${first ? fmtMs(row.compress!.medianMs) : ''} | ${first ? fmtMs(row.compressPerLayerMs!) : ''} | ` +
           `${first ? x(row.compressVsFloor) : ''} | ${first ? `${fmtMs(row.reconstructKeys!.medianMs)} / ${fmtMs(row.reconstructValues!.medianMs)}` : ''} | ` +
-          `${d ? d.label : '–'} | ${d ? fmtMs(d.timing.medianMs) : '–'} | ${d ? x(d.vsDense) : '–'} | ` +
+          `${d ? d.label : '–'} | ${d ? fmtMs(d.timing.medianMs) : '–'} | ${d ? `${x(d.vsDense)} (${x(d.vsCoreAttention)})` : '–'} | ` +
           `${first ? fmtBytes(row.bytes) : ''} | ${first ? `${row.ratio.toFixed(2)}×${row.paperRatio !== null ? ` (${row.paperRatio.toFixed(2)}×)` : ''}` : ''} | ` +
-          `${first ? fmtBytes(row.residentBytes) : ''} | ${first ? fmtBytes(row.compressPeakBytes) : ''} / ${d ? fmtBytes(d.peakBytes) : '–'} |`,
+          `${first ? `${fmtBytes(row.residentBytes)} / ${fmtBytes(row.residentAfterDecodeBytes)}` : ''} | ${first ? fmtBytes(row.compressPeakBytes) : ''} / ${d ? fmtBytes(d.peakBytes) : '–'} |`,
       );
     });
   }
   out.push('');
   out.push(
-    'bytes: what the compressed cache holds (`byteSize()`, 16-bit values counted as 2 bytes; ratio = fp16 dense bytes / bytes). ' +
-      'resident tensors: tensor bytes the compressed cache keeps on the backend (float32 working copies of 16-bit data count 4 bytes). ' +
+    '× dense attn: decode step / the faster of the two dense steps at the same T (in parentheses: / core attention). ' +
+      'bytes: what the compressed cache holds (`byteSize()`, 16-bit values counted as 2 bytes; ratio = fp16 dense bytes / bytes). ' +
+      'resident tensors: tensor bytes the compressed cache keeps on the backend right after compression, and after the decode steps (plus what it derived for decoding); float32 working copies of 16-bit data count 4 bytes. ' +
       'peak: highest tfjs tensor bytes during one compression (above the uncompressed cache) and during one decode step; host arrays of host-side strategies (KIVI, MiniCache) are not counted.',
   );
   out.push('');

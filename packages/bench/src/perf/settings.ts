@@ -18,7 +18,9 @@ export interface PerfSetting {
  * xKV-4 with group ranks 512 (keys) and 768 (values) — per-layer ranks 128 / 192 of H_kv·d = 1024
  * — and Single SVD at the same per-layer ranks; MiniCache on the upper half of the layers; KIVI at
  * 2 bits (jy-yuan/KIVI defaults: group 32, residual 128); SnapKV and StreamingLLM with a 2,048-token
- * budget (the sparse-decode budget of xKV's ShadowKV-style follow-up).
+ * budget (the sparse-decode budget of xKV's ShadowKV-style follow-up). xKV appears twice: with its
+ * default full decode and compressed with `decode: 'sparse'` (which also stores chunk landmarks and
+ * exact outlier/local tokens, so its bytes differ).
  */
 export const PERF_SETTINGS: readonly PerfSetting[] = [
   { label: 'dense fp16', name: 'dense', options: { storage: 'float16' }, paper: 'uncompressed fp16 KV cache (ratio 1)' },
@@ -27,6 +29,12 @@ export const PERF_SETTINGS: readonly PerfSetting[] = [
     name: 'xkv',
     options: { groupSize: 4, rankK: 128, rankV: 192 },
     paper: 'xKV-4 on Llama-3.1-8B: --layer_group_size 4 --rank_k 512 --rank_v 768 (xKV README)',
+  },
+  {
+    label: 'xkv G=4 r=512/768 sparse 2048',
+    name: 'xkv',
+    options: { groupSize: 4, rankK: 128, rankV: 192, decode: 'sparse', sparse: { budget: 2048 } },
+    paper: 'xKV-4 as above, decoded sparsely (xKV-SR after ShadowKV: 8-token chunk landmarks, 2,048-token budget, 48 outlier chunks, 32 local tokens)',
   },
   {
     label: 'svd r=128/192',
@@ -50,8 +58,19 @@ export const PERF_SETTINGS: readonly PerfSetting[] = [
   { label: 'streamingllm 2048', name: 'streamingllm', options: { sinks: 4, budget: 2048 }, paper: 'StreamingLLM, 4 sinks + recent, budget 2,048' },
 ];
 
-/** Names accepted by `--strategies`: the registered names of {@link PERF_SETTINGS}. */
-export const PERF_STRATEGY_NAMES: readonly string[] = PERF_SETTINGS.map((s) => s.name);
+/** Names accepted by `--strategies`: the registered names of {@link PERF_SETTINGS} (`xkv` selects both xkv rows). */
+export const PERF_STRATEGY_NAMES: readonly string[] = [...new Set(PERF_SETTINGS.map((s) => s.name))];
+
+/**
+ * A copy of settings with the sparse-decode budget replaced (settings whose options have `sparse`).
+ */
+export function withSparseBudget(settings: PerfSetting[], budget: number): PerfSetting[] {
+  return settings.map((s) => {
+    const sp = s.options.sparse as Record<string, unknown> | undefined;
+    if (!sp || sp.budget === budget) return s;
+    return { ...s, label: s.label.replace(/sparse \d+/, `sparse ${budget}`), options: { ...s.options, sparse: { ...sp, budget } } };
+  });
+}
 
 /**
  * The settings named in a comma-separated list (default all), in the suite's order.

@@ -105,6 +105,33 @@ export async function timeOp(op: () => OpResult | Promise<OpResult>, opts: TimeO
   return summarize(samples, warmup);
 }
 
+/**
+ * Times several operations in alternation — round i runs each of them once, in order — so that a
+ * ratio between them is not skewed by the machine's load drifting between two separate series.
+ * The first `warmup` rounds are not recorded; each figure is the median of `reps` rounds. Results are
+ * synchronized and disposed as in {@link timeOp}.
+ * @throws KvpackError('config') for reps < 1 or warmup < 0.
+ */
+export async function timeInterleaved<K extends string>(ops: Record<K, () => OpResult | Promise<OpResult>>, opts: TimeOptions = {}): Promise<Record<K, Timing>> {
+  const warmup = opts.warmup ?? 1;
+  const reps = opts.reps ?? 3;
+  check(Number.isInteger(reps) && reps >= 1, 'config', `reps must be an integer ≥ 1, got ${reps}`);
+  check(Number.isInteger(warmup) && warmup >= 0, 'config', `warmup must be an integer ≥ 0, got ${warmup}`);
+  const names = Object.keys(ops) as K[];
+  const samples = Object.fromEntries(names.map((n) => [n, [] as number[]])) as Record<K, number[]>;
+  for (let i = 0; i < warmup + reps; i++) {
+    for (const n of names) {
+      const t0 = performance.now();
+      const r = await ops[n]();
+      await syncTensors(tensorsOf(r));
+      const dt = performance.now() - t0;
+      release(r);
+      if (i >= warmup) samples[n].push(dt);
+    }
+  }
+  return Object.fromEntries(names.map((n) => [n, summarize(samples[n], warmup)])) as Record<K, Timing>;
+}
+
 /** Tensor memory of one run of an operation, from tfjs's engine counters (bytes). */
 export interface MemoryProfile {
   /** Highest tensor bytes held during the run minus the bytes held before it. */

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { check, matmul, truncatedSvd, validateKVCache, type KVCache } from '@kvpack/core';
+import { KvpackError, check, matmul, truncatedSvd, validateKVCache, type KVCache } from '@kvpack/core';
 
 /**
  * Structure measurements of KV caches — the properties xKV relies on (Chang et al. 2025, arXiv
@@ -38,6 +38,10 @@ export async function leadingSpectrum(X: tf.Tensor2D, rank: number, keepBasis = 
   const tot = tf.tidy(() => tf.sum(tf.square(X)));
   const totalEnergy = (await tot.data())[0];
   tot.dispose();
+  if (!f.singularValues) {
+    tf.dispose([f.basis, f.coeffs]);
+    throw new KvpackError('unsupported', 'leadingSpectrum: truncatedSvd returned no singular values (it needs oversample > 0)');
+  }
   const basis = keepBasis > 0 ? (tf.slice(f.basis, [0, 0], [T, keepBasis]) as tf.Tensor2D) : null;
   tf.dispose([f.basis, f.coeffs]);
   return { totalEnergy, singularValues: f.singularValues, basis };

@@ -13,8 +13,9 @@ import {
 import { lowRankStats } from '@kvpack/xkv';
 import { readKVDump } from '@kvpack/models';
 import { decodeModes } from './decode-modes.js';
-import { PERF_SETTINGS, type PerfSetting } from './settings.js';
-import { measurePeakMemory, ratioCheck, summarize, timeOp, type RatioCheck, type Timing } from './stats.js';
+import { attentionReadyLayer, denseDecodeStep, disposeAttentionReady } from './dense-step.js';
+import { PERF_SETTINGS, withSparseBudget, type PerfSetting } from './settings.js';
+import { measurePeakMemory, ratioCheck, summarize, timeInterleaved, timeOp, type RatioCheck, type Timing } from './stats.js';
 import { LLAMA31_8B_LAYOUT, syntheticLlamaCache } from './synthetic.js';
 
 /** Options of {@link runPerfSuite}. */
@@ -43,6 +44,13 @@ export interface PerfSuiteOptions {
   checkDecodeTokens?: number;
   /** Per-layer rank of the compression check: group rank = 4 × this (default 128 → 512). */
   checkRank?: number;
+  /** Per-layer ranks of the sparse-decode check's xkv cache (default the paper's 128 / 192: group ranks 512 / 768). */
+  checkDecodeRanks?: { rankK: number; rankV: number };
+  /**
+   * Called with the compression check's 4-layer cache before it is compressed (e.g. to write its
+   * group matrices for the PyTorch peer, as gpu-perf.ts does).
+   */
+  onCheckCache?: (cache: KVCache) => Promise<void> | void;
 }
 
 /** Progress and log callbacks of {@link runPerfSuite}. */
@@ -58,8 +66,10 @@ export interface DecodeResult {
   label: string;
   /** One query token's attention over one layer's cache (ms). */
   timing: Timing;
-  /** timing.median / dense attention's median over the uncompressed layer, same T. */
+  /** timing.median / the faster dense attention step over the uncompressed layer, same T ({@link PerfBaseline.denseBestMs}). */
   vsDense: number;
+  /** timing.median / core `attention` over the uncompressed layer's [T, H_kv, d] tensors. */
+  vsCoreAttention: number;
   /** Peak tensor bytes of one step above what was held before it. */
   peakBytes: number;
 }
@@ -88,8 +98,10 @@ export interface PerfRow {
   ratio: number;
   /** The xKV authors' formula, for xkv/svd. */
   paperRatio: number | null;
-  /** Tensor bytes the compressed cache keeps on the backend (float32 working copies included). */
+  /** Tensor bytes the compressed cache keeps on the backend right after compression (float32 working copies included). */
   residentBytes: number;
+  /** The same after the decode steps: plus what the cache derived and keeps for decoding (e.g. per-head factors, sparse-mode tensors). */
+  residentAfterDecodeBytes: number;
   /** Peak tensor bytes during compression, above the uncompressed cache. */
   compressPeakBytes: number;
   error?: string;
@@ -99,8 +111,12 @@ export interface PerfRow {
 export interface PerfBaseline {
   tokens: number;
   layers: number;
-  /** One query token's dense attention over one uncompressed layer (post-RoPE keys, values). */
+  /** One query token's dense attention over one uncompressed layer: core `attention` over post-RoPE keys and values [T, H_kv, d]. */
   denseAttention: Timing;
+  /** The same over the layer stored attention-ready (per KV head Kᵀ [d, T] and V [T, d]: no transposes per step). */
+  denseReady: Timing;
+  /** min(denseAttention, denseReady) medians: the dense step every decode ratio divides by. */
+  denseBestMs: number;
   denseAttentionPeakBytes: number;
   /** Dense matmul floors: X [T, F] · Ω [F, r] and Qᵀ [r, T] · X, plain products. */
   floors: MatmulFloor[];
@@ -208,45 +224,58 @@ function decodeQuery(layout: ModelLayout, seed: number): tf.Tensor3D {
   return tf.tidy(() => tf.reshape(gaussianMatrix(1, layout.nHeads * layout.headDim, seed), [1, layout.nHeads, layout.headDim]) as tf.Tensor3D);
 }
 
-/** Dense attention of one query over one uncompressed layer (keys rotated once, outside the timing). */
-export async function measureDenseAttention(cache: KVCache, layer: number, q: tf.Tensor3D, opts: { reps: number; warmup: number }): Promise<{ timing: Timing; peakBytes: number }> {
+/**
+ * Dense attention of one query over one uncompressed layer, two ways: core `attention` over the
+ * cache's [T, H_kv, d] tensors (keys rotated once, outside the timing), and {@link denseDecodeStep}
+ * over the layer stored attention-ready (laid out once, outside the timing).
+ */
+export async function measureDenseAttention(
+  cache: KVCache,
+  layer: number,
+  q: tf.Tensor3D,
+  opts: { reps: number; warmup: number },
+): Promise<{ timing: Timing; ready: Timing; bestMs: number; peakBytes: number }> {
   const T = cache.keys[layer].shape[0];
   const K = applyRope(cache.keys[layer], cache.rope, { start: cache.startPosition ?? 0, count: T });
+  const ready = attentionReadyLayer(K, cache.values[layer]);
   try {
     const timing = await timeOp(() => attention(q, K, cache.values[layer], 0), opts);
+    const fast = await timeOp(() => denseDecodeStep(q, ready), opts);
     const mem = await measurePeakMemory(() => attention(q, K, cache.values[layer], 0));
-    return { timing, peakBytes: mem.peakBytes };
+    return { timing, ready: fast, bestMs: Math.min(timing.medianMs, fast.medianMs), peakBytes: mem.peakBytes };
   } finally {
     K.dispose();
+    disposeAttentionReady(ready);
   }
 }
 
 /**
  * Compresses `cache` with a setting: a profiled warm-up run (peak memory), further warm-ups, then
- * `reps` timed runs; keeps the last run's compressed cache.
+ * `reps` timed runs; keeps the last run's compressed cache. `baseBytes` is the engine's tensor-byte
+ * count just before that last run (so later counts minus it are what the kept cache holds).
  */
-async function timedCompress(setting: PerfSetting, cache: KVCache, reps: number, warmup: number): Promise<{ timing: Timing; compressed: CompressedCache; peakBytes: number; residentBytes: number }> {
+async function timedCompress(
+  setting: PerfSetting,
+  cache: KVCache,
+  reps: number,
+  warmup: number,
+): Promise<{ timing: Timing; compressed: CompressedCache; peakBytes: number; residentBytes: number; baseBytes: number }> {
   const strategy = createStrategy({ name: setting.name, options: setting.options });
   const prof = await measurePeakMemory(() => strategy.compress(cache));
   const samples: number[] = [];
   let kept: CompressedCache | null = null;
-  let residentBytes = prof.retainedBytes;
+  let baseBytes = 0;
+  // warmup ≥ 1 and reps ≥ 1: the profiled run is the first warm-up, so this loop runs at least once.
   for (let i = 1; i < warmup + reps; i++) {
     kept?.dispose();
-    kept = null;
-    const before = tf.memory().numBytes;
+    baseBytes = tf.memory().numBytes;
     const t0 = performance.now();
-    const c = await strategy.compress(cache);
-    const dt = performance.now() - t0;
-    residentBytes = tf.memory().numBytes - before;
-    if (i >= warmup) samples.push(dt);
-    kept = c;
-  }
-  if (!kept) {
-    // warmup + reps === 1 cannot happen (warmup ≥ 1, reps ≥ 1), but keep the profiled result path simple.
     kept = await strategy.compress(cache);
+    const dt = performance.now() - t0;
+    if (i >= warmup) samples.push(dt);
   }
-  return { timing: summarize(samples, warmup), compressed: kept, peakBytes: prof.peakBytes, residentBytes };
+  check(kept, 'config', 'timedCompress: warmup and reps must both be ≥ 1');
+  return { timing: summarize(samples, warmup), compressed: kept, peakBytes: prof.peakBytes, residentBytes: tf.memory().numBytes - baseBytes, baseBytes };
 }
 
 /** Measures one setting on one cache. Never throws for a strategy failure: the row carries the error. */
@@ -275,6 +304,7 @@ async function measureSetting(
     ratio: 0,
     paperRatio: null,
     residentBytes: 0,
+    residentAfterDecodeBytes: 0,
     compressPeakBytes: 0,
   };
   let compressed: CompressedCache | null = null;
@@ -297,9 +327,17 @@ async function measureSetting(
     for (const m of decodeModes(setting.name, compressed, { sparseBudget: o.sparseBudget })) {
       const timing = await timeOp(() => m.step(layer, q), o);
       const mem = await measurePeakMemory(() => m.step(layer, q));
-      row.decode.push({ mode: m.mode, label: m.label, timing, vsDense: timing.medianMs / baseline.denseAttention.medianMs, peakBytes: mem.peakBytes });
+      row.decode.push({
+        mode: m.mode,
+        label: m.label,
+        timing,
+        vsDense: timing.medianMs / baseline.denseBestMs,
+        vsCoreAttention: timing.medianMs / baseline.denseAttention.medianMs,
+        peakBytes: mem.peakBytes,
+      });
       m.dispose?.();
     }
+    row.residentAfterDecodeBytes = tf.memory().numBytes - c.baseBytes;
   } catch (e) {
     row.error = (e as Error).message.split('\n')[0];
   } finally {
@@ -342,11 +380,12 @@ function disposeCache(c: KVCache): void {
  */
 export async function runPerfSuite(opts: PerfSuiteOptions = {}, hooks: PerfHooks = {}): Promise<PerfSuiteResult> {
   const tokens = opts.tokens ?? [4096, 8192, 16384, 32768];
-  const settings = opts.settings ?? [...PERF_SETTINGS];
+  const sparseBudget = opts.sparseBudget ?? 2048;
+  check(Number.isInteger(sparseBudget) && sparseBudget >= 1, 'config', `--sparse-budget must be a positive integer, got ${sparseBudget}`);
+  const settings = withSparseBudget(opts.settings ?? [...PERF_SETTINGS], sparseBudget);
   const reps = opts.reps ?? 3;
   const warmup = opts.warmup ?? 1;
   const seed = opts.seed ?? 0;
-  const sparseBudget = opts.sparseBudget ?? 2048;
   const runChecks = opts.checks ?? true;
   check(Number.isInteger(reps) && reps >= 1, 'config', `--reps must be an integer ≥ 1, got ${reps}`);
   check(Number.isInteger(warmup) && warmup >= 1, 'config', `warm-up runs must be an integer ≥ 1 (every figure is measured after warm-up), got ${warmup}`);
@@ -381,7 +420,15 @@ export async function runPerfSuite(opts: PerfSuiteOptions = {}, hooks: PerfHooks
             floors.push(await measureMatmulFloor(cache, sh.features / (cache.layout.nKvHeads * cache.layout.headDim), sh.rank, { reps, warmup, seed }));
           }
         }
-        const baseline: PerfBaseline = { tokens: T, layers: cache.layout.nLayers, denseAttention: dense.timing, denseAttentionPeakBytes: dense.peakBytes, floors };
+        const baseline: PerfBaseline = {
+          tokens: T,
+          layers: cache.layout.nLayers,
+          denseAttention: dense.timing,
+          denseReady: dense.ready,
+          denseBestMs: dense.bestMs,
+          denseAttentionPeakBytes: dense.peakBytes,
+          floors,
+        };
         baselines.push(baseline);
         step(`T=${T} baselines`);
         for (const s of settings) {
@@ -402,7 +449,7 @@ export async function runPerfSuite(opts: PerfSuiteOptions = {}, hooks: PerfHooks
       if ('reason' in r1) unavailable.push(r1);
       else checks.push(r1);
       step('check: group compression');
-      const r2 = await sparseDecodeCheck(opts, { reps, warmup, seed, sparseBudget }, rows, baselines, dump, log);
+      const r2 = await sparseDecodeCheck(opts, { reps, warmup, seed, sparseBudget }, dump, log);
       if ('reason' in r2) unavailable.push(r2);
       else checks.push(r2);
       step('check: sparse decode');
@@ -434,7 +481,9 @@ export function compressCheckLabel(backend: string, T: number, F: number, r: num
 /**
  * Must-show 1: xkv compression of one G = 4 group (X = [T, 4·H_kv·d], default T = 8,192) at group
  * rank 4 × checkRank (512) for keys and values, against the two dense matmuls X·Ω and Qᵀ·X of both
- * matrices at the same sizes, measured here. Target ≤ 3×.
+ * matrices at the same sizes (Ω [4·H_kv·d, r], Qᵀ [r, T], plain products). The three are timed in
+ * alternation ({@link timeInterleaved}), so the ratio does not drift with the machine's load.
+ * Target ≤ 3×.
  */
 async function compressCheck(
   opts: PerfSuiteOptions,
@@ -446,75 +495,93 @@ async function compressCheck(
   const G = 4;
   const cache = await syntheticLlamaCache({ T, layers: G, seed: o.seed + 1 });
   const F = G * cache.layout.nKvHeads * cache.layout.headDim;
-  const label = compressCheckLabel(tf.getBackend(), T, F, G * rank);
+  const r = G * rank;
+  const label = compressCheckLabel(tf.getBackend(), T, F, r);
+  const X = groupMatrix(cache, G);
+  const omega = gaussianMatrix(F, r, o.seed + 1);
+  const qt = gaussianMatrix(r, T, o.seed + 2);
   try {
-    const setting: PerfSetting = { label: 'xkv check', name: 'xkv', options: { groupSize: G, rankK: rank, rankV: rank }, paper: '' };
-    const c = await timedCompress(setting, cache, o.reps, o.warmup);
-    c.compressed.dispose();
-    // The floor: X·Ω and Qᵀ·X for keys and for values (same shapes, so twice one measurement).
-    const floor = await measureMatmulFloor(cache, G, G * rank, o);
-    const floor2 = 2 * (floor.xOmega.medianMs + floor.qtX.medianMs);
+    await opts.onCheckCache?.(cache);
+    const strategy = createStrategy({ name: 'xkv', options: { groupSize: G, rankK: rank, rankV: rank } });
+    const t = await timeInterleaved(
+      { compress: () => strategy.compress(cache), xOmega: () => tf.matMul(X, omega), qtX: () => tf.matMul(qt, X) },
+      { reps: o.reps, warmup: o.warmup },
+    );
+    const floor2 = 2 * (t.xOmega.medianMs + t.qtX.medianMs);
     const res = ratioCheck(
       label,
-      c.timing.medianMs,
+      t.compress.medianMs,
       floor2,
       3,
       'the two matmuls X·Ω + Qᵀ·X (keys and values)',
-      `X·Ω ${floor.xOmega.medianMs.toFixed(1)} ms, Qᵀ·X ${floor.qtX.medianMs.toFixed(1)} ms per matrix; xkv defaults otherwise (oversample, power iterations from the xkv schema)`,
+      `X·Ω ${t.xOmega.medianMs.toFixed(1)} ms, Qᵀ·X ${t.qtX.medianMs.toFixed(1)} ms per matrix, timed in alternation with the compression; ` +
+        'xkv defaults otherwise (oversampling, power iterations from the xkv schema)',
     );
     log(res.line);
     return res;
   } catch (e) {
     return { label, reason: (e as Error).message.split('\n')[0] };
   } finally {
+    tf.dispose([X, omega, qt]);
     disposeCache(cache);
   }
 }
 
 /**
  * Must-show 3: one decode step in xkv's sparse mode (budget `sparseBudget`) at T = 32K over one
- * layer, against dense attention over the same uncompressed layer. Reuses the main table's row when
- * it measured xkv at that T; otherwise compresses one G = 4 group at the paper's ranks (512/768).
- * Target ≤ 2×. The per-step attention is per layer, so one layer's step is what is compared.
+ * layer, against dense attention over the same uncompressed layer — the faster of core `attention`
+ * and {@link denseDecodeStep} over the attention-ready layout — timed in alternation. The cache is
+ * one G = 4 group at the paper's ranks (512/768) compressed with `decode: 'sparse'`. Target ≤ 2×.
+ * The per-step attention is per layer, so one layer's step is what is compared.
  */
 async function sparseDecodeCheck(
   opts: PerfSuiteOptions,
   o: { reps: number; warmup: number; seed: number; sparseBudget: number },
-  rows: PerfRow[],
-  baselines: PerfBaseline[],
   dump: KVCache | null,
   log: (l: string) => void,
 ): Promise<RatioCheck | { label: string; reason: string }> {
   const T = opts.checkDecodeTokens ?? 32768;
+  const ranks = opts.checkDecodeRanks ?? { rankK: 128, rankV: 192 };
   const label = `${tf.getBackend()}: decode step, sparse mode, T=${T}, budget ${o.sparseBudget} (one layer)`;
-  const finish = (sparse: DecodeResult, dense: Timing) => {
-    const res = ratioCheck(label, sparse.timing.medianMs, dense.medianMs, 2, 'dense attention over the uncompressed layer', 'one query token, one layer (the step is per layer); xkv G=4 r=512/768');
-    log(res.line);
-    return res;
-  };
-  const row = rows.find((r) => r.strategy === 'xkv' && r.tokens === T && r.options.groupSize === 4 && !r.error);
-  const base = baselines.find((b) => b.tokens === T);
-  const done = row?.decode.find((d) => d.mode === 'sparse');
-  if (row && base && done) return finish(done, base.denseAttention);
-  if (row && !done) return { label, reason: 'the xkv cache offers no sparse decode mode in this build' };
   let cache: KVCache | null = null;
   let compressed: CompressedCache | null = null;
-  const q0 = decodeQuery(dump?.layout ?? LLAMA31_8B_LAYOUT, o.seed + 17);
+  let K: tf.Tensor3D | null = null;
+  let ready: ReturnType<typeof attentionReadyLayer> | null = null;
+  const q = decodeQuery(dump?.layout ?? LLAMA31_8B_LAYOUT, o.seed + 17);
   try {
     cache = dump && dump.keys[0].shape[0] >= T ? await loadCache(T, 4, o.seed, dump) : await syntheticLlamaCache({ T, layers: 4, seed: o.seed });
     const layer = cache.layout.nLayers - 1;
-    const strategy = createStrategy({ name: 'xkv', options: { groupSize: 4, rankK: 128, rankV: 192 } });
+    const strategy = createStrategy({ name: 'xkv', options: { groupSize: 4, ...ranks, decode: 'sparse', sparse: { budget: o.sparseBudget } } });
     compressed = await strategy.compress(cache);
     const mode = decodeModes('xkv', compressed, { sparseBudget: o.sparseBudget }).find((m) => m.mode === 'sparse');
     if (!mode) return { label, reason: 'the xkv cache offers no sparse decode mode in this build' };
-    const dense = await measureDenseAttention(cache, layer, q0, o);
-    const cc = mode;
-    const timing = await timeOp(() => cc.step(layer, q0), o);
-    return finish({ mode: 'sparse', label: mode.label, timing, vsDense: timing.medianMs / dense.timing.medianMs, peakBytes: 0 }, dense.timing);
+    K = applyRope(cache.keys[layer], cache.rope, { start: cache.startPosition ?? 0, count: T });
+    ready = attentionReadyLayer(K, cache.values[layer]);
+    const V = cache.values[layer];
+    const [k, rd] = [K, ready];
+    const t = await timeInterleaved(
+      { sparse: () => mode.step(layer, q), core: () => attention(q, k, V, 0), ready: () => denseDecodeStep(q, rd) },
+      { reps: o.reps, warmup: o.warmup },
+    );
+    const dense = Math.min(t.core.medianMs, t.ready.medianMs);
+    const res = ratioCheck(
+      label,
+      t.sparse.medianMs,
+      dense,
+      2,
+      'dense attention over the uncompressed layer',
+      `one query token, one layer (the step is per layer), timed in alternation; dense = the faster of core attention ` +
+        `(${t.core.medianMs.toFixed(1)} ms, sparse is ${(t.sparse.medianMs / t.core.medianMs).toFixed(2)}× it) and the attention-ready layout ` +
+        `(${t.ready.medianMs.toFixed(1)} ms); xkv G=4 r=${4 * ranks.rankK}/${4 * ranks.rankV}`,
+    );
+    log(res.line);
+    return res;
   } catch (e) {
     return { label, reason: (e as Error).message.split('\n')[0] };
   } finally {
-    q0.dispose();
+    q.dispose();
+    K?.dispose();
+    if (ready) disposeAttentionReady(ready);
     compressed?.dispose();
     if (cache) disposeCache(cache);
   }

@@ -20,7 +20,7 @@ export const LLAMA31_8B_ROPE: Readonly<RopeConfig> = Object.freeze<RopeConfig>({
 /**
  * Structure of the synthetic keys or values of every layer. Per layer l the cache is
  *
- *   X_l = s · Z_l · (diag(σ) · V_lᵀ + O_l) · diag(g_l)        ([T, F], F = H_kv · d)
+ *   X_l = s · Z_l · W_l · diag(g_l),   W_l = diag(σ) · V_lᵀ with outlier loadings     ([T, F], F = H_kv · d)
  *
  * - **Spectrum** σ (length F, Σσ² = 1): σ_j² = (1 − noise) · (j+1)^(−2·decay) / Σ_i (i+1)^(−2·decay)
  *   + noise / F — a power law (singular values ∝ j^(−decay)) over an isotropic floor holding the
@@ -37,7 +37,8 @@ export const LLAMA31_8B_ROPE: Readonly<RopeConfig> = Object.freeze<RopeConfig>({
  *   with Hadamard mixing every channel has the same expected power.
  * - **Outlier channels**: `outlierPairs` RoPE rotation pairs per KV head (channels (p, p + d/2) for
  *   the rotate-half layout, (2p, 2p+1) for interleaved; chosen per layer) also carry one of the 8
- *   leading token factors with weight γ = √((outlierGain² − 1)/F): W[:, c] += γ·e_j. Their RMS is then
+ *   leading token factors with extra weight γ = √((outlierGain² − 1)/F): the loading W[j, c] grows
+ *   to ±√(W[j, c]² + γ²) (in units of s). Their RMS is then
  *   `outlierGain` × a normal channel's ({@link plantedOutlierRatio}), and the extra energy lies in
  *   the shared leading token subspace (scaling the channels instead would put random, layer-specific
  *   combinations of all factors on top and destroy the cross-layer alignment real caches show).
@@ -347,7 +348,12 @@ export async function syntheticLlamaCache(opts: SyntheticCacheOptions): Promise<
           for (let j = 0; j < F; j++) W[j * F + c] = sigma[j] * basis[row + j] * sc;
         }
         const gamma = Math.sqrt((p.outlierGain ** 2 - 1) / F);
-        for (const o of outlierChannels(p, layout, rope, key)) W[o.factor * F + o.channel] += gamma * scale * g[o.channel];
+        for (const o of outlierChannels(p, layout, rope, key)) {
+          // Grow the channel's loading on its factor so that its square gains exactly γ²·s²·g²
+          // (no cross term: the channel's power rises by γ², whatever its other loadings).
+          const i = o.factor * F + o.channel;
+          W[i] = (W[i] < 0 ? -1 : 1) * Math.sqrt(W[i] * W[i] + (gamma * scale * g[o.channel]) ** 2);
+        }
         mix[kind].push(tf.tensor2d(W, [F, F]));
       }
       parts[kind] = Array.from({ length: L }, () => []);
