@@ -105,17 +105,7 @@ export async function benchCommand(configPath: string, opts: BenchCommandOptions
       return {
         format: 'kvpack-bench/1',
         ...(cfg.data.title ? { title: cfg.data.title } : {}),
-        environment: {
-          backend: choice.name,
-          backendLine,
-          node: process.version,
-          platform: process.platform,
-          arch: process.arch,
-          cpus: cpus().length,
-          date: new Date().toISOString(),
-          kvpackVersion: VERSION,
-          quick: Boolean(opts.quick),
-        },
+        environment: runEnvironment(choice.name, backendLine, Boolean(opts.quick)),
         config: { source: cfg.source, data: cfg.data },
         model: { path: cfg.modelPath, ...(cfg.tokenizerPath ? { tokenizer: cfg.tokenizerPath } : {}), layout: result.layout },
         run: { decodeTokens: run.decodeTokens, repeats: run.repeats, prompts: prompts.length },
@@ -213,4 +203,19 @@ export async function strategiesCommand(io: CommandIO = processIO): Promise<numb
   }
   io.out(lines.join('\n').trimEnd());
   return EXIT.ok;
+}
+
+/** Where and when a bench ran: backend, Node, platform, CPU count, date, kvpack version. */
+export function runEnvironment(backend: string, backendLine: string, quick: boolean) {
+  return {
+    backend,
+    backendLine,
+    node: process.version,
+    platform: process.platform,
+    arch: process.arch,
+    cpus: cpus().length,
+    date: new Date().toISOString(),
+    kvpackVersion: VERSION,
+    quick,
+  };
 }

@@ -1,9 +1,8 @@
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
-import { cpus } from 'node:os';
 import { basename, extname, join, resolve } from 'node:path';
 import { Option, type Command } from 'commander';
 import { KvpackError, describeBackend, selectBackend } from '@kvpack/core';
-import { EXIT, processIO, type CommandIO } from '../commands.js';
+import { EXIT, processIO, runEnvironment, type CommandIO } from '../commands.js';
 import { loadBenchModel } from '../load.js';
 import { renderRatioPlot } from '../plot.js';
 import { createProgress, progressBarEnabled } from '../progress.js';
@@ -31,7 +30,6 @@ export interface AccuracyCommandOptions {
   plot?: boolean;
 }
 
-const VERSION = '0.1.0';
 
 /** Lines explaining what is missing when the model or eval files are absent. */
 export function missingAccuracyFilesMessage(cfg: AccuracyConfig, missing: string[]): string {
@@ -125,17 +123,7 @@ export async function accuracyCommand(configPath: string, opts: AccuracyCommandO
     report = {
       format: 'kvpack-accuracy/1',
       ...(cfg.data.title ? { title: cfg.data.title } : {}),
-      environment: {
-        backend: choice.name,
-        backendLine,
-        node: process.version,
-        platform: process.platform,
-        arch: process.arch,
-        cpus: cpus().length,
-        date: new Date().toISOString(),
-        kvpackVersion: VERSION,
-        quick: false,
-      },
+      environment: runEnvironment(choice.name, backendLine, false),
       config: { source: cfg.source, data: cfg.data },
       model: { path: cfg.modelPath, ...(cfg.tokenizerPath ? { tokenizer: cfg.tokenizerPath } : {}), layout: result.layout },
       eval: { path: cfg.evalPath, tasks: evalSet.tasks, examples: evalSet.examples.length, available: evalSet.available },

@@ -1,3 +1,4 @@
+import { runEnvironment } from '../commands.js';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -24,7 +25,6 @@ const stdio: PerfIO = {
   err: (t) => void process.stderr.write(t.endsWith('\n') ? t : `${t}\n`),
 };
 
-const VERSION = '0.1.0';
 
 /** Options of `kvpack bench perf`. */
 export interface PerfCommandOptions {
@@ -86,18 +86,7 @@ export function perfProgress(io: PerfIO, stream: NodeJS.WriteStream = process.st
 
 /** Environment block of a perf report. */
 export function perfEnvironment(backend: string, backendLine: string, quick: boolean): PerfReport['environment'] {
-  return {
-    backend,
-    backendLine,
-    node: process.version,
-    platform: process.platform,
-    arch: process.arch,
-    cpus: cpus().length,
-    cpuModel: cpus()[0]?.model,
-    date: new Date().toISOString(),
-    quick,
-    kvpackVersion: VERSION,
-  };
+  return { ...runEnvironment(backend, backendLine, quick), cpuModel: cpus()[0]?.model };
 }
 
 /**
