@@ -161,18 +161,7 @@ export function resolveConfig(raw: unknown, baseDir: string, source = '<inline>'
     const text = readFileSync(file, 'utf8');
     return { text, continuationTokens: p.continuationTokens, maxTokens: p.maxTokens, name: p.name ?? p.file };
   });
-  const settings: ResolvedSetting[] = [];
-  const entries = data.strategies.map((e) => ({ ...e, seriesBy: typeof e.seriesBy === 'string' ? [e.seriesBy] : e.seriesBy }));
-  for (const s of expandGrid(entries)) {
-    let resolvedOptions: Record<string, unknown>;
-    try {
-      resolvedOptions = parseStrategyOptions(s.name, s.options) as Record<string, unknown>;
-    } catch (err) {
-      if (err instanceof KvpackError) throw new KvpackError(err.code, `${source}: setting "${s.label}": ${err.message}`, { cause: err });
-      throw err;
-    }
-    settings.push({ ...s, resolvedOptions, observationWindow: entries[s.entry].observationWindow });
-  }
+  const settings = resolveSettings(data.strategies, source);
   return {
     source,
     data,
@@ -199,4 +188,25 @@ export function quickOverrides(cfg: BenchConfig): { decodeTokens: number; contin
     maxPrompts: q.maxPrompts ?? cfg.prompts.length,
     repeats: q.repeats ?? 1,
   };
+}
+
+/**
+ * Expands a config's strategy grid and validates every setting's options against its strategy's
+ * schema (defaults applied). Shared by the quality and accuracy benches.
+ * @throws KvpackError naming the config file and the setting.
+ */
+export function resolveSettings(strategies: BenchConfigData['strategies'], source: string): ResolvedSetting[] {
+  const entries = strategies.map((e) => ({ ...e, seriesBy: typeof e.seriesBy === 'string' ? [e.seriesBy] : e.seriesBy }));
+  const settings: ResolvedSetting[] = [];
+  for (const s of expandGrid(entries)) {
+    let resolvedOptions: Record<string, unknown>;
+    try {
+      resolvedOptions = parseStrategyOptions(s.name, s.options) as Record<string, unknown>;
+    } catch (err) {
+      if (err instanceof KvpackError) throw new KvpackError(err.code, `${source}: setting "${s.label}": ${err.message}`, { cause: err });
+      throw err;
+    }
+    settings.push({ ...s, resolvedOptions, observationWindow: entries[s.entry].observationWindow });
+  }
+  return settings;
 }

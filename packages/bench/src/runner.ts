@@ -49,8 +49,8 @@ export interface PromptResult {
   strategyStats?: unknown;
 }
 
-/** Results of one setting, aggregated over prompts. */
-export interface SettingResult {
+/** Identity and measured size of one setting's results (shared by the quality and accuracy benches). */
+export interface SettingSummary {
   label: string;
   name: string;
   series: string;
@@ -61,7 +61,7 @@ export interface SettingResult {
   resolvedOptions: Record<string, unknown>;
   /** Query window the prefill carried (query-aware strategies), else null. */
   observationWindow: number | null;
-  /** Σ prefill tokens compressed over prompts. */
+  /** Σ prefill tokens compressed. */
   tokens: number;
   /** Σ bytes held. */
   bytes: number;
@@ -69,6 +69,10 @@ export interface SettingResult {
   denseBytes: number;
   /** Measured compression ratio Σ denseBytes / Σ bytes. */
   ratio: number;
+}
+
+/** Results of one setting, aggregated over prompts. */
+export interface SettingResult extends SettingSummary {
   /** Mean of the strategy's reported formula ratio over prompts, or null. */
   paperRatio: number | null;
   /** Post-RoPE key relative Frobenius error sqrt(Σ‖K − K̂‖² / Σ‖K‖²) over layers and prompts; null for eviction. */

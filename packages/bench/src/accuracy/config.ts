@@ -1,9 +1,8 @@
 import { existsSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
-import { KvpackError, parseStrategyOptions, readConfigFile } from '@kvpack/core';
+import { KvpackError, readConfigFile } from '@kvpack/core';
 import { z } from 'zod';
-import { BenchConfigSchema, formatZodError, type ResolvedSetting } from '../config.js';
-import { expandGrid } from '../grid.js';
+import { BenchConfigSchema, formatZodError, resolveSettings, type ResolvedSetting } from '../config.js';
 
 const positiveInt = z.int().positive();
 
@@ -80,18 +79,7 @@ export function resolveAccuracyConfig(raw: unknown, baseDir: string, source = '<
   const data = r.data;
   const modelsDir = env.KVPACK_MODELS_DIR ? resolve(env.KVPACK_MODELS_DIR) : data.modelsDir ? resolve(baseDir, data.modelsDir) : baseDir;
   const at = (p: string) => (isAbsolute(p) ? p : resolve(modelsDir, p));
-  const entries = data.strategies.map((e) => ({ ...e, seriesBy: typeof e.seriesBy === 'string' ? [e.seriesBy] : e.seriesBy }));
-  const settings: ResolvedSetting[] = [];
-  for (const s of expandGrid(entries)) {
-    let resolvedOptions: Record<string, unknown>;
-    try {
-      resolvedOptions = parseStrategyOptions(s.name, s.options) as Record<string, unknown>;
-    } catch (err) {
-      if (err instanceof KvpackError) throw new KvpackError(err.code, `${source}: setting "${s.label}": ${err.message}`, { cause: err });
-      throw err;
-    }
-    settings.push({ ...s, resolvedOptions, observationWindow: entries[s.entry].observationWindow });
-  }
+  const settings = resolveSettings(data.strategies, source);
   return {
     source,
     data,

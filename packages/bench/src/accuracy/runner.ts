@@ -5,7 +5,7 @@ import type { ResolvedSetting } from '../config.js';
 import type { ErrorSums } from '../metrics.js';
 import { argmaxRow } from '../metrics.js';
 import { disposeKVCache, type BenchModel } from '../model.js';
-import { queryWindow } from '../runner.js';
+import { queryWindow, type SettingSummary } from '../runner.js';
 import { attentionOutputError } from './attention-error.js';
 import type { EvalExample } from './dataset.js';
 import { exactMatch, summarizeAccuracy, type AccuracySummary } from './scoring.js';
@@ -52,23 +52,7 @@ export interface ExampleOutcome {
 }
 
 /** Results of one setting over every example. */
-export interface AccuracySettingResult {
-  label: string;
-  name: string;
-  series: string;
-  key: string;
-  options: Record<string, unknown>;
-  resolvedOptions: Record<string, unknown>;
-  /** Query window the compressed cache carried (query-aware strategies), else null. */
-  observationWindow: number | null;
-  /** Σ prefill tokens compressed. */
-  tokens: number;
-  /** Σ bytes held. */
-  bytes: number;
-  /** Σ fp16 dense bytes. */
-  denseBytes: number;
-  /** Measured compression ratio Σ denseBytes / Σ bytes. */
-  ratio: number;
+export interface AccuracySettingResult extends SettingSummary {
   /** Exact-match accuracy per task and their mean. */
   accuracy: AccuracySummary;
   /** Fraction of examples whose prediction equals the uncompressed model's. */
