@@ -418,8 +418,8 @@ export function aggregate(s: ResolvedSetting, window: number | null, per: Prompt
   };
 }
 
-/** The result of a setting that threw a KvpackError: metrics NaN / null, `error` set. */
-export function failedResult(s: ResolvedSetting, window: number | null, error: string): SettingResult {
+/** A setting's identity with no tokens measured yet (ratio NaN). */
+export function emptySummary(s: ResolvedSetting, window: number | null): SettingSummary {
   return {
     label: s.label,
     name: s.name,
@@ -432,6 +432,13 @@ export function failedResult(s: ResolvedSetting, window: number | null, error: s
     bytes: 0,
     denseBytes: 0,
     ratio: NaN,
+  };
+}
+
+/** The result of a setting that threw a KvpackError: metrics NaN / null, `error` set. */
+export function failedResult(s: ResolvedSetting, window: number | null, error: string): SettingResult {
+  return {
+    ...emptySummary(s, window),
     paperRatio: null,
     keyError: null,
     valueError: null,

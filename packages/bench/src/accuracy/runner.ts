@@ -5,7 +5,7 @@ import type { ResolvedSetting } from '../config.js';
 import type { ErrorSums } from '../metrics.js';
 import { argmaxRow } from '../metrics.js';
 import { disposeKVCache, type BenchModel } from '../model.js';
-import { queryWindow, type SettingSummary } from '../runner.js';
+import { emptySummary, queryWindow, type SettingSummary } from '../runner.js';
 import { attentionOutputError } from './attention-error.js';
 import type { EvalExample } from './dataset.js';
 import { exactMatch, summarizeAccuracy, type AccuracySummary } from './scoring.js';
@@ -183,17 +183,7 @@ function viewFor(cache: KVCache, withQueries: boolean): KVCache {
 
 function emptySetting(s: ResolvedSetting, window: number | null): AccuracySettingResult {
   return {
-    label: s.label,
-    name: s.name,
-    series: s.series,
-    key: s.key,
-    options: s.options,
-    resolvedOptions: s.resolvedOptions,
-    observationWindow: window,
-    tokens: 0,
-    bytes: 0,
-    denseBytes: 0,
-    ratio: NaN,
+    ...emptySummary(s, window),
     accuracy: { tasks: [], mean: NaN, correct: 0, total: 0 },
     agreement: NaN,
     attentionError: null,
