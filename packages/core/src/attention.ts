@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { check } from './errors.js';
+import { isHostBackend } from './backend.js';
 
 /**
  * Additive causal mask [n, N]: query row i (the i-th of the last `tail` cached tokens, n = q rows)
@@ -30,8 +31,7 @@ export function attention(q: tf.Tensor3D, k: tf.Tensor3D, v: tf.Tensor3D, causal
   check(H % Hkv === 0, 'shape', `attention: ${H} query heads are not a multiple of ${Hkv} KV heads`);
   const g = H / Hkv;
   const masked = causalTail > 0 && (n > 1 || causalTail < n);
-  const be = tf.getBackend();
-  if (be === 'wasm' || be === 'cpu') {
+  if (isHostBackend()) {
     // On wasm/cpu a batched matMul is several times slower than one 2-D matMul per batch (measured
     // on wasm: 1,015 tokens, 2 KV heads × 3 query heads, d = 64: 1.26 s batched vs 0.16 s per head),
     // and transposed operands are slower still; so loop over KV heads with plain 2-D products.

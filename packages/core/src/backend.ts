@@ -152,3 +152,13 @@ export function describeBackend(choice: BackendChoice): string {
   const s = choice.skipped.map((x) => `${x.name}: ${x.reason}`).join('; ');
   return `backend ${choice.name}${s ? ` (skipped ${s})` : ''}`;
 }
+
+/**
+ * True on the backends whose kernels run synchronously on the host CPU (`wasm`, `cpu`): there a
+ * readback is a copy, transposed or batched products are slow, and host float64 code is as fast as
+ * the backend for small matrices. Code that picks between a host and a device formulation asks this.
+ */
+export function isHostBackend(): boolean {
+  const be = tf.getBackend();
+  return be === 'wasm' || be === 'cpu';
+}

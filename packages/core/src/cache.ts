@@ -5,6 +5,7 @@ import { encodeContainer, payloadBytes, type StoredDType, type StoredTensor, typ
 import type { CompressedCache, ModelLayout, RopeConfig, AttendOptions } from './types.js';
 import { checkKV } from './validate.js';
 import { attention } from './attention.js';
+import { isHostBackend } from './backend.js';
 
 const ITEM: Record<StoredDType, number> = { float32: 4, float16: 2, bfloat16: 2, int8: 1, uint8: 1, int32: 4, uint16: 2 };
 
@@ -20,10 +21,47 @@ export function specBytes(s: StoredSpec): number {
   return s.shape.reduce((a, b) => a * b, 1) * ITEM[s.dtype];
 }
 
-/** Rounds a float32 tensor's values through float16 (what 16-bit storage keeps). Returns a new tensor. */
+/**
+ * Rounds a float32 tensor's values through float16 (what 16-bit storage keeps), bit-identical to the
+ * host {@link roundHalf} (round to nearest even, subnormals, overflow to ±Inf). On wasm/cpu the values
+ * are rounded on the host (a readback there is a copy); elsewhere on the device with
+ * {@link roundToHalfOnDevice}, so a GPU compression makes no host round-trip. Returns a new tensor.
+ */
 export async function roundToHalf(x: tf.Tensor): Promise<tf.Tensor> {
+  if (!isHostBackend()) return roundToHalfOnDevice(x);
   const data = (await x.data()) as Float32Array;
   return tf.tensor(roundHalf(data), x.shape, 'float32');
+}
+
+/** 2^(i − 14), i = 0 … 29: the float16 binades' lower bounds (i = 0 also covers the subnormals). */
+const HALF_BINADE = Float32Array.from({ length: 30 }, (_, i) => 2 ** (i - 14));
+/** 2^(i − 24): the float16 spacing (ulp) in binade i. */
+const HALF_ULP = Float32Array.from({ length: 30 }, (_, i) => 2 ** (i - 24));
+/** 2^(24 − i): its inverse. */
+const HALF_INV_ULP = Float32Array.from({ length: 30 }, (_, i) => 2 ** (24 - i));
+
+/**
+ * {@link roundToHalf} in float32 tensor ops on the current backend: with e = ⌊log₂|x|⌋ clamped to the
+ * float16 exponent range [−14, 15] (−14 also for subnormals), y = round(x · 2^(10−e)) · 2^(e−10), and
+ * |y| > 65504 → ±Inf. Every factor is an exact power of two looked up from a table (no pow/exp2,
+ * whose GPU precision is not exact), ⌊log₂|x|⌋ is corrected by exact comparisons with the binade
+ * bounds, and `round` is round-half-to-even (WGSL `round`, tfjs's Round), so the result equals the
+ * host rounding bit for bit; tested against {@link roundHalf} on every backend the tests run.
+ * NaN stays NaN. Returns a new tensor.
+ */
+export function roundToHalfOnDevice(x: tf.Tensor): tf.Tensor {
+  return tf.tidy(() => {
+    const a = tf.abs(x);
+    const est = tf.cast(tf.clipByValue(tf.floor(tf.mul(tf.log(tf.maximum(a, 2 ** -14)), 1 / Math.LN2)), -14, 15), 'int32');
+    let i = tf.add(est, tf.scalar(14, 'int32'));
+    const lo = tf.gather(tf.tensor1d(HALF_BINADE), i);
+    // ⌊log₂⌋ estimated from a float log may be one off at a binade edge: correct it exactly.
+    const down = tf.logicalAnd(tf.less(a, lo), tf.greater(i, tf.scalar(0, 'int32')));
+    const up = tf.logicalAnd(tf.greaterEqual(a, tf.mul(lo, 2)), tf.less(i, tf.scalar(29, 'int32')));
+    i = tf.add(tf.sub(i, tf.cast(down, 'int32')), tf.cast(up, 'int32'));
+    const y = tf.mul(tf.round(tf.mul(x, tf.gather(tf.tensor1d(HALF_INV_ULP), i))), tf.gather(tf.tensor1d(HALF_ULP), i));
+    return tf.where(tf.greater(tf.abs(y), 65504), tf.mul(tf.sign(x), Infinity), y);
+  });
 }
 
 /** Reads a float32 tensor into a stored tensor of dtype float16 or float32. */

@@ -16,6 +16,8 @@ import {
   ropeInverseFrequencies,
   selectBackend,
   toHalfBits,
+  roundHalf,
+  roundToHalfOnDevice,
   encodeBFloat16,
   decodeBFloat16,
 } from './index.js';
@@ -55,6 +57,33 @@ describe('fp16 / bf16', () => {
         return Math.abs(r - f) <= ulp / 2 + 1e-12;
       }),
     );
+  });
+  it('device float16 rounding equals the host rounding bit for bit (wasm and cpu)', async () => {
+    // Every finite half value, the midpoints between neighbours (ties) and one float32 ulp either side
+    // of them, the subnormal range, the overflow edge, zeros and values far outside the range.
+    const xs: number[] = [0, -0, 1e-30, -1e-30, 2 ** -25, 2 ** -25 * 1.0000001, 65504, 65519.99, 65520, -65520, 1e6, -3e38];
+    for (let h = 0; h < 0x7c00; h += 7) {
+      const v = fromHalfBits(h);
+      const next = fromHalfBits(h + 1);
+      const mid = Math.fround((v + next) / 2);
+      xs.push(v, -v, mid, -mid, nextUp(mid), nextDown(mid));
+    }
+    xs.push(...fc.sample(fc.float({ noNaN: true, noDefaultInfinity: true }), { numRuns: 3000, seed: 7 }));
+    const x32 = Float32Array.from(xs);
+    const want = roundHalf(x32);
+    const before = tf.getBackend();
+    for (const be of ['wasm', 'cpu']) {
+      await selectBackend(be);
+      const n0 = tf.memory().numTensors;
+      const t = tf.tensor1d(x32);
+      const r = roundToHalfOnDevice(t);
+      const got = r.dataSync() as Float32Array;
+      tf.dispose([t, r]);
+      expect(tf.memory().numTensors).toBe(n0);
+      const bad = Array.from(x32.keys()).filter((i) => !Object.is(got[i], want[i]) && !(got[i] === 0 && want[i] === 0));
+      expect(bad.slice(0, 5).map((i) => [x32[i], got[i], want[i]]), be).toEqual([]);
+    }
+    await selectBackend(before);
   });
   it('bfloat16 keeps the top 16 bits with round-to-nearest-even', () => {
     const x = [1, -3.140625, 1 + 2 ** -8, 1 + 3 * 2 ** -8];
@@ -178,3 +207,17 @@ describe('registry and config', () => {
     expect(listStrategies()).toContain('dense');
   });
 });
+
+/** The next float32 above / below v (v finite, positive). */
+function nextUp(v: number): number {
+  const f = new Float32Array([v]);
+  const u = new Uint32Array(f.buffer);
+  u[0] += 1;
+  return f[0];
+}
+function nextDown(v: number): number {
+  const f = new Float32Array([v]);
+  const u = new Uint32Array(f.buffer);
+  if (u[0] > 0) u[0] -= 1;
+  return f[0];
+}

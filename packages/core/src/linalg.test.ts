@@ -68,6 +68,35 @@ describe('truncatedSvd', () => {
     tf.dispose([X, A, a.basis, a.coeffs, b.basis, b.coeffs]);
   });
 
+  it('column blocks [X_1 … X_G] give the factors of the concatenated X, blockwise, without concatenating (every path)', async () => {
+    const T = 90, widths = [16, 24, 16], F = 56;
+    const data = testMatrix(T, F, 11);
+    const X = tf.tensor2d(data, [T, F]);
+    const blocks = tf.split(X, widths, 1) as tf.Tensor2D[];
+    const cases = [
+      { rank: 6, powerIters: 1, orthogonalization: 'host' as const },
+      { rank: 6, powerIters: 1.5, oversample: 4, orthogonalization: 'host' as const },
+      { rank: 6, powerIters: 0, orthogonalization: 'device' as const },
+      { rank: 6, powerIters: 2, orthogonalization: 'device' as const },
+      { rank: 5, exact: true },
+    ];
+    const n0 = tf.memory().numTensors;
+    for (const o of cases) {
+      const whole = await truncatedSvd(X, { ...o, seed: 3 });
+      const parts = await truncatedSvd(blocks, { ...o, seed: 3 });
+      expect(parts.coeffs.map((c) => c.shape)).toEqual(widths.map((w) => [o.rank, w]));
+      const joined = tf.concat(parts.coeffs, 1);
+      // Same Ω, same arithmetic up to summation order: the same rank-r approximation.
+      const A = tf.matMul(whole.basis, whole.coeffs);
+      const B = tf.matMul(parts.basis, joined);
+      expect(await relativeFrobeniusError(A, B), JSON.stringify(o)).toBeLessThan(1e-4);
+      tf.dispose([whole.basis, whole.coeffs, parts.basis, ...parts.coeffs, joined, A, B]);
+    }
+    expect(tf.memory().numTensors).toBe(n0);
+    await expect(truncatedSvd([X, tf.zeros([3, 2]) as tf.Tensor2D], { rank: 2 })).rejects.toThrow(/equal row counts/);
+    tf.dispose([X, ...blocks]);
+  });
+
   it('rejects rank 0 and rank above min(T, F) by name, and leaks no tensors', async () => {
     const X = tf.zeros([10, 4]) as tf.Tensor2D;
     const before = tf.memory().numTensors;

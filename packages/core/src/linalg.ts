@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { choleskyUpper, invertUpper, symmetricEigHost } from './hostla.js';
 import { check } from './errors.js';
+import { isHostBackend } from './backend.js';
 import { mulberry32 } from './random.js';
 
 /**
@@ -9,8 +10,7 @@ import { mulberry32 } from './random.js';
  * 1.0 s), so operands are transposed explicitly there.
  */
 export function matmul(a: tf.Tensor2D, b: tf.Tensor2D, transposeA = false, transposeB = false): tf.Tensor2D {
-  const be = tf.getBackend();
-  if (be === 'wasm' || be === 'cpu') {
+  if (isHostBackend()) {
     return tf.tidy(() => tf.matMul(transposeA ? a.transpose() : a, transposeB ? b.transpose() : b));
   }
   return tf.matMul(a, b, transposeA, transposeB);
@@ -42,8 +42,7 @@ export type Orthogonalization = 'auto' | 'host' | 'device';
 export function resolveOrthogonalization(o: Orthogonalization = 'auto'): 'host' | 'device' {
   check(o === 'auto' || o === 'host' || o === 'device', 'config', `orthogonalization must be 'auto', 'host' or 'device', got ${String(o)}`);
   if (o !== 'auto') return o;
-  const be = tf.getBackend();
-  return be === 'wasm' || be === 'cpu' ? 'host' : 'device';
+  return isHostBackend() ? 'host' : 'device';
 }
 
 /**
@@ -263,6 +262,24 @@ export interface LowRankFactors {
   singularValues?: Float64Array;
 }
 
+/** {@link LowRankFactors} of a matrix given as column blocks: one coefficient block [r, F_i] per block X_i. */
+export interface LowRankBlockFactors extends Omit<LowRankFactors, 'coeffs'> {
+  coeffs: tf.Tensor2D[];
+}
+
+/** Column blocks [X_1 … X_G] of X [T, F] (X_i [T, F_i]), or of a right-hand matrix's rows [M_1; …; M_G]. */
+type Blocks = tf.Tensor2D[];
+
+/** Σ_i A_i·B_i: a product over blocked inner dimension (A = [A_1 … A_G], B = [B_1; …; B_G]). */
+function blockSum(A: Blocks, B: Blocks, transposeA = false, transposeB = false): tf.Tensor2D {
+  return tf.tidy(() => A.map((a, i) => matmul(a, B[i], transposeA, transposeB)).reduce((x, y) => tf.add(x, y) as tf.Tensor2D));
+}
+
+/** [L·X_1 … L·X_G]: a left product applied block by block. */
+function leftTimes(L: tf.Tensor2D, X: Blocks, transposeL = false): Blocks {
+  return X.map((x) => matmul(L, x, transposeL, false));
+}
+
 /**
  * Truncated SVD of X [T, F] by the randomized range finder with power iterations (Halko, Martinsson
  * & Tropp 2011, Alg. 4.4 + 5.1): Y = X·Ω, Q = orth(Y), and q times Z = orth(Xᵀ·Q), Q = orth(X·Z);
@@ -273,14 +290,29 @@ export interface LowRankFactors {
  * (Newton–Schulz), see {@link Orthogonalization}. When k ≥ min(T, F) the result is the exact
  * truncated SVD (up to float32 rounding).
  *
+ * X may be given as column blocks [X_1 … X_G] (X_i [T, F_i], e.g. the G layers of an xKV group):
+ * they are never concatenated — X·M = Σ X_i·M_i, Qᵀ·X = [Qᵀ·X_1 … Qᵀ·X_G] — and the coefficients
+ * come back as one block [r, F_i] per X_i. The Gaussian Ω is the same as for the concatenated
+ * matrix, so both forms give the same factors up to float32 rounding.
+ *
  * Cost: 2q + 2 products of X ([T, F]) with k-column matrices, plus O((T + F)·k²) for the
  * orthonormalizations, plus k³ host work per host orthonormalization and for p > 0.
  * @throws KvpackError('rank') when rank is not an integer in [1, min(T, F)];
  *         KvpackError('config') for a negative or non-integer oversample, or powerIters not a
- *         non-negative multiple of 0.5.
+ *         non-negative multiple of 0.5; KvpackError('shape') for blocks of different row counts.
  */
-export async function truncatedSvd(X: tf.Tensor2D, opts: TruncatedSvdOptions): Promise<LowRankFactors> {
-  const [T, F] = X.shape;
+export async function truncatedSvd(X: tf.Tensor2D, opts: TruncatedSvdOptions): Promise<LowRankFactors>;
+export async function truncatedSvd(X: tf.Tensor2D[], opts: TruncatedSvdOptions): Promise<LowRankBlockFactors>;
+export async function truncatedSvd(X: tf.Tensor2D | tf.Tensor2D[], opts: TruncatedSvdOptions): Promise<LowRankFactors | LowRankBlockFactors> {
+  const blocks = Array.isArray(X) ? X : [X];
+  check(blocks.length >= 1 && blocks.every((x) => x.rank === 2 && x.shape[0] === blocks[0].shape[0]), 'shape', () => `truncatedSvd: column blocks must be 2-D with equal row counts, got ${blocks.map((x) => `[${x.shape}]`).join(', ')}`);
+  const f = await truncatedSvdBlocks(blocks, opts);
+  return Array.isArray(X) ? f : { ...f, coeffs: f.coeffs[0] };
+}
+
+async function truncatedSvdBlocks(X: Blocks, opts: TruncatedSvdOptions): Promise<LowRankBlockFactors> {
+  const T = X[0].shape[0];
+  const F = X.reduce((a, x) => a + x.shape[1], 0);
   const m = Math.min(T, F);
   const r = opts.rank;
   check(Number.isInteger(r) && r >= 1 && r <= m, 'rank', `rank ${r} is out of range: it must be an integer in [1, min(T=${T}, features=${F}) = ${m}]`);
@@ -290,50 +322,79 @@ export async function truncatedSvd(X: tf.Tensor2D, opts: TruncatedSvdOptions): P
   check(Number.isInteger(2 * qIn) && qIn >= 0, 'config', `powerIters must be a non-negative multiple of 0.5, got ${qIn}`);
   const orth = resolveOrthogonalization(opts.orthogonalization);
   const k = opts.exact ? m : Math.min(m, r + p);
-  if (k >= m && T > F) return exactTallSvd(X, r);
+  if (k >= m && T > F) {
+    // Exact path (small matrices): the F×F Gram needs X whole.
+    const whole = X.length === 1 ? X[0] : (tf.concat(X, 1) as tf.Tensor2D);
+    const f = await exactTallSvd(whole, r);
+    if (whole !== X[0]) whole.dispose();
+    return { ...f, coeffs: splitColumns(f.coeffs, X) };
+  }
   if (k >= m) {
     // T ≤ F: the range of X is all of R^T.
     const Q = tf.eye(T) as tf.Tensor2D;
-    return rayleighRitz(Q, tf.clone(X), r);
+    return rayleighRitz(Q, X.map((x) => tf.clone(x)), r);
   }
   const { Q, B } = await rangeFinder(X, k, Math.round(2 * qIn), opts.seed ?? 0, orth);
-  if (B.shape[0] === r) return { basis: Q, coeffs: B };
+  if (B[0].shape[0] === r) return { basis: Q, coeffs: B };
   return rayleighRitz(Q, B, r);
+}
+
+/** Splits C [r, Σ F_i] into blocks [r, F_i] shaped like X's blocks; disposes C (unless one block). */
+function splitColumns(C: tf.Tensor2D, X: Blocks): Blocks {
+  if (X.length === 1) return [C];
+  const parts = tf.split(C, X.map((x) => x.shape[1]), 1) as tf.Tensor2D[];
+  C.dispose();
+  return parts;
+}
+
+/** Ω [F, k] drawn for the whole F (so blocks and the concatenated matrix see the same Ω), uploaded as row blocks [F_i, k]. */
+function gaussianRowBlocks(X: Blocks, k: number, seed: number): Blocks {
+  const F = X.reduce((a, x) => a + x.shape[1], 0);
+  if (X.length === 1) return [gaussianMatrix(F, k, seed)];
+  const data = gaussianData(F, k, seed);
+  let off = 0;
+  return X.map((x) => {
+    const rows = x.shape[1];
+    const t = tf.tensor2d(data.slice(off * k, (off + rows) * k), [rows, k]);
+    off += rows;
+    return t;
+  });
 }
 
 /**
  * Orthonormal Q [T, k'] whose range approximates X's dominant left singular subspace, and
- * B = Qᵀ·X [k', F], with 2 + `halfSteps` products of X (with an odd number of half steps the first
- * sketch is of the row space, Ω'ᵀ·X).
+ * B = Qᵀ·X [k', F] (as column blocks like X's), with 2 + `halfSteps` products of X (with an odd
+ * number of half steps the first sketch is of the row space, Ω'ᵀ·X).
  *
  * No [T, k] Gram matrix is formed: a column sketch Y = X·M (M = Ω, or an orthonormal P [F, k]) is
  * always followed by the product A = Yᵀ·X [k, F], and YᵀY = A·M is a [k, F]·[F, k] product. With W
  * the factor of YᵀY (Q = Y·W orthonormal), A becomes the next row sketch Zᵀ = Wᵀ·A, or, for the
  * last sketch, B = Wᵀ·A. A row sketch Zᵀ [k, F] is normalized on the F side: P = Z·W_Z, then
  * Y = X·P. The last column sketch gets one pass when it follows a power iteration (Y = X·P is
- * then well conditioned) and two (Cholesky-QR2-like) when it is the raw X·Ω.
+ * then well conditioned) and two (Cholesky-QR2-like) when it is the raw X·Ω. Every F-side matrix
+ * (M, A, Zᵀ, B) is kept as blocks matching X's.
  */
-async function rangeFinder(X: tf.Tensor2D, k: number, halfSteps: number, seed: number, orth: 'host' | 'device'): Promise<{ Q: tf.Tensor2D; B: tf.Tensor2D }> {
-  const [T, F] = X.shape;
+async function rangeFinder(X: Blocks, k: number, halfSteps: number, seed: number, orth: 'host' | 'device'): Promise<{ Q: tf.Tensor2D; B: Blocks }> {
+  const T = X[0].shape[0];
   const factor = async (G: tf.Tensor2D, pass: number): Promise<tf.Tensor2D> => (orth === 'host' ? hostGramFactor(G) : deviceGramFactor(G, pass));
-  const gramOf = (A: tf.Tensor2D, M: tf.Tensor2D): tf.Tensor2D =>
+  const gramOf = (A: Blocks, M: Blocks): tf.Tensor2D =>
     tf.tidy(() => {
-      const G = matmul(A, M);
+      const G = blockSum(A, M);
       return tf.mul(tf.add(G, tf.transpose(G)), 0.5) as tf.Tensor2D;
     });
-  let M: tf.Tensor2D; // Y = X·M
+  let M: Blocks; // Y = X·M
   let Y: tf.Tensor2D;
   let steps = halfSteps;
   if (halfSteps % 2 === 0) {
-    M = gaussianMatrix(F, k, seed);
-    Y = matmul(X, M);
+    M = gaussianRowBlocks(X, k, seed);
+    Y = blockSum(X, M);
   } else {
     const omegaT = gaussianMatrix(k, T, seed);
-    const Zt0 = matmul(omegaT, X);
+    const Zt0 = leftTimes(omegaT, X);
     omegaT.dispose();
     M = await rowToColumnBasis(Zt0, factor);
-    Zt0.dispose();
-    Y = matmul(X, M);
+    tf.dispose(Zt0);
+    Y = blockSum(X, M);
     steps -= 1;
   }
   for (;;) {
@@ -341,61 +402,61 @@ async function rangeFinder(X: tf.Tensor2D, k: number, halfSteps: number, seed: n
     if (last && orth === 'device') {
       // Two passes, then B = Qᵀ·X from the explicit basis: folding Newton–Schulz factors into Yᵀ·X
       // loses ~1e-3 of B in float32 when Y is ill conditioned.
-      M.dispose();
+      tf.dispose(M);
       const Q = orthonormalizeDevice(Y, 2);
       Y.dispose();
-      const B = matmul(Q, X, true, false);
-      return { Q, B };
+      return { Q, B: leftTimes(Q, X, true) };
     }
     const Yt = tf.transpose(Y) as tf.Tensor2D;
-    const A = matmul(Yt, X); // Yᵀ·X [k, F]
+    const A = leftTimes(Yt, X); // Yᵀ·X [k, F]
     Yt.dispose();
     const G = gramOf(A, M); // = YᵀY
-    M.dispose();
+    tf.dispose(M);
     const W = await factor(G, 0);
     G.dispose();
     if (last) {
       let Q = matmul(Y, W);
-      let B = matmul(W, A, true, false);
-      tf.dispose([Y, W, A]);
+      let B = leftTimes(W, A, true);
+      tf.dispose([Y, W, ...A]);
       if (halfSteps === 0) {
         // Second pass on the raw sketch X·Ω, which can be too ill-conditioned for one pass in float32.
         const G2 = matmul(Q, Q, true, false);
         const W2 = await factor(G2, 1);
         const Q2 = matmul(Q, W2);
-        const B2 = matmul(W2, B, true, false);
-        tf.dispose([G2, W2, Q, B]);
+        const B2 = leftTimes(W2, B, true);
+        tf.dispose([G2, W2, Q, ...B]);
         Q = Q2;
         B = B2;
       }
       return { Q, B };
     }
-    const Zt = matmul(W, A, true, false);
-    tf.dispose([Y, W, A]);
+    const Zt = leftTimes(W, A, true);
+    tf.dispose([Y, W, ...A]);
     M = await rowToColumnBasis(Zt, factor);
-    Zt.dispose();
-    Y = matmul(X, M);
+    tf.dispose(Zt);
+    Y = blockSum(X, M);
     steps -= 2;
   }
 }
 
-/** Orthonormal P [F, k'] spanning the columns of Z = (Zᵀ)ᵀ, from the row sketch Zᵀ [k, F] (one pass). */
-async function rowToColumnBasis(Zt: tf.Tensor2D, factor: (G: tf.Tensor2D, pass: number) => Promise<tf.Tensor2D>): Promise<tf.Tensor2D> {
-  const Z = tf.transpose(Zt) as tf.Tensor2D;
-  const G = matmul(Zt, Z);
+/** Orthonormal P [F, k'] (as row blocks) spanning the columns of Z = (Zᵀ)ᵀ, from the row sketch Zᵀ [k, F] (column blocks; one pass). */
+async function rowToColumnBasis(Zt: Blocks, factor: (G: tf.Tensor2D, pass: number) => Promise<tf.Tensor2D>): Promise<Blocks> {
+  const Z = Zt.map((z) => tf.transpose(z) as tf.Tensor2D);
+  const G = blockSum(Zt, Z);
   const W = await factor(G, 0);
-  const P = matmul(Z, W);
-  tf.dispose([Z, G, W]);
+  const P = Z.map((z) => matmul(z, W));
+  tf.dispose([...Z, G, W]);
   return P;
 }
 
 /**
- * Rank-r truncation of Q·B (Q [T, k] orthonormal, B [k, F]): B·Bᵀ = W Λ Wᵀ on the host in float64,
- * basis = Q·W_r, coeffs = W_rᵀ·B. Zero columns pad a numerically rank-deficient X. Disposes Q and B.
+ * Rank-r truncation of Q·B (Q [T, k] orthonormal, B [k, F] as column blocks): B·Bᵀ = W Λ Wᵀ on the
+ * host in float64, basis = Q·W_r, coeffs = W_rᵀ·B. Zero columns pad a numerically rank-deficient X.
+ * Disposes Q and B.
  */
-async function rayleighRitz(Q: tf.Tensor2D, B: tf.Tensor2D, r: number): Promise<LowRankFactors> {
-  const kk = B.shape[0];
-  const BBt = matmul(B, B, false, true);
+async function rayleighRitz(Q: tf.Tensor2D, B: Blocks, r: number): Promise<LowRankBlockFactors> {
+  const kk = B[0].shape[0];
+  const BBt = blockSum(B, B, false, true);
   const g = (await BBt.data()) as Float32Array;
   BBt.dispose();
   const { values, vectors } = symmetricEig(g, kk);
@@ -404,8 +465,8 @@ async function rayleighRitz(Q: tf.Tensor2D, B: tf.Tensor2D, r: number): Promise<
   for (let i = 0; i < kk; i++) for (let j = 0; j < rr; j++) W[i * r + j] = vectors[i * kk + j];
   const Wt = tf.tensor2d(W, [kk, r]);
   const basis = matmul(Q, Wt);
-  const coeffs = matmul(Wt, B, true, false);
-  tf.dispose([Wt, B, Q]);
+  const coeffs = leftTimes(Wt, B, true);
+  tf.dispose([Wt, ...B, Q]);
   const singularValues = new Float64Array(r);
   for (let j = 0; j < rr; j++) singularValues[j] = Math.sqrt(Math.max(values[j], 0));
   return { basis, coeffs, singularValues };

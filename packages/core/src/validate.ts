@@ -24,9 +24,20 @@ export function checkKV(x: tf.Tensor, layout: ModelLayout, what: string, T?: num
   );
 }
 
-/** True when every element is finite (one reduction on the backend). */
+/**
+ * A scalar that is NaN iff x holds a NaN or ±Inf (0 otherwise): x·0 summed, formed as a product of x
+ * viewed as [size / last, last] with a zero vector — one pass over x at matmul speed (tfjs-webgpu's
+ * full reductions are ~25 ms per 32K-token layer, the product ~100× less). Call inside tf.tidy.
+ */
+function nonFiniteProbe(x: tf.Tensor): tf.Scalar {
+  const last = x.rank === 0 ? 1 : x.shape[x.rank - 1] || 1;
+  return tf.sum(tf.matMul(tf.reshape(x, [-1, last]) as tf.Tensor2D, tf.zeros([last, 1])));
+}
+
+/** True when every element is finite (one product and one readback on the backend). */
 export async function allFinite(x: tf.Tensor): Promise<boolean> {
-  const s = tf.tidy(() => tf.sum(tf.mul(x, 0)));
+  if (x.size === 0) return true;
+  const s = tf.tidy(() => nonFiniteProbe(x));
   const v = (await s.data())[0];
   s.dispose();
   return Number.isFinite(v);
@@ -53,10 +64,12 @@ export async function validateKVCache(cache: KVCache): Promise<number> {
     checkKV(cache.keys[l], cache.layout, `KV cache layer ${l} keys`, T);
     checkKV(cache.values[l], cache.layout, `KV cache layer ${l} values`, T);
   }
-  for (let l = 0; l < L; l++) {
-    for (const [name, x] of [['keys', cache.keys[l]], ['values', cache.values[l]]] as const) {
-      if (!(await allFinite(x))) throw new KvpackError('nonfinite', `KV cache layer ${l} ${name} contain NaN or Inf`);
-    }
+  // One probe per tensor, stacked into a single readback: one host round-trip for the whole cache.
+  const flags = tf.tidy(() => tf.stack(cache.keys.flatMap((k, l) => [k, cache.values[l]]).map(nonFiniteProbe)));
+  const sums = (await flags.data()) as Float32Array;
+  flags.dispose();
+  for (let i = 0; i < 2 * L; i++) {
+    if (!Number.isFinite(sums[i])) throw new KvpackError('nonfinite', `KV cache layer ${i >> 1} ${i & 1 ? 'values' : 'keys'} contain NaN or Inf`);
   }
   return T;
 }
