@@ -12,7 +12,7 @@ import {
   type KVCache,
   type RopeConfig,
 } from '@kvpack/core';
-import { GroupSvdCache, decodeStepTimes, sparseGeometry, valuePathFlops } from './index.js';
+import { GroupSvdCache, buildSparseIndex, decodeStepTimes, sparseGeometry, valuePathFlops } from './index.js';
 import { disposeCache, gaussian, syntheticCache } from './test-utils.js';
 
 // Small GQA layout: 4 query heads share 2 KV heads (g = 2), head_dim 8, H_kv·d = 16.
@@ -241,6 +241,31 @@ describe('sparse decode (xKV-SR)', () => {
     }
   });
 
+  it('the device-side index build (GPU default) equals the host float64 build up to float32 rounding', async () => {
+    const o = { ...sparse, budget: 16 };
+    for (const [TT, opts] of [[48, o], [45, { ...o, localTokens: 4 }], [48, { ...o, outlierChunks: 0 }]] as const) {
+      const cache: KVCache = TT === T ? syn.cache : { ...syn.cache, keys: syn.cache.keys.map((k) => k.slice([0, 0, 0], [TT, -1, -1])), values: syn.cache.values.map((v) => v.slice([0, 0, 0], [TT, -1, -1])) };
+      const a = await buildSparseIndex(cache, TT, opts, 'host');
+      const n0 = tf.memory().numTensors;
+      const b = await buildSparseIndex(cache, TT, opts, 'device');
+      expect(tf.memory().numTensors).toBe(n0);
+      expect([b.chunks, b.outliers, b.local]).toEqual([a.chunks, a.outliers, a.local]);
+      for (let l = 0; l < layout.nLayers; l++) {
+        const A = a.layers[l];
+        const B = b.layers[l];
+        expect(Array.from(B.outlierChunks)).toEqual(Array.from(A.outlierChunks));
+        for (const key of ['landmarks', 'outlierK', 'outlierV', 'localK', 'localV'] as const) {
+          const x = decodeHalf(A[key]);
+          const y = decodeHalf(B[key]);
+          expect(y.length, key).toBe(x.length);
+          // At most one float16 ulp apart (float32 vs float64 arithmetic before the rounding).
+          for (let i = 0; i < x.length; i++) expect(Math.abs(y[i] - x[i]), `${key}[${i}]`).toBeLessThanOrEqual(Math.abs(x[i]) * 2 ** -10 + 1e-6);
+        }
+      }
+      if (cache !== syn.cache) tf.dispose([...cache.keys, ...cache.values]);
+    }
+  });
+
   it('selects the top chunks by q·landmark as a float64 computation does (softmax per query, sum over queries, max over the GQA group)', () => {
     const ix = c.sparseIndex!;
     const n = 2;
@@ -284,14 +309,31 @@ describe('sparse decode (xKV-SR)', () => {
       const k = c.keys(l);
       const v = c.values(l);
       const ref = host(attention(q, k, v, n));
-      for (const gather of ['host', 'device'] as const) {
+      for (const [heads, gather] of [['loop', 'host'], ['loop', 'device'], ['batched', 'device']] as const) {
         for (const values of ['compressed', 'reconstruct'] as const) {
-          const got = c.attendSparse!(l, q, { causalTail: n, budget: 64, gather, values });
-          expect(relMax(host(got), ref)).toBeLessThan(1e-4);
+          const got = c.attendSparse!(l, q, { causalTail: n, budget: 64, gather, values, heads });
+          expect(relMax(host(got), ref), `${heads} ${gather} ${values}`).toBeLessThan(1e-4);
         }
       }
       tf.dispose([q, k, v]);
     }
+  });
+
+  it('the batched path (all KV heads in one kernel sequence, the GPU default) equals the per-head loop at a partial budget', () => {
+    // Layer 2 holds 2 residual decode tokens (appended above); n = 2 queries with a causal tail of 1.
+    for (const [l, n, tail, budget] of [[0, 1, 0, 16], [2, 1, 1, 8], [2, 2, 1, 24], [3, 2, 0, 4]] as const) {
+      const q = randomQueries(n, 90 + l + n + budget);
+      const loop = host(c.attendSparse!(l, q, { causalTail: tail, budget, heads: 'loop' }));
+      const batched = host(c.attendSparse!(l, q, { causalTail: tail, budget, heads: 'batched' }));
+      expect(relMax(batched, loop), `layer ${l} n ${n} budget ${budget}`).toBeLessThan(1e-5);
+      // The selection matters: the same queries at the full budget give a different result.
+      if (budget < 40) expect(relMax(host(c.attendSparse!(l, q, { causalTail: tail, budget: 40, heads: 'batched' })), loop)).toBeGreaterThan(1e-4);
+      q.dispose();
+    }
+    const q = randomQueries(1, 99);
+    expect(() => c.attendSparse!(0, q, { heads: 'batched', gather: 'host' })).toThrow(/batched path gathers on the device/);
+    expect(() => c.attendSparse!(0, q, { heads: 'both' as never })).toThrow(/heads must be/);
+    q.dispose();
   });
 
   it('keys()/values() are the low-rank reconstruction with the exact 16-bit outlier and local rows', async () => {
@@ -410,7 +452,7 @@ describe('decode memory and timing hook', () => {
         appendRandom(c, 0, 2, 90 + i);
         const q = randomQueries(2, 91);
         for (let l = 0; l < layout.nLayers; l++) tf.dispose([c.attend(l, q), c.keys(l), c.values(l)]);
-        if (decode === 'sparse') tf.dispose([c.attendSparse!(0, q, { gather: 'device' }), c.attendWith(1, q, { mode: 'full' })]);
+        if (decode === 'sparse') tf.dispose([c.attendSparse!(0, q, { gather: 'device' }), c.attendSparse!(2, q, { heads: 'batched' }), c.attendWith(1, q, { mode: 'full' })]);
         const r = deserializeCache(c.serialize());
         tf.dispose([r.attend!(0, q), r.keys(3)]);
         r.dispose();

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { check, matmul, ropeInverseFrequencies, type CompressedCache, type ModelLayout, type RopeConfig } from '@kvpack/core';
+import { check, isHostBackend, matmul, ropeInverseFrequencies, type CompressedCache, type ModelLayout, type RopeConfig } from '@kvpack/core';
 
 /*
  * Decode-side machinery of the grouped low-rank cache (issue 5): fused RoPE reconstruction, full-mode
@@ -16,12 +16,6 @@ import { check, matmul, ropeInverseFrequencies, type CompressedCache, type Model
 
 /** Keys or values. */
 type Kind = 'k' | 'v';
-
-/** True on the backends whose kernels run synchronously on the host (wasm, cpu). */
-export function isHostBackend(): boolean {
-  const be = tf.getBackend();
-  return be === 'wasm' || be === 'cpu';
-}
 
 /**
  * Full-width RoPE tables for the fused rotation, [count, d] float32 each: for channel j of a head,
@@ -121,7 +115,8 @@ export interface LowRankSource {
 export class DecodeState {
   private tabs: { cos: tf.Tensor2D; sin: tf.Tensor2D } | null = null;
   private swap: tf.Tensor2D | null = null;
-  private readonly swapped = new Map<string, tf.Tensor2D>();
+  /** Derived factors by key: B·P (`all.l`) and stacked head blocks (`stacked.kind.l`). */
+  private readonly swapped = new Map<string, tf.Tensor>();
   private readonly heads = new Map<string, tf.Tensor2D[]>();
   private readonly extra: tf.Tensor[] = [];
 
@@ -153,7 +148,7 @@ export class DecodeState {
     const [R, F] = B.shape;
     const d = this.src.layout.headDim;
     if (R > d) return null;
-    let t = this.swapped.get(`all.${layer}`);
+    let t = this.swapped.get(`all.${layer}`) as tf.Tensor2D | undefined;
     if (!t) {
       t = tf.keep(tf.tidy(() => tf.reshape(matmul(tf.reshape(B, [R * (F / d), d]) as tf.Tensor2D, this.pairSwap()), [R, F]) as tf.Tensor2D));
       this.swapped.set(`all.${layer}`, t);
@@ -172,6 +167,22 @@ export class DecodeState {
       this.heads.set(key, hs);
     }
     return hs;
+  }
+
+  /**
+   * A factor's per-KV-head blocks stacked for batched products, [H_kv, R, d] (B_l reshaped [R, H_kv, d]
+   * and transposed), built once: the GPU sparse decode multiplies every head's rows in one kernel.
+   */
+  stackedHeadFactors(kind: Kind, layer: number): tf.Tensor3D {
+    const key = `stacked.${kind}.${layer}`;
+    let t = this.swapped.get(key) as tf.Tensor3D | undefined;
+    if (!t) {
+      const { nKvHeads, headDim } = this.src.layout;
+      const B = this.src.factorOf(kind, layer);
+      t = tf.keep(tf.tidy(() => tf.transpose(tf.reshape(B, [B.shape[0], nKvHeads, headDim]), [1, 0, 2]) as tf.Tensor3D));
+      this.swapped.set(key, t);
+    }
+    return t;
   }
 
   /** Keeps an extra derived tensor until dispose (sparse mode's per-head tensors). */

@@ -6,6 +6,7 @@ import {
   containerHeader,
   decodeContainer,
   denseCacheBytes,
+  isHostBackend,
   loadTensor,
   matmul,
   roundToHalf,
@@ -534,8 +535,12 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
     for (const g of groups) {
       for (const kind of KINDS) {
         const src = kind === 'k' ? cache.keys : cache.values;
-        const X = tf.tidy(() => tf.concat(g.layers.map((l) => tf.reshape(src[l], [T, F])), 1) as tf.Tensor2D);
-        live.push(X);
+        // X_g = [X_l₁ … X_l_G] as column blocks, never concatenated (core truncatedSvd takes blocks; the
+        // per-layer factors come back as its coefficient blocks). On wasm/cpu each block is a fresh copy:
+        // the wasm backend keeps a packed copy of a product's right operand until that tensor's data is
+        // freed, which for the cache's own tensors would be never during compression.
+        const X = g.layers.map((l) => tf.tidy(() => (isHostBackend() ? tf.add(tf.reshape(src[l], [T, F]), 0) : tf.reshape(src[l], [T, F])) as tf.Tensor2D));
+        live.push(...X);
         const R = rankOf(config, kind, g);
         const svd = await truncatedSvd(X, {
           rank: R,
@@ -545,22 +550,19 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
           exact: config.exact,
           orthogonalization: config.orthogonalization,
         });
-        live.push(svd.basis, svd.coeffs);
-        X.dispose();
-        // Split Σ evenly between the basis and the factors (U·√Σ, √Σ·Vᵀ), using the factor rows' norms.
-        const norms = tf.tidy(() => tf.sqrt(tf.sum(tf.square(svd.coeffs), 1)));
-        const n = (await norms.data()) as Float32Array;
-        norms.dispose();
-        const sq = Float32Array.from(n, (v) => (v > 0 && Number.isFinite(v) ? Math.sqrt(v) : 1));
-        const [basis, coeffs] = tf.tidy(() => {
-          const s = tf.tensor1d(sq);
-          return [tf.mul(svd.basis, tf.reshape(s, [1, R])) as tf.Tensor2D, tf.div(svd.coeffs, tf.reshape(s, [R, 1])) as tf.Tensor2D];
+        live.push(svd.basis, ...svd.coeffs);
+        tf.dispose(X);
+        // Split Σ evenly between the basis and the factors (U·√Σ, √Σ·Vᵀ) by the factor rows' norms
+        // (over all the group's layers), on the backend: no host round-trip between the SVD and the
+        // stored factors.
+        const [basis, ...factors] = tf.tidy(() => {
+          const norms = tf.sqrt(tf.addN(svd.coeffs.map((c) => tf.sum(tf.square(c), 1))));
+          const s = tf.where(tf.logicalAnd(tf.greater(norms, 0), tf.isFinite(norms)), tf.sqrt(norms), tf.onesLike(norms));
+          const sr = tf.reshape(s, [R, 1]);
+          return [tf.mul(svd.basis, tf.reshape(s, [1, R])) as tf.Tensor2D, ...svd.coeffs.map((c) => tf.div(c, sr) as tf.Tensor2D)];
         });
-        tf.dispose([svd.basis, svd.coeffs]);
-        live.push(basis, coeffs);
-        const factors = g.layers.map((_, i) => tf.slice(coeffs, [0, i * F], [R, F]) as tf.Tensor2D);
-        live.push(...factors);
-        coeffs.dispose();
+        tf.dispose([svd.basis, ...svd.coeffs]);
+        live.push(basis, ...factors);
         const bb = await makeBlock(`${kind}.basis.${g.index}`, basis, config, 'basis');
         blocks[kind].basis[g.index] = bb;
         live.push(bb.tensor);

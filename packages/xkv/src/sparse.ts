@@ -1,7 +1,9 @@
 import * as tf from '@tensorflow/tfjs-core';
 import {
+  applyRope,
   attention,
   check,
+  isHostBackend,
   decodeHalf,
   encodeHalf,
   ropeInverseFrequencies,
@@ -85,6 +87,11 @@ export function sparseGeometry(T: number, o: SparseOptions): { chunks: number; o
   return { chunks, outliers: Math.min(o.outlierChunks, chunks), local: T - chunks * o.chunkSize };
 }
 
+/** One layer's stored index from float32 landmarks [C·F], outlier chunks and exact rows (16-bit storage). */
+function encodeLayer(lm: Float32Array, outl: Int32Array, oK: Float32Array, oV: Float32Array, lK: Float32Array, lV: Float32Array): SparseLayer {
+  return { landmarks: encodeHalf(lm), outlierChunks: outl, outlierK: encodeHalf(oK), outlierV: encodeHalf(oV), localK: encodeHalf(lK), localV: encodeHalf(lV) };
+}
+
 /**
  * Builds the sparse index from a prefill cache's exact keys and values (compress time). Keys are
  * rotated on the host in float64 at positions startPosition…; each landmark is the float64 mean of its
@@ -92,7 +99,8 @@ export function sparseGeometry(T: number, o: SparseOptions): { chunks: number; o
  * cosine similarity between one of its keys and its landmark (as ShadowKV: cos = x·y / max(‖x‖‖y‖,
  * 1e-8)); the O lowest per KV head are outliers (ties: lower chunk first).
  */
-export async function buildSparseIndex(cache: KVCache, T: number, o: SparseOptions): Promise<SparseIndex> {
+export async function buildSparseIndex(cache: KVCache, T: number, o: SparseOptions, where: 'auto' | 'host' | 'device' = 'auto'): Promise<SparseIndex> {
+  if (where === 'device' || (where === 'auto' && !isHostBackend())) return buildSparseIndexOnDevice(cache, T, o);
   const { nKvHeads: Hkv, headDim: d, nLayers } = cache.layout;
   const F = Hkv * d;
   const c = o.chunkSize;
@@ -177,14 +185,76 @@ export async function buildSparseIndex(cache: KVCache, T: number, o: SparseOptio
     const lK = new Float32Array(local * F);
     for (let u = 0; u < local; u++) for (let h = 0; h < Hkv; h++) rotate(K, C * c + u, h, lK, u * F + h * d);
     const lV = V.slice(C * c * F, T * F);
-    layers.push({
-      landmarks: encodeHalf(lm),
-      outlierChunks: outl,
-      outlierK: encodeHalf(oK),
-      outlierV: encodeHalf(oV),
-      localK: encodeHalf(lK),
-      localV: encodeHalf(lV),
+    layers.push(encodeLayer(lm, outl, oK, oV, lK, lV));
+  }
+  return { options: o, chunkSize: c, chunks: C, outliers: O, local, layers };
+}
+
+/**
+ * {@link buildSparseIndex} on the tfjs backend (the default off wasm/cpu, where reading the whole cache
+ * back would dominate the compression): keys rotated by core `applyRope`, chunk means, min-cosine
+ * outlier scores and the exact rows computed in float32 on the device; only the landmarks [C, H_kv, d],
+ * the outlier chunk indices and the exact rows come back to the host (about 1/8 of the keys). The same
+ * rules as the host build; results agree with it up to float32 rounding (tested).
+ */
+async function buildSparseIndexOnDevice(cache: KVCache, T: number, o: SparseOptions): Promise<SparseIndex> {
+  const { nKvHeads: H, headDim: d, nLayers } = cache.layout;
+  const F = H * d;
+  const c = o.chunkSize;
+  const { chunks: C, outliers: O, local } = sparseGeometry(T, o);
+  const start = cache.startPosition ?? 0;
+  const layers: SparseLayer[] = [];
+  for (let l = 0; l < nLayers; l++) {
+    const parts = tf.tidy(() => {
+      const K = applyRope(cache.keys[l], cache.rope, { start, count: T }); // [T, H, d]
+      const V = cache.values[l];
+      const out: tf.Tensor[] = [];
+      if (C > 0) {
+        const Kc = tf.reshape(tf.slice(K, [0, 0, 0], [C * c, H, d]), [C, c, H, d]);
+        const lm = tf.mean(Kc, 1); // [C, H, d]
+        out.push(lm);
+        if (O > 0) {
+          const dot = tf.sum(tf.mul(Kc, tf.reshape(lm, [C, 1, H, d])), 3); // [C, c, H]
+          const den = tf.maximum(tf.mul(tf.norm(Kc, 'euclidean', 3), tf.reshape(tf.norm(lm, 'euclidean', 2), [C, 1, H])), 1e-8);
+          const score = tf.transpose(tf.min(tf.div(dot, den), 1)); // [H, C]: lowest cosine of each chunk
+          const outl = tf.topk(tf.neg(score), O).indices; // [H, O], lowest scores
+          // Exact rows of every head's outlier chunks: rows t·H + h of K, V viewed as [T·H, d].
+          const tok = tf.add(tf.reshape(tf.mul(outl, tf.scalar(c, 'int32')), [H, O, 1]), tf.reshape(tf.range(0, c, 1, 'int32'), [1, 1, c]));
+          const rows = tf.reshape(tf.add(tf.mul(tok, tf.scalar(H, 'int32')), tf.reshape(tf.range(0, H, 1, 'int32'), [H, 1, 1])), [-1]);
+          out.push(outl, tf.gather(tf.reshape(K, [T * H, d]), rows), tf.gather(tf.reshape(V, [T * H, d]), rows));
+        }
+      }
+      out.push(tf.slice(K, [C * c, 0, 0], [local, H, d]), tf.slice(V, [C * c, 0, 0], [local, H, d]));
+      return out;
     });
+    const data = await Promise.all(parts.map((t) => t.data()));
+    tf.dispose(parts);
+    let i = 0;
+    const lm = C > 0 ? (data[i++] as Float32Array) : new Float32Array(0);
+    let outl = new Int32Array(0);
+    let oK: Float32Array = new Float32Array(0);
+    let oV: Float32Array = new Float32Array(0);
+    if (C > 0 && O > 0) {
+      const raw = data[i++] as Int32Array;
+      const k = data[i++] as Float32Array;
+      const v = data[i++] as Float32Array;
+      // Ascending chunk order per head, rows reordered to match ([H, O·c, d]).
+      outl = new Int32Array(H * O);
+      oK = new Float32Array(H * O * c * d);
+      oV = new Float32Array(H * O * c * d);
+      for (let h = 0; h < H; h++) {
+        const order = Array.from({ length: O }, (_, j) => j).sort((a, b) => raw[h * O + a] - raw[h * O + b]);
+        order.forEach((j, dst) => {
+          outl[h * O + dst] = raw[h * O + j];
+          oK.set(k.subarray((h * O + j) * c * d, (h * O + j + 1) * c * d), (h * O + dst) * c * d);
+          oV.set(v.subarray((h * O + j) * c * d, (h * O + j + 1) * c * d), (h * O + dst) * c * d);
+        });
+      }
+    }
+    const lK = data[i++] as Float32Array;
+    const lV = data[i++] as Float32Array;
+    check(lm.length === C * F && lK.length === local * F && lV.length === local * F, 'shape', 'buildSparseIndex: unexpected tensor sizes');
+    layers.push(encodeLayer(lm, outl, oK, oV, lK, lV));
   }
   return { options: o, chunkSize: c, chunks: C, outliers: O, local, layers };
 }
@@ -262,6 +332,16 @@ export function loadSparseIndex(c: DecodedContainer, strategy: string, layout: M
   return ix;
 }
 
+/**
+ * The value side of a sparse step over S selected rows for g·n query rows (value rank R_v, head_dim
+ * d): `compressed`, (p·U_v[rows])·B_v, costs g·n·S·R_v + g·n·R_v·d multiply–adds; `reconstruct`,
+ * p·(U_v[rows]·B_v), costs S·R_v·d + g·n·S·d. `auto` takes the cheaper.
+ */
+export function sparseValuePath(values: ValuePath, gn: number, S: number, Rv: number, d: number): 'compressed' | 'reconstruct' {
+  if (values !== 'auto') return values;
+  return gn * S * Rv + gn * Rv * d <= S * Rv * d + gn * S * d ? 'compressed' : 'reconstruct';
+}
+
 /** Long-lived per-layer tensors of sparse decode (built on first use, held by the DecodeState). */
 interface SparseLayerTensors {
   /** Landmarks per KV head, transposed, [d, C]. */
@@ -275,6 +355,8 @@ interface SparseLayerTensors {
   exactIdx: tf.Tensor2D;
   exactK: tf.Tensor2D;
   exactV: tf.Tensor2D;
+  /** All heads' landmarks, transposed, [H_kv, d, C] (batched path). */
+  ltAll: tf.Tensor3D;
 }
 
 /** Options of {@link SparseDecoder.attend} beyond the configured ones (tests, benchmarks). */
@@ -285,6 +367,13 @@ export interface SparseAttendOptions {
   values?: ValuePath;
   /** Row gathers: `host` copies rows through the wasm heap (wasm only), `device` uses tf.gather; default host on wasm. */
   gather?: 'auto' | 'host' | 'device';
+  /**
+   * `loop`: one sequence of 2-D products per KV head (fastest on wasm/cpu, where batched products are
+   * slow); `batched`: every KV head in the same kernels — one gather of all heads' selected rows, batched
+   * [H_kv, ·, ·] products, one softmax — so a GPU step launches a fixed ~40 kernels instead of ~25 per
+   * head. Default (`auto`): `loop` on wasm/cpu, `batched` elsewhere. Both compute the same attention.
+   */
+  heads?: 'auto' | 'loop' | 'batched';
 }
 
 /**
@@ -334,12 +423,15 @@ export class SparseDecoder {
     const kx: tf.Tensor2D[] = [];
     const vx: tf.Tensor2D[] = [];
     const idx = new Int32Array(H * E0 * 2);
+    const ltData = new Float32Array(H * d * C);
     const exK = new Float32Array(H * E0 * d);
     const exV = new Float32Array(H * E0 * d);
     for (let h = 0; h < H; h++) {
       const a = new Float32Array(d * C);
       for (let ch = 0; ch < C; ch++) for (let e = 0; e < d; e++) a[e * C + ch] = lmk[ch * F + h * d + e];
-      lt.push(hold(tf.tensor2d(a, [d, C])));
+      ltData.set(a, h * d * C);
+      // Per-head tensors for the loop path (wasm/cpu); the batched path reads the stacked ones.
+      if (isHostBackend()) lt.push(hold(tf.tensor2d(a, [d, C])));
       const k = new Float32Array(E0 * d);
       const v = new Float32Array(E0 * d);
       k.set(oK.subarray(h * O * c * d, (h + 1) * O * c * d));
@@ -348,8 +440,10 @@ export class SparseDecoder {
         k.set(lK.subarray(u * F + h * d, u * F + h * d + d), (O * c + u) * d);
         v.set(lV.subarray(u * F + h * d, u * F + h * d + d), (O * c + u) * d);
       }
-      kx.push(hold(tf.tensor2d(k, [E0, d])));
-      vx.push(hold(tf.tensor2d(v, [E0, d])));
+      if (isHostBackend()) {
+        kx.push(hold(tf.tensor2d(k, [E0, d])));
+        vx.push(hold(tf.tensor2d(v, [E0, d])));
+      }
       exK.set(k, h * E0 * d);
       exV.set(v, h * E0 * d);
       this.exactTokens(layer, h).forEach((tok, i) => {
@@ -371,8 +465,25 @@ export class SparseDecoder {
       exactIdx: hold(tf.tensor2d(idx, [H * E0, 2], 'int32')),
       exactK: hold(tf.tensor2d(exK, [H * E0, d])),
       exactV: hold(tf.tensor2d(exV, [H * E0, d])),
+      ltAll: hold(tf.tensor3d(ltData, [H, d, C])),
     };
     this.perLayer.set(layer, t);
+    return t;
+  }
+
+  /** The layer's tensors with the per-head lists of the loop path filled (split from the stacked ones when built for the batched path). */
+  private loopTensors(layer: number): SparseLayerTensors {
+    const t = this.tensors(layer);
+    if (t.lt.length === 0) {
+      const H = t.ltAll.shape[0];
+      const E0 = this.exactPerHead;
+      const d = t.ltAll.shape[1];
+      tf.tidy(() => {
+        t.lt.push(...(tf.unstack(t.ltAll, 0) as tf.Tensor2D[]).map((x) => this.state.hold(x)));
+        t.kx.push(...(tf.unstack(tf.reshape(t.exactK, [H, E0, d]), 0) as tf.Tensor2D[]).map((x) => this.state.hold(x)));
+        t.vx.push(...(tf.unstack(tf.reshape(t.exactV, [H, E0, d]), 0) as tf.Tensor2D[]).map((x) => this.state.hold(x)));
+      });
+    }
     return t;
   }
 
@@ -392,7 +503,7 @@ export class SparseDecoder {
    * group (ShadowKV's `get_retrieval_position_ids`; xKV-SR likewise).
    */
   chunkScores(layer: number, qb: QueryBlocks): tf.Tensor2D {
-    const t = this.tensors(layer);
+    const t = this.loopTensors(layer);
     const C = this.index.chunks;
     return tf.tidy(() => {
       const H = t.lt.length;
@@ -468,7 +579,13 @@ export class SparseDecoder {
         return attention(q, k, v, tail);
       });
     }
-    const t = this.tensors(layer);
+    const heads = opts.heads ?? 'auto';
+    check(heads === 'auto' || heads === 'loop' || heads === 'batched', 'config', `sparse attend: heads must be 'auto', 'loop' or 'batched', got ${String(heads)}`);
+    if (heads === 'batched' || (heads === 'auto' && !isHostBackend())) {
+      check(opts.gather !== 'host', 'config', "sparse attend: the batched path gathers on the device (gather: 'host' needs heads: 'loop')");
+      return this.attendBatched(layer, q, tail, residual, budget, opts.values ?? 'auto');
+    }
+    const t = this.loopTensors(layer);
     const useHost = (opts.gather ?? 'auto') === 'host' || ((opts.gather ?? 'auto') === 'auto' && tf.getBackend() === 'wasm');
     check(!useHost || tf.getBackend() === 'wasm', 'unsupported', `sparse attend: host gathers need the wasm backend, not ${tf.getBackend()}`);
     return tf.tidy(() => {
@@ -487,7 +604,7 @@ export class SparseDecoder {
       const Bh = this.state.headFactors('k', layer);
       const Bvh = this.state.headFactors('v', layer);
       const Rv = Uv.shape[1];
-      const path: ValuePath = opts.values && opts.values !== 'auto' ? opts.values : gn * S * Rv + gn * Rv * d <= S * Rv * d + gn * S * d ? 'compressed' : 'reconstruct';
+      const path = sparseValuePath(opts.values ?? 'auto', gn, S, Rv, d);
       // Residual (exact decode) tokens: scores for all heads at once through the block-diagonal queries.
       const Sres = nDec > 0 ? addRowMask(tf.transpose(tf.matMul(tf.reshape(residual!.k, [nDec, F]) as tf.Tensor2D, qb.blockDiag)) as tf.Tensor2D, masks.res, n) : null;
       const resRows = Sres ? (Hkv === 1 ? [Sres] : (tf.split(Sres, Hkv, 0) as tf.Tensor2D[])) : null;
@@ -528,6 +645,85 @@ export class SparseDecoder {
         O = tf.add(O, ownHeadBlock(tf.matMul(Er, tf.reshape(residual!.v, [nDec, F]) as tf.Tensor2D), qb, d)) as tf.Tensor2D;
       }
       return tf.transpose(tf.reshape(tf.div(O, z), [H, n, d]), [1, 0, 2]) as tf.Tensor3D;
+    });
+  }
+
+  /**
+   * The batched form of {@link attend} (every KV head in the same kernels; see
+   * {@link SparseAttendOptions.heads}): chunk scores [H_kv, g·n, C] from the stacked landmarks, top-k
+   * chunks per head, ONE gather of all heads' selected basis rows and RoPE table rows ([H_kv·S]), keys
+   * rebuilt as [H_kv, S, R]·[H_kv, R, d], scores against the queries and their pair swap (RoPE moved to
+   * the queries as in {@link ropeScores}), the exact and residual scores, one softmax over
+   * [H_kv, g·n, S + E₀ + n_dec], and values as (p·U_v[rows])·B_v (or p·(U_v[rows]·B_v), by flop count).
+   * Same result as the loop path up to float32 rounding (tested).
+   */
+  private attendBatched(
+    layer: number,
+    q: tf.Tensor3D,
+    tail: number,
+    residual: { k: tf.Tensor3D; v: tf.Tensor3D } | null,
+    budget: number,
+    values: ValuePath,
+  ): tf.Tensor3D {
+    const src = this.state.src;
+    const { nKvHeads: Hkv, headDim: d } = src.layout;
+    const t = this.tensors(layer);
+    const c = this.index.chunkSize;
+    const C = this.index.chunks;
+    const E0 = this.exactPerHead;
+    const nDec = residual ? residual.k.shape[0] : 0;
+    return tf.tidy(() => {
+      const [n, H] = q.shape;
+      const g = H / Hkv;
+      const gn = g * n;
+      const masks = causalParts(n, src.prefillLength, nDec, tail);
+      const qh = tf.reshape(tf.mul(tf.transpose(q, [1, 0, 2]), 1 / Math.sqrt(d)), [Hkv, gn, d]) as tf.Tensor3D; // row ii·n + j
+      const k = this.selectedChunks(budget);
+      const S = k * c;
+      const parts: tf.Tensor3D[] = []; // score blocks [H_kv, g·n, ·]: selected, exact, residual
+      let tok: tf.Tensor1D | null = null;
+      if (S > 0) {
+        let a = tf.matMul(qh, t.ltAll) as tf.Tensor3D; // [H_kv, g·n, C]
+        if (t.mask) a = tf.add(a, t.mask);
+        const p = tf.softmax(a, -1);
+        const score = tf.max(n === 1 ? tf.reshape(p, [Hkv, g, C]) : tf.sum(tf.reshape(p, [Hkv, g, n, C]), 2), 1); // [H_kv, C]
+        const sel = tf.topk(score, k).indices; // [H_kv, k]
+        tok = tf.reshape(tf.add(tf.reshape(tf.mul(sel, tf.scalar(c, 'int32')), [Hkv, k, 1]), tf.reshape(tf.range(0, c, 1, 'int32'), [1, 1, c])), [-1]) as tf.Tensor1D;
+        const Uk = src.basisOf('k', layer);
+        const Y = tf.matMul(tf.reshape(tf.gather(Uk, tok), [Hkv, S, Uk.shape[1]]), this.state.stackedHeadFactors('k', layer)); // pre-RoPE rows [H_kv, S, d]
+        const { cos, sin } = this.state.tables();
+        const cs = tf.reshape(tf.gather(cos, tok), [Hkv, S, d]);
+        const sn = tf.reshape(tf.gather(sin, tok), [Hkv, S, d]);
+        const qsw = tf.reshape(tf.matMul(tf.reshape(qh, [Hkv * gn, d]) as tf.Tensor2D, this.state.pairSwap(), false, true), [Hkv, gn, d]); // rows (P·q)ᵀ
+        parts.push(tf.add(tf.matMul(qh, tf.mul(Y, cs), false, true), tf.matMul(qsw, tf.mul(Y, sn), false, true)) as tf.Tensor3D);
+      }
+      if (E0 > 0) parts.push(tf.matMul(qh, tf.reshape(t.exactK, [Hkv, E0, d]), false, true) as tf.Tensor3D);
+      let Vres: tf.Tensor3D | null = null;
+      if (nDec > 0) {
+        let sr = tf.matMul(qh, tf.transpose(residual!.k, [1, 0, 2]), false, true) as tf.Tensor3D; // [H_kv, g·n, n_dec]
+        if (masks.res) sr = tf.reshape(tf.add(tf.reshape(sr, [Hkv, g, n, nDec]), tf.tensor4d(masks.res, [1, 1, n, nDec])), [Hkv, gn, nDec]);
+        parts.push(sr);
+        Vres = tf.transpose(residual!.v, [1, 0, 2]) as tf.Tensor3D;
+      }
+      const all = parts.length === 1 ? parts[0] : (tf.concat(parts, 2) as tf.Tensor3D);
+      const e = tf.exp(tf.sub(all, tf.max(all, 2, true))) as tf.Tensor3D;
+      const z = tf.sum(e, 2, true);
+      const sizes = [S, E0, nDec].filter((x) => x > 0);
+      const E = sizes.length === 1 ? [e] : (tf.split(e, sizes, 2) as tf.Tensor3D[]);
+      let i = 0;
+      let o: tf.Tensor3D | null = null;
+      const add = (x: tf.Tensor3D) => (o = o ? (tf.add(o, x) as tf.Tensor3D) : x);
+      if (S > 0) {
+        const Uv = src.basisOf('v', layer);
+        const Rv = Uv.shape[1];
+        const Uvs = tf.reshape(tf.gather(Uv, tok!), [Hkv, S, Rv]) as tf.Tensor3D;
+        const Bv = this.state.stackedHeadFactors('v', layer);
+        const compressed = sparseValuePath(values, gn, S, Rv, d) === 'compressed';
+        add(compressed ? (tf.matMul(tf.matMul(E[i++], Uvs), Bv) as tf.Tensor3D) : (tf.matMul(E[i++], tf.matMul(Uvs, Bv)) as tf.Tensor3D));
+      }
+      if (E0 > 0) add(tf.matMul(E[i++], tf.reshape(t.exactV, [Hkv, E0, d])) as tf.Tensor3D);
+      if (nDec > 0) add(tf.matMul(E[i++], Vres!) as tf.Tensor3D);
+      return tf.transpose(tf.reshape(tf.div(o!, z), [H, n, d]), [1, 0, 2]) as tf.Tensor3D;
     });
   }
 }
