@@ -1,5 +1,4 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
-import { cpus } from 'node:os';
 import { basename, extname, join, resolve } from 'node:path';
 import { KvpackError, describeBackend, getStrategyDefinition, listStrategies, selectBackend } from '@kvpack/core';
 import { z } from 'zod';
@@ -10,6 +9,7 @@ import { createProgress } from './progress.js';
 import { compareToBaseline, parseTolerance, readBaseline, toBaseline, writeBaseline } from './regression.js';
 import { ERROR_BASIS, markdownReport, writeJsonReport, type BenchReport } from './report.js';
 import { runBench } from './runner.js';
+import { runEnvironment } from './environment.js';
 
 /** Where commands write: `out` for results (stdout), `err` for logs (stderr). */
 export interface CommandIO {
@@ -42,7 +42,6 @@ export interface BenchCommandOptions {
   plot?: boolean;
 }
 
-const VERSION = '0.1.0';
 
 /** Lines explaining where to get the model when its files are absent. */
 export function missingModelMessage(cfg: BenchConfig, missing: string[]): string {
@@ -205,17 +204,3 @@ export async function strategiesCommand(io: CommandIO = processIO): Promise<numb
   return EXIT.ok;
 }
 
-/** Where and when a bench ran: backend, Node, platform, CPU count, date, kvpack version. */
-export function runEnvironment(backend: string, backendLine: string, quick: boolean) {
-  return {
-    backend,
-    backendLine,
-    node: process.version,
-    platform: process.platform,
-    arch: process.arch,
-    cpus: cpus().length,
-    date: new Date().toISOString(),
-    kvpackVersion: VERSION,
-    quick,
-  };
-}

@@ -21,6 +21,9 @@ describe('accuracy config', () => {
       'xkv-4 rankK=8 rankV=12',
       'xkv-4 rankK=16 rankV=24',
       'xkv-4 rankK=32 rankV=48',
+      'xkv-4 sparse budget=128',
+      'xkv-4 sparse budget=256',
+      'xkv-4 sparse budget=512',
     ]);
     // MiniCache once on all layers and once at its default start (⌊L/2⌋, left to the strategy).
     expect(cfg.settings.filter((s) => s.name === 'minicache').map((s) => s.resolvedOptions.startLayer)).toEqual([0, undefined]);

@@ -1,4 +1,4 @@
-import { runEnvironment } from '../commands.js';
+import { runEnvironment } from '../environment.js';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -215,8 +215,9 @@ export function registerPerfCommands(bench: Command, setCode: (code: number) => 
     .option('--seed <n>', 'seed of the synthetic caches (default 0)')
     .option('--sparse-budget <n>', "token budget of xkv's sparse decode mode (default 2048)")
     .option('--no-checks', "skip the issue's must-show checks")
-    .action(async (opts: PerfCommandOptions) => {
-      setCode((await perfCommand(opts, io)).code);
+    .action(async (_opts: PerfCommandOptions, cmd: Command) => {
+      // optsWithGlobals: `bench` itself takes --quick too, and commander gives it to the parent.
+      setCode((await perfCommand(cmd.optsWithGlobals<PerfCommandOptions>(), io)).code);
     });
   bench
     .command('structure')
@@ -228,8 +229,8 @@ export function registerPerfCommands(bench: Command, setCode: (code: number) => 
     .option('--models <dir>', 'models folder (default KVPACK_MODELS_DIR or ../shared/models)')
     .option('--seed <n>', 'seed of the synthetic cache (default 0)')
     .option('--out <dir>', 'write structure.json and structure.md here')
-    .action(async (opts: StructureCommandOptions) => {
-      setCode((await structureCommand(opts, io)).code);
+    .action(async (_opts: StructureCommandOptions, cmd: Command) => {
+      setCode((await structureCommand(cmd.optsWithGlobals<StructureCommandOptions>(), io)).code);
     });
 }
 

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { check } from '@kvpack/core';
+import { check, isHostBackend } from '@kvpack/core';
 
 /**
  * One layer's uncompressed cache stored the way a decode engine keeps it for attention: per KV
@@ -21,11 +21,10 @@ export interface AttentionReadyLayer {
 export function attentionReadyLayer(keys: tf.Tensor3D, values: tf.Tensor3D): AttentionReadyLayer {
   const [N, H, d] = keys.shape;
   check(values.shape.join() === keys.shape.join(), 'shape', `attentionReadyLayer: keys [${keys.shape}] and values [${values.shape}] differ`);
-  const be = tf.getBackend();
   return tf.tidy(() => {
     const kt = tf.transpose(keys, [1, 2, 0]); // [H, d, N]
     const vh = tf.transpose(values, [1, 0, 2]); // [H, N, d]
-    if (be === 'wasm' || be === 'cpu') {
+    if (isHostBackend()) {
       const kts = tf.unstack(kt, 0);
       const vs = tf.unstack(vh, 0);
       return { nKvHeads: H, headDim: d, tokens: N, kt: kts.map((t) => tf.keep(t)), v: vs.map((t) => tf.keep(t)) };

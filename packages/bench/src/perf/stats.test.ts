@@ -74,6 +74,27 @@ describe('timeInterleaved', () => {
   });
 });
 
+describe('batched samples', () => {
+  it('batch runs the op that many times per sample, disposes every result, and rejects batch < 1', async () => {
+    const start = tf.memory().numTensors;
+    let calls = 0;
+    const t = await timeOp(
+      () => {
+        calls++;
+        return tf.ones([8]);
+      },
+      { warmup: 1, reps: 3, batch: 4 },
+    );
+    expect(calls).toBe((1 + 3) * 4);
+    expect(t.samplesMs).toHaveLength(3);
+    expect(tf.memory().numTensors).toBe(start);
+    const order: string[] = [];
+    await timeInterleaved({ a: () => void order.push('a'), b: () => void order.push('b') }, { warmup: 0, reps: 1, batch: 2 });
+    expect(order).toEqual(['a', 'a', 'b', 'b']);
+    await expect(timeOp(() => undefined, { batch: 0 })).rejects.toThrow(/batch must be an integer ≥ 1/);
+  });
+});
+
 describe('measurePeakMemory', () => {
   it('peak and retained bytes of a known allocation pattern', async () => {
     const held = tf.ones([1000]); // 4,000 bytes held before: not counted
@@ -122,6 +143,9 @@ describe('ratio checks', () => {
     expect(b.ratio).toBeCloseTo(2.5, 12);
     expect(b.line).toMatch(/^FAIL decode = 2\.50× dense/);
     expect(b.note).toBe('one layer');
+    const c = ratioCheck('webgpu: compress', 600, 100, null, 'the two matmuls');
+    expect([c.pass, c.target, c.ratio]).toEqual([true, null, 6]);
+    expect(c.line).toBe('INFO webgpu: compress = 6.00× the two matmuls (600 ms vs 100 ms)');
     expect(() => ratioCheck('x', 1, 0, 2, 'y')).toThrow(/baseline/);
     expect(() => ratioCheck('x', NaN, 1, 2, 'y')).toThrow(/measured/);
   });
