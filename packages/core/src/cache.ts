@@ -64,10 +64,34 @@ export function roundToHalfOnDevice(x: tf.Tensor): tf.Tensor {
   });
 }
 
-/** Reads a float32 tensor into a stored tensor of dtype float16 or float32. */
+/** While {@link BaseCompressedCache.serializeAsync} collects what a serialization reads: the tensors, not their values. */
+let collecting: tf.Tensor[] | null = null;
+
+/**
+ * Reads a float32 tensor into a stored tensor of dtype float16 or float32 (a synchronous readback).
+ * @throws KvpackError('unsupported') when the backend cannot read back synchronously (tfjs-webgpu under
+ *         Node: its readSync needs OffscreenCanvas), naming `serializeAsync` as the way out.
+ */
 export function storeTensor(name: string, x: tf.Tensor, dtype: 'float16' | 'float32'): StoredTensor {
-  const data = x.dataSync() as Float32Array;
+  if (collecting) {
+    collecting.push(x);
+    return { name, dtype, shape: [...x.shape], data: dtype === 'float16' ? new Uint16Array(0) : new Float32Array(0) };
+  }
+  const data = readSyncOrExplain(x, `tensor "${name}"`, 'use await cache.serializeAsync()');
   return { name, dtype, shape: [...x.shape], data: dtype === 'float16' ? encodeHalf(data) : Float32Array.from(data) };
+}
+
+/**
+ * `x.dataSync()` as float32, or a clear error when the backend cannot read back synchronously
+ * (tfjs-webgpu under Node: its readSync needs OffscreenCanvas) instead of tfjs's own.
+ * @throws KvpackError('unsupported') naming `what`, the backend and `remedy`.
+ */
+export function readSyncOrExplain(x: tf.Tensor, what: string, remedy: string): Float32Array {
+  try {
+    return x.dataSync() as Float32Array;
+  } catch (e) {
+    throw new KvpackError('unsupported', `cannot read ${what} back synchronously on the ${tf.getBackend()} backend (${(e as Error).message}); ${remedy}`, { cause: e });
+  }
 }
 
 /** Restores a stored float tensor (float32, float16 or bfloat16) as a float32 tf tensor. */
@@ -216,6 +240,30 @@ export abstract class BaseCompressedCache implements CompressedCache {
     });
     check(payloadBytes(tensors) === this.byteSize(), 'corrupt', `${this.strategy}: byte accounting disagrees with the serialization`);
     return bytes;
+  }
+
+  /**
+   * {@link serialize} for backends without a synchronous readback (tfjs-webgpu under Node): a first,
+   * dry pass collects the tensors the serialization reads ({@link storeTensor}), their values are read
+   * back asynchronously (tfjs keeps them on the host afterwards), then `serialize()` runs. Same bytes
+   * on every backend (the conformance suite checks it).
+   */
+  async serializeAsync(): Promise<Uint8Array> {
+    this.assertLive();
+    const seen: tf.Tensor[] = [];
+    collecting = seen;
+    try {
+      this.storedTensors();
+      for (let l = 0; l < this.layout.nLayers; l++) {
+        const k = this.resK[l];
+        const v = this.resV[l];
+        if (k && v) seen.push(k, v);
+      }
+    } finally {
+      collecting = null;
+    }
+    await Promise.all(seen.map((t) => t.data()));
+    return this.serialize();
   }
 
   /** Restores the residual buffers written by `serialize` (for subclasses' deserializers). */

@@ -7,8 +7,8 @@ import './chained.js';
  * runStrategyConformance('xkv', { compressing: { rankK: 4, rankV: 6 }, lossless: { rankK: 16, rankV: 16, exact: true } });
  * ```
  *
- * It checks reconstruction shapes and dtypes; measured bytes = serialized payload and a bit-identical
- * serialize → deserialize → reconstruct; ratio > 1 when compressing and exact reconstruction at a
+ * It checks reconstruction shapes and dtypes; measured bytes = serialized payload (`serialize` and
+ * `serializeAsync` alike) and a bit-identical serialize → deserialize → reconstruct; ratio > 1 when compressing and exact reconstruction at a
  * "no compression" setting; determinism; decode-time append; that dispose frees every tensor; and that
  * bad options and bad caches are clear errors. Import from `@kvpack/core/conformance` (needs vitest).
  */
@@ -140,6 +140,8 @@ export function runStrategyConformance(name: string, cases: ConformanceCases): v
       const c = await createStrategy({ name, options: cases.compressing }).compress(cache);
       const bytes = c.serialize();
       expect(c.byteSize()).toBe(bytes.length - headerBytes(bytes));
+      // serializeAsync (the form for backends without a synchronous readback) writes the same bytes.
+      expect(Buffer.from(await c.serializeAsync()).equals(Buffer.from(bytes))).toBe(true);
       const restored = deserializeCache(bytes);
       expect(restored.strategy).toBe(name);
       expect(restored.byteSize()).toBe(c.byteSize());

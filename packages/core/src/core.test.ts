@@ -18,6 +18,7 @@ import {
   toHalfBits,
   roundHalf,
   roundToHalfOnDevice,
+  storeTensor,
   encodeBFloat16,
   decodeBFloat16,
 } from './index.js';
@@ -162,6 +163,15 @@ describe('attention', () => {
 });
 
 describe('container serialization', () => {
+  it('a backend without a synchronous readback gets a clear error that names serializeAsync', () => {
+    const t = tf.zeros([2, 3]);
+    // What tfjs-webgpu does under Node: its readSync needs OffscreenCanvas.
+    t.dataSync = () => {
+      throw new ReferenceError('OffscreenCanvas is not defined');
+    };
+    expect(() => storeTensor('k.basis.0', t, 'float16')).toThrow(/cannot read tensor "k.basis.0" back synchronously .*OffscreenCanvas.*serializeAsync/);
+    t.dispose();
+  });
   const c = {
     strategy: 'x',
     options: { a: 1 },

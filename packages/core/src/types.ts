@@ -101,6 +101,8 @@ export interface CompressedCache {
   byteSize(): number;
   /** Self-describing binary form; `deserializeCache` (registry) restores it. */
   serialize(): Uint8Array;
+  /** {@link serialize} that reads device tensors back asynchronously first: the form to use on webgpu, which has no synchronous readback under Node. */
+  serializeAsync(): Promise<Uint8Array>;
   /** Frees every tensor this cache holds. Idempotent. */
   dispose(): void;
 }

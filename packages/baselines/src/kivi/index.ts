@@ -12,6 +12,7 @@ import {
   loadTensor,
   registerStrategy,
   roundHalf,
+  readSyncOrExplain,
   storeTensor,
   toHalfBits,
   validateKVCache,
@@ -254,7 +255,7 @@ export class KiviCache extends BaseCompressedCache {
     const { nKvHeads: H, headDim: d } = this.layout;
     const { bits, groupSize: g } = this.options;
     const win = s.kWin!;
-    const data = (win.dataSync() as Float32Array).subarray(0, n * H * d);
+    const data = readSyncOrExplain(win, 'the KIVI key window', 'KIVI quantizes decode tokens on the host: run it on wasm, cpu or tensorflow').subarray(0, n * H * d);
     const block = quantizeKeysPerChannel(data, n, H, d, g, bits);
     s.kCodes.push(block.codes);
     s.kScale.push(block.scale);
@@ -269,7 +270,7 @@ export class KiviCache extends BaseCompressedCache {
     const { nKvHeads: H, headDim: d } = this.layout;
     const { bits, groupSize: g } = this.options;
     const win = s.vWin!;
-    const data = (win.dataSync() as Float32Array).subarray(0, n * H * d);
+    const data = readSyncOrExplain(win, 'the KIVI value window', 'KIVI quantizes decode tokens on the host: run it on wasm, cpu or tensorflow').subarray(0, n * H * d);
     const block = quantizeValuesPerToken(data, n, H, d, g, bits);
     s.vCodes.push(block.codes);
     s.vScale.push(block.scale);
@@ -295,7 +296,7 @@ export class KiviCache extends BaseCompressedCache {
     if (rk >= R) this.flushKeys(s, Math.floor(rk / R) * R);
     const rv = rows(s.vWin);
     if (rv > R) this.flushValues(s, rv - R);
-    const half = (x: tf.Tensor3D) => tf.tensor3d(roundHalf(x.dataSync() as Float32Array), x.shape);
+    const half = (x: tf.Tensor3D) => tf.tensor3d(roundHalf(readSyncOrExplain(x, 'appended KIVI tokens', 'KIVI quantizes decode tokens on the host: run it on wasm, cpu or tensorflow')), x.shape);
     s.kWin = concatOrKeep(s.kWin, half(keys));
     s.vWin = concatOrKeep(s.vWin, half(values));
   }

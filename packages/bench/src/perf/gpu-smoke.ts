@@ -7,6 +7,7 @@ import {
   applyRope,
   attention,
   createStrategy,
+  deserializeCache,
   describeBackend,
   fromHalfBits,
   roundHalf,
@@ -123,6 +124,25 @@ async function checks(): Promise<number> {
     }
     report(/layer 2 values contain NaN or Inf/.test(msg), `a ${bad} in layer 2's values is named: "${msg}"`);
     tf.dispose([...cc.keys, ...cc.values, poisoned]);
+  }
+  // 5. Serialization: serializeAsync round-trips on this backend; serialize() either works or names serializeAsync.
+  {
+    const cc = await syntheticLlamaCache({ T: 512, layers: 4, seed: 6 });
+    const z = await createStrategy({ name: 'xkv', options: { groupSize: 4, rankK: 8, rankV: 12 } }).compress(cc);
+    let syncMsg = 'ok';
+    try {
+      z.serialize();
+    } catch (e) {
+      syncMsg = (e as Error).message;
+    }
+    report(syncMsg === 'ok' || /serializeAsync/.test(syncMsg), `serialize() on ${backend}: ${syncMsg === 'ok' ? 'works' : `"${syncMsg.slice(0, 160)}"`}`);
+    const bytes = await z.serializeAsync();
+    const r = deserializeCache(bytes);
+    const d = await relMax(r.keys(3), z.keys(3));
+    report(r.byteSize() === z.byteSize() && d === 0, `serializeAsync → deserializeCache on ${backend}: ${bytes.length} bytes, keys max rel diff ${d}`);
+    r.dispose();
+    z.dispose();
+    tf.dispose([...cc.keys, ...cc.values]);
   }
   report(n1 - n0 <= 0, `tensors after the checks: ${n1} (started at ${n0})`);
   return failed;
