@@ -14,6 +14,7 @@ import {
   KvpackError,
   listStrategies,
   ropeInverseFrequencies,
+  ropeTableData,
   selectBackend,
   toHalfBits,
   roundHalf,
@@ -93,6 +94,19 @@ describe('fp16 / bf16', () => {
 });
 
 describe('RoPE', () => {
+  it('long position ranges reuse their host tables; values equal a float64 computation', () => {
+    const rope = { theta: 500000, layout: 'half' as const, scaling: { type: 'llama3' as const, factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 } };
+    const a = ropeTableData(rope, 128, { start: 7, count: 4096 });
+    const b = ropeTableData(rope, 128, { start: 7, count: 4096 });
+    expect(b.cos).toBe(a.cos); // cached
+    const inv = ropeInverseFrequencies(rope, 128);
+    for (const [t, i] of [[0, 0], [4095, 63], [2048, 17]]) {
+      expect(a.cos[t * 64 + i]).toBe(Math.fround(Math.cos((7 + t) * inv[i])));
+      expect(a.sin[t * 64 + i]).toBe(Math.fround(Math.sin((7 + t) * inv[i])));
+    }
+    expect(ropeTableData(rope, 128, { start: 8, count: 4096 }).cos).not.toBe(a.cos); // another range
+    expect(ropeTableData(rope, 128, [7, 8]).cos[64]).toBe(a.cos[64]); // explicit lists are computed
+  });
   it('interleaved and half layouts rotate pairs by position × θ^(-2i/d) (float64 re-computation)', () => {
     for (const layout of ['interleaved', 'half'] as const) {
       const T = 5, H = 2, d = 8;

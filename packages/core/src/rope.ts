@@ -43,11 +43,23 @@ function positionList(p: Positions): ArrayLike<number> {
   return p as ArrayLike<number>;
 }
 
+/** Host tables of recent long position ranges (key rope|d|start|count): a 32K-token table is 4M trig calls. */
+const tableMemo: { key: string; cos: Float32Array; sin: Float32Array }[] = [];
+const TABLE_MEMO_ENTRIES = 4;
+/** Ranges shorter than this are computed every time (decode steps: a handful of positions). */
+const TABLE_MEMO_MIN = 256;
+
 /**
- * cos/sin tables, each [T, d/2] float32, computed in float64 on the host for the given positions.
+ * cos/sin of p·θ_i for every position p and frequency i, [T, d/2] float32 each (row-major), computed
+ * in float64 on the host. The last few long `{ start, count }` ranges are kept on the host (the same
+ * arrays are returned again: do not modify them).
  */
-export function ropeTables(rope: RopeConfig, headDim: number, positions: Positions): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+export function ropeTableData(rope: RopeConfig, headDim: number, positions: Positions): { cos: Float32Array; sin: Float32Array } {
   const pos = positionList(positions);
+  const ranged = 'start' in positions && !Array.isArray(positions) && !(positions instanceof Int32Array);
+  const key = ranged && pos.length >= TABLE_MEMO_MIN ? `${JSON.stringify(rope)}|${headDim}|${pos[0]}|${pos.length}` : null;
+  const hit = key ? tableMemo.find((e) => e.key === key) : undefined;
+  if (hit) return hit;
   const inv = ropeInverseFrequencies(rope, headDim);
   const half = headDim / 2;
   const c = new Float32Array(pos.length * half);
@@ -59,7 +71,23 @@ export function ropeTables(rope: RopeConfig, headDim: number, positions: Positio
       s[t * half + i] = Math.sin(a);
     }
   }
-  return { cos: tf.tensor2d(c, [pos.length, half]), sin: tf.tensor2d(s, [pos.length, half]) };
+  if (key) {
+    tableMemo.push({ key, cos: c, sin: s });
+    if (tableMemo.length > TABLE_MEMO_ENTRIES) tableMemo.shift();
+  }
+  return { cos: c, sin: s };
+}
+
+/**
+ * cos/sin tables, each [T, d/2] float32, computed in float64 on the host for the given positions
+ * ({@link ropeTableData}).
+ */
+export function ropeTables(rope: RopeConfig, headDim: number, positions: Positions): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+  const { cos, sin } = ropeTableData(rope, headDim, positions);
+  const T = cos.length / (headDim / 2);
+  // The cpu backend keeps the array it is given (and hands it out from dataSync): give it copies.
+  const own = (a: Float32Array) => (tf.getBackend() === 'cpu' ? a.slice() : a);
+  return { cos: tf.tensor2d(own(cos), [T, headDim / 2]), sin: tf.tensor2d(own(sin), [T, headDim / 2]) };
 }
 
 /**
@@ -72,7 +100,7 @@ export function applyRope(x: tf.Tensor3D, rope: RopeConfig, positions: Positions
   const pos = positionList(positions);
   check(pos.length === T, 'shape', `applyRope: ${pos.length} positions for ${T} tokens`);
   return tf.tidy(() => {
-    const { cos, sin } = ropeTables(rope, d, pos as Int32Array);
+    const { cos, sin } = ropeTables(rope, d, positions);
     const c = cos.reshape([T, 1, d / 2]);
     const s = inverse ? sin.neg().reshape([T, 1, d / 2]) : sin.reshape([T, 1, d / 2]);
     if (rope.layout === 'half') {

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { check, isHostBackend, matmul, ropeInverseFrequencies, type CompressedCache, type ModelLayout, type RopeConfig } from '@kvpack/core';
+import { check, isHostBackend, matmul, ropeTableData, type CompressedCache, type ModelLayout, type RopeConfig } from '@kvpack/core';
 
 /*
  * Decode-side machinery of the grouped low-rank cache (issue 5): fused RoPE reconstruction, full-mode
@@ -20,21 +20,19 @@ type Kind = 'k' | 'v';
 /**
  * Full-width RoPE tables for the fused rotation, [count, d] float32 each: for channel j of a head,
  * cos[t, j] = cos(p_t·θ_i) and sin[t, j] = sin(p_t·θ_i) with i the frequency of j's rotation pair
- * (i = ⌊j/2⌋ for the `interleaved` layout, i = j mod d/2 for `half`), p_t = start + t. Computed in
- * float64 on the host, like core `ropeTables`, so the values are the same.
+ * (i = ⌊j/2⌋ for the `interleaved` layout, i = j mod d/2 for `half`), p_t = start + t. Expanded from
+ * core `ropeTableData` (float64 trig, long ranges cached on the host), so the values equal `ropeTables`'.
  */
 export function fullWidthRopeTables(rope: RopeConfig, headDim: number, start: number, count: number): { cos: Float32Array; sin: Float32Array } {
-  const inv = ropeInverseFrequencies(rope, headDim);
   const half = headDim / 2;
+  const t = ropeTableData(rope, headDim, { start, count }); // [count, d/2], float64-computed
   const cos = new Float32Array(count * headDim);
   const sin = new Float32Array(count * headDim);
-  for (let t = 0; t < count; t++) {
-    const p = start + t;
-    const o = t * headDim;
+  for (let p = 0; p < count; p++) {
+    const o = p * headDim;
     for (let i = 0; i < half; i++) {
-      const a = p * inv[i];
-      const c = Math.cos(a);
-      const s = Math.sin(a);
+      const c = t.cos[p * half + i];
+      const s = t.sin[p * half + i];
       const j0 = rope.layout === 'interleaved' ? 2 * i : i;
       const j1 = rope.layout === 'interleaved' ? 2 * i + 1 : i + half;
       cos[o + j0] = c;
