@@ -90,7 +90,12 @@ export function readSyncOrExplain(x: tf.Tensor, what: string, remedy: string): F
   try {
     return x.dataSync() as Float32Array;
   } catch (e) {
-    throw new KvpackError('unsupported', `cannot read ${what} back synchronously on the ${tf.getBackend()} backend (${(e as Error).message}); ${remedy}`, { cause: e });
+    if (x.isDisposed) throw e; // tfjs's own "disposed" error says it better
+    throw new KvpackError(
+      'unsupported',
+      `cannot read ${what} back synchronously on the ${tf.getBackend()} backend (${(e as Error).message}); where a backend has no synchronous readback (tfjs-webgpu under Node): ${remedy}`,
+      { cause: e },
+    );
   }
 }
 

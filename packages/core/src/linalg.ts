@@ -270,9 +270,18 @@ export interface LowRankBlockFactors extends Omit<LowRankFactors, 'coeffs'> {
 /** Column blocks [X_1 … X_G] of X [T, F] (X_i [T, F_i]), or of a right-hand matrix's rows [M_1; …; M_G]. */
 type Blocks = tf.Tensor2D[];
 
-/** Σ_i A_i·B_i: a product over blocked inner dimension (A = [A_1 … A_G], B = [B_1; …; B_G]). */
+/**
+ * Σ_i A_i·B_i: a product over blocked inner dimension (A = [A_1 … A_G], B = [B_1; …; B_G]), summed as
+ * it goes, so at most two partial products are alive at once.
+ */
 function blockSum(A: Blocks, B: Blocks, transposeA = false, transposeB = false): tf.Tensor2D {
-  return tf.tidy(() => A.map((a, i) => matmul(a, B[i], transposeA, transposeB)).reduce((x, y) => tf.add(x, y) as tf.Tensor2D));
+  let acc = matmul(A[0], B[0], transposeA, transposeB);
+  for (let i = 1; i < A.length; i++) {
+    const next = tf.tidy(() => tf.add(acc, matmul(A[i], B[i], transposeA, transposeB)) as tf.Tensor2D);
+    acc.dispose();
+    acc = next;
+  }
+  return acc;
 }
 
 /** [L·X_1 … L·X_G]: a left product applied block by block. */

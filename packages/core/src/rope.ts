@@ -85,8 +85,9 @@ export function ropeTableData(rope: RopeConfig, headDim: number, positions: Posi
 export function ropeTables(rope: RopeConfig, headDim: number, positions: Positions): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
   const { cos, sin } = ropeTableData(rope, headDim, positions);
   const T = cos.length / (headDim / 2);
-  // The cpu backend keeps the array it is given (and hands it out from dataSync): give it copies.
-  const own = (a: Float32Array) => (tf.getBackend() === 'cpu' ? a.slice() : a);
+  // Backends other than wasm (which copies into its heap) may keep the array they are given and hand it
+  // out from dataSync: give them copies, so no caller can modify the cached table.
+  const own = (a: Float32Array) => (tf.getBackend() === 'wasm' ? a : a.slice());
   return { cos: tf.tensor2d(own(cos), [T, headDim / 2]), sin: tf.tensor2d(own(sin), [T, headDim / 2]) };
 }
 

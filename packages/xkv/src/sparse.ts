@@ -370,7 +370,7 @@ export interface SparseAttendOptions {
   /**
    * `loop`: one sequence of 2-D products per KV head (fastest on wasm/cpu, where batched products are
    * slow); `batched`: every KV head in the same kernels — one gather of all heads' selected rows, batched
-   * [H_kv, ·, ·] products, one softmax — so a GPU step launches a fixed ~40 kernels instead of ~25 per
+   * [H_kv, ·, ·] products, one softmax — so a GPU step launches a fixed ~35 kernels instead of ~25 per
    * head. Default (`auto`): `loop` on wasm/cpu, `batched` elsewhere. Both compute the same attention.
    */
   heads?: 'auto' | 'loop' | 'batched';
@@ -500,7 +500,7 @@ export class SparseDecoder {
   /**
    * Chunk scores per KV head, [H_kv, C]: for each query row, softmax over the non-outlier chunks of
    * q·landmark/√d; summed over the n query tokens; the maximum over the g query heads of the GQA
-   * group (ShadowKV's `get_retrieval_position_ids`; xKV-SR likewise).
+   * group (ShadowKV's `get_retrieval_position_ids`; xKV-SR likewise). Outlier chunks score −1e30.
    */
   chunkScores(layer: number, qb: QueryBlocks): tf.Tensor2D {
     const t = this.loopTensors(layer);
@@ -510,7 +510,9 @@ export class SparseDecoder {
       let a = tf.stack(t.lt.map((lt, h) => tf.matMul(qb.rows[h], lt)), 0) as tf.Tensor3D; // [H_kv, g·n, C]
       if (t.mask) a = tf.add(a, t.mask);
       const p = tf.reshape(tf.softmax(a, -1), [H, qb.g, qb.n, C]);
-      return tf.max(tf.sum(p, 2), 1) as tf.Tensor2D;
+      const score = tf.max(tf.sum(p, 2), 1) as tf.Tensor2D;
+      // Outlier chunks (already exact) stay below every candidate even when the candidates' mass underflows to 0.
+      return t.mask ? (tf.add(score, tf.reshape(t.mask, [H, C])) as tf.Tensor2D) : score;
     });
   }
 
@@ -686,7 +688,8 @@ export class SparseDecoder {
         let a = tf.matMul(qh, t.ltAll) as tf.Tensor3D; // [H_kv, g·n, C]
         if (t.mask) a = tf.add(a, t.mask);
         const p = tf.softmax(a, -1);
-        const score = tf.max(n === 1 ? tf.reshape(p, [Hkv, g, C]) : tf.sum(tf.reshape(p, [Hkv, g, n, C]), 2), 1); // [H_kv, C]
+        let score = tf.max(n === 1 ? tf.reshape(p, [Hkv, g, C]) : tf.sum(tf.reshape(p, [Hkv, g, n, C]), 2), 1); // [H_kv, C]
+        if (t.mask) score = tf.add(score, tf.reshape(t.mask, [Hkv, C])); // outliers never selected (see chunkScores)
         const sel = tf.topk(score, k).indices; // [H_kv, k]
         tok = tf.reshape(tf.add(tf.reshape(tf.mul(sel, tf.scalar(c, 'int32')), [Hkv, k, 1]), tf.reshape(tf.range(0, c, 1, 'int32'), [1, 1, c])), [-1]) as tf.Tensor1D;
         const Uk = src.basisOf('k', layer);

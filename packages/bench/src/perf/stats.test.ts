@@ -92,6 +92,18 @@ describe('batched samples', () => {
     await timeInterleaved({ a: () => void order.push('a'), b: () => void order.push('b') }, { warmup: 0, reps: 1, batch: 2 });
     expect(order).toEqual(['a', 'a', 'b', 'b']);
     await expect(timeOp(() => undefined, { batch: 0 })).rejects.toThrow(/batch must be an integer ≥ 1/);
+    // An op that fails mid-sample: the runs before it are still released.
+    let n = 0;
+    await expect(
+      timeOp(
+        () => {
+          if (++n === 3) throw new Error('boom');
+          return tf.ones([4]);
+        },
+        { warmup: 0, reps: 1, batch: 4 },
+      ),
+    ).rejects.toThrow('boom');
+    expect(tf.memory().numTensors).toBe(start);
   });
 });
 

@@ -50,14 +50,19 @@ function tensorsOf(r: OpResult): tf.Tensor[] {
   return [];
 }
 
+/** True where a kernel has finished when its op returns: wasm, cpu and tensorflow (tfjs-node executes eagerly). */
+export function isSynchronousBackend(): boolean {
+  const be = tf.getBackend();
+  return be === 'wasm' || be === 'cpu' || be === 'tensorflow';
+}
+
 /**
  * Waits until the backend has finished computing `tensors`. On asynchronous backends (webgpu) this
  * reads back one element of each (which waits for the queue); on wasm, cpu and tensorflow kernels
  * run synchronously, so nothing is read.
  */
 export async function syncTensors(tensors: readonly tf.Tensor[]): Promise<void> {
-  const be = tf.getBackend();
-  if (be === 'wasm' || be === 'cpu' || be === 'tensorflow') return;
+  if (isSynchronousBackend()) return;
   for (const t of tensors) {
     if (t.isDisposed || t.size === 0) continue;
     const one = tf.tidy(() => tf.slice(tf.reshape(t, [-1]), [0], [1]));
@@ -103,12 +108,14 @@ function timeOptions(opts: TimeOptions): { warmup: number; reps: number; batch: 
 /** One timed sample: `batch` runs, one synchronization after the last, ms per run; results disposed after the clock stops. */
 async function sample(op: () => OpResult | Promise<OpResult>, batch: number): Promise<number> {
   const results: OpResult[] = [];
-  const t0 = performance.now();
-  for (let j = 0; j < batch; j++) results.push(await op());
-  await syncTensors(tensorsOf(results[batch - 1]));
-  const dt = (performance.now() - t0) / batch;
-  for (const r of results) release(r);
-  return dt;
+  try {
+    const t0 = performance.now();
+    for (let j = 0; j < batch; j++) results.push(await op());
+    await syncTensors(tensorsOf(results[batch - 1]));
+    return (performance.now() - t0) / batch;
+  } finally {
+    for (const r of results) release(r);
+  }
 }
 
 /**

@@ -1,6 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
 import {
-  isHostBackend,
   applyRope,
   attention,
   check,
@@ -16,7 +15,7 @@ import { readKVDump } from '@kvpack/models';
 import { decodeModes } from './decode-modes.js';
 import { attentionReadyLayer, denseDecodeStep, disposeAttentionReady } from './dense-step.js';
 import { PERF_SETTINGS, withSparseBudget, type PerfSetting } from './settings.js';
-import { measurePeakMemory, ratioCheck, summarize, timeInterleaved, timeOp, type RatioCheck, type Timing } from './stats.js';
+import { isSynchronousBackend, measurePeakMemory, ratioCheck, summarize, timeInterleaved, timeOp, type RatioCheck, type Timing } from './stats.js';
 import { LLAMA31_8B_LAYOUT, syntheticLlamaCache } from './synthetic.js';
 
 /** Options of {@link runPerfSuite}. */
@@ -230,12 +229,12 @@ export const STEP_BATCH = 10;
 
 /**
  * Timing options of per-layer steps (a decode step, one layer's reconstruction, the dense baselines):
- * on wasm/cpu the suite's reps and warm-ups; on asynchronous backends (webgpu) at least 5 samples of
+ * on synchronous backends (wasm, cpu, tensorflow) the suite's reps and warm-ups; on asynchronous ones (webgpu) at least 5 samples of
  * {@link STEP_BATCH} back-to-back runs with one synchronization each (stats `TimeOptions.batch`), so a
  * few-ms step is not measured as one readback latency.
  */
 export function stepTiming(o: { reps: number; warmup: number }): { reps: number; warmup: number; batch: number } {
-  return isHostBackend() ? { reps: o.reps, warmup: o.warmup, batch: 1 } : { reps: Math.max(o.reps, 5), warmup: o.warmup, batch: STEP_BATCH };
+  return isSynchronousBackend() ? { reps: o.reps, warmup: o.warmup, batch: 1 } : { reps: Math.max(o.reps, 5), warmup: o.warmup, batch: STEP_BATCH };
 }
 
 /**
@@ -526,8 +525,9 @@ async function compressCheck(
       label,
       t.compress.medianMs,
       floor2,
-      // The ≤ 3× target is the CPU must-show; on a GPU the target is the PyTorch comparison (gpu-perf.ts --peer).
-      isHostBackend() ? 3 : null,
+      // The ≤ 3× target is the CPU must-show (wasm, cpu; tensorflow too, which may be tfjs-node on the CPU);
+      // on webgpu the target is the PyTorch comparison (gpu-perf.ts --peer).
+      isSynchronousBackend() ? 3 : null,
       'the two matmuls X·Ω + Qᵀ·X (keys and values)',
       `X·Ω ${t.xOmega.medianMs.toFixed(1)} ms, Qᵀ·X ${t.qtX.medianMs.toFixed(1)} ms per matrix, timed in alternation with the compression; ` +
         'xkv defaults otherwise (oversampling, power iterations from the xkv schema)',
