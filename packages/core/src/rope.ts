@@ -83,11 +83,16 @@ export function ropeTableData(rope: RopeConfig, headDim: number, positions: Posi
  * ({@link ropeTableData}).
  */
 export function ropeTables(rope: RopeConfig, headDim: number, positions: Positions): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+  // Backends other than wasm (which copies into its heap) may keep the array they are given and hand it
+  // out from dataSync: callers get copies, so none can modify the cached table.
+  return tablesOf(rope, headDim, positions, tf.getBackend() !== 'wasm');
+}
+
+/** The tables as tensors over the cached arrays (`copy` false: only for tensors that never leave kvpack's own ops). */
+function tablesOf(rope: RopeConfig, headDim: number, positions: Positions, copy: boolean): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
   const { cos, sin } = ropeTableData(rope, headDim, positions);
   const T = cos.length / (headDim / 2);
-  // Backends other than wasm (which copies into its heap) may keep the array they are given and hand it
-  // out from dataSync: give them copies, so no caller can modify the cached table.
-  const own = (a: Float32Array) => (tf.getBackend() === 'wasm' ? a : a.slice());
+  const own = (a: Float32Array) => (copy ? a.slice() : a);
   return { cos: tf.tensor2d(own(cos), [T, headDim / 2]), sin: tf.tensor2d(own(sin), [T, headDim / 2]) };
 }
 
@@ -101,7 +106,7 @@ export function applyRope(x: tf.Tensor3D, rope: RopeConfig, positions: Positions
   const pos = positionList(positions);
   check(pos.length === T, 'shape', `applyRope: ${pos.length} positions for ${T} tokens`);
   return tf.tidy(() => {
-    const { cos, sin } = ropeTables(rope, d, positions);
+    const { cos, sin } = tablesOf(rope, d, positions, false); // internal to this tidy: no copy needed
     const c = cos.reshape([T, 1, d / 2]);
     const s = inverse ? sin.neg().reshape([T, 1, d / 2]) : sin.reshape([T, 1, d / 2]);
     if (rope.layout === 'half') {
