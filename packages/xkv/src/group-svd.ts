@@ -25,7 +25,7 @@ import {
 } from '@kvpack/core';
 import { DecodeState, attendFull, queryBlocks, type ValuePath } from './decode.js';
 import { SparseDecoder, buildSparseIndex, loadSparseIndex, sparseMeta, sparseSpecs, sparseTensors, type SparseAttendOptions, type SparseIndex, type SparseOptions } from './sparse.js';
-import { dequantizeMatrix, quantizeMatrix, quantizedBytes, type QuantSpec, type QuantizedMatrix } from './quant.js';
+import { dequantizeMatrix, quantizeMatrix, quantizedSpecs, quantizedTensors, readQuantized, type QuantSpec, type QuantizedMatrix } from './quant.js';
 import { paperCompressionRatio } from './ratio.js';
 
 /** Which stored factors {@link FactorQuantization} applies to. */
@@ -177,23 +177,11 @@ async function makeBlock(name: string, x: tf.Tensor2D, config: GroupSvdConfig, p
 }
 
 function blockSpecs(b: Block, storage: 'float16' | 'float32'): StoredSpec[] {
-  if (!b.quant) return [{ name: b.name, dtype: storage, shape: [b.rows, b.cols] }];
-  const out: StoredSpec[] = [
-    { name: `${b.name}.codes`, dtype: 'uint8', shape: [b.quant.codes.length] },
-    { name: `${b.name}.scales`, dtype: 'float16', shape: [b.quant.scales.length] },
-  ];
-  if (b.quant.zeros) out.push({ name: `${b.name}.zeros`, dtype: 'uint8', shape: [b.quant.zeros.length] });
-  return out;
+  return b.quant ? quantizedSpecs(b.name, b.quant) : [{ name: b.name, dtype: storage, shape: [b.rows, b.cols] }];
 }
 
 function blockTensors(b: Block, storage: 'float16' | 'float32'): StoredTensor[] {
-  if (!b.quant) return [storeTensor(b.name, b.tensor, storage)];
-  const out: StoredTensor[] = [
-    { name: `${b.name}.codes`, dtype: 'uint8', shape: [b.quant.codes.length], data: b.quant.codes },
-    { name: `${b.name}.scales`, dtype: 'float16', shape: [b.quant.scales.length], data: b.quant.scales },
-  ];
-  if (b.quant.zeros) out.push({ name: `${b.name}.zeros`, dtype: 'uint8', shape: [b.quant.zeros.length], data: b.quant.zeros });
-  return out;
+  return b.quant ? quantizedTensors(b.name, b.quant) : [storeTensor(b.name, b.tensor, storage)];
 }
 
 /** The stored matrices of one kind (keys or values). */
@@ -461,24 +449,7 @@ export class GroupSvdCache extends BaseCompressedCache {
         check(st.dtype === config.storage, 'corrupt', `serialized ${strategy} cache is corrupt: tensor "${name}" has dtype ${st.dtype}, expected ${config.storage}`);
         return { name, rows, cols, tensor: loadTensor(st) as tf.Tensor2D, quant: null };
       }
-      const codes = c.get(`${name}.codes`);
-      const scales = c.get(`${name}.scales`);
-      const zeros = spec.symmetric ? null : c.get(`${name}.zeros`);
-      const expect = quantizedBytes(rows, cols, spec);
-      const got = codes.data.byteLength + scales.data.byteLength + (zeros?.data.byteLength ?? 0);
-      check(
-        codes.dtype === 'uint8' && scales.dtype === 'float16' && (!zeros || zeros.dtype === 'uint8') && got === expect,
-        'corrupt',
-        `serialized ${strategy} cache is corrupt: quantized tensor "${name}" holds ${got} bytes, expected ${expect} for [${rows}, ${cols}] at ${spec.bits} bits`,
-      );
-      const quant: QuantizedMatrix = {
-        ...spec,
-        rows,
-        cols,
-        codes: codes.data as Uint8Array,
-        scales: scales.data as Uint16Array,
-        zeros: zeros ? (zeros.data as Uint8Array) : null,
-      };
+      const quant = readQuantized(c, name, rows, cols, spec, strategy);
       return { name, rows, cols, tensor: tf.tensor2d(dequantizeMatrix(quant), [rows, cols]), quant };
     };
     try {

@@ -1,4 +1,4 @@
-import { check, fromHalfBits, toHalfBits } from '@kvpack/core';
+import { check, fromHalfBits, toHalfBits, type DecodedContainer, type StoredSpec, type StoredTensor } from '@kvpack/core';
 
 /**
  * Group-wise integer quantization of stored low-rank factors (issue 3: xKV composed with
@@ -134,4 +134,51 @@ export function dequantizeMatrix(q: QuantizedMatrix): Float32Array {
     }
   }
   return out;
+}
+
+/**
+ * The stored tensors of a quantized matrix under `name`: `name.codes` (uint8, packed), `name.scales`
+ * (float16 bits) and, asymmetric, `name.zeros` (uint8). Their bytes are {@link quantizedBytes}.
+ */
+export function quantizedTensors(name: string, q: QuantizedMatrix): StoredTensor[] {
+  const out: StoredTensor[] = [
+    { name: `${name}.codes`, dtype: 'uint8', shape: [q.codes.length], data: q.codes },
+    { name: `${name}.scales`, dtype: 'float16', shape: [q.scales.length], data: q.scales },
+  ];
+  if (q.zeros) out.push({ name: `${name}.zeros`, dtype: 'uint8', shape: [q.zeros.length], data: q.zeros });
+  return out;
+}
+
+/** Name, dtype and shape of {@link quantizedTensors} (no data). */
+export function quantizedSpecs(name: string, q: QuantizedMatrix): StoredSpec[] {
+  return quantizedTensors(name, q).map(({ name: n, dtype, shape }) => ({ name: n, dtype, shape }));
+}
+
+/**
+ * Restores the quantized [rows, cols] matrix stored under `name` by {@link quantizedTensors}.
+ * @throws KvpackError('corrupt') naming `what` and the tensor when a part is missing or has the wrong
+ *         dtype or length for [rows, cols] at spec.bits.
+ */
+export function readQuantized(c: DecodedContainer, name: string, rows: number, cols: number, spec: QuantSpec, what: string): QuantizedMatrix {
+  const codes = c.get(`${name}.codes`);
+  const scales = c.get(`${name}.scales`);
+  const zeros = spec.symmetric ? null : c.get(`${name}.zeros`);
+  const groups = rows * groupsPerRow(cols, spec.groupSize);
+  check(
+    codes.dtype === 'uint8' &&
+      codes.data.length === Math.ceil((rows * cols * spec.bits) / 8) &&
+      scales.dtype === 'float16' &&
+      scales.data.length === groups &&
+      (!zeros || (zeros.dtype === 'uint8' && zeros.data.length === groups)),
+    'corrupt',
+    `serialized ${what} cache is corrupt: quantized tensor "${name}" does not match [${rows}, ${cols}] at ${spec.bits} bits, groups of ${spec.groupSize}`,
+  );
+  return {
+    ...spec,
+    rows,
+    cols,
+    codes: codes.data as Uint8Array,
+    scales: scales.data as Uint16Array,
+    zeros: zeros ? (zeros.data as Uint8Array) : null,
+  };
 }

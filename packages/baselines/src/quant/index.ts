@@ -15,7 +15,7 @@ import {
   type StoredTensor,
   type Strategy,
 } from '@kvpack/core';
-import { dequantizeMatrix, quantizeMatrix, quantizedBytes, type QuantSpec, type QuantizedMatrix } from '@kvpack/xkv';
+import { dequantizeMatrix, quantizeMatrix, quantizedBytes, quantizedSpecs, quantizedTensors, readQuantized, type QuantSpec, type QuantizedMatrix } from '@kvpack/xkv';
 import { z } from 'zod';
 
 /** Options of the `quant` strategy. */
@@ -43,24 +43,6 @@ export function perTokenSpec(options: QuantOptions, headDim: number): QuantSpec 
 export function quantCacheBytes(layout: ModelLayout, tokens: number, options: QuantOptions): number {
   const rows = tokens * layout.nKvHeads;
   return 2 * layout.nLayers * quantizedBytes(rows, layout.headDim, perTokenSpec(options, layout.headDim));
-}
-
-function matrixSpecs(name: string, q: QuantizedMatrix): StoredSpec[] {
-  const out: StoredSpec[] = [
-    { name: `${name}.codes`, dtype: 'uint8', shape: [q.codes.length] },
-    { name: `${name}.scales`, dtype: 'float16', shape: [q.scales.length] },
-  ];
-  if (q.zeros) out.push({ name: `${name}.zeros`, dtype: 'uint8', shape: [q.zeros.length] });
-  return out;
-}
-
-function matrixTensors(name: string, q: QuantizedMatrix): StoredTensor[] {
-  const out: StoredTensor[] = [
-    { name: `${name}.codes`, dtype: 'uint8', shape: [q.codes.length], data: q.codes },
-    { name: `${name}.scales`, dtype: 'float16', shape: [q.scales.length], data: q.scales },
-  ];
-  if (q.zeros) out.push({ name: `${name}.zeros`, dtype: 'uint8', shape: [q.zeros.length], data: q.zeros });
-  return out;
 }
 
 /**
@@ -96,10 +78,10 @@ export class QuantCache extends BaseCompressedCache {
     return tf.clone(this.deqV[layer]);
   }
   protected storedSpecs(): StoredSpec[] {
-    return this.qk.flatMap((q, l) => [...matrixSpecs(`k.${l}`, q), ...matrixSpecs(`v.${l}`, this.qv[l])]);
+    return this.qk.flatMap((q, l) => [...quantizedSpecs(`k.${l}`, q), ...quantizedSpecs(`v.${l}`, this.qv[l])]);
   }
   protected storedTensors(): StoredTensor[] {
-    return this.qk.flatMap((q, l) => [...matrixTensors(`k.${l}`, q), ...matrixTensors(`v.${l}`, this.qv[l])]);
+    return this.qk.flatMap((q, l) => [...quantizedTensors(`k.${l}`, q), ...quantizedTensors(`v.${l}`, this.qv[l])]);
   }
   protected meta(): Record<string, unknown> {
     return { startPosition: this.startPosition };
@@ -115,28 +97,7 @@ export class QuantCache extends BaseCompressedCache {
     const { layout, rope, prefillLength } = containerHeader(c);
     const spec = perTokenSpec(options, layout.headDim);
     const rows = prefillLength * layout.nKvHeads;
-    const load = (name: string): QuantizedMatrix => {
-      const codes = c.get(`${name}.codes`);
-      const scales = c.get(`${name}.scales`);
-      const zeros = spec.symmetric ? null : c.get(`${name}.zeros`);
-      check(
-        codes.dtype === 'uint8' &&
-          codes.data.length === Math.ceil((rows * layout.headDim * spec.bits) / 8) &&
-          scales.dtype === 'float16' &&
-          scales.data.length === rows &&
-          (!zeros || (zeros.dtype === 'uint8' && zeros.data.length === rows)),
-        'corrupt',
-        `serialized quant cache is corrupt: tensor "${name}" does not match ${rows} rows of ${layout.headDim} ${spec.bits}-bit codes`,
-      );
-      return {
-        ...spec,
-        rows,
-        cols: layout.headDim,
-        codes: codes.data as Uint8Array,
-        scales: scales.data as Uint16Array,
-        zeros: zeros ? (zeros.data as Uint8Array) : null,
-      };
-    };
+    const load = (name: string): QuantizedMatrix => readQuantized(c, name, rows, layout.headDim, spec, 'quant');
     const qk: QuantizedMatrix[] = [];
     const qv: QuantizedMatrix[] = [];
     for (let l = 0; l < layout.nLayers; l++) {
