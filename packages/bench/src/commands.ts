@@ -7,7 +7,7 @@ import { loadBenchModel, modelFilesPresent, tokenizePrompts } from './load.js';
 import { benchPanels, renderRatioPlot } from './plot.js';
 import { createProgress } from './progress.js';
 import { compareToBaseline, parseTolerance, readBaseline, toBaseline, writeBaseline } from './regression.js';
-import { ERROR_BASIS, markdownReport, writeJsonReport, type BenchReport } from './report.js';
+import { ERROR_BASIS, markdownReport, type BenchReport } from './report.js';
 import { runBench } from './runner.js';
 import { runEnvironment } from './environment.js';
 
@@ -124,26 +124,14 @@ export async function benchCommand(configPath: string, opts: BenchCommandOptions
           `greedy/forward agreement ${r.greedyForwardAgreement.toFixed(3)}); the numbers below are suspect`,
       );
   }
-  io.out(markdownReport(report));
-  const outDir = resolve(opts.out ?? 'bench-out');
-  mkdirSync(outDir, { recursive: true });
+  const md = markdownReport(report);
+  io.out(md);
   const name = stem(configPath);
-  const jsonPath = writeJsonReport(report, outDir, `${name}.json`);
-  writeFileSync(join(outDir, `${name}.md`), `${markdownReport(report)}\n`);
-  const written = [jsonPath, join(outDir, `${name}.md`)];
-  if (opts.plot !== false) {
-    const svg = await renderRatioPlot(benchPanels(report.results), { title: report.title ?? `kvpack bench: ${name}` });
-    const svgPath = join(outDir, `${name}.svg`);
-    writeFileSync(svgPath, svg);
-    written.push(svgPath);
-  }
-  io.err(`wrote ${written.join(', ')}`);
-
-  const failed = report.results.filter((r) => r.error !== undefined);
-  if (failed.length) {
-    io.err(`kvpack: error: ${failed.length} setting(s) failed: ${failed.map((r) => `${r.label}: ${r.error}`).join('; ')}`);
-    return EXIT.badInput;
-  }
+  await writeBenchOutputs(io, opts, name, report, md, () =>
+    renderRatioPlot(benchPanels(report.results), { title: report.title ?? `kvpack bench: ${name}` }),
+  );
+  const failedExit = failedSettingsExit(report.results, io);
+  if (failedExit !== null) return failedExit;
   if (opts.baseline && opts.writeBaseline) {
     const p = writeBaseline(opts.baseline, toBaseline(report, basename(cfg.source)));
     io.err(`wrote baseline ${p} (${report.results.length} settings)`);
@@ -204,3 +192,35 @@ export async function strategiesCommand(io: CommandIO = processIO): Promise<numb
   return EXIT.ok;
 }
 
+/**
+ * Writes a bench's files into `opts.out` (default `bench-out`): NAME.json (the report), NAME.md and,
+ * unless `opts.plot` is false, NAME.svg from `plot()`; names them on stderr. Returns their paths.
+ */
+export async function writeBenchOutputs(
+  io: CommandIO,
+  opts: { out?: string; plot?: boolean },
+  name: string,
+  report: unknown,
+  md: string,
+  plot: () => Promise<string>,
+): Promise<string[]> {
+  const outDir = resolve(opts.out ?? 'bench-out');
+  mkdirSync(outDir, { recursive: true });
+  const written = [join(outDir, `${name}.json`), join(outDir, `${name}.md`)];
+  writeFileSync(written[0], `${JSON.stringify(report, null, 2)}\n`);
+  writeFileSync(written[1], `${md}\n`);
+  if (opts.plot !== false) {
+    written.push(join(outDir, `${name}.svg`));
+    writeFileSync(written[2], await plot());
+  }
+  io.err(`wrote ${written.join(', ')}`);
+  return written;
+}
+
+/** Names the settings whose run failed (stderr) and returns EXIT.badInput; null when none failed. */
+export function failedSettingsExit(results: readonly { label: string; error?: string }[], io: CommandIO): number | null {
+  const failed = results.filter((r) => r.error !== undefined);
+  if (!failed.length) return null;
+  io.err(`kvpack: error: ${failed.length} setting(s) failed: ${failed.map((r) => `${r.label}: ${r.error}`).join('; ')}`);
+  return EXIT.badInput;
+}

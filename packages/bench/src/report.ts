@@ -1,5 +1,3 @@
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join, resolve } from 'node:path';
 import type { BenchRunResult, PromptReference, SettingResult } from './runner.js';
 
 /** Where and how a run happened. */
@@ -121,11 +119,3 @@ export function markdownReport(report: BenchReport): string {
   ].join('\n');
 }
 
-/** Writes `bench.json` (and returns its path) under `outDir`, creating it. */
-export function writeJsonReport(report: BenchReport, outDir: string, file = 'bench.json'): string {
-  const dir = resolve(outDir);
-  mkdirSync(dir, { recursive: true });
-  const path = join(dir, file);
-  writeFileSync(path, `${JSON.stringify(report, null, 2)}\n`);
-  return path;
-}

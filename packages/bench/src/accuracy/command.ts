@@ -1,8 +1,8 @@
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
-import { basename, extname, join, resolve } from 'node:path';
+import { existsSync } from 'node:fs';
+import { basename, extname, resolve } from 'node:path';
 import { Option, type Command } from 'commander';
 import { KvpackError, describeBackend, selectBackend } from '@kvpack/core';
-import { EXIT, processIO, type CommandIO } from '../commands.js';
+import { EXIT, failedSettingsExit, processIO, writeBenchOutputs, type CommandIO } from '../commands.js';
 import { runEnvironment } from '../environment.js';
 import { loadBenchModel } from '../load.js';
 import { renderRatioPlot } from '../plot.js';
@@ -143,25 +143,11 @@ export async function accuracyCommand(configPath: string, opts: AccuracyCommandO
 
   const md = accuracyMarkdown(report);
   io.out(md);
-  const outDir = resolve(opts.out ?? 'bench-out');
-  mkdirSync(outDir, { recursive: true });
   const name = basename(configPath, extname(configPath));
-  const written = [join(outDir, `${name}.json`), join(outDir, `${name}.md`)];
-  writeFileSync(written[0], `${JSON.stringify(report, null, 2)}\n`);
-  writeFileSync(written[1], `${md}\n`);
-  if (opts.plot !== false) {
-    const svg = await renderRatioPlot(accuracyPanels(report), { title: report.title ?? `kvpack bench accuracy: ${name}` });
-    const svgPath = join(outDir, `${name}.svg`);
-    writeFileSync(svgPath, svg);
-    written.push(svgPath);
-  }
-  io.err(`wrote ${written.join(', ')}`);
-  const failed = report.results.filter((r) => r.error !== undefined);
-  if (failed.length) {
-    io.err(`kvpack: error: ${failed.length} setting(s) failed: ${failed.map((r) => `${r.label}: ${r.error}`).join('; ')}`);
-    return EXIT.badInput;
-  }
-  return EXIT.ok;
+  await writeBenchOutputs(io, opts, name, report, md, () =>
+    renderRatioPlot(accuracyPanels(report), { title: report.title ?? `kvpack bench accuracy: ${name}` }),
+  );
+  return failedSettingsExit(report.results, io) ?? EXIT.ok;
 }
 
 /**
