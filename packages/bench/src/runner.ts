@@ -393,13 +393,7 @@ export function aggregate(s: ResolvedSetting, window: number | null, per: Prompt
   const divs = per.map((p) => p.firstDivergence).filter((x): x is number => x !== null);
   const papers = per.map((p) => p.paperRatio);
   return {
-    label: s.label,
-    name: s.name,
-    series: s.series,
-    key: s.key,
-    options: s.options,
-    resolvedOptions: s.resolvedOptions,
-    observationWindow: window,
+    ...emptySummary(s, window),
     tokens: sum((p) => p.tokens),
     bytes: sum((p) => p.bytes),
     denseBytes: sum((p) => p.denseBytes),
