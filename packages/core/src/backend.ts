@@ -14,7 +14,8 @@ export type BackendName = 'tensorflow' | 'webgpu' | 'wasm' | 'cpu';
 export interface BackendCandidate {
   name: string;
   priority: number;
-  load(): Promise<void>;
+  /** `explicit`: the backend was asked for by name (not by `auto`). */
+  load(opts?: { explicit: boolean }): Promise<void>;
 }
 
 const candidates = new Map<string, BackendCandidate>();
@@ -68,10 +69,21 @@ function loadDawn(): { create(flags: string[]): unknown; globals: Record<string,
   }
 }
 
+/**
+ * The description of a WebGPU adapter (a GPUAdapter) when it is a software (CPU) implementation —
+ * Mesa's lavapipe/llvmpipe, SwiftShader, or any adapter flagged `isFallbackAdapter` — else null.
+ */
+export function softwareAdapter(adapter: unknown): string | null {
+  const a = adapter as { isFallbackAdapter?: boolean; info?: { vendor?: string; architecture?: string; device?: string; description?: string } };
+  const i = a.info ?? {};
+  const text = [i.description, i.vendor, i.architecture, i.device].filter(Boolean).join(' ');
+  return a.isFallbackAdapter || /llvmpipe|lavapipe|swiftshader|software/i.test(text) ? text || 'fallback adapter' : null;
+}
+
 registerBackendCandidate({
   name: 'webgpu',
   priority: 3,
-  async load() {
+  async load(opts) {
     const g = globalThis as unknown as { navigator?: { gpu?: { requestAdapter(): Promise<unknown> } } };
     if (!g.navigator?.gpu) {
       const dawn = loadDawn();
@@ -85,6 +97,10 @@ registerBackendCandidate({
     }
     const adapter = await g.navigator!.gpu!.requestAdapter();
     if (!adapter) throw new Error('Dawn found no GPU adapter (no Vulkan driver?)');
+    // A software Vulkan driver (Mesa's lavapipe, SwiftShader) runs WebGPU on the CPU, far slower than
+    // wasm: `auto` passes over it; asking for webgpu by name still uses it (tests of the WGSL kernels).
+    const soft = softwareAdapter(adapter);
+    if (soft && !opts?.explicit) throw new Error(`only a software (CPU) WebGPU adapter: ${soft}; ask for --backend webgpu to use it`);
     // The webgpu backend registers itself on import only when navigator.gpu already exists.
     try {
       await import('@tensorflow/tfjs-backend-webgpu'); // a literal specifier, so bundlers include it
@@ -134,7 +150,7 @@ export async function selectBackend(preference: string = process.env.KVPACK_BACK
   const skipped: { name: string; reason: string }[] = [];
   for (const c of tryList) {
     try {
-      await c.load();
+      await c.load({ explicit: preference !== 'auto' });
       const ok = await tf.setBackend(c.name);
       if (!ok) throw new Error(`tf.setBackend("${c.name}") failed to initialize`);
       await tf.ready();

@@ -16,6 +16,7 @@ import {
   ropeInverseFrequencies,
   ropeTableData,
   selectBackend,
+  softwareAdapter,
   toHalfBits,
   roundHalf,
   roundToHalfOnDevice,
@@ -90,6 +91,15 @@ describe('fp16 / bf16', () => {
   it('bfloat16 keeps the top 16 bits with round-to-nearest-even', () => {
     const x = [1, -3.140625, 1 + 2 ** -8, 1 + 3 * 2 ** -8];
     expect(Array.from(decodeBFloat16(encodeBFloat16(x)))).toEqual([1, -3.140625, 1, 1 + 2 ** -6]);
+  });
+});
+
+describe('backend selection', () => {
+  it('a software WebGPU adapter (lavapipe, SwiftShader, fallback) is recognized; a hardware one is not', () => {
+    expect(softwareAdapter({ info: { vendor: 'mesa', description: 'llvmpipe: Mesa 25.0.7 (LLVM 15.0.6)' } })).toMatch(/llvmpipe/);
+    expect(softwareAdapter({ info: { vendor: 'google', architecture: 'swiftshader', description: '' } })).toMatch(/swiftshader/);
+    expect(softwareAdapter({ isFallbackAdapter: true, info: {} })).toBe('fallback adapter');
+    expect(softwareAdapter({ info: { vendor: 'nvidia', architecture: 'hopper', description: 'NVIDIA H200' } })).toBeNull();
   });
 });
 

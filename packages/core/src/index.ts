@@ -11,6 +11,7 @@ export * from './validate.js';
 export * from './memory.js';
 export * from './registry.js';
 export * from './backend.js';
+export * from './webgpu.js';
 export * from './linalg.js';
 export * from './dense/index.js';
 export * from './random.js';

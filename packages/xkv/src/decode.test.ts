@@ -333,6 +333,9 @@ describe('sparse decode (xKV-SR)', () => {
     const q = randomQueries(1, 99);
     expect(() => c.attendSparse!(0, q, { heads: 'batched', gather: 'host' })).toThrow(/batched path gathers on the device/);
     expect(() => c.attendSparse!(0, q, { heads: 'both' as never })).toThrow(/heads must be/);
+    // The WGSL kernels (sparse-webgpu.test.ts) need the webgpu backend and name what is missing.
+    expect(() => c.attendSparse!(0, q, { heads: 'batched', kernels: 'wgsl' })).toThrow(/WGSL kernels need the webgpu backend \(now wasm\)/);
+    expect(() => c.attendSparse!(0, q, { heads: 'batched', kernels: 'cuda' as never })).toThrow(/kernels must be 'auto', 'tfjs' or 'wgsl'/);
     q.dispose();
   });
 

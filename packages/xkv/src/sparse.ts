@@ -4,6 +4,7 @@ import {
   attention,
   check,
   isHostBackend,
+  isWebGpuBackend,
   decodeHalf,
   encodeHalf,
   ropeInverseFrequencies,
@@ -24,6 +25,7 @@ import {
   type QueryBlocks,
   type ValuePath,
 } from './decode.js';
+import { ropeScoresWgsl, selectChunkTokens, softmaxExactWgsl, valuesWgsl } from './sparse-wgsl.js';
 
 /*
  * Sparse decode (xKV-SR: the xKV authors' follow-up, after ShadowKV, Sun et al. 2024, arXiv
@@ -374,6 +376,13 @@ export interface SparseAttendOptions {
    * head. Default (`auto`): `loop` on wasm/cpu, `batched` elsewhere. Both compute the same attention.
    */
   heads?: 'auto' | 'loop' | 'batched';
+  /**
+   * Kernels of the batched path on the webgpu backend: `wgsl` runs a one-token step as 7 dispatches
+   * (sparse-wgsl.ts: chunk selection, RoPE scores, softmax, values — plus tfjs's gather and matMul for
+   * the key product); `tfjs` composes tfjs ops. Default (`auto`): `wgsl` on webgpu for one query token
+   * with exact rows (E₀ > 0), else `tfjs`. Both compute the same attention.
+   */
+  kernels?: 'auto' | 'tfjs' | 'wgsl';
 }
 
 /**
@@ -585,6 +594,11 @@ export class SparseDecoder {
     check(heads === 'auto' || heads === 'loop' || heads === 'batched', 'config', `sparse attend: heads must be 'auto', 'loop' or 'batched', got ${String(heads)}`);
     if (heads === 'batched' || (heads === 'auto' && !isHostBackend())) {
       check(opts.gather !== 'host', 'config', "sparse attend: the batched path gathers on the device (gather: 'host' needs heads: 'loop')");
+      const kernels = opts.kernels ?? 'auto';
+      check(kernels === 'auto' || kernels === 'tfjs' || kernels === 'wgsl', 'config', `sparse attend: kernels must be 'auto', 'tfjs' or 'wgsl', got ${String(kernels)}`);
+      const wgslOk = isWebGpuBackend() && q.shape[0] === 1 && this.exactPerHead > 0 && this.selectedChunks(budget) > 0;
+      check(kernels !== 'wgsl' || wgslOk, 'unsupported', `sparse attend: WGSL kernels need the webgpu backend (now ${tf.getBackend()}), one query token (got ${q.shape[0]}), exact rows and a budget of at least one chunk`);
+      if (kernels === 'wgsl' || (kernels === 'auto' && wgslOk && opts.values === undefined)) return this.attendWgsl(layer, q, residual, budget);
       return this.attendBatched(layer, q, tail, residual, budget, opts.values ?? 'auto');
     }
     const t = this.loopTensors(layer);
@@ -647,6 +661,42 @@ export class SparseDecoder {
         O = tf.add(O, ownHeadBlock(tf.matMul(Er, tf.reshape(residual!.v, [nDec, F]) as tf.Tensor2D), qb, d)) as tf.Tensor2D;
       }
       return tf.transpose(tf.reshape(tf.div(O, z), [H, n, d]), [1, 0, 2]) as tf.Tensor3D;
+    });
+  }
+
+  /**
+   * One query token's sparse step on the webgpu backend in 7 dispatches (see sparse-wgsl.ts): the same
+   * selection, scores and softmax as {@link attendBatched}, values in the compressed domain. A single
+   * query token is never causally masked (the residual rows all precede it).
+   */
+  private attendWgsl(layer: number, q: tf.Tensor3D, residual: { k: tf.Tensor3D; v: tf.Tensor3D } | null, budget: number): tf.Tensor3D {
+    const src = this.state.src;
+    const { nKvHeads: Hkv, headDim: d } = src.layout;
+    const t = this.tensors(layer);
+    const c = this.index.chunkSize;
+    const C = this.index.chunks;
+    const E0 = this.exactPerHead;
+    const k = this.selectedChunks(budget);
+    return tf.tidy(() => {
+      const H = q.shape[1];
+      const g = H / Hkv;
+      const qh = tf.reshape(tf.mul(q, 1 / Math.sqrt(d)), [Hkv, g, d]) as tf.Tensor3D;
+      const mask = t.mask ? (tf.reshape(t.mask, [Hkv, C]) as tf.Tensor2D) : null;
+      const tok = selectChunkTokens(qh, t.ltAll, mask, k, c); // [H_kv, S]
+      const S = k * c;
+      const Uk = src.basisOf('k', layer);
+      const y = tf.matMul(tf.reshape(tf.gather(Uk, tf.reshape(tok, [-1])), [Hkv, S, Uk.shape[1]]), this.state.stackedHeadFactors('k', layer)) as tf.Tensor3D;
+      const { cos, sin } = this.state.tables();
+      const ss = ropeScoresWgsl(qh, y, tok, cos, sin, src.rope.layout === 'interleaved');
+      let kx = tf.reshape(t.exactK, [Hkv, E0, d]) as tf.Tensor3D;
+      let vx = tf.reshape(t.exactV, [Hkv, E0, d]) as tf.Tensor3D;
+      if (residual && residual.k.shape[0] > 0) {
+        kx = tf.concat([kx, tf.transpose(residual.k, [1, 0, 2])], 1) as tf.Tensor3D;
+        vx = tf.concat([vx, tf.transpose(residual.v, [1, 0, 2])], 1) as tf.Tensor3D;
+      }
+      const p = softmaxExactWgsl(ss, qh, kx);
+      const o = valuesWgsl(p, tok, src.basisOf('v', layer), this.state.stackedHeadFactors('v', layer), vx);
+      return tf.reshape(o, [1, H, d]) as tf.Tensor3D;
     });
   }
 

@@ -15,7 +15,7 @@ import { peerCheck, writeGroupMatrices, type PeerResult } from './peer.js';
 import { checkLines, perfMarkdown, type PerfReport } from './report.js';
 import { selectSettings } from './settings.js';
 import { summarize } from './stats.js';
-import { factoredShapes, floorMs, runPerfSuite, type PerfSuiteResult } from './suite.js';
+import { factoredShapes, floorMs, keyRebuildVsDense, runPerfSuite, type PerfSuiteResult } from './suite.js';
 import { LLAMA31_8B_LAYOUT, syntheticLlamaCache } from './synthetic.js';
 
 beforeAll(async () => {
@@ -123,6 +123,17 @@ describe('must-show checks', () => {
     const lines = checkLines(r.checks, r.unavailable);
     expect(lines[0]).toBe('Must-show checks (computed in this run):');
     expect(lines.length).toBe(2 + r.checks.length + r.unavailable.length);
+  });
+
+  it('the sparse check states the compute floor: key rebuild multiply–adds over dense attention', () => {
+    // Llama-3.1-8B, T = 32K, budget 2,048, group rank 512: 8·2048·512·128 / (2·32768·32·128) = 4.
+    expect(keyRebuildVsDense({ nHeads: 32, nKvHeads: 8, headDim: 128 }, 32768, 2048, 512)).toBe(4);
+    // Direct count on a small GQA layout: per KV head S rows × R × d, against q·K and p·V over T tokens for every query head.
+    let rebuild = 0;
+    for (let h = 0; h < 2; h++) rebuild += 16 * 6 * 8;
+    let dense = 0;
+    for (let h = 0; h < 4; h++) dense += 100 * 8 + 100 * 8;
+    expect(keyRebuildVsDense({ nHeads: 4, nKvHeads: 2, headDim: 8 }, 100, 16, 6)).toBeCloseTo(rebuild / dense, 12);
   });
 
   it('peerCheck compares our K+V compression with torch.svd_lowrank niter=2 of both matrices', () => {

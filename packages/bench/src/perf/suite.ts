@@ -543,6 +543,17 @@ async function compressCheck(
 }
 
 /**
+ * Multiply–adds of rebuilding a sparse step's selected keys (H_kv · S · R_k · d: S rows per KV head at
+ * group rank R_k) over those of dense attention of one query token (2 · T · H · d: scores and values):
+ * the compute floor of sparse decode relative to dense at these ranks (4.0 at T = 32K, S = 2,048,
+ * R_k = 512 on Llama-3.1-8B). A compute-bound backend (wasm) cannot beat it; a GPU, where dense
+ * attention at one query is bound by memory and launches, can.
+ */
+export function keyRebuildVsDense(layout: { nHeads: number; nKvHeads: number; headDim: number }, T: number, S: number, Rk: number): number {
+  return (layout.nKvHeads * S * Rk * layout.headDim) / (2 * T * layout.nHeads * layout.headDim);
+}
+
+/**
  * Must-show 3: one decode step in xkv's sparse mode (budget `sparseBudget`) at T = 32K over one
  * layer, against dense attention over the same uncompressed layer — the faster of core `attention`
  * and {@link denseDecodeStep} over the attention-ready layout — timed in alternation. The cache is
@@ -574,10 +585,11 @@ async function sparseDecodeCheck(
     ready = attentionReadyLayer(K, cache.values[layer]);
     const V = cache.values[layer];
     const [k, rd] = [K, ready];
-    const t = await timeInterleaved(
-      { sparse: () => mode.step(layer, q), core: () => attention(q, k, V, 0), ready: () => denseDecodeStep(q, rd) },
-      stepTiming(o),
-    );
+    // On webgpu the step runs as WGSL kernels; the tfjs-op formulation of the same step is timed next to it.
+    const xc = compressed as unknown as { attendSparse(l: number, q: tf.Tensor3D, o: object): tf.Tensor3D };
+    const ops: Record<string, () => tf.Tensor> = { sparse: () => mode.step(layer, q), core: () => attention(q, k, V, 0), ready: () => denseDecodeStep(q, rd) };
+    if (tf.getBackend() === 'webgpu') ops.tfjsOps = () => xc.attendSparse(layer, q, { budget: o.sparseBudget, kernels: 'tfjs' });
+    const t = await timeInterleaved(ops, stepTiming(o));
     const dense = Math.min(t.core.medianMs, t.ready.medianMs);
     const res = ratioCheck(
       label,
@@ -587,7 +599,9 @@ async function sparseDecodeCheck(
       'dense attention over the uncompressed layer',
       `one query token, one layer (the step is per layer), timed in alternation; dense = the faster of core attention ` +
         `(${t.core.medianMs.toFixed(1)} ms, sparse is ${(t.sparse.medianMs / t.core.medianMs).toFixed(2)}× it) and the attention-ready layout ` +
-        `(${t.ready.medianMs.toFixed(1)} ms); xkv G=4 r=${4 * ranks.rankK}/${4 * ranks.rankV}`,
+        `(${t.ready.medianMs.toFixed(1)} ms); xkv G=4 r=${4 * ranks.rankK}/${4 * ranks.rankV}` +
+        `; rebuilding the selected keys alone is ${keyRebuildVsDense(cache.layout, T, o.sparseBudget, 4 * ranks.rankK).toFixed(2)}× dense attention's multiply–adds` +
+        (t.tfjsOps ? `; sparse step as WGSL kernels; the same step composed of tfjs ops: ${t.tfjsOps.medianMs.toFixed(2)} ms` : ''),
     );
     log(res.line);
     return res;

@@ -1,0 +1,150 @@
+// The WGSL kernels of sparse decode (sparse-wgsl.ts) on the webgpu backend. Any WebGPU adapter runs
+// them, a software one too: on a machine without a GPU, Mesa's lavapipe (Debian: mesa-vulkan-drivers
+// ≥ 24, e.g. from bookworm-backports) is enough. Without an adapter the suite is skipped and says why.
+import * as tf from '@tensorflow/tfjs-core';
+import { afterAll, describe, expect, it } from 'vitest';
+import { attention, createStrategy, selectBackend } from '@kvpack/core';
+import type { KVCache, ModelLayout } from '@kvpack/core';
+import './index.js'; // registers xkv
+import type { GroupSvdCache } from './index.js';
+import { selectChunkTokens } from './sparse-wgsl.js';
+import { disposeCache, gaussian, syntheticCache } from './test-utils.js';
+
+const unavailable = await selectBackend('webgpu').then(
+  () => null,
+  (e: Error) => e.message.split('\n')[0],
+);
+const title = unavailable ? `sparse decode WGSL kernels (SKIPPED: no WebGPU adapter: ${unavailable})` : 'sparse decode WGSL kernels (webgpu)';
+if (unavailable) console.warn(`[kvpack] ${title}`);
+
+async function host(t: tf.Tensor): Promise<Float64Array> {
+  const out = Float64Array.from((await t.data()) as Float32Array);
+  t.dispose();
+  return out;
+}
+
+/** max |a − b| / max |b|. */
+function relMax(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < b.length; i++) {
+    num = Math.max(num, Math.abs(a[i] - b[i]));
+    den = Math.max(den, Math.abs(b[i]));
+  }
+  return num / den;
+}
+
+// Software adapters compile each new shader slowly (tens of seconds the first time on a 2-core machine).
+describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
+  const caches: KVCache[] = [];
+  afterAll(() => caches.forEach(disposeCache));
+
+  it('chunk selection equals a float64 ranking of the landmark scores (softmax per query row, max over the GQA group)', async () => {
+    // C = 600 chunks: more than one per invocation of the 256-wide workgroup.
+    const [H, G, d, C, k, c] = [2, 3, 16, 600, 50, 4];
+    const g = gaussian(3);
+    const q = Float32Array.from({ length: H * G * d }, () => 0.5 * g());
+    const lt = Float32Array.from({ length: H * d * C }, g);
+    const mask = new Float32Array(H * C);
+    for (let h = 0; h < H; h++) for (let j = 0; j < 20; j++) mask[h * C + ((j * 37 + h * 11) % C)] = -1e30;
+    const qt = tf.tensor3d(q, [H, G, d]);
+    const ltt = tf.tensor3d(lt, [H, d, C]);
+    const mt = tf.tensor2d(mask, [H, C]);
+    const tok = Int32Array.from(await selectChunkTokens(qt, ltt, mt, k, c).data());
+    tf.dispose([qt, ltt, mt]);
+    for (let h = 0; h < H; h++) {
+      const score = new Float64Array(C);
+      for (let r = 0; r < G; r++) {
+        const a = Array.from({ length: C }, (_, ch) => {
+          let s = 0;
+          for (let e = 0; e < d; e++) s += q[(h * G + r) * d + e] * lt[(h * d + e) * C + ch];
+          return s + mask[h * C + ch];
+        });
+        const m = Math.max(...a);
+        const z = a.reduce((acc, x) => acc + Math.exp(x - m), 0);
+        a.forEach((x, ch) => (score[ch] = Math.max(score[ch], Math.exp(x - m) / z)));
+      }
+      const chunks = new Set<number>();
+      for (let i = 0; i < k; i++) {
+        const ch = tok[(h * k + i) * c] / c;
+        expect(Number.isInteger(ch)).toBe(true);
+        for (let u = 0; u < c; u++) expect(tok[(h * k + i) * c + u]).toBe(ch * c + u);
+        chunks.add(ch);
+      }
+      expect(chunks.size).toBe(k);
+      const ranked = Array.from({ length: C }, (_, i) => i)
+        .filter((ch) => mask[h * C + ch] === 0)
+        .sort((a, b) => score[b] - score[a]);
+      const kth = score[ranked[k - 1]];
+      const tol = 1e-5 * score[ranked[0]];
+      for (const ch of chunks) {
+        expect(mask[h * C + ch]).toBe(0);
+        expect(score[ch]).toBeGreaterThanOrEqual(kth - tol);
+      }
+      for (const ch of ranked.slice(k)) if (!chunks.has(ch)) expect(score[ch]).toBeLessThanOrEqual(kth + tol);
+    }
+  });
+
+  it('chunk selection under ties (every score equal) still returns k distinct non-outlier chunks', async () => {
+    // The shapes of the test above (one shader: compiling one takes tens of seconds on lavapipe).
+    const [H, G, d, C, k, c] = [2, 3, 16, 600, 50, 4];
+    const qt = tf.zeros([H, G, d]) as tf.Tensor3D;
+    const ltt = tf.ones([H, d, C]) as tf.Tensor3D;
+    const m = new Float32Array(H * C);
+    for (let j = 0; j < H * C; j += 3) m[j] = -1e30;
+    const mt = tf.tensor2d(m, [H, C]);
+    const tok = Int32Array.from(await selectChunkTokens(qt, ltt, mt, k, c).data());
+    tf.dispose([qt, ltt, mt]);
+    for (let h = 0; h < H; h++) {
+      const chunks = new Set(Array.from({ length: k }, (_, i) => tok[(h * k + i) * c] / c));
+      expect(chunks.size).toBe(k);
+      for (const ch of chunks) expect((h * C + ch) % 3, `head ${h} chunk ${ch}`).not.toBe(0);
+    }
+  });
+
+  for (const ropeLayout of ['interleaved', 'half'] as const) {
+    it(`a one-token step equals the tfjs formulation at a partial budget and core attention at a full one (${ropeLayout} RoPE, residual tokens, GQA)`, async () => {
+      // C = (700 − 4) / 2 = 348 chunks; budget 80 = 40 chunks; 5 outlier chunks per KV head.
+      const layout: ModelLayout = { nLayers: 2, nHeads: 8, nKvHeads: 2, headDim: 16 };
+      const T = 700;
+      const syn = syntheticCache(layout, T, 7, 5);
+      syn.cache.rope = { ...syn.cache.rope, layout: ropeLayout };
+      caches.push(syn.cache);
+      const sparse = { budget: 80, chunkSize: 2, outlierChunks: 5, localTokens: 4 };
+      const c = (await createStrategy({ name: 'xkv', options: { groupSize: 2, rankK: 6, rankV: 8, decode: 'sparse', sparse } }).compress(syn.cache)) as GroupSvdCache;
+      const g = gaussian(11);
+      const F = layout.nKvHeads * layout.headDim;
+      const query = (seed: number) => tf.tensor3d(Float32Array.from({ length: layout.nHeads * layout.headDim }, gaussian(seed)), [1, layout.nHeads, layout.headDim]);
+      for (const nDec of [0, 3]) {
+        if (nDec > 0) {
+          const kk = tf.tensor3d(Float32Array.from({ length: nDec * F }, g), [nDec, layout.nKvHeads, layout.headDim]);
+          const vv = tf.tensor3d(Float32Array.from({ length: nDec * F }, g), [nDec, layout.nKvHeads, layout.headDim]);
+          c.append(1, kk, vv);
+          tf.dispose([kk, vv]);
+        }
+        const q = query(20 + nDec);
+        const wgsl = await host(c.attendSparse!(1, q, { kernels: 'wgsl' }));
+        const ref = await host(c.attendSparse!(1, q, { kernels: 'tfjs', heads: 'batched', values: 'compressed' }));
+        expect(relMax(wgsl, ref), `nDec ${nDec}`).toBeLessThan(1e-5);
+        // The selection matters: the full budget gives a different result …
+        const full = await host(c.attendSparse!(1, q, { kernels: 'wgsl', budget: 700 }));
+        expect(relMax(full, ref)).toBeGreaterThan(1e-4);
+        // … which is attention over keys()/values() (the exact outlier and local rows in place).
+        const k = c.keys(1);
+        const v = c.values(1);
+        const exact = await host(attention(q, k, v, 1));
+        tf.dispose([k, v]);
+        expect(relMax(full, exact), `full budget, nDec ${nDec}`).toBeLessThan(1e-4);
+        // Repeated steps leave no tensors behind (the first ones built the cache's long-lived decode tensors).
+        const before = tf.memory().numTensors;
+        for (let i = 0; i < 3; i++) tf.dispose(c.attendSparse!(1, q, { kernels: 'wgsl' }));
+        expect(tf.memory().numTensors).toBe(before);
+        q.dispose();
+      }
+      const q2 = tf.zeros([2, layout.nHeads, layout.headDim]) as tf.Tensor3D;
+      expect(() => c.attendSparse!(1, q2, { kernels: 'wgsl' })).toThrow(/WGSL kernels need .* one query token \(got 2\)/);
+      q2.dispose();
+      c.dispose();
+    });
+  }
+});
