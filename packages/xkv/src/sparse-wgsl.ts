@@ -94,6 +94,8 @@ fn kernel(index: i32) {
   let lid = localIndex;
   for (var i = lid; i < G * D; i += ${WG}u) { qs[i] = Q[h * G * D + i]; }
   workgroupBarrier();
+  // Each invocation's chunk logits stay in registers (CPT·G values) across the three passes.
+  var lg: array<f32, ${cpt * G}>;
   var mx: array<f32, ${G}>;
   var z: array<f32, ${G}>;
   for (var r = 0u; r < G; r++) { mx[r] = -3.0e38; z[r] = 0.0; }
@@ -101,15 +103,16 @@ fn kernel(index: i32) {
     let ch = lid + i * ${WG}u;
     if (ch < C) {
       let a = kv_logits(h, ch);
-      for (var r = 0u; r < G; r++) { mx[r] = max(mx[r], a[r]); }
+      for (var r = 0u; r < G; r++) {
+        lg[i * G + r] = a[r];
+        mx[r] = max(mx[r], a[r]);
+      }
     }
   }
   for (var r = 0u; r < G; r++) { mx[r] = kv_reduce_max(mx[r], lid); }
   for (var i = 0u; i < CPT; i++) {
-    let ch = lid + i * ${WG}u;
-    if (ch < C) {
-      let a = kv_logits(h, ch);
-      for (var r = 0u; r < G; r++) { z[r] = z[r] + exp(a[r] - mx[r]); }
+    if (lid + i * ${WG}u < C) {
+      for (var r = 0u; r < G; r++) { z[r] = z[r] + exp(lg[i * G + r] - mx[r]); }
     }
   }
   for (var r = 0u; r < G; r++) { z[r] = kv_reduce_sum(z[r], lid); }
@@ -118,9 +121,8 @@ fn kernel(index: i32) {
     let ch = lid + i * ${WG}u;
     keys[i] = 0u;
     if (ch < C) {
-      let a = kv_logits(h, ch);
       var s = 0.0;
-      for (var r = 0u; r < G; r++) { s = max(s, exp(a[r] - mx[r]) / z[r]); }
+      for (var r = 0u; r < G; r++) { s = max(s, exp(lg[i * G + r] - mx[r]) / z[r]); }
       keys[i] = kv_ord(s + ${mask ? 'Mask[h * C + ch]' : '0.0'});
     }
   }
