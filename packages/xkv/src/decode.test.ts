@@ -13,7 +13,7 @@ import {
   type RopeConfig,
 } from '@kvpack/core';
 import { GroupSvdCache, buildSparseIndex, decodeStepTimes, sparseGeometry, valuePathFlops } from './index.js';
-import { disposeCache, gaussian, syntheticCache } from './test-utils.js';
+import { disposeCache, gaussian, relMax, syntheticCache } from './test-utils.js';
 
 // Small GQA layout: 4 query heads share 2 KV heads (g = 2), head_dim 8, H_kv·d = 16.
 const layout = { nLayers: 4, nHeads: 4, nKvHeads: 2, headDim: 8 };
@@ -67,16 +67,6 @@ function mm64(A: ArrayLike<number>, B: ArrayLike<number>, m: number, k: number, 
   return out;
 }
 
-/** max |a − b| / max |b|. */
-function relMax(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < b.length; i++) {
-    num = Math.max(num, Math.abs(a[i] - b[i]));
-    den = Math.max(den, Math.abs(b[i]));
-  }
-  return num / den;
-}
 
 function randomQueries(n: number, seed: number): tf.Tensor3D {
   const g = gaussian(seed);

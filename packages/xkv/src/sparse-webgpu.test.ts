@@ -8,7 +8,7 @@ import type { KVCache, ModelLayout } from '@kvpack/core';
 import './index.js'; // registers xkv
 import type { GroupSvdCache } from './index.js';
 import { selectChunkTokens } from './sparse-wgsl.js';
-import { disposeCache, gaussian, syntheticCache } from './test-utils.js';
+import { disposeCache, gaussian, relMax, syntheticCache } from './test-utils.js';
 
 const unavailable = await selectBackend('webgpu').then(
   () => null,
@@ -23,16 +23,6 @@ async function host(t: tf.Tensor): Promise<Float64Array> {
   return out;
 }
 
-/** max |a − b| / max |b|. */
-function relMax(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < b.length; i++) {
-    num = Math.max(num, Math.abs(a[i] - b[i]));
-    den = Math.max(den, Math.abs(b[i]));
-  }
-  return num / den;
-}
 
 // Software adapters compile each new shader slowly (tens of seconds the first time on a 2-core machine).
 describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {

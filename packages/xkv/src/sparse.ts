@@ -377,7 +377,7 @@ export interface SparseAttendOptions {
    */
   heads?: 'auto' | 'loop' | 'batched';
   /**
-   * Kernels of the batched path on the webgpu backend: `wgsl` runs a one-token step as 7 dispatches
+   * Kernels of the batched path on the webgpu backend: `wgsl` runs a one-token step as 8 dispatches
    * (sparse-wgsl.ts: chunk selection, RoPE scores, softmax, values — plus tfjs's gather and matMul for
    * the key product); `tfjs` composes tfjs ops. Default (`auto`): `wgsl` on webgpu for one query token
    * with exact rows (E₀ > 0), else `tfjs`. Both compute the same attention.
@@ -665,7 +665,7 @@ export class SparseDecoder {
   }
 
   /**
-   * One query token's sparse step on the webgpu backend in 7 dispatches (see sparse-wgsl.ts): the same
+   * One query token's sparse step on the webgpu backend in 8 dispatches (see sparse-wgsl.ts): the same
    * selection, scores and softmax as {@link attendBatched}, values in the compressed domain. A single
    * query token is never causally masked (the residual rows all precede it).
    */

@@ -110,3 +110,14 @@ export function storiesPaths(): { dir: string; bin: string; oracle: string; have
   const have = existsSync(bin) && existsSync(oracle);
   return { dir, bin, oracle, have, skip: have ? '' : ` (SKIPPED: ${dir} not found; set KVPACK_MODELS_DIR)` };
 }
+
+/** max |a − b| / max |b| (relative max-abs difference of two arrays). */
+export function relMax(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < b.length; i++) {
+    num = Math.max(num, Math.abs(a[i] - b[i]));
+    den = Math.max(den, Math.abs(b[i]));
+  }
+  return num / den;
+}
