@@ -25,9 +25,13 @@ export function registerBackendCandidate(c: BackendCandidate): void {
   candidates.set(c.name, c);
 }
 
-// In a CommonJS bundle (the GPU host's esbuild bundle) `require` exists and import.meta.url does not.
-declare const require: NodeRequire | undefined;
-const req: NodeRequire = typeof require === 'function' ? require : createRequire(import.meta.url);
+// A `require` for optional native addons (Dawn), from this module's own location: import.meta.url in
+// the ESM build; in a CommonJS bundle (the GPU host's esbuild bundle) import.meta is empty and
+// __filename names the bundle. (A bare `require` check does not work: bundlers replace it with a shim
+// that throws in ESM output.)
+declare const __filename: string;
+const metaUrl = (import.meta as { url?: string }).url;
+const req: NodeRequire = createRequire(typeof metaUrl === 'string' && metaUrl !== '' ? metaUrl : __filename);
 
 async function optionalImport(name: string): Promise<unknown> {
   try {
@@ -76,8 +80,9 @@ function loadDawn(): { create(flags: string[]): unknown; globals: Record<string,
 export function softwareAdapter(adapter: unknown): string | null {
   const a = adapter as { isFallbackAdapter?: boolean; info?: { vendor?: string; architecture?: string; device?: string; description?: string } };
   const i = a.info ?? {};
-  const text = [i.description, i.vendor, i.architecture, i.device].filter(Boolean).join(' ');
-  return a.isFallbackAdapter || /llvmpipe|lavapipe|swiftshader|software/i.test(text) ? text || 'fallback adapter' : null;
+  const fields = [i.description, i.device, i.architecture, i.vendor].filter((x): x is string => !!x);
+  const soft = a.isFallbackAdapter || fields.some((x) => /llvmpipe|lavapipe|swiftshader|software/i.test(x));
+  return soft ? (fields[0] ?? 'fallback adapter') : null;
 }
 
 registerBackendCandidate({
