@@ -20,6 +20,15 @@ import { check, runWgsl } from '@kvpack/core';
  */
 
 const WG = 256;
+
+/**
+ * Whether the step's workgroup arrays fit WebGPU's default 16 KiB of workgroup memory: the queries of
+ * one KV head (G·d floats, with the selection's 3 KiB of reduction and offset arrays) and one row of
+ * p·U_v (R_v floats).
+ */
+export function wgslStepFits(G: number, d: number, Rv: number): boolean {
+  return G * d <= 2048 && Rv <= 3072;
+}
 /** Partial sums of p·U_v[tokens] per KV head (more workgroups in flight than H_kv·⌈R_v/256⌉). */
 const SPLIT = 8;
 

@@ -25,7 +25,7 @@ import {
   type QueryBlocks,
   type ValuePath,
 } from './decode.js';
-import { ropeScoresWgsl, selectChunkTokens, softmaxExactWgsl, valuesWgsl } from './sparse-wgsl.js';
+import { ropeScoresWgsl, selectChunkTokens, softmaxExactWgsl, valuesWgsl, wgslStepFits } from './sparse-wgsl.js';
 
 /*
  * Sparse decode (xKV-SR: the xKV authors' follow-up, after ShadowKV, Sun et al. 2024, arXiv
@@ -596,8 +596,15 @@ export class SparseDecoder {
       check(opts.gather !== 'host', 'config', "sparse attend: the batched path gathers on the device (gather: 'host' needs heads: 'loop')");
       const kernels = opts.kernels ?? 'auto';
       check(kernels === 'auto' || kernels === 'tfjs' || kernels === 'wgsl', 'config', `sparse attend: kernels must be 'auto', 'tfjs' or 'wgsl', got ${String(kernels)}`);
-      const wgslOk = isWebGpuBackend() && q.shape[0] === 1 && this.exactPerHead > 0 && this.selectedChunks(budget) > 0;
-      check(kernels !== 'wgsl' || wgslOk, 'unsupported', `sparse attend: WGSL kernels need the webgpu backend (now ${tf.getBackend()}), one query token (got ${q.shape[0]}), exact rows and a budget of at least one chunk`);
+      const { nKvHeads, headDim } = this.state.src.layout;
+      const fits = wgslStepFits(q.shape[1] / nKvHeads, headDim, this.state.src.basisOf('v', layer).shape[1]);
+      const wgslOk = isWebGpuBackend() && q.shape[0] === 1 && this.exactPerHead > 0 && this.selectedChunks(budget) > 0 && fits;
+      check(
+        kernels !== 'wgsl' || wgslOk,
+        'unsupported',
+        `sparse attend: WGSL kernels need the webgpu backend (now ${tf.getBackend()}), one query token (got ${q.shape[0]}), exact rows, a budget of at least one chunk, ` +
+          `and workgroup arrays within 16 KiB (query heads per KV head × head_dim ≤ 2048 and value rank ≤ 3072: ${fits ? 'yes' : 'no'})`,
+      );
       if (kernels === 'wgsl' || (kernels === 'auto' && wgslOk && opts.values === undefined)) return this.attendWgsl(layer, q, residual, budget);
       return this.attendBatched(layer, q, tail, residual, budget, opts.values ?? 'auto');
     }
