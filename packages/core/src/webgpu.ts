@@ -26,6 +26,8 @@ export interface WgslKernel {
   workgroupSize: number;
   /** Workgroups in x, y, z (each at most the device's maxComputeWorkgroupsPerDimension, 65,535 by default). */
   dispatch: [number, number, number];
+  /** Bytes of the shader's workgroup-address-space arrays (checked against the device limit before dispatch). */
+  workgroupBytes: number;
   code: string;
 }
 
@@ -34,20 +36,57 @@ export function isWebGpuBackend(): boolean {
   return tf.getBackend() === 'webgpu';
 }
 
+interface GpuErrorScopes {
+  limits: { maxComputeWorkgroupStorageSize: number };
+  pushErrorScope(filter: 'validation'): void;
+  popErrorScope(): Promise<{ message: string } | null>;
+}
+
 interface WebGpuRunner {
+  device: GpuErrorScopes;
   runWebGPUProgram(program: unknown, inputs: tf.TensorInfo[], dtype: tf.DataType): tf.TensorInfo;
+}
+
+/** Workgroup memory of the active webgpu device, bytes (16,384 is WebGPU's default; tfjs asks for the adapter's maximum). */
+export function wgslWorkgroupStorageLimit(): number {
+  check(isWebGpuBackend(), 'unsupported', `the workgroup storage limit needs the webgpu backend, not ${tf.getBackend()}`);
+  return (tf.backend() as unknown as WebGpuRunner).device.limits.maxComputeWorkgroupStorageSize;
+}
+
+// Dawn reports an invalid shader or bind group only through error scopes (and its log); tfjs then goes
+// on with an invalid command buffer and the outputs read as zeros or stale data. The first dispatch of
+// each kernel runs inside a validation scope; a failure is remembered, the next call of that kernel
+// throws, and wgslValidationErrors() reports it.
+const validated = new Set<string>();
+const failures = new Map<string, string>();
+const pending: Promise<void>[] = [];
+
+/**
+ * Waits for the validation of every WGSL kernel dispatched so far and returns the failures, as
+ * "key: message" lines (empty when all shaders and bindings were valid).
+ */
+export async function wgslValidationErrors(): Promise<string[]> {
+  await Promise.all(pending.splice(0));
+  return [...failures].map(([key, msg]) => `${key}: ${msg}`);
 }
 
 /**
  * Dispatches a {@link WgslKernel} on the webgpu backend and returns its output tensor.
- * @throws KvpackError('unsupported') off the webgpu backend; KvpackError('shape') for an empty
- * output or a dispatch beyond 65,535 workgroups in a dimension.
+ * @throws KvpackError('unsupported') off the webgpu backend, when the kernel needs more workgroup
+ * memory than the device allows, or when an earlier dispatch of the same kernel failed WebGPU
+ * validation; KvpackError('shape') for an empty output or a dispatch beyond 65,535 workgroups in a
+ * dimension.
  */
 export function runWgsl(k: WgslKernel): tf.Tensor {
   check(isWebGpuBackend(), 'unsupported', `WGSL kernel ${k.key} needs the webgpu backend, not ${tf.getBackend()}`);
   check(k.names.length === k.inputs.length, 'shape', `WGSL kernel ${k.key}: ${k.names.length} names for ${k.inputs.length} inputs`);
   check(k.outputShape.every((v) => Number.isInteger(v) && v > 0), 'shape', `WGSL kernel ${k.key}: output shape [${k.outputShape}] must be positive`);
   check(k.dispatch.every((v) => Number.isInteger(v) && v > 0 && v <= 65535), 'shape', `WGSL kernel ${k.key}: dispatch [${k.dispatch}] is outside 1 … 65,535`);
+  const backend = tf.backend() as unknown as WebGpuRunner;
+  const limit = backend.device.limits.maxComputeWorkgroupStorageSize;
+  check(k.workgroupBytes <= limit, 'unsupported', `WGSL kernel ${k.key} needs ${k.workgroupBytes} bytes of workgroup memory; this device allows ${limit}`);
+  const failed = failures.get(k.key);
+  check(failed === undefined, 'unsupported', `WGSL kernel ${k.key} failed WebGPU validation: ${failed}`);
   const program = {
     variableNames: k.names,
     outputShape: k.outputShape,
@@ -61,7 +100,24 @@ export function runWgsl(k: WgslKernel): tf.Tensor {
     // never taken; uniform data keeps the kernel's barriers in uniform control flow).
     getUserCode: () => `${k.code}\nfn main(index: i32) {\n  if (uniforms.NAN == 1.0) { return; }\n  kernel(index);\n}`,
   };
-  const backend = tf.backend() as unknown as WebGpuRunner;
-  const info = backend.runWebGPUProgram(program, k.inputs, k.dtype);
+  const first = !validated.has(k.key);
+  if (first) {
+    validated.add(k.key);
+    backend.device.pushErrorScope('validation');
+  }
+  let info: tf.TensorInfo;
+  try {
+    info = backend.runWebGPUProgram(program, k.inputs, k.dtype);
+  } finally {
+    if (first)
+      pending.push(
+        backend.device.popErrorScope().then((e) => {
+          if (e) {
+            failures.set(k.key, e.message.split('\n')[0]);
+            console.error(`[kvpack] WGSL kernel ${k.key} failed WebGPU validation (its outputs are invalid): ${e.message.split('\n')[0]}`);
+          }
+        }),
+      );
+  }
   return tf.engine().makeTensorFromTensorInfo(info);
 }

@@ -326,6 +326,8 @@ describe('sparse decode (xKV-SR)', () => {
     // The WGSL kernels (sparse-webgpu.test.ts) need the webgpu backend and name what is missing.
     expect(() => c.attendSparse!(0, q, { heads: 'batched', kernels: 'wgsl' })).toThrow(/WGSL kernels need the webgpu backend \(now wasm\)/);
     expect(() => c.attendSparse!(0, q, { heads: 'batched', kernels: 'cuda' as never })).toThrow(/kernels must be 'auto', 'tfjs' or 'wgsl'/);
+    expect(() => c.attendSparse!(0, q, { heads: 'loop', kernels: 'wgsl' })).toThrow(/kernels: 'wgsl' is a batched path/);
+    expect(() => c.attendSparse!(0, q, { kernels: 'wgsl', values: 'reconstruct' })).toThrow(/values: 'reconstruct' needs kernels: 'tfjs'/);
     q.dispose();
   });
 

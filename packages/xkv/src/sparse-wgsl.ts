@@ -21,14 +21,27 @@ import { check, runWgsl } from '@kvpack/core';
 
 const WG = 256;
 
-/**
- * Whether the step's workgroup arrays fit WebGPU's default 16 KiB of workgroup memory: the queries of
- * one KV head (G·d floats, with the selection's 3 KiB of reduction and offset arrays) and one row of
- * p·U_v (R_v floats).
- */
-export function wgslStepFits(G: number, d: number, Rv: number): boolean {
-  return G * d <= 2048 && Rv <= 3072;
+/** Workgroup-memory bytes of each kernel of the step (G query rows per KV head, head_dim d, value rank R_v). */
+function workgroupBytes(G: number, d: number, Rv: number) {
+  return {
+    select: 4 * (G * d + WG + 2 * WG + 2 + 1),
+    ropeScores: 4 * G * d,
+    softmaxExact: 4 * (d + WG),
+    valuePartials: 4 * (G * WG + WG),
+    valueCombine: 4 * Rv,
+  };
 }
+
+/**
+ * Whether the WGSL step can run for these shapes: every kernel's workgroup arrays within `limit` bytes
+ * (the device's maxComputeWorkgroupStorageSize) and the chunk selection's per-invocation arrays (⌈C/256⌉
+ * keys and ⌈C/256⌉·G logits) within WGSL's 8 KiB for a function-scope variable.
+ */
+export function wgslStepFits(G: number, d: number, Rv: number, C: number, limit: number): boolean {
+  const cpt = Math.ceil(C / WG);
+  return Math.max(...Object.values(workgroupBytes(G, d, Rv))) <= limit && cpt * G <= 2048;
+}
+
 /** Partial sums of p·U_v[tokens] per KV head (more workgroups in flight than H_kv·⌈R_v/256⌉). */
 const SPLIT = 8;
 
@@ -58,8 +71,8 @@ fn kv_reduce_sum(v: f32, lid: u32) -> f32 {
 }`;
 
 /**
- * Selected chunks' token ids per KV head, [H, k·c] int32 (chunk-major, each chunk's c tokens in
- * order; chunks in a fixed order, ties at the k-th score broken by that order). Scores as
+ * Selected chunks' token ids per KV head, [H, k·c] int32 (chunks in ascending order, each chunk's c
+ * tokens in order; ties at the k-th score go to the lowest chunk indices, as with tf.topk). Scores as
  * `SparseDecoder.chunkScores`: softmax over chunks of each query row's q·landmark (outlier chunks
  * masked out), the maximum over the G rows, outlier chunks never selected.
  * @param q scaled queries [H, G, d]; lt landmarks [H, d, C]; mask [H, C] (0, or −1e30 at outlier chunks) or null.
@@ -103,13 +116,15 @@ fn kernel(index: i32) {
   let lid = localIndex;
   for (var i = lid; i < G * D; i += ${WG}u) { qs[i] = Q[h * G * D + i]; }
   workgroupBarrier();
-  // Each invocation's chunk logits stay in registers (CPT·G values) across the three passes.
+  // Invocation lid owns chunks lid·CPT … lid·CPT + CPT − 1 (so its compaction order is chunk order and
+  // ties at the k-th score go to the lowest chunks, as tf.topk); their logits stay in registers
+  // (CPT·G values) across the three passes.
   var lg: array<f32, ${cpt * G}>;
   var mx: array<f32, ${G}>;
   var z: array<f32, ${G}>;
   for (var r = 0u; r < G; r++) { mx[r] = -3.0e38; z[r] = 0.0; }
   for (var i = 0u; i < CPT; i++) {
-    let ch = lid + i * ${WG}u;
+    let ch = lid * CPT + i;
     if (ch < C) {
       let a = kv_logits(h, ch);
       for (var r = 0u; r < G; r++) {
@@ -120,14 +135,14 @@ fn kernel(index: i32) {
   }
   for (var r = 0u; r < G; r++) { mx[r] = kv_reduce_max(mx[r], lid); }
   for (var i = 0u; i < CPT; i++) {
-    if (lid + i * ${WG}u < C) {
+    if (lid * CPT + i < C) {
       for (var r = 0u; r < G; r++) { z[r] = z[r] + exp(lg[i * G + r] - mx[r]); }
     }
   }
   for (var r = 0u; r < G; r++) { z[r] = kv_reduce_sum(z[r], lid); }
   var keys: array<u32, ${cpt}>;
   for (var i = 0u; i < CPT; i++) {
-    let ch = lid + i * ${WG}u;
+    let ch = lid * CPT + i;
     keys[i] = 0u;
     if (ch < C) {
       var s = 0.0;
@@ -141,7 +156,7 @@ fn kernel(index: i32) {
     let cand = prefix | (1u << u32(bit));
     var n = 0u;
     for (var i = 0u; i < CPT; i++) {
-      if (lid + i * ${WG}u < C && keys[i] >= cand) { n++; }
+      if (lid * CPT + i < C && keys[i] >= cand) { n++; }
     }
     if (lid == 0u) { atomicStore(&kv_count, 0u); }
     workgroupBarrier();
@@ -155,7 +170,7 @@ fn kernel(index: i32) {
   var ngt = 0u;
   var neq = 0u;
   for (var i = 0u; i < CPT; i++) {
-    if (lid + i * ${WG}u < C) {
+    if (lid * CPT + i < C) {
       if (keys[i] > prefix) { ngt++; } else if (keys[i] == prefix) { neq++; }
     }
   }
@@ -180,7 +195,7 @@ fn kernel(index: i32) {
   var pg = kv_offs[lid];
   var pe = kv_offs[${WG}u + lid];
   for (var i = 0u; i < CPT; i++) {
-    let ch = lid + i * ${WG}u;
+    let ch = lid * CPT + i;
     if (ch < C) {
       var slot = K;
       if (keys[i] > prefix) { slot = pg; pg++; }
@@ -193,7 +208,17 @@ fn kernel(index: i32) {
 }`;
   const names = mask ? ['Q', 'Lt', 'Mask'] : ['Q', 'Lt'];
   const inputs = mask ? [q, lt, mask] : [q, lt];
-  return runWgsl({ key: `select_${G}_${d}_${C}_${k}_${c}_${mask ? 1 : 0}`, names, inputs, outputShape: [H, k * c], dtype: 'int32', workgroupSize: WG, dispatch: [H, 1, 1], code }) as tf.Tensor2D;
+  return runWgsl({
+    key: `select_${G}_${d}_${C}_${k}_${c}_${mask ? 1 : 0}`,
+    names,
+    inputs,
+    outputShape: [H, k * c],
+    dtype: 'int32',
+    workgroupSize: WG,
+    dispatch: [H, 1, 1],
+    workgroupBytes: workgroupBytes(G, d, 0).select,
+    code,
+  }) as tf.Tensor2D;
 }
 
 /**
@@ -243,6 +268,7 @@ fn kernel(index: i32) {
     dtype: 'float32',
     workgroupSize: wg,
     dispatch: [Math.ceil(S / wg), H, 1],
+    workgroupBytes: workgroupBytes(G, d, 0).ropeScores,
     code,
   }) as tf.Tensor3D;
 }
@@ -301,6 +327,7 @@ fn kernel(index: i32) {
     dtype: 'float32',
     workgroupSize: WG,
     dispatch: [G, H, 1],
+    workgroupBytes: workgroupBytes(G, d, 0).softmaxExact,
     code,
   }) as tf.Tensor3D;
 }
@@ -366,6 +393,7 @@ fn kernel(index: i32) {
     dtype: 'float32',
     workgroupSize: WG,
     dispatch: [Math.ceil(Rv / WG), SPLIT, H],
+    workgroupBytes: workgroupBytes(G, d, Rv).valuePartials,
     code: partial,
   });
   const wg = 128;
@@ -403,6 +431,7 @@ fn kernel(index: i32) {
       dtype: 'float32',
       workgroupSize: wg,
       dispatch: [G, H, 1],
+      workgroupBytes: workgroupBytes(G, d, Rv).valueCombine,
       code: combine,
     }) as tf.Tensor3D;
   } finally {

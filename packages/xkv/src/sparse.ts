@@ -5,6 +5,7 @@ import {
   check,
   isHostBackend,
   isWebGpuBackend,
+  wgslWorkgroupStorageLimit,
   decodeHalf,
   encodeHalf,
   ropeInverseFrequencies,
@@ -592,20 +593,23 @@ export class SparseDecoder {
     }
     const heads = opts.heads ?? 'auto';
     check(heads === 'auto' || heads === 'loop' || heads === 'batched', 'config', `sparse attend: heads must be 'auto', 'loop' or 'batched', got ${String(heads)}`);
+    const kernels = opts.kernels ?? 'auto';
+    check(kernels === 'auto' || kernels === 'tfjs' || kernels === 'wgsl', 'config', `sparse attend: kernels must be 'auto', 'tfjs' or 'wgsl', got ${String(kernels)}`);
+    check(kernels !== 'wgsl' || heads !== 'loop', 'config', "sparse attend: kernels: 'wgsl' is a batched path (it needs heads: 'batched' or 'auto', not 'loop')");
+    check(kernels !== 'wgsl' || opts.values === undefined || opts.values === 'compressed', 'config', "sparse attend: kernels: 'wgsl' computes values in the compressed domain (values: 'reconstruct' needs kernels: 'tfjs')");
     if (heads === 'batched' || (heads === 'auto' && !isHostBackend())) {
       check(opts.gather !== 'host', 'config', "sparse attend: the batched path gathers on the device (gather: 'host' needs heads: 'loop')");
-      const kernels = opts.kernels ?? 'auto';
-      check(kernels === 'auto' || kernels === 'tfjs' || kernels === 'wgsl', 'config', `sparse attend: kernels must be 'auto', 'tfjs' or 'wgsl', got ${String(kernels)}`);
+      const webgpu = isWebGpuBackend();
       const { nKvHeads, headDim } = this.state.src.layout;
-      const fits = wgslStepFits(q.shape[1] / nKvHeads, headDim, this.state.src.basisOf('v', layer).shape[1]);
-      const wgslOk = isWebGpuBackend() && q.shape[0] === 1 && this.exactPerHead > 0 && this.selectedChunks(budget) > 0 && fits;
+      const fits = webgpu && wgslStepFits(q.shape[1] / nKvHeads, headDim, this.state.src.basisOf('v', layer).shape[1], this.index.chunks, wgslWorkgroupStorageLimit());
+      const wgslOk = webgpu && q.shape[0] === 1 && this.exactPerHead > 0 && this.selectedChunks(budget) > 0 && fits;
       check(
         kernels !== 'wgsl' || wgslOk,
         'unsupported',
         `sparse attend: WGSL kernels need the webgpu backend (now ${tf.getBackend()}), one query token (got ${q.shape[0]}), exact rows, a budget of at least one chunk, ` +
-          `and workgroup arrays within 16 KiB (query heads per KV head × head_dim ≤ 2048 and value rank ≤ 3072: ${fits ? 'yes' : 'no'})`,
+          `and arrays that fit the device's workgroup memory and WGSL's 8 KiB per-invocation variables (${fits ? 'they do' : 'they do not'})`,
       );
-      if (kernels === 'wgsl' || (kernels === 'auto' && wgslOk && opts.values === undefined)) return this.attendWgsl(layer, q, residual, budget);
+      if (kernels === 'wgsl' || (kernels === 'auto' && wgslOk && (opts.values ?? 'compressed') === 'compressed')) return this.attendWgsl(layer, q, residual, budget);
       return this.attendBatched(layer, q, tail, residual, budget, opts.values ?? 'auto');
     }
     const t = this.loopTensors(layer);

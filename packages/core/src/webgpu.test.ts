@@ -1,0 +1,68 @@
+// runWgsl on a WebGPU adapter (a software one such as Mesa's lavapipe is enough; see
+// scripts/webgpu-software.sh). Without an adapter the suite is skipped and says why.
+import * as tf from '@tensorflow/tfjs-core';
+import { describe, expect, it } from 'vitest';
+import { runWgsl, selectBackend, wgslValidationErrors, wgslWorkgroupStorageLimit, type WgslKernel } from './index.js';
+
+const unavailable = await selectBackend('webgpu').then(
+  () => null,
+  (e: Error) => e.message.split('\n')[0],
+);
+const title = unavailable ? `runWgsl (SKIPPED: no WebGPU adapter: ${unavailable})` : 'runWgsl (webgpu)';
+if (unavailable) console.warn(`[kvpack] ${title}`);
+
+/** out[i] = 2·x[i] + y[i mod n], one invocation per element. */
+function axpy(x: tf.Tensor1D, y: tf.Tensor1D, code?: string): WgslKernel {
+  const N = x.shape[0];
+  return {
+    key: `test_axpy_${code ? 'bad' : 'ok'}`,
+    names: ['X', 'Y'],
+    inputs: [x, y],
+    outputShape: [N],
+    dtype: 'float32',
+    workgroupSize: 64,
+    dispatch: [Math.ceil(N / 64), 1, 1],
+    workgroupBytes: 0,
+    code:
+      code ??
+      `fn kernel(index: i32) {
+  let i = u32(index);
+  if (i < u32(uniforms.xShape)) { result[i] = 2.0 * X[i] + Y[i % u32(uniforms.yShape)]; }
+}`,
+  };
+}
+
+describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
+  it('runs a kernel on tfjs tensors and returns a tensor tf.tidy frees; the values are the closed form', async () => {
+    const x = tf.tensor1d(Float32Array.from({ length: 1000 }, (_, i) => i / 7));
+    const y = tf.tensor1d([1, -2, 3]);
+    const n0 = tf.memory().numTensors;
+    const r = tf.tidy(() => tf.add(runWgsl(axpy(x, y)), 0)); // the kernel's own output is freed by the tidy
+    expect(tf.memory().numTensors).toBe(n0 + 1);
+    const got = await r.data();
+    r.dispose();
+    for (let i = 0; i < 1000; i++) expect(got[i]).toBeCloseTo(2 * (i / 7) + [1, -2, 3][i % 3], 4);
+    tf.dispose([x, y]);
+    expect(await wgslValidationErrors()).toEqual([]);
+  });
+
+  it('a kernel over the workgroup-memory limit is refused before dispatch; an invalid shader is reported, then refused', async () => {
+    const x = tf.tensor1d([1, 2]);
+    const y = tf.tensor1d([3]);
+    const big = { ...axpy(x, y), workgroupBytes: wgslWorkgroupStorageLimit() + 4 };
+    expect(() => runWgsl(big)).toThrow(/needs \d+ bytes of workgroup memory; this device allows \d+/);
+    const bad = axpy(x, y, 'fn kernel(index: i32) { result[0] = X[0] + Y[0] + undefined_name; }');
+    const log = console.error;
+    console.error = () => {};
+    try {
+      runWgsl(bad).dispose();
+      const errors = await wgslValidationErrors();
+      expect(errors.length).toBe(1);
+      expect(errors[0]).toMatch(/^test_axpy_bad: /);
+    } finally {
+      console.error = log;
+    }
+    expect(() => runWgsl(bad)).toThrow(/WGSL kernel test_axpy_bad failed WebGPU validation/);
+    tf.dispose([x, y]);
+  });
+});
