@@ -15,6 +15,7 @@ import {
   selectBackend,
   truncatedSvd,
   relativeFrobeniusError,
+  wgslValidationErrors,
 } from '../../../core/src/index';
 import '../../../xkv/src/index';
 import { syntheticLlamaCache } from './synthetic';
@@ -149,6 +150,10 @@ async function checks(): Promise<number> {
     tf.dispose([...cc.keys, ...cc.values]);
   }
   report(n1 - n0 <= 0, `tensors after the checks: ${n1} (started at ${n0})`);
+  if (tf.getBackend() === 'webgpu') {
+    const bad = await wgslValidationErrors();
+    report(bad.length === 0, `WGSL kernels that failed WebGPU validation: ${bad.length ? bad.join('; ') : 'none'}`);
+  }
   return failed;
 }
 
