@@ -31,7 +31,7 @@ export function mean(xs: ArrayLike<number>): number {
 }
 
 /** Median of a list (mean of the two middle values for even length; NaN when empty). */
-export function median(xs: number[]): number {
+export function median(xs: readonly number[]): number {
   if (xs.length === 0) return NaN;
   const s = [...xs].sort((a, b) => a - b);
   const m = s.length >> 1;

@@ -16,6 +16,7 @@
 // Output: one table per block and a final JSON line {"kind":"gpu-compress", ...}.
 import * as tf from '@tensorflow/tfjs-core';
 import { writeFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
 import {
   describeBackend,
   gaussianMatrix,
@@ -27,6 +28,7 @@ import {
   truncatedSvd,
   type Orthogonalization,
 } from '../../../core/src/index';
+import { syncTensors, timeOp } from './stats';
 
 interface Setting {
   name: string;
@@ -45,38 +47,6 @@ const SETTINGS: Setting[] = [
   { name: 'q=1 p=8 (host k×k eig)', oversample: 8, powerIters: 1, orthogonalization: 'auto' },
   { name: 'q=1 host orthogonalization', oversample: 0, powerIters: 1, orthogonalization: 'host' },
 ];
-
-function argValue(name: string, def: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : def;
-}
-
-function median(a: number[]): number {
-  const s = [...a].sort((x, y) => x - y);
-  return s.length % 2 ? s[(s.length - 1) / 2] : 0.5 * (s[s.length / 2 - 1] + s[s.length / 2]);
-}
-
-/** Waits for the backend to finish `ts` (one scalar read back). */
-async function sync(ts: tf.Tensor[]): Promise<void> {
-  const s = tf.tidy(() => tf.addN(ts.map((t) => tf.sum(t))));
-  await s.data();
-  s.dispose();
-}
-
-/** Median wall time (ms) of `f` over `reps` runs after `warmup`, each synchronized on its outputs. */
-async function timeIt(f: () => tf.Tensor | tf.Tensor[] | Promise<tf.Tensor[]>, reps: number, warmup: number): Promise<{ median: number; runs: number[] }> {
-  const runs: number[] = [];
-  for (let i = 0; i < warmup + reps; i++) {
-    const t0 = performance.now();
-    const out = await f();
-    const list = Array.isArray(out) ? out : [out];
-    await sync(list);
-    const dt = performance.now() - t0;
-    tf.dispose(list);
-    if (i >= warmup) runs.push(dt);
-  }
-  return { median: median(runs), runs };
-}
 
 /** X [T, F] = A·diag(σ)·Bᵀ + noise, seeded (see the header). */
 function buildMatrix(T: number, F: number, seed: number): tf.Tensor2D {
@@ -97,21 +67,35 @@ function buildMatrix(T: number, F: number, seed: number): tf.Tensor2D {
 }
 
 async function main(): Promise<void> {
-  const positional = process.argv[2] && !process.argv[2].startsWith('--') ? process.argv[2] : undefined;
-  const choice = await selectBackend(positional ?? argValue('backend', 'webgpu'));
+  const { values: a, positionals } = parseArgs({
+    allowPositionals: true,
+    options: {
+      backend: { type: 'string', default: 'webgpu' },
+      tokens: { type: 'string', default: '32768' },
+      features: { type: 'string', default: '4096' },
+      rank: { type: 'string', default: '512' },
+      reps: { type: 'string', default: '5' },
+      warmup: { type: 'string', default: '2' },
+      seed: { type: 'string', default: '1' },
+      out: { type: 'string', default: '' },
+      json: { type: 'string', default: '' },
+      'skip-micro': { type: 'boolean', default: false },
+    },
+  });
+  const choice = await selectBackend(positionals[0] ?? a.backend);
   const backend = choice.name;
   console.log(describeBackend(choice));
-  const T = Number(argValue('tokens', '32768'));
-  const F = Number(argValue('features', '4096'));
-  const r = Number(argValue('rank', '512'));
-  const reps = Number(argValue('reps', '5'));
-  const warmup = Number(argValue('warmup', '2'));
-  const seed = Number(argValue('seed', '1'));
-  const out = argValue('out', '');
+  const T = Number(a.tokens);
+  const F = Number(a.features);
+  const r = Number(a.rank);
+  const reps = Number(a.reps);
+  const warmup = Number(a.warmup);
+  const seed = Number(a.seed);
+  const out = a.out;
 
   let t0 = performance.now();
   const X = buildMatrix(T, F, seed);
-  await sync([X]);
+  await syncTensors([X]);
   console.log(`X [${T}, ${F}] built in ${(performance.now() - t0).toFixed(0)} ms (seed ${seed}); auto orthogonalization here: ${resolveOrthogonalization('auto')}`);
   if (out) {
     t0 = performance.now();
@@ -123,7 +107,7 @@ async function main(): Promise<void> {
 
   // 1. The products truncatedSvd is made of, and the alternatives for Qᵀ·X.
   const micro: Record<string, number> = {};
-  if (!process.argv.includes('--skip-micro')) {
+  if (!a['skip-micro']) {
     const omega = gaussianMatrix(F, r, 7);
     const Q = tf.tidy(() => tf.div(gaussianMatrix(T, r, 8), Math.sqrt(T))) as tf.Tensor2D;
     const Qt = tf.transpose(Q) as tf.Tensor2D;
@@ -155,9 +139,9 @@ async function main(): Promise<void> {
     console.log('| --- | --- | --- |');
     for (const [name, f] of cases) {
       try {
-        const t = await timeIt(f, reps, warmup);
-        micro[name] = t.median;
-        console.log(`| ${name} | ${t.median.toFixed(2)} | ${t.runs.map((x) => x.toFixed(1)).join(', ')} |`);
+        const t = await timeOp(f, { reps, warmup });
+        micro[name] = t.medianMs;
+        console.log(`| ${name} | ${t.medianMs.toFixed(2)} | ${t.samplesMs.map((x) => x.toFixed(1)).join(', ')} |`);
       } catch (e) {
         console.log(`| ${name} | failed: ${(e as Error).message.split('\n')[0]} | |`);
       }
@@ -175,15 +159,15 @@ async function main(): Promise<void> {
         const f = await truncatedSvd(X, { rank: r, oversample: s.oversample, powerIters: s.powerIters, orthogonalization: s.orthogonalization, seed: 3 });
         return [f.basis, f.coeffs];
       };
-      const t = await timeIt(run, reps, warmup);
+      const t = await timeOp(run, { reps, warmup });
       const [U, B] = await run();
       const A = tf.matMul(U, B);
       const err = await relativeFrobeniusError(X, A);
       tf.dispose([U, B, A]);
       const orth = s.orthogonalization === 'auto' ? resolveOrthogonalization('auto') : s.orthogonalization;
-      const row = { name: s.name, oversample: s.oversample, powerIters: s.powerIters, products: 2 * s.powerIters + 2, orthogonalization: orth, medianMs: t.median, runsMs: t.runs, relErr: err };
+      const row = { name: s.name, oversample: s.oversample, powerIters: s.powerIters, products: 2 * s.powerIters + 2, orthogonalization: orth, medianMs: t.medianMs, runsMs: t.samplesMs, relErr: err };
       rows.push(row);
-      console.log(`| ${s.name} | ${s.oversample} | ${s.powerIters} | ${row.products} | ${orth} | ${t.median.toFixed(1)} | ${t.runs.map((x) => x.toFixed(0)).join(', ')} | ${err.toFixed(5)} |`);
+      console.log(`| ${s.name} | ${s.oversample} | ${s.powerIters} | ${row.products} | ${orth} | ${t.medianMs.toFixed(1)} | ${t.samplesMs.map((x) => x.toFixed(0)).join(', ')} | ${err.toFixed(5)} |`);
     } catch (e) {
       console.log(`| ${s.name} | failed: ${(e as Error).message.split('\n')[0]} |`);
     }
@@ -193,7 +177,7 @@ async function main(): Promise<void> {
       '(measured earlier on the H200 at [32768×4096], q=512: 76.2 ms, so ≤ ~152 ms there)',
   );
   const result = { kind: 'gpu-compress', backend, T, F, rank: r, reps, warmup, seed, matrixFile: out || null, micro, settings: rows, numTensors: tf.memory().numTensors };
-  const json = argValue('json', '');
+  const json = a.json;
   if (json) writeFileSync(json, JSON.stringify(result, null, 1));
   X.dispose();
   console.log(JSON.stringify(result));

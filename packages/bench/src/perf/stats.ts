@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { check } from '@kvpack/core';
+import { median as plainMedian } from '../metrics.js';
 
 /**
  * Median of a non-empty list (the mean of the two middle values for an even count).
@@ -12,9 +13,7 @@ export function median(xs: readonly number[]): number {
     'nonfinite',
     () => `median: non-finite value in [${xs.join(', ')}]`,
   );
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 === 1 ? s[m] : (s[m - 1] + s[m]) / 2;
+  return plainMedian(xs);
 }
 
 /** Timing summary of repeated runs, in ms. */

@@ -16,8 +16,10 @@
 // X·Ω and Qᵀ·X at the same size ("×2mm" = time / (X·Ω + Qᵀ·X)).
 import * as tf from '@tensorflow/tfjs-core';
 import { writeFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
 import { gaussianMatrix, matmul, relativeFrobeniusError, selectBackend, symmetricEig, truncatedSvd, type KVCache } from '@kvpack/core';
 import { REAL_MODELS, defaultModelsDir, realModelCache, realModelPresent } from './real.js';
+import { median } from './stats.js';
 import { syntheticLlamaCache } from './synthetic.js';
 
 interface Case {
@@ -35,16 +37,6 @@ interface Setting {
 }
 
 const SETTINGS: Setting[] = [0, 8].flatMap((oversample) => [0, 0.5, 1, 1.5, 2].map((powerIters) => ({ oversample, powerIters })));
-
-function arg(name: string, def: string): string {
-  const i = process.argv.indexOf(`--${name}`);
-  return i >= 0 && i + 1 < process.argv.length ? process.argv[i + 1] : def;
-}
-
-function median(a: number[]): number {
-  const s = [...a].sort((x, y) => x - y);
-  return s.length % 2 ? s[(s.length - 1) / 2] : 0.5 * (s[s.length / 2 - 1] + s[s.length / 2]);
-}
 
 /** X_g = [T, n·H_kv·d] of layers `layers` (keys or values). */
 function groupMatrix(cache: KVCache, kind: 'keys' | 'values', layers: number[]): tf.Tensor2D {
@@ -119,11 +111,20 @@ async function syntheticCases(T: number): Promise<Case[]> {
 }
 
 async function main(): Promise<void> {
-  const choice = await selectBackend(arg('backend', 'wasm'));
-  const reps = Number(arg('reps', '3'));
-  const T = Number(arg('tokens', '8192'));
+  const { values: a } = parseArgs({
+    options: {
+      backend: { type: 'string', default: 'wasm' },
+      reps: { type: 'string', default: '3' },
+      tokens: { type: 'string', default: '8192' },
+      json: { type: 'string', default: '' },
+      'skip-synthetic': { type: 'boolean', default: false },
+    },
+  });
+  const choice = await selectBackend(a.backend);
+  const reps = Number(a.reps);
+  const T = Number(a.tokens);
   console.log(`backend ${choice.name}; settings p ∈ {0, 8} × q ∈ {0, 0.5, 1, 1.5, 2}; median of ${reps} after a warm-up`);
-  const cases = [...(await realCases()), ...(process.argv.includes('--skip-synthetic') ? [] : await syntheticCases(T))];
+  const cases = [...(await realCases()), ...(a['skip-synthetic'] ? [] : await syntheticCases(T))];
   const rows: Record<string, unknown>[] = [];
   for (const c of cases) {
     const [Tc, F] = c.X.shape;
@@ -160,7 +161,7 @@ async function main(): Promise<void> {
     }
     tf.dispose([omega, qt, c.X]);
   }
-  const json = arg('json', '');
+  const json = a.json;
   if (json) writeFileSync(json, JSON.stringify({ backend: choice.name, reps, rows }, null, 1));
   console.log(JSON.stringify({ kind: 'svd-defaults', backend: choice.name, rows }));
 }
