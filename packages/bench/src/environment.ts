@@ -1,4 +1,11 @@
 import { cpus } from 'node:os';
+import { Option } from 'commander';
+import { backendCandidateNames } from '@kvpack/core';
+
+/** The `--backend` option every bench command takes: `auto` or a registered tfjs backend. */
+export function backendOption(): Option {
+  return new Option('--backend <name>', 'tfjs backend').choices(['auto', ...backendCandidateNames()]);
+}
 
 /** kvpack's version as written into bench reports. */
 export const VERSION = '0.1.0';

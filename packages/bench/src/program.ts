@@ -1,8 +1,9 @@
-import { Command, CommanderError, Option } from 'commander';
+import { Command, CommanderError } from 'commander';
 import { KvpackError } from '@kvpack/core';
 import { EXIT, benchCommand, processIO, strategiesCommand, type BenchCommandOptions, type CommandIO } from './commands.js';
 import { registerPerfCommand } from './perf-hook.js';
 import { registerAccuracyCommand } from './accuracy/command.js';
+import { backendOption } from './environment.js';
 
 /**
  * Builds the `kvpack` command line (commander). Actions store their exit code in `state.code`.
@@ -22,7 +23,7 @@ export function buildProgram(io: CommandIO, state: { code: number }): Command {
     .description('run a quality benchmark config (YAML/JSON): compression ratio, reconstruction error, ΔNLL, greedy agreement')
     .argument('<config>', 'bench config file (.yaml, .yml or .json), or "perf" for the performance benchmarks')
     .option('--out <dir>', 'folder for the JSON, Markdown and SVG outputs', 'bench-out')
-    .addOption(new Option('--backend <name>', 'tfjs backend').choices(['auto', 'wasm', 'cpu', 'webgpu', 'tensorflow']))
+    .addOption(backendOption())
     .option('--quick', "quick run: one compress repeat and the config's `quick` overrides")
     .option('--model <file>', "model checkpoint or folder, instead of the config's")
     .option('--tokenizer <file>', "tokenizer file, instead of the config's")

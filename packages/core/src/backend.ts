@@ -132,6 +132,11 @@ registerBackendCandidate({
   },
 });
 
+/** Names of the registered backend candidates, best (highest priority) first. */
+export function backendCandidateNames(): string[] {
+  return [...candidates.values()].sort((a, b) => b.priority - a.priority).map((c) => c.name);
+}
+
 /** What {@link selectBackend} chose and why it skipped the others. */
 export interface BackendChoice {
   name: string;

@@ -1,9 +1,9 @@
 import { existsSync } from 'node:fs';
 import { basename, extname, resolve } from 'node:path';
-import { Option, type Command } from 'commander';
+import type { Command } from 'commander';
 import { KvpackError, describeBackend, selectBackend } from '@kvpack/core';
 import { EXIT, failedSettingsExit, processIO, writeBenchOutputs, type CommandIO } from '../commands.js';
-import { runEnvironment } from '../environment.js';
+import { backendOption, runEnvironment } from '../environment.js';
 import { loadBenchModel } from '../load.js';
 import { renderRatioPlot } from '../plot.js';
 import { createProgress, progressBarEnabled } from '../progress.js';
@@ -163,7 +163,7 @@ export function registerAccuracyCommand(bench: Command, io: CommandIO, state: { 
     .option('--limit <n>', "examples per task, instead of the config's limit")
     .option('--tasks <list>', "comma-separated tasks, instead of the config's tasks")
     .option('--out <dir>', 'folder for the JSON, Markdown and SVG outputs', 'bench-out')
-    .addOption(new Option('--backend <name>', 'tfjs backend').choices(['auto', 'wasm', 'cpu', 'webgpu', 'tensorflow']))
+    .addOption(backendOption())
     .option('--model <path>', "model folder or file, instead of the config's")
     .option('--eval <file>', "JSONL eval set, instead of the config's")
     .option('--tokenizer <file>', "tokenizer file, instead of the config's")

@@ -1,10 +1,10 @@
-import { runEnvironment } from '../environment.js';
+import { backendOption, runEnvironment } from '../environment.js';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
 import { join, resolve } from 'node:path';
 import cliProgress from 'cli-progress';
 import * as tf from '@tensorflow/tfjs-core';
-import { Option, type Command } from 'commander';
+import type { Command } from 'commander';
 import { KvpackError, describeBackend, selectBackend } from '@kvpack/core';
 import { progressBarEnabled } from '../progress.js';
 import { perfMarkdown, type PerfReport } from './report.js';
@@ -203,7 +203,7 @@ export function registerPerfCommands(bench: Command, setCode: (code: number) => 
   bench
     .command('perf')
     .description('performance suite on Llama-3.1-8B-shaped caches: compress, reconstruct and decode times, bytes, peak memory, must-show checks')
-    .addOption(new Option('--backend <name>', 'tfjs backend').choices(['auto', 'wasm', 'cpu', 'webgpu', 'tensorflow']))
+    .addOption(backendOption())
     .option('--tokens <list>', 'prefill lengths, e.g. 4096,8192,16384,32768 or 4K,32K (default all four; --quick: 4K,8K)')
     .option('--strategies <list>', `strategies (default all): ${PERF_STRATEGY_NAMES.join(',')}`)
     .option('--reps <n>', 'timed runs per figure, median reported (default 3; --quick: 2)')
@@ -222,7 +222,7 @@ export function registerPerfCommands(bench: Command, setCode: (code: number) => 
   bench
     .command('structure')
     .description('compare the synthetic generator with real models: singular-value decay, cross-layer subspace alignment, per-token cosine, outlier channels')
-    .addOption(new Option('--backend <name>', 'tfjs backend').choices(['auto', 'wasm', 'cpu', 'webgpu', 'tensorflow']))
+    .addOption(backendOption())
     .option('--tokens <n>', 'T of the synthetic cache (default 4096)')
     .option('--layers <n>', 'layers of the synthetic cache (default 8)')
     .option('--max-tokens <n>', 'longest real prompt (default 1024)')
