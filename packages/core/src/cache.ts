@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { check, KvpackError } from './errors.js';
 import { decodeBFloat16, decodeHalf, encodeHalf, roundHalf } from './fp16.js';
+import { z } from 'zod';
 import { encodeContainer, payloadBytes, type StoredDType, type StoredTensor, type DecodedContainer } from './serialize.js';
 import type { CompressedCache, ModelLayout, RopeConfig, AttendOptions } from './types.js';
 import { checkKV } from './validate.js';
@@ -129,7 +130,11 @@ export abstract class BaseCompressedCache implements CompressedCache {
   private resK: (tf.Tensor3D | null)[];
   private resV: (tf.Tensor3D | null)[];
   protected disposed = false;
-
+  /**
+   * Fingerprint of the model whose KV cache was compressed (`KVCache.model`), written into the
+   * serialization's header and restored with it; undefined when the cache did not come from a model.
+   */
+  model?: string;
 
   constructor(
     readonly layout: ModelLayout,
@@ -223,9 +228,14 @@ export abstract class BaseCompressedCache implements CompressedCache {
     return out;
   }
 
-  byteSize(): number {
+  /** Name, dtype and shape of every tensor `serialize()` writes, in order (the compressed prefill's, then the residual's). */
+  storedLayout(): StoredSpec[] {
     this.assertLive();
-    return [...this.storedSpecs(), ...this.residualSpecs()].reduce((a, s) => a + specBytes(s), 0);
+    return [...this.storedSpecs(), ...this.residualSpecs()];
+  }
+
+  byteSize(): number {
+    return this.storedLayout().reduce((a, s) => a + specBytes(s), 0);
   }
 
   serialize(): Uint8Array {
@@ -240,6 +250,7 @@ export abstract class BaseCompressedCache implements CompressedCache {
     const bytes = encodeContainer({
       strategy: this.strategy,
       options: this.options,
+      ...(this.model ? { model: this.model } : {}),
       meta: { layout: this.layout, rope: this.rope, prefillLength: this.prefillLength, ...this.meta() },
       tensors,
     });
@@ -271,12 +282,23 @@ export abstract class BaseCompressedCache implements CompressedCache {
     return this.serialize();
   }
 
-  /** Restores the residual buffers written by `serialize` (for subclasses' deserializers). */
+  /**
+   * Restores the residual buffers written by `serialize` (for subclasses' deserializers): for each
+   * layer either both `residual.k.l` and `residual.v.l`, float32 [n, H_kv, d] with the same n, or
+   * neither. Also restores the model fingerprint.
+   * @throws KvpackError('corrupt') naming the tensor that does not fit.
+   */
   restoreResidual(c: DecodedContainer): void {
-    for (let l = 0; l < this.layout.nLayers; l++) {
-      if (!c.has(`residual.k.${l}`)) continue;
-      this.resK[l] = loadTensor(c.get(`residual.k.${l}`)) as tf.Tensor3D;
-      this.resV[l] = loadTensor(c.get(`residual.v.${l}`)) as tf.Tensor3D;
+    const { nLayers, nKvHeads: H, headDim: d } = this.layout;
+    if (c.model) this.model = c.model;
+    for (let l = 0; l < nLayers; l++) {
+      const hasK = c.has(`residual.k.${l}`);
+      check(hasK === c.has(`residual.v.${l}`), 'corrupt', `serialized ${this.strategy} cache is corrupt: layer ${l} has residual ${hasK ? 'keys without values' : 'values without keys'}`);
+      if (!hasK) continue;
+      const k = c.get(`residual.k.${l}`, { dtype: 'float32', shape: [null, H, d] });
+      const v = c.get(`residual.v.${l}`, { dtype: 'float32', shape: [k.shape[0], H, d] });
+      this.resK[l] = loadTensor(k) as tf.Tensor3D;
+      this.resV[l] = loadTensor(v) as tf.Tensor3D;
     }
   }
 
@@ -288,9 +310,47 @@ export abstract class BaseCompressedCache implements CompressedCache {
   }
 }
 
-/** Reads layout, rope and prefillLength from a decoded container's metadata. */
-export function containerHeader(c: DecodedContainer): { layout: ModelLayout; rope: RopeConfig; prefillLength: number } {
-  const m = c.meta as { layout?: ModelLayout; rope?: RopeConfig; prefillLength?: number };
-  check(m.layout && m.rope && Number.isInteger(m.prefillLength), 'corrupt', `serialized ${c.strategy} cache is corrupt: metadata lacks layout, rope or prefillLength`);
-  return { layout: m.layout, rope: m.rope, prefillLength: m.prefillLength as number };
+const RopeScalingSchema = z.union([
+  z.null(),
+  z.strictObject({ type: z.literal('linear'), factor: z.number().positive() }),
+  z.strictObject({
+    type: z.literal('llama3'),
+    factor: z.number().positive(),
+    lowFreqFactor: z.number().positive(),
+    highFreqFactor: z.number().positive(),
+    originalMaxPositionEmbeddings: z.int().positive(),
+  }),
+]);
+
+const positiveInt = z.int().positive().max(2 ** 31 - 1);
+
+/** The fields every serialized cache's metadata carries (see {@link BaseCompressedCache.serialize}). */
+const CacheMetaSchema = z.looseObject({
+  layout: z.strictObject({ nLayers: positiveInt, nHeads: positiveInt, nKvHeads: positiveInt, headDim: positiveInt }),
+  rope: z.strictObject({ theta: z.number().positive(), layout: z.enum(['interleaved', 'half']), scaling: RopeScalingSchema.optional() }),
+  prefillLength: positiveInt,
+  startPosition: z.int().nonnegative().max(2 ** 31 - 1).optional(),
+});
+
+/**
+ * Reads and validates layout, rope, prefillLength and startPosition (default 0) from a decoded
+ * container's metadata. The layer count must not exceed the stored tensors (every strategy stores at
+ * least one per layer), so nothing is sized by a layer count the payload cannot hold.
+ * @throws KvpackError('corrupt') naming the field.
+ */
+export function containerHeader(c: DecodedContainer): { layout: ModelLayout; rope: RopeConfig; prefillLength: number; startPosition: number } {
+  const r = CacheMetaSchema.safeParse(c.meta);
+  if (!r.success) {
+    const i = r.error.issues[0];
+    throw new KvpackError('corrupt', `serialized ${c.strategy} cache is corrupt: metadata field ${i.path.join('.') || '(root)'}: ${i.message}`);
+  }
+  const { layout, rope, prefillLength, startPosition } = r.data;
+  check(layout.nHeads % layout.nKvHeads === 0, 'corrupt', `serialized ${c.strategy} cache is corrupt: metadata layout has ${layout.nHeads} query heads, not a multiple of ${layout.nKvHeads} KV heads`);
+  check(
+    layout.nLayers <= c.tensors.length,
+    'corrupt',
+    `serialized ${c.strategy} cache is corrupt: metadata layout.nLayers = ${layout.nLayers}, but the payload holds only ${c.tensors.length} tensors`,
+  );
+  check(layout.headDim % 2 === 0, 'corrupt', `serialized ${c.strategy} cache is corrupt: metadata layout.headDim = ${layout.headDim} is odd (RoPE rotates pairs)`);
+  return { layout, rope: rope as RopeConfig, prefillLength, startPosition: startPosition ?? 0 };
 }

@@ -20,6 +20,10 @@ import { denseCacheBytes } from './memory.js';
 import { createStrategy, deserializeCache } from './registry.js';
 import { applyRope } from './rope.js';
 import { headerBytes } from './serialize.js';
+import { cacheSnapshot, fuzzRestore } from './restore-fuzz.js';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { disposeKVCache } from './validate.js';
 export { disposeKVCache };
 import type { CompressedCache, KVCache, ModelLayout, RopeConfig } from './types.js';
@@ -42,6 +46,8 @@ export interface ConformanceCases {
   exactDecode?: boolean;
   /** Set false only for the uncompressed reference (`dense`), whose ratio is 1 by design. */
   ratioAboveOne?: boolean;
+  /** Seeded restore-fuzz trials (default 150; `KVPACK_FUZZ_TRIALS` and `KVPACK_FUZZ_SEED` override for longer runs). */
+  fuzzTrials?: number;
   /** Synthetic cache size (defaults: T = 64, L = 4, H = 4, H_kv = 2, d = 16). */
   tokens?: number;
   layout?: Partial<ModelLayout>;
@@ -151,6 +157,66 @@ export function runStrategyConformance(name: string, cases: ConformanceCases): v
       a.forEach((x, i) => expect(Buffer.from(b[i].buffer).equals(Buffer.from(x.buffer))).toBe(true));
       c.dispose();
       restored.dispose();
+    });
+
+    it('restores bit-identically from a real file, a Buffer at any offset and a SharedArrayBuffer', async () => {
+      const c = await createStrategy({ name, options: cases.compressing }).compress(cache);
+      const n = 2;
+      const shape: [number, number, number] = [n, cache.layout.nKvHeads, cache.layout.headDim];
+      const k = tf.randomNormal(shape, 0, 1, 'float32', 7) as tf.Tensor3D;
+      const v = tf.randomNormal(shape, 0, 1, 'float32', 8) as tf.Tensor3D;
+      c.append(1, k, v);
+      tf.dispose([k, v]);
+      const bytes = c.serialize();
+      const want = await cacheSnapshot(c);
+      const dir = mkdtempSync(join(tmpdir(), 'kvpack-conformance-'));
+      try {
+        writeFileSync(join(dir, 'cache.kvpk'), bytes);
+        const fromFile = readFileSync(join(dir, 'cache.kvpk'));
+        const views: [string, Uint8Array][] = [['readFileSync Buffer', fromFile]];
+        for (const offset of [1, 3, 8, 13]) {
+          const b = Buffer.alloc(bytes.length + offset + 5, 0xee);
+          b.set(bytes, offset);
+          views.push([`Buffer at offset ${offset}`, b.subarray(offset, offset + bytes.length)]);
+        }
+        const shared = new Uint8Array(new SharedArrayBuffer(bytes.length + 6), 6, bytes.length);
+        shared.set(bytes);
+        views.push(['SharedArrayBuffer at offset 6', shared]);
+        const start = tf.memory().numTensors;
+        for (const [what, view] of views) {
+          const r = deserializeCache(view);
+          const got = await cacheSnapshot(r);
+          expect(got.length, what).toBe(want.length);
+          got.forEach((x, i) => expect(Buffer.from(x.buffer).equals(Buffer.from(want[i].buffer)), `${what}: array ${i}`).toBe(true));
+          expect(Buffer.from(r.serialize()).equals(Buffer.from(bytes)), `${what}: re-serialized bytes`).toBe(true);
+          r.dispose();
+          expect(tf.memory().numTensors, what).toBe(start);
+        }
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+        c.dispose();
+      }
+    });
+
+    it('ends every truncated, flipped or edited restore in the saved cache or a named error, leaking nothing (seeded fuzz)', async () => {
+      const c = await createStrategy({ name, options: cases.compressing }).compress(cache);
+      const k = tf.randomNormal([1, cache.layout.nKvHeads, cache.layout.headDim], 0, 1, 'float32', 9) as tf.Tensor3D;
+      c.append(0, k, k);
+      k.dispose();
+      const bytes = c.serialize();
+      const reference = await cacheSnapshot(c);
+      c.dispose();
+      const f = await fuzzRestore(bytes, reference, Number(process.env.KVPACK_FUZZ_TRIALS ?? 0) || (cases.fuzzTrials ?? 150), Number(process.env.KVPACK_FUZZ_SEED ?? 0x5eed));
+      console.log(
+        `restore fuzz ${name} ${JSON.stringify(cases.compressing)}: ${f.trials} trials, ${f.correct} correct, ${f.namedErrors} named errors, ` +
+          `${f.otherErrors} other errors, ${f.silentlyDifferent} silently different, ${f.differentAfterRechecksum} different after re-checksummed header edits, ` +
+          `${f.leaks} leaks, 0 aborts`,
+      );
+      expect(f.examples).toEqual([]);
+      expect(f.otherErrors).toBe(0);
+      expect(f.silentlyDifferent).toBe(0);
+      expect(f.leaks).toBe(0);
+      expect(f.namedErrors).toBeGreaterThan(f.trials / 2);
     });
 
     it('compresses: measured ratio > 1 at its compressing setting', async () => {

@@ -11,6 +11,7 @@ export type KvpackErrorCode =
   | 'unknown-strategy'
   | 'io'
   | 'unsupported'
+  | 'model'
   | 'disposed';
 
 /**

@@ -15,3 +15,4 @@ export * from './webgpu.js';
 export * from './linalg.js';
 export * from './dense/index.js';
 export * from './random.js';
+export * from './scope.js';

@@ -3,8 +3,10 @@ import { extname } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { KvpackError, check } from './errors.js';
-import { decodeContainer } from './serialize.js';
-import type { CompressedCache, Strategy } from './types.js';
+import { BaseCompressedCache, type StoredSpec } from './cache.js';
+import { byteView, decodeContainer, withDecodedContainer, type ByteSource, type StoredTensor } from './serialize.js';
+import { disposeCreatedOnError } from './scope.js';
+import type { CompressedCache, KVCache, Strategy } from './types.js';
 
 /**
  * A registered compression method: a name, a zod schema for its options (with defaults), and a
@@ -107,15 +109,113 @@ export function createStrategy(config: StrategyConfig | string): Strategy {
   const parsed = StrategyConfigSchema.safeParse(raw);
   if (!parsed.success) throw new KvpackError('config', `invalid strategy config:\n${z.prettifyError(parsed.error)}\nexpected { name: string, options?: object }`);
   const def = getStrategyDefinition(parsed.data.name);
-  return def.create(parseStrategyOptions(parsed.data.name, parsed.data.options));
+  return guardStrategy(def.create(parseStrategyOptions(parsed.data.name, parsed.data.options)));
 }
 
 /**
- * Restores any registered strategy's serialized cache (the container names its strategy and options).
- * @throws KvpackError('corrupt' | 'truncated' | 'unknown-strategy')
+ * The strategy with the guarantees every registered strategy gets from core: `compress` records the
+ * input cache's model fingerprint on the result, and `deserialize` is {@link restoreCache}.
  */
-export function deserializeCache(bytes: Uint8Array): CompressedCache {
+function guardStrategy(s: Strategy): Strategy {
+  return {
+    ...s,
+    name: s.name,
+    options: s.options,
+    async compress(cache: KVCache) {
+      const c = await s.compress(cache);
+      if (cache.model && c instanceof BaseCompressedCache) c.model = cache.model;
+      return c;
+    },
+    deserialize: (bytes) => restoreCache(s, bytes),
+  };
+}
+
+/**
+ * Words of the error raised when a strategy's deserializer fails with something other than a
+ * KvpackError (a defect in its checks, which the fuzz tests count). @internal
+ */
+export const UNEXPECTED_RESTORE_FAILURE = 'could not be restored';
+
+/** Options of {@link deserializeCache} and {@link restoreCache}. */
+export interface RestoreOptions {
+  /**
+   * Fingerprint of the model the cache is for (e.g. `LlamaModel.fingerprint()`): a cache whose header
+   * records another model's fingerprint, or none, is refused.
+   */
+  model?: string;
+}
+
+/**
+ * Restores a cache serialized by `strategy`, from any byte view (Node Buffer, subarray, SharedArrayBuffer).
+ * The container is decoded and checked once (checksum, header, tensor table); the strategy's
+ * deserializer then reads it, and every tensor in the file must be one that the strategy reads. If
+ * anything fails, every tensor created so far is disposed.
+ * @throws KvpackError('corrupt' | 'truncated') naming the field or tensor; KvpackError('model') when
+ *         `options.model` is given and the cache was made from another model.
+ */
+export function restoreCache(strategy: Strategy, source: ByteSource, options: RestoreOptions = {}): CompressedCache {
+  const bytes = byteView(source);
   const c = decodeContainer(bytes);
-  const strategy = createStrategy({ name: c.strategy, options: (c.options ?? {}) as Record<string, unknown> });
-  return strategy.deserialize(bytes);
+  check(c.strategy === strategy.name, 'corrupt', `expected a serialized ${strategy.name} cache, got a ${c.strategy} cache`);
+  if (options.model !== undefined) {
+    check(
+      c.model === options.model,
+      'model',
+      `this ${c.strategy} cache was made from ${c.model ? `model ${c.model}` : 'a cache without a model fingerprint'}, not from model ${options.model}`,
+    );
+  }
+  let cache: CompressedCache;
+  try {
+    cache = disposeCreatedOnError(() => withDecodedContainer(bytes, c, () => strategy.deserialize(bytes)));
+  } catch (e) {
+    if (e instanceof KvpackError) throw e;
+    throw new KvpackError('corrupt', `serialized ${c.strategy} cache ${UNEXPECTED_RESTORE_FAILURE}: ${(e as Error).message}`, { cause: e });
+  }
+  const extra = c.unread();
+  const mismatch = extra.length
+    ? `it holds tensors that a ${c.strategy} cache does not have: ${extra.slice(0, 5).join(', ')}${extra.length > 5 ? ', …' : ''}`
+    : cache instanceof BaseCompressedCache
+      ? layoutMismatch(cache.storedLayout(), c.tensors)
+      : null;
+  if (mismatch) {
+    cache.dispose();
+    throw new KvpackError('corrupt', `serialized ${c.strategy} cache is corrupt: ${mismatch}`);
+  }
+  if (c.model && cache instanceof BaseCompressedCache) cache.model = c.model;
+  return cache;
+}
+
+/** Where the tensors a restored cache declares differ from those in its file, or null when they agree. */
+function layoutMismatch(declared: StoredSpec[], stored: StoredTensor[]): string | null {
+  for (let i = 0; i < Math.max(declared.length, stored.length); i++) {
+    const d = declared[i];
+    const s = stored[i];
+    if (!d) return `tensor "${s.name}" is not part of the restored cache`;
+    if (!s) return `tensor "${d.name}" is missing`;
+    if (d.name !== s.name || d.dtype !== s.dtype || d.shape.length !== s.shape.length || d.shape.some((v, j) => v !== s.shape[j]))
+      return `tensor ${i} is "${s.name}" ${s.dtype} [${s.shape}], but the restored cache declares "${d.name}" ${d.dtype} [${d.shape}]`;
+  }
+  return null;
+}
+
+/**
+ * Restores any registered strategy's serialized cache (the container names its strategy and options),
+ * from any byte view: a Node Buffer (`readFileSync`), a subarray at any offset, a SharedArrayBuffer.
+ * @throws KvpackError('corrupt' | 'truncated') naming the field or tensor at fault (the options
+ *         recorded in a file that its strategy rejects count as corrupt); KvpackError('unknown-strategy')
+ *         when the strategy is not registered; KvpackError('model') when `options.model` is given and
+ *         the cache was made from another model. A failed restore leaks no tensor.
+ */
+export function deserializeCache(source: ByteSource, options: RestoreOptions = {}): CompressedCache {
+  const bytes = byteView(source);
+  const c = decodeContainer(bytes);
+  getStrategyDefinition(c.strategy);
+  let strategy: Strategy;
+  try {
+    strategy = createStrategy({ name: c.strategy, options: c.options as Record<string, unknown> });
+  } catch (e) {
+    if (e instanceof KvpackError && e.code === 'config') throw new KvpackError('corrupt', `serialized ${c.strategy} cache is corrupt: it records ${e.message}`, { cause: e });
+    throw e;
+  }
+  return withDecodedContainer(bytes, c, () => restoreCache(strategy, bytes, options));
 }

@@ -57,6 +57,12 @@ export interface KVCache {
    * query-aware strategies (SnapKV). They belong to positions startPosition + T − T_obs … + T − 1.
    */
   queries?: tf.Tensor3D[];
+  /**
+   * Fingerprint of the model that produced this cache (`LlamaModel.fingerprint()` in @kvpack/models).
+   * Compressed caches carry it into their serialization, so that a cache is never restored into
+   * another model (`deserializeCache(bytes, { model })`).
+   */
+  model?: string;
 }
 
 /** Options for {@link CompressedCache.attend}. */
@@ -80,6 +86,8 @@ export interface CompressedCache {
   readonly rope: RopeConfig;
   /** Number of prefill tokens that were compressed (T). */
   readonly prefillLength: number;
+  /** Fingerprint of the model whose cache was compressed, when it came from one (see {@link KVCache.model}). */
+  readonly model?: string;
   /** Number of tokens `keys(layer)` returns (prefill tokens kept + decode tokens). */
   tokenCount(layer: number): number;
   /** Reconstructed **post-RoPE** keys of one layer, [N, H_kv, d], ready for attention. */
@@ -113,6 +121,11 @@ export interface Strategy<Options = unknown> {
   readonly options: Options;
   /** Compresses a whole prefill cache. Does not dispose `cache`. */
   compress(cache: KVCache): Promise<CompressedCache>;
-  /** Restores a cache from the payload written by its `serialize`. */
+  /**
+   * Restores a cache from the bytes written by its `serialize`, from any byte view (Node Buffer,
+   * subarray, SharedArrayBuffer-backed). Strategies built by `createStrategy` check the container,
+   * refuse tensors the strategy does not read, and leak no tensor when they throw.
+   * @throws KvpackError('corrupt' | 'truncated')
+   */
   deserialize(bytes: Uint8Array): CompressedCache;
 }

@@ -429,7 +429,7 @@ export class GroupSvdCache extends BaseCompressedCache {
   static fromBytes(bytes: Uint8Array, strategy: string, options: unknown, config: GroupSvdConfig): GroupSvdCache {
     const c = decodeContainer(bytes);
     check(c.strategy === strategy, 'corrupt', `expected a serialized ${strategy} cache, got "${c.strategy}"`);
-    const { layout, rope, prefillLength: T } = containerHeader(c);
+    const { layout, rope, prefillLength: T, startPosition } = containerHeader(c);
     const F = layout.nKvHeads * layout.headDim;
     const groups = layerGroups(layout.nLayers, config.groupSize);
     const meta = c.meta as { groupSize?: number; ranks?: { k?: number[]; v?: number[] } };
@@ -473,7 +473,7 @@ export class GroupSvdCache extends BaseCompressedCache {
         throw e;
       }
     }
-    const cache = new GroupSvdCache(strategy, options, config, layout, rope, T, Number(c.meta.startPosition ?? 0), blocks, sparse);
+    const cache = new GroupSvdCache(strategy, options, config, layout, rope, T, startPosition, blocks, sparse);
     cache.restoreResidual(c);
     return cache;
   }

@@ -353,8 +353,8 @@ export class KiviCache extends BaseCompressedCache {
     const state: KiviLayer[] = [];
     for (let l = 0; l < layout.nLayers; l++) {
       const t = (name: string) => c.get(name);
-      const kScale = t(`k.${l}.scale`);
-      const vScale = t(`v.${l}.scale`);
+      const kScale = c.get(`k.${l}.scale`, { dtype: 'float16', shape: [null, H, d] });
+      const vScale = c.get(`v.${l}.scale`, { dtype: 'float16', shape: [null, H, d / g] });
       const nk = kScale.shape[0] * g;
       const nv = vScale.shape[0];
       for (const name of [`k.${l}.codes`, `v.${l}.codes`]) check(t(name).dtype === 'uint8', 'corrupt', `serialized kivi cache is corrupt: "${name}" is ${t(name).dtype}, expected uint8`);

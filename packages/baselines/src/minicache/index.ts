@@ -288,7 +288,7 @@ export class MiniCacheCache extends BaseCompressedCache {
   static fromBytes(bytes: Uint8Array, options: MiniCacheOptions): MiniCacheCache {
     const c = decodeContainer(bytes);
     check(c.strategy === 'minicache', 'corrupt', `expected a minicache cache, got "${c.strategy}"`);
-    const { layout, rope, prefillLength: T } = containerHeader(c);
+    const { layout, rope, prefillLength: T, startPosition } = containerHeader(c);
     const { nLayers: L, nKvHeads: H, headDim: d } = layout;
     const startLayer = Number(c.meta.startLayer);
     check(Number.isInteger(startLayer) && startLayer >= 0, 'corrupt', 'serialized minicache cache is corrupt: metadata lacks startLayer');
@@ -334,10 +334,10 @@ export class MiniCacheCache extends BaseCompressedCache {
     }
     for (let l = 0; l < L; l++) {
       if (recK[l]) continue;
-      recK[l] = loadTensor(c.get(`exact.k.${l}`)) as tf.Tensor3D;
-      recV[l] = loadTensor(c.get(`exact.v.${l}`)) as tf.Tensor3D;
+      recK[l] = loadTensor(c.get(`exact.k.${l}`, { dtype: 'float16', shape: [T, H, d] })) as tf.Tensor3D;
+      recV[l] = loadTensor(c.get(`exact.v.${l}`, { dtype: 'float16', shape: [T, H, d] })) as tf.Tensor3D;
     }
-    const cache = new MiniCacheCache(layout, rope, T, options, startLayer, Number(c.meta.startPosition ?? 0), pairs, recK, recV);
+    const cache = new MiniCacheCache(layout, rope, T, options, startLayer, startPosition, pairs, recK, recV);
     cache.restoreResidual(c);
     return cache;
   }

@@ -94,7 +94,7 @@ export class QuantCache extends BaseCompressedCache {
   static fromBytes(bytes: Uint8Array, options: QuantOptions): QuantCache {
     const c = decodeContainer(bytes);
     check(c.strategy === 'quant', 'corrupt', `expected a quant cache, got "${c.strategy}"`);
-    const { layout, rope, prefillLength } = containerHeader(c);
+    const { layout, rope, prefillLength, startPosition } = containerHeader(c);
     const spec = perTokenSpec(options, layout.headDim);
     const rows = prefillLength * layout.nKvHeads;
     const load = (name: string): QuantizedMatrix => readQuantized(c, name, rows, layout.headDim, spec, 'quant');
@@ -104,7 +104,7 @@ export class QuantCache extends BaseCompressedCache {
       qk.push(load(`k.${l}`));
       qv.push(load(`v.${l}`));
     }
-    const cache = new QuantCache(layout, rope, prefillLength, options, qk, qv, Number(c.meta.startPosition ?? 0));
+    const cache = new QuantCache(layout, rope, prefillLength, options, qk, qv, startPosition);
     cache.restoreResidual(c);
     return cache;
   }

@@ -134,9 +134,10 @@ export class KeptTokensCache extends BaseCompressedCache {
         check(p.dtype === 'int32' && p.data.length === n * H, 'corrupt', `serialized ${strategy} cache is corrupt: "pos.${l}" does not hold ${n}×${H} positions`);
         pos = p.data as Int32Array;
       }
+      check(pos.every((p) => p >= 0 && p < prefillLength), 'corrupt', `serialized ${strategy} cache is corrupt: "pos.${l}" holds a position outside [0, ${prefillLength})`);
       check(pos.length === n * H, 'corrupt', `serialized ${strategy} cache is corrupt: layer ${l} keeps ${n} tokens, its options imply ${pos.length / H}`);
       k.push(loadTensor(kt) as tf.Tensor3D);
-      v.push(loadTensor(c.get(`v.${l}`)) as tf.Tensor3D);
+      v.push(loadTensor(c.get(`v.${l}`, { dtype: kt.dtype, shape: [n, H, d] })) as tf.Tensor3D);
       positions.push(pos);
     }
     const cache = new KeptTokensCache(strategy, layout, rope, prefillLength, options, k, v, positions, !impliedPositions);

@@ -58,14 +58,15 @@ export class DenseCache extends BaseCompressedCache {
   static fromBytes(bytes: Uint8Array, options: DenseOptions): DenseCache {
     const c = decodeContainer(bytes);
     check(c.strategy === 'dense', 'corrupt', `expected a dense cache, got "${c.strategy}"`);
-    const { layout, rope, prefillLength } = containerHeader(c);
+    const { layout, rope, prefillLength, startPosition } = containerHeader(c);
+    const shape = [prefillLength, layout.nKvHeads, layout.headDim];
     const k: tf.Tensor3D[] = [];
     const v: tf.Tensor3D[] = [];
     for (let l = 0; l < layout.nLayers; l++) {
-      k.push(loadTensor(c.get(`k.${l}`)) as tf.Tensor3D);
-      v.push(loadTensor(c.get(`v.${l}`)) as tf.Tensor3D);
+      k.push(loadTensor(c.get(`k.${l}`, { dtype: options.storage, shape })) as tf.Tensor3D);
+      v.push(loadTensor(c.get(`v.${l}`, { dtype: options.storage, shape })) as tf.Tensor3D);
     }
-    const cache = new DenseCache(layout, rope, prefillLength, options, k, v, Number(c.meta.startPosition ?? 0));
+    const cache = new DenseCache(layout, rope, prefillLength, options, k, v, startPosition);
     cache.restoreResidual(c);
     return cache;
   }

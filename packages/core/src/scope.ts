@@ -1,0 +1,31 @@
+import * as tf from '@tensorflow/tfjs-core';
+
+/** The parts of tfjs's engine that scope tensor ownership (public on the Engine class, not re-exported as types). */
+interface ScopingEngine {
+  startScope(name?: string): void;
+  endScope(result?: tf.TensorContainer): void;
+  state: { activeScope: { track: tf.Tensor[] } | null };
+}
+
+/**
+ * Runs a synchronous `fn` in a tfjs scope: if it throws, every tensor it created and that is still
+ * alive is disposed before the error propagates, so a failed restore or build leaks nothing; if it
+ * returns, every tensor it created and left alive is kept (`tf.keep`), owned by whatever `fn` returned
+ * and freed by that object's `dispose()`. Not for asynchronous work: tfjs scopes are not safe across
+ * an `await`.
+ */
+export function disposeCreatedOnError<T>(fn: () => T): T {
+  const engine = tf.engine() as unknown as ScopingEngine;
+  engine.startScope('kvpack.disposeCreatedOnError');
+  const scope = engine.state.activeScope;
+  let out: T;
+  try {
+    out = fn();
+  } catch (e) {
+    engine.endScope();
+    throw e;
+  }
+  for (const t of scope?.track ?? []) if (!t.isDisposed) tf.keep(t);
+  engine.endScope();
+  return out;
+}
