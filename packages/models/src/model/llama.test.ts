@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { KvpackError, applyRope, denseCacheBytes, denseStrategy, selectBackend, type CompressedCache, type KVCache } from '@kvpack/core';
+import { KvpackError, applyRope, createStrategy, denseCacheBytes, denseStrategy, deserializeCache, selectBackend, type CompressedCache, type KVCache } from '@kvpack/core';
 import { loadLlama2cCheckpoint, parseLlama2cCheckpoint } from '../llama2c/index.js';
 import type { LlamaWeights } from '../types.js';
 import { LlamaModel, createSampler } from './index.js';
@@ -320,6 +320,43 @@ describe('LlamaModel on random weights (GQA, both RoPE layouts, q/k/v biases)', 
     const fake = { layout: other, rope: model.config.rope } as unknown as CompressedCache;
     expectKvpack(() => model.decode([1], fake, 0), 'layout', "is not the model's");
     model.dispose();
+  });
+
+  it('fingerprints its weights: prefill caches carry it through serialization, and another model refuses them', async () => {
+    const a = build('interleaved', false).model;
+    const same = build('interleaved', false).model;
+    const { ref, tables } = randomModel({ ...spec, seed: 6 });
+    const b = new LlamaModel(parseLlama2cCheckpoint(writeLlama2c(ref, tables, 1, spec.groupSize), 'rand.bin'));
+    const fa = await a.fingerprint();
+    expect(fa).toMatch(/^sha256:[0-9a-f]{64}$/);
+    expect(await same.fingerprint()).toBe(fa);
+    expect(await b.fingerprint()).not.toBe(fa);
+    // One changed weight changes the fingerprint (an independent model object over edited weights).
+    const w = parseLlama2cCheckpoint(writeLlama2c(ref, tables, 1, spec.groupSize), 'rand.bin');
+    const edited = w.layers[1].w2.dataSync().slice();
+    edited[3] += 1;
+    w.layers[1].w2.dispose();
+    w.layers[1].w2 = tf.tensor2d(edited, w.layers[1].w2.shape);
+    const b2 = new LlamaModel(w);
+    expect(await b2.fingerprint()).not.toBe(await b.fingerprint());
+
+    const { logits, cache } = await a.prefill([1, 9, 33]);
+    expect(cache.model).toBe(fa);
+    const compressed = await createStrategy({ name: 'dense', options: { storage: 'float32' } }).compress(cache);
+    expect(compressed.model).toBe(fa);
+    const bytes = compressed.serialize();
+    const restored = deserializeCache(bytes, { model: fa });
+    expect(restored.model).toBe(fa);
+    const fb = await b.fingerprint();
+    expectKvpack(() => deserializeCache(bytes, { model: fb }), 'model', `made from model ${fa}`);
+    // decode checks the cache's fingerprint even on a model that has not computed its own yet.
+    const fresh = build('interleaved', false).model;
+    const fresh2 = new LlamaModel(parseLlama2cCheckpoint(writeLlama2c(ref, tables, 1, spec.groupSize), 'rand.bin'));
+    const d = fresh.decode([4], restored, 3);
+    expectKvpack(() => fresh2.decode([4], restored, 4), 'model', 'not from this model');
+    tf.dispose([logits, d]);
+    disposeKV(cache);
+    for (const x of [compressed, restored, a, same, b, b2, fresh, fresh2]) x.dispose();
   });
 });
 

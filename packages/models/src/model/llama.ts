@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import * as tf from '@tensorflow/tfjs-core';
 import {
   applyRope,
@@ -5,6 +6,7 @@ import {
   check,
   denseCacheBytes,
   denseStrategy,
+  isHostBackend,
   validateLayout,
   type CompressedCache,
   type KVCache,
@@ -162,6 +164,59 @@ export class LlamaModel {
     this.config = weights.config;
   }
 
+  private fingerprintValue: string | undefined;
+
+  /** Every weight tensor with its name, in a fixed order. */
+  private namedWeights(): [string, tf.Tensor][] {
+    const w = this.weights;
+    const out: [string, tf.Tensor][] = [['embedding', w.embedding]];
+    w.layers.forEach((l, i) => {
+      for (const [k, t] of Object.entries(l).sort(([a], [b]) => (a < b ? -1 : 1))) if (t instanceof tf.Tensor) out.push([`layers.${i}.${k}`, t]);
+    });
+    out.push(['finalNorm', w.finalNorm], ['classifier', w.classifier]);
+    return out;
+  }
+
+  private digest(data: (t: tf.Tensor) => Uint8Array): string {
+    const h = createHash('sha256');
+    h.update(JSON.stringify(this.config, Object.keys(this.config).sort()));
+    for (const [name, t] of this.namedWeights()) {
+      h.update(`\n${name} ${t.dtype} [${t.shape}]\n`);
+      h.update(data(t));
+    }
+    return `sha256:${h.digest('hex')}`;
+  }
+
+  /**
+   * The model's fingerprint: `sha256:` and the SHA-256 of its config, every weight's name, dtype and
+   * shape, and the weights' float32 bytes as loaded. Caches from {@link prefill} carry it
+   * (`KVCache.model`), compressed caches write it into their serialization, and
+   * `deserializeCache(bytes, { model: await model.fingerprint() })` refuses a cache made from another
+   * model. Computed once (one read of every weight), then cached.
+   */
+  async fingerprint(): Promise<string> {
+    if (this.fingerprintValue === undefined) {
+      const bytes = new Map<tf.Tensor, Uint8Array>();
+      for (const [, t] of this.namedWeights()) {
+        const d = (await t.data()) as Float32Array;
+        bytes.set(t, new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
+      }
+      this.fingerprintValue ??= this.digest((t) => bytes.get(t)!);
+    }
+    return this.fingerprintValue;
+  }
+
+  /** The fingerprint when known or computable without an asynchronous readback (wasm, cpu), else undefined. */
+  private knownFingerprint(): string | undefined {
+    if (this.fingerprintValue === undefined && isHostBackend()) {
+      this.fingerprintValue = this.digest((t) => {
+        const d = t.dataSync() as Float32Array;
+        return new Uint8Array(d.buffer, d.byteOffset, d.byteLength);
+      });
+    }
+    return this.fingerprintValue;
+  }
+
   /** Attention layout (L, H, H_kv, d) of this model, as KV caches record it. */
   get layout(): ModelLayout {
     const c = this.config;
@@ -257,8 +312,9 @@ export class LlamaModel {
     this.checkPositions(0, ids.length, 'prefill');
     const obs = opts.observationWindow ?? 0;
     check(Number.isInteger(obs) && obs >= 0 && obs <= ids.length, 'shape', `prefill: observationWindow ${obs} must be an integer in [0, T = ${ids.length}]`);
+    const model = await this.fingerprint();
     const { logits, keys, values, queries } = this.forward(ids, true, obs, opts.logits === 'last');
-    const cache: KVCache = { layout: this.layout, rope: this.config.rope, keys, values, startPosition: 0, ...(obs > 0 ? { queries } : {}) };
+    const cache: KVCache = { layout: this.layout, rope: this.config.rope, keys, values, startPosition: 0, model, ...(obs > 0 ? { queries } : {}) };
     return { logits, cache };
   }
 
@@ -273,7 +329,8 @@ export class LlamaModel {
    * @param position position of ids[0] (the number of tokens before it, including evicted ones)
    * @returns logits [n, V]; row i predicts the token after ids[i]
    * @throws KvpackError('shape') for bad ids or positions past maxSeqLen; KvpackError('layout' | 'config')
-   *   when the cache belongs to another layout or RoPE.
+   *   when the cache belongs to another layout or RoPE; KvpackError('model') when the cache records the
+   *   fingerprint of another model ({@link fingerprint}).
    */
   decode(ids: number[], cache: CompressedCache, position: number): tf.Tensor2D {
     this.checkIds(ids, 'decode');
@@ -284,6 +341,12 @@ export class LlamaModel {
       cl.nLayers === L.nLayers && cl.nHeads === L.nHeads && cl.nKvHeads === L.nKvHeads && cl.headDim === L.headDim,
       'layout',
       `decode: the cache's layout (${cl.nLayers} layers, ${cl.nHeads} heads, ${cl.nKvHeads} KV heads, head_dim ${cl.headDim}) is not the model's (${L.nLayers}, ${L.nHeads}, ${L.nKvHeads}, ${L.headDim})`,
+    );
+    const mine = cache.model === undefined ? undefined : this.knownFingerprint();
+    check(
+      cache.model === undefined || mine === undefined || cache.model === mine,
+      'model',
+      () => `decode: the cache was made from model ${cache.model}, not from this model (${mine})`,
     );
     const rope = this.config.rope;
     check(
