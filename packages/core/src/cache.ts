@@ -2,7 +2,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import { check, KvpackError } from './errors.js';
 import { decodeBFloat16, decodeHalf, encodeHalf, roundHalf } from './fp16.js';
 import { z } from 'zod';
-import { encodeContainer, payloadBytes, type StoredDType, type StoredTensor, type DecodedContainer } from './serialize.js';
+import { decodeContainer, encodeContainer, payloadBytes, type StoredDType, type StoredTensor, type DecodedContainer, type TensorExpectation } from './serialize.js';
+import { disposeCreatedOnError } from './scope.js';
 import type { CompressedCache, ModelLayout, RopeConfig, AttendOptions } from './types.js';
 import { checkKV } from './validate.js';
 import { attention } from './attention.js';
@@ -65,19 +66,12 @@ export function roundToHalfOnDevice(x: tf.Tensor): tf.Tensor {
   });
 }
 
-/** While {@link BaseCompressedCache.serializeAsync} collects what a serialization reads: the tensors, not their values. */
-let collecting: tf.Tensor[] | null = null;
-
 /**
  * Reads a float32 tensor into a stored tensor of dtype float16 or float32 (a synchronous readback).
  * @throws KvpackError('unsupported') when the backend cannot read back synchronously (tfjs-webgpu under
  *         Node: its readSync needs OffscreenCanvas), naming `serializeAsync` as the way out.
  */
 export function storeTensor(name: string, x: tf.Tensor, dtype: 'float16' | 'float32'): StoredTensor {
-  if (collecting) {
-    collecting.push(x);
-    return { name, dtype, shape: [...x.shape], data: dtype === 'float16' ? new Uint16Array(0) : new Float32Array(0) };
-  }
   const data = readSyncOrExplain(x, `tensor "${name}"`, 'use await cache.serializeAsync()');
   return { name, dtype, shape: [...x.shape], data: dtype === 'float16' ? encodeHalf(data) : Float32Array.from(data) };
 }
@@ -116,12 +110,26 @@ export function loadTensor(t: StoredTensor): tf.Tensor {
 }
 
 /**
- * Base class for compressed caches. A subclass stores the compressed prefill and implements
- * `prefillKeys` / `prefillValues` / `storedSpecs` / `storedTensors`; this class adds the exact
- * float32 residual buffer for decode tokens, byte accounting, serialization and disposal.
+ * One thing a compressed cache stores, as it declares it in {@link BaseCompressedCache.stored}: a
+ * float tensor on the backend written at a storage dtype (float16 rounds, as compression already
+ * did), or a host array written as it is (codes, scales, indices).
+ */
+export type StoredItem =
+  | { name: string; tensor: tf.Tensor; dtype: 'float16' | 'float32' }
+  | { name: string; dtype: StoredDType; shape: number[]; data: StoredTensor['data'] };
+
+function itemSpec(i: StoredItem): StoredSpec {
+  return 'tensor' in i ? { name: i.name, dtype: i.dtype, shape: [...i.tensor.shape] } : { name: i.name, dtype: i.dtype, shape: i.shape };
+}
+
+/**
+ * Base class for compressed caches. A subclass declares what it stores ({@link stored}) and
+ * reconstructs its prefill (`prefillKeys` / `prefillValues`); this class derives from the declaration
+ * byte counting, serialization (`serialize`, `serializeAsync`) and, with {@link restoreStored},
+ * deserialization; it adds the exact float32 residual buffer for decode tokens, and disposal.
  *
- * `byteSize()` = Σ bytes of `storedSpecs()` + residual buffer, which equals the payload that
- * `serialize()` writes (the container header is the only overhead).
+ * `byteSize()` = Σ bytes of `stored()` + residual buffer, which equals the payload that `serialize()`
+ * writes (the container header is the only overhead).
  */
 export abstract class BaseCompressedCache implements CompressedCache {
   abstract readonly strategy: string;
@@ -153,10 +161,12 @@ export abstract class BaseCompressedCache implements CompressedCache {
   protected prefillTokens(_layer: number): number {
     return this.prefillLength;
   }
-  /** Specs of the compressed prefill's stored tensors, in serialization order. */
-  protected abstract storedSpecs(): StoredSpec[];
-  /** Data of the compressed prefill's stored tensors, same order as `storedSpecs()`. */
-  protected abstract storedTensors(): StoredTensor[];
+  /**
+   * What the compressed prefill stores, in serialization order: each item's name, storage dtype and
+   * backend tensor or host array. Names are unique; a restore ({@link restoreStored}) reads them back
+   * by name, and every restored cache must declare exactly the tensors of its file.
+   */
+  protected abstract stored(): StoredItem[];
   /** Strategy-specific JSON metadata for the serialization. */
   protected meta(): Record<string, unknown> {
     return {};
@@ -231,7 +241,7 @@ export abstract class BaseCompressedCache implements CompressedCache {
   /** Name, dtype and shape of every tensor `serialize()` writes, in order (the compressed prefill's, then the residual's). */
   storedLayout(): StoredSpec[] {
     this.assertLive();
-    return [...this.storedSpecs(), ...this.residualSpecs()];
+    return [...this.stored().map(itemSpec), ...this.residualSpecs()];
   }
 
   byteSize(): number {
@@ -240,7 +250,7 @@ export abstract class BaseCompressedCache implements CompressedCache {
 
   serialize(): Uint8Array {
     this.assertLive();
-    const tensors = [...this.storedTensors()];
+    const tensors = this.stored().map((i) => ('tensor' in i ? storeTensor(i.name, i.tensor, i.dtype) : { name: i.name, dtype: i.dtype, shape: i.shape, data: i.data }));
     for (let l = 0; l < this.layout.nLayers; l++) {
       const k = this.resK[l];
       const v = this.resV[l];
@@ -259,24 +269,18 @@ export abstract class BaseCompressedCache implements CompressedCache {
   }
 
   /**
-   * {@link serialize} for backends without a synchronous readback (tfjs-webgpu under Node): a first,
-   * dry pass collects the tensors the serialization reads ({@link storeTensor}), their values are read
-   * back asynchronously (tfjs keeps them on the host afterwards), then `serialize()` runs. Same bytes
-   * on every backend (the conformance suite checks it).
+   * {@link serialize} for backends without a synchronous readback (tfjs-webgpu under Node): the
+   * declared tensors and the residual are read back asynchronously first (tfjs keeps their values on
+   * the host afterwards), then `serialize()` runs. Same bytes on every backend (the conformance suite
+   * checks it).
    */
   async serializeAsync(): Promise<Uint8Array> {
     this.assertLive();
-    const seen: tf.Tensor[] = [];
-    collecting = seen;
-    try {
-      this.storedTensors();
-      for (let l = 0; l < this.layout.nLayers; l++) {
-        const k = this.resK[l];
-        const v = this.resV[l];
-        if (k && v) seen.push(k, v);
-      }
-    } finally {
-      collecting = null;
+    const seen: tf.Tensor[] = this.stored().flatMap((i) => ('tensor' in i ? [i.tensor] : []));
+    for (let l = 0; l < this.layout.nLayers; l++) {
+      const k = this.resK[l];
+      const v = this.resV[l];
+      if (k && v) seen.push(k, v);
     }
     await Promise.all(seen.map((t) => t.data()));
     return this.serialize();
@@ -353,4 +357,53 @@ export function containerHeader(c: DecodedContainer): { layout: ModelLayout; rop
   );
   check(layout.headDim % 2 === 0, 'corrupt', `serialized ${c.strategy} cache is corrupt: metadata layout.headDim = ${layout.headDim} is odd (RoPE rotates pairs)`);
   return { layout, rope: rope as RopeConfig, prefillLength, startPosition: startPosition ?? 0 };
+}
+
+/** Header of a serialized cache, as {@link restoreStored} hands it to a strategy's builder. */
+export interface StoredHeader {
+  layout: ModelLayout;
+  rope: RopeConfig;
+  prefillLength: number;
+  /** Position of the first prefill token. */
+  startPosition: number;
+  /** The strategy's own metadata (what its cache's `meta()` wrote). */
+  meta: Record<string, unknown>;
+}
+
+/** Reads the declared items of a serialized cache by name, each checked against what the builder expects. */
+export interface StoredReader {
+  readonly header: StoredHeader;
+  /** True when the file holds an item of this name. */
+  has(name: string): boolean;
+  /** A float item (float16, bfloat16 or float32) as a float32 tensor; `expect.shape` uses `null` for a free axis. */
+  tensor<T extends tf.Tensor = tf.Tensor>(name: string, expect: TensorExpectation): T;
+  /** A host item's stored array, as written (codes, scales, indices). */
+  host<A extends StoredTensor['data'] = StoredTensor['data']>(name: string, expect: TensorExpectation): A;
+  /** The item's shape as stored, after the same checks. */
+  shape(name: string, expect: TensorExpectation): number[];
+}
+
+/**
+ * Restores a cache of `strategy` from its serialization: decodes and checks the container, validates
+ * the common header (layout, RoPE, prefill length, start position), lets `build` read the declared
+ * items by name and construct the cache, then restores the residual decode tokens and the model
+ * fingerprint. Every tensor created is disposed if anything throws.
+ * @throws KvpackError('corrupt' | 'truncated') naming the field or item at fault.
+ */
+export function restoreStored<C extends BaseCompressedCache>(bytes: Uint8Array, strategy: string, build: (r: StoredReader) => C): C {
+  const c = decodeContainer(bytes);
+  check(c.strategy === strategy, 'corrupt', `expected a serialized ${strategy} cache, got a ${c.strategy} cache`);
+  const { layout, rope, prefillLength, startPosition } = containerHeader(c);
+  const reader: StoredReader = {
+    header: { layout, rope, prefillLength, startPosition, meta: c.meta },
+    has: (name) => c.has(name),
+    tensor: <T extends tf.Tensor>(name: string, expect: TensorExpectation) => loadTensor(c.get(name, { dtype: ['float16', 'bfloat16', 'float32'], ...expect })) as T,
+    host: <A extends StoredTensor['data']>(name: string, expect: TensorExpectation) => c.get(name, expect).data as A,
+    shape: (name, expect) => c.get(name, expect).shape,
+  };
+  return disposeCreatedOnError(() => {
+    const cache = build(reader);
+    cache.restoreResidual(c);
+    return cache;
+  });
 }

@@ -3,11 +3,10 @@ import {
   BaseCompressedCache,
   KvpackError,
   check,
-  containerHeader,
   decodeContainer,
+  restoreStored,
   denseCacheBytes,
   isHostBackend,
-  loadTensor,
   matmul,
   roundToHalf,
   specBytes,
@@ -18,8 +17,8 @@ import {
   type KVCache,
   type ModelLayout,
   type RopeConfig,
+  type StoredItem,
   type StoredSpec,
-  type StoredTensor,
   type Orthogonalization,
   type AttendOptions,
 } from '@kvpack/core';
@@ -178,10 +177,6 @@ async function makeBlock(name: string, x: tf.Tensor2D, config: GroupSvdConfig, p
 
 function blockSpecs(b: Block, storage: 'float16' | 'float32'): StoredSpec[] {
   return b.quant ? quantizedSpecs(b.name, b.quant) : [{ name: b.name, dtype: storage, shape: [b.rows, b.cols] }];
-}
-
-function blockTensors(b: Block, storage: 'float16' | 'float32'): StoredTensor[] {
-  return b.quant ? quantizedTensors(b.name, b.quant) : [storeTensor(b.name, b.tensor, storage)];
 }
 
 /** The stored matrices of one kind (keys or values). */
@@ -366,14 +361,9 @@ export class GroupSvdCache extends BaseCompressedCache {
     return KINDS.flatMap((k) => [...this.blocks[k].basis, ...this.blocks[k].factors]);
   }
 
-  protected storedSpecs(): StoredSpec[] {
-    const specs = this.allBlocks().flatMap((b) => blockSpecs(b, this.config.storage));
-    return this.sparseIndex ? [...specs, ...sparseSpecs(this.sparseIndex, this.layout)] : specs;
-  }
-
-  protected storedTensors(): StoredTensor[] {
-    const ts = this.allBlocks().flatMap((b) => blockTensors(b, this.config.storage));
-    return this.sparseIndex ? [...ts, ...sparseTensors(this.sparseIndex, this.layout)] : ts;
+  protected stored(): StoredItem[] {
+    const items = this.allBlocks().flatMap((b): StoredItem[] => (b.quant ? quantizedTensors(b.name, b.quant) : [{ name: b.name, tensor: b.tensor, dtype: this.config.storage }]));
+    return this.sparseIndex ? [...items, ...sparseTensors(this.sparseIndex, this.layout)] : items;
   }
 
   protected meta(): Record<string, unknown> {
@@ -427,32 +417,25 @@ export class GroupSvdCache extends BaseCompressedCache {
    * @throws KvpackError('corrupt' | 'truncated') naming the strategy and the tensor at fault.
    */
   static fromBytes(bytes: Uint8Array, strategy: string, options: unknown, config: GroupSvdConfig): GroupSvdCache {
-    const c = decodeContainer(bytes);
-    check(c.strategy === strategy, 'corrupt', `expected a serialized ${strategy} cache, got "${c.strategy}"`);
-    const { layout, rope, prefillLength: T, startPosition } = containerHeader(c);
-    const F = layout.nKvHeads * layout.headDim;
-    const groups = layerGroups(layout.nLayers, config.groupSize);
-    const meta = c.meta as { groupSize?: number; ranks?: { k?: number[]; v?: number[] } };
-    const ranks = { k: groups.map((g) => rankOf(config, 'k', g)), v: groups.map((g) => rankOf(config, 'v', g)) };
-    check(
-      meta.groupSize === config.groupSize && JSON.stringify(meta.ranks) === JSON.stringify(ranks),
-      'corrupt',
-      `serialized ${strategy} cache was written with group size ${meta.groupSize} and group ranks ${JSON.stringify(meta.ranks)}, ` +
-        `but these options give ${config.groupSize} and ${JSON.stringify(ranks)} (restore it with deserializeCache)`,
-    );
-    const blocks: Record<Kind, KindBlocks> = { k: { basis: [], factors: [] }, v: { basis: [], factors: [] } };
-    const load = (name: string, rows: number, cols: number, part: 'basis' | 'factors'): Block => {
-      const spec = quantFor(config, part);
-      if (!spec) {
-        const st = c.get(name);
-        check(st.shape.length === 2 && st.shape[0] === rows && st.shape[1] === cols, 'corrupt', `serialized ${strategy} cache is corrupt: tensor "${name}" has shape [${st.shape}], expected [${rows}, ${cols}]`);
-        check(st.dtype === config.storage, 'corrupt', `serialized ${strategy} cache is corrupt: tensor "${name}" has dtype ${st.dtype}, expected ${config.storage}`);
-        return { name, rows, cols, tensor: loadTensor(st) as tf.Tensor2D, quant: null };
-      }
-      const quant = readQuantized(c, name, rows, cols, spec, strategy);
-      return { name, rows, cols, tensor: tf.tensor2d(dequantizeMatrix(quant), [rows, cols]), quant };
-    };
-    try {
+    return restoreStored(bytes, strategy, (r) => {
+      const { layout, rope, prefillLength: T, startPosition, meta } = r.header;
+      const F = layout.nKvHeads * layout.headDim;
+      const groups = layerGroups(layout.nLayers, config.groupSize);
+      const ranks = { k: groups.map((g) => rankOf(config, 'k', g)), v: groups.map((g) => rankOf(config, 'v', g)) };
+      check(
+        meta.groupSize === config.groupSize && JSON.stringify(meta.ranks) === JSON.stringify(ranks),
+        'corrupt',
+        `serialized ${strategy} cache was written with group size ${meta.groupSize} and group ranks ${JSON.stringify(meta.ranks)}, ` +
+          `but these options give ${config.groupSize} and ${JSON.stringify(ranks)} (restore it with deserializeCache)`,
+      );
+      const container = decodeContainer(bytes);
+      const load = (name: string, rows: number, cols: number, part: 'basis' | 'factors'): Block => {
+        const spec = quantFor(config, part);
+        if (!spec) return { name, rows, cols, tensor: r.tensor<tf.Tensor2D>(name, { dtype: config.storage, shape: [rows, cols] }), quant: null };
+        const quant = readQuantized(container, name, rows, cols, spec, strategy);
+        return { name, rows, cols, tensor: tf.tensor2d(dequantizeMatrix(quant), [rows, cols]), quant };
+      };
+      const blocks: Record<Kind, KindBlocks> = { k: { basis: [], factors: [] }, v: { basis: [], factors: [] } };
       for (const kind of KINDS) {
         for (const g of groups) {
           const R = rankOf(config, kind, g);
@@ -460,22 +443,9 @@ export class GroupSvdCache extends BaseCompressedCache {
           for (const l of g.layers) blocks[kind].factors[l] = load(`${kind}.factor.${l}`, R, F, 'factors');
         }
       }
-    } catch (e) {
-      tf.dispose(KINDS.flatMap((k) => [...blocks[k].basis, ...blocks[k].factors.filter(Boolean)].map((b) => b.tensor)));
-      throw e;
-    }
-    let sparse: SparseIndex | null = null;
-    if (config.decode === 'sparse') {
-      try {
-        sparse = loadSparseIndex(c, strategy, layout, T, config.sparse!);
-      } catch (e) {
-        tf.dispose(KINDS.flatMap((k) => [...blocks[k].basis, ...blocks[k].factors].map((b) => b.tensor)));
-        throw e;
-      }
-    }
-    const cache = new GroupSvdCache(strategy, options, config, layout, rope, T, startPosition, blocks, sparse);
-    cache.restoreResidual(c);
-    return cache;
+      const sparse = config.decode === 'sparse' ? loadSparseIndex(container, strategy, layout, T, config.sparse!) : null;
+      return new GroupSvdCache(strategy, options, config, layout, rope, T, startPosition, blocks, sparse);
+    });
   }
 }
 

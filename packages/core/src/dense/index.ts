@@ -1,12 +1,10 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { z } from 'zod';
-import { BaseCompressedCache, containerHeader, loadTensor, roundToHalf, storeTensor, type StoredSpec } from '../cache.js';
+import { BaseCompressedCache, restoreStored, roundToHalf, type StoredItem } from '../cache.js';
 import { applyRope } from '../rope.js';
 import { registerStrategy } from '../registry.js';
-import { decodeContainer, type StoredTensor } from '../serialize.js';
 import type { CompressedCache, KVCache, ModelLayout, RopeConfig, Strategy } from '../types.js';
 import { validateKVCache } from '../validate.js';
-import { check } from '../errors.js';
 
 /** Options of the `dense` strategy. */
 export const DenseOptionsSchema = z.strictObject({
@@ -38,14 +36,12 @@ export class DenseCache extends BaseCompressedCache {
   protected prefillValues(layer: number): tf.Tensor3D {
     return tf.clone(this.v[layer]);
   }
-  protected storedSpecs(): StoredSpec[] {
+  protected stored(): StoredItem[] {
+    const dtype = this.options.storage;
     return this.k.flatMap((k, l) => [
-      { name: `k.${l}`, dtype: this.options.storage, shape: [...k.shape] },
-      { name: `v.${l}`, dtype: this.options.storage, shape: [...k.shape] },
+      { name: `k.${l}`, tensor: k, dtype },
+      { name: `v.${l}`, tensor: this.v[l], dtype },
     ]);
-  }
-  protected storedTensors(): StoredTensor[] {
-    return this.k.flatMap((k, l) => [storeTensor(`k.${l}`, k, this.options.storage), storeTensor(`v.${l}`, this.v[l], this.options.storage)]);
   }
   protected meta(): Record<string, unknown> {
     return { startPosition: this.startPosition };
@@ -56,19 +52,13 @@ export class DenseCache extends BaseCompressedCache {
 
   /** Restores a serialized dense cache. @throws KvpackError('corrupt' | 'truncated') */
   static fromBytes(bytes: Uint8Array, options: DenseOptions): DenseCache {
-    const c = decodeContainer(bytes);
-    check(c.strategy === 'dense', 'corrupt', `expected a dense cache, got "${c.strategy}"`);
-    const { layout, rope, prefillLength, startPosition } = containerHeader(c);
-    const shape = [prefillLength, layout.nKvHeads, layout.headDim];
-    const k: tf.Tensor3D[] = [];
-    const v: tf.Tensor3D[] = [];
-    for (let l = 0; l < layout.nLayers; l++) {
-      k.push(loadTensor(c.get(`k.${l}`, { dtype: options.storage, shape })) as tf.Tensor3D);
-      v.push(loadTensor(c.get(`v.${l}`, { dtype: options.storage, shape })) as tf.Tensor3D);
-    }
-    const cache = new DenseCache(layout, rope, prefillLength, options, k, v, startPosition);
-    cache.restoreResidual(c);
-    return cache;
+    return restoreStored(bytes, 'dense', ({ header: h, tensor }) => {
+      const expect = { dtype: options.storage, shape: [h.prefillLength, h.layout.nKvHeads, h.layout.headDim] };
+      const layers = Array.from({ length: h.layout.nLayers }, (_, l) => l);
+      const k = layers.map((l) => tensor<tf.Tensor3D>(`k.${l}`, expect));
+      const v = layers.map((l) => tensor<tf.Tensor3D>(`v.${l}`, expect));
+      return new DenseCache(h.layout, h.rope, h.prefillLength, options, k, v, h.startPosition);
+    });
   }
 }
 
