@@ -21,8 +21,8 @@ export const SnapKvOptionsSchema = z
   .strictObject({
     /** Prefill tokens kept per KV head and layer, the observation window included (SnapKV's max_capacity_prompt); at most 2^20. */
     budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).default(256),
-    /** Observation window w: the last w prompt tokens, whose queries vote and which are always kept; at most 2^20. */
-    window: z.int().positive().max(MAX_TOKENS, { error: tokens }).default(32),
+    /** Observation window w: the last w prompt tokens, whose queries vote and which are always kept; below budget, so at most 2^20 − 1. */
+    window: z.int().positive().max(MAX_TOKENS - 1, { error: atMost(MAX_TOKENS - 1, 'the window is smaller than the budget, itself at most 2^20 tokens') }).default(32),
     /** 1-D pooling kernel over token positions (odd, so the pooled scores keep their length); at most 2^20 − 1, the largest odd token count. */
     kernelSize: z.int().positive().max(MAX_TOKENS - 1, { error: atMost(MAX_TOKENS - 1, 'the largest odd token count within 2^20') }).default(7),
     /** Pooling of the votes: avg (SnapKV's default) or max. */
