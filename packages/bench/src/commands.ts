@@ -152,20 +152,38 @@ export async function benchCommand(configPath: string, opts: BenchCommandOptions
   return EXIT.ok;
 }
 
-/** Renders a JSON-schema property as a short type description. */
-function describeProp(p: Record<string, unknown>): string {
+/** Type and bounds of a JSON-schema value: `integer, > 0, ≤ 1048576`, `"auto" | integer, ≥ 0, ≤ 4096`. */
+function describeType(p: Record<string, unknown>): string[] {
   const parts: string[] = [];
+  if ('const' in p) return [JSON.stringify(p.const)];
   if (Array.isArray(p.enum)) parts.push(p.enum.map((x) => JSON.stringify(x)).join(' | '));
-  else if (Array.isArray(p.anyOf)) parts.push((p.anyOf as Record<string, unknown>[]).map((a) => ('const' in a ? JSON.stringify(a.const) : String(a.type ?? '?'))).join(' | '));
+  else if (Array.isArray(p.anyOf)) parts.push((p.anyOf as Record<string, unknown>[]).map((a) => describeType(a).join(', ')).join(' | '));
   else if (p.type === 'object') parts.push(`{ ${Object.keys((p.properties as object) ?? {}).join(', ')} }`);
   else if (p.type) parts.push(String(p.type));
   const lo = typeof p.minimum === 'number' && p.minimum > -1e15 ? `≥ ${p.minimum}` : typeof p.exclusiveMinimum === 'number' ? `> ${p.exclusiveMinimum}` : null;
   const hi = typeof p.maximum === 'number' && p.maximum < 1e15 ? `≤ ${p.maximum}` : typeof p.exclusiveMaximum === 'number' ? `< ${p.exclusiveMaximum}` : null;
   if (lo) parts.push(lo);
   if (hi) parts.push(hi);
+  return parts;
+}
+
+/** Renders a JSON-schema property as a short type description (type, bounds, default, description). */
+function describeProp(p: Record<string, unknown>): string {
+  const parts = describeType(p);
   if ('default' in p) parts.push(`default ${JSON.stringify(p.default)}`);
   if (typeof p.description === 'string') parts.push(`— ${p.description}`);
   return parts.join(', ');
+}
+
+/** Option lines of a JSON-schema object: `name  description`, then `name.sub  description` for each property of a nested object. */
+function optionRows(props: Record<string, Record<string, unknown>>, required: Set<string>, prefix = ''): [string, string][] {
+  const rows: [string, string][] = [];
+  for (const [k, p] of Object.entries(props)) {
+    rows.push([prefix + k, `${describeProp(p)}${required.has(k) ? ' (required)' : ''}`]);
+    if (p.type === 'object' && p.properties)
+      rows.push(...optionRows(p.properties as Record<string, Record<string, unknown>>, new Set((p.required as string[]) ?? []), `${prefix}${k}.`));
+  }
+  return rows;
 }
 
 /** `kvpack strategies`: registered names, descriptions and options. */
@@ -182,10 +200,9 @@ export async function strategiesCommand(io: CommandIO = processIO): Promise<numb
     } catch {
       /* a schema JSON Schema cannot express: list no options */
     }
-    const props = (schema.properties ?? {}) as Record<string, Record<string, unknown>>;
-    const required = new Set((schema.required as string[]) ?? []);
-    const w = Math.max(0, ...Object.keys(props).map((k) => k.length));
-    for (const [k, p] of Object.entries(props)) lines.push(`    ${k.padEnd(w)}  ${describeProp(p)}${required.has(k) ? ' (required)' : ''}`);
+    const rows = optionRows((schema.properties ?? {}) as Record<string, Record<string, unknown>>, new Set((schema.required as string[]) ?? []));
+    const w = Math.max(0, ...rows.map(([k]) => k.length));
+    for (const [k, text] of rows) lines.push(`    ${k.padEnd(w)}  ${text}`);
     lines.push('');
   }
   io.out(lines.join('\n').trimEnd());

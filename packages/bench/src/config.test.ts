@@ -2,7 +2,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { KvpackError } from '@kvpack/core';
+import { KvpackError, MAX_ITEMS, MAX_REPEATS, MAX_TOKENS } from '@kvpack/core';
 import '@kvpack/xkv';
 import '@kvpack/baselines';
 import { loadConfig, quickOverrides, resolveConfig } from './config.js';
@@ -20,6 +20,24 @@ function err(raw: unknown): string {
 }
 
 describe('bench config', () => {
+  it('bounds every count that sizes work (tokens ≤ 2^20, repeats ≤ 1000, prompts ≤ 2^20), accepted at the bound and naming it past it', () => {
+    const cases: [string, number, (v: number) => Record<string, unknown>][] = [
+      ['continuationTokens', MAX_TOKENS, (v) => ({ continuationTokens: v })],
+      ['decodeTokens', MAX_TOKENS, (v) => ({ decodeTokens: v })],
+      ['repeats', MAX_REPEATS, (v) => ({ repeats: v })],
+      ['prompts[0].maxTokens', MAX_TOKENS, (v) => ({ prompts: [{ text: 'hi', maxTokens: v }] })],
+      ['strategies[0].observationWindow', MAX_TOKENS, (v) => ({ strategies: [{ name: 'dense', observationWindow: v }] })],
+      ['quick.decodeTokens', MAX_TOKENS, (v) => ({ quick: { decodeTokens: v } })],
+      ['quick.maxPrompts', MAX_ITEMS, (v) => ({ quick: { maxPrompts: v } })],
+      ['quick.repeats', MAX_REPEATS, (v) => ({ quick: { repeats: v } })],
+    ];
+    for (const [path, bound, set] of cases) {
+      expect(err({ ...base, ...set(bound) }), `${path} = ${bound}`).toBe('no error');
+      expect(err({ ...base, ...set(bound + 1) })).toContain(`${path}: must be at most ${bound}`);
+    }
+    expect(MAX_REPEATS).toBe(1000);
+  });
+
   it('applies defaults and resolves paths against modelsDir, or KVPACK_MODELS_DIR when set', () => {
     const c = resolveConfig({ ...base, modelsDir: '../models', tokenizer: 'tok.bin' }, '/repo/examples', 'x', {});
     expect(c.modelPath).toBe(resolve('/repo/models/m.bin'));

@@ -1,25 +1,39 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
-import { KvpackError, parseStrategyOptions, readConfigFile } from '@kvpack/core';
+import { KvpackError, MAX_ITEMS, MAX_REPEATS, MAX_TOKENS, atMost, parseStrategyOptions, readConfigFile } from '@kvpack/core';
 import { z } from 'zod';
 import { expandGrid, type Setting } from './grid.js';
 
 const positiveInt = z.number().int().positive();
+/**
+ * A token count (prompt length cap, continuation, decode length, query window): at most 2^20 (core
+ * MAX_TOKENS; one layer's keys at 2^20 tokens already fill the wasm heap).
+ */
+export const tokenCountSchema = (min: 0 | 1 = 1) =>
+  z
+    .number()
+    .int()
+    .min(min)
+    .max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') });
+/** Timing repeats: at most 1,000 (core MAX_REPEATS; the median of more does not move). */
+export const repeatCountSchema = () => positiveInt.max(MAX_REPEATS, { error: atMost(MAX_REPEATS, 'repeats; the median of more does not move') });
+/** A count of prompts or examples: at most 2^20 (core MAX_ITEMS). */
+export const itemCountSchema = () => positiveInt.max(MAX_ITEMS, { error: atMost(MAX_ITEMS, 'items') });
 
 /** One prompt source. Exactly one of `text`, `file`, `ids`, or `prompt` + `continuation`. */
 const PromptSchema = z.union([
   z.strictObject({
     /** Whole text; its last `continuationTokens` tokens are held out as the continuation. */
     text: z.string().min(1),
-    continuationTokens: positiveInt.optional(),
-    maxTokens: positiveInt.optional(),
+    continuationTokens: tokenCountSchema().optional(),
+    maxTokens: tokenCountSchema().optional(),
     name: z.string().optional(),
   }),
   z.strictObject({
     /** A UTF-8 text file (relative to the config file), split like `text`. */
     file: z.string().min(1),
-    continuationTokens: positiveInt.optional(),
-    maxTokens: positiveInt.optional(),
+    continuationTokens: tokenCountSchema().optional(),
+    maxTokens: tokenCountSchema().optional(),
     name: z.string().optional(),
   }),
   z.strictObject({
@@ -30,8 +44,11 @@ const PromptSchema = z.union([
   }),
   z.strictObject({
     /** Token ids (BOS is not added); the last `continuationTokens` are held out. */
-    ids: z.array(z.number().int().nonnegative()).min(2),
-    continuationTokens: positiveInt.optional(),
+    ids: z
+      .array(z.number().int().nonnegative())
+      .min(2)
+      .max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'token ids') }),
+    continuationTokens: tokenCountSchema().optional(),
     name: z.string().optional(),
   }),
 ]);
@@ -48,15 +65,15 @@ const StrategyEntrySchema = z.strictObject({
   series: z.string().min(1).optional(),
   seriesBy: z.union([z.string(), z.array(z.string())]).optional(),
   /** Query window (tokens) to prefill with for query-aware strategies; overrides the automatic choice. */
-  observationWindow: positiveInt.optional(),
+  observationWindow: tokenCountSchema().optional(),
 });
 
 /** Settings that `--quick` overrides. */
 const QuickSchema = z.strictObject({
-  decodeTokens: z.number().int().nonnegative().optional(),
-  continuationTokens: positiveInt.optional(),
-  maxPrompts: positiveInt.optional(),
-  repeats: positiveInt.optional(),
+  decodeTokens: tokenCountSchema(0).optional(),
+  continuationTokens: tokenCountSchema().optional(),
+  maxPrompts: itemCountSchema().optional(),
+  repeats: repeatCountSchema().optional(),
 });
 
 /**
@@ -77,12 +94,12 @@ export const BenchConfigSchema = z.strictObject({
   /** Prepend the tokenizer's BOS to text prompts. Default true. */
   bos: z.boolean().default(true),
   prompts: z.array(PromptSchema).min(1),
-  /** Default held-out continuation length (tokens) of text prompts. */
-  continuationTokens: positiveInt.default(32),
-  /** Greedy tokens decoded after the prompt, compared with the uncompressed run (0 = skip). */
-  decodeTokens: z.number().int().nonnegative().default(32),
-  /** Compress timing repeats (median reported); --quick uses 1. */
-  repeats: positiveInt.default(3),
+  /** Default held-out continuation length (tokens) of text prompts; at most 2^20. */
+  continuationTokens: tokenCountSchema().default(32),
+  /** Greedy tokens decoded after the prompt, compared with the uncompressed run (0 = skip); at most 2^20. */
+  decodeTokens: tokenCountSchema(0).default(32),
+  /** Compress timing repeats (median reported); --quick uses 1; at most 1,000. */
+  repeats: repeatCountSchema().default(3),
   quick: QuickSchema.optional(),
   strategies: z.array(StrategyEntrySchema).min(1),
 });

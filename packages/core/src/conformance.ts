@@ -48,6 +48,12 @@ export interface ConformanceCases {
   ratioAboveOne?: boolean;
   /** Seeded restore-fuzz trials (default 150; `KVPACK_FUZZ_TRIALS` and `KVPACK_FUZZ_SEED` override for longer runs). */
   fuzzTrials?: number;
+  /**
+   * Options that pass the schema but must fail at compress on the synthetic cache (a rank above
+   * min(T, features), a window longer than the queries, a start layer past the last pair…): each
+   * must reject with a KvpackError and leave no tensor allocated. Omit when no such setting exists.
+   */
+  failingCompress?: Record<string, unknown>[];
   /** Synthetic cache size (defaults: T = 64, L = 4, H = 4, H_kv = 2, d = 16). */
   tokens?: number;
   layout?: Partial<ModelLayout>;
@@ -328,6 +334,38 @@ export function runStrategyConformance(name: string, cases: ConformanceCases): v
       poisoned.dispose();
       const short: KVCache = { ...cache, keys: cache.keys.slice(1), values: cache.values.slice(1) };
       await expect(s.compress(short)).rejects.toThrow(/layers/);
+    });
+
+    it('leaves no tensor allocated when compress throws (bad caches, settings that fail at compress)', async () => {
+      const s = createStrategy({ name, options: cases.compressing });
+      const data = Float32Array.from(cache.values[2].dataSync());
+      data[data.length - 1] = Infinity;
+      const poisoned = tf.tensor3d(data, cache.values[2].shape);
+      const rejections: [string, () => Promise<unknown>][] = [
+        ['an Inf in layer 2', () => s.compress({ ...cache, values: cache.values.map((v, l) => (l === 2 ? poisoned : v)) })],
+        ['a layer count that does not match the layout', () => s.compress({ ...cache, keys: cache.keys.slice(1), values: cache.values.slice(1) })],
+        ...(cases.failingCompress ?? []).map((o): [string, () => Promise<unknown>] => {
+          // These options must pass the schema: the failure under test is the compress.
+          const failing = createStrategy({ name, options: o });
+          return [`options ${JSON.stringify(o)}`, () => failing.compress(cache)];
+        }),
+      ];
+      try {
+        for (const [what, run] of rejections) {
+          const before = tf.memory().numTensors;
+          let err: unknown;
+          try {
+            const c = (await run()) as CompressedCache;
+            c.dispose();
+          } catch (e) {
+            err = e;
+          }
+          expect(err, `${what} should be rejected with a KvpackError`).toBeInstanceOf(KvpackError);
+          expect(tf.memory().numTensors, `tensors left allocated after rejecting ${what}`).toBe(before);
+        }
+      } finally {
+        poisoned.dispose();
+      }
     });
   });
 }

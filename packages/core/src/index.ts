@@ -13,6 +13,7 @@ export * from './registry.js';
 export * from './backend.js';
 export * from './webgpu.js';
 export * from './linalg.js';
+export * from './limits.js';
 export * from './dense/index.js';
 export * from './random.js';
 export * from './scope.js';

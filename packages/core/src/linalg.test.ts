@@ -10,6 +10,10 @@ import {
   orthonormalizeDevice,
   resolveOrthogonalization,
   gaussianMatrix,
+  MAX_ORTHONORMALIZE_PASSES,
+  MAX_OVERSAMPLE,
+  MAX_POWER_ITERS,
+  MAX_SEED,
 } from './index.js';
 
 beforeAll(async () => {
@@ -220,6 +224,30 @@ describe('truncatedSvd', () => {
     await expect(truncatedSvd(X, { rank: 2, oversample: -1 })).rejects.toThrow(/oversample must be a non-negative integer or 'auto'/);
     await expect(truncatedSvd(X, { rank: 2, powerIters: 0.3 })).rejects.toThrow(/powerIters must be a non-negative multiple of 0.5/);
     await expect(truncatedSvd(X, { rank: 2, orthogonalization: 'gpu' as never })).rejects.toThrow(/orthogonalization must be/);
+    X.dispose();
+  });
+
+  it('bounds powerIters (≤ 16), oversample (≤ 4096), the seed (int32) and orthonormalization passes (≤ 8): a config error naming the bound, accepted at it, nothing allocated', async () => {
+    const X = tf.randomNormal([20, 10], 0, 1, 'float32', 1) as tf.Tensor2D;
+    const before = tf.memory().numTensors;
+    const rejects = async (p: Promise<unknown>, text: string) => {
+      const err = await p.then(() => null, (e: unknown) => e);
+      expect(err).toBeInstanceOf(KvpackError);
+      expect((err as KvpackError).code).toBe('config');
+      expect((err as KvpackError).message).toContain(text);
+    };
+    await rejects(truncatedSvd(X, { rank: 2, powerIters: 1e7 }), `at most ${MAX_POWER_ITERS}`);
+    await rejects(truncatedSvd(X, { rank: 2, powerIters: MAX_POWER_ITERS + 0.5 }), `at most ${MAX_POWER_ITERS}`);
+    await rejects(truncatedSvd(X, { rank: 2, oversample: MAX_OVERSAMPLE + 1 }), `at most ${MAX_OVERSAMPLE}`);
+    await rejects(truncatedSvd(X, { rank: 2, seed: MAX_SEED + 1 }), `${MAX_SEED}]`);
+    await rejects(orthonormalize(X, MAX_ORTHONORMALIZE_PASSES + 1), `[0, ${MAX_ORTHONORMALIZE_PASSES}]`);
+    expect(() => orthonormalizeDevice(X, 1e9)).toThrow(`[0, ${MAX_ORTHONORMALIZE_PASSES}]`);
+    expect(tf.memory().numTensors).toBe(before);
+    for (const o of [{ powerIters: MAX_POWER_ITERS }, { oversample: MAX_OVERSAMPLE }, { seed: MAX_SEED }]) {
+      const f = await truncatedSvd(X, { rank: 2, ...o });
+      expect(f.basis.shape).toEqual([20, 2]);
+      tf.dispose([f.basis, f.coeffs]);
+    }
     X.dispose();
   });
 

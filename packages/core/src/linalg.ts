@@ -3,6 +3,7 @@ import { choleskyUpper, invertUpper, symmetricEigHost } from './hostla.js';
 import { check } from './errors.js';
 import { isHostBackend } from './backend.js';
 import { mulberry32 } from './random.js';
+import { MAX_ORTHONORMALIZE_PASSES, MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_SEED, MIN_SEED } from './limits.js';
 
 /**
  * Matrix product op(a)·op(b) on the tfjs backend. On wasm and cpu, tfjs's transposed kernels are
@@ -74,6 +75,7 @@ async function hostGramFactor(G: tf.Tensor2D, tol = 1e-10): Promise<tf.Tensor2D>
  * restore float32 orthogonality. Returns Q [m, k'] with k' ≤ k. Does not dispose Y.
  */
 export async function orthonormalize(Y: tf.Tensor2D, passes = 2, tol = 1e-10): Promise<tf.Tensor2D> {
+  checkPasses(passes);
   let Q = Y;
   for (let p = 0; p < passes; p++) {
     const G = matmul(Q, Q, true, false);
@@ -84,6 +86,14 @@ export async function orthonormalize(Y: tf.Tensor2D, passes = 2, tol = 1e-10): P
     Q = next;
   }
   return Q === Y ? tf.clone(Y) : Q;
+}
+
+function checkPasses(passes: number): void {
+  check(
+    Number.isInteger(passes) && passes >= 0 && passes <= MAX_ORTHONORMALIZE_PASSES,
+    'config',
+    `orthonormalize: passes must be an integer in [0, ${MAX_ORTHONORMALIZE_PASSES}], got ${passes}`,
+  );
 }
 
 /** Ridge added to the scaled Gram matrix in {@link orthonormalizeDevice}: directions of Y below ~1e-3 of its largest are not blown up. */
@@ -159,6 +169,7 @@ function newtonSchulzInvSqrt(G: tf.Tensor2D, sch: NsSchedule): tf.Tensor2D {
  * products. Does not dispose Y.
  */
 export function orthonormalizeDevice(Y: tf.Tensor2D, passes = 2): tf.Tensor2D {
+  checkPasses(passes);
   let Q = Y;
   for (let p = 0; p < passes; p++) {
     const next = tf.tidy(() => matmul(Q, deviceGramFactor(matmul(Q, Q, true, false), p)));
@@ -229,7 +240,8 @@ export interface TruncatedSvdOptions {
   /**
    * Extra sketch columns p (Halko et al. 2011, §4.2), k = r + p, or `auto` (default:
    * {@link autoOversample}, 8 for r ≤ 128 and 0 above). With p = 0 the sketch's basis is the result
-   * (no k×k eigen-decomposition; `singularValues` is then absent).
+   * (no k×k eigen-decomposition; `singularValues` is then absent). At most {@link MAX_OVERSAMPLE}
+   * = 4,096: the k×k host work grows as k³ (Halko et al. recommend p = 5–10).
    */
   oversample?: number | 'auto';
   /**
@@ -237,10 +249,12 @@ export interface TruncatedSvdOptions {
    * makes 2q + 2 products with X or Xᵀ (each a [T, F]-by-k product): q = 0 is X·Ω then Qᵀ·X; each
    * half iteration adds one product and raises the spectral decay the sketch sees by one power of
    * σ. A half-integer q starts from the row space (Ω'ᵀ·X, then X·P, …), which is cheaper when
-   * F < T. Each intermediate sketch is re-orthonormalized. Default 1.
+   * F < T. Each intermediate sketch is re-orthonormalized. Default 1; at most
+   * {@link MAX_POWER_ITERS} = 16 (Halko et al. use 1–3; beyond ~10 float32 rounding, not the
+   * spectrum, limits the error, while each iteration costs two more products with X).
    */
   powerIters?: number;
-  /** Seed of the Gaussian test matrix Ω (drawn on the host, so identical on every backend). */
+  /** Seed of the Gaussian test matrix Ω (drawn on the host, so identical on every backend); an int32. */
   seed?: number;
   /** Force an exact decomposition: the sketch covers min(T, F). */
   exact?: boolean;
@@ -307,8 +321,9 @@ function leftTimes(L: tf.Tensor2D, X: Blocks, transposeL = false): Blocks {
  * Cost: 2q + 2 products of X ([T, F]) with k-column matrices, plus O((T + F)·k²) for the
  * orthonormalizations, plus k³ host work per host orthonormalization and for p > 0.
  * @throws KvpackError('rank') when rank is not an integer in [1, min(T, F)];
- *         KvpackError('config') for a negative or non-integer oversample, or powerIters not a
- *         non-negative multiple of 0.5; KvpackError('shape') for blocks of different row counts.
+ *         KvpackError('config') for an oversample that is not an integer in [0, MAX_OVERSAMPLE = 4096],
+ *         powerIters not a multiple of 0.5 in [0, MAX_POWER_ITERS = 16], or a seed outside the
+ *         int32 range; KvpackError('shape') for blocks of different row counts.
  */
 export async function truncatedSvd(X: tf.Tensor2D, opts: TruncatedSvdOptions): Promise<LowRankFactors>;
 export async function truncatedSvd(X: tf.Tensor2D[], opts: TruncatedSvdOptions): Promise<LowRankBlockFactors>;
@@ -327,8 +342,12 @@ async function truncatedSvdBlocks(X: Blocks, opts: TruncatedSvdOptions): Promise
   check(Number.isInteger(r) && r >= 1 && r <= m, 'rank', `rank ${r} is out of range: it must be an integer in [1, min(T=${T}, features=${F}) = ${m}]`);
   const p = opts.oversample === undefined || opts.oversample === 'auto' ? autoOversample(r) : opts.oversample;
   check(Number.isInteger(p) && p >= 0, 'config', `oversample must be a non-negative integer or 'auto', got ${p}`);
+  check(p <= MAX_OVERSAMPLE, 'config', `oversample ${p} is too large: it must be at most ${MAX_OVERSAMPLE} (the k×k host work grows as (rank + oversample)³)`);
   const qIn = opts.powerIters ?? DEFAULT_POWER_ITERS;
   check(Number.isInteger(2 * qIn) && qIn >= 0, 'config', `powerIters must be a non-negative multiple of 0.5, got ${qIn}`);
+  check(qIn <= MAX_POWER_ITERS, 'config', `powerIters ${qIn} is too large: it must be at most ${MAX_POWER_ITERS} (each iteration is two more products with the whole matrix)`);
+  const seed = opts.seed ?? 0;
+  check(Number.isInteger(seed) && seed >= MIN_SEED && seed <= MAX_SEED, 'config', `seed must be an integer in [${MIN_SEED}, ${MAX_SEED}] (the int32 range), got ${seed}`);
   const orth = resolveOrthogonalization(opts.orthogonalization);
   const k = opts.exact ? m : Math.min(m, r + p);
   if (k >= m && T > F) {
@@ -343,7 +362,7 @@ async function truncatedSvdBlocks(X: Blocks, opts: TruncatedSvdOptions): Promise
     const Q = tf.eye(T) as tf.Tensor2D;
     return rayleighRitz(Q, X.map((x) => tf.clone(x)), r);
   }
-  const { Q, B } = await rangeFinder(X, k, Math.round(2 * qIn), opts.seed ?? 0, orth);
+  const { Q, B } = await rangeFinder(X, k, Math.round(2 * qIn), seed, orth);
   if (B[0].shape[0] === r) return { basis: Q, coeffs: B };
   return rayleighRitz(Q, B, r);
 }

@@ -2,6 +2,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import {
   applyRope,
   attention,
+  MAX_TOKENS,
+  atMost,
   check,
   isHostBackend,
   isWebGpuBackend,
@@ -38,20 +40,25 @@ import { ropeScoresWgsl, selectChunkTokens, softmaxExactWgsl, valuesWgsl, wgslSt
  * rebuilt from the low-rank factors.
  */
 
-/** Options of the sparse decode mode (`sparse` in the xkv options). */
+const tokenCount = (what: string) => atMost(MAX_TOKENS, `${what}; 2^20 tokens of one layer's keys already fill the wasm heap`);
+
+/**
+ * Options of the sparse decode mode (`sparse` in the xkv options). Every count is at most 2^20
+ * (core MAX_TOKENS): a token count beyond it can never be met by a cache kvpack holds.
+ */
 export const SparseOptionsSchema = z
   .strictObject({
-    /** Tokens rebuilt per KV head and decode step (a multiple of chunkSize); default 2,048 (ShadowKV / xKV-SR). */
-    budget: z.int().positive().default(2048),
-    /** Tokens per chunk (one landmark each); default 8. */
-    chunkSize: z.int().positive().default(8),
+    /** Tokens rebuilt per KV head and decode step (a multiple of chunkSize); default 2,048 (ShadowKV / xKV-SR); at most 2^20. */
+    budget: z.int().positive().max(MAX_TOKENS, { error: tokenCount('tokens') }).default(2048),
+    /** Tokens per chunk (one landmark each); default 8; at most 2^20. */
+    chunkSize: z.int().positive().max(MAX_TOKENS, { error: tokenCount('tokens') }).default(8),
     /**
      * Outlier chunks per layer and KV head kept exact (16-bit); default 48, ShadowKV's count for a
-     * 2,048 budget (24 per 1,024). At most the number of chunks.
+     * 2,048 budget (24 per 1,024). At most the number of chunks (and at most 2^20).
      */
-    outlierChunks: z.int().nonnegative().default(48),
-    /** The last prompt tokens kept exact (16-bit), rounded up to whole chunks; default 32 (ShadowKV: 4 chunks). */
-    localTokens: z.int().nonnegative().default(32),
+    outlierChunks: z.int().nonnegative().max(MAX_TOKENS, { error: tokenCount('chunks') }).default(48),
+    /** The last prompt tokens kept exact (16-bit), rounded up to whole chunks; default 32 (ShadowKV: 4 chunks); at most 2^20. */
+    localTokens: z.int().nonnegative().max(MAX_TOKENS, { error: tokenCount('tokens') }).default(32),
   })
   .refine((o) => o.budget % o.chunkSize === 0, { message: 'budget must be a multiple of chunkSize', path: ['budget'] });
 export type SparseOptions = z.output<typeof SparseOptionsSchema>;
@@ -135,7 +142,7 @@ export async function buildSparseIndex(cache: KVCache, T: number, o: SparseOptio
     }
   };
   const layers: SparseLayer[] = [];
-  const key = new Float64Array(c * d);
+  const key = new Float64Array((C > 0 ? c : 0) * d); // c ≤ T when there is a chunk
   const mean = new Float64Array(d);
   for (let l = 0; l < nLayers; l++) {
     const K = (await cache.keys[l].data()) as Float32Array;
@@ -230,8 +237,12 @@ async function buildSparseIndexOnDevice(cache: KVCache, T: number, o: SparseOpti
       out.push(tf.slice(K, [C * c, 0, 0], [local, H, d]), tf.slice(V, [C * c, 0, 0], [local, H, d]));
       return out;
     });
-    const data = await Promise.all(parts.map((t) => t.data()));
-    tf.dispose(parts);
+    let data: Awaited<ReturnType<tf.Tensor['data']>>[];
+    try {
+      data = await Promise.all(parts.map((t) => t.data()));
+    } finally {
+      tf.dispose(parts);
+    }
     let i = 0;
     const lm = C > 0 ? (data[i++] as Float32Array) : new Float32Array(0);
     let outl = new Int32Array(0);

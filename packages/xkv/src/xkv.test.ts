@@ -2,6 +2,13 @@ import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   KvpackError,
+  MAX_FEATURES,
+  MAX_LAYERS,
+  MAX_OVERSAMPLE,
+  MAX_POWER_ITERS,
+  MAX_SEED,
+  MAX_TOKENS,
+  MIN_SEED,
   applyRope,
   createStrategy,
   denseCacheBytes,
@@ -12,7 +19,7 @@ import {
   type KVCache,
 } from '@kvpack/core';
 import { GroupSvdCache, lowRankStats, paperCompressionRatio, xkvStrategy, XkvOptionsSchema } from './index.js';
-import { disposeCache, exactSvdError, groupError, hconcat, syntheticCache } from './test-utils.js';
+import { disposeCache, exactSvdError, expectOptionBounds, groupError, hconcat, syntheticCache } from './test-utils.js';
 
 const layout = { nLayers: 5, nHeads: 4, nKvHeads: 2, headDim: 8 };
 const F = layout.nKvHeads * layout.headDim; // 16
@@ -279,6 +286,66 @@ describe('xkv bad input', () => {
     expect(XkvOptionsSchema.parse({ powerIters: 1.5, oversample: 0, orthogonalization: 'device' })).toMatchObject({ powerIters: 1.5, oversample: 0, orthogonalization: 'device' });
     expect(() => XkvOptionsSchema.parse({ powerIters: 0.25 })).toThrow();
     expect(() => XkvOptionsSchema.parse({ orthogonalization: 'gpu' })).toThrow();
+  });
+});
+
+describe('xkv option bounds', () => {
+  function configError(options: Record<string, unknown>): KvpackError {
+    let err: unknown;
+    try {
+      createStrategy({ name: 'xkv', options });
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(KvpackError);
+    expect((err as KvpackError).code).toBe('config');
+    return err as KvpackError;
+  }
+
+  it('each option that sizes work or memory is accepted at its bound and rejected past it, naming the bound', () => {
+    const sparse = (o: Record<string, unknown>) => ({ decode: 'sparse', sparse: o });
+    expectOptionBounds('xkv', [
+      { option: 'groupSize', bound: MAX_LAYERS, at: (v) => ({ groupSize: v }) },
+      { option: 'rankK', bound: MAX_FEATURES, at: (v) => ({ rankK: v }) },
+      { option: 'rankV', bound: MAX_FEATURES, at: (v) => ({ rankV: v }) },
+      { option: 'oversample', bound: MAX_OVERSAMPLE, at: (v) => ({ oversample: v }) },
+      { option: 'powerIters', bound: MAX_POWER_ITERS, at: (v) => ({ powerIters: v }) },
+      { option: 'seed', bound: MAX_SEED, at: (v) => ({ seed: v }) },
+      { option: 'seed', bound: MIN_SEED, side: 'min', at: (v) => ({ seed: v }) },
+      { option: 'factorQuantization.groupSize', bound: MAX_FEATURES, at: (v) => ({ factorQuantization: { bits: 4, groupSize: v } }) },
+      { option: 'sparse.budget', bound: MAX_TOKENS, at: (v) => sparse({ budget: v, chunkSize: 1 }) },
+      { option: 'sparse.chunkSize', bound: MAX_TOKENS, at: (v) => sparse({ budget: MAX_TOKENS, chunkSize: v }) },
+      { option: 'sparse.outlierChunks', bound: MAX_TOKENS, at: (v) => sparse({ outlierChunks: v }) },
+      { option: 'sparse.localTokens', bound: MAX_TOKENS, at: (v) => sparse({ localTokens: v }) },
+    ]);
+    expect([MAX_LAYERS, MAX_FEATURES, MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_TOKENS]).toEqual([1024, 65536, 4096, 16, 1048576]);
+  });
+
+  it('powerIters: 1e7 (hours of work) is a config error naming the bound 16', () => {
+    const e = configError({ powerIters: 1e7 });
+    expect(e.message).toMatch(/powerIters/);
+    expect(e.message).toContain('at most 16');
+  });
+
+  it("sparse: { budget: 1e9, chunkSize: 1e9 } is a config error naming the 2^20 bound of both, not a RangeError", () => {
+    const e = configError({ decode: 'sparse', sparse: { budget: 1e9, chunkSize: 1e9 } });
+    expect(e.message).toMatch(/sparse\.budget/);
+    expect(e.message).toMatch(/sparse\.chunkSize/);
+    expect(e.message).toContain(`at most ${MAX_TOKENS}`);
+  });
+
+  it("oversample: past its bound names the bound; a wrong type says 'auto' or an integer in [0, 4096]", () => {
+    expect(configError({ oversample: 5000 }).message).toContain(`at most ${MAX_OVERSAMPLE}`);
+    expect(configError({ oversample: 'many' }).message).toContain(`'auto' or an integer in [0, ${MAX_OVERSAMPLE}]`);
+  });
+
+  it('a chunk longer than the prompt (within bounds) compresses: no chunk-sized allocation', async () => {
+    const before = tf.memory().numTensors;
+    const c = await compress({ groupSize: 1, rankK: 2, rankV: 2, decode: 'sparse', sparse: { budget: MAX_TOKENS, chunkSize: MAX_TOKENS, localTokens: 0 } });
+    expect(c.sparseIndex?.chunks).toBe(0);
+    expect(c.sparseIndex?.local).toBe(T);
+    c.dispose();
+    expect(tf.memory().numTensors).toBe(before);
   });
 });
 

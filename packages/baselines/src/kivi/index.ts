@@ -2,7 +2,10 @@ import * as tf from '@tensorflow/tfjs-core';
 import {
   BaseCompressedCache,
   KvpackError,
+  MAX_FEATURES,
+  MAX_TOKENS,
   applyRope,
+  atMost,
   check,
   checkKV,
   containerHeader,
@@ -35,10 +38,13 @@ export const KiviOptionsSchema = z
   .strictObject({
     /** Bits per code, for keys and values: 2 (KIVI-2) or 4 (KIVI-4). */
     bits: z.union([z.literal(2), z.literal(4)], { error: 'bits must be 2 or 4' }).default(2),
-    /** Group size g: keys are grouped over g tokens per channel, values over g channels per token. */
-    groupSize: z.int().positive().default(32),
-    /** Full-precision (16-bit) residual window R, in tokens; a multiple of g. */
-    residualLength: z.int().positive().default(128),
+    /**
+     * Group size g: keys are grouped over g tokens per channel, values over g channels per token; at
+     * most 2^16 (core MAX_FEATURES: g divides head_dim, itself at most a layer's H_kv·d features).
+     */
+    groupSize: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'g divides head_dim') }).default(32),
+    /** Full-precision (16-bit) residual window R, in tokens; a multiple of g; at most 2^20 (core MAX_TOKENS). */
+    residualLength: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap") }).default(128),
   })
   .refine((o) => o.residualLength % o.groupSize === 0, {
     message: 'residualLength (R) must be a multiple of groupSize (g), as KIVI quantizes keys R tokens at a time in groups of g',
@@ -417,44 +423,54 @@ export function kiviStrategy(options: KiviOptions): Strategy<KiviOptions> {
       const { bits, groupSize: g, residualLength: R } = options;
       check(d % g === 0, 'shape', `kivi: head_dim ${d} is not a multiple of groupSize ${g} (values are quantized in groups of g channels)`);
       const state: KiviLayer[] = [];
-      for (let l = 0; l < cache.layout.nLayers; l++) {
-        const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
-        const kData = (await post.data()) as Float32Array;
-        post.dispose();
-        const vData = (await cache.values[l].data()) as Float32Array;
-        const s: KiviLayer = {
-          kCodes: new PackedCodes(bits),
-          kScale: new HalfArray(),
-          kMin: new HalfArray(),
-          kDeq: null,
-          kWin: null,
-          vCodes: new PackedCodes(bits),
-          vScale: new HalfArray(),
-          vMin: new HalfArray(),
-          vDeq: null,
-          vWin: null,
-        };
-        const nk = T - (T % R);
-        if (nk > 0) {
-          const b = quantizeKeysPerChannel(kData.subarray(0, nk * H * d), nk, H, d, g, bits);
-          s.kCodes.push(b.codes);
-          s.kScale.push(b.scale);
-          s.kMin.push(b.min);
-          s.kDeq = tf.tensor3d(dequantizeKeysPerChannel(b, H, d, g), [nk, H, d]);
+      try {
+        for (let l = 0; l < cache.layout.nLayers; l++) {
+          const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
+          let kData: Float32Array;
+          try {
+            kData = (await post.data()) as Float32Array;
+          } finally {
+            post.dispose();
+          }
+          const vData = (await cache.values[l].data()) as Float32Array;
+          const s: KiviLayer = {
+            kCodes: new PackedCodes(bits),
+            kScale: new HalfArray(),
+            kMin: new HalfArray(),
+            kDeq: null,
+            kWin: null,
+            vCodes: new PackedCodes(bits),
+            vScale: new HalfArray(),
+            vMin: new HalfArray(),
+            vDeq: null,
+            vWin: null,
+          };
+          state.push(s);
+          const nk = T - (T % R);
+          if (nk > 0) {
+            const b = quantizeKeysPerChannel(kData.subarray(0, nk * H * d), nk, H, d, g, bits);
+            s.kCodes.push(b.codes);
+            s.kScale.push(b.scale);
+            s.kMin.push(b.min);
+            s.kDeq = tf.tensor3d(dequantizeKeysPerChannel(b, H, d, g), [nk, H, d]);
+          }
+          if (nk < T) s.kWin = tf.tensor3d(roundHalf(kData.subarray(nk * H * d)), [T - nk, H, d]);
+          const nv = Math.max(0, T - R);
+          if (nv > 0) {
+            const b = quantizeValuesPerToken(vData.subarray(0, nv * H * d), nv, H, d, g, bits);
+            s.vCodes.push(b.codes);
+            s.vScale.push(b.scale);
+            s.vMin.push(b.min);
+            s.vDeq = tf.tensor3d(dequantizeValuesPerToken(b, d, g), [nv, H, d]);
+          }
+          s.vWin = tf.tensor3d(roundHalf(vData.subarray(nv * H * d)), [T - nv, H, d]);
         }
-        if (nk < T) s.kWin = tf.tensor3d(roundHalf(kData.subarray(nk * H * d)), [T - nk, H, d]);
-        const nv = Math.max(0, T - R);
-        if (nv > 0) {
-          const b = quantizeValuesPerToken(vData.subarray(0, nv * H * d), nv, H, d, g, bits);
-          s.vCodes.push(b.codes);
-          s.vScale.push(b.scale);
-          s.vMin.push(b.min);
-          s.vDeq = tf.tensor3d(dequantizeValuesPerToken(b, d, g), [nv, H, d]);
-        }
-        s.vWin = tf.tensor3d(roundHalf(vData.subarray(nv * H * d)), [T - nv, H, d]);
-        state.push(s);
+        return new KiviCache(cache.layout, cache.rope, T, options, state);
+      } catch (e) {
+        // A group beyond the float16 range (KvpackError('nonfinite')) can fail a later layer: free the earlier ones.
+        for (const s of state) tf.dispose([s.kDeq, s.kWin, s.vDeq, s.vWin].filter((t): t is tf.Tensor3D => t !== null));
+        throw e;
       }
-      return new KiviCache(cache.layout, cache.rope, T, options, state);
     },
     deserialize: (bytes) => KiviCache.fromBytes(bytes, options),
   };

@@ -1,10 +1,10 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { KvpackError, createStrategy, deserializeCache, headerBytes, selectBackend, type ModelLayout } from '@kvpack/core';
+import { KvpackError, MAX_FEATURES, MAX_TOKENS, createStrategy, deserializeCache, headerBytes, selectBackend, type ModelLayout } from '@kvpack/core';
 import './index.js'; // registers the strategy
-import { runStrategyConformance } from '@kvpack/core/conformance';
+import { disposeKVCache, runStrategyConformance, syntheticCache } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { KiviCache, kiviCacheBytes, packCodes, unpackCodes, type KiviOptions } from './index.js';
-import { f16, maxAbsDiff, prng, randomCache, rint, take, type RandomCache } from '../quant/testkit.js';
+import { expectOptionBounds, f16, maxAbsDiff, prng, randomCache, rint, take, type RandomCache } from '../quant/testkit.js';
 
 runStrategyConformance('kivi', {
   compressing: { bits: 2, groupSize: 8, residualLength: 16 },
@@ -12,6 +12,8 @@ runStrategyConformance('kivi', {
   lossless: { groupSize: 16, residualLength: 128 },
   badOptions: [{ bits: 3 }, { bits: 8 }, { groupSize: 8, residualLength: 20 }, { groupSize: 0 }, { residualLength: -16 }],
   exactDecode: false,
+  // head_dim 16 is not a multiple of g = 32.
+  failingCompress: [{ groupSize: 32, residualLength: 32 }],
 });
 
 /**
@@ -166,5 +168,35 @@ describe('kivi: quantization against a float64 re-computation', () => {
 
   it('rejects R not a multiple of g by name', () => {
     expect(() => createStrategy({ name: 'kivi', options: { groupSize: 32, residualLength: 100 } })).toThrow(/residualLength \(R\) must be a multiple of groupSize/);
+  });
+});
+
+describe('kivi option bounds', () => {
+  it('groupSize ≤ 2^16 and residualLength ≤ 2^20 tokens: accepted at the bound, a config error naming it past it', () => {
+    expectOptionBounds('kivi', [
+      { option: 'groupSize', bound: MAX_FEATURES, at: (v) => ({ groupSize: v, residualLength: MAX_FEATURES }) },
+      { option: 'residualLength', bound: MAX_TOKENS, at: (v) => ({ groupSize: 1, residualLength: v }) },
+    ]);
+  });
+});
+
+describe('kivi frees what it allocated when a later layer fails', () => {
+  it('a key group beyond the float16 range in the last layer is a nonfinite error and leaves no tensor', async () => {
+    await selectBackend('wasm');
+    const cache = syntheticCache(64);
+    const L = cache.layout.nLayers;
+    const data = Float32Array.from(cache.keys[L - 1].dataSync());
+    data[0] = 1e6; // finite in float32, beyond float16: its group's minimum or scale overflows
+    const huge = tf.tensor3d(data, cache.keys[L - 1].shape);
+    const bad = { ...cache, keys: cache.keys.map((k, l) => (l === L - 1 ? huge : k)) };
+    const before = tf.memory().numTensors;
+    const err = await createStrategy({ name: 'kivi', options: { groupSize: 8, residualLength: 16 } })
+      .compress(bad)
+      .then(() => null, (e: unknown) => e);
+    expect(err).toBeInstanceOf(KvpackError);
+    expect((err as KvpackError).code).toBe('nonfinite');
+    expect(tf.memory().numTensors).toBe(before);
+    huge.dispose();
+    disposeKVCache(cache);
   });
 });

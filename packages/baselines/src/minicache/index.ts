@@ -1,7 +1,9 @@
 import * as tf from '@tensorflow/tfjs-core';
 import {
   BaseCompressedCache,
+  MAX_LAYERS,
   applyRope,
+  atMost,
   check,
   containerHeader,
   decodeContainer,
@@ -24,8 +26,11 @@ import { z } from 'zod';
 
 /** Options of the `minicache` strategy (defaults: the paper's t = 0.6 and γ = 0.05). */
 export const MiniCacheOptionsSchema = z.strictObject({
-  /** First merged layer S: pairs (S, S+1), (S+2, S+3), … are merged; default ⌊L/2⌋ (the paper's "from the middle"). */
-  startLayer: z.int().nonnegative().optional(),
+  /**
+   * First merged layer S: pairs (S, S+1), (S+2, S+3), … are merged; default ⌊L/2⌋ (the paper's "from
+   * the middle"). A layer index: below 1,024 (core MAX_LAYERS), and at most L − 2 at compress.
+   */
+  startLayer: z.int().nonnegative().max(MAX_LAYERS - 1, { error: atMost(MAX_LAYERS - 1, 'a layer index; models have far fewer layers') }).optional(),
   /** SLERP interpolation t ∈ [0, 1] between the lower layer's direction (t = 0) and the upper one's (t = 1). */
   t: z.number().min(0).max(1).default(0.6),
   /** Retained fraction γ ∈ [0, 1]: per merged pair and KV head, round(γ·T) most distinct token pairs stay unmerged. */
@@ -367,24 +372,30 @@ export function miniCacheStrategy(options: MiniCacheOptions): Strategy<MiniCache
       const recK: tf.Tensor3D[] = new Array(L);
       const recV: tf.Tensor3D[] = new Array(L);
       const pairs: PairState[] = [];
-      for (const layers of mergedPairs(L, start)) {
-        const [a, b] = layers;
-        const k = mergeLayerPair((await cache.keys[a].data()) as Float32Array, (await cache.keys[b].data()) as Float32Array, T, H, d, options.t, options.gamma);
-        const v = mergeLayerPair((await cache.values[a].data()) as Float32Array, (await cache.values[b].data()) as Float32Array, T, H, d, options.t, options.gamma);
-        pairs.push({ layers, k, v });
-        const [k0, k1] = restoreLayerPair(k, T, H, d);
-        const [v0, v1] = restoreLayerPair(v, T, H, d);
-        recK[a] = tf.tensor3d(k0, [T, H, d]);
-        recK[b] = tf.tensor3d(k1, [T, H, d]);
-        recV[a] = tf.tensor3d(v0, [T, H, d]);
-        recV[b] = tf.tensor3d(v1, [T, H, d]);
+      try {
+        for (const layers of mergedPairs(L, start)) {
+          const [a, b] = layers;
+          const k = mergeLayerPair((await cache.keys[a].data()) as Float32Array, (await cache.keys[b].data()) as Float32Array, T, H, d, options.t, options.gamma);
+          const v = mergeLayerPair((await cache.values[a].data()) as Float32Array, (await cache.values[b].data()) as Float32Array, T, H, d, options.t, options.gamma);
+          pairs.push({ layers, k, v });
+          const [k0, k1] = restoreLayerPair(k, T, H, d);
+          const [v0, v1] = restoreLayerPair(v, T, H, d);
+          recK[a] = tf.tensor3d(k0, [T, H, d]);
+          recK[b] = tf.tensor3d(k1, [T, H, d]);
+          recV[a] = tf.tensor3d(v0, [T, H, d]);
+          recV[b] = tf.tensor3d(v1, [T, H, d]);
+        }
+        for (let l = 0; l < L; l++) {
+          if (recK[l]) continue;
+          recK[l] = (await roundToHalf(cache.keys[l])) as tf.Tensor3D;
+          recV[l] = (await roundToHalf(cache.values[l])) as tf.Tensor3D;
+        }
+        return new MiniCacheCache(cache.layout, cache.rope, T, options, start, cache.startPosition ?? 0, pairs, recK, recV);
+      } catch (e) {
+        // Nothing of a failed compress stays allocated.
+        tf.dispose([...recK, ...recV].filter((t) => t !== undefined));
+        throw e;
       }
-      for (let l = 0; l < L; l++) {
-        if (recK[l]) continue;
-        recK[l] = (await roundToHalf(cache.keys[l])) as tf.Tensor3D;
-        recV[l] = (await roundToHalf(cache.values[l])) as tf.Tensor3D;
-      }
-      return new MiniCacheCache(cache.layout, cache.rope, T, options, start, cache.startPosition ?? 0, pairs, recK, recV);
     },
     deserialize: (bytes) => MiniCacheCache.fromBytes(bytes, options),
   };

@@ -1,16 +1,18 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { KvpackError, createStrategy, selectBackend, type KVCache, type ModelLayout } from '@kvpack/core';
+import { KvpackError, MAX_LAYERS, createStrategy, selectBackend, type KVCache, type ModelLayout } from '@kvpack/core';
 import './index.js'; // registers the strategy
 import { runStrategyConformance } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MiniCacheCache, miniCacheBytes, type MiniCacheOptions } from './index.js';
-import { f16, randomCache, take, unrotate, type RandomCache } from '../quant/testkit.js';
+import { expectOptionBounds, f16, randomCache, take, unrotate, type RandomCache } from '../quant/testkit.js';
 
 runStrategyConformance('minicache', {
   compressing: {},
   // γ = 1 retains every token pair unmerged: exact float16 storage
   lossless: { gamma: 1 },
   badOptions: [{ t: 1.5 }, { gamma: -0.1 }, { startLayer: -1 }, { startLayer: 1.5 }],
+  // L = 4: startLayer 3 leaves no pair to merge.
+  failingCompress: [{ startLayer: 3 }],
 });
 
 /** Closed-form MiniCache reference for one (token, KV head) of a merged pair, in float64. */
@@ -121,5 +123,11 @@ describe('minicache: SLERP merge against its closed form', () => {
     const s = createStrategy({ name: 'minicache', options: { startLayer: 4 } });
     await expect(s.compress(rc.cache)).rejects.toThrow(KvpackError);
     await expect(s.compress(rc.cache)).rejects.toThrow(/startLayer 4 leaves no adjacent layer pair/);
+  });
+});
+
+describe('minicache option bounds', () => {
+  it('startLayer is a layer index below 2^10: accepted at 1023, a config error naming the bound past it', () => {
+    expectOptionBounds('minicache', [{ option: 'startLayer', bound: MAX_LAYERS - 1, at: (v) => ({ startLayer: v }) }]);
   });
 });

@@ -1,7 +1,9 @@
 import * as tf from '@tensorflow/tfjs-core';
 import {
   KvpackError,
+  MAX_TOKENS,
   applyRope,
+  atMost,
   check,
   registerStrategy,
   validateKVCache,
@@ -12,15 +14,17 @@ import {
 import { z } from 'zod';
 import { KeptTokensCache } from '../streamingllm/index.js';
 
-/** Options of the `snapkv` strategy. */
+const tokens = atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap");
+
+/** Options of the `snapkv` strategy. Token counts are at most 2^20 (core MAX_TOKENS). */
 export const SnapKvOptionsSchema = z
   .strictObject({
-    /** Prefill tokens kept per KV head and layer, the observation window included (SnapKV's max_capacity_prompt). */
-    budget: z.int().positive().default(256),
-    /** Observation window w: the last w prompt tokens, whose queries vote and which are always kept. */
-    window: z.int().positive().default(32),
-    /** 1-D pooling kernel over token positions (odd, so the pooled scores keep their length). */
-    kernelSize: z.int().positive().default(7),
+    /** Prefill tokens kept per KV head and layer, the observation window included (SnapKV's max_capacity_prompt); at most 2^20. */
+    budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).default(256),
+    /** Observation window w: the last w prompt tokens, whose queries vote and which are always kept; below budget, so at most 2^20 − 1. */
+    window: z.int().positive().max(MAX_TOKENS - 1, { error: atMost(MAX_TOKENS - 1, 'the window is smaller than the budget, itself at most 2^20 tokens') }).default(32),
+    /** 1-D pooling kernel over token positions (odd, so the pooled scores keep their length); at most 2^20 − 1, the largest odd token count. */
+    kernelSize: z.int().positive().max(MAX_TOKENS - 1, { error: atMost(MAX_TOKENS - 1, 'the largest odd token count within 2^20') }).default(7),
     /** Pooling of the votes: avg (SnapKV's default) or max. */
     pooling: z.enum(['avg', 'max']).default('avg'),
   })
@@ -150,8 +154,12 @@ export function snapKvStrategy(options: SnapKvOptions): Strategy<SnapKvOptions> 
         const tObs = q[l].shape[0];
         const win = tf.slice(q[l], [tObs - w, 0, 0], [w, Hq, d]);
         const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
-        const votes = await snapkvVotes(win, post);
-        tf.dispose([win, post]);
+        let votes: Float32Array;
+        try {
+          votes = await snapkvVotes(win, post);
+        } finally {
+          tf.dispose([win, post]);
+        }
         const scores = pool1d(votes, Hkv, T - w, kernelSize, pooling);
         positions.push(snapkvPositions(scores, Hkv, T - w, budget - w, w));
       }

@@ -1,16 +1,18 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { KvpackError, applyRope, createStrategy, selectBackend, type ModelLayout } from '@kvpack/core';
+import { KvpackError, MAX_TOKENS, applyRope, createStrategy, selectBackend, type ModelLayout } from '@kvpack/core';
 import './index.js'; // registers the strategy
 import { runStrategyConformance } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { KeptTokensCache } from '../streamingllm/index.js';
 import { pool1d, snapkvVotes, type SnapKvOptions } from './index.js';
-import { f16, randomCache, take, type RandomCache } from '../quant/testkit.js';
+import { expectOptionBounds, f16, randomCache, take, type RandomCache } from '../quant/testkit.js';
 
 runStrategyConformance('snapkv', {
   compressing: { budget: 24, window: 8, kernelSize: 5 },
   lossless: { budget: 64, window: 8 },
   badOptions: [{ budget: 8, window: 8 }, { kernelSize: 4 }, { pooling: 'sum' }, { window: 0 }],
+  // The synthetic cache's queries cover its last 8 tokens.
+  failingCompress: [{ budget: 24, window: 16 }],
 });
 
 /**
@@ -125,5 +127,15 @@ describe('snapkv: kept tokens against a direct float64 computation', () => {
     await expect(s.compress(noQ)).rejects.toThrow(/model runner must provide them.*observationWindow/);
     const wide = createStrategy({ name: 'snapkv', options: { budget: 40, window: 16 } });
     await expect(wide.compress(rc.cache)).rejects.toThrow(/covers 8 prompt tokens but the observation window is 16/);
+  });
+});
+
+describe('snapkv option bounds', () => {
+  it('budget ≤ 2^20 tokens, window and kernelSize ≤ 2^20 − 1: accepted at the bound, a config error naming it past it', () => {
+    expectOptionBounds('snapkv', [
+      { option: 'budget', bound: MAX_TOKENS, at: (v) => ({ budget: v }) },
+      { option: 'window', bound: MAX_TOKENS - 1, at: (v) => ({ budget: MAX_TOKENS, window: v }) },
+      { option: 'kernelSize', bound: MAX_TOKENS - 1, at: (v) => ({ kernelSize: v }) },
+    ]);
   });
 });

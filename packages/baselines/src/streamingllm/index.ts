@@ -1,7 +1,9 @@
 import * as tf from '@tensorflow/tfjs-core';
 import {
   BaseCompressedCache,
+  MAX_TOKENS,
   applyRope,
+  atMost,
   check,
   containerHeader,
   decodeContainer,
@@ -100,15 +102,25 @@ export class KeptTokensCache extends BaseCompressedCache {
     const { nKvHeads: H, headDim: d } = cache.layout;
     const k: tf.Tensor3D[] = [];
     const v: tf.Tensor3D[] = [];
-    for (let l = 0; l < cache.layout.nLayers; l++) {
-      const n = positions[l].length / H;
-      const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
-      const kd = (await post.data()) as Float32Array;
-      post.dispose();
-      k.push(tf.tensor3d(gatherPerHead(kd, H, d, positions[l]), [n, H, d]));
-      v.push(tf.tensor3d(gatherPerHead((await cache.values[l].data()) as Float32Array, H, d, positions[l]), [n, H, d]));
+    try {
+      for (let l = 0; l < cache.layout.nLayers; l++) {
+        const n = positions[l].length / H;
+        const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
+        let kd: Float32Array;
+        try {
+          kd = (await post.data()) as Float32Array;
+        } finally {
+          post.dispose();
+        }
+        k.push(tf.tensor3d(gatherPerHead(kd, H, d, positions[l]), [n, H, d]));
+        v.push(tf.tensor3d(gatherPerHead((await cache.values[l].data()) as Float32Array, H, d, positions[l]), [n, H, d]));
+      }
+      return new KeptTokensCache(strategy, cache.layout, cache.rope, T, options, k, v, positions, storePositions);
+    } catch (e) {
+      // Nothing of a failed compress stays allocated.
+      tf.dispose([...k, ...v]);
+      throw e;
     }
-    return new KeptTokensCache(strategy, cache.layout, cache.rope, T, options, k, v, positions, storePositions);
   }
 
   /**
@@ -146,13 +158,15 @@ export class KeptTokensCache extends BaseCompressedCache {
   }
 }
 
+const tokens = atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap");
+
 /** Options of the `streamingllm` strategy. */
 export const StreamingLlmOptionsSchema = z
   .strictObject({
-    /** Attention sinks: the first tokens, always kept (StreamingLLM's default 4). */
-    sinks: z.int().nonnegative().default(4),
-    /** Prefill tokens kept per layer, sinks included (sinks + recent window). */
-    budget: z.int().positive().default(256),
+    /** Attention sinks: the first tokens, always kept (StreamingLLM's default 4); at most 2^20 (core MAX_TOKENS). */
+    sinks: z.int().nonnegative().max(MAX_TOKENS, { error: tokens }).default(4),
+    /** Prefill tokens kept per layer, sinks included (sinks + recent window); at most 2^20 (core MAX_TOKENS). */
+    budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).default(256),
   })
   .refine((o) => o.sinks <= o.budget, { message: 'sinks must not exceed budget (the budget counts the sinks)', path: ['sinks'] });
 export type StreamingLlmOptions = z.output<typeof StreamingLlmOptionsSchema>;

@@ -1,9 +1,9 @@
-import { createStrategy, deserializeCache, selectBackend, type ModelLayout } from '@kvpack/core';
+import { MAX_TOKENS, createStrategy, deserializeCache, selectBackend, type ModelLayout } from '@kvpack/core';
 import './index.js'; // registers the strategy
 import { runStrategyConformance } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { KeptTokensCache } from './index.js';
-import { f16, randomCache, take, type RandomCache } from '../quant/testkit.js';
+import { expectOptionBounds, f16, randomCache, take, type RandomCache } from '../quant/testkit.js';
 
 runStrategyConformance('streamingllm', {
   compressing: { sinks: 4, budget: 24 },
@@ -47,5 +47,14 @@ describe('streamingllm: kept tokens against a direct computation', () => {
     const c = await createStrategy({ name: 'streamingllm', options: { budget: 50 } }).compress(rc.cache);
     expect(c.tokenCount(0)).toBe(T);
     c.dispose();
+  });
+});
+
+describe('streamingllm option bounds', () => {
+  it('sinks and budget ≤ 2^20 tokens: accepted at the bound, a config error naming it past it', () => {
+    expectOptionBounds('streamingllm', [
+      { option: 'budget', bound: MAX_TOKENS, at: (v) => ({ budget: v }) },
+      { option: 'sinks', bound: MAX_TOKENS, at: (v) => ({ sinks: v, budget: MAX_TOKENS }) },
+    ]);
   });
 });

@@ -4,9 +4,10 @@ import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LlamaModel, loadLlama2cCheckpoint } from '@kvpack/models';
 import { runStrategyConformance, syntheticCache, disposeKVCache } from '@kvpack/core/conformance';
-import { createStrategy, denseCacheBytes, KvpackError, selectBackend, type KVCache } from '@kvpack/core';
+import { createStrategy, denseCacheBytes, KvpackError, MAX_FEATURES, MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_SEED, selectBackend, type KVCache } from '@kvpack/core';
 import { paperCompressionRatio, type GroupSvdCache } from '@kvpack/xkv';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { expectOptionBounds } from '../quant/testkit.js';
 import { SvdOptionsSchema } from './index.js';
 
 // Synthetic cache: T = 64, L = 4, H_kv = 2, d = 16 (H_kv·d = 32 = full per-layer rank).
@@ -14,6 +15,8 @@ runStrategyConformance('svd', {
   compressing: { rankK: 4, rankV: 6 },
   lossless: { rankK: 32, rankV: 32, exact: true },
   badOptions: [{ groupSize: 2 }, { rankK: -1 }, { storage: 'int8' }, { factorQuantization: { bits: 5 } }],
+  // Per-layer ranks above min(T = 64, H_kv·d = 32), and 0.
+  failingCompress: [{ rankK: 33 }, { rankV: 0 }],
 });
 
 describe('svd = xkv with groups of one layer', () => {
@@ -113,4 +116,17 @@ describe.skipIf(!HAVE)(`svd vs stories260K oracle.json (G1 entries)${HAVE ? '' :
       c.dispose();
     });
   }
+});
+
+describe('svd option bounds', () => {
+  it('ranks ≤ 2^16, oversample ≤ 4096, powerIters ≤ 16, int32 seed, factor quantization groups ≤ 2^16: accepted at the bound, a config error naming it past it', () => {
+    expectOptionBounds('svd', [
+      { option: 'rankK', bound: MAX_FEATURES, at: (v) => ({ rankK: v }) },
+      { option: 'rankV', bound: MAX_FEATURES, at: (v) => ({ rankV: v }) },
+      { option: 'oversample', bound: MAX_OVERSAMPLE, at: (v) => ({ oversample: v }) },
+      { option: 'powerIters', bound: MAX_POWER_ITERS, at: (v) => ({ powerIters: v }) },
+      { option: 'seed', bound: MAX_SEED, at: (v) => ({ seed: v }) },
+      { option: 'factorQuantization.groupSize', bound: MAX_FEATURES, at: (v) => ({ factorQuantization: { bits: 8, groupSize: v } }) },
+    ]);
+  });
 });

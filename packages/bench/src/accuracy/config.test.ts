@@ -1,7 +1,7 @@
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { KvpackError, listStrategies } from '@kvpack/core';
+import { KvpackError, MAX_ITEMS, MAX_TOKENS, listStrategies } from '@kvpack/core';
 import '@kvpack/xkv';
 import '@kvpack/baselines';
 import { loadAccuracyConfig, resolveAccuracyConfig } from './config.js';
@@ -54,5 +54,22 @@ describe('accuracy config', () => {
     const ok = resolveAccuracyConfig(base, '/cfg', 'acc.yaml', {});
     expect(ok.evalPath).toBe('/cfg/e.jsonl');
     expect(ok.data).toMatchObject({ lastToken: 'decode', attentionQueries: 8, stopAtEos: true, bos: false, stopIds: [] });
+  });
+
+  it('bounds the counts that size work: limit ≤ 2^20 examples, maxNewTokens and attentionQueries ≤ 2^20 tokens, naming the bound', () => {
+    const base = { model: 'm', eval: 'e.jsonl', strategies: [{ name: 'dense' }] };
+    const cases: [string, number][] = [['limit', MAX_ITEMS], ['maxNewTokens', MAX_TOKENS], ['attentionQueries', MAX_TOKENS]];
+    for (const [key, bound] of cases) {
+      expect(resolveAccuracyConfig({ ...base, [key]: bound }, '/cfg', 'acc.yaml', {}).data).toMatchObject({ [key]: bound });
+      let err: unknown;
+      try {
+        resolveAccuracyConfig({ ...base, [key]: bound + 1 }, '/cfg', 'acc.yaml', {});
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(KvpackError);
+      expect((err as KvpackError).code).toBe('config');
+      expect((err as Error).message).toContain(`${key}: must be at most ${bound}`);
+    }
   });
 });

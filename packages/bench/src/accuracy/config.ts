@@ -2,9 +2,7 @@ import { existsSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { KvpackError, readConfigFile } from '@kvpack/core';
 import { z } from 'zod';
-import { BenchConfigSchema, formatZodError, resolveSettings, type ResolvedSetting } from '../config.js';
-
-const positiveInt = z.int().positive();
+import { BenchConfigSchema, formatZodError, itemCountSchema, resolveSettings, tokenCountSchema, type ResolvedSetting } from '../config.js';
 
 /** A strategy entry: the quality bench's syntax (name, options grid, zip, label, series, seriesBy, observationWindow). */
 const StrategyEntrySchema = BenchConfigSchema.shape.strategies.element;
@@ -29,16 +27,16 @@ export const AccuracyConfigSchema = z.strictObject({
   eval: z.string().min(1),
   /** Tasks to run, in this order (default: every task in the file). */
   tasks: z.array(z.string().min(1)).min(1).optional(),
-  /** Examples per task (the first ones in the file; default: all). */
-  limit: positiveInt.optional(),
+  /** Examples per task (the first ones in the file; default: all); at most 2^20. */
+  limit: itemCountSchema().optional(),
   /** Prepend the tokenizer's BOS to tokenized `input` text (default false: RULER-style prompts carry it). */
   bos: z.boolean().default(false),
   /** End an answer at the model's EOS (the EOS is part of the prediction). Default true. */
   stopAtEos: z.boolean().default(true),
   /** Other ids that end an answer (included in the prediction). */
   stopIds: z.array(z.int().nonnegative()).default([]),
-  /** Cap on generated tokens; by default each example decodes exactly len(answer_ids) tokens. */
-  maxNewTokens: positiveInt.optional(),
+  /** Cap on generated tokens; by default each example decodes exactly len(answer_ids) tokens; at most 2^20. */
+  maxNewTokens: tokenCountSchema().optional(),
   /**
    * How the prompt's last token is handled:
    * - `decode` (default): the prompt minus its last token is prefilled and compressed, and the last
@@ -48,7 +46,7 @@ export const AccuracyConfigSchema = z.strictObject({
    */
   lastToken: z.enum(['decode', 'prefill']).default('decode'),
   /** Query rows (the prompt's last tokens) for the attention-output error; 0 skips it. Default 8. */
-  attentionQueries: z.int().nonnegative().default(8),
+  attentionQueries: tokenCountSchema(0).default(8),
   /** Free-text notes printed under the table (e.g. model-specific caveats). */
   notes: z.array(z.string()).optional(),
   strategies: z.array(StrategyEntrySchema).min(1),

@@ -70,8 +70,18 @@ export function denseStrategy(options: DenseOptions): Strategy<DenseOptions> {
     async compress(cache: KVCache): Promise<CompressedCache> {
       const T = await validateKVCache(cache);
       const round = async (x: tf.Tensor3D) => (options.storage === 'float16' ? ((await roundToHalf(x)) as tf.Tensor3D) : (tf.clone(x) as tf.Tensor3D));
-      const k = await Promise.all(cache.keys.map(round));
-      const v = await Promise.all(cache.values.map(round));
+      const k: tf.Tensor3D[] = [];
+      const v: tf.Tensor3D[] = [];
+      try {
+        for (let l = 0; l < cache.layout.nLayers; l++) {
+          k.push(await round(cache.keys[l]));
+          v.push(await round(cache.values[l]));
+        }
+      } catch (e) {
+        // Nothing of a failed compress stays allocated.
+        tf.dispose([...k, ...v]);
+        throw e;
+      }
       return new DenseCache(cache.layout, cache.rope, T, options, k, v, cache.startPosition ?? 0);
     },
     deserialize: (bytes) => DenseCache.fromBytes(bytes, options),
