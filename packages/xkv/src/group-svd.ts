@@ -3,7 +3,6 @@ import {
   BaseCompressedCache,
   KvpackError,
   check,
-  decodeContainer,
   restoreStored,
   denseCacheBytes,
   isHostBackend,
@@ -428,11 +427,10 @@ export class GroupSvdCache extends BaseCompressedCache {
         `serialized ${strategy} cache was written with group size ${meta.groupSize} and group ranks ${JSON.stringify(meta.ranks)}, ` +
           `but these options give ${config.groupSize} and ${JSON.stringify(ranks)} (restore it with deserializeCache)`,
       );
-      const container = decodeContainer(bytes);
       const load = (name: string, rows: number, cols: number, part: 'basis' | 'factors'): Block => {
         const spec = quantFor(config, part);
         if (!spec) return { name, rows, cols, tensor: r.tensor<tf.Tensor2D>(name, { dtype: config.storage, shape: [rows, cols] }), quant: null };
-        const quant = readQuantized(container, name, rows, cols, spec, strategy);
+        const quant = readQuantized(r, name, rows, cols, spec);
         return { name, rows, cols, tensor: tf.tensor2d(dequantizeMatrix(quant), [rows, cols]), quant };
       };
       const blocks: Record<Kind, KindBlocks> = { k: { basis: [], factors: [] }, v: { basis: [], factors: [] } };
@@ -443,7 +441,7 @@ export class GroupSvdCache extends BaseCompressedCache {
           for (const l of g.layers) blocks[kind].factors[l] = load(`${kind}.factor.${l}`, R, F, 'factors');
         }
       }
-      const sparse = config.decode === 'sparse' ? loadSparseIndex(container, strategy, layout, T, config.sparse!) : null;
+      const sparse = config.decode === 'sparse' ? loadSparseIndex(r, strategy, layout, T, config.sparse!) : null;
       return new GroupSvdCache(strategy, options, config, layout, rope, T, startPosition, blocks, sparse);
     });
   }

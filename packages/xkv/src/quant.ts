@@ -1,7 +1,7 @@
-import { check, fromHalfBits, toHalfBits, type DecodedContainer, type StoredSpec, type StoredTensor } from '@kvpack/core';
+import { check, fromHalfBits, toHalfBits, type StoredReader, type StoredSpec, type StoredTensor } from '@kvpack/core';
 
 /**
- * Group-wise integer quantization of stored low-rank factors (issue 3: xKV composed with
+ * Group-wise integer quantization of stored low-rank factors (xKV composed with
  * quantization). Follows the quantizer of the xKV authors' follow-up (abdelfattah-lab/xKV,
  * `xKV/customized_cache/quant.py`, run with `--kv_bits 4 --group_size 32`): each row of a matrix
  * is cut into groups of `groupSize` consecutive elements along its last axis; a group gets one
@@ -156,29 +156,17 @@ export function quantizedSpecs(name: string, q: QuantizedMatrix): StoredSpec[] {
 
 /**
  * Restores the quantized [rows, cols] matrix stored under `name` by {@link quantizedTensors}.
- * @throws KvpackError('corrupt') naming `what` and the tensor when a part is missing or has the wrong
- *         dtype or length for [rows, cols] at spec.bits.
+ * @throws KvpackError('corrupt') naming the tensor when a part is missing or has the wrong dtype or
+ *         length for [rows, cols] at spec.bits.
  */
-export function readQuantized(c: DecodedContainer, name: string, rows: number, cols: number, spec: QuantSpec, what: string): QuantizedMatrix {
-  const codes = c.get(`${name}.codes`);
-  const scales = c.get(`${name}.scales`);
-  const zeros = spec.symmetric ? null : c.get(`${name}.zeros`);
+export function readQuantized(r: StoredReader, name: string, rows: number, cols: number, spec: QuantSpec): QuantizedMatrix {
   const groups = rows * groupsPerRow(cols, spec.groupSize);
-  check(
-    codes.dtype === 'uint8' &&
-      codes.data.length === Math.ceil((rows * cols * spec.bits) / 8) &&
-      scales.dtype === 'float16' &&
-      scales.data.length === groups &&
-      (!zeros || (zeros.dtype === 'uint8' && zeros.data.length === groups)),
-    'corrupt',
-    `serialized ${what} cache is corrupt: quantized tensor "${name}" does not match [${rows}, ${cols}] at ${spec.bits} bits, groups of ${spec.groupSize}`,
-  );
   return {
     ...spec,
     rows,
     cols,
-    codes: codes.data as Uint8Array,
-    scales: scales.data as Uint16Array,
-    zeros: zeros ? (zeros.data as Uint8Array) : null,
+    codes: r.host<Uint8Array>(`${name}.codes`, { dtype: 'uint8', shape: [Math.ceil((rows * cols * spec.bits) / 8)] }),
+    scales: r.host<Uint16Array>(`${name}.scales`, { dtype: 'float16', shape: [groups] }),
+    zeros: spec.symmetric ? null : r.host<Uint8Array>(`${name}.zeros`, { dtype: 'uint8', shape: [groups] }),
   };
 }

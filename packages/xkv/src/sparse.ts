@@ -11,7 +11,7 @@ import {
   decodeHalf,
   encodeHalf,
   ropeInverseFrequencies,
-  type DecodedContainer,
+  type StoredReader,
   type KVCache,
   type ModelLayout,
   type StoredSpec,
@@ -309,9 +309,9 @@ export function sparseMeta(ix: SparseIndex): Record<string, number> {
  * Restores a sparse index from a decoded container.
  * @throws KvpackError('corrupt') naming the tensor whose dtype, shape or contents are wrong.
  */
-export function loadSparseIndex(c: DecodedContainer, strategy: string, layout: ModelLayout, T: number, o: SparseOptions): SparseIndex {
+export function loadSparseIndex(r: StoredReader, strategy: string, layout: ModelLayout, T: number, o: SparseOptions): SparseIndex {
   const g = sparseGeometry(T, o);
-  const meta = (c.meta as { sparse?: Record<string, number> }).sparse;
+  const meta = r.header.meta.sparse as Record<string, number> | undefined;
   check(
     meta && meta.chunkSize === o.chunkSize && meta.chunks === g.chunks && meta.outliers === g.outliers && meta.local === g.local,
     'corrupt',
@@ -319,15 +319,7 @@ export function loadSparseIndex(c: DecodedContainer, strategy: string, layout: M
   );
   const ix: SparseIndex = { options: o, chunkSize: o.chunkSize, ...g, layers: [] };
   for (let l = 0; l < layout.nLayers; l++) {
-    const data = layerSpecs(l, ix, layout).map((spec) => {
-      const t = c.get(spec.name);
-      check(
-        t.dtype === spec.dtype && t.shape.length === spec.shape.length && t.shape.every((v, i) => v === spec.shape[i]),
-        'corrupt',
-        `serialized ${strategy} cache is corrupt: tensor "${spec.name}" is ${t.dtype} [${t.shape}], expected ${spec.dtype} [${spec.shape}]`,
-      );
-      return t.data;
-    });
+    const data = layerSpecs(l, ix, layout).map((spec) => r.host(spec.name, spec));
     const outl = data[1] as Int32Array;
     check(
       outl.every((v) => v >= 0 && v < g.chunks),

@@ -8,23 +8,19 @@ import {
   atMost,
   check,
   checkKV,
-  containerHeader,
-  decodeContainer,
   decodeHalf,
   fromHalfBits,
-  loadTensor,
   registerStrategy,
   roundHalf,
   readSyncOrExplain,
-  storeTensor,
+  restoreStored,
   toHalfBits,
   validateKVCache,
   type CompressedCache,
   type KVCache,
   type ModelLayout,
   type RopeConfig,
-  type StoredSpec,
-  type StoredTensor,
+  type StoredItem,
   type Strategy,
 } from '@kvpack/core';
 import { roundHalfEven } from '@kvpack/xkv';
@@ -307,41 +303,24 @@ export class KiviCache extends BaseCompressedCache {
     s.vWin = concatOrKeep(s.vWin, half(values));
   }
 
-  protected storedSpecs(): StoredSpec[] {
+  protected stored(): StoredItem[] {
     const { nKvHeads: H, headDim: d } = this.layout;
     const { bits, groupSize: g } = this.options;
-    return this.state.flatMap((s, l) => {
+    const win = (name: string, x: tf.Tensor3D | null): StoredItem =>
+      x ? { name, tensor: x, dtype: 'float16' } : { name, dtype: 'float16', shape: [0, H, d], data: new Uint16Array(0) };
+    return this.state.flatMap((s, l): StoredItem[] => {
       const nk = s.kCodes.count / (H * d);
       const nv = s.vCodes.count / (H * d);
       return [
-        { name: `k.${l}.codes`, dtype: 'uint8', shape: [Math.ceil((s.kCodes.count * bits) / 8)] },
-        { name: `k.${l}.scale`, dtype: 'float16', shape: [nk / g, H, d] },
-        { name: `k.${l}.min`, dtype: 'float16', shape: [nk / g, H, d] },
-        { name: `k.${l}.window`, dtype: 'float16', shape: [rows(s.kWin), H, d] },
-        { name: `v.${l}.codes`, dtype: 'uint8', shape: [Math.ceil((s.vCodes.count * bits) / 8)] },
-        { name: `v.${l}.scale`, dtype: 'float16', shape: [nv, H, d / g] },
-        { name: `v.${l}.min`, dtype: 'float16', shape: [nv, H, d / g] },
-        { name: `v.${l}.window`, dtype: 'float16', shape: [rows(s.vWin), H, d] },
-      ] satisfies StoredSpec[];
-    });
-  }
-
-  protected storedTensors(): StoredTensor[] {
-    const specs = this.storedSpecs();
-    const win = (name: string, x: tf.Tensor3D | null, i: number): StoredTensor =>
-      x ? storeTensor(name, x, 'float16') : { name, dtype: 'float16', shape: specs[i].shape, data: new Uint16Array(0) };
-    return this.state.flatMap((s, l) => {
-      const i = 8 * l;
-      return [
-        { ...specs[i], data: s.kCodes.bytes() },
-        { ...specs[i + 1], data: s.kScale.values() },
-        { ...specs[i + 2], data: s.kMin.values() },
-        win(`k.${l}.window`, s.kWin, i + 3),
-        { ...specs[i + 4], data: s.vCodes.bytes() },
-        { ...specs[i + 5], data: s.vScale.values() },
-        { ...specs[i + 6], data: s.vMin.values() },
-        win(`v.${l}.window`, s.vWin, i + 7),
-      ] as StoredTensor[];
+        { name: `k.${l}.codes`, dtype: 'uint8', shape: [Math.ceil((s.kCodes.count * bits) / 8)], data: s.kCodes.bytes() },
+        { name: `k.${l}.scale`, dtype: 'float16', shape: [nk / g, H, d], data: s.kScale.values() },
+        { name: `k.${l}.min`, dtype: 'float16', shape: [nk / g, H, d], data: s.kMin.values() },
+        win(`k.${l}.window`, s.kWin),
+        { name: `v.${l}.codes`, dtype: 'uint8', shape: [Math.ceil((s.vCodes.count * bits) / 8)], data: s.vCodes.bytes() },
+        { name: `v.${l}.scale`, dtype: 'float16', shape: [nv, H, d / g], data: s.vScale.values() },
+        { name: `v.${l}.min`, dtype: 'float16', shape: [nv, H, d / g], data: s.vMin.values() },
+        win(`v.${l}.window`, s.vWin),
+      ];
     });
   }
 
@@ -351,57 +330,43 @@ export class KiviCache extends BaseCompressedCache {
 
   /** Restores a serialized KIVI cache (including its decode-time state). @throws KvpackError('corrupt' | 'truncated') */
   static fromBytes(bytes: Uint8Array, options: KiviOptions): KiviCache {
-    const c = decodeContainer(bytes);
-    check(c.strategy === 'kivi', 'corrupt', `expected a kivi cache, got "${c.strategy}"`);
-    const { layout, rope, prefillLength } = containerHeader(c);
-    const { nKvHeads: H, headDim: d } = layout;
-    const { bits, groupSize: g } = options;
-    const state: KiviLayer[] = [];
-    for (let l = 0; l < layout.nLayers; l++) {
-      const t = (name: string) => c.get(name);
-      const kScale = c.get(`k.${l}.scale`, { dtype: 'float16', shape: [null, H, d] });
-      const vScale = c.get(`v.${l}.scale`, { dtype: 'float16', shape: [null, H, d / g] });
-      const nk = kScale.shape[0] * g;
-      const nv = vScale.shape[0];
-      for (const name of [`k.${l}.codes`, `v.${l}.codes`]) check(t(name).dtype === 'uint8', 'corrupt', `serialized kivi cache is corrupt: "${name}" is ${t(name).dtype}, expected uint8`);
-      for (const name of [`k.${l}.scale`, `k.${l}.min`, `v.${l}.scale`, `v.${l}.min`]) check(t(name).dtype === 'float16', 'corrupt', `serialized kivi cache is corrupt: "${name}" is ${t(name).dtype}, expected float16`);
-      const kCodes = new PackedCodes(bits, { bytes: t(`k.${l}.codes`).data as Uint8Array, count: nk * H * d });
-      const vCodes = new PackedCodes(bits, { bytes: t(`v.${l}.codes`).data as Uint8Array, count: nv * H * d });
-      const kBlock: KiviBlock = {
-        codes: kCodes.unpack(),
-        scale: kScale.data as Uint16Array,
-        min: t(`k.${l}.min`).data as Uint16Array,
-      };
-      const vBlock: KiviBlock = {
-        codes: vCodes.unpack(),
-        scale: vScale.data as Uint16Array,
-        min: t(`v.${l}.min`).data as Uint16Array,
-      };
-      check(
-        kBlock.scale.length === (nk / g) * H * d && kBlock.min.length === kBlock.scale.length &&
-          vBlock.scale.length === nv * H * (d / g) && vBlock.min.length === vBlock.scale.length,
-        'corrupt',
-        `serialized kivi cache is corrupt: layer ${l} scales do not match its codes`,
-      );
-      const window = (name: string) => {
-        const w = t(name);
-        check(w.shape.length === 3 && w.shape[1] === H && w.shape[2] === d, 'corrupt', `serialized kivi cache is corrupt: "${name}" has shape [${w.shape}]`);
-        return w.shape[0] > 0 ? (loadTensor(w) as tf.Tensor3D) : null;
-      };
-      state.push({
-        kCodes,
-        kScale: new HalfArray(kBlock.scale),
-        kMin: new HalfArray(kBlock.min),
-        kDeq: nk > 0 ? tf.tensor3d(dequantizeKeysPerChannel(kBlock, H, d, g), [nk, H, d]) : null,
-        kWin: window(`k.${l}.window`),
-        vCodes,
-        vScale: new HalfArray(vBlock.scale),
-        vMin: new HalfArray(vBlock.min),
-        vDeq: nv > 0 ? tf.tensor3d(dequantizeValuesPerToken(vBlock, d, g), [nv, H, d]) : null,
-        vWin: window(`v.${l}.window`),
-      });
-    }
-    return new KiviCache(layout, rope, prefillLength, options, state);
+    return restoreStored(bytes, 'kivi', (r) => {
+      const { layout, rope, prefillLength } = r.header;
+      const { nKvHeads: H, headDim: d } = layout;
+      const { bits, groupSize: g } = options;
+      check(d % g === 0, 'corrupt', `serialized kivi cache is corrupt: head_dim ${d} is not a multiple of its group size ${g}`);
+      const state: KiviLayer[] = [];
+      for (let l = 0; l < layout.nLayers; l++) {
+        // Keys: per-channel groups of g tokens, [nk/g, H, d] scales; values: per-token groups of g channels, [nv, H, d/g].
+        const nk = r.shape(`k.${l}.scale`, { dtype: 'float16', shape: [null, H, d] })[0] * g;
+        const nv = r.shape(`v.${l}.scale`, { dtype: 'float16', shape: [null, H, d / g] })[0];
+        const half = (name: string, shape: number[]) => r.host<Uint16Array>(name, { dtype: 'float16', shape });
+        const codes = (name: string, count: number) => new PackedCodes(bits, { bytes: r.host<Uint8Array>(name, { dtype: 'uint8', shape: [Math.ceil((count * bits) / 8)] }), count });
+        const kBlock: KiviBlock = { codes: new Uint8Array(0), scale: half(`k.${l}.scale`, [nk / g, H, d]), min: half(`k.${l}.min`, [nk / g, H, d]) };
+        const vBlock: KiviBlock = { codes: new Uint8Array(0), scale: half(`v.${l}.scale`, [nv, H, d / g]), min: half(`v.${l}.min`, [nv, H, d / g]) };
+        const kCodes = codes(`k.${l}.codes`, nk * H * d);
+        const vCodes = codes(`v.${l}.codes`, nv * H * d);
+        kBlock.codes = kCodes.unpack();
+        vBlock.codes = vCodes.unpack();
+        const window = (name: string) => {
+          const rowsHeld = r.shape(name, { dtype: 'float16', shape: [null, H, d] })[0];
+          return rowsHeld > 0 ? r.tensor<tf.Tensor3D>(name, { shape: [rowsHeld, H, d] }) : null;
+        };
+        state.push({
+          kCodes,
+          kScale: new HalfArray(kBlock.scale),
+          kMin: new HalfArray(kBlock.min),
+          kDeq: nk > 0 ? tf.tensor3d(dequantizeKeysPerChannel(kBlock, H, d, g), [nk, H, d]) : null,
+          kWin: window(`k.${l}.window`),
+          vCodes,
+          vScale: new HalfArray(vBlock.scale),
+          vMin: new HalfArray(vBlock.min),
+          vDeq: nv > 0 ? tf.tensor3d(dequantizeValuesPerToken(vBlock, d, g), [nv, H, d]) : null,
+          vWin: window(`v.${l}.window`),
+        });
+      }
+      return new KiviCache(layout, rope, prefillLength, options, state);
+    });
   }
 }
 

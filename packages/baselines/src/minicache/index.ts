@@ -5,21 +5,17 @@ import {
   applyRope,
   atMost,
   check,
-  containerHeader,
-  decodeContainer,
   decodeHalf,
   encodeHalf,
-  loadTensor,
   registerStrategy,
+  restoreStored,
   roundToHalf,
-  storeTensor,
   validateKVCache,
   type CompressedCache,
   type KVCache,
   type ModelLayout,
   type RopeConfig,
-  type StoredSpec,
-  type StoredTensor,
+  type StoredItem,
   type Strategy,
 } from '@kvpack/core';
 import { z } from 'zod';
@@ -191,6 +187,18 @@ interface PairState {
 
 const PAIR_PARTS = ['dir', 'norm0', 'norm1', 'idx', 'keep0', 'keep1'] as const;
 
+/** Storage dtype and shape of each stored part of a merged pair over T tokens that retains k tokens. */
+function pairShapes(T: number, H: number, d: number, k: number): Record<(typeof PAIR_PARTS)[number], { dtype: 'float16' | 'int32'; shape: number[] }> {
+  return {
+    dir: { dtype: 'float16', shape: [T, H, d] },
+    norm0: { dtype: 'float16', shape: [T, H] },
+    norm1: { dtype: 'float16', shape: [T, H] },
+    idx: { dtype: 'int32', shape: [k, H] },
+    keep0: { dtype: 'float16', shape: [k, H, d] },
+    keep1: { dtype: 'float16', shape: [k, H, d] },
+  };
+}
+
 /**
  * A MiniCache cache: layers below `startLayer` (and an unpaired last layer) stay exact at float16;
  * each merged pair holds one shared direction tensor, per-layer norms and the retained tokens, for
@@ -238,44 +246,18 @@ export class MiniCacheCache extends BaseCompressedCache {
     return this.pairs.some((p) => p.layers.includes(layer));
   }
 
-  protected storedSpecs(): StoredSpec[] {
+  protected stored(): StoredItem[] {
     const { nKvHeads: H, headDim: d } = this.layout;
     const T = this.prefillLength;
-    const out: StoredSpec[] = [];
+    const out: StoredItem[] = [];
     for (let l = 0; l < this.layout.nLayers; l++) {
       if (this.isMerged(l)) continue;
-      out.push({ name: `exact.k.${l}`, dtype: 'float16', shape: [T, H, d] }, { name: `exact.v.${l}`, dtype: 'float16', shape: [T, H, d] });
+      out.push({ name: `exact.k.${l}`, tensor: this.recK[l], dtype: 'float16' }, { name: `exact.v.${l}`, tensor: this.recV[l], dtype: 'float16' });
     }
     for (const p of this.pairs) {
       for (const kind of ['k', 'v'] as const) {
-        const k = p[kind].retained;
-        const base = `pair.${p.layers[0]}.${kind}`;
-        out.push(
-          { name: `${base}.dir`, dtype: 'float16', shape: [T, H, d] },
-          { name: `${base}.norm0`, dtype: 'float16', shape: [T, H] },
-          { name: `${base}.norm1`, dtype: 'float16', shape: [T, H] },
-          { name: `${base}.idx`, dtype: 'int32', shape: [k, H] },
-          { name: `${base}.keep0`, dtype: 'float16', shape: [k, H, d] },
-          { name: `${base}.keep1`, dtype: 'float16', shape: [k, H, d] },
-        );
-      }
-    }
-    return out;
-  }
-
-  protected storedTensors(): StoredTensor[] {
-    const out: StoredTensor[] = [];
-    for (let l = 0; l < this.layout.nLayers; l++) {
-      if (this.isMerged(l)) continue;
-      out.push(storeTensor(`exact.k.${l}`, this.recK[l], 'float16'), storeTensor(`exact.v.${l}`, this.recV[l], 'float16'));
-    }
-    const specs = new Map(this.storedSpecs().map((s) => [s.name, s]));
-    for (const p of this.pairs) {
-      for (const kind of ['k', 'v'] as const) {
-        for (const part of PAIR_PARTS) {
-          const name = `pair.${p.layers[0]}.${kind}.${part}`;
-          out.push({ ...specs.get(name)!, data: p[kind][part] } as StoredTensor);
-        }
+        const shapes = pairShapes(T, H, d, p[kind].retained);
+        for (const part of PAIR_PARTS) out.push({ name: `pair.${p.layers[0]}.${kind}.${part}`, ...shapes[part], data: p[kind][part] });
       }
     }
     return out;
@@ -291,60 +273,40 @@ export class MiniCacheCache extends BaseCompressedCache {
 
   /** Restores a serialized MiniCache cache. @throws KvpackError('corrupt' | 'truncated') */
   static fromBytes(bytes: Uint8Array, options: MiniCacheOptions): MiniCacheCache {
-    const c = decodeContainer(bytes);
-    check(c.strategy === 'minicache', 'corrupt', `expected a minicache cache, got "${c.strategy}"`);
-    const { layout, rope, prefillLength: T, startPosition } = containerHeader(c);
-    const { nLayers: L, nKvHeads: H, headDim: d } = layout;
-    const startLayer = Number(c.meta.startLayer);
-    check(Number.isInteger(startLayer) && startLayer >= 0, 'corrupt', 'serialized minicache cache is corrupt: metadata lacks startLayer');
-    const recK: tf.Tensor3D[] = new Array(L);
-    const recV: tf.Tensor3D[] = new Array(L);
-    const pairs: PairState[] = [];
-    for (const layers of mergedPairs(L, startLayer)) {
-      const read = (kind: 'k' | 'v'): MergedPair => {
-        const base = `pair.${layers[0]}.${kind}`;
-        const idx = c.get(`${base}.idx`);
-        const k = idx.shape[0];
-        const m: MergedPair = {
-          dir: c.get(`${base}.dir`).data as Uint16Array,
-          norm0: c.get(`${base}.norm0`).data as Uint16Array,
-          norm1: c.get(`${base}.norm1`).data as Uint16Array,
-          idx: idx.data as Int32Array,
-          keep0: c.get(`${base}.keep0`).data as Uint16Array,
-          keep1: c.get(`${base}.keep1`).data as Uint16Array,
-          retained: k,
+    return restoreStored(bytes, 'minicache', (r) => {
+      const { layout, rope, prefillLength: T, startPosition, meta } = r.header;
+      const { nLayers: L, nKvHeads: H, headDim: d } = layout;
+      const startLayer = meta.startLayer;
+      check(typeof startLayer === 'number' && Number.isInteger(startLayer) && startLayer >= 0 && startLayer < L, 'corrupt', `serialized minicache cache is corrupt: metadata startLayer ${JSON.stringify(startLayer)} is not a layer of ${L}`);
+      const recK: tf.Tensor3D[] = new Array(L);
+      const recV: tf.Tensor3D[] = new Array(L);
+      const pairs: PairState[] = [];
+      for (const layers of mergedPairs(L, startLayer)) {
+        const read = (kind: 'k' | 'v'): MergedPair => {
+          const base = `pair.${layers[0]}.${kind}`;
+          const k = r.shape(`${base}.idx`, { dtype: 'int32', shape: [null, H] })[0];
+          const shapes = pairShapes(T, H, d, k);
+          const part = <A extends Uint16Array | Int32Array>(name: (typeof PAIR_PARTS)[number]) => r.host<A>(`${base}.${name}`, shapes[name]);
+          const idx = part<Int32Array>('idx');
+          check(idx.every((p) => p >= 0 && p < T), 'corrupt', `serialized minicache cache is corrupt: "${base}.idx" holds a token outside [0, ${T})`);
+          return { dir: part('dir'), norm0: part('norm0'), norm1: part('norm1'), idx, keep0: part('keep0'), keep1: part('keep1'), retained: k } as MergedPair;
         };
-        check(
-          idx.dtype === 'int32' &&
-            m.dir.length === T * H * d &&
-            m.norm0.length === T * H &&
-            m.norm1.length === T * H &&
-            m.idx.length === k * H &&
-            m.keep0.length === k * H * d &&
-            m.keep1.length === k * H * d &&
-            m.idx.every((p) => p >= 0 && p < T),
-          'corrupt',
-          `serialized minicache cache is corrupt: merged pair "${base}" does not match [T=${T}, H_kv=${H}, d=${d}]`,
-        );
-        return m;
-      };
-      const p: PairState = { layers, k: read('k'), v: read('v') };
-      pairs.push(p);
-      const [k0, k1] = restoreLayerPair(p.k, T, H, d);
-      const [v0, v1] = restoreLayerPair(p.v, T, H, d);
-      recK[layers[0]] = tf.tensor3d(k0, [T, H, d]);
-      recK[layers[1]] = tf.tensor3d(k1, [T, H, d]);
-      recV[layers[0]] = tf.tensor3d(v0, [T, H, d]);
-      recV[layers[1]] = tf.tensor3d(v1, [T, H, d]);
-    }
-    for (let l = 0; l < L; l++) {
-      if (recK[l]) continue;
-      recK[l] = loadTensor(c.get(`exact.k.${l}`, { dtype: 'float16', shape: [T, H, d] })) as tf.Tensor3D;
-      recV[l] = loadTensor(c.get(`exact.v.${l}`, { dtype: 'float16', shape: [T, H, d] })) as tf.Tensor3D;
-    }
-    const cache = new MiniCacheCache(layout, rope, T, options, startLayer, startPosition, pairs, recK, recV);
-    cache.restoreResidual(c);
-    return cache;
+        const p: PairState = { layers, k: read('k'), v: read('v') };
+        pairs.push(p);
+        const [k0, k1] = restoreLayerPair(p.k, T, H, d);
+        const [v0, v1] = restoreLayerPair(p.v, T, H, d);
+        recK[layers[0]] = tf.tensor3d(k0, [T, H, d]);
+        recK[layers[1]] = tf.tensor3d(k1, [T, H, d]);
+        recV[layers[0]] = tf.tensor3d(v0, [T, H, d]);
+        recV[layers[1]] = tf.tensor3d(v1, [T, H, d]);
+      }
+      for (let l = 0; l < L; l++) {
+        if (recK[l]) continue;
+        recK[l] = r.tensor(`exact.k.${l}`, { dtype: 'float16', shape: [T, H, d] });
+        recV[l] = r.tensor(`exact.v.${l}`, { dtype: 'float16', shape: [T, H, d] });
+      }
+      return new MiniCacheCache(layout, rope, T, options, startLayer, startPosition, pairs, recK, recV);
+    });
   }
 }
 

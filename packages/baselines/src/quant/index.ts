@@ -3,19 +3,17 @@ import {
   BaseCompressedCache,
   applyRope,
   check,
-  containerHeader,
-  decodeContainer,
+  restoreStored,
   registerStrategy,
   validateKVCache,
   type CompressedCache,
   type KVCache,
   type ModelLayout,
   type RopeConfig,
-  type StoredSpec,
-  type StoredTensor,
+  type StoredItem,
   type Strategy,
 } from '@kvpack/core';
-import { dequantizeMatrix, quantizeMatrix, quantizedBytes, quantizedSpecs, quantizedTensors, readQuantized, type QuantSpec, type QuantizedMatrix } from '@kvpack/xkv';
+import { dequantizeMatrix, quantizeMatrix, quantizedBytes, quantizedTensors, readQuantized, type QuantSpec, type QuantizedMatrix } from '@kvpack/xkv';
 import { z } from 'zod';
 
 /** Options of the `quant` strategy. */
@@ -77,10 +75,7 @@ export class QuantCache extends BaseCompressedCache {
   protected prefillValues(layer: number): tf.Tensor3D {
     return tf.clone(this.deqV[layer]);
   }
-  protected storedSpecs(): StoredSpec[] {
-    return this.qk.flatMap((q, l) => [...quantizedSpecs(`k.${l}`, q), ...quantizedSpecs(`v.${l}`, this.qv[l])]);
-  }
-  protected storedTensors(): StoredTensor[] {
+  protected stored(): StoredItem[] {
     return this.qk.flatMap((q, l) => [...quantizedTensors(`k.${l}`, q), ...quantizedTensors(`v.${l}`, this.qv[l])]);
   }
   protected meta(): Record<string, unknown> {
@@ -92,21 +87,13 @@ export class QuantCache extends BaseCompressedCache {
 
   /** Restores a serialized `quant` cache. @throws KvpackError('corrupt' | 'truncated') */
   static fromBytes(bytes: Uint8Array, options: QuantOptions): QuantCache {
-    const c = decodeContainer(bytes);
-    check(c.strategy === 'quant', 'corrupt', `expected a quant cache, got "${c.strategy}"`);
-    const { layout, rope, prefillLength, startPosition } = containerHeader(c);
-    const spec = perTokenSpec(options, layout.headDim);
-    const rows = prefillLength * layout.nKvHeads;
-    const load = (name: string): QuantizedMatrix => readQuantized(c, name, rows, layout.headDim, spec, 'quant');
-    const qk: QuantizedMatrix[] = [];
-    const qv: QuantizedMatrix[] = [];
-    for (let l = 0; l < layout.nLayers; l++) {
-      qk.push(load(`k.${l}`));
-      qv.push(load(`v.${l}`));
-    }
-    const cache = new QuantCache(layout, rope, prefillLength, options, qk, qv, startPosition);
-    cache.restoreResidual(c);
-    return cache;
+    return restoreStored(bytes, 'quant', (r) => {
+      const { layout, rope, prefillLength, startPosition } = r.header;
+      const spec = perTokenSpec(options, layout.headDim);
+      const load = (name: string): QuantizedMatrix => readQuantized(r, name, prefillLength * layout.nKvHeads, layout.headDim, spec);
+      const layers = Array.from({ length: layout.nLayers }, (_, l) => l);
+      return new QuantCache(layout, rope, prefillLength, options, layers.map((l) => load(`k.${l}`)), layers.map((l) => load(`v.${l}`)), startPosition);
+    });
   }
 }
 

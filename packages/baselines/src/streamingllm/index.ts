@@ -5,19 +5,15 @@ import {
   applyRope,
   atMost,
   check,
-  containerHeader,
-  decodeContainer,
-  loadTensor,
   registerStrategy,
+  restoreStored,
   roundHalf,
-  storeTensor,
   validateKVCache,
   type CompressedCache,
   type KVCache,
   type ModelLayout,
   type RopeConfig,
-  type StoredSpec,
-  type StoredTensor,
+  type StoredItem,
   type Strategy,
 } from '@kvpack/core';
 import { z } from 'zod';
@@ -76,18 +72,11 @@ export class KeptTokensCache extends BaseCompressedCache {
   protected prefillValues(layer: number): tf.Tensor3D {
     return tf.clone(this.v[layer]);
   }
-  protected storedSpecs(): StoredSpec[] {
-    return this.k.flatMap((k, l) => [
-      { name: `k.${l}`, dtype: 'float16', shape: [...k.shape] },
-      { name: `v.${l}`, dtype: 'float16', shape: [...k.shape] },
-      ...(this.storePositions ? [{ name: `pos.${l}`, dtype: 'int32', shape: [k.shape[0], k.shape[1]] } satisfies StoredSpec] : []),
-    ]);
-  }
-  protected storedTensors(): StoredTensor[] {
-    return this.k.flatMap((k, l) => [
-      storeTensor(`k.${l}`, k, 'float16'),
-      storeTensor(`v.${l}`, this.v[l], 'float16'),
-      ...(this.storePositions ? [{ name: `pos.${l}`, dtype: 'int32', shape: [k.shape[0], k.shape[1]], data: this.positions[l] } satisfies StoredTensor] : []),
+  protected stored(): StoredItem[] {
+    return this.k.flatMap((k, l): StoredItem[] => [
+      { name: `k.${l}`, tensor: k, dtype: 'float16' },
+      { name: `v.${l}`, tensor: this.v[l], dtype: 'float16' },
+      ...(this.storePositions ? [{ name: `pos.${l}`, dtype: 'int32' as const, shape: [k.shape[0], k.shape[1]], data: this.positions[l] }] : []),
     ]);
   }
   protected disposeStored(): void {
@@ -128,33 +117,23 @@ export class KeptTokensCache extends BaseCompressedCache {
    * not stored. @throws KvpackError('corrupt' | 'truncated')
    */
   static fromBytes(bytes: Uint8Array, strategy: string, options: unknown, impliedPositions?: (T: number, H: number) => Int32Array): KeptTokensCache {
-    const c = decodeContainer(bytes);
-    check(c.strategy === strategy, 'corrupt', `expected a ${strategy} cache, got "${c.strategy}"`);
-    const { layout, rope, prefillLength } = containerHeader(c);
-    const { nKvHeads: H, headDim: d } = layout;
-    const k: tf.Tensor3D[] = [];
-    const v: tf.Tensor3D[] = [];
-    const positions: Int32Array[] = [];
-    for (let l = 0; l < layout.nLayers; l++) {
-      const kt = c.get(`k.${l}`);
-      const n = kt.shape[0];
-      check(kt.shape.length === 3 && kt.shape[1] === H && kt.shape[2] === d, 'corrupt', `serialized ${strategy} cache is corrupt: "k.${l}" has shape [${kt.shape}]`);
-      let pos: Int32Array;
-      if (impliedPositions) pos = impliedPositions(prefillLength, H);
-      else {
-        const p = c.get(`pos.${l}`);
-        check(p.dtype === 'int32' && p.data.length === n * H, 'corrupt', `serialized ${strategy} cache is corrupt: "pos.${l}" does not hold ${n}×${H} positions`);
-        pos = p.data as Int32Array;
+    return restoreStored(bytes, strategy, (r) => {
+      const { layout, rope, prefillLength: T } = r.header;
+      const { nKvHeads: H, headDim: d } = layout;
+      const k: tf.Tensor3D[] = [];
+      const v: tf.Tensor3D[] = [];
+      const positions: Int32Array[] = [];
+      for (let l = 0; l < layout.nLayers; l++) {
+        const n = r.shape(`k.${l}`, { dtype: 'float16', shape: [null, H, d] })[0];
+        const pos = impliedPositions ? impliedPositions(T, H) : r.host<Int32Array>(`pos.${l}`, { dtype: 'int32', shape: [n, H] });
+        check(pos.length === n * H, 'corrupt', `serialized ${strategy} cache is corrupt: layer ${l} keeps ${n} tokens, its options imply ${pos.length / H}`);
+        check(pos.every((p) => p >= 0 && p < T), 'corrupt', `serialized ${strategy} cache is corrupt: "pos.${l}" holds a position outside [0, ${T})`);
+        k.push(r.tensor(`k.${l}`, { dtype: 'float16', shape: [n, H, d] }));
+        v.push(r.tensor(`v.${l}`, { dtype: 'float16', shape: [n, H, d] }));
+        positions.push(pos);
       }
-      check(pos.every((p) => p >= 0 && p < prefillLength), 'corrupt', `serialized ${strategy} cache is corrupt: "pos.${l}" holds a position outside [0, ${prefillLength})`);
-      check(pos.length === n * H, 'corrupt', `serialized ${strategy} cache is corrupt: layer ${l} keeps ${n} tokens, its options imply ${pos.length / H}`);
-      k.push(loadTensor(kt) as tf.Tensor3D);
-      v.push(loadTensor(c.get(`v.${l}`, { dtype: kt.dtype, shape: [n, H, d] })) as tf.Tensor3D);
-      positions.push(pos);
-    }
-    const cache = new KeptTokensCache(strategy, layout, rope, prefillLength, options, k, v, positions, !impliedPositions);
-    cache.restoreResidual(c);
-    return cache;
+      return new KeptTokensCache(strategy, layout, rope, T, options, k, v, positions, !impliedPositions);
+    });
   }
 }
 
