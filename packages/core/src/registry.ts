@@ -6,11 +6,38 @@ import { KvpackError, check } from './errors.js';
 import { BaseCompressedCache, type StoredSpec } from './cache.js';
 import { byteView, decodeContainer, withDecodedContainer, type ByteSource, type StoredTensor } from './serialize.js';
 import { disposeCreatedOnError } from './scope.js';
-import type { CompressedCache, KVCache, Strategy } from './types.js';
+import type { CompressedCache, KVCache, ModelLayout, Strategy } from './types.js';
+
+/** A low-rank factorization a strategy computes: `count` matrices of [T, features] factored at `rank`. */
+export interface FactoredShape {
+  /** Columns of the factored matrix (e.g. G·H_kv·d for an xKV group). */
+  features: number;
+  /** Rank of the factorization. */
+  rank: number;
+  /** How many such matrices one compression factors. */
+  count: number;
+}
 
 /**
- * A registered compression method: a name, a zod schema for its options (with defaults), and a
- * factory. Register with {@link registerStrategy}; build with {@link createStrategy}.
+ * What benchmarks and runners need to know about a strategy without knowing its name. Every member
+ * takes the strategy's resolved (parsed, defaulted) options.
+ */
+export interface StrategyCapabilities<O = unknown> {
+  /**
+   * Post-RoPE queries of the last prompt tokens that `compress` reads (`KVCache.queries`), in tokens;
+   * 0 or absent for query-agnostic strategies.
+   */
+  queryWindow?(options: O): number;
+  /** The ratio the method's paper reports for these options on this layout at T tokens (dense fp16 ÷ compressed elements). */
+  paperRatio?(options: O, layout: ModelLayout, tokens: number): number;
+  /** The matrices `compress` factors for a cache of `layers` layers (for timing against matmul floors). */
+  factoredShapes?(options: O, layout: ModelLayout, layers: number): FactoredShape[];
+}
+
+/**
+ * A registered compression method: a name, a zod schema for its options (with defaults), a
+ * factory, and what runners may ask of it. Register with {@link registerStrategy}; build with
+ * {@link createStrategy}.
  */
 export interface StrategyDefinition<S extends z.ZodType = z.ZodType> {
   name: string;
@@ -19,6 +46,8 @@ export interface StrategyDefinition<S extends z.ZodType = z.ZodType> {
   /** Options schema; unknown keys must be rejected (use z.strictObject). */
   schema: S;
   create(options: z.output<S>): Strategy<z.output<S>>;
+  /** Capabilities a benchmark reads instead of recognizing the strategy by name. */
+  capabilities?: StrategyCapabilities<z.output<S>>;
 }
 
 /** A strategy config: `{ name, options }` as plain object, JSON or YAML. */
@@ -34,11 +63,26 @@ const g = globalThis as unknown as Record<symbol, Map<string, StrategyDefinition
 const registry: Map<string, StrategyDefinition> = (g[KEY] ??= new Map());
 
 /**
- * Registers a strategy under `def.name`. Re-registering the same name replaces it.
+ * Registers a strategy under `def.name`. Registering the same definition again (a package imported
+ * twice) is a no-op; registering a different definition under a taken name is refused, so that one
+ * package cannot silently replace another's strategy: {@link unregisterStrategy} it first.
+ * @throws KvpackError('config') for a name that is not lower-case kebab-case, or already taken.
  */
 export function registerStrategy<S extends z.ZodType>(def: StrategyDefinition<S>): void {
   check(/^[a-z][a-z0-9-]*$/.test(def.name), 'config', `strategy name "${def.name}" must be lower-case kebab-case`);
+  const old = registry.get(def.name);
+  if (old === (def as unknown as StrategyDefinition)) return;
+  check(
+    !old || (old.description === def.description && old.create.toString() === def.create.toString()),
+    'config',
+    `a different strategy is already registered as "${def.name}" (${old?.description}); unregisterStrategy("${def.name}") first to replace it`,
+  );
   registry.set(def.name, def as unknown as StrategyDefinition);
+}
+
+/** Removes a registered strategy; returns whether one was registered under `name`. */
+export function unregisterStrategy(name: string): boolean {
+  return registry.delete(name);
 }
 
 /** Registered strategy names, sorted. */

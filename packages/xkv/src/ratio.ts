@@ -1,4 +1,4 @@
-import { check, type ModelLayout } from '@kvpack/core';
+import { check, type FactoredShape, type ModelLayout } from '@kvpack/core';
 
 /** Arguments of {@link paperCompressedElements} and {@link paperCompressionRatio}. */
 export interface PaperRatioArgs {
@@ -58,4 +58,23 @@ export function paperCompressionRatio(a: PaperRatioArgs): number {
   const F = a.layout.nKvHeads * a.layout.headDim;
   const dense = 2 * a.layout.nLayers * a.tokens * F;
   return dense / paperCompressedElements(a);
+}
+
+/**
+ * The matrices a grouped low-rank compression of `layers` layers factors: per group of n ≤ G layers,
+ * keys and values each [T, n·H_kv·d] at rank n·r (G = 1: the per-layer SVD), merged by shape.
+ */
+export function groupFactoredShapes(layout: ModelLayout, layers: number, groupSize: number, rankK: number, rankV: number): FactoredShape[] {
+  const F = layout.nKvHeads * layout.headDim;
+  const out = new Map<string, FactoredShape>();
+  for (let s = 0; s < layers; s += groupSize) {
+    const n = Math.min(groupSize, layers - s);
+    for (const r of [rankK * n, rankV * n]) {
+      const key = `${n * F}x${r}`;
+      const e = out.get(key) ?? { features: n * F, rank: r, count: 0 };
+      e.count++;
+      out.set(key, e);
+    }
+  }
+  return [...out.values()];
 }

@@ -11,6 +11,7 @@ import {
 import { z } from 'zod';
 import { GroupSvdCache, compressGroupSvd } from './group-svd.js';
 import { SparseOptionsSchema } from './sparse.js';
+import { groupFactoredShapes, paperCompressionRatio } from './ratio.js';
 
 /**
  * Options of `factorQuantization`: group-wise int8/int4 quantization of the stored factors, after
@@ -122,4 +123,8 @@ registerStrategy({
   description: 'xKV: cross-layer SVD of pre-RoPE keys and values over groups of layers (Chang et al. 2025)',
   schema: XkvOptionsSchema,
   create: xkvStrategy,
+  capabilities: {
+    paperRatio: (o, layout, tokens) => paperCompressionRatio({ layout, tokens, groupSize: o.groupSize, rankK: o.rankK, rankV: o.rankV }),
+    factoredShapes: (o, layout, layers) => groupFactoredShapes(layout, layers, o.groupSize, o.rankK, o.rankV),
+  },
 });

@@ -174,4 +174,5 @@ registerStrategy({
   description: 'SnapKV: keep per KV head the prefix tokens the observation window attends to most, plus the window (Li et al. 2024)',
   schema: SnapKvOptionsSchema,
   create: snapKvStrategy,
+  capabilities: { queryWindow: (o) => o.window },
 });

@@ -1,5 +1,5 @@
 import { registerStrategy, type CompressedCache, type KVCache, type Strategy } from '@kvpack/core';
-import { GroupSvdCache, compressGroupSvd, lowRankOptionShape } from '@kvpack/xkv';
+import { GroupSvdCache, compressGroupSvd, groupFactoredShapes, lowRankOptionShape, paperCompressionRatio } from '@kvpack/xkv';
 import { z } from 'zod';
 
 /**
@@ -30,4 +30,8 @@ registerStrategy({
   description: 'per-layer truncated SVD of pre-RoPE keys and values ("Single SVD" in the xKV paper)',
   schema: SvdOptionsSchema,
   create: svdStrategy,
+  capabilities: {
+    paperRatio: (o, layout, tokens) => paperCompressionRatio({ layout, tokens, groupSize: 1, rankK: o.rankK, rankV: o.rankV }),
+    factoredShapes: (o, layout, layers) => groupFactoredShapes(layout, layers, 1, o.rankK, o.rankV),
+  },
 });
