@@ -23,6 +23,77 @@ function tokenContent(v: unknown): string | undefined {
   return undefined;
 }
 
+/** Ids above this are refused: a vocabulary that large is a corrupt file, not a model. */
+const MAX_TOKEN_ID = 1 << 24;
+
+/**
+ * Checks that every id of a tokenizer.json names one piece, so that decoding is unambiguous:
+ * `model.vocab` ids (object vocabularies of BPE / WordPiece / WordLevel) are integers in
+ * [0, 2^24) and distinct; a Unigram `[piece, score]` list has no piece twice (ids are list
+ * positions); `added_tokens` have distinct integer ids and distinct contents, and an added token
+ * whose id is in the vocabulary has that piece's content.
+ * @throws KvpackError('corrupt') naming the file, the id and both pieces.
+ */
+export function checkTokenizerIds(json: Json, source = 'tokenizer.json'): void {
+  const model = json.model as Json;
+  const pieceOf = new Map<number, string>();
+  const vocab = model?.vocab;
+  if (Array.isArray(vocab)) {
+    const seen = new Map<string, number>();
+    vocab.forEach((entry, id) => {
+      const piece = Array.isArray(entry) ? entry[0] : undefined;
+      check(typeof piece === 'string', 'corrupt', `${source}: model.vocab[${id}] is not a [piece, score] pair`);
+      const prev = seen.get(piece);
+      check(prev === undefined, 'corrupt', `${source}: model.vocab lists piece ${JSON.stringify(piece)} twice, as ids ${prev} and ${id}`);
+      seen.set(piece, id);
+      pieceOf.set(id, piece);
+    });
+  } else if (vocab !== undefined) {
+    check(vocab !== null && typeof vocab === 'object', 'corrupt', `${source}: model.vocab is neither an object nor a list`);
+    for (const [piece, id] of Object.entries(vocab as Json)) {
+      check(
+        Number.isInteger(id) && (id as number) >= 0 && (id as number) < MAX_TOKEN_ID,
+        'corrupt',
+        `${source}: model.vocab gives piece ${JSON.stringify(piece)} the id ${JSON.stringify(id)}, not an integer in [0, ${MAX_TOKEN_ID})`,
+      );
+      const prev = pieceOf.get(id as number);
+      check(
+        prev === undefined,
+        'corrupt',
+        `${source}: duplicate id ${id} in model.vocab: both ${JSON.stringify(prev)} and ${JSON.stringify(piece)} map to it, so decoding ${id} is ambiguous`,
+      );
+      pieceOf.set(id as number, piece);
+    }
+  }
+  const added = json.added_tokens;
+  if (added === undefined) return;
+  check(Array.isArray(added), 'corrupt', `${source}: added_tokens is not a list`);
+  const addedIds = new Map<number, string>();
+  const addedContent = new Map<string, number>();
+  added.forEach((t: unknown, i) => {
+    const { id, content } = (t ?? {}) as Json;
+    check(
+      Number.isInteger(id) && (id as number) >= 0 && (id as number) < MAX_TOKEN_ID && typeof content === 'string',
+      'corrupt',
+      `${source}: added_tokens[${i}] needs an integer id in [0, ${MAX_TOKEN_ID}) and a string content, got ${JSON.stringify(t)}`,
+    );
+    const n = id as number;
+    const c = content as string;
+    const prev = addedIds.get(n);
+    check(prev === undefined, 'corrupt', `${source}: duplicate id ${n} in added_tokens: both ${JSON.stringify(prev)} and ${JSON.stringify(c)}`);
+    const prevId = addedContent.get(c);
+    check(prevId === undefined, 'corrupt', `${source}: added_tokens lists ${JSON.stringify(c)} twice, as ids ${prevId} and ${n}`);
+    const inVocab = pieceOf.get(n);
+    check(
+      inVocab === undefined || inVocab === c,
+      'corrupt',
+      `${source}: added token ${JSON.stringify(c)} has id ${n}, which model.vocab gives to ${JSON.stringify(inVocab)}, so decoding ${n} is ambiguous`,
+    );
+    addedIds.set(n, c);
+    addedContent.set(c, n);
+  });
+}
+
 /**
  * A Hugging Face `tokenizer.json` (BPE, WordPiece, Unigram, WordLevel, with their normalizers,
  * pre-tokenizers and decoders) run by `@huggingface/tokenizers`, as a kvpack {@link Tokenizer}.
@@ -42,11 +113,13 @@ export class HfTokenizer implements Tokenizer {
   /**
    * @param tokenizerJson parsed tokenizer.json
    * @param tokenizerConfig parsed tokenizer_config.json (or {})
-   * @throws KvpackError('unsupported') when the library cannot build the tokenizer.
+   * @throws KvpackError('corrupt') when an id names two pieces (see {@link checkTokenizerIds});
+   *         ('unsupported') when the library cannot build the tokenizer.
    */
   constructor(tokenizerJson: Json, tokenizerConfig: Json = {}, options: HfTokenizerOptions = {}) {
     this.source = options.source ?? 'tokenizer.json';
     check(tokenizerJson && typeof tokenizerJson === 'object' && tokenizerJson.model, 'corrupt', `${this.source}: no "model" section`);
+    checkTokenizerIds(tokenizerJson, this.source);
     const json = { added_tokens: [], ...tokenizerJson } as Json;
     const model = json.model as Json;
     const config: Json = { ...tokenizerConfig };
