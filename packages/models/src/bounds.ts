@@ -17,16 +17,37 @@ export function fmtBytes(n: number): string {
 }
 
 /**
- * Of several header fields, the one most responsible for an impossible size: the field whose
- * replacement by its smallest valid value shrinks the implied byte count the most.
- * @param total the byte count the header implies
- * @param fields each field's name, value and the byte count implied with it set to its minimum
+ * Of several header fields, the one most responsible for an implied size larger than the file: a
+ * field one bit flip away from a value that makes the size exactly the file's (returned as `fits`);
+ * else, for each field, the largest value that would fit the file with the others unchanged (binary search
+ * between its minimum and its value); the field furthest above its fitting value (as a ratio) is
+ * blamed. A field that cannot make the file fit on its own is blamed only when none can.
+ * @param found the file's size in bytes
+ * @param fields each field's name, value, smallest valid value, and the size implied with it set to v
  */
-export function blameField(total: number, fields: { name: string; value: number; without: number }[]): { name: string; value: number } {
+export function blameField(
+  found: number,
+  fields: { name: string; value: number; min: number; bytesWith: (v: number) => number }[],
+): { name: string; value: number; fits?: number } {
+  // A single flipped bit (the usual corruption) is recognised exactly: the field one bit away from
+  // a value whose implied size is the file's.
+  for (const f of fields)
+    for (let bit = 0; bit < 31; bit++) {
+      const v = (f.value ^ (2 ** bit)) >>> 0;
+      if (v >= f.min && v < f.value && f.bytesWith(v) === found) return { name: f.name, value: f.value, fits: v };
+    }
   let best = fields[0];
-  let bestRatio = -Infinity;
+  let bestRatio = 0;
   for (const f of fields) {
-    const ratio = total / Math.max(1, f.without);
+    if (!(f.value > f.min) || !(f.bytesWith(f.min) <= found)) continue;
+    let lo = f.min; // fits
+    let hi = f.value; // does not fit
+    while (hi - lo > 1) {
+      const mid = Math.floor((lo + hi) / 2);
+      if (f.bytesWith(mid) <= found) lo = mid;
+      else hi = mid;
+    }
+    const ratio = f.value / lo;
     if (ratio > bestRatio) {
       bestRatio = ratio;
       best = f;

@@ -77,18 +77,17 @@ export function llama2cExpectedBytes(h: Llama2cHeader): number {
 }
 
 /**
- * The header field most responsible for an implied size (see {@link llama2cExpectedBytes}): the one
- * whose reduction to its smallest valid value shrinks the size the most.
+ * The header field most responsible for an implied size larger than the file (see
+ * {@link llama2cExpectedBytes} and {@link blameField}).
  */
-function largestField(h: Llama2cHeader, total: number): { name: string; value: number } {
-  const minDim = 2 * h.nHeads;
-  const with_ = (patch: Partial<Llama2cHeader>) => llama2cExpectedBytes({ ...h, ...patch });
-  return blameField(total, [
-    { name: 'n_layers', value: h.nLayers, without: with_({ nLayers: 1 }) },
-    { name: 'vocab_size', value: h.vocabSize, without: with_({ vocabSize: 1 }) },
-    { name: 'hidden_dim', value: h.hiddenDim, without: with_({ hiddenDim: 1 }) },
-    { name: 'dim', value: h.dim, without: with_({ dim: minDim }) },
-    { name: 'max_seq_len', value: h.maxSeqLen, without: with_({ maxSeqLen: 1 }) },
+function largestField(h: Llama2cHeader, found: number): { name: string; value: number; fits?: number } {
+  const size = (patch: Partial<Llama2cHeader>) => llama2cExpectedBytes({ ...h, ...patch });
+  return blameField(found, [
+    { name: 'n_layers', value: h.nLayers, min: 1, bytesWith: (v) => size({ nLayers: v }) },
+    { name: 'vocab_size', value: h.vocabSize, min: 1, bytesWith: (v) => size({ vocabSize: v }) },
+    { name: 'hidden_dim', value: h.hiddenDim, min: 1, bytesWith: (v) => size({ hiddenDim: v }) },
+    { name: 'dim', value: h.dim, min: h.nHeads, bytesWith: (v) => size({ dim: v }) },
+    { name: 'max_seq_len', value: h.maxSeqLen, min: 1, bytesWith: (v) => size({ maxSeqLen: v }) },
   ]);
 }
 
@@ -271,10 +270,10 @@ export function parseLlama2cCheckpoint(bytes: Uint8Array, file = '<buffer>'): Ll
   const found = bytes.byteLength;
   const what = `llama2.c version-${h.version} checkpoint (dim ${h.dim}, hidden_dim ${h.hiddenDim}, ${h.nLayers} layers, ${h.nHeads} heads, ${h.nKvHeads} KV heads, vocab ${h.vocabSize}, max_seq_len ${h.maxSeqLen}${h.version === 2 ? `, group_size ${h.groupSize}` : ''}, ${h.sharedClassifier ? 'shared' : 'unshared'} classifier)`;
   if (found < expected) {
-    const f = largestField(h, expected);
+    const f = largestField(h, found);
     throw new KvpackError(
       'truncated',
-      `${file}: header ${f.name} = ${f.value} needs at least ${fmtBytes(expected)} but the file has ${fmtBytes(found)}: truncated or corrupt ${what}: expected ${expected} bytes, found ${found}`,
+      `${file}: header ${f.name} = ${f.value} needs at least ${fmtBytes(expected)} but the file has ${fmtBytes(found)}${f.fits !== undefined ? ` (${f.name} = ${f.fits}, one bit away, would fit it exactly)` : ''}: truncated or corrupt ${what}: expected ${expected} bytes, found ${found}`,
     );
   }
   check(found === expected, 'corrupt', `${file}: ${what} should be ${expected} bytes but the file has ${found} (${found - expected} unexpected trailing bytes)`);
