@@ -185,7 +185,7 @@ function parse(buf: Uint8Array, fileSize: number, name: string): GgufHeader {
   if (tensorCount * minInfo > c.left)
     throw new KvpackError(
       'truncated',
-      `${name}: header tensor_count = ${tensorCount === Infinity ? '> 2^53' : tensorCount} needs at least ${fmtBytes(tensorCount * minInfo)} of tensor infos but the file has ${fmtBytes(c.left)} after the counts (${fmtBytes(fileSize)} in all)`,
+      `${name}: header tensor_count = ${tensorCount === Infinity ? '> 2^53' : tensorCount} (at byte 8) needs at least ${fmtBytes(tensorCount * minInfo)} of tensor infos after it but the file has ${fmtBytes(c.left)} left (${fmtBytes(fileSize)} in all)`,
     );
   const metadata: Record<string, unknown> = { version: v, tensor_count: BigInt(tensorCount), kv_count: BigInt(kvCount) };
   const keys = new Set<string>();
