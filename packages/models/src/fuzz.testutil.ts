@@ -54,7 +54,7 @@ export class FuzzTally {
     const codes = [...this.codes].sort((a, b) => b[1] - a[1]).map(([c, n]) => `${c} ${n}`).join(', ');
     return (
       `fuzz ${this.loader}: ${this.trials} trials, ${this.loaded} loaded, ${this.named} named errors (KvpackError: ${codes || 'none'}), ` +
-      `${this.other} other errors, ${this.leaks} leaks, 0 aborts (${this.hostile} hostile layer/count flips run, the kind that aborted V8 before), slowest trial ${this.slowestMs.toFixed(0)} ms`
+      `${this.other} other errors, ${this.leaks} leaks, 0 aborts in ${this.hostile} hostile size-field flips, slowest trial ${this.slowestMs.toFixed(0)} ms`
     );
   }
 }
