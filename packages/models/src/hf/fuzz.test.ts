@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { KvpackError, selectBackend } from '@kvpack/core';
 import { parseHfConfig, unknownHfConfigKeys } from './config.js';
 import { loadHfModel, loadHfWeights } from './load.js';
-import { HfTokenizer } from './tokenizer.js';
+import { HfTokenizer, findDuplicateVocabPiece } from './tokenizer.js';
 import { MODELS_DIR, tinyCheckpoint, writeHfDir, type TinySpec } from './testutil.js';
 import { FuzzTally, growingBits, releaseWeights } from '../fuzz.testutil.js';
 
@@ -314,6 +314,21 @@ describe('tokenizer.json ids', () => {
     // The consistent file decodes each id to its own piece.
     const tok = new HfTokenizer(tokJson(VOCAB));
     expect(tok.decode([3, 4, 5, 6, 3, 7])).toBe('the cat sat on the mat');
+  });
+
+  it('refuses a piece listed twice in model.vocab (which JSON.parse would silently collapse)', async () => {
+    const d = join(tmp, 'tokdupkey');
+    mkdirSync(d, { recursive: true });
+    const text = JSON.stringify(tokJson(VOCAB)).replace('"mat":7', '"mat":7,"m\\u0061t":9');
+    expect(JSON.parse(text).model.vocab.mat).toBe(9);
+    writeFileSync(join(d, 'tokenizer.json'), text);
+    const err = await HfTokenizer.fromFile(d).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(KvpackError);
+    expect((err as KvpackError).message).toBe(
+      `${join(d, 'tokenizer.json')}: model.vocab lists piece "mat" twice, with ids 7 and 9; JSON keeps only the last, so id 7 would decode to nothing`,
+    );
+    expect(findDuplicateVocabPiece(JSON.stringify(tokJson(VOCAB)))).toBeNull();
+    expect(findDuplicateVocabPiece('{"model":{"vocab":{"a":0,"b":1,"a":2},"merges":[["a","b"]]},"x":{"a":1,"a":2}}')).toEqual({ piece: 'a', ids: ['0', '2'] });
   });
 
   it('a tokenizer.json with a duplicate id fails loadHfModel with a named error and no leak', async () => {

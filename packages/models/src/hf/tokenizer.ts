@@ -95,6 +95,99 @@ export function checkTokenizerIds(json: Json, source = 'tokenizer.json'): void {
 }
 
 /**
+ * Finds a piece listed twice in the raw text of tokenizer.json's `model.vocab` object. JSON.parse keeps
+ * only the last of duplicate keys, so the earlier id would silently lose its piece; this scan sees
+ * them. A single pass over the text (strings, escapes, nesting); nothing else is checked here.
+ * @returns the piece and its two ids, or null.
+ */
+export function findDuplicateVocabPiece(text: string): { piece: string; ids: [string, string] } | null {
+  let i = 0;
+  const n = text.length;
+  const ws = () => {
+    while (i < n && (text[i] === ' ' || text[i] === '\n' || text[i] === '\r' || text[i] === '\t')) i++;
+  };
+  const str = (): string => {
+    const start = i; // at the opening quote
+    i++;
+    let plain = true;
+    while (i < n && text[i] !== '"') {
+      if (text[i] === '\\') {
+        plain = false;
+        i++;
+      }
+      i++;
+    }
+    i++;
+    const raw = text.slice(start, i);
+    if (plain) return raw.slice(1, -1);
+    try {
+      return JSON.parse(raw) as string;
+    } catch {
+      return raw;
+    }
+  };
+  /** Skips one value; returns its raw text when it is a scalar. */
+  const value = (path: string): string | undefined => {
+    ws();
+    const c = text[i];
+    if (c === '{') {
+      i++;
+      const seen = path === '.model.vocab' ? new Map<string, string>() : null;
+      for (;;) {
+        ws();
+        if (text[i] === '}' || i >= n) {
+          i++;
+          return undefined;
+        }
+        if (text[i] === ',') {
+          i++;
+          continue;
+        }
+        const key = str();
+        ws();
+        i++; // ':'
+        const v = value(`${path}.${key}`);
+        if (seen) {
+          const prev = seen.get(key);
+          if (prev !== undefined) throw { piece: key, ids: [prev, v ?? '?'] };
+          seen.set(key, v ?? '?');
+        }
+      }
+    }
+    if (c === '[') {
+      i++;
+      for (;;) {
+        ws();
+        if (text[i] === ']' || i >= n) {
+          i++;
+          return undefined;
+        }
+        if (text[i] === ',') {
+          i++;
+          continue;
+        }
+        value(`${path}[]`);
+      }
+    }
+    if (c === '"') {
+      str();
+      return undefined;
+    }
+    const start = i;
+    while (i < n && !',}] \n\r\t'.includes(text[i])) i++;
+    if (i === start) i++; // malformed: make progress (JSON.parse reports it)
+    return text.slice(start, i);
+  };
+  try {
+    value('');
+    return null;
+  } catch (dup) {
+    if (dup instanceof RangeError) throw new KvpackError('corrupt', `tokenizer.json nests too deeply to check (${dup.message})`, { cause: dup });
+    return dup as { piece: string; ids: [string, string] };
+  }
+}
+
+/**
  * A Hugging Face `tokenizer.json` (BPE, WordPiece, Unigram, WordLevel, with their normalizers,
  * pre-tokenizers and decoders) run by `@huggingface/tokenizers`, as a kvpack {@link Tokenizer}.
  *
@@ -152,12 +245,25 @@ export class HfTokenizer implements Tokenizer {
   /**
    * Reads `tokenizer.json` (and `tokenizer_config.json` beside it, when present).
    * @param path a model directory or the tokenizer.json file
-   * @throws KvpackError('io') when tokenizer.json is missing; ('corrupt') for invalid JSON.
+   * @throws KvpackError('io') when tokenizer.json is missing; ('corrupt') for invalid JSON, a piece
+   *         listed twice in `model.vocab` (see {@link findDuplicateVocabPiece}) or an id naming two pieces.
    */
   static async fromFile(path: string, options: HfTokenizerOptions = {}): Promise<HfTokenizer> {
     const file = basename(path) === 'tokenizer.json' || path.endsWith('.json') ? path : join(path, 'tokenizer.json');
     check(existsSync(file), 'io', `no tokenizer.json at ${file}`);
-    const json = await readHfJson(file);
+    let text: string;
+    try {
+      text = await readFile(file, 'utf8');
+    } catch (e) {
+      throw new KvpackError('io', `cannot read ${file}: ${(e as Error).message}`, { cause: e });
+    }
+    const json = parseJsonText(text, file);
+    const dup = findDuplicateVocabPiece(text);
+    if (dup)
+      throw new KvpackError(
+        'corrupt',
+        `${file}: model.vocab lists piece ${JSON.stringify(dup.piece)} twice, with ids ${dup.ids[0]} and ${dup.ids[1]}; JSON keeps only the last, so id ${dup.ids[0]} would decode to nothing`,
+      );
     const cfgFile = join(dirname(file), 'tokenizer_config.json');
     const cfg = existsSync(cfgFile) ? await readHfJson(cfgFile) : {};
     return new HfTokenizer(json, cfg, { source: file, ...options });
@@ -203,6 +309,10 @@ export async function readHfJson(file: string): Promise<Json> {
   } catch (e) {
     throw new KvpackError('io', `cannot read ${file}: ${(e as Error).message}`, { cause: e });
   }
+  return parseJsonText(text, file);
+}
+
+function parseJsonText(text: string, file: string): Json {
   try {
     return JSON.parse(text) as Json;
   } catch (e) {
