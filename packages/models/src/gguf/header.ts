@@ -10,7 +10,7 @@ import { ggmlTensorBytes, isSupportedGgmlType } from './quant.js';
  *
  * Layout (little-endian): "GGUF", u32 version (1–3), tensor_count, kv_count (u64; u32 in version 1),
  * then kv_count pairs (string key, u32 value type, value), then tensor_count tensor infos
- * (string name, u32 n_dims, n_dims × u64 ne, u32 ggml type, u64 offset), padding to
+ * (string name, u32 n_dims, n_dims × u64 ne (u32 in version 1), u32 ggml type, u64 offset), padding to
  * `general.alignment` (default 32), then the tensor data. A string is a u64 (u32 in version 1) byte
  * length then UTF-8 bytes; an array is u32 element type, u64 (u32) count, elements.
  */
@@ -180,8 +180,8 @@ function parse(buf: Uint8Array, fileSize: number, name: string): GgufHeader {
   const sizeBytes = v >= 2 ? 8 : 4;
   const tensorCount = c.size('tensor_count');
   const kvCount = c.count('kv_count', sizeBytes + 4 + 1); // key length + value type + ≥ 1 byte
-  // Each tensor info: name length, ≥ 0 name bytes, n_dims, ≥ 1 ne, type, offset.
-  const minInfo = sizeBytes + 4 + 8 + 4 + 8;
+  // Each tensor info: name length, ≥ 0 name bytes, n_dims, ≥ 1 ne (u64; u32 in version 1), type, offset.
+  const minInfo = sizeBytes + 4 + sizeBytes + 4 + 8;
   if (tensorCount * minInfo > c.left)
     throw new KvpackError(
       'truncated',
@@ -210,7 +210,7 @@ function parse(buf: Uint8Array, fileSize: number, name: string): GgufHeader {
     if (nd < 1 || nd > MAX_DIMS) throw new KvpackError('corrupt', `${name}: tensor "${tn}" has n_dims = ${nd}, outside 1..${MAX_DIMS}`);
     const ne: number[] = [];
     for (let d = 0; d < nd; d++) {
-      const x = c.u64(`tensor "${tn}" ne[${d}]`);
+      const x = v >= 2 ? c.u64(`tensor "${tn}" ne[${d}]`) : BigInt(c.u32(`tensor "${tn}" ne[${d}]`));
       // No ggml type packs more than 8 elements per byte: a larger count cannot be in the file.
       if (x > BigInt(fileSize) * 8n)
         throw new KvpackError('truncated', `${name}: header tensor "${tn}" ne[${d}] = ${x} needs more than the file's ${fmtBytes(fileSize)}`);
