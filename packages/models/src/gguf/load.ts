@@ -1,10 +1,11 @@
-import { open, stat } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 import { basename } from 'node:path';
-import { gguf, type GGUFParseOutput } from '@huggingface/gguf';
 import { KvpackError, check, ropeInverseFrequencies, type RopeConfig, type RopeScaling } from '@kvpack/core';
 import type { LlamaConfig, LlamaWeights, Tokenizer } from '../types.js';
-import { LlamaWeightsBuilder, type LayerField, type WeightSlot } from '../hf/weights.js';
+import { HF_CONFIG_LIMITS as LIM } from '../hf/config.js';
+import { LlamaWeightsBuilder, checkpointShape, type LayerField, type WeightSlot } from '../hf/weights.js';
 import { dequantizeGgml, ggmlTensorBytes } from './quant.js';
+import { checkGgufTensorData, parseGgufHeader } from './header.js';
 import { SpmTokenizer, gpt2Tokenizer } from './tokenizer.js';
 
 type Metadata = Record<string, unknown>;
@@ -17,6 +18,7 @@ export interface GgufTensor {
   type: number;
   /** Absolute byte offset in the file. */
   start: number;
+  /** Bytes of data (ggml type × ne), checked to lie inside the file; −1 for types kvpack cannot read. */
   byteLength: number;
 }
 
@@ -30,51 +32,47 @@ export interface GgufFile {
 }
 
 /**
- * Parses a GGUF file's header (metadata and tensor infos) with `@huggingface/gguf` and checks that
- * every supported tensor's data lies inside the file.
- * @throws KvpackError('truncated') when the header or a tensor's data ends past the end of the file;
- *         ('corrupt') for a bad magic/version or header.
+ * Parses a GGUF file's header (metadata and tensor infos, {@link parseGgufHeader}) and checks it
+ * against the file's size before anything is sized by it: counts of tensors, KV pairs and array
+ * elements and string lengths fit in the bytes left; every tensor's offset is aligned, its data
+ * (for the types kvpack reads) ends inside the file, and no two tensors overlap.
+ * @throws KvpackError('io') when the file cannot be read; ('truncated') when the header or a
+ *         tensor's data ends past the end of the file, or a count or length claims more bytes than
+ *         the file has (naming the field); ('corrupt') for a bad magic/version, duplicate keys or
+ *         tensors, overlapping or misaligned tensor data; ('unsupported') for big-endian files.
  */
 export async function readGgufHeader(file: string): Promise<GgufFile> {
   const name = basename(file);
-  let fileSize: number;
+  let fh: FileHandle;
   try {
-    fileSize = (await stat(file)).size;
+    fh = await open(file, 'r');
   } catch (e) {
     throw new KvpackError('io', `cannot open ${file}: ${(e as Error).message}`, { cause: e });
   }
-  check(fileSize >= 24, 'truncated', `${name} is truncated: ${fileSize} bytes, shorter than a GGUF header`);
-  let parsed: GGUFParseOutput<{ strict: false }>;
   try {
-    parsed = (await gguf(file, { allowLocalFile: true })) as unknown as GGUFParseOutput<{ strict: false }>;
-  } catch (e) {
-    const msg = (e as Error).message;
-    const truncated = e instanceof RangeError || /Offset is outside|out of bounds|maximum chunk fetches/i.test(msg);
-    throw new KvpackError(truncated ? 'truncated' : 'corrupt', `${name}${truncated ? ' is truncated' : ' is not a valid GGUF file'}: ${msg}`, { cause: e });
+    const fileSize = (await fh.stat()).size;
+    check(fileSize >= 24, 'truncated', `${name} is truncated: ${fileSize} bytes, shorter than a GGUF header`);
+    const parsed = await parseGgufHeader(
+      async (position, length) => {
+        const buf = new Uint8Array(length);
+        let done = 0;
+        while (done < length) {
+          const { bytesRead } = await fh.read(buf, done, length - done, position + done);
+          if (bytesRead === 0) break;
+          done += bytesRead;
+        }
+        return buf.subarray(0, done);
+      },
+      fileSize,
+      name,
+    );
+    const spans = checkGgufTensorData(parsed, fileSize, name);
+    const tensors = new Map<string, GgufTensor>();
+    parsed.tensorInfos.forEach((t, i) => tensors.set(t.name, { name: t.name, ne: t.ne, type: t.type, ...spans[i] }));
+    return { file, fileSize, version: parsed.version, metadata: parsed.metadata, tensors };
+  } finally {
+    await fh.close();
   }
-  const dataStart = Number(parsed.tensorDataOffset);
-  check(parsed.littleEndian, 'unsupported', `${name}: big-endian GGUF files are not supported`);
-  check(dataStart <= fileSize, 'truncated', `${name} is truncated: its tensor data should start at byte ${dataStart} but the file has ${fileSize} bytes`);
-  const tensors = new Map<string, GgufTensor>();
-  for (const t of parsed.tensorInfos) {
-    const ne = t.shape.map(Number);
-    const count = ne.reduce((a, b) => a * b, 1);
-    const start = dataStart + Number(t.offset);
-    let byteLength = -1;
-    try {
-      byteLength = ggmlTensorBytes(t.dtype, count, ne[0], t.name, name);
-    } catch {
-      // unsupported type: reported only if the loader needs this tensor
-    }
-    if (byteLength >= 0)
-      check(
-        start + byteLength <= fileSize,
-        'truncated',
-        `${name} is truncated: tensor "${t.name}" ends at byte ${start + byteLength} but the file has ${fileSize} bytes`,
-      );
-    tensors.set(t.name, { name: t.name, ne, type: t.dtype, start, byteLength });
-  }
-  return { file, fileSize, version: Number(parsed.metadata.version), metadata: parsed.metadata as Metadata, tensors };
 }
 
 /**
@@ -150,11 +148,22 @@ function llama3FromFreqFactors(table: Float32Array, theta: number, headDim: numb
   throw new KvpackError('unsupported', `${file}: rope_freqs.weight does not match Llama 3 RoPE scaling for any known setting`);
 }
 
-function metaInt(m: Metadata, key: string, file: string, fallback?: number): number {
+function metaInt(m: Metadata, key: string, file: string, fallback?: number, max = Number.MAX_SAFE_INTEGER): number {
   const raw = m[key] ?? fallback;
   const v = typeof raw === 'bigint' ? Number(raw) : raw;
   check(Number.isInteger(v) && (v as number) > 0, 'config', `${file}: metadata "${key}" must be a positive integer, got ${String(m[key])}`);
+  check((v as number) <= max, 'config', `${file}: metadata "${key}" = ${String(m[key])} is above the sane bound ${max} (corrupt or hostile file)`);
   return v as number;
+}
+
+/** Layers a GGUF file holds: one more than the largest N of its `blk.N.*` tensors (0 when none). */
+export function ggufLayersHeld(g: GgufFile): number {
+  let held = 0;
+  for (const n of g.tensors.keys()) {
+    const m = /^blk\.(\d+)\./.exec(n);
+    if (m) held = Math.max(held, Number(m[1]) + 1);
+  }
+  return held;
 }
 
 function metaNum(m: Metadata, key: string, file: string, fallback: number): number {
@@ -171,8 +180,10 @@ function metaNum(m: Metadata, key: string, file: string, fallback: number): numb
  * `interleaved` (its q/k weights are stored permuted into Meta's adjacent-pair layout, and kvpack
  * keeps them that way: attention is unchanged by a consistent permutation of q/k channels, so the
  * logits equal the Hugging Face model's, and no rows need rewriting); `qwen2` → `half`.
+ * Dimensions are bounded as config.json's ({@link HF_CONFIG_LIMITS}), and `block_count` must equal
+ * the number of `blk.N` layers the file's tensors hold.
  * @throws KvpackError('unsupported') for other architectures or RoPE scalings, ('config') for
- *         missing/invalid metadata.
+ *         missing/invalid/out-of-bound metadata or a block_count the tensors disagree with.
  */
 export async function ggufConfig(g: GgufFile): Promise<LlamaConfig> {
   const name = basename(g.file);
@@ -180,11 +191,11 @@ export async function ggufConfig(g: GgufFile): Promise<LlamaConfig> {
   const arch = m['general.architecture'];
   check(typeof arch === 'string' && arch in ARCH_ROPE, 'unsupported', `${name}: architecture "${String(arch)}" is not supported (kvpack runs ${Object.keys(ARCH_ROPE).join(', ')})`);
   const k = (s: string) => `${arch}.${s}`;
-  const dim = metaInt(m, k('embedding_length'), name);
-  const nHeads = metaInt(m, k('attention.head_count'), name);
-  const nKvHeads = metaInt(m, k('attention.head_count_kv'), name, nHeads);
+  const dim = metaInt(m, k('embedding_length'), name, undefined, LIM.hidden_size);
+  const nHeads = metaInt(m, k('attention.head_count'), name, undefined, LIM.num_attention_heads);
+  const nKvHeads = metaInt(m, k('attention.head_count_kv'), name, nHeads, LIM.num_key_value_heads);
   check(nHeads % nKvHeads === 0, 'config', `${name}: head_count ${nHeads} is not a multiple of head_count_kv ${nKvHeads}`);
-  const headDim = metaInt(m, k('attention.key_length'), name, dim / nHeads);
+  const headDim = metaInt(m, k('attention.key_length'), name, dim / nHeads, LIM.head_dim);
   check(headDim % 2 === 0, 'config', `${name}: head_dim ${headDim} must be even`);
   const vHead = metaInt(m, k('attention.value_length'), name, headDim);
   check(vHead === headDim, 'unsupported', `${name}: value_length ${vHead} differs from key_length ${headDim}`);
@@ -192,7 +203,7 @@ export async function ggufConfig(g: GgufFile): Promise<LlamaConfig> {
   check(ropeDims === headDim, 'unsupported', `${name}: partial RoPE (rope.dimension_count ${ropeDims} < head_dim ${headDim}) is not supported`);
   const emb = g.tensors.get('token_embd.weight');
   check(emb && emb.ne.length === 2, 'corrupt', `${name}: missing tensor "token_embd.weight"`);
-  const vocabSize = metaInt(m, k('vocab_size'), name, emb.ne[1]);
+  const vocabSize = metaInt(m, k('vocab_size'), name, emb.ne[1], LIM.vocab_size);
   const theta = metaNum(m, k('rope.freq_base'), name, 10000);
 
   let scaling: RopeScaling | null = null;
@@ -211,15 +222,22 @@ export async function ggufConfig(g: GgufFile): Promise<LlamaConfig> {
     const v = m[key];
     return typeof v === 'number' || typeof v === 'bigint' ? Number(v) : undefined;
   };
+  const nLayers = metaInt(m, k('block_count'), name, undefined, LIM.num_hidden_layers);
+  const held = ggufLayersHeld(g);
+  check(
+    nLayers === held,
+    'config',
+    `${name}: metadata ${k('block_count')} = ${nLayers} but the file holds ${held} layer${held === 1 ? '' : 's'} of tensors${held ? ` (blk.0 … blk.${held - 1})` : ''}`,
+  );
   return {
-    nLayers: metaInt(m, k('block_count'), name),
+    nLayers,
     nHeads,
     nKvHeads,
     headDim,
     dim,
-    hiddenDim: metaInt(m, k('feed_forward_length'), name),
+    hiddenDim: metaInt(m, k('feed_forward_length'), name, undefined, LIM.intermediate_size),
     vocabSize,
-    maxSeqLen: metaInt(m, k('context_length'), name, 2048),
+    maxSeqLen: metaInt(m, k('context_length'), name, 2048, LIM.max_position_embeddings),
     normEps: metaNum(m, k('attention.layer_norm_rms_epsilon'), name, 1e-5),
     rope: { theta, layout: ARCH_ROPE[arch], scaling },
     tiedEmbeddings: !g.tensors.has('output.weight'),
@@ -245,6 +263,19 @@ export async function loadGgufWeights(g: GgufFile, config?: LlamaConfig): Promis
     if (!cfg.tiedEmbeddings) slots.push('classifier');
     for (let l = 0; l < cfg.nLayers; l++)
       for (const field of Object.keys(LAYER_NAMES) as LayerField[]) if (cfg.qkvBias || !field.startsWith('b')) slots.push({ layer: l, field });
+    // Every shape against the metadata before any tensor is read.
+    for (const s of slots) {
+      const tn = ggufTensorName(s);
+      const t = g.tensors.get(tn);
+      if (!t) continue; // reported by finish()
+      const shape = [...t.ne].reverse();
+      const want = checkpointShape(cfg, s);
+      check(
+        shape.length === want.length && shape.every((v, i) => v === want[i]),
+        'shape',
+        `${name}: tensor "${tn}" has shape [${shape}] but the GGUF metadata implies [${want}]`,
+      );
+    }
     for (const s of slots) {
       const tn = ggufTensorName(s);
       if (!g.tensors.has(tn)) continue; // reported by finish()
@@ -275,10 +306,26 @@ export function ggufTokenizer(g: GgufFile): Tokenizer {
     return typeof v === 'number' || typeof v === 'bigint' ? Number(v) : undefined;
   };
   const types = m['tokenizer.ggml.token_type'] as number[] | undefined;
-  if (model === 'llama' || model === 'gpt2') check(Array.isArray(tokens), 'corrupt', `${name}: no tokenizer.ggml.tokens in the metadata`);
+  if (model === 'llama' || model === 'gpt2') {
+    check(Array.isArray(tokens), 'corrupt', `${name}: no tokenizer.ggml.tokens in the metadata`);
+    check(tokens.every((t) => typeof t === 'string'), 'corrupt', `${name}: tokenizer.ggml.tokens must be an array of strings`);
+    check(
+      types === undefined || (Array.isArray(types) && types.length === tokens.length && types.every((t) => Number.isInteger(t))),
+      'corrupt',
+      `${name}: tokenizer.ggml.token_type must be ${tokens.length} integers, one per token`,
+    );
+    for (const key of ['bos', 'eos', 'unknown'] as const) {
+      const v = id(`tokenizer.ggml.${key}_token_id`);
+      check(v === undefined || (Number.isInteger(v) && v >= 0 && v < tokens.length), 'corrupt', `${name}: tokenizer.ggml.${key}_token_id = ${v} is not an id of the ${tokens.length} tokens`);
+    }
+  }
   if (model === 'llama') {
     const scores = m['tokenizer.ggml.scores'];
-    check(Array.isArray(scores), 'corrupt', `${name}: a "llama" tokenizer needs tokenizer.ggml.scores`);
+    check(
+      Array.isArray(scores) && scores.length === (tokens as unknown[]).length && scores.every((x) => typeof x === 'number'),
+      'corrupt',
+      `${name}: a "llama" tokenizer needs tokenizer.ggml.scores, one number per token`,
+    );
     return new SpmTokenizer({
       tokens: tokens as string[],
       scores: scores as number[],
@@ -291,7 +338,7 @@ export function ggufTokenizer(g: GgufFile): Tokenizer {
   }
   if (model === 'gpt2') {
     const merges = m['tokenizer.ggml.merges'];
-    check(Array.isArray(merges), 'corrupt', `${name}: a "gpt2" tokenizer needs tokenizer.ggml.merges`);
+    check(Array.isArray(merges) && merges.every((x) => typeof x === 'string'), 'corrupt', `${name}: a "gpt2" tokenizer needs tokenizer.ggml.merges, an array of strings`);
     return gpt2Tokenizer(
       {
         tokens: tokens as string[],

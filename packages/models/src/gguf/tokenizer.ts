@@ -252,7 +252,7 @@ export function gpt2Tokenizer(v: Gpt2Vocab, source = 'GGUF tokenizer'): Tokenize
     const type = v.tokenTypes?.[id] ?? GGUF_TOKEN_TYPE.NORMAL;
     if (type === GGUF_TOKEN_TYPE.CONTROL || type === GGUF_TOKEN_TYPE.USER_DEFINED)
       added.push({ id, content: t, special: type === GGUF_TOKEN_TYPE.CONTROL, single_word: false, lstrip: false, rstrip: false, normalized: false });
-    if (!(t in vocab)) vocab[t] = id;
+    if (!Object.hasOwn(vocab, t)) vocab[t] = id; // not `in`: tokens such as "constructor" are no prototype keys
   });
   const byteLevel = { type: 'ByteLevel', add_prefix_space: false, trim_offsets: true, use_regex: regex === null };
   const json = {

@@ -1,5 +1,6 @@
 import { KvpackError, check, type RopeScaling } from '@kvpack/core';
 import type { LlamaConfig } from '../types.js';
+import { editDistance } from '../bounds.js';
 
 /** Hugging Face architectures {@link parseHfConfig} maps onto {@link LlamaConfig}. */
 export const HF_ARCHITECTURES = ['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'] as const;
@@ -11,10 +12,170 @@ const MODEL_TYPES: Record<string, (typeof HF_ARCHITECTURES)[number]> = {
 
 type Json = Record<string, unknown>;
 
-function int(cfg: Json, key: string, file: string, fallback?: number): number {
+function int(cfg: Json, key: string, file: string, fallback?: number, max = Number.MAX_SAFE_INTEGER): number {
   const v = cfg[key] ?? fallback;
   check(Number.isInteger(v) && (v as number) > 0, 'config', `${file}: "${key}" must be a positive integer, got ${JSON.stringify(cfg[key])}`);
+  check((v as number) <= max, 'config', `${file}: "${key}" = ${JSON.stringify(cfg[key])} is above the sane bound ${max} (corrupt or hostile config)`);
   return v as number;
+}
+
+/**
+ * Upper bounds on config.json dimensions, far above any published Llama-family model, so that a
+ * corrupt value (a flipped bit, `1e9`) is refused before anything is sized by it.
+ */
+export const HF_CONFIG_LIMITS = {
+  hidden_size: 1 << 17,
+  intermediate_size: 1 << 20,
+  num_hidden_layers: 2048,
+  num_attention_heads: 1024,
+  num_key_value_heads: 1024,
+  head_dim: 1024,
+  vocab_size: 1 << 24,
+  max_position_embeddings: 1 << 27,
+} as const;
+
+/** config.json keys {@link parseHfConfig} reads. */
+export const HF_CONFIG_KEYS_READ = [
+  'architectures',
+  'model_type',
+  'hidden_act',
+  'hidden_activation',
+  'mlp_bias',
+  'attention_bias',
+  'hidden_size',
+  'num_attention_heads',
+  'num_key_value_heads',
+  'head_dim',
+  'num_hidden_layers',
+  'intermediate_size',
+  'vocab_size',
+  'max_position_embeddings',
+  'rms_norm_eps',
+  'rope_theta',
+  'rope_scaling',
+  'tie_word_embeddings',
+  'bos_token_id',
+  'eos_token_id',
+] as const;
+
+/**
+ * Standard Hugging Face config keys that do not affect kvpack's forward pass (PretrainedConfig's
+ * bookkeeping, generation defaults, training-only settings, Mistral/Qwen2 sliding-window fields that
+ * kvpack does not model): accepted without a warning.
+ */
+export const HF_CONFIG_KEYS_IGNORED = [
+  '_name_or_path',
+  'name_or_path',
+  '_attn_implementation',
+  '_attn_implementation_autoset',
+  'transformers_version',
+  'torch_dtype',
+  'dtype',
+  'pad_token_id',
+  'sep_token_id',
+  'decoder_start_token_id',
+  'initializer_range',
+  'use_cache',
+  'pretraining_tp',
+  'attention_dropout',
+  'hidden_dropout',
+  'embd_pdrop',
+  'resid_pdrop',
+  'output_attentions',
+  'output_hidden_states',
+  'output_scores',
+  'return_dict',
+  'return_dict_in_generate',
+  'torchscript',
+  'use_bfloat16',
+  'tf_legacy_loss',
+  'is_encoder_decoder',
+  'is_decoder',
+  'add_cross_attention',
+  'tie_encoder_decoder',
+  'cross_attention_hidden_size',
+  'chunk_size_feed_forward',
+  'pruned_heads',
+  'problem_type',
+  'id2label',
+  'label2id',
+  'num_labels',
+  'finetuning_task',
+  'tokenizer_class',
+  'prefix',
+  'task_specific_params',
+  'max_length',
+  'min_length',
+  'do_sample',
+  'early_stopping',
+  'num_beams',
+  'num_beam_groups',
+  'diversity_penalty',
+  'temperature',
+  'top_k',
+  'top_p',
+  'typical_p',
+  'repetition_penalty',
+  'length_penalty',
+  'no_repeat_ngram_size',
+  'encoder_no_repeat_ngram_size',
+  'bad_words_ids',
+  'num_return_sequences',
+  'forced_bos_token_id',
+  'forced_eos_token_id',
+  'remove_invalid_values',
+  'exponential_decay_length_penalty',
+  'suppress_tokens',
+  'begin_suppress_tokens',
+  'sliding_window',
+  'use_sliding_window',
+  'max_window_layers',
+  'layer_types',
+] as const;
+
+const READ = new Set<string>(HF_CONFIG_KEYS_READ);
+const IGNORED = new Set<string>(HF_CONFIG_KEYS_IGNORED);
+
+/** A config.json key {@link parseHfConfig} neither reads nor knows to be irrelevant. */
+export interface HfUnknownKey {
+  key: string;
+  /** The key read by the loader that this one most likely misspells (edit distance ≤ 2), if any. */
+  suggestion?: string;
+}
+
+/**
+ * The keys of a config.json object that are neither read by {@link parseHfConfig} nor on the
+ * allow-list of irrelevant standard keys ({@link HF_CONFIG_KEYS_IGNORED}), each with the read key it
+ * most likely misspells. A misspelt key (`num_hiden_layers`) means its real counterpart falls back
+ * to a default or is reported missing.
+ */
+export function unknownHfConfigKeys(cfg: Json): HfUnknownKey[] {
+  const out: HfUnknownKey[] = [];
+  for (const key of Object.keys(cfg)) {
+    if (READ.has(key) || IGNORED.has(key)) continue;
+    let best: string | undefined;
+    let bestD = Infinity;
+    for (const k of READ) {
+      if (Math.abs(k.length - key.length) > 2) continue;
+      const d = editDistance(key.toLowerCase(), k);
+      if (d < bestD) {
+        bestD = d;
+        best = k;
+      }
+    }
+    out.push(bestD <= 2 ? { key, suggestion: best } : { key });
+  }
+  return out;
+}
+
+/** Options of {@link parseHfConfig}. */
+export interface HfConfigOptions {
+  /**
+   * Called once when config.json has keys the loader does not understand (see
+   * {@link unknownHfConfigKeys}), with a message listing them and the keys themselves.
+   * Default: `console.warn(message)`.
+   */
+  onWarning?: (message: string, unknownKeys: HfUnknownKey[]) => void;
 }
 
 function num(cfg: Json, key: string, file: string, fallback: number): number {
@@ -60,42 +221,47 @@ export function parseRopeScaling(raw: unknown, file = 'config.json'): RopeScalin
  * `rotate_half`); Qwen2 always has q/k/v biases; `tie_word_embeddings` defaults to false as in
  * these architectures' config classes. Mistral's `sliding_window` is not modelled: kvpack attends to
  * the full context, which matches Mistral for prompts shorter than the window.
+ *
+ * Dimensions must be positive integers within {@link HF_CONFIG_LIMITS}. Keys neither read nor on the
+ * allow-list {@link HF_CONFIG_KEYS_IGNORED} (typically misspellings, e.g. `num_hiden_layers`) are
+ * reported through `options.onWarning` (default `console.warn`), not refused.
  * @param file name used in messages
- * @throws KvpackError('config') for a missing or invalid field; ('unsupported') for another
- *         architecture, activation, o_proj/MLP biases or RoPE scaling type.
+ * @throws KvpackError('config') for a missing or invalid field, or one above its bound;
+ *         ('unsupported') for another architecture, activation, o_proj/MLP biases or RoPE scaling type.
  */
-export function parseHfConfig(cfg: Json, file = 'config.json'): LlamaConfig {
-  check(cfg !== null && typeof cfg === 'object', 'config', `${file}: expected a JSON object`);
-  const archs = Array.isArray(cfg.architectures) ? (cfg.architectures as string[]) : [];
+export function parseHfConfig(cfg: Json, file = 'config.json', options: HfConfigOptions = {}): LlamaConfig {
+  check(cfg !== null && typeof cfg === 'object' && !Array.isArray(cfg), 'config', `${file}: expected a JSON object`);
+  const archs = Array.isArray(cfg.architectures) ? (cfg.architectures as unknown[]) : [];
   const arch =
-    archs.find((a) => (HF_ARCHITECTURES as readonly string[]).includes(a)) ??
-    (archs.length === 0 && typeof cfg.model_type === 'string' ? MODEL_TYPES[cfg.model_type] : undefined);
+    archs.find((a): a is (typeof HF_ARCHITECTURES)[number] => (HF_ARCHITECTURES as readonly unknown[]).includes(a)) ??
+    (archs.length === 0 && typeof cfg.model_type === 'string' && Object.hasOwn(MODEL_TYPES, cfg.model_type) ? MODEL_TYPES[cfg.model_type] : undefined);
   if (!arch)
     throw new KvpackError(
       'unsupported',
       `${file}: architecture ${JSON.stringify(archs.length ? archs : cfg.model_type)} is not supported (kvpack loads ${HF_ARCHITECTURES.join(', ')})`,
     );
   const act = cfg.hidden_act ?? cfg.hidden_activation ?? 'silu';
-  check(act === 'silu', 'unsupported', `${file}: hidden_act "${String(act)}" is not supported (Llama-family SwiGLU uses silu)`);
+  check(act === 'silu', 'unsupported', `${file}: hidden_act ${JSON.stringify(act)} is not supported (Llama-family SwiGLU uses silu)`);
   check(!cfg.mlp_bias, 'unsupported', `${file}: mlp_bias = true is not supported`);
   const isQwen2 = arch === 'Qwen2ForCausalLM';
   check(isQwen2 || !cfg.attention_bias, 'unsupported', `${file}: attention_bias = true (biases on q/k/v and o_proj) is not supported for ${arch}`);
 
-  const dim = int(cfg, 'hidden_size', file);
-  const nHeads = int(cfg, 'num_attention_heads', file);
-  const nKvHeads = int(cfg, 'num_key_value_heads', file, nHeads);
+  const L = HF_CONFIG_LIMITS;
+  const dim = int(cfg, 'hidden_size', file, undefined, L.hidden_size);
+  const nHeads = int(cfg, 'num_attention_heads', file, undefined, L.num_attention_heads);
+  const nKvHeads = int(cfg, 'num_key_value_heads', file, nHeads, L.num_key_value_heads);
   check(nHeads % nKvHeads === 0, 'config', `${file}: num_attention_heads ${nHeads} is not a multiple of num_key_value_heads ${nKvHeads}`);
-  const headDim = cfg.head_dim == null ? dim / nHeads : int(cfg, 'head_dim', file);
+  const headDim = cfg.head_dim == null ? dim / nHeads : int(cfg, 'head_dim', file, undefined, L.head_dim);
   check(Number.isInteger(headDim) && headDim % 2 === 0, 'config', `${file}: head_dim ${headDim} (hidden_size / num_attention_heads) must be an even integer`);
-  return {
-    nLayers: int(cfg, 'num_hidden_layers', file),
+  const config: LlamaConfig = {
+    nLayers: int(cfg, 'num_hidden_layers', file, undefined, L.num_hidden_layers),
     nHeads,
     nKvHeads,
     headDim,
     dim,
-    hiddenDim: int(cfg, 'intermediate_size', file),
-    vocabSize: int(cfg, 'vocab_size', file),
-    maxSeqLen: int(cfg, 'max_position_embeddings', file, 2048),
+    hiddenDim: int(cfg, 'intermediate_size', file, undefined, L.intermediate_size),
+    vocabSize: int(cfg, 'vocab_size', file, undefined, L.vocab_size),
+    maxSeqLen: int(cfg, 'max_position_embeddings', file, 2048, L.max_position_embeddings),
     normEps: num(cfg, 'rms_norm_eps', file, 1e-6),
     rope: { theta: num(cfg, 'rope_theta', file, 10000), layout: 'half', scaling: parseRopeScaling(cfg.rope_scaling, file) },
     tiedEmbeddings: cfg.tie_word_embeddings === true,
@@ -103,4 +269,11 @@ export function parseHfConfig(cfg: Json, file = 'config.json'): LlamaConfig {
     bosId: tokenId(cfg.bos_token_id),
     eosId: tokenId(cfg.eos_token_id),
   };
+  const unknown = unknownHfConfigKeys(cfg);
+  if (unknown.length) {
+    const list = unknown.map((u) => (u.suggestion ? `"${u.key}" (did you mean "${u.suggestion}"?)` : `"${u.key}"`)).join(', ');
+    const msg = `${file}: ignoring ${unknown.length} key${unknown.length > 1 ? 's' : ''} kvpack does not understand: ${list}; settings they were meant to give take their defaults`;
+    (options.onWarning ?? ((m: string) => console.warn(m)))(msg, unknown);
+  }
+  return config;
 }

@@ -67,8 +67,9 @@ function numel(shape: number[]): number {
  * Parses the JSON header of a safetensors file whose first `headerJson.length + 8` bytes were read.
  * @param headerJson the N header bytes (after the 8-byte length)
  * @param fileSize total file size in bytes, to detect truncation
- * @throws KvpackError('corrupt') on bad JSON or inconsistent entries; ('truncated') when a tensor's
- *         data lies past the end of the file. Messages name the file and tensor.
+ * @throws KvpackError('corrupt') on bad JSON or inconsistent entries (dtype × shape ≠ the byte length
+ *         data_offsets span, overlapping data_offsets); ('truncated') when a tensor's data lies past the
+ *         end of the file. Messages name the file and tensor.
  */
 export function parseSafetensorsHeader(headerJson: Uint8Array, fileSize: number, file: string): SafetensorsHeader {
   const name = basename(file);
@@ -121,7 +122,18 @@ export function parseSafetensorsHeader(headerJson: Uint8Array, fileSize: number,
     );
     entries.push({ name: key, dtype: e.dtype, shape, start: dataStart + begin, byteLength: end - begin });
   }
-  entries.sort((a, b) => a.start - b.start);
+  entries.sort((a, b) => a.start - b.start || a.byteLength - b.byteLength);
+  let last: SafetensorsEntry | undefined; // the entry ending furthest so far
+  for (const e of entries) {
+    if (e.byteLength === 0) continue;
+    if (last)
+      check(
+        last.start + last.byteLength <= e.start,
+        'corrupt',
+        `${name}: tensors "${last.name}" (bytes ${last.start - dataStart}..${last.start - dataStart + last.byteLength}) and "${e.name}" (from byte ${e.start - dataStart}) overlap in data_offsets`,
+      );
+    last = e;
+  }
   return { file, fileSize, dataStart, tensors: new Map(entries.map((x) => [x.name, x])), metadata };
 }
 

@@ -3,6 +3,7 @@ import { KvpackError, check } from '@kvpack/core';
 import * as tf from '@tensorflow/tfjs-core';
 import type { LlamaConfig, LlamaLayerWeights, LlamaWeights } from '../types.js';
 import { transposeHost } from '../hf/weights.js';
+import { blameField, fmtBytes } from '../bounds.js';
 
 /** The uint32 magic of llama2.c version-1/2 checkpoints: "ak42" read little-endian. */
 export const LLAMA2C_MAGIC = 0x616b3432;
@@ -60,19 +61,34 @@ const numel = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
 
 /**
  * Bytes a checkpoint with this header must have: header, float32 (v0/v1) or Q8_0 (v2) tables, and for
- * version 0 the two RoPE tables [max_seq_len, head_dim/2] that run.c skips.
+ * version 0 the two RoPE tables [max_seq_len, head_dim/2] that run.c skips. Pure arithmetic (nothing
+ * is allocated), so it is safe on hostile headers; for huge fields the result is a huge (possibly
+ * inexact, never smaller than the file) float.
  */
 export function llama2cExpectedBytes(h: Llama2cHeader): number {
   const s = shapes(h);
   const L = h.nLayers;
   const norms = 2 * L * h.dim + h.dim;
-  const mats = [s.embedding, ...MATRICES.flatMap((m) => new Array<readonly number[]>(L).fill(s[m])), ...(h.sharedClassifier ? [] : [s.embedding])];
-  if (h.version === 2) {
-    const gs = h.groupSize!;
-    return h.headerBytes + 4 * norms + mats.reduce((a, m) => a + numel(m) + (4 * numel(m)) / gs, 0);
-  }
+  const perLayer = MATRICES.reduce((a, m) => a + numel(s[m]), 0);
+  const mats = numel(s.embedding) * (h.sharedClassifier ? 1 : 2) + L * perLayer;
+  if (h.version === 2) return h.headerBytes + 4 * norms + mats + (4 * mats) / h.groupSize!;
   const ropeTables = h.version === 0 ? 2 * h.maxSeqLen * (s.headDim / 2) : 0;
-  return h.headerBytes + 4 * (norms + ropeTables + mats.reduce((a, m) => a + numel(m), 0));
+  return h.headerBytes + 4 * (norms + ropeTables + mats);
+}
+
+/**
+ * The header field most responsible for an implied size larger than the file (see
+ * {@link llama2cExpectedBytes} and {@link blameField}).
+ */
+function largestField(h: Llama2cHeader, found: number): { name: string; value: number; fits?: number } {
+  const size = (patch: Partial<Llama2cHeader>) => llama2cExpectedBytes({ ...h, ...patch });
+  return blameField(found, [
+    { name: 'n_layers', value: h.nLayers, min: 1, bytesWith: (v) => size({ nLayers: v }) },
+    { name: 'vocab_size', value: h.vocabSize, min: 1, bytesWith: (v) => size({ vocabSize: v }) },
+    { name: 'hidden_dim', value: h.hiddenDim, min: 1, bytesWith: (v) => size({ hiddenDim: v }) },
+    { name: 'dim', value: h.dim, min: h.nHeads, bytesWith: (v) => size({ dim: v }) },
+    { name: 'max_seq_len', value: h.maxSeqLen, min: 1, bytesWith: (v) => size({ maxSeqLen: v }) },
+  ]);
 }
 
 /** Why a header is inconsistent, or null when it is fine. */
@@ -243,7 +259,9 @@ class TableReader {
  * readers `run.c` / `runq.c`.
  * @param bytes the whole file
  * @param file the file name, for messages
- * @throws KvpackError('truncated') when the file is shorter than its header implies (expected vs found bytes);
+ * @throws KvpackError('truncated') when the file is shorter than its header implies, checked before anything
+ *   is allocated; the message names the header field most responsible (e.g. `header n_layers = 1073741829
+ *   needs at least … bytes but the file has …`) and gives expected vs found bytes;
  *   KvpackError('corrupt') for a bad magic/version, an inconsistent header, or trailing bytes.
  */
 export function parseLlama2cCheckpoint(bytes: Uint8Array, file = '<buffer>'): LlamaWeights {
@@ -251,7 +269,13 @@ export function parseLlama2cCheckpoint(bytes: Uint8Array, file = '<buffer>'): Ll
   const expected = llama2cExpectedBytes(h);
   const found = bytes.byteLength;
   const what = `llama2.c version-${h.version} checkpoint (dim ${h.dim}, hidden_dim ${h.hiddenDim}, ${h.nLayers} layers, ${h.nHeads} heads, ${h.nKvHeads} KV heads, vocab ${h.vocabSize}, max_seq_len ${h.maxSeqLen}${h.version === 2 ? `, group_size ${h.groupSize}` : ''}, ${h.sharedClassifier ? 'shared' : 'unshared'} classifier)`;
-  check(found >= expected, 'truncated', `${file}: truncated ${what}: expected ${expected} bytes, found ${found}`);
+  if (found < expected) {
+    const f = largestField(h, found);
+    throw new KvpackError(
+      'truncated',
+      `${file}: header ${f.name} = ${f.value} needs at least ${fmtBytes(expected)} but the file has ${fmtBytes(found)}${f.fits !== undefined ? ` (${f.name} = ${f.fits}, one bit away, would fit it exactly)` : ''}: truncated or corrupt ${what}: expected ${expected} bytes, found ${found}`,
+    );
+  }
   check(found === expected, 'corrupt', `${file}: ${what} should be ${expected} bytes but the file has ${found} (${found - expected} unexpected trailing bytes)`);
 
   const config = llama2cConfig(h);

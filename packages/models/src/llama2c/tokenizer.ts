@@ -1,6 +1,7 @@
 import { readFile } from 'node:fs/promises';
 import { KvpackError, check } from '@kvpack/core';
 import type { Tokenizer } from '../types.js';
+import { fmtBytes } from '../bounds.js';
 
 /** Bytes as a JS string with one char per byte (0..255), so that map lookups compare raw bytes. */
 const bytesKey = (b: Uint8Array): string => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('latin1');
@@ -172,14 +173,22 @@ export class Llama2cTokenizer implements Tokenizer {
 /**
  * Parses a llama2.c tokenizer `.bin` (every piece to the end of the file).
  * @param file the file name, for messages
+ * Every length is checked against the bytes left before anything is allocated for it.
  * @throws KvpackError('truncated') when a piece runs past the end; KvpackError('corrupt') for a
- *   negative length or a non-positive max_token_length.
+ *   negative length or one above max_token_length, and for a max_token_length that is not positive
+ *   or longer than the file could hold.
  */
 export function parseLlama2cTokenizer(bytes: Uint8Array, file = '<buffer>'): Llama2cTokenizer {
   const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   check(bytes.byteLength >= 4, 'truncated', `${file}: llama2.c tokenizer is ${bytes.byteLength} bytes, too short for its 4-byte header`);
   const maxLen = dv.getInt32(0, true);
   check(maxLen > 0, 'corrupt', `${file}: llama2.c tokenizer max_token_length = ${maxLen} must be positive`);
+  // run.c allocates buffers of 2 · max_token_length: a value no piece of this file can reach is corrupt.
+  check(
+    maxLen <= bytes.byteLength - 12,
+    'corrupt',
+    () => `${file}: header max_token_length = ${maxLen} needs a piece of at least ${fmtBytes(maxLen + 12)} with its headers but the file has ${fmtBytes(bytes.byteLength)}`,
+  );
   const pieces: Uint8Array[] = [];
   const scores: number[] = [];
   let pos = 4;
