@@ -1,11 +1,12 @@
 import { fileURLToPath } from 'node:url';
 import { defineConfig } from 'vitest/config';
 
-const pkgs = ['core', 'xkv', 'baselines', 'models', 'bench'] as const;
+const pkgs = ['core', 'strategy-utils', 'xkv', 'baselines', 'models', 'bench'] as const;
 const src = (p: string) => fileURLToPath(new URL(`./packages/${p}`, import.meta.url));
 // Tests run against the TypeScript sources (no build needed).
 const alias = [
   { find: /^@kvpack\/core\/conformance$/, replacement: `${src('core')}/src/conformance.ts` },
+  { find: /^@kvpack\/strategy-utils\/internal$/, replacement: `${src('strategy-utils')}/src/internal.ts` },
   ...pkgs.map((p) => ({ find: new RegExp(`^@kvpack/${p}$`), replacement: `${src(p)}/src/index.ts` })),
 ];
 

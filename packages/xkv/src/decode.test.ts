@@ -12,7 +12,8 @@ import {
   type KVCache,
   type RopeConfig,
 } from '@kvpack/core';
-import { GroupSvdCache, buildSparseIndex, decodeStepTimes, sparseGeometry, valuePathFlops } from './index.js';
+import { GroupSvdCache, buildSparseIndex, decodeStepTimes, sparseGeometry, valuePathFlops } from '@kvpack/strategy-utils';
+import './index.js'; // registers xkv
 import { disposeCache, gaussian, relMax, syntheticCache } from './test-utils.js';
 
 // Small GQA layout: 4 query heads share 2 KV heads (g = 2), head_dim 8, H_kv·d = 16.

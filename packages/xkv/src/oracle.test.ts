@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createStrategy, selectBackend, type KVCache } from '@kvpack/core';
 import { LlamaModel, loadLlama2cCheckpoint } from '@kvpack/models';
 import './index.js';
-import type { GroupSvdCache } from './index.js';
+import type { GroupSvdCache } from '@kvpack/strategy-utils';
 import { groupError, storiesPaths } from './test-utils.js';
 
 /**

@@ -1,7 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createStrategy, fromHalfBits, headerBytes, KvpackError, selectBackend, toHalfBits } from '@kvpack/core';
-import { dequantizeMatrix, quantizedBytes, quantizeMatrix, type GroupSvdCache, type QuantSpec } from './index.js';
+import { dequantizeMatrix, quantizedBytes, quantizeMatrix, type GroupSvdCache, type QuantSpec } from '@kvpack/strategy-utils';
+import './index.js'; // registers xkv
 import { disposeCache, gaussian, syntheticCache } from './test-utils.js';
 
 /**

@@ -6,8 +6,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { attention, createStrategy, selectBackend, wgslValidationErrors, wgslWorkgroupStorageLimit } from '@kvpack/core';
 import type { KVCache, ModelLayout } from '@kvpack/core';
 import './index.js'; // registers xkv
-import type { GroupSvdCache } from './index.js';
-import { selectChunkTokens } from './sparse-wgsl.js';
+import type { GroupSvdCache } from '@kvpack/strategy-utils';
+import { selectChunkTokens } from '@kvpack/strategy-utils/internal';
 import { disposeCache, gaussian, relMax, syntheticCache } from './test-utils.js';
 
 const unavailable = await selectBackend('webgpu').then(

@@ -18,7 +18,8 @@ import {
   type CompressedCache,
   type KVCache,
 } from '@kvpack/core';
-import { GroupSvdCache, lowRankStats, paperCompressionRatio, xkvStrategy, XkvOptionsSchema } from './index.js';
+import { GroupSvdCache, lowRankStats, paperCompressionRatio } from '@kvpack/strategy-utils';
+import { xkvStrategy, XkvOptionsSchema } from './index.js';
 import { disposeCache, exactSvdError, expectOptionBounds, groupError, hconcat, syntheticCache } from './test-utils.js';
 
 const layout = { nLayers: 5, nHeads: 4, nKvHeads: 2, headDim: 8 };

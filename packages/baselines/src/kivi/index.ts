@@ -23,11 +23,9 @@ import {
   type StoredItem,
   type Strategy,
 } from '@kvpack/core';
-import { roundHalfEven } from '@kvpack/xkv';
+import { HalfArray, PackedCodes, roundHalfEven } from '@kvpack/strategy-utils';
 import { z } from 'zod';
-import { HalfArray, PackedCodes } from './packing.js';
 
-export { HalfArray, PackedCodes, packCodes, unpackCodes } from './packing.js';
 
 /** Options of the `kivi` strategy (defaults as in jy-yuan/KIVI's scripts: 2 bits, g = 32, R = 128). */
 export const KiviOptionsSchema = z

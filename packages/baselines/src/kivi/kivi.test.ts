@@ -3,8 +3,9 @@ import { KvpackError, MAX_FEATURES, MAX_TOKENS, createStrategy, deserializeCache
 import './index.js'; // registers the strategy
 import { disposeKVCache, runStrategyConformance, syntheticCache } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { KiviCache, kiviCacheBytes, packCodes, unpackCodes, type KiviOptions } from './index.js';
-import { expectOptionBounds, f16, maxAbsDiff, prng, randomCache, rint, take, type RandomCache } from '../quant/testkit.js';
+import { packCodes, unpackCodes } from '@kvpack/strategy-utils';
+import { KiviCache, kiviCacheBytes, type KiviOptions } from './index.js';
+import { expectOptionBounds, f16, maxAbsDiff, prng, randomCache, rint, take, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('kivi', {
   compressing: { bits: 2, groupSize: 8, residualLength: 16 },

@@ -4,7 +4,7 @@ import './index.js'; // registers the strategy
 import { runStrategyConformance } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MiniCacheCache, miniCacheBytes, type MiniCacheOptions } from './index.js';
-import { expectOptionBounds, f16, randomCache, take, unrotate, type RandomCache } from '../quant/testkit.js';
+import { expectOptionBounds, f16, randomCache, take, unrotate, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('minicache', {
   compressing: {},

@@ -13,7 +13,7 @@ import {
   type StoredItem,
   type Strategy,
 } from '@kvpack/core';
-import { dequantizeMatrix, quantizeMatrix, quantizedBytes, quantizedTensors, readQuantized, type QuantSpec, type QuantizedMatrix } from '@kvpack/xkv';
+import { dequantizeMatrix, quantizeMatrix, quantizedBytes, quantizedTensors, readQuantized, type QuantSpec, type QuantizedMatrix } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /** Options of the `quant` strategy. */
@@ -102,7 +102,7 @@ export class QuantCache extends BaseCompressedCache {
  * vector of one KV head (d channels of pre-RoPE keys, or of values) is one quantization group with a
  * 16-bit scale (and, asymmetric, an integer zero point); codes are rounded half-to-even and
  * bit-packed (int4: two per byte). This is the "per-token" KV quantization baseline (as in
- * FlexGen / KIVI's fake-quant ablations); the quantizer is `quantizeMatrix` of @kvpack/xkv (the
+ * FlexGen / KIVI's fake-quant ablations); the quantizer is `quantizeMatrix` of @kvpack/strategy-utils (the
  * xKV authors' `xKV/customized_cache/quant.py` scheme) with rows = T·H_kv and group = d.
  * Keys are quantized pre-RoPE (what the KVCache holds) and rotated at read time. Decode-time tokens
  * stay exact (float32) in the residual buffer.

@@ -4,7 +4,7 @@ import './index.js'; // registers the strategy
 import { runStrategyConformance } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { quantCacheBytes, type QuantOptions } from './index.js';
-import { f16, maxAbsDiff, randomCache, rint, take, unrotate, type RandomCache } from './testkit.js';
+import { f16, maxAbsDiff, randomCache, rint, take, unrotate, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('quant', {
   compressing: { bits: 4, mode: 'asymmetric' },

@@ -6,13 +6,11 @@ import {
   atMost,
   check,
   registerStrategy,
-  validateKVCache,
-  type CompressedCache,
   type KVCache,
   type Strategy,
 } from '@kvpack/core';
 import { z } from 'zod';
-import { KeptTokensCache } from '../streamingllm/index.js';
+import { evictionStrategy } from '@kvpack/strategy-utils';
 
 const tokens = atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap");
 
@@ -82,31 +80,63 @@ export function pool1d(x: ArrayLike<number>, rows: number, n: number, kernel: nu
 }
 
 /**
- * Kept positions per KV head: the `k` highest pooled scores of the prefix (ties to the lower
- * position), then the w window positions T − w … T − 1; ascending per head. Returns [k + w, H_kv]
- * row-major.
+ * SnapKV's score of each prefill token, [H_kv, T]: the pooled votes of the observation window for
+ * the T − w prefix tokens, +Infinity for the w window tokens (always kept).
  */
-export function snapkvPositions(scores: Float64Array, Hkv: number, prefix: number, k: number, window: number): Int32Array {
-  const n = k + window;
-  const out = new Int32Array(n * Hkv);
-  for (let h = 0; h < Hkv; h++) {
-    const row = scores.subarray(h * prefix, (h + 1) * prefix);
-    const top = Array.from({ length: prefix }, (_, i) => i)
-      .sort((a, b) => row[b] - row[a] || a - b)
-      .slice(0, k)
-      .sort((a, b) => a - b);
-    for (let j = 0; j < n; j++) out[j * Hkv + h] = j < k ? top[j] : prefix + (j - k);
+async function snapkvScores(cache: KVCache, layer: number, o: SnapKvOptions): Promise<Float64Array> {
+  const T = cache.keys[layer].shape[0];
+  const { nHeads: Hq, nKvHeads: Hkv, headDim: d } = cache.layout;
+  const w = o.window;
+  const q = cache.queries![layer];
+  const win = tf.slice(q, [q.shape[0] - w, 0, 0], [w, Hq, d]);
+  const post = applyRope(cache.keys[layer], cache.rope, { start: cache.startPosition ?? 0, count: T });
+  let votes: Float32Array;
+  try {
+    votes = await snapkvVotes(win, post);
+  } finally {
+    tf.dispose([win, post]);
   }
+  const pooled = pool1d(votes, Hkv, T - w, o.kernelSize, o.pooling);
+  const out = new Float64Array(Hkv * T).fill(Infinity);
+  for (let h = 0; h < Hkv; h++) out.set(pooled.subarray(h * (T - w), (h + 1) * (T - w)), h * T);
   return out;
 }
 
+/** Checks that the cache carries the observation-window queries SnapKV needs. */
+function checkQueries(cache: KVCache, o: SnapKvOptions): void {
+  const { nLayers: L, nHeads: Hq, headDim: d } = cache.layout;
+  const w = o.window;
+  const q = cache.queries;
+  if (!q)
+    throw new KvpackError(
+      'config',
+      'snapkv needs the observation-window queries (KVCache.queries, post-RoPE [T_obs, H, d] per layer); ' +
+        `the model runner must provide them, e.g. LlamaModel.prefill(tokens, { observationWindow: ${w} })`,
+    );
+  check(Array.isArray(q) && q.length === L, 'layout', `snapkv: KVCache.queries has ${Array.isArray(q) ? q.length : 'no'} layers but the model has ${L} layers`);
+  for (let l = 0; l < L; l++) {
+    check(
+      q[l] instanceof tf.Tensor && q[l].dtype === 'float32' && q[l].rank === 3 && q[l].shape[1] === Hq && q[l].shape[2] === d,
+      'shape',
+      `snapkv: KVCache.queries layer ${l} must be float32 [T_obs, H=${Hq}, d=${d}], got ${q[l] instanceof tf.Tensor ? `${q[l].dtype} [${q[l].shape}]` : typeof q[l]}`,
+    );
+    check(
+      q[l].shape[0] >= w,
+      'config',
+      `snapkv: KVCache.queries layer ${l} covers ${q[l].shape[0]} prompt tokens but the observation window is ${w}; ` +
+        `prefill with observationWindow ≥ ${w} or lower the window option`,
+    );
+  }
+}
+
 /**
- * Builds the `snapkv` strategy (SnapKV, Li et al. 2024, arXiv 2404.14469): per layer and KV head,
- * keep the budget − w prefix tokens with the highest pooled votes of the observation window
- * ({@link snapkvVotes}, {@link pool1d}) plus the window itself. Different KV heads keep different
- * tokens, the same count each, so `keys(layer)` is [budget, H_kv, d] (each head gathered on its own,
- * ascending positions); kept keys keep their original RoPE positions; the kept positions are stored
- * (int32 [budget, H_kv], counted in the bytes). When T ≤ budget nothing is evicted.
+ * Builds the `snapkv` strategy (SnapKV, Li et al. 2024, arXiv 2404.14469) as a token scorer: per
+ * layer and KV head, keep the budget − w prefix tokens with the highest pooled votes of the
+ * observation window ({@link snapkvVotes}, {@link pool1d}; ties to the lower position) plus the window
+ * itself. Different KV heads keep different tokens, the same count each, so `keys(layer)` is
+ * [budget, H_kv, d] (each head gathered on its own, ascending positions); kept keys keep their
+ * original RoPE positions; the kept positions are stored (int32 [budget, H_kv], counted in the
+ * bytes). When T ≤ budget nothing is evicted.
  *
  * Needs `cache.queries`: the post-RoPE queries of at least the last `window` prompt tokens per layer
  * ([T_obs, H, d], T_obs ≥ window; the last `window` rows are used).
@@ -115,58 +145,7 @@ export function snapkvPositions(scores: Float64Array, Hkv: number, prefix: numbe
  *         KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache.
  */
 export function snapKvStrategy(options: SnapKvOptions): Strategy<SnapKvOptions> {
-  return {
-    name: 'snapkv',
-    options,
-    async compress(cache: KVCache): Promise<CompressedCache> {
-      const T = await validateKVCache(cache);
-      const { nLayers: L, nHeads: Hq, nKvHeads: Hkv, headDim: d } = cache.layout;
-      const { budget, window: w, kernelSize, pooling } = options;
-      const q = cache.queries;
-      if (!q)
-        throw new KvpackError(
-          'config',
-          'snapkv needs the observation-window queries (KVCache.queries, post-RoPE [T_obs, H, d] per layer); ' +
-            `the model runner must provide them, e.g. LlamaModel.prefill(tokens, { observationWindow: ${w} })`,
-        );
-      check(Array.isArray(q) && q.length === L, 'layout', `snapkv: KVCache.queries has ${Array.isArray(q) ? q.length : 'no'} layers but the model has ${L} layers`);
-      for (let l = 0; l < L; l++) {
-        check(
-          q[l] instanceof tf.Tensor && q[l].dtype === 'float32' && q[l].rank === 3 && q[l].shape[1] === Hq && q[l].shape[2] === d,
-          'shape',
-          `snapkv: KVCache.queries layer ${l} must be float32 [T_obs, H=${Hq}, d=${d}], got ${q[l] instanceof tf.Tensor ? `${q[l].dtype} [${q[l].shape}]` : typeof q[l]}`,
-        );
-        check(
-          q[l].shape[0] >= w,
-          'config',
-          `snapkv: KVCache.queries layer ${l} covers ${q[l].shape[0]} prompt tokens but the observation window is ${w}; ` +
-            `prefill with observationWindow ≥ ${w} or lower the window option`,
-        );
-      }
-      const positions: Int32Array[] = [];
-      for (let l = 0; l < L; l++) {
-        if (T <= budget) {
-          const all = new Int32Array(T * Hkv);
-          for (let i = 0; i < T; i++) all.fill(i, i * Hkv, (i + 1) * Hkv);
-          positions.push(all);
-          continue;
-        }
-        const tObs = q[l].shape[0];
-        const win = tf.slice(q[l], [tObs - w, 0, 0], [w, Hq, d]);
-        const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
-        let votes: Float32Array;
-        try {
-          votes = await snapkvVotes(win, post);
-        } finally {
-          tf.dispose([win, post]);
-        }
-        const scores = pool1d(votes, Hkv, T - w, kernelSize, pooling);
-        positions.push(snapkvPositions(scores, Hkv, T - w, budget - w, w));
-      }
-      return KeptTokensCache.fromPositions('snapkv', options, cache, T, positions, true);
-    },
-    deserialize: (bytes) => KeptTokensCache.fromBytes(bytes, 'snapkv', options),
-  };
+  return evictionStrategy('snapkv', options, { budget: (o) => o.budget, check: checkQueries, score: snapkvScores });
 }
 
 registerStrategy({

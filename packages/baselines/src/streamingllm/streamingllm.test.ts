@@ -2,8 +2,8 @@ import { MAX_TOKENS, createStrategy, deserializeCache, selectBackend, type Model
 import './index.js'; // registers the strategy
 import { runStrategyConformance } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { KeptTokensCache } from './index.js';
-import { expectOptionBounds, f16, randomCache, take, type RandomCache } from '../quant/testkit.js';
+import type { KeptTokensCache } from '@kvpack/strategy-utils';
+import { expectOptionBounds, f16, randomCache, take, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('streamingllm', {
   compressing: { sinks: 4, budget: 24 },

@@ -1,5 +1,5 @@
 import { registerStrategy, type CompressedCache, type KVCache, type Strategy } from '@kvpack/core';
-import { GroupSvdCache, compressGroupSvd, groupFactoredShapes, lowRankOptionShape, paperCompressionRatio } from '@kvpack/xkv';
+import { GroupSvdCache, compressGroupSvd, groupFactoredShapes, lowRankOptionShape, paperCompressionRatio } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /**

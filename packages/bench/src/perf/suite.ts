@@ -10,7 +10,7 @@ import {
   type KVCache,
   type ModelLayout,
 } from '@kvpack/core';
-import { lowRankStats } from '@kvpack/xkv';
+import { lowRankStats } from '@kvpack/strategy-utils';
 import { readKVDump } from '@kvpack/models';
 import { decodeModes } from './decode-modes.js';
 import { attentionReadyLayer, denseDecodeStep, disposeAttentionReady } from './dense-step.js';

@@ -23,7 +23,7 @@ import {
 } from '@kvpack/core';
 import { DecodeState, attendFull, queryBlocks, type ValuePath } from './decode.js';
 import { SparseDecoder, buildSparseIndex, loadSparseIndex, sparseMeta, sparseSpecs, sparseTensors, type SparseAttendOptions, type SparseIndex, type SparseOptions } from './sparse.js';
-import { dequantizeMatrix, quantizeMatrix, quantizedSpecs, quantizedTensors, readQuantized, type QuantSpec, type QuantizedMatrix } from './quant.js';
+import { dequantizeMatrix, quantizeMatrix, quantizedSpecs, quantizedTensors, readQuantized, type QuantSpec, type QuantizedMatrix } from '../quant/quantize.js';
 import { paperCompressionRatio } from './ratio.js';
 
 /** Which stored factors {@link FactorQuantization} applies to. */

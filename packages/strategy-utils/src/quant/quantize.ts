@@ -1,4 +1,5 @@
 import { check, fromHalfBits, toHalfBits, type StoredReader, type StoredSpec, type StoredTensor } from '@kvpack/core';
+import { packCodes, unpackCodes } from './packing.js';
 
 /**
  * Group-wise integer quantization of stored low-rank factors (xKV composed with
@@ -80,7 +81,7 @@ export function quantizeMatrix(data: ArrayLike<number>, rows: number, cols: numb
   const gpr = groupsPerRow(cols, groupSize);
   const scales = new Uint16Array(rows * gpr);
   const zeros = symmetric ? null : new Uint8Array(rows * gpr);
-  const codes = new Uint8Array(Math.ceil((rows * cols * bits) / 8));
+  const codes = new Uint8Array(rows * cols);
   const qLo = symmetric ? -(2 ** (bits - 1)) : 0;
   const qHi = symmetric ? 2 ** (bits - 1) - 1 : 2 ** bits - 1;
   for (let r = 0; r < rows; r++) {
@@ -109,13 +110,11 @@ export function quantizeMatrix(data: ArrayLike<number>, rows: number, cols: numb
       }
       for (let i = a; i < b; i++) {
         const q = Math.min(qHi, Math.max(qLo, roundHalfEven(data[i] / scale) + zero));
-        const u = q - qLo; // unsigned code in [0, 2^bits)
-        if (bits === 8) codes[i] = u;
-        else codes[i >> 1] |= (i & 1) === 0 ? u : u << 4;
+        codes[i] = q - qLo; // unsigned code in [0, 2^bits)
       }
     }
   }
-  return { rows, cols, bits, groupSize, symmetric, codes, scales, zeros };
+  return { rows, cols, bits, groupSize, symmetric, codes: packCodes(codes, bits), scales, zeros };
 }
 
 /** Restores the float values of a quantized matrix, row-major [rows, cols] float32. */
@@ -124,11 +123,12 @@ export function dequantizeMatrix(q: QuantizedMatrix): Float32Array {
   const gpr = groupsPerRow(cols, groupSize);
   const qLo = symmetric ? -(2 ** (bits - 1)) : 0;
   const out = new Float32Array(rows * cols);
+  const unpacked = unpackCodes(codes, bits, rows * cols);
   for (let r = 0; r < rows; r++) {
     for (let c = 0; c < cols; c++) {
       const i = r * cols + c;
       const gi = r * gpr + Math.floor(c / groupSize);
-      const u = bits === 8 ? codes[i] : (codes[i >> 1] >> ((i & 1) * 4)) & 0xf;
+      const u = unpacked[i];
       const zero = zeros ? zeros[gi] : 0;
       out[i] = (u + qLo - zero) * fromHalfBits(scales[gi]);
     }

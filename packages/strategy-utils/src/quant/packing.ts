@@ -3,7 +3,7 @@ import { check } from '@kvpack/core';
 /**
  * Bit-packing of unsigned b-bit codes (b = 2, 4 or 8) into bytes: element i occupies bits
  * (i·b) mod 8 … (i·b) mod 8 + b − 1 of byte ⌊i·b / 8⌋, lowest bits first (so 4-bit codes sit two per
- * byte with the even element in the low nibble, as in @kvpack/xkv's quantizer, and 2-bit codes four
+ * byte with the even element in the low nibble, and 2-bit codes four
  * per byte). A growable buffer, so decode-time blocks append in O(block).
  */
 export class PackedCodes {

@@ -1,0 +1,131 @@
+import * as tf from '@tensorflow/tfjs-core';
+import {
+  BaseCompressedCache,
+  applyRope,
+  check,
+  restoreStored,
+  roundHalf,
+  type KVCache,
+  type ModelLayout,
+  type RopeConfig,
+  type StoredItem,
+} from '@kvpack/core';
+
+/**
+ * Gathers the kept tokens of one layer, per KV head: x is [T, H, d] (row-major), `positions` is
+ * [n, H] (kept token of row j for head h at positions[j·H + h]). Returns [n, H, d] rounded to float16.
+ */
+export function gatherPerHead(x: Float32Array, H: number, d: number, positions: Int32Array): Float32Array {
+  const n = positions.length / H;
+  const out = new Float32Array(n * H * d);
+  for (let j = 0; j < n; j++) {
+    for (let h = 0; h < H; h++) {
+      const src = (positions[j * H + h] * H + h) * d;
+      out.set(x.subarray(src, src + d), (j * H + h) * d);
+    }
+  }
+  return roundHalf(out);
+}
+
+/**
+ * A cache that keeps a subset of the prefill tokens (eviction), possibly a different subset per KV
+ * head with the same count: per layer, float16 post-RoPE keys and values of the kept tokens, in
+ * ascending position order, [n, H_kv, d]. Kept keys were rotated at their original positions, so
+ * they keep them (no re-rotation). Shared by `streamingllm` (same tokens for every head, positions
+ * implied by its options) and `snapkv` (per-head positions, stored as int32 [n, H_kv]).
+ */
+export class KeptTokensCache extends BaseCompressedCache {
+  constructor(
+    readonly strategy: string,
+    layout: ModelLayout,
+    rope: RopeConfig,
+    prefillLength: number,
+    readonly options: unknown,
+    private readonly k: tf.Tensor3D[],
+    private readonly v: tf.Tensor3D[],
+    private readonly positions: Int32Array[],
+    /** Whether the positions are stored (and counted) or implied by the options. */
+    private readonly storePositions: boolean,
+  ) {
+    super(layout, rope, prefillLength);
+  }
+
+  /** Prefill positions (0-based token indices) kept in a layer, [n, H_kv] row-major. */
+  keptPositions(layer: number): Int32Array {
+    this.assertLive(layer);
+    return Int32Array.from(this.positions[layer]);
+  }
+
+  protected prefillTokens(layer: number): number {
+    return this.k[layer].shape[0];
+  }
+  protected prefillKeys(layer: number): tf.Tensor3D {
+    return tf.clone(this.k[layer]);
+  }
+  protected prefillValues(layer: number): tf.Tensor3D {
+    return tf.clone(this.v[layer]);
+  }
+  protected stored(): StoredItem[] {
+    return this.k.flatMap((k, l): StoredItem[] => [
+      { name: `k.${l}`, tensor: k, dtype: 'float16' },
+      { name: `v.${l}`, tensor: this.v[l], dtype: 'float16' },
+      ...(this.storePositions ? [{ name: `pos.${l}`, dtype: 'int32' as const, shape: [k.shape[0], k.shape[1]], data: this.positions[l] }] : []),
+    ]);
+  }
+  protected disposeStored(): void {
+    tf.dispose([...this.k, ...this.v]);
+  }
+
+  /**
+   * Builds the cache from a prefill and the kept positions of each layer ([n, H_kv] row-major, the
+   * same n for every head). Keys are rotated at startPosition + i before the gather.
+   */
+  static async fromPositions(strategy: string, options: unknown, cache: KVCache, T: number, positions: Int32Array[], storePositions: boolean): Promise<KeptTokensCache> {
+    const { nKvHeads: H, headDim: d } = cache.layout;
+    const k: tf.Tensor3D[] = [];
+    const v: tf.Tensor3D[] = [];
+    try {
+      for (let l = 0; l < cache.layout.nLayers; l++) {
+        const n = positions[l].length / H;
+        const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
+        let kd: Float32Array;
+        try {
+          kd = (await post.data()) as Float32Array;
+        } finally {
+          post.dispose();
+        }
+        k.push(tf.tensor3d(gatherPerHead(kd, H, d, positions[l]), [n, H, d]));
+        v.push(tf.tensor3d(gatherPerHead((await cache.values[l].data()) as Float32Array, H, d, positions[l]), [n, H, d]));
+      }
+      return new KeptTokensCache(strategy, cache.layout, cache.rope, T, options, k, v, positions, storePositions);
+    } catch (e) {
+      // Nothing of a failed compress stays allocated.
+      tf.dispose([...k, ...v]);
+      throw e;
+    }
+  }
+
+  /**
+   * Restores a serialized cache of `strategy`; `impliedPositions` gives the positions when they were
+   * not stored. @throws KvpackError('corrupt' | 'truncated')
+   */
+  static fromBytes(bytes: Uint8Array, strategy: string, options: unknown, impliedPositions?: (T: number, H: number) => Int32Array): KeptTokensCache {
+    return restoreStored(bytes, strategy, (r) => {
+      const { layout, rope, prefillLength: T } = r.header;
+      const { nKvHeads: H, headDim: d } = layout;
+      const k: tf.Tensor3D[] = [];
+      const v: tf.Tensor3D[] = [];
+      const positions: Int32Array[] = [];
+      for (let l = 0; l < layout.nLayers; l++) {
+        const n = r.shape(`k.${l}`, { dtype: 'float16', shape: [null, H, d] })[0];
+        const pos = impliedPositions ? impliedPositions(T, H) : r.host<Int32Array>(`pos.${l}`, { dtype: 'int32', shape: [n, H] });
+        check(pos.length === n * H, 'corrupt', `serialized ${strategy} cache is corrupt: layer ${l} keeps ${n} tokens, its options imply ${pos.length / H}`);
+        check(pos.every((p) => p >= 0 && p < T), 'corrupt', `serialized ${strategy} cache is corrupt: "pos.${l}" holds a position outside [0, ${T})`);
+        k.push(r.tensor(`k.${l}`, { dtype: 'float16', shape: [n, H, d] }));
+        v.push(r.tensor(`v.${l}`, { dtype: 'float16', shape: [n, H, d] }));
+        positions.push(pos);
+      }
+      return new KeptTokensCache(strategy, layout, rope, T, options, k, v, positions, !impliedPositions);
+    });
+  }
+}

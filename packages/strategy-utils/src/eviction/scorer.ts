@@ -1,0 +1,85 @@
+import { check, validateKVCache, type CompressedCache, type KVCache, type Strategy } from '@kvpack/core';
+import { KeptTokensCache } from './kept-tokens.js';
+
+/**
+ * A token-eviction method as a score function, in the manner of NVIDIA/kvpress's `ScorerPress`: the
+ * shared eviction cache keeps, per layer and KV head, the `budget` prefill tokens with the highest
+ * scores (ties to the lower position), in ascending position order, with their keys rotated at their
+ * original positions. When T ≤ budget nothing is evicted.
+ */
+export interface TokenScorer<O> {
+  /** Prefill tokens kept per KV head and layer. */
+  budget(options: O): number;
+  /**
+   * Scores of one layer's prefill tokens, [H_kv, T] row-major: higher is kept; +Infinity is always
+   * kept (a window that must stay). Called only when T > budget; required unless `impliedPositions` is given.
+   */
+  score?(cache: KVCache, layer: number, options: O): Promise<ArrayLike<number>> | ArrayLike<number>;
+  /** Checks what `score` needs (queries, layout) before any layer is scored. @throws KvpackError */
+  check?(cache: KVCache, options: O): void;
+  /**
+   * The kept positions [n] (the same for every KV head) when they depend only on T and the options,
+   * not on the cache's values: then they are not stored, which saves their bytes. `score` is not called.
+   */
+  impliedPositions?(T: number, options: O): Int32Array;
+}
+
+/**
+ * Per KV head, the `k` highest scores of [H, T] row-major scores (ties to the lower position), in
+ * ascending position order. Returns [k, H] row-major positions.
+ */
+export function keepTopScores(scores: ArrayLike<number>, H: number, T: number, k: number): Int32Array {
+  const out = new Int32Array(k * H);
+  const order = new Int32Array(T);
+  for (let h = 0; h < H; h++) {
+    for (let i = 0; i < T; i++) order[i] = i;
+    const s = (i: number) => scores[h * T + i];
+    const top = Array.from(order)
+      .sort((a, b) => s(b) - s(a) || a - b) // NaN (∞ − ∞) and 0 fall through to the position
+      .slice(0, k)
+      .sort((a, b) => a - b);
+    for (let j = 0; j < k; j++) out[j * H + h] = top[j];
+  }
+  return out;
+}
+
+/** `p` [n] repeated for each of H KV heads: [n, H] row-major. */
+export function repeatPerHead(p: Int32Array, H: number): Int32Array {
+  const out = new Int32Array(p.length * H);
+  for (let j = 0; j < p.length; j++) out.fill(p[j], j * H, (j + 1) * H);
+  return out;
+}
+
+/** All T positions for each of H heads, [T, H]. */
+function allPositions(T: number, H: number): Int32Array {
+  return repeatPerHead(Int32Array.from({ length: T }, (_, i) => i), H);
+}
+
+/**
+ * The strategy of a token scorer: `compress` validates the cache, scores each layer and keeps the
+ * top `budget` tokens per KV head in a {@link KeptTokensCache}; `deserialize` restores it.
+ * `compress` throws KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache, and
+ * whatever the scorer's `check` throws.
+ */
+export function evictionStrategy<O>(name: string, options: O, scorer: TokenScorer<O>): Strategy<O> {
+  check(scorer.score || scorer.impliedPositions, 'config', `${name}: a token scorer needs score() or impliedPositions()`);
+  const implied = scorer.impliedPositions ? (T: number, H: number) => repeatPerHead(scorer.impliedPositions!(T, options), H) : undefined;
+  return {
+    name,
+    options,
+    async compress(cache: KVCache): Promise<CompressedCache> {
+      const T = await validateKVCache(cache);
+      scorer.check?.(cache, options);
+      const H = cache.layout.nKvHeads;
+      const budget = scorer.budget(options);
+      const positions: Int32Array[] = [];
+      for (let l = 0; l < cache.layout.nLayers; l++) {
+        if (implied) positions.push(implied(T, H));
+        else if (T <= budget) positions.push(allPositions(T, H));
+        else positions.push(keepTopScores(await scorer.score!(cache, l, options), H, T, budget));
+      }
+      return KeptTokensCache.fromPositions(name, options, cache, T, positions, !implied);
+    },
+    deserialize: (bytes) => KeptTokensCache.fromBytes(bytes, name, options, implied),
+  };
+}

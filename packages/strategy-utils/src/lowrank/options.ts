@@ -1,0 +1,72 @@
+import { MAX_FEATURES, MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_SEED, MIN_SEED, atMost } from '@kvpack/core';
+import { z } from 'zod';
+
+/**
+ * Options of `factorQuantization`: group-wise int8/int4 quantization of the stored factors, after
+ * the xKV authors' follow-up (abdelfattah-lab/xKV `xKV/customized_cache/quant.py`; their runs use
+ * `--kv_bits 4 --group_size 32`, asymmetric by default, applied to the token basis).
+ */
+export const FactorQuantizationSchema = z.strictObject({
+  /** Bits per code. */
+  bits: z.union([z.literal(4), z.literal(8)]),
+  /**
+   * Elements per quantization group along each row's last axis (default 32, as the authors run it);
+   * at most 2^16 (MAX_FEATURES: a group spans at most one factor row).
+   */
+  groupSize: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a group spans at most one factor row') }).default(32),
+  /** Symmetric (16-bit scale) or asymmetric (16-bit scale + uint8 zero point) per group; default asymmetric. */
+  symmetric: z.boolean().default(false),
+  /** Quantize the token bases, the per-layer factors, or both (default both). */
+  apply: z.enum(['basis', 'factors', 'both']).default('both'),
+});
+
+/**
+ * Options shared by `xkv` and the per-layer `svd` baseline (everything but the group size).
+ * Default per-layer ranks 16 (keys) and 24 (values) keep the paper's K:V = 2:3 and fit every
+ * bundled model (stories260K: H_kv·d = 32; rulermini-19m: 128, where they are 1/8 and 3/16 of the
+ * features, near the paper's 128/192 of 1024 on Llama-3.1-8B).
+ */
+export const lowRankOptionShape = {
+  /**
+   * Per-layer key rank r_K (group rank = r_K × layers in the group); at most 2^16 (MAX_FEATURES:
+   * compress also bounds it by min(T, H_kv·d), and H_kv·d ≤ 16,384 in released models).
+   */
+  rankK: z.int().nonnegative().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the H_kv·d features of a layer') }).default(16),
+  /** Per-layer value rank r_V (group rank = r_V × layers in the group); at most 2^16, as rankK. */
+  rankV: z.int().nonnegative().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the H_kv·d features of a layer') }).default(24),
+  /**
+   * Randomized SVD oversampling p, or `auto` (default: 8 when the group rank is ≤ 128, else 0 — core
+   * `autoOversample`; the README's "SVD defaults" has the measured error/time trade-off). At most
+   * 4,096 (core MAX_OVERSAMPLE: the k×k host work grows as (rank + p)³; Halko et al. use 5–10).
+   */
+  oversample: z
+    .union([z.literal('auto'), z.int().nonnegative().max(MAX_OVERSAMPLE, { error: atMost(MAX_OVERSAMPLE, 'the k×k host work grows as (rank + oversample)³') })], {
+      error: (iss) => (iss.code === 'invalid_union' ? `oversample must be 'auto' or an integer in [0, ${MAX_OVERSAMPLE}]` : undefined),
+    })
+    .default('auto'),
+  /**
+   * Randomized SVD power iterations q, a multiple of 0.5 (2q + 2 products with the [T, G·H_kv·d]
+   * matrix; default 1); at most 16 (core MAX_POWER_ITERS: Halko et al. use 1–3, and beyond ~10
+   * float32 rounding, not the spectrum, limits the error).
+   */
+  powerIters: z
+    .number()
+    .nonnegative()
+    .multipleOf(0.5)
+    .max(MAX_POWER_ITERS, { error: atMost(MAX_POWER_ITERS, 'each iteration is two more products with the whole group matrix') })
+    .default(1),
+  /**
+   * Where the randomized SVD's k×k orthonormalizations run: `host` (float64 Cholesky), `device`
+   * (Newton–Schulz on the tfjs backend, no host round-trip) or `auto` (default: host on wasm/cpu,
+   * device on webgpu/webgl/tensorflow).
+   */
+  orthogonalization: z.enum(['auto', 'host', 'device']).default('auto'),
+  /** Seed of the randomized SVD's test matrix, an int32 (the generator folds seeds to 32 bits). */
+  seed: z.int().min(MIN_SEED).max(MAX_SEED, { error: atMost(MAX_SEED, 'seeds are int32; larger ones alias smaller ones') }).default(0),
+  /** Exact truncated SVD (slower) instead of the randomized one. */
+  exact: z.boolean().default(false),
+  /** Storage of unquantized factors: float16 (default) or float32. */
+  storage: z.enum(['float16', 'float32']).default('float16'),
+  /** Optional int8/int4 quantization of the factors. */
+  factorQuantization: FactorQuantizationSchema.optional(),
+};
