@@ -9,22 +9,19 @@ const alias = [
   { find: /^@kvpack\/strategy-utils\/internal$/, replacement: `${src('strategy-utils')}/src/internal.ts` },
   ...pkgs.map((p) => ({ find: new RegExp(`^@kvpack/${p}$`), replacement: `${src(p)}/src/index.ts` })),
 ];
+const common = { environment: 'node', testTimeout: 180_000, hookTimeout: 180_000, pool: 'forks' } as const;
 
-// Each package is its own vitest project: `npx vitest run --project core`.
+// Each package is its own vitest project (`npx vitest run --project core`); the runnable examples
+// are one more, held to the same suites as the packages.
 export default defineConfig({
   resolve: { alias },
   test: {
-    projects: pkgs.map((p) => ({
-      resolve: { alias },
-      test: {
-        name: p,
-        root: src(p),
-        include: ['src/**/*.test.ts'],
-        environment: 'node',
-        testTimeout: 180_000,
-        hookTimeout: 180_000,
-        pool: 'forks',
+    projects: [
+      ...pkgs.map((p) => ({ resolve: { alias }, test: { name: p, root: src(p), include: ['src/**/*.test.ts'], ...common } })),
+      {
+        resolve: { alias },
+        test: { name: 'examples', root: fileURLToPath(new URL('./examples', import.meta.url)), include: ['**/*.test.ts'], exclude: ['**/node_modules/**'], ...common },
       },
-    })),
+    ],
   },
 });
