@@ -12,7 +12,7 @@ const alias = [
 const common = { environment: 'node', testTimeout: 180_000, hookTimeout: 180_000, pool: 'forks' } as const;
 
 // Each package is its own vitest project (`npx vitest run --project core`); the runnable examples
-// are one more, held to the same suites as the packages.
+// are one more, held to the same suites as the packages; `repo` checks the repository's shape.
 export default defineConfig({
   resolve: { alias },
   test: {
@@ -22,6 +22,7 @@ export default defineConfig({
         resolve: { alias },
         test: { name: 'examples', root: fileURLToPath(new URL('./examples', import.meta.url)), include: ['**/*.test.ts'], exclude: ['**/node_modules/**'], ...common },
       },
+      { test: { name: 'repo', root: fileURLToPath(new URL('./scripts', import.meta.url)), include: ['*.test.ts'], ...common } },
     ],
   },
 });
