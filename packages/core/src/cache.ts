@@ -387,7 +387,9 @@ export interface StoredReader {
  * Restores a cache of `strategy` from its serialization: decodes and checks the container, validates
  * the common header (layout, RoPE, prefill length, start position), lets `build` read the declared
  * items by name and construct the cache, then restores the residual decode tokens and the model
- * fingerprint. Every tensor created is disposed if anything throws.
+ * fingerprint, and finally requires the file to hold exactly the tensors the restored cache declares
+ * (`storedLayout()`: names, dtypes and shapes, in order). Every tensor created is disposed if
+ * anything throws.
  * @throws KvpackError('corrupt' | 'truncated') naming the field or item at fault.
  */
 export function restoreStored<C extends BaseCompressedCache>(bytes: Uint8Array, strategy: string, build: (r: StoredReader) => C): C {
@@ -404,6 +406,31 @@ export function restoreStored<C extends BaseCompressedCache>(bytes: Uint8Array, 
   return disposeCreatedOnError(() => {
     const cache = build(reader);
     cache.restoreResidual(c);
+    const extra = c.unread();
+    const mismatch = extra.length ? unreadMessage(strategy, extra) : layoutMismatch(cache.storedLayout(), c.tensors);
+    if (mismatch) {
+      cache.dispose();
+      throw new KvpackError('corrupt', `serialized ${strategy} cache is corrupt: ${mismatch}`);
+    }
     return cache;
   });
 }
+
+/** The message for tensors of a file that the restored cache did not read. */
+export function unreadMessage(strategy: string, names: string[]): string {
+  return `it holds tensors that a ${strategy} cache does not have: ${names.slice(0, 5).join(', ')}${names.length > 5 ? ', …' : ''}`;
+}
+
+/** Where the tensors a restored cache declares differ from those in its file, or null when they agree. */
+function layoutMismatch(declared: StoredSpec[], stored: StoredTensor[]): string | null {
+  for (let i = 0; i < Math.max(declared.length, stored.length); i++) {
+    const d = declared[i];
+    const s = stored[i];
+    if (!d) return `tensor "${s.name}" is not part of the restored cache`;
+    if (!s) return `tensor "${d.name}" is missing`;
+    if (d.name !== s.name || d.dtype !== s.dtype || d.shape.length !== s.shape.length || d.shape.some((v, j) => v !== s.shape[j]))
+      return `tensor ${i} is "${s.name}" ${s.dtype} [${s.shape}], but the restored cache declares "${d.name}" ${d.dtype} [${d.shape}]`;
+  }
+  return null;
+}
+

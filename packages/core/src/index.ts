@@ -17,3 +17,4 @@ export * from './limits.js';
 export * from './dense/index.js';
 export * from './random.js';
 export * from './scope.js';
+export * from './define.js';

@@ -3,8 +3,8 @@ import { extname } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { KvpackError, check } from './errors.js';
-import { BaseCompressedCache, type StoredSpec } from './cache.js';
-import { byteView, decodeContainer, withDecodedContainer, type ByteSource, type StoredTensor } from './serialize.js';
+import { BaseCompressedCache, unreadMessage } from './cache.js';
+import { byteView, decodeContainer, withDecodedContainer, type ByteSource } from './serialize.js';
 import { disposeCreatedOnError } from './scope.js';
 import type { CompressedCache, KVCache, ModelLayout, Strategy } from './types.js';
 
@@ -216,30 +216,12 @@ export function restoreCache(strategy: Strategy, source: ByteSource, options: Re
     throw new KvpackError('corrupt', `serialized ${c.strategy} cache ${UNEXPECTED_RESTORE_FAILURE}: ${(e as Error).message}`, { cause: e });
   }
   const extra = c.unread();
-  const mismatch = extra.length
-    ? `it holds tensors that a ${c.strategy} cache does not have: ${extra.slice(0, 5).join(', ')}${extra.length > 5 ? ', …' : ''}`
-    : cache instanceof BaseCompressedCache
-      ? layoutMismatch(cache.storedLayout(), c.tensors)
-      : null;
-  if (mismatch) {
+  if (extra.length) {
     cache.dispose();
-    throw new KvpackError('corrupt', `serialized ${c.strategy} cache is corrupt: ${mismatch}`);
+    throw new KvpackError('corrupt', `serialized ${c.strategy} cache is corrupt: ${unreadMessage(c.strategy, extra)}`);
   }
   if (c.model && cache instanceof BaseCompressedCache) cache.model = c.model;
   return cache;
-}
-
-/** Where the tensors a restored cache declares differ from those in its file, or null when they agree. */
-function layoutMismatch(declared: StoredSpec[], stored: StoredTensor[]): string | null {
-  for (let i = 0; i < Math.max(declared.length, stored.length); i++) {
-    const d = declared[i];
-    const s = stored[i];
-    if (!d) return `tensor "${s.name}" is not part of the restored cache`;
-    if (!s) return `tensor "${d.name}" is missing`;
-    if (d.name !== s.name || d.dtype !== s.dtype || d.shape.length !== s.shape.length || d.shape.some((v, j) => v !== s.shape[j]))
-      return `tensor ${i} is "${s.name}" ${s.dtype} [${s.shape}], but the restored cache declares "${d.name}" ${d.dtype} [${d.shape}]`;
-  }
-  return null;
 }
 
 /**

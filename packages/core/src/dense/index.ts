@@ -1,10 +1,9 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { z } from 'zod';
-import { BaseCompressedCache, restoreStored, roundToHalf, type StoredItem } from '../cache.js';
+import { BaseCompressedCache, roundToHalf, type StoredItem } from '../cache.js';
+import { defineStrategy, disposeOwnedOnError } from '../define.js';
 import { applyRope } from '../rope.js';
-import { registerStrategy } from '../registry.js';
-import type { CompressedCache, KVCache, ModelLayout, RopeConfig, Strategy } from '../types.js';
-import { validateKVCache } from '../validate.js';
+import type { ModelLayout, RopeConfig, Strategy } from '../types.js';
 
 /** Options of the `dense` strategy. */
 export const DenseOptionsSchema = z.strictObject({
@@ -49,48 +48,34 @@ export class DenseCache extends BaseCompressedCache {
   protected disposeStored(): void {
     tf.dispose([...this.k, ...this.v]);
   }
-
-  /** Restores a serialized dense cache. @throws KvpackError('corrupt' | 'truncated') */
-  static fromBytes(bytes: Uint8Array, options: DenseOptions): DenseCache {
-    return restoreStored(bytes, 'dense', ({ header: h, tensor }) => {
-      const expect = { dtype: options.storage, shape: [h.prefillLength, h.layout.nKvHeads, h.layout.headDim] };
-      const layers = Array.from({ length: h.layout.nLayers }, (_, l) => l);
-      const k = layers.map((l) => tensor<tf.Tensor3D>(`k.${l}`, expect));
-      const v = layers.map((l) => tensor<tf.Tensor3D>(`v.${l}`, expect));
-      return new DenseCache(h.layout, h.rope, h.prefillLength, options, k, v, h.startPosition);
-    });
-  }
 }
 
-/** Builds the `dense` strategy. */
-export function denseStrategy(options: DenseOptions): Strategy<DenseOptions> {
-  return {
-    name: 'dense',
-    options,
-    async compress(cache: KVCache): Promise<CompressedCache> {
-      const T = await validateKVCache(cache);
-      const round = async (x: tf.Tensor3D) => (options.storage === 'float16' ? ((await roundToHalf(x)) as tf.Tensor3D) : (tf.clone(x) as tf.Tensor3D));
-      const k: tf.Tensor3D[] = [];
-      const v: tf.Tensor3D[] = [];
-      try {
-        for (let l = 0; l < cache.layout.nLayers; l++) {
-          k.push(await round(cache.keys[l]));
-          v.push(await round(cache.values[l]));
-        }
-      } catch (e) {
-        // Nothing of a failed compress stays allocated.
-        tf.dispose([...k, ...v]);
-        throw e;
-      }
-      return new DenseCache(cache.layout, cache.rope, T, options, k, v, cache.startPosition ?? 0);
-    },
-    deserialize: (bytes) => DenseCache.fromBytes(bytes, options),
-  };
-}
-
-registerStrategy({
+/** The `dense` reference strategy: every prefill token's keys and values at the storage precision. */
+export const denseDefinition = defineStrategy({
   name: 'dense',
   description: 'uncompressed reference cache (float16 or float32 storage)',
   schema: DenseOptionsSchema,
-  create: denseStrategy,
+  compress: (cache, options, T) =>
+    disposeOwnedOnError(async (own) => {
+      const round = async (x: tf.Tensor3D) => own(options.storage === 'float16' ? ((await roundToHalf(x)) as tf.Tensor3D) : (tf.clone(x) as tf.Tensor3D));
+      const k: tf.Tensor3D[] = [];
+      const v: tf.Tensor3D[] = [];
+      for (let l = 0; l < cache.layout.nLayers; l++) {
+        k.push(await round(cache.keys[l]));
+        v.push(await round(cache.values[l]));
+      }
+      return new DenseCache(cache.layout, cache.rope, T, options, k, v, cache.startPosition ?? 0);
+    }),
+  restore: ({ header: h, tensor }, options) => {
+    const expect = { dtype: options.storage, shape: [h.prefillLength, h.layout.nKvHeads, h.layout.headDim] };
+    const layers = Array.from({ length: h.layout.nLayers }, (_, l) => l);
+    const k = layers.map((l) => tensor<tf.Tensor3D>(`k.${l}`, expect));
+    const v = layers.map((l) => tensor<tf.Tensor3D>(`v.${l}`, expect));
+    return new DenseCache(h.layout, h.rope, h.prefillLength, options, k, v, h.startPosition);
+  },
 });
+
+/** Builds the `dense` strategy at the given options (no registry lookup). */
+export function denseStrategy(options: DenseOptions): Strategy<DenseOptions> {
+  return denseDefinition.create(options) as Strategy<DenseOptions>;
+}
