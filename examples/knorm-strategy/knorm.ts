@@ -5,8 +5,8 @@
  * score function; the shared eviction cache does the rest (gather, storage, serialization, decode).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { MAX_TOKENS, registerStrategy, type KVCache } from '@kvpack/core';
-import { evictionStrategy } from '@kvpack/strategy-utils';
+import { MAX_TOKENS, type KVCache } from '@kvpack/core';
+import { defineEvictionStrategy } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /** Options of the `knorm` strategy. */
@@ -27,9 +27,9 @@ export async function knormScores(cache: KVCache, layer: number): Promise<Float3
   return out;
 }
 
-registerStrategy({
+defineEvictionStrategy({
   name: 'knorm',
   description: 'KNorm: keep the keys with the lowest L2 norm (Devoto et al. 2024; kvpress KnormPress)',
   schema: KnormOptionsSchema,
-  create: (options) => evictionStrategy('knorm', options, { budget: (o) => o.budget, score: knormScores }),
+  scorer: { budget: (o) => o.budget, score: knormScores },
 });

@@ -5,12 +5,10 @@ import {
   applyRope,
   atMost,
   check,
-  registerStrategy,
   type KVCache,
-  type Strategy,
 } from '@kvpack/core';
 import { z } from 'zod';
-import { evictionStrategy } from '@kvpack/strategy-utils';
+import { defineEvictionStrategy } from '@kvpack/strategy-utils';
 
 const tokens = atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap");
 
@@ -130,28 +128,24 @@ function checkQueries(cache: KVCache, o: SnapKvOptions): void {
 }
 
 /**
- * Builds the `snapkv` strategy (SnapKV, Li et al. 2024, arXiv 2404.14469) as a token scorer: per
- * layer and KV head, keep the budget − w prefix tokens with the highest pooled votes of the
- * observation window ({@link snapkvVotes}, {@link pool1d}; ties to the lower position) plus the window
- * itself. Different KV heads keep different tokens, the same count each, so `keys(layer)` is
- * [budget, H_kv, d] (each head gathered on its own, ascending positions); kept keys keep their
- * original RoPE positions; the kept positions are stored (int32 [budget, H_kv], counted in the
- * bytes). When T ≤ budget nothing is evicted.
+ * The `snapkv` strategy (SnapKV, Li et al. 2024, arXiv 2404.14469) as a token scorer: per layer and
+ * KV head, keep the budget − w prefix tokens with the highest pooled votes of the observation window
+ * ({@link snapkvVotes}, {@link pool1d}; ties to the lower position) plus the window itself. Different
+ * KV heads keep different tokens, the same count each, so `keys(layer)` is [budget, H_kv, d] (each
+ * head gathered on its own, ascending positions); kept keys keep their original RoPE positions; the
+ * kept positions are stored (int32 [budget, H_kv], counted in the bytes). When T ≤ budget nothing is
+ * evicted.
  *
  * Needs `cache.queries`: the post-RoPE queries of at least the last `window` prompt tokens per layer
  * ([T_obs, H, d], T_obs ≥ window; the last `window` rows are used).
- * @throws KvpackError('config') when the queries are missing or cover fewer than `window` tokens;
- *         KvpackError('shape') when their shape disagrees with the layout;
- *         KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache.
+ * `compress` throws KvpackError('config') when the queries are missing or cover fewer than `window`
+ * tokens; KvpackError('shape') when their shape disagrees with the layout;
+ * KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache.
  */
-export function snapKvStrategy(options: SnapKvOptions): Strategy<SnapKvOptions> {
-  return evictionStrategy('snapkv', options, { budget: (o) => o.budget, check: checkQueries, score: snapkvScores });
-}
-
-registerStrategy({
+export const snapKvDefinition = defineEvictionStrategy({
   name: 'snapkv',
   description: 'SnapKV: keep per KV head the prefix tokens the observation window attends to most, plus the window (Li et al. 2024)',
   schema: SnapKvOptionsSchema,
-  create: snapKvStrategy,
+  scorer: { budget: (o) => o.budget, check: checkQueries, score: snapkvScores },
   capabilities: { queryWindow: (o) => o.window },
 });

@@ -1,5 +1,5 @@
-import { MAX_TOKENS, atMost, registerStrategy, type Strategy } from '@kvpack/core';
-import { evictionStrategy } from '@kvpack/strategy-utils';
+import { MAX_TOKENS, atMost } from '@kvpack/core';
+import { defineEvictionStrategy } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 const tokens = atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap");
@@ -26,25 +26,18 @@ export function streamingKeptPositions(T: number, sinks: number, budget: number)
 }
 
 /**
- * Builds the `streamingllm` strategy (StreamingLLM, Xiao et al. 2024, arXiv 2309.17453; as a prefill
- * press like NVIDIA/kvpress's `StreamingLLMPress`): per layer, keep the attention sinks (first
- * `sinks` tokens) and the most recent budget − sinks tokens; the rest are dropped (tokenCount
- * shrinks to `budget`). The kept positions depend only on T, so they are implied, not stored. Kept
- * keys keep their **original** positions (rotated before eviction), as in kvpress without
- * `KeyRerotationPress`; the paper instead re-assigns positions within the cache. Decode tokens are
- * appended exactly and are not evicted.
- * `compress` throws KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache.
+ * The `streamingllm` strategy (StreamingLLM, Xiao et al. 2024, arXiv 2309.17453; as a prefill press
+ * like NVIDIA/kvpress's `StreamingLLMPress`): per layer, keep the attention sinks (first `sinks`
+ * tokens) and the most recent budget − sinks tokens; the rest are dropped (tokenCount shrinks to
+ * `budget`). The kept positions depend only on T, so they are implied, not stored. Kept keys keep
+ * their **original** positions (rotated before eviction), as in kvpress without `KeyRerotationPress`;
+ * the paper instead re-assigns positions within the cache. Decode tokens are appended exactly and
+ * are not evicted. `compress` throws KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a
+ * bad cache.
  */
-export function streamingLlmStrategy(options: StreamingLlmOptions): Strategy<StreamingLlmOptions> {
-  return evictionStrategy('streamingllm', options, {
-    budget: (o) => o.budget,
-    impliedPositions: (T, o) => streamingKeptPositions(T, o.sinks, o.budget),
-  });
-}
-
-registerStrategy({
+export const streamingLlmDefinition = defineEvictionStrategy({
   name: 'streamingllm',
   description: 'StreamingLLM: keep attention sinks + the most recent tokens of the prefill (Xiao et al. 2024)',
   schema: StreamingLlmOptionsSchema,
-  create: streamingLlmStrategy,
+  scorer: { budget: (o) => o.budget, impliedPositions: (T, o) => streamingKeptPositions(T, o.sinks, o.budget) },
 });

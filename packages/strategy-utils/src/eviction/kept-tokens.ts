@@ -3,12 +3,12 @@ import {
   BaseCompressedCache,
   applyRope,
   check,
-  restoreStored,
   roundHalf,
   type KVCache,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
+  type StoredReader,
 } from '@kvpack/core';
 
 /**
@@ -106,26 +106,24 @@ export class KeptTokensCache extends BaseCompressedCache {
   }
 
   /**
-   * Restores a serialized cache of `strategy`; `impliedPositions` gives the positions when they were
-   * not stored. @throws KvpackError('corrupt' | 'truncated')
+   * Restores a serialized cache of `strategy` through its reader; `impliedPositions` gives the
+   * positions when they were not stored. @throws KvpackError('corrupt')
    */
-  static fromBytes(bytes: Uint8Array, strategy: string, options: unknown, impliedPositions?: (T: number, H: number) => Int32Array): KeptTokensCache {
-    return restoreStored(bytes, strategy, (r) => {
-      const { layout, rope, prefillLength: T } = r.header;
-      const { nKvHeads: H, headDim: d } = layout;
-      const k: tf.Tensor3D[] = [];
-      const v: tf.Tensor3D[] = [];
-      const positions: Int32Array[] = [];
-      for (let l = 0; l < layout.nLayers; l++) {
-        const n = r.shape(`k.${l}`, { dtype: 'float16', shape: [null, H, d] })[0];
-        const pos = impliedPositions ? impliedPositions(T, H) : r.host<Int32Array>(`pos.${l}`, { dtype: 'int32', shape: [n, H] });
-        check(pos.length === n * H, 'corrupt', `serialized ${strategy} cache is corrupt: layer ${l} keeps ${n} tokens, its options imply ${pos.length / H}`);
-        check(pos.every((p) => p >= 0 && p < T), 'corrupt', `serialized ${strategy} cache is corrupt: "pos.${l}" holds a position outside [0, ${T})`);
-        k.push(r.tensor(`k.${l}`, { dtype: 'float16', shape: [n, H, d] }));
-        v.push(r.tensor(`v.${l}`, { dtype: 'float16', shape: [n, H, d] }));
-        positions.push(pos);
-      }
-      return new KeptTokensCache(strategy, layout, rope, T, options, k, v, positions, !impliedPositions);
-    });
+  static restore(r: StoredReader, strategy: string, options: unknown, impliedPositions?: (T: number, H: number) => Int32Array): KeptTokensCache {
+    const { layout, rope, prefillLength: T } = r.header;
+    const { nKvHeads: H, headDim: d } = layout;
+    const k: tf.Tensor3D[] = [];
+    const v: tf.Tensor3D[] = [];
+    const positions: Int32Array[] = [];
+    for (let l = 0; l < layout.nLayers; l++) {
+      const n = r.shape(`k.${l}`, { dtype: 'float16', shape: [null, H, d] })[0];
+      const pos = impliedPositions ? impliedPositions(T, H) : r.host<Int32Array>(`pos.${l}`, { dtype: 'int32', shape: [n, H] });
+      check(pos.length === n * H, 'corrupt', `serialized ${strategy} cache is corrupt: layer ${l} keeps ${n} tokens, its options imply ${pos.length / H}`);
+      check(pos.every((p) => p >= 0 && p < T), 'corrupt', `serialized ${strategy} cache is corrupt: "pos.${l}" holds a position outside [0, ${T})`);
+      k.push(r.tensor(`k.${l}`, { dtype: 'float16', shape: [n, H, d] }));
+      v.push(r.tensor(`v.${l}`, { dtype: 'float16', shape: [n, H, d] }));
+      positions.push(pos);
+    }
+    return new KeptTokensCache(strategy, layout, rope, T, options, k, v, positions, !impliedPositions);
   }
 }

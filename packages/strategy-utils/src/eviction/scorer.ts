@@ -1,4 +1,5 @@
-import { check, validateKVCache, type CompressedCache, type KVCache, type Strategy } from '@kvpack/core';
+import { check, defineStrategy, type KVCache, type StrategyCapabilities, type StrategyDefinition } from '@kvpack/core';
+import type { z } from 'zod';
 import { KeptTokensCache } from './kept-tokens.js';
 
 /**
@@ -55,31 +56,47 @@ function allPositions(T: number, H: number): Int32Array {
   return repeatPerHead(Int32Array.from({ length: T }, (_, i) => i), H);
 }
 
+/** A token-eviction strategy: its name, options schema and scorer (see {@link defineEvictionStrategy}). */
+export interface EvictionStrategySpec<S extends z.ZodType> {
+  name: string;
+  /** One line for `kvpack strategies`, with the method's source. */
+  description: string;
+  /** Options schema with defaults (z.strictObject). */
+  schema: S;
+  scorer: TokenScorer<z.output<S>>;
+  capabilities?: StrategyCapabilities<z.output<S>>;
+}
+
 /**
- * The strategy of a token scorer: `compress` validates the cache, scores each layer and keeps the
- * top `budget` tokens per KV head in a {@link KeptTokensCache}; `deserialize` restores it.
- * `compress` throws KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache, and
- * whatever the scorer's `check` throws.
+ * Defines and registers a token-eviction strategy from its scorer: `compress` scores each layer and
+ * keeps the top `budget` tokens per KV head in a {@link KeptTokensCache} (positions stored as int32
+ * [n, H_kv] unless the scorer implies them); deserialization restores it. `compress` throws
+ * KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache, and whatever the scorer's
+ * `check` throws.
  */
-export function evictionStrategy<O>(name: string, options: O, scorer: TokenScorer<O>): Strategy<O> {
+export function defineEvictionStrategy<S extends z.ZodType>(spec: EvictionStrategySpec<S>): StrategyDefinition<S> {
+  const { name, scorer } = spec;
   check(scorer.score || scorer.impliedPositions, 'config', `${name}: a token scorer needs score() or impliedPositions()`);
-  const implied = scorer.impliedPositions ? (T: number, H: number) => repeatPerHead(scorer.impliedPositions!(T, options), H) : undefined;
-  return {
+  const implied = (options: z.output<S>) =>
+    scorer.impliedPositions ? (T: number, H: number) => repeatPerHead(scorer.impliedPositions!(T, options), H) : undefined;
+  return defineStrategy({
     name,
-    options,
-    async compress(cache: KVCache): Promise<CompressedCache> {
-      const T = await validateKVCache(cache);
+    description: spec.description,
+    schema: spec.schema,
+    capabilities: spec.capabilities,
+    async compress(cache, options, T) {
       scorer.check?.(cache, options);
       const H = cache.layout.nKvHeads;
       const budget = scorer.budget(options);
+      const fixed = implied(options);
       const positions: Int32Array[] = [];
       for (let l = 0; l < cache.layout.nLayers; l++) {
-        if (implied) positions.push(implied(T, H));
+        if (fixed) positions.push(fixed(T, H));
         else if (T <= budget) positions.push(allPositions(T, H));
         else positions.push(keepTopScores(await scorer.score!(cache, l, options), H, T, budget));
       }
-      return KeptTokensCache.fromPositions(name, options, cache, T, positions, !implied);
+      return KeptTokensCache.fromPositions(name, options, cache, T, positions, !fixed);
     },
-    deserialize: (bytes) => KeptTokensCache.fromBytes(bytes, name, options, implied),
-  };
+    restore: (reader, options) => KeptTokensCache.restore(reader, name, options, implied(options)),
+  });
 }
