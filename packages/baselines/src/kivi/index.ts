@@ -10,18 +10,14 @@ import {
   checkKV,
   decodeHalf,
   fromHalfBits,
-  registerStrategy,
+  defineStrategy,
+  disposeOwnedOnError,
   roundHalf,
   readSyncOrExplain,
-  restoreStored,
   toHalfBits,
-  validateKVCache,
-  type CompressedCache,
-  type KVCache,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
-  type Strategy,
 } from '@kvpack/core';
 import { HalfArray, PackedCodes, roundHalfEven } from '@kvpack/strategy-utils';
 import { z } from 'zod';
@@ -325,123 +321,105 @@ export class KiviCache extends BaseCompressedCache {
   protected disposeStored(): void {
     for (const s of this.state) tf.dispose([s.kDeq, s.kWin, s.vDeq, s.vWin].filter((x): x is tf.Tensor3D => x !== null));
   }
-
-  /** Restores a serialized KIVI cache (including its decode-time state). @throws KvpackError('corrupt' | 'truncated') */
-  static fromBytes(bytes: Uint8Array, options: KiviOptions): KiviCache {
-    return restoreStored(bytes, 'kivi', (r) => {
-      const { layout, rope, prefillLength } = r.header;
-      const { nKvHeads: H, headDim: d } = layout;
-      const { bits, groupSize: g } = options;
-      check(d % g === 0, 'corrupt', `serialized kivi cache is corrupt: head_dim ${d} is not a multiple of its group size ${g}`);
-      const state: KiviLayer[] = [];
-      for (let l = 0; l < layout.nLayers; l++) {
-        // Keys: per-channel groups of g tokens, [nk/g, H, d] scales; values: per-token groups of g channels, [nv, H, d/g].
-        const nk = r.shape(`k.${l}.scale`, { dtype: 'float16', shape: [null, H, d] })[0] * g;
-        const nv = r.shape(`v.${l}.scale`, { dtype: 'float16', shape: [null, H, d / g] })[0];
-        const half = (name: string, shape: number[]) => r.host<Uint16Array>(name, { dtype: 'float16', shape });
-        const codes = (name: string, count: number) => new PackedCodes(bits, { bytes: r.host<Uint8Array>(name, { dtype: 'uint8', shape: [Math.ceil((count * bits) / 8)] }), count });
-        const kBlock: KiviBlock = { codes: new Uint8Array(0), scale: half(`k.${l}.scale`, [nk / g, H, d]), min: half(`k.${l}.min`, [nk / g, H, d]) };
-        const vBlock: KiviBlock = { codes: new Uint8Array(0), scale: half(`v.${l}.scale`, [nv, H, d / g]), min: half(`v.${l}.min`, [nv, H, d / g]) };
-        const kCodes = codes(`k.${l}.codes`, nk * H * d);
-        const vCodes = codes(`v.${l}.codes`, nv * H * d);
-        kBlock.codes = kCodes.unpack();
-        vBlock.codes = vCodes.unpack();
-        const window = (name: string) => {
-          const rowsHeld = r.shape(name, { dtype: 'float16', shape: [null, H, d] })[0];
-          return rowsHeld > 0 ? r.tensor<tf.Tensor3D>(name, { shape: [rowsHeld, H, d] }) : null;
-        };
-        state.push({
-          kCodes,
-          kScale: new HalfArray(kBlock.scale),
-          kMin: new HalfArray(kBlock.min),
-          kDeq: nk > 0 ? tf.tensor3d(dequantizeKeysPerChannel(kBlock, H, d, g), [nk, H, d]) : null,
-          kWin: window(`k.${l}.window`),
-          vCodes,
-          vScale: new HalfArray(vBlock.scale),
-          vMin: new HalfArray(vBlock.min),
-          vDeq: nv > 0 ? tf.tensor3d(dequantizeValuesPerToken(vBlock, d, g), [nv, H, d]) : null,
-          vWin: window(`v.${l}.window`),
-        });
-      }
-      return new KiviCache(layout, rope, prefillLength, options, state);
-    });
-  }
 }
 
 /**
- * Builds the `kivi` strategy. At prefill (T tokens), per layer: the first T − (T mod R) post-RoPE
- * keys are quantized per channel in groups of g tokens and the last T mod R stay in the float16 key
- * window; all but the last R values are quantized per token in groups of g channels and the last
- * min(T, R) stay in the float16 value window (jy-yuan/KIVI, models/llama_kivi.py, prefill branch).
+ * The `kivi` strategy. At prefill (T tokens), per layer: the first T − (T mod R) post-RoPE keys are
+ * quantized per channel in groups of g tokens and the last T mod R stay in the float16 key window;
+ * all but the last R values are quantized per token in groups of g channels and the last min(T, R)
+ * stay in the float16 value window (jy-yuan/KIVI, models/llama_kivi.py, prefill branch).
  * `compress` throws KvpackError('shape') when head_dim is not a multiple of g, and
- * KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache.
+ * KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache (a group beyond the float16
+ * range of its scale included); a failed compress frees what it built.
  */
-export function kiviStrategy(options: KiviOptions): Strategy<KiviOptions> {
-  return {
-    name: 'kivi',
-    options,
-    async compress(cache: KVCache): Promise<CompressedCache> {
-      const T = await validateKVCache(cache);
+export const kiviDefinition = defineStrategy({
+  name: 'kivi',
+  description: 'KIVI: 2/4-bit asymmetric quantization, keys per channel and values per token, with a 16-bit residual window (Liu et al. 2024)',
+  schema: KiviOptionsSchema,
+  compress: (cache, options, T) =>
+    disposeOwnedOnError(async (own) => {
       const { nKvHeads: H, headDim: d } = cache.layout;
       const { bits, groupSize: g, residualLength: R } = options;
       check(d % g === 0, 'shape', `kivi: head_dim ${d} is not a multiple of groupSize ${g} (values are quantized in groups of g channels)`);
       const state: KiviLayer[] = [];
-      try {
-        for (let l = 0; l < cache.layout.nLayers; l++) {
-          const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
-          let kData: Float32Array;
-          try {
-            kData = (await post.data()) as Float32Array;
-          } finally {
-            post.dispose();
-          }
-          const vData = (await cache.values[l].data()) as Float32Array;
-          const s: KiviLayer = {
-            kCodes: new PackedCodes(bits),
-            kScale: new HalfArray(),
-            kMin: new HalfArray(),
-            kDeq: null,
-            kWin: null,
-            vCodes: new PackedCodes(bits),
-            vScale: new HalfArray(),
-            vMin: new HalfArray(),
-            vDeq: null,
-            vWin: null,
-          };
-          state.push(s);
-          const nk = T - (T % R);
-          if (nk > 0) {
-            const b = quantizeKeysPerChannel(kData.subarray(0, nk * H * d), nk, H, d, g, bits);
-            s.kCodes.push(b.codes);
-            s.kScale.push(b.scale);
-            s.kMin.push(b.min);
-            s.kDeq = tf.tensor3d(dequantizeKeysPerChannel(b, H, d, g), [nk, H, d]);
-          }
-          if (nk < T) s.kWin = tf.tensor3d(roundHalf(kData.subarray(nk * H * d)), [T - nk, H, d]);
-          const nv = Math.max(0, T - R);
-          if (nv > 0) {
-            const b = quantizeValuesPerToken(vData.subarray(0, nv * H * d), nv, H, d, g, bits);
-            s.vCodes.push(b.codes);
-            s.vScale.push(b.scale);
-            s.vMin.push(b.min);
-            s.vDeq = tf.tensor3d(dequantizeValuesPerToken(b, d, g), [nv, H, d]);
-          }
-          s.vWin = tf.tensor3d(roundHalf(vData.subarray(nv * H * d)), [T - nv, H, d]);
+      for (let l = 0; l < cache.layout.nLayers; l++) {
+        const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
+        let kData: Float32Array;
+        try {
+          kData = (await post.data()) as Float32Array;
+        } finally {
+          post.dispose();
         }
-        return new KiviCache(cache.layout, cache.rope, T, options, state);
-      } catch (e) {
-        // A group beyond the float16 range (KvpackError('nonfinite')) can fail a later layer: free the earlier ones.
-        for (const s of state) tf.dispose([s.kDeq, s.kWin, s.vDeq, s.vWin].filter((t): t is tf.Tensor3D => t !== null));
-        throw e;
+        const vData = (await cache.values[l].data()) as Float32Array;
+        const s: KiviLayer = {
+          kCodes: new PackedCodes(bits),
+          kScale: new HalfArray(),
+          kMin: new HalfArray(),
+          kDeq: null,
+          kWin: null,
+          vCodes: new PackedCodes(bits),
+          vScale: new HalfArray(),
+          vMin: new HalfArray(),
+          vDeq: null,
+          vWin: null,
+        };
+        state.push(s);
+        const nk = T - (T % R);
+        if (nk > 0) {
+          const b = quantizeKeysPerChannel(kData.subarray(0, nk * H * d), nk, H, d, g, bits);
+          s.kCodes.push(b.codes);
+          s.kScale.push(b.scale);
+          s.kMin.push(b.min);
+          s.kDeq = own(tf.tensor3d(dequantizeKeysPerChannel(b, H, d, g), [nk, H, d]));
+        }
+        if (nk < T) s.kWin = own(tf.tensor3d(roundHalf(kData.subarray(nk * H * d)), [T - nk, H, d]));
+        const nv = Math.max(0, T - R);
+        if (nv > 0) {
+          const b = quantizeValuesPerToken(vData.subarray(0, nv * H * d), nv, H, d, g, bits);
+          s.vCodes.push(b.codes);
+          s.vScale.push(b.scale);
+          s.vMin.push(b.min);
+          s.vDeq = own(tf.tensor3d(dequantizeValuesPerToken(b, d, g), [nv, H, d]));
+        }
+        s.vWin = own(tf.tensor3d(roundHalf(vData.subarray(nv * H * d)), [T - nv, H, d]));
       }
-    },
-    deserialize: (bytes) => KiviCache.fromBytes(bytes, options),
-  };
-}
-
-registerStrategy({
-  name: 'kivi',
-  description: 'KIVI: 2/4-bit asymmetric quantization, keys per channel and values per token, with a 16-bit residual window (Liu et al. 2024)',
-  schema: KiviOptionsSchema,
-  create: kiviStrategy,
+      return new KiviCache(cache.layout, cache.rope, T, options, state);
+    }),
+  restore(r, options) {
+    const { layout, rope, prefillLength } = r.header;
+    const { nKvHeads: H, headDim: d } = layout;
+    const { bits, groupSize: g } = options;
+    check(d % g === 0, 'corrupt', `serialized kivi cache is corrupt: head_dim ${d} is not a multiple of its group size ${g}`);
+    const state: KiviLayer[] = [];
+    for (let l = 0; l < layout.nLayers; l++) {
+      // Keys: per-channel groups of g tokens, [nk/g, H, d] scales; values: per-token groups of g channels, [nv, H, d/g].
+      const nk = r.shape(`k.${l}.scale`, { dtype: 'float16', shape: [null, H, d] })[0] * g;
+      const nv = r.shape(`v.${l}.scale`, { dtype: 'float16', shape: [null, H, d / g] })[0];
+      const half = (name: string, shape: number[]) => r.host<Uint16Array>(name, { dtype: 'float16', shape });
+      const codes = (name: string, count: number) => new PackedCodes(bits, { bytes: r.host<Uint8Array>(name, { dtype: 'uint8', shape: [Math.ceil((count * bits) / 8)] }), count });
+      const kBlock: KiviBlock = { codes: new Uint8Array(0), scale: half(`k.${l}.scale`, [nk / g, H, d]), min: half(`k.${l}.min`, [nk / g, H, d]) };
+      const vBlock: KiviBlock = { codes: new Uint8Array(0), scale: half(`v.${l}.scale`, [nv, H, d / g]), min: half(`v.${l}.min`, [nv, H, d / g]) };
+      const kCodes = codes(`k.${l}.codes`, nk * H * d);
+      const vCodes = codes(`v.${l}.codes`, nv * H * d);
+      kBlock.codes = kCodes.unpack();
+      vBlock.codes = vCodes.unpack();
+      const window = (name: string) => {
+        const rowsHeld = r.shape(name, { dtype: 'float16', shape: [null, H, d] })[0];
+        return rowsHeld > 0 ? r.tensor<tf.Tensor3D>(name, { shape: [rowsHeld, H, d] }) : null;
+      };
+      state.push({
+        kCodes,
+        kScale: new HalfArray(kBlock.scale),
+        kMin: new HalfArray(kBlock.min),
+        kDeq: nk > 0 ? tf.tensor3d(dequantizeKeysPerChannel(kBlock, H, d, g), [nk, H, d]) : null,
+        kWin: window(`k.${l}.window`),
+        vCodes,
+        vScale: new HalfArray(vBlock.scale),
+        vMin: new HalfArray(vBlock.min),
+        vDeq: nv > 0 ? tf.tensor3d(dequantizeValuesPerToken(vBlock, d, g), [nv, H, d]) : null,
+        vWin: window(`v.${l}.window`),
+      });
+    }
+    return new KiviCache(layout, rope, prefillLength, options, state);
+  },
 });

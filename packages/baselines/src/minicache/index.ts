@@ -7,16 +7,12 @@ import {
   check,
   decodeHalf,
   encodeHalf,
-  registerStrategy,
-  restoreStored,
+  defineStrategy,
+  disposeOwnedOnError,
   roundToHalf,
-  validateKVCache,
-  type CompressedCache,
-  type KVCache,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
-  type Strategy,
 } from '@kvpack/core';
 import { z } from 'zod';
 
@@ -270,60 +266,22 @@ export class MiniCacheCache extends BaseCompressedCache {
   protected disposeStored(): void {
     tf.dispose([...this.recK, ...this.recV]);
   }
-
-  /** Restores a serialized MiniCache cache. @throws KvpackError('corrupt' | 'truncated') */
-  static fromBytes(bytes: Uint8Array, options: MiniCacheOptions): MiniCacheCache {
-    return restoreStored(bytes, 'minicache', (r) => {
-      const { layout, rope, prefillLength: T, startPosition, meta } = r.header;
-      const { nLayers: L, nKvHeads: H, headDim: d } = layout;
-      const startLayer = meta.startLayer;
-      check(typeof startLayer === 'number' && Number.isInteger(startLayer) && startLayer >= 0 && startLayer < L, 'corrupt', `serialized minicache cache is corrupt: metadata startLayer ${JSON.stringify(startLayer)} is not a layer of ${L}`);
-      const recK: tf.Tensor3D[] = new Array(L);
-      const recV: tf.Tensor3D[] = new Array(L);
-      const pairs: PairState[] = [];
-      for (const layers of mergedPairs(L, startLayer)) {
-        const read = (kind: 'k' | 'v'): MergedPair => {
-          const base = `pair.${layers[0]}.${kind}`;
-          const k = r.shape(`${base}.idx`, { dtype: 'int32', shape: [null, H] })[0];
-          const shapes = pairShapes(T, H, d, k);
-          const part = <A extends Uint16Array | Int32Array>(name: (typeof PAIR_PARTS)[number]) => r.host<A>(`${base}.${name}`, shapes[name]);
-          const idx = part<Int32Array>('idx');
-          check(idx.every((p) => p >= 0 && p < T), 'corrupt', `serialized minicache cache is corrupt: "${base}.idx" holds a token outside [0, ${T})`);
-          return { dir: part('dir'), norm0: part('norm0'), norm1: part('norm1'), idx, keep0: part('keep0'), keep1: part('keep1'), retained: k } as MergedPair;
-        };
-        const p: PairState = { layers, k: read('k'), v: read('v') };
-        pairs.push(p);
-        const [k0, k1] = restoreLayerPair(p.k, T, H, d);
-        const [v0, v1] = restoreLayerPair(p.v, T, H, d);
-        recK[layers[0]] = tf.tensor3d(k0, [T, H, d]);
-        recK[layers[1]] = tf.tensor3d(k1, [T, H, d]);
-        recV[layers[0]] = tf.tensor3d(v0, [T, H, d]);
-        recV[layers[1]] = tf.tensor3d(v1, [T, H, d]);
-      }
-      for (let l = 0; l < L; l++) {
-        if (recK[l]) continue;
-        recK[l] = r.tensor(`exact.k.${l}`, { dtype: 'float16', shape: [T, H, d] });
-        recV[l] = r.tensor(`exact.v.${l}`, { dtype: 'float16', shape: [T, H, d] });
-      }
-      return new MiniCacheCache(layout, rope, T, options, startLayer, startPosition, pairs, recK, recV);
-    });
-  }
 }
 
 /**
- * Builds the `minicache` strategy (MiniCache, Liu et al. 2024, arXiv 2405.14366): cross-layer merging
+ * The `minicache` strategy (MiniCache, Liu et al. 2024, arXiv 2405.14366): cross-layer merging
  * of adjacent layer pairs from mid-depth by SLERP of per-token directions with per-layer norms and
  * retention of the most distinct token pairs (see {@link mergeLayerPair}). Applies to pre-RoPE keys
  * and to values; decode tokens stay exact in the residual buffer.
  * `compress` throws KvpackError('config') when `startLayer` leaves no pair to merge, and
  * KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache.
  */
-export function miniCacheStrategy(options: MiniCacheOptions): Strategy<MiniCacheOptions> {
-  return {
-    name: 'minicache',
-    options,
-    async compress(cache: KVCache): Promise<CompressedCache> {
-      const T = await validateKVCache(cache);
+export const miniCacheDefinition = defineStrategy({
+  name: 'minicache',
+  description: 'MiniCache: SLERP merging of adjacent layer pairs from mid-depth, per-layer norms, most distinct tokens retained (Liu et al. 2024)',
+  schema: MiniCacheOptionsSchema,
+  compress: (cache, options, T) =>
+    disposeOwnedOnError(async (own) => {
       const { nLayers: L, nKvHeads: H, headDim: d } = cache.layout;
       const start = options.startLayer ?? Math.floor(L / 2);
       check(
@@ -331,41 +289,62 @@ export function miniCacheStrategy(options: MiniCacheOptions): Strategy<MiniCache
         'config',
         `minicache: startLayer ${start} leaves no adjacent layer pair to merge in a ${L}-layer model (startLayer must be at most L − 2 = ${L - 2})`,
       );
-      const recK: tf.Tensor3D[] = new Array(L);
-      const recV: tf.Tensor3D[] = new Array(L);
       const pairs: PairState[] = [];
-      try {
-        for (const layers of mergedPairs(L, start)) {
-          const [a, b] = layers;
-          const k = mergeLayerPair((await cache.keys[a].data()) as Float32Array, (await cache.keys[b].data()) as Float32Array, T, H, d, options.t, options.gamma);
-          const v = mergeLayerPair((await cache.values[a].data()) as Float32Array, (await cache.values[b].data()) as Float32Array, T, H, d, options.t, options.gamma);
-          pairs.push({ layers, k, v });
-          const [k0, k1] = restoreLayerPair(k, T, H, d);
-          const [v0, v1] = restoreLayerPair(v, T, H, d);
-          recK[a] = tf.tensor3d(k0, [T, H, d]);
-          recK[b] = tf.tensor3d(k1, [T, H, d]);
-          recV[a] = tf.tensor3d(v0, [T, H, d]);
-          recV[b] = tf.tensor3d(v1, [T, H, d]);
-        }
-        for (let l = 0; l < L; l++) {
-          if (recK[l]) continue;
-          recK[l] = (await roundToHalf(cache.keys[l])) as tf.Tensor3D;
-          recV[l] = (await roundToHalf(cache.values[l])) as tf.Tensor3D;
-        }
-        return new MiniCacheCache(cache.layout, cache.rope, T, options, start, cache.startPosition ?? 0, pairs, recK, recV);
-      } catch (e) {
-        // Nothing of a failed compress stays allocated.
-        tf.dispose([...recK, ...recV].filter((t) => t !== undefined));
-        throw e;
+      for (const layers of mergedPairs(L, start)) {
+        const [a, b] = layers;
+        const merge = async (x: tf.Tensor3D[]) => mergeLayerPair((await x[a].data()) as Float32Array, (await x[b].data()) as Float32Array, T, H, d, options.t, options.gamma);
+        pairs.push({ layers, k: await merge(cache.keys), v: await merge(cache.values) });
       }
-    },
-    deserialize: (bytes) => MiniCacheCache.fromBytes(bytes, options),
-  };
-}
-
-registerStrategy({
-  name: 'minicache',
-  description: 'MiniCache: SLERP merging of adjacent layer pairs from mid-depth, per-layer norms, most distinct tokens retained (Liu et al. 2024)',
-  schema: MiniCacheOptionsSchema,
-  create: miniCacheStrategy,
+      const { recK, recV } = rebuildPairs(pairs, L, T, H, d, own);
+      for (let l = 0; l < L; l++) {
+        if (recK[l]) continue;
+        recK[l] = own((await roundToHalf(cache.keys[l])) as tf.Tensor3D);
+        recV[l] = own((await roundToHalf(cache.values[l])) as tf.Tensor3D);
+      }
+      return new MiniCacheCache(cache.layout, cache.rope, T, options, start, cache.startPosition ?? 0, pairs, recK, recV);
+    }),
+  restore(r, options) {
+    const { layout, rope, prefillLength: T, startPosition, meta } = r.header;
+    const { nLayers: L, nKvHeads: H, headDim: d } = layout;
+    const startLayer = meta.startLayer;
+    check(
+      typeof startLayer === 'number' && Number.isInteger(startLayer) && startLayer >= 0 && startLayer < L,
+      'corrupt',
+      `serialized minicache cache is corrupt: metadata startLayer ${JSON.stringify(startLayer)} is not a layer of ${L}`,
+    );
+    const pairs = mergedPairs(L, startLayer).map((layers): PairState => {
+      const read = (kind: 'k' | 'v'): MergedPair => {
+        const base = `pair.${layers[0]}.${kind}`;
+        const k = r.shape(`${base}.idx`, { dtype: 'int32', shape: [null, H] })[0];
+        const shapes = pairShapes(T, H, d, k);
+        const part = <A extends Uint16Array | Int32Array>(name: (typeof PAIR_PARTS)[number]) => r.host<A>(`${base}.${name}`, shapes[name]);
+        const idx = part<Int32Array>('idx');
+        check(idx.every((p) => p >= 0 && p < T), 'corrupt', `serialized minicache cache is corrupt: "${base}.idx" holds a token outside [0, ${T})`);
+        return { dir: part('dir'), norm0: part('norm0'), norm1: part('norm1'), idx, keep0: part('keep0'), keep1: part('keep1'), retained: k } as MergedPair;
+      };
+      return { layers, k: read('k'), v: read('v') };
+    });
+    const { recK, recV } = rebuildPairs(pairs, L, T, H, d, (t) => t);
+    for (let l = 0; l < L; l++) {
+      if (recK[l]) continue;
+      recK[l] = r.tensor(`exact.k.${l}`, { dtype: 'float16', shape: [T, H, d] });
+      recV[l] = r.tensor(`exact.v.${l}`, { dtype: 'float16', shape: [T, H, d] });
+    }
+    return new MiniCacheCache(layout, rope, T, options, startLayer, startPosition, pairs, recK, recV);
+  },
 });
+
+/** The merged layers' keys and values [T, H, d] rebuilt from their pairs (unmerged layers left empty). */
+function rebuildPairs(pairs: PairState[], L: number, T: number, H: number, d: number, own: (t: tf.Tensor3D) => tf.Tensor3D): { recK: tf.Tensor3D[]; recV: tf.Tensor3D[] } {
+  const recK: tf.Tensor3D[] = new Array(L);
+  const recV: tf.Tensor3D[] = new Array(L);
+  for (const { layers, k, v } of pairs) {
+    const [k0, k1] = restoreLayerPair(k, T, H, d);
+    const [v0, v1] = restoreLayerPair(v, T, H, d);
+    recK[layers[0]] = own(tf.tensor3d(k0, [T, H, d]));
+    recK[layers[1]] = own(tf.tensor3d(k1, [T, H, d]));
+    recV[layers[0]] = own(tf.tensor3d(v0, [T, H, d]));
+    recV[layers[1]] = own(tf.tensor3d(v1, [T, H, d]));
+  }
+  return { recK, recV };
+}

@@ -2,16 +2,10 @@ import * as tf from '@tensorflow/tfjs-core';
 import {
   BaseCompressedCache,
   applyRope,
-  check,
-  restoreStored,
-  registerStrategy,
-  validateKVCache,
-  type CompressedCache,
-  type KVCache,
+  defineStrategy,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
-  type Strategy,
 } from '@kvpack/core';
 import { dequantizeMatrix, quantizeMatrix, quantizedBytes, quantizedTensors, readQuantized, type QuantSpec, type QuantizedMatrix } from '@kvpack/strategy-utils';
 import { z } from 'zod';
@@ -84,21 +78,10 @@ export class QuantCache extends BaseCompressedCache {
   protected disposeStored(): void {
     tf.dispose([...this.deqK, ...this.deqV]);
   }
-
-  /** Restores a serialized `quant` cache. @throws KvpackError('corrupt' | 'truncated') */
-  static fromBytes(bytes: Uint8Array, options: QuantOptions): QuantCache {
-    return restoreStored(bytes, 'quant', (r) => {
-      const { layout, rope, prefillLength, startPosition } = r.header;
-      const spec = perTokenSpec(options, layout.headDim);
-      const load = (name: string): QuantizedMatrix => readQuantized(r, name, prefillLength * layout.nKvHeads, layout.headDim, spec);
-      const layers = Array.from({ length: layout.nLayers }, (_, l) => l);
-      return new QuantCache(layout, rope, prefillLength, options, layers.map((l) => load(`k.${l}`)), layers.map((l) => load(`v.${l}`)), startPosition);
-    });
-  }
 }
 
 /**
- * Builds the `quant` strategy: per-token integer quantization of the prefill cache. Each token's
+ * The `quant` strategy: per-token integer quantization of the prefill cache. Each token's
  * vector of one KV head (d channels of pre-RoPE keys, or of values) is one quantization group with a
  * 16-bit scale (and, asymmetric, an integer zero point); codes are rounded half-to-even and
  * bit-packed (int4: two per byte). This is the "per-token" KV quantization baseline (as in
@@ -108,29 +91,26 @@ export class QuantCache extends BaseCompressedCache {
  * stay exact (float32) in the residual buffer.
  * `compress` throws KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache.
  */
-export function quantStrategy(options: QuantOptions): Strategy<QuantOptions> {
-  return {
-    name: 'quant',
-    options,
-    async compress(cache: KVCache): Promise<CompressedCache> {
-      const T = await validateKVCache(cache);
-      const { nKvHeads, headDim } = cache.layout;
-      const spec = perTokenSpec(options, headDim);
-      const qk: QuantizedMatrix[] = [];
-      const qv: QuantizedMatrix[] = [];
-      for (let l = 0; l < cache.layout.nLayers; l++) {
-        qk.push(quantizeMatrix((await cache.keys[l].data()) as Float32Array, T * nKvHeads, headDim, spec));
-        qv.push(quantizeMatrix((await cache.values[l].data()) as Float32Array, T * nKvHeads, headDim, spec));
-      }
-      return new QuantCache(cache.layout, cache.rope, T, options, qk, qv, cache.startPosition ?? 0);
-    },
-    deserialize: (bytes) => QuantCache.fromBytes(bytes, options),
-  };
-}
-
-registerStrategy({
+export const quantDefinition = defineStrategy({
   name: 'quant',
   description: 'per-token int8/int4 quantization of keys (pre-RoPE) and values, 16-bit scale per token per KV head',
   schema: QuantOptionsSchema,
-  create: quantStrategy,
+  async compress(cache, options, T) {
+    const { nKvHeads, headDim } = cache.layout;
+    const spec = perTokenSpec(options, headDim);
+    const qk: QuantizedMatrix[] = [];
+    const qv: QuantizedMatrix[] = [];
+    for (let l = 0; l < cache.layout.nLayers; l++) {
+      qk.push(quantizeMatrix((await cache.keys[l].data()) as Float32Array, T * nKvHeads, headDim, spec));
+      qv.push(quantizeMatrix((await cache.values[l].data()) as Float32Array, T * nKvHeads, headDim, spec));
+    }
+    return new QuantCache(cache.layout, cache.rope, T, options, qk, qv, cache.startPosition ?? 0);
+  },
+  restore(r, options) {
+    const { layout, rope, prefillLength, startPosition } = r.header;
+    const spec = perTokenSpec(options, layout.headDim);
+    const load = (name: string): QuantizedMatrix => readQuantized(r, name, prefillLength * layout.nKvHeads, layout.headDim, spec);
+    const layers = Array.from({ length: layout.nLayers }, (_, l) => l);
+    return new QuantCache(layout, rope, prefillLength, options, layers.map((l) => load(`k.${l}`)), layers.map((l) => load(`v.${l}`)), startPosition);
+  },
 });
