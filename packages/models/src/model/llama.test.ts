@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { KvpackError, applyRope, createStrategy, denseCacheBytes, denseStrategy, deserializeCache, disposeKVCache, selectBackend, type CompressedCache, type KVCache } from '@kvpack/core';
+import { KvpackError, applyRope, createStrategy, denseCacheBytes, denseStrategy, deserializeCache, disposeKVCache, selectBackend, type CompressedCache } from '@kvpack/core';
 import { loadLlama2cCheckpoint, parseLlama2cCheckpoint } from '../llama2c/index.js';
 import type { LlamaWeights } from '../types.js';
 import { DecodeSession, LlamaModel, createSampler } from './index.js';
