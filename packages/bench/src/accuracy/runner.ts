@@ -3,7 +3,7 @@ import { performance } from 'node:perf_hooks';
 import { KvpackError, check, createStrategy, denseCacheBytes, disposeKVCache, type CompressedCache, type KVCache, type ModelLayout } from '@kvpack/core';
 import { DecodeSession } from '@kvpack/models';
 import type { ResolvedSetting } from '../config.js';
-import type { ErrorSums } from '../metrics.js';
+import { relativeError, type ErrorSums } from '../metrics.js';
 import type { BenchModel } from '../model.js';
 import { settingQueryWindow } from '../query-window.js';
 import { emptySummary, type SettingSummary } from '../results.js';
@@ -190,10 +190,10 @@ export function aggregateSetting(r: AccuracySettingResult, tasks: string[]): Acc
     const per = Array.from({ length: L }, (_, l) => {
       const num = sum((o) => o.attention!.perLayerSums[l].num);
       const den = sum((o) => o.attention!.perLayerSums[l].den);
-      return Math.sqrt(num / den);
+      return relativeError({ num, den });
     });
     r.attentionErrorPerLayer = per;
-    r.attentionError = Math.sqrt(sum((o) => o.attention!.sums.num) / sum((o) => o.attention!.sums.den));
+    r.attentionError = relativeError({ num: sum((o) => o.attention!.sums.num), den: sum((o) => o.attention!.sums.den) });
   } else {
     r.attentionError = null;
     r.attentionErrorPerLayer = null;
