@@ -1,8 +1,9 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
-import { KvpackError, MAX_ITEMS, MAX_REPEATS, MAX_TOKENS, atMost, parseStrategyOptions, readConfigFile } from '@kvpack/core';
+import { KvpackError, MAX_ITEMS, MAX_REPEATS, MAX_TOKENS, atMost, readConfigFile } from '@kvpack/core';
 import { z } from 'zod';
 import { expandGrid, type Setting } from './grid.js';
+import { resolveStrategy, type ResolvedStrategy } from './strategy.js';
 
 const positiveInt = z.number().int().positive();
 /**
@@ -107,8 +108,8 @@ export type BenchConfigInput = z.input<typeof BenchConfigSchema>;
 export type BenchConfigData = z.output<typeof BenchConfigSchema>;
 
 /** A setting of a loaded config: the grid point plus its schema-checked options. */
-export interface ResolvedSetting extends Setting {
-  /** Options after the strategy schema (defaults applied). */
+export interface ResolvedSetting extends Setting, ResolvedStrategy {
+  /** Options after the strategy schema (defaults applied); strategies are built from these. */
   resolvedOptions: Record<string, unknown>;
   /** Query window forced by the config, if any. */
   observationWindow?: number;
@@ -218,7 +219,7 @@ export function resolveSettings(strategies: BenchConfigData['strategies'], sourc
   for (const s of expandGrid(entries)) {
     let resolvedOptions: Record<string, unknown>;
     try {
-      resolvedOptions = parseStrategyOptions(s.name, s.options) as Record<string, unknown>;
+      resolvedOptions = resolveStrategy(s.name, s.options).resolvedOptions;
     } catch (err) {
       if (err instanceof KvpackError) throw new KvpackError(err.code, `${source}: setting "${s.label}": ${err.message}`, { cause: err });
       throw err;

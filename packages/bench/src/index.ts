@@ -14,3 +14,7 @@ export * from './load.js';
 export * from './commands.js';
 export * from './program.js';
 export * from './accuracy/index.js';
+// The perf suite (`kvpack bench perf`, `kvpack bench structure`; see PERF.md).
+export * from './perf/index.js';
+// metrics' median (the perf suite's checked median stays internal to it).
+export { median } from './metrics.js';

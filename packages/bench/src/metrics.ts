@@ -1,27 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { applyRope, check, type CompressedCache, type KVCache } from '@kvpack/core';
+import { applyRope, type CompressedCache, type KVCache } from '@kvpack/core';
 
-/**
- * Negative log-likelihoods (nats) of `targets` under logits rows, computed in float64 on the host:
- * nll_i = logsumexp(logits[i]) − logits[i, targets[i]].
- * @param logits [n, V]
- * @throws KvpackError('shape') when the row count differs from the number of targets or an id is out of range.
- */
-export function tokenNlls(logits: Float32Array | Float64Array, vocab: number, targets: number[]): Float64Array {
-  const n = targets.length;
-  check(logits.length === n * vocab, 'shape', `tokenNlls: ${logits.length} logits for ${n} targets × vocab ${vocab}`);
-  const out = new Float64Array(n);
-  for (let i = 0; i < n; i++) {
-    const t = targets[i];
-    check(Number.isInteger(t) && t >= 0 && t < vocab, 'shape', `tokenNlls: target id ${t} is outside the vocabulary [0, ${vocab})`);
-    let m = -Infinity;
-    for (let j = 0; j < vocab; j++) m = Math.max(m, logits[i * vocab + j]);
-    let s = 0;
-    for (let j = 0; j < vocab; j++) s += Math.exp(logits[i * vocab + j] - m);
-    out[i] = m + Math.log(s) - logits[i * vocab + t];
-  }
-  return out;
-}
+/** Host float64 NLLs of targets under logits rows: the decode session's (see @kvpack/models). */
+export { tokenNlls } from '@kvpack/models';
 
 /** Mean of an array (NaN when empty). */
 export function mean(xs: ArrayLike<number>): number {

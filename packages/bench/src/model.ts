@@ -26,8 +26,3 @@ export interface BenchTokenizer {
   encode(text: string, options?: { bos?: boolean; eos?: boolean }): number[];
   decode(ids: number[]): string;
 }
-
-/** Disposes every tensor of a prefill KV cache (keys, values, queries). */
-export function disposeKVCache(cache: KVCache): void {
-  for (const t of [...cache.keys, ...cache.values, ...(cache.queries ?? [])]) t.dispose();
-}

@@ -39,7 +39,7 @@ export interface PlotOptions {
 /**
  * Renders metric-vs-compression-ratio panels side by side as an SVG string (vega-lite → vega, no
  * browser): x = measured compression ratio, y = the panel's metric, one line (color) per series —
- * the layout of the xKV paper's figures. Generic: issue 4's accuracy runner passes accuracy panels.
+ * the layout of the xKV paper's figures. Generic: the accuracy runner passes accuracy panels.
  * Non-finite points are dropped.
  */
 export async function renderRatioPlot(panels: PlotPanel[], options: PlotOptions = {}): Promise<string> {

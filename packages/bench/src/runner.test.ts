@@ -1,10 +1,9 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createStrategy, selectBackend } from '@kvpack/core';
+import { createStrategy, disposeKVCache, selectBackend } from '@kvpack/core';
 import '@kvpack/xkv';
 import '@kvpack/baselines';
 import { resolveConfig } from './config.js';
-import { disposeKVCache } from './model.js';
 import { runBench, type BenchPrompt, type BenchRunResult } from './runner.js';
 import { ToyModel } from './testing/toy-model.js';
 

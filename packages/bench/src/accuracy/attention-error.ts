@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { applyRope, attention, check, type CompressedCache, type KVCache } from '@kvpack/core';
-import type { ErrorSums } from '../metrics.js';
+import { relativeError, type ErrorSums } from '../metrics.js';
 
 /** Attention-output error of one compressed cache against the exact cache it came from. */
 export interface AttentionOutputError {
@@ -105,7 +105,7 @@ export async function attentionOutputError(original: KVCache, compressed: Compre
       if (q !== qAll) q.dispose();
     }
   }
-  const perLayer = perLayerSums.map((s) => Math.sqrt(s.num / s.den));
+  const perLayer = perLayerSums.map(relativeError);
   const tot = perLayerSums.reduce((a, s) => ({ num: a.num + s.num, den: a.den + s.den }), { num: 0, den: 0 });
-  return { queries: n, perLayerSums, perLayer, pooled: Math.sqrt(tot.num / tot.den), max: Math.max(...perLayer) };
+  return { queries: n, perLayerSums, perLayer, pooled: relativeError(tot), max: Math.max(...perLayer) };
 }

@@ -1,4 +1,4 @@
-// RULER-style accuracy bench (issue 4): JSONL eval sets, exact-match scoring per task, the
+// RULER-style accuracy bench: JSONL eval sets, exact-match scoring per task, the
 // attention-output error, and `kvpack bench accuracy`.
 export * from './scoring.js';
 export * from './dataset.js';

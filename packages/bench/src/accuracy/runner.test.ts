@@ -1,10 +1,9 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { selectBackend } from '@kvpack/core';
+import { disposeKVCache, selectBackend } from '@kvpack/core';
 import '@kvpack/xkv';
 import '@kvpack/baselines';
 import { argmaxRow } from '../metrics.js';
-import { disposeKVCache } from '../model.js';
 import { ToyModel } from '../testing/toy-model.js';
 import { resolveAccuracyConfig } from './config.js';
 import type { EvalExample } from './dataset.js';

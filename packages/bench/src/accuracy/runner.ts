@@ -1,11 +1,13 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { performance } from 'node:perf_hooks';
-import { KvpackError, check, createStrategy, denseCacheBytes, type CompressedCache, type KVCache, type ModelLayout } from '@kvpack/core';
+import { KvpackError, check, createStrategy, denseCacheBytes, disposeKVCache, type CompressedCache, type KVCache, type ModelLayout } from '@kvpack/core';
+import { DecodeSession } from '@kvpack/models';
 import type { ResolvedSetting } from '../config.js';
-import type { ErrorSums } from '../metrics.js';
-import { argmaxRow } from '../metrics.js';
-import { disposeKVCache, type BenchModel } from '../model.js';
-import { emptySummary, queryWindow, type SettingSummary } from '../runner.js';
+import { relativeError, type ErrorSums } from '../metrics.js';
+import type { BenchModel } from '../model.js';
+import { settingQueryWindow } from '../query-window.js';
+import { emptySummary, type SettingSummary } from '../results.js';
+import { buildStrategy } from '../strategy.js';
 import { attentionOutputError } from './attention-error.js';
 import type { EvalExample } from './dataset.js';
 import { exactMatch, summarizeAccuracy, type AccuracySummary } from './scoring.js';
@@ -109,41 +111,21 @@ async function rowOf(x: tf.Tensor2D, row: number): Promise<Float32Array> {
 }
 
 /**
- * Greedy answer through a compressed cache. In `decode` mode it feeds `first` (the prompt's last
- * token) at `position` and takes each argmax; in `prefill` mode `firstToken` is the argmax of the
- * exact prefill logits and decoding starts from it. Stops after `maxNew` tokens or at a stop id.
+ * Greedy answer through a compressed cache. In `decode` mode it feeds `feed` (the prompt's last
+ * token) at `position` and takes each argmax; in `prefill` mode the exact prefill's last logits row
+ * predicts the first token. Stops after `maxNew` tokens or at a stop id.
  */
-async function greedyAnswer(
-  model: AccuracyModel,
-  cache: CompressedCache,
-  start: { feed: number; position: number } | { firstToken: number; position: number },
-  maxNew: number,
-  stops: Set<number>,
-): Promise<number[]> {
-  const out: number[] = [];
-  let feed: number;
-  let position = start.position;
-  if ('firstToken' in start) {
-    out.push(start.firstToken);
-    if (stops.has(start.firstToken) || maxNew <= 1) return out;
-    feed = start.firstToken;
-  } else feed = start.feed;
-  while (out.length < maxNew) {
-    const logits = await model.decode([feed], cache, position++);
-    const d = (await logits.data()) as Float32Array;
-    logits.dispose();
-    const id = argmaxRow(d, d.length, 0);
-    out.push(id);
-    if (stops.has(id)) break;
-    feed = id;
-  }
-  return out;
+async function greedyAnswer(model: AccuracyModel, cache: CompressedCache, start: Prepared['start'], maxNew: number, stops: Set<number>): Promise<number[]> {
+  const session = new DecodeSession(model, cache, start.position, 'lastRow' in start ? start.lastRow : undefined);
+  if ('feed' in start) await session.step([start.feed]);
+  return (await session.greedy(maxNew, { stopIds: stops })).ids;
 }
 
 /** The prompt's prefill (shared by every setting) and how decoding starts. */
 interface Prepared {
   cache: KVCache;
-  start: { feed: number; position: number } | { firstToken: number; position: number };
+  /** Decode mode: feed the prompt's last token at `position`; prefill mode: the prefill's last logits row predicts the answer. */
+  start: { feed: number; position: number } | { lastRow: Float32Array; position: number };
   maxNew: number;
 }
 
@@ -167,8 +149,7 @@ async function prepare(model: AccuracyModel, ex: EvalExample, window: number, op
   const r = await model.prefill(ids.slice(0, T), w > 0 ? { observationWindow: w } : undefined);
   try {
     if (decodeLast) return { cache: r.cache, start: { feed: ids[T], position: T }, maxNew };
-    const last = await rowOf(r.logits, r.logits.shape[0] - 1);
-    return { cache: r.cache, start: { firstToken: argmaxRow(last, last.length, 0), position: T }, maxNew };
+    return { cache: r.cache, start: { lastRow: await rowOf(r.logits, r.logits.shape[0] - 1), position: T }, maxNew };
   } finally {
     r.logits.dispose();
   }
@@ -209,10 +190,10 @@ export function aggregateSetting(r: AccuracySettingResult, tasks: string[]): Acc
     const per = Array.from({ length: L }, (_, l) => {
       const num = sum((o) => o.attention!.perLayerSums[l].num);
       const den = sum((o) => o.attention!.perLayerSums[l].den);
-      return Math.sqrt(num / den);
+      return relativeError({ num, den });
     });
     r.attentionErrorPerLayer = per;
-    r.attentionError = Math.sqrt(sum((o) => o.attention!.sums.num) / sum((o) => o.attention!.sums.den));
+    r.attentionError = relativeError({ num: sum((o) => o.attention!.sums.num), den: sum((o) => o.attention!.sums.den) });
   } else {
     r.attentionError = null;
     r.attentionErrorPerLayer = null;
@@ -245,7 +226,7 @@ export async function runAccuracy(
   const stops = stopSet(model, opts);
   const nq = opts.attentionQueries ?? 8;
   check(Number.isInteger(nq) && nq >= 0, 'config', `attentionQueries must be an integer ≥ 0, got ${nq}`);
-  const windows = settings.map(queryWindow);
+  const windows = settings.map(settingQueryWindow);
   const prefillWindow = Math.max(nq, ...windows.map((w) => w ?? 0));
   const results = settings.map((s, i) => emptySetting(s, windows[i]));
   const reference: AccuracyReference = { accuracy: summarizeAccuracy([], tasks), examples: [] };
@@ -285,7 +266,7 @@ export async function runAccuracy(
         }
         let c: CompressedCache | undefined;
         try {
-          const strategy = createStrategy({ name: s.name, options: s.options });
+          const strategy = buildStrategy(s);
           const t0 = performance.now();
           c = await strategy.compress(viewFor(p.cache, windows[si] !== null));
           const compressMs = performance.now() - t0;

@@ -13,9 +13,9 @@ export interface DecodeMode {
   dispose?(): void;
 }
 
-/** The decode entry points of xkv's GroupSvdCache (packages/xkv group-svd.ts), used by duck typing. */
-interface XkvDecodeCache {
-  /** Present only on caches compressed with `decode: 'sparse'`. */
+/** Alternative decode paths a cache may offer besides `attend` (xkv's and svd's low-rank caches do), found by duck typing. */
+interface AlternativeDecodePaths {
+  /** Landmark-selected sparse attention (present only on caches compressed for it). */
   attendSparse?(layer: number, q: tf.Tensor3D, options?: { budget?: number }): tf.Tensor3D;
   /** `attend` with a forced mode. */
   attendWith?(layer: number, q: tf.Tensor3D, options: { mode?: 'full' | 'sparse' }): tf.Tensor3D;
@@ -31,21 +31,21 @@ export function fullMode(cache: CompressedCache): DecodeMode {
 }
 
 /**
- * The decode modes measured for a cache. Every strategy gets its default path: `attend` when the
- * cache offers it (the strategy's own fast path, or BaseCompressedCache's reconstruction + core
- * attention), else full reconstruction + core attention. The `xkv` strategy gets: `full` (explicit
- * `keys`/`values` + core attention), `attend-full` (its fused full mode: RoPE fused into the key
- * product, values in the compressed domain when cheaper — `attendWith(l, q, { mode: 'full' })`, or
- * its own `attend`), and `sparse` when the cache was compressed with `decode: 'sparse'`
- * (`attendSparse(l, q, { budget })`: landmark-selected chunks up to the budget, issue 5's xKV-SR).
+ * The decode modes measured for a cache, from what the cache offers (never from the strategy's name).
+ * A cache with one decode path gets it: `attend` when it offers it (the strategy's own fast path, or
+ * BaseCompressedCache's reconstruction + core attention), else full reconstruction + core attention.
+ * A cache that offers alternative paths (`attendWith`, `attendSparse`: the low-rank caches) gets each
+ * measured: `full` (explicit `keys`/`values` + core attention), `attend-full` (its fused full mode,
+ * `attendWith(l, q, { mode: 'full' })`, or its own `attend`), and `sparse` when it was compressed for
+ * sparse decoding (`attendSparse(l, q, { budget })`: landmark-selected chunks up to the budget).
  */
-export function decodeModes(strategy: string, cache: CompressedCache, opts: { sparseBudget: number }): DecodeMode[] {
+export function decodeModes(cache: CompressedCache, opts: { sparseBudget: number }): DecodeMode[] {
   const modes: DecodeMode[] = [];
-  const c = cache as CompressedCache & XkvDecodeCache;
+  const c = cache as CompressedCache & AlternativeDecodePaths;
   const proto = Object.getPrototypeOf(cache) as Record<string, unknown>;
   // BaseCompressedCache.attend is reconstruction + attention; a subclass override is a real fast path.
   const ownAttend = typeof c.attend === 'function' && hasOverride(proto, 'attend');
-  if (strategy !== 'xkv') {
+  if (typeof c.attendWith !== 'function' && typeof c.attendSparse !== 'function') {
     modes.push(
       typeof c.attend === 'function'
         ? { mode: 'attend', label: ownAttend ? 'attend (strategy fast path)' : 'attend (reconstruct + attention)', step: (l, q) => c.attend!(l, q) }

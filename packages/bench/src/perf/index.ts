@@ -1,4 +1,4 @@
-// The perf suite of issue 5: `kvpack bench perf` and `kvpack bench structure` (see PERF.md).
+// The perf suite: `kvpack bench perf` and `kvpack bench structure` (see PERF.md).
 export * from './stats.js';
 export * from './synthetic.js';
 export * from './structure.js';

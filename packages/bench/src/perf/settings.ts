@@ -1,4 +1,8 @@
 import { KvpackError } from '@kvpack/core';
+// The suite's settings name strategies of both packages: importing them registers those strategies.
+import '@kvpack/xkv';
+import '@kvpack/baselines';
+import { resolveStrategy, type ResolvedStrategy } from '../strategy.js';
 
 /** One strategy configuration of the perf suite. */
 export interface PerfSetting {
@@ -60,6 +64,14 @@ export const PERF_SETTINGS: readonly PerfSetting[] = [
 
 /** Names accepted by `--strategies`: the registered names of {@link PERF_SETTINGS} (`xkv` selects both xkv rows). */
 export const PERF_STRATEGY_NAMES: readonly string[] = [...new Set(PERF_SETTINGS.map((s) => s.name))];
+
+/** A perf setting with its options resolved by the strategy's schema. */
+export type ResolvedPerfSetting = PerfSetting & ResolvedStrategy;
+
+/** The setting with its options resolved (once: a setting already resolved is returned as is). */
+export function resolvedSetting(s: PerfSetting & Partial<ResolvedStrategy>): ResolvedPerfSetting {
+  return s.resolvedOptions ? (s as ResolvedPerfSetting) : { ...s, ...resolveStrategy(s.name, s.options) };
+}
 
 /**
  * A copy of settings with the sparse-decode budget replaced (settings whose options have `sparse`).

@@ -168,9 +168,9 @@ describe('decode modes and the peer matrices', () => {
     const x = await createStrategy({ name: 'xkv', options: { groupSize: 4, rankK: 4, rankV: 4 } }).compress(cache);
     const d = await createStrategy({ name: 'dense' }).compress(cache);
     try {
-      const mx = decodeModes('xkv', x, { sparseBudget: 32 });
+      const mx = decodeModes(x, { sparseBudget: 32 });
       expect(mx[0].mode).toBe('full');
-      const md = decodeModes('dense', d, { sparseBudget: 32 });
+      const md = decodeModes(d, { sparseBudget: 32 });
       expect(md.map((m) => m.mode)).toEqual(['attend']);
       const q = tf.randomNormal([1, 4, 16]) as tf.Tensor3D;
       for (const m of [...mx, ...md]) {

@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { selectBackend, type ModelLayout } from '@kvpack/core';
+import { disposeKVCache, selectBackend, type ModelLayout } from '@kvpack/core';
 import { cacheStructure, channelOutlierRatio, type CacheStructure } from './structure.js';
 import {
   mixingBasis,
@@ -21,7 +21,7 @@ const keys = { ...plain, decay: 0.8, noise: 0.05, coupling: 0.9, couplingDecay: 
 const values = { ...plain, decay: 0.5, noise: 0.1, coupling: 0.8, couplingDecay: 0 };
 
 function dispose(c: SyntheticCache): void {
-  tf.dispose([...c.keys, ...c.values, ...(c.queries ?? [])]);
+  disposeKVCache(c);
 }
 
 let start = 0;

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { applyRope, check, type KVCache, type ModelLayout, type RopeConfig } from '@kvpack/core';
+import { applyRope, check, normalPair, type KVCache, type ModelLayout, type RopeConfig } from '@kvpack/core';
 
 /**
  * Llama-3.1-8B's attention layout: 32 layers, 32 query heads, 8 KV heads (GQA 4:1), head_dim 128
@@ -202,9 +202,9 @@ function normals(key: number, n: number): Float64Array {
   for (let i = 0; i < n; i += 2) {
     const u1 = (hash32(key + Math.imul(i, 0x9e3779b9)) + 1) / 4294967297;
     const u2 = hash32(key ^ Math.imul(i + 1, 0x85ebca6b)) / 4294967296;
-    const r = Math.sqrt(-2 * Math.log(u1));
-    out[i] = r * Math.cos(2 * Math.PI * u2);
-    if (i + 1 < n) out[i + 1] = r * Math.sin(2 * Math.PI * u2);
+    const [a, b] = normalPair(u1, u2);
+    out[i] = a;
+    if (i + 1 < n) out[i + 1] = b;
   }
   return out;
 }

@@ -5,7 +5,7 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { encodeSafetensors, type SafetensorsTensorInput } from './safetensors.js';
 
-/** KVPACK_MODELS_DIR, else `shared/models` beside the repository root (derived from this file's location). */
+/** KVPACK_MODELS_DIR, else `shared/models` beside the repository root (<repo>/../shared/models). */
 export const MODELS_DIR =
   process.env.KVPACK_MODELS_DIR ?? resolve(fileURLToPath(new URL('../../../../', import.meta.url)), '..', 'shared', 'models');
 

@@ -1,10 +1,10 @@
 import { readFileSync } from 'node:fs';
 import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { KvpackError, applyRope, createStrategy, denseCacheBytes, denseStrategy, deserializeCache, selectBackend, type CompressedCache, type KVCache } from '@kvpack/core';
+import { KvpackError, applyRope, createStrategy, denseCacheBytes, denseStrategy, deserializeCache, disposeKVCache, selectBackend, type CompressedCache } from '@kvpack/core';
 import { loadLlama2cCheckpoint, parseLlama2cCheckpoint } from '../llama2c/index.js';
 import type { LlamaWeights } from '../types.js';
-import { LlamaModel, createSampler } from './index.js';
+import { DecodeSession, LlamaModel, createSampler } from './index.js';
 import {
   HAVE_STORIES,
   SKIP_STORIES,
@@ -25,7 +25,7 @@ beforeAll(async () => {
 });
 
 const data = (t: tf.Tensor) => t.dataSync() as Float32Array;
-const disposeKV = (c: KVCache) => tf.dispose([...c.keys, ...c.values, ...(c.queries ?? [])]);
+const disposeKV = disposeKVCache;
 const exact = () => denseStrategy({ storage: 'float32' });
 
 function expectKvpack(fn: () => unknown, code: string, fragment: string) {
@@ -293,6 +293,31 @@ describe('LlamaModel on random weights (GQA, both RoPE layouts, q/k/v biases)', 
       model.dispose();
     });
   }
+
+  it('a decode session generates what generate does and scores like the float64 reference', async () => {
+    const { model, ref } = build('half', true);
+    const prompt = [1, 9, 33];
+    const g = await model.generate(prompt, { maxNewTokens: 4 });
+    const { logits, cache } = await model.prefill(prompt, { logits: 'last' });
+    const dense = await exact().compress(cache);
+    const session = new DecodeSession(model, dense, prompt.length, data(logits));
+    const s = await session.greedy(4);
+    expect(s.ids).toEqual(g.ids);
+    expect(maxAbsDiff(s.margins, g.margins)).toBeLessThan(1e-6);
+    expect(session.position).toBe(prompt.length + 3);
+    // Teacher-forced NLL of ids[3..7] through a fresh session fed ids[2] (the last prompt token) first.
+    const ids = [1, 9, 33, 2, 17, 17, 30, 4];
+    const want = refForward(ref, ids);
+    const { logits: l2, cache: c2 } = await model.prefill(ids.slice(0, 2));
+    const d2 = await exact().compress(c2);
+    const score = await new DecodeSession(model, d2, 2).teacherForcedNll(ids.slice(3), { first: ids[2] });
+    expect(Math.abs(score.meanNll - refMeanNll(want.logits.slice(2), ids.slice(3)))).toBeLessThan(1e-5);
+    expect(score.argmax).toHaveLength(5);
+    tf.dispose([logits, l2]);
+    disposeKV(cache);
+    disposeKV(c2);
+    for (const x of [dense, d2, model]) x.dispose();
+  });
 
   it('generation stops at max_seq_len', async () => {
     const { model } = build('interleaved', false);

@@ -4,10 +4,7 @@ import {
   applyRope,
   attention,
   check,
-  denseCacheBytes,
-  denseStrategy,
   isHostBackend,
-  validateLayout,
   type CompressedCache,
   type KVCache,
   type ModelLayout,
@@ -15,7 +12,9 @@ import {
 } from '@kvpack/core';
 import type { LlamaConfig, LlamaWeights } from '../types.js';
 import { disposeLlamaWeights } from '../hf/weights.js';
-import { createSampler, top2Margin, type SamplingOptions } from './sampling.js';
+import { classify, embed, finishLayer, projectQkv, rmsNorm } from './blocks.js';
+import { generate, scoreContinuation, type ContinuationScore, type GenerateOptions, type GenerateResult, type ScoreOptions } from './generation.js';
+import { checkLlamaWeights } from './weights-check.js';
 
 /** Options of {@link LlamaModel.prefill}. */
 export interface PrefillOptions {
@@ -34,113 +33,6 @@ export interface PrefillResult {
   logits: tf.Tensor2D;
   /** The prompt's KV cache: pre-RoPE keys and values [T, H_kv, d] per layer, startPosition 0. */
   cache: KVCache;
-}
-
-/** Options of {@link LlamaModel.generate}. */
-export interface GenerateOptions {
-  /** Tokens to generate (at most). */
-  maxNewTokens: number;
-  /** Compression applied to the prompt's cache after prefill. Default: `dense` with float32 storage (exact). */
-  strategy?: Strategy;
-  /** Default greedy (temperature 0). */
-  sampling?: SamplingOptions;
-  /** Stop after generating the model's EOS id (it is included in `ids`). Default false. */
-  stopAtEos?: boolean;
-  /** Other ids that end generation (included in `ids`), e.g. BOS for llama2.c story models. */
-  stopIds?: number[];
-  /** Passed to {@link LlamaModel.prefill} for query-aware strategies. */
-  observationWindow?: number;
-}
-
-/** Byte accounting of the compressed cache used by {@link LlamaModel.generate} / {@link LlamaModel.scoreContinuation}. */
-export interface CacheStats {
-  strategy: string;
-  /** Prompt tokens that were compressed, T. */
-  prefillTokens: number;
-  /** Bytes the compressed cache held right after compressing the prompt (`byteSize()`). */
-  prefillByteSize: number;
-  /** Bytes held at the end, including the exact float32 decode tokens. */
-  byteSize: number;
-  /** Compression ratio of the prompt: fp16 dense bytes of T tokens / prefillByteSize. */
-  compressionRatio: number;
-}
-
-/** Result of {@link LlamaModel.generate}. */
-export interface GenerateResult {
-  /** Generated token ids (the prompt excluded). */
-  ids: number[];
-  /** Gap between the two largest logits at each generation step (same length as `ids`). */
-  margins: number[];
-  /** Why generation ended. */
-  stopReason: 'maxNewTokens' | 'eos' | 'stopId' | 'maxSeqLen';
-  cache: CacheStats;
-}
-
-/** Result of {@link LlamaModel.scoreContinuation}. */
-export interface ContinuationScore {
-  /** Mean negative log-likelihood of the continuation, nats per token. */
-  meanNll: number;
-  /** Negative log-likelihood of each continuation token, nats. */
-  tokenNll: Float64Array;
-  cache: CacheStats;
-}
-
-/** Options of {@link LlamaModel.nll} / {@link LlamaModel.scoreContinuation}. */
-export interface ScoreOptions {
-  /** Passed to {@link LlamaModel.prefill} for query-aware strategies. */
-  observationWindow?: number;
-}
-
-function rmsNorm(x: tf.Tensor2D, w: tf.Tensor1D, eps: number): tf.Tensor2D {
-  return tf.mul(tf.mul(x, tf.rsqrt(tf.add(tf.mean(tf.square(x), 1, true), eps))), w);
-}
-
-function disposeKV(c: KVCache): void {
-  tf.dispose([...c.keys, ...c.values, ...(c.queries ?? [])]);
-}
-
-/**
- * Checks that weights match their config: layout, every tensor's shape ([in, out] matrices) and
- * dtype, and the q/k/v biases when `qkvBias`.
- * @throws KvpackError('layout' | 'shape' | 'dtype' | 'config') naming the tensor.
- */
-export function checkLlamaWeights(w: LlamaWeights): void {
-  const c = w.config;
-  validateLayout(c);
-  for (const k of ['dim', 'hiddenDim', 'vocabSize', 'maxSeqLen'] as const)
-    check(Number.isInteger(c[k]) && c[k] > 0, 'config', `model config: ${k} must be a positive integer, got ${c[k]}`);
-  check(Number.isFinite(c.normEps) && c.normEps >= 0, 'config', `model config: normEps must be a finite number ≥ 0, got ${c.normEps}`);
-  check(c.headDim % 2 === 0, 'config', `model config: head_dim ${c.headDim} must be even for RoPE`);
-  check(w.layers.length === c.nLayers, 'layout', `weights have ${w.layers.length} layers but the config says ${c.nLayers}`);
-  const D = c.dim;
-  const q = c.nHeads * c.headDim;
-  const kv = c.nKvHeads * c.headDim;
-  const F = c.hiddenDim;
-  const expect = (t: tf.Tensor | undefined, shape: number[], name: string) => {
-    check(t instanceof tf.Tensor, 'shape', `weight ${name} is missing (expected a tensor [${shape}])`);
-    check(t.dtype === 'float32', 'dtype', `weight ${name} has dtype ${t.dtype}, expected float32`);
-    check(t.rank === shape.length && t.shape.every((v, i) => v === shape[i]), 'shape', `weight ${name} has shape [${t.shape}], expected [${shape}]`);
-  };
-  expect(w.embedding, [c.vocabSize, D], 'embedding');
-  expect(w.finalNorm, [D], 'finalNorm');
-  expect(w.classifier, [D, c.vocabSize], 'classifier');
-  w.layers.forEach((l, i) => {
-    const p = `layers.${i}.`;
-    expect(l.attnNorm, [D], p + 'attnNorm');
-    expect(l.wq, [D, q], p + 'wq');
-    expect(l.wk, [D, kv], p + 'wk');
-    expect(l.wv, [D, kv], p + 'wv');
-    expect(l.wo, [q, D], p + 'wo');
-    expect(l.ffnNorm, [D], p + 'ffnNorm');
-    expect(l.w1, [D, F], p + 'w1');
-    expect(l.w2, [F, D], p + 'w2');
-    expect(l.w3, [D, F], p + 'w3');
-    if (c.qkvBias) {
-      expect(l.bq, [q], p + 'bq');
-      expect(l.bk, [kv], p + 'bk');
-      expect(l.bv, [kv], p + 'bv');
-    }
-  });
 }
 
 /**
@@ -223,8 +115,8 @@ export class LlamaModel {
     return { nLayers: c.nLayers, nHeads: c.nHeads, nKvHeads: c.nKvHeads, headDim: c.headDim };
   }
 
-  /** Throws unless ids are integers in [0, V). */
-  private checkIds(ids: readonly number[], what: string): void {
+  /** Throws unless ids are integers in [0, V). @internal */
+  checkIds(ids: readonly number[], what: string): void {
     check(Array.isArray(ids), 'shape', `${what}: token ids must be an array of integers`);
     check(ids.length > 0, 'shape', `${what}: no token ids`);
     const V = this.config.vocabSize;
@@ -232,8 +124,8 @@ export class LlamaModel {
       check(Number.isInteger(ids[i]) && ids[i] >= 0 && ids[i] < V, 'shape', () => `${what}: token id ${ids[i]} at index ${i} is not an integer in [0, vocab ${V})`);
   }
 
-  /** Throws unless positions start … start + count − 1 fit the model's context. */
-  private checkPositions(start: number, count: number, what: string): void {
+  /** Throws unless positions start … start + count − 1 fit the model's context. @internal */
+  checkPositions(start: number, count: number, what: string): void {
     check(Number.isInteger(start) && start >= 0, 'shape', `${what}: position ${start} must be an integer ≥ 0`);
     check(
       start + count <= this.config.maxSeqLen,
@@ -242,48 +134,17 @@ export class LlamaModel {
     );
   }
 
-  private embed(ids: readonly number[]): tf.Tensor2D {
-    return tf.tidy(() => tf.gather(this.weights.embedding, tf.tensor1d(ids as number[], 'int32')) as tf.Tensor2D);
-  }
-
-  /** q [n, H, d], k, v [n, H_kv, d] (pre-RoPE) of one layer for the normed input h [n, D]. */
-  private qkv(layer: number, h: tf.Tensor2D) {
-    const lw = this.weights.layers[layer];
-    const { nHeads: H, nKvHeads: Hkv, headDim: d } = this.config;
-    const n = h.shape[0];
-    const proj = (w: tf.Tensor2D, b: tf.Tensor1D | undefined, heads: number) => {
-      const y = tf.matMul(h, w);
-      return (b ? tf.add(y, b) : y).reshape([n, heads, d]) as tf.Tensor3D;
-    };
-    return { q: proj(lw.wq, lw.bq, H), k: proj(lw.wk, lw.bk, Hkv), v: proj(lw.wv, lw.bv, Hkv) };
-  }
-
-  /** Output projection + residual, then the SwiGLU block + residual. o: attention output [n, H, d]. */
-  private finishLayer(layer: number, x: tf.Tensor2D, o: tf.Tensor3D): tf.Tensor2D {
-    const lw = this.weights.layers[layer];
-    const n = x.shape[0];
-    const x1 = tf.add(x, tf.matMul(o.reshape([n, this.config.nHeads * this.config.headDim]), lw.wo)) as tf.Tensor2D;
-    const h = rmsNorm(x1, lw.ffnNorm, this.config.normEps);
-    const g = tf.matMul(h, lw.w1);
-    const u = tf.matMul(h, lw.w3);
-    return tf.add(x1, tf.matMul(tf.mul(tf.mul(g, tf.sigmoid(g)), u), lw.w2)) as tf.Tensor2D;
-  }
-
-  private classify(x: tf.Tensor2D): tf.Tensor2D {
-    return tf.matMul(rmsNorm(x, this.weights.finalNorm, this.config.normEps), this.weights.classifier);
-  }
-
   /** Causal forward over ids at positions 0..T−1 with exact attention. */
   private forward(ids: readonly number[], collect: boolean, obs: number, lastOnly: boolean) {
     const T = ids.length;
     const rope = this.config.rope;
     return tf.tidy(() => {
-      let x = this.embed(ids);
+      let x = embed(this.weights, ids);
       const keys: tf.Tensor3D[] = [];
       const values: tf.Tensor3D[] = [];
       const queries: tf.Tensor3D[] = [];
       for (let l = 0; l < this.config.nLayers; l++) {
-        const { q, k, v } = this.qkv(l, rmsNorm(x, this.weights.layers[l].attnNorm, this.config.normEps));
+        const { q, k, v } = projectQkv(this.weights, l, rmsNorm(x, this.weights.layers[l].attnNorm, this.config.normEps));
         const qr = applyRope(q, rope, { start: 0, count: T });
         const kr = applyRope(k, rope, { start: 0, count: T });
         if (collect) {
@@ -291,9 +152,9 @@ export class LlamaModel {
           values.push(v);
           if (obs > 0) queries.push(tf.slice(qr, [T - obs, 0, 0], [obs, -1, -1]));
         }
-        x = this.finishLayer(l, x, attention(qr, kr, v, T));
+        x = finishLayer(this.weights, l, x, attention(qr, kr, v, T));
       }
-      const logits = this.classify(lastOnly ? tf.slice(x, [T - 1, 0], [1, -1]) : x);
+      const logits = classify(this.weights, lastOnly ? tf.slice(x, [T - 1, 0], [1, -1]) : x);
       return { logits, keys, values, queries };
     });
   }
@@ -356,12 +217,12 @@ export class LlamaModel {
     );
     const n = ids.length;
     const pos = { start: position, count: n };
-    let x = this.embed(ids);
+    let x = embed(this.weights, ids);
     try {
       for (let l = 0; l < this.config.nLayers; l++) {
         // append() creates tensors the cache keeps, so it must run outside any tidy scope.
         const { q, k, v } = tf.tidy(() => {
-          const p = this.qkv(l, rmsNorm(x, this.weights.layers[l].attnNorm, this.config.normEps));
+          const p = projectQkv(this.weights, l, rmsNorm(x, this.weights.layers[l].attnNorm, this.config.normEps));
           return { q: applyRope(p.q, rope, pos), k: applyRope(p.k, rope, pos), v: p.v };
         });
         try {
@@ -376,7 +237,7 @@ export class LlamaModel {
         try {
           next = tf.tidy(() => {
             const o = cache.attend ? cache.attend(l, q, { causalTail: n }) : attention(q, cache.keys(l), cache.values(l), n);
-            return this.finishLayer(l, x, o);
+            return finishLayer(this.weights, l, x, o);
           });
         } finally {
           q.dispose();
@@ -384,79 +245,43 @@ export class LlamaModel {
         x.dispose();
         x = next;
       }
-      return tf.tidy(() => this.classify(x));
+      return tf.tidy(() => classify(this.weights, x));
     } finally {
       x.dispose();
     }
   }
 
-  private async compressPrompt(promptIds: number[], strategy: Strategy, obs: number | undefined) {
-    const { logits, cache } = await this.prefill(promptIds, { logits: 'last', observationWindow: obs });
-    let compressed: CompressedCache;
-    try {
-      compressed = await strategy.compress(cache);
-    } catch (e) {
-      logits.dispose();
-      throw e;
-    } finally {
-      disposeKV(cache);
-    }
-    const T = promptIds.length;
-    const prefillByteSize = compressed.byteSize();
-    const stats = (): CacheStats => ({
-      strategy: compressed.strategy,
-      prefillTokens: T,
-      prefillByteSize,
-      byteSize: compressed.byteSize(),
-      compressionRatio: denseCacheBytes(this.layout, T) / prefillByteSize,
-    });
-    return { logits, compressed, stats };
-  }
-
   /**
    * Generates up to `maxNewTokens` tokens after a prompt: prefill, compress the prompt's cache with
-   * the strategy, then one {@link decode} per new token (decode tokens stay exact in the cache).
-   * Sampling is greedy by default; with a temperature it is seeded and deterministic. Stops early at
-   * EOS (`stopAtEos`), a `stopIds` token, or when the next position would pass maxSeqLen.
+   * the strategy, then a {@link DecodeSession} (one {@link decode} per new token; decode tokens stay
+   * exact in the cache). Sampling is greedy by default; with a temperature it is seeded and
+   * deterministic. Stops early at EOS (`stopAtEos`), a `stopIds` token, or when the next position
+   * would pass maxSeqLen.
    * @returns generated ids, the top-2 logit gap per step, and the cache's byte accounting
    * @throws KvpackError('shape' | 'config') for bad ids or options; whatever the strategy throws.
    */
-  async generate(promptIds: number[], options: GenerateOptions): Promise<GenerateResult> {
-    const maxNew = options.maxNewTokens;
-    check(Number.isInteger(maxNew) && maxNew >= 0, 'config', `generate: maxNewTokens must be an integer ≥ 0, got ${maxNew}`);
-    const sample = createSampler(options.sampling);
-    const stops = new Set(options.stopIds ?? []);
-    if (options.stopAtEos && this.config.eosId !== undefined) stops.add(this.config.eosId);
-    const { logits, compressed, stats } = await this.compressPrompt(promptIds, options.strategy ?? denseStrategy({ storage: 'float32' }), options.observationWindow);
-    const ids: number[] = [];
-    const margins: number[] = [];
-    let stopReason: GenerateResult['stopReason'] = 'maxNewTokens';
-    try {
-      let row = (await logits.data()) as Float32Array;
-      logits.dispose();
-      let position = promptIds.length;
-      for (let step = 0; step < maxNew; step++) {
-        margins.push(top2Margin(row));
-        const tok = sample(row);
-        ids.push(tok);
-        if (stops.has(tok)) {
-          stopReason = tok === this.config.eosId && options.stopAtEos ? 'eos' : 'stopId';
-          break;
-        }
-        if (step === maxNew - 1) break;
-        if (position >= this.config.maxSeqLen) {
-          stopReason = 'maxSeqLen';
-          break;
-        }
-        const next = this.decode([tok], compressed, position++);
-        row = (await next.data()) as Float32Array;
-        next.dispose();
-      }
-      return { ids, margins, stopReason, cache: stats() };
-    } finally {
-      if (!logits.isDisposed) logits.dispose();
-      compressed.dispose();
-    }
+  generate(promptIds: number[], options: GenerateOptions): Promise<GenerateResult> {
+    return generate(this, promptIds, options);
+  }
+
+  /**
+   * Scores a continuation given a prompt whose cache is compressed by `strategy`: the first
+   * continuation token is predicted from the prompt's last logits, the others teacher-forced through
+   * one {@link decode} call over continuation[0..m−2] (n = m − 1, causal among themselves); NLLs in
+   * float64 ({@link DecodeSession.teacherForcedNll}).
+   * @param strategy default `dense` with float32 storage (exact)
+   * @throws KvpackError('shape') for bad ids or when prompt + continuation − 1 tokens exceed maxSeqLen.
+   */
+  scoreContinuation(promptIds: number[], continuationIds: number[], strategy?: Strategy, options: ScoreOptions = {}): Promise<ContinuationScore> {
+    return scoreContinuation(this, promptIds, continuationIds, strategy, options);
+  }
+
+  /**
+   * Mean negative log-likelihood (nats per token) of a continuation given a prompt whose cache is
+   * compressed by `strategy` (default exact); see {@link scoreContinuation}.
+   */
+  async nll(promptIds: number[], continuationIds: number[], strategy?: Strategy, options?: ScoreOptions): Promise<number> {
+    return (await this.scoreContinuation(promptIds, continuationIds, strategy, options)).meanNll;
   }
 
   /** −log softmax(logits)[target] per row, computed on the backend. */
@@ -469,46 +294,6 @@ export class LlamaModel {
     const out = Float64Array.from((await r.data()) as Float32Array);
     r.dispose();
     return out;
-  }
-
-  /**
-   * Scores a continuation given a prompt whose cache is compressed by `strategy`: the first
-   * continuation token is predicted from the prompt's last logits, the others teacher-forced through
-   * one {@link decode} call over continuation[0..m−2] (n = m − 1, causal among themselves).
-   * @param strategy default `dense` with float32 storage (exact)
-   * @throws KvpackError('shape') for bad ids or when prompt + continuation − 1 tokens exceed maxSeqLen.
-   */
-  async scoreContinuation(promptIds: number[], continuationIds: number[], strategy?: Strategy, options: ScoreOptions = {}): Promise<ContinuationScore> {
-    this.checkIds(promptIds, 'prompt');
-    this.checkIds(continuationIds, 'continuation');
-    const P = promptIds.length;
-    const m = continuationIds.length;
-    this.checkPositions(0, P + m - 1, 'prompt + continuation');
-    const { logits, compressed, stats } = await this.compressPrompt(promptIds, strategy ?? denseStrategy({ storage: 'float32' }), options.observationWindow);
-    try {
-      const tokenNll = new Float64Array(m);
-      tokenNll.set(await this.rowNll(logits, [continuationIds[0]]), 0);
-      if (m > 1) {
-        const lg = this.decode(continuationIds.slice(0, -1), compressed, P);
-        try {
-          tokenNll.set(await this.rowNll(lg, continuationIds.slice(1)), 1);
-        } finally {
-          lg.dispose();
-        }
-      }
-      return { meanNll: tokenNll.reduce((a, b) => a + b, 0) / m, tokenNll, cache: stats() };
-    } finally {
-      logits.dispose();
-      compressed.dispose();
-    }
-  }
-
-  /**
-   * Mean negative log-likelihood (nats per token) of a continuation given a prompt whose cache is
-   * compressed by `strategy` (default exact); see {@link scoreContinuation}.
-   */
-  async nll(promptIds: number[], continuationIds: number[], strategy?: Strategy, options?: ScoreOptions): Promise<number> {
-    return (await this.scoreContinuation(promptIds, continuationIds, strategy, options)).meanNll;
   }
 
   /**

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch peer of kvpack's perf suite (issue 5): the same xKV work, timed in PyTorch on the same GPU.
+"""PyTorch peer of kvpack's perf suite: the same xKV work, timed in PyTorch on the same GPU.
 
 What it measures, each a median of --reps runs after --warmup warm-up runs, timed with CUDA events
 (host clock + synchronize on CPU):
@@ -22,8 +22,8 @@ orthonormal mixing); the same structure, not the same numbers.
 Output: a table on stdout and, with --json FILE, the results as JSON (format "kvpack-peer/1").
 Needs python3 with PyTorch (CUDA for the GPU numbers) and numpy; nothing else.
 
-    python3 packages/bench/peer/xkv_torch.py --matrices /tmp/kvpack-mats --json /tmp/peer.json
-    python3 packages/bench/peer/xkv_torch.py --synthetic --T 32768 --F 4096 --rank 512
+    python3 scripts/gpu/xkv_torch.py --matrices /tmp/kvpack-mats --json /tmp/peer.json
+    python3 scripts/gpu/xkv_torch.py --synthetic --T 32768 --F 4096 --rank 512
 """
 import argparse
 import json

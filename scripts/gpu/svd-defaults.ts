@@ -1,12 +1,9 @@
 // Error against time of core `truncatedSvd` settings (oversample p, power iterations q) on realistic
 // matrices: the xkv G = 4 groups of rulermini-19m's and stories260K's real prefill caches, and one
 // Llama-3.1-8B-shaped synthetic group (syntheticLlamaCache, X = [T, 4096], r = 512). The table in
-// packages/xkv/README.md ("SVD defaults") comes from this script. Run (from the repo root):
+// packages/xkv/README.md ("SVD defaults") comes from this script. Run (from the repo root, after pnpm build):
 //
-//   node_modules/.pnpm/node_modules/.bin/esbuild packages/bench/src/perf/svd-defaults.ts --bundle \
-//     --platform=node --format=cjs --external:webgpu --outfile=bench-out/svd-defaults/entry.cjs \
-//     --alias:@kvpack/core=./packages/core/src/index.ts --alias:@kvpack/models=./packages/models/src/index.ts --log-level=error
-//   cp packages/core/node_modules/@tensorflow/tfjs-backend-wasm/dist/*.wasm bench-out/svd-defaults/
+//   node scripts/gpu/bundle.mjs scripts/gpu/svd-defaults.ts bench-out/svd-defaults
 //   node bench-out/svd-defaults/entry.cjs [--tokens 8192] [--reps 3] [--skip-synthetic] [--json out.json]
 //
 // Errors are relative Frobenius errors ‖X − U·B‖/‖X‖; "excess" is err/opt − 1 with opt the exact
@@ -18,9 +15,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { gaussianMatrix, matmul, relativeFrobeniusError, selectBackend, symmetricEig, truncatedSvd, type KVCache } from '@kvpack/core';
-import { REAL_MODELS, defaultModelsDir, realModelCache, realModelPresent } from './real.js';
-import { median } from './stats.js';
-import { syntheticLlamaCache } from './synthetic.js';
+import { REAL_MODELS, defaultModelsDir, median, realModelCache, realModelPresent, syntheticLlamaCache } from '@kvpack/bench';
 
 interface Case {
   name: string;

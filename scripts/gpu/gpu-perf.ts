@@ -1,8 +1,8 @@
-// GPU entry of the perf suite (issue 5). Bundled to one CommonJS file by ../shared/gpu/bundle.sh and
+// GPU entry of the perf suite. Bundled to one CommonJS file by scripts/gpu/bundle.sh and
 // run on the GPU host (no Node there; the bundle carries it):
 //
-//   bash ../shared/gpu/bundle.sh packages/bench/src/perf/gpu-perf.ts gpu-bundle       (here, from the repo root)
-//   bash gpu-bundle/run.sh --out /tmp/perf-gpu --peer packages/bench/peer/xkv_torch.py   (on the GPU host)
+//   bash scripts/gpu/bundle.sh scripts/gpu/gpu-perf.ts gpu-bundle       (here, from the repo root, after pnpm build)
+//   bash gpu-bundle/run.sh --out /tmp/perf-gpu --peer scripts/gpu/xkv_torch.py   (on the GPU host)
 //
 // Runs the perf suite on the webgpu backend (default T = 32K, 8 layers = two xKV groups, 3 timed
 // runs after 1 warm-up, the compression check at T = 32K), writes OUT/perf.json and OUT/perf.md,
@@ -16,9 +16,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { Command } from 'commander';
 import type { KVCache } from '@kvpack/core';
-import { perfCommand, type PerfCommandOptions } from './command.js';
-import { peerCheck, writeGroupMatrices, type PeerResult } from './peer.js';
-import { checkLines, perfMarkdown } from './report.js';
+import { checkLines, peerCheck, perfCommand, perfMarkdown, writeGroupMatrices, type PeerResult, type PerfCommandOptions } from '@kvpack/bench';
 
 async function main(): Promise<void> {
   const program = new Command('gpu-perf')

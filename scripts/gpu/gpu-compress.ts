@@ -1,11 +1,11 @@
-// GPU side of issue 5's second must-show: core `truncatedSvd` (the SVD inside xkv's compress) on
+// GPU side of second must-show: core `truncatedSvd` (the SVD inside xkv's compress) on
 // X = [32768, 4096] at rank 512, timed here next to the products it is made of, on the same backend.
 // The PyTorch peer (`torch.svd_lowrank(X, q=512, niter=2)`) reads the same matrix from the raw
 // float32 file written with --out, on the same machine in the same run.
 //
-// Bundle and run like gpu-smoke.ts (see ../shared/gpu/README.md; bundle.sh wraps the entry in CJS,
+// Bundle and run like gpu-smoke.ts (scripts/gpu/bundle.sh; it wraps the entry in CJS,
 // so there is no top-level await):
-//   ../shared/gpu/bundle.sh packages/bench/src/perf/gpu-compress.ts gpu-bundle
+//   scripts/gpu/bundle.sh scripts/gpu/gpu-compress.ts gpu-bundle
 //   bash gpu-bundle/run.sh [webgpu|wasm|tensorflow|cpu] [--out /tmp/x.f32] [--tokens 32768]
 //        [--features 4096] [--rank 512] [--reps 5] [--warmup 2] [--seed 1] [--skip-micro] [--json file]
 //
@@ -27,8 +27,8 @@ import {
   selectBackend,
   truncatedSvd,
   type Orthogonalization,
-} from '../../../core/src/index';
-import { syncTensors, timeOp } from './stats';
+} from '@kvpack/core';
+import { syncTensors, timeOp } from '@kvpack/bench';
 
 interface Setting {
   name: string;

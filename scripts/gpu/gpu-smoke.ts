@@ -1,4 +1,4 @@
-// GPU smoke test for the webgpu backend (bundled by ../shared/gpu/bundle.sh, run on the H200): first
+// GPU smoke test for the webgpu backend (bundled by scripts/gpu/bundle.sh, run on the H200): first
 // the correctness checks that the unit tests run on wasm/cpu, repeated on the GPU backend (device
 // float16 rounding bit for bit against the host; batched sparse decode against the per-head loop and
 // against core attention at a full budget), then matmul / truncatedSvd timings. Exit 1 when a check fails.
@@ -16,9 +16,9 @@ import {
   truncatedSvd,
   relativeFrobeniusError,
   wgslValidationErrors,
-} from '../../../core/src/index';
-import '../../../xkv/src/index';
-import { syntheticLlamaCache } from './synthetic';
+} from '@kvpack/core';
+import '@kvpack/xkv';
+import { syntheticLlamaCache } from '@kvpack/bench';
 
 async function sync(t: tf.Tensor): Promise<void> {
   const s = tf.sum(t);
