@@ -28,7 +28,13 @@ describe('svd = xkv with groups of one layer', () => {
         tf.dispose([a, b]);
       }
     }
-    expect(s.byteSize()).toBe(x.byteSize());
+    // Closed form, not one cache against the other (both run the same byte count): per layer, for
+    // keys and values at rank r, a basis T·r and a factor r·H_kv·d, float32 (4 bytes).
+    const { nLayers: L, nKvHeads, headDim } = cache.layout;
+    const T = cache.keys[0].shape[0];
+    const closed = L * [5, 7].reduce((a, r) => a + (T * r + r * nKvHeads * headDim) * 4, 0);
+    expect(s.byteSize()).toBe(closed);
+    expect(x.byteSize()).toBe(closed);
     s.dispose();
     x.dispose();
   });

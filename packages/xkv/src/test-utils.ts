@@ -89,6 +89,12 @@ export function exactSvdError(X: Float64Array, rows: number, cols: number, r: nu
   return Math.sqrt(tail / tot);
 }
 
+/** Singular values of a row-major [rows, cols] float64 matrix, descending (ml-matrix SVD, float64). */
+export function singularValues(X: Float64Array, rows: number, cols: number): number[] {
+  const m = Array.from({ length: rows }, (_, i) => Array.from(X.subarray(i * cols, (i + 1) * cols)));
+  return new SingularValueDecomposition(new Matrix(m), { computeLeftSingularVectors: false, computeRightSingularVectors: false, autoTranspose: true }).diagonal;
+}
+
 /** Relative Frobenius error of a reconstruction of several layers taken together, in float64. */
 export function groupError(orig: Float32Array[], approx: Float32Array[]): number {
   let num = 0;

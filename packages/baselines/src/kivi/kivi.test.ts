@@ -4,7 +4,7 @@ import './index.js'; // registers the strategy
 import { disposeKVCache, runStrategyConformance, syntheticCache } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { packCodes, unpackCodes } from '@kvpack/strategy-utils';
-import { KiviCache, kiviCacheBytes, type KiviOptions } from './index.js';
+import { KiviCache, kiviCacheBytes, quantizeKeysPerChannel, quantizeValuesPerToken, type KiviOptions } from './index.js';
 import { expectOptionBounds, f16, maxAbsDiff, prng, randomCache, rint, take, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('kivi', {
@@ -170,6 +170,60 @@ describe('kivi: quantization against a float64 re-computation', () => {
   it('rejects R not a multiple of g by name', () => {
     expect(() => createStrategy({ name: 'kivi', options: { groupSize: 32, residualLength: 100 } })).toThrow(/residualLength \(R\) must be a multiple of groupSize/);
   });
+});
+
+describe('kivi: ties round half to even (torch.round)', () => {
+  /** The even one of the two integers around the tie k + ½ (written from k, no rounding call). */
+  const evenNeighbour = (k: number) => (k % 2 === 0 ? k : k + 1);
+  /** float16 bits → value (normal and subnormal), by the IEEE-754 binary16 closed form. */
+  const fromHalf = (h: number) => {
+    const e = (h >> 10) & 31;
+    const m = h & 1023;
+    return (h & 0x8000 ? -1 : 1) * (e === 0 ? m * 2 ** -24 : (1 + m / 1024) * 2 ** (e - 15));
+  };
+  /**
+   * A group of g values whose float16 minimum `lo` and float16 scale `s` (a power of two, pinned by
+   * max = lo + (2^b − 1)·s) make (x − lo)/s an exact half-integer k + ½ for every other element, and
+   * the codes the reference's torch.round gives: the extremes 0 and 2^b − 1, the ties their even
+   * neighbours.
+   */
+  function tieGroup(bits: number, lo: number, s: number): { vals: number[]; codes: number[] } {
+    const maxq = 2 ** bits - 1;
+    const ks = Array.from({ length: maxq }, (_, k) => k);
+    return { vals: [lo, lo + maxq * s, ...ks.map((k) => lo + (k + 0.5) * s)], codes: [0, maxq, ...ks.map(evenNeighbour)] };
+  }
+  // Two groups with different minimum and scale (exact float16 values).
+  const shapes = [
+    [0, 2 ** -3],
+    [-1.25, 2 ** -2],
+  ] as const;
+
+  for (const bits of [2, 4] as const) {
+    it(`${bits}-bit keys per channel (over g tokens): tie codes are the even neighbours`, () => {
+      const groups = shapes.map(([lo, s]) => tieGroup(bits, lo, s));
+      const g = groups[0].vals.length; // one group of g tokens per channel
+      const [n, H, d] = [g, 1, 2];
+      const x = new Float32Array(n * H * d);
+      for (let t = 0; t < n; t++) for (let c = 0; c < d; c++) x[t * d + c] = groups[c].vals[t];
+      const b = quantizeKeysPerChannel(x, n, H, d, g, bits);
+      expect(Array.from(b.scale, fromHalf)).toEqual(shapes.map(([, s]) => s));
+      expect(Array.from(b.min, fromHalf)).toEqual(shapes.map(([lo]) => lo));
+      const want = new Array<number>(n * d);
+      for (let t = 0; t < n; t++) for (let c = 0; c < d; c++) want[t * d + c] = groups[c].codes[t];
+      expect(Array.from(b.codes)).toEqual(want);
+    });
+
+    it(`${bits}-bit values per token (over g channels): tie codes are the even neighbours`, () => {
+      const groups = shapes.map(([lo, s]) => tieGroup(bits, lo, s));
+      const g = groups[0].vals.length; // one group of g channels per token
+      const [n, H, d] = [2, 1, g];
+      const x = Float32Array.from(groups.flatMap((gr) => gr.vals));
+      const b = quantizeValuesPerToken(x, n, H, d, g, bits);
+      expect(Array.from(b.scale, fromHalf)).toEqual(shapes.map(([, s]) => s));
+      expect(Array.from(b.min, fromHalf)).toEqual(shapes.map(([lo]) => lo));
+      expect(Array.from(b.codes)).toEqual(groups.flatMap((gr) => gr.codes));
+    });
+  }
 });
 
 describe('kivi option bounds', () => {

@@ -100,24 +100,57 @@ describe('minicache: SLERP merge against its closed form', () => {
     c.dispose();
   });
 
-  it('falls back to linear interpolation for parallel layers (Ω ≈ 0) and restores them', async () => {
-    const { nLayers: L } = layout;
-    const twice = (x: Float32Array) => tf.tensor3d(x.map((v) => 2 * v), [T, H, d]);
-    const par: KVCache = {
-      ...rc.cache,
-      keys: rc.cache.keys.map((k, l) => (l === 3 ? twice(rc.keys[2]) : k)),
-      values: rc.cache.values.map((v, l) => (l === 3 ? twice(rc.values[2]) : v)),
-    };
-    const c = await createStrategy({ name: 'minicache', options: { gamma: 0 } }).compress(par);
-    for (const l of [2, 3]) {
-      const v = take(c.values(l));
-      const ref = l === 2 ? rc.values[2] : rc.values[2].map((x) => 2 * x);
-      for (let i = 0; i < v.length; i++) expect(Math.abs(v[i] - ref[i])).toBeLessThan(Math.abs(ref[i]) * 2e-3 + 5e-3);
+  /**
+   * Float64 reference of a merged pair whose upper layer is a multiple of the lower one (x1 = a·x0,
+   * exact in float32 for a = ±2): Ω is 0 (a > 0) or π (a < 0), where sin Ω ≈ 0 and the merge falls
+   * back to e = (1 − t)·u0 + t·u1 with u1 = sign(a)·u0; each layer j is restored as f16(‖x_j‖)·f16(e),
+   * rounded to float32. With γ = 0 no token is retained.
+   */
+  function parallelRef(x0: Float32Array, a: number, t: number): [number[], number[]] {
+    const out: [number[], number[]] = [[], []];
+    for (let i = 0; i < T * H; i++) {
+      const row = Array.from(x0.subarray(i * d, (i + 1) * d));
+      const n0 = Math.sqrt(row.reduce((s, v) => s + v * v, 0));
+      const n1 = Math.abs(a) * n0;
+      const e = row.map((v) => (1 - t) * (v / n0) + t * ((a * v) / n1));
+      for (const [j, n] of [n0, n1].entries()) out[j].push(...e.map((ec) => Math.fround(f16(n) * f16(ec))));
     }
-    expect(L).toBe(5);
-    c.dispose();
-    tf.dispose([par.keys[3], par.values[3]]);
-  });
+    return out;
+  }
+
+  for (const a of [2, -2])
+    it(`falls back to linear interpolation for ${a > 0 ? 'parallel (Ω ≈ 0)' : 'antiparallel (Ω ≈ π)'} layers, x₃ = ${a}·x₂: restored = f16(‖x‖)·f16(e) exactly`, async () => {
+      const scaled = (x: Float32Array) => tf.tensor3d(x.map((v) => a * v), [T, H, d]);
+      const par: KVCache = {
+        ...rc.cache,
+        keys: rc.cache.keys.map((k, l) => (l === 3 ? scaled(rc.keys[2]) : k)),
+        values: rc.cache.values.map((v, l) => (l === 3 ? scaled(rc.values[2]) : v)),
+      };
+      const t = 0.6; // the default
+      const c = await createStrategy({ name: 'minicache', options: { gamma: 0 } }).compress(par);
+      const [v2, v3] = parallelRef(rc.values[2], a, t);
+      const [k2, k3] = parallelRef(rc.keys[2], a, t);
+      expect(Array.from(take(c.values(2)))).toEqual(v2);
+      expect(Array.from(take(c.values(3)))).toEqual(v3);
+      // Keys went through RoPE and back in float32.
+      const got = [unrotate(c.keys(2)), unrotate(c.keys(3))];
+      for (const [j, want] of [k2, k3].entries()) {
+        const scale = Math.max(...want.map(Math.abs));
+        for (let i = 0; i < want.length; i++) expect(Math.abs(got[j][i] - want[i]), `key ${j + 2}[${i}]`).toBeLessThan(1e-6 * scale);
+      }
+      if (a > 0) {
+        // Parallel: e = u0, so the pair is restored to within float16 of the input.
+        for (const [l, ref] of [[2, rc.values[2]], [3, rc.values[2].map((x) => a * x)]] as const) {
+          const v = l === 2 ? v2 : v3;
+          for (let i = 0; i < v.length; i++) expect(Math.abs(v[i] - ref[i])).toBeLessThan(Math.abs(ref[i]) * 2e-3 + 5e-3);
+        }
+      } else {
+        // Antiparallel: e = (1 − 2t)·u0 = −0.2·u0, so x₂ comes back as ≈ −0.2·x₂ (not x₂).
+        for (let i = 0; i < v2.length; i++) expect(Math.abs(v2[i] - (1 - 2 * t) * rc.values[2][i])).toBeLessThan(Math.abs(rc.values[2][i]) * 2e-3 + 1e-3);
+      }
+      c.dispose();
+      tf.dispose([par.keys[3], par.values[3]]);
+    });
 
   it('rejects a startLayer that leaves no pair to merge', async () => {
     const s = createStrategy({ name: 'minicache', options: { startLayer: 4 } });
