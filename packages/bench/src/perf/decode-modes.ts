@@ -1,5 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { BaseCompressedCache, attention, type CompressedCache } from '@kvpack/core';
+import { GroupSvdCache } from '@kvpack/strategy-utils';
+import { attendWith } from '@kvpack/strategy-utils/internal';
 
 /** One way to run a decode step's attention over a compressed cache. */
 export interface DecodeMode {
@@ -17,8 +19,6 @@ export interface DecodeMode {
 interface XkvDecodeCache {
   /** Present only on caches compressed with `decode: 'sparse'`. */
   attendSparse?(layer: number, q: tf.Tensor3D, options?: { budget?: number }): tf.Tensor3D;
-  /** `attend` with a forced mode. */
-  attendWith?(layer: number, q: tf.Tensor3D, options: { mode?: 'full' | 'sparse' }): tf.Tensor3D;
 }
 
 /** Full reconstruction: `keys(layer)` (RoPE applied) and `values(layer)`, then core GQA attention. */
@@ -35,7 +35,7 @@ export function fullMode(cache: CompressedCache): DecodeMode {
  * cache offers it (the strategy's own fast path, or BaseCompressedCache's reconstruction + core
  * attention), else full reconstruction + core attention. The `xkv` strategy gets: `full` (explicit
  * `keys`/`values` + core attention), `attend-full` (its fused full mode: RoPE fused into the key
- * product, values in the compressed domain when cheaper — `attendWith(l, q, { mode: 'full' })`, or
+ * product, values in the compressed domain when cheaper — internal `attendWith(cache, l, q, { mode: 'full' })`, or
  * its own `attend`), and `sparse` when the cache was compressed with `decode: 'sparse'`
  * (`attendSparse(l, q, { budget })`: landmark-selected chunks up to the budget, issue 5's xKV-SR).
  */
@@ -54,8 +54,8 @@ export function decodeModes(strategy: string, cache: CompressedCache, opts: { sp
     return modes;
   }
   modes.push(fullMode(cache));
-  if (typeof c.attendWith === 'function') {
-    modes.push({ mode: 'attend-full', label: 'attend, full mode (fused)', step: (l, q) => c.attendWith!(l, q, { mode: 'full' }) });
+  if (cache instanceof GroupSvdCache) {
+    modes.push({ mode: 'attend-full', label: 'attend, full mode (fused)', step: (l, q) => attendWith(cache, l, q, { mode: 'full' }) });
   } else if (ownAttend) {
     modes.push({ mode: 'attend', label: 'attend (default path)', step: (l, q) => c.attend!(l, q) });
   }

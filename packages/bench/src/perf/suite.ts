@@ -11,6 +11,7 @@ import {
   type ModelLayout,
 } from '@kvpack/core';
 import { lowRankStats } from '@kvpack/strategy-utils';
+import { attendWith } from '@kvpack/strategy-utils/internal';
 import { readKVDump } from '@kvpack/models';
 import { decodeModes } from './decode-modes.js';
 import { attentionReadyLayer, denseDecodeStep, disposeAttentionReady } from './dense-step.js';
@@ -586,9 +587,9 @@ async function sparseDecodeCheck(
     const V = cache.values[layer];
     const [k, rd] = [K, ready];
     // On webgpu the step runs as WGSL kernels; the tfjs-op formulation of the same step is timed next to it.
-    const xc = compressed as unknown as { attendSparse(l: number, q: tf.Tensor3D, o: object): tf.Tensor3D };
+    const xc = compressed;
     const ops: Record<string, () => tf.Tensor> = { sparse: () => mode.step(layer, q), core: () => attention(q, k, V, 0), ready: () => denseDecodeStep(q, rd) };
-    if (tf.getBackend() === 'webgpu') ops.tfjsOps = () => xc.attendSparse(layer, q, { budget: o.sparseBudget, kernels: 'tfjs' });
+    if (tf.getBackend() === 'webgpu') ops.tfjsOps = () => attendWith(xc, layer, q, { budget: o.sparseBudget, kernels: 'tfjs' });
     const t = await timeInterleaved(ops, stepTiming(o));
     const dense = Math.min(t.core.medianMs, t.ready.medianMs);
     const res = ratioCheck(
