@@ -16,7 +16,7 @@ export interface AttendSwitches extends AttendOptions, SparseSwitches {
 }
 
 /** What a grouped low-rank cache hands to the switch-taking functions below (never public). */
-export interface SwitchHooks {
+interface SwitchHooks {
   attend(layer: number, queries: tf.Tensor3D, options: AttendSwitches): tf.Tensor3D;
   selection(layer: number, queries: tf.Tensor3D, budget: number | undefined): number[][];
 }

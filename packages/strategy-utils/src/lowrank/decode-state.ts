@@ -16,7 +16,7 @@ import { fullWidthRopeTables, fusedRopeProduct, signedPairSwap } from './rope-fu
  */
 
 /** What the decode code reads from a grouped low-rank cache (tensors are the cache's own, not copies). */
-export interface LowRankSource {
+interface LowRankSource {
   readonly layout: ModelLayout;
   readonly rope: RopeConfig;
   /** Prefill tokens T. */

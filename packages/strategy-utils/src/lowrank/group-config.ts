@@ -7,7 +7,7 @@ import type { SparseOptions } from './sparse-options.js';
 /** Which stored factors {@link FactorQuantization} applies to. */
 export type QuantTarget = 'basis' | 'factors' | 'both';
 
-/** Group-wise int8/int4 quantization of the stored low-rank factors (see `quant.ts`). */
+/** Group-wise int8/int4 quantization of the stored low-rank factors (see `quant/quantize.ts`). */
 export interface FactorQuantization extends QuantSpec {
   /**
    * `basis`: the shared token bases [T, R] (what the xKV authors quantize); `factors`: the per-layer
@@ -41,7 +41,7 @@ export interface GroupSvdConfig {
   storage: 'float16' | 'float32';
   /** Optional quantization of the factors. */
   factorQuantization?: FactorQuantization;
-  /** Decode mode of `attend` (default `full`); `sparse` stores the sparse index at compress time (sparse.ts). */
+  /** Decode mode of `attend` (default `full`); `sparse` stores the sparse index at compress time (sparse-index.ts). */
   decode?: 'full' | 'sparse';
   /** Sparse decode settings; used when `decode` is `sparse`. */
   sparse?: SparseOptions;

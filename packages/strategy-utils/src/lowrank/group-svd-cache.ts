@@ -120,7 +120,7 @@ export class GroupSvdCache extends BaseCompressedCache {
   }
 
   /**
-   * Post-RoPE keys RoPE(U_g·B_l), fused: (U·B)∘cos + (U·B)·P∘sin with cached tables (decode.ts). In
+   * Post-RoPE keys RoPE(U_g·B_l), fused: (U·B)∘cos + (U·B)·P∘sin with cached tables (decode-state.ts, rope-fused.ts). In
    * sparse mode the exact outlier and local tokens replace their rebuilt rows.
    */
   protected prefillKeys(layer: number): tf.Tensor3D {

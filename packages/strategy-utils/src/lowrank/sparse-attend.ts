@@ -54,7 +54,7 @@ function sparseValuePath(values: ValuePath, gn: number, S: number, Rv: number, d
 }
 
 /**
- * Sparse attention of post-RoPE queries q [n, H, d] over one layer (see the file comment): per KV
+ * Sparse attention of post-RoPE queries q [n, H, d] over one layer (xKV-SR, see sparse-index.ts): per KV
  * head, the top chunks by landmark score up to the budget, their keys rebuilt as
  * RoPE(U_k[rows]·B_k[:, h]) at their positions and their values in the compressed domain
  * ((p·U_v[rows])·B_v[:, h]) or rebuilt (by flop count), plus the head's exact outlier and local

@@ -5,7 +5,7 @@ import type { QueryBlocks } from './query-blocks.js';
 import type { SparseIndex } from './sparse-index.js';
 
 /** Long-lived per-layer tensors of sparse decode (built on first use, held by the DecodeState). */
-export interface SparseLayerTensors {
+interface SparseLayerTensors {
   /** Landmarks per KV head, transposed, [d, C]. */
   lt: tf.Tensor2D[];
   /** −1e30 at each head's outlier chunks, [H_kv, 1, C]; null without outliers. */

@@ -4,6 +4,7 @@ import type { SparseOptions } from './sparse-options.js';
 
 /* Serialization of the sparse index: six tensors per layer (`sparse.*.l`) and the geometry in the header meta. */
 
+/** Names, dtypes and shapes of one layer's six stored sparse-index tensors. */
 function layerSpecs(l: number, ix: SparseIndex, layout: ModelLayout): StoredSpec[] {
   const { nKvHeads: H, headDim: d } = layout;
   const { chunks: C, outliers: O, local, chunkSize: c } = ix;
@@ -17,12 +18,7 @@ function layerSpecs(l: number, ix: SparseIndex, layout: ModelLayout): StoredSpec
   ];
 }
 
-/** Specs of the stored sparse-index tensors, in serialization order. */
-export function sparseSpecs(ix: SparseIndex, layout: ModelLayout): StoredSpec[] {
-  return ix.layers.flatMap((_, l) => layerSpecs(l, ix, layout));
-}
-
-/** The stored sparse-index tensors, same order as {@link sparseSpecs}. */
+/** The stored sparse-index tensors, in serialization order (six per layer, as {@link layerSpecs}). */
 export function sparseTensors(ix: SparseIndex, layout: ModelLayout): StoredTensor[] {
   return ix.layers.flatMap((L, l) => {
     const s = layerSpecs(l, ix, layout);
