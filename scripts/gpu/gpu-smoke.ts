@@ -18,6 +18,7 @@ import {
   wgslValidationErrors,
 } from '@kvpack/core';
 import '@kvpack/xkv';
+import { attendWith } from '@kvpack/strategy-utils/internal';
 import { syntheticLlamaCache } from '@kvpack/bench';
 
 async function sync(t: tf.Tensor): Promise<void> {
@@ -82,17 +83,16 @@ async function checks(): Promise<number> {
   const n0 = tf.memory().numTensors;
   const cache = await syntheticLlamaCache({ T: 4096, layers: 4, seed: 3 });
   const c = await createStrategy({ name: 'xkv', options: { groupSize: 4, rankK: 64, rankV: 96, decode: 'sparse', sparse: { budget: 512 } } }).compress(cache);
-  const xc = c as unknown as { attendSparse(l: number, q: tf.Tensor3D, o: object): tf.Tensor3D };
   const q = tf.randomNormal([1, 32, 128], 0, 1, 'float32', 5) as tf.Tensor3D;
-  const dLoop = await relMax(xc.attendSparse(3, q, { heads: 'batched', kernels: 'tfjs' }), xc.attendSparse(3, q, { heads: 'loop' }));
+  const dLoop = await relMax(attendWith(c, 3, q, { heads: 'batched', kernels: 'tfjs' }), attendWith(c, 3, q, { heads: 'loop' }));
   report(dLoop < 1e-4, `sparse decode, batched tfjs ops vs per-head loop (budget 512 of 4096): max rel diff ${dLoop.toExponential(2)}`);
   if (tf.getBackend() === 'webgpu') {
-    const dWgsl = await relMax(xc.attendSparse(3, q, { kernels: 'wgsl' }), xc.attendSparse(3, q, { heads: 'loop' }));
+    const dWgsl = await relMax(attendWith(c, 3, q, { kernels: 'wgsl' }), attendWith(c, 3, q, { heads: 'loop' }));
     report(dWgsl < 1e-4, `sparse decode, WGSL kernels vs per-head loop (budget 512 of 4096): max rel diff ${dWgsl.toExponential(2)}`);
   }
   const k = c.keys(3);
   const v = c.values(3);
-  const dFull = await relMax(xc.attendSparse(3, q, { heads: 'batched', budget: 4096 }), attention(q, k, v, 0));
+  const dFull = await relMax(attendWith(c, 3, q, { heads: 'batched', budget: 4096 }), attention(q, k, v, 0));
   report(dFull < 1e-4, `sparse decode at a full budget vs core attention over keys()/values(): max rel diff ${dFull.toExponential(2)}`);
   // 3. The compression itself: the key error on this backend equals the wasm backend's (same cache, same seed).
   const backend = tf.getBackend();

@@ -1,12 +1,18 @@
 // Types of tfjs's chained ops (x.reshape(), …) for this package's build; @kvpack/core registers them.
 import type {} from '@tensorflow/tfjs-core/dist/public/chained_ops/register_all_chained_ops';
 // What strategies share, as provider-utils is to vercel/ai's providers. Strategies import this
-// package, never each other. Registers nothing.
-export * from './lowrank/options.js';
-export * from './lowrank/ratio.js';
-export * from './lowrank/group-svd.js';
-export * from './lowrank/decode.js';
-export * from './lowrank/sparse.js';
+// package, never each other. Registers nothing. Tuning switches and kernels are in ./internal.ts.
+
+// Grouped low-rank cache (xkv, svd): options, compression, the cache, its stats and the paper's ratio.
+export { lowRankOptionShape } from './lowrank/options.js';
+export { paperCompressionRatio, groupFactoredShapes, type PaperRatioArgs } from './lowrank/ratio.js';
+export type { FactorQuantization, GroupSvdConfig, Kind, LayerGroup, QuantTarget } from './lowrank/group-config.js';
+export { GroupSvdCache, lowRankStats, type SparseBudgetOptions } from './lowrank/group-svd-cache.js';
+export type { GroupSvdStats } from './lowrank/group-svd-stats.js';
+export { compressGroupSvd } from './lowrank/group-svd-compress.js';
+export { SparseOptionsSchema, type SparseOptions } from './lowrank/sparse-options.js';
+export type { SparseIndex, SparseLayer } from './lowrank/sparse-index.js';
+
 export * from './quant/quantize.js';
 export * from './quant/packing.js';
 export * from './eviction/kept-tokens.js';

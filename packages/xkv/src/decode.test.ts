@@ -12,7 +12,8 @@ import {
   type KVCache,
   type RopeConfig,
 } from '@kvpack/core';
-import { GroupSvdCache, buildSparseIndex, decodeStepTimes, sparseGeometry, valuePathFlops } from '@kvpack/strategy-utils';
+import { GroupSvdCache } from '@kvpack/strategy-utils';
+import { attendWith, buildSparseIndex, decodeStepTimes, sparseGeometry, sparseSelection, valuePathFlops } from '@kvpack/strategy-utils/internal';
 import './index.js'; // registers xkv
 import { disposeCache, gaussian, relMax, syntheticCache } from './test-utils.js';
 
@@ -112,7 +113,7 @@ describe('full-mode attend (compressed-domain values)', () => {
   afterAll(() => c.dispose());
 
   async function check(layer: number, q: tf.Tensor3D, tail: number, values: 'auto' | 'compressed' | 'reconstruct') {
-    const got = c.attendWith(layer, q, { causalTail: tail, values });
+    const got = attendWith(c, layer, q, { causalTail: tail, values });
     const k = c.keys(layer);
     const v = c.values(layer);
     const ref = attention(q, k, v, tail);
@@ -152,7 +153,7 @@ describe('full-mode attend (compressed-domain values)', () => {
   it('the model-facing attend() uses the same path; bad queries are a shape error', () => {
     const q = randomQueries(1, 15);
     const a = c.attend(2, q);
-    const b = c.attendWith(2, q, { values: 'compressed' });
+    const b = attendWith(c, 2, q, { values: 'compressed' });
     expect(relMax(host(a), host(b))).toBeLessThan(1e-6);
     const bad = tf.zeros([1, 3, d]) as tf.Tensor3D;
     expect(() => c.attend(2, bad)).toThrow(KvpackError);
@@ -265,7 +266,7 @@ describe('sparse decode (xKV-SR)', () => {
       const q = randomQueries(n, seed);
       const qh = Float64Array.from(q.dataSync());
       const lm = decodeHalf(ix.layers[l].landmarks);
-      const got = c.sparseSelection(l, q);
+      const got = sparseSelection(c, l, q);
       for (let h = 0; h < layout.nKvHeads; h++) {
         const outl = new Set(ix.layers[l].outlierChunks.subarray(h * 2, h * 2 + 2));
         const cand = Array.from({ length: 10 }, (_, i) => i).filter((i) => !outl.has(i));
@@ -302,7 +303,7 @@ describe('sparse decode (xKV-SR)', () => {
       const ref = host(attention(q, k, v, n));
       for (const [heads, gather] of [['loop', 'host'], ['loop', 'device'], ['batched', 'device']] as const) {
         for (const values of ['compressed', 'reconstruct'] as const) {
-          const got = c.attendSparse!(l, q, { causalTail: n, budget: 64, gather, values, heads });
+          const got = attendWith(c, l, q, { causalTail: n, budget: 64, gather, values, heads });
           expect(relMax(host(got), ref), `${heads} ${gather} ${values}`).toBeLessThan(1e-4);
         }
       }
@@ -314,21 +315,21 @@ describe('sparse decode (xKV-SR)', () => {
     // Layer 2 holds 2 residual decode tokens (appended above); n = 2 queries with a causal tail of 1.
     for (const [l, n, tail, budget] of [[0, 1, 0, 16], [2, 1, 1, 8], [2, 2, 1, 24], [3, 2, 0, 4]] as const) {
       const q = randomQueries(n, 90 + l + n + budget);
-      const loop = host(c.attendSparse!(l, q, { causalTail: tail, budget, heads: 'loop' }));
-      const batched = host(c.attendSparse!(l, q, { causalTail: tail, budget, heads: 'batched' }));
+      const loop = host(attendWith(c, l, q, { causalTail: tail, budget, heads: 'loop' }));
+      const batched = host(attendWith(c, l, q, { causalTail: tail, budget, heads: 'batched' }));
       expect(relMax(batched, loop), `layer ${l} n ${n} budget ${budget}`).toBeLessThan(1e-5);
       // The selection matters: the same queries at the full budget give a different result.
-      if (budget < 40) expect(relMax(host(c.attendSparse!(l, q, { causalTail: tail, budget: 40, heads: 'batched' })), loop)).toBeGreaterThan(1e-4);
+      if (budget < 40) expect(relMax(host(attendWith(c, l, q, { causalTail: tail, budget: 40, heads: 'batched' })), loop)).toBeGreaterThan(1e-4);
       q.dispose();
     }
     const q = randomQueries(1, 99);
-    expect(() => c.attendSparse!(0, q, { heads: 'batched', gather: 'host' })).toThrow(/batched path gathers on the device/);
-    expect(() => c.attendSparse!(0, q, { heads: 'both' as never })).toThrow(/heads must be/);
+    expect(() => attendWith(c, 0, q, { heads: 'batched', gather: 'host' })).toThrow(/batched path gathers on the device/);
+    expect(() => attendWith(c, 0, q, { heads: 'both' as never })).toThrow(/heads must be/);
     // The WGSL kernels (sparse-webgpu.test.ts) need the webgpu backend and name what is missing.
-    expect(() => c.attendSparse!(0, q, { heads: 'batched', kernels: 'wgsl' })).toThrow(/WGSL kernels need the webgpu backend \(now wasm\)/);
-    expect(() => c.attendSparse!(0, q, { heads: 'batched', kernels: 'cuda' as never })).toThrow(/kernels must be 'auto', 'tfjs' or 'wgsl'/);
-    expect(() => c.attendSparse!(0, q, { heads: 'loop', kernels: 'wgsl' })).toThrow(/kernels: 'wgsl' is a batched path/);
-    expect(() => c.attendSparse!(0, q, { kernels: 'wgsl', values: 'reconstruct' })).toThrow(/values: 'reconstruct' needs kernels: 'tfjs'/);
+    expect(() => attendWith(c, 0, q, { heads: 'batched', kernels: 'wgsl' })).toThrow(/WGSL kernels need the webgpu backend \(now wasm\)/);
+    expect(() => attendWith(c, 0, q, { heads: 'batched', kernels: 'cuda' as never })).toThrow(/kernels must be 'auto', 'tfjs' or 'wgsl'/);
+    expect(() => attendWith(c, 0, q, { heads: 'loop', kernels: 'wgsl' })).toThrow(/kernels: 'wgsl' is a batched path/);
+    expect(() => attendWith(c, 0, q, { kernels: 'wgsl', values: 'reconstruct' })).toThrow(/values: 'reconstruct' needs kernels: 'tfjs'/);
     q.dispose();
   });
 
@@ -448,7 +449,7 @@ describe('decode memory and timing hook', () => {
         appendRandom(c, 0, 2, 90 + i);
         const q = randomQueries(2, 91);
         for (let l = 0; l < layout.nLayers; l++) tf.dispose([c.attend(l, q), c.keys(l), c.values(l)]);
-        if (decode === 'sparse') tf.dispose([c.attendSparse!(0, q, { gather: 'device' }), c.attendSparse!(2, q, { heads: 'batched' }), c.attendWith(1, q, { mode: 'full' })]);
+        if (decode === 'sparse') tf.dispose([attendWith(c, 0, q, { gather: 'device' }), attendWith(c, 2, q, { heads: 'batched' }), attendWith(c, 1, q, { mode: 'full' })]);
         const r = deserializeCache(c.serialize());
         tf.dispose([r.attend!(0, q), r.keys(3)]);
         r.dispose();

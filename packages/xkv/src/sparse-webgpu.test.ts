@@ -7,7 +7,7 @@ import { attention, createStrategy, selectBackend, wgslValidationErrors, wgslWor
 import type { KVCache, ModelLayout } from '@kvpack/core';
 import './index.js'; // registers xkv
 import type { GroupSvdCache } from '@kvpack/strategy-utils';
-import { selectChunkTokens } from '@kvpack/strategy-utils/internal';
+import { attendWith, selectChunkTokens } from '@kvpack/strategy-utils/internal';
 import { disposeCache, gaussian, relMax, syntheticCache } from './test-utils.js';
 
 const unavailable = await selectBackend('webgpu').then(
@@ -105,14 +105,14 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     const q = tf.tensor3d(Float32Array.from({ length: 32 * 16 }, gaussian(4)), [1, 32, 16]);
     // The value partials need 4·(32·256 + 256) = 33,792 bytes of workgroup memory: more than 16 KiB or 32 KiB.
     const auto = await host(c.attendSparse!(1, q));
-    const ref = await host(c.attendSparse!(1, q, { kernels: 'tfjs', values: 'compressed' }));
-    const loop = await host(c.attendSparse!(1, q, { heads: 'loop' }));
+    const ref = await host(attendWith(c, 1, q, { kernels: 'tfjs', values: 'compressed' }));
+    const loop = await host(attendWith(c, 1, q, { heads: 'loop' }));
     expect(relMax(auto, loop)).toBeLessThan(1e-5);
     if (wgslWorkgroupStorageLimit() < 33792) {
-      expect(() => c.attendSparse!(1, q, { kernels: 'wgsl' })).toThrow(/WGSL kernels need .*they do not/);
+      expect(() => attendWith(c, 1, q, { kernels: 'wgsl' })).toThrow(/WGSL kernels need .*they do not/);
       expect(relMax(auto, ref)).toBe(0); // auto took the tfjs kernels
     } else {
-      expect(relMax(await host(c.attendSparse!(1, q, { kernels: 'wgsl' })), ref)).toBeLessThan(1e-5);
+      expect(relMax(await host(attendWith(c, 1, q, { kernels: 'wgsl' })), ref)).toBeLessThan(1e-5);
     }
     q.dispose();
     c.dispose();
@@ -139,11 +139,11 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
           tf.dispose([kk, vv]);
         }
         const q = query(20 + nDec);
-        const wgsl = await host(c.attendSparse!(1, q, { kernels: 'wgsl' }));
-        const ref = await host(c.attendSparse!(1, q, { kernels: 'tfjs', heads: 'batched', values: 'compressed' }));
+        const wgsl = await host(attendWith(c, 1, q, { kernels: 'wgsl' }));
+        const ref = await host(attendWith(c, 1, q, { kernels: 'tfjs', heads: 'batched', values: 'compressed' }));
         expect(relMax(wgsl, ref), `nDec ${nDec}`).toBeLessThan(1e-5);
         // The selection matters: the full budget gives a different result …
-        const full = await host(c.attendSparse!(1, q, { kernels: 'wgsl', budget: 700 }));
+        const full = await host(attendWith(c, 1, q, { kernels: 'wgsl', budget: 700 }));
         expect(relMax(full, ref)).toBeGreaterThan(1e-4);
         // … which is attention over keys()/values() (the exact outlier and local rows in place).
         const k = c.keys(1);
@@ -153,12 +153,12 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
         expect(relMax(full, exact), `full budget, nDec ${nDec}`).toBeLessThan(1e-4);
         // Repeated steps leave no tensors behind (the first ones built the cache's long-lived decode tensors).
         const before = tf.memory().numTensors;
-        for (let i = 0; i < 3; i++) tf.dispose(c.attendSparse!(1, q, { kernels: 'wgsl' }));
+        for (let i = 0; i < 3; i++) tf.dispose(attendWith(c, 1, q, { kernels: 'wgsl' }));
         expect(tf.memory().numTensors).toBe(before);
         q.dispose();
       }
       const q2 = tf.zeros([2, layout.nHeads, layout.headDim]) as tf.Tensor3D;
-      expect(() => c.attendSparse!(1, q2, { kernels: 'wgsl' })).toThrow(/WGSL kernels need .* one query token \(got 2\)/);
+      expect(() => attendWith(c, 1, q2, { kernels: 'wgsl' })).toThrow(/WGSL kernels need .* one query token \(got 2\)/);
       q2.dispose();
       c.dispose();
     });

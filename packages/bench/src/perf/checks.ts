@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { applyRope, attention, createStrategy, disposeKVCache, gaussianMatrix, type CompressedCache, type KVCache } from '@kvpack/core';
+import { attendWith } from '@kvpack/strategy-utils/internal';
 import { decodeQuery, stepTiming } from './baselines.js';
 import { decodeModes } from './decode-modes.js';
 import { attentionReadyLayer, denseDecodeStep, disposeAttentionReady } from './dense-step.js';
@@ -110,11 +111,10 @@ export async function sparseDecodeCheck(
     K = applyRope(cache.keys[layer], cache.rope, { start: cache.startPosition ?? 0, count: T });
     ready = attentionReadyLayer(K, cache.values[layer]);
     const V = cache.values[layer];
-    const [k, rd] = [K, ready];
+    const [k, rd, xc] = [K, ready, compressed];
     // On webgpu the step runs as WGSL kernels; the tfjs-op formulation of the same step is timed next to it.
-    const xc = compressed as unknown as { attendSparse(l: number, q: tf.Tensor3D, o: object): tf.Tensor3D };
     const ops: Record<string, () => tf.Tensor> = { sparse: () => mode.step(layer, q), core: () => attention(q, k, V, 0), ready: () => denseDecodeStep(q, rd) };
-    if (tf.getBackend() === 'webgpu') ops.tfjsOps = () => xc.attendSparse(layer, q, { budget: o.sparseBudget, kernels: 'tfjs' });
+    if (tf.getBackend() === 'webgpu') ops.tfjsOps = () => attendWith(xc, layer, q, { budget: o.sparseBudget, kernels: 'tfjs' });
     const t = await timeInterleaved(ops, stepTiming(o));
     const dense = Math.min(t.core.medianMs, t.ready.medianMs);
     const res = ratioCheck(

@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { BaseCompressedCache, attention, type CompressedCache } from '@kvpack/core';
+import { attendWith, hasAttendSwitches } from '@kvpack/strategy-utils/internal';
 
 /** One way to run a decode step's attention over a compressed cache. */
 export interface DecodeMode {
@@ -13,12 +14,9 @@ export interface DecodeMode {
   dispose?(): void;
 }
 
-/** Alternative decode paths a cache may offer besides `attend` (xkv's and svd's low-rank caches do), found by duck typing. */
-interface AlternativeDecodePaths {
-  /** Landmark-selected sparse attention (present only on caches compressed for it). */
+/** Landmark-selected sparse attention, which a cache compressed for sparse decoding offers. */
+interface SparseDecodePath {
   attendSparse?(layer: number, q: tf.Tensor3D, options?: { budget?: number }): tf.Tensor3D;
-  /** `attend` with a forced mode. */
-  attendWith?(layer: number, q: tf.Tensor3D, options: { mode?: 'full' | 'sparse' }): tf.Tensor3D;
 }
 
 /** Full reconstruction: `keys(layer)` (RoPE applied) and `values(layer)`, then core GQA attention. */
@@ -34,18 +32,20 @@ export function fullMode(cache: CompressedCache): DecodeMode {
  * The decode modes measured for a cache, from what the cache offers (never from the strategy's name).
  * A cache with one decode path gets it: `attend` when it offers it (the strategy's own fast path, or
  * BaseCompressedCache's reconstruction + core attention), else full reconstruction + core attention.
- * A cache that offers alternative paths (`attendWith`, `attendSparse`: the low-rank caches) gets each
- * measured: `full` (explicit `keys`/`values` + core attention), `attend-full` (its fused full mode,
- * `attendWith(l, q, { mode: 'full' })`, or its own `attend`), and `sparse` when it was compressed for
- * sparse decoding (`attendSparse(l, q, { budget })`: landmark-selected chunks up to the budget).
+ * A cache that offers alternative paths (the attention switches of the internal entry, or
+ * `attendSparse`: the low-rank caches) gets each measured: `full` (explicit `keys`/`values` + core
+ * attention), `attend-full` (its fused full mode, internal `attendWith(cache, l, q, { mode: 'full' })`,
+ * or its own `attend`), and `sparse` when it was compressed for sparse decoding
+ * (`attendSparse(l, q, { budget })`: landmark-selected chunks up to the budget).
  */
 export function decodeModes(cache: CompressedCache, opts: { sparseBudget: number }): DecodeMode[] {
   const modes: DecodeMode[] = [];
-  const c = cache as CompressedCache & AlternativeDecodePaths;
+  const c = cache as CompressedCache & SparseDecodePath;
+  const switches = hasAttendSwitches(cache);
   const proto = Object.getPrototypeOf(cache) as Record<string, unknown>;
   // BaseCompressedCache.attend is reconstruction + attention; a subclass override is a real fast path.
   const ownAttend = typeof c.attend === 'function' && hasOverride(proto, 'attend');
-  if (typeof c.attendWith !== 'function' && typeof c.attendSparse !== 'function') {
+  if (!switches && typeof c.attendSparse !== 'function') {
     modes.push(
       typeof c.attend === 'function'
         ? { mode: 'attend', label: ownAttend ? 'attend (strategy fast path)' : 'attend (reconstruct + attention)', step: (l, q) => c.attend!(l, q) }
@@ -54,8 +54,8 @@ export function decodeModes(cache: CompressedCache, opts: { sparseBudget: number
     return modes;
   }
   modes.push(fullMode(cache));
-  if (typeof c.attendWith === 'function') {
-    modes.push({ mode: 'attend-full', label: 'attend, full mode (fused)', step: (l, q) => c.attendWith!(l, q, { mode: 'full' }) });
+  if (switches) {
+    modes.push({ mode: 'attend-full', label: 'attend, full mode (fused)', step: (l, q) => attendWith(cache, l, q, { mode: 'full' }) });
   } else if (ownAttend) {
     modes.push({ mode: 'attend', label: 'attend (default path)', step: (l, q) => c.attend!(l, q) });
   }

@@ -6,7 +6,7 @@ import { z } from 'zod';
  * the xKV authors' follow-up (abdelfattah-lab/xKV `xKV/customized_cache/quant.py`; their runs use
  * `--kv_bits 4 --group_size 32`, asymmetric by default, applied to the token basis).
  */
-export const FactorQuantizationSchema = z.strictObject({
+const FactorQuantizationSchema = z.strictObject({
   /** Bits per code. */
   bits: z.union([z.literal(4), z.literal(8)]),
   /**

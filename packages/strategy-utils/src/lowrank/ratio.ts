@@ -29,7 +29,7 @@ export interface PaperRatioArgs {
  * likewise scales the rank with the group size "so that the average rank per layer is similar".
  * @throws KvpackError('config') on non-positive sizes or negative ranks.
  */
-export function paperCompressedElements(a: PaperRatioArgs): number {
+function paperCompressedElements(a: PaperRatioArgs): number {
   const { layout, tokens: T, groupSize: G, rankK, rankV } = a;
   check(Number.isInteger(T) && T > 0 && Number.isInteger(G) && G > 0, 'config', `paper ratio: tokens (${T}) and groupSize (${G}) must be positive integers`);
   check(rankK >= 0 && rankV >= 0, 'config', `paper ratio: ranks must be ≥ 0, got rankK ${rankK}, rankV ${rankV}`);

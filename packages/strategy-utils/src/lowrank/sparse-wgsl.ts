@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { check, runWgsl } from '@kvpack/core';
 
 /*
- * WGSL kernels of one sparse decode step (xKV-SR, see sparse.ts) on the webgpu backend, for one query
+ * WGSL kernels of one sparse decode step (xKV-SR, see sparse-index.ts and sparse-attend.ts) on the webgpu backend, for one query
  * token. tfjs-webgpu runs the batched tfjs formulation as ~35 kernels plus a ~72-dispatch bitonic
  * top-k, and a decode step of one layer is launch-bound there. These five kernels, with tfjs's query
  * scale, gather and batched matMul for the one large product, do the same step in 8 dispatches:

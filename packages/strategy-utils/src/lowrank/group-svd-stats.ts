@@ -1,0 +1,62 @@
+import { denseCacheBytes, specBytes, type ModelLayout } from '@kvpack/core';
+import { blockSpecs, type Block } from './factor-blocks.js';
+import { rankOf, type GroupSvdConfig, type LayerGroup } from './group-config.js';
+import { paperCompressionRatio } from './ratio.js';
+
+/** Byte breakdown and ratios of a grouped low-rank cache; see {@link GroupSvdCache.stats}. */
+export interface GroupSvdStats {
+  strategy: string;
+  /** Prefill tokens T. */
+  tokens: number;
+  groupSize: number;
+  groups: { layers: number[]; rankK: number; rankV: number }[];
+  /** Bytes of the shared token bases (codes + scales + zero points when quantized). */
+  basisBytes: number;
+  /** Bytes of the per-layer factors. */
+  factorBytes: number;
+  /** Bytes of the exact decode-token buffer. */
+  residualBytes: number;
+  /** basisBytes + factorBytes + residualBytes = byteSize(). */
+  totalBytes: number;
+  /** Bytes of the fp16 dense cache of the prefill: `denseCacheBytes(layout, T)`. */
+  denseBytes: number;
+  /** denseBytes / totalBytes. */
+  measuredRatio: number;
+  /** The xKV authors' formula ({@link paperCompressionRatio}) at 16 bits per element. */
+  paperRatio: number;
+}
+
+/**
+ * The byte breakdown of a grouped low-rank cache from its stored blocks and its total `byteSize()`
+ * (the residual decode tokens are the rest), with the measured ratio next to the xKV paper's formula
+ * ({@link paperCompressionRatio}).
+ */
+export function groupSvdStats(a: {
+  strategy: string;
+  config: GroupSvdConfig;
+  layout: ModelLayout;
+  tokens: number;
+  groups: LayerGroup[];
+  basis: Block[];
+  factors: Block[];
+  totalBytes: number;
+}): GroupSvdStats {
+  const { config, layout, tokens, totalBytes } = a;
+  const bytesOf = (bs: Block[]) => bs.flatMap((b) => blockSpecs(b, config.storage)).reduce((s, spec) => s + specBytes(spec), 0);
+  const basisBytes = bytesOf(a.basis);
+  const factorBytes = bytesOf(a.factors);
+  const denseBytes = denseCacheBytes(layout, tokens);
+  return {
+    strategy: a.strategy,
+    tokens,
+    groupSize: config.groupSize,
+    groups: a.groups.map((g) => ({ layers: [...g.layers], rankK: rankOf(config, 'k', g), rankV: rankOf(config, 'v', g) })),
+    basisBytes,
+    factorBytes,
+    residualBytes: totalBytes - basisBytes - factorBytes,
+    totalBytes,
+    denseBytes,
+    measuredRatio: denseBytes / totalBytes,
+    paperRatio: paperCompressionRatio({ layout, tokens, groupSize: config.groupSize, rankK: config.rankK, rankV: config.rankV }),
+  };
+}
