@@ -28,8 +28,11 @@ const packages: Pkg[] = readdirSync(join(root, 'packages')).map((d) => join(root
   return { name: j.name, dir, deps: Object.keys({ ...j.dependencies, ...j.devDependencies, ...j.peerDependencies }), sources: files(dir) };
 });
 
+/** A module-level registration: `registerStrategy(`, or a `defineStrategy(` / `defineEvictionStrategy(` definition. */
+const REGISTERS = /^(export const \w+ = )?(registerStrategy|defineStrategy|defineEvictionStrategy)\(/m;
+
 /** Packages whose own sources register strategies (core's `dense` reference aside: core is the interface every package uses). */
-const strategyPackages = packages.filter((p) => p.name !== '@kvpack/core' && p.sources.some((f) => !f.endsWith('.test.ts') && /\bregisterStrategy\(/.test(readFileSync(f, 'utf8'))));
+const strategyPackages = packages.filter((p) => p.name !== '@kvpack/core' && p.sources.some((f) => !f.endsWith('.test.ts') && REGISTERS.test(readFileSync(f, 'utf8'))));
 
 describe('import graph', () => {
   it('finds the strategy packages', () => {

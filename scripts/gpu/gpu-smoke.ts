@@ -82,7 +82,7 @@ async function checks(): Promise<number> {
   // 2. Sparse decode: batched (GPU default) vs per-head loop at a partial budget, and vs core attention at a full budget.
   const n0 = tf.memory().numTensors;
   const cache = await syntheticLlamaCache({ T: 4096, layers: 4, seed: 3 });
-  const c = await createStrategy({ name: 'xkv', options: { groupSize: 4, rankK: 64, rankV: 96, decode: 'sparse', sparse: { budget: 512 } } }).compress(cache);
+  const c = await createStrategy({ name: 'xkv', options: { layersPerGroup: 4, rankK: 64, rankV: 96, decode: 'sparse', sparse: { budget: 512 } } }).compress(cache);
   const q = tf.randomNormal([1, 32, 128], 0, 1, 'float32', 5) as tf.Tensor3D;
   const dLoop = await relMax(attendWith(c, 3, q, { heads: 'batched', kernels: 'tfjs' }), attendWith(c, 3, q, { heads: 'loop' }));
   report(dLoop < 1e-4, `sparse decode, batched tfjs ops vs per-head loop (budget 512 of 4096): max rel diff ${dLoop.toExponential(2)}`);
@@ -98,7 +98,7 @@ async function checks(): Promise<number> {
   const backend = tf.getBackend();
   const keyError = async (): Promise<number> => {
     const cc = await syntheticLlamaCache({ T: 4096, layers: 4, seed: 3 });
-    const z = await createStrategy({ name: 'xkv', options: { groupSize: 4, rankK: 64, rankV: 96 } }).compress(cc);
+    const z = await createStrategy({ name: 'xkv', options: { layersPerGroup: 4, rankK: 64, rankV: 96 } }).compress(cc);
     const exact = applyRope(cc.keys[3], cc.rope, { start: 0, count: 4096 });
     const rebuilt = z.keys(3);
     const e = await relativeFrobeniusError(exact, rebuilt);
@@ -123,7 +123,7 @@ async function checks(): Promise<number> {
     vals[2] = poisoned;
     let msg = '';
     try {
-      (await createStrategy({ name: 'xkv', options: { groupSize: 4, rankK: 8, rankV: 8 } }).compress({ ...cc, values: vals })).dispose();
+      (await createStrategy({ name: 'xkv', options: { layersPerGroup: 4, rankK: 8, rankV: 8 } }).compress({ ...cc, values: vals })).dispose();
     } catch (e) {
       msg = (e as Error).message;
     }
@@ -133,7 +133,7 @@ async function checks(): Promise<number> {
   // 5. Serialization: serializeAsync round-trips on this backend; serialize() either works or names serializeAsync.
   {
     const cc = await syntheticLlamaCache({ T: 512, layers: 4, seed: 6 });
-    const z = await createStrategy({ name: 'xkv', options: { groupSize: 4, rankK: 8, rankV: 12 } }).compress(cc);
+    const z = await createStrategy({ name: 'xkv', options: { layersPerGroup: 4, rankK: 8, rankV: 12 } }).compress(cc);
     let syncMsg = 'ok';
     try {
       z.serialize();

@@ -17,12 +17,12 @@ describe('kvpack CLI', () => {
     const io = capture();
     expect(await runCli(['strategies'], io)).toBe(0);
     expect(io.stdout).toMatch(/^xkv — xKV: cross-layer SVD/m);
-    expect(io.stdout).toMatch(/^ {4}groupSize +integer, > 0, ≤ 1024, default 4/m);
+    expect(io.stdout).toMatch(/^ {4}layersPerGroup +integer, > 0, ≤ 1024, default 4/m);
     // Upper bounds are shown, inside unions and nested option objects too.
     expect(io.stdout).toMatch(/^ {4}powerIters +number, ≥ 0, ≤ 16, default 1/m);
     expect(io.stdout).toMatch(/^ {4}oversample +"auto" \| integer, ≥ 0, ≤ 4096, default "auto"/m);
     expect(io.stdout).toMatch(/^ {4}sparse\.budget +integer, > 0, ≤ 1048576, default 2048/m);
-    expect(io.stdout).toMatch(/^ {4}factorQuantization\.groupSize +integer, > 0, ≤ 65536, default 32/m);
+    expect(io.stdout).toMatch(/^ {4}factorQuantization\.quantGroupSize +integer, > 0, ≤ 65536, default 32/m);
     expect(io.stdout).toMatch(/^ {4}budget +integer, > 0, ≤ 1048576, default 256/m);
     expect(io.stdout).toMatch(/^dense — /m);
     expect(io.stdout).toMatch(/^svd — /m);

@@ -67,10 +67,10 @@ describe('bench config', () => {
 
   it('checks every expanded setting against its strategy schema', () => {
     expect(err({ ...base, strategies: [{ name: 'nope' }] })).toMatch(/unknown strategy "nope"; registered strategies: .*xkv/);
-    const m = err({ ...base, strategies: [{ name: 'xkv', options: { groupSize: [1, 0] } }] });
-    expect(m).toMatch(/setting "xkv groupSize=0"/);
-    expect(m).toMatch(/groupSize/);
-    expect(err({ ...base, strategies: [{ name: 'xkv', options: { rankk: 4 } }] })).toMatch(/allowed options: groupSize, rankK, rankV/);
+    const m = err({ ...base, strategies: [{ name: 'xkv', options: { layersPerGroup: [1, 0] } }] });
+    expect(m).toMatch(/setting "xkv layersPerGroup=0"/);
+    expect(m).toMatch(/layersPerGroup/);
+    expect(err({ ...base, strategies: [{ name: 'xkv', options: { rankk: 4 } }] })).toMatch(/allowed options: layersPerGroup, rankK, rankV/);
   });
 
   it('reads YAML files, text prompt files relative to the config, and quick overrides', () => {
@@ -78,11 +78,11 @@ describe('bench config', () => {
     writeFileSync(join(dir, 'story.txt'), 'Once upon a time there was a cat.');
     writeFileSync(
       join(dir, 'b.yaml'),
-      ['model: m.bin', 'prompts:', '  - file: story.txt', '    continuationTokens: 4', 'quick: { decodeTokens: 8 }', 'strategies:', '  - { name: xkv, options: { groupSize: [1, 2] } }'].join('\n'),
+      ['model: m.bin', 'prompts:', '  - file: story.txt', '    continuationTokens: 4', 'quick: { decodeTokens: 8 }', 'strategies:', '  - { name: xkv, options: { layersPerGroup: [1, 2] } }'].join('\n'),
     );
     const c = loadConfig(join(dir, 'b.yaml'), {});
     expect(c.prompts[0]).toMatchObject({ text: 'Once upon a time there was a cat.', continuationTokens: 4, name: 'story.txt' });
-    expect(c.settings.map((s) => s.label)).toEqual(['xkv groupSize=1', 'xkv groupSize=2']);
+    expect(c.settings.map((s) => s.label)).toEqual(['xkv layersPerGroup=1', 'xkv layersPerGroup=2']);
     expect(quickOverrides(c)).toEqual({ decodeTokens: 8, continuationTokens: 32, maxPrompts: 1, repeats: 1 });
     writeFileSync(join(dir, 'bad.yaml'), 'model: [unclosed');
     expect(() => loadConfig(join(dir, 'bad.yaml'), {})).toThrow(/not valid YAML/);

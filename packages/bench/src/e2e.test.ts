@@ -49,7 +49,7 @@ describe.skipIf(!present)('kvpack bench on stories260K (end to end)', () => {
         repeats: 1,
         strategies: [
           { name: 'dense', options: { storage: 'float32' } },
-          { name: 'xkv', options: { groupSize: 2, rankK: 4, rankV: 6 } },
+          { name: 'xkv', options: { layersPerGroup: 2, rankK: 4, rankV: 6 } },
           { name: 'streamingllm', options: { sinks: 4, budget: 32 } },
         ],
       }),
@@ -94,7 +94,7 @@ describe.skipIf(!present)('kvpack bench on stories260K (end to end)', () => {
       const [p] = tokenizePrompts([{ text: TEXT }], loaded.tokenizer, { bos: true, continuationTokens: 16 });
       const { logits, cache } = await loaded.model.prefill(p.contextIds.slice(0, -1));
       logits.dispose();
-      const c = await createStrategy({ name: 'xkv', options: { groupSize: 2, rankK: 4, rankV: 6 } }).compress(cache);
+      const c = await createStrategy({ name: 'xkv', options: { layersPerGroup: 2, rankK: 4, rankV: 6 } }).compress(cache);
       const T = p.contextIds.length - 1;
       const L = cache.layout.nLayers;
       const ref = tf.concat(cache.keys.map((k) => applyRope(k, cache.rope, { start: 0, count: T })));

@@ -4,27 +4,27 @@ import { canonicalJson, expandEntry, expandGrid } from './grid.js';
 
 describe('expandEntry', () => {
   it('takes the cartesian product of list-valued options, last key fastest', () => {
-    const s = expandEntry({ name: 'xkv', options: { groupSize: [1, 2, 4], rankK: [4, 8], storage: 'float16' } });
+    const s = expandEntry({ name: 'xkv', options: { layersPerGroup: [1, 2, 4], rankK: [4, 8], storage: 'float16' } });
     expect(s.map((x) => x.options)).toEqual([
-      { storage: 'float16', groupSize: 1, rankK: 4 },
-      { storage: 'float16', groupSize: 1, rankK: 8 },
-      { storage: 'float16', groupSize: 2, rankK: 4 },
-      { storage: 'float16', groupSize: 2, rankK: 8 },
-      { storage: 'float16', groupSize: 4, rankK: 4 },
-      { storage: 'float16', groupSize: 4, rankK: 8 },
+      { storage: 'float16', layersPerGroup: 1, rankK: 4 },
+      { storage: 'float16', layersPerGroup: 1, rankK: 8 },
+      { storage: 'float16', layersPerGroup: 2, rankK: 4 },
+      { storage: 'float16', layersPerGroup: 2, rankK: 8 },
+      { storage: 'float16', layersPerGroup: 4, rankK: 4 },
+      { storage: 'float16', layersPerGroup: 4, rankK: 8 },
     ]);
-    expect(s[3].label).toBe('xkv groupSize=2 rankK=8');
+    expect(s[3].label).toBe('xkv layersPerGroup=2 rankK=8');
   });
 
   it('3 × 3 × 3 grid gives 27 distinct settings', () => {
-    const s = expandEntry({ name: 'xkv', options: { groupSize: [1, 2, 4], rankK: [4, 8, 16], rankV: [6, 12, 24] } });
+    const s = expandEntry({ name: 'xkv', options: { layersPerGroup: [1, 2, 4], rankK: [4, 8, 16], rankV: [6, 12, 24] } });
     expect(s).toHaveLength(27);
     expect(new Set(s.map((x) => x.key)).size).toBe(27);
   });
 
   it('zips paired lists and crosses them with the options grid', () => {
-    const s = expandEntry({ name: 'xkv', options: { groupSize: [1, 2] }, zip: { rankK: [4, 8, 16], rankV: [6, 12, 24] } });
-    expect(s.map((x) => [x.options.groupSize, x.options.rankK, x.options.rankV])).toEqual([
+    const s = expandEntry({ name: 'xkv', options: { layersPerGroup: [1, 2] }, zip: { rankK: [4, 8, 16], rankV: [6, 12, 24] } });
+    expect(s.map((x) => [x.options.layersPerGroup, x.options.rankK, x.options.rankV])).toEqual([
       [1, 4, 6],
       [1, 8, 12],
       [1, 16, 24],
@@ -42,9 +42,9 @@ describe('expandEntry', () => {
   });
 
   it('names series by seriesBy values, and honours label and series', () => {
-    const s = expandEntry({ name: 'xkv', label: 'xKV', options: { groupSize: [1, 4], rankK: [4, 8] }, seriesBy: ['groupSize'] });
-    expect(s.map((x) => x.series)).toEqual(['xKV groupSize=1', 'xKV groupSize=1', 'xKV groupSize=4', 'xKV groupSize=4']);
-    expect(s[0].label).toBe('xKV groupSize=1 rankK=4');
+    const s = expandEntry({ name: 'xkv', label: 'xKV', options: { layersPerGroup: [1, 4], rankK: [4, 8] }, seriesBy: ['layersPerGroup'] });
+    expect(s.map((x) => x.series)).toEqual(['xKV layersPerGroup=1', 'xKV layersPerGroup=1', 'xKV layersPerGroup=4', 'xKV layersPerGroup=4']);
+    expect(s[0].label).toBe('xKV layersPerGroup=1 rankK=4');
     expect(expandEntry({ name: 'kivi', series: 'KIVI', options: { bits: [2, 4] } }).map((x) => x.series)).toEqual(['KIVI', 'KIVI']);
   });
 
@@ -53,7 +53,7 @@ describe('expandEntry', () => {
       { name: 'xkv', zip: { rankK: [4, 8], rankV: [6] } },
       { name: 'xkv', options: { rankK: [] } },
       { name: 'xkv', options: { rankK: [4] }, zip: { rankK: [4], rankV: [6] } },
-      { name: 'xkv', options: { rankK: [4] }, seriesBy: ['groupSize'] },
+      { name: 'xkv', options: { rankK: [4] }, seriesBy: ['layersPerGroup'] },
     ];
     const msgs = bad.map((e) => {
       try {
@@ -67,7 +67,7 @@ describe('expandEntry', () => {
     expect(msgs[0]).toMatch(/equal lengths.*rankK: 2, rankV: 1/);
     expect(msgs[1]).toMatch(/"rankK" is an empty list/);
     expect(msgs[2]).toMatch(/"rankK" appears in both options and zip/);
-    expect(msgs[3]).toMatch(/seriesBy names "groupSize"/);
+    expect(msgs[3]).toMatch(/seriesBy names "layersPerGroup"/);
   });
 });
 

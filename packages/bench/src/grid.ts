@@ -13,7 +13,7 @@ export interface GridEntry {
   label?: string;
   /** Plot series (one line per series). Default: the label prefix. */
   series?: string;
-  /** Options whose values split the series, e.g. ['groupSize'] gives one line per group size. */
+  /** Options whose values split the series, e.g. ['layersPerGroup'] gives one line per group size. */
   seriesBy?: string[];
 }
 
@@ -23,7 +23,7 @@ export interface Setting {
   name: string;
   /** Options exactly as written in the config (before schema defaults). */
   options: Record<string, unknown>;
-  /** Human-readable label, e.g. `xkv groupSize=2 rankK=8 rankV=12`. Unique within a config. */
+  /** Human-readable label, e.g. `xkv layersPerGroup=2 rankK=8 rankV=12`. Unique within a config. */
   label: string;
   /** Plot series, e.g. `xkv G=2`. */
   series: string;

@@ -8,7 +8,7 @@ export interface PlotPoint {
   ratio: number;
   /** Metric value (y). */
   value: number;
-  /** Line (color) it belongs to, e.g. a strategy or `xkv groupSize=4`. */
+  /** Line (color) it belongs to, e.g. a strategy or `xkv layersPerGroup=4`. */
   series: string;
   /** Setting label (kept in the data for readers of the SVG). */
   label?: string;

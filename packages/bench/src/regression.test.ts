@@ -30,8 +30,8 @@ beforeAll(async () => {
   await selectBackend('wasm');
   model = new ToyModel(layout);
   good = await runWith([
-    { name: 'xkv', options: { groupSize: 2, rankK: 8, rankV: 8 } },
-    { name: 'kivi', options: { bits: 4, groupSize: 8, residualLength: 8 } },
+    { name: 'xkv', options: { layersPerGroup: 2, rankK: 8, rankV: 8 } },
+    { name: 'kivi', options: { bits: 4, quantGroupSize: 8, residualLength: 8 } },
   ]);
   baseline = toBaseline({ config: { source: 'toy.yaml', data: {} }, environment: env(), results: good }, 'toy.yaml');
 });
@@ -46,7 +46,7 @@ describe('baseline regression check', () => {
   });
 
   it('flags a planted regression: the xkv setting silently ran at a lower rank', async () => {
-    const [lowered] = await runWith([{ name: 'xkv', options: { groupSize: 2, rankK: 4, rankV: 8 } }]);
+    const [lowered] = await runWith([{ name: 'xkv', options: { layersPerGroup: 2, rankK: 4, rankV: 8 } }]);
     // Present it under the baseline's identity, as a code change that lowered the rank would.
     const planted = [{ ...lowered, key: good[0].key, label: good[0].label }, good[1]];
     const c = compareToBaseline(planted, baseline);

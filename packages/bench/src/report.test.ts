@@ -17,7 +17,7 @@ describe('Markdown rendering', () => {
     expect(t).toHaveLength(5);
     const cells = (row: string) => row.split('|').slice(1, -1).map((c) => c.trim());
     expect(cells(t[0])).toEqual(['setting', 'ratio', 'paper ratio', 'key err', 'value err', 'NLL', 'ΔNLL', 'top-1', 'greedy', 'first div', 'compress ms']);
-    expect(cells(t[2])).toEqual(['xkv groupSize=2', '4.00×', '3.50×', '0.1235', '0.5000', '1.2500', '+0.0500', '0.875', '0.750', '3', '12.3']);
+    expect(cells(t[2])).toEqual(['xkv layersPerGroup=2', '4.00×', '3.50×', '0.1235', '0.5000', '1.2500', '+0.0500', '0.875', '0.750', '3', '12.3']);
     expect(cells(t[3])).toEqual(['snapkv', '4.00×', '–', 'N/A', 'N/A', '1.2500', '-0.0010', '0.875', '1.000', 'none', '12.3']);
     expect(cells(t[4]).slice(0, 2)).toEqual(['bad', 'error']);
   });

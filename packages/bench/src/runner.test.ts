@@ -23,7 +23,7 @@ const cfg = () =>
       prompts: [{ ids: [1, 2, 3] }],
       strategies: [
         { name: 'dense', options: { storage: ['float32', 'float16'] } },
-        { name: 'xkv', options: { groupSize: 2, rankK: 4, rankV: 6 } },
+        { name: 'xkv', options: { layersPerGroup: 2, rankK: 4, rankV: 6 } },
         { name: 'streamingllm', options: { sinks: 2, budget: 12 } },
         { name: 'snapkv', options: { budget: 12, window: 4 } },
       ],
@@ -86,7 +86,7 @@ describe('runBench (toy transformer)', () => {
 
   it("xkv's key and value errors equal a float64 re-computation pooled over layers and prompts", async () => {
     const xkv = run.results[2];
-    const strategy = createStrategy({ name: 'xkv', options: { groupSize: 2, rankK: 4, rankV: 6 } });
+    const strategy = createStrategy({ name: 'xkv', options: { layersPerGroup: 2, rankK: 4, rankV: 6 } });
     const k = { num: 0, den: 0 };
     const v = { num: 0, den: 0 };
     let bytes = 0;
@@ -146,7 +146,7 @@ describe('runBench (toy transformer)', () => {
   });
 
   it('records a setting that throws a KvpackError and goes on', async () => {
-    const c = resolveConfig({ model: 'toy', prompts: [{ ids: [1, 2, 3] }], strategies: [{ name: 'xkv', options: { groupSize: 1, rankK: 17, rankV: 2 } }, { name: 'dense' }] }, '/tmp');
+    const c = resolveConfig({ model: 'toy', prompts: [{ ids: [1, 2, 3] }], strategies: [{ name: 'xkv', options: { layersPerGroup: 1, rankK: 17, rankV: 2 } }, { name: 'dense' }] }, '/tmp');
     const r = await runBench(model, prompts.slice(0, 1), c.settings, { decodeTokens: 0, repeats: 1 });
     expect(r.results[0].error).toMatch(/rank/);
     expect(r.results[1].error).toBeUndefined();

@@ -19,7 +19,7 @@ describe('svd = xkv with groups of one layer', () => {
   it('svd stores the same factors as xkv at G = 1', async () => {
     const opts = { rankK: 5, rankV: 7, storage: 'float32' };
     const s = (await createStrategy({ name: 'svd', options: opts }).compress(cache)) as GroupSvdCache;
-    const x = (await createStrategy({ name: 'xkv', options: { ...opts, groupSize: 1 } }).compress(cache)) as GroupSvdCache;
+    const x = (await createStrategy({ name: 'xkv', options: { ...opts, layersPerGroup: 1 } }).compress(cache)) as GroupSvdCache;
     expect(s.groups.map((g) => g.layers)).toEqual([[0], [1], [2], [3]]);
     for (let l = 0; l < 4; l++) {
       for (const kind of ['k', 'v'] as const) {

@@ -22,6 +22,8 @@ export interface StrategySpec<S extends z.ZodType, C extends BaseCompressedCache
   /** Rebuilds the cache that `serialize()` wrote, reading its declared items by name. */
   restore(reader: StoredReader, options: z.output<S>): C;
   capabilities?: StrategyCapabilities<z.output<S>>;
+  /** Former option names, old → new (see {@link StrategyDefinition.renamedOptions}). */
+  renamedOptions?: Record<string, string>;
 }
 
 /** The {@link Strategy} of a spec at resolved options. */
@@ -46,6 +48,7 @@ export function defineStrategy<S extends z.ZodType, C extends BaseCompressedCach
     schema: spec.schema,
     create: (options) => specStrategy(spec, options),
     ...(spec.capabilities ? { capabilities: spec.capabilities } : {}),
+    ...(spec.renamedOptions ? { renamedOptions: spec.renamedOptions } : {}),
   };
   registerStrategy(def);
   return def;

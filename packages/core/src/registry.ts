@@ -48,6 +48,11 @@ export interface StrategyDefinition<S extends z.ZodType = z.ZodType> {
   create(options: z.output<S>): Strategy<z.output<S>>;
   /** Capabilities a benchmark reads instead of recognizing the strategy by name. */
   capabilities?: StrategyCapabilities<z.output<S>>;
+  /**
+   * Former option names still accepted, old → new, as dotted paths (`'factorQuantization.groupSize':
+   * 'factorQuantization.quantGroupSize'`): the value moves to the new name with a deprecation warning.
+   */
+  renamedOptions?: Record<string, string>;
 }
 
 /** A strategy config: `{ name, options }` as plain object, JSON or YAML. */
@@ -114,7 +119,7 @@ function optionKeys(schema: z.ZodType): string[] {
  */
 export function parseStrategyOptions(name: string, options: unknown): unknown {
   const def = getStrategyDefinition(name);
-  const r = def.schema.safeParse(options ?? {});
+  const r = def.schema.safeParse(renameOptions(name, options ?? {}, def.renamedOptions));
   if (!r.success) {
     const allowed = optionKeys(def.schema);
     throw new KvpackError(
@@ -123,6 +128,32 @@ export function parseStrategyOptions(name: string, options: unknown): unknown {
     );
   }
   return r.data;
+}
+
+const warned = new Set<string>();
+
+/** Options with former names moved to their current ones (a copy), warning once per name. */
+function renameOptions(strategy: string, options: unknown, renamed: Record<string, string> | undefined): unknown {
+  if (!renamed || !options || typeof options !== 'object') return options;
+  const out = structuredClone(options) as Record<string, unknown>;
+  for (const [from, to] of Object.entries(renamed)) {
+    const path = from.split('.');
+    const parent = path.slice(0, -1).reduce<unknown>((o, k) => (o && typeof o === 'object' ? (o as Record<string, unknown>)[k] : undefined), out);
+    if (!parent || typeof parent !== 'object' || !(path[path.length - 1] in parent)) continue;
+    const p = parent as Record<string, unknown>;
+    const newKey = to.split('.').pop()!;
+    if (newKey in p) continue; // both given: the schema reports the old one as unknown
+    p[newKey] = p[path[path.length - 1]];
+    delete p[path[path.length - 1]];
+    const note = `kvpack: option "${from}" of strategy "${strategy}" is now "${to}"; the old name still works but is deprecated`;
+    if (!warned.has(note)) {
+      warned.add(note);
+      const proc = (globalThis as { process?: { emitWarning?: (m: string, t: string) => void } }).process;
+      if (proc?.emitWarning) proc.emitWarning(note, 'DeprecationWarning');
+      else console.warn(note);
+    }
+  }
+  return out;
 }
 
 /** Reads a strategy config (or any config object) from a .json, .yaml or .yml file. */

@@ -2,27 +2,27 @@ import { runStrategyConformance } from '@kvpack/core/conformance';
 import './index.js';
 
 // Synthetic cache: T = 64, L = 4, H_kv = 2, d = 16 (H_kv·d = 32). Full rank for G = 4 is min(T, 4·32) = 64 = 16 × 4.
-const badOptions = [{ rankK: -1 }, { rankV: 1.5 }, { groupSize: 0 }, { storage: 'int3' }, { factorQuantization: { bits: 2 } }, { factorQuantization: { bits: 4, apply: 'all' } }];
+const badOptions = [{ rankK: -1 }, { rankV: 1.5 }, { layersPerGroup: 0 }, { storage: 'int3' }, { factorQuantization: { bits: 2 } }, { factorQuantization: { bits: 4, apply: 'all' } }];
 runStrategyConformance('xkv', {
   compressing: { rankK: 2, rankV: 3 },
-  lossless: { groupSize: 4, rankK: 16, rankV: 16, exact: true },
+  lossless: { layersPerGroup: 4, rankK: 16, rankV: 16, exact: true },
   badOptions,
   // Group ranks 17 × 4 = 68 > T = 64, and 0.
   failingCompress: [{ rankK: 17 }, { rankV: 0 }, { rankK: 2, rankV: 17, powerIters: 16, oversample: 4096 }],
 });
 runStrategyConformance('xkv', {
-  compressing: { groupSize: 2, rankK: 4, rankV: 6, factorQuantization: { bits: 4, groupSize: 16 } },
-  lossless: { groupSize: 1, rankK: 32, rankV: 32, factorQuantization: { bits: 8, groupSize: 8, apply: 'factors' } },
+  compressing: { layersPerGroup: 2, rankK: 4, rankV: 6, factorQuantization: { bits: 4, quantGroupSize: 16 } },
+  lossless: { layersPerGroup: 1, rankK: 32, rankV: 32, factorQuantization: { bits: 8, quantGroupSize: 8, apply: 'factors' } },
   losslessTolerance: 2e-2,
   badOptions,
   // G = 2: group rank 33 × 2 = 66 > min(T = 64, 2·32 = 64).
-  failingCompress: [{ groupSize: 2, rankK: 33, rankV: 6, factorQuantization: { bits: 4, groupSize: 16 } }],
+  failingCompress: [{ layersPerGroup: 2, rankK: 33, rankV: 6, factorQuantization: { bits: 4, quantGroupSize: 16 } }],
 });
 // Sparse decode (landmarks, exact outlier and local tokens stored 16-bit): C = ⌊(64 − 8) / 8⌋ = 7 chunks.
 const sparse = { budget: 16, chunkSize: 8, outlierChunks: 1, localTokens: 8 };
 runStrategyConformance('xkv', {
   compressing: { rankK: 2, rankV: 3, decode: 'sparse', sparse },
-  lossless: { groupSize: 4, rankK: 16, rankV: 16, exact: true, decode: 'sparse', sparse },
+  lossless: { layersPerGroup: 4, rankK: 16, rankV: 16, exact: true, decode: 'sparse', sparse },
   badOptions: [...badOptions, { decode: 'sparse', sparse: { budget: 12 } }, { sparse: { budget: 16 } }],
   failingCompress: [{ rankK: 2, rankV: 17, decode: 'sparse', sparse }],
 });

@@ -89,7 +89,7 @@ describe('fused RoPE reconstruction', () => {
     for (const rankK of [2, 6]) {
       it(`keys(l) = RoPE(U·B) in float64 (${layoutName} pairs, group rank ${rankK * 2} ${rankK * 2 <= d ? '≤' : '>'} d)`, async () => {
         const rope: RopeConfig = { theta: 500, layout: layoutName };
-        const c = await compress({ groupSize: 2, rankK, rankV: 3, storage: 'float32' }, { ...syn.cache, rope });
+        const c = await compress({ layersPerGroup: 2, rankK, rankV: 3, storage: 'float32' }, { ...syn.cache, rope });
         for (const l of [0, 3]) {
           const g = c.groups.find((x) => x.layers.includes(l))!.index;
           const R = c.groupRank('k', g);
@@ -108,7 +108,7 @@ describe('fused RoPE reconstruction', () => {
 describe('full-mode attend (compressed-domain values)', () => {
   let c: GroupSvdCache;
   beforeAll(async () => {
-    c = await compress({ groupSize: 2, rankK: 5, rankV: 6, storage: 'float32' });
+    c = await compress({ layersPerGroup: 2, rankK: 5, rankV: 6, storage: 'float32' });
   });
   afterAll(() => c.dispose());
 
@@ -196,7 +196,7 @@ describe('sparse decode (xKV-SR)', () => {
   // T = 48, local 6 → C = ⌊42 / 4⌋ = 10 chunks (tokens 0–39), exact local tokens 40–47 (8 ≥ 6).
   let c: GroupSvdCache;
   beforeAll(async () => {
-    c = await compress({ groupSize: 2, rankK: 3, rankV: 4, decode: 'sparse', sparse });
+    c = await compress({ layersPerGroup: 2, rankK: 3, rankV: 4, decode: 'sparse', sparse });
   });
   afterAll(() => c.dispose());
 
@@ -334,7 +334,7 @@ describe('sparse decode (xKV-SR)', () => {
   });
 
   it('keys()/values() are the low-rank reconstruction with the exact 16-bit outlier and local rows', async () => {
-    const full = await compress({ groupSize: 2, rankK: 3, rankV: 4 });
+    const full = await compress({ layersPerGroup: 2, rankK: 3, rankV: 4 });
     const a = host(c.keys(3));
     const b = host(full.keys(3));
     const ix = c.sparseIndex!;
@@ -366,7 +366,7 @@ describe('sparse decode (xKV-SR)', () => {
   });
 
   it('without outliers and local tokens, and a full budget, it equals full-mode attend of the same factors', async () => {
-    const o = { groupSize: 2, rankK: 3, rankV: 4, storage: 'float32' };
+    const o = { layersPerGroup: 2, rankK: 3, rankV: 4, storage: 'float32' };
     const s = await compress({ ...o, decode: 'sparse', sparse: { budget: 48, chunkSize: 8, outlierChunks: 0, localTokens: 0 } });
     const f = await compress(o);
     const q = randomQueries(1, 61);
@@ -378,7 +378,7 @@ describe('sparse decode (xKV-SR)', () => {
 
   it('T not a multiple of the chunk size: the last partial chunk is exact and a full budget equals attention over keys()/values()', async () => {
     const cache: KVCache = { ...syn.cache, keys: syn.cache.keys.map((k) => k.slice([0, 0, 0], [45, -1, -1])), values: syn.cache.values.map((v) => v.slice([0, 0, 0], [45, -1, -1])) };
-    const s = await compress({ groupSize: 4, rankK: 3, rankV: 4, decode: 'sparse', sparse: { budget: 64, chunkSize: 8, outlierChunks: 1, localTokens: 0 } }, cache);
+    const s = await compress({ layersPerGroup: 4, rankK: 3, rankV: 4, decode: 'sparse', sparse: { budget: 64, chunkSize: 8, outlierChunks: 1, localTokens: 0 } }, cache);
     expect(s.sparseIndex).toMatchObject({ chunks: 5, outliers: 1, local: 5 });
     const q = randomQueries(1, 71);
     const k = s.keys(1);
@@ -389,7 +389,7 @@ describe('sparse decode (xKV-SR)', () => {
   });
 
   it('measured bytes count the 16-bit landmarks, exact rows and int32 chunk indices, and equal the serialized payload', async () => {
-    const full = await compress({ groupSize: 2, rankK: 3, rankV: 4 });
+    const full = await compress({ layersPerGroup: 2, rankK: 3, rankV: 4 });
     const H = layout.nKvHeads;
     const perLayer = 10 * F * 2 + H * 2 * 4 + 2 * (H * 2 * 4 * d * 2) + 2 * (8 * F * 2);
     expect(c.byteSize() - full.byteSize() - (c.residualTokens(2) * F * 4 * 2)).toBe(layout.nLayers * perLayer);
@@ -406,7 +406,7 @@ describe('sparse decode (xKV-SR)', () => {
 
   it('a serialization whose sparse index does not match the options is a clear error', async () => {
     const bytes = c.serialize();
-    const other = createStrategy({ name: 'xkv', options: { groupSize: 2, rankK: 3, rankV: 4, decode: 'sparse', sparse: { ...sparse, outlierChunks: 3 } } });
+    const other = createStrategy({ name: 'xkv', options: { layersPerGroup: 2, rankK: 3, rankV: 4, decode: 'sparse', sparse: { ...sparse, outlierChunks: 3 } } });
     expect(() => other.deserialize(bytes)).toThrow(/sparse index/);
   });
 });
@@ -433,7 +433,7 @@ describe('decode options', () => {
   });
 
   it('decode: sparse with no sparse block takes the defaults (budget 2048, chunk 8, 48 outliers, 32 local tokens)', async () => {
-    const c = await compress({ groupSize: 4, rankK: 2, rankV: 2, decode: 'sparse' });
+    const c = await compress({ layersPerGroup: 4, rankK: 2, rankV: 2, decode: 'sparse' });
     expect(c.sparseIndex!.options).toEqual({ budget: 2048, chunkSize: 8, outlierChunks: 48, localTokens: 32 });
     expect(c.sparseIndex).toMatchObject({ chunks: 2, outliers: 2, local: 32 });
     c.dispose();
@@ -445,7 +445,7 @@ describe('decode memory and timing hook', () => {
     const start = tf.memory().numTensors;
     for (let i = 0; i < 3; i++) {
       for (const decode of ['full', 'sparse'] as const) {
-        const c = await compress({ groupSize: 2, rankK: 3, rankV: 4, decode, ...(decode === 'sparse' ? { sparse: { budget: 8, chunkSize: 4, outlierChunks: 1, localTokens: 4 } } : {}) });
+        const c = await compress({ layersPerGroup: 2, rankK: 3, rankV: 4, decode, ...(decode === 'sparse' ? { sparse: { budget: 8, chunkSize: 4, outlierChunks: 1, localTokens: 4 } } : {}) });
         appendRandom(c, 0, 2, 90 + i);
         const q = randomQueries(2, 91);
         for (let l = 0; l < layout.nLayers; l++) tf.dispose([c.attend(l, q), c.keys(l), c.values(l)]);
@@ -462,7 +462,7 @@ describe('decode memory and timing hook', () => {
   });
 
   it('decodeStepTimes returns finite medians for keys, values and one attend step (no timing assertion)', async () => {
-    const c = await compress({ groupSize: 2, rankK: 3, rankV: 4, decode: 'sparse', sparse: { budget: 8, chunkSize: 4, outlierChunks: 1, localTokens: 4 } });
+    const c = await compress({ layersPerGroup: 2, rankK: 3, rankV: 4, decode: 'sparse', sparse: { budget: 8, chunkSize: 4, outlierChunks: 1, localTokens: 4 } });
     const q = randomQueries(1, 95);
     const t = await decodeStepTimes(c, q, { layer: 1, repeats: 2 });
     for (const v of Object.values(t)) expect(Number.isFinite(v) && v >= 0).toBe(true);

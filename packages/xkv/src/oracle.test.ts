@@ -48,7 +48,7 @@ describe.skipIf(!S.have)(`xkv vs stories260K oracle.json${S.skip}`, () => {
   };
 
   async function check(options: Record<string, unknown>, G: number, r: number, tol: number): Promise<number> {
-    const c = (await createStrategy({ name: 'xkv', options: { ...options, groupSize: G, rankK: r, rankV: r } }).compress(cache)) as GroupSvdCache;
+    const c = (await createStrategy({ name: 'xkv', options: { ...options, layersPerGroup: G, rankK: r, rankV: r } }).compress(cache)) as GroupSvdCache;
     expect(c.groups.length).toBe(oracle.key_pre_rope[`G${G}_r${r}`].length);
     let worst = 0;
     for (const g of c.groups) {

@@ -12,7 +12,7 @@ import { disposeCache, gaussian, syntheticCache } from './test-utils.js';
  * dequantized values.
  */
 function reference(x: ArrayLike<number>, rows: number, cols: number, spec: QuantSpec): { levels: number[]; deq: Float64Array; scales: number[] } {
-  const { bits, groupSize: gs, symmetric } = spec;
+  const { bits, quantGroupSize: gs, symmetric } = spec;
   const rint = (v: number) => {
     const f = Math.floor(v);
     return v - f < 0.5 ? f : v - f > 0.5 ? f + 1 : f % 2 === 0 ? f : f + 1;
@@ -68,18 +68,18 @@ describe('group quantization of factors', () => {
 
   for (const bits of [8, 4] as const)
     for (const symmetric of [true, false])
-      for (const groupSize of [32, 9, 45, 100])
-        it(`${bits}-bit ${symmetric ? 'symmetric' : 'asymmetric'}, group ${groupSize}: matches a float64 reference, codes and bytes exact`, () => {
-          const spec = { bits, groupSize, symmetric };
+      for (const quantGroupSize of [32, 9, 45, 100])
+        it(`${bits}-bit ${symmetric ? 'symmetric' : 'asymmetric'}, group ${quantGroupSize}: matches a float64 reference, codes and bytes exact`, () => {
+          const spec = { bits, quantGroupSize, symmetric };
           const q = quantizeMatrix(x, rows, cols, spec);
           const ref = reference(x, rows, cols, spec);
           expect(Array.from(dequantizeMatrix(q))).toEqual(Array.from(ref.deq, Math.fround));
           expect(Array.from(q.scales, fromHalfBits)).toEqual(ref.scales);
           const offset = symmetric ? 2 ** (bits - 1) : 0;
           const zeros = q.zeros ? Array.from(q.zeros) : null;
-          const gpr = Math.ceil(cols / groupSize);
+          const gpr = Math.ceil(cols / quantGroupSize);
           const codes = unpack(q.codes, rows * cols, bits);
-          const levels = codes.map((u, i) => u - offset - (zeros ? zeros[Math.floor(i / cols) * gpr + Math.floor((i % cols) / groupSize)] : 0));
+          const levels = codes.map((u, i) => u - offset - (zeros ? zeros[Math.floor(i / cols) * gpr + Math.floor((i % cols) / quantGroupSize)] : 0));
           expect(levels).toEqual(ref.levels);
           // Bytes: packed codes + 2 per scale (+ 1 per zero point).
           const groups = rows * gpr;
@@ -90,7 +90,7 @@ describe('group quantization of factors', () => {
           let within = 0;
           const deq = dequantizeMatrix(q);
           for (let i = 0; i < x.length; i++) {
-            const s = ref.scales[Math.floor(i / cols) * gpr + Math.floor((i % cols) / groupSize)];
+            const s = ref.scales[Math.floor(i / cols) * gpr + Math.floor((i % cols) / quantGroupSize)];
             if (Math.abs(deq[i] - x[i]) <= s / 2 + 1e-6 * s) within++;
           }
           expect(within).toBeGreaterThanOrEqual(x.length - groups);
@@ -98,10 +98,10 @@ describe('group quantization of factors', () => {
 
   it('an all-zero group dequantizes to zeros; NaN input is rejected', () => {
     const z = new Float32Array(16);
-    expect(Array.from(dequantizeMatrix(quantizeMatrix(z, 2, 8, { bits: 4, groupSize: 8, symmetric: false })))).toEqual(Array(16).fill(0));
-    expect(Array.from(dequantizeMatrix(quantizeMatrix(z, 2, 8, { bits: 8, groupSize: 8, symmetric: true })))).toEqual(Array(16).fill(0));
+    expect(Array.from(dequantizeMatrix(quantizeMatrix(z, 2, 8, { bits: 4, quantGroupSize: 8, symmetric: false })))).toEqual(Array(16).fill(0));
+    expect(Array.from(dequantizeMatrix(quantizeMatrix(z, 2, 8, { bits: 8, quantGroupSize: 8, symmetric: true })))).toEqual(Array(16).fill(0));
     z[3] = NaN;
-    expect(() => quantizeMatrix(z, 2, 8, { bits: 8, groupSize: 4, symmetric: true })).toThrow(KvpackError);
+    expect(() => quantizeMatrix(z, 2, 8, { bits: 8, quantGroupSize: 4, symmetric: true })).toThrow(KvpackError);
   });
 });
 
@@ -124,8 +124,8 @@ describe('xkv with factorQuantization', () => {
 
   for (const apply of ['both', 'basis', 'factors'] as const)
     it(`apply=${apply}: stored factors equal an independent quantize/dequantize of the unquantized factors; bytes exact`, async () => {
-      const base = { groupSize: 2, rankK: 3, rankV: 4, exact: true, storage: 'float32' as const };
-      const fq = { bits: 4 as const, groupSize: 5, symmetric: false, apply };
+      const base = { layersPerGroup: 2, rankK: 3, rankV: 4, exact: true, storage: 'float32' as const };
+      const fq = { bits: 4 as const, quantGroupSize: 5, symmetric: false, apply };
       const plain = (await createStrategy({ name: 'xkv', options: base }).compress(syn.cache)) as GroupSvdCache;
       const quant = (await createStrategy({ name: 'xkv', options: { ...base, factorQuantization: fq } }).compress(syn.cache)) as GroupSvdCache;
       let expectBytes = 0;

@@ -32,9 +32,9 @@ function host(t: tf.Tensor): Float32Array {
 
 describe('xkv (and svd, G = 1): Σ is split evenly between basis and factors', () => {
   it.each([
-    ['xkv', { groupSize: 2, rankK: 3, rankV: 4 }],
-    ['xkv', { groupSize: 4, rankK: 2, rankV: 2 }],
-    ['xkv', { groupSize: 1, rankK: 4, rankV: 5 }], // G = 1: what the per-layer svd baseline runs
+    ['xkv', { layersPerGroup: 2, rankK: 3, rankV: 4 }],
+    ['xkv', { layersPerGroup: 4, rankK: 2, rankV: 2 }],
+    ['xkv', { layersPerGroup: 1, rankK: 4, rankV: 5 }], // G = 1: what the per-layer svd baseline runs
   ] as const)('%s %o, exact float32: ‖U\'[:,j]‖ = ‖B\'[j,:]‖ = √σ_j (float64 SVD), U\'ᵀU\' = B\'B\'ᵀ = diag(σ)', async (name, opts) => {
     const c = (await createStrategy({ name, options: { ...opts, exact: true, storage: 'float32' } }).compress(syn.cache)) as GroupSvdCache;
     let checked = 0;

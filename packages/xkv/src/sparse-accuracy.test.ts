@@ -36,7 +36,7 @@ describe.skipIf(!S.have)(`xkv sparse decode on stories260K${S.skip}`, () => {
   let model: LlamaModel;
   let prompt: number[];
   let cont: number[];
-  const xkv = (o: Record<string, unknown> = {}) => createStrategy({ name: 'xkv', options: { groupSize: 4, ...o } });
+  const xkv = (o: Record<string, unknown> = {}) => createStrategy({ name: 'xkv', options: { layersPerGroup: 4, ...o } });
   // Budget 64 at T = 256: 8 of C = (256 − 16) / 8 = 30 chunks rebuilt per KV head, plus 2 exact outlier chunks and 16 exact local tokens.
   const sparse64 = { decode: 'sparse', sparse: { budget: 64, chunkSize: 8, outlierChunks: 2, localTokens: 16 } };
   const sparseAll = { decode: 'sparse', sparse: { budget: 256, chunkSize: 8, outlierChunks: 2, localTokens: 16 } };

@@ -101,7 +101,7 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     const syn = syntheticCache(layout, 300, 9);
     caches.push(syn.cache);
     const sparse = { budget: 40, chunkSize: 4, outlierChunks: 3, localTokens: 8 };
-    const c = (await createStrategy({ name: 'xkv', options: { groupSize: 2, rankK: 4, rankV: 6, decode: 'sparse', sparse } }).compress(syn.cache)) as GroupSvdCache;
+    const c = (await createStrategy({ name: 'xkv', options: { layersPerGroup: 2, rankK: 4, rankV: 6, decode: 'sparse', sparse } }).compress(syn.cache)) as GroupSvdCache;
     const q = tf.tensor3d(Float32Array.from({ length: 32 * 16 }, gaussian(4)), [1, 32, 16]);
     // The value partials need 4·(32·256 + 256) = 33,792 bytes of workgroup memory: more than 16 KiB or 32 KiB.
     const auto = await host(c.attendSparse!(1, q));
@@ -127,7 +127,7 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
       syn.cache.rope = { ...syn.cache.rope, layout: ropeLayout };
       caches.push(syn.cache);
       const sparse = { budget: 80, chunkSize: 2, outlierChunks: 5, localTokens: 4 };
-      const c = (await createStrategy({ name: 'xkv', options: { groupSize: 2, rankK: 6, rankV: 8, decode: 'sparse', sparse } }).compress(syn.cache)) as GroupSvdCache;
+      const c = (await createStrategy({ name: 'xkv', options: { layersPerGroup: 2, rankK: 6, rankV: 8, decode: 'sparse', sparse } }).compress(syn.cache)) as GroupSvdCache;
       const g = gaussian(11);
       const F = layout.nKvHeads * layout.headDim;
       const query = (seed: number) => tf.tensor3d(Float32Array.from({ length: layout.nHeads * layout.headDim }, gaussian(seed)), [1, layout.nHeads, layout.headDim]);

@@ -19,7 +19,7 @@ import {
   type KVCache,
 } from '@kvpack/core';
 import { GroupSvdCache, lowRankStats, paperCompressionRatio } from '@kvpack/strategy-utils';
-import { xkvStrategy, XkvOptionsSchema } from './index.js';
+import { xkvStrategy, XkvOptionsSchema, type XkvOptions } from './index.js';
 import { disposeCache, exactSvdError, expectOptionBounds, groupError, hconcat, syntheticCache } from './test-utils.js';
 
 const layout = { nLayers: 5, nHeads: 4, nKvHeads: 2, headDim: 8 };
@@ -48,7 +48,7 @@ describe('xkv reconstruction error', () => {
     it.each([1, 2, 4, 5])(`${exact ? 'exact' : 'randomized'} mode, G=%i: per-group error matches a float64 truncated SVD`, async (G) => {
       const rankK = 3;
       const rankV = 5;
-      const c = await compress({ groupSize: G, rankK, rankV, exact, storage: 'float32' });
+      const c = await compress({ layersPerGroup: G, rankK, rankV, exact, storage: 'float32' });
       const tol = exact ? 0.01 : 0.1;
       for (const g of c.groups) {
         const n = g.layers.length;
@@ -66,7 +66,7 @@ describe('xkv reconstruction error', () => {
   }
 
   it('groups consecutive layers; the last group is shorter and its rank scales with its layer count', async () => {
-    const c = await compress({ groupSize: 2, rankK: 3, rankV: 5 });
+    const c = await compress({ layersPerGroup: 2, rankK: 3, rankV: 5 });
     expect(c.groups.map((g) => g.layers)).toEqual([[0, 1], [2, 3], [4]]);
     expect(c.groups.map((g) => [c.groupRank('k', g.index), c.groupRank('v', g.index)])).toEqual([[6, 10], [6, 10], [3, 5]]);
     const U = c.basis('k', 2);
@@ -80,7 +80,7 @@ describe('xkv reconstruction error', () => {
 
 describe('xkv keys are rebuilt pre-RoPE and then rotated', () => {
   it('keys(l) = applyRope(U_g·B_l) at positions startPosition…, values(l) = U_g·B_l (float64 check)', async () => {
-    const c = await compress({ groupSize: 2, rankK: 4, rankV: 4, exact: true, storage: 'float32' });
+    const c = await compress({ layersPerGroup: 2, rankK: 4, rankV: 4, exact: true, storage: 'float32' });
     for (const l of [0, 3, 4]) {
       const g = c.groups.find((x) => x.layers.includes(l))!.index;
       for (const kind of ['k', 'v'] as const) {
@@ -131,7 +131,7 @@ describe('xkv bytes and compression ratio', () => {
     [5, 'float16', 2],
     [4, 'float32', 4],
   ] as const)('G=%i, %s storage: byteSize = closed form = serialize().length − headerBytes()', async (G, storage, item) => {
-    const c = await compress({ groupSize: G, rankK: 3, rankV: 5, storage });
+    const c = await compress({ layersPerGroup: G, rankK: 3, rankV: 5, storage });
     const bytes = c.serialize();
     expect(c.byteSize()).toBe(expectedBytes(G, 3, 5, item));
     expect(bytes.length - headerBytes(bytes)).toBe(c.byteSize());
@@ -143,7 +143,7 @@ describe('xkv bytes and compression ratio', () => {
 
   it('the paper formula equals the measured ratio when L mod G = 0 (fp16) and is lower when the last group is shorter', async () => {
     for (const G of [1, 5, 2, 4]) {
-      const c = await compress({ groupSize: G, rankK: 3, rankV: 5 });
+      const c = await compress({ layersPerGroup: G, rankK: 3, rankV: 5 });
       const s = c.stats();
       // The authors' element count, written out: ⌈L/G⌉·T·(R_K+R_V) + L·H_kv·d·(R_K+R_V), R = r·G.
       const R = (3 + 5) * G;
@@ -156,7 +156,7 @@ describe('xkv bytes and compression ratio', () => {
   });
 
   it('decode tokens appended exactly are counted in the residual bytes', async () => {
-    const c = await compress({ groupSize: 2, rankK: 3, rankV: 5 });
+    const c = await compress({ layersPerGroup: 2, rankK: 3, rankV: 5 });
     const before = c.byteSize();
     const k = tf.randomNormal([3, layout.nKvHeads, layout.headDim], 0, 1, 'float32', 1) as tf.Tensor3D;
     c.append(1, k, k);
@@ -172,7 +172,7 @@ describe('xkv bytes and compression ratio', () => {
 
   it('paperCompressionRatio reproduces the authors calculator on Llama-3.1-8B (G=4, r_K=128, r_V=192, T=65536)', () => {
     // L=32, H_kv=8, d=128: dense 2·32·65536·1024; compressed 8·65536·(512+768) + 32·1024·(512+768).
-    const r = paperCompressionRatio({ layout: { nLayers: 32, nHeads: 32, nKvHeads: 8, headDim: 128 }, tokens: 65536, groupSize: 4, rankK: 128, rankV: 192 });
+    const r = paperCompressionRatio({ layout: { nLayers: 32, nHeads: 32, nKvHeads: 8, headDim: 128 }, tokens: 65536, layersPerGroup: 4, rankK: 128, rankV: 192 });
     expect(r).toBeCloseTo((2 * 32 * 65536 * 1024) / (8 * 65536 * 1280 + 32 * 1024 * 1280), 12);
   });
 });
@@ -197,13 +197,13 @@ describe('xkv serialization', () => {
     c.dispose();
   }
 
-  it('float16: serialize → deserializeCache → identical keys and values', () => roundTrip({ groupSize: 2, rankK: 3, rankV: 5 }));
-  it('float32: identical after a round trip', () => roundTrip({ groupSize: 4, rankK: 2, rankV: 3, storage: 'float32' }));
+  it('float16: serialize → deserializeCache → identical keys and values', () => roundTrip({ layersPerGroup: 2, rankK: 3, rankV: 5 }));
+  it('float32: identical after a round trip', () => roundTrip({ layersPerGroup: 4, rankK: 2, rankV: 3, storage: 'float32' }));
   it('quantized factors: identical after a round trip', () =>
-    roundTrip({ groupSize: 2, rankK: 3, rankV: 5, factorQuantization: { bits: 4, groupSize: 5 } }));
+    roundTrip({ layersPerGroup: 2, rankK: 3, rankV: 5, factorQuantization: { bits: 4, quantGroupSize: 5 } }));
 
   it('a truncated or corrupted serialization gives a clear KvpackError', async () => {
-    const c = await compress({ groupSize: 2, rankK: 3, rankV: 5 });
+    const c = await compress({ layersPerGroup: 2, rankK: 3, rankV: 5 });
     const bytes = c.serialize();
     c.dispose();
     expect(() => deserializeCache(bytes.subarray(0, bytes.length - 10))).toThrow(KvpackError);
@@ -238,18 +238,18 @@ describe('xkv bad input', () => {
   });
 
   it('rank 0 → rank error naming the group, rank and bound', async () => {
-    const [c, msg] = await code(compress({ groupSize: 2, rankK: 0, rankV: 5 }));
+    const [c, msg] = await code(compress({ layersPerGroup: 2, rankK: 0, rankV: 5 }));
     expect(c).toBe('rank');
     expect(msg).toMatch(/group 0 \(layers 0–1\) key rank 0 .*\[1, min\(T=48, features=32\) = 32\]/);
   });
 
   it('rank above min(T, features) → rank error naming the group, rank and bound', async () => {
     // Per-layer value rank 17 > H_kv·d = 16: every group is over; the first named is group 0.
-    const [c, msg] = await code(compress({ groupSize: 2, rankK: 3, rankV: 17 }));
+    const [c, msg] = await code(compress({ layersPerGroup: 2, rankK: 3, rankV: 17 }));
     expect(c).toBe('rank');
     expect(msg).toMatch(/group 0 \(layers 0–1\) value rank 34 \(rankV 17 × 2 layers\) is out of range \[1, min\(T=48, features=32\) = 32\]/);
     // Bounded by T: G=5 → features 80, key rank 10·5 = 50 > T = 48.
-    const [c2, msg2] = await code(compress({ groupSize: 5, rankK: 10, rankV: 2 }));
+    const [c2, msg2] = await code(compress({ layersPerGroup: 5, rankK: 10, rankV: 2 }));
     expect(c2).toBe('rank');
     expect(msg2).toMatch(/key rank 50 .*min\(T=48, features=80\) = 48/);
   });
@@ -270,20 +270,20 @@ describe('xkv bad input', () => {
   });
 
   it('an unknown or ill-typed option → config error listing the allowed options', () => {
-    for (const options of [{ rank: 4 }, { rankK: 2.5 }, { groupSize: 0 }, { factorQuantization: { bits: 3 } }, { storage: 'int8' }]) {
+    for (const options of [{ rank: 4 }, { rankK: 2.5 }, { layersPerGroup: 0 }, { factorQuantization: { bits: 3 } }, { storage: 'int8' }]) {
       try {
         createStrategy({ name: 'xkv', options });
         throw new Error(`accepted ${JSON.stringify(options)}`);
       } catch (e) {
         expect(e).toBeInstanceOf(KvpackError);
         expect((e as KvpackError).code).toBe('config');
-        expect((e as Error).message).toMatch(/allowed options: groupSize, rankK, rankV/);
+        expect((e as Error).message).toMatch(/allowed options: layersPerGroup, rankK, rankV/);
       }
     }
   });
 
   it("schema defaults: G=4, r_K=16, r_V=24 (K:V = 2:3), oversample 'auto', 1 power iteration, orthogonalization 'auto', float16", () => {
-    expect(XkvOptionsSchema.parse({})).toMatchObject({ groupSize: 4, rankK: 16, rankV: 24, oversample: 'auto', powerIters: 1, orthogonalization: 'auto', seed: 0, exact: false, storage: 'float16' });
+    expect(XkvOptionsSchema.parse({})).toMatchObject({ layersPerGroup: 4, rankK: 16, rankV: 24, oversample: 'auto', powerIters: 1, orthogonalization: 'auto', seed: 0, exact: false, storage: 'float16' });
     expect(XkvOptionsSchema.parse({ powerIters: 1.5, oversample: 0, orthogonalization: 'device' })).toMatchObject({ powerIters: 1.5, oversample: 0, orthogonalization: 'device' });
     expect(() => XkvOptionsSchema.parse({ powerIters: 0.25 })).toThrow();
     expect(() => XkvOptionsSchema.parse({ orthogonalization: 'gpu' })).toThrow();
@@ -306,14 +306,14 @@ describe('xkv option bounds', () => {
   it('each option that sizes work or memory is accepted at its bound and rejected past it, naming the bound', () => {
     const sparse = (o: Record<string, unknown>) => ({ decode: 'sparse', sparse: o });
     expectOptionBounds('xkv', [
-      { option: 'groupSize', bound: MAX_LAYERS, at: (v) => ({ groupSize: v }) },
+      { option: 'layersPerGroup', bound: MAX_LAYERS, at: (v) => ({ layersPerGroup: v }) },
       { option: 'rankK', bound: MAX_FEATURES, at: (v) => ({ rankK: v }) },
       { option: 'rankV', bound: MAX_FEATURES, at: (v) => ({ rankV: v }) },
       { option: 'oversample', bound: MAX_OVERSAMPLE, at: (v) => ({ oversample: v }) },
       { option: 'powerIters', bound: MAX_POWER_ITERS, at: (v) => ({ powerIters: v }) },
       { option: 'seed', bound: MAX_SEED, at: (v) => ({ seed: v }) },
       { option: 'seed', bound: MIN_SEED, side: 'min', at: (v) => ({ seed: v }) },
-      { option: 'factorQuantization.groupSize', bound: MAX_FEATURES, at: (v) => ({ factorQuantization: { bits: 4, groupSize: v } }) },
+      { option: 'factorQuantization.quantGroupSize', bound: MAX_FEATURES, at: (v) => ({ factorQuantization: { bits: 4, quantGroupSize: v } }) },
       { option: 'sparse.budget', bound: MAX_TOKENS, at: (v) => sparse({ budget: v, chunkSize: 1 }) },
       { option: 'sparse.chunkSize', bound: MAX_TOKENS, at: (v) => sparse({ budget: MAX_TOKENS, chunkSize: v }) },
       { option: 'sparse.outlierChunks', bound: MAX_TOKENS, at: (v) => sparse({ outlierChunks: v }) },
@@ -342,7 +342,7 @@ describe('xkv option bounds', () => {
 
   it('a chunk longer than the prompt (within bounds) compresses: no chunk-sized allocation', async () => {
     const before = tf.memory().numTensors;
-    const c = await compress({ groupSize: 1, rankK: 2, rankV: 2, decode: 'sparse', sparse: { budget: MAX_TOKENS, chunkSize: MAX_TOKENS, localTokens: 0 } });
+    const c = await compress({ layersPerGroup: 1, rankK: 2, rankV: 2, decode: 'sparse', sparse: { budget: MAX_TOKENS, chunkSize: MAX_TOKENS, localTokens: 0 } });
     expect(c.sparseIndex?.chunks).toBe(0);
     expect(c.sparseIndex?.local).toBe(T);
     c.dispose();
@@ -352,7 +352,7 @@ describe('xkv option bounds', () => {
 
 describe('xkv memory', () => {
   it('tf.memory().numTensors returns to its start after compress, reconstruct, serialize and dispose (×3)', async () => {
-    const strategy = xkvStrategy(XkvOptionsSchema.parse({ groupSize: 2, rankK: 3, rankV: 5, factorQuantization: { bits: 8 } }));
+    const strategy = xkvStrategy(XkvOptionsSchema.parse({ layersPerGroup: 2, rankK: 3, rankV: 5, factorQuantization: { bits: 8 } }));
     const start = tf.memory().numTensors;
     for (let i = 0; i < 3; i++) {
       const c: CompressedCache = await strategy.compress(syn.cache);
@@ -374,19 +374,44 @@ describe('xkv memory', () => {
 
 describe('xkv deserialization with mismatched options', () => {
   it('restoring with options that give other group ranks is a clear error', async () => {
-    const c = await compress({ groupSize: 2, rankK: 3, rankV: 5 });
+    const c = await compress({ layersPerGroup: 2, rankK: 3, rankV: 5 });
     const bytes = c.serialize();
     c.dispose();
-    const other = xkvStrategy(XkvOptionsSchema.parse({ groupSize: 2, rankK: 4, rankV: 5 }));
+    const other = xkvStrategy(XkvOptionsSchema.parse({ layersPerGroup: 2, rankK: 4, rankV: 5 }));
     expect(() => other.deserialize(bytes)).toThrow(/group ranks .*\(restore it with deserializeCache\)/);
   });
 
   it('lowRankStats returns stats for xkv caches and null for others', async () => {
-    const c = await compress({ groupSize: 2, rankK: 3, rankV: 5 });
+    const c = await compress({ layersPerGroup: 2, rankK: 3, rankV: 5 });
     expect(lowRankStats(c)).toEqual(c.stats());
     const d = await createStrategy({ name: 'dense' }).compress(syn.cache);
     expect(lowRankStats(d)).toBeNull();
     c.dispose();
     d.dispose();
+  });
+});
+
+describe('renamed options', () => {
+  it('accepts the former groupSize names, moved to layersPerGroup and quantGroupSize, with one deprecation warning each', async () => {
+    const warnings: string[] = [];
+    const onWarning = (w: Error) => warnings.push(w.message);
+    process.on('warning', onWarning);
+    try {
+      const s = createStrategy({ name: 'xkv', options: { groupSize: 2, factorQuantization: { bits: 4, groupSize: 16 } } });
+      const o = s.options as XkvOptions;
+      expect(o.layersPerGroup).toBe(2);
+      expect(o.factorQuantization?.quantGroupSize).toBe(16);
+      expect('groupSize' in o).toBe(false);
+      createStrategy({ name: 'xkv', options: { groupSize: 3 } });
+      await new Promise((r) => setImmediate(r)); // process warnings are emitted on the next tick
+    } finally {
+      process.off('warning', onWarning);
+    }
+    expect(warnings.filter((w) => w.includes('"groupSize" of strategy "xkv" is now "layersPerGroup"'))).toHaveLength(1);
+    expect(warnings.filter((w) => w.includes('"factorQuantization.groupSize" of strategy "xkv" is now "factorQuantization.quantGroupSize"'))).toHaveLength(1);
+  });
+
+  it('refuses both names at once', () => {
+    expect(() => createStrategy({ name: 'xkv', options: { groupSize: 2, layersPerGroup: 2 } })).toThrow(/groupSize/);
   });
 });

@@ -1,4 +1,4 @@
-import { MAX_LAYERS, atMost, registerStrategy, type CompressedCache, type KVCache, type Strategy } from '@kvpack/core';
+import { MAX_LAYERS, atMost, defineStrategy, type Strategy } from '@kvpack/core';
 import { GroupSvdCache, SparseOptionsSchema, compressGroupSvd, groupFactoredShapes, lowRankOptionShape, paperCompressionRatio } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
@@ -6,7 +6,7 @@ import { z } from 'zod';
 export const XkvOptionsSchema = z
   .strictObject({
     /** Layers per group G (default 4, the paper's xKV-4); consecutive from layer 0; at most 1,024 (core MAX_LAYERS). */
-    groupSize: z.int().positive().max(MAX_LAYERS, { error: atMost(MAX_LAYERS, 'layers per group; models have far fewer layers') }).default(4),
+    layersPerGroup: z.int().positive().max(MAX_LAYERS, { error: atMost(MAX_LAYERS, 'layers per group; models have far fewer layers') }).default(4),
     ...lowRankOptionShape,
     /**
      * Decode mode of `attend`: `full` (when absent) rebuilds every key (fused RoPE) and forms values in
@@ -23,27 +23,29 @@ export const XkvOptionsSchema = z
 export type XkvOptions = z.output<typeof XkvOptionsSchema>;
 
 /**
- * Builds the `xkv` strategy: cross-layer SVD of pre-RoPE keys and of values over groups of
- * `groupSize` consecutive layers (Chang et al. 2025, arXiv 2503.18893, §3).
+ * The `xkv` strategy: cross-layer SVD of pre-RoPE keys and of values over groups of `layersPerGroup`
+ * consecutive layers (Chang et al. 2025, arXiv 2503.18893, §3).
  * `compress` throws KvpackError('rank' | 'layout' | 'shape' | 'dtype' | 'nonfinite') on bad input.
  */
-export function xkvStrategy(options: XkvOptions): Strategy<XkvOptions> {
-  const config = { ...options, sparse: options.decode === 'sparse' ? (options.sparse ?? SparseOptionsSchema.parse({})) : undefined };
-  return {
-    name: 'xkv',
-    options,
-    compress: (cache: KVCache): Promise<CompressedCache> => compressGroupSvd(cache, 'xkv', options, config),
-    deserialize: (bytes) => GroupSvdCache.fromBytes(bytes, 'xkv', options, config),
-  };
-}
-
-registerStrategy({
+export const xkvDefinition = defineStrategy({
   name: 'xkv',
   description: 'xKV: cross-layer SVD of pre-RoPE keys and values over groups of layers (Chang et al. 2025)',
   schema: XkvOptionsSchema,
-  create: xkvStrategy,
+  compress: (cache, options, T) => compressGroupSvd(cache, 'xkv', options, groupConfig(options), T),
+  restore: (r, options) => GroupSvdCache.restore(r, 'xkv', options, groupConfig(options)),
   capabilities: {
-    paperRatio: (o, layout, tokens) => paperCompressionRatio({ layout, tokens, groupSize: o.groupSize, rankK: o.rankK, rankV: o.rankV }),
-    factoredShapes: (o, layout, layers) => groupFactoredShapes(layout, layers, o.groupSize, o.rankK, o.rankV),
+    paperRatio: (o, layout, tokens) => paperCompressionRatio({ layout, tokens, layersPerGroup: o.layersPerGroup, rankK: o.rankK, rankV: o.rankV }),
+    factoredShapes: (o, layout, layers) => groupFactoredShapes(layout, layers, o.layersPerGroup, o.rankK, o.rankV),
   },
+  renamedOptions: { groupSize: 'layersPerGroup', 'factorQuantization.groupSize': 'factorQuantization.quantGroupSize' },
 });
+
+/** The grouped low-rank settings of xkv options (the sparse defaults filled in for decode: 'sparse'). */
+function groupConfig(options: XkvOptions) {
+  return { ...options, sparse: options.decode === 'sparse' ? (options.sparse ?? SparseOptionsSchema.parse({})) : undefined };
+}
+
+/** The `xkv` strategy at resolved options (no registry lookup). */
+export function xkvStrategy(options: XkvOptions): Strategy<XkvOptions> {
+  return xkvDefinition.create(options) as Strategy<XkvOptions>;
+}

@@ -32,12 +32,12 @@ export const KiviOptionsSchema = z
      * Group size g: keys are grouped over g tokens per channel, values over g channels per token; at
      * most 2^16 (core MAX_FEATURES: g divides head_dim, itself at most a layer's H_kv·d features).
      */
-    groupSize: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'g divides head_dim') }).default(32),
+    quantGroupSize: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'g divides head_dim') }).default(32),
     /** Full-precision (16-bit) residual window R, in tokens; a multiple of g; at most 2^20 (core MAX_TOKENS). */
     residualLength: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap") }).default(128),
   })
-  .refine((o) => o.residualLength % o.groupSize === 0, {
-    message: 'residualLength (R) must be a multiple of groupSize (g), as KIVI quantizes keys R tokens at a time in groups of g',
+  .refine((o) => o.residualLength % o.quantGroupSize === 0, {
+    message: 'residualLength (R) must be a multiple of quantGroupSize (g), as KIVI quantizes keys R tokens at a time in groups of g',
     path: ['residualLength'],
   });
 export type KiviOptions = z.output<typeof KiviOptionsSchema>;
@@ -177,7 +177,7 @@ function concatOrKeep(a: tf.Tensor3D | null, b: tf.Tensor3D): tf.Tensor3D {
  */
 export function kiviCacheBytes(layout: ModelLayout, tokens: number, options: KiviOptions): number {
   const { nKvHeads: H, headDim: d, nLayers: L } = layout;
-  const { bits: b, groupSize: g, residualLength: R } = options;
+  const { bits: b, quantGroupSize: g, residualLength: R } = options;
   const rk = tokens % R;
   const nk = tokens - rk;
   const rv = Math.min(tokens, R);
@@ -249,7 +249,7 @@ export class KiviCache extends BaseCompressedCache {
   /** Quantizes the first n tokens of the key window as one block. */
   private flushKeys(s: KiviLayer, n: number): void {
     const { nKvHeads: H, headDim: d } = this.layout;
-    const { bits, groupSize: g } = this.options;
+    const { bits, quantGroupSize: g } = this.options;
     const win = s.kWin!;
     const data = readSyncOrExplain(win, 'the KIVI key window', 'KIVI quantizes decode tokens on the host: run it on wasm, cpu or tensorflow').subarray(0, n * H * d);
     const block = quantizeKeysPerChannel(data, n, H, d, g, bits);
@@ -264,7 +264,7 @@ export class KiviCache extends BaseCompressedCache {
   /** Quantizes the oldest n tokens of the value window, token by token. */
   private flushValues(s: KiviLayer, n: number): void {
     const { nKvHeads: H, headDim: d } = this.layout;
-    const { bits, groupSize: g } = this.options;
+    const { bits, quantGroupSize: g } = this.options;
     const win = s.vWin!;
     const data = readSyncOrExplain(win, 'the KIVI value window', 'KIVI quantizes decode tokens on the host: run it on wasm, cpu or tensorflow').subarray(0, n * H * d);
     const block = quantizeValuesPerToken(data, n, H, d, g, bits);
@@ -299,7 +299,7 @@ export class KiviCache extends BaseCompressedCache {
 
   protected stored(): StoredItem[] {
     const { nKvHeads: H, headDim: d } = this.layout;
-    const { bits, groupSize: g } = this.options;
+    const { bits, quantGroupSize: g } = this.options;
     const win = (name: string, x: tf.Tensor3D | null): StoredItem =>
       x ? { name, tensor: x, dtype: 'float16' } : { name, dtype: 'float16', shape: [0, H, d], data: new Uint16Array(0) };
     return this.state.flatMap((s, l): StoredItem[] => {
@@ -336,11 +336,12 @@ export const kiviDefinition = defineStrategy({
   name: 'kivi',
   description: 'KIVI: 2/4-bit asymmetric quantization, keys per channel and values per token, with a 16-bit residual window (Liu et al. 2024)',
   schema: KiviOptionsSchema,
+  renamedOptions: { groupSize: 'quantGroupSize' },
   compress: (cache, options, T) =>
     disposeOwnedOnError(async (own) => {
       const { nKvHeads: H, headDim: d } = cache.layout;
-      const { bits, groupSize: g, residualLength: R } = options;
-      check(d % g === 0, 'shape', `kivi: head_dim ${d} is not a multiple of groupSize ${g} (values are quantized in groups of g channels)`);
+      const { bits, quantGroupSize: g, residualLength: R } = options;
+      check(d % g === 0, 'shape', `kivi: head_dim ${d} is not a multiple of quantGroupSize ${g} (values are quantized in groups of g channels)`);
       const state: KiviLayer[] = [];
       for (let l = 0; l < cache.layout.nLayers; l++) {
         const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
@@ -388,7 +389,7 @@ export const kiviDefinition = defineStrategy({
   restore(r, options) {
     const { layout, rope, prefillLength } = r.header;
     const { nKvHeads: H, headDim: d } = layout;
-    const { bits, groupSize: g } = options;
+    const { bits, quantGroupSize: g } = options;
     check(d % g === 0, 'corrupt', `serialized kivi cache is corrupt: head_dim ${d} is not a multiple of its group size ${g}`);
     const state: KiviLayer[] = [];
     for (let l = 0; l < layout.nLayers; l++) {

@@ -8,13 +8,13 @@ import { KiviCache, kiviCacheBytes, quantizeKeysPerChannel, quantizeValuesPerTok
 import { expectOptionBounds, f16, maxAbsDiff, prng, randomCache, rint, take, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('kivi', {
-  compressing: { bits: 2, groupSize: 8, residualLength: 16 },
+  compressing: { bits: 2, quantGroupSize: 8, residualLength: 16 },
   // T = 64 < R = 128: every key and value stays in the float16 window.
-  lossless: { groupSize: 16, residualLength: 128 },
-  badOptions: [{ bits: 3 }, { bits: 8 }, { groupSize: 8, residualLength: 20 }, { groupSize: 0 }, { residualLength: -16 }],
+  lossless: { quantGroupSize: 16, residualLength: 128 },
+  badOptions: [{ bits: 3 }, { bits: 8 }, { quantGroupSize: 8, residualLength: 20 }, { quantGroupSize: 0 }, { residualLength: -16 }],
   exactDecode: false,
   // head_dim 16 is not a multiple of g = 32.
-  failingCompress: [{ groupSize: 32, residualLength: 32 }],
+  failingCompress: [{ quantGroupSize: 32, residualLength: 32 }],
 });
 
 /**
@@ -82,7 +82,7 @@ describe('kivi: quantization against a float64 re-computation', () => {
 
   for (const bits of [2, 4] as const) {
     it(`${bits}-bit: prefill keys per channel (post-RoPE), values per token, windows float16, bytes`, async () => {
-      const o: KiviOptions = { bits, groupSize: 8, residualLength: 16 };
+      const o: KiviOptions = { bits, quantGroupSize: 8, residualLength: 16 };
       const c = (await createStrategy({ name: 'kivi', options: o }).compress(rc.cache)) as KiviCache;
       for (let l = 0; l < layout.nLayers; l++) {
         expect(c.tokenCount(l)).toBe(T);
@@ -111,7 +111,7 @@ describe('kivi: quantization against a float64 re-computation', () => {
   }
 
   it('decode: keys flush R at a time, values slide one token at a time; state survives serialization', async () => {
-    const o: KiviOptions = { bits: 2, groupSize: 8, residualLength: 16 };
+    const o: KiviOptions = { bits: 2, quantGroupSize: 8, residualLength: 16 };
     const c = (await createStrategy({ name: 'kivi', options: o }).compress(rc.cache)) as KiviCache;
     const rnd = prng(9);
     const appendedK: number[] = [];
@@ -163,12 +163,12 @@ describe('kivi: quantization against a float64 re-computation', () => {
   });
 
   it('rejects a head_dim that is not a multiple of the group size', async () => {
-    const s = createStrategy({ name: 'kivi', options: { groupSize: 32, residualLength: 64 } });
-    await expect(s.compress(rc.cache)).rejects.toThrow(/head_dim 16 is not a multiple of groupSize 32/);
+    const s = createStrategy({ name: 'kivi', options: { quantGroupSize: 32, residualLength: 64 } });
+    await expect(s.compress(rc.cache)).rejects.toThrow(/head_dim 16 is not a multiple of quantGroupSize 32/);
   });
 
   it('rejects R not a multiple of g by name', () => {
-    expect(() => createStrategy({ name: 'kivi', options: { groupSize: 32, residualLength: 100 } })).toThrow(/residualLength \(R\) must be a multiple of groupSize/);
+    expect(() => createStrategy({ name: 'kivi', options: { quantGroupSize: 32, residualLength: 100 } })).toThrow(/residualLength \(R\) must be a multiple of quantGroupSize/);
   });
 });
 
@@ -227,10 +227,10 @@ describe('kivi: ties round half to even (torch.round)', () => {
 });
 
 describe('kivi option bounds', () => {
-  it('groupSize ≤ 2^16 and residualLength ≤ 2^20 tokens: accepted at the bound, a config error naming it past it', () => {
+  it('quantGroupSize ≤ 2^16 and residualLength ≤ 2^20 tokens: accepted at the bound, a config error naming it past it', () => {
     expectOptionBounds('kivi', [
-      { option: 'groupSize', bound: MAX_FEATURES, at: (v) => ({ groupSize: v, residualLength: MAX_FEATURES }) },
-      { option: 'residualLength', bound: MAX_TOKENS, at: (v) => ({ groupSize: 1, residualLength: v }) },
+      { option: 'quantGroupSize', bound: MAX_FEATURES, at: (v) => ({ quantGroupSize: v, residualLength: MAX_FEATURES }) },
+      { option: 'residualLength', bound: MAX_TOKENS, at: (v) => ({ quantGroupSize: 1, residualLength: v }) },
     ]);
   });
 });
@@ -245,7 +245,7 @@ describe('kivi frees what it allocated when a later layer fails', () => {
     const huge = tf.tensor3d(data, cache.keys[L - 1].shape);
     const bad = { ...cache, keys: cache.keys.map((k, l) => (l === L - 1 ? huge : k)) };
     const before = tf.memory().numTensors;
-    const err = await createStrategy({ name: 'kivi', options: { groupSize: 8, residualLength: 16 } })
+    const err = await createStrategy({ name: 'kivi', options: { quantGroupSize: 8, residualLength: 16 } })
       .compress(bad)
       .then(() => null, (e: unknown) => e);
     expect(err).toBeInstanceOf(KvpackError);

@@ -24,7 +24,7 @@ export type QuantOptions = z.output<typeof QuantOptionsSchema>;
 
 /** The quantization spec of one token's one KV head: a group of d channels. */
 export function perTokenSpec(options: QuantOptions, headDim: number): QuantSpec {
-  return { bits: options.bits, groupSize: headDim, symmetric: options.mode === 'symmetric' };
+  return { bits: options.bits, quantGroupSize: headDim, symmetric: options.mode === 'symmetric' };
 }
 
 /**

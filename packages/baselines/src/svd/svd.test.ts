@@ -14,7 +14,7 @@ import { SvdOptionsSchema } from './index.js';
 runStrategyConformance('svd', {
   compressing: { rankK: 4, rankV: 6 },
   lossless: { rankK: 32, rankV: 32, exact: true },
-  badOptions: [{ groupSize: 2 }, { rankK: -1 }, { storage: 'int8' }, { factorQuantization: { bits: 5 } }],
+  badOptions: [{ layersPerGroup: 2 }, { rankK: -1 }, { storage: 'int8' }, { factorQuantization: { bits: 5 } }],
   // Per-layer ranks above min(T = 64, H_kv·d = 32), and 0.
   failingCompress: [{ rankK: 33 }, { rankV: 0 }],
 });
@@ -27,8 +27,8 @@ describe('svd = xkv with groups of one layer', () => {
   });
   afterAll(() => disposeKVCache(cache));
 
-  it('has no groupSize option (it is always 1)', () => {
-    expect('groupSize' in SvdOptionsSchema.shape).toBe(false);
+  it('has no layersPerGroup option (it is always 1)', () => {
+    expect('layersPerGroup' in SvdOptionsSchema.shape).toBe(false);
   });
 
   it('measured ratio (fp16) equals the paper formula at G = 1: T·F / ((r_K + r_V)(T + F)) · 2', async () => {
@@ -38,7 +38,7 @@ describe('svd = xkv with groups of one layer', () => {
     const expected = (2 * T * F) / ((4 + 6) * (T + F));
     expect(denseCacheBytes(cache.layout, T) / s.byteSize()).toBeCloseTo(expected, 12);
     expect(s.stats().paperRatio).toBeCloseTo(expected, 12);
-    expect(paperCompressionRatio({ layout: cache.layout, tokens: T, groupSize: 1, rankK: 4, rankV: 6 })).toBeCloseTo(expected, 12);
+    expect(paperCompressionRatio({ layout: cache.layout, tokens: T, layersPerGroup: 1, rankK: 4, rankV: 6 })).toBeCloseTo(expected, 12);
     s.dispose();
   });
 
@@ -112,7 +112,7 @@ describe('svd option bounds', () => {
       { option: 'oversample', bound: MAX_OVERSAMPLE, at: (v) => ({ oversample: v }) },
       { option: 'powerIters', bound: MAX_POWER_ITERS, at: (v) => ({ powerIters: v }) },
       { option: 'seed', bound: MAX_SEED, at: (v) => ({ seed: v }) },
-      { option: 'factorQuantization.groupSize', bound: MAX_FEATURES, at: (v) => ({ factorQuantization: { bits: 8, groupSize: v } }) },
+      { option: 'factorQuantization.quantGroupSize', bound: MAX_FEATURES, at: (v) => ({ factorQuantization: { bits: 8, quantGroupSize: v } }) },
     ]);
   });
 });

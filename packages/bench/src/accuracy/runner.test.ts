@@ -40,7 +40,7 @@ const settings = () =>
         { name: 'dense', options: { storage: ['float32', 'float16'] } },
         { name: 'streamingllm', options: { sinks: 2, budget: 12 } },
         { name: 'snapkv', options: { budget: 12, window: 4 } },
-        { name: 'xkv', options: { groupSize: 2, rankK: 100, rankV: 6 } },
+        { name: 'xkv', options: { layersPerGroup: 2, rankK: 100, rankV: 6 } },
       ],
     },
     '/tmp',

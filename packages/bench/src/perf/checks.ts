@@ -42,7 +42,7 @@ export async function compressCheck(
   const qt = gaussianMatrix(r, T, o.seed + 2);
   try {
     await opts.onCheckCache?.(cache);
-    const strategy = createStrategy({ name: 'xkv', options: { groupSize: G, rankK: rank, rankV: rank } });
+    const strategy = createStrategy({ name: 'xkv', options: { layersPerGroup: G, rankK: rank, rankV: rank } });
     const t = await timeInterleaved(
       { compress: () => strategy.compress(cache), xOmega: () => tf.matMul(X, omega), qtX: () => tf.matMul(qt, X) },
       { reps: o.reps, warmup: o.warmup },
@@ -104,7 +104,7 @@ export async function sparseDecodeCheck(
   try {
     cache = dump && dump.keys[0].shape[0] >= T ? await loadCache(T, 4, o.seed, dump) : await syntheticLlamaCache({ T, layers: 4, seed: o.seed });
     const layer = cache.layout.nLayers - 1;
-    const strategy = createStrategy({ name: 'xkv', options: { groupSize: 4, ...ranks, decode: 'sparse', sparse: { budget: o.sparseBudget } } });
+    const strategy = createStrategy({ name: 'xkv', options: { layersPerGroup: 4, ...ranks, decode: 'sparse', sparse: { budget: o.sparseBudget } } });
     compressed = await strategy.compress(cache);
     const mode = decodeModes(compressed, { sparseBudget: o.sparseBudget }).find((m) => m.mode === 'sparse');
     if (!mode) return { label, reason: 'the xkv cache offers no sparse decode mode in this build' };

@@ -31,13 +31,13 @@ export const PERF_SETTINGS: readonly PerfSetting[] = [
   {
     label: 'xkv G=4 r=512/768',
     name: 'xkv',
-    options: { groupSize: 4, rankK: 128, rankV: 192 },
+    options: { layersPerGroup: 4, rankK: 128, rankV: 192 },
     paper: 'xKV-4 on Llama-3.1-8B: --layer_group_size 4 --rank_k 512 --rank_v 768 (xKV README)',
   },
   {
     label: 'xkv G=4 r=512/768 sparse 2048',
     name: 'xkv',
-    options: { groupSize: 4, rankK: 128, rankV: 192, decode: 'sparse', sparse: { budget: 2048 } },
+    options: { layersPerGroup: 4, rankK: 128, rankV: 192, decode: 'sparse', sparse: { budget: 2048 } },
     paper: 'xKV-4 as above, decoded sparsely (xKV-SR after ShadowKV: 8-token chunk landmarks, 2,048-token budget, 48 outlier chunks, 32 local tokens)',
   },
   {
@@ -49,7 +49,7 @@ export const PERF_SETTINGS: readonly PerfSetting[] = [
   {
     label: 'kivi 2-bit',
     name: 'kivi',
-    options: { bits: 2, groupSize: 32, residualLength: 128 },
+    options: { bits: 2, quantGroupSize: 32, residualLength: 128 },
     paper: 'KIVI-2: group 32, residual 128 (Liu et al. 2024)',
   },
   {

@@ -224,7 +224,7 @@ describe('settings and token lists', () => {
   });
   it("xkv's settings are the paper's Llama-3.1-8B xKV-4: group ranks 512 / 768", () => {
     const x = selectSettings('xkv')[0];
-    const G = x.options.groupSize as number;
+    const G = x.options.layersPerGroup as number;
     expect(G * (x.options.rankK as number)).toBe(512);
     expect(G * (x.options.rankV as number)).toBe(768);
   });

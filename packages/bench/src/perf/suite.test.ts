@@ -165,7 +165,7 @@ describe('must-show checks', () => {
 describe('decode modes and the peer matrices', () => {
   it('xkv gets full reconstruction (+ its own paths); others their attend', async () => {
     const cache = await syntheticLlamaCache({ T: 64, layers: 4, layout: { nLayers: 4, nHeads: 4, nKvHeads: 2, headDim: 16 } });
-    const x = await createStrategy({ name: 'xkv', options: { groupSize: 4, rankK: 4, rankV: 4 } }).compress(cache);
+    const x = await createStrategy({ name: 'xkv', options: { layersPerGroup: 4, rankK: 4, rankV: 4 } }).compress(cache);
     const d = await createStrategy({ name: 'dense' }).compress(cache);
     try {
       const mx = decodeModes(x, { sparseBudget: 32 });

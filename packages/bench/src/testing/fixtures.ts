@@ -3,12 +3,12 @@ import type { SettingResult } from '../runner.js';
 /** A made-up setting result for rendering tests. */
 export function fakeResult(over: Partial<SettingResult> = {}): SettingResult {
   return {
-    label: 'xkv groupSize=2',
+    label: 'xkv layersPerGroup=2',
     name: 'xkv',
     series: 'xkv',
-    key: 'xkv {"groupSize":2}',
-    options: { groupSize: 2 },
-    resolvedOptions: { groupSize: 2 },
+    key: 'xkv {"layersPerGroup":2}',
+    options: { layersPerGroup: 2 },
+    resolvedOptions: { layersPerGroup: 2 },
     observationWindow: null,
     tokens: 100,
     bytes: 1000,

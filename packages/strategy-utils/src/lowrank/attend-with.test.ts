@@ -7,7 +7,7 @@ import { attendWith, sparseSelection } from '../internal.js';
 // The tuning switches live on the internal entry; the public attend entry points refuse them by name.
 const layout = { nLayers: 2, nHeads: 4, nKvHeads: 2, headDim: 8 };
 const T = 32;
-const base: GroupSvdConfig = { groupSize: 2, rankK: 3, rankV: 4, oversample: 'auto', powerIters: 1, seed: 0, exact: false, storage: 'float32' };
+const base: GroupSvdConfig = { layersPerGroup: 2, rankK: 3, rankV: 4, oversample: 'auto', powerIters: 1, seed: 0, exact: false, storage: 'float32' };
 const sparse: GroupSvdConfig = { ...base, decode: 'sparse', sparse: { budget: 8, chunkSize: 4, outlierChunks: 1, localTokens: 4 } };
 
 let kv: KVCache;

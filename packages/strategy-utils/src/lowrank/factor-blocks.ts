@@ -26,7 +26,7 @@ export interface KindBlocks {
 function quantFor(config: GroupSvdConfig, part: 'basis' | 'factors'): QuantSpec | null {
   const q = config.factorQuantization;
   if (!q || (q.apply !== 'both' && q.apply !== part)) return null;
-  return { bits: q.bits, groupSize: q.groupSize, symmetric: q.symmetric };
+  return { bits: q.bits, quantGroupSize: q.quantGroupSize, symmetric: q.symmetric };
 }
 
 /** Makes a stored block from float32 values: quantizes, or rounds through float16, as configured. Takes ownership of `x`. */

@@ -22,7 +22,7 @@ export interface FactorQuantization extends QuantSpec {
  */
 export interface GroupSvdConfig {
   /** Layers per group G; consecutive layers from layer 0, the last group may be shorter. */
-  groupSize: number;
+  layersPerGroup: number;
   /** Per-layer key rank r_K; a group of n layers gets rank r_K · n. */
   rankK: number;
   /** Per-layer value rank r_V; a group of n layers gets rank r_V · n. */
@@ -54,12 +54,12 @@ export interface LayerGroup {
   layers: number[];
 }
 
-/** Consecutive groups of `groupSize` layers from layer 0; the last one holds the remainder. */
-export function layerGroups(nLayers: number, groupSize: number): LayerGroup[] {
-  check(Number.isInteger(groupSize) && groupSize >= 1, 'config', `groupSize must be a positive integer, got ${groupSize}`);
+/** Consecutive groups of `layersPerGroup` layers from layer 0; the last one holds the remainder. */
+export function layerGroups(nLayers: number, layersPerGroup: number): LayerGroup[] {
+  check(Number.isInteger(layersPerGroup) && layersPerGroup >= 1, 'config', `layersPerGroup must be a positive integer, got ${layersPerGroup}`);
   const out: LayerGroup[] = [];
-  for (let s = 0, g = 0; s < nLayers; s += groupSize, g++) {
-    out.push({ index: g, layers: Array.from({ length: Math.min(groupSize, nLayers - s) }, (_, i) => s + i) });
+  for (let s = 0, g = 0; s < nLayers; s += layersPerGroup, g++) {
+    out.push({ index: g, layers: Array.from({ length: Math.min(layersPerGroup, nLayers - s) }, (_, i) => s + i) });
   }
   return out;
 }
@@ -80,7 +80,7 @@ export function rankOf(config: GroupSvdConfig, kind: Kind, group: LayerGroup): n
  */
 export function checkGroupRanks(strategy: string, config: GroupSvdConfig, layout: ModelLayout, T: number): void {
   const F = layout.nKvHeads * layout.headDim;
-  for (const g of layerGroups(layout.nLayers, config.groupSize)) {
+  for (const g of layerGroups(layout.nLayers, config.layersPerGroup)) {
     for (const kind of KINDS) {
       const per = kind === 'k' ? config.rankK : config.rankV;
       const r = rankOf(config, kind, g);

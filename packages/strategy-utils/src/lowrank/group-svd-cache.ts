@@ -3,12 +3,12 @@ import {
   BaseCompressedCache,
   check,
   matmul,
-  restoreStored,
   type AttendOptions,
   type CompressedCache,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
+  type StoredReader,
 } from '@kvpack/core';
 import { quantizedTensors } from '../quant/quantize.js';
 import { attendFull } from './attend-full.js';
@@ -62,7 +62,7 @@ export class GroupSvdCache extends BaseCompressedCache {
     readonly sparseIndex: SparseIndex | null = null,
   ) {
     super(layout, rope, prefillLength);
-    this.groups = layerGroups(layout.nLayers, config.groupSize);
+    this.groups = layerGroups(layout.nLayers, config.layersPerGroup);
     this.groupOf = [];
     for (const g of this.groups) for (const l of g.layers) this.groupOf[l] = g.index;
     this.decodeState = new DecodeState({
@@ -222,7 +222,7 @@ export class GroupSvdCache extends BaseCompressedCache {
   protected meta(): Record<string, unknown> {
     return {
       startPosition: this.startPosition,
-      groupSize: this.config.groupSize,
+      layersPerGroup: this.config.layersPerGroup,
       ranks: { k: this.groups.map((g) => this.groupRank('k', g.index)), v: this.groups.map((g) => this.groupRank('v', g.index)) },
       ...(this.sparseIndex ? { sparse: sparseMeta(this.sparseIndex) } : {}),
     };
@@ -252,33 +252,31 @@ export class GroupSvdCache extends BaseCompressedCache {
   }
 
   /**
-   * Restores a serialized cache written by {@link GroupSvdCache.serialize}.
-   * @throws KvpackError('corrupt' | 'truncated') naming the strategy and the tensor at fault.
+   * Restores a cache written by {@link GroupSvdCache.serialize}, through its reader.
+   * @throws KvpackError('corrupt') naming the strategy and the tensor at fault.
    */
-  static fromBytes(bytes: Uint8Array, strategy: string, options: unknown, config: GroupSvdConfig): GroupSvdCache {
-    return restoreStored(bytes, strategy, (r) => {
-      const { layout, rope, prefillLength: T, startPosition, meta } = r.header;
-      const F = layout.nKvHeads * layout.headDim;
-      const groups = layerGroups(layout.nLayers, config.groupSize);
-      const ranks = { k: groups.map((g) => rankOf(config, 'k', g)), v: groups.map((g) => rankOf(config, 'v', g)) };
-      check(
-        meta.groupSize === config.groupSize && JSON.stringify(meta.ranks) === JSON.stringify(ranks),
-        'corrupt',
-        `serialized ${strategy} cache was written with group size ${meta.groupSize} and group ranks ${JSON.stringify(meta.ranks)}, ` +
-          `but these options give ${config.groupSize} and ${JSON.stringify(ranks)} (restore it with deserializeCache)`,
-      );
-      const load = (name: string, rows: number, cols: number, part: 'basis' | 'factors') => loadBlock(r, config, name, rows, cols, part);
-      const blocks: Record<Kind, KindBlocks> = { k: { basis: [], factors: [] }, v: { basis: [], factors: [] } };
-      for (const kind of KINDS) {
-        for (const g of groups) {
-          const R = rankOf(config, kind, g);
-          blocks[kind].basis.push(load(`${kind}.basis.${g.index}`, T, R, 'basis'));
-          for (const l of g.layers) blocks[kind].factors[l] = load(`${kind}.factor.${l}`, R, F, 'factors');
-        }
+  static restore(r: StoredReader, strategy: string, options: unknown, config: GroupSvdConfig): GroupSvdCache {
+    const { layout, rope, prefillLength: T, startPosition, meta } = r.header;
+    const F = layout.nKvHeads * layout.headDim;
+    const groups = layerGroups(layout.nLayers, config.layersPerGroup);
+    const ranks = { k: groups.map((g) => rankOf(config, 'k', g)), v: groups.map((g) => rankOf(config, 'v', g)) };
+    check(
+      meta.layersPerGroup === config.layersPerGroup && JSON.stringify(meta.ranks) === JSON.stringify(ranks),
+      'corrupt',
+      `serialized ${strategy} cache was written with ${meta.layersPerGroup} layers per group and group ranks ${JSON.stringify(meta.ranks)}, ` +
+        `but these options give ${config.layersPerGroup} and ${JSON.stringify(ranks)} (restore it with deserializeCache)`,
+    );
+    const load = (name: string, rows: number, cols: number, part: 'basis' | 'factors') => loadBlock(r, config, name, rows, cols, part);
+    const blocks: Record<Kind, KindBlocks> = { k: { basis: [], factors: [] }, v: { basis: [], factors: [] } };
+    for (const kind of KINDS) {
+      for (const g of groups) {
+        const R = rankOf(config, kind, g);
+        blocks[kind].basis.push(load(`${kind}.basis.${g.index}`, T, R, 'basis'));
+        for (const l of g.layers) blocks[kind].factors[l] = load(`${kind}.factor.${l}`, R, F, 'factors');
       }
-      const sparse = config.decode === 'sparse' ? loadSparseIndex(r, strategy, layout, T, config.sparse!) : null;
-      return new GroupSvdCache(strategy, options, config, layout, rope, T, startPosition, blocks, sparse);
-    });
+    }
+    const sparse = config.decode === 'sparse' ? loadSparseIndex(r, strategy, layout, T, config.sparse!) : null;
+    return new GroupSvdCache(strategy, options, config, layout, rope, T, startPosition, blocks, sparse);
   }
 }
 

@@ -15,13 +15,14 @@ import type { SparseIndex } from './sparse-index.js';
  * B_l [R_g, H_kv·d] per layer, for keys and for values. Does not dispose `cache`.
  * @throws KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') for a bad cache (from validateKVCache);
  *         KvpackError('rank') when a group's rank is 0 or above min(T, features).
+ * `validatedTokens`: T when the caller (defineStrategy) has already validated the cache.
  */
-export async function compressGroupSvd(cache: KVCache, strategy: string, options: unknown, config: GroupSvdConfig): Promise<GroupSvdCache> {
-  const T = await validateKVCache(cache);
+export async function compressGroupSvd(cache: KVCache, strategy: string, options: unknown, config: GroupSvdConfig, validatedTokens?: number): Promise<GroupSvdCache> {
+  const T = validatedTokens ?? (await validateKVCache(cache));
   const layout = cache.layout;
   checkGroupRanks(strategy, config, layout, T);
   const F = layout.nKvHeads * layout.headDim;
-  const groups = layerGroups(layout.nLayers, config.groupSize);
+  const groups = layerGroups(layout.nLayers, config.layersPerGroup);
   const blocks: Record<Kind, KindBlocks> = { k: { basis: [], factors: [] }, v: { basis: [], factors: [] } };
   const live: tf.Tensor[] = [];
   try {

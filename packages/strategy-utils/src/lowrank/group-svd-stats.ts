@@ -8,7 +8,7 @@ export interface GroupSvdStats {
   strategy: string;
   /** Prefill tokens T. */
   tokens: number;
-  groupSize: number;
+  layersPerGroup: number;
   groups: { layers: number[]; rankK: number; rankV: number }[];
   /** Bytes of the shared token bases (codes + scales + zero points when quantized). */
   basisBytes: number;
@@ -49,7 +49,7 @@ export function groupSvdStats(a: {
   return {
     strategy: a.strategy,
     tokens,
-    groupSize: config.groupSize,
+    layersPerGroup: config.layersPerGroup,
     groups: a.groups.map((g) => ({ layers: [...g.layers], rankK: rankOf(config, 'k', g), rankV: rankOf(config, 'v', g) })),
     basisBytes,
     factorBytes,
@@ -57,6 +57,6 @@ export function groupSvdStats(a: {
     totalBytes,
     denseBytes,
     measuredRatio: denseBytes / totalBytes,
-    paperRatio: paperCompressionRatio({ layout, tokens, groupSize: config.groupSize, rankK: config.rankK, rankV: config.rankV }),
+    paperRatio: paperCompressionRatio({ layout, tokens, layersPerGroup: config.layersPerGroup, rankK: config.rankK, rankV: config.rankV }),
   };
 }

@@ -13,7 +13,7 @@ const FactorQuantizationSchema = z.strictObject({
    * Elements per quantization group along each row's last axis (default 32, as the authors run it);
    * at most 2^16 (MAX_FEATURES: a group spans at most one factor row).
    */
-  groupSize: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a group spans at most one factor row') }).default(32),
+  quantGroupSize: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a group spans at most one factor row') }).default(32),
   /** Symmetric (16-bit scale) or asymmetric (16-bit scale + uint8 zero point) per group; default asymmetric. */
   symmetric: z.boolean().default(false),
   /** Quantize the token bases, the per-layer factors, or both (default both). */

@@ -6,7 +6,7 @@ export interface PaperRatioArgs {
   /** Prefill length T, tokens. */
   tokens: number;
   /** Layers per group G (1 = per-layer "Single SVD"). */
-  groupSize: number;
+  layersPerGroup: number;
   /** Per-layer key rank r_K; the group's key rank is r_K · G. */
   rankK: number;
   /** Per-layer value rank r_V; the group's value rank is r_V · G. 0 = values stay uncompressed. */
@@ -30,8 +30,8 @@ export interface PaperRatioArgs {
  * @throws KvpackError('config') on non-positive sizes or negative ranks.
  */
 function paperCompressedElements(a: PaperRatioArgs): number {
-  const { layout, tokens: T, groupSize: G, rankK, rankV } = a;
-  check(Number.isInteger(T) && T > 0 && Number.isInteger(G) && G > 0, 'config', `paper ratio: tokens (${T}) and groupSize (${G}) must be positive integers`);
+  const { layout, tokens: T, layersPerGroup: G, rankK, rankV } = a;
+  check(Number.isInteger(T) && T > 0 && Number.isInteger(G) && G > 0, 'config', `paper ratio: tokens (${T}) and layersPerGroup (${G}) must be positive integers`);
   check(rankK >= 0 && rankV >= 0, 'config', `paper ratio: ranks must be ≥ 0, got rankK ${rankK}, rankV ${rankV}`);
   const L = layout.nLayers;
   const F = layout.nKvHeads * layout.headDim;
@@ -64,11 +64,11 @@ export function paperCompressionRatio(a: PaperRatioArgs): number {
  * The matrices a grouped low-rank compression of `layers` layers factors: per group of n ≤ G layers,
  * keys and values each [T, n·H_kv·d] at rank n·r (G = 1: the per-layer SVD), merged by shape.
  */
-export function groupFactoredShapes(layout: ModelLayout, layers: number, groupSize: number, rankK: number, rankV: number): FactoredShape[] {
+export function groupFactoredShapes(layout: ModelLayout, layers: number, layersPerGroup: number, rankK: number, rankV: number): FactoredShape[] {
   const F = layout.nKvHeads * layout.headDim;
   const out = new Map<string, FactoredShape>();
-  for (let s = 0; s < layers; s += groupSize) {
-    const n = Math.min(groupSize, layers - s);
+  for (let s = 0; s < layers; s += layersPerGroup) {
+    const n = Math.min(layersPerGroup, layers - s);
     for (const r of [rankK * n, rankV * n]) {
       const key = `${n * F}x${r}`;
       const e = out.get(key) ?? { features: n * F, rank: r, count: 0 };

@@ -43,7 +43,7 @@ describe('group quantizer: ties round half to even (torch.round)', () => {
       // Pad the shorter row with copies of its minimum (no new extremes, no new ties).
       while (row1.length < cols) row1.push(row1[0]);
       const x = Float32Array.from([...row0, ...row1]);
-      const spec: QuantSpec = { bits, groupSize: cols, symmetric: false };
+      const spec: QuantSpec = { bits, quantGroupSize: cols, symmetric: false };
       const q = quantizeMatrix(x, 2, cols, spec);
       expect(Array.from(q.scales, fromHalfBits)).toEqual([S, S]);
       const codes = Array.from(unpack(q.codes, 2 * cols, bits));
@@ -67,7 +67,7 @@ describe('group quantizer: ties round half to even (torch.round)', () => {
       const ks = Array.from({ length: 2 * qHi }, (_, i) => i - qHi);
       const row = [qHi * S, -qHi * S, ...ks.map((k) => (k + 0.5) * S)];
       const x = Float32Array.from(row);
-      const q = quantizeMatrix(x, 1, row.length, { bits, groupSize: row.length, symmetric: true });
+      const q = quantizeMatrix(x, 1, row.length, { bits, quantGroupSize: row.length, symmetric: true });
       expect(fromHalfBits(q.scales[0])).toBe(S);
       const levels = [qHi, -qHi, ...ks.map(evenNeighbour)];
       expect(Array.from(unpack(q.codes, row.length, bits))).toEqual(levels.map((l) => l - qLo));

@@ -5,7 +5,7 @@ import { packCodes, unpackCodes } from './packing.js';
  * Group-wise integer quantization of stored low-rank factors (xKV composed with
  * quantization). Follows the quantizer of the xKV authors' follow-up (abdelfattah-lab/xKV,
  * `xKV/customized_cache/quant.py`, run with `--kv_bits 4 --group_size 32`): each row of a matrix
- * is cut into groups of `groupSize` consecutive elements along its last axis; a group gets one
+ * is cut into groups of `quantGroupSize` consecutive elements along its last axis; a group gets one
  * scale (and, when asymmetric, one integer zero point); values are rounded half-to-even as
  * `torch.round` does.
  *
@@ -22,7 +22,7 @@ export interface QuantSpec {
   /** Bits per code: 8 or 4. */
   bits: 4 | 8;
   /** Elements per quantization group along a row's last axis (the last group of a row may be shorter). */
-  groupSize: number;
+  quantGroupSize: number;
   /** Symmetric (scale only) or asymmetric (scale + uint8 zero point per group). */
   symmetric: boolean;
 }
@@ -49,8 +49,8 @@ export function roundHalfEven(x: number): number {
 }
 
 /** Quantization groups per row of `cols` elements. */
-export function groupsPerRow(cols: number, groupSize: number): number {
-  return Math.ceil(cols / groupSize);
+export function groupsPerRow(cols: number, quantGroupSize: number): number {
+  return Math.ceil(cols / quantGroupSize);
 }
 
 /**
@@ -58,7 +58,7 @@ export function groupsPerRow(cols: number, groupSize: number): number {
  * (+ 1 per zero point when asymmetric).
  */
 export function quantizedBytes(rows: number, cols: number, spec: QuantSpec): number {
-  const groups = rows * groupsPerRow(cols, spec.groupSize);
+  const groups = rows * groupsPerRow(cols, spec.quantGroupSize);
   return Math.ceil((rows * cols * spec.bits) / 8) + groups * 2 + (spec.symmetric ? 0 : groups);
 }
 
@@ -76,9 +76,9 @@ function halfScale(s: number): number {
 export function quantizeMatrix(data: ArrayLike<number>, rows: number, cols: number, spec: QuantSpec): QuantizedMatrix {
   check(data.length === rows * cols, 'shape', `quantizeMatrix: ${data.length} values for [${rows}, ${cols}]`);
   check(spec.bits === 4 || spec.bits === 8, 'config', `factor quantization: bits must be 4 or 8, got ${spec.bits}`);
-  check(Number.isInteger(spec.groupSize) && spec.groupSize >= 1, 'config', `factor quantization: groupSize must be a positive integer, got ${spec.groupSize}`);
-  const { bits, groupSize, symmetric } = spec;
-  const gpr = groupsPerRow(cols, groupSize);
+  check(Number.isInteger(spec.quantGroupSize) && spec.quantGroupSize >= 1, 'config', `factor quantization: quantGroupSize must be a positive integer, got ${spec.quantGroupSize}`);
+  const { bits, quantGroupSize, symmetric } = spec;
+  const gpr = groupsPerRow(cols, quantGroupSize);
   const scales = new Uint16Array(rows * gpr);
   const zeros = symmetric ? null : new Uint8Array(rows * gpr);
   const codes = new Uint8Array(rows * cols);
@@ -86,8 +86,8 @@ export function quantizeMatrix(data: ArrayLike<number>, rows: number, cols: numb
   const qHi = symmetric ? 2 ** (bits - 1) - 1 : 2 ** bits - 1;
   for (let r = 0; r < rows; r++) {
     for (let g = 0; g < gpr; g++) {
-      const a = r * cols + g * groupSize;
-      const b = r * cols + Math.min(cols, (g + 1) * groupSize);
+      const a = r * cols + g * quantGroupSize;
+      const b = r * cols + Math.min(cols, (g + 1) * quantGroupSize);
       let lo = Infinity;
       let hi = -Infinity;
       for (let i = a; i < b; i++) {
@@ -114,20 +114,20 @@ export function quantizeMatrix(data: ArrayLike<number>, rows: number, cols: numb
       }
     }
   }
-  return { rows, cols, bits, groupSize, symmetric, codes: packCodes(codes, bits), scales, zeros };
+  return { rows, cols, bits, quantGroupSize, symmetric, codes: packCodes(codes, bits), scales, zeros };
 }
 
 /** Restores the float values of a quantized matrix, row-major [rows, cols] float32. */
 export function dequantizeMatrix(q: QuantizedMatrix): Float32Array {
-  const { rows, cols, bits, groupSize, symmetric, codes, scales, zeros } = q;
-  const gpr = groupsPerRow(cols, groupSize);
+  const { rows, cols, bits, quantGroupSize, symmetric, codes, scales, zeros } = q;
+  const gpr = groupsPerRow(cols, quantGroupSize);
   const qLo = symmetric ? -(2 ** (bits - 1)) : 0;
   const out = new Float32Array(rows * cols);
   const unpacked = unpackCodes(codes, bits, rows * cols);
   for (let r = 0; r < rows; r++) {
     for (let c = 0; c < cols; c++) {
       const i = r * cols + c;
-      const gi = r * gpr + Math.floor(c / groupSize);
+      const gi = r * gpr + Math.floor(c / quantGroupSize);
       const u = unpacked[i];
       const zero = zeros ? zeros[gi] : 0;
       out[i] = (u + qLo - zero) * fromHalfBits(scales[gi]);
@@ -160,7 +160,7 @@ export function quantizedSpecs(name: string, q: QuantizedMatrix): StoredSpec[] {
  *         length for [rows, cols] at spec.bits.
  */
 export function readQuantized(r: StoredReader, name: string, rows: number, cols: number, spec: QuantSpec): QuantizedMatrix {
-  const groups = rows * groupsPerRow(cols, spec.groupSize);
+  const groups = rows * groupsPerRow(cols, spec.quantGroupSize);
   return {
     ...spec,
     rows,
