@@ -1,4 +1,4 @@
-// GPU side of second must-show: core `truncatedSvd` (the SVD inside xkv's compress) on
+// GPU side of the compression target: core `truncatedSvd` (the SVD inside xkv's compress) on
 // X = [32768, 4096] at rank 512, timed here next to the products it is made of, on the same backend.
 // The PyTorch peer (`torch.svd_lowrank(X, q=512, niter=2)`) reads the same matrix from the raw
 // float32 file written with --out, on the same machine in the same run.

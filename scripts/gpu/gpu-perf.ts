@@ -29,7 +29,7 @@ async function main(): Promise<void> {
     .option('--sparse-budget <n>', 'sparse decode budget (default 2048)')
     .option('--out <dir>', 'folder for perf.json and perf.md', 'perf-gpu-out')
     .option('--matrices <dir>', "write the compression check's group matrices here (raw float32, 2 × 512 MiB at 32K) for the peer; default a folder under the system temp dir")
-    .option('--no-checks', "skip the must-show checks (and the peer)")
+    .option('--no-checks', "skip the target checks (and the peer)")
     .option('--peer <script>', 'run this PyTorch peer (xkv_torch.py) on the matrices, in this run')
     .option('--python <exe>', 'python for the peer', 'python3')
     .option('--quick', 'local smoke run: T = 1024, 1 timed run, checks at 1K / 2K')

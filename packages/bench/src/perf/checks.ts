@@ -10,7 +10,7 @@ import { isSynchronousBackend, ratioCheck, timeInterleaved, type RatioCheck } fr
 import type { PerfSuiteOptions } from './suite-types.js';
 import { LLAMA31_8B_LAYOUT, syntheticLlamaCache } from './synthetic.js';
 
-// The must-show checks of xKV's claims: group compression against its matmul floor, and the
+// The target checks of xKV's claims: group compression against its matmul floor, and the
 // sparse decode step against dense attention.
 
 /** Label of the compression check at T tokens. */
@@ -19,7 +19,7 @@ export function compressCheckLabel(backend: string, T: number, F: number, r: num
 }
 
 /**
- * Must-show 1: xkv compression of one G = 4 group (X = [T, 4·H_kv·d], default T = 8,192) at group
+ * Target 1: xkv compression of one G = 4 group (X = [T, 4·H_kv·d], default T = 8,192) at group
  * rank 4 × checkRank (512) for keys and values, against the two dense matmuls X·Ω and Qᵀ·X of both
  * matrices at the same sizes (Ω [4·H_kv·d, r], Qᵀ [r, T], plain products). The three are timed in
  * alternation ({@link timeInterleaved}), so the ratio does not drift with the machine's load.
@@ -52,7 +52,7 @@ export async function compressCheck(
       label,
       t.compress.medianMs,
       floor2,
-      // The ≤ 3× target is the CPU must-show (wasm, cpu; tensorflow too, which may be tfjs-node on the CPU);
+      // The ≤ 3× target is the CPU target (wasm, cpu; tensorflow too, which may be tfjs-node on the CPU);
       // on webgpu the target is the PyTorch comparison (gpu-perf.ts --peer).
       isSynchronousBackend() ? 3 : null,
       'the two matmuls X·Ω + Qᵀ·X (keys and values)',
@@ -81,7 +81,7 @@ export function keyRebuildVsDense(layout: { nHeads: number; nKvHeads: number; he
 }
 
 /**
- * Must-show 3: one decode step in xkv's sparse mode (budget `sparseBudget`) at T = 32K over one
+ * Target 3: one decode step in xkv's sparse mode (budget `sparseBudget`) at T = 32K over one
  * layer, against dense attention over the same uncompressed layer — the faster of core `attention`
  * and {@link denseDecodeStep} over the attention-ready layout — timed in alternation. The cache is
  * one G = 4 group at the paper's ranks (512/768) compressed with `decode: 'sparse'`. Target ≤ 2×.

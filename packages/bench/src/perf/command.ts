@@ -202,7 +202,7 @@ export async function structureCommand(opts: StructureCommandOptions, io: PerfIO
 export function registerPerfCommands(bench: Command, setCode: (code: number) => void = (c) => void (process.exitCode = c), io: PerfIO = stdio): void {
   bench
     .command('perf')
-    .description('performance suite on Llama-3.1-8B-shaped caches: compress, reconstruct and decode times, bytes, peak memory, must-show checks')
+    .description('performance suite on Llama-3.1-8B-shaped caches: compress, reconstruct and decode times, bytes, peak memory, target checks')
     .addOption(backendOption())
     .option('--tokens <list>', 'prefill lengths, e.g. 4096,8192,16384,32768 or 4K,32K (default all four; --quick: 4K,8K)')
     .option('--strategies <list>', `strategies (default all): ${PERF_STRATEGY_NAMES.join(',')}`)
@@ -214,7 +214,7 @@ export function registerPerfCommands(bench: Command, setCode: (code: number) => 
     .option('--dump <file>', 'read the cache from a KV dump (safetensors, see @kvpack/models readKVDump) instead of the generator')
     .option('--seed <n>', 'seed of the synthetic caches (default 0)')
     .option('--sparse-budget <n>', "token budget of xkv's sparse decode mode (default 2048)")
-    .option('--no-checks', "skip the issue's must-show checks")
+    .option('--no-checks', "skip the target checks (compress vs matmul floor, sparse step vs dense attention)")
     .action(async (_opts: PerfCommandOptions, cmd: Command) => {
       // optsWithGlobals: `bench` itself takes --quick too, and commander gives it to the parent.
       setCode((await perfCommand(cmd.optsWithGlobals<PerfCommandOptions>(), io)).code);

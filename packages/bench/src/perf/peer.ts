@@ -44,7 +44,7 @@ export async function writeGroupMatrices(cache: KVCache, dir: string): Promise<v
 }
 
 /**
- * The GPU must-show: our compression of one G = 4 group (keys and values, rank 512) against
+ * The GPU target: our compression of one G = 4 group (keys and values, rank 512) against
  * torch.svd_lowrank(q = 512, niter = 2) of the same two matrices, from the same run.
  */
 export function peerCheck(report: PerfReport, peer: PeerResult): RatioCheck | null {

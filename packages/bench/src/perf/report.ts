@@ -28,7 +28,7 @@ const x = (v: number | null | undefined, digits = 2) => (v === null || v === und
 /**
  * The perf report as Markdown: environment, settings (with the published configurations they
  * follow), the baselines measured in the run, one table row per setting × T × decode mode, and the
- * must-show lines.
+ * target-check lines.
  */
 export function perfMarkdown(r: PerfReport): string {
   const e = r.environment;
@@ -87,8 +87,8 @@ export function perfMarkdown(r: PerfReport): string {
   return out.join('\n');
 }
 
-/** The must-show lines: PASS/FAIL with ratio, or why a check could not run. */
+/** The target-check lines: PASS/FAIL with ratio, or why a check could not run. */
 export function checkLines(checks: RatioCheck[], unavailable: { label: string; reason: string }[] = []): string[] {
   if (!checks.length && !unavailable.length) return [];
-  return ['Must-show checks (computed in this run):', '', ...checks.map((c) => `- ${c.line}${c.note ? ` — ${c.note}` : ''}`), ...unavailable.map((u) => `- N/A ${u.label}: ${u.reason}`)];
+  return ['Target checks (computed in this run):', '', ...checks.map((c) => `- ${c.line}${c.note ? ` — ${c.note}` : ''}`), ...unavailable.map((u) => `- N/A ${u.label}: ${u.reason}`)];
 }

@@ -20,7 +20,7 @@ export interface PerfSuiteOptions {
   sparseBudget?: number;
   /** Read the cache from this KV dump (`readKVDump`) instead of generating it; T ≤ the dump's length. */
   dump?: string;
-  /** Run the issue's must-show checks (default true). */
+  /** Run the target checks: compress vs the matmul floor, sparse step vs dense attention (default true). */
   checks?: boolean;
   /** T of the compression check (default 8,192: X = [8192, 4096]). */
   checkCompressTokens?: number;

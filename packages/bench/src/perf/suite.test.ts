@@ -98,7 +98,7 @@ describe('--dump', () => {
   });
 });
 
-describe('must-show checks', () => {
+describe('target checks', () => {
   it('the compression check divides by the two matmuls of K and V; a missing sparse mode is reported, not hidden', async () => {
     const start = tf.memory().numTensors;
     const r = await runPerfSuite({
@@ -121,7 +121,7 @@ describe('must-show checks', () => {
     const sparse = [...r.checks.map((x) => x.label), ...r.unavailable.map((x) => x.label)].filter((l) => /sparse mode, T=1024, budget 2048/.test(l));
     expect(sparse).toHaveLength(1);
     const lines = checkLines(r.checks, r.unavailable);
-    expect(lines[0]).toBe('Must-show checks (computed in this run):');
+    expect(lines[0]).toBe('Target checks (computed in this run):');
     expect(lines.length).toBe(2 + r.checks.length + r.unavailable.length);
   });
 

@@ -28,7 +28,7 @@ export function defaultLayers(backend = tf.getBackend()): number {
  * values, ms per decode step of one query token over one layer (each decode mode), bytes and ratio,
  * peak tensor memory — every time a median of `reps` runs after `warmup` warm-ups — next to
  * baselines measured in the same run (dense attention over the uncompressed layer; the dense
- * matmuls X·Ω and Qᵀ·X of the factored shapes). Then the must-show checks ({@link PerfSuiteResult.checks}).
+ * matmuls X·Ω and Qᵀ·X of the factored shapes). Then the target checks ({@link PerfSuiteResult.checks}).
  * Select the backend first.
  * @throws KvpackError('config') for bad options.
  */
