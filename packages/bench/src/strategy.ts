@@ -1,4 +1,4 @@
-import { createStrategy, getStrategyDefinition, parseStrategyOptions, type FactoredShape, type ModelLayout, type Strategy, type StrategyCapabilities } from '@kvpack/core';
+import { createResolvedStrategy, getStrategyDefinition, parseStrategyOptions, type FactoredShape, type ModelLayout, type Strategy, type StrategyCapabilities } from '@kvpack/core';
 
 /**
  * A strategy and its options resolved by the strategy's schema (defaults applied). The bench parses
@@ -22,7 +22,7 @@ export function resolveStrategy(name: string, options: unknown): ResolvedStrateg
 
 /** Builds the strategy of resolved options. */
 export function buildStrategy(s: ResolvedStrategy): Strategy {
-  return createStrategy({ name: s.name, options: s.resolvedOptions });
+  return createResolvedStrategy(s.name, s.resolvedOptions);
 }
 
 function capabilities(name: string): StrategyCapabilities {

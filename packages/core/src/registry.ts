@@ -32,6 +32,11 @@ export interface StrategyCapabilities<O = unknown> {
   paperRatio?(options: O, layout: ModelLayout, tokens: number): number;
   /** The matrices `compress` factors for a cache of `layers` layers (for timing against matmul floors). */
   factoredShapes?(options: O, layout: ModelLayout, layers: number): FactoredShape[];
+  /**
+   * Layers of an `nLayers`-layer model that these options leave uncompressed (e.g. MiniCache below
+   * its start layer): a report warns that retrieval happening there cannot show the method's loss.
+   */
+  exactLayers?(options: O, nLayers: number): number[];
 }
 
 /**
@@ -185,6 +190,15 @@ export function createStrategy(config: StrategyConfig | string): Strategy {
   if (!parsed.success) throw new KvpackError('config', `invalid strategy config:\n${z.prettifyError(parsed.error)}\nexpected { name: string, options?: object }`);
   const def = getStrategyDefinition(parsed.data.name);
   return guardStrategy(def.create(parseStrategyOptions(parsed.data.name, parsed.data.options)));
+}
+
+/**
+ * Builds a registered strategy from options already resolved by {@link parseStrategyOptions} (its
+ * schema's output), without parsing them again: what a runner that resolves its settings once uses.
+ * @throws KvpackError('unknown-strategy')
+ */
+export function createResolvedStrategy(name: string, resolvedOptions: unknown): Strategy {
+  return guardStrategy(getStrategyDefinition(name).create(resolvedOptions));
 }
 
 /**

@@ -280,6 +280,12 @@ export const miniCacheDefinition = defineStrategy({
   name: 'minicache',
   description: 'MiniCache: SLERP merging of adjacent layer pairs from mid-depth, per-layer norms, most distinct tokens retained (Liu et al. 2024)',
   schema: MiniCacheOptionsSchema,
+  capabilities: {
+    exactLayers: (o, L) => {
+      const merged = new Set(mergedPairs(L, o.startLayer ?? Math.floor(L / 2)).flat());
+      return Array.from({ length: L }, (_, l) => l).filter((l) => !merged.has(l));
+    },
+  },
   compress: (cache, options, T) =>
     disposeOwnedOnError(async (own) => {
       const { nLayers: L, nKvHeads: H, headDim: d } = cache.layout;

@@ -1,3 +1,4 @@
+import { getStrategyDefinition } from '@kvpack/core';
 import type { PlotPanel } from '../plot.js';
 import { markdownTable, type BenchEnvironment } from '../report.js';
 import type { AccuracyReference, AccuracyRunResult, AccuracySettingResult } from './runner.js';
@@ -61,20 +62,35 @@ export function accuracyTable(reference: AccuracyReference, results: AccuracySet
   return markdownTable(header, rows, ['l', ...header.slice(1).map(() => 'r' as const)]);
 }
 
-/** Automatic notes: MiniCache settings that leave the lower layers exact. */
+/**
+ * Automatic notes: settings whose strategy declares layers it leaves uncompressed (capability
+ * `exactLayers`, e.g. MiniCache below its start layer), which a model retrieving in those layers
+ * cannot expose.
+ */
 export function automaticNotes(results: AccuracySettingResult[], nLayers: number): string[] {
-  const notes: string[] = [];
-  const mini = results.filter((r) => r.name === 'minicache' && r.error === undefined);
-  const partial = mini.filter((r) => {
-    const s = r.resolvedOptions.startLayer;
-    return s === undefined || (typeof s === 'number' && s > 0);
+  const partial = results.flatMap((r) => {
+    if (r.error !== undefined) return [];
+    const exact = getStrategyDefinition(r.name).capabilities?.exactLayers?.(r.resolvedOptions, nLayers) ?? [];
+    return exact.length ? [{ label: r.label, exact }] : [];
   });
-  if (partial.length)
-    notes.push(
-      `MiniCache merges only layers from startLayer on (default ⌊L/2⌋ = ${Math.floor(nLayers / 2)} of ${nLayers}); the layers below stay exact. ` +
-        `On a model whose retrieval happens in the lower layers such a setting looks lossless; compare it with startLayer 0. Concerned: ${partial.map((r) => `"${r.label}"`).join(', ')}.`,
-    );
-  return notes;
+  if (!partial.length) return [];
+  const spans = partial.map((p) => `"${p.label}" (${p.exact.length} of ${nLayers}: ${layerSpan(p.exact)})`).join(', ');
+  return [
+    `Some settings leave layers uncompressed: ${spans}. On a model whose retrieval happens in those layers such a setting looks lossless; ` +
+      'compare it with a setting that compresses every layer.',
+  ];
+}
+
+/** "0–5, 11" for sorted layer indices. */
+function layerSpan(layers: number[]): string {
+  const parts: string[] = [];
+  for (let i = 0; i < layers.length; ) {
+    let j = i;
+    while (j + 1 < layers.length && layers[j + 1] === layers[j] + 1) j++;
+    parts.push(i === j ? `${layers[i]}` : `${layers[i]}–${layers[j]}`);
+    i = j + 1;
+  }
+  return parts.join(', ');
 }
 
 /** The full Markdown report: title, environment, table, legend and notes. */

@@ -155,7 +155,8 @@ describe('report notes', () => {
     expect(automaticNotes([r('all', 0)], 12)).toEqual([]);
     const notes = automaticNotes([r('all', 0), r('default'), r('from 3', 3)], 12);
     expect(notes).toHaveLength(1);
-    expect(notes[0]).toMatch(/default ⌊L\/2⌋ = 6 of 12/);
-    expect(notes[0]).toMatch(/Concerned: "default", "from 3"\.$/);
+    // Default start ⌊12/2⌋ = 6: layers 0–5 stay exact; from 3 on 12 layers: 0–2 plus the unpaired 11.
+    expect(notes[0]).toMatch(/"default" \(6 of 12: 0–5\), "from 3" \(4 of 12: 0–2, 11\)\./);
+    expect(notes[0]).not.toMatch(/"all"/);
   });
 });
