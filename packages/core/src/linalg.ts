@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { choleskyUpper, invertUpper, symmetricEigHost } from './hostla.js';
 import { check } from './errors.js';
 import { isHostBackend } from './backend.js';
-import { mulberry32 } from './random.js';
+import { mulberry32, normalPair } from './random.js';
 import { MAX_ORTHONORMALIZE_PASSES, MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_SEED, MIN_SEED } from './limits.js';
 
 /**
@@ -195,10 +195,9 @@ function gaussianData(rows: number, cols: number, seed: number): Float32Array {
   const uniform = mulberry32((Math.trunc(seed) ^ 0x9e3779b9) >>> 0);
   const out = new Float32Array(rows * cols);
   for (let i = 0; i < out.length; i += 2) {
-    const r = Math.sqrt(-2 * Math.log(1 - uniform()));
-    const th = 2 * Math.PI * uniform();
-    out[i] = r * Math.cos(th);
-    if (i + 1 < out.length) out[i + 1] = r * Math.sin(th);
+    const [a, b] = normalPair(1 - uniform(), uniform());
+    out[i] = a;
+    if (i + 1 < out.length) out[i + 1] = b;
   }
   gaussianMemo.push({ key, data: out });
   if (gaussianMemo.length > GAUSSIAN_MEMO_ENTRIES) gaussianMemo.shift();

@@ -1,4 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
+import { disposeKVCache, gaussian } from '@kvpack/core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   KvpackError,
@@ -15,7 +16,7 @@ import {
 import { GroupSvdCache } from '@kvpack/strategy-utils';
 import { attendWith, buildSparseIndex, decodeStepTimes, sparseGeometry, sparseSelection, valuePathFlops } from '@kvpack/strategy-utils/internal';
 import './index.js'; // registers xkv
-import { disposeCache, gaussian, relMax, syntheticCache } from './test-utils.js';
+import { relMax, syntheticCache } from './test-utils.js';
 
 // Small GQA layout: 4 query heads share 2 KV heads (g = 2), head_dim 8, H_kv·d = 16.
 const layout = { nLayers: 4, nHeads: 4, nKvHeads: 2, headDim: 8 };
@@ -28,7 +29,7 @@ beforeAll(async () => {
   await selectBackend('wasm');
   syn = syntheticCache(layout, T, 5, 3); // startPosition 3
 });
-afterAll(() => disposeCache(syn.cache));
+afterAll(() => disposeKVCache(syn.cache));
 
 async function compress(options: Record<string, unknown>, cache: KVCache = syn.cache): Promise<GroupSvdCache> {
   return (await createStrategy({ name: 'xkv', options }).compress(cache)) as GroupSvdCache;

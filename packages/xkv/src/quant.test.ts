@@ -1,9 +1,10 @@
 import * as tf from '@tensorflow/tfjs-core';
+import { disposeKVCache, gaussian } from '@kvpack/core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createStrategy, fromHalfBits, headerBytes, KvpackError, selectBackend, toHalfBits } from '@kvpack/core';
 import { dequantizeMatrix, quantizedBytes, quantizeMatrix, type GroupSvdCache, type QuantSpec } from '@kvpack/strategy-utils';
 import './index.js'; // registers xkv
-import { disposeCache, gaussian, syntheticCache } from './test-utils.js';
+import { syntheticCache } from './test-utils.js';
 
 /**
  * Independent float64 reference of the group quantizer described in quant.ts (after the xKV authors'
@@ -114,7 +115,7 @@ describe('xkv with factorQuantization', () => {
     await selectBackend('wasm');
     syn = syntheticCache(layout, T, 9);
   });
-  afterAll(() => disposeCache(syn.cache));
+  afterAll(() => disposeKVCache(syn.cache));
 
   const host = (t: tf.Tensor) => {
     const d = Float32Array.from(t.dataSync() as Float32Array);

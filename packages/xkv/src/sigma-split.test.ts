@@ -1,9 +1,10 @@
 import * as tf from '@tensorflow/tfjs-core';
+import { disposeKVCache } from '@kvpack/core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createStrategy, selectBackend } from '@kvpack/core';
 import type { GroupSvdCache } from '@kvpack/strategy-utils';
 import './index.js'; // registers xkv
-import { disposeCache, hconcat, singularValues, syntheticCache } from './test-utils.js';
+import { hconcat, singularValues, syntheticCache } from './test-utils.js';
 
 /**
  * Where the singular values go. xKV stores U·√Σ as the shared basis and √Σ·Vᵀ as the per-layer
@@ -22,7 +23,7 @@ beforeAll(async () => {
   await selectBackend('wasm');
   syn = syntheticCache(layout, T, 5);
 });
-afterAll(() => disposeCache(syn.cache));
+afterAll(() => disposeKVCache(syn.cache));
 
 function host(t: tf.Tensor): Float32Array {
   const d = Float32Array.from(t.dataSync() as Float32Array);

@@ -2,13 +2,14 @@
 // them, a software one too: on a machine without a GPU, Mesa's lavapipe (Debian: mesa-vulkan-drivers
 // ≥ 24, e.g. from bookworm-backports) is enough. Without an adapter the suite is skipped and says why.
 import * as tf from '@tensorflow/tfjs-core';
+import { disposeKVCache, gaussian } from '@kvpack/core';
 import { afterAll, describe, expect, it } from 'vitest';
 import { attention, createStrategy, selectBackend, wgslValidationErrors, wgslWorkgroupStorageLimit } from '@kvpack/core';
 import type { KVCache, ModelLayout } from '@kvpack/core';
 import './index.js'; // registers xkv
 import type { GroupSvdCache } from '@kvpack/strategy-utils';
 import { attendWith, selectChunkTokens } from '@kvpack/strategy-utils/internal';
-import { disposeCache, gaussian, relMax, syntheticCache } from './test-utils.js';
+import { relMax, syntheticCache } from './test-utils.js';
 
 const unavailable = await selectBackend('webgpu').then(
   () => null,
@@ -28,7 +29,7 @@ async function host(t: tf.Tensor): Promise<Float64Array> {
 describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
   const caches: KVCache[] = [];
   afterAll(async () => {
-    caches.forEach(disposeCache);
+    caches.forEach(disposeKVCache);
     // Every shader and binding dispatched by these tests passed WebGPU validation.
     expect(await wgslValidationErrors()).toEqual([]);
   });

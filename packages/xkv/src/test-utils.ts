@@ -1,4 +1,4 @@
-import { KvpackError, createStrategy, mulberry32 } from '@kvpack/core';
+import { KvpackError, createStrategy, gaussian, mulberry32 } from '@kvpack/core';
 import { expect } from 'vitest';
 // Helpers for this package's tests (not exported from the package).
 import * as tf from '@tensorflow/tfjs-core';
@@ -22,11 +22,6 @@ export function hasFile(p: string): boolean {
 /** Seeded uniform PRNG (core's mulberry32). */
 export const rng = mulberry32;
 
-/** Standard normal draws from a seeded PRNG (Box–Muller). */
-export function gaussian(seed: number): () => number {
-  const u = rng(seed);
-  return () => Math.sqrt(-2 * Math.log(1 - u())) * Math.cos(2 * Math.PI * u());
-}
 
 /**
  * A synthetic prefill cache whose layers share a decaying token subspace (what xKV exploits):
@@ -67,10 +62,6 @@ export function syntheticCache(layout: ModelLayout, T: number, seed = 1, startPo
   };
 }
 
-/** Disposes the tensors of a KV cache. */
-export function disposeCache(c: KVCache): void {
-  tf.dispose([...c.keys, ...c.values]);
-}
 
 /** Side-by-side concatenation of row-major [T, F] matrices → [T, n·F]. */
 export function hconcat(mats: Float32Array[], T: number, F: number): Float64Array {

@@ -1,4 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
+import { disposeKVCache } from '@kvpack/core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   KvpackError,
@@ -20,7 +21,7 @@ import {
 } from '@kvpack/core';
 import { GroupSvdCache, lowRankStats, paperCompressionRatio } from '@kvpack/strategy-utils';
 import { xkvStrategy, XkvOptionsSchema, type XkvOptions } from './index.js';
-import { disposeCache, exactSvdError, expectOptionBounds, groupError, hconcat, syntheticCache } from './test-utils.js';
+import { exactSvdError, expectOptionBounds, groupError, hconcat, syntheticCache } from './test-utils.js';
 
 const layout = { nLayers: 5, nHeads: 4, nKvHeads: 2, headDim: 8 };
 const F = layout.nKvHeads * layout.headDim; // 16
@@ -31,7 +32,7 @@ beforeAll(async () => {
   await selectBackend('wasm');
   syn = syntheticCache(layout, T, 3, 7);
 });
-afterAll(() => disposeCache(syn.cache));
+afterAll(() => disposeKVCache(syn.cache));
 
 async function compress(options: Record<string, unknown>, cache: KVCache = syn.cache): Promise<GroupSvdCache> {
   return (await createStrategy({ name: 'xkv', options }).compress(cache)) as GroupSvdCache;

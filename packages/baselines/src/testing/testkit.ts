@@ -1,4 +1,4 @@
-import { mulberry32 } from '@kvpack/core';
+import { gaussian, mulberry32 } from '@kvpack/core';
 /**
  * Test helpers shared by the baselines' tests (not exported from the package): float64 references
  * written independently of the code under test.
@@ -51,8 +51,7 @@ export const TEST_ROPE: RopeConfig = { theta: 10000, layout: 'interleaved' };
 
 /** A fixed random cache: normal-ish entries with a per-channel scale (so channels differ, as in real keys). */
 export function randomCache(T: number, layout: ModelLayout, seed: number, tObs = 8): RandomCache {
-  const rnd = prng(seed);
-  const gauss = () => Math.sqrt(-2 * Math.log(1 - rnd())) * Math.cos(2 * Math.PI * rnd());
+  const gauss = gaussian(seed);
   const { nLayers: L, nHeads: Hq, nKvHeads: H, headDim: d } = layout;
   const chan = Float64Array.from({ length: d }, (_, c) => 0.5 + (c % 5));
   const mk = (n: number, heads: number, scaled: boolean) =>

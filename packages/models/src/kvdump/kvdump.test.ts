@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { KvpackError, selectBackend, type KVCache, type RopeConfig } from '@kvpack/core';
+import { KvpackError, disposeKVCache, selectBackend, type KVCache, type RopeConfig } from '@kvpack/core';
 import { SafetensorsFile, writeSafetensors, type SafetensorsTensorInput } from '../hf/safetensors.js';
 import { rng } from '../hf/testutil.js';
 import { readKVDump, writeKVDump } from './kvdump.js';
@@ -54,9 +54,6 @@ function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return m;
 }
 
-function disposeCache(c: KVCache): void {
-  tf.dispose([...c.keys, ...c.values, ...(c.queries ?? [])]);
-}
 
 async function kvErr(p: Promise<unknown>): Promise<KvpackError> {
   const e = await p.then(
@@ -92,7 +89,7 @@ describe('KV dumps', () => {
         expect(Array.from(back.values[l].dataSync())).toEqual(Array.from(cache.values[l].dataSync()));
         expect(Array.from(back.queries![l].dataSync())).toEqual(Array.from(cache.queries![l].dataSync()));
       }
-      disposeCache(back);
+      disposeKVCache(back);
     }
     await writeKVDump(file, cache, { dtype: 'BF16', keys: 'both' });
     const bf = await readKVDump(file);
@@ -101,9 +98,9 @@ describe('KV dumps', () => {
       const b = bf.values[l].dataSync();
       for (let i = 0; i < a.length; i++) expect(Math.abs(a[i] - b[i])).toBeLessThanOrEqual(Math.abs(a[i]) * 2 ** -8);
     }
-    disposeCache(bf);
+    disposeKVCache(bf);
     expect(tf.memory().numTensors).toBe(start);
-    disposeCache(cache);
+    disposeKVCache(cache);
   });
 
   for (const rope of [
@@ -135,7 +132,7 @@ describe('KV dumps', () => {
       for (let l = 0; l < L; l++) expect(maxAbsDiff(c.keys[l].dataSync(), pre[l])).toBeLessThan(2e-5);
       // Negative control: treating them as pre-RoPE would be far off.
       expect(maxAbsDiff(tensors[0].data, pre[0])).toBeGreaterThan(0.1);
-      disposeCache(c);
+      disposeKVCache(c);
       expect(tf.memory().numTensors).toBe(n0);
 
       // keys_post_rope exported by writeKVDump equal the float64 rotation too.
@@ -147,7 +144,7 @@ describe('KV dumps', () => {
       const k0 = await f.readFloat32('layers.1.keys_post_rope');
       await f.close();
       expect(maxAbsDiff(k0.data, rope64(pre[1], HKV, rope, start))).toBeLessThan(2e-5);
-      disposeCache(c2);
+      disposeKVCache(c2);
     });
   }
 
