@@ -6,7 +6,7 @@ import type { PerfReport } from './report.js';
 import { ratioCheck, type RatioCheck } from './stats.js';
 import { compressCheckLabel } from './suite.js';
 
-/** Result file of the PyTorch peer (packages/bench/peer/xkv_torch.py --json). */
+/** Result file of the PyTorch peer (scripts/gpu/xkv_torch.py --json). */
 export interface PeerResult {
   format: 'kvpack-peer/1';
   torch: string;

@@ -19,7 +19,7 @@ export interface PerfEnvironment {
 export interface PerfReport extends PerfSuiteResult {
   format: 'kvpack-perf/1';
   environment: PerfEnvironment;
-  /** Results of the PyTorch peer (packages/bench/peer/xkv_torch.py), when run alongside. */
+  /** Results of the PyTorch peer (scripts/gpu/xkv_torch.py), when run alongside. */
   peer?: unknown;
 }
 
