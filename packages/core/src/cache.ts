@@ -4,6 +4,7 @@ import { decodeBFloat16, decodeHalf, encodeHalf, roundHalf } from './fp16.js';
 import { z } from 'zod';
 import { decodeContainer, encodeContainer, payloadBytes, type StoredDType, type StoredTensor, type DecodedContainer, type TensorExpectation } from './serialize.js';
 import { disposeCreatedOnError } from './scope.js';
+import { HalfTensor, type HeldFloat } from './half.js';
 import type { CompressedCache, ModelLayout, RopeConfig, AttendOptions } from './types.js';
 import { checkKV } from './validate.js';
 import { attention } from './attention.js';
@@ -115,11 +116,26 @@ export function loadTensor(t: StoredTensor): tf.Tensor {
  * did), or a host array written as it is (codes, scales, indices).
  */
 export type StoredItem =
+  | { name: string; half: HalfTensor }
+  | { name: string; held: HeldFloat }
   | { name: string; tensor: tf.Tensor; dtype: 'float16' | 'float32' }
   | { name: string; dtype: StoredDType; shape: number[]; data: StoredTensor['data'] };
 
 function itemSpec(i: StoredItem): StoredSpec {
+  if ('held' in i) return itemSpec(heldItem(i.name, i.held));
+  if ('half' in i) return { name: i.name, dtype: 'float16', shape: [...i.half.shape] };
   return 'tensor' in i ? { name: i.name, dtype: i.dtype, shape: [...i.tensor.shape] } : { name: i.name, dtype: i.dtype, shape: i.shape };
+}
+
+/** A held float as the item it stores: float16 packed, or a float32 tensor. */
+function heldItem(name: string, h: HeldFloat): StoredItem {
+  return h instanceof HalfTensor ? { name, half: h } : { name, tensor: h, dtype: 'float32' };
+}
+
+function itemTensor(i: StoredItem): StoredTensor {
+  if ('held' in i) return itemTensor(heldItem(i.name, i.held));
+  if ('half' in i) return { name: i.name, dtype: 'float16', shape: [...i.half.shape], data: i.half.bitsSync(`tensor "${i.name}"`) };
+  return 'tensor' in i ? storeTensor(i.name, i.tensor, i.dtype) : { name: i.name, dtype: i.dtype, shape: i.shape, data: i.data };
 }
 
 /**
@@ -250,7 +266,7 @@ export abstract class BaseCompressedCache implements CompressedCache {
 
   serialize(): Uint8Array {
     this.assertLive();
-    const tensors = this.stored().map((i) => ('tensor' in i ? storeTensor(i.name, i.tensor, i.dtype) : { name: i.name, dtype: i.dtype, shape: i.shape, data: i.data }));
+    const tensors = this.stored().map(itemTensor);
     for (let l = 0; l < this.layout.nLayers; l++) {
       const k = this.resK[l];
       const v = this.resV[l];
@@ -276,7 +292,10 @@ export abstract class BaseCompressedCache implements CompressedCache {
    */
   async serializeAsync(): Promise<Uint8Array> {
     this.assertLive();
-    const seen: tf.Tensor[] = this.stored().flatMap((i) => ('tensor' in i ? [i.tensor] : []));
+    const seen: tf.Tensor[] = this.stored().flatMap((i) => {
+      const it = 'held' in i ? heldItem(i.name, i.held) : i;
+      return 'half' in it ? [it.half.packed] : 'tensor' in it ? [it.tensor] : [];
+    });
     for (let l = 0; l < this.layout.nLayers; l++) {
       const k = this.resK[l];
       const v = this.resV[l];
@@ -375,6 +394,10 @@ export interface StoredReader {
   readonly header: StoredHeader;
   /** True when the file holds an item of this name. */
   has(name: string): boolean;
+  /** A float16 item as held on the backend (packed, not decoded); `expect.shape` uses `null` for a free axis. */
+  half(name: string, expect: TensorExpectation): HalfTensor;
+  /** A float item at its stored precision: float16 packed, float32 as a tensor. */
+  held(name: string, expect: TensorExpectation): HeldFloat;
   /** A float item (float16, bfloat16 or float32) as a float32 tensor; `expect.shape` uses `null` for a free axis. */
   tensor<T extends tf.Tensor = tf.Tensor>(name: string, expect: TensorExpectation): T;
   /** A host item's stored array, as written (codes, scales, indices). */
@@ -399,6 +422,14 @@ export function restoreStored<C extends BaseCompressedCache>(bytes: Uint8Array, 
   const reader: StoredReader = {
     header: { layout, rope, prefillLength, startPosition, meta: c.meta },
     has: (name) => c.has(name),
+    half: (name, expect) => {
+      const t = c.get(name, { ...expect, dtype: 'float16' });
+      return HalfTensor.fromBits(t.data as Uint16Array, t.shape);
+    },
+    held: (name, expect) => {
+      const t = c.get(name, { dtype: ['float16', 'float32'], ...expect });
+      return t.dtype === 'float16' ? HalfTensor.fromBits(t.data as Uint16Array, t.shape) : tf.tensor(t.data as Float32Array, t.shape, 'float32');
+    },
     tensor: <T extends tf.Tensor>(name: string, expect: TensorExpectation) => loadTensor(c.get(name, { dtype: ['float16', 'bfloat16', 'float32'], ...expect })) as T,
     host: <A extends StoredTensor['data']>(name: string, expect: TensorExpectation) => c.get(name, expect).data as A,
     shape: (name, expect) => c.get(name, expect).shape,

@@ -26,7 +26,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { disposeKVCache } from './validate.js';
 export { disposeKVCache };
-import type { CompressedCache, KVCache, ModelLayout, RopeConfig } from './types.js';
+import type { CompressedCache, KVCache, ModelLayout, RopeConfig, Strategy } from './types.js';
 
 /** Settings a strategy is held to. */
 export interface ConformanceCases {
@@ -46,6 +46,11 @@ export interface ConformanceCases {
   exactDecode?: boolean;
   /** Set false only for the uncompressed reference (`dense`), whose ratio is 1 by design. */
   ratioAboveOne?: boolean;
+  /**
+   * Largest resident ÷ stored bytes allowed (tensor bytes the cache holds on the backend, measured
+   * with tf.memory(), over `byteSize()`), after compression and after decode steps. Default 1.1.
+   */
+  maxResidentRatio?: number;
   /** Seeded restore-fuzz trials (default 150; `KVPACK_FUZZ_TRIALS` and `KVPACK_FUZZ_SEED` override for longer runs). */
   fuzzTrials?: number;
   /**
@@ -260,6 +265,15 @@ export function runStrategyConformance(name: string, cases: ConformanceCases): v
       b.dispose();
     });
 
+    it('holds on the backend only what it stores: resident ÷ stored bytes after compress, between decode steps and after restore', async () => {
+      const limit = cases.maxResidentRatio ?? 1.1;
+      const r = await residentRatios(createStrategy({ name, options: cases.compressing }), cache);
+      console.log(`resident ÷ stored ${name} ${JSON.stringify(cases.compressing)}: ${r.afterCompress.toFixed(3)} after compress, ${r.afterDecode.toFixed(3)} after 4 decode steps, ${r.afterRestore.toFixed(3)} after restore`);
+      expect(r.afterCompress).toBeLessThanOrEqual(limit);
+      expect(r.afterDecode).toBeLessThanOrEqual(limit);
+      expect(r.afterRestore).toBeLessThanOrEqual(limit);
+    });
+
     it('appends decode-time tokens to every layer', async () => {
       const c = await createStrategy({ name, options: cases.compressing }).compress(cache);
       const n = 3;
@@ -368,4 +382,38 @@ export function runStrategyConformance(name: string, cases: ConformanceCases): v
       }
     });
   });
+}
+
+/**
+ * Resident ÷ stored bytes of a strategy's cache: the tensor bytes the compressed cache holds on the
+ * backend (the change of `tf.memory().numBytes` it causes, with every returned tensor disposed) over
+ * its `byteSize()` — after compression, after 4 decode steps per layer (append one token, read keys
+ * and values, attend), and after a serialize → deserialize round trip.
+ */
+export async function residentRatios(strategy: Strategy, cache: KVCache): Promise<{ afterCompress: number; afterDecode: number; afterRestore: number }> {
+  const base = tf.memory().numBytes;
+  const c = await strategy.compress(cache);
+  try {
+    const afterCompress = (tf.memory().numBytes - base) / c.byteSize();
+    const { nKvHeads: H, headDim: d, nHeads } = cache.layout;
+    for (let step = 0; step < 4; step++) {
+      for (let l = 0; l < cache.layout.nLayers; l++) {
+        const k = tf.randomNormal([1, H, d], 0, 1, 'float32', 300 + step) as tf.Tensor3D;
+        c.append(l, k, k);
+        k.dispose();
+        const q = tf.randomNormal([1, nHeads, d], 0, 1, 'float32', 400 + step) as tf.Tensor3D;
+        tf.dispose([c.keys(l), c.values(l), ...(c.attend ? [c.attend(l, q)] : []), q]);
+      }
+    }
+    const afterDecode = (tf.memory().numBytes - base) / c.byteSize();
+    const bytes = c.serialize();
+    const stored = c.byteSize();
+    c.dispose();
+    const restored = deserializeCache(bytes);
+    const afterRestore = (tf.memory().numBytes - base) / stored;
+    restored.dispose();
+    return { afterCompress, afterDecode, afterRestore };
+  } finally {
+    c.dispose();
+  }
 }

@@ -17,4 +17,5 @@ export * from './limits.js';
 export * from './dense/index.js';
 export * from './random.js';
 export * from './scope.js';
+export * from './half.js';
 export * from './define.js';

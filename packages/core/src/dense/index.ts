@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { z } from 'zod';
-import { BaseCompressedCache, roundToHalf, type StoredItem } from '../cache.js';
+import { BaseCompressedCache, type StoredItem } from '../cache.js';
+import { HalfTensor, disposeHeld, heldValues, holdFloat, type HeldFloat } from '../half.js';
 import { defineStrategy, disposeOwnedOnError } from '../define.js';
 import { applyRope } from '../rope.js';
 import type { ModelLayout, RopeConfig, Strategy } from '../types.js';
@@ -23,30 +24,31 @@ export class DenseCache extends BaseCompressedCache {
     rope: RopeConfig,
     prefillLength: number,
     readonly options: DenseOptions,
-    private readonly k: tf.Tensor3D[],
-    private readonly v: tf.Tensor3D[],
+    /** Pre-RoPE keys per layer, [T, H_kv, d], at the storage precision (float16 packed two per int32). */
+    private readonly k: HeldFloat[],
+    /** Values per layer, [T, H_kv, d], likewise. */
+    private readonly v: HeldFloat[],
     private readonly startPosition: number,
   ) {
     super(layout, rope, prefillLength);
   }
   protected prefillKeys(layer: number): tf.Tensor3D {
-    return applyRope(this.k[layer], this.rope, { start: this.startPosition, count: this.prefillLength });
+    return tf.tidy(() => applyRope(heldValues<tf.Tensor3D>(this.k[layer]), this.rope, { start: this.startPosition, count: this.prefillLength }));
   }
   protected prefillValues(layer: number): tf.Tensor3D {
-    return tf.clone(this.v[layer]);
+    return heldValues<tf.Tensor3D>(this.v[layer]);
   }
   protected stored(): StoredItem[] {
-    const dtype = this.options.storage;
     return this.k.flatMap((k, l) => [
-      { name: `k.${l}`, tensor: k, dtype },
-      { name: `v.${l}`, tensor: this.v[l], dtype },
+      { name: `k.${l}`, held: k },
+      { name: `v.${l}`, held: this.v[l] },
     ]);
   }
   protected meta(): Record<string, unknown> {
     return { startPosition: this.startPosition };
   }
   protected disposeStored(): void {
-    tf.dispose([...this.k, ...this.v]);
+    [...this.k, ...this.v].forEach(disposeHeld);
   }
 }
 
@@ -57,20 +59,24 @@ export const denseDefinition = defineStrategy({
   schema: DenseOptionsSchema,
   compress: (cache, options, T) =>
     disposeOwnedOnError(async (own) => {
-      const round = async (x: tf.Tensor3D) => own(options.storage === 'float16' ? ((await roundToHalf(x)) as tf.Tensor3D) : (tf.clone(x) as tf.Tensor3D));
-      const k: tf.Tensor3D[] = [];
-      const v: tf.Tensor3D[] = [];
+      const hold = async (x: tf.Tensor3D) => {
+        const h = await holdFloat(x, options.storage);
+        own(h instanceof HalfTensor ? h.packed : h);
+        return h;
+      };
+      const k: HeldFloat[] = [];
+      const v: HeldFloat[] = [];
       for (let l = 0; l < cache.layout.nLayers; l++) {
-        k.push(await round(cache.keys[l]));
-        v.push(await round(cache.values[l]));
+        k.push(await hold(cache.keys[l]));
+        v.push(await hold(cache.values[l]));
       }
       return new DenseCache(cache.layout, cache.rope, T, options, k, v, cache.startPosition ?? 0);
     }),
-  restore: ({ header: h, tensor }, options) => {
+  restore: ({ header: h, held }, options) => {
     const expect = { dtype: options.storage, shape: [h.prefillLength, h.layout.nKvHeads, h.layout.headDim] };
     const layers = Array.from({ length: h.layout.nLayers }, (_, l) => l);
-    const k = layers.map((l) => tensor<tf.Tensor3D>(`k.${l}`, expect));
-    const v = layers.map((l) => tensor<tf.Tensor3D>(`v.${l}`, expect));
+    const k = layers.map((l) => held(`k.${l}`, expect));
+    const v = layers.map((l) => held(`v.${l}`, expect));
     return new DenseCache(h.layout, h.rope, h.prefillLength, options, k, v, h.startPosition);
   },
 });

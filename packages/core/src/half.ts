@@ -1,0 +1,172 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { check } from './errors.js';
+import { decodeHalf, encodeHalf } from './fp16.js';
+import { readSyncOrExplain, roundToHalfOnDevice } from './cache.js';
+import { isWebGpuBackend, runWgsl } from './webgpu.js';
+
+/**
+ * A float16 tensor as it is held on a tfjs backend, which has no 16-bit dtype: the IEEE binary16 bit
+ * patterns packed two to an int32 element (value 2i in the low 16 bits of element i, value 2i + 1 in
+ * the high 16 bits; an odd count leaves the last high half zero). It occupies ⌈n/2⌉·4 bytes for n
+ * values: what a float16 cache stores, not a float32 copy. {@link unpack} makes a transient float32
+ * tensor for compute; WGSL kernels on webgpu can read the packed form directly
+ * (`unpack2x16float`).
+ */
+export class HalfTensor {
+  private constructor(
+    /** The packed bit patterns, int32 [⌈n/2⌉]. */
+    readonly packed: tf.Tensor1D,
+    /** Logical shape of the float16 values. */
+    readonly shape: number[],
+  ) {}
+
+  /** Number of float16 values, n. */
+  get size(): number {
+    return this.shape.reduce((a, b) => a * b, 1);
+  }
+
+  /** Bytes held on the backend: ⌈n/2⌉ · 4. */
+  get residentBytes(): number {
+    return this.packed.size * 4;
+  }
+
+  get isDisposed(): boolean {
+    return this.packed.isDisposed;
+  }
+
+  /**
+   * Packs float16 bit patterns (as stored in a serialization) without decoding them: one upload.
+   * @throws KvpackError('shape') when `bits` does not hold exactly the values of `shape`.
+   */
+  static fromBits(bits: Uint16Array, shape: number[]): HalfTensor {
+    const n = shape.reduce((a, b) => a * b, 1);
+    check(bits.length === n, 'shape', `float16 data has ${bits.length} values, but shape [${shape}] needs ${n}`);
+    const words = new Int32Array(Math.ceil(n / 2));
+    new Uint16Array(words.buffer, 0, n).set(bits);
+    return new HalfTensor(tf.tensor1d(words, 'int32'), [...shape]);
+  }
+
+  /**
+   * Rounds a float32 tensor to float16 (round half to even, as {@link roundHalf}) and packs it. On
+   * webgpu both run on the device (no host round trip); on the host backends (wasm, cpu) and
+   * tensorflow, through one readback. Does not dispose `x`.
+   */
+  static async fromTensor(x: tf.Tensor): Promise<HalfTensor> {
+    if (isWebGpuBackend()) return new HalfTensor(packOnDevice(x), [...x.shape]);
+    const data = (await x.data()) as Float32Array;
+    return HalfTensor.fromBits(encodeHalf(data), [...x.shape]);
+  }
+
+  /** The float16 bit patterns (a synchronous readback; see {@link readSyncOrExplain}). */
+  bitsSync(what = 'float16 tensor'): Uint16Array {
+    check(!this.isDisposed, 'disposed', `${what} was disposed`);
+    const words = readSyncOrExplain(this.packed, what, 'use await cache.serializeAsync()') as unknown as Int32Array;
+    return new Uint16Array(Int32Array.from(words).buffer, 0, this.size);
+  }
+
+  /** The float16 bit patterns, read back asynchronously. */
+  async bits(): Promise<Uint16Array> {
+    const words = (await this.packed.data()) as Int32Array;
+    return new Uint16Array(Int32Array.from(words).buffer, 0, this.size);
+  }
+
+  /**
+   * A float32 tensor of {@link shape} holding the values: transient, owned by the caller. On webgpu a
+   * WGSL kernel (`unpack2x16float`); elsewhere decoded on the host from one readback and uploaded.
+   */
+  unpack(): tf.Tensor {
+    check(!this.isDisposed, 'disposed', 'float16 tensor was disposed');
+    if (isWebGpuBackend()) return tf.reshape(unpackOnDevice(this.packed, this.size), this.shape);
+    return tf.tensor(decodeHalf(this.bitsSync()), this.shape, 'float32');
+  }
+
+  /** Frees the packed tensor. Idempotent. */
+  dispose(): void {
+    if (!this.packed.isDisposed) this.packed.dispose();
+  }
+}
+
+const WG = 256;
+
+/** Workgroups for n invocations of WG, spread over x and y (each ≤ 65,535). */
+function grid(n: number): [number, number, number] {
+  const groups = Math.max(1, Math.ceil(n / WG));
+  const x = Math.min(groups, 65535);
+  return [x, Math.ceil(groups / x), 1];
+}
+
+/** Flat invocation index of a 2-D dispatch of 1-D workgroups. */
+const FLAT = 'let flat = (i32(workgroupId.y) * i32(numWorkgroups.x) + i32(workgroupId.x)) * ' + WG + ' + i32(localId.x);';
+
+function unpackOnDevice(packed: tf.Tensor1D, n: number): tf.Tensor {
+  return runWgsl({
+    key: 'unpack_half',
+    names: ['x'],
+    inputs: [packed],
+    outputShape: [n],
+    dtype: 'float32',
+    workgroupSize: WG,
+    dispatch: grid(n),
+    workgroupBytes: 0,
+    code: `fn kernel(index: i32) {
+  ${FLAT}
+  if (flat >= uniforms.outShape) { return; }
+  let pair = unpack2x16float(bitcast<u32>(x[flat / 2]));
+  result[flat] = select(pair.x, pair.y, (flat & 1) == 1);
+}`,
+  });
+}
+
+function packOnDevice(x: tf.Tensor): tf.Tensor1D {
+  const n = x.size;
+  const words = Math.ceil(n / 2);
+  // Round exactly first (bit-identical to the host rounding): pack2x16float then converts exact values.
+  const rounded = tf.tidy(() => tf.reshape(roundToHalfOnDevice(x), [n]));
+  try {
+    return runWgsl({
+      key: 'pack_half',
+      names: ['x'],
+      inputs: [rounded],
+      outputShape: [words],
+      dtype: 'int32',
+      workgroupSize: WG,
+      dispatch: grid(words),
+      workgroupBytes: 0,
+      code: `fn kernel(index: i32) {
+  ${FLAT}
+  if (flat >= uniforms.outShape) { return; }
+  let lo = x[2 * flat];
+  let hi = select(0.0, x[min(2 * flat + 1, uniforms.xShape - 1)], 2 * flat + 1 < uniforms.xShape);
+  result[flat] = bitcast<i32>(pack2x16float(vec2<f32>(lo, hi)));
+}`,
+    }) as tf.Tensor1D;
+  } finally {
+    rounded.dispose();
+  }
+}
+
+/** A float tensor held at its storage precision: float16 packed ({@link HalfTensor}) or a float32 tensor. */
+export type HeldFloat = HalfTensor | tf.Tensor;
+
+/**
+ * Holds a float32 tensor at a storage dtype: float16 rounds and packs it (⌈n/2⌉·4 bytes resident),
+ * float32 keeps a copy. Does not dispose `x`.
+ */
+export async function holdFloat(x: tf.Tensor, dtype: 'float16' | 'float32'): Promise<HeldFloat> {
+  return dtype === 'float16' ? HalfTensor.fromTensor(x) : tf.clone(x);
+}
+
+/** The values of a held float as a transient float32 tensor (the caller disposes it). */
+export function heldValues<T extends tf.Tensor = tf.Tensor>(h: HeldFloat): T {
+  return (h instanceof HalfTensor ? h.unpack() : tf.clone(h)) as T;
+}
+
+/** Shape of a held float's values. */
+export function heldShape(h: HeldFloat): number[] {
+  return [...h.shape];
+}
+
+/** Frees a held float. */
+export function disposeHeld(h: HeldFloat | null | undefined): void {
+  if (h && !h.isDisposed) h.dispose();
+}

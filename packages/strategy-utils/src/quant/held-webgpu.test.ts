@@ -1,0 +1,57 @@
+// The WGSL paths of the backend-held storage (float16 pack/unpack, code unpacking, dequantization) on a
+// WebGPU adapter (a software one such as Mesa's lavapipe is enough; see scripts/webgpu-software.sh),
+// against the host encodings. Without an adapter the suite is skipped and says why.
+import * as tf from '@tensorflow/tfjs-core';
+import { describe, expect, it } from 'vitest';
+import { HalfTensor, encodeHalf, fromHalfBits, selectBackend, toHalfBits, wgslValidationErrors } from '@kvpack/core';
+import { CodesTensor, dequantizeOnBackend } from './codes-tensor.js';
+import { packCodes } from './packing.js';
+import { dequantizeMatrix, quantizeMatrix } from './quantize.js';
+
+const unavailable = await selectBackend('webgpu').then(
+  () => null,
+  (e: Error) => e.message.split('\n')[0],
+);
+const title = unavailable ? `held storage on webgpu (SKIPPED: no WebGPU adapter: ${unavailable})` : 'held storage on webgpu';
+if (unavailable) console.warn(`[kvpack] ${title}`);
+
+describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
+  it('packs float32 to float16 on the device bit-identically to the host rounding, and unpacks exactly', async () => {
+    // Finite float16 values, their midpoints (ties to even) and values between them, odd count.
+    const xs: number[] = [];
+    for (let h = 0; h < 0x7bff; h += 331) {
+      const a = fromHalfBits(h);
+      const b = fromHalfBits(h + 1);
+      xs.push(a, -a, (a + b) / 2, a + (b - a) * 0.3);
+    }
+    xs.push(1);
+    const x = tf.tensor(Float32Array.from(xs));
+    const h = await HalfTensor.fromTensor(x);
+    expect(Array.from(await h.bits())).toEqual(Array.from(encodeHalf(Float32Array.from(xs))));
+    const u = h.unpack();
+    expect(Array.from(await u.data()).map(toHalfBits)).toEqual(Array.from(encodeHalf(Float32Array.from(xs))));
+    tf.dispose([x, u]);
+    h.dispose();
+  });
+
+  it('unpacks codes and dequantizes on the device as the host does', async () => {
+    for (const bits of [2, 4, 8] as const) {
+      const codes = Array.from({ length: 301 }, (_, i) => (i * 37 + 11) & ((1 << bits) - 1));
+      const t = CodesTensor.fromBytes(packCodes(codes, bits), bits, codes.length);
+      const u = t.unpack();
+      expect(Array.from(await u.data())).toEqual(codes);
+      u.dispose();
+      t.dispose();
+    }
+    let s = 7;
+    const rnd = () => ((s = (s * 48271) % 2147483647) / 2147483647 - 0.5) * 6;
+    const [rows, cols, gs] = [6, 45, 16];
+    const q = quantizeMatrix(Float32Array.from({ length: rows * cols }, rnd), rows, cols, { bits: 4, quantGroupSize: gs, symmetric: false });
+    const parts = [CodesTensor.fromBytes(q.codes, 4, rows * cols), HalfTensor.fromBits(q.scales, [q.scales.length]), CodesTensor.fromBytes(q.zeros!, 8, q.zeros!.length)] as const;
+    const x = dequantizeOnBackend({ rows, cols, bits: 4, quantGroupSize: gs, symmetric: false }, ...parts);
+    expect(Array.from(await x.data())).toEqual(Array.from(dequantizeMatrix(q)));
+    x.dispose();
+    parts.forEach((p) => p.dispose());
+    expect(await wgslValidationErrors()).toEqual([]);
+  });
+});
