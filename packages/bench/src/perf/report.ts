@@ -1,4 +1,5 @@
 import type { PerfSuiteResult } from './suite.js';
+import type { PerfRow } from './suite-types.js';
 import { fmtBytes, fmtMs, type RatioCheck } from './stats.js';
 
 /** Where and how a perf run ran. */
@@ -55,12 +56,12 @@ export function perfMarkdown(r: PerfReport): string {
   }
   out.push('');
   out.push(
-    '| strategy | T | compress (all layers) | per layer | × matmul floor | reconstruct K / V (1 layer) | decode mode | decode step (1 layer) | × dense attn (× core attn) | bytes | ratio (paper) | resident tensors: after compress / after decode | peak: compress / step |',
+    '| strategy | T | compress (all layers) | per layer | × matmul floor | reconstruct K / V (1 layer) | decode mode | decode step (1 layer) | × dense attn (× core attn) | bytes | ratio (paper) | resident tensors: after compress / after decode | resident ÷ stored: compress / step peak / after | peak: compress / step |',
   );
-  out.push('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
+  out.push('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |');
   for (const row of r.rows) {
     if (row.error) {
-      out.push(`| ${row.setting} | ${row.tokens} | failed: ${row.error.replace(/\|/g, '\\|')} | | | | | | | | | | |`);
+      out.push(`| ${row.setting} | ${row.tokens} | failed: ${row.error.replace(/\|/g, '\\|')} | | | | | | | | | | | |`);
       continue;
     }
     const modes = row.decode.length ? row.decode : [null];
@@ -71,7 +72,9 @@ export function perfMarkdown(r: PerfReport): string {
           `${first ? x(row.compressVsFloor) : ''} | ${first ? `${fmtMs(row.reconstructKeys!.medianMs)} / ${fmtMs(row.reconstructValues!.medianMs)}` : ''} | ` +
           `${d ? d.label : '–'} | ${d ? fmtMs(d.timing.medianMs) : '–'} | ${d ? `${x(d.vsDense)} (${x(d.vsCoreAttention)})` : '–'} | ` +
           `${first ? fmtBytes(row.bytes) : ''} | ${first ? `${row.ratio.toFixed(2)}×${row.paperRatio !== null ? ` (${row.paperRatio.toFixed(2)}×)` : ''}` : ''} | ` +
-          `${first ? `${fmtBytes(row.residentBytes)} / ${fmtBytes(row.residentAfterDecodeBytes)}` : ''} | ${first ? fmtBytes(row.compressPeakBytes) : ''} / ${d ? fmtBytes(d.peakBytes) : '–'} |`,
+          `${first ? `${fmtBytes(row.residentBytes)} / ${fmtBytes(row.residentAfterDecodeBytes)}` : ''} | ` +
+          `${first ? residentRatios(row, d) : d ? `– / ${((row.residentBytes + d.peakBytes) / row.bytes).toFixed(2)} / –` : ''} | ` +
+          `${first ? fmtBytes(row.compressPeakBytes) : ''} / ${d ? fmtBytes(d.peakBytes) : '–'} |`,
       );
     });
   }
@@ -80,6 +83,7 @@ export function perfMarkdown(r: PerfReport): string {
     '× dense attn: decode step / the faster of the two dense steps at the same T (in parentheses: / core attention). ' +
       'bytes: what the compressed cache holds (`byteSize()`, 16-bit values counted as 2 bytes; ratio = fp16 dense bytes / bytes). ' +
       'resident tensors: tensor bytes the compressed cache keeps on the backend right after compression, and after the decode steps (plus what it derived for decoding); float32 working copies of 16-bit data count 4 bytes. ' +
+      'resident ÷ stored: those bytes over `byteSize()` — after compression, at the peak of a decode step (the cache plus the step\'s transient working set: reconstructed or dequantized tensors, scores), and after the steps; 1.00 means the backend holds exactly the stored form. ' +
       'peak: highest tfjs tensor bytes during one compression (above the uncompressed cache) and during one decode step; host arrays of host-side strategies (KIVI, MiniCache) are not counted.',
   );
   out.push('');
@@ -91,4 +95,10 @@ export function perfMarkdown(r: PerfReport): string {
 export function checkLines(checks: RatioCheck[], unavailable: { label: string; reason: string }[] = []): string[] {
   if (!checks.length && !unavailable.length) return [];
   return ['Target checks (computed in this run):', '', ...checks.map((c) => `- ${c.line}${c.note ? ` — ${c.note}` : ''}`), ...unavailable.map((u) => `- N/A ${u.label}: ${u.reason}`)];
+}
+
+/** "compress / step peak / after" resident ÷ stored ratios of a row (the first decode mode's step peak). */
+function residentRatios(row: PerfRow, d: PerfRow['decode'][number] | null): string {
+  const r = (b: number) => (b / row.bytes).toFixed(2);
+  return `${r(row.residentBytes)} / ${d ? r(row.residentBytes + d.peakBytes) : '–'} / ${r(row.residentAfterDecodeBytes)}`;
 }

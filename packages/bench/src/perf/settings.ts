@@ -27,7 +27,8 @@ export interface PerfSetting {
  * exact outlier/local tokens, so its bytes differ).
  */
 export const PERF_SETTINGS: readonly PerfSetting[] = [
-  { label: 'dense fp16', name: 'dense', options: { storage: 'float16' }, paper: 'uncompressed fp16 KV cache (ratio 1)' },
+  { label: 'dense fp16', name: 'dense', options: { storage: 'float16' }, paper: 'uncompressed fp16 KV cache (ratio 1), held packed two halves per 32-bit element' },
+  { label: 'dense fp32', name: 'dense', options: { storage: 'float32' }, paper: 'uncompressed float32 KV cache (ratio 0.5): what a tfjs runner without packed fp16 holds' },
   {
     label: 'xkv G=4 r=512/768',
     name: 'xkv',

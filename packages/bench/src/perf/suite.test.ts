@@ -37,7 +37,14 @@ describe('runPerfSuite on a small Llama-shaped cache', () => {
 
   it('measures every setting with consistent ratios, and frees every tensor', () => {
     expect(tf.memory().numTensors).toBe(start);
-    expect(r.rows.map((x) => x.strategy)).toEqual(['dense', 'svd', 'snapkv', 'streamingllm']);
+    expect(r.rows.map((x) => x.strategy)).toEqual(['dense', 'dense', 'svd', 'snapkv', 'streamingllm']);
+    // Dense at float16 holds its keys and values packed (resident = stored); at float32 it holds 4-byte
+    // values and counts them so, twice the fp16 bytes (2·L·T·H_kv·d·2 = 2·2·256·8·128·2).
+    const [d16, d32] = r.rows;
+    expect(d16.bytes).toBe(2 * 2 * 256 * 8 * 128 * 2);
+    expect(d16.residentBytes).toBe(d16.bytes);
+    expect(d32.bytes).toBe(2 * d16.bytes);
+    expect(d32.residentBytes).toBe(d32.bytes);
     expect(r.layout).toEqual({ ...LLAMA31_8B_LAYOUT, nLayers: 2 });
     for (const row of r.rows) {
       expect(row.error).toBeUndefined();
@@ -53,8 +60,7 @@ describe('runPerfSuite on a small Llama-shaped cache', () => {
     const by = (n: string) => r.rows.find((x) => x.strategy === n)!;
     // fp16 dense keeps 2 bytes per element: ratio 1; T = 256 ≤ budget 2,048: the eviction strategies keep everything.
     expect(by('dense').ratio).toBe(1);
-    // the dense cache keeps float32 working copies of its fp16 values: 2 (K, V) · L · T · F · 4 bytes, nothing more after decoding
-    expect(by('dense').residentBytes).toBe(2 * 2 * 256 * 1024 * 4);
+    // the fp16 dense cache holds its values packed, nothing more after decoding
     expect(by('dense').residentAfterDecodeBytes).toBe(by('dense').residentBytes);
     expect(by('streamingllm').bytes).toBe(denseCacheBytes(r.layout, 256));
     // Single SVD at r = 128/192 per layer: 2·T·F / ((T + F)·(r_K + r_V)) = 2·256·1024 / (1280·320)
@@ -218,7 +224,7 @@ describe('kvpack bench perf / structure (CLI)', () => {
     const { report } = await perfCommand({ backend: 'wasm', tokens: '128', strategies: 'dense', layers: '1', reps: '1', checks: false, out: dir }, pio);
     const json = JSON.parse(readFileSync(join(dir, 'perf.json'), 'utf8')) as PerfReport;
     expect(json.format).toBe('kvpack-perf/1');
-    expect(json.rows).toHaveLength(1);
+    expect(json.rows.map((x) => x.setting)).toEqual(['dense fp16', 'dense fp32']);
     expect(json.environment.backend).toBe('wasm');
     expect(readFileSync(join(dir, 'perf.md'), 'utf8')).toContain('| dense fp16 | 128 |');
     expect(c.out).toContain('| dense fp16 | 128 |');
