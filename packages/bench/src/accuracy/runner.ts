@@ -8,6 +8,7 @@ import type { BenchModel } from '../model.js';
 import { settingQueryWindow } from '../query-window.js';
 import { emptySummary, type SettingSummary } from '../results.js';
 import { buildStrategy } from '../strategy.js';
+import { measurePeakMemory } from '../perf/stats.js';
 import { attentionOutputError } from './attention-error.js';
 import type { EvalExample } from './dataset.js';
 import { exactMatch, summarizeAccuracy, type AccuracySummary } from './scoring.js';
@@ -51,6 +52,12 @@ export interface ExampleOutcome {
   /** Attention-output error sums over layers (null when skipped). */
   attention: { sums: ErrorSums; perLayerSums: ErrorSums[] } | null;
   compressMs: number;
+  /**
+   * Tensor bytes the compressed cache held on the backend (tf.memory()), each over `byteSize()` at
+   * that moment: right after compress, at the peak of answering (the cache plus the decode steps'
+   * transient working set), and after answering.
+   */
+  resident: { afterCompress: number; peakDecode: number; afterDecode: number };
 }
 
 /** Results of one setting over every example. */
@@ -65,6 +72,8 @@ export interface AccuracySettingResult extends SettingSummary {
   attentionErrorPerLayer: number[] | null;
   /** Mean compress time, ms. */
   compressMs: number;
+  /** Largest resident ÷ stored over the examples, after compress / at the decode peak / after decoding. */
+  resident: { afterCompress: number; peakDecode: number; afterDecode: number } | null;
   examples: ExampleOutcome[];
   /** Set when the strategy rejected the input (KvpackError); metrics are then NaN / empty. */
   error?: string;
@@ -169,6 +178,7 @@ function emptySetting(s: ResolvedSetting, window: number | null): AccuracySettin
     agreement: NaN,
     attentionError: null,
     attentionErrorPerLayer: null,
+    resident: null,
     compressMs: NaN,
     examples: [],
   };
@@ -185,6 +195,8 @@ export function aggregateSetting(r: AccuracySettingResult, tasks: string[]): Acc
   r.accuracy = summarizeAccuracy(ex, tasks);
   r.agreement = ex.length ? sum((o) => (o.agrees ? 1 : 0)) / ex.length : NaN;
   r.compressMs = ex.length ? sum((o) => o.compressMs) / ex.length : NaN;
+  const most = (f: (o: ExampleOutcome) => number) => Math.max(...ex.map(f));
+  r.resident = ex.length ? { afterCompress: most((o) => o.resident.afterCompress), peakDecode: most((o) => o.resident.peakDecode), afterDecode: most((o) => o.resident.afterDecode) } : null;
   if (ex.length && ex.every((o) => o.attention !== null)) {
     const L = ex[0].attention!.perLayerSums.length;
     const per = Array.from({ length: L }, (_, l) => {
@@ -267,13 +279,25 @@ export async function runAccuracy(
         let c: CompressedCache | undefined;
         try {
           const strategy = buildStrategy(s);
+          const base = tf.memory().numBytes;
           const t0 = performance.now();
           c = await strategy.compress(viewFor(p.cache, windows[si] !== null));
           const compressMs = performance.now() - t0;
           const bytes = c.byteSize();
           check(bytes > 0, 'unsupported', `${s.label}: compressed cache reports ${bytes} bytes`);
+          const residentAfterCompress = (tf.memory().numBytes - base) / bytes;
           const attn = attnCount > 0 ? await attentionOutputError(p.cache, c, { count: attnCount }) : null;
-          const predicted = await greedyAnswer(model, c, p.start, p.maxNew, stops);
+          const cc = c;
+          let predicted: number[] = [];
+          const answering = await measurePeakMemory(async () => {
+            predicted = await greedyAnswer(model, cc, p.start, p.maxNew, stops);
+          });
+          const held = c.byteSize();
+          const resident = {
+            afterCompress: residentAfterCompress,
+            peakDecode: (tf.memory().numBytes - answering.retainedBytes + answering.peakBytes - base) / held,
+            afterDecode: (tf.memory().numBytes - base) / held,
+          };
           const correct = exactMatch(predicted, ex.answerIds);
           res.examples.push({
             example: ex.id,
@@ -288,6 +312,7 @@ export async function runAccuracy(
               ? { sums: attn.perLayerSums.reduce((a, x) => ({ num: a.num + x.num, den: a.den + x.den }), { num: 0, den: 0 }), perLayerSums: attn.perLayerSums }
               : null,
             compressMs,
+            resident,
           });
           marks.push({ label: s.label, correct });
         } catch (e) {
