@@ -49,6 +49,7 @@ export function defineStrategy<S extends z.ZodType, C extends BaseCompressedCach
     create: (options) => specStrategy(spec, options),
     ...(spec.capabilities ? { capabilities: spec.capabilities } : {}),
     ...(spec.renamedOptions ? { renamedOptions: spec.renamedOptions } : {}),
+    signature: [spec.compress, spec.restore, spec.capabilities ? Object.values(spec.capabilities) : []].flat().map(String).join('\n'),
   };
   registerStrategy(def);
   return def;

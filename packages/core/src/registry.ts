@@ -54,6 +54,12 @@ export interface StrategyDefinition<S extends z.ZodType = z.ZodType> {
   /** Capabilities a benchmark reads instead of recognizing the strategy by name. */
   capabilities?: StrategyCapabilities<z.output<S>>;
   /**
+   * Identity of the definition's behaviour, compared when a name is registered again (the same
+   * package loaded twice, as ESM and as CommonJS, registers equal definitions); `create`'s source
+   * when absent. `defineStrategy` sets it from the spec's functions.
+   */
+  signature?: string;
+  /**
    * Former option names still accepted, old → new, as dotted paths (`'factorQuantization.groupSize':
    * 'factorQuantization.quantGroupSize'`): the value moves to the new name with a deprecation warning.
    */
@@ -83,11 +89,15 @@ export function registerStrategy<S extends z.ZodType>(def: StrategyDefinition<S>
   const old = registry.get(def.name);
   if (old === (def as unknown as StrategyDefinition)) return;
   check(
-    !old || (old.description === def.description && old.create.toString() === def.create.toString()),
+    !old || (old.description === def.description && definitionSignature(old) === definitionSignature(def as unknown as StrategyDefinition)),
     'config',
     `a different strategy is already registered as "${def.name}" (${old?.description}); unregisterStrategy("${def.name}") first to replace it`,
   );
   registry.set(def.name, def as unknown as StrategyDefinition);
+}
+
+function definitionSignature(d: StrategyDefinition): string {
+  return d.signature ?? d.create.toString();
 }
 
 /** Removes a registered strategy; returns whether one was registered under `name`. */
@@ -139,17 +149,28 @@ const warned = new Set<string>();
 
 /** Options with former names moved to their current ones (a copy), warning once per name. */
 function renameOptions(strategy: string, options: unknown, renamed: Record<string, string> | undefined): unknown {
-  if (!renamed || !options || typeof options !== 'object') return options;
-  const out = structuredClone(options) as Record<string, unknown>;
+  if (!renamed || !options || typeof options !== 'object' || Array.isArray(options)) return options;
+  let out = options as Record<string, unknown>;
   for (const [from, to] of Object.entries(renamed)) {
     const path = from.split('.');
-    const parent = path.slice(0, -1).reduce<unknown>((o, k) => (o && typeof o === 'object' ? (o as Record<string, unknown>)[k] : undefined), out);
-    if (!parent || typeof parent !== 'object' || !(path[path.length - 1] in parent)) continue;
-    const p = parent as Record<string, unknown>;
+    const oldKey = path[path.length - 1];
     const newKey = to.split('.').pop()!;
-    if (newKey in p) continue; // both given: the schema reports the old one as unknown
-    p[newKey] = p[path[path.length - 1]];
-    delete p[path[path.length - 1]];
+    // Shallow copies of the objects along the path only: the rest of the options is left as given.
+    const chain: Record<string, unknown>[] = [out];
+    for (const k of path.slice(0, -1)) {
+      const next = chain[chain.length - 1][k];
+      if (!next || typeof next !== 'object' || Array.isArray(next)) break;
+      chain.push(next as Record<string, unknown>);
+    }
+    if (chain.length !== path.length) continue;
+    const parent = chain[chain.length - 1];
+    if (!Object.hasOwn(parent, oldKey) || Object.hasOwn(parent, newKey)) continue; // both given: the schema reports the old one
+    const copies = chain.map((o) => ({ ...o }));
+    for (let i = 1; i < copies.length; i++) copies[i - 1][path[i - 1]] = copies[i];
+    const p = copies[copies.length - 1];
+    p[newKey] = p[oldKey];
+    delete p[oldKey];
+    out = copies[0];
     const note = `kvpack: option "${from}" of strategy "${strategy}" is now "${to}"; the old name still works but is deprecated`;
     if (!warned.has(note)) {
       warned.add(note);

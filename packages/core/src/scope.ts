@@ -10,9 +10,10 @@ interface ScopingEngine {
 /**
  * Runs a synchronous `fn` in a tfjs scope: if it throws, every tensor it created and that is still
  * alive is disposed before the error propagates, so a failed restore or build leaks nothing; if it
- * returns, every tensor it created and left alive is kept (`tf.keep`), owned by whatever `fn` returned
- * and freed by that object's `dispose()`. Not for asynchronous work: tfjs scopes are not safe across
- * an `await`.
+ * returns, every tensor it created and left alive is handed to the enclosing scope (as `tf.tidy` does
+ * with what it returns), owned by whatever `fn` returned and freed by that object's `dispose()` — so
+ * an enclosing call of this function that fails afterwards frees them too. Not for asynchronous work:
+ * tfjs scopes are not safe across an `await`.
  */
 export function disposeCreatedOnError<T>(fn: () => T): T {
   const engine = tf.engine() as unknown as ScopingEngine;
@@ -25,7 +26,6 @@ export function disposeCreatedOnError<T>(fn: () => T): T {
     engine.endScope();
     throw e;
   }
-  for (const t of scope?.track ?? []) if (!t.isDisposed) tf.keep(t);
-  engine.endScope();
+  engine.endScope((scope?.track ?? []).filter((t) => !t.isDisposed));
   return out;
 }
