@@ -42,9 +42,9 @@ function gatherRows(x: Float32Array, H: number, d: number, positions: Int32Array
 /**
  * A cache that keeps a subset of the prefill tokens (eviction), possibly a different subset per KV
  * head with the same count: per layer, float16 post-RoPE keys and values of the kept tokens, in
- * ascending position order, [n, H_kv, d], held on the backend as float16 ({@link HalfTensor}, packed two
- * per int32: what is stored, no float32 copy; reads unpack transiently). Kept keys were rotated at their original positions, so
- * they keep them (no re-rotation). Shared by `streamingllm` (same tokens for every head, positions
+ * ascending position order, [n, H_kv, d], held on the backend as float16 ({@link HalfTensor}, packed
+ * two per int32: what is stored, no float32 copy; reads unpack transiently). Kept keys were rotated
+ * at their original positions, so they keep them (no re-rotation). Shared by `streamingllm` (same tokens for every head, positions
  * implied by its options) and `snapkv` (per-head positions, stored as int32 [n, H_kv]).
  */
 export class KeptTokensCache extends BaseCompressedCache {
