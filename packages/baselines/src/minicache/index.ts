@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import {
   BaseCompressedCache,
+  HalfTensor,
   MAX_LAYERS,
   applyRope,
   atMost,
@@ -9,7 +10,6 @@ import {
   encodeHalf,
   defineStrategy,
   disposeOwnedOnError,
-  roundToHalf,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
@@ -174,14 +174,34 @@ export function miniCacheBytes(layout: ModelLayout, tokens: number, options: Min
   return exact * 2 * tokens * H * d * 2 + pairs * 2 * perPairKind;
 }
 
+/**
+ * One merged pair's stored parts for keys or for values, held on the backend at their stored width:
+ * the float16 parts packed ({@link HalfTensor}), the retained indices as an int32 tensor (for the
+ * scatter) with a host copy (what is serialized and what {@link MiniCacheCache.retainedPositions}
+ * returns, so neither reads the backend back).
+ */
+export interface HeldPair {
+  dir: HalfTensor;
+  norm0: HalfTensor;
+  norm1: HalfTensor;
+  /** Retained positions, int32 [k, H_kv], on the backend. */
+  idx: tf.Tensor2D;
+  /** The same, on the host. */
+  idxHost: Int32Array;
+  keep0: HalfTensor;
+  keep1: HalfTensor;
+  retained: number;
+}
+
 /** One merged pair's keys and values. */
 interface PairState {
   layers: [number, number];
-  k: MergedPair;
-  v: MergedPair;
+  k: HeldPair;
+  v: HeldPair;
 }
 
 const PAIR_PARTS = ['dir', 'norm0', 'norm1', 'idx', 'keep0', 'keep1'] as const;
+const HALF_PARTS = ['dir', 'norm0', 'norm1', 'keep0', 'keep1'] as const;
 
 /** Storage dtype and shape of each stored part of a merged pair over T tokens that retains k tokens. */
 function pairShapes(T: number, H: number, d: number, k: number): Record<(typeof PAIR_PARTS)[number], { dtype: 'float16' | 'int32'; shape: number[] }> {
@@ -195,11 +215,50 @@ function pairShapes(T: number, H: number, d: number, k: number): Record<(typeof 
   };
 }
 
+/** Uploads a merged pair's stored parts (float16 bits packed without decoding, indices as int32). */
+function holdPair(m: MergedPair, T: number, H: number, d: number): HeldPair {
+  const shapes = pairShapes(T, H, d, m.retained);
+  const held: Partial<HeldPair> = { idxHost: m.idx, retained: m.retained };
+  try {
+    for (const part of HALF_PARTS) held[part] = HalfTensor.fromBits(m[part], shapes[part].shape);
+    held.idx = tf.tensor2d(m.idx, [m.retained, H], 'int32');
+    return held as HeldPair;
+  } catch (e) {
+    disposePair(held);
+    throw e;
+  }
+}
+
+function disposePair(p: Partial<HeldPair>): void {
+  for (const part of HALF_PARTS) p[part]?.dispose();
+  p.idx?.dispose();
+}
+
+/**
+ * Layer j (0: lower, 1: upper) of a held merged pair, [T, H, d] float32, on the backend with tfjs
+ * ops only (no readback on webgpu): ‖x_j‖·e, then the retained rows scattered in at their
+ * (token, KV head) pairs. The product of two float16 values is exact in float32, so this equals
+ * {@link restoreLayerPair} bit for bit on every backend. Transient, owned by the caller.
+ */
+export function restoreHeldLayer(p: HeldPair, j: 0 | 1, T: number, H: number, d: number): tf.Tensor3D {
+  return tf.tidy(() => {
+    const norm = tf.reshape((j === 0 ? p.norm0 : p.norm1).unpack(), [T, H, 1]);
+    const x = tf.mul(norm, p.dir.unpack()) as tf.Tensor3D;
+    const k = p.retained;
+    if (k === 0) return x;
+    const heads = tf.tile(tf.range(0, H, 1, 'int32'), [k]); // head of row r·H + h is h
+    const indices = tf.stack([tf.reshape(p.idx, [k * H]), heads], 1); // [k·H, 2]: (token, head)
+    const rows = tf.reshape((j === 0 ? p.keep0 : p.keep1).unpack(), [k * H, d]);
+    return tf.tensorScatterUpdate(x, indices, rows) as tf.Tensor3D;
+  });
+}
+
 /**
  * A MiniCache cache: layers below `startLayer` (and an unpaired last layer) stay exact at float16;
  * each merged pair holds one shared direction tensor, per-layer norms and the retained tokens, for
- * pre-RoPE keys and for values. The restored pre-RoPE keys and values of every layer live on the
- * backend as float32 (rebuilt identically by the deserializer); keys are rotated at read time.
+ * pre-RoPE keys and for values. Everything is held on the backend at its stored width (float16
+ * packed two per int32, indices int32), nothing else: a merged layer is reconstructed transiently
+ * per read ({@link restoreHeldLayer}); keys are rotated at read time.
  *
  * Keys are merged **pre-RoPE**: both layers' keys of a token are rotated by the same position-dependent
  * rotation, which preserves norms and angles and commutes with SLERP, so merging pre- or post-RoPE gives
@@ -217,9 +276,9 @@ export class MiniCacheCache extends BaseCompressedCache {
     private readonly startLayer: number,
     private readonly startPosition: number,
     private readonly pairs: PairState[],
-    /** Pre-RoPE keys and values of every layer, float32 (float16-rounded for exact layers). */
-    private readonly recK: tf.Tensor3D[],
-    private readonly recV: tf.Tensor3D[],
+    /** Pre-RoPE keys and values of the exact layers, float16 [T, H_kv, d] (null for merged layers). */
+    private readonly exactK: (HalfTensor | null)[],
+    private readonly exactV: (HalfTensor | null)[],
   ) {
     super(layout, rope, prefillLength);
   }
@@ -228,32 +287,40 @@ export class MiniCacheCache extends BaseCompressedCache {
   retainedPositions(layer: number, kind: 'keys' | 'values'): Int32Array | null {
     this.assertLive(layer);
     const p = this.pairs.find((q) => q.layers.includes(layer));
-    return p ? Int32Array.from(kind === 'keys' ? p.k.idx : p.v.idx) : null;
+    return p ? Int32Array.from(kind === 'keys' ? p.k.idxHost : p.v.idxHost) : null;
+  }
+
+  /** Pre-RoPE keys or values of a layer, [T, H_kv, d] float32, transient. */
+  private layerValues(layer: number, kind: 'k' | 'v'): tf.Tensor3D {
+    const exact = (kind === 'k' ? this.exactK : this.exactV)[layer];
+    if (exact) return exact.unpack() as tf.Tensor3D;
+    const p = this.pairs.find((q) => q.layers.includes(layer))!;
+    const { nKvHeads: H, headDim: d } = this.layout;
+    return restoreHeldLayer(p[kind], layer === p.layers[0] ? 0 : 1, this.prefillLength, H, d);
   }
 
   protected prefillKeys(layer: number): tf.Tensor3D {
-    return applyRope(this.recK[layer], this.rope, { start: this.startPosition, count: this.prefillLength });
+    return tf.tidy(() => applyRope(this.layerValues(layer, 'k'), this.rope, { start: this.startPosition, count: this.prefillLength }));
   }
   protected prefillValues(layer: number): tf.Tensor3D {
-    return tf.clone(this.recV[layer]);
-  }
-
-  private isMerged(layer: number): boolean {
-    return this.pairs.some((p) => p.layers.includes(layer));
+    return this.layerValues(layer, 'v');
   }
 
   protected stored(): StoredItem[] {
-    const { nKvHeads: H, headDim: d } = this.layout;
-    const T = this.prefillLength;
+    const { nKvHeads: H } = this.layout;
     const out: StoredItem[] = [];
     for (let l = 0; l < this.layout.nLayers; l++) {
-      if (this.isMerged(l)) continue;
-      out.push({ name: `exact.k.${l}`, tensor: this.recK[l], dtype: 'float16' }, { name: `exact.v.${l}`, tensor: this.recV[l], dtype: 'float16' });
+      const k = this.exactK[l];
+      const v = this.exactV[l];
+      if (k && v) out.push({ name: `exact.k.${l}`, half: k }, { name: `exact.v.${l}`, half: v });
     }
     for (const p of this.pairs) {
       for (const kind of ['k', 'v'] as const) {
-        const shapes = pairShapes(T, H, d, p[kind].retained);
-        for (const part of PAIR_PARTS) out.push({ name: `pair.${p.layers[0]}.${kind}.${part}`, ...shapes[part], data: p[kind][part] });
+        const held = p[kind];
+        for (const part of PAIR_PARTS) {
+          const name = `pair.${p.layers[0]}.${kind}.${part}`;
+          out.push(part === 'idx' ? { name, dtype: 'int32', shape: [held.retained, H], data: held.idxHost } : { name, half: held[part] });
+        }
       }
     }
     return out;
@@ -264,7 +331,11 @@ export class MiniCacheCache extends BaseCompressedCache {
   }
 
   protected disposeStored(): void {
-    tf.dispose([...this.recK, ...this.recV]);
+    for (const p of this.pairs) {
+      disposePair(p.k);
+      disposePair(p.v);
+    }
+    for (const h of [...this.exactK, ...this.exactV]) h?.dispose();
   }
 }
 
@@ -295,19 +366,32 @@ export const miniCacheDefinition = defineStrategy({
         'config',
         `minicache: startLayer ${start} leaves no adjacent layer pair to merge in a ${L}-layer model (startLayer must be at most L − 2 = ${L - 2})`,
       );
+      const ownPair = (p: HeldPair): HeldPair => {
+        for (const part of HALF_PARTS) own(p[part].packed);
+        own(p.idx);
+        return p;
+      };
       const pairs: PairState[] = [];
       for (const layers of mergedPairs(L, start)) {
         const [a, b] = layers;
-        const merge = async (x: tf.Tensor3D[]) => mergeLayerPair((await x[a].data()) as Float32Array, (await x[b].data()) as Float32Array, T, H, d, options.t, options.gamma);
+        const merge = async (x: tf.Tensor3D[]) =>
+          ownPair(holdPair(mergeLayerPair((await x[a].data()) as Float32Array, (await x[b].data()) as Float32Array, T, H, d, options.t, options.gamma), T, H, d));
         pairs.push({ layers, k: await merge(cache.keys), v: await merge(cache.values) });
       }
-      const { recK, recV } = rebuildPairs(pairs, L, T, H, d, own);
+      const merged = new Set(pairs.flatMap((p) => p.layers));
+      const exactK: (HalfTensor | null)[] = new Array(L).fill(null);
+      const exactV: (HalfTensor | null)[] = new Array(L).fill(null);
+      const hold = async (x: tf.Tensor) => {
+        const h = await HalfTensor.fromTensor(x);
+        own(h.packed);
+        return h;
+      };
       for (let l = 0; l < L; l++) {
-        if (recK[l]) continue;
-        recK[l] = own((await roundToHalf(cache.keys[l])) as tf.Tensor3D);
-        recV[l] = own((await roundToHalf(cache.values[l])) as tf.Tensor3D);
+        if (merged.has(l)) continue;
+        exactK[l] = await hold(cache.keys[l]);
+        exactV[l] = await hold(cache.values[l]);
       }
-      return new MiniCacheCache(cache.layout, cache.rope, T, options, start, cache.startPosition ?? 0, pairs, recK, recV);
+      return new MiniCacheCache(cache.layout, cache.rope, T, options, start, cache.startPosition ?? 0, pairs, exactK, exactV);
     }),
   restore(r, options) {
     const { layout, rope, prefillLength: T, startPosition, meta } = r.header;
@@ -319,38 +403,31 @@ export const miniCacheDefinition = defineStrategy({
       `serialized minicache cache is corrupt: metadata startLayer ${JSON.stringify(startLayer)} is not a layer of ${L}`,
     );
     const pairs = mergedPairs(L, startLayer).map((layers): PairState => {
-      const read = (kind: 'k' | 'v'): MergedPair => {
+      const read = (kind: 'k' | 'v'): HeldPair => {
         const base = `pair.${layers[0]}.${kind}`;
         const k = r.shape(`${base}.idx`, { dtype: 'int32', shape: [null, H] })[0];
         const shapes = pairShapes(T, H, d, k);
-        const part = <A extends Uint16Array | Int32Array>(name: (typeof PAIR_PARTS)[number]) => r.host<A>(`${base}.${name}`, shapes[name]);
-        const idx = part<Int32Array>('idx');
-        check(idx.every((p) => p >= 0 && p < T), 'corrupt', `serialized minicache cache is corrupt: "${base}.idx" holds a token outside [0, ${T})`);
-        return { dir: part('dir'), norm0: part('norm0'), norm1: part('norm1'), idx, keep0: part('keep0'), keep1: part('keep1'), retained: k } as MergedPair;
+        const half = (name: (typeof HALF_PARTS)[number]) => r.half(`${base}.${name}`, shapes[name]);
+        // Read in stored order (the restore checks the declared layout against the file's).
+        const dir = half('dir');
+        const norm0 = half('norm0');
+        const norm1 = half('norm1');
+        const idxHost = r.host<Int32Array>(`${base}.idx`, shapes.idx);
+        check(idxHost.every((p) => p >= 0 && p < T), 'corrupt', `serialized minicache cache is corrupt: "${base}.idx" holds a token outside [0, ${T})`);
+        const keep0 = half('keep0');
+        const keep1 = half('keep1');
+        return { dir, norm0, norm1, idx: tf.tensor2d(idxHost, [k, H], 'int32'), idxHost, keep0, keep1, retained: k };
       };
       return { layers, k: read('k'), v: read('v') };
     });
-    const { recK, recV } = rebuildPairs(pairs, L, T, H, d, (t) => t);
+    const merged = new Set(pairs.flatMap((p) => p.layers));
+    const exactK: (HalfTensor | null)[] = new Array(L).fill(null);
+    const exactV: (HalfTensor | null)[] = new Array(L).fill(null);
     for (let l = 0; l < L; l++) {
-      if (recK[l]) continue;
-      recK[l] = r.tensor(`exact.k.${l}`, { dtype: 'float16', shape: [T, H, d] });
-      recV[l] = r.tensor(`exact.v.${l}`, { dtype: 'float16', shape: [T, H, d] });
+      if (merged.has(l)) continue;
+      exactK[l] = r.half(`exact.k.${l}`, { shape: [T, H, d] });
+      exactV[l] = r.half(`exact.v.${l}`, { shape: [T, H, d] });
     }
-    return new MiniCacheCache(layout, rope, T, options, startLayer, startPosition, pairs, recK, recV);
+    return new MiniCacheCache(layout, rope, T, options, startLayer, startPosition, pairs, exactK, exactV);
   },
 });
-
-/** The merged layers' keys and values [T, H, d] rebuilt from their pairs (unmerged layers left empty). */
-function rebuildPairs(pairs: PairState[], L: number, T: number, H: number, d: number, own: (t: tf.Tensor3D) => tf.Tensor3D): { recK: tf.Tensor3D[]; recV: tf.Tensor3D[] } {
-  const recK: tf.Tensor3D[] = new Array(L);
-  const recV: tf.Tensor3D[] = new Array(L);
-  for (const { layers, k, v } of pairs) {
-    const [k0, k1] = restoreLayerPair(k, T, H, d);
-    const [v0, v1] = restoreLayerPair(v, T, H, d);
-    recK[layers[0]] = own(tf.tensor3d(k0, [T, H, d]));
-    recK[layers[1]] = own(tf.tensor3d(k1, [T, H, d]));
-    recV[layers[0]] = own(tf.tensor3d(v0, [T, H, d]));
-    recV[layers[1]] = own(tf.tensor3d(v1, [T, H, d]));
-  }
-  return { recK, recV };
-}

@@ -1,9 +1,9 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { KvpackError, MAX_LAYERS, createStrategy, selectBackend, type KVCache, type ModelLayout } from '@kvpack/core';
+import { KvpackError, MAX_LAYERS, applyRope, createStrategy, deserializeCache, roundHalf, selectBackend, type KVCache, type ModelLayout } from '@kvpack/core';
 import './index.js'; // registers the strategy
 import { runStrategyConformance } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { MiniCacheCache, miniCacheBytes, type MiniCacheOptions } from './index.js';
+import { MiniCacheCache, mergeLayerPair, miniCacheBytes, restoreLayerPair, type MiniCacheOptions } from './index.js';
 import { expectOptionBounds, f16, randomCache, take, unrotate, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('minicache', {
@@ -157,6 +157,52 @@ describe('minicache: SLERP merge against its closed form', () => {
     await expect(s.compress(rc.cache)).rejects.toThrow(KvpackError);
     await expect(s.compress(rc.cache)).rejects.toThrow(/startLayer 4 leaves no adjacent layer pair/);
   });
+});
+
+describe('minicache: held on the backend at its stored width', () => {
+  const layout: ModelLayout = { nLayers: 5, nHeads: 4, nKvHeads: 2, headDim: 8 };
+  const { nKvHeads: H, headDim: d } = layout;
+
+  it('T = 256: compress grows tf.memory().numBytes by at most 1.1 × byteSize() (no float32 reconstructions kept)', async () => {
+    await selectBackend('wasm');
+    const rc = randomCache(256, layout, 11);
+    const base = tf.memory().numBytes;
+    const c = await createStrategy({ name: 'minicache', options: {} }).compress(rc.cache);
+    const grown = tf.memory().numBytes - base;
+    expect(grown).toBeLessThanOrEqual(1.1 * c.byteSize());
+    c.dispose();
+    expect(tf.memory().numBytes).toBe(base);
+    rc.dispose();
+  });
+
+  // The layers are rebuilt per read on the backend (scatter of the retained rows included); they must
+  // equal the host reconstruction (restoreLayerPair; exact layers rounded to float16) bit for bit.
+  for (const backend of ['wasm', 'cpu'])
+    it(`${backend}: reads equal the host reconstruction bit for bit, compressed and restored`, async () => {
+      await selectBackend(backend);
+      const T = 97;
+      const gamma = 0.05; // k = 5 per KV head
+      const rc = randomCache(T, layout, 7);
+      const c = await createStrategy({ name: 'minicache', options: { gamma } }).compress(rc.cache);
+      const r = deserializeCache(c.serialize());
+      const want = { keys: [] as Float32Array[], values: [] as Float32Array[] };
+      for (const kind of ['keys', 'values'] as const) {
+        const x = rc[kind];
+        const [a, b] = restoreLayerPair(mergeLayerPair(x[2], x[3], T, H, d, 0.6, gamma), T, H, d);
+        want[kind].push(roundHalf(x[0]), roundHalf(x[1]), a, b, roundHalf(x[4]));
+      }
+      for (const cache of [c, r])
+        for (let l = 0; l < layout.nLayers; l++) {
+          const pre = tf.tensor3d(want.keys[l], [T, H, d]);
+          const rotated = applyRope(pre, rc.cache.rope, { start: 0, count: T });
+          expect(take(cache.keys(l)), `keys ${l}`).toEqual(take(rotated));
+          expect(take(cache.values(l)), `values ${l}`).toEqual(want.values[l]);
+          pre.dispose();
+        }
+      c.dispose();
+      r.dispose();
+      rc.dispose();
+    });
 });
 
 describe('minicache option bounds', () => {

@@ -1,8 +1,10 @@
 import * as tf from '@tensorflow/tfjs-core';
 import {
   BaseCompressedCache,
+  HalfTensor,
   applyRope,
   check,
+  encodeHalf,
   roundHalf,
   type KVCache,
   type ModelLayout,
@@ -16,6 +18,16 @@ import {
  * [n, H] (kept token of row j for head h at positions[j·H + h]). Returns [n, H, d] rounded to float16.
  */
 export function gatherPerHead(x: Float32Array, H: number, d: number, positions: Int32Array): Float32Array {
+  return roundHalf(gatherRows(x, H, d, positions));
+}
+
+/** {@link gatherPerHead} as float16 bit patterns (the same rounding), ready for {@link HalfTensor.fromBits}. */
+export function gatherPerHeadBits(x: Float32Array, H: number, d: number, positions: Int32Array): Uint16Array {
+  return encodeHalf(gatherRows(x, H, d, positions));
+}
+
+/** The per-head gather of {@link gatherPerHead}, unrounded. */
+function gatherRows(x: Float32Array, H: number, d: number, positions: Int32Array): Float32Array {
   const n = positions.length / H;
   const out = new Float32Array(n * H * d);
   for (let j = 0; j < n; j++) {
@@ -24,14 +36,15 @@ export function gatherPerHead(x: Float32Array, H: number, d: number, positions: 
       out.set(x.subarray(src, src + d), (j * H + h) * d);
     }
   }
-  return roundHalf(out);
+  return out;
 }
 
 /**
  * A cache that keeps a subset of the prefill tokens (eviction), possibly a different subset per KV
  * head with the same count: per layer, float16 post-RoPE keys and values of the kept tokens, in
- * ascending position order, [n, H_kv, d]. Kept keys were rotated at their original positions, so
- * they keep them (no re-rotation). Shared by `streamingllm` (same tokens for every head, positions
+ * ascending position order, [n, H_kv, d], held on the backend as float16 ({@link HalfTensor}, packed
+ * two per int32: what is stored, no float32 copy; reads unpack transiently). Kept keys were rotated
+ * at their original positions, so they keep them (no re-rotation). Shared by `streamingllm` (same tokens for every head, positions
  * implied by its options) and `snapkv` (per-head positions, stored as int32 [n, H_kv]).
  */
 export class KeptTokensCache extends BaseCompressedCache {
@@ -41,8 +54,8 @@ export class KeptTokensCache extends BaseCompressedCache {
     rope: RopeConfig,
     prefillLength: number,
     readonly options: unknown,
-    private readonly k: tf.Tensor3D[],
-    private readonly v: tf.Tensor3D[],
+    private readonly k: HalfTensor[],
+    private readonly v: HalfTensor[],
     private readonly positions: Int32Array[],
     /** Whether the positions are stored (and counted) or implied by the options. */
     private readonly storePositions: boolean,
@@ -60,30 +73,31 @@ export class KeptTokensCache extends BaseCompressedCache {
     return this.k[layer].shape[0];
   }
   protected prefillKeys(layer: number): tf.Tensor3D {
-    return tf.clone(this.k[layer]);
+    return this.k[layer].unpack() as tf.Tensor3D;
   }
   protected prefillValues(layer: number): tf.Tensor3D {
-    return tf.clone(this.v[layer]);
+    return this.v[layer].unpack() as tf.Tensor3D;
   }
   protected stored(): StoredItem[] {
     return this.k.flatMap((k, l): StoredItem[] => [
-      { name: `k.${l}`, tensor: k, dtype: 'float16' },
-      { name: `v.${l}`, tensor: this.v[l], dtype: 'float16' },
+      { name: `k.${l}`, half: k },
+      { name: `v.${l}`, half: this.v[l] },
       ...(this.storePositions ? [{ name: `pos.${l}`, dtype: 'int32' as const, shape: [k.shape[0], k.shape[1]], data: this.positions[l] }] : []),
     ]);
   }
   protected disposeStored(): void {
-    tf.dispose([...this.k, ...this.v]);
+    for (const h of [...this.k, ...this.v]) h.dispose();
   }
 
   /**
    * Builds the cache from a prefill and the kept positions of each layer ([n, H_kv] row-major, the
-   * same n for every head). Keys are rotated at startPosition + i before the gather.
+   * same n for every head). Keys are rotated at startPosition + i before the gather. The gather runs
+   * on the host (one readback per tensor) and uploads only the kept float16 bits.
    */
   static async fromPositions(strategy: string, options: unknown, cache: KVCache, T: number, positions: Int32Array[], storePositions: boolean): Promise<KeptTokensCache> {
     const { nKvHeads: H, headDim: d } = cache.layout;
-    const k: tf.Tensor3D[] = [];
-    const v: tf.Tensor3D[] = [];
+    const k: HalfTensor[] = [];
+    const v: HalfTensor[] = [];
     try {
       for (let l = 0; l < cache.layout.nLayers; l++) {
         const n = positions[l].length / H;
@@ -94,13 +108,13 @@ export class KeptTokensCache extends BaseCompressedCache {
         } finally {
           post.dispose();
         }
-        k.push(tf.tensor3d(gatherPerHead(kd, H, d, positions[l]), [n, H, d]));
-        v.push(tf.tensor3d(gatherPerHead((await cache.values[l].data()) as Float32Array, H, d, positions[l]), [n, H, d]));
+        k.push(HalfTensor.fromBits(gatherPerHeadBits(kd, H, d, positions[l]), [n, H, d]));
+        v.push(HalfTensor.fromBits(gatherPerHeadBits((await cache.values[l].data()) as Float32Array, H, d, positions[l]), [n, H, d]));
       }
       return new KeptTokensCache(strategy, cache.layout, cache.rope, T, options, k, v, positions, storePositions);
     } catch (e) {
       // Nothing of a failed compress stays allocated.
-      tf.dispose([...k, ...v]);
+      for (const h of [...k, ...v]) h.dispose();
       throw e;
     }
   }
@@ -112,16 +126,16 @@ export class KeptTokensCache extends BaseCompressedCache {
   static restore(r: StoredReader, strategy: string, options: unknown, impliedPositions?: (T: number, H: number) => Int32Array): KeptTokensCache {
     const { layout, rope, prefillLength: T } = r.header;
     const { nKvHeads: H, headDim: d } = layout;
-    const k: tf.Tensor3D[] = [];
-    const v: tf.Tensor3D[] = [];
+    const k: HalfTensor[] = [];
+    const v: HalfTensor[] = [];
     const positions: Int32Array[] = [];
     for (let l = 0; l < layout.nLayers; l++) {
       const n = r.shape(`k.${l}`, { dtype: 'float16', shape: [null, H, d] })[0];
       const pos = impliedPositions ? impliedPositions(T, H) : r.host<Int32Array>(`pos.${l}`, { dtype: 'int32', shape: [n, H] });
       check(pos.length === n * H, 'corrupt', `serialized ${strategy} cache is corrupt: layer ${l} keeps ${n} tokens, its options imply ${pos.length / H}`);
       check(pos.every((p) => p >= 0 && p < T), 'corrupt', `serialized ${strategy} cache is corrupt: "pos.${l}" holds a position outside [0, ${T})`);
-      k.push(r.tensor(`k.${l}`, { dtype: 'float16', shape: [n, H, d] }));
-      v.push(r.tensor(`v.${l}`, { dtype: 'float16', shape: [n, H, d] }));
+      k.push(r.half(`k.${l}`, { shape: [n, H, d] }));
+      v.push(r.half(`v.${l}`, { shape: [n, H, d] }));
       positions.push(pos);
     }
     return new KeptTokensCache(strategy, layout, rope, T, options, k, v, positions, !impliedPositions);
