@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { check, KvpackError } from './errors.js';
 import { decodeBFloat16, decodeHalf, encodeHalf, roundHalf } from './fp16.js';
 import { z } from 'zod';
-import { decodeContainer, encodeContainer, payloadBytes, type StoredDType, type StoredTensor, type DecodedContainer, type TensorExpectation } from './serialize.js';
+import { decodeContainer, encodeContainer, payloadBytes, type ByteSource, type StoredDType, type StoredTensor, type DecodedContainer, type TensorExpectation } from './serialize.js';
 import { disposeCreatedOnError } from './scope.js';
 import { HalfTensor, type HeldFloat } from './half.js';
 import type { CompressedCache, ModelLayout, RopeConfig, AttendOptions } from './types.js';
@@ -306,9 +306,10 @@ export abstract class BaseCompressedCache implements CompressedCache {
   }
 
   /**
-   * Restores the residual buffers written by `serialize` (for subclasses' deserializers): for each
+   * Restores the residual buffers written by `serialize` (called by {@link restoreStored}): for each
    * layer either both `residual.k.l` and `residual.v.l`, float32 [n, H_kv, d] with the same n, or
-   * neither. Also restores the model fingerprint.
+   * neither. Also restores the model fingerprint. Replaces (and frees) residual tokens already held.
+   * @internal
    * @throws KvpackError('corrupt') naming the tensor that does not fit.
    */
   restoreResidual(c: DecodedContainer): void {
@@ -320,6 +321,8 @@ export abstract class BaseCompressedCache implements CompressedCache {
       if (!hasK) continue;
       const k = c.get(`residual.k.${l}`, { dtype: 'float32', shape: [null, H, d] });
       const v = c.get(`residual.v.${l}`, { dtype: 'float32', shape: [k.shape[0], H, d] });
+      this.resK[l]?.dispose();
+      this.resV[l]?.dispose();
       this.resK[l] = loadTensor(k) as tf.Tensor3D;
       this.resV[l] = loadTensor(v) as tf.Tensor3D;
     }
@@ -389,7 +392,11 @@ export interface StoredHeader {
   meta: Record<string, unknown>;
 }
 
-/** Reads the declared items of a serialized cache by name, each checked against what the builder expects. */
+/**
+ * Reads the declared items of a serialized cache by name, each checked against what the builder
+ * expects. Every method throws KvpackError('corrupt') naming the item when it is missing or its dtype
+ * or shape differs from `expect`; an item read is marked as read (the file may hold no other).
+ */
 export interface StoredReader {
   readonly header: StoredHeader;
   /** True when the file holds an item of this name. */
@@ -400,7 +407,7 @@ export interface StoredReader {
   held(name: string, expect: TensorExpectation): HeldFloat;
   /** A float item (float16, bfloat16 or float32) as a float32 tensor; `expect.shape` uses `null` for a free axis. */
   tensor<T extends tf.Tensor = tf.Tensor>(name: string, expect: TensorExpectation): T;
-  /** A host item's stored array, as written (codes, scales, indices). */
+  /** A host item's stored array, as written (codes, scales, indices): the decoded container's own copy, not shared with the input bytes. */
   host<A extends StoredTensor['data'] = StoredTensor['data']>(name: string, expect: TensorExpectation): A;
   /** The item's shape as stored, after the same checks. */
   shape(name: string, expect: TensorExpectation): number[];
@@ -415,7 +422,7 @@ export interface StoredReader {
  * anything throws.
  * @throws KvpackError('corrupt' | 'truncated') naming the field or item at fault.
  */
-export function restoreStored<C extends BaseCompressedCache>(bytes: Uint8Array, strategy: string, build: (r: StoredReader) => C): C {
+export function restoreStored<C extends BaseCompressedCache>(bytes: ByteSource, strategy: string, build: (r: StoredReader) => C): C {
   const c = decodeContainer(bytes);
   check(c.strategy === strategy, 'corrupt', `expected a serialized ${strategy} cache, got a ${c.strategy} cache`);
   const { layout, rope, prefillLength, startPosition } = containerHeader(c);

@@ -5,7 +5,20 @@ export * from './errors.js';
 export * from './fp16.js';
 export * from './rope.js';
 export * from './attention.js';
-export * from './serialize.js';
+export {
+  CONTAINER_VERSION,
+  byteView,
+  decodeContainer,
+  encodeContainer,
+  headerBytes,
+  payloadBytes,
+  type ByteSource,
+  type Container,
+  type DecodedContainer,
+  type StoredDType,
+  type StoredTensor,
+  type TensorExpectation,
+} from './serialize.js';
 export * from './cache.js';
 export * from './validate.js';
 export * from './memory.js';

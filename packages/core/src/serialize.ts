@@ -216,6 +216,22 @@ export interface DecodedContainer extends Container {
   readonly version: number;
 }
 
+/** Deepest nesting a header may have (kvpack writes at most 6). */
+const MAX_HEADER_DEPTH = 32;
+
+/** Nesting depth of a parsed JSON value, iteratively (no recursion on hostile input). */
+function jsonDepth(v: unknown): number {
+  let max = 0;
+  const stack: [unknown, number][] = [[v, 0]];
+  while (stack.length) {
+    const [x, d] = stack.pop()!;
+    if (d > max) max = d;
+    if (max > MAX_HEADER_DEPTH) return max;
+    if (x && typeof x === 'object') for (const y of Object.values(x)) stack.push([y, d + 1]);
+  }
+  return max;
+}
+
 /** The first line of a zod error, with its path, for a one-line message. */
 function firstIssue(e: z.ZodError): string {
   const i = e.issues[0];
@@ -245,6 +261,7 @@ export function decodeContainer(source: ByteSource): DecodedContainer {
   } catch (e) {
     throw new KvpackError('corrupt', 'serialized cache is corrupt: its header is not valid UTF-8 JSON', { cause: e });
   }
+  check(jsonDepth(raw) <= MAX_HEADER_DEPTH, 'corrupt', `serialized cache is corrupt: its header nests deeper than ${MAX_HEADER_DEPTH} levels`);
   const parsed = HeaderSchema.safeParse(raw);
   if (!parsed.success) throw new KvpackError('corrupt', `serialized cache is corrupt: header field ${firstIssue(parsed.error)}`);
   const header = parsed.data;

@@ -54,7 +54,7 @@ export class FuzzTally {
     const codes = [...this.codes].sort((a, b) => b[1] - a[1]).map(([c, n]) => `${c} ${n}`).join(', ');
     return (
       `fuzz ${this.loader}: ${this.trials} trials, ${this.loaded} loaded, ${this.named} named errors (KvpackError: ${codes || 'none'}), ` +
-      `${this.other} other errors, ${this.leaks} leaks, 0 aborts in ${this.hostile} hostile size-field flips, slowest trial ${this.slowestMs.toFixed(0)} ms`
+      `${this.other} other errors, ${this.leaks} leaks; the process survived all ${this.trials} trials, ${this.hostile} of them size-field flips that claim more than the file holds (no abort); slowest trial ${this.slowestMs.toFixed(0)} ms`
     );
   }
 }

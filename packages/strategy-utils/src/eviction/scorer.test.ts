@@ -31,3 +31,12 @@ describe('keepTopScores', () => {
     expect(Array.from(repeatPerHead(Int32Array.from([4, 9]), 3))).toEqual([4, 4, 4, 9, 9, 9]);
   });
 });
+
+describe('keepTopScores input checks', () => {
+  it('ranks NaN lowest and keeps +Infinity, and refuses scores of the wrong length', () => {
+    // Head 0: a NaN score never displaces a finite one; +Infinity (a window) is always kept.
+    const scores = [NaN, 1, Infinity, 0.5, NaN, 2];
+    expect(Array.from(keepTopScores(scores, 1, 6, 3))).toEqual([1, 2, 5]);
+    expect(() => keepTopScores([1, 2, 3], 2, 2, 1)).toThrow(/3 values, expected \[H_kv = 2, T = 2\] = 4/);
+  });
+});

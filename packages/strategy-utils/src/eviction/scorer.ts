@@ -26,17 +26,19 @@ export interface TokenScorer<O> {
 }
 
 /**
- * Per KV head, the `k` highest scores of [H, T] row-major scores (ties to the lower position), in
- * ascending position order. Returns [k, H] row-major positions.
+ * Per KV head, the `k` highest scores of [H, T] row-major scores (ties to the lower position; a NaN
+ * score ranks lowest, as −∞), in ascending position order. Returns [k, H] row-major positions.
+ * @throws KvpackError('shape') when `scores` does not hold H·T values.
  */
 export function keepTopScores(scores: ArrayLike<number>, H: number, T: number, k: number): Int32Array {
+  check(scores.length === H * T, 'shape', `token scores: ${scores.length} values, expected [H_kv = ${H}, T = ${T}] = ${H * T}`);
   const out = new Int32Array(k * H);
   const order = new Int32Array(T);
   for (let h = 0; h < H; h++) {
     for (let i = 0; i < T; i++) order[i] = i;
-    const s = (i: number) => scores[h * T + i];
+    const s = (i: number) => (Number.isNaN(scores[h * T + i]) ? -Infinity : scores[h * T + i]);
     const top = Array.from(order)
-      .sort((a, b) => s(b) - s(a) || a - b) // NaN (∞ − ∞) and 0 fall through to the position
+      .sort((a, b) => s(b) - s(a) || a - b) // ∞ − ∞ (NaN) and equal scores fall through to the position
       .slice(0, k)
       .sort((a, b) => a - b);
     for (let j = 0; j < k; j++) out[j * H + h] = top[j];
@@ -91,12 +93,24 @@ export function defineEvictionStrategy<S extends z.ZodType>(spec: EvictionStrate
       const fixed = implied(options);
       const positions: Int32Array[] = [];
       for (let l = 0; l < cache.layout.nLayers; l++) {
-        if (fixed) positions.push(fixed(T, H));
+        if (fixed) {
+          const p = fixed(T, H);
+          const n = Math.min(T, budget);
+          check(p.length === n * H && p.every((t) => t >= 0 && t < T), 'shape', `${name}: impliedPositions must give ${n} positions in [0, ${T}), got ${p.length / H}`);
+          positions.push(p);
+        }
         else if (T <= budget) positions.push(allPositions(T, H));
         else positions.push(keepTopScores(await scorer.score!(cache, l, options), H, T, budget));
       }
       return KeptTokensCache.fromPositions(name, options, cache, T, positions, !fixed);
     },
-    restore: (reader, options) => KeptTokensCache.restore(reader, name, options, implied(options)),
+    restore: (reader, options) => {
+      const cache = KeptTokensCache.restore(reader, name, options, implied(options));
+      const T = reader.header.prefillLength;
+      const n = Math.min(T, scorer.budget(options));
+      for (let l = 0; l < cache.layout.nLayers; l++)
+        check(cache.tokenCount(l) === n, 'corrupt', `serialized ${name} cache is corrupt: layer ${l} keeps ${cache.tokenCount(l)} tokens, but T = ${T} at budget ${scorer.budget(options)} keeps ${n}`);
+      return cache;
+    },
   });
 }
