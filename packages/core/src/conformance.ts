@@ -423,7 +423,7 @@ export async function residentRatios(strategy: Strategy, cache: KVCache): Promis
       }
     }
     const afterDecode = (tf.memory().numBytes - base) / c.byteSize();
-    const bytes = c.serialize();
+    const bytes = await c.serializeAsync();
     const stored = c.byteSize();
     c.dispose();
     const restored = deserializeCache(bytes);

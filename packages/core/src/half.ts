@@ -76,7 +76,7 @@ export class HalfTensor {
    */
   unpack(): tf.Tensor {
     check(!this.isDisposed, 'disposed', 'float16 tensor was disposed');
-    if (isWebGpuBackend()) return tf.reshape(unpackOnDevice(this.packed, this.size), this.shape);
+    if (isWebGpuBackend()) return tf.tidy(() => tf.reshape(unpackOnDevice(this.packed, this.size), this.shape));
     return tf.tensor(decodeHalf(this.bitsSync()), this.shape, 'float32');
   }
 

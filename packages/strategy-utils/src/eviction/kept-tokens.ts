@@ -3,6 +3,7 @@ import {
   BaseCompressedCache,
   HalfTensor,
   applyRope,
+  isHostBackend,
   check,
   encodeHalf,
   roundHalf,
@@ -91,8 +92,10 @@ export class KeptTokensCache extends BaseCompressedCache {
 
   /**
    * Builds the cache from a prefill and the kept positions of each layer ([n, H_kv] row-major, the
-   * same n for every head). Keys are rotated at startPosition + i before the gather. The gather runs
-   * on the host (one readback per tensor) and uploads only the kept float16 bits.
+   * same n for every head). Keys are rotated at startPosition + i before the gather. On wasm and cpu
+   * the gather runs on the host (a readback there is a copy) and uploads only the kept float16 bits;
+   * on other backends it runs on the device (one gather per KV head's rows, then the float16 pack),
+   * with no host round trip.
    */
   static async fromPositions(strategy: string, options: unknown, cache: KVCache, T: number, positions: Int32Array[], storePositions: boolean): Promise<KeptTokensCache> {
     const { nKvHeads: H, headDim: d } = cache.layout;
@@ -101,7 +104,14 @@ export class KeptTokensCache extends BaseCompressedCache {
     try {
       for (let l = 0; l < cache.layout.nLayers; l++) {
         const n = positions[l].length / H;
-        const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
+        const rotate = () => applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
+        if (!isHostBackend()) {
+          // On a device backend: gather per KV head and pack there; only the positions are uploaded.
+          k.push(await gatherOnDevice(rotate, positions[l], n, H));
+          v.push(await gatherOnDevice(() => tf.clone(cache.values[l]), positions[l], n, H));
+          continue;
+        }
+        const post = rotate();
         let kd: Float32Array;
         try {
           kd = (await post.data()) as Float32Array;
@@ -139,5 +149,23 @@ export class KeptTokensCache extends BaseCompressedCache {
       positions.push(pos);
     }
     return new KeptTokensCache(strategy, layout, rope, T, options, k, v, positions, !impliedPositions);
+  }
+}
+
+/**
+ * Rows positions[j·H + h] of head h of x [T, H, d] (built by `make`, disposed here), gathered on the
+ * device into [n, H, d] and packed to float16.
+ */
+async function gatherOnDevice(make: () => tf.Tensor, positions: Int32Array, n: number, H: number): Promise<HalfTensor> {
+  const kept = tf.tidy(() => {
+    const x = make(); // [T, H, d]
+    const byHead = tf.transpose(x, [1, 0, 2]); // [H, T, d]
+    const idx = tf.transpose(tf.tensor2d(positions, [n, H], 'int32')); // [H, n]
+    return tf.transpose(tf.gather(byHead, idx, 1, 1), [1, 0, 2]); // [n, H, d]
+  });
+  try {
+    return await HalfTensor.fromTensor(kept);
+  } finally {
+    kept.dispose();
   }
 }

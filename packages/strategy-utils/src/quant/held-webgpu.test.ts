@@ -3,7 +3,9 @@
 // against the host encodings. Without an adapter the suite is skipped and says why.
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
-import { HalfTensor, encodeHalf, fromHalfBits, selectBackend, toHalfBits, wgslValidationErrors } from '@kvpack/core';
+import { HalfTensor, applyRope, disposeKVCache, encodeHalf, fromHalfBits, selectBackend, toHalfBits, wgslValidationErrors } from '@kvpack/core';
+import { syntheticCache } from '@kvpack/core/conformance';
+import { KeptTokensCache, gatherPerHeadBits } from '../eviction/kept-tokens.js';
 import { CodesTensor, dequantizeOnBackend } from './codes-tensor.js';
 import { packCodes } from './packing.js';
 import { dequantizeMatrix, quantizeMatrix } from './quantize.js';
@@ -53,5 +55,28 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     x.dispose();
     parts.forEach((p) => p.dispose());
     expect(await wgslValidationErrors()).toEqual([]);
+  });
+
+  it('gathers kept tokens per KV head on the device, equal to the host gather', async () => {
+    const cache = syntheticCache(32, { nLayers: 2 });
+    const H = cache.layout.nKvHeads;
+    // Per head different rows (as SnapKV keeps), ascending.
+    const pos = Int32Array.from({ length: 6 * H }, (_, i) => Math.floor(i / H) * 5 + (i % H));
+    const start = tf.memory().numTensors;
+    const kept = await KeptTokensCache.fromPositions('test', {}, cache, 32, [pos, pos], true);
+    for (let l = 0; l < 2; l++) {
+      const post = applyRope(cache.keys[l], cache.rope, { start: 0, count: 32 });
+      const want = gatherPerHeadBits((await post.data()) as Float32Array, H, 16, pos);
+      post.dispose();
+      const got = kept.keys(l);
+      expect(Array.from(await got.data()).map(toHalfBits)).toEqual(Array.from(want));
+      const wantV = gatherPerHeadBits((await cache.values[l].data()) as Float32Array, H, 16, pos);
+      const gotV = kept.values(l);
+      expect(Array.from(await gotV.data()).map(toHalfBits)).toEqual(Array.from(wantV));
+      tf.dispose([got, gotV]);
+    }
+    kept.dispose();
+    expect(tf.memory().numTensors).toBe(start);
+    disposeKVCache(cache);
   });
 });
