@@ -8,20 +8,20 @@ import {
   atMost,
   check,
   checkKV,
+  HalfTensor,
   decodeHalf,
+  encodeHalf,
   fromHalfBits,
   defineStrategy,
-  disposeOwnedOnError,
-  roundHalf,
   readSyncOrExplain,
   toHalfBits,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
 } from '@kvpack/core';
-import { HalfArray, PackedCodes, roundHalfEven } from '@kvpack/strategy-utils';
+import { roundHalfEven, type MinMaxGrouping } from '@kvpack/strategy-utils';
 import { z } from 'zod';
-
+import { HeldMinMaxBlocks, type KiviBlock } from './held.js';
 
 /** Options of the `kivi` strategy (defaults as in jy-yuan/KIVI's scripts: 2 bits, g = 32, R = 128). */
 export const KiviOptionsSchema = z
@@ -42,12 +42,7 @@ export const KiviOptionsSchema = z
   });
 export type KiviOptions = z.output<typeof KiviOptionsSchema>;
 
-/** One quantized block: unpacked codes (one byte each), and float16 bits of the scale and minimum of each group. */
-export interface KiviBlock {
-  codes: Uint8Array;
-  scale: Uint16Array;
-  min: Uint16Array;
-}
+export type { KiviBlock };
 
 /**
  * Asymmetric min–max quantization as KIVI's `triton_quantize_and_pack_along_last_dim`
@@ -137,36 +132,51 @@ export function dequantizeValuesPerToken(b: KiviBlock, d: number, g: number): Fl
   return minMaxDequantize(b.codes, b.scale, b.min, valueGroup(d, g));
 }
 
-/** What one layer of a KIVI cache holds: quantized keys/values, and the 16-bit full-precision windows. */
+/**
+ * What one layer of a KIVI cache holds on the backend, all in its stored form: the quantized keys and
+ * values (packed codes, float16 scale and min per group) and the float16 full-precision windows.
+ */
 interface KiviLayer {
-  /** Quantized key tokens (a multiple of R): packed codes [nk, H, d], scale/min [nk/g, H, d]. */
-  kCodes: PackedCodes;
-  kScale: HalfArray;
-  kMin: HalfArray;
-  /** Their dequantized post-RoPE keys on the backend, [nk, H, d], or null. */
-  kDeq: tf.Tensor3D | null;
-  /** Full-precision post-RoPE key window (float16-rounded), [r_k, H, d], or null. */
-  kWin: tf.Tensor3D | null;
-  /** Quantized value tokens: packed codes [nv, H, d], scale/min [nv, H, d/g]. */
-  vCodes: PackedCodes;
-  vScale: HalfArray;
-  vMin: HalfArray;
-  vDeq: tf.Tensor3D | null;
-  /** Full-precision value window (float16-rounded), [r_v, H, d], or null. */
-  vWin: tf.Tensor3D | null;
+  /** Quantized post-RoPE key tokens (a multiple of R): codes [nk, H, d], scale/min [nk/g, H, d]. */
+  k: HeldMinMaxBlocks;
+  /** Full-precision post-RoPE key window, float16 [r_k, H, d], or null. */
+  kWin: HalfTensor | null;
+  /** Quantized value tokens: codes [nv, H, d], scale/min [nv, H, d/g]. */
+  v: HeldMinMaxBlocks;
+  /** Full-precision value window, float16 [r_v, H, d], or null. */
+  vWin: HalfTensor | null;
 }
 
-function rows(x: tf.Tensor3D | null): number {
+function rows(x: HalfTensor | null): number {
   return x ? x.shape[0] : 0;
 }
 
-function concatOrKeep(a: tf.Tensor3D | null, b: tf.Tensor3D): tf.Tensor3D {
-  if (!a) return b;
-  const out = tf.concat([a, b], 0);
-  a.dispose();
-  b.dispose();
+function disposeLayer(s: KiviLayer): void {
+  s.k.dispose();
+  s.v.dispose();
+  s.kWin?.dispose();
+  s.vWin?.dispose();
+}
+
+/** An empty layer: keys grouped over g tokens per channel (merged block by block), values over g channels per token (a tail of up to R tokens). */
+function emptyLayer(options: KiviOptions, H: number, d: number): KiviLayer {
+  const { bits, quantGroupSize: g, residualLength: R } = options;
+  return {
+    k: new HeldMinMaxBlocks({ along: 'tokens', bits, H, d, g, tailTokens: R }),
+    kWin: null,
+    v: new HeldMinMaxBlocks({ along: 'channels', bits, H, d, g, tailTokens: R }),
+    vWin: null,
+  };
+}
+
+function concat16(a: Uint16Array, b: Uint16Array): Uint16Array {
+  const out = new Uint16Array(a.length + b.length);
+  out.set(a);
+  out.set(b, a.length);
   return out;
 }
+
+const HOST_ONLY = 'KIVI quantizes decode tokens on the host: run it on wasm, cpu or tensorflow';
 
 /**
  * Bytes a KIVI cache holds right after compressing a prefill of T tokens: per layer,
@@ -222,104 +232,92 @@ export class KiviCache extends BaseCompressedCache {
   /** Quantized key tokens of a layer (n_k; a multiple of R). */
   quantizedKeyTokens(layer: number): number {
     this.assertLive(layer);
-    return this.state[layer].kCodes.count / (this.layout.nKvHeads * this.layout.headDim);
+    return this.state[layer].k.tokens;
   }
   /** Quantized value tokens of a layer (n_v). */
   quantizedValueTokens(layer: number): number {
     this.assertLive(layer);
-    return this.state[layer].vCodes.count / (this.layout.nKvHeads * this.layout.headDim);
+    return this.state[layer].v.tokens;
   }
 
   protected prefillTokens(layer: number): number {
-    const s = this.state[layer];
-    return this.quantizedKeyTokens(layer) + rows(s.kWin);
+    return this.quantizedKeyTokens(layer) + rows(this.state[layer].kWin);
   }
 
-  private joined(a: tf.Tensor3D | null, b: tf.Tensor3D | null): tf.Tensor3D {
-    if (a && b) return tf.concat([a, b], 0);
-    return tf.clone((a ?? b)!);
+  /** Dequantized block and unpacked window, joined: transient float32 [n, H, d]. */
+  private joined(q: HeldMinMaxBlocks, win: HalfTensor | null): tf.Tensor3D {
+    return tf.tidy(() => {
+      const parts = [q.dequantize(), win ? (win.unpack() as tf.Tensor3D) : null].filter((x): x is tf.Tensor3D => x !== null);
+      return parts.length === 1 ? parts[0] : tf.concat(parts, 0);
+    });
   }
   protected prefillKeys(layer: number): tf.Tensor3D {
-    return this.joined(this.state[layer].kDeq, this.state[layer].kWin);
+    return this.joined(this.state[layer].k, this.state[layer].kWin);
   }
   protected prefillValues(layer: number): tf.Tensor3D {
-    return this.joined(this.state[layer].vDeq, this.state[layer].vWin);
-  }
-
-  /** Quantizes the first n tokens of the key window as one block. */
-  private flushKeys(s: KiviLayer, n: number): void {
-    const { nKvHeads: H, headDim: d } = this.layout;
-    const { bits, quantGroupSize: g } = this.options;
-    const win = s.kWin!;
-    const data = readSyncOrExplain(win, 'the KIVI key window', 'KIVI quantizes decode tokens on the host: run it on wasm, cpu or tensorflow').subarray(0, n * H * d);
-    const block = quantizeKeysPerChannel(data, n, H, d, g, bits);
-    s.kCodes.push(block.codes);
-    s.kScale.push(block.scale);
-    s.kMin.push(block.min);
-    s.kDeq = concatOrKeep(s.kDeq, tf.tensor3d(dequantizeKeysPerChannel(block, H, d, g), [n, H, d]));
-    s.kWin = n === win.shape[0] ? null : tf.slice(win, [n, 0, 0], [win.shape[0] - n, H, d]);
-    win.dispose();
-  }
-
-  /** Quantizes the oldest n tokens of the value window, token by token. */
-  private flushValues(s: KiviLayer, n: number): void {
-    const { nKvHeads: H, headDim: d } = this.layout;
-    const { bits, quantGroupSize: g } = this.options;
-    const win = s.vWin!;
-    const data = readSyncOrExplain(win, 'the KIVI value window', 'KIVI quantizes decode tokens on the host: run it on wasm, cpu or tensorflow').subarray(0, n * H * d);
-    const block = quantizeValuesPerToken(data, n, H, d, g, bits);
-    s.vCodes.push(block.codes);
-    s.vScale.push(block.scale);
-    s.vMin.push(block.min);
-    s.vDeq = concatOrKeep(s.vDeq, tf.tensor3d(dequantizeValuesPerToken(block, d, g), [n, H, d]));
-    s.vWin = n === win.shape[0] ? null : tf.slice(win, [n, 0, 0], [win.shape[0] - n, H, d]);
-    win.dispose();
+    return this.joined(this.state[layer].v, this.state[layer].vWin);
   }
 
   /**
    * Appends decode tokens (post-RoPE keys and values, [n, H_kv, d]) to KIVI's float16 windows, first
    * quantizing what the previous appends left beyond them (see the class comment). Decode tokens are
-   * therefore rounded to float16 and later quantized; they are not kept exact.
-   * @throws KvpackError('shape' | 'dtype' | 'disposed')
+   * therefore rounded to float16 and later quantized; they are not kept exact. Runs on the host
+   * (synchronous readbacks of the new tokens and the windows); what it stores is held packed on the
+   * backend afterwards. Nothing changes if it throws.
+   * @throws KvpackError('shape' | 'dtype' | 'disposed' | 'nonfinite' | 'unsupported')
    */
   override append(layer: number, keys: tf.Tensor3D, values: tf.Tensor3D): void {
     this.assertLive(layer);
     checkKV(keys, this.layout, `append(layer ${layer}) keys`);
     checkKV(values, this.layout, `append(layer ${layer}) values`, keys.shape[0]);
     const s = this.state[layer];
-    const R = this.options.residualLength;
-    const rk = rows(s.kWin);
-    if (rk >= R) this.flushKeys(s, Math.floor(rk / R) * R);
-    const rv = rows(s.vWin);
-    if (rv > R) this.flushValues(s, rv - R);
-    const half = (x: tf.Tensor3D) => tf.tensor3d(roundHalf(readSyncOrExplain(x, 'appended KIVI tokens', 'KIVI quantizes decode tokens on the host: run it on wasm, cpu or tensorflow')), x.shape);
-    s.kWin = concatOrKeep(s.kWin, half(keys));
-    s.vWin = concatOrKeep(s.vWin, half(values));
+    const { nKvHeads: H, headDim: d } = this.layout;
+    const { bits, quantGroupSize: g, residualLength: R } = this.options;
+    const hd = H * d;
+    const n = keys.shape[0];
+    const kNew = encodeHalf(readSyncOrExplain(keys, 'appended KIVI tokens', HOST_ONLY));
+    const vNew = encodeHalf(readSyncOrExplain(values, 'appended KIVI tokens', HOST_ONLY));
+    const kWin = s.kWin ? s.kWin.bitsSync('the KIVI key window') : new Uint16Array(0);
+    const vWin = s.vWin ? s.vWin.bitsSync('the KIVI value window') : new Uint16Array(0);
+    // Keys: a window of R or more tokens is quantized R at a time; values: beyond R, the oldest tokens.
+    const rk = kWin.length / hd;
+    const nk = rk >= R ? Math.floor(rk / R) * R : 0;
+    const kBlock = nk > 0 ? quantizeKeysPerChannel(decodeHalf(kWin.subarray(0, nk * hd)), nk, H, d, g, bits) : null;
+    const rv = vWin.length / hd;
+    const nv = rv > R ? rv - R : 0;
+    const vBlock = nv > 0 ? quantizeValuesPerToken(decodeHalf(vWin.subarray(0, nv * hd)), nv, H, d, g, bits) : null;
+    const kNext = HalfTensor.fromBits(concat16(kWin.subarray(nk * hd), kNew), [rk - nk + n, H, d]);
+    const vNext = HalfTensor.fromBits(concat16(vWin.subarray(nv * hd), vNew), [rv - nv + n, H, d]);
+    try {
+      if (kBlock) s.k.push(kBlock, nk);
+      if (vBlock) s.v.push(vBlock, nv);
+    } catch (e) {
+      kNext.dispose();
+      vNext.dispose();
+      throw e;
+    }
+    s.kWin?.dispose();
+    s.vWin?.dispose();
+    s.kWin = kNext;
+    s.vWin = vNext;
   }
 
   protected stored(): StoredItem[] {
     const { nKvHeads: H, headDim: d } = this.layout;
-    const { bits, quantGroupSize: g } = this.options;
-    const win = (name: string, x: tf.Tensor3D | null): StoredItem =>
-      x ? { name, tensor: x, dtype: 'float16' } : { name, dtype: 'float16', shape: [0, H, d], data: new Uint16Array(0) };
-    return this.state.flatMap((s, l): StoredItem[] => {
-      const nk = s.kCodes.count / (H * d);
-      const nv = s.vCodes.count / (H * d);
-      return [
-        { name: `k.${l}.codes`, dtype: 'uint8', shape: [Math.ceil((s.kCodes.count * bits) / 8)], data: s.kCodes.bytes() },
-        { name: `k.${l}.scale`, dtype: 'float16', shape: [nk / g, H, d], data: s.kScale.values() },
-        { name: `k.${l}.min`, dtype: 'float16', shape: [nk / g, H, d], data: s.kMin.values() },
-        win(`k.${l}.window`, s.kWin),
-        { name: `v.${l}.codes`, dtype: 'uint8', shape: [Math.ceil((s.vCodes.count * bits) / 8)], data: s.vCodes.bytes() },
-        { name: `v.${l}.scale`, dtype: 'float16', shape: [nv, H, d / g], data: s.vScale.values() },
-        { name: `v.${l}.min`, dtype: 'float16', shape: [nv, H, d / g], data: s.vMin.values() },
-        win(`v.${l}.window`, s.vWin),
-      ];
-    });
+    const win = (name: string, x: HalfTensor | null): StoredItem => (x ? { name, half: x } : { name, dtype: 'float16', shape: [0, H, d], data: new Uint16Array(0) });
+    return this.state.flatMap((s, l): StoredItem[] => [...s.k.items(`k.${l}`), win(`k.${l}.window`, s.kWin), ...s.v.items(`v.${l}`), win(`v.${l}.window`, s.vWin)]);
+  }
+
+  /** Reads the held codes, scales and windows back asynchronously first (webgpu under Node has no synchronous readback), then serializes. */
+  override async serializeAsync(): Promise<Uint8Array> {
+    this.assertLive();
+    const held = this.state.flatMap((s) => [...s.k.packed(), ...s.v.packed(), ...[s.kWin, s.vWin].flatMap((w) => (w ? [w.packed] : []))]);
+    await Promise.all(held.map((t) => t.data()));
+    return super.serializeAsync();
   }
 
   protected disposeStored(): void {
-    for (const s of this.state) tf.dispose([s.kDeq, s.kWin, s.vDeq, s.vWin].filter((x): x is tf.Tensor3D => x !== null));
+    this.state.forEach(disposeLayer);
   }
 }
 
@@ -337,12 +335,12 @@ export const kiviDefinition = defineStrategy({
   description: 'KIVI: 2/4-bit asymmetric quantization, keys per channel and values per token, with a 16-bit residual window (Liu et al. 2024)',
   schema: KiviOptionsSchema,
   renamedOptions: { groupSize: 'quantGroupSize' },
-  compress: (cache, options, T) =>
-    disposeOwnedOnError(async (own) => {
-      const { nKvHeads: H, headDim: d } = cache.layout;
-      const { bits, quantGroupSize: g, residualLength: R } = options;
-      check(d % g === 0, 'shape', `kivi: head_dim ${d} is not a multiple of quantGroupSize ${g} (values are quantized in groups of g channels)`);
-      const state: KiviLayer[] = [];
+  async compress(cache, options, T) {
+    const { nKvHeads: H, headDim: d } = cache.layout;
+    const { bits, quantGroupSize: g, residualLength: R } = options;
+    check(d % g === 0, 'shape', `kivi: head_dim ${d} is not a multiple of quantGroupSize ${g} (values are quantized in groups of g channels)`);
+    const state: KiviLayer[] = [];
+    try {
       for (let l = 0; l < cache.layout.nLayers; l++) {
         const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
         let kData: Float32Array;
@@ -352,72 +350,51 @@ export const kiviDefinition = defineStrategy({
           post.dispose();
         }
         const vData = (await cache.values[l].data()) as Float32Array;
-        const s: KiviLayer = {
-          kCodes: new PackedCodes(bits),
-          kScale: new HalfArray(),
-          kMin: new HalfArray(),
-          kDeq: null,
-          kWin: null,
-          vCodes: new PackedCodes(bits),
-          vScale: new HalfArray(),
-          vMin: new HalfArray(),
-          vDeq: null,
-          vWin: null,
-        };
+        const s = emptyLayer(options, H, d);
         state.push(s);
+        // Quantized on the host, held packed on the backend: no float32 copy stays there.
         const nk = T - (T % R);
-        if (nk > 0) {
-          const b = quantizeKeysPerChannel(kData.subarray(0, nk * H * d), nk, H, d, g, bits);
-          s.kCodes.push(b.codes);
-          s.kScale.push(b.scale);
-          s.kMin.push(b.min);
-          s.kDeq = own(tf.tensor3d(dequantizeKeysPerChannel(b, H, d, g), [nk, H, d]));
-        }
-        if (nk < T) s.kWin = own(tf.tensor3d(roundHalf(kData.subarray(nk * H * d)), [T - nk, H, d]));
+        if (nk > 0) s.k.push(quantizeKeysPerChannel(kData.subarray(0, nk * H * d), nk, H, d, g, bits), nk);
+        if (nk < T) s.kWin = HalfTensor.fromBits(encodeHalf(kData.subarray(nk * H * d)), [T - nk, H, d]);
         const nv = Math.max(0, T - R);
-        if (nv > 0) {
-          const b = quantizeValuesPerToken(vData.subarray(0, nv * H * d), nv, H, d, g, bits);
-          s.vCodes.push(b.codes);
-          s.vScale.push(b.scale);
-          s.vMin.push(b.min);
-          s.vDeq = own(tf.tensor3d(dequantizeValuesPerToken(b, d, g), [nv, H, d]));
-        }
-        s.vWin = own(tf.tensor3d(roundHalf(vData.subarray(nv * H * d)), [T - nv, H, d]));
+        if (nv > 0) s.v.push(quantizeValuesPerToken(vData.subarray(0, nv * H * d), nv, H, d, g, bits), nv);
+        s.vWin = HalfTensor.fromBits(encodeHalf(vData.subarray(nv * H * d)), [T - nv, H, d]);
       }
-      return new KiviCache(cache.layout, cache.rope, T, options, state);
-    }),
+    } catch (e) {
+      state.forEach(disposeLayer);
+      throw e;
+    }
+    return new KiviCache(cache.layout, cache.rope, T, options, state);
+  },
   restore(r, options) {
     const { layout, rope, prefillLength } = r.header;
     const { nKvHeads: H, headDim: d } = layout;
-    const { bits, quantGroupSize: g } = options;
+    const { bits, quantGroupSize: g, residualLength: R } = options;
     check(d % g === 0, 'corrupt', `serialized kivi cache is corrupt: head_dim ${d} is not a multiple of its group size ${g}`);
     const state: KiviLayer[] = [];
+    // The stored bytes are uploaded as they are (codes packed, scale, min and windows float16).
     for (let l = 0; l < layout.nLayers; l++) {
       // Keys: per-channel groups of g tokens, [nk/g, H, d] scales; values: per-token groups of g channels, [nv, H, d/g].
       const nk = r.shape(`k.${l}.scale`, { dtype: 'float16', shape: [null, H, d] })[0] * g;
       const nv = r.shape(`v.${l}.scale`, { dtype: 'float16', shape: [null, H, d / g] })[0];
-      const half = (name: string, shape: number[]) => r.host<Uint16Array>(name, { dtype: 'float16', shape });
-      const codes = (name: string, count: number) => new PackedCodes(bits, { bytes: r.host<Uint8Array>(name, { dtype: 'uint8', shape: [Math.ceil((count * bits) / 8)] }), count });
-      const kBlock: KiviBlock = { codes: new Uint8Array(0), scale: half(`k.${l}.scale`, [nk / g, H, d]), min: half(`k.${l}.min`, [nk / g, H, d]) };
-      const vBlock: KiviBlock = { codes: new Uint8Array(0), scale: half(`v.${l}.scale`, [nv, H, d / g]), min: half(`v.${l}.min`, [nv, H, d / g]) };
-      const kCodes = codes(`k.${l}.codes`, nk * H * d);
-      const vCodes = codes(`v.${l}.codes`, nv * H * d);
-      kBlock.codes = kCodes.unpack();
-      vBlock.codes = vCodes.unpack();
+      const blocks = (name: string, along: MinMaxGrouping, tokens: number, groupShape: number[]) =>
+        HeldMinMaxBlocks.fromStored(
+          { along, bits, H, d, g, tailTokens: R },
+          {
+            tokens,
+            codes: r.host<Uint8Array>(`${name}.codes`, { dtype: 'uint8', shape: [Math.ceil((tokens * H * d * bits) / 8)] }),
+            scale: r.host<Uint16Array>(`${name}.scale`, { dtype: 'float16', shape: groupShape }),
+            min: r.host<Uint16Array>(`${name}.min`, { dtype: 'float16', shape: groupShape }),
+          },
+        );
       const window = (name: string) => {
         const rowsHeld = r.shape(name, { dtype: 'float16', shape: [null, H, d] })[0];
-        return rowsHeld > 0 ? r.tensor<tf.Tensor3D>(name, { shape: [rowsHeld, H, d] }) : null;
+        return rowsHeld > 0 ? r.half(name, { shape: [rowsHeld, H, d] }) : null;
       };
       state.push({
-        kCodes,
-        kScale: new HalfArray(kBlock.scale),
-        kMin: new HalfArray(kBlock.min),
-        kDeq: nk > 0 ? tf.tensor3d(dequantizeKeysPerChannel(kBlock, H, d, g), [nk, H, d]) : null,
+        k: blocks(`k.${l}`, 'tokens', nk, [nk / g, H, d]),
         kWin: window(`k.${l}.window`),
-        vCodes,
-        vScale: new HalfArray(vBlock.scale),
-        vMin: new HalfArray(vBlock.min),
-        vDeq: nv > 0 ? tf.tensor3d(dequantizeValuesPerToken(vBlock, d, g), [nv, H, d]) : null,
+        v: blocks(`v.${l}`, 'channels', nv, [nv, H, d / g]),
         vWin: window(`v.${l}.window`),
       });
     }

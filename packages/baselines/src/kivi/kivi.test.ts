@@ -255,3 +255,87 @@ describe('kivi frees what it allocated when a later layer fails', () => {
     disposeKVCache(cache);
   });
 });
+
+describe('kivi holds on the backend only its stored form', () => {
+  beforeAll(async () => {
+    await selectBackend('wasm');
+  });
+
+  it('T = 256: backend bytes grow by at most 1.1 · byteSize() after compress, after decode steps and after restore', async () => {
+    const layout: ModelLayout = { nLayers: 2, nHeads: 8, nKvHeads: 4, headDim: 64 };
+    const { nKvHeads: H, headDim: d } = layout;
+    const rc = randomCache(256, layout, 17);
+    try {
+      const base = tf.memory().numBytes;
+      const c = (await createStrategy({ name: 'kivi', options: { bits: 2, quantGroupSize: 32, residualLength: 128 } }).compress(rc.cache)) as KiviCache;
+      // A float32 copy of the dequantized keys and values would be 16 times their 2-bit codes.
+      expect(tf.memory().numBytes - base).toBeLessThanOrEqual(1.1 * c.byteSize());
+      const rnd = prng(4);
+      for (let step = 0; step < 3; step++)
+        for (let l = 0; l < layout.nLayers; l++) {
+          const k = tf.tensor3d(Float32Array.from({ length: H * d }, () => rnd() * 2 - 1), [1, H, d]);
+          c.append(l, k, k);
+          tf.dispose([k, c.keys(l), c.values(l)]);
+        }
+      expect(c.quantizedValueTokens(0)).toBe(130);
+      expect(tf.memory().numBytes - base).toBeLessThanOrEqual(1.1 * c.byteSize());
+      const stored = c.byteSize();
+      const bytes = c.serialize();
+      c.dispose();
+      expect(tf.memory().numBytes).toBe(base);
+      const r = deserializeCache(bytes);
+      expect(tf.memory().numBytes - base).toBeLessThanOrEqual(1.1 * stored);
+      r.dispose();
+    } finally {
+      rc.dispose();
+    }
+  });
+
+  it('decode through many tail merges with codes that end mid-byte: matches the float64 reference, restores bit-identically', async () => {
+    // One KV head of d = 2 at 2 bits: a token's codes are half a byte, so segments join mid-byte.
+    const layout: ModelLayout = { nLayers: 1, nHeads: 1, nKvHeads: 1, headDim: 2 };
+    const [H, d, g, R, T] = [1, 2, 2, 4, 8];
+    const rc = randomCache(T, layout, 23);
+    const c = (await createStrategy({ name: 'kivi', options: { bits: 2, quantGroupSize: g, residualLength: R } }).compress(rc.cache)) as KiviCache;
+    const rnd = prng(12);
+    const appK: number[] = [];
+    const appV: number[] = [];
+    for (let i = 0; i < 31; i++) {
+      const kd = Array.from({ length: H * d }, () => rnd() * 4 - 2);
+      const vd = Array.from({ length: H * d }, () => rnd() * 4 - 2);
+      appK.push(...kd);
+      appV.push(...vd);
+      const k = tf.tensor3d(kd, [1, H, d]);
+      const v = tf.tensor3d(vd, [1, H, d]);
+      c.append(0, k, v);
+      tf.dispose([k, v]);
+    }
+    const nk = c.quantizedKeyTokens(0);
+    const nv = c.quantizedValueTokens(0);
+    expect(nk).toBe(T + 28);
+    expect(nv).toBe(T + 31 - R - 1);
+    const k = take(c.keys(0));
+    const v = take(c.values(0));
+    // Keys: the prefill block (quantized from float32), then blocks of R appended keys rounded to float16.
+    const wantK = [...refKivi(rc.postKeys[0], T, H, d, g, 2, 'tokens'), ...refKivi(appK.slice(0, (nk - T) * d).map(f16), nk - T, H, d, g, 2, 'tokens'), ...appK.slice((nk - T) * d).map(f16)];
+    expect(maxAbsDiff(k, wantK)).toBeLessThan(1e-5);
+    // Values: the first T − R prefill tokens from float32, then each later token on its own from float16.
+    const stream = [...rc.values[0], ...appV];
+    const wantV = [
+      ...refKivi(stream.slice(0, (T - R) * d), T - R, H, d, g, 2, 'channels'),
+      ...refKivi(stream.slice((T - R) * d, nv * d).map(f16), nv - (T - R), H, d, g, 2, 'channels'),
+      ...stream.slice(nv * d).map(f16),
+    ];
+    expect(maxAbsDiff(v, wantV)).toBeLessThan(1e-5);
+    const bytes = c.serialize();
+    expect(bytes.length - headerBytes(bytes)).toBe(c.byteSize());
+    expect(Buffer.from(await c.serializeAsync()).equals(Buffer.from(bytes))).toBe(true);
+    const r = deserializeCache(bytes) as KiviCache;
+    expect(Array.from(take(r.keys(0)))).toEqual(Array.from(k));
+    expect(Array.from(take(r.values(0)))).toEqual(Array.from(v));
+    expect(Buffer.from(r.serialize()).equals(Buffer.from(bytes))).toBe(true);
+    c.dispose();
+    r.dispose();
+    rc.dispose();
+  });
+});

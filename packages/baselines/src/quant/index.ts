@@ -2,12 +2,13 @@ import * as tf from '@tensorflow/tfjs-core';
 import {
   BaseCompressedCache,
   applyRope,
+  HalfTensor,
   defineStrategy,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
 } from '@kvpack/core';
-import { dequantizeMatrix, quantizeMatrix, quantizedBytes, quantizedTensors, readQuantized, type QuantSpec, type QuantizedMatrix } from '@kvpack/strategy-utils';
+import { CodesTensor, codesItem, dequantizeGroupsOnBackend, quantizeMatrix, quantizedBytes, readQuantized, type QuantSpec, type QuantizedMatrix } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /** Options of the `quant` strategy. */
@@ -37,46 +38,95 @@ export function quantCacheBytes(layout: ModelLayout, tokens: number, options: Qu
   return 2 * layout.nLayers * quantizedBytes(rows, layout.headDim, perTokenSpec(options, layout.headDim));
 }
 
+/** A quantized [rows, d] matrix held on the backend in its stored form. */
+interface HeldQuantized {
+  /** Packed codes, ⌈rows·d·b/8⌉ bytes. */
+  codes: CodesTensor;
+  /** float16 scale per group, [rows]. */
+  scales: HalfTensor;
+  /** 8-bit zero point per group, [rows] (asymmetric), or null. */
+  zeros: CodesTensor | null;
+}
+
+/** Uploads a host-quantized matrix in its stored form (no decode). */
+function holdQuantized(q: QuantizedMatrix): HeldQuantized {
+  const groups = q.scales.length;
+  const codes = CodesTensor.fromBytes(q.codes, q.bits, q.rows * q.cols);
+  try {
+    const scales = HalfTensor.fromBits(q.scales, [groups]);
+    return { codes, scales, zeros: q.zeros ? CodesTensor.fromBytes(q.zeros, 8, groups) : null };
+  } catch (e) {
+    codes.dispose();
+    throw e;
+  }
+}
+
+function disposeQuantized(h: HeldQuantized): void {
+  h.codes.dispose();
+  h.scales.dispose();
+  h.zeros?.dispose();
+}
+
+/** The backend tensors of a held quantized matrix. */
+function quantizedPacked(h: HeldQuantized): tf.Tensor[] {
+  return [h.codes.packed, h.scales.packed, ...(h.zeros ? [h.zeros.packed] : [])];
+}
+
 /**
- * A per-token int8/int4 cache. Per layer it holds the quantized pre-RoPE keys and the quantized
- * values (host-side codes, scales, zero points: what `serialize` writes and `byteSize` counts) and,
- * on the backend, their dequantized float32 copies (rebuilt identically by the deserializer).
- * Keys are rotated at read time, at positions startPosition + i.
+ * A per-token int8/int4 cache. Per layer it holds on the backend, in their stored form, the quantized
+ * pre-RoPE keys and values: packed codes, float16 scales and (asymmetric) 8-bit zero points — what
+ * `serialize` writes and `byteSize` counts, and nothing more. Keys and values are dequantized per
+ * call (`dequantizeGroupsOnBackend`, bit-identical to the host `dequantizeMatrix`); keys are rotated at
+ * read time, at positions startPosition + i.
  */
 export class QuantCache extends BaseCompressedCache {
   readonly strategy = 'quant';
-  private readonly deqK: tf.Tensor3D[];
-  private readonly deqV: tf.Tensor3D[];
+  private readonly spec: QuantSpec;
 
   constructor(
     layout: ModelLayout,
     rope: RopeConfig,
     prefillLength: number,
     readonly options: QuantOptions,
-    private readonly qk: QuantizedMatrix[],
-    private readonly qv: QuantizedMatrix[],
+    private readonly qk: HeldQuantized[],
+    private readonly qv: HeldQuantized[],
     private readonly startPosition: number,
   ) {
     super(layout, rope, prefillLength);
-    const shape: [number, number, number] = [prefillLength, layout.nKvHeads, layout.headDim];
-    this.deqK = qk.map((q) => tf.tensor3d(dequantizeMatrix(q), shape));
-    this.deqV = qv.map((q) => tf.tensor3d(dequantizeMatrix(q), shape));
+    this.spec = perTokenSpec(options, layout.headDim);
+  }
+
+  private dequantized(h: HeldQuantized): tf.Tensor3D {
+    const { nKvHeads: H, headDim: d } = this.layout;
+    const T = this.prefillLength;
+    return tf.tidy(() => tf.reshape(dequantizeGroupsOnBackend({ rows: T * H, cols: d, ...this.spec }, h.codes, h.scales, h.zeros), [T, H, d]));
   }
 
   protected prefillKeys(layer: number): tf.Tensor3D {
-    return applyRope(this.deqK[layer], this.rope, { start: this.startPosition, count: this.prefillLength });
+    return tf.tidy(() => applyRope(this.dequantized(this.qk[layer]), this.rope, { start: this.startPosition, count: this.prefillLength }));
   }
   protected prefillValues(layer: number): tf.Tensor3D {
-    return tf.clone(this.deqV[layer]);
+    return this.dequantized(this.qv[layer]);
   }
   protected stored(): StoredItem[] {
-    return this.qk.flatMap((q, l) => [...quantizedTensors(`k.${l}`, q), ...quantizedTensors(`v.${l}`, this.qv[l])]);
+    const items = (name: string, h: HeldQuantized): StoredItem[] => [
+      codesItem(`${name}.codes`, h.codes),
+      { name: `${name}.scales`, half: h.scales },
+      ...(h.zeros ? [codesItem(`${name}.zeros`, h.zeros)] : []),
+    ];
+    return this.qk.flatMap((k, l) => [...items(`k.${l}`, k), ...items(`v.${l}`, this.qv[l])]);
+  }
+  /** Reads the held codes back asynchronously first (webgpu under Node has no synchronous readback), then serializes. */
+  override async serializeAsync(): Promise<Uint8Array> {
+    this.assertLive();
+    await Promise.all([...this.qk, ...this.qv].flatMap(quantizedPacked).map((t) => t.data()));
+    return super.serializeAsync();
   }
   protected meta(): Record<string, unknown> {
     return { startPosition: this.startPosition };
   }
   protected disposeStored(): void {
-    tf.dispose([...this.deqK, ...this.deqV]);
+    [...this.qk, ...this.qv].forEach(disposeQuantized);
   }
 }
 
@@ -98,18 +148,25 @@ export const quantDefinition = defineStrategy({
   async compress(cache, options, T) {
     const { nKvHeads, headDim } = cache.layout;
     const spec = perTokenSpec(options, headDim);
-    const qk: QuantizedMatrix[] = [];
-    const qv: QuantizedMatrix[] = [];
-    for (let l = 0; l < cache.layout.nLayers; l++) {
-      qk.push(quantizeMatrix((await cache.keys[l].data()) as Float32Array, T * nKvHeads, headDim, spec));
-      qv.push(quantizeMatrix((await cache.values[l].data()) as Float32Array, T * nKvHeads, headDim, spec));
+    const qk: HeldQuantized[] = [];
+    const qv: HeldQuantized[] = [];
+    try {
+      for (let l = 0; l < cache.layout.nLayers; l++) {
+        // Quantized on the host, uploaded packed: no float32 copy stays on the backend.
+        qk.push(holdQuantized(quantizeMatrix((await cache.keys[l].data()) as Float32Array, T * nKvHeads, headDim, spec)));
+        qv.push(holdQuantized(quantizeMatrix((await cache.values[l].data()) as Float32Array, T * nKvHeads, headDim, spec)));
+      }
+    } catch (e) {
+      [...qk, ...qv].forEach(disposeQuantized);
+      throw e;
     }
     return new QuantCache(cache.layout, cache.rope, T, options, qk, qv, cache.startPosition ?? 0);
   },
   restore(r, options) {
     const { layout, rope, prefillLength, startPosition } = r.header;
     const spec = perTokenSpec(options, layout.headDim);
-    const load = (name: string): QuantizedMatrix => readQuantized(r, name, prefillLength * layout.nKvHeads, layout.headDim, spec);
+    // The stored bytes are uploaded as they are (codes and zero points packed, scales float16).
+    const load = (name: string): HeldQuantized => holdQuantized(readQuantized(r, name, prefillLength * layout.nKvHeads, layout.headDim, spec));
     const layers = Array.from({ length: layout.nLayers }, (_, l) => l);
     return new QuantCache(layout, rope, prefillLength, options, layers.map((l) => load(`k.${l}`)), layers.map((l) => load(`v.${l}`)), startPosition);
   },

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { createStrategy, selectBackend, type ModelLayout } from '@kvpack/core';
+import { createStrategy, deserializeCache, selectBackend, type ModelLayout } from '@kvpack/core';
 import './index.js'; // registers the strategy
 import { runStrategyConformance } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -95,4 +95,37 @@ describe('quant: per-token int8/int4 against a float64 re-computation', () => {
     }
     expect(tf.memory().numTensors).toBe(start);
   });
+});
+
+describe('quant holds on the backend only its stored form', () => {
+  const layout: ModelLayout = { nLayers: 2, nHeads: 8, nKvHeads: 4, headDim: 64 };
+  const T = 256;
+  let rc: RandomCache;
+  beforeAll(async () => {
+    await selectBackend('wasm');
+    rc = randomCache(T, layout, 5);
+  });
+  afterAll(() => rc.dispose());
+
+  for (const options of [
+    { bits: 4, mode: 'asymmetric' },
+    { bits: 8, mode: 'symmetric' },
+  ] as QuantOptions[]) {
+    it(`${options.bits}-bit ${options.mode}, T = ${T}: backend bytes grow by at most 1.1 · byteSize() after compress and after restore`, async () => {
+      const base = tf.memory().numBytes;
+      const c = await createStrategy({ name: 'quant', options }).compress(rc.cache);
+      const stored = c.byteSize();
+      // A float32 copy of the keys and values alone would be 8 (int4) or 4 (int8) times the codes.
+      expect(tf.memory().numBytes - base).toBeLessThanOrEqual(1.1 * stored);
+      for (let l = 0; l < layout.nLayers; l++) tf.dispose([c.keys(l), c.values(l)]);
+      expect(tf.memory().numBytes - base).toBeLessThanOrEqual(1.1 * stored);
+      const bytes = c.serialize();
+      c.dispose();
+      expect(tf.memory().numBytes).toBe(base);
+      const r = deserializeCache(bytes);
+      expect(tf.memory().numBytes - base).toBeLessThanOrEqual(1.1 * stored);
+      expect(Buffer.from(r.serialize()).equals(Buffer.from(bytes))).toBe(true);
+      r.dispose();
+    });
+  }
 });
