@@ -118,11 +118,18 @@ export function loadTensor(t: StoredTensor): tf.Tensor {
 export type StoredItem =
   | { name: string; half: HalfTensor }
   | { name: string; held: HeldFloat }
+  /**
+   * Data held on the backend in a form of the strategy's own (packed codes, segments): `read` returns
+   * the stored array when a serialization writes it (a synchronous readback); `backing` lists the
+   * tensors it reads, which `serializeAsync` reads back asynchronously first.
+   */
+  | { name: string; dtype: StoredDType; shape: number[]; backing: tf.Tensor[]; read(): StoredTensor['data'] }
   | { name: string; tensor: tf.Tensor; dtype: 'float16' | 'float32' }
   | { name: string; dtype: StoredDType; shape: number[]; data: StoredTensor['data'] };
 
 function itemSpec(i: StoredItem): StoredSpec {
   if ('held' in i) return itemSpec(heldItem(i.name, i.held));
+  if ('read' in i) return { name: i.name, dtype: i.dtype, shape: [...i.shape] };
   if ('half' in i) return { name: i.name, dtype: 'float16', shape: [...i.half.shape] };
   return 'tensor' in i ? { name: i.name, dtype: i.dtype, shape: [...i.tensor.shape] } : { name: i.name, dtype: i.dtype, shape: i.shape };
 }
@@ -134,6 +141,7 @@ function heldItem(name: string, h: HeldFloat): StoredItem {
 
 function itemTensor(i: StoredItem): StoredTensor {
   if ('held' in i) return itemTensor(heldItem(i.name, i.held));
+  if ('read' in i) return { name: i.name, dtype: i.dtype, shape: [...i.shape], data: i.read() };
   if ('half' in i) return { name: i.name, dtype: 'float16', shape: [...i.half.shape], data: i.half.bitsSync(`tensor "${i.name}"`) };
   return 'tensor' in i ? storeTensor(i.name, i.tensor, i.dtype) : { name: i.name, dtype: i.dtype, shape: i.shape, data: i.data };
 }
@@ -293,6 +301,7 @@ export abstract class BaseCompressedCache implements CompressedCache {
   async serializeAsync(): Promise<Uint8Array> {
     this.assertLive();
     const seen: tf.Tensor[] = this.stored().flatMap((i) => {
+      if ('read' in i) return i.backing;
       const it = 'held' in i ? heldItem(i.name, i.held) : i;
       return 'half' in it ? [it.half.packed] : 'tensor' in it ? [it.tensor] : [];
     });

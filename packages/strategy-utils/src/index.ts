@@ -17,7 +17,5 @@ export * from './quant/quantize.js';
 export * from './quant/packing.js';
 export * from './quant/codes-tensor.js';
 export * from './quant/minmax-groups.js';
-export * from './quant/held-items.js';
-export * from './quant/held-dequantize.js';
 export * from './eviction/kept-tokens.js';
 export * from './eviction/scorer.js';

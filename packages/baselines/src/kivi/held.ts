@@ -4,7 +4,6 @@ import {
   CodesTensor,
   PackedCodes,
   dequantizeMinMaxOnBackend,
-  lazyHostItem,
   minMaxGroupShape,
   packCodes,
   unpackCodes,
@@ -177,17 +176,29 @@ export class HeldMinMaxBlocks {
   items(prefix: string): StoredItem[] {
     const { bits, H, d } = this.p;
     const n = this.tokens;
-    const codes = lazyHostItem(`${prefix}.codes`, 'uint8', [Math.ceil((n * H * d * bits) / 8)], () => {
-      const [a, b] = [this.main, this.tail];
-      if (!a) return new Uint8Array(0);
-      const bytes = a.codes.bytesSync(`tensor "${prefix}.codes"`);
-      return b ? this.joinCodes(bytes, a.tokens, b.codes.bytesSync(`tensor "${prefix}.codes"`), b.tokens) : bytes;
-    });
-    const half = (name: 'scale' | 'min'): StoredItem =>
-      lazyHostItem(`${prefix}.${name}`, 'float16', this.groupShape(), () => {
+    const backing = this.packed();
+    const codes: StoredItem = {
+      name: `${prefix}.codes`,
+      dtype: 'uint8',
+      shape: [Math.ceil((n * H * d * bits) / 8)],
+      backing,
+      read: () => {
+        const [a, b] = [this.main, this.tail];
+        if (!a) return new Uint8Array(0);
+        const bytes = a.codes.bytesSync(`tensor "${prefix}.codes"`);
+        return b ? this.joinCodes(bytes, a.tokens, b.codes.bytesSync(`tensor "${prefix}.codes"`), b.tokens) : bytes;
+      },
+    };
+    const half = (name: 'scale' | 'min'): StoredItem => ({
+      name: `${prefix}.${name}`,
+      dtype: 'float16',
+      shape: this.groupShape(),
+      backing,
+      read: () => {
         const parts = [this.main, this.tail].filter((s): s is Segment => s !== null).map((s) => s[name].bitsSync(`tensor "${prefix}.${name}"`));
         return parts.length === 0 ? new Uint16Array(0) : parts.length === 1 ? parts[0] : concat16(parts[0], parts[1]);
-      });
+      },
+    });
     return [codes, half('scale'), half('min')];
   }
 

@@ -308,13 +308,6 @@ export class KiviCache extends BaseCompressedCache {
     return this.state.flatMap((s, l): StoredItem[] => [...s.k.items(`k.${l}`), win(`k.${l}.window`, s.kWin), ...s.v.items(`v.${l}`), win(`v.${l}.window`, s.vWin)]);
   }
 
-  /** Reads the held codes, scales and windows back asynchronously first (webgpu under Node has no synchronous readback), then serializes. */
-  override async serializeAsync(): Promise<Uint8Array> {
-    this.assertLive();
-    const held = this.state.flatMap((s) => [...s.k.packed(), ...s.v.packed(), ...[s.kWin, s.vWin].flatMap((w) => (w ? [w.packed] : []))]);
-    await Promise.all(held.map((t) => t.data()));
-    return super.serializeAsync();
-  }
 
   protected disposeStored(): void {
     this.state.forEach(disposeLayer);

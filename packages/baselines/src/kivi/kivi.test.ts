@@ -339,3 +339,20 @@ describe('kivi holds on the backend only its stored form', () => {
     rc.dispose();
   });
 });
+
+describe('renamed options', () => {
+  it('accepts the former groupSize as quantGroupSize, with a deprecation warning', async () => {
+    const warnings: string[] = [];
+    const onWarning = (w: Error) => warnings.push(w.message);
+    process.on('warning', onWarning);
+    try {
+      const s = createStrategy({ name: 'kivi', options: { groupSize: 16, residualLength: 32 } });
+      expect(s.options).toMatchObject({ quantGroupSize: 16, residualLength: 32 });
+      expect('groupSize' in (s.options as object)).toBe(false);
+      await new Promise((r) => setImmediate(r));
+    } finally {
+      process.off('warning', onWarning);
+    }
+    expect(warnings.some((w) => w.includes('"groupSize" of strategy "kivi" is now "quantGroupSize"'))).toBe(true);
+  });
+});

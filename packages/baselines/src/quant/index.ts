@@ -8,7 +8,7 @@ import {
   type RopeConfig,
   type StoredItem,
 } from '@kvpack/core';
-import { CodesTensor, codesItem, dequantizeGroupsOnBackend, quantizeMatrix, quantizedBytes, readQuantized, type QuantSpec, type QuantizedMatrix } from '@kvpack/strategy-utils';
+import { CodesTensor, codesItem, dequantizeOnBackend, quantizeMatrix, quantizedBytes, readQuantized, type QuantSpec, type QuantizedMatrix } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /** Options of the `quant` strategy. */
@@ -76,7 +76,7 @@ function quantizedPacked(h: HeldQuantized): tf.Tensor[] {
  * A per-token int8/int4 cache. Per layer it holds on the backend, in their stored form, the quantized
  * pre-RoPE keys and values: packed codes, float16 scales and (asymmetric) 8-bit zero points — what
  * `serialize` writes and `byteSize` counts, and nothing more. Keys and values are dequantized per
- * call (`dequantizeGroupsOnBackend`, bit-identical to the host `dequantizeMatrix`); keys are rotated at
+ * call (`dequantizeOnBackend`, bit-identical to the host `dequantizeMatrix`); keys are rotated at
  * read time, at positions startPosition + i.
  */
 export class QuantCache extends BaseCompressedCache {
@@ -99,7 +99,7 @@ export class QuantCache extends BaseCompressedCache {
   private dequantized(h: HeldQuantized): tf.Tensor3D {
     const { nKvHeads: H, headDim: d } = this.layout;
     const T = this.prefillLength;
-    return tf.tidy(() => tf.reshape(dequantizeGroupsOnBackend({ rows: T * H, cols: d, ...this.spec }, h.codes, h.scales, h.zeros), [T, H, d]));
+    return tf.tidy(() => tf.reshape(dequantizeOnBackend({ rows: T * H, cols: d, ...this.spec }, h.codes, h.scales, h.zeros), [T, H, d]));
   }
 
   protected prefillKeys(layer: number): tf.Tensor3D {
@@ -115,12 +115,6 @@ export class QuantCache extends BaseCompressedCache {
       ...(h.zeros ? [codesItem(`${name}.zeros`, h.zeros)] : []),
     ];
     return this.qk.flatMap((k, l) => [...items(`k.${l}`, k), ...items(`v.${l}`, this.qv[l])]);
-  }
-  /** Reads the held codes back asynchronously first (webgpu under Node has no synchronous readback), then serializes. */
-  override async serializeAsync(): Promise<Uint8Array> {
-    this.assertLive();
-    await Promise.all([...this.qk, ...this.qv].flatMap(quantizedPacked).map((t) => t.data()));
-    return super.serializeAsync();
   }
   protected meta(): Record<string, unknown> {
     return { startPosition: this.startPosition };

@@ -1,6 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { HalfTensor, check, isWebGpuBackend, readSyncOrExplain, runWgsl } from '@kvpack/core';
-import { unpackCodes } from './packing.js';
+import { HalfTensor, check, isWebGpuBackend, readSyncOrExplain, runWgsl, type StoredItem } from '@kvpack/core';
 
 /**
  * Unsigned b-bit codes (b = 2, 4 or 8) held on a tfjs backend in their packed form: the bytes of
@@ -56,7 +55,7 @@ export class CodesTensor {
   unpack(): tf.Tensor1D {
     check(!this.isDisposed, 'disposed', 'packed codes were disposed');
     if (this.count === 0) return tf.tensor1d([], 'float32');
-    if (!isWebGpuBackend()) return tf.tensor1d(Float32Array.from(unpackCodes(this.bytesSync(), this.bits, this.count)), 'float32');
+    if (!isWebGpuBackend()) return this.unpackOnHost();
     const WG = 256;
     const groups = Math.ceil(this.count / WG);
     const x = Math.min(groups, 65535);
@@ -77,6 +76,59 @@ export class CodesTensor {
   result[i] = f32((word >> (bit % 32u)) & ${(1 << this.bits) - 1}u);
 }`,
     }) as tf.Tensor1D;
+  }
+
+  /**
+   * The host decode: the packed int32 words are read once and unpacked word by word straight into a
+   * float32 array (whole words unrolled, then the last partial word).
+   */
+  private unpackOnHost(): tf.Tensor1D {
+    const words = readSyncOrExplain(this.packed, 'packed codes', 'use await cache.serializeAsync()') as unknown as Int32Array;
+      const { bits, count: n } = this;
+    const out = new Float32Array(n);
+    const per = 32 / bits;
+    const mask = (1 << bits) - 1;
+    // Whole words unrolled (the common case), then the last partial word.
+    const full = Math.floor(n / per);
+    if (bits === 4) {
+      for (let w = 0, o = 0; w < full; w++, o += 8) {
+        const x = words[w];
+        out[o] = x & 15;
+        out[o + 1] = (x >>> 4) & 15;
+        out[o + 2] = (x >>> 8) & 15;
+        out[o + 3] = (x >>> 12) & 15;
+        out[o + 4] = (x >>> 16) & 15;
+        out[o + 5] = (x >>> 20) & 15;
+        out[o + 6] = (x >>> 24) & 15;
+        out[o + 7] = x >>> 28;
+      }
+    } else if (bits === 8) {
+      for (let w = 0, o = 0; w < full; w++, o += 4) {
+        const x = words[w];
+        out[o] = x & 255;
+        out[o + 1] = (x >>> 8) & 255;
+        out[o + 2] = (x >>> 16) & 255;
+        out[o + 3] = x >>> 24;
+      }
+    } else {
+      for (let w = 0, o = 0; w < full; w++) {
+        let x = words[w];
+        for (let j = 0; j < 16; j++, o++) {
+          out[o] = x & 3;
+          x >>>= 2;
+        }
+      }
+    }
+    let i = full * per;
+    for (let w = full; i < n; w++) {
+      let x = words[w];
+      const end = Math.min(n, i + per);
+      for (; i < end; i++) {
+        out[i] = x & mask;
+        x >>>= bits;
+      }
+    }
+    return tf.tensor1d(out, 'float32');
   }
 
   /** Frees the packed tensor. Idempotent. */
@@ -101,12 +153,30 @@ export function dequantizeOnBackend(
   const { rows, cols, bits, quantGroupSize: gs, symmetric } = m;
   const gpr = Math.ceil(cols / gs);
   const qLo = symmetric ? -(2 ** (bits - 1)) : 0;
+  const shift = (u: tf.Tensor) => (qLo === 0 ? u : tf.add(u, qLo));
+  if (cols % gs === 0) {
+    // Whole groups: codes [rows, groups, gs] against scales and zero points [rows, groups, 1].
+    return tf.tidy(() => {
+      const u = shift(tf.reshape(codes.unpack(), [rows, gpr, gs]));
+      const level = zeros ? tf.sub(u, tf.reshape(zeros.unpack(), [rows, gpr, 1])) : u;
+      return tf.reshape(tf.mul(level, tf.reshape(scales.unpack(), [rows, gpr, 1])), [rows, cols]) as tf.Tensor2D;
+    });
+  }
+  // A shorter last group: each column's group parameters gathered.
   const colGroup = Int32Array.from({ length: cols }, (_, c) => Math.floor(c / gs));
   return tf.tidy(() => {
     const idx = tf.tensor1d(colGroup, 'int32');
     const perCol = (t: tf.Tensor) => tf.gather(tf.reshape(t, [rows, gpr]), idx, 1);
-    const u = tf.reshape(codes.unpack(), [rows, cols]);
-    const level = zeros ? tf.sub(qLo === 0 ? u : tf.add(u, qLo), perCol(zeros.unpack())) : qLo === 0 ? u : tf.add(u, qLo);
+    const u = shift(tf.reshape(codes.unpack(), [rows, cols]));
+    const level = zeros ? tf.sub(u, perCol(zeros.unpack())) : u;
     return tf.mul(level, perCol(scales.unpack())) as tf.Tensor2D;
   });
+}
+
+/**
+ * Packed codes as a stored item: uint8 [⌈n·b/8⌉], read back from the backend only when a
+ * serialization writes it.
+ */
+export function codesItem(name: string, codes: CodesTensor): StoredItem {
+  return { name, dtype: 'uint8', shape: [codes.byteLength], backing: [codes.packed], read: () => codes.bytesSync(`tensor "${name}"`) };
 }

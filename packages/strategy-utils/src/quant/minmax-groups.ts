@@ -1,7 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { check, type HalfTensor } from '@kvpack/core';
 import type { CodesTensor } from './codes-tensor.js';
-import { unpackCodesFast } from './held-dequantize.js';
 
 /**
  * Grouping of a min–max quantized [n, H, d] block (KIVI's two layouts):
@@ -43,7 +42,7 @@ export function dequantizeMinMaxOnBackend(
     // tokens: [n/g, g, H·d] codes against [n/g, 1, H·d] groups; channels: [n·H·d/g, g] against [n·H·d/g, 1].
     const codeShape = along === 'tokens' ? [n / g, g, H * d] : [groups, g];
     const perGroup = along === 'tokens' ? [n / g, 1, H * d] : [groups, 1];
-    const u = tf.reshape(unpackCodesFast(codes), codeShape);
+    const u = tf.reshape(codes.unpack(), codeShape);
     const x = tf.add(tf.mul(u, tf.reshape(scale.unpack(), perGroup)), tf.reshape(min.unpack(), perGroup));
     return tf.reshape(x, [n, H, d]) as tf.Tensor3D;
   });
