@@ -105,6 +105,8 @@ export class SparseDecoder {
       for (const m of made) m.dispose();
       throw e;
     }
+    // First use may come inside a caller's tf.tidy: the held tensors outlive it.
+    for (const m of made) tf.keep(m.packed);
     t = { lt: made[0], exactK: made[1], exactV: made[2] };
     this.perLayer.set(layer, t);
     return t;
