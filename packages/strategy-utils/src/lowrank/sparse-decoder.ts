@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { HalfTensor, decodeHalf } from '@kvpack/core';
+import { HalfTensor, decodeHalf, isHostBackend } from '@kvpack/core';
 import type { DecodeState } from './decode-state.js';
 import { blockRowsOnHost, hostRowsReadable, type Block } from './factor-blocks.js';
 import type { QueryBlocks } from './query-blocks.js';
@@ -135,12 +135,21 @@ export class SparseDecoder {
     };
   }
 
-  /** The layer's index as per-KV-head float32 tensors for the loop path (transient; inside tf.tidy), decoded on the host. */
+  /**
+   * The layer's index as per-KV-head float32 tensors for the loop path (transient; inside tf.tidy):
+   * decoded on the host on wasm/cpu (from the packed bits, in place in the wasm heap), else unpacked and
+   * split on the device.
+   */
   loopTensors(layer: number): SparseLoopTensors {
     const held = this.held(layer);
     const { nKvHeads: H, headDim: d } = this.state.src.layout;
     const C = this.index.chunks;
     const E0 = this.exactPerHead;
+    if (!isHostBackend()) {
+      const t = this.tensors(layer);
+      const heads = <T extends tf.Tensor>(x: tf.Tensor, shape: number[]) => (H === 1 ? [tf.reshape(x, shape) as T] : (tf.unstack(tf.reshape(x, [H, ...shape]), 0) as T[]));
+      return { mask: t.mask, lt: heads(t.ltAll, [d, C]), kx: heads(t.exactK, [E0, d]), vx: heads(t.exactV, [E0, d]) };
+    }
     const lt = halfBits(held.lt);
     const k = halfBits(held.exactK);
     const v = halfBits(held.exactV);
