@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { HalfTensor, decodeHalf, isHostBackend } from '@kvpack/core';
 import type { DecodeState } from './decode-state.js';
-import { blockRowsOnHost, hostRowsReadable, type Block } from './factor-blocks.js';
+import { blockRowsOnHost, heapHalfBits, hostRowsReadable, unpackHalf, type Block } from './factor-blocks.js';
 import type { QueryBlocks } from './query-blocks.js';
 import type { SparseIndex } from './sparse-index.js';
 
@@ -38,13 +38,9 @@ export interface SparseLoopTensors {
   vx: tf.Tensor2D[];
 }
 
-/** float16 bits of a packed tensor: read in place from the wasm heap, else read back. */
-function halfBits(h: HalfTensor): Uint16Array {
-  if (tf.getBackend() === 'wasm') {
-    const view = (tf.backend() as unknown as { typedArrayFromHeap(t: tf.Tensor): Int32Array }).typedArrayFromHeap(h.packed);
-    return new Uint16Array(view.buffer, view.byteOffset, h.size);
-  }
-  return h.bitsSync('sparse index');
+/** The float32 values of a packed tensor, decoded on the host (in place from the wasm heap there, else read back). */
+function hostHalfValues(h: HalfTensor): Float32Array {
+  return decodeHalf(tf.getBackend() === 'wasm' ? heapHalfBits(h) : h.bitsSync('sparse index'));
 }
 
 /**
@@ -126,7 +122,7 @@ export class SparseDecoder {
   /** The layer's index as float32 tensors for the batched paths (transient; inside tf.tidy). */
   tensors(layer: number): SparseLayerTensors {
     const held = this.held(layer);
-    const unpack = (h: HalfTensor) => (h.size > 0 ? h.unpack() : tf.zeros(h.shape));
+    const unpack = (h: HalfTensor) => (h.size > 0 ? unpackHalf(h) : tf.zeros(h.shape));
     return {
       mask: this.mask(layer),
       ltAll: unpack(held.lt) as tf.Tensor3D,
@@ -150,14 +146,15 @@ export class SparseDecoder {
       const heads = <T extends tf.Tensor>(x: tf.Tensor, shape: number[]) => (H === 1 ? [tf.reshape(x, shape) as T] : (tf.unstack(tf.reshape(x, [H, ...shape]), 0) as T[]));
       return { mask: t.mask, lt: heads(t.ltAll, [d, C]), kx: heads(t.exactK, [E0, d]), vx: heads(t.exactV, [E0, d]) };
     }
-    const lt = halfBits(held.lt);
-    const k = halfBits(held.exactK);
-    const v = halfBits(held.exactV);
+    // All decoded before any tensor is created (a heap growth would detach the wasm heap views).
+    const lt = hostHalfValues(held.lt);
+    const k = hostHalfValues(held.exactK);
+    const v = hostHalfValues(held.exactV);
     const out: SparseLoopTensors = { mask: this.mask(layer), lt: [], kx: [], vx: [] };
     for (let h = 0; h < H; h++) {
-      out.lt.push(tf.tensor2d(decodeHalf(lt.subarray(h * d * C, (h + 1) * d * C)), [d, C]));
-      out.kx.push(tf.tensor2d(decodeHalf(k.subarray(h * E0 * d, (h + 1) * E0 * d)), [E0, d]));
-      out.vx.push(tf.tensor2d(decodeHalf(v.subarray(h * E0 * d, (h + 1) * E0 * d)), [E0, d]));
+      out.lt.push(tf.tensor2d(lt.subarray(h * d * C, (h + 1) * d * C), [d, C]));
+      out.kx.push(tf.tensor2d(k.subarray(h * E0 * d, (h + 1) * E0 * d), [E0, d]));
+      out.vx.push(tf.tensor2d(v.subarray(h * E0 * d, (h + 1) * E0 * d), [E0, d]));
     }
     return out;
   }
@@ -188,7 +185,7 @@ export class SparseDecoder {
           idx[(h * E0 + i) * 2 + 1] = h;
         });
       const held = this.held(layer);
-      const rows = (kind === 'k' ? held.exactK : held.exactV).unpack();
+      const rows = unpackHalf(kind === 'k' ? held.exactK : held.exactV);
       return tf.tensorScatterUpdate(full, tf.tensor2d(idx, [H * E0, 2], 'int32'), rows) as tf.Tensor3D;
     });
   }
