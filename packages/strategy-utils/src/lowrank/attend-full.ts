@@ -47,19 +47,20 @@ export function attendFull(
     const nDec = residual ? residual.k.shape[0] : 0;
     const masks = causalParts(n, T, nDec, tail);
     const { cos, sin } = state.tables();
-    const Uk = src.basisOf('k', layer);
-    const Bh = state.headFactors('k', layer);
+    const Uk = state.basis('k', layer);
+    const Bh = state.headFactors(state.factor('k', layer));
     // Residual (exact decode) tokens: scores of all heads at once through the block-diagonal queries.
     const Sres =
       residual && nDec > 0
         ? addRowMask(tf.transpose(matmul(tf.reshape(residual.k, [nDec, F]) as tf.Tensor2D, qb.blockDiag)) as tf.Tensor2D, masks.res, n)
         : null;
     const resRows = Sres ? (Hkv === 1 ? [Sres] : (tf.split(Sres, Hkv, 0) as tf.Tensor2D[])) : null;
-    const Uv = src.basisOf('v', layer);
+    const Uv = state.basis('v', layer);
+    const Bv = state.factor('v', layer);
     const Rv = Uv.shape[1];
     const fl = valuePathFlops(n, H, T, Rv, F, d);
     const path = values === 'auto' ? (fl.compressed <= fl.reconstruct ? 'compressed' : 'reconstruct') : values;
-    const Bvh = path === 'reconstruct' ? state.headFactors('v', layer) : null;
+    const Bvh = path === 'reconstruct' ? state.headFactors(Bv) : null;
     // Per KV head: prefill scores against the un-rotated rows U_k·B_k[:, h] ({@link ropeScores}), one
     // softmax with the head's residual scores.
     const E: tf.Tensor2D[] = [];
@@ -84,7 +85,7 @@ export function attendFull(
     const cat = (xs: tf.Tensor2D[]) => (xs.length === 1 ? xs[0] : (tf.concat(xs, 0) as tf.Tensor2D));
     let out = Bvh
       ? cat(outs)
-      : ownHeadBlock(matmul(matmul(cat(E), Uv), src.factorOf('v', layer)), qb, d); // (softmax·U_v)·B_v, own head's block
+      : ownHeadBlock(matmul(matmul(cat(E), Uv), Bv), qb, d); // (softmax·U_v)·B_v, own head's block
     if (Er.length) out = tf.add(out, ownHeadBlock(matmul(cat(Er), tf.reshape(residual!.v, [nDec, F]) as tf.Tensor2D), qb, d)) as tf.Tensor2D;
     const z = cat(zs);
     return tf.transpose(tf.reshape(tf.div(out, z), [H, n, d]), [1, 0, 2]) as tf.Tensor3D;

@@ -1,18 +1,34 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { roundToHalf, type StoredReader, type StoredSpec } from '@kvpack/core';
-import { dequantizeMatrix, quantizeMatrix, quantizedSpecs, readQuantized, type QuantSpec, type QuantizedMatrix } from '../quant/quantize.js';
+import { HalfTensor, decodeHalf, disposeHeld, type HeldFloat, type StoredItem, type StoredReader, type StoredSpec } from '@kvpack/core';
+import { CodesTensor, dequantizeOnBackend } from '../quant/codes-tensor.js';
+import { quantizeMatrix, quantizedSpecs, quantizedTensors, readQuantized, groupsPerRow, type QuantSpec, type QuantizedMatrix } from '../quant/quantize.js';
 import type { GroupSvdConfig } from './group-config.js';
 
-/* The stored matrices of a grouped low-rank cache (token bases and per-layer factors): float16/float32, or group-quantized. */
+/*
+ * The stored matrices of a grouped low-rank cache (token bases and per-layer factors), held on the
+ * backend in their stored form only: float16 packed ({@link HalfTensor}), float32 as a tensor, or
+ * group-quantized as packed codes + float16 scales (+ uint8 zero points). {@link blockValues} unpacks
+ * (or dequantizes) one into a transient float32 tensor per use.
+ */
 
-/** One stored matrix: its values as held on the backend, and its quantized form when quantized. */
+/** A quantized block on the backend: packed codes, float16 scales, and (asymmetric) packed uint8 zero points. */
+interface QuantOnBackend {
+  codes: CodesTensor;
+  scales: HalfTensor;
+  zeros: CodesTensor | null;
+}
+
+/** One stored matrix [rows, cols]. */
 export interface Block {
   name: string;
   rows: number;
   cols: number;
-  /** float32 values equal to what deserialization restores, [rows, cols]. */
-  tensor: tf.Tensor2D;
+  /** float16 (packed) or float32 values as stored; null when quantized. */
+  held: HeldFloat | null;
+  /** The quantized form on the host (what the serialization writes), or null. */
   quant: QuantizedMatrix | null;
+  /** The quantized form on the backend (what compute dequantizes), or null. */
+  dev: QuantOnBackend | null;
 }
 
 /** The stored matrices of one kind (keys or values). */
@@ -29,31 +45,135 @@ function quantFor(config: GroupSvdConfig, part: 'basis' | 'factors'): QuantSpec 
   return { bits: q.bits, quantGroupSize: q.quantGroupSize, symmetric: q.symmetric };
 }
 
-/** Makes a stored block from float32 values: quantizes, or rounds through float16, as configured. Takes ownership of `x`. */
+/** Uploads a quantized matrix's parts as they are stored (no decode). */
+function quantOnBackend(q: QuantizedMatrix): QuantOnBackend {
+  const groups = q.rows * groupsPerRow(q.cols, q.quantGroupSize);
+  const codes = CodesTensor.fromBytes(q.codes, q.bits, q.rows * q.cols);
+  const scales = HalfTensor.fromBits(q.scales, [groups]);
+  return { codes, scales, zeros: q.zeros ? CodesTensor.fromBytes(q.zeros, 8, groups) : null };
+}
+
+function quantBlock(name: string, quant: QuantizedMatrix): Block {
+  return { name, rows: quant.rows, cols: quant.cols, held: null, quant, dev: quantOnBackend(quant) };
+}
+
+/**
+ * Makes a stored block from float32 values: quantizes, or packs as float16 (on webgpu on the device),
+ * or keeps the float32 tensor, as configured. Takes ownership of `x`.
+ */
 export async function makeBlock(name: string, x: tf.Tensor2D, config: GroupSvdConfig, part: 'basis' | 'factors'): Promise<Block> {
   const [rows, cols] = x.shape;
   const spec = quantFor(config, part);
   if (spec) {
-    const quant = quantizeMatrix((await x.data()) as Float32Array, rows, cols, spec);
-    x.dispose();
-    return { name, rows, cols, tensor: tf.tensor2d(dequantizeMatrix(quant), [rows, cols]), quant };
+    try {
+      return quantBlock(name, quantizeMatrix((await x.data()) as Float32Array, rows, cols, spec));
+    } finally {
+      x.dispose();
+    }
   }
   if (config.storage === 'float16') {
-    const t = (await roundToHalf(x)) as tf.Tensor2D;
-    x.dispose();
-    return { name, rows, cols, tensor: t, quant: null };
+    try {
+      return { name, rows, cols, held: await HalfTensor.fromTensor(x), quant: null, dev: null };
+    } finally {
+      x.dispose();
+    }
   }
-  return { name, rows, cols, tensor: x, quant: null };
+  return { name, rows, cols, held: x, quant: null, dev: null };
+}
+
+/**
+ * The block's values as float32 [rows, cols]. Call inside `tf.tidy`: float16 and quantized blocks give
+ * a transient tensor (unpacked, or dequantized with `dequantizeOnBackend`, bit-identical to the host
+ * dequantization); a float32 block gives its stored tensor itself (never dispose it).
+ */
+export function blockValues(b: Block): tf.Tensor2D {
+  if (b.dev) return dequantizeOnBackend(b.quant!, b.dev.codes, b.dev.scales, b.dev.zeros);
+  const h = b.held!;
+  return (h instanceof HalfTensor ? unpackHalf(h) : h) as tf.Tensor2D;
+}
+
+/**
+ * `h.unpack()` (a transient float32 tensor of h's shape), on wasm decoded straight from the packed bits
+ * in the heap (no readback copies). Same values.
+ */
+export function unpackHalf(h: HalfTensor): tf.Tensor {
+  if (tf.getBackend() !== 'wasm' || h.size === 0) return h.unpack();
+  return tf.tensor(decodeHalf(heapHalfBits(h)), h.shape, 'float32');
+}
+
+/**
+ * The float16 bits of a packed tensor as a view into the wasm heap (no copy). Read it before creating
+ * any tensor: a heap growth detaches the view.
+ */
+export function heapHalfBits(h: HalfTensor): Uint16Array {
+  const view = (tf.backend() as unknown as { typedArrayFromHeap(t: tf.Tensor): Int32Array }).typedArrayFromHeap(h.packed);
+  return new Uint16Array(view.buffer, view.byteOffset, h.size);
+}
+
+/** A caller-owned copy of the block's values, [rows, cols] float32. */
+export function blockCopy(b: Block): tf.Tensor2D {
+  return tf.tidy(() => {
+    const v = blockValues(b);
+    return v === b.held ? tf.clone(v) : v;
+  });
+}
+
+/**
+ * Rows of a block read on the host, float32 [starts.length · run, cols]: rows s … s + run − 1 for each
+ * start s. For the wasm backend (the packed bits are read in place from its heap, only the rows needed
+ * are decoded); null when the block cannot be read that way (quantized, or not on wasm).
+ */
+export function blockRowsOnHost(b: Block, starts: ArrayLike<number>, run: number, out: Float32Array): Float32Array | null {
+  if (!b.held || tf.getBackend() !== 'wasm') return null;
+  const w = b.cols;
+  const need = starts.length * run * w;
+  if (b.held instanceof HalfTensor) {
+    const bits = heapHalfBits(b.held);
+    for (let i = 0; i < starts.length; i++) out.set(decodeHalf(bits.subarray(starts[i] * w, (starts[i] + run) * w)), i * run * w);
+  } else {
+    const f = (tf.backend() as unknown as { typedArrayFromHeap(t: tf.Tensor): Float32Array }).typedArrayFromHeap(b.held);
+    for (let i = 0; i < starts.length; i++) out.set(f.subarray(starts[i] * w, (starts[i] + run) * w), i * run * w);
+  }
+  return out.subarray(0, need);
+}
+
+/** Whether {@link blockRowsOnHost} can read this block on the current backend. */
+export function hostRowsReadable(b: Block): boolean {
+  return b.held !== null && tf.getBackend() === 'wasm';
 }
 
 export function blockSpecs(b: Block, storage: 'float16' | 'float32'): StoredSpec[] {
   return b.quant ? quantizedSpecs(b.name, b.quant) : [{ name: b.name, dtype: storage, shape: [b.rows, b.cols] }];
 }
 
-/** Restores a stored block from a decoded container (dequantized when the config quantizes this part). */
+/** What the block stores, as serialization items (the same bytes as {@link blockSpecs}). */
+export function blockItems(b: Block): StoredItem[] {
+  return b.quant ? quantizedTensors(b.name, b.quant) : [{ name: b.name, held: b.held! }];
+}
+
+/** Bytes the block holds on the backend. */
+export function blockResidentBytes(b: Block): number {
+  if (b.dev) return b.dev.codes.residentBytes + b.dev.scales.residentBytes + (b.dev.zeros?.residentBytes ?? 0);
+  const h = b.held!;
+  return h instanceof HalfTensor ? h.residentBytes : h.size * 4;
+}
+
+export function disposeBlock(b: Block): void {
+  disposeHeld(b.held);
+  if (b.dev) {
+    b.dev.codes.dispose();
+    b.dev.scales.dispose();
+    b.dev.zeros?.dispose();
+  }
+}
+
+/** Restores a stored block from a decoded container: float16 packed as stored, float32 as a tensor, quantized parts as stored. */
 export function loadBlock(r: StoredReader, config: GroupSvdConfig, name: string, rows: number, cols: number, part: 'basis' | 'factors'): Block {
   const spec = quantFor(config, part);
-  if (!spec) return { name, rows, cols, tensor: r.tensor<tf.Tensor2D>(name, { dtype: config.storage, shape: [rows, cols] }), quant: null };
-  const quant = readQuantized(r, name, rows, cols, spec);
-  return { name, rows, cols, tensor: tf.tensor2d(dequantizeMatrix(quant), [rows, cols]), quant };
+  if (!spec) {
+    const expect = { dtype: config.storage, shape: [rows, cols] };
+    const held = config.storage === 'float16' ? r.half(name, expect) : r.held(name, expect);
+    return { name, rows, cols, held, quant: null, dev: null };
+  }
+  return quantBlock(name, readQuantized(r, name, rows, cols, spec));
 }

@@ -10,11 +10,10 @@ import {
   type StoredItem,
   type StoredReader,
 } from '@kvpack/core';
-import { quantizedTensors } from '../quant/quantize.js';
 import { attendFull } from './attend-full.js';
 import { exposeSwitches, type AttendSwitches } from './attend-with.js';
 import { DecodeState } from './decode-state.js';
-import { loadBlock, type Block, type KindBlocks } from './factor-blocks.js';
+import { blockCopy, blockItems, disposeBlock, loadBlock, type Block, type KindBlocks } from './factor-blocks.js';
 import { KINDS, layerGroups, rankOf, type GroupSvdConfig, type Kind, type LayerGroup } from './group-config.js';
 import { groupSvdStats, type GroupSvdStats } from './group-svd-stats.js';
 import { queryBlocks } from './query-blocks.js';
@@ -70,8 +69,8 @@ export class GroupSvdCache extends BaseCompressedCache {
       rope,
       prefillLength,
       startPosition,
-      basisOf: (kind, l) => this.blocks[kind].basis[this.groupOf[l]].tensor,
-      factorOf: (kind, l) => this.blocks[kind].factors[l].tensor,
+      basisBlock: (kind, l) => this.blocks[kind].basis[this.groupOf[l]],
+      factorBlock: (kind, l) => this.blocks[kind].factors[l],
     });
     this.sparseDecoder = sparseIndex ? new SparseDecoder(this.decodeState, sparseIndex) : null;
     if (this.sparseDecoder) {
@@ -83,7 +82,7 @@ export class GroupSvdCache extends BaseCompressedCache {
     });
   }
 
-  /** Derived decode tensors (RoPE tables, pair swap, per-head factors); freed with the cache. */
+  /** Per-call derived decode tensors (unpacked factors, RoPE tables, pair swap, per-head factors); holds none. */
   private readonly decodeState: DecodeState;
   private readonly sparseDecoder: SparseDecoder | null;
 
@@ -103,24 +102,22 @@ export class GroupSvdCache extends BaseCompressedCache {
   basis(kind: Kind, group: number): tf.Tensor2D {
     this.assertLive();
     check(Number.isInteger(group) && group >= 0 && group < this.groups.length, 'shape', `group ${group} is out of range [0, ${this.groups.length})`);
-    return tf.clone(this.blocks[kind].basis[group].tensor);
+    return blockCopy(this.blocks[kind].basis[group]);
   }
 
   /** A copy of a layer's stored factor B_l, [R_g, H_kv·d] float32. */
   factor(kind: Kind, layer: number): tf.Tensor2D {
     this.assertLive(layer);
-    return tf.clone(this.blocks[kind].factors[layer].tensor);
+    return blockCopy(this.blocks[kind].factors[layer]);
   }
 
   private rebuild(kind: Kind, layer: number): tf.Tensor3D {
     const { nKvHeads, headDim } = this.layout;
-    const U = this.blocks[kind].basis[this.groupOf[layer]].tensor;
-    const B = this.blocks[kind].factors[layer].tensor;
-    return tf.tidy(() => tf.reshape(matmul(U, B), [this.prefillLength, nKvHeads, headDim]) as tf.Tensor3D);
+    return tf.tidy(() => tf.reshape(matmul(this.decodeState.basis(kind, layer), this.decodeState.factor(kind, layer)), [this.prefillLength, nKvHeads, headDim]) as tf.Tensor3D);
   }
 
   /**
-   * Post-RoPE keys RoPE(U_g·B_l), fused: (U·B)∘cos + (U·B)·P∘sin with cached tables (decode-state.ts, rope-fused.ts). In
+   * Post-RoPE keys RoPE(U_g·B_l), fused: (U·B)∘cos + (U·B)·P∘sin with per-call tables (decode-state.ts, rope-fused.ts). In
    * sparse mode the exact outlier and local tokens replace their rebuilt rows.
    */
   protected prefillKeys(layer: number): tf.Tensor3D {
@@ -215,7 +212,7 @@ export class GroupSvdCache extends BaseCompressedCache {
   }
 
   protected stored(): StoredItem[] {
-    const items = this.allBlocks().flatMap((b): StoredItem[] => (b.quant ? quantizedTensors(b.name, b.quant) : [{ name: b.name, tensor: b.tensor, dtype: this.config.storage }]));
+    const items = this.allBlocks().flatMap(blockItems);
     return this.sparseIndex ? [...items, ...sparseTensors(this.sparseIndex, this.layout)] : items;
   }
 
@@ -229,8 +226,8 @@ export class GroupSvdCache extends BaseCompressedCache {
   }
 
   protected disposeStored(): void {
-    this.decodeState.dispose();
-    tf.dispose(this.allBlocks().map((b) => b.tensor));
+    this.sparseDecoder?.dispose();
+    for (const b of this.allBlocks()) disposeBlock(b);
   }
 
   /**

@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { KvpackError, isHostBackend, truncatedSvd, validateKVCache, type KVCache } from '@kvpack/core';
-import { makeBlock, type KindBlocks } from './factor-blocks.js';
+import { disposeBlock, makeBlock, type Block, type KindBlocks } from './factor-blocks.js';
 import { KINDS, checkGroupRanks, layerGroups, rankOf, type GroupSvdConfig, type Kind } from './group-config.js';
 import { GroupSvdCache } from './group-svd-cache.js';
 import { buildSparseIndex } from './sparse-index-build.js';
@@ -25,6 +25,7 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
   const groups = layerGroups(layout.nLayers, config.layersPerGroup);
   const blocks: Record<Kind, KindBlocks> = { k: { basis: [], factors: [] }, v: { basis: [], factors: [] } };
   const live: tf.Tensor[] = [];
+  const made: Block[] = [];
   try {
     for (const g of groups) {
       for (const kind of KINDS) {
@@ -59,16 +60,17 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
         live.push(basis, ...factors);
         const bb = await makeBlock(`${kind}.basis.${g.index}`, basis, config, 'basis');
         blocks[kind].basis[g.index] = bb;
-        live.push(bb.tensor);
+        made.push(bb);
         for (let i = 0; i < g.layers.length; i++) {
           const fb = await makeBlock(`${kind}.factor.${g.layers[i]}`, factors[i], config, 'factors');
           blocks[kind].factors[g.layers[i]] = fb;
-          live.push(fb.tensor);
+          made.push(fb);
         }
       }
     }
   } catch (e) {
     for (const t of live) if (!t.isDisposed) t.dispose();
+    for (const b of made) disposeBlock(b);
     if (e instanceof KvpackError) throw e;
     throw new KvpackError('unsupported', `${strategy}: compression failed: ${(e as Error).message}`, { cause: e });
   }
@@ -77,7 +79,7 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
     try {
       sparse = await buildSparseIndex(cache, T, config.sparse!);
     } catch (e) {
-      tf.dispose(KINDS.flatMap((k) => [...blocks[k].basis, ...blocks[k].factors].map((b) => b.tensor)));
+      for (const b of made) disposeBlock(b);
       throw e;
     }
   }

@@ -7,13 +7,23 @@ import { matmul, ropeTableData, type RopeConfig } from '@kvpack/core';
  * are rotated without a separate applyRope pass.
  */
 
+/** Host memo of recent full-width tables (key rope|d|start|count); the decode code rebuilds its device tables from it per call. */
+const fullMemo: { key: string; cos: Float32Array; sin: Float32Array }[] = [];
+const FULL_MEMO_ENTRIES = 4;
+/** Ranges shorter than this are expanded every time (as core's host table memo). */
+const FULL_MEMO_MIN = 256;
+
 /**
  * Full-width RoPE tables for the fused rotation, [count, d] float32 each: for channel j of a head,
  * cos[t, j] = cos(p_t·θ_i) and sin[t, j] = sin(p_t·θ_i) with i the frequency of j's rotation pair
  * (i = ⌊j/2⌋ for the `interleaved` layout, i = j mod d/2 for `half`), p_t = start + t. Expanded from
  * core `ropeTableData` (float64 trig, long ranges cached on the host), so the values equal `ropeTables`'.
+ * The last few long ranges are kept on the host (the same arrays are returned again: do not modify them).
  */
 export function fullWidthRopeTables(rope: RopeConfig, headDim: number, start: number, count: number): { cos: Float32Array; sin: Float32Array } {
+  const key = count >= FULL_MEMO_MIN ? `${JSON.stringify(rope)}|${headDim}|${start}|${count}` : null;
+  const hit = key ? fullMemo.find((e) => e.key === key) : undefined;
+  if (hit) return hit;
   const half = headDim / 2;
   const t = ropeTableData(rope, headDim, { start, count }); // [count, d/2], float64-computed
   const cos = new Float32Array(count * headDim);
@@ -31,16 +41,26 @@ export function fullWidthRopeTables(rope: RopeConfig, headDim: number, start: nu
       sin[o + j1] = s;
     }
   }
+  if (key) {
+    fullMemo.push({ key, cos, sin });
+    if (fullMemo.length > FULL_MEMO_ENTRIES) fullMemo.shift();
+  }
   return { cos, sin };
 }
+
+/** Host memo of pair swaps by layout and head_dim (a few KiB each). */
+const swapMemo = new Map<string, Float32Array>();
 
 /**
  * The signed pair swap P [d, d] of a RoPE layout: RoPE(x) = x∘cos + (x·P)∘sin with the full-width
  * tables of {@link fullWidthRopeTables}. For `interleaved`, (x·P)[2i] = −x[2i+1] and
  * (x·P)[2i+1] = x[2i]; for `half`, (x·P)[i] = −x[i + d/2] and (x·P)[i + d/2] = x[i]
- * (Hugging Face `rotate_half`). Returned row-major as float32.
+ * (Hugging Face `rotate_half`). Returned row-major as float32 (memoized on the host: do not modify it).
  */
 export function signedPairSwap(layout: RopeConfig['layout'], headDim: number): Float32Array {
+  const key = `${layout}|${headDim}`;
+  const hit = swapMemo.get(key);
+  if (hit) return hit;
   const d = headDim;
   const half = d / 2;
   const P = new Float32Array(d * d);
@@ -50,6 +70,7 @@ export function signedPairSwap(layout: RopeConfig['layout'], headDim: number): F
     P[b * d + a] = -1; // (xP)[a] = −x[b]
     P[a * d + b] = 1; // (xP)[b] = x[a]
   }
+  swapMemo.set(key, P);
   return P;
 }
 

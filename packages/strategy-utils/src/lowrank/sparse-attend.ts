@@ -95,7 +95,7 @@ export function sparseAttend(
     check(opts.gather !== 'host', 'config', "sparse attend: the batched path gathers on the device (gather: 'host' needs heads: 'loop')");
     const webgpu = isWebGpuBackend();
     const { nKvHeads, headDim } = dec.state.src.layout;
-    const fits = webgpu && wgslStepFits(q.shape[1] / nKvHeads, headDim, dec.state.src.basisOf('v', layer).shape[1], dec.index.chunks, wgslWorkgroupStorageLimit());
+    const fits = webgpu && wgslStepFits(q.shape[1] / nKvHeads, headDim, dec.state.rank('v', layer), dec.index.chunks, wgslWorkgroupStorageLimit());
     const wgslOk = webgpu && q.shape[0] === 1 && dec.exactPerHead > 0 && dec.selectedChunks(budget) > 0 && fits;
     check(
       kernels !== 'wgsl' || wgslOk,
@@ -129,23 +129,31 @@ function attendLoop(
   const { nKvHeads: Hkv, headDim: d } = src.layout;
   const F = Hkv * d;
   const nDec = residual ? residual.k.shape[0] : 0;
-  const t = dec.loopTensors(layer);
   return tf.tidy(() => {
+    const t = dec.loopTensors(layer);
     const qb = queryBlocks(q, src.layout, dec.state.pairSwap());
     const { n, H, g } = qb;
     const gn = g * n;
     const masks = causalParts(n, src.prefillLength, nDec, tail);
-    const sel = dec.selectChunks(layer, qb, budget); // [H_kv, k] int32
+    const sel = dec.selectChunks(layer, qb, budget, t); // [H_kv, k] int32
     const hostChunks = sel && useHost ? (sel.dataSync() as Int32Array) : null;
     const perHeadChunks = sel && !useHost ? (Hkv === 1 ? [tf.reshape(sel, [-1]) as tf.Tensor1D] : (tf.unstack(sel, 0) as tf.Tensor1D[])) : null;
     const k = sel ? sel.shape[1] : 0;
     const S = k * dec.index.chunkSize;
-    const { cos, sin } = dec.state.tables();
-    const Uk = src.basisOf('k', layer);
-    const Uv = src.basisOf('v', layer);
-    const Bh = dec.state.headFactors('k', layer);
-    const Bvh = dec.state.headFactors('v', layer);
-    const Rv = Uv.shape[1];
+    // Per-call operands, made on first need: the dense bases and tables only where rows are gathered on the device.
+    const once = <T>(f: () => T) => {
+      let v: T | undefined;
+      return () => (v ??= f());
+    };
+    const tabs = once(() => dec.state.tables());
+    const hostTabs = useHost ? dec.state.tableData() : null;
+    const Ukb = src.basisBlock('k', layer);
+    const Uvb = src.basisBlock('v', layer);
+    const Uk = once(() => dec.state.basis('k', layer));
+    const Uv = once(() => dec.state.basis('v', layer));
+    const Bh = S > 0 ? dec.state.headFactors(dec.state.factor('k', layer)) : [];
+    const Bvh = S > 0 ? dec.state.headFactors(dec.state.factor('v', layer)) : [];
+    const Rv = Uvb.cols;
     const path = sparseValuePath(values, gn, S, Rv, d);
     // Residual (exact decode) tokens: scores for all heads at once through the block-diagonal queries.
     const Sres = nDec > 0 ? addRowMask(tf.transpose(tf.matMul(tf.reshape(residual!.k, [nDec, F]) as tf.Tensor2D, qb.blockDiag)) as tf.Tensor2D, masks.res, n) : null;
@@ -158,11 +166,12 @@ function attendLoop(
       let Uvs: tf.Tensor2D | null = null;
       if (S > 0) {
         const ch = hostChunks ? hostChunks.subarray(h * k, (h + 1) * k) : perHeadChunks![h];
-        const Us = dec.gatherChunks(Uk, ch, useHost);
-        const cs = dec.gatherChunks(cos, ch, useHost);
-        const sn = dec.gatherChunks(sin, ch, useHost);
+        const Us = dec.gatherBlockChunks(Ukb, ch, useHost, Uk);
+        const hc = ch instanceof Int32Array ? ch : null;
+        const cs = hostTabs && hc ? dec.gatherHostRows(hostTabs.cos, d, hc) : dec.gatherChunks(tabs().cos, ch, useHost);
+        const sn = hostTabs && hc ? dec.gatherHostRows(hostTabs.sin, d, hc) : dec.gatherChunks(tabs().sin, ch, useHost);
         parts.push(ropeScores(tf.matMul(Us, Bh[h]), cs, sn, qb, h)); // keys at their positions, never materialized
-        Uvs = dec.gatherChunks(Uv, ch, useHost);
+        Uvs = dec.gatherBlockChunks(Uvb, ch, useHost, Uv);
       }
       if (dec.exactPerHead > 0) parts.push(tf.transpose(tf.matMul(t.kx[h], qb.cols[h])) as tf.Tensor2D);
       if (resRows) parts.push(resRows[h]);
@@ -198,20 +207,22 @@ function attendLoop(
 function attendWgsl(dec: SparseDecoder, layer: number, q: tf.Tensor3D, residual: Residual, budget: number): tf.Tensor3D {
   const src = dec.state.src;
   const { nKvHeads: Hkv, headDim: d } = src.layout;
-  const t = dec.tensors(layer);
   const c = dec.index.chunkSize;
   const C = dec.index.chunks;
   const E0 = dec.exactPerHead;
   const k = dec.selectedChunks(budget);
   return tf.tidy(() => {
+    // Per call: the index, factors and RoPE tables unpacked from their stored form (transient). The
+    // kernels read float32; reading the packed float16 directly (unpack2x16float) would save the unpacks.
+    const t = dec.tensors(layer);
     const H = q.shape[1];
     const g = H / Hkv;
     const qh = tf.reshape(tf.mul(q, 1 / Math.sqrt(d)), [Hkv, g, d]) as tf.Tensor3D;
     const mask = t.mask ? (tf.reshape(t.mask, [Hkv, C]) as tf.Tensor2D) : null;
     const tok = selectChunkTokens(qh, t.ltAll, mask, k, c); // [H_kv, S]
     const S = k * c;
-    const Uk = src.basisOf('k', layer);
-    const y = tf.matMul(tf.reshape(tf.gather(Uk, tf.reshape(tok, [-1])), [Hkv, S, Uk.shape[1]]), dec.state.stackedHeadFactors('k', layer)) as tf.Tensor3D;
+    const Uk = dec.state.basis('k', layer);
+    const y = tf.matMul(tf.reshape(tf.gather(Uk, tf.reshape(tok, [-1])), [Hkv, S, Uk.shape[1]]), dec.state.stackedHeadFactors(dec.state.factor('k', layer))) as tf.Tensor3D;
     const { cos, sin } = dec.state.tables();
     const ss = ropeScoresWgsl(qh, y, tok, cos, sin, src.rope.layout === 'interleaved');
     let kx = tf.reshape(t.exactK, [Hkv, E0, d]) as tf.Tensor3D;
@@ -221,7 +232,7 @@ function attendWgsl(dec: SparseDecoder, layer: number, q: tf.Tensor3D, residual:
       vx = tf.concat([vx, tf.transpose(residual.v, [1, 0, 2])], 1) as tf.Tensor3D;
     }
     const p = softmaxExactWgsl(ss, qh, kx);
-    const o = valuesWgsl(p, tok, src.basisOf('v', layer), dec.state.stackedHeadFactors('v', layer), vx);
+    const o = valuesWgsl(p, tok, dec.state.basis('v', layer), dec.state.stackedHeadFactors(dec.state.factor('v', layer)), vx);
     return tf.reshape(o, [1, H, d]) as tf.Tensor3D;
   });
 }
@@ -246,12 +257,12 @@ function attendBatched(
 ): tf.Tensor3D {
   const src = dec.state.src;
   const { nKvHeads: Hkv, headDim: d } = src.layout;
-  const t = dec.tensors(layer);
   const c = dec.index.chunkSize;
   const C = dec.index.chunks;
   const E0 = dec.exactPerHead;
   const nDec = residual ? residual.k.shape[0] : 0;
   return tf.tidy(() => {
+    const t = dec.tensors(layer);
     const [n, H] = q.shape;
     const g = H / Hkv;
     const gn = g * n;
@@ -269,8 +280,8 @@ function attendBatched(
       if (t.mask) score = tf.add(score, tf.reshape(t.mask, [Hkv, C])); // outliers never selected (see chunkScores)
       const sel = tf.topk(score, k).indices; // [H_kv, k]
       tok = tf.reshape(tf.add(tf.reshape(tf.mul(sel, tf.scalar(c, 'int32')), [Hkv, k, 1]), tf.reshape(tf.range(0, c, 1, 'int32'), [1, 1, c])), [-1]) as tf.Tensor1D;
-      const Uk = src.basisOf('k', layer);
-      const Y = tf.matMul(tf.reshape(tf.gather(Uk, tok), [Hkv, S, Uk.shape[1]]), dec.state.stackedHeadFactors('k', layer)); // pre-RoPE rows [H_kv, S, d]
+      const Uk = dec.state.basis('k', layer);
+      const Y = tf.matMul(tf.reshape(tf.gather(Uk, tok), [Hkv, S, Uk.shape[1]]), dec.state.stackedHeadFactors(dec.state.factor('k', layer))); // pre-RoPE rows [H_kv, S, d]
       const { cos, sin } = dec.state.tables();
       const cs = tf.reshape(tf.gather(cos, tok), [Hkv, S, d]);
       const sn = tf.reshape(tf.gather(sin, tok), [Hkv, S, d]);
@@ -294,10 +305,10 @@ function attendBatched(
     let o: tf.Tensor3D | null = null;
     const add = (x: tf.Tensor3D) => (o = o ? (tf.add(o, x) as tf.Tensor3D) : x);
     if (S > 0) {
-      const Uv = src.basisOf('v', layer);
+      const Uv = dec.state.basis('v', layer);
       const Rv = Uv.shape[1];
       const Uvs = tf.reshape(tf.gather(Uv, tok!), [Hkv, S, Rv]) as tf.Tensor3D;
-      const Bv = dec.state.stackedHeadFactors('v', layer);
+      const Bv = dec.state.stackedHeadFactors(dec.state.factor('v', layer));
       const compressed = sparseValuePath(values, gn, S, Rv, d) === 'compressed';
       add(compressed ? (tf.matMul(tf.matMul(E[i++], Uvs), Bv) as tf.Tensor3D) : (tf.matMul(E[i++], tf.matMul(Uvs, Bv)) as tf.Tensor3D));
     }

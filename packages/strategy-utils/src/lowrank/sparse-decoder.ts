@@ -1,33 +1,56 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { decodeHalf, isHostBackend } from '@kvpack/core';
+import { HalfTensor, decodeHalf, isHostBackend } from '@kvpack/core';
 import type { DecodeState } from './decode-state.js';
+import { blockRowsOnHost, heapHalfBits, hostRowsReadable, unpackHalf, type Block } from './factor-blocks.js';
 import type { QueryBlocks } from './query-blocks.js';
 import type { SparseIndex } from './sparse-index.js';
 
-/** Long-lived per-layer tensors of sparse decode (built on first use, held by the DecodeState). */
-interface SparseLayerTensors {
-  /** Landmarks per KV head, transposed, [d, C]. */
-  lt: tf.Tensor2D[];
+/**
+ * One layer's sparse index on the backend at its stored width (float16 packed), arranged once for the
+ * decode paths: the landmarks transposed per KV head [H_kv, d, C], and each KV head's exact rows (its
+ * outlier tokens, then the local tokens) [H_kv, E₀, d] for keys and for values. The same float16 values
+ * as the stored index (only reordered), and the same bytes (up to a word of padding each).
+ */
+interface SparseLayerHeld {
+  lt: HalfTensor;
+  exactK: HalfTensor;
+  exactV: HalfTensor;
+}
+
+/** Per-call tensors of one layer's sparse index (transient: built inside the caller's tf.tidy). */
+export interface SparseLayerTensors {
   /** −1e30 at each head's outlier chunks, [H_kv, 1, C]; null without outliers. */
   mask: tf.Tensor3D | null;
+  /** All heads' landmarks, transposed, [H_kv, d, C]. */
+  ltAll: tf.Tensor3D;
+  /** Every head's exact rows' keys / values, [H_kv·E₀, d] (head h at rows h·E₀ …). */
+  exactK: tf.Tensor2D;
+  exactV: tf.Tensor2D;
+}
+
+/** {@link SparseLayerTensors} with per-KV-head tensors for the loop path. */
+export interface SparseLoopTensors {
+  mask: tf.Tensor3D | null;
+  /** Landmarks per KV head, transposed, [d, C]. */
+  lt: tf.Tensor2D[];
   /** Exact keys / values per KV head: its outlier tokens then the local tokens, [E₀, d]. */
   kx: tf.Tensor2D[];
   vx: tf.Tensor2D[];
-  /** (token, KV head) of every exact row, [H_kv·E₀, 2] int32, and those rows' keys / values [H_kv·E₀, d]. */
-  exactIdx: tf.Tensor2D;
-  exactK: tf.Tensor2D;
-  exactV: tf.Tensor2D;
-  /** All heads' landmarks, transposed, [H_kv, d, C] (batched path). */
-  ltAll: tf.Tensor3D;
+}
+
+/** The float32 values of a packed tensor, decoded on the host (in place from the wasm heap there, else read back). */
+function hostHalfValues(h: HalfTensor): Float32Array {
+  return decodeHalf(tf.getBackend() === 'wasm' ? heapHalfBits(h) : h.bitsSync('sparse index'));
 }
 
 /**
- * The device side of a sparse index (sparse-index.ts): per-layer tensors of the landmarks and exact
- * rows, built on the backend on first use of a layer and held by the {@link DecodeState} (freed with
- * the cache), and the chunk selection. The attend paths over it are in sparse-attend.ts.
+ * The device side of a sparse index (sparse-index.ts): per layer, the landmarks and exact rows held on
+ * the backend at their stored width (float16 packed; uploaded on first use of the layer, freed with the
+ * cache), the per-call tensors unpacked from them, and the chunk selection. The attend paths over it
+ * are in sparse-attend.ts.
  */
 export class SparseDecoder {
-  private readonly perLayer = new Map<number, SparseLayerTensors>();
+  private readonly perLayer = new Map<number, SparseLayerHeld>();
   private scratch = new Float32Array(0);
 
   constructor(
@@ -50,8 +73,8 @@ export class SparseDecoder {
     return out;
   }
 
-  /** The layer's index tensors (built once). */
-  tensors(layer: number): SparseLayerTensors {
+  /** The layer's index on the backend (packed, arranged on the host from the stored bits on first use). */
+  private held(layer: number): SparseLayerHeld {
     let t = this.perLayer.get(layer);
     if (t) return t;
     const { nKvHeads: H, headDim: d } = this.state.src.layout;
@@ -59,78 +82,91 @@ export class SparseDecoder {
     const { chunks: C, outliers: O, local, chunkSize: c } = this.index;
     const L = this.index.layers[layer];
     const E0 = this.exactPerHead;
-    const lmk = decodeHalf(L.landmarks);
-    const oK = decodeHalf(L.outlierK);
-    const oV = decodeHalf(L.outlierV);
-    const lK = decodeHalf(L.localK);
-    const lV = decodeHalf(L.localV);
-    const hold = <T extends tf.Tensor>(x: T) => this.state.hold(x);
-    const lt: tf.Tensor2D[] = [];
-    const kx: tf.Tensor2D[] = [];
-    const vx: tf.Tensor2D[] = [];
-    const idx = new Int32Array(H * E0 * 2);
-    const ltData = new Float32Array(H * d * C);
-    const exK = new Float32Array(H * E0 * d);
-    const exV = new Float32Array(H * E0 * d);
-    for (let h = 0; h < H; h++) {
-      const a = new Float32Array(d * C);
-      for (let ch = 0; ch < C; ch++) for (let e = 0; e < d; e++) a[e * C + ch] = lmk[ch * F + h * d + e];
-      ltData.set(a, h * d * C);
-      // Per-head tensors for the loop path (wasm/cpu); the batched path reads the stacked ones.
-      if (isHostBackend()) lt.push(hold(tf.tensor2d(a, [d, C])));
-      const k = new Float32Array(E0 * d);
-      const v = new Float32Array(E0 * d);
-      k.set(oK.subarray(h * O * c * d, (h + 1) * O * c * d));
-      v.set(oV.subarray(h * O * c * d, (h + 1) * O * c * d));
-      for (let u = 0; u < local; u++) {
-        k.set(lK.subarray(u * F + h * d, u * F + h * d + d), (O * c + u) * d);
-        v.set(lV.subarray(u * F + h * d, u * F + h * d + d), (O * c + u) * d);
+    const lt = new Uint16Array(H * d * C);
+    for (let h = 0; h < H; h++) for (let ch = 0; ch < C; ch++) for (let e = 0; e < d; e++) lt[(h * d + e) * C + ch] = L.landmarks[ch * F + h * d + e];
+    const arrange = (outl: Uint16Array, loc: Uint16Array) => {
+      const x = new Uint16Array(H * E0 * d);
+      for (let h = 0; h < H; h++) {
+        x.set(outl.subarray(h * O * c * d, (h + 1) * O * c * d), h * E0 * d);
+        for (let u = 0; u < local; u++) x.set(loc.subarray(u * F + h * d, u * F + h * d + d), (h * E0 + O * c + u) * d);
       }
-      if (isHostBackend()) {
-        kx.push(hold(tf.tensor2d(k, [E0, d])));
-        vx.push(hold(tf.tensor2d(v, [E0, d])));
-      }
-      exK.set(k, h * E0 * d);
-      exV.set(v, h * E0 * d);
-      this.exactTokens(layer, h).forEach((tok, i) => {
-        idx[(h * E0 + i) * 2] = tok;
-        idx[(h * E0 + i) * 2 + 1] = h;
-      });
-    }
-    let mask: tf.Tensor3D | null = null;
-    if (O > 0) {
-      const m = new Float32Array(H * C);
-      for (let h = 0; h < H; h++) for (let k = 0; k < O; k++) m[h * C + L.outlierChunks[h * O + k]] = -1e30;
-      mask = hold(tf.tensor3d(m, [H, 1, C]));
-    }
-    t = {
-      lt,
-      mask,
-      kx,
-      vx,
-      exactIdx: hold(tf.tensor2d(idx, [H * E0, 2], 'int32')),
-      exactK: hold(tf.tensor2d(exK, [H * E0, d])),
-      exactV: hold(tf.tensor2d(exV, [H * E0, d])),
-      ltAll: hold(tf.tensor3d(ltData, [H, d, C])),
+      return x;
     };
+    const made: HalfTensor[] = [];
+    try {
+      made.push(HalfTensor.fromBits(lt, [H, d, C]));
+      made.push(HalfTensor.fromBits(arrange(L.outlierK, L.localK), [H * E0, d]));
+      made.push(HalfTensor.fromBits(arrange(L.outlierV, L.localV), [H * E0, d]));
+    } catch (e) {
+      for (const m of made) m.dispose();
+      throw e;
+    }
+    // First use may come inside a caller's tf.tidy: the held tensors outlive it.
+    for (const m of made) tf.keep(m.packed);
+    t = { lt: made[0], exactK: made[1], exactV: made[2] };
     this.perLayer.set(layer, t);
     return t;
   }
 
-  /** The layer's tensors with the per-head lists of the loop path filled (split from the stacked ones when built for the batched path). */
-  loopTensors(layer: number): SparseLayerTensors {
-    const t = this.tensors(layer);
-    if (t.lt.length === 0) {
-      const H = t.ltAll.shape[0];
-      const E0 = this.exactPerHead;
-      const d = t.ltAll.shape[1];
-      tf.tidy(() => {
-        t.lt.push(...(tf.unstack(t.ltAll, 0) as tf.Tensor2D[]).map((x) => this.state.hold(x)));
-        t.kx.push(...(tf.unstack(tf.reshape(t.exactK, [H, E0, d]), 0) as tf.Tensor2D[]).map((x) => this.state.hold(x)));
-        t.vx.push(...(tf.unstack(tf.reshape(t.exactV, [H, E0, d]), 0) as tf.Tensor2D[]).map((x) => this.state.hold(x)));
-      });
+  /** −1e30 at each head's outlier chunks, [H_kv, 1, C], from the host indices; null without outliers (transient). */
+  private mask(layer: number): tf.Tensor3D | null {
+    const { nKvHeads: H } = this.state.src.layout;
+    const { chunks: C, outliers: O } = this.index;
+    if (O === 0) return null;
+    const oc = this.index.layers[layer].outlierChunks;
+    const m = new Float32Array(H * C);
+    for (let h = 0; h < H; h++) for (let k = 0; k < O; k++) m[h * C + oc[h * O + k]] = -1e30;
+    return tf.tensor3d(m, [H, 1, C]);
+  }
+
+  /** The layer's index as float32 tensors for the batched paths (transient; inside tf.tidy). */
+  tensors(layer: number): SparseLayerTensors {
+    const held = this.held(layer);
+    const unpack = (h: HalfTensor) => (h.size > 0 ? unpackHalf(h) : tf.zeros(h.shape));
+    return {
+      mask: this.mask(layer),
+      ltAll: unpack(held.lt) as tf.Tensor3D,
+      exactK: unpack(held.exactK) as tf.Tensor2D,
+      exactV: unpack(held.exactV) as tf.Tensor2D,
+    };
+  }
+
+  /**
+   * The layer's index as per-KV-head float32 tensors for the loop path (transient; inside tf.tidy):
+   * decoded on the host on wasm/cpu (from the packed bits, in place in the wasm heap), else unpacked and
+   * split on the device.
+   */
+  loopTensors(layer: number): SparseLoopTensors {
+    const held = this.held(layer);
+    const { nKvHeads: H, headDim: d } = this.state.src.layout;
+    const C = this.index.chunks;
+    const E0 = this.exactPerHead;
+    if (!isHostBackend()) {
+      const t = this.tensors(layer);
+      const heads = <T extends tf.Tensor>(x: tf.Tensor, shape: number[]) => (H === 1 ? [tf.reshape(x, shape) as T] : (tf.unstack(tf.reshape(x, [H, ...shape]), 0) as T[]));
+      return { mask: t.mask, lt: heads(t.ltAll, [d, C]), kx: heads(t.exactK, [E0, d]), vx: heads(t.exactV, [E0, d]) };
     }
-    return t;
+    // All decoded before any tensor is created (a heap growth would detach the wasm heap views).
+    const lt = hostHalfValues(held.lt);
+    const k = hostHalfValues(held.exactK);
+    const v = hostHalfValues(held.exactV);
+    const out: SparseLoopTensors = { mask: this.mask(layer), lt: [], kx: [], vx: [] };
+    for (let h = 0; h < H; h++) {
+      out.lt.push(tf.tensor2d(lt.subarray(h * d * C, (h + 1) * d * C), [d, C]));
+      out.kx.push(tf.tensor2d(k.subarray(h * E0 * d, (h + 1) * E0 * d), [E0, d]));
+      out.vx.push(tf.tensor2d(v.subarray(h * E0 * d, (h + 1) * E0 * d), [E0, d]));
+    }
+    return out;
+  }
+
+  /** Frees the layers' held index tensors. */
+  dispose(): void {
+    for (const t of this.perLayer.values()) {
+      t.lt.dispose();
+      t.exactK.dispose();
+      t.exactV.dispose();
+    }
+    this.perLayer.clear();
   }
 
   /**
@@ -138,9 +174,20 @@ export class SparseDecoder {
    * attention sees when its budget covers every chunk. Returns a new tensor.
    */
   patchExact(layer: number, full: tf.Tensor3D, kind: 'k' | 'v'): tf.Tensor3D {
-    const t = this.tensors(layer);
-    if (t.exactIdx.shape[0] === 0) return full;
-    return tf.tidy(() => tf.tensorScatterUpdate(full, t.exactIdx, kind === 'k' ? t.exactK : t.exactV) as tf.Tensor3D);
+    const { nKvHeads: H } = this.state.src.layout;
+    const E0 = this.exactPerHead;
+    if (E0 === 0) return full;
+    return tf.tidy(() => {
+      const idx = new Int32Array(H * E0 * 2);
+      for (let h = 0; h < H; h++)
+        this.exactTokens(layer, h).forEach((tok, i) => {
+          idx[(h * E0 + i) * 2] = tok;
+          idx[(h * E0 + i) * 2 + 1] = h;
+        });
+      const held = this.held(layer);
+      const rows = unpackHalf(kind === 'k' ? held.exactK : held.exactV);
+      return tf.tensorScatterUpdate(full, tf.tensor2d(idx, [H * E0, 2], 'int32'), rows) as tf.Tensor3D;
+    });
   }
 
   /**
@@ -148,10 +195,10 @@ export class SparseDecoder {
    * q·landmark/√d; summed over the n query tokens; the maximum over the g query heads of the GQA
    * group (ShadowKV's `get_retrieval_position_ids`; xKV-SR likewise). Outlier chunks score −1e30.
    */
-  chunkScores(layer: number, qb: QueryBlocks): tf.Tensor2D {
-    const t = this.loopTensors(layer);
+  chunkScores(layer: number, qb: QueryBlocks, loop?: SparseLoopTensors): tf.Tensor2D {
     const C = this.index.chunks;
     return tf.tidy(() => {
+      const t = loop ?? this.loopTensors(layer);
       const H = t.lt.length;
       let a = tf.stack(t.lt.map((lt, h) => tf.matMul(qb.rows[h], lt)), 0) as tf.Tensor3D; // [H_kv, g·n, C]
       if (t.mask) a = tf.add(a, t.mask);
@@ -168,10 +215,10 @@ export class SparseDecoder {
   }
 
   /** The selected chunk indices per KV head, [H_kv, k] int32 (highest score first). */
-  selectChunks(layer: number, qb: QueryBlocks, budget: number): tf.Tensor2D | null {
+  selectChunks(layer: number, qb: QueryBlocks, budget: number, loop?: SparseLoopTensors): tf.Tensor2D | null {
     const k = this.selectedChunks(budget);
     if (k === 0) return null;
-    return tf.tidy(() => tf.topk(this.chunkScores(layer, qb), k).indices as tf.Tensor2D);
+    return tf.tidy(() => tf.topk(this.chunkScores(layer, qb, loop), k).indices as tf.Tensor2D);
   }
 
   /** Rows of src [T, R] at the tokens of the given chunks (c consecutive rows each), [k·c, R]. */
@@ -180,12 +227,7 @@ export class SparseDecoder {
     const R = src.shape[1];
     if (useHost && chunks instanceof Int32Array) {
       const view = (tf.backend() as unknown as { typedArrayFromHeap(t: tf.Tensor): Float32Array }).typedArrayFromHeap(src);
-      const need = chunks.length * c * R;
-      if (this.scratch.length < need) this.scratch = new Float32Array(need);
-      const out = this.scratch;
-      for (let i = 0; i < chunks.length; i++) out.set(view.subarray(chunks[i] * c * R, (chunks[i] + 1) * c * R), i * c * R);
-      // The wasm backend copies the values into its heap at creation, so the scratch is reusable.
-      return tf.tensor2d(out.subarray(0, need), [chunks.length * c, R]);
+      return this.gatherHostRows(view, R, chunks);
     }
     return tf.tidy(() => {
       const ch = chunks instanceof Int32Array ? tf.tensor1d(chunks, 'int32') : chunks;
@@ -194,4 +236,33 @@ export class SparseDecoder {
     });
   }
 
+  /** Rows of a host array [T, width] at the tokens of the given chunks, as a tensor [k·c, width] (wasm: copied at creation). */
+  gatherHostRows(src: Float32Array, width: number, chunks: Int32Array): tf.Tensor2D {
+    const c = this.index.chunkSize;
+    const need = chunks.length * c * width;
+    const out = this.buffer(need);
+    for (let i = 0; i < chunks.length; i++) out.set(src.subarray(chunks[i] * c * width, (chunks[i] + 1) * c * width), i * c * width);
+    // The wasm backend copies the values into its heap at creation, so the scratch is reusable.
+    return tf.tensor2d(out.subarray(0, need), [chunks.length * c, width]);
+  }
+
+  /**
+   * Rows of a stored block [T, R] at the tokens of the given chunks, [k·c, R]: on wasm with host
+   * gathers, decoded in place from the packed bits in the heap (only those rows); otherwise gathered
+   * from the block's values `dense()` (unpacked once per call by the caller).
+   */
+  gatherBlockChunks(b: Block, chunks: Int32Array | tf.Tensor1D, useHost: boolean, dense: () => tf.Tensor2D): tf.Tensor2D {
+    if (useHost && chunks instanceof Int32Array && hostRowsReadable(b)) {
+      const c = this.index.chunkSize;
+      const starts = Int32Array.from(chunks, (ch) => ch * c);
+      const rows = blockRowsOnHost(b, starts, c, this.buffer(chunks.length * c * b.cols))!;
+      return tf.tensor2d(rows, [chunks.length * c, b.cols]);
+    }
+    return this.gatherChunks(dense(), chunks, useHost);
+  }
+
+  private buffer(n: number): Float32Array {
+    if (this.scratch.length < n) this.scratch = new Float32Array(n);
+    return this.scratch;
+  }
 }
