@@ -50,8 +50,29 @@ const TABLE_MEMO_ENTRIES = 4;
 const TABLE_MEMO_MIN = 256;
 
 /**
+ * cos/sin of p·θ_i for every position p and frequency i, [T, d/2] float64 each (row-major): the one
+ * computation of kvpack's RoPE tables ({@link ropeTableData} rounds it to float32; float64 references
+ * and the host sparse-index build use it as it is). Not cached.
+ */
+export function ropeTableData64(rope: RopeConfig, headDim: number, positions: Positions): { cos: Float64Array; sin: Float64Array } {
+  const pos = positionList(positions);
+  const inv = ropeInverseFrequencies(rope, headDim);
+  const half = headDim / 2;
+  const c = new Float64Array(pos.length * half);
+  const s = new Float64Array(pos.length * half);
+  for (let t = 0; t < pos.length; t++) {
+    for (let i = 0; i < half; i++) {
+      const a = pos[t] * inv[i];
+      c[t * half + i] = Math.cos(a);
+      s[t * half + i] = Math.sin(a);
+    }
+  }
+  return { cos: c, sin: s };
+}
+
+/**
  * cos/sin of p·θ_i for every position p and frequency i, [T, d/2] float32 each (row-major), computed
- * in float64 on the host. The last few long `{ start, count }` ranges are kept on the host (the same
+ * in float64 on the host ({@link ropeTableData64}) and rounded. The last few long `{ start, count }` ranges are kept on the host (the same
  * arrays are returned again: do not modify them).
  */
 export function ropeTableData(rope: RopeConfig, headDim: number, positions: Positions): { cos: Float32Array; sin: Float32Array } {
@@ -60,17 +81,9 @@ export function ropeTableData(rope: RopeConfig, headDim: number, positions: Posi
   const key = ranged && pos.length >= TABLE_MEMO_MIN ? `${JSON.stringify(rope)}|${headDim}|${pos[0]}|${pos.length}` : null;
   const hit = key ? tableMemo.find((e) => e.key === key) : undefined;
   if (hit) return hit;
-  const inv = ropeInverseFrequencies(rope, headDim);
-  const half = headDim / 2;
-  const c = new Float32Array(pos.length * half);
-  const s = new Float32Array(pos.length * half);
-  for (let t = 0; t < pos.length; t++) {
-    for (let i = 0; i < half; i++) {
-      const a = pos[t] * inv[i];
-      c[t * half + i] = Math.cos(a);
-      s[t * half + i] = Math.sin(a);
-    }
-  }
+  const t64 = ropeTableData64(rope, headDim, positions);
+  const c = Float32Array.from(t64.cos);
+  const s = Float32Array.from(t64.sin);
   if (key) {
     tableMemo.push({ key, cos: c, sin: s });
     if (tableMemo.length > TABLE_MEMO_ENTRIES) tableMemo.shift();

@@ -1,4 +1,4 @@
-import { ropeInverseFrequencies, type KVCache } from '@kvpack/core';
+import { ropeTableData64, type KVCache } from '@kvpack/core';
 import { encodeSparseLayer, sparseGeometry, type SparseIndex, type SparseLayer } from './sparse-index.js';
 import type { SparseOptions } from './sparse-options.js';
 
@@ -15,16 +15,7 @@ export async function buildSparseIndexOnHost(cache: KVCache, T: number, o: Spars
   const c = o.chunkSize;
   const { chunks: C, outliers: O, local } = sparseGeometry(T, o);
   const half = d / 2;
-  const inv = ropeInverseFrequencies(cache.rope, d);
-  const start = cache.startPosition ?? 0;
-  const cosT = new Float64Array(T * half);
-  const sinT = new Float64Array(T * half);
-  for (let t = 0; t < T; t++)
-    for (let i = 0; i < half; i++) {
-      const a = (start + t) * inv[i];
-      cosT[t * half + i] = Math.cos(a);
-      sinT[t * half + i] = Math.sin(a);
-    }
+  const { cos: cosT, sin: sinT } = ropeTableData64(cache.rope, d, { start: cache.startPosition ?? 0, count: T });
   const interleaved = cache.rope.layout === 'interleaved';
   const pairA = (i: number) => (interleaved ? 2 * i : i);
   const pairB = (i: number) => (interleaved ? 2 * i + 1 : i + half);
