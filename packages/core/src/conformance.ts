@@ -404,16 +404,16 @@ export function runStrategyConformance(name: string, cases: ConformanceCases): v
 /**
  * Resident ÷ stored bytes of a strategy's cache: the tensor bytes the compressed cache holds on the
  * backend (the change of `tf.memory().numBytes` it causes, with every returned tensor disposed) over
- * its `byteSize()` — after compression, after 4 decode steps per layer (append one token, read keys
- * and values, attend), and after a serialize → deserialize round trip.
+ * its `byteSize()` — after compression, after `decodeSteps` (default 4) decode steps per layer (append
+ * one token, read keys and values, attend), and after a serializeAsync → deserialize round trip.
  */
-export async function residentRatios(strategy: Strategy, cache: KVCache): Promise<{ afterCompress: number; afterDecode: number; afterRestore: number }> {
+export async function residentRatios(strategy: Strategy, cache: KVCache, decodeSteps = 4): Promise<{ afterCompress: number; afterDecode: number; afterRestore: number }> {
   const base = tf.memory().numBytes;
   const c = await strategy.compress(cache);
   try {
     const afterCompress = (tf.memory().numBytes - base) / c.byteSize();
     const { nKvHeads: H, headDim: d, nHeads } = cache.layout;
-    for (let step = 0; step < 4; step++) {
+    for (let step = 0; step < decodeSteps; step++) {
       for (let l = 0; l < cache.layout.nLayers; l++) {
         const k = tf.randomNormal([1, H, d], 0, 1, 'float32', 300 + step) as tf.Tensor3D;
         c.append(l, k, k);
