@@ -89,7 +89,8 @@ it('shared device RoPE tables: one upload per key, kept across tf.tidy, bounded,
   expect(sharedRopeTableBytes()).toBeGreaterThan(0);
   expect(honest.afterDecode).toBeCloseTo(1, 12);
   const caught = await residentRatios(withTables(true), cache);
-  expect(caught.afterDecode).toBeCloseTo(1.25, 12);
+  expect(caught.afterCompress).toBeCloseTo(1.25, 12);
+  expect(caught.afterDecode).toBeGreaterThan(1.1); // the copy over the grown cache (4 appended tokens per layer)
   releaseSharedRopeTables();
   disposeKVCache(cache);
 });
