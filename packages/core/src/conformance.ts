@@ -18,7 +18,7 @@ import { selectBackend } from './backend.js';
 import { KvpackError } from './errors.js';
 import { denseCacheBytes } from './memory.js';
 import { createStrategy, deserializeCache } from './registry.js';
-import { applyRope } from './rope.js';
+import { applyRope, sharedRopeTableBytes } from './rope.js';
 import { headerBytes, splitContainer, writeContainer } from './serialize.js';
 import { cacheSnapshot, fuzzRestore } from './restore-fuzz.js';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -406,12 +406,18 @@ export function runStrategyConformance(name: string, cases: ConformanceCases): v
  * backend (the change of `tf.memory().numBytes` it causes, with every returned tensor disposed) over
  * its `byteSize()` — after compression, after `decodeSteps` (default 4) decode steps per layer (append
  * one token, read keys and values, attend), and after a serializeAsync → deserialize round trip.
+ * The growth of core's shared device RoPE tables (`sharedRopeTableBytes`, rope.ts) in that time is
+ * not the cache's: those tables are a process-wide working set, like the model's weights, held once
+ * for every cache and layer decoding over the same positions, so it is subtracted.
  */
 export async function residentRatios(strategy: Strategy, cache: KVCache, decodeSteps = 4): Promise<{ afterCompress: number; afterDecode: number; afterRestore: number }> {
   const base = tf.memory().numBytes;
+  const sharedBase = sharedRopeTableBytes();
+  /** Backend bytes the cache added: tensor bytes since `base`, less the shared RoPE tables' growth. */
+  const held = () => tf.memory().numBytes - base - (sharedRopeTableBytes() - sharedBase);
   const c = await strategy.compress(cache);
   try {
-    const afterCompress = (tf.memory().numBytes - base) / c.byteSize();
+    const afterCompress = held() / c.byteSize();
     const { nKvHeads: H, headDim: d, nHeads } = cache.layout;
     for (let step = 0; step < decodeSteps; step++) {
       for (let l = 0; l < cache.layout.nLayers; l++) {
@@ -422,12 +428,12 @@ export async function residentRatios(strategy: Strategy, cache: KVCache, decodeS
         tf.dispose([c.keys(l), c.values(l), ...(c.attend ? [c.attend(l, q)] : []), q]);
       }
     }
-    const afterDecode = (tf.memory().numBytes - base) / c.byteSize();
+    const afterDecode = held() / c.byteSize();
     const bytes = await c.serializeAsync();
     const stored = c.byteSize();
     c.dispose();
     const restored = deserializeCache(bytes);
-    const afterRestore = (tf.memory().numBytes - base) / stored;
+    const afterRestore = held() / stored;
     restored.dispose();
     return { afterCompress, afterDecode, afterRestore };
   } finally {

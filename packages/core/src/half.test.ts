@@ -11,6 +11,24 @@ function halfCases(): Float32Array {
 
 for (const backend of ['wasm', 'cpu'] as const) {
   describe(`HalfTensor on ${backend}`, () => {
+    it('unpackRows gathers packed rows and unpacks only them (even widths), odd widths through a full unpack', async () => {
+      await selectBackend(backend);
+      const start = tf.memory().numTensors;
+      const vals = halfCases();
+      for (const [n, w] of [[9, 4], [7, 3], [5, 2]] as const) {
+        const want = Float32Array.from({ length: n * w }, (_, i) => vals[(i * 7) % vals.length]);
+        const h = HalfTensor.fromBits(encodeHalf(want), [n, w]);
+        const rows = tf.tensor1d([n - 1, 0, 2, 2], 'int32');
+        const got = h.unpackRows(rows);
+        expect(got.shape).toEqual([4, w]);
+        const exp = [n - 1, 0, 2, 2].flatMap((r) => Array.from(want.subarray(r * w, (r + 1) * w)));
+        expect(Array.from(got.dataSync()).map(toHalfBits)).toEqual(exp.map(toHalfBits));
+        tf.dispose([rows, got]);
+        h.dispose();
+      }
+      expect(tf.memory().numTensors).toBe(start);
+    });
+
     it('packs two float16 values per int32 and unpacks them bit-exactly, odd counts included', async () => {
       await selectBackend(backend);
       const start = tf.memory().numTensors;

@@ -80,6 +80,31 @@ export class HalfTensor {
     return tf.tensor(decodeHalf(this.bitsSync()), this.shape, 'float32');
   }
 
+  /**
+   * Rows `indices` of a 2-D float16 tensor [n, w] as a transient float32 tensor [S, w] (S =
+   * indices.length), without unpacking the others. On webgpu one WGSL kernel reads just those rows'
+   * words (value f = r·w + j in half f & 1 of word f / 2, any w); tfjs's own gather is not used there,
+   * as it moves int32 values through float32 and would corrupt bit patterns above 2^24. On the host
+   * backends with w even the packed form is an int32 matrix [n, w/2], gathered exactly and decoded from
+   * one small readback; odd w there unpacks all and gathers. Same values as
+   * `tf.gather(unpack(), indices)`. Does not dispose `indices`.
+   * @throws KvpackError('shape') when the tensor is not 2-D or `indices` is not int32 1-D.
+   */
+  unpackRows(indices: tf.Tensor1D): tf.Tensor2D {
+    check(!this.isDisposed, 'disposed', 'float16 tensor was disposed');
+    check(this.shape.length === 2, 'shape', `unpackRows needs a 2-D float16 tensor, got shape [${this.shape}]`);
+    check(indices.rank === 1 && indices.dtype === 'int32', 'shape', `unpackRows needs int32 row indices [S], got ${indices.dtype} [${indices.shape}]`);
+    const [n, w] = this.shape;
+    const S = indices.shape[0];
+    if (S === 0 || w === 0 || n === 0) return tf.zeros([S, w]) as tf.Tensor2D;
+    if (isWebGpuBackend()) return tf.tidy(() => tf.reshape(unpackRowsOnDevice(this.packed, indices, w), [S, w]) as tf.Tensor2D);
+    if (w % 2 !== 0 || tf.getBackend() === 'webgl') return tf.tidy(() => tf.gather(this.unpack(), indices) as tf.Tensor2D);
+    const words = tf.tidy(() => tf.gather(tf.reshape(this.packed, [n, w / 2]), indices));
+    const bits = Int32Array.from(words.dataSync() as Int32Array);
+    words.dispose();
+    return tf.tensor2d(decodeHalf(new Uint16Array(bits.buffer, 0, S * w)), [S, w], 'float32');
+  }
+
   /** Frees the packed tensor. Idempotent. */
   dispose(): void {
     if (!this.packed.isDisposed) this.packed.dispose();
@@ -113,6 +138,29 @@ function unpackOnDevice(packed: tf.Tensor1D, n: number): tf.Tensor {
   if (flat >= uniforms.outShape) { return; }
   let pair = unpack2x16float(bitcast<u32>(x[flat / 2]));
   result[flat] = select(pair.x, pair.y, (flat & 1) == 1);
+}`,
+  });
+}
+
+/** Rows `rows` of a packed float16 matrix of width w, unpacked: float32 [S·w] (one kernel, only those rows read). */
+function unpackRowsOnDevice(packed: tf.Tensor1D, rows: tf.Tensor1D, w: number): tf.Tensor {
+  const n = rows.shape[0] * w;
+  return runWgsl({
+    key: `unpack_half_rows_${w}`,
+    names: ['x', 'rows'],
+    inputs: [packed, rows],
+    outputShape: [n],
+    dtype: 'float32',
+    workgroupSize: WG,
+    dispatch: grid(n),
+    workgroupBytes: 0,
+    code: `fn kernel(index: i32) {
+  ${FLAT}
+  if (flat >= uniforms.outShape) { return; }
+  let s = flat / ${w};
+  let f = u32(rows[s]) * ${w}u + u32(flat - s * ${w});
+  let pair = unpack2x16float(bitcast<u32>(x[f >> 1u]));
+  result[flat] = select(pair.x, pair.y, (f & 1u) == 1u);
 }`,
   });
 }

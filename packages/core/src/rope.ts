@@ -135,3 +135,74 @@ export function applyRope(x: tf.Tensor3D, rope: RopeConfig, positions: Positions
     return tf.stack([o0, o1], 3).reshape([T, H, d]) as tf.Tensor3D;
   });
 }
+
+/**
+ * One process-wide set of RoPE tables on the device (webgpu, webgl, tensorflow), keyed by what they
+ * hold (e.g. `full|rope|d|start|count`): like the model's weights, a working set shared by every cache
+ * and layer that decodes over the same positions — not part of any cache (a cache holds only its stored
+ * form). Uploaded once instead of per call (a 32K-token full-width table pair is 32 MiB). Bounded to
+ * {@link SHARED_ROPE_ENTRIES} entries (least recently used evicted); {@link sharedRopeTableBytes} says
+ * what it holds, {@link releaseSharedRopeTables} frees it.
+ */
+interface SharedRopeEntry {
+  key: string;
+  backend: string;
+  tensors: tf.Tensor[];
+  bytes: number;
+}
+const sharedRope: SharedRopeEntry[] = [];
+/** Entries of the shared device table cache (a few position ranges in use at once). */
+export const SHARED_ROPE_ENTRIES = 4;
+/**
+ * Ranges shorter than this are uploaded per call instead (a few KiB: a decode step's positions, small
+ * caches), as core's host table memo.
+ */
+export const SHARED_ROPE_MIN_TOKENS = TABLE_MEMO_MIN;
+
+function dropShared(i: number): void {
+  const [e] = sharedRope.splice(i, 1);
+  for (const t of e.tensors) if (!t.isDisposed) t.dispose();
+}
+
+/**
+ * The shared device tensors under `key`, made by `make` (host arrays uploaded once) on first use or
+ * after eviction. The returned tensors belong to the shared cache: never dispose them (tf.tidy leaves
+ * them alone); they stay valid until {@link SHARED_ROPE_ENTRIES} other keys were used after them, so use
+ * them within the call that asked for them.
+ */
+export function sharedRopeTensors<T extends tf.Tensor[]>(key: string, make: () => T): T {
+  const backend = tf.getBackend();
+  for (let i = sharedRope.length - 1; i >= 0; i--) {
+    const e = sharedRope[i];
+    if (e.backend !== backend || e.tensors.some((t) => t.isDisposed)) {
+      if (e.tensors.some((t) => t.isDisposed)) dropShared(i); // freed from outside (tf.disposeVariables, engine reset)
+      continue;
+    }
+    if (e.key === key) {
+      sharedRope.splice(i, 1);
+      sharedRope.push(e); // most recently used last
+      return e.tensors as T;
+    }
+  }
+  const tensors = make();
+  for (const t of tensors) tf.keep(t);
+  sharedRope.push({ key, backend, tensors, bytes: tensors.reduce((a, t) => a + t.size * 4, 0) });
+  const onBackend = sharedRope.filter((e) => e.backend === backend);
+  if (onBackend.length > SHARED_ROPE_ENTRIES) dropShared(sharedRope.indexOf(onBackend[0]));
+  return tensors;
+}
+
+/**
+ * Bytes of the shared device RoPE tables ({@link sharedRopeTensors}) on the current backend: a
+ * process-wide working set, which resident-byte accounting of a cache (conformance `residentRatios`)
+ * subtracts.
+ */
+export function sharedRopeTableBytes(): number {
+  const backend = tf.getBackend();
+  return sharedRope.filter((e) => e.backend === backend && !e.tensors.some((t) => t.isDisposed)).reduce((a, e) => a + e.bytes, 0);
+}
+
+/** Frees every shared device RoPE table (they are rebuilt on next use). */
+export function releaseSharedRopeTables(): void {
+  while (sharedRope.length) dropShared(sharedRope.length - 1);
+}

@@ -1,8 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { matmul, type ModelLayout, type RopeConfig } from '@kvpack/core';
-import { blockValues, type Block } from './factor-blocks.js';
+import { HalfTensor, matmul, type ModelLayout, type RopeConfig } from '@kvpack/core';
+import { blockRows, blockValues, type Block } from './factor-blocks.js';
 import type { Kind } from './group-config.js';
-import { fullWidthRopeTables, fusedRopeProduct, signedPairSwap } from './rope-fused.js';
+import { fullWidthRopeTables, fullWidthRopeTensors, fusedRopeProduct, signedPairSwap } from './rope-fused.js';
 
 /*
  * Decode-side view of the grouped low-rank cache: what the decode code reads from the cache (its stored
@@ -35,9 +35,11 @@ interface LowRankSource {
 
 /**
  * Per-call tensors derived from a grouped low-rank cache for reconstruction and decode. Holds no
- * tensor: the RoPE tables are rebuilt per call from host arrays (core's `ropeTableData`, expanded to
- * full width and memoized on the host by rope-fused.ts), the pair swap likewise, and the factors are
- * unpacked from their stored form.
+ * tensor: the RoPE tables come from core's shared device tables on device backends (one per position
+ * range for every cache and layer, not this cache's) or are uploaded per call from host arrays on
+ * wasm/cpu (core's `ropeTableData`, expanded to full width and memoized on the host by rope-fused.ts),
+ * the pair swap is uploaded per call, and the factors are unpacked from their stored form (only the
+ * rows needed where the decode code gathers rows).
  */
 export class DecodeState {
   constructor(readonly src: LowRankSource) {}
@@ -62,14 +64,28 @@ export class DecodeState {
     return fullWidthRopeTables(this.src.rope, this.src.layout.headDim, this.src.startPosition, this.src.prefillLength);
   }
 
-  /** Full-width RoPE tables at the prefill positions, [T, d] each (transient; inside tf.tidy). */
+  /**
+   * Full-width RoPE tables at the prefill positions, [T, d] each, for use inside tf.tidy: on device
+   * backends core's shared device tables (a process-wide working set, not the cache's; never dispose
+   * them), on wasm/cpu transient uploads of the host memo (rope-fused.ts `fullWidthRopeTensors`).
+   */
   tables(): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
-    const d = this.src.layout.headDim;
-    const T = this.src.prefillLength;
-    const { cos, sin } = this.tableData();
-    // The cpu backend keeps the array it is given: give it a copy of the shared host table.
-    const own = (a: Float32Array) => (tf.getBackend() === 'cpu' ? a.slice() : a);
-    return { cos: tf.tensor2d(own(cos), [T, d]), sin: tf.tensor2d(own(sin), [T, d]) };
+    return fullWidthRopeTensors(this.src.rope, this.src.layout.headDim, this.src.startPosition, this.src.prefillLength);
+  }
+
+  /**
+   * U_g of a layer as a kernel can read it in place: the stored float16 tensor itself when the block is
+   * float16 (never dispose it), else its float32 values (transient, or a float32 block's own tensor;
+   * inside tf.tidy).
+   */
+  basisHeld(kind: Kind, layer: number): HalfTensor | tf.Tensor2D {
+    const b = this.src.basisBlock(kind, layer);
+    return b.held instanceof HalfTensor ? b.held : blockValues(b);
+  }
+
+  /** U_g of a layer at the given token rows, float32 [S, R_g] (only those rows unpacked; transient; inside tf.tidy). */
+  basisRows(kind: Kind, layer: number, rows: tf.Tensor1D): tf.Tensor2D {
+    return blockRows(this.src.basisBlock(kind, layer), rows);
   }
 
   /** The signed pair swap P [d, d] (transient; inside tf.tidy). */

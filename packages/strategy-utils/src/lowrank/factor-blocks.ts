@@ -93,6 +93,17 @@ export function blockValues(b: Block): tf.Tensor2D {
 }
 
 /**
+ * Rows `rows` of the block's values, float32 [S, cols] (transient; inside tf.tidy): a float16 block
+ * gathers the packed rows and unpacks only them (`HalfTensor.unpackRows`), a float32 block gathers its
+ * stored tensor, a quantized block dequantizes whole and gathers. Same values as
+ * `tf.gather(blockValues(b), rows)`.
+ */
+export function blockRows(b: Block, rows: tf.Tensor1D): tf.Tensor2D {
+  if (b.held instanceof HalfTensor) return b.held.unpackRows(rows);
+  return tf.gather(blockValues(b), rows) as tf.Tensor2D;
+}
+
+/**
  * `h.unpack()` (a transient float32 tensor of h's shape), on wasm decoded straight from the packed bits
  * in the heap (no readback copies). Same values.
  */

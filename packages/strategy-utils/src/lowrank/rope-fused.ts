@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { matmul, ropeTableData, type RopeConfig } from '@kvpack/core';
+import { SHARED_ROPE_MIN_TOKENS, isHostBackend, matmul, ropeTableData, sharedRopeTensors, type RopeConfig } from '@kvpack/core';
 
 /*
  * Fused RoPE of a low-rank product: RoPE(x) = x∘cos + (x·P)∘sin with full-width tables expanded from
@@ -45,6 +45,28 @@ export function fullWidthRopeTables(rope: RopeConfig, headDim: number, start: nu
     fullMemo.push({ key, cos, sin });
     if (fullMemo.length > FULL_MEMO_ENTRIES) fullMemo.shift();
   }
+  return { cos, sin };
+}
+
+/**
+ * {@link fullWidthRopeTables} as tensors [count, d] each, for use inside the caller's tf.tidy. On the
+ * device backends (webgpu, webgl, tensorflow), ranges of at least core's `SHARED_ROPE_MIN_TOKENS`
+ * come from core's shared device table cache (`sharedRopeTensors`: uploaded once per (rope, d, start,
+ * count) and shared by every cache and layer, never part of a cache; never dispose them); wasm and cpu,
+ * and short ranges, get transient tensors uploaded from the host memo per call.
+ */
+export function fullWidthRopeTensors(rope: RopeConfig, headDim: number, start: number, count: number): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+  const upload = () => {
+    const { cos, sin } = fullWidthRopeTables(rope, headDim, start, count);
+    // The cpu backend keeps the array it is given: give it a copy of the shared host table.
+    const own = (a: Float32Array) => (tf.getBackend() === 'cpu' ? a.slice() : a);
+    return [tf.tensor2d(own(cos), [count, headDim]), tf.tensor2d(own(sin), [count, headDim])] as [tf.Tensor2D, tf.Tensor2D];
+  };
+  if (isHostBackend() || count < SHARED_ROPE_MIN_TOKENS) {
+    const [cos, sin] = upload();
+    return { cos, sin };
+  }
+  const [cos, sin] = sharedRopeTensors(`full|${JSON.stringify(rope)}|${headDim}|${start}|${count}`, upload);
   return { cos, sin };
 }
 

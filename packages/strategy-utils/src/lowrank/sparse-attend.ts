@@ -212,17 +212,18 @@ function attendWgsl(dec: SparseDecoder, layer: number, q: tf.Tensor3D, residual:
   const E0 = dec.exactPerHead;
   const k = dec.selectedChunks(budget);
   return tf.tidy(() => {
-    // Per call: the index, factors and RoPE tables unpacked from their stored form (transient). The
-    // kernels read float32; reading the packed float16 directly (unpack2x16float) would save the unpacks.
-    const t = dec.tensors(layer);
+    // Per call: the landmarks and the value basis are read packed by the kernels (unpack2x16float), only
+    // the selected key-basis rows are unpacked, the small factors and exact rows unpacked whole; the
+    // RoPE tables are core's shared device tables (not the cache's).
+    const t = dec.wgslTensors(layer);
     const H = q.shape[1];
     const g = H / Hkv;
     const qh = tf.reshape(tf.mul(q, 1 / Math.sqrt(d)), [Hkv, g, d]) as tf.Tensor3D;
     const mask = t.mask ? (tf.reshape(t.mask, [Hkv, C]) as tf.Tensor2D) : null;
-    const tok = selectChunkTokens(qh, t.ltAll, mask, k, c); // [H_kv, S]
+    const tok = selectChunkTokens(qh, t.lt, mask, k, c); // [H_kv, S]
     const S = k * c;
-    const Uk = dec.state.basis('k', layer);
-    const y = tf.matMul(tf.reshape(tf.gather(Uk, tf.reshape(tok, [-1])), [Hkv, S, Uk.shape[1]]), dec.state.stackedHeadFactors(dec.state.factor('k', layer))) as tf.Tensor3D;
+    const Rk = dec.state.rank('k', layer);
+    const y = tf.matMul(tf.reshape(dec.state.basisRows('k', layer, tf.reshape(tok, [-1])), [Hkv, S, Rk]), dec.state.stackedHeadFactors(dec.state.factor('k', layer))) as tf.Tensor3D;
     const { cos, sin } = dec.state.tables();
     const ss = ropeScoresWgsl(qh, y, tok, cos, sin, src.rope.layout === 'interleaved');
     let kx = tf.reshape(t.exactK, [Hkv, E0, d]) as tf.Tensor3D;
@@ -232,7 +233,7 @@ function attendWgsl(dec: SparseDecoder, layer: number, q: tf.Tensor3D, residual:
       vx = tf.concat([vx, tf.transpose(residual.v, [1, 0, 2])], 1) as tf.Tensor3D;
     }
     const p = softmaxExactWgsl(ss, qh, kx);
-    const o = valuesWgsl(p, tok, dec.state.basis('v', layer), dec.state.stackedHeadFactors(dec.state.factor('v', layer)), vx);
+    const o = valuesWgsl(p, tok, dec.state.basisHeld('v', layer), dec.state.stackedHeadFactors(dec.state.factor('v', layer)), vx);
     return tf.reshape(o, [1, H, d]) as tf.Tensor3D;
   });
 }
@@ -280,8 +281,8 @@ function attendBatched(
       if (t.mask) score = tf.add(score, tf.reshape(t.mask, [Hkv, C])); // outliers never selected (see chunkScores)
       const sel = tf.topk(score, k).indices; // [H_kv, k]
       tok = tf.reshape(tf.add(tf.reshape(tf.mul(sel, tf.scalar(c, 'int32')), [Hkv, k, 1]), tf.reshape(tf.range(0, c, 1, 'int32'), [1, 1, c])), [-1]) as tf.Tensor1D;
-      const Uk = dec.state.basis('k', layer);
-      const Y = tf.matMul(tf.reshape(tf.gather(Uk, tok), [Hkv, S, Uk.shape[1]]), dec.state.stackedHeadFactors(dec.state.factor('k', layer))); // pre-RoPE rows [H_kv, S, d]
+      const Rk = dec.state.rank('k', layer);
+      const Y = tf.matMul(tf.reshape(dec.state.basisRows('k', layer, tok), [Hkv, S, Rk]), dec.state.stackedHeadFactors(dec.state.factor('k', layer))); // pre-RoPE rows [H_kv, S, d]
       const { cos, sin } = dec.state.tables();
       const cs = tf.reshape(tf.gather(cos, tok), [Hkv, S, d]);
       const sn = tf.reshape(tf.gather(sin, tok), [Hkv, S, d]);
@@ -305,9 +306,8 @@ function attendBatched(
     let o: tf.Tensor3D | null = null;
     const add = (x: tf.Tensor3D) => (o = o ? (tf.add(o, x) as tf.Tensor3D) : x);
     if (S > 0) {
-      const Uv = dec.state.basis('v', layer);
-      const Rv = Uv.shape[1];
-      const Uvs = tf.reshape(tf.gather(Uv, tok!), [Hkv, S, Rv]) as tf.Tensor3D;
+      const Rv = dec.state.rank('v', layer);
+      const Uvs = tf.reshape(dec.state.basisRows('v', layer, tok!), [Hkv, S, Rv]) as tf.Tensor3D;
       const Bv = dec.state.stackedHeadFactors(dec.state.factor('v', layer));
       const compressed = sparseValuePath(values, gn, S, Rv, d) === 'compressed';
       add(compressed ? (tf.matMul(tf.matMul(E[i++], Uvs), Bv) as tf.Tensor3D) : (tf.matMul(E[i++], tf.matMul(Uvs, Bv)) as tf.Tensor3D));

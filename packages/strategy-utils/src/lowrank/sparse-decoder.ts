@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { HalfTensor, decodeHalf, isHostBackend } from '@kvpack/core';
 import type { DecodeState } from './decode-state.js';
-import { blockRowsOnHost, heapHalfBits, hostRowsReadable, unpackHalf, type Block } from './factor-blocks.js';
+import { blockRows, blockRowsOnHost, heapHalfBits, hostRowsReadable, unpackHalf, type Block } from './factor-blocks.js';
 import type { QueryBlocks } from './query-blocks.js';
 import type { SparseIndex } from './sparse-index.js';
 
@@ -132,6 +132,17 @@ export class SparseDecoder {
   }
 
   /**
+   * The layer's index for the WGSL step (transient parts inside tf.tidy): the landmarks as held
+   * (float16 packed [H_kv, d, C], read in place by the chunk selection kernel), and the exact rows
+   * unpacked (small: [H_kv·E₀, d] each).
+   */
+  wgslTensors(layer: number): { mask: tf.Tensor3D | null; lt: HalfTensor; exactK: tf.Tensor2D; exactV: tf.Tensor2D } {
+    const held = this.held(layer);
+    const unpack = (h: HalfTensor) => (h.size > 0 ? unpackHalf(h) : tf.zeros(h.shape));
+    return { mask: this.mask(layer), lt: held.lt, exactK: unpack(held.exactK) as tf.Tensor2D, exactV: unpack(held.exactV) as tf.Tensor2D };
+  }
+
+  /**
    * The layer's index as per-KV-head float32 tensors for the loop path (transient; inside tf.tidy):
    * decoded on the host on wasm/cpu (from the packed bits, in place in the wasm heap), else unpacked and
    * split on the device.
@@ -223,17 +234,12 @@ export class SparseDecoder {
 
   /** Rows of src [T, R] at the tokens of the given chunks (c consecutive rows each), [k·c, R]. */
   gatherChunks(src: tf.Tensor2D, chunks: Int32Array | tf.Tensor1D, useHost: boolean): tf.Tensor2D {
-    const c = this.index.chunkSize;
     const R = src.shape[1];
     if (useHost && chunks instanceof Int32Array) {
       const view = (tf.backend() as unknown as { typedArrayFromHeap(t: tf.Tensor): Float32Array }).typedArrayFromHeap(src);
       return this.gatherHostRows(view, R, chunks);
     }
-    return tf.tidy(() => {
-      const ch = chunks instanceof Int32Array ? tf.tensor1d(chunks, 'int32') : chunks;
-      const tok = tf.reshape(tf.add(tf.reshape(tf.mul(ch, tf.scalar(c, 'int32')), [-1, 1]), tf.reshape(tf.range(0, c, 1, 'int32'), [1, c])), [-1]);
-      return tf.gather(src, tok) as tf.Tensor2D;
-    });
+    return tf.tidy(() => tf.gather(src, this.chunkTokens(chunks)) as tf.Tensor2D);
   }
 
   /** Rows of a host array [T, width] at the tokens of the given chunks, as a tensor [k·c, width] (wasm: copied at creation). */
@@ -258,7 +264,17 @@ export class SparseDecoder {
       const rows = blockRowsOnHost(b, starts, c, this.buffer(chunks.length * c * b.cols))!;
       return tf.tensor2d(rows, [chunks.length * c, b.cols]);
     }
+    if (b.held instanceof HalfTensor && !useHost) return tf.tidy(() => blockRows(b, this.chunkTokens(chunks))); // only those rows unpacked
     return this.gatherChunks(dense(), chunks, useHost);
+  }
+
+  /** Token ids of the given chunks (c consecutive tokens each), [k·c] int32. */
+  private chunkTokens(chunks: Int32Array | tf.Tensor1D): tf.Tensor1D {
+    const c = this.index.chunkSize;
+    return tf.tidy(() => {
+      const ch = chunks instanceof Int32Array ? tf.tensor1d(chunks, 'int32') : chunks;
+      return tf.reshape(tf.add(tf.reshape(tf.mul(ch, tf.scalar(c, 'int32')), [-1, 1]), tf.reshape(tf.range(0, c, 1, 'int32'), [1, c])), [-1]) as tf.Tensor1D;
+    });
   }
 
   private buffer(n: number): Float32Array {

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { check, runWgsl } from '@kvpack/core';
+import { HalfTensor, check, runWgsl } from '@kvpack/core';
 
 /*
  * WGSL kernels of one sparse decode step (xKV-SR, see sparse-index.ts and sparse-attend.ts) on the webgpu backend, for one query
@@ -42,6 +42,24 @@ export function wgslStepFits(G: number, d: number, Rv: number, C: number, limit:
   return Math.max(...Object.values(workgroupBytes(G, d, Rv))) <= limit && cpt * G <= 2048;
 }
 
+/**
+ * An input read either as float32 or as its packed float16 form ({@link HalfTensor}: value f in half
+ * f & 1 of word f / 2, read with `unpack2x16float`): the binding, and a WGSL function `fn(f: u32) -> f32`
+ * named `read` returning value f of the logical (row-major) array.
+ */
+function floatInput(x: tf.Tensor | HalfTensor, name: string, read: string): { tensor: tf.Tensor; code: string } {
+  if (x instanceof HalfTensor) {
+    return {
+      tensor: x.packed,
+      code: `fn ${read}(f: u32) -> f32 {
+  let pair = unpack2x16float(bitcast<u32>(${name}[f >> 1u]));
+  return select(pair.x, pair.y, (f & 1u) == 1u);
+}`,
+    };
+  }
+  return { tensor: x, code: `fn ${read}(f: u32) -> f32 { return ${name}[f]; }` };
+}
+
 /** Partial sums of p·U_v[tokens] per KV head (more workgroups in flight than H_kv·⌈R_v/256⌉). */
 const SPLIT = 8;
 
@@ -75,12 +93,14 @@ fn kv_reduce_sum(v: f32, lid: u32) -> f32 {
  * tokens in order; ties at the k-th score go to the lowest chunk indices, as with tf.topk). Scores as
  * `SparseDecoder.chunkScores`: softmax over chunks of each query row's q·landmark (outlier chunks
  * masked out), the maximum over the G rows, outlier chunks never selected.
- * @param q scaled queries [H, G, d]; lt landmarks [H, d, C]; mask [H, C] (0, or −1e30 at outlier chunks) or null.
+ * @param q scaled queries [H, G, d]; lt landmarks [H, d, C], float32 or float16 packed (read in place);
+ *   mask [H, C] (0, or −1e30 at outlier chunks) or null.
  */
-export function selectChunkTokens(q: tf.Tensor3D, lt: tf.Tensor3D, mask: tf.Tensor2D | null, k: number, c: number): tf.Tensor2D {
+export function selectChunkTokens(q: tf.Tensor3D, lt: tf.Tensor3D | HalfTensor, mask: tf.Tensor2D | null, k: number, c: number): tf.Tensor2D {
   const [H, G, d] = q.shape;
   const C = lt.shape[2];
-  check(lt.shape[0] === H && lt.shape[1] === d, 'shape', `selectChunkTokens: landmarks [${lt.shape}] do not match queries [${q.shape}]`);
+  check(lt.shape.length === 3 && lt.shape[0] === H && lt.shape[1] === d, 'shape', `selectChunkTokens: landmarks [${lt.shape}] do not match queries [${q.shape}]`);
+  const ltIn = floatInput(lt, 'Lt', 'lt_at');
   check(Number.isInteger(k) && k >= 1 && k <= C, 'rank', `selectChunkTokens: k = ${k} chunks must be in 1 … ${C}`);
   const cpt = Math.ceil(C / WG);
   const code = `
@@ -94,11 +114,12 @@ var<workgroup> qs: array<f32, ${G * d}>;
 var<workgroup> kv_count: atomic<u32>;
 var<workgroup> kv_offs: array<u32, ${2 * WG + 2}>;
 ${reductions}
+${ltIn.code}
 fn kv_logits(h: u32, ch: u32) -> array<f32, ${G}> {
   var a: array<f32, ${G}>;
   for (var r = 0u; r < G; r++) { a[r] = 0.0; }
   for (var e = 0u; e < D; e++) {
-    let l = Lt[(h * D + e) * C + ch];
+    let l = lt_at((h * D + e) * C + ch);
     for (var r = 0u; r < G; r++) { a[r] = a[r] + qs[r * D + e] * l; }
   }
   let m = ${mask ? 'Mask[h * C + ch]' : '0.0'};
@@ -207,9 +228,9 @@ fn kernel(index: i32) {
   }
 }`;
   const names = mask ? ['Q', 'Lt', 'Mask'] : ['Q', 'Lt'];
-  const inputs = mask ? [q, lt, mask] : [q, lt];
+  const inputs = mask ? [q, ltIn.tensor, mask] : [q, ltIn.tensor];
   return runWgsl({
-    key: `select_${G}_${d}_${C}_${k}_${c}_${mask ? 1 : 0}`,
+    key: `select_${G}_${d}_${C}_${k}_${c}_${mask ? 1 : 0}_${lt instanceof HalfTensor ? 'h' : 'f'}`,
     names,
     inputs,
     outputShape: [H, k * c],
@@ -335,17 +356,19 @@ fn kernel(index: i32) {
 /**
  * The attention output of one step in the compressed domain for the values, [H, G, d]:
  * (p_S · U_v[tokens]) · B_v[:, h] + p_E · v_exact, with p [H, G, S + E] from {@link softmaxExactWgsl},
- * tokens [H, S], U_v [T, R_v], B_v per KV head [H, R_v, d], exact values vx [H, E, d]. Two kernels:
+ * tokens [H, S], U_v [T, R_v] (float32, or float16 packed and read in place), B_v per KV head
+ * [H, R_v, d], exact values vx [H, E, d]. Two kernels:
  * SPLIT partial sums of p_S · U_v[tokens] (read row by row, never gathered), then their sum times B_v
  * plus the exact rows.
  */
-export function valuesWgsl(p: tf.Tensor3D, tokens: tf.Tensor2D, uv: tf.Tensor2D, bv: tf.Tensor3D, vx: tf.Tensor3D): tf.Tensor3D {
+export function valuesWgsl(p: tf.Tensor3D, tokens: tf.Tensor2D, uv: tf.Tensor2D | HalfTensor, bv: tf.Tensor3D, vx: tf.Tensor3D): tf.Tensor3D {
   const [H, G] = p.shape;
   const S = tokens.shape[1];
   const Rv = uv.shape[1];
   const d = bv.shape[2];
   const E = vx.shape[1];
-  check(bv.shape[0] === H && bv.shape[1] === Rv && vx.shape[0] === H && vx.shape[2] === d && p.shape[2] === S + E, 'shape', `valuesWgsl: p [${p.shape}], U_v [${uv.shape}], B_v [${bv.shape}], exact values [${vx.shape}] do not match`);
+  const uvIn = floatInput(uv, 'Uv', 'uv_at');
+  check(uv.shape.length === 2 && bv.shape[0] === H && bv.shape[1] === Rv && vx.shape[0] === H && vx.shape[2] === d && p.shape[2] === S + E, 'shape', `valuesWgsl: p [${p.shape}], U_v [${uv.shape}], B_v [${bv.shape}], exact values [${vx.shape}] do not match`);
   const per = Math.ceil(S / SPLIT);
   const partial = `
 const G: u32 = ${G}u;
@@ -354,6 +377,7 @@ const RV: u32 = ${Rv}u;
 const PER: u32 = ${per}u;
 var<workgroup> ps: array<f32, ${G * WG}>;
 var<workgroup> ts: array<u32, ${WG}>;
+${uvIn.code}
 fn kernel(index: i32) {
   let lid = localIndex;
   let col = workgroupId.x * ${WG}u + lid;
@@ -375,7 +399,7 @@ fn kernel(index: i32) {
     workgroupBarrier();
     if (col < RV) {
       for (var u = 0u; u < n; u++) {
-        let x = Uv[ts[u] * RV + col];
+        let x = uv_at(ts[u] * RV + col);
         for (var r = 0u; r < G; r++) { acc[r] = acc[r] + ps[r * ${WG}u + u] * x; }
       }
     }
@@ -386,9 +410,9 @@ fn kernel(index: i32) {
   }
 }`;
   const parts = runWgsl({
-    key: `valuepartials_${G}_${S}_${Rv}`,
+    key: `valuepartials_${G}_${S}_${Rv}_${uv instanceof HalfTensor ? 'h' : 'f'}`,
     names: ['P', 'Tok', 'Uv'],
-    inputs: [p, tokens, uv],
+    inputs: [p, tokens, uvIn.tensor],
     outputShape: [H, SPLIT, G, Rv],
     dtype: 'float32',
     workgroupSize: WG,
