@@ -6,7 +6,6 @@ import {
   isHostBackend,
   check,
   encodeHalf,
-  roundHalf,
   type KVCache,
   type ModelLayout,
   type RopeConfig,
@@ -15,19 +14,15 @@ import {
 } from '@kvpack/core';
 
 /**
- * Gathers the kept tokens of one layer, per KV head: x is [T, H, d] (row-major), `positions` is
- * [n, H] (kept token of row j for head h at positions[j·H + h]). Returns [n, H, d] rounded to float16.
+ * Gathers the kept tokens of one layer, per KV head, as float16 bit patterns: x is [T, H, d]
+ * (row-major), `positions` is [n, H] (kept token of row j for head h at positions[j·H + h]). Returns
+ * [n, H, d] rounded half to even, ready for {@link HalfTensor.fromBits}.
  */
-export function gatherPerHead(x: Float32Array, H: number, d: number, positions: Int32Array): Float32Array {
-  return roundHalf(gatherRows(x, H, d, positions));
-}
-
-/** {@link gatherPerHead} as float16 bit patterns (the same rounding), ready for {@link HalfTensor.fromBits}. */
 export function gatherPerHeadBits(x: Float32Array, H: number, d: number, positions: Int32Array): Uint16Array {
   return encodeHalf(gatherRows(x, H, d, positions));
 }
 
-/** The per-head gather of {@link gatherPerHead}, unrounded. */
+/** The per-head gather of {@link gatherPerHeadBits}, unrounded. */
 function gatherRows(x: Float32Array, H: number, d: number, positions: Int32Array): Float32Array {
   const n = positions.length / H;
   const out = new Float32Array(n * H * d);
