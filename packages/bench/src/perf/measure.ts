@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { check, denseCacheBytes, type CompressedCache, type KVCache } from '@kvpack/core';
+import { check, denseCacheBytes, sharedRopeTableBytes, type CompressedCache, type KVCache } from '@kvpack/core';
 import { buildStrategy, strategyPaperRatio } from '../strategy.js';
 import { stepTiming } from './baselines.js';
 import { decodeModes } from './decode-modes.js';
@@ -29,14 +29,14 @@ async function timedCompress(
   // warmup ≥ 1 and reps ≥ 1: the profiled run is the first warm-up, so this loop runs at least once.
   for (let i = 1; i < warmup + reps; i++) {
     kept?.dispose();
-    baseBytes = tf.memory().numBytes;
+    baseBytes = tf.memory().numBytes - sharedRopeTableBytes();
     const t0 = performance.now();
     kept = await strategy.compress(cache);
     const dt = performance.now() - t0;
     if (i >= warmup) samples.push(dt);
   }
   check(kept, 'config', 'timedCompress: warmup and reps must both be ≥ 1');
-  return { timing: summarize(samples, warmup), compressed: kept, peakBytes: prof.peakBytes, residentBytes: tf.memory().numBytes - baseBytes, baseBytes };
+  return { timing: summarize(samples, warmup), compressed: kept, peakBytes: prof.peakBytes, residentBytes: tf.memory().numBytes - sharedRopeTableBytes() - baseBytes, baseBytes };
 }
 
 /** Measures one setting on one cache. Never throws for a strategy failure: the row carries the error. */
@@ -66,6 +66,7 @@ export async function measureSetting(
     paperRatio: null,
     residentBytes: 0,
     residentAfterDecodeBytes: 0,
+    sharedRopeBytes: 0,
     compressPeakBytes: 0,
   };
   let compressed: CompressedCache | null = null;
@@ -98,7 +99,9 @@ export async function measureSetting(
       });
       m.dispose?.();
     }
-    row.residentAfterDecodeBytes = tf.memory().numBytes - c.baseBytes;
+    // The shared device RoPE tables (one per position range, for every cache and layer) are not the cache's.
+    row.residentAfterDecodeBytes = tf.memory().numBytes - sharedRopeTableBytes() - c.baseBytes;
+    row.sharedRopeBytes = sharedRopeTableBytes();
   } catch (e) {
     row.error = (e as Error).message.split('\n')[0];
   } finally {

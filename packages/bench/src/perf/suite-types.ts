@@ -86,6 +86,8 @@ export interface PerfRow {
   residentBytes: number;
   /** The same after the decode steps: plus what the cache derived and keeps for decoding (e.g. per-head factors, sparse-mode tensors). */
   residentAfterDecodeBytes: number;
+  /** Bytes of the shared device RoPE tables after the decode steps (not part of any cache; 0 on wasm/cpu). */
+  sharedRopeBytes: number;
   /** Peak tensor bytes during compression, above the uncompressed cache. */
   compressPeakBytes: number;
   error?: string;
