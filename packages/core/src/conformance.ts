@@ -440,3 +440,35 @@ export async function residentRatios(strategy: Strategy, cache: KVCache, decodeS
     c.dispose();
   }
 }
+
+/** One bounded numeric option: its name as the error shows it, its bound, and options that set it to a value. */
+export interface OptionBound {
+  option: string;
+  /** The bound: accepted at it, rejected one past it. */
+  bound: number;
+  /** 'max' (default): `bound + 1` is rejected; 'min': `bound − 1` is. */
+  side?: 'max' | 'min';
+  /** Options with the bounded option set to `v` (other options chosen so that `bound` is valid). */
+  at: (v: number) => Record<string, unknown>;
+}
+
+/**
+ * For each bound: the options at the bound are accepted by `createStrategy`, and one past it is a
+ * KvpackError('config') whose message names the option and contains the bound.
+ */
+export function expectOptionBounds(name: string, bounds: OptionBound[]): void {
+  for (const b of bounds) {
+    expect(() => createStrategy({ name, options: b.at(b.bound) }), `${name}: ${b.option} = ${b.bound} should be accepted`).not.toThrow();
+    let err: unknown;
+    try {
+      createStrategy({ name, options: b.at(b.side === 'min' ? b.bound - 1 : b.bound + 1) });
+    } catch (e) {
+      err = e;
+    }
+    expect(err, `${name}: ${b.option} past ${b.bound} should be rejected`).toBeInstanceOf(KvpackError);
+    const e = err as KvpackError;
+    expect(e.code).toBe('config');
+    expect(e.message).toContain(String(b.bound));
+    expect(e.message).toContain(b.option);
+  }
+}

@@ -1,3 +1,4 @@
+import { expectOptionBounds } from '@kvpack/core/conformance';
 import * as tf from '@tensorflow/tfjs-core';
 import { disposeKVCache } from '@kvpack/core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -21,7 +22,7 @@ import {
 } from '@kvpack/core';
 import { GroupSvdCache, lowRankStats, paperCompressionRatio } from '@kvpack/strategy-utils';
 import { xkvStrategy, XkvOptionsSchema, type XkvOptions } from './index.js';
-import { exactSvdError, expectOptionBounds, groupError, hconcat, syntheticCache } from './test-utils.js';
+import { exactSvdError, groupError, hconcat, syntheticCache } from './test-utils.js';
 
 const layout = { nLayers: 5, nHeads: 4, nKvHeads: 2, headDim: 8 };
 const F = layout.nKvHeads * layout.headDim; // 16

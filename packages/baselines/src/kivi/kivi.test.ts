@@ -1,11 +1,11 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { KvpackError, MAX_FEATURES, MAX_TOKENS, createStrategy, deserializeCache, headerBytes, selectBackend, type ModelLayout } from '@kvpack/core';
 import './index.js'; // registers the strategy
-import { disposeKVCache, runStrategyConformance, syntheticCache } from '@kvpack/core/conformance';
+import { disposeKVCache, runStrategyConformance, syntheticCache, expectOptionBounds } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { packCodes, unpackCodes } from '@kvpack/strategy-utils';
 import { KiviCache, kiviCacheBytes, quantizeKeysPerChannel, quantizeValuesPerToken, type KiviOptions } from './index.js';
-import { expectOptionBounds, f16, maxAbsDiff, prng, randomCache, rint, take, type RandomCache } from '../testing/testkit.js';
+import { f16, maxAbsDiff, prng, randomCache, rint, take, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('kivi', {
   compressing: { bits: 2, quantGroupSize: 8, residualLength: 16 },

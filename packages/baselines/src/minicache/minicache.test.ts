@@ -1,10 +1,10 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { KvpackError, MAX_LAYERS, applyRope, createStrategy, deserializeCache, roundHalf, selectBackend, type KVCache, type ModelLayout } from '@kvpack/core';
 import './index.js'; // registers the strategy
-import { runStrategyConformance } from '@kvpack/core/conformance';
+import { runStrategyConformance, expectOptionBounds } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MiniCacheCache, mergeLayerPair, miniCacheBytes, restoreLayerPair, type MiniCacheOptions } from './index.js';
-import { expectOptionBounds, f16, randomCache, take, unrotate, type RandomCache } from '../testing/testkit.js';
+import { f16, randomCache, take, unrotate, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('minicache', {
   compressing: {},

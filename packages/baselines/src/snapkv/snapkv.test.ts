@@ -1,11 +1,11 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { KvpackError, MAX_TOKENS, applyRope, createStrategy, selectBackend, type ModelLayout } from '@kvpack/core';
 import './index.js'; // registers the strategy
-import { runStrategyConformance } from '@kvpack/core/conformance';
+import { runStrategyConformance, expectOptionBounds } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { KeptTokensCache } from '@kvpack/strategy-utils';
 import { pool1d, snapkvVotes, type SnapKvOptions } from './index.js';
-import { expectOptionBounds, f16, randomCache, take, type RandomCache } from '../testing/testkit.js';
+import { f16, randomCache, take, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('snapkv', {
   compressing: { budget: 24, window: 8, kernelSize: 5 },

@@ -1,9 +1,9 @@
 import { MAX_TOKENS, createStrategy, deserializeCache, selectBackend, type ModelLayout } from '@kvpack/core';
 import './index.js'; // registers the strategy
-import { runStrategyConformance } from '@kvpack/core/conformance';
+import { runStrategyConformance, expectOptionBounds } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { KeptTokensCache } from '@kvpack/strategy-utils';
-import { expectOptionBounds, f16, randomCache, take, type RandomCache } from '../testing/testkit.js';
+import { f16, randomCache, take, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('streamingllm', {
   compressing: { sinks: 4, budget: 24 },

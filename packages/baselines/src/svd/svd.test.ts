@@ -3,11 +3,11 @@ import { existsSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { LlamaModel, loadLlama2cCheckpoint } from '@kvpack/models';
-import { runStrategyConformance, syntheticCache, disposeKVCache } from '@kvpack/core/conformance';
+import { runStrategyConformance, syntheticCache, disposeKVCache, expectOptionBounds } from '@kvpack/core/conformance';
 import { createStrategy, denseCacheBytes, KvpackError, MAX_FEATURES, MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_SEED, selectBackend, type KVCache } from '@kvpack/core';
 import { paperCompressionRatio, type GroupSvdCache } from '@kvpack/strategy-utils';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { expectOptionBounds } from '../testing/testkit.js';
+
 import { SvdOptionsSchema } from './index.js';
 
 // Synthetic cache: T = 64, L = 4, H_kv = 2, d = 16 (H_kv·d = 32 = full per-layer rank).
