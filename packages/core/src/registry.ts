@@ -301,10 +301,11 @@ export function restoreCache(strategy: Strategy, source: ByteSource, options: Re
 export function deserializeCache(source: ByteSource, options: RestoreOptions = {}): CompressedCache {
   const bytes = byteView(source);
   const c = decodeContainer(bytes);
-  getStrategyDefinition(c.strategy);
+  const def = getStrategyDefinition(c.strategy);
   let strategy: Strategy;
   try {
-    strategy = createStrategy({ name: c.strategy, options: c.options as Record<string, unknown> });
+    // The definition's own strategy: restoreCache below gives it the guarantees a guarded one has.
+    strategy = def.create(parseStrategyOptions(c.strategy, c.options));
   } catch (e) {
     if (e instanceof KvpackError && e.code === 'config') throw new KvpackError('corrupt', `serialized ${c.strategy} cache is corrupt: it records ${e.message}`, { cause: e });
     throw e;
