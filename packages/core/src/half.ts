@@ -57,11 +57,27 @@ export class HalfTensor {
     return HalfTensor.fromBits(encodeHalf(data), [...x.shape]);
   }
 
-  /** The float16 bit patterns (a synchronous readback; see {@link readSyncOrExplain}). */
+  /** The float16 bit patterns, a caller-owned copy (a synchronous readback; see {@link readSyncOrExplain}). */
   bitsSync(what = 'float16 tensor'): Uint16Array {
+    return Uint16Array.from(this.bitsView(what));
+  }
+
+  /**
+   * The float16 bit patterns without a copy, for reading at once: on wasm a view into its heap (valid
+   * until the next tensor is made), elsewhere a view of the synchronous readback.
+   */
+  bitsView(what = 'float16 tensor'): Uint16Array {
     check(!this.isDisposed, 'disposed', `${what} was disposed`);
-    const words = readSyncOrExplain(this.packed, what, 'use await cache.serializeAsync()') as unknown as Int32Array;
-    return new Uint16Array(Int32Array.from(words).buffer, 0, this.size);
+    const words =
+      tf.getBackend() === 'wasm'
+        ? (tf.backend() as unknown as { typedArrayFromHeap(t: tf.Tensor): Int32Array }).typedArrayFromHeap(this.packed)
+        : (readSyncOrExplain(this.packed, what, 'use await cache.serializeAsync()') as unknown as Int32Array);
+    return new Uint16Array(words.buffer, words.byteOffset, this.size);
+  }
+
+  /** The values decoded on the host, float32 [n] (a caller-owned array). */
+  valuesSync(what = 'float16 tensor'): Float32Array {
+    return decodeHalf(this.bitsView(what));
   }
 
   /** The float16 bit patterns, read back asynchronously. */
@@ -72,12 +88,13 @@ export class HalfTensor {
 
   /**
    * A float32 tensor of {@link shape} holding the values: transient, owned by the caller. On webgpu a
-   * WGSL kernel (`unpack2x16float`); elsewhere decoded on the host from one readback and uploaded.
+   * WGSL kernel (`unpack2x16float`); elsewhere decoded on the host (on wasm straight from its heap) and
+   * uploaded.
    */
   unpack(): tf.Tensor {
     check(!this.isDisposed, 'disposed', 'float16 tensor was disposed');
     if (isWebGpuBackend()) return tf.tidy(() => tf.reshape(unpackOnDevice(this.packed, this.size), this.shape));
-    return tf.tensor(decodeHalf(this.bitsSync()), this.shape, 'float32');
+    return tf.tensor(this.valuesSync(), this.shape, 'float32');
   }
 
   /**

@@ -89,7 +89,7 @@ export async function makeBlock(name: string, x: tf.Tensor2D, config: GroupSvdCo
 export function blockValues(b: Block): tf.Tensor2D {
   if (b.dev) return dequantizeOnBackend(b.quant!, b.dev.codes, b.dev.scales, b.dev.zeros);
   const h = b.held!;
-  return (h instanceof HalfTensor ? unpackHalf(h) : h) as tf.Tensor2D;
+  return (h instanceof HalfTensor ? h.unpack() : h) as tf.Tensor2D;
 }
 
 /**
@@ -101,24 +101,6 @@ export function blockValues(b: Block): tf.Tensor2D {
 export function blockRows(b: Block, rows: tf.Tensor1D): tf.Tensor2D {
   if (b.held instanceof HalfTensor) return b.held.unpackRows(rows);
   return tf.gather(blockValues(b), rows) as tf.Tensor2D;
-}
-
-/**
- * `h.unpack()` (a transient float32 tensor of h's shape), on wasm decoded straight from the packed bits
- * in the heap (no readback copies). Same values.
- */
-export function unpackHalf(h: HalfTensor): tf.Tensor {
-  if (tf.getBackend() !== 'wasm' || h.size === 0) return h.unpack();
-  return tf.tensor(decodeHalf(heapHalfBits(h)), h.shape, 'float32');
-}
-
-/**
- * The float16 bits of a packed tensor as a view into the wasm heap (no copy). Read it before creating
- * any tensor: a heap growth detaches the view.
- */
-export function heapHalfBits(h: HalfTensor): Uint16Array {
-  const view = (tf.backend() as unknown as { typedArrayFromHeap(t: tf.Tensor): Int32Array }).typedArrayFromHeap(h.packed);
-  return new Uint16Array(view.buffer, view.byteOffset, h.size);
 }
 
 /** A caller-owned copy of the block's values, [rows, cols] float32. */
@@ -139,7 +121,7 @@ export function blockRowsOnHost(b: Block, starts: ArrayLike<number>, run: number
   const w = b.cols;
   const need = starts.length * run * w;
   if (b.held instanceof HalfTensor) {
-    const bits = heapHalfBits(b.held);
+    const bits = b.held.bitsView();
     for (let i = 0; i < starts.length; i++) out.set(decodeHalf(bits.subarray(starts[i] * w, (starts[i] + run) * w)), i * run * w);
   } else {
     const f = (tf.backend() as unknown as { typedArrayFromHeap(t: tf.Tensor): Float32Array }).typedArrayFromHeap(b.held);

@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { HalfTensor, decodeHalf, isHostBackend } from '@kvpack/core';
+import { HalfTensor, isHostBackend } from '@kvpack/core';
 import type { DecodeState } from './decode-state.js';
-import { blockRows, blockRowsOnHost, heapHalfBits, hostRowsReadable, unpackHalf, type Block } from './factor-blocks.js';
+import { blockRows, blockRowsOnHost, hostRowsReadable, type Block } from './factor-blocks.js';
 import type { QueryBlocks } from './query-blocks.js';
 import type { SparseIndex } from './sparse-index.js';
 
@@ -36,11 +36,6 @@ export interface SparseLoopTensors {
   /** Exact keys / values per KV head: its outlier tokens then the local tokens, [E₀, d]. */
   kx: tf.Tensor2D[];
   vx: tf.Tensor2D[];
-}
-
-/** The float32 values of a packed tensor, decoded on the host (in place from the wasm heap there, else read back). */
-function hostHalfValues(h: HalfTensor): Float32Array {
-  return decodeHalf(tf.getBackend() === 'wasm' ? heapHalfBits(h) : h.bitsSync('sparse index'));
 }
 
 /**
@@ -122,7 +117,7 @@ export class SparseDecoder {
   /** The layer's index as float32 tensors for the batched paths (transient; inside tf.tidy). */
   tensors(layer: number): SparseLayerTensors {
     const held = this.held(layer);
-    const unpack = (h: HalfTensor) => (h.size > 0 ? unpackHalf(h) : tf.zeros(h.shape));
+    const unpack = (h: HalfTensor) => (h.size > 0 ? h.unpack() : tf.zeros(h.shape));
     return {
       mask: this.mask(layer),
       ltAll: unpack(held.lt) as tf.Tensor3D,
@@ -138,7 +133,7 @@ export class SparseDecoder {
    */
   wgslTensors(layer: number): { mask: tf.Tensor3D | null; lt: HalfTensor; exactK: tf.Tensor2D; exactV: tf.Tensor2D } {
     const held = this.held(layer);
-    const unpack = (h: HalfTensor) => (h.size > 0 ? unpackHalf(h) : tf.zeros(h.shape));
+    const unpack = (h: HalfTensor) => (h.size > 0 ? h.unpack() : tf.zeros(h.shape));
     return { mask: this.mask(layer), lt: held.lt, exactK: unpack(held.exactK) as tf.Tensor2D, exactV: unpack(held.exactV) as tf.Tensor2D };
   }
 
@@ -158,9 +153,9 @@ export class SparseDecoder {
       return { mask: t.mask, lt: heads(t.ltAll, [d, C]), kx: heads(t.exactK, [E0, d]), vx: heads(t.exactV, [E0, d]) };
     }
     // All decoded before any tensor is created (a heap growth would detach the wasm heap views).
-    const lt = hostHalfValues(held.lt);
-    const k = hostHalfValues(held.exactK);
-    const v = hostHalfValues(held.exactV);
+    const lt = held.lt.valuesSync('sparse index');
+    const k = held.exactK.valuesSync('sparse index');
+    const v = held.exactV.valuesSync('sparse index');
     const out: SparseLoopTensors = { mask: this.mask(layer), lt: [], kx: [], vx: [] };
     for (let h = 0; h < H; h++) {
       out.lt.push(tf.tensor2d(lt.subarray(h * d * C, (h + 1) * d * C), [d, C]));
@@ -196,7 +191,7 @@ export class SparseDecoder {
           idx[(h * E0 + i) * 2 + 1] = h;
         });
       const held = this.held(layer);
-      const rows = unpackHalf(kind === 'k' ? held.exactK : held.exactV);
+      const rows = (kind === 'k' ? held.exactK : held.exactV).unpack();
       return tf.tensorScatterUpdate(full, tf.tensor2d(idx, [H * E0, 2], 'int32'), rows) as tf.Tensor3D;
     });
   }
