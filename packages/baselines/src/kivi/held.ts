@@ -52,7 +52,7 @@ function disposeSegment(s: Segment | null): void {
   s?.min.dispose();
 }
 
-function concat16(a: Uint16Array, b: Uint16Array): Uint16Array {
+export function concat16(a: Uint16Array, b: Uint16Array): Uint16Array {
   const out = new Uint16Array(a.length + b.length);
   out.set(a);
   out.set(b, a.length);

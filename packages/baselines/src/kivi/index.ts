@@ -21,7 +21,7 @@ import {
 } from '@kvpack/core';
 import { roundHalfEven, type MinMaxGrouping } from '@kvpack/strategy-utils';
 import { z } from 'zod';
-import { HeldMinMaxBlocks, type KiviBlock } from './held.js';
+import { HeldMinMaxBlocks, concat16, type KiviBlock } from './held.js';
 
 /** Options of the `kivi` strategy (defaults as in jy-yuan/KIVI's scripts: 2 bits, g = 32, R = 128). */
 export const KiviOptionsSchema = z
@@ -167,13 +167,6 @@ function emptyLayer(options: KiviOptions, H: number, d: number): KiviLayer {
     v: new HeldMinMaxBlocks({ along: 'channels', bits, H, d, g, tailTokens: R }),
     vWin: null,
   };
-}
-
-function concat16(a: Uint16Array, b: Uint16Array): Uint16Array {
-  const out = new Uint16Array(a.length + b.length);
-  out.set(a);
-  out.set(b, a.length);
-  return out;
 }
 
 const HOST_ONLY = 'KIVI quantizes decode tokens on the host: run it on wasm, cpu or tensorflow';

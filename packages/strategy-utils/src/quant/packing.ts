@@ -80,29 +80,3 @@ export function packCodes(codes: ArrayLike<number>, bits: 2 | 4 | 8): Uint8Array
 export function unpackCodes(bytes: Uint8Array, bits: 2 | 4 | 8, count: number): Uint8Array {
   return new PackedCodes(bits, { bytes, count }).unpack();
 }
-
-/** A growable array of float16 bit patterns (scales and minima appended block by block). */
-export class HalfArray {
-  private buf: Uint16Array;
-  private n = 0;
-  constructor(initial?: Uint16Array) {
-    this.buf = initial ? Uint16Array.from(initial) : new Uint16Array(64);
-    this.n = initial ? initial.length : 0;
-  }
-  get length(): number {
-    return this.n;
-  }
-  push(values: Uint16Array): void {
-    if (this.n + values.length > this.buf.length) {
-      const next = new Uint16Array(Math.max(this.n + values.length, this.buf.length * 2));
-      next.set(this.buf.subarray(0, this.n));
-      this.buf = next;
-    }
-    this.buf.set(values, this.n);
-    this.n += values.length;
-  }
-  /** The held values (a copy). */
-  values(): Uint16Array {
-    return this.buf.slice(0, this.n);
-  }
-}
