@@ -16,7 +16,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { Command } from 'commander';
 import type { KVCache } from '@kvpack/core';
-import { checkLines, peerCheck, perfCommand, perfMarkdown, writeGroupMatrices, type PeerResult, type PerfCommandOptions } from '@kvpack/bench';
+import { checkLines, peerCheck, peerChecks, perfCommand, perfMarkdown, writeGroupMatrices, type PeerResult, type PerfCommandOptions } from '@kvpack/bench';
 
 async function main(): Promise<void> {
   const program = new Command('gpu-perf')
@@ -32,6 +32,7 @@ async function main(): Promise<void> {
     .option('--no-checks', "skip the target checks (and the peer)")
     .option('--peer <script>', 'run this PyTorch peer (xkv_torch.py) on the matrices, in this run')
     .option('--python <exe>', 'python for the peer', 'python3')
+    .option('--baselines <labels>', 'perf settings also compressed on the check cache and by the peer', 'kivi 2-bit,minicache,snapkv 2048')
     .option('--quick', 'local smoke run: T = 1024, 1 timed run, checks at 1K / 2K')
     .parse(process.argv);
   const a = program.opts<{
@@ -46,6 +47,7 @@ async function main(): Promise<void> {
     matrices?: string;
     peer?: string;
     python: string;
+    baselines: string;
     quick?: boolean;
     checks: boolean;
   }>();
@@ -69,6 +71,7 @@ async function main(): Promise<void> {
     checkCompressTokens: quick ? 1024 : tmax,
     checkDecodeTokens: quick ? 2048 : Math.max(tmax, 32768),
     ...(matrices ? { onCheckCache: (c: KVCache) => writeGroupMatrices(c, matrices) } : {}),
+    ...(a.peer ? { checkBaselines: a.baselines.split(',').map((s) => s.trim()).filter(Boolean) } : {}),
   });
   if (a.peer && matrices) {
     const peerJson = join(resolve(a.out), 'peer.json');
@@ -82,6 +85,7 @@ async function main(): Promise<void> {
       const c = peerCheck(report, peer);
       if (c) report.checks.push(c);
       else report.unavailable.push({ label: 'compress vs torch.svd_lowrank', reason: 'no matching compression check in this run' });
+      report.checks.push(...peerChecks(report, peer));
       const md = perfMarkdown(report);
       const out = resolve(a.out);
       writeFileSync(join(out, 'perf.json'), `${JSON.stringify(report, null, 2)}\n`);

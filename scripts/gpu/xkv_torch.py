@@ -36,6 +36,9 @@ import time
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baselines_torch  # noqa: E402
+
 # Llama-3.1-8B's RoPE (config.json): theta 500000, rope_scaling llama3.
 ROPE = dict(theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 
@@ -123,7 +126,19 @@ def load_matrices(path, device):
         if a.size != T * F:
             sys.exit(f"xkv_torch.py: {file} holds {a.size} float32 values, expected T*F = {T}*{F} = {T * F}")
         mats.append((m["name"], torch.from_numpy(a.reshape(T, F)).to(device)))
+    queries = []
+    for q in meta.get("queries", []):
+        a = np.fromfile(os.path.join(path, q["file"]), dtype="<f4")
+        queries.append(torch.from_numpy(a.reshape(q["shape"])).to(device))
+    meta["_queries"] = queries
     return meta, mats
+
+
+def exact_rel_err(X, rank):
+    """Relative Frobenius error of the exact truncated SVD at `rank`: sqrt(sum of the trailing eigenvalues of XᵀX / trace), in float64."""
+    Xd = X.double()
+    lam = torch.linalg.eigvalsh(Xd.T @ Xd).clamp_min(0).flip(0)
+    return math.sqrt(lam[rank:].sum().item() / lam.sum().item())
 
 
 def rel_err(X, U, S, V):
@@ -160,6 +175,7 @@ def main(argv=None):
     ap.add_argument("--half", action="store_true", help="reconstruct in fp16 (the xKV authors' dtype; CUDA only) instead of fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--baselines", default="kivi,minicache,snapkv", help="baseline peers to time on the group's layers (default kivi,minicache,snapkv; empty: none)")
     a = ap.parse_args(argv)
 
     torch.backends.cuda.matmul.allow_tf32 = a.tf32
@@ -209,6 +225,12 @@ def main(argv=None):
         qt = torch.randn(a.rank, T, device=device)
         entry["x_omega"] = run(lambda: X @ omega)
         entry["qt_x"] = run(lambda: qt @ X)
+        # The four products of a rank-r range finder with one power iteration: X·Ω, Xᵀ·Q, X·Z, Qᵀ·X.
+        q_tall = torch.randn(T, a.rank, device=device)
+        entry["xt_q"] = run(lambda: X.T @ q_tall)
+        entry["range_finder_products_ms"] = 2 * entry["x_omega"]["median_ms"] + entry["xt_q"]["median_ms"] + entry["qt_x"]["median_ms"]
+        entry["exact_rel_err"] = exact_rel_err(X, a.rank)
+        del q_tall
         entry["xkv_compress"] = run(lambda: xkv_compress(X, a.rank, a.xkv_niter, G))
         res["matrices"].append(entry)
 
@@ -231,6 +253,25 @@ def main(argv=None):
         return s @ V
 
     res["dense_attention"] = run(dense_step)
+    res["range_finder_products_kv_ms"] = sum(m["range_finder_products_ms"] for m in res["matrices"])
+
+    # Baseline peers on the same layers (the group's per-layer slices of X_K and X_V).
+    layers = [
+        (mats[0][1][:, l * Hkv * d : (l + 1) * Hkv * d].reshape(T, Hkv, d), mats[-1][1][:, l * Hkv * d : (l + 1) * Hkv * d].reshape(T, Hkv, d))
+        for l in range(G)
+    ]
+    queries = meta.get("_queries", []) if a.matrices else []
+    if not queries:
+        gq = torch.Generator(device="cpu").manual_seed(a.seed + 5)
+        queries = [torch.randn(32, 4 * Hkv, d, generator=gq).to(device) for _ in range(G)]
+    peers = {
+        "kivi 2-bit": lambda: baselines_torch.kivi(layers, (cos, sin), bits=2, g=32, R=128),
+        "minicache": lambda: baselines_torch.minicache(layers, t=0.6, gamma=0.05),
+        "snapkv 2048": lambda: baselines_torch.snapkv(layers, queries, (cos, sin), budget=2048, window=32),
+    }
+    wanted = [b.strip() for b in a.baselines.split(",") if b.strip()]
+    res["baselines"] = {label: run(fn) for label, fn in peers.items() if label.split(" ")[0] in wanted}
+    res["baseline_layers"] = G
     res["xkv_compress_kv_ms"] = sum(m["xkv_compress"]["median_ms"] for m in res["matrices"])
     res["svd_lowrank_kv_ms"] = {str(n): sum(m["svd_lowrank"][str(n)]["median_ms"] for m in res["matrices"]) for n in niters}
 
@@ -247,6 +288,10 @@ def main(argv=None):
         f"reconstruct one layer: keys (with RoPE) {res['reconstruct_keys']['median_ms']:.2f} ms, values {res['reconstruct_values']['median_ms']:.2f} ms; "
         f"dense attention, one query, one layer: {res['dense_attention']['median_ms']:.3f} ms"
     )
+    print(f"range-finder products (X·Ω, Xᵀ·Q, X·Z, Qᵀ·X) of K+V: {res['range_finder_products_kv_ms']:.1f} ms; exact truncated SVD rel err: "
+          + ", ".join(f"{m['name']} {m['exact_rel_err']:.4f}" for m in res["matrices"]))
+    for label, t in res["baselines"].items():
+        print(f"{label} compress of {G} layers: {t['median_ms']:.2f} ms")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

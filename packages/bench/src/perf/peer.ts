@@ -14,9 +14,21 @@ export interface PeerResult {
   T: number;
   F: number;
   rank: number;
-  matrices: { name: string; svd_lowrank: Record<string, { median_ms: number }>; rel_err: Record<string, number>; xkv_compress: { median_ms: number } }[];
+  matrices: {
+    name: string;
+    svd_lowrank: Record<string, { median_ms: number }>;
+    rel_err: Record<string, number>;
+    xkv_compress: { median_ms: number };
+    /** Relative Frobenius error of the exact truncated SVD at `rank` (float64 eigenvalues of XᵀX). */
+    exact_rel_err?: number;
+  }[];
+  /** The four products of a rank-r range finder with one power iteration (X·Ω, Xᵀ·Q, X·Z, Qᵀ·X), summed over K and V (ms). */
+  range_finder_products_kv_ms?: number;
+  /** Baseline compressions of the group's layers in PyTorch, by kvpack perf setting label. */
+  baselines?: Record<string, { median_ms: number }>;
   svd_lowrank_kv_ms: Record<string, number>;
   xkv_compress_kv_ms: number;
+  group_layers?: number;
   reconstruct_keys: { median_ms: number };
   reconstruct_values: { median_ms: number };
   dense_attention: { median_ms: number };
@@ -40,7 +52,61 @@ export async function writeGroupMatrices(cache: KVCache, dir: string): Promise<v
     writeFileSync(join(dir, `${name}.f32`), new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
     out.push({ name, file: `${name}.f32` });
   }
-  writeFileSync(join(dir, 'meta.json'), `${JSON.stringify({ T, F, group_layers: G, kv_heads: nKvHeads, head_dim: headDim, dtype: 'float32', matrices: out }, null, 2)}\n`);
+  // The observation-window queries (post-RoPE [w, H, d] per layer), when the cache carries them (SnapKV's peer reads them).
+  const queries: { layer: number; file: string; shape: number[] }[] = [];
+  for (const [l, q] of (cache.queries ?? []).entries()) {
+    const data = (await q.data()) as Float32Array;
+    writeFileSync(join(dir, `q${l}.f32`), new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
+    queries.push({ layer: l, file: `q${l}.f32`, shape: q.shape });
+  }
+  const meta = { T, F, group_layers: G, kv_heads: nKvHeads, n_heads: cache.layout.nHeads, head_dim: headDim, dtype: 'float32', matrices: out, queries };
+  writeFileSync(join(dir, 'meta.json'), `${JSON.stringify(meta, null, 2)}\n`);
+}
+
+/**
+ * The GPU targets against the PyTorch peer run on the same matrices in the same run:
+ * - xkv compression of the G = 4 group (K+V) within 2× of the four range-finder products timed in
+ *   PyTorch (the fp32 matmul floor);
+ * - its relative error within 2% of the exact truncated SVD's at the same rank (per matrix);
+ * - each baseline compression (KIVI, MiniCache, SnapKV) of the same layers within 3× of its PyTorch peer.
+ */
+export function peerChecks(report: PerfReport, peer: PeerResult): RatioCheck[] {
+  const d = report.compressDetail;
+  if (!d || d.tokens !== peer.T || d.features !== peer.F || d.rank !== peer.rank) return [];
+  const out: RatioCheck[] = [];
+  const where = `torch ${peer.torch}, ${peer.device}, same matrices, same run`;
+  if (peer.range_finder_products_kv_ms && peer.range_finder_products_kv_ms > 0)
+    out.push(
+      ratioCheck(
+        `${compressCheckLabel(report.environment.backend, d.tokens, d.features, d.rank)} vs the fp32 matmul floor`,
+        d.compressMs,
+        peer.range_finder_products_kv_ms,
+        2,
+        'the four range-finder products X·Ω, Xᵀ·Q, X·Z, Qᵀ·X of K and V in PyTorch',
+        where,
+      ),
+    );
+  for (const m of peer.matrices) {
+    const ours = d.relErr[m.name as 'xk' | 'xv'];
+    if (m.exact_rel_err === undefined || ours === undefined || !(m.exact_rel_err > 0)) continue;
+    out.push(
+      ratioCheck(
+        `relative error of the ${m.name === 'xk' ? 'keys' : 'values'} group (${m.name}) at rank ${d.rank}`,
+        ours,
+        m.exact_rel_err,
+        1.02,
+        'the exact truncated SVD at the same rank',
+        `${ours.toFixed(5)} vs ${m.exact_rel_err.toFixed(5)} (float64 eigenvalues of XᵀX)`,
+        'ratio',
+      ),
+    );
+  }
+  for (const [label, ms] of Object.entries(d.baselineMs)) {
+    const p = peer.baselines?.[label];
+    if (!p || !(p.median_ms > 0)) continue;
+    out.push(ratioCheck(`${report.environment.backend}: ${label} compress, ${peer.group_layers ?? 4} layers [${d.tokens}]`, ms, p.median_ms, 3, 'its PyTorch peer', where));
+  }
+  return out;
 }
 
 /**

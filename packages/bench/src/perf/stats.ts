@@ -215,21 +215,34 @@ export interface RatioCheck {
   line: string;
   /** Extra words on how the figures were measured. */
   note?: string;
+  /** 'ratio' when value and baseline are not times (e.g. relative errors; `valueMs`/`baselineMs` then hold those values). */
+  unit?: 'ratio';
 }
 
 /**
- * Ratio of a measured time to its baseline and whether it meets a target (ratio ≤ target).
+ * Ratio of a measured time (or, with unit 'ratio', another positive figure such as a relative
+ * error) to its baseline and whether it meets a target (ratio ≤ target).
  * @throws KvpackError('nonfinite') unless both times are finite and the baseline is positive.
  */
-export function ratioCheck(label: string, valueMs: number, baselineMs: number, target: number | null, baselineName: string, note?: string): RatioCheck {
-  check(Number.isFinite(valueMs) && valueMs >= 0, 'nonfinite', `${label}: measured time ${valueMs} ms is not a finite non-negative number`);
-  check(Number.isFinite(baselineMs) && baselineMs > 0, 'nonfinite', `${label}: baseline time ${baselineMs} ms must be finite and positive`);
+export function ratioCheck(
+  label: string,
+  valueMs: number,
+  baselineMs: number,
+  target: number | null,
+  baselineName: string,
+  note?: string,
+  unit: 'ms' | 'ratio' = 'ms',
+): RatioCheck {
+  const what = unit === 'ms' ? 'time' : 'value';
+  check(Number.isFinite(valueMs) && valueMs >= 0, 'nonfinite', `${label}: measured ${what} ${valueMs} is not a finite non-negative number`);
+  check(Number.isFinite(baselineMs) && baselineMs > 0, 'nonfinite', `${label}: baseline ${what} ${baselineMs} must be finite and positive`);
   const ratio = valueMs / baselineMs;
   const pass = target === null || ratio <= target;
+  const fmt = unit === 'ms' ? fmtMs : (v: number) => v.toPrecision(4);
   const line =
-    `${target === null ? 'INFO' : pass ? 'PASS' : 'FAIL'} ${label} = ${ratio.toFixed(2)}× ${baselineName} ` +
-    `(${fmtMs(valueMs)} vs ${fmtMs(baselineMs)}${target === null ? '' : `; target ≤ ${target}×`})`;
-  return { label, valueMs, baselineMs, ratio, target, pass, line, ...(note ? { note } : {}) };
+    `${target === null ? 'INFO' : pass ? 'PASS' : 'FAIL'} ${label} = ${ratio.toFixed(unit === 'ms' ? 2 : 4)}× ${baselineName} ` +
+    `(${fmt(valueMs)} vs ${fmt(baselineMs)}${target === null ? '' : `; target ≤ ${target}×`})`;
+  return { label, valueMs, baselineMs, ratio, target, pass, line, ...(note ? { note } : {}), ...(unit === 'ms' ? {} : { unit }) };
 }
 
 /** "12.3 ms", "1.23 s". */

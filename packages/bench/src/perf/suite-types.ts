@@ -35,6 +35,25 @@ export interface PerfSuiteOptions {
    * group matrices for the PyTorch peer, as gpu-perf.ts does).
    */
   onCheckCache?: (cache: KVCache) => Promise<void> | void;
+  /**
+   * Labels of settings ({@link PERF_SETTINGS}) whose compression is also timed on the compression
+   * check's 4-layer cache, for the PyTorch peer's same-input comparison (default none).
+   */
+  checkBaselines?: string[];
+}
+
+/** What the compression check measured besides its ratio, for the PyTorch peer's checks. */
+export interface CompressCheckDetail {
+  /** Tokens T and features F of the group matrices [T, F], and the group rank. */
+  tokens: number;
+  features: number;
+  rank: number;
+  /** The xkv compression, K+V of the group (median ms). */
+  compressMs: number;
+  /** Relative Frobenius error of the group's reconstruction, ‖X̂ − X‖ / ‖X‖, per matrix (xk: pre-RoPE keys, xv: values). */
+  relErr: { xk: number; xv: number };
+  /** Median ms of compressing the same cache with each of {@link PerfSuiteOptions.checkBaselines}, by setting label. */
+  baselineMs: Record<string, number>;
 }
 
 /** Progress and log callbacks of {@link runPerfSuite}. */
@@ -130,6 +149,8 @@ export interface PerfSuiteResult {
   baselines: PerfBaseline[];
   rows: PerfRow[];
   checks: RatioCheck[];
+  /** Details of the compression check (absent when it did not run). */
+  compressDetail?: CompressCheckDetail;
   /** Checks that could not be computed, with the reason. */
   unavailable: { label: string; reason: string }[];
 }

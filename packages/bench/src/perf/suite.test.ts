@@ -3,15 +3,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { createStrategy, denseCacheBytes, selectBackend } from '@kvpack/core';
+import { createStrategy, decodeHalf, denseCacheBytes, disposeKVCache, encodeHalf, selectBackend } from '@kvpack/core';
 import '@kvpack/xkv';
 import '@kvpack/baselines';
 import { writeKVDump } from '@kvpack/models';
 import { runCli } from '../program.js';
 import type { CommandIO } from '../commands.js';
 import { perfCommand } from './command.js';
+import { groupRelErr } from './checks.js';
 import { decodeModes } from './decode-modes.js';
-import { peerCheck, writeGroupMatrices, type PeerResult } from './peer.js';
+import { peerCheck, peerChecks, writeGroupMatrices, type PeerResult } from './peer.js';
 import { checkLines, perfMarkdown, type PerfReport } from './report.js';
 import { selectSettings } from './settings.js';
 import { summarize } from './stats.js';
@@ -117,8 +118,15 @@ describe('target checks', () => {
       checkRank: 16,
       checkDecodeTokens: 1024,
       checkDecodeRanks: { rankK: 16, rankV: 16 },
+      checkBaselines: ['kivi 2-bit', 'snapkv 2048'],
     });
     expect(tf.memory().numTensors).toBe(start);
+    const d = r.compressDetail!;
+    expect([d.tokens, d.features, d.rank]).toEqual([512, 4096, 64]);
+    expect(Object.keys(d.baselineMs)).toEqual(['kivi 2-bit', 'snapkv 2048']);
+    for (const ms of Object.values(d.baselineMs)) expect(ms).toBeGreaterThan(0);
+    // Rank 64 of 512 tokens keeps most but not all of the planted energy.
+    for (const e of [d.relErr.xk, d.relErr.xv]) expect(e).toBeGreaterThan(0.01), expect(e).toBeLessThan(0.9);
     const c = r.checks.find((x) => /compress K\+V of one G=4 group \[512, 4096\] r=64/.test(x.label));
     expect(c).toBeDefined();
     expect(c!.ratio).toBeCloseTo(c!.valueMs / c!.baselineMs, 12);
@@ -129,6 +137,28 @@ describe('target checks', () => {
     const lines = checkLines(r.checks, r.unavailable);
     expect(lines[0]).toBe('Target checks (computed in this run):');
     expect(lines.length).toBe(2 + r.checks.length + r.unavailable.length);
+  });
+
+  it('groupRelErr equals a float64 re-computation of ‖X̂ − X‖/‖X‖ (dense fp16: the rounding error of every element)', async () => {
+    const cache = await syntheticLlamaCache({ T: 64, layers: 2, seed: 3 });
+    const start = tf.memory().numTensors;
+    const got = await groupRelErr(await createStrategy({ name: 'dense', options: { storage: 'float16' } }).compress(cache), cache);
+    expect(tf.memory().numTensors).toBe(start);
+    const host = async (xs: tf.Tensor[]) => {
+      let e = 0;
+      let n = 0;
+      for (const x of xs) {
+        const v = (await x.data()) as Float32Array;
+        const h = decodeHalf(encodeHalf(v));
+        for (let i = 0; i < v.length; i++) (e += (h[i] - v[i]) ** 2), (n += v[i] ** 2);
+      }
+      return Math.sqrt(e / n);
+    };
+    // Keys are compared post-RoPE; RoPE rotates pairs, so the error is the pre-RoPE one (to float32 rounding of the rotation).
+    expect(got.xk).toBeCloseTo(await host(cache.keys), 5);
+    expect(got.xv).toBeCloseTo(await host(cache.values), 7);
+    expect(got.xv).toBeGreaterThan(1e-5);
+    disposeKVCache(cache);
   });
 
   it('the sparse check states the compute floor: key rebuild multiply–adds over dense attention', () => {
@@ -165,6 +195,30 @@ describe('target checks', () => {
     expect(c.pass).toBe(true);
     expect(c.line).toMatch(/torch\.svd_lowrank\(q=512, niter=2\)/);
     expect(peerCheck({ ...rep, checks: [] } as PerfReport, peer)).toBeNull();
+  });
+
+  it('peerChecks: floor (≤ 2×), error vs exact SVD (≤ 1.02×), baselines vs their peers (≤ 3×), only for the same matrices', () => {
+    const t = (ms: number) => ({ median_ms: ms });
+    const m = (name: string, exact: number) => ({ name, svd_lowrank: {}, rel_err: {}, xkv_compress: t(1), exact_rel_err: exact });
+    const peer: PeerResult = {
+      format: 'kvpack-peer/1', torch: '2.11', device: 'NVIDIA H100', T: 32768, F: 4096, rank: 512, group_layers: 4,
+      matrices: [m('xk', 0.1), m('xv', 0.2)], svd_lowrank_kv_ms: { '2': 150 }, xkv_compress_kv_ms: 160,
+      reconstruct_keys: t(1), reconstruct_values: t(1), dense_attention: t(0.1),
+      range_finder_products_kv_ms: 50, baselines: { 'kivi 2-bit': t(4), minicache: t(10) },
+    };
+    const detail = { tokens: 32768, features: 4096, rank: 512, compressMs: 120, relErr: { xk: 0.101, xv: 0.21 }, baselineMs: { 'kivi 2-bit': 10, minicache: 40, 'snapkv 2048': 5 } };
+    const rep = { environment: { backend: 'webgpu' }, checks: [], compressDetail: detail } as unknown as PerfReport;
+    const cs = peerChecks(rep, peer);
+    expect(cs.map((c) => [c.ratio, c.target, c.pass])).toEqual([
+      [120 / 50, 2, false],
+      [0.101 / 0.1, 1.02, true],
+      [0.21 / 0.2, 1.02, false],
+      [10 / 4, 3, true],
+      [40 / 10, 3, false],
+    ]);
+    expect(cs[1].unit).toBe('ratio');
+    expect(cs[1].line).toMatch(/^PASS relative error of the keys group \(xk\) at rank 512 = 1\.0100× /);
+    expect(peerChecks({ ...rep, compressDetail: { ...detail, tokens: 8192 } } as PerfReport, peer)).toEqual([]);
   });
 });
 

@@ -8,7 +8,7 @@ import { loadCache } from './load-cache.js';
 import { measureSetting, rowLine } from './measure.js';
 import { PERF_SETTINGS, resolvedSetting, withSparseBudget } from './settings.js';
 import type { RatioCheck } from './stats.js';
-import type { MatmulFloor, PerfBaseline, PerfHooks, PerfRow, PerfSuiteOptions, PerfSuiteResult } from './suite-types.js';
+import type { CompressCheckDetail, MatmulFloor, PerfBaseline, PerfHooks, PerfRow, PerfSuiteOptions, PerfSuiteResult } from './suite-types.js';
 import { LLAMA31_8B_LAYOUT } from './synthetic.js';
 
 export type * from './suite-types.js';
@@ -97,11 +97,16 @@ export async function runPerfSuite(opts: PerfSuiteOptions = {}, hooks: PerfHooks
       }
     }
     const checks: RatioCheck[] = [];
+    let compressDetail: CompressCheckDetail | undefined;
     const unavailable: { label: string; reason: string }[] = [];
     if (runChecks) {
       const r1 = await compressCheck(opts, { reps, warmup, seed }, log);
       if ('reason' in r1) unavailable.push(r1);
-      else checks.push(r1);
+      else {
+        const { detail, ...c } = r1;
+        checks.push(c);
+        compressDetail = detail;
+      }
       step('check: group compression');
       const r2 = await sparseDecodeCheck(opts, { reps, warmup, seed, sparseBudget }, dump, log);
       if ('reason' in r2) unavailable.push(r2);
@@ -120,6 +125,7 @@ export async function runPerfSuite(opts: PerfSuiteOptions = {}, hooks: PerfHooks
       baselines,
       rows,
       checks,
+      ...(compressDetail ? { compressDetail } : {}),
       unavailable,
     };
   } finally {
