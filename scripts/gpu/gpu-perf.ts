@@ -11,12 +11,12 @@
 // torch.svd_lowrank(q=512, niter=2) on the same matrices (target ≤ 2×)". --quick: a local smoke
 // run (T = 1,024, 1 timed run, checks at 1K/2K). No top-level await (CJS bundle).
 import { spawnSync } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { Command } from 'commander';
-import type { KVCache } from '@kvpack/core';
-import { checkLines, peerCheck, peerChecks, perfCommand, perfMarkdown, writeGroupMatrices, type PeerResult, type PerfCommandOptions } from '@kvpack/bench';
+import { selectBackend, type KVCache } from '@kvpack/core';
+import { MODEL_DECODE_SETTINGS, checkLines, modelDecodeMarkdown, peerCheck, peerChecks, perfCommand, runModelDecodeBench, type ModelDecodeSetting, perfMarkdown, writeGroupMatrices, type PeerResult, type PerfCommandOptions } from '@kvpack/bench';
 
 async function main(): Promise<void> {
   const program = new Command('gpu-perf')
@@ -34,6 +34,10 @@ async function main(): Promise<void> {
     .option('--python <exe>', 'python for the peer', 'python3')
     .option('--baselines <labels>', 'perf settings also compressed on the check cache and by the peer', 'kivi 2-bit,minicache,snapkv 2048')
     .option('--quick', 'local smoke run: T = 1024, 1 timed run, checks at 1K / 2K')
+    .option('--no-perf', 'skip the perf suite (e.g. to run only the whole-model decode benchmark)')
+    .option('--model-decode <batches>', 'also run the whole-model decode benchmark (Llama-3.1-8B-shaped, T = 32K) at these batch sizes, e.g. 1,8')
+    .option('--model-tokens <n>', 'cached tokens per sequence of the whole-model benchmark (default 32768; --quick 512)')
+    .option('--device-name <words>', 'the card, for the whole-model table (default: from nvidia-smi)')
     .parse(process.argv);
   const a = program.opts<{
     backend: string;
@@ -50,6 +54,10 @@ async function main(): Promise<void> {
     baselines: string;
     quick?: boolean;
     checks: boolean;
+    perf: boolean;
+    modelDecode?: string;
+    modelTokens?: string;
+    deviceName?: string;
   }>();
   const quick = Boolean(a.quick);
   const tokens = a.tokens ?? (quick ? '1024' : '32768');
@@ -66,6 +74,43 @@ async function main(): Promise<void> {
     quick,
     checks: a.checks,
   };
+  if (a.perf) await perfRun(a, quick, tokens, tmax, opts);
+  if (a.modelDecode) await modelDecodeRun(a, quick);
+}
+
+async function modelDecodeRun(a: { backend: string; out: string; modelDecode?: string; modelTokens?: string; deviceName?: string }, quick: boolean): Promise<void> {
+  await selectBackend(a.backend);
+  const device = a.deviceName ?? (spawnSync('nvidia-smi', ['--query-gpu=name', '--format=csv,noheader'], { encoding: 'utf8' }).stdout?.split('\n')[0]?.trim() || 'unknown device');
+  const r = await runModelDecodeBench({
+    ...(quick ? { shape: { nLayers: 4, nHeads: 8, nKvHeads: 2, headDim: 64, hidden: 512, ffn: 1024, vocab: 1000 } } : {}),
+    tokens: Number(a.modelTokens ?? (quick ? 512 : 32768)),
+    batches: a.modelDecode!.split(',').map(Number),
+    ...(quick ? { settings: MODEL_DECODE_SETTINGS.map(quickSetting) } : {}),
+    log: (l) => process.stderr.write(`${l}\n`),
+  });
+  const md = modelDecodeMarkdown(r, device);
+  const out = resolve(a.out);
+  mkdirSync(out, { recursive: true });
+  writeFileSync(join(out, 'model-decode.json'), `${JSON.stringify({ device, date: new Date().toISOString(), ...r }, null, 2)}\n`);
+  writeFileSync(join(out, 'model-decode.md'), `${md}\n`);
+  process.stdout.write(`${md}\n`);
+}
+
+/** A setting at the --quick shape's sizes (ranks within head_dim·H_kv, a sparse budget within T). */
+function quickSetting(s: ModelDecodeSetting): ModelDecodeSetting {
+  if (s.name !== 'xkv') return s;
+  const options: Record<string, unknown> = { ...s.options, rankK: 16, rankV: 24 };
+  if (options.sparse) options.sparse = { budget: 256, outlierChunks: 4 };
+  return { ...s, options };
+}
+
+async function perfRun(
+  a: { checks: boolean; matrices?: string; peer?: string; baselines: string; out: string; python: string },
+  quick: boolean,
+  tokens: string,
+  tmax: number,
+  opts: PerfCommandOptions,
+): Promise<void> {
   const matrices = a.checks ? (a.matrices ?? (a.peer ? join(tmpdir(), 'kvpack-peer-matrices') : undefined)) : undefined;
   const { report } = await perfCommand(opts, undefined, {
     checkCompressTokens: quick ? 1024 : tmax,

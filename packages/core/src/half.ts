@@ -57,6 +57,18 @@ export class HalfTensor {
     return HalfTensor.fromBits(encodeHalf(data), [...x.shape]);
   }
 
+  /**
+   * Takes ownership of packed float16 words (int32 [⌈n/2⌉], as {@link packed}) as a tensor of `shape`,
+   * e.g. blocks packed on the device and concatenated.
+   * @throws KvpackError('shape' | 'dtype') when `packed` is not int32 [⌈n/2⌉] for the n values of `shape`.
+   */
+  static fromPacked(packed: tf.Tensor1D, shape: number[]): HalfTensor {
+    const n = shape.reduce((a, b) => a * b, 1);
+    check(packed.dtype === 'int32', 'dtype', `packed float16 words must be int32, got ${packed.dtype}`);
+    check(packed.rank === 1 && packed.shape[0] === Math.ceil(n / 2), 'shape', `packed float16 words [${packed.shape}] do not hold the ${n} values of shape [${shape}]`);
+    return new HalfTensor(packed, [...shape]);
+  }
+
   /** The float16 bit patterns, a caller-owned copy (a synchronous readback; see {@link readSyncOrExplain}). */
   bitsSync(what = 'float16 tensor'): Uint16Array {
     return Uint16Array.from(this.bitsView(what));

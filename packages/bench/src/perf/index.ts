@@ -10,3 +10,5 @@ export * from './report.js';
 export * from './command.js';
 export * from './dense-step.js';
 export * from './peer.js';
+export * from './model-decode.js';
+export * from './half-matmul.js';
