@@ -1,6 +1,7 @@
 import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { decodeSessionFile, defaultModelPaths } from './generate.js';
 import { runCli } from './program.js';
@@ -23,8 +24,8 @@ const SKIP = HAVE ? '' : ` (SKIPPED: ${paths.model} not found; set KVPACK_MODELS
 
 describe.skipIf(!HAVE)(`kvpack generate on stories260K${SKIP}`, () => {
   const dir = mkdtempSync(join(tmpdir(), 'kvpack-generate-'));
-  const strategy = join(dir, 'xkv.yaml');
-  writeFileSync(strategy, 'name: xkv\noptions: { layersPerGroup: 4, rankK: 2, rankV: 3 }\n');
+  // The README's strategy file: xKV-4 at a target ratio of 4.
+  const strategy = fileURLToPath(new URL('../../../examples/xkv-generate.yaml', import.meta.url));
   const prompt = 'Once upon a time, there was a little girl named Lily.';
   const run = async (args: string[]) => {
     const io = capture();
@@ -35,6 +36,8 @@ describe.skipIf(!HAVE)(`kvpack generate on stories260K${SKIP}`, () => {
   it('save → load continues with exactly the tokens of an uninterrupted run', async () => {
     const whole = await run(['--prompt', prompt, '--strategy', strategy, '--max-tokens', '20', '--save-cache', join(dir, 'whole.kvs')]);
     expect(whole.code, whole.stderr).toBe(0);
+    const ratio = Number(/compressed (\d+\.\d+)× against dense fp16/.exec(whole.stderr)?.[1]);
+    expect(ratio).toBeGreaterThanOrEqual(4);
     const first = await run(['--prompt', prompt, '--strategy', strategy, '--max-tokens', '8', '--save-cache', join(dir, 'first.kvs')]);
     expect(first.code, first.stderr).toBe(0);
     const rest = await run(['--load-cache', join(dir, 'first.kvs'), '--max-tokens', '12', '--save-cache', join(dir, 'rest.kvs')]);
@@ -62,6 +65,11 @@ describe.skipIf(!HAVE)(`kvpack generate on stories260K${SKIP}`, () => {
     const missing = await run(['--load-cache', join(dir, 'none.kvs')]);
     expect(missing.code).toBe(2);
     expect(missing.stderr).toMatch(/cannot read .*none\.kvs/);
+    const chat = join(dir, 'chat.json');
+    writeFileSync(chat, JSON.stringify([{ role: 'user', content: 'Tell me a story.' }]));
+    const other = await run(['--chat', chat, '--load-cache', join(dir, 'first.kvs')]);
+    expect(other.code).toBe(2);
+    expect(other.stderr).toMatch(/the chat does not begin with the \d+ tokens cached/);
     const corrupt = join(dir, 'corrupt.kvs');
     const bytes = readFileSync(join(dir, 'first.kvs'));
     bytes[bytes.length - 5] ^= 0x10;

@@ -207,7 +207,7 @@ export async function generateCommand(opts: GenerateCommandOptions, io: CommandI
       await session.prefill(ids);
       const c = await session.compress();
       promptTokens = ids.length;
-      compressedNote = `, the prompt's ${ids.length} tokens ${(denseCacheBytes(c.layout, ids.length) / c.byteSize()).toFixed(2)}× smaller than dense fp16`;
+      compressedNote = `; the prompt's ${ids.length} tokens compressed ${(denseCacheBytes(c.layout, ids.length) / c.byteSize()).toFixed(2)}× against dense fp16`;
     }
     const covered = session.tokens;
     const write = io.write ?? io.out;
