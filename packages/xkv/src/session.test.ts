@@ -77,11 +77,12 @@ describe.skipIf(!S.have)(`xkv sessions on stories260K${S.skip}`, () => {
     const want = (await t.data()) as Float32Array;
     t.dispose();
     c.dispose();
-    // P's keys/values from a prefill of P alone and from one of P + R differ by float32 rounding only;
-    // the seeded SVD carries that into the factors. Logits are O(10): agreement to 1e-3 absolute.
+    // On wasm a prefill of P alone and one of P + R give P's keys/values bit for bit (causal, row-wise
+    // products), the seeded SVD is deterministic and the serialization exact: the logits agree exactly
+    // (tolerance 0; another backend's products could differ in float32 rounding).
     let worst = 0;
     for (let i = 0; i < want.length; i++) worst = Math.max(worst, Math.abs(got.data[i] - want[i]));
-    expect(worst).toBeLessThan(1e-3);
+    expect(worst).toBe(0);
     const arg = (d: Float32Array, r: number) => {
       const row = d.subarray(r * 512, (r + 1) * 512);
       return row.indexOf(Math.max(...row));
