@@ -80,12 +80,14 @@ export interface ScoreOptions {
 async function promptSession(model: LlamaModel, promptIds: number[], strategy: Strategy | undefined, obs: number | undefined, cache: CompressedCache | undefined) {
   let session: Session;
   let prefillTokens: number;
+  let prefillByteSize = 0;
   if (cache) {
     const fp = await model.fingerprint();
     check(cache.model === fp, 'model', `generate: the ${cache.strategy} cache was made from ${cache.model ? `model ${cache.model}` : 'a cache without a model fingerprint'}, not from this model (${fp})`);
     model.checkIds(promptIds, 'prompt');
     session = new Session(model, cache, cachePosition(cache));
     prefillTokens = cache.prefillLength;
+    prefillByteSize = cache.byteSize();
     await session.prefill(promptIds);
   } else {
     session = await Session.start(model, { ...(strategy ? { strategy } : {}), ...(obs !== undefined ? { observationWindow: obs } : {}) });
@@ -97,9 +99,9 @@ async function promptSession(model: LlamaModel, promptIds: number[], strategy: S
       throw e;
     }
     prefillTokens = promptIds.length;
+    prefillByteSize = session.cache.byteSize();
   }
   const c = session.cache;
-  const prefillByteSize = c.byteSize();
   const stats = (): CacheStats => ({
     strategy: c.strategy,
     prefillTokens,
