@@ -15,9 +15,12 @@ import { runEnvironment } from './environment.js';
 export interface CommandIO {
   out(text: string): void;
   err(text: string): void;
+  /** Raw output on stdout, no newline added (streamed text); `out` when absent. */
+  write?(text: string): void;
 }
 
 export const processIO: CommandIO = {
+  write: (t) => void process.stdout.write(t),
   out: (t) => void process.stdout.write(t.endsWith('\n') ? t : `${t}\n`),
   err: (t) => void process.stderr.write(t.endsWith('\n') ? t : `${t}\n`),
 };

@@ -13,6 +13,7 @@ export * from './progress.js';
 export * from './load.js';
 export * from './commands.js';
 export * from './program.js';
+export * from './generate.js';
 export * from './accuracy/index.js';
 // The perf suite (`kvpack bench perf`, `kvpack bench structure`; see PERF.md).
 export * from './perf/index.js';

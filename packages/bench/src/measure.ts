@@ -1,10 +1,9 @@
 import { performance } from 'node:perf_hooks';
 import { check, compressionRatio, denseCacheBytes, type CompressedCache } from '@kvpack/core';
-import { DecodeSession } from '@kvpack/models';
 import type { ResolvedSetting } from './config.js';
 import { greedyAgreement, reconstructionSums } from './metrics.js';
 import type { BenchModel } from './model.js';
-import { greedyFrom, type PreparedPrompt } from './prepare.js';
+import { greedyFrom, teacherForced, type PreparedPrompt } from './prepare.js';
 import type { PromptResult, RunOptions } from './results.js';
 import { buildStrategy, strategyPaperRatio } from './strategy.js';
 import { settingQueryWindow } from './query-window.js';
@@ -44,14 +43,14 @@ export async function measureSetting(model: BenchModel, s: ResolvedSetting, pp: 
     const denseBytes = denseCacheBytes(cache.layout, T);
     const stats = cacheStats(c);
     const rec = await reconstructionSums(cache, c);
-    const { meanNll: nll, argmax } = await new DecodeSession(model, c, T).teacherForcedNll(cont, { first: ctx[T] });
+    const { meanNll: nll, argmax } = await teacherForced(model, c, ctx[T], T, cont);
     const top1Matches = argmax.filter((a, i) => a === pp.ref.continuationArgmax[i]).length;
     c.dispose();
     let greedyTokens: number[] = [];
     if (opts.decodeTokens > 0) {
       const c2 = made[1] ?? (await strategy.compress(cache));
       if (!made[1]) made.push(c2);
-      greedyTokens = (await greedyFrom(model, c2, ctx[T], T, opts.decodeTokens)).ids;
+      greedyTokens = (await greedyFrom(model, c2, { feed: ctx[T], position: T }, opts.decodeTokens)).ids;
     }
     const ag = greedyAgreement(pp.ref.greedyTokens, greedyTokens);
     return {

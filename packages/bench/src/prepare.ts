@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { check, createStrategy, disposeKVCache, type CompressedCache, type KVCache } from '@kvpack/core';
-import { DecodeSession, type SessionGeneration } from '@kvpack/models';
+import { Session, type SessionGeneration } from '@kvpack/models';
 import { argmaxRow, tokenNlls } from './metrics.js';
 import type { BenchModel } from './model.js';
 import type { BenchPrompt, PromptReference } from './results.js';
@@ -18,12 +18,24 @@ function rowArgmax(data: Float32Array, vocab: number): number[] {
   return Array.from({ length: data.length / vocab }, (_, i) => argmaxRow(data, vocab, i));
 }
 
-/** Greedy decoding of `n` tokens through `cache`, starting by feeding `firstId` at `position`. */
-export async function greedyFrom(model: BenchModel, cache: CompressedCache, firstId: number, position: number, n: number): Promise<SessionGeneration> {
+/** How greedy decoding through a compressed cache starts: feed a token at `position`, or take the known logits row that predicts it. */
+export type GreedyStart = { feed: number; position: number } | { lastRow: Float32Array; position: number };
+
+/**
+ * Greedy decoding of up to `n` tokens through `cache` (the caller's) with a models `Session`: in
+ * `feed` mode the token is fed at `position` first; in `lastRow` mode that row predicts the first
+ * token. Stops after `n` tokens or at a stop id. Every greedy loop of the bench goes through here.
+ */
+export async function greedyFrom(model: BenchModel, cache: CompressedCache, start: GreedyStart, n: number, stopIds?: Iterable<number>): Promise<SessionGeneration> {
   if (n <= 0) return { ids: [], margins: [], stopReason: 'maxNewTokens' };
-  const session = new DecodeSession(model, cache, position);
-  await session.step([firstId]);
-  return session.greedy(n);
+  const session = new Session(model, cache, start.position, 'lastRow' in start ? start.lastRow : undefined);
+  if ('feed' in start) await session.prefill([start.feed]);
+  return session.greedy(n, { stopIds });
+}
+
+/** Teacher-forced NLL (nats per token) and argmax of `continuation` through `cache` (the caller's), feeding `first` at `position` before it. */
+export function teacherForced(model: BenchModel, cache: CompressedCache, first: number, position: number, continuation: number[]) {
+  return new Session(model, cache, position).teacherForcedNll(continuation, { first });
 }
 
 /** A prompt with its uncompressed reference and the prefill caches every setting compresses. */
@@ -74,7 +86,7 @@ export async function preparePrompt(model: BenchModel, p: BenchPrompt, windows: 
   const d1 = await dense.compress(base);
   let decodeNllDense: number;
   try {
-    decodeNllDense = (await new DecodeSession(model, d1, T).teacherForcedNll(cont, { first: ctx[T] })).meanNll;
+    decodeNllDense = (await teacherForced(model, d1, ctx[T], T, cont)).meanNll;
   } finally {
     d1.dispose();
   }
@@ -84,7 +96,7 @@ export async function preparePrompt(model: BenchModel, p: BenchPrompt, windows: 
   if (decodeTokens > 0) {
     const d2 = await dense.compress(base);
     try {
-      ({ ids: greedyTokens, margins: greedyMargins } = await greedyFrom(model, d2, ctx[T], T, decodeTokens));
+      ({ ids: greedyTokens, margins: greedyMargins } = await greedyFrom(model, d2, { feed: ctx[T], position: T }, decodeTokens));
     } finally {
       d2.dispose();
     }

@@ -4,6 +4,7 @@ import { EXIT, benchCommand, processIO, strategiesCommand, type BenchCommandOpti
 import { registerPerfCommand } from './perf-hook.js';
 import { registerAccuracyCommand } from './accuracy/command.js';
 import { backendOption } from './environment.js';
+import { generateCommand, type GenerateCommandOptions } from './generate.js';
 
 /**
  * Builds the `kvpack` command line (commander). Actions store their exit code in `state.code`.
@@ -37,6 +38,25 @@ export function buildProgram(io: CommandIO, state: { code: number }): Command {
     });
   registerPerfCommand(bench);
   registerAccuracyCommand(bench, io, state);
+
+  program
+    .command('generate')
+    .description('generate text through a compressed KV cache, streamed to stdout; save the session and continue it later')
+    .option('--model <file>', 'model checkpoint or folder (default: stories260K from $KVPACK_MODELS_DIR or ../shared/models)')
+    .option('--tokenizer <file>', 'tokenizer file (default: the one the model carries or sits beside)')
+    .option('--prompt <text>', 'prompt text; after --load-cache, text fed after the saved tokens')
+    .option('--chat <file>', 'chat file: JSON/YAML list of { role, content }, rendered as "role: content" lines and "assistant:"')
+    .option('--strategy <file|name>', 'strategy config file (JSON/YAML { name, options }) or a strategy name at its defaults (default: dense, exact)')
+    .option('--max-tokens <n>', 'tokens to generate', '64')
+    .option('--save-cache <file>', 'write the session (compressed cache + its token ids) to FILE when done')
+    .option('--load-cache <file>', 'continue a session saved with --save-cache (or a bare serialized cache, with --prompt)')
+    .option('--temperature <t>', 'sampling temperature (0 = greedy)', '0')
+    .option('--seed <n>', 'sampling seed', '0')
+    .option('--no-bos', 'do not prepend BOS to a new prompt')
+    .addOption(backendOption())
+    .action(async (opts: GenerateCommandOptions) => {
+      state.code = await generateCommand(opts, io);
+    });
 
   program
     .command('strategies')

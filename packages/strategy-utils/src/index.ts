@@ -4,8 +4,9 @@ import type {} from '@tensorflow/tfjs-core/dist/public/chained_ops/register_all_
 // package, never each other. Registers nothing. Tuning switches and kernels are in ./internal.ts.
 
 // Grouped low-rank cache (xkv, svd): options, compression, the cache, its stats and the paper's ratio.
-export { lowRankOptionShape } from './lowrank/options.js';
-export { paperCompressionRatio, groupFactoredShapes, type PaperRatioArgs } from './lowrank/ratio.js';
+export { lowRankOptionShape, refineRankTarget } from './lowrank/options.js';
+export { paperCompressionRatio, groupFactoredShapes, groupRanksPaperRatio, type PaperRatioArgs } from './lowrank/ratio.js';
+export { hasRankTarget, lowRankBytes, resolveRanks, targetGroupRanks, type GroupRanks } from './lowrank/rank-target.js';
 export type { FactorQuantization, GroupSvdConfig, Kind, LayerGroup, QuantTarget } from './lowrank/group-config.js';
 export { GroupSvdCache, lowRankStats, type SparseBudgetOptions } from './lowrank/group-svd-cache.js';
 export type { GroupSvdStats } from './lowrank/group-svd-stats.js';

@@ -1,5 +1,5 @@
 import { MAX_LAYERS, atMost, defineStrategy, type Strategy } from '@kvpack/core';
-import { GroupSvdCache, SparseOptionsSchema, compressGroupSvd, groupFactoredShapes, lowRankOptionShape, paperCompressionRatio } from '@kvpack/strategy-utils';
+import { GroupSvdCache, SparseOptionsSchema, compressGroupSvd, groupFactoredShapes, groupRanksPaperRatio, hasRankTarget, lowRankOptionShape, paperCompressionRatio, refineRankTarget, targetGroupRanks } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /** Options of the `xkv` strategy. */
@@ -18,6 +18,7 @@ export const XkvOptionsSchema = z
     sparse: SparseOptionsSchema.optional(),
   })
   .superRefine((o, ctx) => {
+    refineRankTarget(o, ctx);
     if (o.sparse && o.decode !== 'sparse') ctx.addIssue({ code: 'custom', path: ['sparse'], message: "sparse options need decode: 'sparse'" });
   });
 export type XkvOptions = z.output<typeof XkvOptionsSchema>;
@@ -25,7 +26,10 @@ export type XkvOptions = z.output<typeof XkvOptionsSchema>;
 /**
  * The `xkv` strategy: cross-layer SVD of pre-RoPE keys and of values over groups of `layersPerGroup`
  * consecutive layers (Chang et al. 2025, arXiv 2503.18893, §3).
- * `compress` throws KvpackError('rank' | 'layout' | 'shape' | 'dtype' | 'nonfinite') on bad input.
+ * Ranks: absolute per-layer `rankK` / `rankV`, or a `targetRatio` / `rankFraction` resolved per
+ * prompt length at compress time (the ranks each group got: `stats().groups`).
+ * `compress` throws KvpackError('rank' | 'layout' | 'shape' | 'dtype' | 'nonfinite') on bad input
+ * ('rank' also for a target ratio out of reach).
  */
 export const xkvDefinition = defineStrategy({
   name: 'xkv',
@@ -34,8 +38,12 @@ export const xkvDefinition = defineStrategy({
   compress: (cache, options, T) => compressGroupSvd(cache, 'xkv', options, groupConfig(options), T),
   restore: (r, options) => GroupSvdCache.restore(r, 'xkv', options, groupConfig(options)),
   capabilities: {
-    paperRatio: (o, layout, tokens) => paperCompressionRatio({ layout, tokens, layersPerGroup: o.layersPerGroup, rankK: o.rankK, rankV: o.rankV }),
-    factoredShapes: (o, layout, layers) => groupFactoredShapes(layout, layers, o.layersPerGroup, o.rankK, o.rankV),
+    paperRatio: (o, layout, tokens) =>
+      hasRankTarget(o)
+        ? groupRanksPaperRatio(layout, tokens, o.layersPerGroup, targetGroupRanks('xkv', groupConfig(o), layout, tokens))
+        : paperCompressionRatio({ layout, tokens, layersPerGroup: o.layersPerGroup, rankK: o.rankK, rankV: o.rankV }),
+    // With a rank target the ranks depend on T, which this capability is not given: no shapes.
+    factoredShapes: (o, layout, layers) => (hasRankTarget(o) ? [] : groupFactoredShapes(layout, layers, o.layersPerGroup, o.rankK, o.rankV)),
   },
   renamedOptions: { groupSize: 'layersPerGroup', 'factorQuantization.groupSize': 'factorQuantization.quantGroupSize' },
 });

@@ -14,7 +14,7 @@ import { SvdOptionsSchema } from './index.js';
 runStrategyConformance('svd', {
   compressing: { rankK: 4, rankV: 6 },
   lossless: { rankK: 32, rankV: 32, exact: true },
-  badOptions: [{ layersPerGroup: 2 }, { rankK: -1 }, { storage: 'int8' }, { factorQuantization: { bits: 5 } }],
+  badOptions: [{ layersPerGroup: 2 }, { rankK: -1 }, { storage: 'int8' }, { factorQuantization: { bits: 5 } }, { targetRatio: 4, rankFraction: 0.5 }, { rankFraction: 0 }, { targetRatio: 0.9 }],
   // Per-layer ranks above min(T = 64, H_kv·d = 32), and 0.
   failingCompress: [{ rankK: 33 }, { rankV: 0 }],
 });
@@ -26,6 +26,18 @@ describe('svd = xkv with groups of one layer', () => {
     cache = syntheticCache(64);
   });
   afterAll(() => disposeKVCache(cache));
+
+  it('targetRatio and rankFraction resolve per-layer ranks and report them', async () => {
+    // G = 1, T = 64, F = 32: ratio = 2·T·F / ((T + F)(R_K + R_V)) = 4096 / (96 (R_K + R_V)); with the
+    // default 16 : 24 proportion, ⌊16s⌋ + ⌊24s⌋ ≤ 10.67 first fails at s = 7/24 (4 + 7): ranks 4 and 6.
+    const s = (await createStrategy({ name: 'svd', options: { targetRatio: 4 } }).compress(cache)) as GroupSvdCache;
+    expect(s.stats().groups.map((g) => [g.rankK, g.rankV])).toEqual([[4, 6], [4, 6], [4, 6], [4, 6]]);
+    expect(denseCacheBytes(cache.layout, 64) / s.byteSize()).toBeCloseTo(4096 / 960, 12);
+    s.dispose();
+    const f = (await createStrategy({ name: 'svd', options: { rankFraction: 0.25 } }).compress(cache)) as GroupSvdCache;
+    expect(f.stats().groups.map((g) => [g.rankK, g.rankV])).toEqual([[8, 8], [8, 8], [8, 8], [8, 8]]);
+    f.dispose();
+  });
 
   it('has no layersPerGroup option (it is always 1)', () => {
     expect('layersPerGroup' in SvdOptionsSchema.shape).toBe(false);

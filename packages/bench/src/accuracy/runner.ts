@@ -1,7 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { performance } from 'node:perf_hooks';
 import { KvpackError, check, createStrategy, denseCacheBytes, disposeKVCache, type CompressedCache, type KVCache, type ModelLayout } from '@kvpack/core';
-import { DecodeSession } from '@kvpack/models';
 import type { ResolvedSetting } from '../config.js';
 import { relativeError, type ErrorSums } from '../metrics.js';
 import type { BenchModel } from '../model.js';
@@ -9,6 +8,7 @@ import { settingQueryWindow } from '../query-window.js';
 import { emptySummary, type SettingSummary } from '../results.js';
 import { buildStrategy } from '../strategy.js';
 import { measurePeakMemory } from '../perf/stats.js';
+import { greedyFrom, type GreedyStart } from '../prepare.js';
 import { attentionOutputError } from './attention-error.js';
 import type { EvalExample } from './dataset.js';
 import { exactMatch, summarizeAccuracy, type AccuracySummary } from './scoring.js';
@@ -120,21 +120,19 @@ async function rowOf(x: tf.Tensor2D, row: number): Promise<Float32Array> {
 }
 
 /**
- * Greedy answer through a compressed cache. In `decode` mode it feeds `feed` (the prompt's last
- * token) at `position` and takes each argmax; in `prefill` mode the exact prefill's last logits row
- * predicts the first token. Stops after `maxNew` tokens or at a stop id.
+ * Greedy answer through a compressed cache ({@link greedyFrom}): in `decode` mode it feeds the
+ * prompt's last token at `position`; in `prefill` mode the exact prefill's last logits row predicts
+ * the first token. Stops after `maxNew` tokens or at a stop id.
  */
-async function greedyAnswer(model: AccuracyModel, cache: CompressedCache, start: Prepared['start'], maxNew: number, stops: Set<number>): Promise<number[]> {
-  const session = new DecodeSession(model, cache, start.position, 'lastRow' in start ? start.lastRow : undefined);
-  if ('feed' in start) await session.step([start.feed]);
-  return (await session.greedy(maxNew, { stopIds: stops })).ids;
+async function greedyAnswer(model: AccuracyModel, cache: CompressedCache, start: GreedyStart, maxNew: number, stops: Set<number>): Promise<number[]> {
+  return (await greedyFrom(model, cache, start, maxNew, stops)).ids;
 }
 
 /** The prompt's prefill (shared by every setting) and how decoding starts. */
 interface Prepared {
   cache: KVCache;
   /** Decode mode: feed the prompt's last token at `position`; prefill mode: the prefill's last logits row predicts the answer. */
-  start: { feed: number; position: number } | { lastRow: Float32Array; position: number };
+  start: GreedyStart;
   maxNew: number;
 }
 

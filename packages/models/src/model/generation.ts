@@ -1,7 +1,7 @@
-import { check, denseCacheBytes, denseStrategy, disposeKVCache, type CompressedCache, type Strategy } from '@kvpack/core';
+import { check, denseCacheBytes, type CompressedCache, type Strategy } from '@kvpack/core';
 import type { LlamaModel } from './llama.js';
 import type { SamplingOptions } from './sampling.js';
-import { DecodeSession } from './session.js';
+import { Session, cachePosition } from './session.js';
 
 /** Options of {@link LlamaModel.generate}. */
 export interface GenerateOptions {
@@ -15,8 +15,20 @@ export interface GenerateOptions {
   stopAtEos?: boolean;
   /** Other ids that end generation (included in `ids`), e.g. BOS for llama2.c story models. */
   stopIds?: number[];
-  /** Passed to {@link LlamaModel.prefill} for query-aware strategies. */
+  /** Passed to {@link LlamaModel.prefill} for query-aware strategies (default: the window the strategy's capabilities declare). */
   observationWindow?: number;
+  /**
+   * A compressed cache of a prefix (e.g. restored with `deserializeCache`): `promptIds` are then the
+   * tokens **after** it, fed in one decode call right after the prefix (appended exactly), and
+   * `strategy` is not used. The cache grows by what is fed; the caller keeps owning it.
+   * @see Session.resume
+   */
+  cache?: CompressedCache;
+  /**
+   * Return the cache generation ends with as `result.compressedCache` (the caller disposes it; with
+   * `cache` it is that same object) instead of disposing it. Default false.
+   */
+  returnCache?: boolean;
 }
 
 /** Byte accounting of the compressed cache used by {@link LlamaModel.generate} / {@link LlamaModel.scoreContinuation}. */
@@ -41,6 +53,12 @@ export interface GenerateResult {
   /** Why generation ended. */
   stopReason: 'maxNewTokens' | 'eos' | 'stopId' | 'maxSeqLen';
   cache: CacheStats;
+  /**
+   * With `returnCache`: the compressed cache generation ends with. It covers the prompt and every
+   * generated token but the last (which a continuation feeds first, e.g. as `remainingTokens[0]` of
+   * `Session.resume`).
+   */
+  compressedCache?: CompressedCache;
 }
 
 /** Result of {@link LlamaModel.scoreContinuation}. */
@@ -58,32 +76,40 @@ export interface ScoreOptions {
   observationWindow?: number;
 }
 
-/** A prompt prefilled and compressed, ready to decode: a session positioned after the prompt, with the last prompt row pending. */
-async function compressedPrompt(model: LlamaModel, promptIds: number[], strategy: Strategy | undefined, obs: number | undefined) {
-  const { logits, cache } = await model.prefill(promptIds, { logits: 'last', observationWindow: obs });
-  let compressed: CompressedCache | undefined;
-  let last: Float32Array;
-  try {
-    compressed = await (strategy ?? denseStrategy({ storage: 'float32' })).compress(cache);
-    last = (await logits.data()) as Float32Array;
-  } catch (e) {
-    compressed?.dispose();
-    throw e;
-  } finally {
-    logits.dispose();
-    disposeKVCache(cache);
+/** A session positioned after the prompt (compressed, or the cache's prefix plus the prompt fed), and its byte accounting. */
+async function promptSession(model: LlamaModel, promptIds: number[], strategy: Strategy | undefined, obs: number | undefined, cache: CompressedCache | undefined) {
+  let session: Session;
+  let prefillTokens: number;
+  let prefillByteSize = 0;
+  if (cache) {
+    const fp = await model.fingerprint();
+    check(cache.model === fp, 'model', `generate: the ${cache.strategy} cache was made from ${cache.model ? `model ${cache.model}` : 'a cache without a model fingerprint'}, not from this model (${fp})`);
+    model.checkIds(promptIds, 'prompt');
+    session = new Session(model, cache, cachePosition(cache));
+    prefillTokens = cache.prefillLength;
+    prefillByteSize = cache.byteSize();
+    await session.prefill(promptIds);
+  } else {
+    session = await Session.start(model, { ...(strategy ? { strategy } : {}), ...(obs !== undefined ? { observationWindow: obs } : {}) });
+    try {
+      await session.prefill(promptIds);
+      await session.compress();
+    } catch (e) {
+      session.dispose();
+      throw e;
+    }
+    prefillTokens = promptIds.length;
+    prefillByteSize = session.cache.byteSize();
   }
-  const c = compressed;
-  const T = promptIds.length;
-  const prefillByteSize = c.byteSize();
+  const c = session.cache;
   const stats = (): CacheStats => ({
     strategy: c.strategy,
-    prefillTokens: T,
+    prefillTokens,
     prefillByteSize,
     byteSize: c.byteSize(),
-    compressionRatio: denseCacheBytes(model.layout, T) / prefillByteSize,
+    compressionRatio: denseCacheBytes(model.layout, prefillTokens) / prefillByteSize,
   });
-  return { session: new DecodeSession(model, c, T, last), compressed: c, stats };
+  return { session, stats };
 }
 
 /** {@link LlamaModel.generate}. */
@@ -91,15 +117,19 @@ export async function generate(model: LlamaModel, promptIds: number[], options: 
   const maxNew = options.maxNewTokens;
   check(Number.isInteger(maxNew) && maxNew >= 0, 'config', `generate: maxNewTokens must be an integer ≥ 0, got ${maxNew}`);
   const eos = model.config.eosId;
-  const stops = new Set(options.stopIds ?? []);
-  if (options.stopAtEos && eos !== undefined) stops.add(eos);
-  const { session, compressed, stats } = await compressedPrompt(model, promptIds, options.strategy, options.observationWindow);
+  const { session, stats } = await promptSession(model, promptIds, options.strategy, options.observationWindow, options.cache);
+  let keep = false;
   try {
-    const g = await session.sample(maxNew, options.sampling, { stopIds: stops });
+    const g = await session.sample(maxNew, options.sampling, { stopIds: [...(options.stopIds ?? []), ...(options.stopAtEos && eos !== undefined ? [eos] : [])] });
     const stopReason: GenerateResult['stopReason'] = g.stopReason === 'stopId' && options.stopAtEos && g.ids[g.ids.length - 1] === eos ? 'eos' : g.stopReason;
-    return { ids: g.ids, margins: g.margins, stopReason, cache: stats() };
+    const result: GenerateResult = { ids: g.ids, margins: g.margins, stopReason, cache: stats() };
+    if (options.returnCache) {
+      result.compressedCache = options.cache ?? session.detach();
+      keep = true;
+    }
+    return result;
   } finally {
-    compressed.dispose();
+    if (!keep) session.dispose();
   }
 }
 
@@ -114,11 +144,11 @@ export async function scoreContinuation(
   model.checkIds(promptIds, 'prompt');
   model.checkIds(continuationIds, 'continuation');
   model.checkPositions(0, promptIds.length + continuationIds.length - 1, 'prompt + continuation');
-  const { session, compressed, stats } = await compressedPrompt(model, promptIds, strategy, options.observationWindow);
+  const { session, stats } = await promptSession(model, promptIds, strategy, options.observationWindow, undefined);
   try {
     const { tokenNll, meanNll } = await session.teacherForcedNll(continuationIds);
     return { meanNll, tokenNll, cache: stats() };
   } finally {
-    compressed.dispose();
+    session.dispose();
   }
 }

@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { KvpackError, applyRope, createStrategy, denseCacheBytes, denseStrategy, deserializeCache, disposeKVCache, selectBackend, type CompressedCache } from '@kvpack/core';
 import { loadLlama2cCheckpoint, parseLlama2cCheckpoint } from '../llama2c/index.js';
 import type { LlamaWeights } from '../types.js';
-import { DecodeSession, LlamaModel, createSampler } from './index.js';
+import { Session, LlamaModel, createSampler } from './index.js';
 import {
   HAVE_STORIES,
   SKIP_STORIES,
@@ -300,7 +300,7 @@ describe('LlamaModel on random weights (GQA, both RoPE layouts, q/k/v biases)', 
     const g = await model.generate(prompt, { maxNewTokens: 4 });
     const { logits, cache } = await model.prefill(prompt, { logits: 'last' });
     const dense = await exact().compress(cache);
-    const session = new DecodeSession(model, dense, prompt.length, data(logits));
+    const session = new Session(model, dense, prompt.length, data(logits));
     const s = await session.greedy(4);
     expect(s.ids).toEqual(g.ids);
     expect(maxAbsDiff(s.margins, g.margins)).toBeLessThan(1e-6);
@@ -310,7 +310,7 @@ describe('LlamaModel on random weights (GQA, both RoPE layouts, q/k/v biases)', 
     const want = refForward(ref, ids);
     const { logits: l2, cache: c2 } = await model.prefill(ids.slice(0, 2));
     const d2 = await exact().compress(c2);
-    const score = await new DecodeSession(model, d2, 2).teacherForcedNll(ids.slice(3), { first: ids[2] });
+    const score = await new Session(model, d2, 2).teacherForcedNll(ids.slice(3), { first: ids[2] });
     expect(Math.abs(score.meanNll - refMeanNll(want.logits.slice(2), ids.slice(3)))).toBeLessThan(1e-5);
     expect(score.argmax).toHaveLength(5);
     tf.dispose([logits, l2]);

@@ -253,12 +253,15 @@ export class LlamaModel {
 
   /**
    * Generates up to `maxNewTokens` tokens after a prompt: prefill, compress the prompt's cache with
-   * the strategy, then a {@link DecodeSession} (one {@link decode} per new token; decode tokens stay
-   * exact in the cache). Sampling is greedy by default; with a temperature it is seeded and
-   * deterministic. Stops early at EOS (`stopAtEos`), a `stopIds` token, or when the next position
-   * would pass maxSeqLen.
-   * @returns generated ids, the top-2 logit gap per step, and the cache's byte accounting
-   * @throws KvpackError('shape' | 'config') for bad ids or options; whatever the strategy throws.
+   * the strategy, then decode (a {@link Session}: one {@link decode} per new token; decode tokens stay
+   * exact in the cache). With `options.cache` (a compressed prefix, e.g. restored from bytes) the
+   * prompt ids are the tokens after that prefix: only they are fed, appended exactly after it. With
+   * `returnCache` the cache it ends with is returned (`compressedCache`). Sampling is greedy by
+   * default; with a temperature it is seeded and deterministic. Stops early at EOS (`stopAtEos`), a
+   * `stopIds` token, or when the next position would pass maxSeqLen.
+   * @returns generated ids, the top-2 logit gap per step, the cache's byte accounting (and the cache)
+   * @throws KvpackError('shape' | 'config') for bad ids or options; KvpackError('model') when
+   *   `options.cache` was made from another model; whatever the strategy throws.
    */
   generate(promptIds: number[], options: GenerateOptions): Promise<GenerateResult> {
     return generate(this, promptIds, options);
@@ -268,7 +271,7 @@ export class LlamaModel {
    * Scores a continuation given a prompt whose cache is compressed by `strategy`: the first
    * continuation token is predicted from the prompt's last logits, the others teacher-forced through
    * one {@link decode} call over continuation[0..m−2] (n = m − 1, causal among themselves); NLLs in
-   * float64 ({@link DecodeSession.teacherForcedNll}).
+   * float64 ({@link Session.teacherForcedNll}).
    * @param strategy default `dense` with float32 storage (exact)
    * @throws KvpackError('shape') for bad ids or when prompt + continuation − 1 tokens exceed maxSeqLen.
    */

@@ -23,10 +23,16 @@ export interface FactorQuantization extends QuantSpec {
 export interface GroupSvdConfig {
   /** Layers per group G; consecutive layers from layer 0, the last group may be shorter. */
   layersPerGroup: number;
-  /** Per-layer key rank r_K; a group of n layers gets rank r_K · n. */
+  /** Per-layer key rank r_K; a group of n layers gets rank r_K · n (with a rank target: the key share of the ranks). */
   rankK: number;
-  /** Per-layer value rank r_V; a group of n layers gets rank r_V · n. */
+  /** Per-layer value rank r_V; a group of n layers gets rank r_V · n (with a rank target: the value share). */
   rankV: number;
+  /** Target compression ratio (dense fp16 bytes ÷ byteSize() after compress) instead of absolute ranks; see rank-target.ts. */
+  targetRatio?: number;
+  /** Fraction of each group's full rank min(T, n·H_kv·d), instead of absolute ranks; see rank-target.ts. */
+  rankFraction?: number;
+  /** Group ranks resolved for one T (set by compress and restore when a rank target is given). */
+  groupRanks?: { k: number[]; v: number[] };
   /** Randomized SVD oversampling p (Halko et al. 2011), or `auto` (core `autoOversample` of the group rank). */
   oversample: number | 'auto';
   /** Randomized SVD power iterations q (a multiple of 0.5). */
@@ -71,6 +77,7 @@ export const KINDS: Kind[] = ['k', 'v'];
 
 /** Rank R_g of a group's keys or values: the per-layer rank times the layers in the group. */
 export function rankOf(config: GroupSvdConfig, kind: Kind, group: LayerGroup): number {
+  if (config.groupRanks) return config.groupRanks[kind][group.index];
   return (kind === 'k' ? config.rankK : config.rankV) * group.layers.length;
 }
 
@@ -88,11 +95,11 @@ export function checkGroupRanks(strategy: string, config: GroupSvdConfig, layout
       const bound = Math.min(T, feats);
       const what = kind === 'k' ? 'key' : 'value';
       check(
-        Number.isInteger(per) && r >= 1 && r <= bound,
+        (config.groupRanks || Number.isInteger(per)) && Number.isInteger(r) && r >= 1 && r <= bound,
         'rank',
         () =>
           `${strategy}: group ${g.index} (layers ${g.layers[0]}–${g.layers[g.layers.length - 1]}) ${what} rank ${r} ` +
-          `(rank${kind.toUpperCase()} ${per} × ${g.layers.length} layers) is out of range [1, min(T=${T}, features=${feats}) = ${bound}]`,
+          `(${config.groupRanks ? 'from the rank target' : `rank${kind.toUpperCase()} ${per} × ${g.layers.length} layers`}) is out of range [1, min(T=${T}, features=${feats}) = ${bound}]`,
       );
     }
   }

@@ -21,6 +21,7 @@ import { sparseAttend } from './sparse-attend.js';
 import { SparseDecoder } from './sparse-decoder.js';
 import type { SparseIndex } from './sparse-index.js';
 import { loadSparseIndex, sparseMeta, sparseTensors } from './sparse-storage.js';
+import { hasRankTarget, storedGroupRanks } from './rank-target.js';
 
 /** Options of {@link GroupSvdCache.attendSparse}: core's AttendOptions and a per-call token budget. */
 export interface SparseBudgetOptions extends AttendOptions {
@@ -252,8 +253,10 @@ export class GroupSvdCache extends BaseCompressedCache {
    * Restores a cache written by {@link GroupSvdCache.serialize}, through its reader.
    * @throws KvpackError('corrupt') naming the strategy and the tensor at fault.
    */
-  static restore(r: StoredReader, strategy: string, options: unknown, config: GroupSvdConfig): GroupSvdCache {
+  static restore(r: StoredReader, strategy: string, options: unknown, configIn: GroupSvdConfig): GroupSvdCache {
     const { layout, rope, prefillLength: T, startPosition, meta } = r.header;
+    // Ranks resolved from a rank target at compress time are read back as recorded.
+    const config = hasRankTarget(configIn) ? { ...configIn, groupRanks: storedGroupRanks(strategy, meta.ranks, layout, configIn.layersPerGroup) } : configIn;
     const F = layout.nKvHeads * layout.headDim;
     const groups = layerGroups(layout.nLayers, config.layersPerGroup);
     const ranks = { k: groups.map((g) => rankOf(config, 'k', g)), v: groups.map((g) => rankOf(config, 'v', g)) };

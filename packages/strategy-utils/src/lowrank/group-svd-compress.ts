@@ -3,6 +3,7 @@ import { KvpackError, isHostBackend, truncatedSvd, validateKVCache, type KVCache
 import { disposeBlock, makeBlock, type Block, type KindBlocks } from './factor-blocks.js';
 import { KINDS, checkGroupRanks, layerGroups, rankOf, type GroupSvdConfig, type Kind } from './group-config.js';
 import { GroupSvdCache } from './group-svd-cache.js';
+import { resolveRanks } from './rank-target.js';
 import { buildSparseIndex } from './sparse-index-build.js';
 import type { SparseIndex } from './sparse-index.js';
 
@@ -15,11 +16,14 @@ import type { SparseIndex } from './sparse-index.js';
  * B_l [R_g, H_kv·d] per layer, for keys and for values. Does not dispose `cache`.
  * @throws KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') for a bad cache (from validateKVCache);
  *         KvpackError('rank') when a group's rank is 0 or above min(T, features).
+ * With a rank target (`targetRatio` / `rankFraction`) the group ranks are resolved for T first
+ * (rank-target.ts) and recorded in the cache's config, stats and serialization.
  * `validatedTokens`: T when the caller (defineStrategy) has already validated the cache.
  */
-export async function compressGroupSvd(cache: KVCache, strategy: string, options: unknown, config: GroupSvdConfig, validatedTokens?: number): Promise<GroupSvdCache> {
+export async function compressGroupSvd(cache: KVCache, strategy: string, options: unknown, configIn: GroupSvdConfig, validatedTokens?: number): Promise<GroupSvdCache> {
   const T = validatedTokens ?? (await validateKVCache(cache));
   const layout = cache.layout;
+  const config = resolveRanks(strategy, configIn, layout, T);
   checkGroupRanks(strategy, config, layout, T);
   const F = layout.nKvHeads * layout.headDim;
   const groups = layerGroups(layout.nLayers, config.layersPerGroup);

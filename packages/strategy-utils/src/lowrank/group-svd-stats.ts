@@ -1,7 +1,7 @@
 import { denseCacheBytes, specBytes, type ModelLayout } from '@kvpack/core';
 import { blockSpecs, type Block } from './factor-blocks.js';
 import { rankOf, type GroupSvdConfig, type LayerGroup } from './group-config.js';
-import { paperCompressionRatio } from './ratio.js';
+import { groupRanksPaperRatio, paperCompressionRatio } from './ratio.js';
 
 /** Byte breakdown and ratios of a grouped low-rank cache; see {@link GroupSvdCache.stats}. */
 export interface GroupSvdStats {
@@ -9,6 +9,7 @@ export interface GroupSvdStats {
   /** Prefill tokens T. */
   tokens: number;
   layersPerGroup: number;
+  /** The key and value rank R_g each group got (resolved from the rank target when one was given). */
   groups: { layers: number[]; rankK: number; rankV: number }[];
   /** Bytes of the shared token bases (codes + scales + zero points when quantized). */
   basisBytes: number;
@@ -22,7 +23,7 @@ export interface GroupSvdStats {
   denseBytes: number;
   /** denseBytes / totalBytes. */
   measuredRatio: number;
-  /** The xKV authors' formula ({@link paperCompressionRatio}) at 16 bits per element. */
+  /** The xKV authors' formula ({@link paperCompressionRatio}) at 16 bits per element; with resolved group ranks, {@link groupRanksPaperRatio}. */
   paperRatio: number;
 }
 
@@ -57,6 +58,8 @@ export function groupSvdStats(a: {
     totalBytes,
     denseBytes,
     measuredRatio: denseBytes / totalBytes,
-    paperRatio: paperCompressionRatio({ layout, tokens, layersPerGroup: config.layersPerGroup, rankK: config.rankK, rankV: config.rankV }),
+    paperRatio: config.groupRanks
+      ? groupRanksPaperRatio(layout, tokens, config.layersPerGroup, config.groupRanks)
+      : paperCompressionRatio({ layout, tokens, layersPerGroup: config.layersPerGroup, rankK: config.rankK, rankV: config.rankV }),
   };
 }

@@ -28,12 +28,25 @@ const FactorQuantizationSchema = z.strictObject({
  */
 export const lowRankOptionShape = {
   /**
-   * Per-layer key rank r_K (group rank = r_K × layers in the group); at most 2^16 (MAX_FEATURES:
+   * Per-layer key rank r_K (group rank = r_K × layers in the group; with targetRatio, the key share of
+   * the ranks; unused with rankFraction); at most 2^16 (MAX_FEATURES:
    * compress also bounds it by min(T, H_kv·d), and H_kv·d ≤ 16,384 in released models).
    */
   rankK: z.int().nonnegative().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the H_kv·d features of a layer') }).default(16),
-  /** Per-layer value rank r_V (group rank = r_V × layers in the group); at most 2^16, as rankK. */
+  /** Per-layer value rank r_V (group rank = r_V × layers in the group; with targetRatio, the value share); at most 2^16, as rankK. */
   rankV: z.int().nonnegative().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the H_kv·d features of a layer') }).default(24),
+  /**
+   * Target compression ratio instead of absolute ranks: at compress time, the largest group ranks in
+   * the proportion rankK : rankV whose cache (`byteSize()` right after compress) is at most dense fp16
+   * bytes ÷ targetRatio (ranks round down, so the measured ratio is ≥ the target). Excludes rankFraction.
+   * The ranks each group got are in `stats().groups` and the serialization.
+   */
+  targetRatio: z.number().min(1).max(1e9).optional(),
+  /**
+   * Fraction f ∈ (0, 1] of each group's full rank instead of absolute ranks: R_g = max(1, ⌊f · min(T,
+   * n·H_kv·d)⌋) for keys and for values. Excludes targetRatio.
+   */
+  rankFraction: z.number().gt(0).max(1).optional(),
   /**
    * Randomized SVD oversampling p, or `auto` (default: 8 when the group rank is ≤ 128, else 0 — core
    * `autoOversample`; the README's "SVD defaults" has the measured error/time trade-off). At most
@@ -70,3 +83,9 @@ export const lowRankOptionShape = {
   /** Optional int8/int4 quantization of the factors. */
   factorQuantization: FactorQuantizationSchema.optional(),
 };
+
+/** The refinement every low-rank schema adds: targetRatio and rankFraction exclude each other. */
+export function refineRankTarget(o: { targetRatio?: number; rankFraction?: number }, ctx: z.RefinementCtx): void {
+  if (o.targetRatio !== undefined && o.rankFraction !== undefined)
+    ctx.addIssue({ code: 'custom', path: ['rankFraction'], message: 'give targetRatio or rankFraction, not both' });
+}

@@ -78,3 +78,18 @@ export function groupFactoredShapes(layout: ModelLayout, layers: number, layersP
   }
   return [...out.values()];
 }
+
+/**
+ * The xKV authors' element count at explicit group ranks (e.g. resolved from a rank target): dense
+ * 2 · L · T · H_kv · d over Σ_g T · (R_K,g + R_V,g) + Σ_l H_kv · d · (R_K,g(l) + R_V,g(l)), each group
+ * charged its own ranks.
+ */
+export function groupRanksPaperRatio(layout: ModelLayout, tokens: number, layersPerGroup: number, ranks: { k: number[]; v: number[] }): number {
+  const F = layout.nKvHeads * layout.headDim;
+  let elements = 0;
+  for (let s = 0, g = 0; s < layout.nLayers; s += layersPerGroup, g++) {
+    const n = Math.min(layersPerGroup, layout.nLayers - s);
+    elements += (tokens + n * F) * (ranks.k[g] + ranks.v[g]);
+  }
+  return (2 * layout.nLayers * tokens * F) / elements;
+}
