@@ -36,8 +36,6 @@ export interface StoreBackend {
   readonly location: string;
   /** One object, or null when absent. */
   get(namespace: string, key: string, part: StorePart): Promise<Uint8Array | null>;
-  /** Several objects of one part, in order, null where absent. */
-  getMany(namespace: string, keys: readonly string[], part: StorePart): Promise<(Uint8Array | null)[]>;
   /** Writes one object atomically, replacing any previous one. */
   put(namespace: string, key: string, part: StorePart, bytes: Uint8Array, options?: PutObjectOptions): Promise<void>;
   /** Removes both parts of a key (the manifest first). @returns whether anything was removed */

@@ -47,9 +47,6 @@ export class FileBackend implements StoreBackend {
     return readOrNull(this.path(ns, key, part));
   }
 
-  async getMany(ns: string, keys: readonly string[], part: StorePart): Promise<(Uint8Array | null)[]> {
-    return Promise.all(keys.map((k) => this.get(ns, k, part)));
-  }
 
   async put(ns: string, key: string, part: StorePart, bytes: Uint8Array, _options?: PutObjectOptions): Promise<void> {
     const dir = this.dir(ns, key);

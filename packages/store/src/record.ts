@@ -111,8 +111,6 @@ export function decodeRecord(bytes: Uint8Array, expect?: { key?: string; namespa
   check(version === RECORD_VERSION, 'corrupt', `store record has format version ${version}; this build reads version ${RECORD_VERSION}`);
   const hl = dv.getUint32(8, true);
   check(PREAMBLE + hl <= bytes.length, 'truncated', `store record is truncated: ${bytes.length} bytes, but its header alone ends at byte ${PREAMBLE + hl}`);
-  const crc = dv.getUint32(CRC_AT, true);
-  check(recordCrc(bytes) === crc, 'corrupt', 'store record is corrupt: CRC-32 mismatch (the record was changed, damaged or cut short)');
   let raw: unknown;
   try {
     raw = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes.subarray(PREAMBLE, PREAMBLE + hl)));
@@ -123,7 +121,10 @@ export function decodeRecord(bytes: Uint8Array, expect?: { key?: string; namespa
   check(parsed.success, 'corrupt', () => `store record is corrupt: header field ${parsed.error!.issues[0].path.join('.')}: ${parsed.error!.issues[0].message}`);
   const header = parsed.data;
   const payload = bytes.subarray(PREAMBLE + hl);
-  check(payload.length === header.payloadBytes, 'truncated', `store record is truncated: ${payload.length} payload bytes, its header declares ${header.payloadBytes}`);
+  check(payload.length >= header.payloadBytes, 'truncated', `store record is truncated: ${payload.length} payload bytes, its header declares ${header.payloadBytes}`);
+  check(payload.length === header.payloadBytes, 'corrupt', `store record is corrupt: ${payload.length - header.payloadBytes} bytes after the payload its header declares`);
+  const crc = dv.getUint32(CRC_AT, true);
+  check(recordCrc(bytes) === crc, 'corrupt', 'store record is corrupt: CRC-32 mismatch (the record was changed or damaged)');
   if (expect?.namespace !== undefined)
     check(header.namespace === expect.namespace, 'model', `store record is foreign: it belongs to namespace ${header.namespace}, not ${expect.namespace}`);
   if (expect?.key !== undefined) check(header.key === expect.key, 'model', `store record is foreign: it is the record of key ${header.key.slice(0, 16)}…, not ${expect.key.slice(0, 16)}…`);

@@ -46,7 +46,9 @@ export class RedisBackend implements StoreBackend {
       commandTimeout: timeout,
       connectTimeout: timeout,
       maxRetriesPerRequest: 1,
-      lazyConnect: false,
+      // Once connected, a command fails at once while the connection is down (a miss for a lookup)
+      // instead of waiting in a queue: see ready().
+      enableOfflineQueue: false,
       ...(options.username ? { username: options.username } : {}),
       ...(options.password ? { password: options.password } : {}),
       ...(options.tls ? { tls: {} } : {}),
@@ -57,6 +59,11 @@ export class RedisBackend implements StoreBackend {
       const copts: ClusterOptions = {
         redisOptions: common,
         enableAutoPipelining: true,
+        enableOfflineQueue: false,
+        maxRedirections: 4,
+        retryDelayOnFailover: 50,
+        retryDelayOnClusterDown: 50,
+        retryDelayOnTryAgain: 50,
         clusterRetryStrategy: (times) => Math.min(100 * times, 1000),
         slotsRefreshTimeout: timeout,
       };
@@ -66,6 +73,32 @@ export class RedisBackend implements StoreBackend {
     }
     // Connection errors surface through the commands that fail; an unhandled 'error' event would end the process.
     this.client.on('error', () => {});
+    this.timeoutMs = timeout;
+  }
+
+  private readonly timeoutMs: number;
+  private firstReady: Promise<void> | undefined;
+
+  /**
+   * Waits (up to the command timeout) for the first connection; afterwards commands go straight to
+   * the client, which fails them at once while disconnected (no offline queue), so that a server or
+   * node that is down costs a lookup no more than a refused connection.
+   */
+  private ready(): Promise<void> {
+    if (this.client.status === 'ready') return Promise.resolve();
+    this.firstReady ??= new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.firstReady = undefined;
+        this.client.off('ready', onReady);
+        reject(new KvpackError('io', `redis store: no connection to ${this.location} within ${this.timeoutMs} ms`));
+      }, this.timeoutMs);
+      const onReady = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      this.client.once('ready', onReady);
+    });
+    return this.firstReady;
   }
 
   private key(ns: string, key: string, part: StorePart): string {
@@ -75,16 +108,14 @@ export class RedisBackend implements StoreBackend {
   }
 
   async get(ns: string, key: string, part: StorePart): Promise<Uint8Array | null> {
+    await this.ready();
     const b = await this.client.getBuffer(this.key(ns, key, part));
     return b ? new Uint8Array(b.buffer, b.byteOffset, b.byteLength) : null;
   }
 
-  async getMany(ns: string, keys: readonly string[], part: StorePart): Promise<(Uint8Array | null)[]> {
-    // One GET per key: auto-pipelining sends them in one round trip per node (MGET would need one slot).
-    return Promise.all(keys.map((k) => this.get(ns, k, part)));
-  }
 
   async put(ns: string, key: string, part: StorePart, bytes: Uint8Array, options: PutObjectOptions = {}): Promise<void> {
+    await this.ready();
     const k = this.key(ns, key, part);
     const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
     if (options.ttlSeconds !== undefined) await this.client.set(k, buf, 'EX', Math.max(1, Math.ceil(options.ttlSeconds)));
@@ -92,6 +123,7 @@ export class RedisBackend implements StoreBackend {
   }
 
   async remove(ns: string, key: string): Promise<boolean> {
+    await this.ready();
     // One slot (hash tag), so one DEL, manifest first.
     const n = await this.client.del(this.key(ns, key, 'manifest'), this.key(ns, key, 'record'));
     return n > 0;
@@ -104,20 +136,24 @@ export class RedisBackend implements StoreBackend {
 
   async getNamespace(ns: string): Promise<Uint8Array | null> {
     if (!NAMESPACE_PATTERN.test(ns)) return null;
+    await this.ready();
     const b = await this.client.getBuffer(this.nsKey(ns));
     return b ? new Uint8Array(b.buffer, b.byteOffset, b.byteLength) : null;
   }
 
   async putNamespace(ns: string, descriptor: Uint8Array): Promise<void> {
+    await this.ready();
     await this.client.set(this.nsKey(ns), Buffer.from(descriptor));
   }
 
   async removeNamespace(ns: string): Promise<void> {
+    await this.ready();
     await this.client.del(this.nsKey(ns));
   }
 
   /** Every key matching `pattern` on every master (SCAN, never KEYS). */
   private async scan(pattern: string): Promise<string[]> {
+    await this.ready();
     const nodes = this.client instanceof Cluster ? this.client.nodes('master') : [this.client];
     const out: string[] = [];
     for (const node of nodes) {
