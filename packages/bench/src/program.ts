@@ -4,6 +4,7 @@ import { EXIT, benchCommand, processIO, strategiesCommand, type BenchCommandOpti
 import { registerPerfCommand } from './perf-hook.js';
 import { registerAccuracyCommand } from './accuracy/command.js';
 import { backendOption } from './environment.js';
+import { registerStoreCommands } from './store-commands.js';
 
 /**
  * Builds the `kvpack` command line (commander). Actions store their exit code in `state.code`.
@@ -44,6 +45,7 @@ export function buildProgram(io: CommandIO, state: { code: number }): Command {
     .action(async () => {
       state.code = await strategiesCommand(io);
     });
+  registerStoreCommands(program, io, state);
   return program;
 }
 
