@@ -60,7 +60,7 @@ export interface StoreBenchRow {
   /** prefill ÷ stored path (> 1: restoring beats recomputing). */
   speedup: number;
   rawSpeedup: number;
-  /** Greedy token after the prefix: from the prefill, and from the restored cache (they may differ by the compression's error). */
+  /** The chat trace: prompt tokens, tokens served from the store (hits), tokens an earlier turn held (the ceiling), turns with a hit. */
   chat: { turns: number; promptTokens: number; hitTokens: number; reusableTokens: number; tokenHitRate: number; ceiling: number; turnsWithHit: number };
 }
 
