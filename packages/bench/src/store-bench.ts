@@ -277,6 +277,11 @@ export async function storeBenchCommand(configPath: string, opts: StoreBenchOpti
     '',
     'stored path = fetch (lookup: manifests, record, CRC checks) + restore (deserializeCache) + decode of token T over the restored cache; prefill = the prefill of T + 1 tokens (logits of the last). Medians of ' +
       `${cfg.repeats} repeats after a warm-up. Record bytes include the record envelope, the container header and the payload. The chat's ceiling is the share of prompt tokens that an earlier turn already held (chunk alignment keeps the hit rate below it).`,
+    ...rows.map(
+      (r) =>
+        `${r.model} at ${r.tokens} tokens: stored bytes (every header) = 1/${f(r.ratioVsFp16, 2)} of dense fp16${r.ratioVsFp16 >= 6 ? ' (≤ 1/6)' : ''}; ` +
+        `fetch + restore + decode ${f(r.storedPathMs)} ms vs prefill ${f(r.prefillMs)} ms: ${f(r.speedup, 2)}× ${r.speedup > 1 ? 'faster' : 'slower'} than recomputing on ${choice.name}`,
+    ),
     ...skipped,
   ];
   io.out(lines.join('\n'));

@@ -134,6 +134,7 @@ describe.skipIf(!REDIS)('faults and load on redis-server', () => {
     servers.push(server);
     const store = storeAt(server.url + '?timeout=500');
     const docs = Array.from({ length: 6 }, (_, i) => seq(10 * C, 200 + i));
+    let killed: Promise<void> | undefined;
     const writes = (async () => {
       let ok = 0, failed = 0;
       const acknowledged: number[][] = [];
@@ -146,7 +147,6 @@ describe.skipIf(!REDIS)('faults and load on redis-server', () => {
         }
       return { ok, failed, acknowledged };
     })();
-    let killed: Promise<void> | undefined;
     const w = await writes;
     await killed;
     const during = await checkAll(store, docs, 32 * 1024);
