@@ -6,7 +6,10 @@ import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { KvpackError, createStrategy, selectBackend, type KVCache } from '@kvpack/core';
 import { FileBackend, PrefixStore, RedisBackend, chunkKeys, collectGarbage, inspectStore, makeNamespace, openBackend, readStoredCache, type StoreWarning } from './index.js';
-import { TEST_MODEL, TEST_STRATEGY, isPayloadOf, prefixPayload, rng } from './testing/payload.js';
+import { TEST_MODEL, TEST_STRATEGY, isPayloadOf, loadDocs, prefixPayload, rng } from './testing/payload.js';
+import { spawn } from 'node:child_process';
+import { dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 let root: string;
 beforeAll(async () => {
@@ -216,6 +219,53 @@ describe('PrefixStore on the filesystem', () => {
     cache.dispose();
     tf.dispose([...kv.keys, ...kv.values]);
     expect(tf.memory().numTensors).toBe(start);
+  });
+});
+
+describe('a writer SIGKILLed on the filesystem', () => {
+  it('leaves only whole records: every lookup is a right hit or a miss, gc clears the leftovers', async () => {
+    const here = dirname(fileURLToPath(import.meta.url));
+    const dir = join(root, 'killed');
+    const p = spawn(process.execPath, ['--import', 'tsx', join(here, 'testing', 'load-worker.ts'), `file://${dir}`, '0', '1000000', String(C)], {
+      cwd: join(here, '..'),
+      stdio: 'ignore',
+      env: { ...process.env, TSX_TSCONFIG_PATH: join(here, 'testing', 'worker.tsconfig.json') },
+    });
+    // Kill once some prefixes are written (the worker writes until killed).
+    const store = new PrefixStore({ backend: new FileBackend(dir), model: TEST_MODEL, strategy: TEST_STRATEGY, chunkTokens: C });
+    const docs = loadDocs(C);
+    const deadline = Date.now() + 30_000;
+    while (Date.now() < deadline) {
+      let n = 0;
+      for await (const e of inspectStore(store.backend, { verify: false })) if (e.status === 'ok') n++;
+      if (n >= 12) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    await new Promise<void>((resolve) => {
+      p.once('exit', () => resolve());
+      p.kill('SIGKILL');
+    });
+    let hits = 0, misses = 0;
+    for (const d of docs)
+      for (let k = 1; k <= 8; k++) {
+        const q = d.slice(0, k * C).concat([7]);
+        const h = await store.lookup(q);
+        if (!h) misses++;
+        else {
+          expect(isPayloadOf(h.cache, q, h.tokens, 4096)).toBe(true);
+          hits++;
+        }
+      }
+    expect(hits).toBeGreaterThan(0);
+    expect(store.stats().rejected).toBe(0);
+    const statuses = new Set<string>();
+    for await (const e of inspectStore(store.backend)) statuses.add(e.status);
+    expect([...statuses].filter((s) => s !== 'ok' && s !== 'record-without-manifest')).toEqual([]);
+    await collectGarbage(store.backend, { graceMs: 0 });
+    const left: string[] = [];
+    for await (const e of inspectStore(store.backend)) left.push(e.status);
+    expect(left.every((s) => s === 'ok')).toBe(true);
+    console.log(`filesystem writer SIGKILLed: ${hits} hits, ${misses} misses of ${hits + misses} lookups, 0 wrong; ${left.length} whole prefixes left after gc`);
   });
 });
 

@@ -2,7 +2,7 @@
 // Prints one JSON line of figures. Run: node --import tsx load-worker.ts URL WORKER OPS CHUNK
 import { PrefixStore } from '../store.js';
 import { openBackend } from '../url.js';
-import { TEST_MODEL, TEST_STRATEGY, isPayloadOf, prefixPayload, rng } from './payload.js';
+import { TEST_MODEL, TEST_STRATEGY, isPayloadOf, loadDocs, prefixPayload, rng } from './payload.js';
 
 const [url, workerArg, opsArg, chunkArg] = process.argv.slice(2);
 const worker = Number(workerArg);
@@ -10,12 +10,10 @@ const ops = Number(opsArg);
 const C = Number(chunkArg);
 const DOCS = 4;
 const CHUNKS = 8;
-const PAD = 4096;
+/** Pad bytes of each payload (the tests that check a worker's records use the same). */
+export const PAD = 4096;
 
-const docs = Array.from({ length: DOCS }, (_, d) => {
-  const r = rng(1000 + d);
-  return Array.from({ length: CHUNKS * C }, () => Math.floor(r() * 32000));
-});
+const docs = loadDocs(C, DOCS, CHUNKS);
 const r = rng(worker + 1);
 const warnings: string[] = [];
 const store = new PrefixStore({ backend: openBackend(url), model: TEST_MODEL, strategy: TEST_STRATEGY, chunkTokens: C, onWarning: (w) => warnings.push(w.message) });

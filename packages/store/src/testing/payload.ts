@@ -47,3 +47,11 @@ export function rng(seed: number): () => number {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
 }
+
+/** The load workers' shared documents: `docs` sequences of `chunks` chunks of C token ids. */
+export function loadDocs(C: number, docs = 4, chunks = 8): number[][] {
+  return Array.from({ length: docs }, (_, d) => {
+    const r = rng(1000 + d);
+    return Array.from({ length: chunks * C }, () => Math.floor(r() * 32000));
+  });
+}
