@@ -2,11 +2,10 @@
 // Redis Cluster, faults (SIGKILL mid-writes, a flipped byte, a stopped cluster node), maxmemory
 // eviction, TTLs, and 8 processes of mixed load. Servers start once for the file.
 import { spawn } from 'node:child_process';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { PrefixStore, RedisBackend, collectGarbage, inspectStore, openBackend, type StoreWarning } from './index.js';
 import { TEST_MODEL, TEST_STRATEGY, isPayloadOf, prefixPayload, rng } from './testing/payload.js';
+import { bundleLoadWorker } from './testing/bundle-worker.js';
 import { SKIP_MESSAGE, findBinary, rawCommand, startCluster, startServer, type TestServer } from './testing/servers.js';
 
 const REDIS = findBinary('redis-server');
@@ -166,12 +165,12 @@ describe.skipIf(!REDIS)('faults and load on redis-server', () => {
   it('8 processes × 200 mixed puts and lookups of shared prefixes: zero wrong results', async () => {
     const server = await startServer(REDIS!);
     servers.push(server);
-    const here = dirname(fileURLToPath(import.meta.url));
+    const worker = await bundleLoadWorker();
     const t0 = performance.now();
     const results = await Promise.all(
       Array.from({ length: 8 }, (_, w) =>
         new Promise<Record<string, number>>((resolve, reject) => {
-          const p = spawn(process.execPath, ['--import', 'tsx', join(here, 'testing', 'load-worker.ts'), server.url, String(w), '200', String(C)], { cwd: join(here, '..'), stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, TSX_TSCONFIG_PATH: join(here, 'testing', 'worker.tsconfig.json') } });
+          const p = spawn(process.execPath, [worker.file, server.url, String(w), '200', String(C)], { stdio: ['ignore', 'pipe', 'pipe'] });
           let out = '', err = '';
           p.stdout.on('data', (d) => (out += d));
           p.stderr.on('data', (d) => (err += d));
@@ -180,6 +179,7 @@ describe.skipIf(!REDIS)('faults and load on redis-server', () => {
       ),
     );
     const wall = performance.now() - t0;
+    worker.remove();
     const sum = (k: string) => results.reduce((a, r) => a + r[k], 0);
     const max = (k: string) => Math.max(...results.map((r) => r[k]));
     const ops = sum('ops');

@@ -8,8 +8,7 @@ import { KvpackError, createStrategy, selectBackend, type KVCache } from '@kvpac
 import { FileBackend, PrefixStore, RedisBackend, chunkKeys, collectGarbage, inspectStore, makeNamespace, openBackend, readStoredCache, type StoreWarning } from './index.js';
 import { TEST_MODEL, TEST_STRATEGY, isPayloadOf, loadDocs, prefixPayload, rng } from './testing/payload.js';
 import { spawn } from 'node:child_process';
-import { dirname } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { bundleLoadWorker } from './testing/bundle-worker.js';
 
 let root: string;
 beforeAll(async () => {
@@ -224,13 +223,9 @@ describe('PrefixStore on the filesystem', () => {
 
 describe('a writer SIGKILLed on the filesystem', () => {
   it('leaves only whole records: every lookup is a right hit or a miss, gc clears the leftovers', async () => {
-    const here = dirname(fileURLToPath(import.meta.url));
+    const worker = await bundleLoadWorker();
     const dir = join(root, 'killed');
-    const p = spawn(process.execPath, ['--import', 'tsx', join(here, 'testing', 'load-worker.ts'), `file://${dir}`, '0', '1000000', String(C)], {
-      cwd: join(here, '..'),
-      stdio: 'ignore',
-      env: { ...process.env, TSX_TSCONFIG_PATH: join(here, 'testing', 'worker.tsconfig.json') },
-    });
+    const p = spawn(process.execPath, [worker.file, `file://${dir}`, '0', '1000000', String(C)], { stdio: 'ignore' });
     // Kill once some prefixes are written (the worker writes until killed).
     const store = new PrefixStore({ backend: new FileBackend(dir), model: TEST_MODEL, strategy: TEST_STRATEGY, chunkTokens: C });
     const docs = loadDocs(C);
@@ -245,6 +240,7 @@ describe('a writer SIGKILLed on the filesystem', () => {
       p.once('exit', () => resolve());
       p.kill('SIGKILL');
     });
+    worker.remove();
     let hits = 0, misses = 0;
     for (const d of docs)
       for (let k = 1; k <= 8; k++) {

@@ -1,5 +1,5 @@
 // One load-test process: mixed puts and lookups of prefixes that share chunks, against a store URL.
-// Prints one JSON line of figures. Run: node --import tsx load-worker.ts URL WORKER OPS CHUNK
+// Prints one JSON line of figures. Bundled by bundle-worker.ts; run: node BUNDLE URL WORKER OPS CHUNK
 import { PrefixStore } from '../store.js';
 import { openBackend } from '../url.js';
 import { TEST_MODEL, TEST_STRATEGY, isPayloadOf, loadDocs, prefixPayload, rng } from './payload.js';
