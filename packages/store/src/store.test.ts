@@ -162,6 +162,18 @@ describe('PrefixStore on the filesystem', () => {
     expect(await store.lookup(t)).toBeNull();
   });
 
+  it('restore() reports a record that checks out but does not restore, and falls back to a shorter prefix', async () => {
+    const warnings: StoreWarning[] = [];
+    const { store } = fileStore({ onWarning: (w) => warnings.push(w) });
+    const t = seq(2 * C, 11);
+    await store.put(t, prefixPayload(t)); // a container of an unregistered strategy: it cannot be restored
+    expect((await store.lookup(t))?.tokens).toBe(2 * C);
+    expect(await store.restore(t)).toBeNull();
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0].message).toMatch(/prefix-test/);
+    expect(store.stats()).toMatchObject({ lookups: 2, hits: 1, misses: 1 });
+  });
+
   it('honours TTLs through the manifest, and gc removes expired prefixes, orphans and temporary files', async () => {
     const { store, dir, backend } = fileStore({ ttlSeconds: 0.05 });
     const t = seq(2 * C, 6);
@@ -206,6 +218,7 @@ describe('PrefixStore on the filesystem', () => {
     await store.put(t.slice(0, T), cache);
     const got = await store.restore(t);
     expect(got?.tokens).toBe(T);
+    expect(store.stats()).toMatchObject({ lookups: 1, hits: 1, misses: 0, hitTokens: T, lookupTokens: T });
     for (let l = 0; l < 2; l++) {
       const [a, b] = [cache.keys(l), got!.cache.keys(l)];
       expect(Array.from(b.dataSync())).toEqual(Array.from(a.dataSync()));

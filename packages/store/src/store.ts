@@ -232,16 +232,24 @@ export class PrefixStore {
    * @throws KvpackError('shape') for token ids that are not integers in [0, 2^32).
    */
   async lookup(tokens: readonly number[], options: { maxTokens?: number } = {}): Promise<PrefixHit | null> {
+    return this.lookupCounted(tokens, options.maxTokens, true);
+  }
+
+  private async lookupCounted(tokens: readonly number[], maxTokens: number | undefined, count: boolean): Promise<PrefixHit | null> {
     const C = this.chunkTokens;
-    const maxChunks = Math.floor(Math.min(tokens.length, options.maxTokens ?? tokens.length) / C);
+    const maxChunks = Math.floor(Math.min(tokens.length, maxTokens ?? tokens.length) / C);
     const keys = chunkKeys(this.namespace, tokens, Math.max(0, maxChunks));
-    this.counters.lookups++;
-    this.counters.lookupTokens += keys.length * C;
+    if (count) {
+      this.counters.lookups++;
+      this.counters.lookupTokens += keys.length * C;
+    }
     const hit = await this.find(keys);
-    if (hit) {
-      this.counters.hits++;
-      this.counters.hitTokens += hit.tokens;
-    } else this.counters.misses++;
+    if (count) {
+      if (hit) {
+        this.counters.hits++;
+        this.counters.hitTokens += hit.tokens;
+      } else this.counters.misses++;
+    }
     return hit;
   }
 
@@ -313,15 +321,20 @@ export class PrefixStore {
    */
   async restore(tokens: readonly number[], options: { maxTokens?: number } = {}): Promise<{ tokens: number; key: string; cache: CompressedCache } | null> {
     let max = Math.min(tokens.length, options.maxTokens ?? tokens.length);
+    this.counters.lookups++;
+    this.counters.lookupTokens += Math.floor(max / this.chunkTokens) * this.chunkTokens;
     for (;;) {
-      const hit = await this.lookup(tokens, { maxTokens: max });
-      if (!hit) return null;
-      try {
-        return { tokens: hit.tokens, key: hit.key, cache: deserializeCache(hit.cache, { model: this.namespace.descriptor.model }) };
-      } catch (e) {
-        this.counters.hits--;
-        this.counters.hitTokens -= hit.tokens;
+      const hit = await this.lookupCounted(tokens, max, false);
+      if (!hit) {
         this.counters.misses++;
+        return null;
+      }
+      try {
+        const cache = deserializeCache(hit.cache, { model: this.namespace.descriptor.model });
+        this.counters.hits++;
+        this.counters.hitTokens += hit.tokens;
+        return { tokens: hit.tokens, key: hit.key, cache };
+      } catch (e) {
         this.reject(hit.key, e);
         max = hit.tokens - this.chunkTokens;
       }
