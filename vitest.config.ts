@@ -1,7 +1,7 @@
 import { fileURLToPath } from 'node:url';
 import { defineConfig } from 'vitest/config';
 
-const pkgs = ['core', 'strategy-utils', 'xkv', 'baselines', 'models', 'bench'] as const;
+const pkgs = ['core', 'strategy-utils', 'xkv', 'baselines', 'models', 'bench', 'store'] as const;
 const src = (p: string) => fileURLToPath(new URL(`./packages/${p}`, import.meta.url));
 // Tests run against the TypeScript sources (no build needed).
 const alias = [

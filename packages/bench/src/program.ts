@@ -5,6 +5,7 @@ import { registerPerfCommand } from './perf-hook.js';
 import { registerAccuracyCommand } from './accuracy/command.js';
 import { backendOption } from './environment.js';
 import { generateCommand, type GenerateCommandOptions } from './generate.js';
+import { registerStoreCommands } from './store-commands.js';
 
 /**
  * Builds the `kvpack` command line (commander). Actions store their exit code in `state.code`.
@@ -64,6 +65,7 @@ export function buildProgram(io: CommandIO, state: { code: number }): Command {
     .action(async () => {
       state.code = await strategiesCommand(io);
     });
+  registerStoreCommands(program, io, state);
   return program;
 }
 

@@ -1,0 +1,122 @@
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { decodeContainer, encodeContainer } from '@kvpack/core';
+import { FileBackend, PrefixStore } from '@kvpack/store';
+import type { CommandIO } from './commands.js';
+import { runCli } from './program.js';
+
+function capture(): CommandIO & { stdout: string; stderr: string } {
+  const io = { stdout: '', stderr: '', out: (t: string) => void (io.stdout += `${t}\n`), err: (t: string) => void (io.stderr += `${t}\n`) };
+  return io;
+}
+
+const MODEL = 'sha256:' + '12'.repeat(32);
+const STRATEGY = { name: 'cli-test', options: { a: 1 } };
+const C = 8;
+const payload = (tokens: number[]) =>
+  encodeContainer({ strategy: STRATEGY.name, options: STRATEGY.options, model: MODEL, meta: {}, tensors: [{ name: 'ids', dtype: 'int32', shape: [tokens.length], data: Int32Array.from(tokens) }] });
+
+let dir: string;
+let store: PrefixStore;
+const tokens = Array.from({ length: 3 * C }, (_, i) => (i * 37) % 101);
+beforeAll(async () => {
+  dir = mkdtempSync(join(tmpdir(), 'kvpack-store-cli-'));
+  store = new PrefixStore({ backend: new FileBackend(join(dir, 's'), { durable: false }), model: MODEL, strategy: STRATEGY, chunkTokens: C });
+  await store.put(tokens.slice(0, C), payload(tokens.slice(0, C)));
+  await store.put(tokens, payload(tokens));
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+describe('kvpack store', () => {
+  it('ls, stats, get, rm and gc against a file:// store', async () => {
+    const url = `file://${join(dir, 's')}`;
+    const keys = store.keys(tokens);
+    let io = capture();
+    expect(await runCli(['store', 'ls', url], io)).toBe(0);
+    expect(io.stdout).toContain(`namespace ${store.namespace.id}  model ${MODEL}  strategy cli-test {"a":1}  chunk 8 tokens`);
+    expect(io.stdout).toMatch(new RegExp(`${keys[0]} +8 tokens .* ok`));
+    expect(io.stdout).toMatch(new RegExp(`${keys[2]} +24 tokens .* ok`));
+
+    io = capture();
+    expect(await runCli(['store', 'stats', url, '--json'], io)).toBe(0);
+    const [row] = JSON.parse(io.stdout);
+    expect(row).toMatchObject({ namespace: store.namespace.id, strategy: 'cli-test', chunkTokens: 8, prefixes: 2, tokens: 32, unusable: 0 });
+
+    io = capture();
+    const out = join(dir, 'cache.kvpk');
+    expect(await runCli(['store', 'get', url, keys[2].slice(0, 12), '--out', out], io)).toBe(0);
+    expect(JSON.parse(io.stdout)).toMatchObject({ key: keys[2], tokens: 24 });
+    expect(Array.from(decodeContainer(readFileSync(out)).get('ids').data)).toEqual(tokens);
+
+    // A flipped byte: ls reports it, gc removes it, get refuses it.
+    const f = join(dir, 's', store.namespace.id, keys[0].slice(0, 2), `${keys[0]}.kvr`);
+    const b = readFileSync(f);
+    b[b.length - 1] ^= 1;
+    writeFileSync(f, b);
+    io = capture();
+    expect(await runCli(['store', 'get', url, keys[0]], io)).toBe(2);
+    expect(io.stderr).toMatch(/kvpack: error: store record is corrupt: CRC-32 mismatch/);
+    io = capture();
+    expect(await runCli(['store', 'ls', url], io)).toBe(0);
+    expect(io.stdout).toMatch(new RegExp(`${keys[0]} .* corrupt: store record is corrupt`));
+    io = capture();
+    expect(await runCli(['store', 'gc', url], io)).toBe(0);
+    expect(io.stdout).toMatch(/removed: 0 expired, 1 corrupt, 0 evicted .* kept 1/);
+
+    io = capture();
+    expect(await runCli(['store', 'rm', url, keys[2].slice(0, 8)], io)).toBe(0);
+    expect(io.stdout).toMatch(/removed 1 prefix$/m);
+    expect(await store.lookup(tokens)).toBeNull();
+    io = capture();
+    expect(await runCli(['store', 'rm', url], io)).toBe(2);
+    expect(io.stderr).toMatch(/give prefix keys/);
+    io = capture();
+    expect(await runCli(['store', 'ls', 'ftp://x'], io)).toBe(2);
+    expect(io.stderr).toMatch(/scheme "ftp:" is not supported/);
+  });
+});
+
+const STORIES = join(process.env.KVPACK_MODELS_DIR ?? join(__dirname, '..', '..', '..', '..', 'shared', 'models'), 'stories260K', 'stories260K_q80.bin');
+
+describe('kvpack bench store', () => {
+  it('refuses a config without a strategy', async () => {
+    const f = join(dir, 'bad.yaml');
+    writeFileSync(f, 'tokens: 64\nmodels: [{ name: x, path: x }]\n');
+    const io = capture();
+    expect(await runCli(['bench', 'store', f, '--out', join(dir, 'o')], io)).toBe(2);
+    expect(io.stderr).toMatch(/bench store: .*strategy/);
+  });
+
+  it.skipIf(!existsSync(STORIES))('measures bytes per token, the restore path against the prefill, and a chat hit rate (stories260K, 128 tokens)', async () => {
+    const f = join(dir, 'small.yaml');
+    writeFileSync(
+      f,
+      [
+        'strategy: { name: xkv, options: { layersPerGroup: 4, rankK: 8, rankV: 12 } }',
+        'raw: { name: dense, options: { storage: float32 } }',
+        'tokens: 128',
+        'chunkTokens: 64',
+        'repeats: 1',
+        'chat: { turns: 3, userTokens: [40, 60], replyTokens: [40, 60] }',
+        `models: [{ name: stories260K, path: ${JSON.stringify(STORIES)} }]`,
+      ].join('\n'),
+    );
+    const io = capture();
+    const code = await runCli(['bench', 'store', f, '--out', join(dir, 'o'), '--backend', 'wasm'], io);
+    expect(code, io.stderr).toBe(0);
+    const { rows } = JSON.parse(readFileSync(join(dir, 'o', 'store-bench.json'), 'utf8'));
+    const r = rows[0];
+    // stories260K: 5 layers × 4 KV heads × head_dim 8: dense fp16 = 2 · 5 · 4 · 8 · 2 bytes per token.
+    expect(r.denseFp16BytesPerToken).toBe(640);
+    expect(r.ratioVsFp16).toBeCloseTo(640 / r.storedBytesPerToken, 10);
+    // The raw float32 record holds 2 · 5 · 4 · 8 floats per token plus its headers.
+    expect(r.rawBytesPerToken).toBeGreaterThan(1280);
+    expect(r.rawBytesPerToken).toBeLessThan(1280 + 4096 / 128);
+    expect(r.chat.turns).toBe(3);
+    expect(r.chat.hitTokens % 64).toBe(0);
+    expect(r.chat.hitTokens).toBeGreaterThan(0);
+    expect(io.stdout).toMatch(/\| stories260K \| 128 \|/);
+  });
+});
