@@ -10,6 +10,7 @@ import { compareToBaseline, parseTolerance, readBaseline, toBaseline, writeBasel
 import { ERROR_BASIS, markdownReport, type BenchReport } from './report.js';
 import { runBench } from './runner.js';
 import { runEnvironment } from './environment.js';
+import { loadConfigPlugins } from './plugins.js';
 
 /** Where commands write: `out` for results (stdout), `err` for logs (stderr). */
 export interface CommandIO {
@@ -69,6 +70,7 @@ export async function benchCommand(configPath: string, opts: BenchCommandOptions
   await import('@kvpack/baselines');
   if (opts.writeBaseline && !opts.baseline) throw new KvpackError('config', '--write-baseline needs --baseline FILE (where to write it)');
   const tolerance = parseTolerance(opts.tolerance);
+  await loadConfigPlugins(configPath);
   const cfg = loadConfig(configPath);
   if (opts.model) cfg.modelPath = resolve(opts.model);
   if (opts.tokenizer) cfg.tokenizerPath = resolve(opts.tokenizer);

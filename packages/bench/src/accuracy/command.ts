@@ -5,6 +5,7 @@ import { KvpackError, describeBackend, selectBackend } from '@kvpack/core';
 import { EXIT, failedSettingsExit, processIO, writeBenchOutputs, type CommandIO } from '../commands.js';
 import { backendOption, runEnvironment } from '../environment.js';
 import { loadBenchModel } from '../load.js';
+import { loadConfigPlugins } from '../plugins.js';
 import { renderRatioPlot } from '../plot.js';
 import { createProgress, progressBarEnabled } from '../progress.js';
 import { loadAccuracyConfig, type AccuracyConfig } from './config.js';
@@ -59,6 +60,7 @@ export async function accuracyCommand(configPath: string, opts: AccuracyCommandO
   await import('@kvpack/xkv');
   await import('@kvpack/baselines');
   const limit = parseLimit(opts.limit);
+  await loadConfigPlugins(configPath);
   const cfg = loadAccuracyConfig(configPath);
   if (opts.model) cfg.modelPath = resolve(opts.model);
   if (opts.eval) cfg.evalPath = resolve(opts.eval);
