@@ -34,7 +34,7 @@ export interface BenchCommandOptions {
   /** Override the config's model / tokenizer (paths relative to the working directory). */
   model?: string;
   tokenizer?: string;
-  /** Exit 2 instead of 0 when the model files are absent. */
+  /** Accepted for older scripts: an absent model always exits 2. */
   requireModel?: boolean;
   baseline?: string;
   writeBaseline?: boolean;
@@ -44,14 +44,17 @@ export interface BenchCommandOptions {
 }
 
 
-/** Lines explaining where to get the model when its files are absent. */
+/**
+ * Lines explaining where to get the model when its files are absent: the config's `modelSource`
+ * (where the published checkpoints come from), then the ways to point the run at them.
+ */
 export function missingModelMessage(cfg: BenchConfig, missing: string[]): string {
   const lines = [
-    `kvpack bench: model files not found: ${missing.join(', ')}`,
+    `model files not found: ${missing.join(', ')}`,
     ...(cfg.data.modelSource ? cfg.data.modelSource.trim().split('\n').map((l) => `  ${l}`) : []),
-    `  Point the config at a model: set KVPACK_MODELS_DIR to the folder holding "${cfg.data.model}"${cfg.data.tokenizer ? ` and "${cfg.data.tokenizer}"` : ''},`,
-    `  edit "model:"${cfg.data.tokenizer ? '/"tokenizer:"' : ''} in ${cfg.source}, or pass --model FILE [--tokenizer FILE] (any llama2.c checkpoint, Hugging Face Llama folder or GGUF file).`,
-    '  Nothing was run.',
+    `  Point the run at a model: set KVPACK_MODELS_DIR to the folder holding "${cfg.data.model}"${cfg.data.tokenizer ? ` and "${cfg.data.tokenizer}"` : ''},`,
+    `  edit "model:"${cfg.data.tokenizer ? '/"tokenizer:"' : ''} in ${cfg.source}, or pass the files (any llama2.c checkpoint, Hugging Face Llama folder or GGUF file):`,
+    `    kvpack bench ${cfg.source} --model FILE${cfg.data.tokenizer ? ' --tokenizer FILE' : ''}`,
   ];
   return lines.join('\n');
 }
@@ -63,7 +66,7 @@ function stem(path: string): string {
 /**
  * `kvpack bench CONFIG`: runs the config, prints the Markdown table on stdout, writes
  * OUT/<config>.json, .md and .svg, and checks or writes a baseline.
- * @returns the exit code (0 ok or model absent, 1 regression); throws KvpackError on bad input.
+ * @returns the exit code (0 ok, 1 regression); throws KvpackError on bad input, an absent model included.
  */
 export async function benchCommand(configPath: string, opts: BenchCommandOptions, io: CommandIO = processIO): Promise<number> {
   await import('@kvpack/xkv');
@@ -75,11 +78,8 @@ export async function benchCommand(configPath: string, opts: BenchCommandOptions
   if (opts.model) cfg.modelPath = resolve(opts.model);
   if (opts.tokenizer) cfg.tokenizerPath = resolve(opts.tokenizer);
   const present = modelFilesPresent(cfg);
-  if (!present.ok) {
-    io.out(missingModelMessage(cfg, present.missing));
-    if (opts.requireModel) throw new KvpackError('io', `model files not found (--require-model): ${present.missing.join(', ')}`);
-    return EXIT.ok;
-  }
+  // A missing model is an error (exit 2), so that CI cannot pass without running anything.
+  if (!present.ok) throw new KvpackError('io', missingModelMessage(cfg, present.missing));
   const choice = await selectBackend(opts.backend ?? (process.env.KVPACK_BACKEND || 'auto'));
   const backendLine = describeBackend(choice);
   io.err(backendLine);

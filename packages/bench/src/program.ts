@@ -27,7 +27,7 @@ export function buildProgram(io: CommandIO, state: { code: number }): Command {
     .option('--quick', "quick run: one compress repeat and the config's `quick` overrides")
     .option('--model <file>', "model checkpoint or folder, instead of the config's")
     .option('--tokenizer <file>', "tokenizer file, instead of the config's")
-    .option('--require-model', 'exit 2 (instead of 0) when the model files are absent')
+    .option('--require-model', 'fail (exit 2) when the model files are absent; the default, kept for scripts')
     .option('--baseline <file>', 'compare quality metrics with this baseline JSON (exit 1 on regression)')
     .option('--write-baseline', 'write this run as the baseline to --baseline FILE instead of comparing')
     .option('--tolerance <spec>', 'regression tolerance, e.g. relError=0.05,deltaNll=0.02,agreement=0.05')

@@ -132,6 +132,24 @@ registerBackendCandidate({
   },
 });
 
+type ErrorEvent = 'uncaughtException' | 'unhandledRejection';
+const ERROR_EVENTS: ErrorEvent[] = ['uncaughtException', 'unhandledRejection'];
+
+function processErrorListeners(): Map<ErrorEvent, Set<Function>> {
+  return new Map(ERROR_EVENTS.map((ev) => [ev, new Set<Function>(process.listeners(ev as 'uncaughtException'))]));
+}
+
+/**
+ * Removes the process-wide error listeners that loading a backend added. Emscripten modules
+ * (tfjs-backend-wasm) install an `uncaughtException` handler that rethrows, so that any later
+ * uncaught error — the application's own included — prints the 38 KB minified module source line
+ * and exits with code 7. kvpack leaves the process's error handling to the application.
+ */
+function removeAddedErrorListeners(before: Map<ErrorEvent, Set<Function>>): void {
+  for (const ev of ERROR_EVENTS)
+    for (const l of process.listeners(ev as 'uncaughtException')) if (!before.get(ev)!.has(l)) process.removeListener(ev, l as (...a: unknown[]) => void);
+}
+
 /** Names of the registered backend candidates, best (highest priority) first. */
 export function backendCandidateNames(): string[] {
   return [...candidates.values()].sort((a, b) => b.priority - a.priority).map((c) => c.name);
@@ -159,6 +177,7 @@ export async function selectBackend(preference: string = process.env.KVPACK_BACK
     throw new KvpackError('unsupported', `unknown backend "${preference}"; choose auto or one of ${order.map((c) => c.name).join(', ')}`);
   const skipped: { name: string; reason: string }[] = [];
   for (const c of tryList) {
+    const before = processErrorListeners();
     try {
       await c.load({ explicit: preference !== 'auto' });
       const ok = await tf.setBackend(c.name);
@@ -168,6 +187,8 @@ export async function selectBackend(preference: string = process.env.KVPACK_BACK
       return current;
     } catch (e) {
       skipped.push({ name: c.name, reason: (e as Error).message.split('\n')[0] });
+    } finally {
+      removeAddedErrorListeners(before);
     }
   }
   throw new KvpackError('unsupported', `no tfjs backend could be started: ${skipped.map((s) => `${s.name}: ${s.reason}`).join('; ')}`);
