@@ -12,7 +12,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { packAll } from './pack-all.mjs';
+import { ROOT, packAll } from './pack-all.mjs';
 
 const work = mkdtempSync(join(tmpdir(), 'kvpack-smoke-'));
 const step = (m) => process.stdout.write(`pack-smoke: ${m}\n`);
@@ -100,6 +100,23 @@ export type C = KVCache;
   const help = run('npx', ['--no-install', 'kvpack', '--help']);
   for (const c of ['bench', 'strategies']) if (!help.includes(c)) throw new Error(`kvpack --help does not list "${c}":\n${help}`);
   step(`npx kvpack --help: ok (${help.trim().split('\n').length} lines); --version ${run('npx', ['--no-install', 'kvpack', '--version']).trim()}`);
+  // The CLI end to end from the tarballs, on the repository's embedded model (a tiny run).
+  const cfg = join(app, 'smoke-bench.yaml');
+  writeFileSync(
+    cfg,
+    [
+      `modelsDir: ${JSON.stringify(join(ROOT, 'models'))}`,
+      'model: stories260K/stories260K_q80.bin',
+      'tokenizer: stories260K/tok512.bin',
+      'prompts: [{ text: "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.", continuationTokens: 8 }]',
+      'decodeTokens: 4',
+      'repeats: 1',
+      'strategies: [{ name: dense }, { name: xkv, options: { layersPerGroup: 1, rankK: 4, rankV: 4 } }, { name: kivi, options: { bits: 4, quantGroupSize: 8, residualLength: 8 } }]',
+    ].join('\n'),
+  );
+  const benchOut = run('npx', ['--no-install', 'kvpack', 'bench', cfg, '--backend', 'wasm', '--no-plot', '--out', join(app, 'bench-out')], { env: { ...process.env, KVPACK_MODELS_DIR: '' } });
+  if (!/\| xkv +\|/.test(benchOut) || !/\| kivi +\|/.test(benchOut)) throw new Error(`kvpack bench printed no xkv/kivi rows:\n${benchOut}`);
+  step('npx kvpack bench (embedded stories260K, wasm): table printed');
   const du = run('du', ['-sm', 'node_modules']).split('\t')[0];
   step(`node_modules of the consumer: ${du} MB`);
   step('all checks passed');
