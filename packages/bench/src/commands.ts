@@ -41,6 +41,8 @@ export interface BenchCommandOptions {
   tolerance?: string;
   /** Skip the SVG plot. */
   plot?: boolean;
+  /** Print the report as JSON on stdout (the baseline check's lines go to stderr). */
+  json?: boolean;
 }
 
 
@@ -127,7 +129,8 @@ export async function benchCommand(configPath: string, opts: BenchCommandOptions
       );
   }
   const md = markdownReport(report);
-  io.out(md);
+  io.out(opts.json ? JSON.stringify(report, null, 2) : md);
+  const say = opts.json ? io.err : io.out; // stdout stays one JSON document with --json
   const name = stem(configPath);
   await writeBenchOutputs(io, opts, name, report, md, () =>
     renderRatioPlot(benchPanels(report.results), { title: report.title ?? `kvpack bench: ${name}` }),
@@ -145,11 +148,11 @@ export async function benchCommand(configPath: string, opts: BenchCommandOptions
     if (cmp.added.length) io.err(`note: not in the baseline (unchecked): ${cmp.added.join('; ')}`);
     const tolText = `tolerance: errors +${(tolerance.relError * 100).toFixed(1)}% relative, ΔNLL +${tolerance.deltaNll} nats, agreement −${tolerance.agreement}, bytes exact`;
     if (cmp.regressions.length) {
-      io.out(`\nREGRESSION against ${opts.baseline} (${tolText}):`);
-      for (const r of cmp.regressions) io.out(`  - ${r.message}`);
+      say(`\nREGRESSION against ${opts.baseline} (${tolText}):`);
+      for (const r of cmp.regressions) say(`  - ${r.message}`);
       return EXIT.regression;
     }
-    io.out(`\nbaseline check passed: ${cmp.checked} setting(s) within ${tolText}`);
+    say(`\nbaseline check passed: ${cmp.checked} setting(s) within ${tolText}`);
   }
   return EXIT.ok;
 }
@@ -189,9 +192,23 @@ function optionRows(props: Record<string, Record<string, unknown>>, required: Se
 }
 
 /** `kvpack strategies`: registered names, descriptions and options. */
-export async function strategiesCommand(io: CommandIO = processIO): Promise<number> {
+export async function strategiesCommand(io: CommandIO = processIO, opts: { json?: boolean } = {}): Promise<number> {
   await import('@kvpack/xkv');
   await import('@kvpack/baselines');
+  if (opts.json) {
+    const list = listStrategies().map((name) => {
+      const def = getStrategyDefinition(name);
+      let options: unknown = null;
+      try {
+        options = z.toJSONSchema(def.schema, { io: 'input', unrepresentable: 'any' });
+      } catch {
+        /* a schema JSON Schema cannot express */
+      }
+      return { name, description: def.description, options };
+    });
+    io.out(JSON.stringify(list, null, 2));
+    return EXIT.ok;
+  }
   const lines: string[] = [];
   for (const name of listStrategies()) {
     const def = getStrategyDefinition(name);

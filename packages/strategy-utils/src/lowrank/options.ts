@@ -31,9 +31,9 @@ export const lowRankOptionShape = {
    * Per-layer key rank r_K (group rank = r_K × layers in the group); at most 2^16 (MAX_FEATURES:
    * compress also bounds it by min(T, H_kv·d), and H_kv·d ≤ 16,384 in released models).
    */
-  rankK: z.int().nonnegative().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the H_kv·d features of a layer') }).default(16),
+  rankK: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the H_kv·d features of a layer') }).default(16),
   /** Per-layer value rank r_V (group rank = r_V × layers in the group); at most 2^16, as rankK. */
-  rankV: z.int().nonnegative().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the H_kv·d features of a layer') }).default(24),
+  rankV: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the H_kv·d features of a layer') }).default(24),
   /**
    * Randomized SVD oversampling p, or `auto` (default: 8 when the group rank is ≤ 128, else 0 — core
    * `autoOversample`; the README's "SVD defaults" has the measured error/time trade-off). At most
