@@ -176,8 +176,7 @@ function describeType(p: Record<string, unknown>): string[] {
 function describeProp(p: Record<string, unknown>): string {
   const parts = describeType(p);
   if ('default' in p) parts.push(`default ${JSON.stringify(p.default)}`);
-  if (typeof p.description === 'string') parts.push(`— ${p.description}`);
-  return parts.join(', ');
+  return `${parts.join(', ')}${typeof p.description === 'string' ? ` — ${p.description}` : ''}`;
 }
 
 /** Option lines of a JSON-schema object: `name  description`, then `name.sub  description` for each property of a nested object. */
