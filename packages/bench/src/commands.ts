@@ -245,8 +245,15 @@ export async function writeBenchOutputs(
   writeFileSync(written[0], `${JSON.stringify(report, null, 2)}\n`);
   writeFileSync(written[1], `${md}\n`);
   if (opts.plot !== false) {
-    written.push(join(outDir, `${name}.svg`));
-    writeFileSync(written[2], await plot());
+    try {
+      const svg = await plot();
+      written.push(join(outDir, `${name}.svg`));
+      writeFileSync(written[2], svg);
+    } catch (e) {
+      // vega / vega-lite are optional peers: without them the run still succeeds, minus the plot.
+      if (!(e instanceof KvpackError && e.code === 'unsupported')) throw e;
+      io.err(`note: no SVG plot: ${e.message}`);
+    }
   }
   io.err(`wrote ${written.join(', ')}`);
   return written;
