@@ -38,20 +38,23 @@ describe('kvpack CLI', () => {
     expect(io.stderr).not.toMatch(/\n\s+at /);
   });
 
-  it('missing config or model: clear messages; an absent model exits 0 unless --require-model', async () => {
+  it('missing config or model: exit 2 with the instructions on stderr, nothing on stdout', async () => {
     const io = capture();
     expect(await runCli(['bench', join(dir, 'nope.yaml')], io)).toBe(2);
     expect(io.stderr).toMatch(/nope\.yaml does not exist/);
 
     const f = join(dir, 'nomodel.yaml');
-    writeFileSync(f, 'model: absent/model.bin\nmodelSource: get it from example.org\nprompts: [{ text: hi }]\nstrategies: [{ name: dense }]\n');
-    const a = capture();
-    expect(await runCli(['bench', f], a)).toBe(0);
-    expect(a.stdout).toMatch(/model files not found: .*absent\/model\.bin/);
-    expect(a.stdout).toMatch(/get it from example\.org/);
-    expect(a.stdout).toMatch(/KVPACK_MODELS_DIR/);
-    const b = capture();
-    expect(await runCli(['bench', f, '--require-model'], b)).toBe(2);
+    writeFileSync(f, 'model: absent/model.bin\ntokenizer: absent/tok.bin\nmodelSource: get it from example.org\nprompts: [{ text: hi }]\nstrategies: [{ name: dense }]\n');
+    for (const args of [[], ['--require-model']]) {
+      const a = capture();
+      expect(await runCli(['bench', f, ...args], a)).toBe(2);
+      expect(a.stdout).toBe('');
+      expect(a.stderr).toMatch(/^kvpack: error: model files not found: .*absent\/model\.bin/);
+      expect(a.stderr).toMatch(/get it from example\.org/);
+      expect(a.stderr).toMatch(/KVPACK_MODELS_DIR/);
+      expect(a.stderr).toMatch(/kvpack bench .*nomodel\.yaml --model FILE --tokenizer FILE/);
+      expect(a.stderr).not.toMatch(/Nothing was run/);
+    }
   });
 
   it('usage errors exit 2; --help exits 0; bench perf is a subcommand hook', async () => {

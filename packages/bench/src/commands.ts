@@ -10,6 +10,7 @@ import { compareToBaseline, parseTolerance, readBaseline, toBaseline, writeBasel
 import { ERROR_BASIS, markdownReport, type BenchReport } from './report.js';
 import { runBench } from './runner.js';
 import { runEnvironment } from './environment.js';
+import { loadConfigPlugins } from './plugins.js';
 
 /** Where commands write: `out` for results (stdout), `err` for logs (stderr). */
 export interface CommandIO {
@@ -36,24 +37,29 @@ export interface BenchCommandOptions {
   /** Override the config's model / tokenizer (paths relative to the working directory). */
   model?: string;
   tokenizer?: string;
-  /** Exit 2 instead of 0 when the model files are absent. */
+  /** Accepted for older scripts: an absent model always exits 2. */
   requireModel?: boolean;
   baseline?: string;
   writeBaseline?: boolean;
   tolerance?: string;
   /** Skip the SVG plot. */
   plot?: boolean;
+  /** Print the report as JSON on stdout (the baseline check's lines go to stderr). */
+  json?: boolean;
 }
 
 
-/** Lines explaining where to get the model when its files are absent. */
+/**
+ * Lines explaining where to get the model when its files are absent: the config's `modelSource`
+ * (where the published checkpoints come from), then the ways to point the run at them.
+ */
 export function missingModelMessage(cfg: BenchConfig, missing: string[]): string {
   const lines = [
-    `kvpack bench: model files not found: ${missing.join(', ')}`,
+    `model files not found: ${missing.join(', ')}`,
     ...(cfg.data.modelSource ? cfg.data.modelSource.trim().split('\n').map((l) => `  ${l}`) : []),
-    `  Point the config at a model: set KVPACK_MODELS_DIR to the folder holding "${cfg.data.model}"${cfg.data.tokenizer ? ` and "${cfg.data.tokenizer}"` : ''},`,
-    `  edit "model:"${cfg.data.tokenizer ? '/"tokenizer:"' : ''} in ${cfg.source}, or pass --model FILE [--tokenizer FILE] (any llama2.c checkpoint, Hugging Face Llama folder or GGUF file).`,
-    '  Nothing was run.',
+    `  Point the run at a model: set KVPACK_MODELS_DIR to the folder holding "${cfg.data.model}"${cfg.data.tokenizer ? ` and "${cfg.data.tokenizer}"` : ''},`,
+    `  edit "model:"${cfg.data.tokenizer ? '/"tokenizer:"' : ''} in ${cfg.source}, or pass the files (any llama2.c checkpoint, Hugging Face Llama folder or GGUF file):`,
+    `    kvpack bench ${cfg.source} --model FILE${cfg.data.tokenizer ? ' --tokenizer FILE' : ''}`,
   ];
   return lines.join('\n');
 }
@@ -65,22 +71,20 @@ function stem(path: string): string {
 /**
  * `kvpack bench CONFIG`: runs the config, prints the Markdown table on stdout, writes
  * OUT/<config>.json, .md and .svg, and checks or writes a baseline.
- * @returns the exit code (0 ok or model absent, 1 regression); throws KvpackError on bad input.
+ * @returns the exit code (0 ok, 1 regression); throws KvpackError on bad input, an absent model included.
  */
 export async function benchCommand(configPath: string, opts: BenchCommandOptions, io: CommandIO = processIO): Promise<number> {
   await import('@kvpack/xkv');
   await import('@kvpack/baselines');
   if (opts.writeBaseline && !opts.baseline) throw new KvpackError('config', '--write-baseline needs --baseline FILE (where to write it)');
   const tolerance = parseTolerance(opts.tolerance);
+  await loadConfigPlugins(configPath);
   const cfg = loadConfig(configPath);
   if (opts.model) cfg.modelPath = resolve(opts.model);
   if (opts.tokenizer) cfg.tokenizerPath = resolve(opts.tokenizer);
   const present = modelFilesPresent(cfg);
-  if (!present.ok) {
-    io.out(missingModelMessage(cfg, present.missing));
-    if (opts.requireModel) throw new KvpackError('io', `model files not found (--require-model): ${present.missing.join(', ')}`);
-    return EXIT.ok;
-  }
+  // A missing model is an error (exit 2), so that CI cannot pass without running anything.
+  if (!present.ok) throw new KvpackError('io', missingModelMessage(cfg, present.missing));
   const choice = await selectBackend(opts.backend ?? (process.env.KVPACK_BACKEND || 'auto'));
   const backendLine = describeBackend(choice);
   io.err(backendLine);
@@ -128,7 +132,8 @@ export async function benchCommand(configPath: string, opts: BenchCommandOptions
       );
   }
   const md = markdownReport(report);
-  io.out(md);
+  io.out(opts.json ? JSON.stringify(report, null, 2) : md);
+  const say = opts.json ? io.err : io.out; // stdout stays one JSON document with --json
   const name = stem(configPath);
   await writeBenchOutputs(io, opts, name, report, md, () =>
     renderRatioPlot(benchPanels(report.results), { title: report.title ?? `kvpack bench: ${name}` }),
@@ -146,11 +151,11 @@ export async function benchCommand(configPath: string, opts: BenchCommandOptions
     if (cmp.added.length) io.err(`note: not in the baseline (unchecked): ${cmp.added.join('; ')}`);
     const tolText = `tolerance: errors +${(tolerance.relError * 100).toFixed(1)}% relative, ΔNLL +${tolerance.deltaNll} nats, agreement −${tolerance.agreement}, bytes exact`;
     if (cmp.regressions.length) {
-      io.out(`\nREGRESSION against ${opts.baseline} (${tolText}):`);
-      for (const r of cmp.regressions) io.out(`  - ${r.message}`);
+      say(`\nREGRESSION against ${opts.baseline} (${tolText}):`);
+      for (const r of cmp.regressions) say(`  - ${r.message}`);
       return EXIT.regression;
     }
-    io.out(`\nbaseline check passed: ${cmp.checked} setting(s) within ${tolText}`);
+    say(`\nbaseline check passed: ${cmp.checked} setting(s) within ${tolText}`);
   }
   return EXIT.ok;
 }
@@ -174,8 +179,7 @@ function describeType(p: Record<string, unknown>): string[] {
 function describeProp(p: Record<string, unknown>): string {
   const parts = describeType(p);
   if ('default' in p) parts.push(`default ${JSON.stringify(p.default)}`);
-  if (typeof p.description === 'string') parts.push(`— ${p.description}`);
-  return parts.join(', ');
+  return `${parts.join(', ')}${typeof p.description === 'string' ? ` — ${p.description}` : ''}`;
 }
 
 /** Option lines of a JSON-schema object: `name  description`, then `name.sub  description` for each property of a nested object. */
@@ -190,9 +194,23 @@ function optionRows(props: Record<string, Record<string, unknown>>, required: Se
 }
 
 /** `kvpack strategies`: registered names, descriptions and options. */
-export async function strategiesCommand(io: CommandIO = processIO): Promise<number> {
+export async function strategiesCommand(io: CommandIO = processIO, opts: { json?: boolean } = {}): Promise<number> {
   await import('@kvpack/xkv');
   await import('@kvpack/baselines');
+  if (opts.json) {
+    const list = listStrategies().map((name) => {
+      const def = getStrategyDefinition(name);
+      let options: unknown = null;
+      try {
+        options = z.toJSONSchema(def.schema, { io: 'input', unrepresentable: 'any' });
+      } catch {
+        /* a schema JSON Schema cannot express */
+      }
+      return { name, description: def.description, options };
+    });
+    io.out(JSON.stringify(list, null, 2));
+    return EXIT.ok;
+  }
   const lines: string[] = [];
   for (const name of listStrategies()) {
     const def = getStrategyDefinition(name);
@@ -230,8 +248,15 @@ export async function writeBenchOutputs(
   writeFileSync(written[0], `${JSON.stringify(report, null, 2)}\n`);
   writeFileSync(written[1], `${md}\n`);
   if (opts.plot !== false) {
-    written.push(join(outDir, `${name}.svg`));
-    writeFileSync(written[2], await plot());
+    try {
+      const svg = await plot();
+      written.push(join(outDir, `${name}.svg`));
+      writeFileSync(written[2], svg);
+    } catch (e) {
+      // vega / vega-lite are optional peers: without them the run still succeeds, minus the plot.
+      if (!(e instanceof KvpackError && e.code === 'unsupported')) throw e;
+      io.err(`note: no SVG plot: ${e.message}`);
+    }
   }
   io.err(`wrote ${written.join(', ')}`);
   return written;

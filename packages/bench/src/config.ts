@@ -2,6 +2,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { KvpackError, MAX_ITEMS, MAX_REPEATS, MAX_TOKENS, atMost, readConfigFile } from '@kvpack/core';
 import { z } from 'zod';
+import { PluginsSchema } from './plugins.js';
 import { expandGrid, type Setting } from './grid.js';
 import { resolveStrategy, type ResolvedStrategy } from './strategy.js';
 
@@ -102,6 +103,8 @@ export const BenchConfigSchema = z.strictObject({
   /** Compress timing repeats (median reported); --quick uses 1; at most 1,000. */
   repeats: repeatCountSchema().default(3),
   quick: QuickSchema.optional(),
+  /** Modules to import first, so that third-party strategies register (see plugins.ts). */
+  plugins: PluginsSchema.optional(),
   strategies: z.array(StrategyEntrySchema).min(1),
 });
 export type BenchConfigInput = z.input<typeof BenchConfigSchema>;

@@ -1,6 +1,7 @@
 import { cpus } from 'node:os';
 import { Option } from 'commander';
 import { backendCandidateNames } from '@kvpack/core';
+import { KVPACK_VERSION } from './version.js';
 
 /** The `--backend` option every bench command takes: `auto` or a registered tfjs backend. */
 export function backendOption(): Option {
@@ -8,7 +9,7 @@ export function backendOption(): Option {
 }
 
 /** kvpack's version as written into bench reports. */
-export const VERSION = '0.1.0';
+export const VERSION = KVPACK_VERSION;
 
 /** Where and when a bench ran: backend, Node, platform, CPU count, date, kvpack version. */
 export function runEnvironment(backend: string, backendLine: string, quick: boolean) {

@@ -19,3 +19,5 @@ export * from './accuracy/index.js';
 export * from './perf/index.js';
 // metrics' median (the perf suite's checked median stays internal to it).
 export { median } from './metrics.js';
+export * from './plugins.js';
+export * from './schemas.js';

@@ -31,6 +31,24 @@ describe('ratio plots', () => {
     for (const s of ['xkv G=1', 'xkv G=4', 'kivi']) expect(svg).toContain(`>${s}<`);
   });
 
+  it('gives each series its own point shape and dash, so a line lying on another stays visible', async () => {
+    // Three series with identical points: only shape and dash can tell them apart.
+    const pts = (series: string) => [2, 4, 8].map((ratio) => ({ ratio, value: 1 / ratio, series }));
+    const svg = await renderRatioPlot([{ title: 'A', yTitle: 'err', points: [...pts('xkv G=1'), ...pts('svd'), ...pts('kivi')] }]);
+    const shapeOf = new Map<string, Set<string>>();
+    for (const m of svg.matchAll(/<path aria-label="[^"]*strategy: ([^;"]+);[^"]*" role="graphics-symbol" aria-roledescription="point"[^>]*\bd="([^"]+)"/g)) {
+      const d = m[2].replace(/-?\d+(\.\d+)?/g, (x) => String(Math.round(Number(x)))); // shape, not position
+      (shapeOf.get(m[1]) ?? shapeOf.set(m[1], new Set()).get(m[1])!).add(d);
+    }
+    expect([...shapeOf.keys()].sort()).toEqual(['kivi', 'svd', 'xkv G=1']);
+    for (const s of shapeOf.values()) expect(s.size).toBe(1); // one shape per series
+    expect(new Set([...shapeOf.values()].map((s) => [...s][0])).size).toBe(3); // three different shapes
+    const dashes = lineGroups(svg).length;
+    expect(dashes).toBe(3);
+    const dashSet = new Set([...svg.matchAll(/<g class="mark-line[^>]*>.*?<path[^>]*stroke-dasharray="([^"]+)"/gs)].map((m) => m[1]));
+    expect(dashSet.size).toBe(3);
+  });
+
   it('bench panels skip N/A key errors and keep ΔNLL for every setting', () => {
     const panels = benchPanels([
       fakeResult({ series: 'xkv', ratio: 2 }),

@@ -1,6 +1,29 @@
-import * as vega from 'vega';
-import * as vl from 'vega-lite';
+import { KvpackError } from '@kvpack/core';
+import type * as vl from 'vega-lite';
 import type { SettingResult } from './runner.js';
+
+/**
+ * vega and vega-lite, loaded on the first plot: they are optional peers (about 65 packages, and vega's
+ * canvas module has a top-level await that `require('@kvpack/bench')` could not load), so the library
+ * installs and loads without them. @throws KvpackError('unsupported') naming the install command.
+ */
+async function loadVega(): Promise<{ vega: typeof import('vega'); vl: typeof import('vega-lite') }> {
+  try {
+    const [vega, vl] = await Promise.all([import('vega'), import('vega-lite')]);
+    return { vega, vl };
+  } catch (e) {
+    throw new KvpackError(
+      'unsupported',
+      `the SVG plot needs the optional peers vega and vega-lite: npm i vega@6 vega-lite@6 (or pass --no-plot); ${(e as Error).message}`,
+      { cause: e },
+    );
+  }
+}
+
+/** Point shapes cycled over the series, so lines that overlap stay distinguishable. */
+const SHAPES = ['circle', 'square', 'triangle-up', 'diamond', 'cross', 'triangle-down', 'triangle-right', 'triangle-left', 'stroke'];
+/** Dash patterns cycled with a period coprime to the shapes' (no two series share both). */
+const DASHES = [[1, 0], [6, 3], [2, 2], [8, 3, 2, 3]];
 
 /** One point of a metric-vs-compression-ratio plot. */
 export interface PlotPoint {
@@ -49,6 +72,7 @@ export async function renderRatioPlot(panels: PlotPanel[], options: PlotOptions 
       .map((pt) => ({ panel: i, ratio: pt.ratio, value: pt.value, series: pt.series, label: pt.label ?? pt.series })),
   );
   const series = [...new Set(values.map((v) => v.series))];
+  const { vega, vl: vegaLite } = await loadVega();
   const spec: vl.TopLevelSpec = {
     $schema: 'https://vega.github.io/schema/vega-lite/v6.json',
     ...(options.title ? { title: { text: options.title, anchor: 'start', offset: 16 } } : {}),
@@ -58,7 +82,21 @@ export async function renderRatioPlot(panels: PlotPanel[], options: PlotOptions 
       width: options.width ?? 320,
       height: options.height ?? 240,
       transform: [{ filter: `datum.panel === ${i}` }],
-      mark: { type: 'line', point: true, strokeWidth: 1.5 },
+      layer: [
+        {
+          mark: { type: 'line', strokeWidth: 1.5, opacity: 0.85 },
+          encoding: {
+            strokeDash: { field: 'series', type: 'nominal', scale: { domain: series, range: series.map((_, k) => DASHES[k % DASHES.length]) }, title: 'strategy' },
+          },
+        },
+        {
+          mark: { type: 'point', filled: true, size: 48, opacity: 0.9 },
+          encoding: {
+            shape: { field: 'series', type: 'nominal', title: 'strategy', scale: { domain: series, range: series.map((_, k) => SHAPES[k % SHAPES.length]) } },
+            tooltip: [{ field: 'label' }, { field: 'ratio', format: '.2f' }, { field: 'value', format: '.4g' }],
+          },
+        },
+      ],
       encoding: {
         x: {
           field: 'ratio',
@@ -77,9 +115,9 @@ export async function renderRatioPlot(panels: PlotPanel[], options: PlotOptions 
         order: { field: 'ratio', type: 'quantitative' },
       },
     })),
-    resolve: { scale: { color: 'shared' } },
+    resolve: { scale: { color: 'shared', shape: 'shared', strokeDash: 'shared' } },
   } as vl.TopLevelSpec;
-  const compiled = vl.compile(spec).spec;
+  const compiled = vegaLite.compile(spec).spec;
   const view = new vega.View(vega.parse(compiled), { renderer: 'none' });
   try {
     return await view.toSVG();

@@ -6,6 +6,7 @@ import { registerAccuracyCommand } from './accuracy/command.js';
 import { backendOption } from './environment.js';
 import { generateCommand, type GenerateCommandOptions } from './generate.js';
 import { registerStoreCommands } from './store-commands.js';
+import { KVPACK_VERSION } from './version.js';
 
 /**
  * Builds the `kvpack` command line (commander). Actions store their exit code in `state.code`.
@@ -15,7 +16,8 @@ import { registerStoreCommands } from './store-commands.js';
 export function buildProgram(io: CommandIO, state: { code: number }): Command {
   const program = new Command('kvpack')
     .description('KV-cache compression benchmarks (xKV and baselines)')
-    .version('0.1.0')
+    .version(KVPACK_VERSION)
+    .option('--verbose', 'show backend warnings (Dawn/Vulkan adapter notes) and stack traces')
     .exitOverride()
     .configureOutput({ writeOut: (s) => io.out(s), writeErr: (s) => io.err(s) })
     .showHelpAfterError('(run kvpack --help for usage)');
@@ -29,11 +31,12 @@ export function buildProgram(io: CommandIO, state: { code: number }): Command {
     .option('--quick', "quick run: one compress repeat and the config's `quick` overrides")
     .option('--model <file>', "model checkpoint or folder, instead of the config's")
     .option('--tokenizer <file>', "tokenizer file, instead of the config's")
-    .option('--require-model', 'exit 2 (instead of 0) when the model files are absent')
+    .option('--require-model', 'fail (exit 2) when the model files are absent; the default, kept for scripts')
     .option('--baseline <file>', 'compare quality metrics with this baseline JSON (exit 1 on regression)')
     .option('--write-baseline', 'write this run as the baseline to --baseline FILE instead of comparing')
     .option('--tolerance <spec>', 'regression tolerance, e.g. relError=0.05,deltaNll=0.02,agreement=0.05')
     .option('--no-plot', 'skip the SVG plot')
+    .option('--json', 'print the report as JSON on stdout instead of the Markdown table')
     .action(async (config: string, opts: BenchCommandOptions) => {
       state.code = await benchCommand(config, opts, io);
     });
@@ -61,12 +64,30 @@ export function buildProgram(io: CommandIO, state: { code: number }): Command {
 
   program
     .command('strategies')
-    .description('list registered compression strategies with their options')
-    .action(async () => {
-      state.code = await strategiesCommand(io);
+    .description('list registered compression strategies with their options (bounds, defaults, descriptions)')
+    .option('--json', 'print the strategies and their options as JSON (a JSON Schema per strategy)')
+    .action(async (opts: { json?: boolean }) => {
+      state.code = await strategiesCommand(io, opts);
     });
   registerStoreCommands(program, io, state);
+  program.addHelpText('after', () => `\nAll commands:\n${commandList(program).join('\n')}\n`);
   return program;
+}
+
+/** Every command and subcommand with its arguments and description, for `kvpack --help`. */
+function commandList(program: Command): string[] {
+  const rows: [string, string][] = [];
+  const walk = (cmd: Command, prefix: string) => {
+    for (const c of cmd.commands) {
+      if ((c as unknown as { _hidden?: boolean })._hidden) continue;
+      const args = c.registeredArguments.map((a) => (a.required ? `<${a.name()}>` : `[${a.name()}]`)).join(' ');
+      rows.push([`${prefix}${c.name()}${args ? ` ${args}` : ''}`, c.description()]);
+      walk(c, `${prefix}${c.name()} `);
+    }
+  };
+  walk(program, 'kvpack ');
+  const w = Math.max(...rows.map(([k]) => k.length));
+  return rows.map(([k, d]) => `  ${k.padEnd(w)}  ${d}`);
 }
 
 /**
@@ -76,6 +97,7 @@ export function buildProgram(io: CommandIO, state: { code: number }): Command {
  */
 export async function runCli(argv: string[], io: CommandIO = processIO): Promise<number> {
   const state = { code: EXIT.ok as number };
+  if (argv.includes('--verbose')) process.env.KVPACK_VERBOSE = '1';
   const program = buildProgram(io, state);
   try {
     await program.parseAsync(argv, { from: 'user' });
@@ -85,7 +107,7 @@ export async function runCli(argv: string[], io: CommandIO = processIO): Promise
       if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return EXIT.ok;
       return e.exitCode === 0 ? EXIT.ok : EXIT.badInput; // commander already printed the message
     }
-    if (process.env.KVPACK_DEBUG) io.err((e as Error).stack ?? String(e));
+    if (process.env.KVPACK_DEBUG || process.env.KVPACK_VERBOSE) io.err((e as Error).stack ?? String(e));
     if (e instanceof KvpackError) {
       io.err(`kvpack: error: ${e.message}`);
       return EXIT.badInput;

@@ -34,7 +34,7 @@ export function createProgress(
     };
   }
   const bar = new cliProgress.SingleBar(
-    { stream, format: ' {bar} {value}/{total} | {label}', hideCursor: true, clearOnComplete: true, etaBuffer: 20 },
+    { stream, format: ' {bar} {value}/{total} | {duration_formatted} elapsed, ETA {eta_formatted} | {label}', hideCursor: true, clearOnComplete: true, etaBuffer: 20, etaAsynchronousUpdate: true },
     cliProgress.Presets.shades_classic,
   );
   let started = false;

@@ -1,5 +1,6 @@
 import './chained.js';
 import * as tf from '@tensorflow/tfjs-core';
+import { spawnSync } from 'node:child_process';
 import { createRequire } from 'node:module';
 import { KvpackError } from './errors.js';
 
@@ -85,11 +86,51 @@ export function softwareAdapter(adapter: unknown): string | null {
   return soft ? (fields[0] ?? 'fallback adapter') : null;
 }
 
+/**
+ * Asks a child Node process for the WebGPU adapter Dawn would give, and returns its description when
+ * it is a software adapter (see {@link softwareAdapter}), else null. The child's stderr (Dawn's native
+ * warnings) is dropped unless env KVPACK_VERBOSE is set. Any failure of the probe returns null: the
+ * in-process load then reports it.
+ */
+function probeSoftwareAdapter(): string | null {
+  let dawnPath: string;
+  try {
+    dawnPath = process.env.KVPACK_DAWN_NODE || req.resolve('webgpu');
+  } catch {
+    throw new Error('the "webgpu" package (Dawn) is not installed and KVPACK_DAWN_NODE is unset');
+  }
+  const probe = `const d = require(${JSON.stringify(dawnPath)}); Object.assign(globalThis, d.globals);
+d.create([]).requestAdapter().then((a) => {
+  const i = (a && a.info) || {};
+  process.stdout.write(JSON.stringify(a ? { isFallbackAdapter: !!a.isFallbackAdapter, info: { vendor: i.vendor, architecture: i.architecture, device: i.device, description: i.description } } : null));
+  process.exit(0);
+}, () => process.exit(1));`;
+  const r = spawnSync(process.execPath, ['-e', probe], {
+    encoding: 'utf8',
+    timeout: 30_000,
+    stdio: ['ignore', 'pipe', process.env.KVPACK_VERBOSE ? 'inherit' : 'ignore'],
+  });
+  if (r.status !== 0 || !r.stdout) return null;
+  try {
+    const adapter = JSON.parse(r.stdout) as unknown;
+    return adapter ? softwareAdapter(adapter) : null;
+  } catch {
+    return null;
+  }
+}
+
 registerBackendCandidate({
   name: 'webgpu',
   priority: 3,
   async load(opts) {
     const g = globalThis as unknown as { navigator?: { gpu?: { requestAdapter(): Promise<unknown> } } };
+    if (!g.navigator?.gpu && !opts?.explicit) {
+      // `auto` passes over software adapters; ask a child process, so that Dawn's adapter warnings
+      // (printed natively on stderr, e.g. lavapipe's "maxDynamic…BuffersPerPipelineLayout artificially
+      // reduced") stay out of this process's output unless KVPACK_VERBOSE is set.
+      const soft = probeSoftwareAdapter();
+      if (soft) throw new Error(`only a software (CPU) WebGPU adapter: ${soft}; ask for --backend webgpu to use it`);
+    }
     if (!g.navigator?.gpu) {
       const dawn = loadDawn();
       Object.assign(globalThis, dawn.globals);
@@ -132,6 +173,24 @@ registerBackendCandidate({
   },
 });
 
+type ErrorEvent = 'uncaughtException' | 'unhandledRejection';
+const ERROR_EVENTS: ErrorEvent[] = ['uncaughtException', 'unhandledRejection'];
+
+function processErrorListeners(): Map<ErrorEvent, Set<Function>> {
+  return new Map(ERROR_EVENTS.map((ev) => [ev, new Set<Function>(process.listeners(ev as 'uncaughtException'))]));
+}
+
+/**
+ * Removes the process-wide error listeners that loading a backend added. Emscripten modules
+ * (tfjs-backend-wasm) install an `uncaughtException` handler that rethrows, so that any later
+ * uncaught error — the application's own included — prints the 38 KB minified module source line
+ * and exits with code 7. kvpack leaves the process's error handling to the application.
+ */
+function removeAddedErrorListeners(before: Map<ErrorEvent, Set<Function>>): void {
+  for (const ev of ERROR_EVENTS)
+    for (const l of process.listeners(ev as 'uncaughtException')) if (!before.get(ev)!.has(l)) process.removeListener(ev, l as (...a: unknown[]) => void);
+}
+
 /** Names of the registered backend candidates, best (highest priority) first. */
 export function backendCandidateNames(): string[] {
   return [...candidates.values()].sort((a, b) => b.priority - a.priority).map((c) => c.name);
@@ -159,6 +218,7 @@ export async function selectBackend(preference: string = process.env.KVPACK_BACK
     throw new KvpackError('unsupported', `unknown backend "${preference}"; choose auto or one of ${order.map((c) => c.name).join(', ')}`);
   const skipped: { name: string; reason: string }[] = [];
   for (const c of tryList) {
+    const before = processErrorListeners();
     try {
       await c.load({ explicit: preference !== 'auto' });
       const ok = await tf.setBackend(c.name);
@@ -168,6 +228,8 @@ export async function selectBackend(preference: string = process.env.KVPACK_BACK
       return current;
     } catch (e) {
       skipped.push({ name: c.name, reason: (e as Error).message.split('\n')[0] });
+    } finally {
+      removeAddedErrorListeners(before);
     }
   }
   throw new KvpackError('unsupported', `no tfjs backend could be started: ${skipped.map((s) => `${s.name}: ${s.reason}`).join('; ')}`);

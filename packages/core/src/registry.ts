@@ -110,14 +110,63 @@ export function listStrategies(): string[] {
   return [...registry.keys()].sort();
 }
 
-/** The definition registered under `name`. @throws KvpackError('unknown-strategy') listing the names. */
+/**
+ * kvpack's own strategies and what registers each: importing the package (or calling its
+ * registration function, for bundles that drop unused imports) makes the name available.
+ */
+export const FIRST_PARTY_STRATEGIES: Readonly<Record<string, { package: string; register: string }>> = {
+  dense: { package: '@kvpack/core', register: "import '@kvpack/core'" },
+  xkv: { package: '@kvpack/xkv', register: "import { registerXkv } from '@kvpack/xkv'; registerXkv()" },
+  ...Object.fromEntries(
+    ['svd', 'quant', 'kivi', 'minicache', 'streamingllm', 'snapkv'].map((n) => [
+      n,
+      { package: '@kvpack/baselines', register: "import { registerBaselines } from '@kvpack/baselines'; registerBaselines()" },
+    ]),
+  ),
+};
+
+/** Levenshtein edit distance (insert, delete, substitute; an adjacent swap counts 1, as in Damerau's). */
+function editDistance(a: string, b: string): number {
+  const d: number[][] = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
+  for (let i = 1; i <= a.length; i++)
+    for (let j = 1; j <= b.length; j++) {
+      d[i][j] = Math.min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) d[i][j] = Math.min(d[i][j], d[i - 2][j - 2] + 1);
+    }
+  return d[a.length][b.length];
+}
+
+/** The known name nearest to `name` (at most 2 edits, or a case/separator variant), or null. */
+export function nearestStrategyName(name: string, candidates: Iterable<string>): string | null {
+  const norm = (s: string) => s.toLowerCase().replace(/[-_ ]/g, '');
+  let best: string | null = null;
+  let bestD = Infinity;
+  for (const c of candidates) {
+    const dist = norm(c) === norm(name) ? 0 : editDistance(name.toLowerCase(), c);
+    if (dist < bestD) [best, bestD] = [c, dist];
+  }
+  return bestD <= Math.min(2, Math.max(1, Math.floor(name.length / 2))) ? best : null;
+}
+
+/**
+ * The definition registered under `name`.
+ * @throws KvpackError('unknown-strategy') listing the registered names, naming the import that
+ *   registers a known strategy, and suggesting the nearest name (`xvk` → `xkv`).
+ */
 export function getStrategyDefinition(name: string): StrategyDefinition {
   const def = registry.get(name);
   if (!def) {
     const known = listStrategies();
+    const firstParty = FIRST_PARTY_STRATEGIES[name];
+    const near = firstParty ? null : nearestStrategyName(name, new Set([...known, ...Object.keys(FIRST_PARTY_STRATEGIES)]));
+    const hint = firstParty
+      ? `; "${name}" is in ${firstParty.package}, not registered in this process: ${firstParty.register}`
+      : near
+        ? `; did you mean "${near}"?${registry.has(near) ? '' : ` (registered by ${FIRST_PARTY_STRATEGIES[near].package}: ${FIRST_PARTY_STRATEGIES[near].register})`}`
+        : '; a third-party strategy registers when its package is imported (kvpack CLI: list it under `plugins:` in the config)';
     throw new KvpackError(
       'unknown-strategy',
-      `unknown strategy "${name}"; registered strategies: ${known.length ? known.join(', ') : '(none — import @kvpack/xkv or @kvpack/baselines to register some)'}`,
+      `unknown strategy "${name}"; registered strategies: ${known.length ? known.join(', ') : '(none)'}${hint}`,
     );
   }
   return def;

@@ -1,3 +1,9 @@
+/**
+ * Internal entry (`@kvpack/strategy-utils/internal`): tuning switches, kernels and hooks for kvpack's
+ * own tests, benchmarks and GPU scripts. Not part of the public API; it may change in any release.
+ * @module internal
+ * @internal
+ */
 // Internal entry: tuning switches, kernels and hooks for kvpack's own tests, benchmarks and GPU
 // scripts. Not part of the public API; it may change in any release.
 

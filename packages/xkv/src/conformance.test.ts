@@ -2,13 +2,13 @@ import { runStrategyConformance } from '@kvpack/core/conformance';
 import './index.js';
 
 // Synthetic cache: T = 64, L = 4, H_kv = 2, d = 16 (H_kv·d = 32). Full rank for G = 4 is min(T, 4·32) = 64 = 16 × 4.
-const badOptions = [{ rankK: -1 }, { rankV: 1.5 }, { layersPerGroup: 0 }, { storage: 'int3' }, { factorQuantization: { bits: 2 } }, { factorQuantization: { bits: 4, apply: 'all' } }];
+const badOptions = [{ rankK: -1 }, { rankK: 0 }, { rankV: 0 }, { rankV: 1.5 }, { layersPerGroup: 0 }, { storage: 'int3' }, { factorQuantization: { bits: 2 } }, { factorQuantization: { bits: 4, apply: 'all' } }];
 runStrategyConformance('xkv', {
   compressing: { rankK: 2, rankV: 3 },
   lossless: { layersPerGroup: 4, rankK: 16, rankV: 16, exact: true },
   badOptions,
   // Group ranks 17 × 4 = 68 > T = 64, and 0.
-  failingCompress: [{ rankK: 17 }, { rankV: 0 }, { rankK: 2, rankV: 17, powerIters: 16, oversample: 4096 }],
+  failingCompress: [{ rankK: 17 }, { rankK: 2, rankV: 17, powerIters: 16, oversample: 4096 }],
 });
 runStrategyConformance('xkv', {
   compressing: { layersPerGroup: 2, rankK: 4, rankV: 6, factorQuantization: { bits: 4, quantGroupSize: 16 } },

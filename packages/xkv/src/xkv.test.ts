@@ -239,10 +239,10 @@ describe('xkv bad input', () => {
     }
   });
 
-  it('rank 0 → rank error naming the group, rank and bound', async () => {
+  it('rank 0 → config error from the options schema (a rank is at least 1)', async () => {
     const [c, msg] = await code(compress({ layersPerGroup: 2, rankK: 0, rankV: 5 }));
-    expect(c).toBe('rank');
-    expect(msg).toMatch(/group 0 \(layers 0–1\) key rank 0 .*\[1, min\(T=48, features=32\) = 32\]/);
+    expect(c).toBe('config');
+    expect(msg).toMatch(/rankK/);
   });
 
   it('rank above min(T, features) → rank error naming the group, rank and bound', async () => {

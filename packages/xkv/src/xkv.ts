@@ -6,16 +6,16 @@ import { z } from 'zod';
 export const XkvOptionsSchema = z
   .strictObject({
     /** Layers per group G (default 4, the paper's xKV-4); consecutive from layer 0; at most 1,024 (core MAX_LAYERS). */
-    layersPerGroup: z.int().positive().max(MAX_LAYERS, { error: atMost(MAX_LAYERS, 'layers per group; models have far fewer layers') }).default(4),
+    layersPerGroup: z.int().positive().max(MAX_LAYERS, { error: atMost(MAX_LAYERS, 'layers per group; models have far fewer layers') }).default(4).describe("Layers per group G (consecutive from layer 0; 4 is the paper's xKV-4)."),
     ...lowRankOptionShape,
     /**
      * Decode mode of `attend`: `full` (when absent) rebuilds every key (fused RoPE) and forms values in
      * the compressed domain when cheaper; `sparse` (xKV-SR, after ShadowKV) stores chunk landmarks and
      * exact outlier/local tokens at compress time and rebuilds only the selected chunks' tokens.
      */
-    decode: z.enum(['full', 'sparse']).optional(),
+    decode: z.enum(['full', 'sparse']).optional().describe('Decode mode of attend: full (rebuild every key) when absent, or sparse (xKV-SR: rebuild only selected chunks).'),
     /** Sparse-decode settings (only with decode: 'sparse'); defaults budget 2048, chunkSize 8, outlierChunks 48, localTokens 32. */
-    sparse: SparseOptionsSchema.optional(),
+    sparse: SparseOptionsSchema.optional().describe('Sparse-decode settings (only with decode: sparse).'),
   })
   .superRefine((o, ctx) => {
     refineRankTarget(o, ctx);

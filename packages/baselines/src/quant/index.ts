@@ -14,12 +14,12 @@ import { z } from 'zod';
 /** Options of the `quant` strategy. */
 export const QuantOptionsSchema = z.strictObject({
   /** Bits per code: 8 (int8) or 4 (int4, two codes per byte). */
-  bits: z.union([z.literal(8), z.literal(4)], { error: 'bits must be 8 or 4' }).default(8),
+  bits: z.union([z.literal(8), z.literal(4)], { error: 'bits must be 8 or 4' }).default(8).describe('Bits per code (8 or 4).'),
   /**
    * `symmetric`: one 16-bit scale per group, codes in [−2^(b−1), 2^(b−1) − 1].
    * `asymmetric`: a 16-bit scale and an integer zero point (1 byte) per group, codes in [0, 2^b − 1].
    */
-  mode: z.enum(['symmetric', 'asymmetric']).default('symmetric'),
+  mode: z.enum(['symmetric', 'asymmetric']).default('symmetric').describe('Symmetric (scale only) or asymmetric (scale + zero point) per token and KV head.'),
 });
 export type QuantOptions = z.output<typeof QuantOptionsSchema>;
 

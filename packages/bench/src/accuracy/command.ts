@@ -5,6 +5,7 @@ import { KvpackError, describeBackend, selectBackend } from '@kvpack/core';
 import { EXIT, failedSettingsExit, processIO, writeBenchOutputs, type CommandIO } from '../commands.js';
 import { backendOption, runEnvironment } from '../environment.js';
 import { loadBenchModel } from '../load.js';
+import { loadConfigPlugins } from '../plugins.js';
 import { renderRatioPlot } from '../plot.js';
 import { createProgress, progressBarEnabled } from '../progress.js';
 import { loadAccuracyConfig, type AccuracyConfig } from './config.js';
@@ -25,20 +26,20 @@ export interface AccuracyCommandOptions {
   model?: string;
   eval?: string;
   tokenizer?: string;
-  /** Exit 2 instead of 0 when the model or eval files are absent. */
+  /** Accepted for older scripts: absent files always exit 2. */
   requireModel?: boolean;
   /** Skip the SVG plot. */
   plot?: boolean;
 }
 
 
-/** Lines explaining what is missing when the model or eval files are absent. */
+/** Lines explaining what is missing when the model or eval files are absent, and where to get them. */
 export function missingAccuracyFilesMessage(cfg: AccuracyConfig, missing: string[]): string {
   return [
-    `kvpack bench accuracy: files not found: ${missing.join(', ')}`,
+    `files not found: ${missing.join(', ')}`,
     ...(cfg.data.modelSource ? cfg.data.modelSource.trim().split('\n').map((l) => `  ${l}`) : []),
     `  Set KVPACK_MODELS_DIR to the folder holding "${cfg.data.model}" and "${cfg.data.eval}", edit ${cfg.source},`,
-    '  or pass --model DIR --eval FILE. Nothing was run.',
+    `  or pass the files: kvpack bench accuracy ${cfg.source} --model DIR --eval FILE${cfg.data.tokenizer ? ' --tokenizer FILE' : ''}`,
   ].join('\n');
 }
 
@@ -52,13 +53,13 @@ function parseLimit(v: string | number | undefined): number | undefined {
 /**
  * `kvpack bench accuracy CONFIG`: RULER-style exact-match accuracy against compression ratio.
  * Prints the Markdown table on stdout and writes OUT/<config>.json, .md and .svg.
- * @returns 0 (also when the model is absent, after saying so), 2 when a setting failed;
- *          throws KvpackError on bad input.
+ * @returns 0, or 2 when a setting failed; throws KvpackError on bad input and absent files.
  */
 export async function accuracyCommand(configPath: string, opts: AccuracyCommandOptions, io: CommandIO = processIO): Promise<number> {
   await import('@kvpack/xkv');
   await import('@kvpack/baselines');
   const limit = parseLimit(opts.limit);
+  await loadConfigPlugins(configPath);
   const cfg = loadAccuracyConfig(configPath);
   if (opts.model) cfg.modelPath = resolve(opts.model);
   if (opts.eval) cfg.evalPath = resolve(opts.eval);
@@ -71,11 +72,7 @@ export async function accuracyCommand(configPath: string, opts: AccuracyCommandO
     : cfg.data.tasks;
   if (opts.tasks && !tasks?.length) throw new KvpackError('config', `--tasks names no task: "${opts.tasks}"`);
   const missing = [cfg.modelPath, cfg.evalPath, ...(cfg.tokenizerPath ? [cfg.tokenizerPath] : [])].filter((p) => !existsSync(p));
-  if (missing.length) {
-    io.out(missingAccuracyFilesMessage(cfg, missing));
-    if (opts.requireModel) throw new KvpackError('io', `files not found (--require-model): ${missing.join(', ')}`);
-    return EXIT.ok;
-  }
+  if (missing.length) throw new KvpackError('io', missingAccuracyFilesMessage(cfg, missing));
   const choice = await selectBackend(opts.backend ?? (process.env.KVPACK_BACKEND || 'auto'));
   const backendLine = describeBackend(choice);
   io.err(backendLine);
@@ -167,7 +164,7 @@ export function registerAccuracyCommand(bench: Command, io: CommandIO, state: { 
     .option('--model <path>', "model folder or file, instead of the config's")
     .option('--eval <file>', "JSONL eval set, instead of the config's")
     .option('--tokenizer <file>', "tokenizer file, instead of the config's")
-    .option('--require-model', 'exit 2 (instead of 0) when the model or eval files are absent')
+    .option('--require-model', 'fail (exit 2) when the model or eval files are absent; the default, kept for scripts')
     .option('--no-plot', 'skip the SVG plot')
     .action(async (config: string, _opts: AccuracyCommandOptions, cmd: Command) => {
       // `bench` declares --out, --backend, --model, --tokenizer, --require-model and --no-plot too and

@@ -2,6 +2,7 @@ import { existsSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { KvpackError, readConfigFile } from '@kvpack/core';
 import { z } from 'zod';
+import { PluginsSchema } from '../plugins.js';
 import { BenchConfigSchema, formatZodError, itemCountSchema, resolveSettings, tokenCountSchema, type ResolvedSetting } from '../config.js';
 
 /** A strategy entry: the quality bench's syntax (name, options grid, zip, label, series, seriesBy, observationWindow). */
@@ -49,6 +50,8 @@ export const AccuracyConfigSchema = z.strictObject({
   attentionQueries: tokenCountSchema(0).default(8),
   /** Free-text notes printed under the table (e.g. model-specific caveats). */
   notes: z.array(z.string()).optional(),
+  /** Modules to import first, so that third-party strategies register (see plugins.ts). */
+  plugins: PluginsSchema.optional(),
   strategies: z.array(StrategyEntrySchema).min(1),
 });
 export type AccuracyConfigInput = z.input<typeof AccuracyConfigSchema>;

@@ -9,7 +9,7 @@ import type { ModelLayout, RopeConfig, Strategy } from '../types.js';
 /** Options of the `dense` strategy. */
 export const DenseOptionsSchema = z.strictObject({
   /** Storage precision: float16 (what serving systems keep; ratio 1.0) or float32 (bit-exact). */
-  storage: z.enum(['float16', 'float32']).default('float16'),
+  storage: z.enum(['float16', 'float32']).default('float16').describe('Storage precision: float16 (ratio 1.0, what serving systems keep) or float32 (bit-exact).'),
 });
 export type DenseOptions = z.output<typeof DenseOptionsSchema>;
 

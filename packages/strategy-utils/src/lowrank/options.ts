@@ -8,16 +8,16 @@ import { z } from 'zod';
  */
 const FactorQuantizationSchema = z.strictObject({
   /** Bits per code. */
-  bits: z.union([z.literal(4), z.literal(8)]),
+  bits: z.union([z.literal(4), z.literal(8)]).describe('Bits per code (4 or 8).'),
   /**
    * Elements per quantization group along each row's last axis (default 32, as the authors run it);
    * at most 2^16 (MAX_FEATURES: a group spans at most one factor row).
    */
-  quantGroupSize: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a group spans at most one factor row') }).default(32),
+  quantGroupSize: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a group spans at most one factor row') }).default(32).describe('Elements per quantization group along each factor row (default 32; at most 2^16).'),
   /** Symmetric (16-bit scale) or asymmetric (16-bit scale + uint8 zero point) per group; default asymmetric. */
-  symmetric: z.boolean().default(false),
+  symmetric: z.boolean().default(false).describe('Symmetric (16-bit scale) or asymmetric (16-bit scale + uint8 zero point) groups; default asymmetric.'),
   /** Quantize the token bases, the per-layer factors, or both (default both). */
-  apply: z.enum(['basis', 'factors', 'both']).default('both'),
+  apply: z.enum(['basis', 'factors', 'both']).default('both').describe('Quantize the token bases, the per-layer factors, or both.'),
 });
 
 /**
@@ -32,9 +32,9 @@ export const lowRankOptionShape = {
    * the ranks; unused with rankFraction); at most 2^16 (MAX_FEATURES:
    * compress also bounds it by min(T, H_kv·d), and H_kv·d ≤ 16,384 in released models).
    */
-  rankK: z.int().nonnegative().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the H_kv·d features of a layer') }).default(16),
+  rankK: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the H_kv·d features of a layer') }).default(16).describe('Per-layer key rank r_K (group rank = r_K × layers in the group); compress bounds it by min(T, H_kv·d).'),
   /** Per-layer value rank r_V (group rank = r_V × layers in the group; with targetRatio, the value share); at most 2^16, as rankK. */
-  rankV: z.int().nonnegative().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the H_kv·d features of a layer') }).default(24),
+  rankV: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the H_kv·d features of a layer') }).default(24).describe('Per-layer value rank r_V (group rank = r_V × layers in the group); compress bounds it by min(T, H_kv·d).'),
   /**
    * Target compression ratio instead of absolute ranks: at compress time, the largest group ranks in
    * the proportion rankK : rankV whose cache (`byteSize()` right after compress) is at most dense fp16
@@ -56,7 +56,7 @@ export const lowRankOptionShape = {
     .union([z.literal('auto'), z.int().nonnegative().max(MAX_OVERSAMPLE, { error: atMost(MAX_OVERSAMPLE, 'the k×k host work grows as (rank + oversample)³') })], {
       error: (iss) => (iss.code === 'invalid_union' ? `oversample must be 'auto' or an integer in [0, ${MAX_OVERSAMPLE}]` : undefined),
     })
-    .default('auto'),
+    .default('auto').describe('Randomized SVD oversampling p, or auto (8 when the group rank is ≤ 128, else 0).'),
   /**
    * Randomized SVD power iterations q, a multiple of 0.5 (2q + 2 products with the [T, G·H_kv·d]
    * matrix; default 1); at most 16 (core MAX_POWER_ITERS: Halko et al. use 1–3, and beyond ~10
@@ -67,21 +67,21 @@ export const lowRankOptionShape = {
     .nonnegative()
     .multipleOf(0.5)
     .max(MAX_POWER_ITERS, { error: atMost(MAX_POWER_ITERS, 'each iteration is two more products with the whole group matrix') })
-    .default(1),
+    .default(1).describe('Randomized SVD power iterations q, a multiple of 0.5 (2q + 2 products with the group matrix).'),
   /**
    * Where the randomized SVD's k×k orthonormalizations run: `host` (float64 Cholesky), `device`
    * (Newton–Schulz on the tfjs backend, no host round-trip) or `auto` (default: host on wasm/cpu,
    * device on webgpu/webgl/tensorflow).
    */
-  orthogonalization: z.enum(['auto', 'host', 'device']).default('auto'),
+  orthogonalization: z.enum(['auto', 'host', 'device']).default('auto').describe('Where the k×k orthonormalizations run: host (float64 Cholesky), device (Newton–Schulz) or auto (host on wasm/cpu).'),
   /** Seed of the randomized SVD's test matrix, an int32 (the generator folds seeds to 32 bits). */
-  seed: z.int().min(MIN_SEED).max(MAX_SEED, { error: atMost(MAX_SEED, 'seeds are int32; larger ones alias smaller ones') }).default(0),
+  seed: z.int().min(MIN_SEED).max(MAX_SEED, { error: atMost(MAX_SEED, 'seeds are int32; larger ones alias smaller ones') }).default(0).describe("Seed of the randomized SVD's test matrix (int32)."),
   /** Exact truncated SVD (slower) instead of the randomized one. */
-  exact: z.boolean().default(false),
+  exact: z.boolean().default(false).describe('Exact truncated SVD (slower) instead of the randomized one.'),
   /** Storage of unquantized factors: float16 (default) or float32. */
-  storage: z.enum(['float16', 'float32']).default('float16'),
+  storage: z.enum(['float16', 'float32']).default('float16').describe('Storage of unquantized factors.'),
   /** Optional int8/int4 quantization of the factors. */
-  factorQuantization: FactorQuantizationSchema.optional(),
+  factorQuantization: FactorQuantizationSchema.optional().describe('Optional group-wise int8/int4 quantization of the factors.'),
 };
 
 /** The refinement every low-rank schema adds: targetRatio and rankFraction exclude each other. */

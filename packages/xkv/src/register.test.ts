@@ -1,0 +1,15 @@
+import { describe, expect, it } from 'vitest';
+import { getStrategyDefinition, listStrategies, unregisterStrategy } from '@kvpack/core';
+import { registerXkv, xkvDefinition } from './index.js';
+
+describe('registerXkv', () => {
+  it('registers xkv, idempotently, and again after it is unregistered', () => {
+    registerXkv();
+    registerXkv();
+    expect(getStrategyDefinition('xkv')).toBe(xkvDefinition);
+    expect(unregisterStrategy('xkv')).toBe(true);
+    expect(listStrategies()).not.toContain('xkv');
+    registerXkv();
+    expect(getStrategyDefinition('xkv')).toBe(xkvDefinition);
+  });
+});
