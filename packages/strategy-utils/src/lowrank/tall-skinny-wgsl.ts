@@ -75,7 +75,7 @@ function checkTile(t: GemmTile): number {
   return threads;
 }
 
-function gemmCode(M: number, N: number, K: number, kc: number, tA: boolean, tB: boolean, t: GemmTile, threads: number): { code: string; bytes: number } {
+function gemmCode(split: boolean, tA: boolean, tB: boolean, t: GemmTile, threads: number): { code: string; bytes: number } {
   const padA = tA ? 0 : 4; // A stored [M, K] is written k-major with stride BM: pad against bank conflicts
   const padB = tB ? 4 : 0;
   const sa = (t.bm + padA) / 4;
@@ -86,25 +86,82 @@ function gemmCode(M: number, N: number, K: number, kc: number, tA: boolean, tB: 
   const tx = t.bn / t.tn;
   const tm4 = t.tm / 4;
   const tn4 = t.tn / 4;
-  // Element e of a slab → (row of op(A) / column of op(B), k), fastest along the stored row.
-  const aMap = tA ? `let ml = e % ${t.bm}u; let kl = e / ${t.bm}u;` : `let kl = e % ${t.bk}u; let ml = e / ${t.bk}u;`;
-  const aIdx = tA ? 'gk * M + gm' : 'gm * K + gk';
-  const bMap = tB ? `let kl = e % ${t.bk}u; let nl = e / ${t.bk}u;` : `let nl = e % ${t.bn}u; let kl = e / ${t.bn}u;`;
-  const bIdx = tB ? 'gn * K + gk' : 'gk * N + gn';
+  const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+  // Everything indexed per invocation is unrolled into named registers (no private arrays, which a
+  // driver may place in local memory): slab element j of A is ra{j}, accumulator row r column block
+  // q is c{r}_{q}.
+  // Element e = lid + j·NT of a slab → (row of op(A) / column of op(B), k), fastest along the stored row.
+  const aPos = (j: number) => {
+    const e = `(lid + ${j * threads}u)`;
+    return tA ? { ml: `(${e} % ${t.bm}u)`, kl: `(${e} / ${t.bm}u)` } : { ml: `(${e} / ${t.bk}u)`, kl: `(${e} % ${t.bk}u)` };
+  };
+  const bPos = (j: number) => {
+    const e = `(lid + ${j * threads}u)`;
+    return tB ? { nl: `(${e} / ${t.bk}u)`, kl: `(${e} % ${t.bk}u)` } : { nl: `(${e} % ${t.bn}u)`, kl: `(${e} / ${t.bn}u)` };
+  };
+  const loadA = (kb: string) =>
+    range(la)
+      .map((j) => {
+        const { ml, kl } = aPos(j);
+        return `    { let gm = m0 + ${ml}; let gk = ${kb} + ${kl}; ra${j} = select(0.0, A[min(${tA ? 'gk * M + gm' : 'gm * K + gk'}, lastA)], gm < M && gk < kEnd); }`;
+      })
+      .join('\n');
+  const loadB = (kb: string) =>
+    range(lb)
+      .map((j) => {
+        const { nl, kl } = bPos(j);
+        return `    { let gn = n0 + ${nl}; let gk = ${kb} + ${kl}; rb${j} = select(0.0, B[min(${tB ? 'gn * K + gk' : 'gk * N + gn'}, lastB)], gn < N && gk < kEnd); }`;
+      })
+      .join('\n');
+  const storeA = range(la)
+    .map((j) => {
+      const { ml, kl } = aPos(j);
+      return `    { let ml = ${ml}; As[${kl} * SA + ml / 4u][ml % 4u] = ra${j}; }`;
+    })
+    .join('\n');
+  const storeB = range(lb)
+    .map((j) => {
+      const { nl, kl } = bPos(j);
+      return `    { let nl = ${nl}; Bs[${kl} * SB + nl / 4u][nl % 4u] = rb${j}; }`;
+    })
+    .join('\n');
+  const comps = ['x', 'y', 'z', 'w'];
+  const fmas: string[] = [];
+  for (let i = 0; i < tm4; i++)
+    for (let c = 0; c < 4; c++) {
+      fmas.push(`      let s${i * 4 + c} = vec4<f32>(a${i}.${comps[c]});`);
+      for (let q = 0; q < tn4; q++) fmas.push(`      c${i * 4 + c}_${q} = fma(s${i * 4 + c}, b${q}, c${i * 4 + c}_${q});`);
+    }
+  const writes: string[] = [];
+  for (let i = 0; i < tm4; i++)
+    for (let c = 0; c < 4; c++) {
+      const r = i * 4 + c;
+      writes.push(`  { let gm = m0 + ${i * ty * 4}u + ty * 4u + ${c}u;\n    if (gm < M) {`);
+      for (let q = 0; q < tn4; q++)
+        writes.push(`      { let gn = n0 + ${q * tx * 4}u + tx * 4u; let o = base + gm * N + gn; let v = c${r}_${q};
+        if (gn + 3u < N) { result[o] = v.x; result[o + 1u] = v.y; result[o + 2u] = v.z; result[o + 3u] = v.w; }
+        else { if (gn < N) { result[o] = v.x; } if (gn + 1u < N) { result[o + 1u] = v.y; } if (gn + 2u < N) { result[o + 2u] = v.z; } } }`);
+      writes.push('    }\n  }');
+    }
   const code = `
-const M: u32 = ${M}u;
-const N: u32 = ${N}u;
-const K: u32 = ${K}u;
-const KC: u32 = ${kc}u;
 const BM: u32 = ${t.bm}u;
 const BN: u32 = ${t.bn}u;
 const BK: u32 = ${t.bk}u;
-const NT: u32 = ${threads}u;
 const SA: u32 = ${sa}u;
 const SB: u32 = ${sb}u;
 var<workgroup> As: array<vec4<f32>, ${t.bk * sa}>;
 var<workgroup> Bs: array<vec4<f32>, ${t.bk * sb}>;
 fn kernel(index: i32) {
+  // Shapes from tfjs's uniforms (one pipeline per transpose/split/tile, whatever the sizes).
+  let M = u32(uniforms.aShape.${tA ? 'y' : 'x'});
+  let K = u32(uniforms.aShape.${tA ? 'x' : 'y'});
+  let N = u32(uniforms.bShape.${tB ? 'x' : 'y'});
+  let S = ${split ? 'u32(uniforms.outShape.x)' : '1u'};
+  // K slice of a workgroup: a whole number of BK-deep slabs (the host picks S so that none is empty).
+  let KC = ((K + S - 1u) / S + BK - 1u) / BK * BK;
+  let slabs = KC / BK;
+  let lastA = M * K - 1u;
+  let lastB = K * N - 1u;
   let lid = localIndex;
   let tx = lid % ${tx}u;
   let ty = lid / ${tx}u;
@@ -112,85 +169,40 @@ fn kernel(index: i32) {
   let n0 = workgroupId.x * BN;
   let k0 = workgroupId.z * KC;
   let kEnd = min(K, k0 + KC);
-  var acc: array<vec4<f32>, ${t.tm * tn4}>;
-  for (var i = 0u; i < ${t.tm * tn4}u; i++) { acc[i] = vec4<f32>(0.0); }
-  var ra: array<f32, ${la}>;
-  var rb: array<f32, ${lb}>;
+${range(t.tm)
+  .flatMap((r) => range(tn4).map((q) => `  var c${r}_${q} = vec4<f32>(0.0);`))
+  .join('\n')}
+${range(la)
+  .map((j) => `  var ra${j}: f32;`)
+  .join('\n')}
+${range(lb)
+  .map((j) => `  var rb${j}: f32;`)
+  .join('\n')}
   // Slab 0 into registers.
-  for (var j = 0u; j < ${la}u; j++) {
-    let e = lid + j * NT;
-    ${aMap}
-    let gm = m0 + ml; let gk = k0 + kl;
-    ra[j] = select(0.0, A[min(${aIdx}, ${M * K - 1}u)], gm < M && gk < kEnd);
-  }
-  for (var j = 0u; j < ${lb}u; j++) {
-    let e = lid + j * NT;
-    ${bMap}
-    let gn = n0 + nl; let gk = k0 + kl;
-    rb[j] = select(0.0, B[min(${bIdx}, ${K * N - 1}u)], gn < N && gk < kEnd);
-  }
-  for (var s = 0u; s < ${Math.ceil(kc / t.bk)}u; s++) {
-    for (var j = 0u; j < ${la}u; j++) {
-      let e = lid + j * NT;
-      ${aMap}
-      As[kl * SA + ml / 4u][ml % 4u] = ra[j];
-    }
-    for (var j = 0u; j < ${lb}u; j++) {
-      let e = lid + j * NT;
-      ${bMap}
-      Bs[kl * SB + nl / 4u][nl % 4u] = rb[j];
-    }
+${loadA('k0')}
+${loadB('k0')}
+  for (var s = 0u; s < slabs; s++) {
+${storeA}
+${storeB}
     workgroupBarrier();
-    if (s + 1u < ${Math.ceil(kc / t.bk)}u) {
+    if (s + 1u < slabs) {
       let kb = k0 + (s + 1u) * BK;
-      for (var j = 0u; j < ${la}u; j++) {
-        let e = lid + j * NT;
-        ${aMap}
-        let gm = m0 + ml; let gk = kb + kl;
-        ra[j] = select(0.0, A[min(${aIdx}, ${M * K - 1}u)], gm < M && gk < kEnd);
-      }
-      for (var j = 0u; j < ${lb}u; j++) {
-        let e = lid + j * NT;
-        ${bMap}
-        let gn = n0 + nl; let gk = kb + kl;
-        rb[j] = select(0.0, B[min(${bIdx}, ${K * N - 1}u)], gn < N && gk < kEnd);
-      }
+${loadA('kb')}
+${loadB('kb')}
     }
     for (var kk = 0u; kk < BK; kk++) {
-      var a: array<vec4<f32>, ${tm4}>;
-      var b: array<vec4<f32>, ${tn4}>;
-      for (var i = 0u; i < ${tm4}u; i++) { a[i] = As[kk * SA + i * ${ty}u + ty]; }
-      for (var j = 0u; j < ${tn4}u; j++) { b[j] = Bs[kk * SB + j * ${tx}u + tx]; }
-      for (var i = 0u; i < ${tm4}u; i++) {
-        for (var c = 0u; c < 4u; c++) {
-          let av = vec4<f32>(a[i][c]);
-          for (var j = 0u; j < ${tn4}u; j++) {
-            let q = (i * 4u + c) * ${tn4}u + j;
-            acc[q] = fma(av, b[j], acc[q]);
-          }
-        }
-      }
+${range(tm4)
+  .map((i) => `      let a${i} = As[kk * SA + ${i * ty}u + ty];`)
+  .join('\n')}
+${range(tn4)
+  .map((q) => `      let b${q} = Bs[kk * SB + ${q * tx}u + tx];`)
+  .join('\n')}
+${fmas.join('\n')}
     }
     workgroupBarrier();
   }
   let base = workgroupId.z * M * N;
-  for (var i = 0u; i < ${tm4}u; i++) {
-    for (var c = 0u; c < 4u; c++) {
-      let gm = m0 + (i * ${ty}u + ty) * 4u + c;
-      if (gm < M) {
-        for (var j = 0u; j < ${tn4}u; j++) {
-          let gn = n0 + (j * ${tx}u + tx) * 4u;
-          let v = acc[(i * 4u + c) * ${tn4}u + j];
-          let o = base + gm * N + gn;
-          if (gn + 3u < N) {
-            result[o] = v.x; result[o + 1u] = v.y; result[o + 2u] = v.z; result[o + 3u] = v.w;
-          } else {
-            for (var q = 0u; q < 4u; q++) { if (gn + q < N) { result[o + q] = v[q]; } }
-          }
-        }
-      }
-    }
-  }
+${writes.join('\n')}
 }`;
   return { code, bytes: 16 * t.bk * (sa + sb) };
 }
@@ -199,11 +211,11 @@ const REDUCE_WG = 256;
 const REDUCE_MAX_GROUPS = 4096;
 
 /** Sums partials P [S, M, N] over S in slice order → [M, N]. */
-function sumSlices(P: tf.Tensor, S: number, M: number, N: number): tf.Tensor2D {
+function sumSlices(P: tf.Tensor, M: number, N: number): tf.Tensor2D {
   const MN = M * N;
   const groups = Math.min(Math.ceil(MN / REDUCE_WG), REDUCE_MAX_GROUPS);
   return runWgsl({
-    key: `tsgemm_sum_${S}x${MN}`,
+    key: 'tsgemm_sum',
     names: ['P'],
     inputs: [P],
     outputShape: [M, N],
@@ -213,9 +225,11 @@ function sumSlices(P: tf.Tensor, S: number, M: number, N: number): tf.Tensor2D {
     workgroupBytes: 0,
     code: `
 fn kernel(index: i32) {
-  for (var i = u32(index); i < ${MN}u; i += ${groups * REDUCE_WG}u) {
+  let S = u32(uniforms.pShape.x);
+  let MN = u32(uniforms.pShape.y) * u32(uniforms.pShape.z);
+  for (var i = u32(index); i < MN; i += numWorkgroups.x * ${REDUCE_WG}u) {
     var s = P[i];
-    for (var z = 1u; z < ${S}u; z++) { s += P[z * ${MN}u + i]; }
+    for (var z = 1u; z < S; z++) { s += P[z * MN + i]; }
     result[i] = s;
   }
 }`,
@@ -248,10 +262,11 @@ export function wgslMatmul(a: tf.Tensor2D, b: tf.Tensor2D, transposeA = false, t
   if ([M * K, K * N, slices * M * N].some((v) => v > 2 ** 32 - 1)) throw new KvpackError('shape', `wgslMatmul: [${M}, ${K}]·[${K}, ${N}] (${slices} slices) has more than 2³² − 1 elements in an operand or the output`);
   if (M === 0 || N === 0) return tf.zeros([M, N]) as tf.Tensor2D;
   if (K === 0) return tf.zeros([M, N]) as tf.Tensor2D;
-  const { code, bytes } = gemmCode(M, N, K, kc, transposeA, transposeB, tile, threads);
+  // The shader's slice length from (K, slices) must cover K as the host's does.
+  const { code, bytes } = gemmCode(slices > 1, transposeA, transposeB, tile, threads);
   const tileKey = `${tile.bm}x${tile.bn}x${tile.bk}_${tile.tm}x${tile.tn}`;
   const out = runWgsl({
-    key: `tsgemm_${transposeA ? 't' : 'n'}${transposeB ? 't' : 'n'}_${M}x${N}x${K}_kc${kc}_${tileKey}`,
+    key: `tsgemm_${transposeA ? 't' : 'n'}${transposeB ? 't' : 'n'}_${slices > 1 ? 'split' : 'whole'}_${tileKey}`,
     names: ['A', 'B'],
     inputs: [a, b],
     outputShape: slices === 1 ? [M, N] : [slices, M, N],
@@ -263,7 +278,7 @@ export function wgslMatmul(a: tf.Tensor2D, b: tf.Tensor2D, transposeA = false, t
   });
   if (slices === 1) return out as tf.Tensor2D;
   try {
-    return sumSlices(out, slices, M, N);
+    return sumSlices(out, M, N);
   } finally {
     out.dispose();
   }
