@@ -286,15 +286,19 @@ export function wgslMatmul(a: tf.Tensor2D, b: tf.Tensor2D, transposeA = false, t
 
 /** Which product {@link rangeFinderMatmul} picks on webgpu: the WGSL GEMM (default) or tfjs's matMul. */
 let productKernels: 'wgsl' | 'tfjs' = 'wgsl';
+let productTile: GemmTile | undefined;
 
 /**
  * Chooses the products of the range finder on the webgpu backend (for benchmarks comparing the two):
- * `wgsl` (default) the tiled GEMM of this file, `tfjs` tf.matMul.
- * @throws KvpackError('config') for another value.
+ * `wgsl` (default) the tiled GEMM of this file, with `tile` (a key of {@link GEMM_TILES}; default
+ * 128x64), or `tfjs` tf.matMul.
+ * @throws KvpackError('config') for another value or an unknown tile.
  */
-export function setRangeFinderProducts(kind: 'wgsl' | 'tfjs'): void {
+export function setRangeFinderProducts(kind: 'wgsl' | 'tfjs', tile?: string): void {
   if (kind !== 'wgsl' && kind !== 'tfjs') throw new KvpackError('config', `range finder products must be 'wgsl' or 'tfjs', got ${String(kind)}`);
+  if (tile !== undefined && !GEMM_TILES[tile]) throw new KvpackError('config', `unknown GEMM tile ${tile}; choose one of ${Object.keys(GEMM_TILES).join(', ')}`);
   productKernels = kind;
+  productTile = tile === undefined ? undefined : GEMM_TILES[tile];
 }
 
 /**
@@ -304,5 +308,6 @@ export function setRangeFinderProducts(kind: 'wgsl' | 'tfjs'): void {
  */
 export function rangeFinderMatmul(): ((a: tf.Tensor2D, b: tf.Tensor2D, transposeA: boolean, transposeB: boolean) => tf.Tensor2D) | undefined {
   if (!isWebGpuBackend() || productKernels !== 'wgsl') return undefined;
-  return (a, b, tA, tB) => (a.dtype === 'float32' && b.dtype === 'float32' ? wgslMatmul(a, b, tA, tB) : matmul(a, b, tA, tB));
+  const tile = productTile;
+  return (a, b, tA, tB) => (a.dtype === 'float32' && b.dtype === 'float32' ? wgslMatmul(a, b, tA, tB, { tile }) : matmul(a, b, tA, tB));
 }
