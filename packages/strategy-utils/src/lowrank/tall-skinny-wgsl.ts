@@ -69,9 +69,9 @@ function checkTile(t: GemmTile): number {
     t.bn % t.tn === 0 &&
     Number.isInteger(threads) &&
     threads <= 256 &&
-    (t.bm * t.bk) % threads === 0 &&
-    (t.bk * t.bn) % threads === 0;
-  if (!ok) throw new KvpackError('config', `wgslMatmul: tile ${JSON.stringify(t)} is not valid (TM, TN multiples of 4 dividing BM, BN; at most 256 invocations; slabs divisible by the invocations)`);
+    ((t.bm / 4) * t.bk) % threads === 0 &&
+    (t.bk * (t.bn / 4)) % threads === 0;
+  if (!ok) throw new KvpackError('config', `wgslMatmul: tile ${JSON.stringify(t)} is not valid (TM, TN multiples of 4 dividing BM, BN; at most 256 invocations; a slab's vec4s divisible by the invocations)`);
   return threads;
 }
 
@@ -80,49 +80,54 @@ function gemmCode(split: boolean, tA: boolean, tB: boolean, t: GemmTile, threads
   const padB = tB ? 4 : 0;
   const sa = (t.bm + padA) / 4;
   const sb = (t.bn + padB) / 4;
-  const la = (t.bm * t.bk) / threads;
-  const lb = (t.bk * t.bn) / threads;
+  // Slab loads by vec4 groups: group g = lid + j·NT of op(A)'s slab is 4 consecutive rows m at one k
+  // (4 scalar loads, coalesced across invocations along the stored row), stored to workgroup memory as
+  // one whole vec4 (no two invocations write parts of one vec4). Likewise 4 columns n of op(B).
+  const la = ((t.bm / 4) * t.bk) / threads;
+  const lb = (t.bk * (t.bn / 4)) / threads;
   const ty = t.bm / t.tm;
   const tx = t.bn / t.tn;
   const tm4 = t.tm / 4;
   const tn4 = t.tn / 4;
   const range = (n: number) => Array.from({ length: n }, (_, i) => i);
   // Everything indexed per invocation is unrolled into named registers (no private arrays, which a
-  // driver may place in local memory): slab element j of A is ra{j}, accumulator row r column block
+  // driver may place in local memory): slab group j of A is ra{j}, accumulator row r column block
   // q is c{r}_{q}.
-  // Element e = lid + j·NT of a slab → (row of op(A) / column of op(B), k), fastest along the stored row.
   const aPos = (j: number) => {
-    const e = `(lid + ${j * threads}u)`;
-    return tA ? { ml: `(${e} % ${t.bm}u)`, kl: `(${e} / ${t.bm}u)` } : { ml: `(${e} / ${t.bk}u)`, kl: `(${e} % ${t.bk}u)` };
+    const g = `(lid + ${j * threads}u)`;
+    return tA ? { m4: `(${g} % ${t.bm / 4}u)`, kl: `(${g} / ${t.bm / 4}u)` } : { m4: `(${g} / ${t.bk}u)`, kl: `(${g} % ${t.bk}u)` };
   };
   const bPos = (j: number) => {
-    const e = `(lid + ${j * threads}u)`;
-    return tB ? { nl: `(${e} / ${t.bk}u)`, kl: `(${e} % ${t.bk}u)` } : { nl: `(${e} % ${t.bn}u)`, kl: `(${e} / ${t.bn}u)` };
+    const g = `(lid + ${j * threads}u)`;
+    return tB ? { n4: `(${g} / ${t.bk}u)`, kl: `(${g} % ${t.bk}u)` } : { n4: `(${g} % ${t.bn / 4}u)`, kl: `(${g} / ${t.bn / 4}u)` };
   };
+  const comps4 = [0, 1, 2, 3];
   const loadA = (kb: string) =>
     range(la)
       .map((j) => {
-        const { ml, kl } = aPos(j);
-        return `    { let gm = m0 + ${ml}; let gk = ${kb} + ${kl}; ra${j} = select(0.0, A[min(${tA ? 'gk * M + gm' : 'gm * K + gk'}, lastA)], gm < M && gk < kEnd); }`;
+        const { m4, kl } = aPos(j);
+        const one = (c: number) => `select(0.0, A[min(${tA ? `gk * M + gm + ${c}u` : `(gm + ${c}u) * K + gk`}, lastA)], gm + ${c}u < M && kOk)`;
+        return `    { let gm = m0 + 4u * ${m4}; let gk = ${kb} + ${kl}; let kOk = gk < kEnd;\n      ra${j} = vec4<f32>(${comps4.map(one).join(', ')}); }`;
       })
       .join('\n');
   const loadB = (kb: string) =>
     range(lb)
       .map((j) => {
-        const { nl, kl } = bPos(j);
-        return `    { let gn = n0 + ${nl}; let gk = ${kb} + ${kl}; rb${j} = select(0.0, B[min(${tB ? 'gn * K + gk' : 'gk * N + gn'}, lastB)], gn < N && gk < kEnd); }`;
+        const { n4, kl } = bPos(j);
+        const one = (c: number) => `select(0.0, B[min(${tB ? `(gn + ${c}u) * K + gk` : `gk * N + gn + ${c}u`}, lastB)], gn + ${c}u < N && kOk)`;
+        return `    { let gn = n0 + 4u * ${n4}; let gk = ${kb} + ${kl}; let kOk = gk < kEnd;\n      rb${j} = vec4<f32>(${comps4.map(one).join(', ')}); }`;
       })
       .join('\n');
   const storeA = range(la)
     .map((j) => {
-      const { ml, kl } = aPos(j);
-      return `    { let ml = ${ml}; As[${kl} * SA + ml / 4u][ml % 4u] = ra${j}; }`;
+      const { m4, kl } = aPos(j);
+      return `    As[${kl} * SA + ${m4}] = ra${j};`;
     })
     .join('\n');
   const storeB = range(lb)
     .map((j) => {
-      const { nl, kl } = bPos(j);
-      return `    { let nl = ${nl}; Bs[${kl} * SB + nl / 4u][nl % 4u] = rb${j}; }`;
+      const { n4, kl } = bPos(j);
+      return `    Bs[${kl} * SB + ${n4}] = rb${j};`;
     })
     .join('\n');
   const comps = ['x', 'y', 'z', 'w'];
@@ -173,10 +178,10 @@ ${range(t.tm)
   .flatMap((r) => range(tn4).map((q) => `  var c${r}_${q} = vec4<f32>(0.0);`))
   .join('\n')}
 ${range(la)
-  .map((j) => `  var ra${j}: f32;`)
+  .map((j) => `  var ra${j}: vec4<f32>;`)
   .join('\n')}
 ${range(lb)
-  .map((j) => `  var rb${j}: f32;`)
+  .map((j) => `  var rb${j}: vec4<f32>;`)
   .join('\n')}
   // Slab 0 into registers.
 ${loadA('k0')}
