@@ -178,7 +178,7 @@ async function main(): Promise<void> {
     const best = (p: string, wg: boolean) => Math.min(...rows.filter((x) => x.product.startsWith(p) && (x.kernel === 'tf.matMul') !== wg).map((x) => x.medianMs));
     const four = (wg: boolean) => 2 * best('X·Ω', wg) + best('Xᵀ·Q', wg) + best('Qᵀ·X', wg);
     const tfMs = four(false);
-    console.log(`\nfour products X·Ω + Xᵀ·Q + X·Z + Qᵀ·X (${(4 * 2 * T * F * k / 1e9).toFixed(0)} GFLOP): tf.matMul ${tfMs.toFixed(1)} ms` + (wgsl ? `, WGSL (best tile each) ${four(true).toFixed(1)} ms = ${(tfMs / four(true)).toFixed(2)}× faster` : ''));
+    console.log(`\nfour products X·Ω + Xᵀ·Q + X·Z + Qᵀ·X (${(4 * 2 * T * F * k / 1e9).toFixed(0)} GFLOP): tf.matMul ${tfMs.toFixed(1)} ms` + (wgsl ? `, WGSL (best tile each) ${four(true).toFixed(1)} ms (speed-up ${(tfMs / four(true)).toFixed(2)}×)` : ''));
     console.log('  target: within 2× of the same products in PyTorch fp32 (≈ 45 ms on an H200 for the compression\'s products; torch reaches ~51 TFLOP/s on fp32 matmul there)');
     result.products = rows;
     result.fourProductsMs = { tfjs: tfMs, wgsl: wgsl ? four(true) : null };

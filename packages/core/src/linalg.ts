@@ -166,7 +166,7 @@ function newtonSchulzInvSqrt(G: tf.Tensor2D, sch: NsSchedule, mm: MatmulFn = mat
  * pass (as between power iterations) leaves singular values within ~[0.9, 1.1]. Directions of Y
  * weaker than ~1e-3 of its largest singular value come out as columns of small norm instead of
  * being dropped, so Q is [m, k] always. Cost per pass: two [m, k]-by-k products and 24–27 k×k
- * products. Does not dispose Y.
+ * products. `mm` computes the products (default {@link matmul}). Does not dispose Y.
  */
 export function orthonormalizeDevice(Y: tf.Tensor2D, passes = 2, mm: MatmulFn = matmul): tf.Tensor2D {
   checkPasses(passes);
