@@ -135,7 +135,7 @@ const NS_SECOND: NsSchedule = { quintic: 3, cubic: 4, scale: 'rowsum' };
  * G, so they commute. The scale c bounds λ_max(G): ‖G‖_F (`frobenius`) or the max absolute row sum
  * (`rowsum`, tight when G ≈ I). Cost: 4 (quintic) or 3 (cubic) k×k products per step.
  */
-function newtonSchulzInvSqrt(G: tf.Tensor2D, sch: NsSchedule): tf.Tensor2D {
+function newtonSchulzInvSqrt(G: tf.Tensor2D, sch: NsSchedule, mm: MatmulFn = matmul): tf.Tensor2D {
   return tf.tidy(() => {
     const k = G.shape[0];
     const I = tf.eye(k) as tf.Tensor2D;
@@ -149,10 +149,10 @@ function newtonSchulzInvSqrt(G: tf.Tensor2D, sch: NsSchedule): tf.Tensor2D {
     for (let i = 0; i < sch.quintic + sch.cubic; i++) {
       const P =
         i < sch.quintic
-          ? (tf.add(tf.add(aI, tf.mul(M, b)), tf.mul(matmul(M, M), cc)) as tf.Tensor2D)
+          ? (tf.add(tf.add(aI, tf.mul(M, b)), tf.mul(mm(M, M, false, false), cc)) as tf.Tensor2D)
           : (tf.sub(halfI, tf.mul(M, 0.5)) as tf.Tensor2D);
-      W = matmul(W, P);
-      M = matmul(matmul(M, P), P);
+      W = mm(W, P, false, false);
+      M = mm(mm(M, P, false, false), P, false, false);
     }
     return W;
   });
@@ -166,13 +166,13 @@ function newtonSchulzInvSqrt(G: tf.Tensor2D, sch: NsSchedule): tf.Tensor2D {
  * pass (as between power iterations) leaves singular values within ~[0.9, 1.1]. Directions of Y
  * weaker than ~1e-3 of its largest singular value come out as columns of small norm instead of
  * being dropped, so Q is [m, k] always. Cost per pass: two [m, k]-by-k products and 24–27 k×k
- * products. Does not dispose Y.
+ * products. `mm` computes the products (default {@link matmul}). Does not dispose Y.
  */
-export function orthonormalizeDevice(Y: tf.Tensor2D, passes = 2): tf.Tensor2D {
+export function orthonormalizeDevice(Y: tf.Tensor2D, passes = 2, mm: MatmulFn = matmul): tf.Tensor2D {
   checkPasses(passes);
   let Q = Y;
   for (let p = 0; p < passes; p++) {
-    const next = tf.tidy(() => matmul(Q, deviceGramFactor(matmul(Q, Q, true, false), p)));
+    const next = tf.tidy(() => mm(Q, deviceGramFactor(mm(Q, Q, true, false), p, mm), false, false));
     if (Q !== Y) Q.dispose();
     Q = next;
   }
@@ -180,8 +180,8 @@ export function orthonormalizeDevice(Y: tf.Tensor2D, passes = 2): tf.Tensor2D {
 }
 
 /** Device factor W ≈ G^(-1/2) of a Gram matrix G = SᵀS (pass `pass` of an orthonormalization), with S·W orthonormal. */
-function deviceGramFactor(G: tf.Tensor2D, pass: number): tf.Tensor2D {
-  return newtonSchulzInvSqrt(G, pass === 0 ? NS_FIRST : NS_SECOND);
+function deviceGramFactor(G: tf.Tensor2D, pass: number, mm: MatmulFn = matmul): tf.Tensor2D {
+  return newtonSchulzInvSqrt(G, pass === 0 ? NS_FIRST : NS_SECOND, mm);
 }
 
 /** Host copies of recent test matrices (key rows×cols@seed): compressing many groups of one shape reuses one Ω. */
@@ -259,7 +259,16 @@ export interface TruncatedSvdOptions {
   exact?: boolean;
   /** Where the k×k orthonormalization runs; default `auto` (see {@link Orthogonalization}). */
   orthogonalization?: Orthogonalization;
+  /**
+   * The matrix product op(a)·op(b) used for every backend product of the method (the products with X
+   * and the k×k work); default {@link matmul}. A caller may pass a faster kernel for its backend (the
+   * xKV compression passes a tiled WGSL GEMM on webgpu).
+   */
+  matmul?: MatmulFn;
 }
+
+/** A matrix product op(a)·op(b) → [M, N], as {@link matmul}. */
+export type MatmulFn = (a: tf.Tensor2D, b: tf.Tensor2D, transposeA: boolean, transposeB: boolean) => tf.Tensor2D;
 
 /** Rank-r factors X ≈ basis · coeffs, with orthonormal basis columns. */
 export interface LowRankFactors {
@@ -287,10 +296,10 @@ type Blocks = tf.Tensor2D[];
  * Σ_i A_i·B_i: a product over blocked inner dimension (A = [A_1 … A_G], B = [B_1; …; B_G]), summed as
  * it goes, so at most two partial products are alive at once.
  */
-function blockSum(A: Blocks, B: Blocks, transposeA = false, transposeB = false): tf.Tensor2D {
-  let acc = matmul(A[0], B[0], transposeA, transposeB);
+function blockSum(A: Blocks, B: Blocks, transposeA = false, transposeB = false, mm: MatmulFn = matmul): tf.Tensor2D {
+  let acc = mm(A[0], B[0], transposeA, transposeB);
   for (let i = 1; i < A.length; i++) {
-    const next = tf.tidy(() => tf.add(acc, matmul(A[i], B[i], transposeA, transposeB)) as tf.Tensor2D);
+    const next = tf.tidy(() => tf.add(acc, mm(A[i], B[i], transposeA, transposeB)) as tf.Tensor2D);
     acc.dispose();
     acc = next;
   }
@@ -298,8 +307,8 @@ function blockSum(A: Blocks, B: Blocks, transposeA = false, transposeB = false):
 }
 
 /** [L·X_1 … L·X_G]: a left product applied block by block. */
-function leftTimes(L: tf.Tensor2D, X: Blocks, transposeL = false): Blocks {
-  return X.map((x) => matmul(L, x, transposeL, false));
+function leftTimes(L: tf.Tensor2D, X: Blocks, transposeL = false, mm: MatmulFn = matmul): Blocks {
+  return X.map((x) => mm(L, x, transposeL, false));
 }
 
 /**
@@ -361,9 +370,10 @@ async function truncatedSvdBlocks(X: Blocks, opts: TruncatedSvdOptions): Promise
     const Q = tf.eye(T) as tf.Tensor2D;
     return rayleighRitz(Q, X.map((x) => tf.clone(x)), r);
   }
-  const { Q, B } = await rangeFinder(X, k, Math.round(2 * qIn), seed, orth);
+  const mm = opts.matmul ?? matmul;
+  const { Q, B } = await rangeFinder(X, k, Math.round(2 * qIn), seed, orth, mm);
   if (B[0].shape[0] === r) return { basis: Q, coeffs: B };
-  return rayleighRitz(Q, B, r);
+  return rayleighRitz(Q, B, r, mm);
 }
 
 /** Splits C [r, Σ F_i] into blocks [r, F_i] shaped like X's blocks; disposes C (unless one block). */
@@ -401,12 +411,12 @@ function gaussianRowBlocks(X: Blocks, k: number, seed: number): Blocks {
  * then well conditioned) and two (Cholesky-QR2-like) when it is the raw X·Ω. Every F-side matrix
  * (M, A, Zᵀ, B) is kept as blocks matching X's.
  */
-async function rangeFinder(X: Blocks, k: number, halfSteps: number, seed: number, orth: 'host' | 'device'): Promise<{ Q: tf.Tensor2D; B: Blocks }> {
+async function rangeFinder(X: Blocks, k: number, halfSteps: number, seed: number, orth: 'host' | 'device', mm: MatmulFn = matmul): Promise<{ Q: tf.Tensor2D; B: Blocks }> {
   const T = X[0].shape[0];
-  const factor = async (G: tf.Tensor2D, pass: number): Promise<tf.Tensor2D> => (orth === 'host' ? hostGramFactor(G) : deviceGramFactor(G, pass));
+  const factor = async (G: tf.Tensor2D, pass: number): Promise<tf.Tensor2D> => (orth === 'host' ? hostGramFactor(G) : deviceGramFactor(G, pass, mm));
   const gramOf = (A: Blocks, M: Blocks): tf.Tensor2D =>
     tf.tidy(() => {
-      const G = blockSum(A, M);
+      const G = blockSum(A, M, false, false, mm);
       return tf.mul(tf.add(G, tf.transpose(G)), 0.5) as tf.Tensor2D;
     });
   let M: Blocks; // Y = X·M
@@ -414,14 +424,14 @@ async function rangeFinder(X: Blocks, k: number, halfSteps: number, seed: number
   let steps = halfSteps;
   if (halfSteps % 2 === 0) {
     M = gaussianRowBlocks(X, k, seed);
-    Y = blockSum(X, M);
+    Y = blockSum(X, M, false, false, mm);
   } else {
     const omegaT = gaussianMatrix(k, T, seed);
-    const Zt0 = leftTimes(omegaT, X);
+    const Zt0 = leftTimes(omegaT, X, false, mm);
     omegaT.dispose();
-    M = await rowToColumnBasis(Zt0, factor);
+    M = await rowToColumnBasis(Zt0, factor, mm);
     tf.dispose(Zt0);
-    Y = blockSum(X, M);
+    Y = blockSum(X, M, false, false, mm);
     steps -= 1;
   }
   for (;;) {
@@ -430,48 +440,53 @@ async function rangeFinder(X: Blocks, k: number, halfSteps: number, seed: number
       // Two passes, then B = Qᵀ·X from the explicit basis: folding Newton–Schulz factors into Yᵀ·X
       // loses ~1e-3 of B in float32 when Y is ill conditioned.
       tf.dispose(M);
-      const Q = orthonormalizeDevice(Y, 2);
+      const Q = orthonormalizeDevice(Y, 2, mm);
       Y.dispose();
-      return { Q, B: leftTimes(Q, X, true) };
+      return { Q, B: leftTimes(Q, X, true, mm) };
     }
-    const Yt = tf.transpose(Y) as tf.Tensor2D;
-    const A = leftTimes(Yt, X); // Yᵀ·X [k, F]
-    Yt.dispose();
+    // Yᵀ·X [k, F]: a custom product reads Y transposed in place; core matmul gets one explicit Yᵀ.
+    let A: Blocks;
+    if (mm !== matmul) A = leftTimes(Y, X, true, mm);
+    else {
+      const Yt = tf.transpose(Y) as tf.Tensor2D;
+      A = leftTimes(Yt, X);
+      Yt.dispose();
+    }
     const G = gramOf(A, M); // = YᵀY
     tf.dispose(M);
     const W = await factor(G, 0);
     G.dispose();
     if (last) {
-      let Q = matmul(Y, W);
-      let B = leftTimes(W, A, true);
+      let Q = mm(Y, W, false, false);
+      let B = leftTimes(W, A, true, mm);
       tf.dispose([Y, W, ...A]);
       if (halfSteps === 0) {
         // Second pass on the raw sketch X·Ω, which can be too ill-conditioned for one pass in float32.
-        const G2 = matmul(Q, Q, true, false);
+        const G2 = mm(Q, Q, true, false);
         const W2 = await factor(G2, 1);
-        const Q2 = matmul(Q, W2);
-        const B2 = leftTimes(W2, B, true);
+        const Q2 = mm(Q, W2, false, false);
+        const B2 = leftTimes(W2, B, true, mm);
         tf.dispose([G2, W2, Q, ...B]);
         Q = Q2;
         B = B2;
       }
       return { Q, B };
     }
-    const Zt = leftTimes(W, A, true);
+    const Zt = leftTimes(W, A, true, mm);
     tf.dispose([Y, W, ...A]);
-    M = await rowToColumnBasis(Zt, factor);
+    M = await rowToColumnBasis(Zt, factor, mm);
     tf.dispose(Zt);
-    Y = blockSum(X, M);
+    Y = blockSum(X, M, false, false, mm);
     steps -= 2;
   }
 }
 
 /** Orthonormal P [F, k'] (as row blocks) spanning the columns of Z = (Zᵀ)ᵀ, from the row sketch Zᵀ [k, F] (column blocks; one pass). */
-async function rowToColumnBasis(Zt: Blocks, factor: (G: tf.Tensor2D, pass: number) => Promise<tf.Tensor2D>): Promise<Blocks> {
+async function rowToColumnBasis(Zt: Blocks, factor: (G: tf.Tensor2D, pass: number) => Promise<tf.Tensor2D>, mm: MatmulFn = matmul): Promise<Blocks> {
   const Z = Zt.map((z) => tf.transpose(z) as tf.Tensor2D);
-  const G = blockSum(Zt, Z);
+  const G = blockSum(Zt, Z, false, false, mm);
   const W = await factor(G, 0);
-  const P = Z.map((z) => matmul(z, W));
+  const P = Z.map((z) => mm(z, W, false, false));
   tf.dispose([...Z, G, W]);
   return P;
 }
@@ -481,9 +496,9 @@ async function rowToColumnBasis(Zt: Blocks, factor: (G: tf.Tensor2D, pass: numbe
  * host in float64, basis = Q·W_r, coeffs = W_rᵀ·B. Zero columns pad a numerically rank-deficient X.
  * Disposes Q and B.
  */
-async function rayleighRitz(Q: tf.Tensor2D, B: Blocks, r: number): Promise<LowRankBlockFactors> {
+async function rayleighRitz(Q: tf.Tensor2D, B: Blocks, r: number, mm: MatmulFn = matmul): Promise<LowRankBlockFactors> {
   const kk = B[0].shape[0];
-  const BBt = blockSum(B, B, false, true);
+  const BBt = blockSum(B, B, false, true, mm);
   const g = (await BBt.data()) as Float32Array;
   BBt.dispose();
   const { values, vectors } = symmetricEig(g, kk);
@@ -491,8 +506,8 @@ async function rayleighRitz(Q: tf.Tensor2D, B: Blocks, r: number): Promise<LowRa
   const W = new Float32Array(kk * r);
   for (let i = 0; i < kk; i++) for (let j = 0; j < rr; j++) W[i * r + j] = vectors[i * kk + j];
   const Wt = tf.tensor2d(W, [kk, r]);
-  const basis = matmul(Q, Wt);
-  const coeffs = leftTimes(Wt, B, true);
+  const basis = mm(Q, Wt, false, false);
+  const coeffs = leftTimes(Wt, B, true, mm);
   tf.dispose([Wt, ...B, Q]);
   const singularValues = new Float64Array(r);
   for (let j = 0; j < rr; j++) singularValues[j] = Math.sqrt(Math.max(values[j], 0));

@@ -19,3 +19,5 @@ export { sparseGeometry } from './lowrank/sparse-index.js';
 export { decodeStepTimes } from './lowrank/decode-timing.js';
 // The WGSL chunk selection of the sparse step (webgpu), tested on its own.
 export { selectChunkTokens } from './lowrank/sparse-wgsl.js';
+// The tiled WGSL GEMM of the range finder (webgpu), its tiles and the switch back to tf.matMul.
+export { GEMM_TILES, defaultSplitK, rangeFinderMatmul, setRangeFinderProducts, wgslMatmul, type GemmTile, type WgslMatmulOptions } from './lowrank/tall-skinny-wgsl.js';

@@ -5,6 +5,7 @@ import { KINDS, checkGroupRanks, layerGroups, rankOf, type GroupSvdConfig, type 
 import { GroupSvdCache } from './group-svd-cache.js';
 import { resolveRanks } from './rank-target.js';
 import { buildSparseIndex } from './sparse-index-build.js';
+import { rangeFinderMatmul } from './tall-skinny-wgsl.js';
 import type { SparseIndex } from './sparse-index.js';
 
 /**
@@ -48,6 +49,8 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
           seed: config.seed,
           exact: config.exact,
           orthogonalization: config.orthogonalization,
+          // On webgpu the products (X·Ω, Yᵀ·X, X·P, Qᵀ·X and the k×k work) run as a tiled WGSL GEMM.
+          matmul: rangeFinderMatmul(),
         });
         live.push(svd.basis, ...svd.coeffs);
         tf.dispose(X);
