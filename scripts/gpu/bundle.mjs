@@ -34,8 +34,6 @@ await esbuild.build({
   // the entry resolve from the bench package's dependencies.
   alias: {
     ...Object.fromEntries(['core', 'xkv', 'baselines', 'models', 'bench'].map((p) => [`@kvpack/${p}`, join(root, 'packages', p)])),
-    // The CommonJS build the other packages' dist/ require, so an entry shares its module state (switches).
-    '@kvpack/strategy-utils/internal': join(root, 'packages', 'strategy-utils', 'dist', 'internal.cjs'),
     // No plots on the GPU host (and vega's Node build has a top-level await CommonJS cannot hold).
     vega: join(root, 'scripts', 'gpu', 'no-plots.cjs'),
     'vega-lite': join(root, 'scripts', 'gpu', 'no-plots.cjs'),
