@@ -6,14 +6,13 @@ import {
   applyRope,
   atMost,
   check,
-  decodeHalf,
-  encodeHalf,
   defineStrategy,
   disposeOwnedOnError,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
 } from '@kvpack/core';
+import { topKPositions } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /** Options of the `minicache` strategy (defaults: the paper's t = 0.6 and γ = 0.05). */
@@ -31,26 +30,7 @@ export const MiniCacheOptionsSchema = z.strictObject({
 export type MiniCacheOptions = z.output<typeof MiniCacheOptionsSchema>;
 
 /** Angles at or within this of 0 or π make SLERP's 1/sin Ω ill-conditioned: linear interpolation instead. */
-const PARALLEL_EPS = 1e-6;
-
-/**
- * The merged form of one adjacent layer pair (l0 = S + 2i, l1 = l0 + 1), for keys or for values,
- * T tokens × H_kv KV heads × d channels. All floats are float16 bit patterns.
- */
-export interface MergedPair {
-  /** Shared unit direction per token per KV head (SLERP of the two layers' directions), [T, H_kv, d]. */
-  dir: Uint16Array;
-  /** Per-token norms of the lower and upper layer, [T, H_kv] each. */
-  norm0: Uint16Array;
-  norm1: Uint16Array;
-  /** Retained (unmerged) token positions per KV head, ascending, [k, H_kv]. */
-  idx: Int32Array;
-  /** The retained tokens' exact vectors of the lower and upper layer, [k, H_kv, d] each. */
-  keep0: Uint16Array;
-  keep1: Uint16Array;
-  /** k: retained tokens per KV head. */
-  retained: number;
-}
+export const PARALLEL_EPS = 1e-6;
 
 /** Number of token pairs retained unmerged per KV head: round(γ·T). */
 export function retainedCount(tokens: number, gamma: number): number {
@@ -59,10 +39,14 @@ export function retainedCount(tokens: number, gamma: number): number {
 
 /**
  * MiniCache's merge of two adjacent layers' states x0 (lower layer) and x1 (upper layer), each
- * [T, H, d] (MiniCache, Liu et al. 2024, arXiv 2405.14366, §4.1–4.2):
- * - per token per KV head, the vectors are split into norm ‖x‖ and unit direction u = x/‖x‖;
+ * [T, H, d] (MiniCache, Liu et al. 2024, arXiv 2405.14366, §4.1–4.2), on the tfjs backend in float32,
+ * every KV head and token at once, with no host round trip:
+ * - per token per KV head, the vectors are split into norm ‖x‖ and unit direction u = x/‖x‖ (u = 0
+ *   for a zero vector);
  * - the directions are merged by SLERP, e = sin((1−t)Ω)/sin Ω · u0 + sin(tΩ)/sin Ω · u1 with
- *   Ω = arccos(u0·u1), falling back to (1−t)·u0 + t·u1 when sin Ω < 1e-6 (Ω ≈ 0 or π);
+ *   Ω = ∠(u0, u1), falling back to (1−t)·u0 + t·u1 when sin Ω < 1e-6 (Ω ≈ 0 or π); Ω is taken as
+ *   2·atan2(‖u0 − u1‖, ‖u0 + u1‖), which is arccos(u0·u1) but keeps its float32 accuracy near 0 and
+ *   π (π/2 when either vector is zero, as arccos 0);
  * - each layer keeps its own norm, so layer j is restored as ‖x_j‖·e;
  * - per KV head, the round(γ·T) token pairs with the **largest** angular distance Ω/π (the most
  *   distinct, i.e. least mergeable) are retained unmerged in both layers. This is the paper's stated
@@ -70,87 +54,42 @@ export function retainedCount(tokens: number, gamma: number): number {
  *   (abdelfattah-lab/xKV, xKV/customized_cache/fake_layer_merge_dynamic_cache.py,
  *   `slerp_merge_rows_batch`) thresholds Ω at d_min + γ·(d_max − d_min) and leaves the tokens
  *   *below* the threshold — the most similar ones — unmerged, which inverts the rule; we follow the
- *   paper, and take γ as the retained fraction (top-γ by angle, ties to the lower position).
- * Everything is computed in float64 and stored as float16.
+ *   paper, and take γ as the retained fraction (top-γ by angle, ties to the lower position:
+ *   strategy-utils `topKPositions`).
+ * Returns float32 tensors, transient, owned by the caller: the direction [T, H, d], the norms
+ * [T, H] each, the retained positions int32 [k, H] (ascending per KV head) and the retained rows of
+ * both layers [k, H, d] each. The stored form rounds the floats to float16.
  */
-export function mergeLayerPair(x0: Float32Array, x1: Float32Array, T: number, H: number, d: number, t: number, gamma: number): MergedPair {
-  const n = T * H;
-  const dir = new Float64Array(n * d);
-  const norm0 = new Float64Array(n);
-  const norm1 = new Float64Array(n);
-  const angle = new Float64Array(n);
-  for (let i = 0; i < n; i++) {
-    const o = i * d;
-    let s0 = 0;
-    let s1 = 0;
-    for (let c = 0; c < d; c++) {
-      s0 += x0[o + c] * x0[o + c];
-      s1 += x1[o + c] * x1[o + c];
-    }
-    const a = Math.sqrt(s0);
-    const b = Math.sqrt(s1);
-    norm0[i] = a;
-    norm1[i] = b;
-    const ia = a > 0 ? 1 / a : 0;
-    const ib = b > 0 ? 1 / b : 0;
-    let dot = 0;
-    for (let c = 0; c < d; c++) dot += x0[o + c] * ia * (x1[o + c] * ib);
-    const omega = Math.acos(Math.min(1, Math.max(-1, dot)));
-    angle[i] = omega;
-    const so = Math.sin(omega);
-    let w0: number;
-    let w1: number;
-    if (so < PARALLEL_EPS) {
-      w0 = 1 - t;
-      w1 = t;
-    } else {
-      w0 = Math.sin((1 - t) * omega) / so;
-      w1 = Math.sin(t * omega) / so;
-    }
-    for (let c = 0; c < d; c++) dir[o + c] = w0 * x0[o + c] * ia + w1 * x1[o + c] * ib;
-  }
+export function mergeLayerPairOnBackend(
+  x0: tf.Tensor3D,
+  x1: tf.Tensor3D,
+  t: number,
+  gamma: number,
+): { dir: tf.Tensor3D; norm0: tf.Tensor2D; norm1: tf.Tensor2D; idx: tf.Tensor2D; keep0: tf.Tensor3D; keep1: tf.Tensor3D } {
+  const [T, H, d] = x0.shape;
   const k = retainedCount(T, gamma);
-  const idx = new Int32Array(k * H);
-  const keep0 = new Float32Array(k * H * d);
-  const keep1 = new Float32Array(k * H * d);
-  const order = new Int32Array(T);
-  for (let h = 0; h < H; h++) {
-    for (let i = 0; i < T; i++) order[i] = i;
-    const chosen = Array.from(order)
-      .sort((p, q) => angle[q * H + h] - angle[p * H + h] || p - q)
-      .slice(0, k)
-      .sort((p, q) => p - q);
-    chosen.forEach((tok, j) => {
-      idx[j * H + h] = tok;
-      const src = (tok * H + h) * d;
-      const dst = (j * H + h) * d;
-      for (let c = 0; c < d; c++) {
-        keep0[dst + c] = x0[src + c];
-        keep1[dst + c] = x1[src + c];
-      }
-    });
-  }
-  return { dir: encodeHalf(dir), norm0: encodeHalf(norm0), norm1: encodeHalf(norm1), idx, keep0: encodeHalf(keep0), keep1: encodeHalf(keep1), retained: k };
-}
-
-/** Restores both layers of a merged pair, [T, H, d] float32 each: ‖x_j‖·e, with retained tokens exact. */
-export function restoreLayerPair(m: MergedPair, T: number, H: number, d: number): [Float32Array, Float32Array] {
-  const dir = decodeHalf(m.dir);
-  const out: [Float32Array, Float32Array] = [new Float32Array(T * H * d), new Float32Array(T * H * d)];
-  const norms = [decodeHalf(m.norm0), decodeHalf(m.norm1)];
-  const keep = [decodeHalf(m.keep0), decodeHalf(m.keep1)];
-  for (let j = 0; j < 2; j++) {
-    const o = out[j];
-    const nj = norms[j];
-    for (let i = 0; i < T * H; i++) for (let c = 0; c < d; c++) o[i * d + c] = nj[i] * dir[i * d + c];
-    for (let r = 0; r < m.retained; r++) {
-      for (let h = 0; h < H; h++) {
-        const tok = m.idx[r * H + h];
-        o.set(keep[j].subarray((r * H + h) * d, (r * H + h + 1) * d), (tok * H + h) * d);
-      }
-    }
-  }
-  return out;
+  return tf.tidy(() => {
+    const n0 = tf.sqrt(tf.sum(tf.square(x0), 2, true)); // [T, H, 1]
+    const n1 = tf.sqrt(tf.sum(tf.square(x1), 2, true));
+    const inverse = (n: tf.Tensor) => tf.where(tf.greater(n, 0), tf.div(1, tf.maximum(n, Number.MIN_VALUE)), tf.zerosLike(n));
+    const u0 = tf.mul(x0, inverse(n0));
+    const u1 = tf.mul(x1, inverse(n1));
+    const chord = (u: tf.Tensor) => tf.sqrt(tf.sum(tf.square(u), 2, true));
+    const zero = tf.logicalOr(tf.equal(n0, 0), tf.equal(n1, 0));
+    const omega = tf.where(zero, tf.fill([T, H, 1], Math.PI / 2), tf.mul(2, tf.atan2(chord(tf.sub(u0, u1)), chord(tf.add(u0, u1))))); // [T, H, 1]
+    const so = tf.sin(omega);
+    const linear = tf.less(so, PARALLEL_EPS);
+    const safe = tf.where(linear, tf.onesLike(so), so);
+    const w0 = tf.where(linear, tf.fill([T, H, 1], 1 - t), tf.div(tf.sin(tf.mul(1 - t, omega)), safe));
+    const w1 = tf.where(linear, tf.fill([T, H, 1], t), tf.div(tf.sin(tf.mul(t, omega)), safe));
+    const dir = tf.add(tf.mul(w0, u0), tf.mul(w1, u1)) as tf.Tensor3D;
+    const idxHK = topKPositions(tf.transpose(tf.reshape(omega, [T, H])) as tf.Tensor2D, k); // [H, k]
+    const idx = tf.transpose(idxHK) as tf.Tensor2D; // [k, H]
+    // Rows t·H + h of x viewed as [T·H, d]: every KV head's own retained tokens in one gather.
+    const rows = tf.reshape(tf.add(tf.mul(idx, tf.scalar(H, 'int32')), tf.reshape(tf.range(0, H, 1, 'int32'), [1, H])), [k * H]);
+    const keep = (x: tf.Tensor3D) => tf.reshape(tf.gather(tf.reshape(x, [T * H, d]), rows), [k, H, d]) as tf.Tensor3D;
+    return { dir, norm0: tf.reshape(n0, [T, H]) as tf.Tensor2D, norm1: tf.reshape(n1, [T, H]) as tf.Tensor2D, idx, keep0: keep(x0), keep1: keep(x1) };
+  });
 }
 
 /** Merged layer pairs (l0, l0 + 1) from `startLayer` while both layers exist. */
@@ -215,17 +154,23 @@ function pairShapes(T: number, H: number, d: number, k: number): Record<(typeof 
   };
 }
 
-/** Uploads a merged pair's stored parts (float16 bits packed without decoding, indices as int32). */
-function holdPair(m: MergedPair, T: number, H: number, d: number): HeldPair {
-  const shapes = pairShapes(T, H, d, m.retained);
-  const held: Partial<HeldPair> = { idxHost: m.idx, retained: m.retained };
+/**
+ * Merges a layer pair on the backend ({@link mergeLayerPairOnBackend}) and holds its stored parts:
+ * the floats packed to float16 ({@link HalfTensor.fromTensor}: on the device on webgpu), the retained
+ * positions as int32. `idxHost` is left empty: the positions are host metadata (serialized,
+ * {@link MiniCacheCache.retainedPositions}) and come back in one readback after every pair is merged.
+ */
+async function mergeAndHold(x0: tf.Tensor3D, x1: tf.Tensor3D, t: number, gamma: number): Promise<HeldPair> {
+  const m = mergeLayerPairOnBackend(x0, x1, t, gamma);
+  const held: Partial<HeldPair> = { idx: m.idx, idxHost: new Int32Array(0), retained: m.idx.shape[0] };
   try {
-    for (const part of HALF_PARTS) held[part] = HalfTensor.fromBits(m[part], shapes[part].shape);
-    held.idx = tf.tensor2d(m.idx, [m.retained, H], 'int32');
+    for (const part of HALF_PARTS) held[part] = await HalfTensor.fromTensor(m[part]);
     return held as HeldPair;
   } catch (e) {
     disposePair(held);
     throw e;
+  } finally {
+    tf.dispose(HALF_PARTS.map((part) => m[part]));
   }
 }
 
@@ -237,8 +182,8 @@ function disposePair(p: Partial<HeldPair>): void {
 /**
  * Layer j (0: lower, 1: upper) of a held merged pair, [T, H, d] float32, on the backend with tfjs
  * ops only (no readback on webgpu): ‖x_j‖·e, then the retained rows scattered in at their
- * (token, KV head) pairs. The product of two float16 values is exact in float32, so this equals
- * {@link restoreLayerPair} bit for bit on every backend. Transient, owned by the caller.
+ * (token, KV head) pairs. The product of two float16 values is exact in float32, so this equals the
+ * host reconstruction of the same stored parts (oracle.ts `restoreLayerPair`) bit for bit on every backend. Transient, owned by the caller.
  */
 export function restoreHeldLayer(p: HeldPair, j: 0 | 1, T: number, H: number, d: number): tf.Tensor3D {
   return tf.tidy(() => {
@@ -374,10 +319,14 @@ export const miniCacheDefinition = defineStrategy({
       const pairs: PairState[] = [];
       for (const layers of mergedPairs(L, start)) {
         const [a, b] = layers;
-        const merge = async (x: tf.Tensor3D[]) =>
-          ownPair(holdPair(mergeLayerPair((await x[a].data()) as Float32Array, (await x[b].data()) as Float32Array, T, H, d, options.t, options.gamma), T, H, d));
-        pairs.push({ layers, k: await merge(cache.keys), v: await merge(cache.values) });
+        const k = ownPair(await mergeAndHold(cache.keys[a], cache.keys[b], options.t, options.gamma));
+        const v = ownPair(await mergeAndHold(cache.values[a], cache.values[b], options.t, options.gamma));
+        pairs.push({ layers, k, v });
       }
+      // The retained positions, host metadata, in one readback after every pair is merged.
+      const held = pairs.flatMap((p) => [p.k, p.v]);
+      const hostIdx = await Promise.all(held.map(async (p) => Int32Array.from((await p.idx.data()) as Int32Array)));
+      held.forEach((p, i) => (p.idxHost = hostIdx[i]));
       const merged = new Set(pairs.flatMap((p) => p.layers));
       const exactK: (HalfTensor | null)[] = new Array(L).fill(null);
       const exactV: (HalfTensor | null)[] = new Array(L).fill(null);

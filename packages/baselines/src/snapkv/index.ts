@@ -1,14 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
-import {
-  KvpackError,
-  MAX_TOKENS,
-  applyRope,
-  atMost,
-  check,
-  type KVCache,
-} from '@kvpack/core';
+import { KvpackError, MAX_TOKENS, atMost, check, type KVCache } from '@kvpack/core';
 import { z } from 'zod';
-import { defineEvictionStrategy } from '@kvpack/strategy-utils';
+import { defineEvictionStrategy, type ScoreContext } from '@kvpack/strategy-utils';
 
 const tokens = atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap");
 
@@ -33,71 +26,59 @@ export type SnapKvOptions = z.output<typeof SnapKvOptionsSchema>;
  * FasterDecoding/SnapKV, snapkv_utils.py): attention weights of the w observation-window queries
  * over all T keys (softmax(q·kᵀ/√d), causal inside the window), restricted to the T − w prefix keys,
  * **summed** over the window queries and **averaged** over the query heads of each KV head's GQA
- * group (as NVIDIA/kvpress's SnapKVPress averages per group). Runs on the tfjs backend.
+ * group (as NVIDIA/kvpress's SnapKVPress averages per group). Runs on the tfjs backend (the causal
+ * mask is built there too), float32.
  * @param queries post-RoPE window queries [w, H, d]
  * @param keys post-RoPE keys [T, H_kv, d]
- * @returns votes [H_kv, T − w], row-major
+ * @returns votes [H_kv, T − w], transient, owned by the caller
  */
-export async function snapkvVotes(queries: tf.Tensor3D, keys: tf.Tensor3D): Promise<Float32Array> {
+export function snapkvVotes(queries: tf.Tensor3D, keys: tf.Tensor3D): tf.Tensor2D {
   const [w, Hq, d] = queries.shape;
   const [T, Hkv] = keys.shape;
   const g = Hq / Hkv;
-  const mask = new Float32Array(w * T);
-  for (let i = 0; i < w; i++) for (let j = T - w + i + 1; j < T; j++) mask[i * T + j] = -1e30; // as core attention: finite, so no backend turns it into NaN
-  const votes = tf.tidy(() => {
+  return tf.tidy(() => {
+    // Window query i sees keys j ≤ T − w + i; the rest get −1e30 (as core attention: finite, so no backend turns it into NaN).
+    const hidden = tf.greater(tf.reshape(tf.range(0, T, 1, 'int32'), [1, T]), tf.reshape(tf.range(T - w, T, 1, 'int32'), [w, 1])); // [w, T]
+    const mask = tf.reshape(tf.mul(tf.cast(hidden, 'float32'), -1e30), [1, 1, w, T]);
     const qh = tf.reshape(tf.transpose(tf.reshape(queries, [w, Hkv, g, d]), [1, 2, 0, 3]), [Hkv, g * w, d]);
     const kT = tf.transpose(keys, [1, 2, 0]); // [H_kv, d, T], explicit (transposed matMul is slow on wasm)
     const logits = tf.reshape(tf.mul(tf.matMul(qh, kT), 1 / Math.sqrt(d)), [Hkv, g, w, T]);
-    const p = tf.softmax(tf.add(logits, tf.tensor4d(mask, [1, 1, w, T])), -1);
-    return tf.mean(tf.sum(tf.slice(p, [0, 0, 0, 0], [Hkv, g, w, T - w]), 2), 1);
+    const p = tf.softmax(tf.add(logits, mask), -1);
+    return tf.mean(tf.sum(tf.slice(p, [0, 0, 0, 0], [Hkv, g, w, T - w]), 2), 1) as tf.Tensor2D;
   });
-  const out = (await votes.data()) as Float32Array;
-  votes.dispose();
-  return out;
 }
 
 /**
- * 1-D pooling of each row of `x` ([rows, n]) with a window of `kernel` (odd) positions centered on
- * each position, stride 1, same length: `avg` divides by the kernel (zero padding counted, as
- * torch's avg_pool1d), `max` ignores the padding.
+ * 1-D pooling of each row of `x` [rows, n] on the tfjs backend with a window of `kernel` (odd)
+ * positions centered on each position, stride 1, same length: `avg` divides by the kernel (zero
+ * padding counted, as torch's avg_pool1d), `max` ignores the padding. Transient, owned by the caller.
  */
-export function pool1d(x: ArrayLike<number>, rows: number, n: number, kernel: number, mode: 'avg' | 'max'): Float64Array {
+export function pool1d(x: tf.Tensor2D, kernel: number, mode: 'avg' | 'max'): tf.Tensor2D {
+  const [rows, n] = x.shape;
   const r = Math.floor(kernel / 2);
-  const out = new Float64Array(rows * n);
-  for (let h = 0; h < rows; h++) {
-    for (let i = 0; i < n; i++) {
-      let acc = mode === 'avg' ? 0 : -Infinity;
-      for (let j = Math.max(0, i - r); j <= Math.min(n - 1, i + r); j++) {
-        const v = x[h * n + j];
-        acc = mode === 'avg' ? acc + v : Math.max(acc, v);
-      }
-      out[h * n + i] = mode === 'avg' ? acc / kernel : acc;
-    }
-  }
-  return out;
+  return tf.tidy(() => {
+    // Explicit padding (zeros for avg, −∞ for max), then a valid pool: every window spans `kernel` values.
+    const padded = tf.pad(tf.reshape(x, [rows, 1, n, 1]), [[0, 0], [0, 0], [r, r], [0, 0]], mode === 'avg' ? 0 : -Infinity) as tf.Tensor4D;
+    const pooled = mode === 'avg' ? tf.avgPool(padded, [1, kernel], 1, 'valid') : tf.maxPool(padded, [1, kernel], 1, 'valid');
+    return tf.reshape(pooled, [rows, n]) as tf.Tensor2D;
+  });
 }
 
 /**
- * SnapKV's score of each prefill token, [H_kv, T]: the pooled votes of the observation window for
- * the T − w prefix tokens, +Infinity for the w window tokens (always kept).
+ * SnapKV's score of each prefill token, [H_kv, T] on the backend: the pooled votes of the
+ * observation window for the T − w prefix tokens, +Infinity for the w window tokens (always kept).
+ * The keys are the eviction layer's post-RoPE keys (rotated once, shared with the gather).
  */
-async function snapkvScores(cache: KVCache, layer: number, o: SnapKvOptions): Promise<Float64Array> {
-  const T = cache.keys[layer].shape[0];
+function snapkvScores(cache: KVCache, layer: number, o: SnapKvOptions, { postKeys }: ScoreContext): tf.Tensor2D {
+  const T = postKeys.shape[0];
   const { nHeads: Hq, nKvHeads: Hkv, headDim: d } = cache.layout;
   const w = o.window;
   const q = cache.queries![layer];
-  const win = tf.slice(q, [q.shape[0] - w, 0, 0], [w, Hq, d]);
-  const post = applyRope(cache.keys[layer], cache.rope, { start: cache.startPosition ?? 0, count: T });
-  let votes: Float32Array;
-  try {
-    votes = await snapkvVotes(win, post);
-  } finally {
-    tf.dispose([win, post]);
-  }
-  const pooled = pool1d(votes, Hkv, T - w, o.kernelSize, o.pooling);
-  const out = new Float64Array(Hkv * T).fill(Infinity);
-  for (let h = 0; h < Hkv; h++) out.set(pooled.subarray(h * (T - w), (h + 1) * (T - w)), h * T);
-  return out;
+  return tf.tidy(() => {
+    const win = tf.slice(q, [q.shape[0] - w, 0, 0], [w, Hq, d]);
+    const pooled = pool1d(snapkvVotes(win, postKeys), o.kernelSize, o.pooling);
+    return tf.concat([pooled, tf.fill([Hkv, w], Infinity)], 1) as tf.Tensor2D;
+  });
 }
 
 /** Checks that the cache carries the observation-window queries SnapKV needs. */

@@ -5,6 +5,7 @@ import { runStrategyConformance, expectOptionBounds } from '@kvpack/core/conform
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { KeptTokensCache } from '@kvpack/strategy-utils';
 import { pool1d, snapkvVotes, type SnapKvOptions } from './index.js';
+import { pool1dHost } from './oracle.js';
 import { f16, randomCache, take, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('snapkv', {
@@ -103,22 +104,47 @@ describe('snapkv: kept tokens against a direct float64 computation', () => {
     });
   }
 
-  it('votes and pooled scores equal the float64 computation', async () => {
+  it('votes and pooled scores (on the backend) equal the float64 computation', async () => {
     const w = 6;
+    const n0 = tf.memory().numTensors;
     for (let l = 0; l < layout.nLayers; l++) {
       const q = rc.cache.queries![l].slice([8 - w, 0, 0], [w, layout.nHeads, d]);
       const k = applyRope(rc.cache.keys[l], rc.cache.rope, { start: 0, count: T });
-      const votes = await snapkvVotes(q, k);
+      const votes = snapkvVotes(q, k);
       tf.dispose([q, k]);
       for (const pooling of ['avg', 'max'] as const) {
-        const got = pool1d(votes, H, T - w, 5, pooling);
+        const pooled = pool1d(votes, 5, pooling);
+        const got = await pooled.data();
+        pooled.dispose();
         const ref = refScores(rc.queries[l], rc.postKeys[l], T, w, layout, 5, pooling).flat();
         expect(got.length).toBe(ref.length);
         const scale = Math.max(...ref);
         for (let i = 0; i < ref.length; i++) expect(Math.abs(got[i] - ref[i])).toBeLessThan(1e-5 * scale);
       }
+      votes.dispose();
     }
+    expect(tf.memory().numTensors).toBe(n0);
   });
+
+  for (const backend of ['wasm', 'cpu'])
+    it(`${backend}: backend pooling equals the float64 host pooling, kernels wider than the row included`, async () => {
+      await selectBackend(backend);
+      const rows = 3;
+      const n = 11;
+      // Values with ties and negatives; exact in float32 and in every partial sum.
+      const x = Float32Array.from({ length: rows * n }, (_, i) => ((i * 7) % 5) - 2 + (i % 3) * 0.25);
+      const xt = tf.tensor2d(x, [rows, n]);
+      for (const kernel of [1, 3, 7, 23])
+        for (const mode of ['avg', 'max'] as const) {
+          const p = pool1d(xt, kernel, mode);
+          const got = await p.data();
+          p.dispose();
+          const want = pool1dHost(x, rows, n, kernel, mode);
+          for (let i = 0; i < want.length; i++) expect(Math.abs(got[i] - want[i]), `${mode} ${kernel} [${i}]`).toBeLessThanOrEqual(Math.abs(want[i]) * 2 ** -22);
+        }
+      xt.dispose();
+      await selectBackend('wasm');
+    });
 
   it('needs the observation-window queries', async () => {
     const s = createStrategy({ name: 'snapkv', options: { budget: 20, window: 8 } });

@@ -3,7 +3,6 @@ import {
   BaseCompressedCache,
   HalfTensor,
   applyRope,
-  isHostBackend,
   check,
   encodeHalf,
   type KVCache,
@@ -87,39 +86,72 @@ export class KeptTokensCache extends BaseCompressedCache {
 
   /**
    * Builds the cache from a prefill and the kept positions of each layer ([n, H_kv] row-major, the
-   * same n for every head). Keys are rotated at startPosition + i before the gather. On wasm and cpu
-   * the gather runs on the host (a readback there is a copy) and uploads only the kept float16 bits;
-   * on other backends it runs on the device (one gather per KV head's rows, then the float16 pack),
-   * with no host round trip.
+   * same n for every head). See {@link fromSelection}.
    */
   static async fromPositions(strategy: string, options: unknown, cache: KVCache, T: number, positions: Int32Array[], storePositions: boolean): Promise<KeptTokensCache> {
-    const { nKvHeads: H, headDim: d } = cache.layout;
+    return KeptTokensCache.fromSelection(strategy, options, cache, T, storePositions, (l) => positions[l]);
+  }
+
+  /**
+   * Builds the cache from a prefill, layer by layer: the keys are rotated once (at startPosition + i),
+   * `select` picks the kept positions from them — host [n, H_kv] row-major, a backend int32 tensor
+   * [H_kv, n] (ascending per head; handed over, disposed here), or null to keep all T — and the kept
+   * rows of every KV head are gathered on the backend in one batched gather and packed to float16
+   * ({@link HalfTensor.fromTensor}). The positions chosen on the backend come back to the host in one
+   * small readback after the last layer (int32 [n, H_kv] per layer: what is serialized and what
+   * {@link keptPositions} returns), so no layer waits on the host.
+   */
+  static async fromSelection(
+    strategy: string,
+    options: unknown,
+    cache: KVCache,
+    T: number,
+    storePositions: boolean,
+    select: (layer: number, postKeys: tf.Tensor3D) => Promise<Int32Array | tf.Tensor2D | null> | Int32Array | tf.Tensor2D | null,
+  ): Promise<KeptTokensCache> {
+    const { nKvHeads: H, nLayers: L } = cache.layout;
     const k: HalfTensor[] = [];
     const v: HalfTensor[] = [];
+    /** Per layer: host positions [n, H], or the backend's [n, H] int32 until the final readback. */
+    const positions: (Int32Array | tf.Tensor2D)[] = [];
     try {
-      for (let l = 0; l < cache.layout.nLayers; l++) {
-        const n = positions[l].length / H;
-        const rotate = () => applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
-        if (!isHostBackend()) {
-          // On a device backend: gather per KV head and pack there; only the positions are uploaded.
-          k.push(await gatherOnDevice(rotate, positions[l], n, H));
-          v.push(await gatherOnDevice(() => tf.clone(cache.values[l]), positions[l], n, H));
-          continue;
-        }
-        const post = rotate();
-        let kd: Float32Array;
+      for (let l = 0; l < L; l++) {
+        const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T }) as tf.Tensor3D;
         try {
-          kd = (await post.data()) as Float32Array;
+          const sel = await select(l, post);
+          if (sel === null) {
+            positions.push(repeatAll(T, H));
+            k.push(await HalfTensor.fromTensor(post));
+            v.push(await HalfTensor.fromTensor(cache.values[l]));
+            continue;
+          }
+          if (sel instanceof tf.Tensor) positions.push(tf.transpose(sel) as tf.Tensor2D);
+          else positions.push(sel);
+          let idx: tf.Tensor2D | tf.Tensor1D;
+          if (sel instanceof tf.Tensor) idx = sel;
+          else {
+            const n = sel.length / H;
+            const shared = sel.every((p, i) => p === sel[i - (i % H)]);
+            // The same tokens for every head (StreamingLLM): one gather of whole rows.
+            idx = shared ? tf.tensor1d(Int32Array.from({ length: n }, (_, j) => sel[j * H]), 'int32') : (tf.tidy(() => tf.transpose(tf.tensor2d(sel, [n, H], 'int32'))) as tf.Tensor2D);
+          }
+          try {
+            k.push(await gatherPacked(post, idx));
+            v.push(await gatherPacked(cache.values[l], idx));
+          } finally {
+            idx.dispose();
+          }
         } finally {
           post.dispose();
         }
-        k.push(HalfTensor.fromBits(gatherPerHeadBits(kd, H, d, positions[l]), [n, H, d]));
-        v.push(HalfTensor.fromBits(gatherPerHeadBits((await cache.values[l].data()) as Float32Array, H, d, positions[l]), [n, H, d]));
       }
-      return new KeptTokensCache(strategy, cache.layout, cache.rope, T, options, k, v, positions, storePositions);
+      const host = await Promise.all(positions.map(async (p) => (p instanceof tf.Tensor ? Int32Array.from((await p.data()) as Int32Array) : p)));
+      tf.dispose(positions.filter((p): p is tf.Tensor2D => p instanceof tf.Tensor));
+      return new KeptTokensCache(strategy, cache.layout, cache.rope, T, options, k, v, host, storePositions);
     } catch (e) {
       // Nothing of a failed compress stays allocated.
       for (const h of [...k, ...v]) h.dispose();
+      tf.dispose(positions.filter((p): p is tf.Tensor2D => p instanceof tf.Tensor));
       throw e;
     }
   }
@@ -147,16 +179,25 @@ export class KeptTokensCache extends BaseCompressedCache {
   }
 }
 
+/** All T positions for each of H heads, [T, H] row-major. */
+function repeatAll(T: number, H: number): Int32Array {
+  const out = new Int32Array(T * H);
+  for (let t = 0; t < T; t++) out.fill(t, t * H, (t + 1) * H);
+  return out;
+}
+
 /**
- * Rows positions[j·H + h] of head h of x [T, H, d] (built by `make`, disposed here), gathered on the
- * device into [n, H, d] and packed to float16.
+ * The kept rows of x [T, H, d] packed to float16, [n, H, d]: `idx` [H, n] gives each KV head's own
+ * tokens (one gather of rows t·H + h of x viewed as [T·H, d], every head at once), or [n] the same
+ * tokens for every head.
  */
-async function gatherOnDevice(make: () => tf.Tensor, positions: Int32Array, n: number, H: number): Promise<HalfTensor> {
+async function gatherPacked(x: tf.Tensor, idx: tf.Tensor): Promise<HalfTensor> {
+  const [T, H, d] = x.shape;
   const kept = tf.tidy(() => {
-    const x = make(); // [T, H, d]
-    const byHead = tf.transpose(x, [1, 0, 2]); // [H, T, d]
-    const idx = tf.transpose(tf.tensor2d(positions, [n, H], 'int32')); // [H, n]
-    return tf.transpose(tf.gather(byHead, idx, 1, 1), [1, 0, 2]); // [n, H, d]
+    if (idx.rank === 1) return tf.gather(x, idx, 0);
+    const n = idx.shape[1]!;
+    const rows = tf.add(tf.mul(tf.transpose(idx), tf.scalar(H, 'int32')), tf.reshape(tf.range(0, H, 1, 'int32'), [1, H])); // [n, H]
+    return tf.reshape(tf.gather(tf.reshape(x, [T * H, d]), tf.reshape(rows, [n * H])), [n, H, d]);
   });
   try {
     return await HalfTensor.fromTensor(kept);

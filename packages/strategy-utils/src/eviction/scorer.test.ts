@@ -1,6 +1,8 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { selectBackend } from '@kvpack/core';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { keepTopScores, repeatPerHead } from './scorer.js';
+import { keepTopScores, repeatPerHead, topKPositions } from './scorer.js';
 
 describe('keepTopScores', () => {
   it('keeps per head the k highest scores, ties to the lower position, ascending (against a direct selection)', () => {
@@ -39,4 +41,34 @@ describe('keepTopScores input checks', () => {
     expect(Array.from(keepTopScores(scores, 1, 6, 3))).toEqual([1, 2, 5]);
     expect(() => keepTopScores([1, 2, 3], 2, 2, 1)).toThrow(/3 values, expected \[H_kv = 2, T = 2\] = 4/);
   });
+});
+
+describe('topKPositions (on the backend) against the host rule', () => {
+  for (const backend of ['wasm', 'cpu'])
+    it(`${backend}: the same positions as keepTopScores, ties (many), ±Infinity, ±float32 max and NaN included; no tensor left`, async () => {
+      await selectBackend(backend);
+      const n0 = tf.memory().numTensors;
+      fc.assert(
+        fc.property(fc.integer({ min: 1, max: 4 }), fc.integer({ min: 1, max: 40 }), fc.nat(), fc.array(fc.integer({ min: -4, max: 5 }), { minLength: 160, maxLength: 160 }), (H, T, kSeed, raw) => {
+          const k = kSeed % (T + 1);
+          const MAX = 3.4028234663852886e38; // the float32 extremes tie-break against ±∞ exactly like any other value
+          const code = (v: number) => (v === 3 ? Infinity : v === 4 ? NaN : v === -3 ? -Infinity : v === 5 ? MAX : v === -4 ? -MAX : v / 2);
+          const scores = Float32Array.from({ length: H * T }, (_, i) => code(raw[i % raw.length]));
+          const want = keepTopScores(scores, H, T, k); // [k, H]
+          const t = tf.tensor2d(scores, [H, T]);
+          const p = topKPositions(t, k);
+          const got = p.dataSync();
+          expect(p.shape).toEqual([H, k]);
+          expect(p.dtype).toBe('int32');
+          tf.dispose([t, p]);
+          for (let h = 0; h < H; h++) expect(Array.from(got.subarray(h * k, (h + 1) * k))).toEqual(Array.from({ length: k }, (_, j) => want[j * H + h]));
+        }),
+        { seed: 11, numRuns: 150 },
+      );
+      expect(tf.memory().numTensors).toBe(n0);
+      const z = tf.zeros([2, 3]) as tf.Tensor2D;
+      expect(() => topKPositions(z, 4)).toThrow(/k = 4 is not a count of the T = 3 positions/);
+      z.dispose();
+      await selectBackend('wasm');
+    });
 });

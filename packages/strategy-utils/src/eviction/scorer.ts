@@ -1,6 +1,16 @@
+import * as tf from '@tensorflow/tfjs-core';
 import { check, defineStrategy, type KVCache, type StrategyCapabilities, type StrategyDefinition } from '@kvpack/core';
 import type { z } from 'zod';
 import { KeptTokensCache } from './kept-tokens.js';
+import { topKPositions } from './top-k.js';
+
+export { topKPositions } from './top-k.js';
+
+/** What the eviction layer hands a scorer for one layer: the keys it rotates anyway for the gather. */
+export interface ScoreContext {
+  /** Post-RoPE keys of the layer [T, H_kv, d] (rotated once at startPosition + i; owned by the caller, do not dispose). */
+  postKeys: tf.Tensor3D;
+}
 
 /**
  * A token-eviction method as a score function, in the manner of NVIDIA/kvpress's `ScorerPress`: the
@@ -12,10 +22,12 @@ export interface TokenScorer<O> {
   /** Prefill tokens kept per KV head and layer. */
   budget(options: O): number;
   /**
-   * Scores of one layer's prefill tokens, [H_kv, T] row-major: higher is kept; +Infinity is always
-   * kept (a window that must stay). Called only when T > budget; required unless `impliedPositions` is given.
+   * Scores of one layer's prefill tokens, [H_kv, T]: higher is kept; +Infinity is always kept (a
+   * window that must stay). Either a float32 tensor on the backend (handed over: the eviction layer
+   * disposes it; the selection then runs there with no readback) or host values, row-major. Called
+   * only when T > budget; required unless `impliedPositions` is given.
    */
-  score?(cache: KVCache, layer: number, options: O): Promise<ArrayLike<number>> | ArrayLike<number>;
+  score?(cache: KVCache, layer: number, options: O, context: ScoreContext): Promise<ArrayLike<number> | tf.Tensor> | ArrayLike<number> | tf.Tensor;
   /** Checks what `score` needs (queries, layout) before any layer is scored. @throws KvpackError */
   check?(cache: KVCache, options: O): void;
   /**
@@ -53,9 +65,20 @@ export function repeatPerHead(p: Int32Array, H: number): Int32Array {
   return out;
 }
 
-/** All T positions for each of H heads, [T, H]. */
-function allPositions(T: number, H: number): Int32Array {
-  return repeatPerHead(Int32Array.from({ length: T }, (_, i) => i), H);
+/**
+ * Kept positions of a scorer's scores: for a tensor [H_kv, T] (disposed here), int32 [H_kv, k] on the
+ * backend ({@link topKPositions}); for host values [H_kv, T] row-major, [k, H_kv] row-major on the
+ * host ({@link keepTopScores}, the same rule in float64). @throws KvpackError('shape') when the
+ * scores are not [H_kv, T].
+ */
+function scoresTopK(scores: ArrayLike<number> | tf.Tensor, H: number, T: number, k: number): tf.Tensor2D | Int32Array {
+  if (!(scores instanceof tf.Tensor)) return keepTopScores(scores, H, T, k);
+  try {
+    check(scores.rank === 2 && scores.shape[0] === H && scores.shape[1] === T, 'shape', `token scores: shape [${scores.shape}], expected [H_kv = ${H}, T = ${T}]`);
+    return topKPositions(scores as tf.Tensor2D, k);
+  } finally {
+    scores.dispose();
+  }
 }
 
 /** A token-eviction strategy: its name, options schema and scorer (see {@link defineEvictionStrategy}). */
@@ -91,18 +114,16 @@ export function defineEvictionStrategy<S extends z.ZodType>(spec: EvictionStrate
       const H = cache.layout.nKvHeads;
       const budget = scorer.budget(options);
       const fixed = implied(options);
-      const positions: Int32Array[] = [];
-      for (let l = 0; l < cache.layout.nLayers; l++) {
+      return KeptTokensCache.fromSelection(name, options, cache, T, !fixed, async (l, postKeys) => {
         if (fixed) {
           const p = fixed(T, H);
           const n = Math.min(T, budget);
           check(p.length === n * H && p.every((t) => t >= 0 && t < T), 'shape', `${name}: impliedPositions must give ${n} positions in [0, ${T}), got ${p.length / H}`);
-          positions.push(p);
+          return p;
         }
-        else if (T <= budget) positions.push(allPositions(T, H));
-        else positions.push(keepTopScores(await scorer.score!(cache, l, options), H, T, budget));
-      }
-      return KeptTokensCache.fromPositions(name, options, cache, T, positions, !fixed);
+        if (T <= budget) return null;
+        return scoresTopK(await scorer.score!(cache, l, options, { postKeys }), H, T, budget);
+      });
     },
     restore: (reader, options) => {
       const cache = KeptTokensCache.restore(reader, name, options, implied(options));
