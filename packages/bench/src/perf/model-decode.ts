@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { HalfTensor, applyRope, check, createStrategy, disposeKVCache, sharedRopeTableBytes, type CompressedCache, type ModelLayout } from '@kvpack/core';
+import { HalfTensor, applyRope, check, createStrategy, disposeKVCache, isWebGpuBackend, runWgsl, sharedRopeTableBytes, type CompressedCache, type ModelLayout } from '@kvpack/core';
 import { decodeModes, type DecodeMode } from './decode-modes.js';
 import { halfMatMul } from './half-matmul.js';
 import { timeInterleaved, fmtBytes, fmtMs } from './stats.js';
@@ -86,30 +86,50 @@ interface Weights {
   bytes: number;
 }
 
-/** Random float16 weights [K, N], uniform in ±1/√K (unit-variance outputs), made and packed on the backend in row blocks. */
+/**
+ * Random float16 weights [K, N], uniform in ±1/√K (unit-variance outputs), made packed on the backend:
+ * on webgpu one WGSL kernel hashes each word's index into two uniforms and packs them
+ * (`pack2x16float`), so 15 GiB of weights take seconds; elsewhere drawn on the host and packed.
+ */
 async function randomHalf(K: number, N: number, seed: number): Promise<HalfTensor> {
   const a = 1 / Math.sqrt(K);
-  const rowsPerBlock = Math.max(1, Math.floor(2 ** 26 / N));
-  const parts: tf.Tensor1D[] = [];
-  try {
-    for (let r = 0, i = 0; r < K; r += rowsPerBlock, i++) {
-      const rows = Math.min(rowsPerBlock, K - r);
-      const x = tf.randomUniform([rows, N], -a, a, 'float32', seed * 7919 + i);
-      try {
-        const h = await HalfTensor.fromTensor(x);
-        parts.push(h.packed);
-      } finally {
-        x.dispose();
-      }
+  const words = (K * N) / 2;
+  if (!isWebGpuBackend()) {
+    const x = tf.randomUniform([K, N], -a, a, 'float32', seed);
+    try {
+      return await HalfTensor.fromTensor(x);
+    } finally {
+      x.dispose();
     }
-    // N is even, so every block packs whole rows and the blocks' words concatenate in row order.
-    const words = parts.length === 1 ? parts[0] : tf.concat(parts);
-    if (parts.length > 1) tf.dispose(parts.splice(0));
-    return HalfTensor.fromPacked(words, [K, N]);
-  } catch (e) {
-    tf.dispose(parts);
-    throw e;
   }
+  const WG = 256;
+  const groups = Math.ceil(words / WG);
+  const gx = Math.min(groups, 65535);
+  const packed = runWgsl({
+    key: `random_half_words_${seed >>> 0}_${a.toPrecision(9)}`,
+    names: [],
+    inputs: [],
+    outputShape: [words],
+    dtype: 'int32',
+    workgroupSize: WG,
+    dispatch: [gx, Math.ceil(groups / gx), 1],
+    workgroupBytes: 0,
+    code: `fn mix(x: u32) -> u32 {
+  var h = x;
+  h = (h ^ (h >> 16u)) * 0x7feb352du;
+  h = (h ^ (h >> 15u)) * 0x846ca68bu;
+  return h ^ (h >> 16u);
+}
+fn kernel(index: i32) {
+  let flat = (i32(workgroupId.y) * i32(numWorkgroups.x) + i32(workgroupId.x)) * ${WG} + i32(localId.x);
+  if (flat >= uniforms.outShape) { return; }
+  let h0 = mix(u32(flat) * 2u + ${seed >>> 0}u * 0x9e3779b9u);
+  let h1 = mix(h0 ^ 0x85ebca6bu);
+  let u = vec2<f32>(f32(h0 >> 8u), f32(h1 >> 8u)) / 16777216.0 * 2.0 - 1.0;
+  result[flat] = bitcast<i32>(pack2x16float(u * ${a.toPrecision(9)}));
+}`,
+  }) as tf.Tensor1D;
+  return HalfTensor.fromPacked(packed, [K, N]);
 }
 
 async function randomWeights(s: ModelShape, seed: number): Promise<Weights> {
@@ -193,8 +213,8 @@ export interface ModelDecodeOptions {
 
 /**
  * Whole-model decode benchmark: a stack of the given shape (default Llama-3.1-8B) with random float16
- * weights held packed, B sequences of T cached tokens each (synthetic Llama-shaped caches, one seed per
- * sequence, each compressed by the setting), timing one decode step of the whole stack (median of
+ * weights held packed, B sequences of T cached tokens each (a synthetic Llama-shaped group of 4 layers
+ * repeated through the stack, compressed once per sequence: each sequence holds its own compressed cache), timing one decode step of the whole stack (median of
  * `reps` after `warmup`, one readback of the next tokens per step) and measuring the tensor bytes the
  * caches keep. Settings run one after another; each one's caches are freed before the next.
  * @throws KvpackError('config') for bad options; whatever the strategies throw.
@@ -222,13 +242,21 @@ export async function runModelDecodeBench(o: ModelDecodeOptions = {}): Promise<M
       const caches: CompressedCache[] = [];
       try {
         const before = tf.memory().numBytes - sharedRopeTableBytes();
-        for (let b = 0; b < maxBatch; b++) {
-          const cache = await syntheticLlamaCache({ T, layers: shape.nLayers, layout: shape, seed: seed + 100 + b });
-          try {
-            caches.push(await strategy.compress(cache));
-          } finally {
-            disposeKVCache(cache);
-          }
+        // One synthetic group of 4 layers, repeated through the stack (its tensors shared), compressed once
+        // per sequence: every sequence holds its own compressed cache (same content, its own memory).
+        const G = Math.min(4, shape.nLayers);
+        const base = await syntheticLlamaCache({ T, layers: G, layout: { ...shape, nLayers: G }, seed: seed + 100 });
+        try {
+          const cache = {
+            ...base,
+            layout: { ...base.layout, nLayers: shape.nLayers },
+            keys: Array.from({ length: shape.nLayers }, (_, l) => base.keys[l % G]),
+            values: Array.from({ length: shape.nLayers }, (_, l) => base.values[l % G]),
+            ...(base.queries ? { queries: Array.from({ length: shape.nLayers }, (_, l) => base.queries![l % G]) } : {}),
+          };
+          for (let b = 0; b < maxBatch; b++) caches.push(await strategy.compress(cache));
+        } finally {
+          disposeKVCache(base);
         }
         // Shared RoPE tables (one per head_dim and range, kept for every cache of the process) are not a cache's bytes.
         const resident = () => (tf.memory().numBytes - sharedRopeTableBytes() - before) / maxBatch;
