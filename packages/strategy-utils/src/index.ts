@@ -16,6 +16,8 @@ export type { SparseIndex, SparseLayer } from './lowrank/sparse-index.js';
 export * from './quant/quantize.js';
 export * from './quant/packing.js';
 export * from './quant/codes-tensor.js';
+export * from './quant/held-quantized.js';
+export * from './quant/half-rows.js';
 export * from './quant/minmax-groups.js';
 export * from './eviction/kept-tokens.js';
 export * from './eviction/scorer.js';

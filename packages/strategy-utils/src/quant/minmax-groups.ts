@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { check, type HalfTensor } from '@kvpack/core';
-import type { CodesTensor } from './codes-tensor.js';
+import { HalfTensor, check, roundToHalfOnDevice } from '@kvpack/core';
+import { CodesTensor } from './codes-tensor.js';
 
 /**
  * Grouping of a min–max quantized [n, H, d] block (KIVI's two layouts):
@@ -46,4 +46,179 @@ export function dequantizeMinMaxOnBackend(
     const x = tf.add(tf.mul(u, tf.reshape(scale.unpack(), perGroup)), tf.reshape(min.unpack(), perGroup));
     return tf.reshape(x, [n, H, d]) as tf.Tensor3D;
   });
+}
+
+/**
+ * The error of a floating-point sum, exactly (Knuth's TwoSum): with s = fl(a + b), returns e such that
+ * a + b = s + e exactly. Six float32 ops, each correctly rounded on every backend (WGSL requires it of
+ * +, −); as separate tfjs kernels they are never contracted or reassociated.
+ */
+function sumError(a: tf.Tensor, b: tf.Tensor, s: tf.Tensor): tf.Tensor {
+  const bb = tf.sub(s, a);
+  const aa = tf.sub(s, bb);
+  return tf.add(tf.sub(a, aa), tf.sub(b, bb));
+}
+
+/**
+ * The sign of D + e − P, exactly, where D + e is an exact value split by {@link sumError} and P is a
+ * float32 value: when P is within a factor 2 of D, D − P is exact (Sterbenz) and the rounded sum keeps
+ * the sign of the exact one; otherwise |D − P| ≥ |D|/2 far exceeds |e| and decides the sign alone.
+ */
+function exactSign(D: tf.Tensor, e: tf.Tensor, P: tf.Tensor): tf.Tensor {
+  return tf.sign(tf.add(tf.sub(D, P), e));
+}
+
+/**
+ * A min–max quantized [n, H, d] block computed on the backend ({@link quantizeMinMaxOnBackend}),
+ * tensors owned by the caller.
+ */
+export interface MinMaxOnBackend {
+  /** Unsigned codes, float32 [n·H·d] (integers in [0, 2^b − 1]), row-major as the block. */
+  codes: tf.Tensor1D;
+  /** Per-group scale, float32 holding float16 values, shape {@link minMaxGroupShape}. */
+  scale: tf.Tensor3D;
+  /** Per-group minimum, likewise. */
+  min: tf.Tensor3D;
+  /** 1 when a group's scale or minimum is beyond the float16 range (±65504) or NaN, else 0. */
+  nonFinite: tf.Scalar;
+}
+
+/**
+ * KIVI's asymmetric min–max quantization of a float32 [n, H, d] block, in tfjs ops on the current
+ * backend (no host round trip): per group (see {@link MinMaxGrouping}), mn = f16(min),
+ * scale = f16((max − min)/(2^b − 1)), code = clamp(round((x − mn)/scale), 0, 2^b − 1) rounded half to
+ * even (torch.round), code 0 where scale = 0 (jy-yuan/KIVI, quant/new_pack.py, with the 16-bit scale
+ * and minimum rounded before the codes are computed).
+ *
+ * Exactly rounded, so equal to a float64 host computation bit for bit: float32 quotients (and
+ * WebGPU's division, which may be off by 2.5 ulp) can land on the wrong side of a rounding boundary
+ * only within 2^−15 (relative) of it, and there the side is decided exactly — the boundary, a
+ * float16 midpoint times 2^b − 1 or a half-integer times the scale, is an exact float32 product, and
+ * x − mn and max − min are carried as exact two-term sums ({@link sumError}). (A float64 host
+ * quotient is itself rounded once before its float16 or integer rounding, so it may differ from the
+ * exact result where that rounding lands exactly on a boundary; no such value occurs in practice.)
+ * Backends that flush float32 subnormals (some GPUs) can differ for values below 2^−126.
+ * @throws KvpackError('shape') when x is not [n, H, d] grouped by g.
+ */
+export function quantizeMinMaxOnBackend(block: { along: MinMaxGrouping; n: number; H: number; d: number; g: number; bits: 2 | 4 }, x: tf.Tensor): MinMaxOnBackend {
+  const { along, n, H, d, g, bits } = block;
+  check(
+    x.size === n * H * d && (along === 'tokens' ? n % g === 0 : d % g === 0),
+    'shape',
+    `min–max quantization of [${n}, ${H}, ${d}] grouped by ${g} ${along}: got a tensor of shape [${x.shape}]`,
+  );
+  const maxq = 2 ** bits - 1;
+  const groupShape = minMaxGroupShape(along, n, H, d, g);
+  const groups = groupShape[0] * groupShape[1] * groupShape[2];
+  return tf.tidy(() => {
+    // tokens: [n/g, g, H·d] reduced over axis 1; channels: [groups, g] reduced over axis 1.
+    const xs = tf.reshape(x, along === 'tokens' ? [n / g, g, H * d] : [groups, g]);
+    const lo = tf.min(xs, 1, true);
+    const hi = tf.max(xs, 1, true);
+    const mn = roundToHalfOnDevice(lo);
+    // scale = f16((hi − lo)/maxq), exactly: hi − lo = D + eD; q ≈ (D + eD)/maxq within 2^−21.
+    const negLo = tf.neg(lo);
+    const D = tf.add(hi, negLo);
+    const eD = sumError(hi, negLo, D);
+    const q = tf.div(D, maxq);
+    const below = roundToHalfOnDevice(tf.mul(q, 1 - 2 ** -16));
+    const above = roundToHalfOnDevice(tf.mul(q, 1 + 2 ** -16));
+    // Two float16 neighbours apart: a midpoint M lies between them; ∞ counts as 2^16 (M = 65520, the
+    // overflow threshold). M·maxq is exact (12 + 4 significant bits).
+    const M = tf.div(tf.add(below, tf.minimum(above, 65536)), 2);
+    const side = exactSign(D, eD, tf.mul(M, maxq));
+    const tie = roundToHalfOnDevice(M);
+    const scale = tf.where(tf.equal(below, above), below, tf.where(tf.greater(side, 0), above, tf.where(tf.less(side, 0), below, tie)));
+    // codes: t = (x − mn)/scale, rounded half to even, exactly near a half-integer.
+    const negMn = tf.neg(mn);
+    const Dx = tf.add(xs, negMn);
+    const ex = sumError(xs, negMn, Dx);
+    const positive = tf.greater(scale, 0);
+    const safe = tf.where(positive, scale, tf.onesLike(scale));
+    const t = tf.clipByValue(tf.div(Dx, safe), -1, maxq + 1);
+    const f = tf.floor(t);
+    const near = tf.less(tf.abs(tf.sub(tf.sub(t, f), 0.5)), 2 ** -10);
+    const s = exactSign(Dx, ex, tf.mul(tf.add(f, 0.5), safe));
+    const even = tf.add(f, tf.mod(f, 2)); // the even one of f, f + 1 (tfjs mod is floored: mod(−1, 2) = 1)
+    const atTie = tf.where(tf.greater(s, 0), tf.add(f, 1), tf.where(tf.less(s, 0), f, even));
+    const code = tf.clipByValue(tf.where(near, atTie, tf.round(t)), 0, maxq);
+    const codes = tf.reshape(tf.mul(code, tf.cast(positive, 'float32')), [n * H * d]) as tf.Tensor1D;
+    const finite = (v: tf.Tensor) => tf.logicalAnd(tf.lessEqual(tf.abs(v), 65504), tf.equal(v, v));
+    const nonFinite = tf.cast(tf.logicalNot(tf.all(tf.logicalAnd(finite(scale), finite(mn)))), 'float32') as tf.Scalar;
+    return { codes, scale: tf.reshape(scale, groupShape) as tf.Tensor3D, min: tf.reshape(mn, groupShape) as tf.Tensor3D, nonFinite };
+  });
+}
+
+/** A min–max quantized [n, H, d] block in its stored form on the backend (tensors owned by the caller). */
+export interface HeldMinMax {
+  /** Tokens n. */
+  tokens: number;
+  /** Packed codes [n, H, d]. */
+  codes: CodesTensor;
+  /** float16 scale and minimum per group, shape {@link minMaxGroupShape}. */
+  scale: HalfTensor;
+  min: HalfTensor;
+}
+
+/** Elements quantized per chunk by {@link holdMinMaxOnBackend} (bounds the transient tensors to a few MiB each). */
+const CHUNK_ELEMENTS = 2 ** 20;
+
+/**
+ * {@link quantizeMinMaxOnBackend} of a float32 [n, H, d] block, chunked over tokens (whole groups,
+ * whole packed words), packed into its stored form on the backend: codes by {@link CodesTensor.pack},
+ * scale and minimum as float16 ({@link HalfTensor.fromTensorSync}). Synchronous; no host round trip on
+ * webgpu (on the host backends, where tensors live in host memory, the float16 packing reads back).
+ * `nonFinite` (a scalar the caller owns and may read later) is 1 when a group's scale or minimum is
+ * beyond the float16 range. Does not dispose `x`.
+ * @throws KvpackError('shape') when x is not [n, H, d] grouped by g.
+ */
+export function holdMinMaxOnBackend(block: { along: MinMaxGrouping; n: number; H: number; d: number; g: number; bits: 2 | 4 }, x: tf.Tensor): HeldMinMax & { nonFinite: tf.Scalar } {
+  const { along, n, H, d, g, bits } = block;
+  check(
+    x.size === n * H * d && n > 0 && (along === 'tokens' ? n % g === 0 : d % g === 0),
+    'shape',
+    `min–max quantization of [${n}, ${H}, ${d}] grouped by ${g} ${along}: got a tensor of shape [${x.shape}]`,
+  );
+  // A chunk is whole key groups (a multiple of g tokens) and whole packed words (of 16 tokens: 16·b ≥ 32 bits a channel).
+  const unit = (along === 'tokens' ? g : 1) * 16;
+  const chunk = Math.max(1, Math.floor(CHUNK_ELEMENTS / (H * d * unit))) * unit;
+  const x3 = tf.reshape(x, [n, H, d]);
+  const words: tf.Tensor[] = [];
+  const scales: tf.Tensor[] = [];
+  const mins: tf.Tensor[] = [];
+  const flags: tf.Tensor[] = [];
+  const made: { dispose(): void }[] = [];
+  try {
+    for (let t0 = 0; t0 < n; t0 += chunk) {
+      const m = Math.min(chunk, n - t0);
+      const part = m === n ? x3 : tf.slice(x3, [t0, 0, 0], [m, H, d]);
+      const q = quantizeMinMaxOnBackend({ along, n: m, H, d, g, bits }, part);
+      if (part !== x3) part.dispose();
+      const packed = CodesTensor.pack(q.codes, bits);
+      q.codes.dispose();
+      words.push(packed.packed);
+      scales.push(q.scale);
+      mins.push(q.min);
+      flags.push(q.nonFinite);
+    }
+    const join = (ts: tf.Tensor[]) => (ts.length === 1 ? tf.clone(ts[0]) : tf.concat(ts));
+    const codes = CodesTensor.fromPacked(join(words) as tf.Tensor1D, bits, n * H * d);
+    made.push(codes);
+    const scaleF = join(scales);
+    const scale = HalfTensor.fromTensorSync(scaleF);
+    scaleF.dispose();
+    made.push(scale);
+    const minF = join(mins);
+    const min = HalfTensor.fromTensorSync(minF);
+    minF.dispose();
+    made.push(min);
+    const nonFinite = tf.tidy(() => tf.max(tf.stack(flags))) as tf.Scalar;
+    return { tokens: n, codes, scale, min, nonFinite };
+  } catch (e) {
+    made.forEach((t) => t.dispose());
+    throw e;
+  } finally {
+    if (x3 !== x) x3.dispose();
+    tf.dispose([...words, ...scales, ...mins, ...flags]);
+  }
 }
