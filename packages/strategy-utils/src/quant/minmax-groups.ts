@@ -60,12 +60,13 @@ function sumError(a: tf.Tensor, b: tf.Tensor, s: tf.Tensor): tf.Tensor {
 }
 
 /**
- * The sign of D + e − P, exactly, where D + e is an exact value split by {@link sumError} and P is a
- * float32 value: when P is within a factor 2 of D, D − P is exact (Sterbenz) and the rounded sum keeps
- * the sign of the exact one; otherwise |D − P| ≥ |D|/2 far exceeds |e| and decides the sign alone.
+ * A float32 value with the sign of D + e − P, exactly, where D + e is an exact value split by
+ * {@link sumError} and P is a float32 value: when P is within a factor 2 of D, D − P is exact (Sterbenz)
+ * and the rounded sum keeps the sign of the exact one; otherwise |D − P| ≥ |D|/2 far exceeds |e| and
+ * decides the sign alone. Compare it with 0 (tfjs-wasm's `sign` maps small magnitudes to 0).
  */
-function exactSign(D: tf.Tensor, e: tf.Tensor, P: tf.Tensor): tf.Tensor {
-  return tf.sign(tf.add(tf.sub(D, P), e));
+function signOf(D: tf.Tensor, e: tf.Tensor, P: tf.Tensor): tf.Tensor {
+  return tf.add(tf.sub(D, P), e);
 }
 
 /**
@@ -90,14 +91,16 @@ export interface MinMaxOnBackend {
  * even (torch.round), code 0 where scale = 0 (jy-yuan/KIVI, quant/new_pack.py, with the 16-bit scale
  * and minimum rounded before the codes are computed).
  *
- * Exactly rounded, so equal to a float64 host computation bit for bit: float32 quotients (and
- * WebGPU's division, which may be off by 2.5 ulp) can land on the wrong side of a rounding boundary
- * only within 2^−15 (relative) of it, and there the side is decided exactly — the boundary, a
- * float16 midpoint times 2^b − 1 or a half-integer times the scale, is an exact float32 product, and
- * x − mn and max − min are carried as exact two-term sums ({@link sumError}). (A float64 host
- * quotient is itself rounded once before its float16 or integer rounding, so it may differ from the
- * exact result where that rounding lands exactly on a boundary; no such value occurs in practice.)
- * Backends that flush float32 subnormals (some GPUs) can differ for values below 2^−126.
+ * Bit-identical to the host float64 quantizer, including its rounding of the scale through float32
+ * (`toHalfBits` rounds a number to float32, then to float16): plain float32 ops would land on the
+ * wrong side of a rounding boundary now and then (a float32 difference max − min or x − mn is
+ * rounded; WebGPU's division may be off by 2.5 ulp). Here max − min and x − mn are carried as exact
+ * two-term sums ({@link sumError}); the scale's quotient is a double-float division whose one
+ * correctly rounded sum is the float32 the host rounds; a code near a half-integer k + ½ (within
+ * 2^−10) is decided by the exact sign of x − mn − (k + ½)·scale, an exact float32 product. What can
+ * still differ: a float64 host quotient is itself rounded, so the two may disagree where that
+ * rounding lands exactly on a boundary (the exact value within 2^−44 relative of it); and backends
+ * that flush float32 subnormals (some GPUs) for values below 2^−126.
  * @throws KvpackError('shape') when x is not [n, H, d] grouped by g.
  */
 export function quantizeMinMaxOnBackend(block: { along: MinMaxGrouping; n: number; H: number; d: number; g: number; bits: 2 | 4 }, x: tf.Tensor): MinMaxOnBackend {
@@ -116,19 +119,20 @@ export function quantizeMinMaxOnBackend(block: { along: MinMaxGrouping; n: numbe
     const lo = tf.min(xs, 1, true);
     const hi = tf.max(xs, 1, true);
     const mn = roundToHalfOnDevice(lo);
-    // scale = f16((hi − lo)/maxq), exactly: hi − lo = D + eD; q ≈ (D + eD)/maxq within 2^−21.
+    // scale = f16(f32((hi − lo)/maxq)), as the host rounds (through float32, see toHalfBits): the
+    // quotient of the exact difference D + eD carried as a float32 pair rh + rl (a double-float
+    // division), whose one correctly rounded sum is that float32.
     const negLo = tf.neg(lo);
     const D = tf.add(hi, negLo);
     const eD = sumError(hi, negLo, D);
-    const q = tf.div(D, maxq);
-    const below = roundToHalfOnDevice(tf.mul(q, 1 - 2 ** -16));
-    const above = roundToHalfOnDevice(tf.mul(q, 1 + 2 ** -16));
-    // Two float16 neighbours apart: a midpoint M lies between them; ∞ counts as 2^16 (M = 65520, the
-    // overflow threshold). M·maxq is exact (12 + 4 significant bits).
-    const M = tf.div(tf.add(below, tf.minimum(above, 65536)), 2);
-    const side = exactSign(D, eD, tf.mul(M, maxq));
-    const tie = roundToHalfOnDevice(M);
-    const scale = tf.where(tf.equal(below, above), below, tf.where(tf.greater(side, 0), above, tf.where(tf.less(side, 0), below, tie)));
+    const rh = tf.div(D, maxq);
+    // maxq·rh exactly, as Ph + Pl: 3·rh = 2·rh + rh, 15·rh = 16·rh − rh (one TwoSum each).
+    const [a, b] = maxq === 3 ? [tf.mul(rh, 2), rh] : [tf.mul(rh, 16), tf.neg(rh)];
+    const Ph = tf.add(a, b);
+    const Pl = sumError(a, b, Ph);
+    // D − Ph is exact (Sterbenz: Ph is within a few ulps of D); the rest is rounded far below rh's last bit.
+    const rl = tf.div(tf.sub(tf.add(tf.sub(D, Ph), eD), Pl), maxq);
+    const scale = roundToHalfOnDevice(tf.add(rh, rl));
     // codes: t = (x − mn)/scale, rounded half to even, exactly near a half-integer.
     const negMn = tf.neg(mn);
     const Dx = tf.add(xs, negMn);
@@ -138,7 +142,7 @@ export function quantizeMinMaxOnBackend(block: { along: MinMaxGrouping; n: numbe
     const t = tf.clipByValue(tf.div(Dx, safe), -1, maxq + 1);
     const f = tf.floor(t);
     const near = tf.less(tf.abs(tf.sub(tf.sub(t, f), 0.5)), 2 ** -10);
-    const s = exactSign(Dx, ex, tf.mul(tf.add(f, 0.5), safe));
+    const s = signOf(Dx, ex, tf.mul(tf.add(f, 0.5), safe));
     const even = tf.add(f, tf.mod(f, 2)); // the even one of f, f + 1 (tfjs mod is floored: mod(−1, 2) = 1)
     const atTie = tf.where(tf.greater(s, 0), tf.add(f, 1), tf.where(tf.less(s, 0), f, even));
     const code = tf.clipByValue(tf.where(near, atTie, tf.round(t)), 0, maxq);
