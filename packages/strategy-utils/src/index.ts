@@ -18,6 +18,7 @@ export * from './quant/packing.js';
 export * from './quant/codes-tensor.js';
 export * from './quant/held-quantized.js';
 export * from './quant/half-rows.js';
+export * from './quant/words.js';
 export * from './quant/minmax-groups.js';
 export * from './eviction/kept-tokens.js';
 export * from './eviction/scorer.js';

@@ -14,7 +14,7 @@ import {
   type RopeConfig,
   type StoredItem,
 } from '@kvpack/core';
-import { concatHalfRows, holdMinMaxOnBackend, sliceHalfRows, type HeldMinMax, type MinMaxGrouping } from '@kvpack/strategy-utils';
+import { concatHalfRows, holdMinMaxOnBackend, dropHalfRows, type HeldMinMax, type MinMaxGrouping } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 import { HeldMinMaxBlocks } from './held.js';
 
@@ -93,7 +93,7 @@ function nextWindow(win: HalfTensor | null, drop: number, add: tf.Tensor3D): Hal
   if (!win || drop >= rows(win)) return added;
   let kept: HalfTensor | null = null;
   try {
-    kept = drop === 0 ? win : sliceHalfRows(win, drop, rows(win) - drop);
+    kept = drop === 0 ? win : dropHalfRows(win, drop);
     return concatHalfRows(kept, added);
   } finally {
     added.dispose();

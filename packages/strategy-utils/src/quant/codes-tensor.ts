@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { HalfTensor, check, isWebGpuBackend, readSyncOrExplain, runWgsl, type StoredItem } from '@kvpack/core';
 import { decodeCodes } from './packing.js';
+import { concatWords } from './words.js';
 
 /**
  * Unsigned b-bit codes (b = 2, 4 or 8) held on a tfjs backend in their packed form: the bytes of
@@ -100,7 +101,7 @@ export class CodesTensor {
     const { bits } = a;
     if (a.count === 0) return new CodesTensor(tf.clone(b.packed), bits, b.count);
     if (b.count === 0) return new CodesTensor(tf.clone(a.packed), bits, a.count);
-    if ((a.count * bits) % 32 === 0) return new CodesTensor(tf.concat([a.packed, b.packed]), bits, a.count + b.count);
+    if ((a.count * bits) % 32 === 0) return new CodesTensor(concatWords(a.packed, b.packed), bits, a.count + b.count);
     const joined = tf.tidy(() => tf.concat([a.unpack(), b.unpack()]));
     try {
       return CodesTensor.pack(joined, bits);

@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { HalfTensor, check } from '@kvpack/core';
+import { concatWords, lastWords } from './words.js';
 
 /*
  * Row operations on float16 tensors in their packed form (two values per int32 word, see
@@ -21,7 +22,7 @@ export function concatHalfRows(a: HalfTensor, b: HalfTensor): HalfTensor {
   check(a.shape.length === b.shape.length && a.shape.slice(1).every((s, i) => s === b.shape[i + 1]), 'shape', `float16 rows [${a.shape}] and [${b.shape}] cannot be joined`);
   check(!a.isDisposed && !b.isDisposed, 'disposed', 'float16 tensor was disposed');
   const shape = [a.shape[0] + b.shape[0], ...a.shape.slice(1)];
-  if (a.size % 2 === 0) return HalfTensor.fromPacked(tf.concat([a.packed, b.packed]) as tf.Tensor1D, shape);
+  if (a.size % 2 === 0) return HalfTensor.fromPacked(concatWords(a.packed, b.packed), shape);
   const joined = tf.tidy(() => tf.concat([tf.reshape(a.unpack(), [-1]), tf.reshape(b.unpack(), [-1])]));
   try {
     return HalfTensor.fromPacked(HalfTensor.fromTensorSync(joined).packed, shape);
@@ -31,19 +32,18 @@ export function concatHalfRows(a: HalfTensor, b: HalfTensor): HalfTensor {
 }
 
 /**
- * Rows start … start + count − 1 of a float16 tensor [rows, …], a new float16 tensor (the input is
- * not disposed).
- * @throws KvpackError('shape') when the range is outside the rows.
+ * A float16 tensor [rows, …] without its first `drop` rows, a new float16 tensor (the input is not
+ * disposed).
+ * @throws KvpackError('shape') when `drop` is outside [0, rows].
  */
-export function sliceHalfRows(h: HalfTensor, start: number, count: number): HalfTensor {
-  check(start >= 0 && count >= 0 && start + count <= h.shape[0], 'shape', `float16 rows [${start}, ${start + count}) are outside [0, ${h.shape[0]})`);
+export function dropHalfRows(h: HalfTensor, drop: number): HalfTensor {
+  check(Number.isInteger(drop) && drop >= 0 && drop <= h.shape[0], 'shape', `cannot drop ${drop} of ${h.shape[0]} float16 rows`);
   check(!h.isDisposed, 'disposed', 'float16 tensor was disposed');
-  const w = rowSize(h);
-  const shape = [count, ...h.shape.slice(1)];
-  const from = start * w;
-  const n = count * w;
-  // Whole words: an even start, and an even count or one that runs to the end (the last high half is then the padding zero).
-  if (from % 2 === 0 && (n % 2 === 0 || from + n === h.size)) return HalfTensor.fromPacked(tf.slice(h.packed, [from / 2], [Math.ceil(n / 2)]), shape);
+  const from = drop * rowSize(h);
+  const n = h.size - from;
+  const shape = [h.shape[0] - drop, ...h.shape.slice(1)];
+  // Whole words from an even start (an odd tail keeps its zero padding half).
+  if (from % 2 === 0) return HalfTensor.fromPacked(lastWords(h.packed, Math.ceil(n / 2)), shape);
   const part = tf.tidy(() => tf.slice(tf.reshape(h.unpack(), [-1]), [from], [n]));
   try {
     return HalfTensor.fromPacked(HalfTensor.fromTensorSync(part).packed, shape);

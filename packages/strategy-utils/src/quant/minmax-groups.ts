@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { HalfTensor, check, roundToHalfOnDevice } from '@kvpack/core';
 import { CodesTensor } from './codes-tensor.js';
+import { concatAllWords } from './words.js';
 
 /**
  * Grouping of a min–max quantized [n, H, d] block (KIVI's two layouts):
@@ -206,7 +207,7 @@ export function holdMinMaxOnBackend(block: { along: MinMaxGrouping; n: number; H
       flags.push(q.nonFinite);
     }
     const join = (ts: tf.Tensor[]) => (ts.length === 1 ? tf.clone(ts[0]) : tf.concat(ts));
-    const codes = CodesTensor.fromPacked(join(words) as tf.Tensor1D, bits, n * H * d);
+    const codes = CodesTensor.fromPacked(concatAllWords(words as tf.Tensor1D[]), bits, n * H * d);
     made.push(codes);
     const scaleF = join(scales);
     const scale = HalfTensor.fromTensorSync(scaleF);
