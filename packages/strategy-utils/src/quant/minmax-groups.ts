@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { HalfTensor, check, roundToHalfOnDevice } from '@kvpack/core';
+import { HalfTensor, check, isHostBackend, roundToHalfOnDevice } from '@kvpack/core';
 import { CodesTensor } from './codes-tensor.js';
 import { concatAllWords } from './words.js';
 
@@ -97,8 +97,8 @@ export interface MinMaxOnBackend {
  * wrong side of a rounding boundary now and then (a float32 difference max − min or x − mn is
  * rounded; WebGPU's division may be off by 2.5 ulp). Here max − min and x − mn are carried as exact
  * two-term sums ({@link sumError}); the scale's quotient is a double-float division whose one
- * correctly rounded sum is the float32 the host rounds; a code near a half-integer k + ½ (within
- * 2^−10) is decided by the exact sign of x − mn − (k + ½)·scale, an exact float32 product. What can
+ * correctly rounded sum is the float32 the host rounds; each code is decided by the exact sign of
+ * x − mn − (f + ½)·scale (f = ⌊t⌋ of the float32 quotient; (f + ½)·scale is an exact product). What can
  * still differ: a float64 host quotient is itself rounded, so the two may disagree where that
  * rounding lands exactly on a boundary (the exact value within 2^−44 relative of it); and backends
  * that flush float32 subnormals (some GPUs) for values below 2^−126.
@@ -134,20 +134,23 @@ export function quantizeMinMaxOnBackend(block: { along: MinMaxGrouping; n: numbe
     // D − Ph is exact (Sterbenz: Ph is within a few ulps of D); the rest is rounded far below rh's last bit.
     const rl = tf.div(tf.sub(tf.add(tf.sub(D, Ph), eD), Pl), maxq);
     const scale = roundToHalfOnDevice(tf.add(rh, rl));
-    // codes: t = (x − mn)/scale, rounded half to even, exactly near a half-integer.
+    // codes: t = (x − mn)/scale rounded half to even, decided exactly. With f = ⌊t⌋ of the float32
+    // quotient (clamped), the code is f + 1 when x − mn > (f + ½)·scale, f when below, and the even one
+    // of the two at equality; (f + ½)·scale is an exact product and the comparison exact (signOf), so a
+    // float32 t that lands on the wrong side of f + ½ (or of an integer) still gives the right code.
+    // Comparisons and selects are costly tfjs-wasm kernels, so the step is arithmetic:
+    // up = clamp(σ·2^150 + (f mod 2), 0, 1) with σ the signed difference (|σ| ≥ 2^−149 unless 0).
     const negMn = tf.neg(mn);
     const Dx = tf.add(xs, negMn);
     const ex = sumError(xs, negMn, Dx);
-    const positive = tf.greater(scale, 0);
-    const safe = tf.where(positive, scale, tf.onesLike(scale));
-    const t = tf.clipByValue(tf.div(Dx, safe), -1, maxq + 1);
-    const f = tf.floor(t);
-    const near = tf.less(tf.abs(tf.sub(tf.sub(t, f), 0.5)), 2 ** -10);
-    const s = signOf(Dx, ex, tf.mul(tf.add(f, 0.5), safe));
-    const even = tf.add(f, tf.mod(f, 2)); // the even one of f, f + 1 (tfjs mod is floored: mod(−1, 2) = 1)
-    const atTie = tf.where(tf.greater(s, 0), tf.add(f, 1), tf.where(tf.less(s, 0), f, even));
-    const code = tf.clipByValue(tf.where(near, atTie, tf.round(t)), 0, maxq);
-    const codes = tf.reshape(tf.mul(code, tf.cast(positive, 'float32')), [n * H * d]) as tf.Tensor1D;
+    const positive = tf.cast(tf.greater(scale, 0), 'float32');
+    const safe = tf.add(scale, tf.sub(1, positive)); // 1 where the scale is 0 (codes 0 there)
+    const f = tf.floor(tf.clipByValue(tf.div(Dx, safe), -1, maxq + 1));
+    const sigma = signOf(Dx, ex, tf.mul(tf.add(f, 0.5), safe));
+    const odd = tf.sub(f, tf.mul(tf.floor(tf.mul(f, 0.5)), 2));
+    const up = tf.clipByValue(tf.add(tf.mul(tf.mul(sigma, 2 ** 75), 2 ** 75), odd), 0, 1);
+    const code = tf.clipByValue(tf.add(f, up), 0, maxq);
+    const codes = tf.reshape(tf.mul(code, positive), [n * H * d]) as tf.Tensor1D;
     const finite = (v: tf.Tensor) => tf.logicalAnd(tf.lessEqual(tf.abs(v), 65504), tf.equal(v, v));
     const nonFinite = tf.cast(tf.logicalNot(tf.all(tf.logicalAnd(finite(scale), finite(mn)))), 'float32') as tf.Scalar;
     return { codes, scale: tf.reshape(scale, groupShape) as tf.Tensor3D, min: tf.reshape(mn, groupShape) as tf.Tensor3D, nonFinite };
@@ -165,8 +168,12 @@ export interface HeldMinMax {
   min: HalfTensor;
 }
 
-/** Elements quantized per chunk by {@link holdMinMaxOnBackend} (bounds the transient tensors to a few MiB each). */
-const CHUNK_ELEMENTS = 2 ** 20;
+/**
+ * Elements quantized per chunk by {@link holdMinMaxOnBackend}: it bounds the transient tensors (about
+ * 30 of the chunk's size live at once) to 4 MiB each on the host backends, 32 MiB on a GPU, where
+ * fewer, larger dispatches pay off.
+ */
+const chunkElements = () => (isHostBackend() ? 2 ** 20 : 2 ** 23);
 
 /**
  * {@link quantizeMinMaxOnBackend} of a float32 [n, H, d] block, chunked over tokens (whole groups,
@@ -186,7 +193,7 @@ export function holdMinMaxOnBackend(block: { along: MinMaxGrouping; n: number; H
   );
   // A chunk is whole key groups (a multiple of g tokens) and whole packed words (of 16 tokens: 16·b ≥ 32 bits a channel).
   const unit = (along === 'tokens' ? g : 1) * 16;
-  const chunk = Math.max(1, Math.floor(CHUNK_ELEMENTS / (H * d * unit))) * unit;
+  const chunk = Math.max(1, Math.floor(chunkElements() / (H * d * unit))) * unit;
   const x3 = tf.reshape(x, [n, H, d]);
   const words: tf.Tensor[] = [];
   const scales: tf.Tensor[] = [];
