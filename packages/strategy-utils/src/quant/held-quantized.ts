@@ -40,7 +40,8 @@ export function dequantizeHeld(h: HeldQuantized): tf.Tensor2D {
 
 /**
  * The stored items `name.codes` (uint8), `name.scales` (float16) and, asymmetric, `name.zeros`
- * (uint8): the names, dtypes and bytes of {@link quantizedTensors}, read back only when written.
+ * (uint8), ⌈rows·cols·bits/8⌉ + 2·groups (+ groups) bytes ({@link quantizedBytes}), read back only when
+ * written; {@link readQuantized} reads them.
  */
 export function heldQuantizedItems(name: string, h: HeldQuantized): StoredItem[] {
   return [codesItem(`${name}.codes`, h.codes), { name: `${name}.scales`, half: h.scales }, ...(h.zeros ? [codesItem(`${name}.zeros`, h.zeros)] : [])];
