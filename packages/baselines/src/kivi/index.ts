@@ -244,8 +244,16 @@ export class KiviCache extends BaseCompressedCache {
       kNext?.dispose();
       throw e;
     }
-    if (nk > 0) s.k.push(made.shift()!);
-    if (nv > 0) s.v.push(made.shift()!);
+    try {
+      // A push takes its block (and frees it if it fails).
+      if (nk > 0) s.k.push(made.shift()!);
+      if (nv > 0) s.v.push(made.shift()!);
+    } catch (e) {
+      made.forEach(disposeBlock);
+      kNext.dispose();
+      vNext.dispose();
+      throw e;
+    }
     s.kWin?.dispose();
     s.vWin?.dispose();
     s.kWin = kNext;
