@@ -4,6 +4,7 @@
 // run. Not a test. Run from the repo root:
 //   node node_modules/.pnpm/tsx@*/node_modules/tsx/dist/cli.mjs packages/baselines/src/kivi/compress-timing.ts \
 //     [backend=wasm] [T=4096] [H_kv=8] [d=128] [layers=4] [bits=2]
+// or, on a GPU host, bundled like the scripts/gpu entries (scripts/gpu/bundle.sh THIS_FILE OUTDIR).
 import * as tf from '@tensorflow/tfjs-core';
 import { HalfTensor, applyRope, createStrategy, encodeHalf, selectBackend, type KVCache } from '@kvpack/core';
 import { CodesTensor, packCodes } from '@kvpack/strategy-utils';
@@ -53,15 +54,22 @@ async function time(f: () => Promise<void>, reps = 3): Promise<number> {
   return ms.sort((a, b) => a - b)[Math.floor(reps / 2)];
 }
 
-await selectBackend(backend);
-const cache: KVCache = {
-  layout: { nLayers: L, nHeads: H * 4, nKvHeads: H, headDim: d },
-  rope: { theta: 10000, layout: 'half' },
-  keys: Array.from({ length: L }, (_, l) => tf.randomNormal([T, H, d], 0, 1, 'float32', 1 + l) as tf.Tensor3D),
-  values: Array.from({ length: L }, (_, l) => tf.randomNormal([T, H, d], 0, 1, 'float32', 100 + l) as tf.Tensor3D),
-};
-const host = await time(() => hostCompress(cache));
-const dev = await time(() => backendCompress(cache));
-console.log(`kivi compress on ${tf.getBackend()}, [T=${T}, H_kv=${H}, d=${d}] × ${L} layers, ${bits}-bit, g=32, R=128 (median of 3 after a warm-up):`);
-console.log(`  host (former): ${host.toFixed(0)} ms   backend: ${dev.toFixed(0)} ms   host ÷ backend: ${(host / dev).toFixed(2)}×`);
-tf.dispose([...cache.keys, ...cache.values]);
+async function main(): Promise<void> {
+  await selectBackend(backend);
+  const cache: KVCache = {
+    layout: { nLayers: L, nHeads: H * 4, nKvHeads: H, headDim: d },
+    rope: { theta: 10000, layout: 'half' },
+    keys: Array.from({ length: L }, (_, l) => tf.randomNormal([T, H, d], 0, 1, 'float32', 1 + l) as tf.Tensor3D),
+    values: Array.from({ length: L }, (_, l) => tf.randomNormal([T, H, d], 0, 1, 'float32', 100 + l) as tf.Tensor3D),
+  };
+  const host = await time(() => hostCompress(cache));
+  const dev = await time(() => backendCompress(cache));
+  console.log(`kivi compress on ${tf.getBackend()}, [T=${T}, H_kv=${H}, d=${d}] × ${L} layers, ${bits}-bit, g=32, R=128 (median of 3 after a warm-up):`);
+  console.log(`  host (former): ${host.toFixed(0)} ms   backend: ${dev.toFixed(0)} ms   host ÷ backend: ${(host / dev).toFixed(2)}×`);
+  tf.dispose([...cache.keys, ...cache.values]);
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
