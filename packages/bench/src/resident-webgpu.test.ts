@@ -34,9 +34,7 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     it(`${name} ${JSON.stringify(options)} holds at most 1.1× its stored bytes`, async () => {
       const cache = syntheticCache(64);
       const start = tf.memory().numTensors;
-      // KIVI quantizes appended tokens on the host, which needs a synchronous readback that webgpu
-      // under Node lacks: its decode steps are measured on wasm and cpu only.
-      const steps = name === 'kivi' ? 0 : 4;
+      const steps = 4;
       const r = await residentRatios(createStrategy({ name, options }), cache, steps);
       console.log(`webgpu resident ÷ stored ${name} ${JSON.stringify(options)}: ${r.afterCompress.toFixed(3)} after compress, ${r.afterDecode.toFixed(3)} after ${steps} decode steps, ${r.afterRestore.toFixed(3)} after restore`);
       expect(r.afterCompress).toBeLessThanOrEqual(1.1);

@@ -58,14 +58,24 @@ export class HalfTensor {
   }
 
   /**
-   * Takes ownership of packed float16 words (int32 [⌈n/2⌉], as {@link packed}) as a tensor of `shape`,
-   * e.g. blocks packed on the device and concatenated.
-   * @throws KvpackError('shape' | 'dtype') when `packed` is not int32 [⌈n/2⌉] for the n values of `shape`.
+   * {@link fromTensor} without awaiting, for synchronous code paths (a decode step): on webgpu the same
+   * device kernels; on the host backends (wasm, cpu, where the data already lives in host memory) and
+   * tensorflow, a synchronous readback. Does not dispose `x`.
+   * @throws KvpackError('unsupported') where the backend has no synchronous readback and no device kernel.
+   */
+  static fromTensorSync(x: tf.Tensor): HalfTensor {
+    if (isWebGpuBackend()) return new HalfTensor(packOnDevice(x), [...x.shape]);
+    return HalfTensor.fromBits(encodeHalf(readSyncOrExplain(x, 'a float32 tensor to pack as float16', 'use the async HalfTensor.fromTensor')), [...x.shape]);
+  }
+
+  /**
+   * Wraps packed words already on the backend (int32 [⌈n/2⌉], the layout above) as a float16 tensor
+   * of `shape`; takes ownership of `packed`.
+   * @throws KvpackError('shape') when `packed` is not int32 [⌈n/2⌉] for the n values of `shape`.
    */
   static fromPacked(packed: tf.Tensor1D, shape: number[]): HalfTensor {
     const n = shape.reduce((a, b) => a * b, 1);
-    check(packed.dtype === 'int32', 'dtype', `packed float16 words must be int32, got ${packed.dtype}`);
-    check(packed.rank === 1 && packed.shape[0] === Math.ceil(n / 2), 'shape', `packed float16 words [${packed.shape}] do not hold the ${n} values of shape [${shape}]`);
+    check(packed.dtype === 'int32' && packed.rank === 1 && packed.size === Math.ceil(n / 2), 'shape', `packed float16 words: ${packed.dtype} [${packed.shape}] cannot hold exactly the ${n} values of shape [${shape}]`);
     return new HalfTensor(packed, [...shape]);
   }
 

@@ -3,19 +3,13 @@ import { HalfTensor, type StoredItem } from '@kvpack/core';
 import {
   CodesTensor,
   PackedCodes,
+  concatHalfRows,
   dequantizeMinMaxOnBackend,
   minMaxGroupShape,
-  packCodes,
   unpackCodes,
+  type HeldMinMax,
   type MinMaxGrouping,
 } from '@kvpack/strategy-utils';
-
-/** One quantized block on the host: unpacked codes (one byte each), and float16 bits of the scale and minimum of each group. */
-export interface KiviBlock {
-  codes: Uint8Array;
-  scale: Uint16Array;
-  min: Uint16Array;
-}
 
 /** How a sequence of quantized tokens is grouped, and when its recent tail joins the main segment. */
 export interface HeldBlocksLayout {
@@ -29,14 +23,7 @@ export interface HeldBlocksLayout {
 }
 
 /** A run of quantized tokens on the backend, in its stored form. */
-interface Segment {
-  tokens: number;
-  /** Packed codes [tokens, H, d]. */
-  codes: CodesTensor;
-  /** float16 scale and minimum per group (shape {@link minMaxGroupShape}). */
-  scale: HalfTensor;
-  min: HalfTensor;
-}
+type Segment = HeldMinMax;
 
 /** A segment's stored form on the host: packed code bytes and float16 bits. */
 interface HostSegment {
@@ -62,9 +49,10 @@ export function concat16(a: Uint16Array, b: Uint16Array): Uint16Array {
 /**
  * The quantized tokens of one KIVI layer's keys or values, held on the backend only in their stored
  * form: packed b-bit codes and float16 scale and minimum per group, as at most two segments — the
- * main one and a recent tail. Decode-time blocks (quantized on the host) join the tail, which is
- * rebuilt on the host and re-uploaded (O(tail)); once it reaches `tailTokens` it is merged into the
- * main segment (O(all), once per `tailTokens` tokens). Reading dequantizes each segment with tf ops
+ * main one and a recent tail. Decode-time blocks (quantized on the backend) join the tail, which is
+ * rebuilt on the backend (O(tail)); once it reaches `tailTokens` it is merged into the main segment
+ * (O(all), once per `tailTokens` tokens); joins run on the backend ({@link CodesTensor.concat},
+ * {@link concatHalfRows}). Reading dequantizes each segment with tf ops
  * ({@link dequantizeMinMaxOnBackend}) into a transient float32 tensor. The serialized form (codes,
  * scale, min of all tokens, in order) does not depend on how the tokens are split.
  */
@@ -112,10 +100,6 @@ export class HeldMinMaxBlocks {
     }
   }
 
-  private download(s: Segment): HostSegment {
-    return { tokens: s.tokens, codes: s.codes.bytesSync('KIVI codes'), scale: s.scale.bitsSync('KIVI scales'), min: s.min.bitsSync('KIVI minima') };
-  }
-
   /** Packed codes of a then b (bit-level: a's last byte may be partly filled). */
   private joinCodes(a: Uint8Array, aTokens: number, b: Uint8Array, bTokens: number): Uint8Array {
     const { bits, H, d } = this.p;
@@ -130,32 +114,64 @@ export class HeldMinMaxBlocks {
     return p.bytes();
   }
 
-  private join(a: HostSegment, b: HostSegment): HostSegment {
-    return { tokens: a.tokens + b.tokens, codes: this.joinCodes(a.codes, a.tokens, b.codes, b.tokens), scale: concat16(a.scale, b.scale), min: concat16(a.min, b.min) };
+  /** a then b, a new segment on the backend (neither is disposed). */
+  private join(a: Segment, b: Segment): Segment {
+    const made: { dispose(): void }[] = [];
+    try {
+      const codes = CodesTensor.concat(a.codes, b.codes);
+      made.push(codes);
+      const scale = concatHalfRows(a.scale, b.scale);
+      made.push(scale);
+      const min = concatHalfRows(a.min, b.min);
+      return { tokens: a.tokens + b.tokens, codes, scale, min };
+    } catch (e) {
+      made.forEach((t) => t.dispose());
+      throw e;
+    }
   }
 
   /**
-   * Appends n host-quantized tokens (codes unpacked, one byte each). Synchronous readbacks of the
-   * tail (and, at a merge, of the main segment): host backends only. Nothing changes if it throws.
+   * Appends a block quantized on the backend (taking ownership of its tensors), without a host round
+   * trip. Nothing changes if it throws (the block is then disposed).
    */
-  push(block: KiviBlock, n: number): void {
-    const add: HostSegment = { tokens: n, codes: packCodes(block.codes, this.p.bits), scale: block.scale, min: block.min };
-    if (!this.main) {
-      this.main = this.upload(add);
-      return;
-    }
-    const tail = this.tail ? this.join(this.download(this.tail), add) : add;
-    if (tail.tokens < this.p.tailTokens) {
-      const next = this.upload(tail);
+  push(add: Segment): void {
+    try {
+      if (!this.main) {
+        this.main = add;
+        return;
+      }
+      if (!this.tail) {
+        if (add.tokens < this.p.tailTokens) {
+          this.tail = add;
+          return;
+        }
+        const main = this.join(this.main, add);
+        disposeSegment(this.main);
+        disposeSegment(add);
+        this.main = main;
+        return;
+      }
+      const tail = this.join(this.tail, add);
+      disposeSegment(add);
+      if (tail.tokens < this.p.tailTokens) {
+        disposeSegment(this.tail);
+        this.tail = tail;
+        return;
+      }
+      let main: Segment;
+      try {
+        main = this.join(this.main, tail);
+      } finally {
+        disposeSegment(tail);
+      }
+      disposeSegment(this.main);
       disposeSegment(this.tail);
-      this.tail = next;
-      return;
+      this.main = main;
+      this.tail = null;
+    } catch (e) {
+      disposeSegment(add);
+      throw e;
     }
-    const main = this.upload(this.join(this.download(this.main), tail));
-    disposeSegment(this.main);
-    disposeSegment(this.tail);
-    this.main = main;
-    this.tail = null;
   }
 
   /** The held tokens dequantized, a transient float32 [tokens, H, d] owned by the caller; null when none. */

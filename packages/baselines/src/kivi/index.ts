@@ -9,19 +9,14 @@ import {
   check,
   checkKV,
   HalfTensor,
-  decodeHalf,
-  encodeHalf,
-  fromHalfBits,
   defineStrategy,
-  readSyncOrExplain,
-  toHalfBits,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
 } from '@kvpack/core';
-import { roundHalfEven, type MinMaxGrouping } from '@kvpack/strategy-utils';
+import { concatHalfRows, holdMinMaxOnBackend, dropHalfRows, type HeldMinMax, type MinMaxGrouping } from '@kvpack/strategy-utils';
 import { z } from 'zod';
-import { HeldMinMaxBlocks, concat16, type KiviBlock } from './held.js';
+import { HeldMinMaxBlocks } from './held.js';
 
 /** Options of the `kivi` strategy (defaults as in jy-yuan/KIVI's scripts: 2 bits, g = 32, R = 128). */
 export const KiviOptionsSchema = z
@@ -42,96 +37,6 @@ export const KiviOptionsSchema = z
   });
 export type KiviOptions = z.output<typeof KiviOptionsSchema>;
 
-export type { KiviBlock };
-
-/**
- * Asymmetric min–max quantization as KIVI's `triton_quantize_and_pack_along_last_dim`
- * (jy-yuan/KIVI, quant/new_pack.py): per group, mn = min, scale = (max − mn)/(2^b − 1),
- * q = round(clamp((x − mn)/scale, 0, 2^b − 1)) (half-to-even, as torch.round), x̂ = q·scale + mn.
- * mn and scale are rounded to float16 first (KIVI keeps them in the model's 16-bit dtype), and the
- * codes are computed with the rounded values. A group of equal values (scale 0) gets codes 0.
- */
-function minMaxQuantize(x: ArrayLike<number>, nGroups: number, groupOf: (i: number) => number, bits: number): KiviBlock {
-  const maxq = 2 ** bits - 1;
-  const lo = new Float64Array(nGroups).fill(Infinity);
-  const hi = new Float64Array(nGroups).fill(-Infinity);
-  for (let i = 0; i < x.length; i++) {
-    const gi = groupOf(i);
-    const v = x[i];
-    if (v < lo[gi]) lo[gi] = v;
-    if (v > hi[gi]) hi[gi] = v;
-  }
-  const scale = new Uint16Array(nGroups);
-  const min = new Uint16Array(nGroups);
-  const s = new Float64Array(nGroups);
-  const m = new Float64Array(nGroups);
-  for (let gi = 0; gi < nGroups; gi++) {
-    min[gi] = toHalfBits(lo[gi]);
-    scale[gi] = toHalfBits((hi[gi] - lo[gi]) / maxq);
-    m[gi] = fromHalfBits(min[gi]);
-    s[gi] = fromHalfBits(scale[gi]);
-    if (!Number.isFinite(m[gi]) || !Number.isFinite(s[gi]))
-      throw new KvpackError('nonfinite', `kivi: a quantization group spans [${lo[gi]}, ${hi[gi]}], beyond the float16 range (±65504) of its scale and minimum`);
-  }
-  const codes = new Uint8Array(x.length);
-  for (let i = 0; i < x.length; i++) {
-    const gi = groupOf(i);
-    codes[i] = s[gi] > 0 ? Math.min(maxq, Math.max(0, roundHalfEven((x[i] - m[gi]) / s[gi]))) : 0;
-  }
-  return { codes, scale, min };
-}
-
-function minMaxDequantize(codes: Uint8Array, scale: Uint16Array, min: Uint16Array, groupOf: (i: number) => number): Float32Array {
-  const s = decodeHalf(scale);
-  const m = decodeHalf(min);
-  const out = new Float32Array(codes.length);
-  for (let i = 0; i < codes.length; i++) {
-    const gi = groupOf(i);
-    out[i] = codes[i] * s[gi] + m[gi];
-  }
-  return out;
-}
-
-/** Group of element (t, h, c) of a [n, H, d] key block: channel c of head h over tokens ⌊t/g⌋·g … +g−1. */
-function keyGroup(H: number, d: number, g: number): (i: number) => number {
-  const Hd = H * d;
-  return (i) => Math.floor(Math.floor(i / Hd) / g) * Hd + (i % Hd);
-}
-
-/** Group of element (t, h, c) of a [n, H, d] value block: token t, head h, channels ⌊c/g⌋·g … +g−1. */
-function valueGroup(d: number, g: number): (i: number) => number {
-  const gpr = d / g;
-  return (i) => Math.floor(i / d) * gpr + Math.floor((i % d) / g);
-}
-
-/**
- * KIVI key quantization: per channel, over groups of g consecutive tokens. x is [n, H, d] with
- * n % g == 0; scale and min are [n/g, H, d]. Codes are returned unpacked, [n, H, d].
- */
-export function quantizeKeysPerChannel(x: ArrayLike<number>, n: number, H: number, d: number, g: number, bits: number): KiviBlock {
-  check(n % g === 0 && x.length === n * H * d, 'shape', `kivi: key block of ${n} tokens is not [n, ${H}, ${d}] with n a multiple of g = ${g}`);
-  return minMaxQuantize(x, (n / g) * H * d, keyGroup(H, d, g), bits);
-}
-
-/** Inverse of {@link quantizeKeysPerChannel}: [n, H, d] float32. */
-export function dequantizeKeysPerChannel(b: KiviBlock, H: number, d: number, g: number): Float32Array {
-  return minMaxDequantize(b.codes, b.scale, b.min, keyGroup(H, d, g));
-}
-
-/**
- * KIVI value quantization: per token, over groups of g consecutive channels of one KV head. x is
- * [n, H, d] with d % g == 0; scale and min are [n, H, d/g]. Codes are returned unpacked.
- */
-export function quantizeValuesPerToken(x: ArrayLike<number>, n: number, H: number, d: number, g: number, bits: number): KiviBlock {
-  check(d % g === 0 && x.length === n * H * d, 'shape', `kivi: value block is not [${n}, ${H}, ${d}] with d a multiple of g = ${g}`);
-  return minMaxQuantize(x, n * H * (d / g), valueGroup(d, g), bits);
-}
-
-/** Inverse of {@link quantizeValuesPerToken}: [n, H, d] float32. */
-export function dequantizeValuesPerToken(b: KiviBlock, d: number, g: number): Float32Array {
-  return minMaxDequantize(b.codes, b.scale, b.min, valueGroup(d, g));
-}
-
 /**
  * What one layer of a KIVI cache holds on the backend, all in its stored form: the quantized keys and
  * values (packed codes, float16 scale and min per group) and the float16 full-precision windows.
@@ -151,6 +56,51 @@ function rows(x: HalfTensor | null): number {
   return x ? x.shape[0] : 0;
 }
 
+function disposeBlock(b: HeldMinMax): void {
+  b.codes.dispose();
+  b.scale.dispose();
+  b.min.dispose();
+}
+
+/** Rows [from, to) of a float32 [T, H, d] tensor quantized on the backend; its non-finite flag joins `flags`. */
+function quantizeRows(x: tf.Tensor3D, from: number, to: number, p: { along: MinMaxGrouping; H: number; d: number; g: number; bits: 2 | 4 }, flags: tf.Scalar[]): HeldMinMax {
+  const part = from === 0 && to === x.shape[0] ? x : tf.slice(x, [from, 0, 0], [to - from, p.H, p.d]);
+  try {
+    const { nonFinite, ...held } = holdMinMaxOnBackend({ ...p, n: to - from }, part);
+    flags.push(nonFinite);
+    return held;
+  } finally {
+    if (part !== x) part.dispose();
+  }
+}
+
+/** Rows [from, to) of a float32 [T, H, d] tensor rounded to float16 and packed (on the device on webgpu). */
+async function windowOf(x: tf.Tensor3D, from: number, to: number): Promise<HalfTensor> {
+  const part = tf.slice(x, [from, 0, 0], [to - from, x.shape[1], x.shape[2]]);
+  try {
+    return await HalfTensor.fromTensor(part);
+  } finally {
+    part.dispose();
+  }
+}
+
+/**
+ * A float16 window without its first `drop` rows, then `add` (float32 [n, H, d]) rounded to float16:
+ * a new tensor, on the backend (the window is not disposed).
+ */
+function nextWindow(win: HalfTensor | null, drop: number, add: tf.Tensor3D): HalfTensor {
+  const added = HalfTensor.fromTensorSync(add);
+  if (!win || drop >= rows(win)) return added;
+  let kept: HalfTensor | null = null;
+  try {
+    kept = drop === 0 ? win : dropHalfRows(win, drop);
+    return concatHalfRows(kept, added);
+  } finally {
+    added.dispose();
+    if (kept !== win) kept?.dispose();
+  }
+}
+
 function disposeLayer(s: KiviLayer): void {
   s.k.dispose();
   s.v.dispose();
@@ -168,8 +118,6 @@ function emptyLayer(options: KiviOptions, H: number, d: number): KiviLayer {
     vWin: null,
   };
 }
-
-const HOST_ONLY = 'KIVI quantizes decode tokens on the host: run it on wasm, cpu or tensorflow';
 
 /**
  * Bytes a KIVI cache holds right after compressing a prefill of T tokens: per layer,
@@ -254,10 +202,12 @@ export class KiviCache extends BaseCompressedCache {
   /**
    * Appends decode tokens (post-RoPE keys and values, [n, H_kv, d]) to KIVI's float16 windows, first
    * quantizing what the previous appends left beyond them (see the class comment). Decode tokens are
-   * therefore rounded to float16 and later quantized; they are not kept exact. Runs on the host
-   * (synchronous readbacks of the new tokens and the windows); what it stores is held packed on the
-   * backend afterwards. Nothing changes if it throws.
-   * @throws KvpackError('shape' | 'dtype' | 'disposed' | 'nonfinite' | 'unsupported')
+   * therefore rounded to float16 and later quantized; they are not kept exact. Everything runs on the
+   * backend (no readback on webgpu): the windows stay packed float16, a flush quantizes with tf ops
+   * ({@link holdMinMaxOnBackend}). A decode token beyond the float16 range is held as ±Inf in the
+   * window (as a float16 cache would); the group it is later quantized in then dequantizes to NaN/Inf,
+   * as checking for it would need a readback. Nothing changes if it throws.
+   * @throws KvpackError('shape' | 'dtype' | 'disposed')
    */
   override append(layer: number, keys: tf.Tensor3D, values: tf.Tensor3D): void {
     this.assertLive(layer);
@@ -266,25 +216,40 @@ export class KiviCache extends BaseCompressedCache {
     const s = this.state[layer];
     const { nKvHeads: H, headDim: d } = this.layout;
     const { bits, quantGroupSize: g, residualLength: R } = this.options;
-    const hd = H * d;
-    const n = keys.shape[0];
-    const kNew = encodeHalf(readSyncOrExplain(keys, 'appended KIVI tokens', HOST_ONLY));
-    const vNew = encodeHalf(readSyncOrExplain(values, 'appended KIVI tokens', HOST_ONLY));
-    const kWin = s.kWin ? s.kWin.bitsSync('the KIVI key window') : new Uint16Array(0);
-    const vWin = s.vWin ? s.vWin.bitsSync('the KIVI value window') : new Uint16Array(0);
     // Keys: a window of R or more tokens is quantized R at a time; values: beyond R, the oldest tokens.
-    const rk = kWin.length / hd;
+    const rk = rows(s.kWin);
     const nk = rk >= R ? Math.floor(rk / R) * R : 0;
-    const kBlock = nk > 0 ? quantizeKeysPerChannel(decodeHalf(kWin.subarray(0, nk * hd)), nk, H, d, g, bits) : null;
-    const rv = vWin.length / hd;
+    const rv = rows(s.vWin);
     const nv = rv > R ? rv - R : 0;
-    const vBlock = nv > 0 ? quantizeValuesPerToken(decodeHalf(vWin.subarray(0, nv * hd)), nv, H, d, g, bits) : null;
-    const kNext = HalfTensor.fromBits(concat16(kWin.subarray(nk * hd), kNew), [rk - nk + n, H, d]);
-    const vNext = HalfTensor.fromBits(concat16(vWin.subarray(nv * hd), vNew), [rv - nv + n, H, d]);
+    const quantize = (win: HalfTensor, n: number, along: MinMaxGrouping): HeldMinMax => {
+      const x = tf.tidy(() => tf.slice(win.unpack(), [0, 0, 0], [n, H, d]));
+      try {
+        const b = holdMinMaxOnBackend({ along, n, H, d, g, bits }, x);
+        b.nonFinite.dispose(); // window values are float16 already, and so are their groups' scale and minimum
+        return b;
+      } finally {
+        x.dispose();
+      }
+    };
+    const made: HeldMinMax[] = [];
+    let kNext: HalfTensor | null = null;
+    let vNext: HalfTensor | null = null;
     try {
-      if (kBlock) s.k.push(kBlock, nk);
-      if (vBlock) s.v.push(vBlock, nv);
+      if (nk > 0) made.push(quantize(s.kWin!, nk, 'tokens'));
+      if (nv > 0) made.push(quantize(s.vWin!, nv, 'channels'));
+      kNext = nextWindow(s.kWin, nk, keys);
+      vNext = nextWindow(s.vWin, nv, values);
     } catch (e) {
+      made.forEach(disposeBlock);
+      kNext?.dispose();
+      throw e;
+    }
+    try {
+      // A push takes its block (and frees it if it fails).
+      if (nk > 0) s.k.push(made.shift()!);
+      if (nv > 0) s.v.push(made.shift()!);
+    } catch (e) {
+      made.forEach(disposeBlock);
       kNext.dispose();
       vNext.dispose();
       throw e;
@@ -326,29 +291,33 @@ export const kiviDefinition = defineStrategy({
     const { bits, quantGroupSize: g, residualLength: R } = options;
     check(d % g === 0, 'shape', `kivi: head_dim ${d} is not a multiple of quantGroupSize ${g} (values are quantized in groups of g channels)`);
     const state: KiviLayer[] = [];
+    const flags: tf.Scalar[] = [];
     try {
+      // Quantized and packed on the backend (no host round trip): no float32 copy stays there.
       for (let l = 0; l < cache.layout.nLayers; l++) {
+        const s = emptyLayer(options, H, d);
+        state.push(s);
         const post = applyRope(cache.keys[l], cache.rope, { start: cache.startPosition ?? 0, count: T });
-        let kData: Float32Array;
         try {
-          kData = (await post.data()) as Float32Array;
+          const nk = T - (T % R);
+          if (nk > 0) s.k.push(quantizeRows(post, 0, nk, { along: 'tokens', H, d, g, bits }, flags));
+          if (nk < T) s.kWin = await windowOf(post, nk, T);
         } finally {
           post.dispose();
         }
-        const vData = (await cache.values[l].data()) as Float32Array;
-        const s = emptyLayer(options, H, d);
-        state.push(s);
-        // Quantized on the host, held packed on the backend: no float32 copy stays there.
-        const nk = T - (T % R);
-        if (nk > 0) s.k.push(quantizeKeysPerChannel(kData.subarray(0, nk * H * d), nk, H, d, g, bits), nk);
-        if (nk < T) s.kWin = HalfTensor.fromBits(encodeHalf(kData.subarray(nk * H * d)), [T - nk, H, d]);
         const nv = Math.max(0, T - R);
-        if (nv > 0) s.v.push(quantizeValuesPerToken(vData.subarray(0, nv * H * d), nv, H, d, g, bits), nv);
-        s.vWin = HalfTensor.fromBits(encodeHalf(vData.subarray(nv * H * d)), [T - nv, H, d]);
+        if (nv > 0) s.v.push(quantizeRows(cache.values[l], 0, nv, { along: 'channels', H, d, g, bits }, flags));
+        s.vWin = await windowOf(cache.values[l], nv, T);
       }
+      // One readback for the whole cache: did a group reach beyond the float16 range of its scale and minimum?
+      const any = flags.length > 0 ? tf.tidy(() => tf.max(tf.stack(flags))) : null;
+      const bad = any ? await any.data().finally(() => any.dispose()) : [0];
+      if (bad[0] !== 0) throw new KvpackError('nonfinite', 'kivi: a quantization group spans a range beyond the float16 range (±65504) of its scale and minimum');
     } catch (e) {
       state.forEach(disposeLayer);
       throw e;
+    } finally {
+      tf.dispose(flags);
     }
     return new KiviCache(cache.layout, cache.rope, T, options, state);
   },

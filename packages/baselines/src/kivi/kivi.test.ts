@@ -4,7 +4,8 @@ import './index.js'; // registers the strategy
 import { disposeKVCache, runStrategyConformance, syntheticCache, expectOptionBounds } from '@kvpack/core/conformance';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { packCodes, unpackCodes } from '@kvpack/strategy-utils';
-import { KiviCache, kiviCacheBytes, quantizeKeysPerChannel, quantizeValuesPerToken, type KiviOptions } from './index.js';
+import { KiviCache, kiviCacheBytes, type KiviOptions } from './index.js';
+import { quantizeKeysPerChannel, quantizeValuesPerToken } from './host-oracle.js';
 import { f16, maxAbsDiff, prng, randomCache, rint, take, type RandomCache } from '../testing/testkit.js';
 
 runStrategyConformance('kivi', {

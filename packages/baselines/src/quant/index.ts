@@ -2,13 +2,22 @@ import * as tf from '@tensorflow/tfjs-core';
 import {
   BaseCompressedCache,
   applyRope,
-  HalfTensor,
   defineStrategy,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
 } from '@kvpack/core';
-import { CodesTensor, codesItem, dequantizeOnBackend, quantizeMatrix, quantizedBytes, readQuantized, type QuantSpec, type QuantizedMatrix } from '@kvpack/strategy-utils';
+import {
+  dequantizeHeld,
+  disposeHeldQuantized,
+  heldQuantizedItems,
+  holdQuantized,
+  quantizeMatrix,
+  quantizedBytes,
+  readQuantized,
+  type HeldQuantized,
+  type QuantSpec,
+} from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /** Options of the `quant` strategy. */
@@ -38,51 +47,15 @@ export function quantCacheBytes(layout: ModelLayout, tokens: number, options: Qu
   return 2 * layout.nLayers * quantizedBytes(rows, layout.headDim, perTokenSpec(options, layout.headDim));
 }
 
-/** A quantized [rows, d] matrix held on the backend in its stored form. */
-interface HeldQuantized {
-  /** Packed codes, ⌈rows·d·b/8⌉ bytes. */
-  codes: CodesTensor;
-  /** float16 scale per group, [rows]. */
-  scales: HalfTensor;
-  /** 8-bit zero point per group, [rows] (asymmetric), or null. */
-  zeros: CodesTensor | null;
-}
-
-/** Uploads a host-quantized matrix in its stored form (no decode). */
-function holdQuantized(q: QuantizedMatrix): HeldQuantized {
-  const groups = q.scales.length;
-  const codes = CodesTensor.fromBytes(q.codes, q.bits, q.rows * q.cols);
-  try {
-    const scales = HalfTensor.fromBits(q.scales, [groups]);
-    return { codes, scales, zeros: q.zeros ? CodesTensor.fromBytes(q.zeros, 8, groups) : null };
-  } catch (e) {
-    codes.dispose();
-    throw e;
-  }
-}
-
-function disposeQuantized(h: HeldQuantized): void {
-  h.codes.dispose();
-  h.scales.dispose();
-  h.zeros?.dispose();
-}
-
-/** The backend tensors of a held quantized matrix. */
-function quantizedPacked(h: HeldQuantized): tf.Tensor[] {
-  return [h.codes.packed, h.scales.packed, ...(h.zeros ? [h.zeros.packed] : [])];
-}
-
 /**
  * A per-token int8/int4 cache. Per layer it holds on the backend, in their stored form, the quantized
  * pre-RoPE keys and values: packed codes, float16 scales and (asymmetric) 8-bit zero points — what
  * `serialize` writes and `byteSize` counts, and nothing more. Keys and values are dequantized per
- * call (`dequantizeOnBackend`, bit-identical to the host `dequantizeMatrix`); keys are rotated at
+ * call (`dequantizeHeld`, bit-identical to the host `dequantizeMatrix`); keys are rotated at
  * read time, at positions startPosition + i.
  */
 export class QuantCache extends BaseCompressedCache {
   readonly strategy = 'quant';
-  private readonly spec: QuantSpec;
-
   constructor(
     layout: ModelLayout,
     rope: RopeConfig,
@@ -93,13 +66,12 @@ export class QuantCache extends BaseCompressedCache {
     private readonly startPosition: number,
   ) {
     super(layout, rope, prefillLength);
-    this.spec = perTokenSpec(options, layout.headDim);
   }
 
   private dequantized(h: HeldQuantized): tf.Tensor3D {
     const { nKvHeads: H, headDim: d } = this.layout;
     const T = this.prefillLength;
-    return tf.tidy(() => tf.reshape(dequantizeOnBackend({ rows: T * H, cols: d, ...this.spec }, h.codes, h.scales, h.zeros), [T, H, d]));
+    return tf.tidy(() => tf.reshape(dequantizeHeld(h), [T, H, d]));
   }
 
   protected prefillKeys(layer: number): tf.Tensor3D {
@@ -109,18 +81,13 @@ export class QuantCache extends BaseCompressedCache {
     return this.dequantized(this.qv[layer]);
   }
   protected stored(): StoredItem[] {
-    const items = (name: string, h: HeldQuantized): StoredItem[] => [
-      codesItem(`${name}.codes`, h.codes),
-      { name: `${name}.scales`, half: h.scales },
-      ...(h.zeros ? [codesItem(`${name}.zeros`, h.zeros)] : []),
-    ];
-    return this.qk.flatMap((k, l) => [...items(`k.${l}`, k), ...items(`v.${l}`, this.qv[l])]);
+    return this.qk.flatMap((k, l): StoredItem[] => [...heldQuantizedItems(`k.${l}`, k), ...heldQuantizedItems(`v.${l}`, this.qv[l])]);
   }
   protected meta(): Record<string, unknown> {
     return { startPosition: this.startPosition };
   }
   protected disposeStored(): void {
-    [...this.qk, ...this.qv].forEach(disposeQuantized);
+    [...this.qk, ...this.qv].forEach(disposeHeldQuantized);
   }
 }
 
@@ -151,7 +118,7 @@ export const quantDefinition = defineStrategy({
         qv.push(holdQuantized(quantizeMatrix((await cache.values[l].data()) as Float32Array, T * nKvHeads, headDim, spec)));
       }
     } catch (e) {
-      [...qk, ...qv].forEach(disposeQuantized);
+      [...qk, ...qv].forEach(disposeHeldQuantized);
       throw e;
     }
     return new QuantCache(cache.layout, cache.rope, T, options, qk, qv, cache.startPosition ?? 0);

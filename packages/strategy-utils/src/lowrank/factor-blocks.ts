@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { HalfTensor, decodeHalf, disposeHeld, type HeldFloat, type StoredItem, type StoredReader, type StoredSpec } from '@kvpack/core';
-import { CodesTensor, dequantizeOnBackend } from '../quant/codes-tensor.js';
-import { quantizeMatrix, quantizedSpecs, quantizedTensors, readQuantized, groupsPerRow, type QuantSpec, type QuantizedMatrix } from '../quant/quantize.js';
+import { dequantizeHeld, disposeHeldQuantized, heldQuantizedItems, heldQuantizedResidentBytes, heldQuantizedSpecs, holdQuantized, type HeldQuantized } from '../quant/held-quantized.js';
+import { quantizeMatrix, readQuantized, type QuantSpec } from '../quant/quantize.js';
 import type { GroupSvdConfig } from './group-config.js';
 
 /*
@@ -11,13 +11,6 @@ import type { GroupSvdConfig } from './group-config.js';
  * (or dequantizes) one into a transient float32 tensor per use.
  */
 
-/** A quantized block on the backend: packed codes, float16 scales, and (asymmetric) packed uint8 zero points. */
-interface QuantOnBackend {
-  codes: CodesTensor;
-  scales: HalfTensor;
-  zeros: CodesTensor | null;
-}
-
 /** One stored matrix [rows, cols]. */
 export interface Block {
   name: string;
@@ -25,10 +18,8 @@ export interface Block {
   cols: number;
   /** float16 (packed) or float32 values as stored; null when quantized. */
   held: HeldFloat | null;
-  /** The quantized form on the host (what the serialization writes), or null. */
-  quant: QuantizedMatrix | null;
-  /** The quantized form on the backend (what compute dequantizes), or null. */
-  dev: QuantOnBackend | null;
+  /** The quantized form on the backend (what compute dequantizes and a serialization reads back), or null. */
+  quant: HeldQuantized | null;
 }
 
 /** The stored matrices of one kind (keys or values). */
@@ -45,16 +36,8 @@ function quantFor(config: GroupSvdConfig, part: 'basis' | 'factors'): QuantSpec 
   return { bits: q.bits, quantGroupSize: q.quantGroupSize, symmetric: q.symmetric };
 }
 
-/** Uploads a quantized matrix's parts as they are stored (no decode). */
-function quantOnBackend(q: QuantizedMatrix): QuantOnBackend {
-  const groups = q.rows * groupsPerRow(q.cols, q.quantGroupSize);
-  const codes = CodesTensor.fromBytes(q.codes, q.bits, q.rows * q.cols);
-  const scales = HalfTensor.fromBits(q.scales, [groups]);
-  return { codes, scales, zeros: q.zeros ? CodesTensor.fromBytes(q.zeros, 8, groups) : null };
-}
-
-function quantBlock(name: string, quant: QuantizedMatrix): Block {
-  return { name, rows: quant.rows, cols: quant.cols, held: null, quant, dev: quantOnBackend(quant) };
+function quantBlock(name: string, quant: HeldQuantized): Block {
+  return { name, rows: quant.rows, cols: quant.cols, held: null, quant };
 }
 
 /**
@@ -66,28 +49,28 @@ export async function makeBlock(name: string, x: tf.Tensor2D, config: GroupSvdCo
   const spec = quantFor(config, part);
   if (spec) {
     try {
-      return quantBlock(name, quantizeMatrix((await x.data()) as Float32Array, rows, cols, spec));
+      return quantBlock(name, holdQuantized(quantizeMatrix((await x.data()) as Float32Array, rows, cols, spec)));
     } finally {
       x.dispose();
     }
   }
   if (config.storage === 'float16') {
     try {
-      return { name, rows, cols, held: await HalfTensor.fromTensor(x), quant: null, dev: null };
+      return { name, rows, cols, held: await HalfTensor.fromTensor(x), quant: null };
     } finally {
       x.dispose();
     }
   }
-  return { name, rows, cols, held: x, quant: null, dev: null };
+  return { name, rows, cols, held: x, quant: null };
 }
 
 /**
  * The block's values as float32 [rows, cols]. Call inside `tf.tidy`: float16 and quantized blocks give
- * a transient tensor (unpacked, or dequantized with `dequantizeOnBackend`, bit-identical to the host
+ * a transient tensor (unpacked, or dequantized with `dequantizeHeld`, bit-identical to the host
  * dequantization); a float32 block gives its stored tensor itself (never dispose it).
  */
 export function blockValues(b: Block): tf.Tensor2D {
-  if (b.dev) return dequantizeOnBackend(b.quant!, b.dev.codes, b.dev.scales, b.dev.zeros);
+  if (b.quant) return dequantizeHeld(b.quant);
   const h = b.held!;
   return (h instanceof HalfTensor ? h.unpack() : h) as tf.Tensor2D;
 }
@@ -136,28 +119,24 @@ export function hostRowsReadable(b: Block): boolean {
 }
 
 export function blockSpecs(b: Block, storage: 'float16' | 'float32'): StoredSpec[] {
-  return b.quant ? quantizedSpecs(b.name, b.quant) : [{ name: b.name, dtype: storage, shape: [b.rows, b.cols] }];
+  return b.quant ? heldQuantizedSpecs(b.name, b.quant) : [{ name: b.name, dtype: storage, shape: [b.rows, b.cols] }];
 }
 
 /** What the block stores, as serialization items (the same bytes as {@link blockSpecs}). */
 export function blockItems(b: Block): StoredItem[] {
-  return b.quant ? quantizedTensors(b.name, b.quant) : [{ name: b.name, held: b.held! }];
+  return b.quant ? heldQuantizedItems(b.name, b.quant) : [{ name: b.name, held: b.held! }];
 }
 
 /** Bytes the block holds on the backend. */
 export function blockResidentBytes(b: Block): number {
-  if (b.dev) return b.dev.codes.residentBytes + b.dev.scales.residentBytes + (b.dev.zeros?.residentBytes ?? 0);
+  if (b.quant) return heldQuantizedResidentBytes(b.quant);
   const h = b.held!;
   return h instanceof HalfTensor ? h.residentBytes : h.size * 4;
 }
 
 export function disposeBlock(b: Block): void {
   disposeHeld(b.held);
-  if (b.dev) {
-    b.dev.codes.dispose();
-    b.dev.scales.dispose();
-    b.dev.zeros?.dispose();
-  }
+  if (b.quant) disposeHeldQuantized(b.quant);
 }
 
 /** Restores a stored block from a decoded container: float16 packed as stored, float32 as a tensor, quantized parts as stored. */
@@ -166,7 +145,7 @@ export function loadBlock(r: StoredReader, config: GroupSvdConfig, name: string,
   if (!spec) {
     const expect = { dtype: config.storage, shape: [rows, cols] };
     const held = config.storage === 'float16' ? r.half(name, expect) : r.held(name, expect);
-    return { name, rows, cols, held, quant: null, dev: null };
+    return { name, rows, cols, held, quant: null };
   }
-  return quantBlock(name, readQuantized(r, name, rows, cols, spec));
+  return quantBlock(name, holdQuantized(readQuantized(r, name, rows, cols, spec)));
 }

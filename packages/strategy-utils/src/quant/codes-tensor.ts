@@ -1,5 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { HalfTensor, check, isWebGpuBackend, readSyncOrExplain, runWgsl, type StoredItem } from '@kvpack/core';
+import { decodeCodes } from './packing.js';
+import { concatWords } from './words.js';
 
 /**
  * Unsigned b-bit codes (b = 2, 4 or 8) held on a tfjs backend in their packed form: the bytes of
@@ -42,6 +44,72 @@ export class CodesTensor {
     return new CodesTensor(tf.tensor1d(words, 'int32'), bits, count);
   }
 
+  /**
+   * Wraps packed words already on the backend (int32 [⌈⌈count·bits/8⌉/4⌉], at least one); takes
+   * ownership of `words`.
+   * @throws KvpackError('shape') when `words` is not that.
+   */
+  static fromPacked(words: tf.Tensor1D, bits: 2 | 4 | 8, count: number): CodesTensor {
+    const n = Math.max(1, Math.ceil(Math.ceil((count * bits) / 8) / 4));
+    check(words.dtype === 'int32' && words.rank === 1 && words.size === n, 'shape', `packed codes: ${words.dtype} [${words.shape}] are not the ${n} int32 words of ${count} ${bits}-bit codes`);
+    return new CodesTensor(words, bits, count);
+  }
+
+  /**
+   * Packs codes computed on the backend (a float32 or int32 tensor of integers in [0, 2^bits), any
+   * shape, row-major) into their stored form without a host round trip: a WGSL kernel on webgpu,
+   * exact integer tf ops elsewhere (each 16-bit half of a word summed in float32, then joined in
+   * int32). Bit-identical to {@link packCodes}. Does not dispose `codes`.
+   */
+  static pack(codes: tf.Tensor, bits: 2 | 4 | 8): CodesTensor {
+    const count = codes.size;
+    const per = 32 / bits;
+    const words = Math.max(1, Math.ceil(count / per));
+    if (count === 0) return new CodesTensor(tf.zeros([1], 'int32') as tf.Tensor1D, bits, 0);
+    if (isWebGpuBackend()) {
+      const flat = tf.reshape(codes, [count]) as tf.Tensor1D;
+      try {
+        return new CodesTensor(packWordsOnDevice(flat, bits, words), bits, count);
+      } finally {
+        flat.dispose();
+      }
+    }
+    const packed = tf.tidy(() => {
+      const half = per / 2;
+      let c = tf.cast(tf.reshape(codes, [count]), 'float32');
+      if (words * per > count) c = tf.concat([c, tf.zeros([words * per - count])]);
+      const weights = tf.tensor1d(Float32Array.from({ length: half }, (_, j) => 2 ** (bits * j)));
+      // [words, 2, half] codes · 2^(b·j) summed: the low and high 16 bits of each word, exact in float32.
+      const halves = tf.sum(tf.mul(tf.reshape(c, [words, 2, half]), weights), 2);
+      const [lo, hi] = tf.unstack(halves, 1);
+      // The high half as a signed 16-bit value, so that hi · 2^16 + lo is the int32 word without overflow.
+      const hiSigned = tf.sub(hi, tf.mul(tf.cast(tf.greaterEqual(hi, 32768), 'float32'), 65536));
+      return tf.add(tf.mul(tf.cast(hiSigned, 'int32'), tf.scalar(65536, 'int32')), tf.cast(lo, 'int32')) as tf.Tensor1D;
+    });
+    return new CodesTensor(packed, bits, count);
+  }
+
+  /**
+   * The codes of `a` then `b`, a new tensor (neither is disposed). When a's codes end on a word
+   * boundary the packed words are joined as they are; otherwise both are unpacked and repacked on the
+   * backend.
+   * @throws KvpackError('shape') when the widths differ.
+   */
+  static concat(a: CodesTensor, b: CodesTensor): CodesTensor {
+    check(a.bits === b.bits, 'shape', `packed codes of ${a.bits} and ${b.bits} bits cannot be joined`);
+    check(!a.isDisposed && !b.isDisposed, 'disposed', 'packed codes were disposed');
+    const { bits } = a;
+    if (a.count === 0) return new CodesTensor(tf.clone(b.packed), bits, b.count);
+    if (b.count === 0) return new CodesTensor(tf.clone(a.packed), bits, a.count);
+    if ((a.count * bits) % 32 === 0) return new CodesTensor(concatWords(a.packed, b.packed), bits, a.count + b.count);
+    const joined = tf.tidy(() => tf.concat([a.unpack(), b.unpack()]));
+    try {
+      return CodesTensor.pack(joined, bits);
+    } finally {
+      joined.dispose();
+    }
+  }
+
   /** The packed bytes (a synchronous readback). */
   bytesSync(what = 'packed codes'): Uint8Array {
     check(!this.isDisposed, 'disposed', `${what} were disposed`);
@@ -78,63 +146,45 @@ export class CodesTensor {
     }) as tf.Tensor1D;
   }
 
-  /**
-   * The host decode: the packed int32 words are read once and unpacked word by word straight into a
-   * float32 array (whole words unrolled, then the last partial word).
-   */
+  /** The host decode (wasm, cpu, tensorflow): one read of the packed words, decoded by {@link decodeCodes}. */
   private unpackOnHost(): tf.Tensor1D {
     const words = readSyncOrExplain(this.packed, 'packed codes', 'use await cache.serializeAsync()') as unknown as Int32Array;
-      const { bits, count: n } = this;
-    const out = new Float32Array(n);
-    const per = 32 / bits;
-    const mask = (1 << bits) - 1;
-    // Whole words unrolled (the common case), then the last partial word.
-    const full = Math.floor(n / per);
-    if (bits === 4) {
-      for (let w = 0, o = 0; w < full; w++, o += 8) {
-        const x = words[w];
-        out[o] = x & 15;
-        out[o + 1] = (x >>> 4) & 15;
-        out[o + 2] = (x >>> 8) & 15;
-        out[o + 3] = (x >>> 12) & 15;
-        out[o + 4] = (x >>> 16) & 15;
-        out[o + 5] = (x >>> 20) & 15;
-        out[o + 6] = (x >>> 24) & 15;
-        out[o + 7] = x >>> 28;
-      }
-    } else if (bits === 8) {
-      for (let w = 0, o = 0; w < full; w++, o += 4) {
-        const x = words[w];
-        out[o] = x & 255;
-        out[o + 1] = (x >>> 8) & 255;
-        out[o + 2] = (x >>> 16) & 255;
-        out[o + 3] = x >>> 24;
-      }
-    } else {
-      for (let w = 0, o = 0; w < full; w++) {
-        let x = words[w];
-        for (let j = 0; j < 16; j++, o++) {
-          out[o] = x & 3;
-          x >>>= 2;
-        }
-      }
-    }
-    let i = full * per;
-    for (let w = full; i < n; w++) {
-      let x = words[w];
-      const end = Math.min(n, i + per);
-      for (; i < end; i++) {
-        out[i] = x & mask;
-        x >>>= bits;
-      }
-    }
-    return tf.tensor1d(out, 'float32');
+    const bytes = new Uint8Array(words.buffer, words.byteOffset, this.byteLength);
+    return tf.tensor1d(decodeCodes(bytes, this.bits, 0, this.count, new Float32Array(this.count)), 'float32');
   }
 
   /** Frees the packed tensor. Idempotent. */
   dispose(): void {
     if (!this.packed.isDisposed) this.packed.dispose();
   }
+}
+
+/** Packs float32 codes [n] into `words` int32 words on webgpu (one invocation per word). */
+function packWordsOnDevice(codes: tf.Tensor1D, bits: 2 | 4 | 8, words: number): tf.Tensor1D {
+  const WG = 256;
+  const per = 32 / bits;
+  const groups = Math.ceil(words / WG);
+  const x = Math.min(groups, 65535);
+  return runWgsl({
+    key: `pack_codes_${bits}`,
+    names: ['c'],
+    inputs: [codes],
+    outputShape: [words],
+    dtype: 'int32',
+    workgroupSize: WG,
+    dispatch: [x, Math.ceil(groups / x), 1],
+    workgroupBytes: 0,
+    code: `fn kernel(index: i32) {
+  let w = (i32(workgroupId.y) * i32(numWorkgroups.x) + i32(workgroupId.x)) * ${WG} + i32(localId.x);
+  if (w >= uniforms.outShape) { return; }
+  var word = 0u;
+  for (var j = 0; j < ${per}; j++) {
+    let i = w * ${per} + j;
+    if (i < uniforms.cShape) { word = word | ((u32(c[i]) & ${(1 << bits) - 1}u) << (u32(j) * ${bits}u)); }
+  }
+  result[w] = bitcast<i32>(word);
+}`,
+  }) as tf.Tensor1D;
 }
 
 /**

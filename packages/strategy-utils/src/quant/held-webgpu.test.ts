@@ -7,6 +7,8 @@ import { HalfTensor, applyRope, disposeKVCache, encodeHalf, fromHalfBits, select
 import { syntheticCache } from '@kvpack/core/conformance';
 import { KeptTokensCache, gatherPerHeadBits } from '../eviction/kept-tokens.js';
 import { CodesTensor, dequantizeOnBackend } from './codes-tensor.js';
+import { concatHalfRows, dropHalfRows } from './half-rows.js';
+import { concatAllWords, concatWords, lastWords } from './words.js';
 import { packCodes } from './packing.js';
 import { dequantizeMatrix, quantizeMatrix } from './quantize.js';
 
@@ -54,6 +56,60 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     expect(Array.from(await x.data())).toEqual(Array.from(dequantizeMatrix(q)));
     x.dispose();
     parts.forEach((p) => p.dispose());
+    expect(await wgslValidationErrors()).toEqual([]);
+  });
+
+  it('joins and cuts packed words exactly (tfjs-webgpu int32 concat/slice would round them through float32)', async () => {
+    const start = tf.memory().numTensors;
+    const words = [2147483647, -2147483648, 16777217, -16777217, 123456789, 5, 0x7ff0f0f1, -5];
+    // On the device: packed float16 words, whose bit patterns exceed 2^24.
+    const x = tf.tensor1d([0.63916015625, 0.826171875, -1.7470703125, 3.14, 100.5, -0.001, 7]);
+    const h = await HalfTensor.fromTensor(x);
+    x.dispose();
+    const dev = Array.from(await h.packed.data());
+    const up = tf.tensor1d(words, 'int32');
+    const j = concatWords(h.packed, up);
+    expect(Array.from(await j.data())).toEqual([...dev, ...words]);
+    const all = concatAllWords([up, h.packed, up]);
+    expect(Array.from(await all.data())).toEqual([...words, ...dev, ...words]);
+    const last = lastWords(j, 10);
+    expect(Array.from(await last.data())).toEqual([...dev, ...words].slice(-10));
+    tf.dispose([j, all, last, up]);
+    h.dispose();
+    expect(tf.memory().numTensors).toBe(start);
+  });
+
+  it('packs codes on the device as the host packs them, joins them at any boundary, and joins and drops float16 rows', async () => {
+    const start = tf.memory().numTensors;
+    for (const bits of [2, 4, 8] as const) {
+      const a = Array.from({ length: 301 }, (_, i) => (i * 37 + 11) & ((1 << bits) - 1));
+      const b = Array.from({ length: 77 }, (_, i) => (i * 13 + 5) & ((1 << bits) - 1));
+      const [xa, xb] = [tf.tensor1d(a), tf.tensor1d(b)];
+      const ta = CodesTensor.pack(xa, bits);
+      const tb = CodesTensor.pack(xb, bits);
+      const j = CodesTensor.concat(ta, tb); // 301 codes end inside a word: unpacked and packed again
+      const jj = CodesTensor.concat(tb, tb);
+      const bytes = async (c: CodesTensor) => Array.from(new Uint8Array(Int32Array.from((await c.packed.data()) as Int32Array).buffer, 0, c.byteLength));
+      expect(await bytes(ta)).toEqual(Array.from(packCodes(a, bits)));
+      expect(await bytes(j)).toEqual(Array.from(packCodes([...a, ...b], bits)));
+      expect(await bytes(jj)).toEqual(Array.from(packCodes([...b, ...b], bits)));
+      [ta, tb, j, jj, xa, xb].forEach((t) => t.dispose());
+    }
+    for (const w of [4, 3]) {
+      const xs = Float32Array.from({ length: 7 * w }, (_, i) => Math.sin(i + 1) * 100);
+      const bits = encodeHalf(xs);
+      const a = HalfTensor.fromBits(bits.subarray(0, 5 * w), [5, w]);
+      const b = HalfTensor.fromBits(bits.subarray(5 * w), [2, w]);
+      const j = concatHalfRows(a, b);
+      expect(Array.from(await j.bits())).toEqual(Array.from(bits));
+      for (const drop of [1, 2]) {
+        const r = dropHalfRows(j, drop);
+        expect([r.shape, Array.from(await r.bits())]).toEqual([[7 - drop, w], Array.from(bits.subarray(drop * w))]);
+        r.dispose();
+      }
+      [a, b, j].forEach((t) => t.dispose());
+    }
+    expect(tf.memory().numTensors).toBe(start);
     expect(await wgslValidationErrors()).toEqual([]);
   });
 

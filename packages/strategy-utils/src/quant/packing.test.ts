@@ -19,6 +19,8 @@ describe('bit packing', () => {
         expect(p.bytes().length).toBe(Math.ceil((all.length * bits) / 8));
         expect(Array.from(p.unpack())).toEqual(all);
         expect(Array.from(unpackCodes(packCodes(all, bits), bits, all.length))).toEqual(all);
+        // Any range, byte-aligned or not (the decoder's leading, whole-byte and trailing parts).
+        for (let start = 0; start <= Math.min(all.length, 5); start++) expect(Array.from(p.unpack(start, all.length - start))).toEqual(all.slice(start));
       }),
       { seed: 11, numRuns: 200 },
     );

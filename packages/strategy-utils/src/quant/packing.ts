@@ -53,14 +53,7 @@ export class PackedCodes {
   /** Codes [start, start + count) as one byte each. */
   unpack(start = 0, count = this.n - start): Uint8Array {
     check(start >= 0 && count >= 0 && start + count <= this.n, 'shape', `packed codes: range [${start}, ${start + count}) is outside [0, ${this.n})`);
-    const b = this.bits;
-    const mask = (1 << b) - 1;
-    const out = new Uint8Array(count);
-    for (let i = 0; i < count; i++) {
-      const bit = (start + i) * b;
-      out[i] = (this.buf[bit >> 3] >> (bit & 7)) & mask;
-    }
-    return out;
+    return decodeCodes(this.buf, this.bits, start, count, new Uint8Array(count));
   }
 
   /** The packed bytes, ⌈count·bits/8⌉ of them (a copy). */
@@ -78,5 +71,43 @@ export function packCodes(codes: ArrayLike<number>, bits: 2 | 4 | 8): Uint8Array
 
 /** Unpacks `count` codes written by {@link packCodes}. @throws KvpackError('corrupt') on a size mismatch. */
 export function unpackCodes(bytes: Uint8Array, bits: 2 | 4 | 8, count: number): Uint8Array {
-  return new PackedCodes(bits, { bytes, count }).unpack();
+  check(bytes.length === Math.ceil((count * bits) / 8), 'corrupt', `packed codes: ${bytes.length} bytes cannot hold exactly ${count} ${bits}-bit codes`);
+  return decodeCodes(bytes, bits, 0, count, new Uint8Array(count));
+}
+
+/**
+ * The host decoder of the packed layout (the one place it is written): codes start … start + count − 1
+ * of `bytes` into `out[0 … count − 1]`, whole bytes at a time once byte-aligned. Returns `out`.
+ */
+export function decodeCodes<T extends Uint8Array | Float32Array>(bytes: Uint8Array, bits: 2 | 4 | 8, start: number, count: number, out: T): T {
+  const mask = (1 << bits) - 1;
+  const one = (i: number) => {
+    const bit = (start + i) * bits;
+    out[i] = (bytes[bit >> 3] >> (bit & 7)) & mask;
+  };
+  let i = 0;
+  for (; i < count && (((start + i) * bits) & 7) !== 0; i++) one(i);
+  const per = 8 / bits;
+  const whole = Math.floor((count - i) / per);
+  let at = ((start + i) * bits) >> 3;
+  if (bits === 8) {
+    out.set(bytes.subarray(at, at + whole), i);
+    i += whole;
+  } else if (bits === 4) {
+    for (let k = 0; k < whole; k++, at++, i += 2) {
+      const x = bytes[at];
+      out[i] = x & 15;
+      out[i + 1] = x >> 4;
+    }
+  } else {
+    for (let k = 0; k < whole; k++, at++, i += 4) {
+      const x = bytes[at];
+      out[i] = x & 3;
+      out[i + 1] = (x >> 2) & 3;
+      out[i + 2] = (x >> 4) & 3;
+      out[i + 3] = x >> 6;
+    }
+  }
+  for (; i < count; i++) one(i);
+  return out;
 }

@@ -1,4 +1,4 @@
-import { check, fromHalfBits, toHalfBits, type StoredReader, type StoredSpec, type StoredTensor } from '@kvpack/core';
+import { check, fromHalfBits, toHalfBits, type StoredReader } from '@kvpack/core';
 import { packCodes, unpackCodes } from './packing.js';
 
 /**
@@ -137,25 +137,7 @@ export function dequantizeMatrix(q: QuantizedMatrix): Float32Array {
 }
 
 /**
- * The stored tensors of a quantized matrix under `name`: `name.codes` (uint8, packed), `name.scales`
- * (float16 bits) and, asymmetric, `name.zeros` (uint8). Their bytes are {@link quantizedBytes}.
- */
-export function quantizedTensors(name: string, q: QuantizedMatrix): StoredTensor[] {
-  const out: StoredTensor[] = [
-    { name: `${name}.codes`, dtype: 'uint8', shape: [q.codes.length], data: q.codes },
-    { name: `${name}.scales`, dtype: 'float16', shape: [q.scales.length], data: q.scales },
-  ];
-  if (q.zeros) out.push({ name: `${name}.zeros`, dtype: 'uint8', shape: [q.zeros.length], data: q.zeros });
-  return out;
-}
-
-/** Name, dtype and shape of {@link quantizedTensors} (no data). */
-export function quantizedSpecs(name: string, q: QuantizedMatrix): StoredSpec[] {
-  return quantizedTensors(name, q).map(({ name: n, dtype, shape }) => ({ name: n, dtype, shape }));
-}
-
-/**
- * Restores the quantized [rows, cols] matrix stored under `name` by {@link quantizedTensors}.
+ * Restores the quantized [rows, cols] matrix stored under `name` (`name.codes`, `name.scales`, `name.zeros`: see `heldQuantizedItems`).
  * @throws KvpackError('corrupt') naming the tensor when a part is missing or has the wrong dtype or
  *         length for [rows, cols] at spec.bits.
  */
