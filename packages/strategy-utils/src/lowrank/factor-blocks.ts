@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { HalfTensor, decodeHalf, disposeHeld, type HeldFloat, type StoredItem, type StoredReader, type StoredSpec } from '@kvpack/core';
+import { HalfTensor, decodeHalf, disposeHeld, heldRowPrefix, type HeldFloat, type StoredItem, type StoredReader, type StoredSpec } from '@kvpack/core';
 import { CodesTensor, dequantizeOnBackend } from '../quant/codes-tensor.js';
-import { quantizeMatrix, quantizedSpecs, quantizedTensors, readQuantized, groupsPerRow, type QuantSpec, type QuantizedMatrix } from '../quant/quantize.js';
+import { quantizeMatrix, quantizedRowPrefix, quantizedSpecs, quantizedTensors, readQuantized, groupsPerRow, type QuantSpec, type QuantizedMatrix } from '../quant/quantize.js';
 import type { GroupSvdConfig } from './group-config.js';
 
 /*
@@ -149,6 +149,16 @@ export function blockResidentBytes(b: Block): number {
   if (b.dev) return b.dev.codes.residentBytes + b.dev.scales.residentBytes + (b.dev.zeros?.residentBytes ?? 0);
   const h = b.held!;
   return h instanceof HalfTensor ? h.residentBytes : h.size * 4;
+}
+
+/**
+ * A new block of the first `rows` rows of `b`, the stored numbers bit for bit (float16 bit patterns,
+ * float32 values, or quantized codes with their scales and zero points); `rows = b.rows` copies it.
+ * Does not dispose `b`.
+ */
+export async function blockRowPrefix(b: Block, rows: number): Promise<Block> {
+  if (b.quant) return quantBlock(b.name, rows === b.rows ? b.quant : quantizedRowPrefix(b.quant, rows));
+  return { name: b.name, rows, cols: b.cols, held: await heldRowPrefix(b.held!, rows), quant: null, dev: null };
 }
 
 export function disposeBlock(b: Block): void {
