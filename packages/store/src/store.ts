@@ -93,6 +93,13 @@ const WARNED_MAX = 10_000;
  * prefixes sharing their first chunks are compressed differently. A record is therefore self-contained
  * and exact: restoring it gives the very cache that was stored, bit for bit.
  *
+ * **Cut prefixes.** Where the strategy declares `cutPrefix` (xkv and svd with full decode, dense), a
+ * record also serves the shorter prefixes it covers: it lists the chain keys of all its chunk
+ * boundaries, and `put` writes a *link manifest* at each shorter boundary that holds no record
+ * (pointing to the shortest stored record covering it). {@link restore} follows a link when no record
+ * is stored at a longer boundary, checks that the record's chain holds the boundary's key, and cuts the
+ * restored cache to that boundary (`cutCachePrefix`): the same numbers as that cache cut in-process.
+ *
  * **Integrity.** A record is versioned and checksummed (CRC-32 over its header and the serialized
  * cache, whose own container CRC covers its JSON header) and names its key, namespace and length;
  * its manifest, written after it, says that a complete record is there. A corrupt, truncated or foreign record is reported once through `onWarning` and is a
@@ -298,7 +305,9 @@ export class PrefixStore {
   /**
    * The longest stored prefix of `tokens`, at most `maxTokens` long (default all of them; pass
    * tokens.length − 1 to keep a token to prefill). Manifests of every chunk boundary are read at once,
-   * then records from the longest down until one checks out. Never throws for what the backend holds:
+   * then records from the longest down until one checks out. With `cut: true` a boundary that only has
+   * a link counts too: the hit's `source` then names the longer record whose bytes are returned, to be
+   * cut to `tokens` (default false: every hit's bytes are exactly its prefix's cache). Never throws for what the backend holds:
    * a missing, expired, corrupt, truncated or foreign record, or a backend failure, is a miss (the
    * last three reported once through `onWarning`).
    * @throws KvpackError('shape') for token ids that are not integers in [0, 2^32).
@@ -424,8 +433,9 @@ export class PrefixStore {
 
   /**
    * {@link lookup}, then restores the hit (`deserializeCache(bytes, { model })`: import the strategy's
-   * package first so that it is registered). A record that checks out but does not restore is reported
-   * and the next shorter prefix is tried. The caller disposes the cache.
+   * package first so that it is registered); a hit through a link (`cut`, default true) is cut to its
+   * boundary (`cutCachePrefix`; `cutFrom` says from how many tokens). A record that checks out but does
+   * not restore is reported and the next shorter prefix is tried. The caller disposes the cache.
    * @returns the restored cache and the tokens it covers, or null on a miss
    */
   async restore(tokens: readonly number[], options: { maxTokens?: number; cut?: boolean } = {}): Promise<{ tokens: number; key: string; cache: CompressedCache; cutFrom?: number } | null> {
