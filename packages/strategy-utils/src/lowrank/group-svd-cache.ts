@@ -321,8 +321,8 @@ export class GroupSvdCache extends BaseCompressedCache {
  * The `cutPrefix` capability of the grouped low-rank strategies (xkv, svd): {@link GroupSvdCache.cutPrefix},
  * or why caches of these options cannot be cut (sparse decode).
  */
-export function groupSvdPrefixCut(strategy: string, options: { decode?: string }): PrefixCutter | string {
-  if (options.decode === 'sparse')
+export function groupSvdPrefixCut(strategy: string, options: object): PrefixCutter | string {
+  if ((options as { decode?: string }).decode === 'sparse')
     return `${strategy} caches compressed with decode: 'sparse' keep an exact local window of their last tokens and outlier chunks chosen over all of them, which no prefix cut preserves; use decode: 'full'`;
   return (cache, tokens) => {
     check(cache instanceof GroupSvdCache && cache.strategy === strategy, 'shape', `${strategy} cut: expected a ${strategy} cache, got a ${cache.strategy} cache`);
