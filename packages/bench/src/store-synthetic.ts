@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { z } from 'zod';
-import { KvpackError, cutCachePrefix, deserializeCache, type CompressedCache, type ModelLayout, type Strategy } from '@kvpack/core';
+import { KvpackError, cutCachePrefix, deserializeCache, isHostBackend, type CompressedCache, type ModelLayout, type Strategy } from '@kvpack/core';
 import { PrefixStore, openBackend, type StoreBackend } from '@kvpack/store';
 import { LLAMA31_8B_LAYOUT, syntheticLlamaCache } from './perf/synthetic.js';
 import { median, syncTensors, timeOp } from './perf/stats.js';
@@ -31,8 +31,10 @@ export type SyntheticStoreConfig = z.output<typeof SyntheticStoreSchema>;
  * The prefill arithmetic of T tokens over `layers` Llama layers, as tiles of B = min(tile, T) rows:
  * per layer, for each of the n = T / B row tiles, the projections x·W_qkv [B, h]·[h, (H + 2·H_kv)·d],
  * attn·W_o [B, H·d]·[H·d, h], x·W_gate and x·W_up [B, h]·[h, i] each, and act·W_down [B, i]·[i, h];
- * for each of the n(n+1)/2 causal (query tile, key tile) pairs, the scores Q·Kᵀ [H, B, d]·[H, d, B]
- * and the mix P·V [H, B, B]·[H, B, d] (a diagonal tile counted whole, as a tiled kernel computes it).
+ * for each of the n(n+1)/2 causal (query tile, key tile) pairs, the scores Q·Kᵀ and the mix P·V of
+ * all H query heads, in the form core's `attention` computes them (per KV head, its g = H / H_kv
+ * query heads stacked: [B·g, d]·[d, B] and [B·g, B]·[B, d]; one 2-D matMul per KV head on wasm/cpu,
+ * one batched matMul elsewhere); a diagonal tile is counted whole, as a tiled kernel computes it.
  * Not counted: embedding, RMSNorm, RoPE, softmax, SiLU, residual adds and the LM head, so the time
  * is a lower bound of a real prefill on the same backend.
  */
@@ -73,13 +75,18 @@ async function timeTiles(B: number, layout: ModelLayout, hidden: number, inter: 
       tf.dispose([a, w]);
     }
   };
-  const bmm = async (x: [number, number, number], y: [number, number, number]) => {
-    const a = tf.fill(x, 1 / x[2]) as tf.Tensor3D;
-    const b = tf.fill(y, 1 / y[1]) as tf.Tensor3D;
+  // The attention products in the form core's attention() computes them (GQA: the g = H / H_kv query
+  // heads of a KV head stacked as rows): on wasm/cpu one 2-D matMul per KV head, [B·g, d]·[d, B] and
+  // [B·g, B]·[B, d] (batched matMuls are several times slower there); elsewhere one batched matMul.
+  const g = H / Hkv;
+  const heads = async (x: [number, number], y: [number, number]) => {
+    const host = isHostBackend();
+    const a = host ? Array.from({ length: Hkv }, () => tf.fill(x, 1 / x[1]) as tf.Tensor2D) : [tf.fill([Hkv, ...x], 1 / x[1]) as tf.Tensor3D];
+    const b = host ? Array.from({ length: Hkv }, () => tf.fill(y, 1 / y[0]) as tf.Tensor2D) : [tf.fill([Hkv, ...y], 1 / y[0]) as tf.Tensor3D];
     try {
-      return (await timeOp(() => tf.matMul(a, b), opts)).medianMs;
+      return (await timeOp(() => a.map((t, i) => tf.matMul(t, b[i])), opts)).medianMs;
     } finally {
-      tf.dispose([a, b]);
+      tf.dispose([...a, ...b]);
     }
   };
   return {
@@ -87,8 +94,8 @@ async function timeTiles(B: number, layout: ModelLayout, hidden: number, inter: 
     o: await mm(B, H * d, hidden),
     gate: await mm(B, hidden, inter),
     down: await mm(B, inter, hidden),
-    scores: await bmm([H, B, d], [H, d, B]),
-    mix: await bmm([H, B, B], [H, B, d]),
+    scores: await heads([B * g, d], [d, B]),
+    mix: await heads([B * g, B], [B, d]),
   };
 }
 
@@ -280,7 +287,7 @@ export function syntheticStoreTable(rows: SyntheticStoreRow[], backend: string):
     ),
     '',
     `stored path = fetch (lookup: manifests, record, CRC checks) + restore (deserializeCache) + reconstruct (post-RoPE keys and values of every layer, synchronized). ` +
-      `Prefill arithmetic = the matmuls of a ${r0.layers}-layer Llama-3.1-8B prefill of T tokens (hidden 4,096, MLP 14,336 unless configured), timed as tiles of ${r0.prefill.tile} rows on this backend: per row tile the QKV, output, gate, up and down projections; per causal (query, key) tile pair Q·Kᵀ and P·V over 32 heads — median tile time × tile count. ` +
+      `Prefill arithmetic = the matmuls of a ${r0.layers}-layer Llama-3.1-8B prefill of T tokens (hidden 4,096, MLP 14,336 unless configured), timed as tiles of ${r0.prefill.tile} rows on this backend: per row tile the QKV, output, gate, up and down projections; per causal (query, key) tile pair Q·Kᵀ and P·V over 32 query heads (grouped per KV head as core's attention does) — median tile time × tile count. ` +
       'Norms, RoPE, softmax, SiLU, embedding and LM head are not counted: a lower bound of the real prefill. cut T/2 path = the chunk-aligned half-length prefix served from the T-token record (fetch + restore + cut + reconstruct).',
   ];
 }
