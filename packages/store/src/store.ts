@@ -173,7 +173,9 @@ export class PrefixStore {
 
   /**
    * Stores the compressed cache of `tokens` (the prefix of a sequence, at a chunk boundary): the record
-   * first, then its manifest. The cache must hold exactly positions 0 … tokens.length − 1 of that
+   * (listing the chain keys of every boundary it covers) first, then its manifest, then — where the
+   * strategy's caches can be cut — link manifests at the shorter boundaries that hold no record (best
+   * effort: a failed link write is reported, not thrown). The cache must hold exactly positions 0 … tokens.length − 1 of that
    * sequence (compressed prefill, and decode tokens appended exactly if any) — e.g. the cache a
    * session compressed from the prefill of these tokens.
    * @param cache a compressed cache, or its serialized bytes (`serializeAsync()` on webgpu)
