@@ -74,9 +74,11 @@ export async function* inspectStore(backend: StoreBackend, options: { namespace?
         }
       }
       if (link && out.status === 'ok') {
-        // A link: its own key holds no record (a record found there was written and then superseded in a race; it is not inspected).
+        // A link: its own key holds no record. One found there was written, then its manifest replaced
+        // by the link in a race: the key counts as a record without a manifest (gc removes it after the
+        // grace period; lookups are served by the cut meanwhile, and the next covering put relinks it).
         out.link = link.link.key;
-        out.status = link.expires !== undefined && link.expires <= now ? 'expired' : 'link';
+        out.status = link.expires !== undefined && link.expires <= now ? 'expired' : e.parts.includes('record') ? 'record-without-manifest' : 'link';
         if (out.status === 'link' && (options.verify ?? true)) {
           const target = `${ns}/${link.link.key}`;
           if (!linked.has(target)) linked.set(target, (await backend.get(ns, link.link.key, 'record')) !== null);
