@@ -11,6 +11,7 @@ import { EXIT, processIO, type CommandIO } from './commands.js';
 import { backendOption, runEnvironment } from './environment.js';
 import { loadBenchModel } from './load.js';
 import type { BenchModel } from './model.js';
+import { SyntheticStoreSchema, syntheticStoreRows, syntheticStoreTable, type SyntheticStoreRow } from './store-synthetic.js';
 
 const Range = z.tuple([z.int().positive(), z.int().positive()]);
 const StrategySpec = z.strictObject({ name: z.string().min(1), options: z.record(z.string(), z.unknown()).optional() });
@@ -32,8 +33,10 @@ export const StoreBenchConfigSchema = z.strictObject({
   /** The multi-turn chat trace: each turn's prompt is the whole history plus the user's tokens. */
   chat: z.strictObject({ turns: z.int().positive().default(8), userTokens: Range.default([40, 160]), replyTokens: Range.default([40, 160]) }).default({ turns: 8, userTokens: [40, 160], replyTokens: [40, 160] }),
   /** Models: a name and a path (relative paths resolve against KVPACK_MODELS_DIR, else <repo>/../shared/models). */
-  models: z.array(z.strictObject({ name: z.string().min(1), path: z.string().min(1) })).min(1),
-});
+  models: z.array(z.strictObject({ name: z.string().min(1), path: z.string().min(1) })).default([]),
+  /** Llama-3.1-8B-shaped synthetic caches (see store-synthetic.ts): prefix lengths, layers, the prefill arithmetic's sizes. */
+  synthetic: SyntheticStoreSchema.optional(),
+}).refine((c) => c.models.length > 0 || c.synthetic !== undefined, { message: 'give models, a synthetic section, or both', path: ['models'] });
 export type StoreBenchConfig = z.output<typeof StoreBenchConfigSchema>;
 
 /** One model's figures. */
@@ -188,6 +191,7 @@ export async function storeBenchCommand(configPath: string, opts: StoreBenchOpti
   const url = opts.store ?? `file://${tmp}`;
   const rows: StoreBenchRow[] = [];
   const skipped: string[] = [];
+  let synthetic: SyntheticStoreRow[] = [];
   try {
     for (const m of cfg.models) {
       const path = resolve(modelsDir, m.path);
@@ -257,6 +261,8 @@ export async function storeBenchCommand(configPath: string, opts: StoreBenchOpti
         model.dispose();
       }
     }
+    if (cfg.synthetic)
+      synthetic = await syntheticStoreRows(cfg.synthetic, { strategy: cfg.synthetic.strategy ? createStrategy(cfg.synthetic.strategy) : strategy, raw, url, chunkTokens: cfg.chunkTokens, repeats: cfg.repeats, log: (s) => io.err(s) });
   } finally {
     if (tmp) rmSync(tmp, { recursive: true, force: true });
   }
@@ -283,11 +289,12 @@ export async function storeBenchCommand(configPath: string, opts: StoreBenchOpti
         `fetch + restore + decode ${f(r.storedPathMs)} ms vs prefill ${f(r.prefillMs)} ms: ${f(r.speedup, 2)}× ${r.speedup > 1 ? 'faster' : 'slower'} than recomputing on ${choice.name}`,
     ),
     ...skipped,
+    ...syntheticStoreTable(synthetic, choice.name),
   ];
   io.out(lines.join('\n'));
   const outDir = resolve(opts.out ?? 'bench-out');
   mkdirSync(outDir, { recursive: true });
-  writeFileSync(join(outDir, 'store-bench.json'), JSON.stringify({ environment: runEnvironment(choice.name, describeBackend(choice), !!opts.quick), config: cfg, rows, skipped }, null, 2));
+  writeFileSync(join(outDir, 'store-bench.json'), JSON.stringify({ environment: runEnvironment(choice.name, describeBackend(choice), !!opts.quick), config: cfg, rows, synthetic, skipped }, null, 2));
   return EXIT.ok;
 }
 

@@ -119,4 +119,49 @@ describe('kvpack bench store', () => {
     expect(r.chat.hitTokens).toBeGreaterThan(0);
     expect(io.stdout).toMatch(/\| stories260K \| 128 \|/);
   });
+
+  it('measures Llama-3.1-8B-shaped synthetic caches against the prefill arithmetic, side by side (tiny T)', async () => {
+    const f = join(dir, 'synthetic.yaml');
+    writeFileSync(
+      f,
+      [
+        'strategy: { name: xkv, options: { layersPerGroup: 2, rankK: 16, rankV: 16 } }',
+        'raw: { name: dense, options: { storage: float32 } }',
+        'chunkTokens: 32',
+        'repeats: 1',
+        'synthetic: { tokens: [64, 96], layers: 2, hiddenSize: 128, intermediateSize: 256, tile: 32 }',
+      ].join('\n'),
+    );
+    const io = capture();
+    const code = await runCli(['bench', 'store', f, '--out', join(dir, 'o2'), '--backend', 'wasm'], io);
+    expect(code, io.stderr).toBe(0);
+    const { rows, synthetic } = JSON.parse(readFileSync(join(dir, 'o2', 'store-bench.json'), 'utf8'));
+    expect(rows).toEqual([]);
+    expect(synthetic.map((r: { tokens: number }) => r.tokens)).toEqual([64, 96]);
+    for (const r of synthetic) {
+      const T = r.tokens;
+      // 2 layers × 8 KV heads × head_dim 128, K and V, 2 bytes.
+      expect(r.denseFp16BytesPerToken).toBe(2 * 2 * 8 * 128 * 2);
+      // The raw float32 record: 2 · 2 · 1024 floats per token plus its headers (a few KiB over T tokens).
+      expect(r.rawBytesPerToken).toBeGreaterThan(16384);
+      expect(r.rawBytesPerToken).toBeLessThan(16384 + 8192 / T);
+      // xKV-2 at rank 16 per layer (group rank 32): per token 32 basis values per kind, fp16, plus the factors 32 × 2048 per kind.
+      expect(r.storedBytesPerToken * T).toBeGreaterThan(2 * (T * 32 + 32 * 2048) * 2);
+      expect(r.storedBytesPerToken * T).toBeLessThan(2 * (T * 32 + 32 * 2048) * 2 + 4096);
+      expect(r.ratioVsRaw).toBeCloseTo(r.rawBytesPerToken / r.storedBytesPerToken, 10);
+      // The arithmetic's counts in closed form: tiles of 32 rows, causal tile pairs n(n+1)/2.
+      const n = T / 32;
+      expect(r.prefill.rowTiles).toBe(n);
+      expect(r.prefill.attentionTilePairs).toBe((n * (n + 1)) / 2);
+      expect(r.prefill.projectionFlops).toBe(2 * T * 2 * (128 * 48 * 128 + 4096 * 128 + 2 * 128 * 256 + 256 * 128));
+      expect(r.prefill.attentionFlops).toBe(2 * ((n * (n + 1)) / 2) * 2 * 2 * 32 * 32 * 32 * 128);
+      expect(r.prefill.totalMs).toBeCloseTo(r.prefill.attentionMs + r.prefill.projectionMs, 10);
+      expect(r.speedup).toBeCloseTo(r.prefill.totalMs / r.storedPathMs, 10);
+      // The half-length prefix is served by cutting the stored record.
+      expect(r.cutTokens).toBe(T === 64 ? 32 : 32);
+      expect(r.cutPathMs).toBeGreaterThan(0);
+    }
+    expect(io.stdout).toMatch(/Llama-3.1-8B-shaped synthetic caches \(2 of 32 layers/);
+    expect(io.stdout).toMatch(/\| 96 \| /);
+  });
 });

@@ -62,6 +62,7 @@ export async function storeStats(url: string, opts: { json?: boolean }, io: Comm
       const d = await readNamespace(backend, ns);
       const row: StoreStatsRow = { namespace: ns, ...(d ? { model: d.model, strategy: d.strategy, chunkTokens: d.chunkTokens } : {}), prefixes: 0, tokens: 0, bytes: 0, unusable: 0 };
       for await (const e of inspectStore(backend, { namespace: ns })) {
+        if (e.status === 'link') continue; // a shorter prefix served by cutting a stored record: no bytes of its own
         if (e.status !== 'ok') row.unusable++;
         else {
           row.prefixes++;

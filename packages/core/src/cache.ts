@@ -228,6 +228,39 @@ export abstract class BaseCompressedCache implements CompressedCache {
     return tf.tidy(() => tf.concat([this.prefillValues(layer), r], 0));
   }
 
+  /**
+   * The cache cut to its first `tokens` tokens, for a strategy's prefix cut (capability `cutPrefix`):
+   * `cutPrefill(t)` builds a new cache of the compressed prefill's first t = min(tokens,
+   * prefillLength) tokens (same stored numbers, new tensors); the first tokens − prefillLength exact
+   * decode tokens of every layer are copied after it and the model fingerprint is kept. The input
+   * stays usable; if anything throws, the new cache is disposed.
+   * @throws KvpackError('shape') when tokens is not an integer in [1, tokenCount] of every layer.
+   */
+  protected async cutWith<C extends BaseCompressedCache>(tokens: number, cutPrefill: (t: number) => Promise<C>): Promise<C> {
+    this.assertLive();
+    const most = Math.min(...Array.from({ length: this.layout.nLayers }, (_, l) => this.tokenCount(l)));
+    check(
+      Number.isInteger(tokens) && tokens >= 1 && tokens <= most,
+      'shape',
+      `${this.strategy} cut: ${tokens} tokens is not an integer in [1, ${most}] (the tokens this cache holds)`,
+    );
+    const out = await cutPrefill(Math.min(tokens, this.prefillLength));
+    try {
+      const n = tokens - this.prefillLength;
+      if (n > 0) {
+        for (let l = 0; l < this.layout.nLayers; l++) {
+          out.resK[l] = tf.slice(this.resK[l]!, 0, n);
+          out.resV[l] = tf.slice(this.resV[l]!, 0, n);
+        }
+      }
+      if (this.model) out.model = this.model;
+      return out;
+    } catch (e) {
+      out.dispose();
+      throw e;
+    }
+  }
+
   /** Residual (decode) keys and values of a layer, or null when none were appended. Not copies. */
   protected residual(layer: number): { k: tf.Tensor3D; v: tf.Tensor3D } | null {
     const k = this.resK[layer];

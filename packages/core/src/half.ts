@@ -253,6 +253,21 @@ export function heldShape(h: HeldFloat): number[] {
   return [...h.shape];
 }
 
+/**
+ * The first `rows` rows (along axis 0) of a held float, held the same way: a new float16
+ * {@link HalfTensor} from the same bit patterns (read back asynchronously, so on every backend), or a
+ * float32 slice. The values are the stored ones, bit for bit. Does not dispose `h`.
+ * @throws KvpackError('shape') when rows is not an integer in [0, shape[0]].
+ */
+export async function heldRowPrefix(h: HeldFloat, rows: number): Promise<HeldFloat> {
+  const shape = heldShape(h);
+  check(Number.isInteger(rows) && rows >= 0 && rows <= shape[0], 'shape', `row prefix: ${rows} rows is out of range [0, ${shape[0]}]`);
+  const out = [rows, ...shape.slice(1)];
+  if (!(h instanceof HalfTensor)) return tf.slice(h, 0, rows);
+  const n = out.reduce((a, b) => a * b, 1);
+  return HalfTensor.fromBits((await h.bits()).subarray(0, n), out);
+}
+
 /** Frees a held float. */
 export function disposeHeld(h: HeldFloat | null | undefined): void {
   if (h && !h.isDisposed) h.dispose();

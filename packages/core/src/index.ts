@@ -32,3 +32,4 @@ export * from './random.js';
 export * from './scope.js';
 export * from './half.js';
 export * from './define.js';
+export * from './prefix-cut.js';

@@ -37,7 +37,22 @@ export interface StrategyCapabilities<O = unknown> {
    * its start layer): a report warns that retrieval happening there cannot show the method's loss.
    */
   exactLayers?(options: O, nLayers: number): number[];
+  /**
+   * How a cache made with these options is cut to its first t tokens without compressing again (a
+   * stored prefix served to a shorter query), or a sentence saying why it cannot be. Absent: the
+   * strategy's caches cannot be cut. Use {@link cutCachePrefix} rather than calling it directly.
+   */
+  cutPrefix?(options: O): PrefixCutter | string;
 }
+
+/**
+ * Cuts a compressed cache to its first `tokens` tokens (1 ≤ tokens ≤ tokenCount), returning a new
+ * cache that owns its tensors (the input stays usable): the compressed prefill restricted to its
+ * first min(tokens, prefillLength) tokens with the same stored factors, codes or values, then the
+ * first tokens − prefillLength exact decode tokens. Decoding over the result equals decoding over a
+ * cache holding exactly those stored numbers.
+ */
+export type PrefixCutter = (cache: CompressedCache, tokens: number) => Promise<CompressedCache>;
 
 /**
  * A registered compression method: a name, a zod schema for its options (with defaults), a

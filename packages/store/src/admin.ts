@@ -1,10 +1,14 @@
 import { KvpackError, check } from '@kvpack/core';
 import type { StoreBackend } from './backend.js';
 import { KEY_PATTERN, type NamespaceDescriptor } from './keys.js';
-import { decodeManifest, decodeRecord, type Manifest } from './record.js';
+import { decodeAnyManifest, decodeRecord, isLink, type LinkManifest, type Manifest } from './record.js';
 
 /** State of one stored key, as {@link inspectStore} finds it. */
-export type EntryStatus = 'ok' | 'expired' | 'corrupt' | 'record-without-manifest' | 'manifest-without-record';
+/**
+ * State of one stored key: `link` — a link manifest (no record of its own; a longer stored prefix's
+ * record covers it and is cut on lookup); `link-without-record` — a link whose record is gone.
+ */
+export type EntryStatus = 'ok' | 'link' | 'expired' | 'corrupt' | 'record-without-manifest' | 'manifest-without-record' | 'link-without-record';
 
 /** One stored key of a namespace, checked. */
 export interface InspectedEntry {
@@ -18,6 +22,8 @@ export interface InspectedEntry {
   expires?: number;
   /** Why it is corrupt. */
   problem?: string;
+  /** For a link: the key of the longer stored prefix whose record covers this one. */
+  link?: string;
 }
 
 /** A namespace and its descriptor (null when the descriptor is missing or unreadable). */
@@ -44,24 +50,42 @@ export async function readNamespace(backend: StoreBackend, id: string): Promise<
 export async function* inspectStore(backend: StoreBackend, options: { namespace?: string; verify?: boolean; now?: number } = {}): AsyncIterable<InspectedEntry> {
   const now = options.now ?? Date.now();
   const spaces = options.namespace ? [options.namespace] : await backend.namespaces();
+  const linked = new Map<string, boolean>();
   for (const ns of spaces) {
     for await (const e of backend.entries(ns)) {
       const out: InspectedEntry = { namespace: ns, key: e.key, status: 'ok', ...(e.recordBytes !== undefined ? { recordBytes: e.recordBytes } : {}) };
       let m: Manifest | undefined;
+      let link: LinkManifest | undefined;
       if (e.parts.includes('manifest')) {
         const raw = await backend.get(ns, e.key, 'manifest');
         if (raw) {
           try {
-            m = decodeManifest(raw);
-            out.tokens = m.tokens;
-            out.created = m.created;
-            if (m.expires !== undefined) out.expires = m.expires;
-            check(m.key === e.key && m.namespace === ns, 'model', 'its manifest names another key or namespace');
+            const any = decodeAnyManifest(raw);
+            if (isLink(any)) link = any;
+            else m = any;
+            out.tokens = any.tokens;
+            out.created = any.created;
+            if (any.expires !== undefined) out.expires = any.expires;
+            check(any.key === e.key && any.namespace === ns, 'model', 'its manifest names another key or namespace');
           } catch (err) {
             out.status = 'corrupt';
             out.problem = (err as Error).message;
           }
         }
+      }
+      if (link && out.status === 'ok') {
+        // A link: its own key holds no record. One found there was written, then its manifest replaced
+        // by the link in a race: the key counts as a record without a manifest (gc removes it after the
+        // grace period; lookups are served by the cut meanwhile, and the next covering put relinks it).
+        out.link = link.link.key;
+        out.status = link.expires !== undefined && link.expires <= now ? 'expired' : e.parts.includes('record') ? 'record-without-manifest' : 'link';
+        if (out.status === 'link' && (options.verify ?? true)) {
+          const target = `${ns}/${link.link.key}`;
+          if (!linked.has(target)) linked.set(target, (await backend.get(ns, link.link.key, 'record')) !== null);
+          if (!linked.get(target)) out.status = 'link-without-record';
+        }
+        yield out;
+        continue;
       }
       const hasRecord = e.parts.includes('record');
       if (out.status === 'ok' && !m) out.status = 'record-without-manifest';
@@ -114,8 +138,9 @@ export async function readStoredCache(backend: StoreBackend, keyPrefix: string):
   check(KEY_PATTERN.test(key), 'config', `bad key ${key}`);
   const d = decodeRecord(rec, { key, namespace });
   const rawManifest = await backend.get(namespace, key, 'manifest');
-  if (rawManifest) {
-    const m = decodeManifest(rawManifest);
+  const any = rawManifest ? decodeAnyManifest(rawManifest) : null;
+  if (any && !isLink(any)) {
+    const m = any;
     check(m.bytes === rec.length && m.crc === d.crc, 'corrupt', `stored prefix ${key}: the record does not match its manifest (length or CRC-32)`);
   }
   return { namespace, key, tokens: d.header.tokens, cache: d.payload };
@@ -127,22 +152,24 @@ export interface GcResult {
   corrupt: number;
   recordsWithoutManifest: number;
   manifestsWithoutRecord: number;
+  /** Link manifests whose record is gone. */
+  linksWithoutRecord: number;
   temporaryFiles: number;
   kept: number;
 }
 
 /**
- * Removes what no lookup can use: expired prefixes, corrupt records, manifests whose record is gone
- * (evicted), records without a manifest older than `graceMs` (default 60 s: younger ones may be a
+ * Removes what no lookup can use: expired prefixes and links, corrupt records, manifests and links
+ * whose record is gone (evicted), records without a manifest older than `graceMs` (default 60 s: younger ones may be a
  * write in progress, whose manifest comes next), and temporary files of interrupted writes.
  */
 export async function collectGarbage(backend: StoreBackend, options: { graceMs?: number; now?: number; dryRun?: boolean } = {}): Promise<GcResult> {
   const now = options.now ?? Date.now();
   const grace = options.graceMs ?? 60_000;
-  const r: GcResult = { expired: 0, corrupt: 0, recordsWithoutManifest: 0, manifestsWithoutRecord: 0, temporaryFiles: 0, kept: 0 };
+  const r: GcResult = { expired: 0, corrupt: 0, recordsWithoutManifest: 0, manifestsWithoutRecord: 0, linksWithoutRecord: 0, temporaryFiles: 0, kept: 0 };
   for await (const e of inspectStore(backend, { now })) {
     let remove = true;
-    if (e.status === 'ok') remove = false;
+    if (e.status === 'ok' || e.status === 'link') remove = false;
     else if (e.status === 'record-without-manifest' && now - (e.created ?? 0) < grace) remove = false;
     if (!remove) {
       r.kept++;
@@ -152,6 +179,7 @@ export async function collectGarbage(backend: StoreBackend, options: { graceMs?:
     if (e.status === 'expired') r.expired++;
     else if (e.status === 'corrupt') r.corrupt++;
     else if (e.status === 'record-without-manifest') r.recordsWithoutManifest++;
+    else if (e.status === 'link-without-record') r.linksWithoutRecord++;
     else r.manifestsWithoutRecord++;
   }
   if (backend.sweepTemporary && !options.dryRun) r.temporaryFiles = await backend.sweepTemporary(grace);

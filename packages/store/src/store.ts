@@ -1,7 +1,7 @@
-import { KvpackError, check, decodeContainer, deserializeCache, type CompressedCache } from '@kvpack/core';
+import { KvpackError, check, cutCachePrefix, decodeContainer, deserializeCache, prefixCutter, type CompressedCache } from '@kvpack/core';
 import type { StoreBackend } from './backend.js';
 import { DEFAULT_CHUNK_TOKENS, chunkKeys, checkTokens, makeNamespace, stableJson, type Namespace } from './keys.js';
-import { decodeManifest, decodeRecord, encodeManifest, encodeRecord, RECORD_VERSION, type Manifest } from './record.js';
+import { decodeAnyManifest, decodeRecord, encodeLinkManifest, encodeManifest, encodeRecord, isLink, RECORD_VERSION, type LinkManifest, type Manifest } from './record.js';
 
 /** Why a stored prefix was not used although present. */
 export type StoreWarningReason = 'corrupt' | 'truncated' | 'foreign' | 'backend';
@@ -38,6 +38,12 @@ export interface PrefixHit {
   cache: Uint8Array;
   /** Bytes of the whole record (header included). */
   recordBytes: number;
+  /**
+   * Present when the hit is a cut (lookup with `cut: true`): no record of this prefix is stored, and
+   * `cache` is the serialized cache of this longer stored prefix that starts with it (its record's
+   * chain names `key`), to be cut to `tokens` (`cutCachePrefix`; {@link PrefixStore.restore} does it).
+   */
+  source?: { key: string; tokens: number };
 }
 
 /** Counters of a {@link PrefixStore}, since it was made. */
@@ -53,6 +59,10 @@ export interface PrefixStoreStats {
   /** Records refused as corrupt, truncated or foreign. */
   rejected: number;
   backendErrors: number;
+  /** Hits served by cutting a longer stored prefix (a link manifest). */
+  cutHits: number;
+  /** Link manifests written (chunk boundaries a stored record covers that hold no record of their own). */
+  links: number;
   /** Hits whose record was rewritten by a concurrent put of the same prefix after the manifest was read (a complete, valid record). */
   replaced: number;
   puts: number;
@@ -65,6 +75,8 @@ export interface PutResult {
   tokens: number;
   /** Bytes of the record (envelope + serialized cache, every header included). */
   recordBytes: number;
+  /** Link manifests written for shorter boundaries this record covers (0 when the strategy's caches cannot be cut). */
+  links: number;
 }
 
 const WARNED_MAX = 10_000;
@@ -80,6 +92,13 @@ const WARNED_MAX = 10_000;
  * shared per-group factors, fitted over all T tokens) cannot be cut into independent chunks, and two
  * prefixes sharing their first chunks are compressed differently. A record is therefore self-contained
  * and exact: restoring it gives the very cache that was stored, bit for bit.
+ *
+ * **Cut prefixes.** Where the strategy declares `cutPrefix` (xkv and svd with full decode, dense), a
+ * record also serves the shorter prefixes it covers: it lists the chain keys of all its chunk
+ * boundaries, and `put` writes a *link manifest* at each shorter boundary that holds no record
+ * (pointing to the shortest stored record covering it). {@link restore} follows a link when no record
+ * is stored at a longer boundary, checks that the record's chain holds the boundary's key, and cuts the
+ * restored cache to that boundary (`cutCachePrefix`): the same numbers as that cache cut in-process.
  *
  * **Integrity.** A record is versioned and checksummed (CRC-32 over its header and the serialized
  * cache, whose own container CRC covers its JSON header) and names its key, namespace and length;
@@ -103,6 +122,8 @@ export class PrefixStore {
     rejected: 0,
     backendErrors: 0,
     replaced: 0,
+    cutHits: 0,
+    links: 0,
     puts: 0,
     putBytes: 0,
   };
@@ -152,7 +173,9 @@ export class PrefixStore {
 
   /**
    * Stores the compressed cache of `tokens` (the prefix of a sequence, at a chunk boundary): the record
-   * first, then its manifest. The cache must hold exactly positions 0 … tokens.length − 1 of that
+   * (listing the chain keys of every boundary it covers) first, then its manifest, then — where the
+   * strategy's caches can be cut — link manifests at the shorter boundaries that hold no record (best
+   * effort: a failed link write is reported, not thrown). The cache must hold exactly positions 0 … tokens.length − 1 of that
    * sequence (compressed prefill, and decode tokens appended exactly if any) — e.g. the cache a
    * session compressed from the prefill of these tokens.
    * @param cache a compressed cache, or its serialized bytes (`serializeAsync()` on webgpu)
@@ -195,7 +218,7 @@ export class PrefixStore {
     const keys = chunkKeys(this.namespace, tokens);
     const key = keys[keys.length - 1];
     const created = Date.now();
-    const rec = encodeRecord({ key, namespace: this.namespace.id, tokens: tokens.length, created }, bytes);
+    const rec = encodeRecord({ key, namespace: this.namespace.id, tokens: tokens.length, created, chain: keys }, bytes);
     const manifest: Manifest = {
       v: RECORD_VERSION,
       key,
@@ -220,22 +243,82 @@ export class PrefixStore {
     }
     this.counters.puts++;
     this.counters.putBytes += rec.bytes.length;
-    return { key, tokens: tokens.length, recordBytes: rec.bytes.length };
+    const links = this.cuttable() ? await this.writeLinks(keys, { key, tokens: tokens.length, bytes: rec.bytes.length, crc: rec.crc }, created, ttl) : 0;
+    return { key, tokens: tokens.length, recordBytes: rec.bytes.length, links };
+  }
+
+  private cutter: boolean | undefined;
+
+  /** Whether this namespace's caches can be cut to a prefix (the strategy registered here declares `cutPrefix` for these options). */
+  cuttable(): boolean {
+    if (this.cutter === undefined) {
+      const d = this.namespace.descriptor;
+      try {
+        this.cutter = typeof prefixCutter(d.strategy, d.options) === 'function';
+      } catch {
+        this.cutter = false; // not registered in this process: no links written, none followed
+      }
+    }
+    return this.cutter;
+  }
+
+  /**
+   * After a record of keys.length chunks: a link manifest at every shorter boundary that holds no
+   * record manifest and no link to a record at most as long (the shortest covering record is the
+   * cheapest to fetch). Best effort: the record is stored already; a failure is reported, not thrown.
+   */
+  private async writeLinks(keys: string[], link: LinkManifest['link'], created: number, ttl: { ttlSeconds?: number }): Promise<number> {
+    const ns = this.namespace.id;
+    const C = this.chunkTokens;
+    const shorter = keys.slice(0, -1);
+    const present = await Promise.allSettled(shorter.map((k) => this.backend.get(ns, k, 'manifest')));
+    let written = 0;
+    for (let i = 0; i < shorter.length; i++) {
+      const r = present[i];
+      if (r.status === 'rejected') continue;
+      if (r.value) {
+        try {
+          const m = decodeAnyManifest(r.value);
+          if (m.key === shorter[i] && m.namespace === ns && (!isLink(m) || m.link.tokens <= link.tokens)) continue;
+        } catch {
+          // A corrupt manifest: replaced by the link.
+        }
+      }
+      const m: LinkManifest = {
+        v: 2,
+        key: shorter[i],
+        namespace: ns,
+        tokens: (i + 1) * C,
+        created,
+        ...(this.ttlSeconds !== undefined ? { expires: created + this.ttlSeconds * 1000 } : {}),
+        link,
+      };
+      try {
+        await this.backend.put(ns, shorter[i], 'manifest', encodeLinkManifest(m), ttl);
+        written++;
+      } catch (e) {
+        this.report('backend', shorter[i], `writing link ${shorter[i].slice(0, 16)}… to ${this.backend.location} failed (the record is stored; only its shorter prefixes are not linked): ${(e as Error).message}`);
+      }
+    }
+    this.counters.links += written;
+    return written;
   }
 
   /**
    * The longest stored prefix of `tokens`, at most `maxTokens` long (default all of them; pass
    * tokens.length − 1 to keep a token to prefill). Manifests of every chunk boundary are read at once,
-   * then records from the longest down until one checks out. Never throws for what the backend holds:
+   * then records from the longest down until one checks out. With `cut: true` a boundary that only has
+   * a link counts too: the hit's `source` then names the longer record whose bytes are returned, to be
+   * cut to `tokens` (default false: every hit's bytes are exactly its prefix's cache). Never throws for what the backend holds:
    * a missing, expired, corrupt, truncated or foreign record, or a backend failure, is a miss (the
    * last three reported once through `onWarning`).
    * @throws KvpackError('shape') for token ids that are not integers in [0, 2^32).
    */
-  async lookup(tokens: readonly number[], options: { maxTokens?: number } = {}): Promise<PrefixHit | null> {
-    return this.lookupCounted(tokens, options.maxTokens, true);
+  async lookup(tokens: readonly number[], options: { maxTokens?: number; cut?: boolean } = {}): Promise<PrefixHit | null> {
+    return this.lookupCounted(tokens, options.maxTokens, true, options.cut ?? false);
   }
 
-  private async lookupCounted(tokens: readonly number[], maxTokens: number | undefined, count: boolean): Promise<PrefixHit | null> {
+  private async lookupCounted(tokens: readonly number[], maxTokens: number | undefined, count: boolean, cut: boolean): Promise<PrefixHit | null> {
     const C = this.chunkTokens;
     const maxChunks = Math.floor(Math.min(tokens.length, maxTokens ?? tokens.length) / C);
     const keys = chunkKeys(this.namespace, tokens, Math.max(0, maxChunks));
@@ -243,7 +326,7 @@ export class PrefixStore {
       this.counters.lookups++;
       this.counters.lookupTokens += keys.length * C;
     }
-    const hit = await this.find(keys);
+    const hit = await this.find(keys, cut && this.cuttable());
     if (count) {
       if (hit) {
         this.counters.hits++;
@@ -253,7 +336,7 @@ export class PrefixStore {
     return hit;
   }
 
-  private async find(keys: string[]): Promise<PrefixHit | null> {
+  private async find(keys: string[], cut: boolean): Promise<PrefixHit | null> {
     if (keys.length === 0) return null;
     const ns = this.namespace.id;
     // Every boundary's manifest at once (one round trip per node with auto-pipelining); a failure
@@ -270,9 +353,9 @@ export class PrefixStore {
       if (!raw) continue;
       const key = keys[i];
       const tokens = (i + 1) * this.chunkTokens;
-      let m: Manifest;
+      let m: Manifest | LinkManifest;
       try {
-        m = decodeManifest(raw);
+        m = decodeAnyManifest(raw);
         check(m.key === key && m.namespace === ns, 'model', `store manifest is foreign: it names key ${m.key.slice(0, 16)}… in namespace ${m.namespace}`);
         check(m.tokens === tokens, 'corrupt', `store manifest is corrupt: it declares ${m.tokens} tokens, its key names ${tokens}`);
       } catch (e) {
@@ -281,6 +364,12 @@ export class PrefixStore {
       }
       if (m.expires !== undefined && m.expires <= now) {
         this.counters.evicted++;
+        continue;
+      }
+      if (isLink(m)) {
+        if (!cut) continue;
+        const hit = await this.followLink(m, i);
+        if (hit) return hit;
         continue;
       }
       let rec: Uint8Array | null;
@@ -307,6 +396,37 @@ export class PrefixStore {
     return null;
   }
 
+  /** The record a link names, checked (CRC, key, namespace, length, and that its chain holds this boundary's key), or null (a miss). */
+  private async followLink(m: LinkManifest, i: number): Promise<PrefixHit | null> {
+    const ns = this.namespace.id;
+    const C = this.chunkTokens;
+    let rec: Uint8Array | null;
+    try {
+      rec = await this.backend.get(ns, m.link.key, 'record');
+    } catch (e) {
+      this.report('backend', m.link.key, `reading record ${m.link.key.slice(0, 16)}… from ${this.backend.location} failed (a miss): ${(e as Error).message}`);
+      return null;
+    }
+    if (!rec) {
+      this.counters.evicted++;
+      return null;
+    }
+    try {
+      const d = decodeRecord(rec, { key: m.link.key, namespace: ns, tokens: m.link.tokens });
+      const chain = d.header.chain;
+      check(
+        chain !== undefined && chain.length * C === d.header.tokens && chain[i] === m.key,
+        'model',
+        `store record ${m.link.key.slice(0, 16)}… does not cover prefix ${m.key.slice(0, 16)}… (its chain does not hold that key at chunk ${i})`,
+      );
+      if (d.crc !== m.link.crc) this.counters.replaced++;
+      return { tokens: m.tokens, key: m.key, cache: d.payload, recordBytes: rec.length, source: { key: m.link.key, tokens: d.header.tokens } };
+    } catch (e) {
+      this.reject(m.link.key, e);
+      return null;
+    }
+  }
+
   private reject(key: string, e: unknown): void {
     const reason: StoreWarningReason =
       e instanceof KvpackError ? (e.code === 'truncated' ? 'truncated' : e.code === 'model' ? 'foreign' : 'corrupt') : 'corrupt';
@@ -315,27 +435,37 @@ export class PrefixStore {
 
   /**
    * {@link lookup}, then restores the hit (`deserializeCache(bytes, { model })`: import the strategy's
-   * package first so that it is registered). A record that checks out but does not restore is reported
-   * and the next shorter prefix is tried. The caller disposes the cache.
+   * package first so that it is registered); a hit through a link (`cut`, default true) is cut to its
+   * boundary (`cutCachePrefix`; `cutFrom` says from how many tokens). A record that checks out but does
+   * not restore is reported and the next shorter prefix is tried. The caller disposes the cache.
    * @returns the restored cache and the tokens it covers, or null on a miss
    */
-  async restore(tokens: readonly number[], options: { maxTokens?: number } = {}): Promise<{ tokens: number; key: string; cache: CompressedCache } | null> {
+  async restore(tokens: readonly number[], options: { maxTokens?: number; cut?: boolean } = {}): Promise<{ tokens: number; key: string; cache: CompressedCache; cutFrom?: number } | null> {
     let max = Math.min(tokens.length, options.maxTokens ?? tokens.length);
     this.counters.lookups++;
     this.counters.lookupTokens += Math.floor(max / this.chunkTokens) * this.chunkTokens;
     for (;;) {
-      const hit = await this.lookupCounted(tokens, max, false);
+      const hit = await this.lookupCounted(tokens, max, false, options.cut ?? true);
       if (!hit) {
         this.counters.misses++;
         return null;
       }
       try {
-        const cache = deserializeCache(hit.cache, { model: this.namespace.descriptor.model });
+        let cache = deserializeCache(hit.cache, { model: this.namespace.descriptor.model });
+        if (hit.source) {
+          const whole = cache;
+          try {
+            cache = await cutCachePrefix(whole, hit.tokens);
+          } finally {
+            whole.dispose();
+          }
+          this.counters.cutHits++;
+        }
         this.counters.hits++;
         this.counters.hitTokens += hit.tokens;
-        return { tokens: hit.tokens, key: hit.key, cache };
+        return { tokens: hit.tokens, key: hit.key, cache, ...(hit.source ? { cutFrom: hit.source.tokens } : {}) };
       } catch (e) {
-        this.reject(hit.key, e);
+        this.reject(hit.source?.key ?? hit.key, e);
         max = hit.tokens - this.chunkTokens;
       }
     }

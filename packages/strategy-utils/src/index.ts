@@ -8,7 +8,7 @@ export { lowRankOptionShape, refineRankTarget } from './lowrank/options.js';
 export { paperCompressionRatio, groupFactoredShapes, groupRanksPaperRatio, type PaperRatioArgs } from './lowrank/ratio.js';
 export { hasRankTarget, lowRankBytes, resolveRanks, targetGroupRanks, type GroupRanks } from './lowrank/rank-target.js';
 export type { FactorQuantization, GroupSvdConfig, Kind, LayerGroup, QuantTarget } from './lowrank/group-config.js';
-export { GroupSvdCache, lowRankStats, type SparseBudgetOptions } from './lowrank/group-svd-cache.js';
+export { GroupSvdCache, groupSvdPrefixCut, lowRankStats, type SparseBudgetOptions } from './lowrank/group-svd-cache.js';
 export type { GroupSvdStats } from './lowrank/group-svd-stats.js';
 export { compressGroupSvd } from './lowrank/group-svd-compress.js';
 export { SparseOptionsSchema, type SparseOptions } from './lowrank/sparse-options.js';

@@ -1,5 +1,5 @@
 import { MAX_LAYERS, atMost, defineStrategy, type Strategy } from '@kvpack/core';
-import { GroupSvdCache, SparseOptionsSchema, compressGroupSvd, groupFactoredShapes, groupRanksPaperRatio, hasRankTarget, lowRankOptionShape, paperCompressionRatio, refineRankTarget, targetGroupRanks } from '@kvpack/strategy-utils';
+import { GroupSvdCache, groupSvdPrefixCut, SparseOptionsSchema, compressGroupSvd, groupFactoredShapes, groupRanksPaperRatio, hasRankTarget, lowRankOptionShape, paperCompressionRatio, refineRankTarget, targetGroupRanks } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /** Options of the `xkv` strategy. */
@@ -44,6 +44,8 @@ export const xkvDefinition = defineStrategy({
         : paperCompressionRatio({ layout, tokens, layersPerGroup: o.layersPerGroup, rankK: o.rankK, rankV: o.rankV }),
     // With a rank target the ranks depend on T, which this capability is not given: no shapes.
     factoredShapes: (o, layout, layers) => (hasRankTarget(o) ? [] : groupFactoredShapes(layout, layers, o.layersPerGroup, o.rankK, o.rankV)),
+    // A token-basis row belongs to one token: any prefix keeps its rows and the same factors.
+    cutPrefix: (o) => groupSvdPrefixCut('xkv', o),
   },
   renamedOptions: { groupSize: 'layersPerGroup', 'factorQuantization.groupSize': 'factorQuantization.quantGroupSize' },
 });

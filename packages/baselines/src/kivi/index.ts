@@ -286,6 +286,10 @@ export const kiviDefinition = defineStrategy({
   description: 'KIVI: 2/4-bit asymmetric quantization, keys per channel and values per token, with a 16-bit residual window (Liu et al. 2024)',
   schema: KiviOptionsSchema,
   renamedOptions: { groupSize: 'quantGroupSize' },
+  capabilities: {
+    cutPrefix: (o) =>
+      `kivi quantizes keys per channel over groups of ${o.quantGroupSize} tokens with one scale and zero point per group, and keeps the last tokens in a float16 window: a prefix ending inside a key group would need that group's codes re-quantized, which changes the stored numbers; store and restore whole prefixes`,
+  },
   async compress(cache, options, T) {
     const { nKvHeads: H, headDim: d } = cache.layout;
     const { bits, quantGroupSize: g, residualLength: R } = options;

@@ -1,5 +1,5 @@
 import { defineStrategy } from '@kvpack/core';
-import { GroupSvdCache, compressGroupSvd, groupFactoredShapes, groupRanksPaperRatio, hasRankTarget, lowRankOptionShape, paperCompressionRatio, refineRankTarget, targetGroupRanks } from '@kvpack/strategy-utils';
+import { GroupSvdCache, groupSvdPrefixCut, compressGroupSvd, groupFactoredShapes, groupRanksPaperRatio, hasRankTarget, lowRankOptionShape, paperCompressionRatio, refineRankTarget, targetGroupRanks } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /**
@@ -30,6 +30,8 @@ export const svdDefinition = defineStrategy({
         : paperCompressionRatio({ layout, tokens, layersPerGroup: 1, rankK: o.rankK, rankV: o.rankV }),
     // With a rank target the ranks depend on T, which this capability is not given: no shapes.
     factoredShapes: (o, layout, layers) => (hasRankTarget(o) ? [] : groupFactoredShapes(layout, layers, 1, o.rankK, o.rankV)),
+    // A token-basis row belongs to one token: any prefix keeps its rows and the same factors.
+    cutPrefix: (o) => groupSvdPrefixCut('svd', o),
   },
   renamedOptions: { 'factorQuantization.groupSize': 'factorQuantization.quantGroupSize' },
 });

@@ -1,8 +1,9 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { z } from 'zod';
 import { BaseCompressedCache, type StoredItem } from '../cache.js';
-import { HalfTensor, disposeHeld, heldValues, holdFloat, type HeldFloat } from '../half.js';
+import { HalfTensor, disposeHeld, heldRowPrefix, heldValues, holdFloat, type HeldFloat } from '../half.js';
 import { defineStrategy, disposeOwnedOnError } from '../define.js';
+import { KvpackError } from '../errors.js';
 import { applyRope } from '../rope.js';
 import type { ModelLayout, RopeConfig, Strategy } from '../types.js';
 
@@ -50,6 +51,30 @@ export class DenseCache extends BaseCompressedCache {
   protected disposeStored(): void {
     [...this.k, ...this.v].forEach(disposeHeld);
   }
+
+  /**
+   * The cache cut to its first `tokens` tokens: every layer's stored rows [0, t) (t = min(tokens, T)),
+   * bit for bit, then the first tokens − T exact decode tokens. A new cache; this one stays usable.
+   * @throws KvpackError('shape') for tokens outside [1, tokenCount].
+   */
+  cutPrefix(tokens: number): Promise<DenseCache> {
+    return this.cutWith(tokens, (t) =>
+      disposeOwnedOnError(async (own) => {
+        const cut = async (h: HeldFloat) => {
+          const c = await heldRowPrefix(h, t);
+          own(c instanceof HalfTensor ? c.packed : c);
+          return c;
+        };
+        const k: HeldFloat[] = [];
+        const v: HeldFloat[] = [];
+        for (let l = 0; l < this.layout.nLayers; l++) {
+          k.push(await cut(this.k[l]));
+          v.push(await cut(this.v[l]));
+        }
+        return new DenseCache(this.layout, this.rope, t, this.options, k, v, this.startPosition);
+      }),
+    );
+  }
 }
 
 /** The `dense` reference strategy: every prefill token's keys and values at the storage precision. */
@@ -78,6 +103,13 @@ export const denseDefinition = defineStrategy({
     const k = layers.map((l) => held(`k.${l}`, expect));
     const v = layers.map((l) => held(`v.${l}`, expect));
     return new DenseCache(h.layout, h.rope, h.prefillLength, options, k, v, h.startPosition);
+  },
+  capabilities: {
+    // Every token's keys and values are its own rows: any prefix is exact.
+    cutPrefix: () => (cache, tokens) => {
+      if (!(cache instanceof DenseCache)) throw new KvpackError('shape', `dense cut: expected a dense cache, got a ${cache.strategy} cache`);
+      return cache.cutPrefix(tokens);
+    },
   },
 });
 

@@ -5,3 +5,10 @@ export { decodeContainer, encodeContainer } from '../../../core/src/serialize.js
 export function deserializeCache(): never {
   throw new Error('the load workers do not restore caches');
 }
+export function cutCachePrefix(): never {
+  throw new Error('the load workers do not cut caches');
+}
+/** No strategy is registered in a load worker: no links are written or followed. */
+export function prefixCutter(): string {
+  return 'no strategies in the load workers';
+}

@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { HalfTensor, decodeHalf, disposeHeld, type HeldFloat, type StoredItem, type StoredReader, type StoredSpec } from '@kvpack/core';
-import { dequantizeHeld, disposeHeldQuantized, heldQuantizedItems, heldQuantizedResidentBytes, heldQuantizedSpecs, holdQuantized, type HeldQuantized } from '../quant/held-quantized.js';
-import { quantizeMatrix, readQuantized, type QuantSpec } from '../quant/quantize.js';
+import { HalfTensor, decodeHalf, disposeHeld, heldRowPrefix, type HeldFloat, type StoredItem, type StoredReader, type StoredSpec } from '@kvpack/core';
+import { dequantizeHeld, disposeHeldQuantized, heldQuantizedItems, heldQuantizedResidentBytes, heldQuantizedSpecs, holdQuantized, readHeldQuantized, type HeldQuantized } from '../quant/held-quantized.js';
+import { quantizeMatrix, quantizedRowPrefix, readQuantized, type QuantSpec } from '../quant/quantize.js';
 import type { GroupSvdConfig } from './group-config.js';
 
 /*
@@ -132,6 +132,16 @@ export function blockResidentBytes(b: Block): number {
   if (b.quant) return heldQuantizedResidentBytes(b.quant);
   const h = b.held!;
   return h instanceof HalfTensor ? h.residentBytes : h.size * 4;
+}
+
+/**
+ * A new block of the first `rows` rows of `b`, the stored numbers bit for bit (float16 bit patterns,
+ * float32 values, or quantized codes with their scales and zero points); `rows = b.rows` copies it.
+ * Does not dispose `b`.
+ */
+export async function blockRowPrefix(b: Block, rows: number): Promise<Block> {
+  if (b.quant) return quantBlock(b.name, holdQuantized(quantizedRowPrefix(await readHeldQuantized(b.quant), rows)));
+  return { name: b.name, rows, cols: b.cols, held: await heldRowPrefix(b.held!, rows), quant: null };
 }
 
 export function disposeBlock(b: Block): void {

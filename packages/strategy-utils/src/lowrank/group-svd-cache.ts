@@ -1,11 +1,13 @@
 import * as tf from '@tensorflow/tfjs-core';
 import {
   BaseCompressedCache,
+  KvpackError,
   check,
   matmul,
   type AttendOptions,
   type CompressedCache,
   type ModelLayout,
+  type PrefixCutter,
   type RopeConfig,
   type StoredItem,
   type StoredReader,
@@ -13,7 +15,7 @@ import {
 import { attendFull } from './attend-full.js';
 import { exposeSwitches, type AttendSwitches } from './attend-with.js';
 import { DecodeState } from './decode-state.js';
-import { blockCopy, blockItems, disposeBlock, loadBlock, type Block, type KindBlocks } from './factor-blocks.js';
+import { blockCopy, blockItems, blockRowPrefix, disposeBlock, loadBlock, type Block, type KindBlocks } from './factor-blocks.js';
 import { KINDS, layerGroups, rankOf, type GroupSvdConfig, type Kind, type LayerGroup } from './group-config.js';
 import { groupSvdStats, type GroupSvdStats } from './group-svd-stats.js';
 import { queryBlocks } from './query-blocks.js';
@@ -232,6 +234,41 @@ export class GroupSvdCache extends BaseCompressedCache {
   }
 
   /**
+   * The cache cut to its first `tokens` tokens without compressing again: each group's token basis
+   * U_g keeps its rows [0, t) (t = min(tokens, T); a row of U_g belongs to one token, §3), every
+   * factor B_l is kept as it is, and the first tokens − T exact decode tokens follow. The stored
+   * numbers are the same bits (float16, float32 or quantized codes: quantization groups lie within a
+   * row), so decoding over the cut equals decoding over these rows of this cache. A new cache; this
+   * one stays usable. The ranks stay those of this cache (a cut may hold fewer tokens than a group's
+   * rank; it is still exact, only no longer compact).
+   * @throws KvpackError('unsupported') for a cache compressed with `decode: 'sparse'`: its exact local
+   *   window is the last tokens of T and its outlier chunks were chosen over all T tokens, so no
+   *   prefix of its index is the index of the prefix (compress the prefix again, or use decode 'full');
+   *   KvpackError('shape') for tokens outside [1, tokenCount].
+   */
+  async cutPrefix(tokens: number): Promise<GroupSvdCache> {
+    this.assertLive();
+    if (this.sparseIndex)
+      throw new KvpackError(
+        'unsupported',
+        `${this.strategy} cut: a cache compressed with decode: 'sparse' cannot be cut to a prefix (its exact local window holds the last tokens of all ${this.prefillLength} and its outlier chunks were chosen over all of them); compress the prefix again, or use decode: 'full'`,
+      );
+    return this.cutWith(tokens, async (t) => {
+      const blocks: Record<Kind, KindBlocks> = { k: { basis: [], factors: [] }, v: { basis: [], factors: [] } };
+      try {
+        for (const kind of KINDS) {
+          for (const b of this.blocks[kind].basis) blocks[kind].basis.push(await blockRowPrefix(b, t));
+          for (const b of this.blocks[kind].factors) blocks[kind].factors.push(await blockRowPrefix(b, b.rows));
+        }
+      } catch (e) {
+        for (const kind of KINDS) [...blocks[kind].basis, ...blocks[kind].factors].forEach(disposeBlock);
+        throw e;
+      }
+      return new GroupSvdCache(this.strategy, this.options, this.config, this.layout, this.rope, t, this.startPosition, blocks, null);
+    });
+  }
+
+  /**
    * Bytes (basis / factors / residual) and the measured compression ratio next to the xKV paper's
    * formula (`paperCompressionRatio`, ratio.ts).
    */
@@ -278,6 +315,19 @@ export class GroupSvdCache extends BaseCompressedCache {
     const sparse = config.decode === 'sparse' ? loadSparseIndex(r, strategy, layout, T, config.sparse!) : null;
     return new GroupSvdCache(strategy, options, config, layout, rope, T, startPosition, blocks, sparse);
   }
+}
+
+/**
+ * The `cutPrefix` capability of the grouped low-rank strategies (xkv, svd): {@link GroupSvdCache.cutPrefix},
+ * or why caches of these options cannot be cut (sparse decode).
+ */
+export function groupSvdPrefixCut(strategy: string, options: object): PrefixCutter | string {
+  if ((options as { decode?: string }).decode === 'sparse')
+    return `${strategy} caches compressed with decode: 'sparse' keep an exact local window of their last tokens and outlier chunks chosen over all of them, which no prefix cut preserves; use decode: 'full'`;
+  return (cache, tokens) => {
+    check(cache instanceof GroupSvdCache && cache.strategy === strategy, 'shape', `${strategy} cut: expected a ${strategy} cache, got a ${cache.strategy} cache`);
+    return cache.cutPrefix(tokens);
+  };
 }
 
 /** {@link GroupSvdCache.stats} of an `xkv` or `svd` cache; null for caches of other strategies. */

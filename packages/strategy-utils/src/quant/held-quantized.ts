@@ -33,6 +33,13 @@ export function holdQuantized(q: QuantizedMatrix): HeldQuantized {
   }
 }
 
+/** The held matrix read back to the host in its stored form (codes, float16 scale bits, zero points): one asynchronous readback per tensor. */
+export async function readHeldQuantized(h: HeldQuantized): Promise<QuantizedMatrix> {
+  const bytes = async (c: CodesTensor) => new Uint8Array(Int32Array.from((await c.packed.data()) as Int32Array).buffer, 0, c.byteLength);
+  const { rows, cols, bits, quantGroupSize, symmetric } = h;
+  return { rows, cols, bits, quantGroupSize, symmetric, codes: await bytes(h.codes), scales: await h.scales.bits(), zeros: h.zeros ? await bytes(h.zeros) : null };
+}
+
 /** The matrix dequantized, a transient float32 [rows, cols] ({@link dequantizeOnBackend}, bit-identical to `dequantizeMatrix`). */
 export function dequantizeHeld(h: HeldQuantized): tf.Tensor2D {
   return dequantizeOnBackend(h, h.codes, h.scales, h.zeros);

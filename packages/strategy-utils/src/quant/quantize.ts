@@ -117,6 +117,19 @@ export function quantizeMatrix(data: ArrayLike<number>, rows: number, cols: numb
   return { rows, cols, bits, quantGroupSize, symmetric, codes: packCodes(codes, bits), scales, zeros };
 }
 
+/**
+ * The first `rows` rows of a quantized matrix, exactly as stored: groups lie within rows, so the
+ * codes of rows [0, rows) (repacked when a row does not end on a byte), their scales and zero points.
+ * @throws KvpackError('shape') when rows is not an integer in [0, q.rows].
+ */
+export function quantizedRowPrefix(q: QuantizedMatrix, rows: number): QuantizedMatrix {
+  check(Number.isInteger(rows) && rows >= 0 && rows <= q.rows, 'shape', `quantized row prefix: ${rows} rows is out of range [0, ${q.rows}]`);
+  const n = rows * q.cols;
+  const groups = rows * groupsPerRow(q.cols, q.quantGroupSize);
+  const codes = (n * q.bits) % 8 === 0 ? q.codes.slice(0, (n * q.bits) / 8) : packCodes(unpackCodes(q.codes, q.bits, q.rows * q.cols).subarray(0, n), q.bits);
+  return { ...q, rows, codes, scales: q.scales.slice(0, groups), zeros: q.zeros ? q.zeros.slice(0, groups) : null };
+}
+
 /** Restores the float values of a quantized matrix, row-major [rows, cols] float32. */
 export function dequantizeMatrix(q: QuantizedMatrix): Float32Array {
   const { rows, cols, bits, quantGroupSize, symmetric, codes, scales, zeros } = q;
