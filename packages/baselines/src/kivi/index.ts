@@ -22,14 +22,14 @@ import { HeldMinMaxBlocks } from './held.js';
 export const KiviOptionsSchema = z
   .strictObject({
     /** Bits per code, for keys and values: 2 (KIVI-2) or 4 (KIVI-4). */
-    bits: z.union([z.literal(2), z.literal(4)], { error: 'bits must be 2 or 4' }).default(2),
+    bits: z.union([z.literal(2), z.literal(4)], { error: 'bits must be 2 or 4' }).default(2).describe('Bits per code for keys and values: 2 (KIVI-2) or 4 (KIVI-4).'),
     /**
      * Group size g: keys are grouped over g tokens per channel, values over g channels per token; at
      * most 2^16 (core MAX_FEATURES: g divides head_dim, itself at most a layer's H_kv·d features).
      */
-    quantGroupSize: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'g divides head_dim') }).default(32),
+    quantGroupSize: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'g divides head_dim') }).default(32).describe('Group size g in elements: keys grouped over g tokens per channel, values over g channels per token; divides head_dim.'),
     /** Full-precision (16-bit) residual window R, in tokens; a multiple of g; at most 2^20 (core MAX_TOKENS). */
-    residualLength: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap") }).default(128),
+    residualLength: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap") }).default(128).describe('Full-precision (float16) residual window R in tokens; a multiple of quantGroupSize.'),
   })
   .refine((o) => o.residualLength % o.quantGroupSize === 0, {
     message: 'residualLength (R) must be a multiple of quantGroupSize (g), as KIVI quantizes keys R tokens at a time in groups of g',

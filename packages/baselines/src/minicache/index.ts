@@ -21,11 +21,11 @@ export const MiniCacheOptionsSchema = z.strictObject({
    * First merged layer S: pairs (S, S+1), (S+2, S+3), … are merged; default ⌊L/2⌋ (the paper's "from
    * the middle"). A layer index: below 1,024 (core MAX_LAYERS), and at most L − 2 at compress.
    */
-  startLayer: z.int().nonnegative().max(MAX_LAYERS - 1, { error: atMost(MAX_LAYERS - 1, 'a layer index; models have far fewer layers') }).optional(),
+  startLayer: z.int().nonnegative().max(MAX_LAYERS - 1, { error: atMost(MAX_LAYERS - 1, 'a layer index; models have far fewer layers') }).optional().describe('First merged layer S: pairs (S, S+1), (S+2, S+3), … are merged; default ⌊L/2⌋.'),
   /** SLERP interpolation t ∈ [0, 1] between the lower layer's direction (t = 0) and the upper one's (t = 1). */
-  t: z.number().min(0).max(1).default(0.6),
+  t: z.number().min(0).max(1).default(0.6).describe('SLERP interpolation t in [0, 1] between the lower (0) and upper (1) layer direction.'),
   /** Retained fraction γ ∈ [0, 1]: per merged pair and KV head, round(γ·T) most distinct token pairs stay unmerged. */
-  gamma: z.number().min(0).max(1).default(0.05),
+  gamma: z.number().min(0).max(1).default(0.05).describe('Retained fraction: per merged pair and KV head, round(gamma·T) most distinct token pairs stay unmerged.'),
 });
 export type MiniCacheOptions = z.output<typeof MiniCacheOptionsSchema>;
 

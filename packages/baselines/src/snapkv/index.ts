@@ -9,13 +9,13 @@ const tokens = atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys alrea
 export const SnapKvOptionsSchema = z
   .strictObject({
     /** Prefill tokens kept per KV head and layer, the observation window included (SnapKV's max_capacity_prompt); at most 2^20. */
-    budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).default(256),
+    budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).default(256).describe('Prefill tokens kept per KV head and layer, the observation window included.'),
     /** Observation window w: the last w prompt tokens, whose queries vote and which are always kept; below budget, so at most 2^20 − 1. */
-    window: z.int().positive().max(MAX_TOKENS - 1, { error: atMost(MAX_TOKENS - 1, 'the window is smaller than the budget, itself at most 2^20 tokens') }).default(32),
+    window: z.int().positive().max(MAX_TOKENS - 1, { error: atMost(MAX_TOKENS - 1, 'the window is smaller than the budget, itself at most 2^20 tokens') }).default(32).describe('Observation window w in tokens: the last w prompt tokens vote and are always kept.'),
     /** 1-D pooling kernel over token positions (odd, so the pooled scores keep their length); at most 2^20 − 1, the largest odd token count. */
-    kernelSize: z.int().positive().max(MAX_TOKENS - 1, { error: atMost(MAX_TOKENS - 1, 'the largest odd token count within 2^20') }).default(7),
+    kernelSize: z.int().positive().max(MAX_TOKENS - 1, { error: atMost(MAX_TOKENS - 1, 'the largest odd token count within 2^20') }).default(7).describe('1-D pooling kernel over token positions (odd).'),
     /** Pooling of the votes: avg (SnapKV's default) or max. */
-    pooling: z.enum(['avg', 'max']).default('avg'),
+    pooling: z.enum(['avg', 'max']).default('avg').describe('Pooling of the votes: avg (SnapKV default) or max.'),
   })
   .refine((o) => o.budget > o.window, { message: 'budget must exceed window (the budget includes the observation window)', path: ['budget'] })
   .refine((o) => o.kernelSize % 2 === 1, { message: 'kernelSize must be odd', path: ['kernelSize'] });

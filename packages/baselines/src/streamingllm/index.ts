@@ -8,9 +8,9 @@ const tokens = atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys alrea
 export const StreamingLlmOptionsSchema = z
   .strictObject({
     /** Attention sinks: the first tokens, always kept (StreamingLLM's default 4); at most 2^20 (core MAX_TOKENS). */
-    sinks: z.int().nonnegative().max(MAX_TOKENS, { error: tokens }).default(4),
+    sinks: z.int().nonnegative().max(MAX_TOKENS, { error: tokens }).default(4).describe('Attention-sink tokens kept from the start of the prompt.'),
     /** Prefill tokens kept per layer, sinks included (sinks + recent window); at most 2^20 (core MAX_TOKENS). */
-    budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).default(256),
+    budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).default(256).describe('Prefill tokens kept per layer: the sinks plus the most recent tokens.'),
   })
   .refine((o) => o.sinks <= o.budget, { message: 'sinks must not exceed budget (the budget counts the sinks)', path: ['sinks'] });
 export type StreamingLlmOptions = z.output<typeof StreamingLlmOptionsSchema>;

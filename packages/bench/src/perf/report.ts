@@ -85,7 +85,7 @@ export function perfMarkdown(r: PerfReport): string {
       'resident tensors: tensor bytes the compressed cache keeps on the backend right after compression, and after the decode steps (plus what it derived for decoding); float32 working copies of 16-bit data count 4 bytes. ' +
       'resident ÷ stored: those bytes over `byteSize()` — after compression, at the peak of a decode step (the cache plus the step\'s transient working set: reconstructed or dequantized tensors, scores), and after the steps; 1.00 means the backend holds exactly the stored form. ' +
       'Shared device RoPE tables (one per position range, used by every cache and layer, like the model weights) are excluded from the resident figures; their size after the steps is listed below the table. ' +
-      'peak: highest tfjs tensor bytes during one compression (above the uncompressed cache) and during one decode step; host arrays of host-side strategies (KIVI, MiniCache) are not counted.',
+      'peak: highest tfjs tensor bytes during one compression (above the uncompressed cache) and during one decode step; every strategy compresses on the backend (host arrays would not be counted).',
   );
   const rope = Math.max(0, ...r.rows.map((x) => x.sharedRopeBytes ?? 0));
   if (rope > 0) out.push('', `Shared device RoPE tables after the decode steps: ${fmtBytes(rope)}.`);

@@ -41,12 +41,12 @@ export const lowRankOptionShape = {
    * bytes ÷ targetRatio (ranks round down, so the measured ratio is ≥ the target). Excludes rankFraction.
    * The ranks each group got are in `stats().groups` and the serialization.
    */
-  targetRatio: z.number().min(1).max(1e9).optional(),
+  targetRatio: z.number().min(1).max(1e9).optional().describe('Target compression ratio against dense fp16 bytes, instead of absolute ranks: the largest ranks (in the rankK : rankV proportion) whose measured bytes reach it.'),
   /**
    * Fraction f ∈ (0, 1] of each group's full rank instead of absolute ranks: R_g = max(1, ⌊f · min(T,
    * n·H_kv·d)⌋) for keys and for values. Excludes targetRatio.
    */
-  rankFraction: z.number().gt(0).max(1).optional(),
+  rankFraction: z.number().gt(0).max(1).optional().describe('Rank as a fraction of min(T, features) per group, instead of absolute ranks.'),
   /**
    * Randomized SVD oversampling p, or `auto` (default: 8 when the group rank is ≤ 128, else 0 — core
    * `autoOversample`; the README's "SVD defaults" has the measured error/time trade-off). At most

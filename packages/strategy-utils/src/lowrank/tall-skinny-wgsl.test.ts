@@ -106,7 +106,10 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
       }),
     );
     const n0 = tf.memory().numTensors;
+    expect(rangeFinderMatmul()).toBeUndefined(); // tfjs's matMul by default
+    setRangeFinderProducts('wgsl');
     const mm = rangeFinderMatmul();
+    setRangeFinderProducts('tfjs');
     expect(mm).toBeDefined();
     const opts = { rank: 10, oversample: 4, powerIters: 1, seed: 5 };
     const a = await truncatedSvd(X, { ...opts, matmul: mm });
@@ -135,7 +138,6 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     expect(tf.memory().numTensors).toBe(n0);
     setRangeFinderProducts('tfjs');
     expect(rangeFinderMatmul()).toBeUndefined();
-    setRangeFinderProducts('wgsl');
     tf.dispose(X);
     expect(await wgslValidationErrors()).toEqual([]);
   });
