@@ -5,7 +5,7 @@ import type { Command } from 'commander';
 import * as tf from '@tensorflow/tfjs-core';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
-import { KvpackError, createStrategy, deserializeCache, describeBackend, selectBackend, type CompressedCache, type KVCache, type Strategy } from '@kvpack/core';
+import { KvpackError, createStrategy, mulberry32, deserializeCache, describeBackend, selectBackend, type CompressedCache, type KVCache, type Strategy } from '@kvpack/core';
 import { PrefixStore, openBackend, redact, type StoreBackend } from '@kvpack/store';
 import { EXIT, processIO, type CommandIO } from './commands.js';
 import { backendOption, runEnvironment } from './environment.js';
@@ -69,17 +69,6 @@ export interface StoreBenchRow {
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor((xs.length - 1) / 2)];
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** The first n tokens of a prefill cache (slices; the caller disposes them). */
 function slicePrefix(c: KVCache, n: number): KVCache {
   const cut = (t: tf.Tensor3D) => tf.slice(t, [0, 0, 0], [n, -1, -1]);
@@ -125,7 +114,7 @@ async function timeRestorePath(model: BenchModel, store: PrefixStore, ids: numbe
 
 /** A chat in which each turn's prompt extends the last turn's prompt and reply; after each turn the aligned history is stored. */
 async function chatTrace(model: BenchModel, strategy: Strategy, store: PrefixStore, cfg: StoreBenchConfig, seed: number) {
-  const r = rng(seed);
+  const r = mulberry32(seed);
   const V = model.config.vocabSize;
   const draw = ([lo, hi]: [number, number]) => Array.from({ length: lo + Math.floor(r() * (hi - lo + 1)) }, () => 1 + Math.floor(r() * (V - 1)));
   let history: number[] = [];
@@ -214,7 +203,7 @@ export async function storeBenchCommand(configPath: string, opts: StoreBenchOpti
         const rStore = mk(raw);
         const T = sStore.alignedLength(Math.min(cfg.tokens, model.config.maxSeqLen - 1));
         if (T === 0) throw new KvpackError('config', `bench store: ${m.name}'s context (${model.config.maxSeqLen}) holds no full chunk of ${cfg.chunkTokens} tokens`);
-        const r = rng(cfg.seed);
+        const r = mulberry32(cfg.seed);
         const ids = Array.from({ length: T + 1 }, () => 1 + Math.floor(r() * (model.config.vocabSize - 1)));
         io.err(`${m.name}: ${T} tokens, chunk ${cfg.chunkTokens}`);
         const sc = await compressPrefix(model, strategy, ids.slice(0, T));

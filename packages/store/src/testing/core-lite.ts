@@ -2,6 +2,7 @@
 // worker process then starts in well under a second. bundle-worker.ts maps @kvpack/core here.
 export { KvpackError, check } from '../../../core/src/errors.js';
 export { decodeContainer, encodeContainer } from '../../../core/src/serialize.js';
+export { mulberry32 } from '../../../core/src/random.js';
 export function deserializeCache(): never {
   throw new Error('the load workers do not restore caches');
 }

@@ -1,6 +1,6 @@
 // Deterministic stand-ins for serialized caches (real kvpack containers whose content is the prefix's
 // token ids), so that a test or a load worker can tell a right record from a wrong one without a model.
-import { decodeContainer, encodeContainer } from '@kvpack/core';
+import { decodeContainer, encodeContainer, mulberry32 } from '@kvpack/core';
 
 export const TEST_MODEL = 'sha256:' + 'ab'.repeat(32);
 export const TEST_STRATEGY = { name: 'prefix-test', options: { level: 1 } };
@@ -36,17 +36,8 @@ export function isPayloadOf(bytes: Uint8Array, tokens: readonly number[], length
   return ids.length === length && ids.every((v, i) => v === tokens[i]);
 }
 
-/** A seeded generator (mulberry32). */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** A seeded generator (core's mulberry32). */
+export const rng = mulberry32;
 
 /** The load workers' shared documents: `docs` sequences of `chunks` chunks of C token ids. */
 export function loadDocs(C: number, docs = 4, chunks = 8): number[][] {
