@@ -235,6 +235,10 @@ export class PrefixStore {
         await this.backend.putNamespace(this.namespace.id, new TextEncoder().encode(stableJson(this.namespace.descriptor)));
         this.namespaceWritten = true;
       }
+      // Replacing a stored prefix: its manifest goes first, so a crash between the two writes below
+      // leaves a record without a manifest (a miss, removed by gc), never a manifest that describes
+      // another record.
+      if ((await this.backend.get(this.namespace.id, key, 'manifest')) !== null) await this.backend.remove(this.namespace.id, key);
       await this.backend.put(this.namespace.id, key, 'record', rec.bytes, ttl);
       await this.backend.put(this.namespace.id, key, 'manifest', encodeManifest(manifest), ttl);
     } catch (e) {
