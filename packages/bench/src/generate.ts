@@ -1,16 +1,16 @@
 import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { extname, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { KvpackError, check, createStrategy, denseCacheBytes, readConfigFile, selectBackend, type Strategy } from '@kvpack/core';
 import { LlamaModel, Session } from '@kvpack/models';
 import { z } from 'zod';
 import { processIO, type CommandIO } from './commands.js';
 import { loadBenchModel } from './load.js';
+import { resolveModelPath } from './models-dir.js';
 import type { BenchTokenizer } from './model.js';
 
 /** Options of `kvpack generate`. */
 export interface GenerateCommandOptions {
-  /** Model checkpoint or folder; default stories260K (`$KVPACK_MODELS_DIR`, else `../shared/models` beside the repository). */
+  /** Model checkpoint or folder; default stories260K (`$KVPACK_MODELS_DIR`, else the repository's embedded `models/`, else `../shared/models`). */
   model?: string;
   tokenizer?: string;
   /** Prompt text (after a loaded cache: appended to it). */
@@ -33,9 +33,7 @@ export interface GenerateCommandOptions {
 
 /** The default model: the stories260K checkpoint the bench configs use. */
 export function defaultModelPaths(): { model: string; tokenizer: string } {
-  const repoRoot = fileURLToPath(new URL('../../../', import.meta.url));
-  const dir = process.env.KVPACK_MODELS_DIR ? resolve(process.env.KVPACK_MODELS_DIR) : resolve(repoRoot, '..', 'shared', 'models');
-  return { model: resolve(dir, 'stories260K', 'stories260K_q80.bin'), tokenizer: resolve(dir, 'stories260K', 'tok512.bin') };
+  return { model: resolveModelPath('stories260K/stories260K_q80.bin'), tokenizer: resolveModelPath('stories260K/tok512.bin') };
 }
 
 const MAGIC = 'KVPSESS1';

@@ -1,6 +1,6 @@
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import * as tf from '@tensorflow/tfjs-core';
 import { parse as parseYaml } from 'yaml';
@@ -10,6 +10,7 @@ import { PrefixStore, openBackend, redact, type StoreBackend } from '@kvpack/sto
 import { EXIT, processIO, type CommandIO } from './commands.js';
 import { backendOption, runEnvironment } from './environment.js';
 import { loadBenchModel } from './load.js';
+import { resolveModelPath } from './models-dir.js';
 import type { BenchModel } from './model.js';
 import { SyntheticStoreSchema, syntheticStoreRows, syntheticStoreTable, type SyntheticStoreRow } from './store-synthetic.js';
 
@@ -173,7 +174,6 @@ export async function storeBenchCommand(configPath: string, opts: StoreBenchOpti
   if (opts.quick) cfg.repeats = 1;
   const choice = await selectBackend(opts.backend ?? 'wasm');
   io.err(`kvpack bench store: ${describeBackend(choice)}`);
-  const modelsDir = process.env.KVPACK_MODELS_DIR ?? resolve(dirname(file), '..', '..', 'shared', 'models');
   const strategy = createStrategy(cfg.strategy);
   const raw = createStrategy(cfg.raw);
   const tmp = opts.store ? undefined : mkdtempSync(join(tmpdir(), 'kvpack-store-bench-'));
@@ -183,7 +183,7 @@ export async function storeBenchCommand(configPath: string, opts: StoreBenchOpti
   let synthetic: SyntheticStoreRow[] = [];
   try {
     for (const m of cfg.models) {
-      const path = resolve(modelsDir, m.path);
+      const path = resolveModelPath(m.path);
       if (!existsSync(path)) {
         const msg = `SKIPPED: ${m.name} is not at ${path} (set KVPACK_MODELS_DIR)`;
         skipped.push(msg);
