@@ -10,10 +10,10 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
-import { compressionRatio, createStrategy, deserializeCache, describeBackend, disposeKVCache, selectBackend } from '@kvpack/core';
+import { compressionRatio, createStrategy, describeBackend, disposeKVCache, selectBackend } from '@kvpack/core';
 import { registerXkv } from '@kvpack/xkv';
 import { registerBaselines } from '@kvpack/baselines';
-import { DecodeSession, LlamaModel, loadModel } from '@kvpack/models';
+import { LlamaModel, Session, loadModel } from '@kvpack/models';
 
 const here = import.meta.dirname;
 const modelsDir = process.env.KVPACK_MODELS_DIR || resolve(here, '../../models');
@@ -49,27 +49,29 @@ disposeKVCache(cache);
 const ratio = compressionRatio(model.layout, ids.length, compressed.byteSize());
 log(`prompt: ${ids.length} tokens; ${strategy.name} cache: ${compressed.byteSize()} bytes, ${ratio.toFixed(2)}× smaller than fp16`);
 
-// 5. Decode 16 greedy tokens through the compressed cache (it grows by one token per step).
-const session = new DecodeSession(model, compressed, ids.length, lastRow);
+// 5. Decode 16 greedy tokens through the compressed cache (it grows by one token per step). The
+//    session's last pick is not in the cache yet: it is fed first by whatever comes next.
+const session = new Session(model, compressed, ids.length, lastRow);
 const first = await session.greedy(16);
 log(`decoded: ${JSON.stringify(tokenizer.decode(first.ids))}`);
 
-// 6. Save the cache (a self-describing container: strategy, options, model fingerprint, CRC).
-const bytes = compressed.serialize();
+// 6. Save the cache (a self-describing container: strategy, options, model fingerprint, CRC) and the
+//    token still to feed.
+const bytes = session.cache.serialize();
+const pending = [...session.pendingTokens];
 writeFileSync(cacheFile, bytes);
-const savedAt = session.position;
-const savedLogits = session.nextLogits;
-log(`saved ${bytes.length} bytes to ${cacheFile} at position ${savedAt}`);
+log(`saved ${bytes.length} bytes to ${cacheFile} at position ${session.position} (${pending.length} token to feed on resume)`);
 
 // 7. Continue in memory, for comparison …
 const inMemory = await session.greedy(16);
+session.dispose();
 compressed.dispose();
 
-// 8. … and from the file: restored for this model only (a cache from another model is refused).
-const restored = deserializeCache(readFileSync(cacheFile), { model: await model.fingerprint() });
-const resumed = new DecodeSession(model, restored, savedAt, savedLogits);
+// 8. … and from the file: restored for this model only (a cache from another model is refused); the
+//    pending token is appended exactly before decoding goes on.
+const resumed = await Session.resume(model, readFileSync(cacheFile), { remainingTokens: pending });
 const fromFile = await resumed.greedy(16);
-restored.dispose();
+resumed.dispose();
 log(`continued from the file: ${JSON.stringify(tokenizer.decode(fromFile.ids))}`);
 
 const same = fromFile.ids.every((t, i) => t === inMemory.ids[i]);
