@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { decodeSessionFile, defaultModelPaths } from './generate.js';
+import { decodeSessionFile, defaultModelPaths, encodeSessionFile } from './generate.js';
 import { runCli } from './program.js';
 import type { CommandIO } from './commands.js';
 
@@ -77,5 +77,28 @@ describe.skipIf(!HAVE)(`kvpack generate on stories260K${SKIP}`, () => {
     const bad = await run(['--load-cache', corrupt]);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toMatch(/^kvpack: error: .*(corrupt|checksum)/);
+  });
+});
+
+describe('session files', () => {
+  const header = { format: 'kvpack-session' as const, version: 2 as const, tokens: [1, 2, 3], pending: [414], strategy: 'dense' };
+  const cache = Uint8Array.from([0x4b, 0x56, 0x50, 0x4b, 9, 9, 9]); // a stand-in that starts like a container
+  it('round-trip their header; a changed token id or pending token fails the header CRC', () => {
+    const file = encodeSessionFile(header, cache);
+    const d = decodeSessionFile(file, 's.kvs');
+    expect(d.header).toEqual(header);
+    expect([...d.cache]).toEqual([...cache]);
+    const text = new TextDecoder().decode(file);
+    const at = text.indexOf('414');
+    const bad = file.slice();
+    bad[at + 2] = '5'.charCodeAt(0); // "pending":[415]
+    expect(() => decodeSessionFile(bad, 's.kvs')).toThrow(/s\.kvs: the session header fails its CRC-32/);
+    expect(() => decodeSessionFile(file.subarray(0, 20), 's.kvs')).toThrow(/session header claims \d+ bytes/);
+  });
+  it('a bare cache passes through; any other file is named as neither', () => {
+    expect(decodeSessionFile(cache, 'c.kvpk')).toEqual({ header: null, cache });
+    expect(() => decodeSessionFile(new TextEncoder().encode('# README\n'), 'README.md')).toThrow(/README\.md is not a kvpack session or cache file/);
+    expect(() => decodeSessionFile(new Uint8Array(0), 'empty')).toThrow(/not a kvpack session or cache file/);
+    expect(() => decodeSessionFile(new TextEncoder().encode('KVPSESS1\0\0\0\0'), 'old.kvs')).toThrow(/first format, whose header had no checksum/);
   });
 });

@@ -46,7 +46,7 @@ export function buildProgram(io: CommandIO, state: { code: number }): Command {
   program
     .command('generate')
     .description('generate text through a compressed KV cache, streamed to stdout; save the session and continue it later')
-    .option('--model <file>', 'model checkpoint or folder (default: stories260K from $KVPACK_MODELS_DIR or ../shared/models)')
+    .option('--model <file>', 'model checkpoint or folder (default: the embedded stories260K; $KVPACK_MODELS_DIR overrides)')
     .option('--tokenizer <file>', 'tokenizer file (default: the one the model carries or sits beside)')
     .option('--prompt <text>', 'prompt text; after --load-cache, text fed after the saved tokens')
     .option('--chat <file>', 'chat file: JSON/YAML list of { role, content }, rendered as "role: content" lines and "assistant:"')

@@ -75,6 +75,9 @@ describe('kvpack store', () => {
     io = capture();
     expect(await runCli(['store', 'ls', 'ftp://x'], io)).toBe(2);
     expect(io.stderr).toMatch(/scheme "ftp:" is not supported/);
+    io = capture();
+    expect(await runCli(['store', 'stats', `${url}-typo`], io)).toBe(2);
+    expect(io.stderr).toMatch(/no store at .*-typo: the folder does not exist/);
   });
 });
 

@@ -1,13 +1,18 @@
-import { writeFileSync } from 'node:fs';
+import { existsSync, writeFileSync } from 'node:fs';
 import type { Command } from 'commander';
 import { KvpackError } from '@kvpack/core';
-import { collectGarbage, inspectStore, openBackend, readNamespace, readStoredCache, redact, resolveKey, type InspectedEntry, type StoreBackend } from '@kvpack/store';
+import { FileBackend, collectGarbage, inspectStore, openBackend, readNamespace, readStoredCache, redact, resolveKey, type InspectedEntry, type StoreBackend } from '@kvpack/store';
 import { EXIT, processIO, type CommandIO } from './commands.js';
 import { registerStoreBench } from './store-bench.js';
 
 /** Runs `fn` on the backend a store URL names, closing it after. */
 async function withBackend<T>(url: string, fn: (b: StoreBackend) => Promise<T>): Promise<T> {
   const backend = openBackend(url);
+  // A mistyped folder is not an empty store.
+  if (backend instanceof FileBackend && !existsSync(backend.root)) {
+    await backend.close();
+    throw new KvpackError('io', `no store at ${backend.root}: the folder does not exist`);
+  }
   try {
     return await fn(backend);
   } catch (e) {

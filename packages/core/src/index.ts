@@ -19,6 +19,7 @@ export {
   type StoredTensor,
   type TensorExpectation,
 } from './serialize.js';
+export { crc32 } from './crc32.js';
 export * from './cache.js';
 export * from './validate.js';
 export * from './memory.js';

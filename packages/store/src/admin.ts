@@ -134,7 +134,16 @@ export async function resolveKey(backend: StoreBackend, prefix: string): Promise
 export async function readStoredCache(backend: StoreBackend, keyPrefix: string): Promise<{ namespace: string; key: string; tokens: number; cache: Uint8Array }> {
   const { namespace, key } = await resolveKey(backend, keyPrefix);
   const rec = await backend.get(namespace, key, 'record');
-  if (!rec) throw new KvpackError('config', `stored prefix ${key} has no record (evicted, or an interrupted write)`);
+  if (!rec) {
+    const raw = await backend.get(namespace, key, 'manifest');
+    const link = raw ? (() => { try { const a = decodeAnyManifest(raw); return isLink(a) ? a : null; } catch { return null; } })() : null;
+    if (link)
+      throw new KvpackError(
+        'config',
+        `stored prefix ${key} is a link: its ${link.tokens} tokens are served by cutting the longer record ${link.link.key} (get that key; a lookup with cut restores this prefix)`,
+      );
+    throw new KvpackError('config', `stored prefix ${key} has no record (evicted, or an interrupted write)`);
+  }
   check(KEY_PATTERN.test(key), 'config', `bad key ${key}`);
   const d = decodeRecord(rec, { key, namespace });
   const rawManifest = await backend.get(namespace, key, 'manifest');
