@@ -13,7 +13,7 @@ import type { BenchReport } from './report.js';
 import type { CommandIO } from './commands.js';
 
 const repoRoot = resolve(fileURLToPath(new URL('.', import.meta.url)), '../../..');
-const modelsDir = process.env.KVPACK_MODELS_DIR ? resolve(process.env.KVPACK_MODELS_DIR) : resolve(repoRoot, '..', 'shared', 'models');
+const modelsDir = process.env.KVPACK_MODELS_DIR ? resolve(process.env.KVPACK_MODELS_DIR) : resolve(repoRoot, 'models'); // stories260K is embedded
 const modelFile = join(modelsDir, 'stories260K', 'stories260K_q80.bin');
 const tokFile = join(modelsDir, 'stories260K', 'tok512.bin');
 const present = existsSync(modelFile) && existsSync(tokFile);

@@ -81,7 +81,7 @@ describe('kvpack store', () => {
   });
 });
 
-const STORIES = join(process.env.KVPACK_MODELS_DIR ?? join(__dirname, '..', '..', '..', '..', 'shared', 'models'), 'stories260K', 'stories260K_q80.bin');
+const STORIES = join(process.env.KVPACK_MODELS_DIR ?? join(__dirname, '..', '..', '..', 'models'), 'stories260K', 'stories260K_q80.bin');
 
 describe('kvpack bench store', () => {
   it('refuses a config without a strategy', async () => {

@@ -16,7 +16,7 @@ import { SKIP_MESSAGE, findBinary, startServer, type TestServer } from './testin
 
 const MODELS_DIR = process.env.KVPACK_MODELS_DIR ?? resolve(fileURLToPath(new URL('../../../', import.meta.url)), '..', 'shared', 'models');
 const MODELS = [
-  { name: 'stories260K', path: join(MODELS_DIR, 'stories260K', 'stories260K_q80.bin'), layersPerGroup: 4, rankK: 8, rankV: 12, cut: true },
+  { name: 'stories260K', path: process.env.KVPACK_MODELS_DIR ? join(MODELS_DIR, 'stories260K', 'stories260K_q80.bin') : resolve(fileURLToPath(new URL('../../../', import.meta.url)), 'models', 'stories260K', 'stories260K_q80.bin'), layersPerGroup: 4, rankK: 8, rankV: 12, cut: true },
   { name: 'rulermini-19m', path: join(MODELS_DIR, 'rulermini-19m'), layersPerGroup: 4, rankK: 8, rankV: 12, cut: false },
 ];
 const REDIS = findBinary('redis-server') ?? findBinary('valkey-server');

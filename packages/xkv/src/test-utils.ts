@@ -102,7 +102,8 @@ export function groupError(orig: Float32Array[], approx: Float32Array[]): number
 
 /** Paths of the stories260K model and its float64 oracle; `skip` says why tests are skipped. */
 export function storiesPaths(): { dir: string; bin: string; oracle: string; have: boolean; skip: string } {
-  const dir = resolve(modelsDir(), 'stories260K');
+  // stories260K ships in the repository (models/); KVPACK_MODELS_DIR points elsewhere.
+  const dir = process.env.KVPACK_MODELS_DIR ? resolve(modelsDir(), 'stories260K') : resolve(dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'models', 'stories260K');
   const bin = resolve(dir, 'stories260K_q80.bin');
   const oracle = resolve(dir, 'oracle.json');
   const have = existsSync(bin) && existsSync(oracle);

@@ -65,7 +65,7 @@ describe('svd = xkv with groups of one layer', () => {
 
 // ---- stories260K oracle: per-layer ("G1") truncated-SVD errors of pre-RoPE keys and values ----
 const repoRoot = fileURLToPath(new URL('../../../../', import.meta.url));
-const STORIES = resolve(process.env.KVPACK_MODELS_DIR ?? resolve(repoRoot, '..', 'shared', 'models'), 'stories260K');
+const STORIES = process.env.KVPACK_MODELS_DIR ? resolve(process.env.KVPACK_MODELS_DIR, 'stories260K') : resolve(repoRoot, 'models', 'stories260K');
 const HAVE = existsSync(resolve(STORIES, 'stories260K_q80.bin')) && existsSync(resolve(STORIES, 'oracle.json'));
 
 describe.skipIf(!HAVE)(`svd vs stories260K oracle.json (G1 entries)${HAVE ? '' : ` (SKIPPED: ${STORIES} not found; set KVPACK_MODELS_DIR)`}`, () => {

@@ -10,7 +10,8 @@ import { fileURLToPath } from 'node:url';
 const repoRoot = fileURLToPath(new URL('../../../../', import.meta.url));
 /** KVPACK_MODELS_DIR, else <repo>/../shared/models. */
 export const MODELS_DIR = process.env.KVPACK_MODELS_DIR ?? resolve(repoRoot, '..', 'shared', 'models');
-export const STORIES_DIR = resolve(MODELS_DIR, 'stories260K');
+/** stories260K and its float64 oracle: embedded in the repository (models/), unless KVPACK_MODELS_DIR is set. */
+export const STORIES_DIR = process.env.KVPACK_MODELS_DIR ? resolve(MODELS_DIR, 'stories260K') : resolve(repoRoot, 'models', 'stories260K');
 export const STORIES_BIN = resolve(STORIES_DIR, 'stories260K_q80.bin');
 export const STORIES_TOK = resolve(STORIES_DIR, 'tok512.bin');
 export const STORIES_ORACLE = resolve(STORIES_DIR, 'oracle.json');
