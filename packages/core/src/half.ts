@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { check } from './errors.js';
 import { decodeHalf, encodeHalf } from './fp16.js';
 import { readSyncOrExplain, roundToHalfOnDevice } from './cache.js';
-import { isWebGpuBackend, runWgsl } from './webgpu.js';
+import { FLAT_WORKGROUP, flatDispatch, isWebGpuBackend, runWgsl, wgslFlatIndex } from './webgpu.js';
 
 /**
  * A float16 tensor as it is held on a tfjs backend, which has no 16-bit dtype: the IEEE binary16 bit
@@ -150,17 +150,9 @@ export class HalfTensor {
   }
 }
 
-const WG = 256;
-
-/** Workgroups for n invocations of WG, spread over x and y (each ≤ 65,535). */
-function grid(n: number): [number, number, number] {
-  const groups = Math.max(1, Math.ceil(n / WG));
-  const x = Math.min(groups, 65535);
-  return [x, Math.ceil(groups / x), 1];
-}
-
-/** Flat invocation index of a 2-D dispatch of 1-D workgroups. */
-const FLAT = 'let flat = (i32(workgroupId.y) * i32(numWorkgroups.x) + i32(workgroupId.x)) * ' + WG + ' + i32(localId.x);';
+const WG = FLAT_WORKGROUP;
+const grid = (n: number) => flatDispatch(n);
+const FLAT = wgslFlatIndex('flat');
 
 function unpackOnDevice(packed: tf.Tensor1D, n: number): tf.Tensor {
   return runWgsl({

@@ -31,6 +31,24 @@ export interface WgslKernel {
   code: string;
 }
 
+/** Invocations per workgroup of the flat (1-D) kernels. */
+export const FLAT_WORKGROUP = 256;
+
+/**
+ * Workgroups for n invocations of 1-D workgroups of `size` (default {@link FLAT_WORKGROUP}), spread over
+ * x and y so that each stays within 65,535; the kernel reads its index with {@link wgslFlatIndex}.
+ */
+export function flatDispatch(n: number, size = FLAT_WORKGROUP): [number, number, number] {
+  const groups = Math.max(1, Math.ceil(n / size));
+  const x = Math.min(groups, 65535);
+  return [x, Math.ceil(groups / x), 1];
+}
+
+/** A WGSL statement declaring `name` as the flat invocation index of a {@link flatDispatch} grid. */
+export function wgslFlatIndex(name: string, size = FLAT_WORKGROUP): string {
+  return `let ${name} = (i32(workgroupId.y) * i32(numWorkgroups.x) + i32(workgroupId.x)) * ${size} + i32(localId.x);`;
+}
+
 /** True when the active tfjs backend is webgpu (custom WGSL kernels can run). */
 export function isWebGpuBackend(): boolean {
   return tf.getBackend() === 'webgpu';

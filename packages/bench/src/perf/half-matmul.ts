@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { HalfTensor, check, isWebGpuBackend, runWgsl } from '@kvpack/core';
+import { HalfTensor, check, flatDispatch, isWebGpuBackend, runWgsl, wgslFlatIndex } from '@kvpack/core';
 
 /** Workgroup size of the float16 matrix product. */
 const WG = 256;
@@ -28,8 +28,6 @@ export function halfMatMul(x: tf.Tensor2D, w: HalfTensor): tf.Tensor2D {
   const words = N / 2;
   const slices = Math.ceil(K / K_SLICE);
   const n = words * slices;
-  const groups = Math.ceil(n / WG);
-  const gx = Math.min(groups, 65535);
   const acc = Array.from({ length: B }, (_, b) => `var a${b} = vec2<f32>(0.0);`).join('\n  ');
   const fma = Array.from({ length: B }, (_, b) => `a${b} = a${b} + x[${b * K} + k] * w;`).join('\n    ');
   const store = Array.from({ length: B }, (_, b) => `result[((s * ${B} + ${b}) * ${words} + j) * 2] = a${b}.x;\n  result[((s * ${B} + ${b}) * ${words} + j) * 2 + 1] = a${b}.y;`).join('\n  ');
@@ -41,10 +39,10 @@ export function halfMatMul(x: tf.Tensor2D, w: HalfTensor): tf.Tensor2D {
       outputShape: [slices * B * N],
       dtype: 'float32',
       workgroupSize: WG,
-      dispatch: [gx, Math.ceil(groups / gx), 1],
+      dispatch: flatDispatch(n, WG),
       workgroupBytes: 0,
       code: `fn kernel(index: i32) {
-  let flat = (i32(workgroupId.y) * i32(numWorkgroups.x) + i32(workgroupId.x)) * ${WG} + i32(localId.x);
+  ${wgslFlatIndex('flat', WG)}
   if (flat >= ${n}) { return; }
   let j = flat % ${words};
   let s = flat / ${words};

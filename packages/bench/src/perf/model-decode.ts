@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { HalfTensor, applyRope, check, createStrategy, disposeKVCache, isWebGpuBackend, runWgsl, sharedRopeTableBytes, type CompressedCache, type ModelLayout } from '@kvpack/core';
+import { FLAT_WORKGROUP, HalfTensor, applyRope, check, createStrategy, disposeKVCache, flatDispatch, isWebGpuBackend, runWgsl, wgslFlatIndex, sharedRopeTableBytes, type CompressedCache, type ModelLayout } from '@kvpack/core';
 import { decodeModes, type DecodeMode } from './decode-modes.js';
 import { halfMatMul } from './half-matmul.js';
 import { timeInterleaved, fmtBytes, fmtMs } from './stats.js';
@@ -102,17 +102,14 @@ async function randomHalf(K: number, N: number, seed: number): Promise<HalfTenso
       x.dispose();
     }
   }
-  const WG = 256;
-  const groups = Math.ceil(words / WG);
-  const gx = Math.min(groups, 65535);
   const packed = runWgsl({
     key: `random_half_words_${seed >>> 0}_${a.toPrecision(9)}`,
     names: [],
     inputs: [],
     outputShape: [words],
     dtype: 'int32',
-    workgroupSize: WG,
-    dispatch: [gx, Math.ceil(groups / gx), 1],
+    workgroupSize: FLAT_WORKGROUP,
+    dispatch: flatDispatch(words),
     workgroupBytes: 0,
     code: `fn mix(x: u32) -> u32 {
   var h = x;
@@ -121,7 +118,7 @@ async function randomHalf(K: number, N: number, seed: number): Promise<HalfTenso
   return h ^ (h >> 16u);
 }
 fn kernel(index: i32) {
-  let flat = (i32(workgroupId.y) * i32(numWorkgroups.x) + i32(workgroupId.x)) * ${WG} + i32(localId.x);
+  ${wgslFlatIndex('flat')}
   if (flat >= uniforms.outShape) { return; }
   let h0 = mix(u32(flat) * 2u + ${seed >>> 0}u * 0x9e3779b9u);
   let h1 = mix(h0 ^ 0x85ebca6bu);

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { HalfTensor, check, isWebGpuBackend, readSyncOrExplain, runWgsl, type StoredItem } from '@kvpack/core';
+import { FLAT_WORKGROUP, HalfTensor, check, flatDispatch, isWebGpuBackend, readSyncOrExplain, runWgsl, wgslFlatIndex, type StoredItem } from '@kvpack/core';
 import { decodeCodes } from './packing.js';
 import { concatWords } from './words.js';
 
@@ -124,20 +124,17 @@ export class CodesTensor {
     check(!this.isDisposed, 'disposed', 'packed codes were disposed');
     if (this.count === 0) return tf.tensor1d([], 'float32');
     if (!isWebGpuBackend()) return this.unpackOnHost();
-    const WG = 256;
-    const groups = Math.ceil(this.count / WG);
-    const x = Math.min(groups, 65535);
     return runWgsl({
       key: `unpack_codes_${this.bits}`,
       names: ['w'],
       inputs: [this.packed],
       outputShape: [this.count],
       dtype: 'float32',
-      workgroupSize: WG,
-      dispatch: [x, Math.ceil(groups / x), 1],
+      workgroupSize: FLAT_WORKGROUP,
+      dispatch: flatDispatch(this.count),
       workgroupBytes: 0,
       code: `fn kernel(index: i32) {
-  let i = (i32(workgroupId.y) * i32(numWorkgroups.x) + i32(workgroupId.x)) * ${WG} + i32(localId.x);
+  ${wgslFlatIndex('i')}
   if (i >= uniforms.outShape) { return; }
   let bit = u32(i) * ${this.bits}u;
   let word = bitcast<u32>(w[bit / 32u]);
@@ -161,21 +158,18 @@ export class CodesTensor {
 
 /** Packs float32 codes [n] into `words` int32 words on webgpu (one invocation per word). */
 function packWordsOnDevice(codes: tf.Tensor1D, bits: 2 | 4 | 8, words: number): tf.Tensor1D {
-  const WG = 256;
   const per = 32 / bits;
-  const groups = Math.ceil(words / WG);
-  const x = Math.min(groups, 65535);
   return runWgsl({
     key: `pack_codes_${bits}`,
     names: ['c'],
     inputs: [codes],
     outputShape: [words],
     dtype: 'int32',
-    workgroupSize: WG,
-    dispatch: [x, Math.ceil(groups / x), 1],
+    workgroupSize: FLAT_WORKGROUP,
+    dispatch: flatDispatch(words),
     workgroupBytes: 0,
     code: `fn kernel(index: i32) {
-  let w = (i32(workgroupId.y) * i32(numWorkgroups.x) + i32(workgroupId.x)) * ${WG} + i32(localId.x);
+  ${wgslFlatIndex('w')}
   if (w >= uniforms.outShape) { return; }
   var word = 0u;
   for (var j = 0; j < ${per}; j++) {

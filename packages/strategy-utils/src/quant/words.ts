@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { isWebGpuBackend, runWgsl } from '@kvpack/core';
+import { FLAT_WORKGROUP, flatDispatch, isWebGpuBackend, runWgsl, wgslFlatIndex } from '@kvpack/core';
 
 /*
  * Joining and cutting packed int32 words (packed codes, packed float16) on the backend. tfjs-webgpu's
@@ -7,15 +7,9 @@ import { isWebGpuBackend, runWgsl } from '@kvpack/core';
  * webgpu these copies are WGSL kernels that move the words as they are.
  */
 
-const WG = 256;
-
-function grid(n: number): [number, number, number] {
-  const groups = Math.max(1, Math.ceil(n / WG));
-  const x = Math.min(groups, 65535);
-  return [x, Math.ceil(groups / x), 1];
-}
-
-const FLAT = `let i = (i32(workgroupId.y) * i32(numWorkgroups.x) + i32(workgroupId.x)) * ${WG} + i32(localId.x);`;
+const WG = FLAT_WORKGROUP;
+const grid = (n: number) => flatDispatch(n);
+const FLAT = wgslFlatIndex('i');
 
 /** The words of `a` then `b`, int32 [na + nb], a new tensor (neither input is disposed). */
 export function concatWords(a: tf.Tensor1D, b: tf.Tensor1D): tf.Tensor1D {
