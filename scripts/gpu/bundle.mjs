@@ -39,6 +39,9 @@ await esbuild.build({
     'vega-lite': join(root, 'scripts', 'gpu', 'no-plots.cjs'),
   },
   nodePaths: [join(root, 'packages', 'bench', 'node_modules')],
+  // Sources that locate files from import.meta.url get the bundle's own URL under CommonJS.
+  define: { 'import.meta.url': '__kvpackBundleUrl' },
+  banner: { js: "const __kvpackBundleUrl = require('node:url').pathToFileURL(__filename).href;" },
   outfile: join(out, 'entry.cjs'),
   logLevel: 'warning',
 });

@@ -53,6 +53,14 @@ export interface KVCache {
   /** Position of the first token (default 0). */
   startPosition?: number;
   /**
+   * Sliding-window attention per layer (Mistral, Qwen2/3 with use_sliding_window, Gemma-style
+   * interleaving): `windows[l]` = W tokens when layer l's queries see only the W tokens ending at
+   * their own position (key position > query position − W), null for full attention. Absent: every
+   * layer is full. Strategies may use it (a windowed layer never reads tokens older than W again);
+   * decoding a windowed layer needs the cache to keep its tokens at consecutive positions.
+   */
+  windows?: (number | null)[];
+  /**
    * Optional post-RoPE queries of the last prompt tokens per layer, [T_obs, H, d], used by
    * query-aware strategies (SnapKV). They belong to positions startPosition + T − T_obs … + T − 1.
    */

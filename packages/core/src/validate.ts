@@ -60,6 +60,12 @@ export async function validateKVCache(cache: KVCache): Promise<number> {
   check(cache.keys[0] instanceof tf.Tensor && cache.keys[0].rank === 3, 'shape', `KV cache: layer 0 keys must be [T, H_kv, d]`);
   const T = cache.keys[0].shape[0];
   check(T > 0, 'shape', 'KV cache is empty (T = 0)');
+  if (cache.windows !== undefined) {
+    check(Array.isArray(cache.windows) && cache.windows.length === L, 'layout', `KV cache: windows must list one sliding window (tokens, or null) per layer, ${L} in all`);
+    cache.windows.forEach((w, l) =>
+      check(w === null || (Number.isInteger(w) && w > 0), 'config', () => `KV cache: layer ${l}'s sliding window ${JSON.stringify(w)} must be a positive integer (tokens) or null`),
+    );
+  }
   for (let l = 0; l < L; l++) {
     checkKV(cache.keys[l], cache.layout, `KV cache layer ${l} keys`, T);
     checkKV(cache.values[l], cache.layout, `KV cache layer ${l} values`, T);

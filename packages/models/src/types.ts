@@ -20,6 +20,18 @@ export interface LlamaConfig extends ModelLayout {
   tiedEmbeddings: boolean;
   /** q/k/v projections have biases (Qwen2). */
   qkvBias: boolean;
+  /**
+   * Per-head RMSNorm of queries and keys before RoPE (Qwen3's q_norm / k_norm, weights [d]); cached
+   * keys are taken after it. Default false.
+   */
+  qkNorm?: boolean;
+  /**
+   * Sliding-window attention per layer, W tokens (a query sees the W tokens ending at its own
+   * position), null for full attention; absent = every layer full. From config.json's
+   * `sliding_window` with `layer_types`, `use_sliding_window` / `max_window_layers` (Qwen2/3) or
+   * Mistral's all-layer window.
+   */
+  windows?: (number | null)[];
   bosId?: number;
   eosId?: number;
 }
@@ -37,6 +49,8 @@ export interface LlamaLayerWeights {
   bq?: tf.Tensor1D; // [H·d]
   bk?: tf.Tensor1D; // [H_kv·d]
   bv?: tf.Tensor1D; // [H_kv·d]
+  qNorm?: tf.Tensor1D; // [d], Qwen3 per-head query RMSNorm
+  kNorm?: tf.Tensor1D; // [d], Qwen3 per-head key RMSNorm
   ffnNorm: tf.Tensor1D; // [D]
   w1: tf.Tensor2D; // gate [D, F]
   w2: tf.Tensor2D; // down [F, D]

@@ -104,6 +104,8 @@ const LAYER_NAMES: Record<LayerField, string> = {
   bq: 'attn_q.bias',
   bk: 'attn_k.bias',
   bv: 'attn_v.bias',
+  qNorm: 'attn_q_norm.weight',
+  kNorm: 'attn_k_norm.weight',
   ffnNorm: 'ffn_norm.weight',
   w1: 'ffn_gate.weight',
   w2: 'ffn_down.weight',
@@ -262,7 +264,8 @@ export async function loadGgufWeights(g: GgufFile, config?: LlamaConfig): Promis
     const slots: WeightSlot[] = ['embedding', 'finalNorm'];
     if (!cfg.tiedEmbeddings) slots.push('classifier');
     for (let l = 0; l < cfg.nLayers; l++)
-      for (const field of Object.keys(LAYER_NAMES) as LayerField[]) if (cfg.qkvBias || !field.startsWith('b')) slots.push({ layer: l, field });
+      for (const field of Object.keys(LAYER_NAMES) as LayerField[])
+        if ((cfg.qkvBias || !field.startsWith('b')) && (cfg.qkNorm || (field !== 'qNorm' && field !== 'kNorm'))) slots.push({ layer: l, field });
     // Every shape against the metadata before any tensor is read.
     for (const s of slots) {
       const tn = ggufTensorName(s);

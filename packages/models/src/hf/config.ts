@@ -3,11 +3,12 @@ import type { LlamaConfig } from '../types.js';
 import { editDistance } from '../bounds.js';
 
 /** Hugging Face architectures {@link parseHfConfig} maps onto {@link LlamaConfig}. */
-export const HF_ARCHITECTURES = ['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'] as const;
+export const HF_ARCHITECTURES = ['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'] as const;
 const MODEL_TYPES: Record<string, (typeof HF_ARCHITECTURES)[number]> = {
   llama: 'LlamaForCausalLM',
   mistral: 'MistralForCausalLM',
   qwen2: 'Qwen2ForCausalLM',
+  qwen3: 'Qwen3ForCausalLM',
 };
 
 type Json = Record<string, unknown>;
@@ -56,12 +57,15 @@ export const HF_CONFIG_KEYS_READ = [
   'tie_word_embeddings',
   'bos_token_id',
   'eos_token_id',
+  'sliding_window',
+  'use_sliding_window',
+  'max_window_layers',
+  'layer_types',
 ] as const;
 
 /**
  * Standard Hugging Face config keys that do not affect kvpack's forward pass (PretrainedConfig's
- * bookkeeping, generation defaults, training-only settings, Mistral/Qwen2 sliding-window fields that
- * kvpack does not model): accepted without a warning.
+ * bookkeeping, generation defaults, training-only settings): accepted without a warning.
  */
 export const HF_CONFIG_KEYS_IGNORED = [
   '_name_or_path',
@@ -127,10 +131,6 @@ export const HF_CONFIG_KEYS_IGNORED = [
   'exponential_decay_length_penalty',
   'suppress_tokens',
   'begin_suppress_tokens',
-  'sliding_window',
-  'use_sliding_window',
-  'max_window_layers',
-  'layer_types',
 ] as const;
 
 const READ = new Set<string>(HF_CONFIG_KEYS_READ);
@@ -215,12 +215,49 @@ export function parseRopeScaling(raw: unknown, file = 'config.json'): RopeScalin
 }
 
 /**
- * Maps a Hugging Face `config.json` (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM) to a
+ * Sliding windows per layer from config.json, as transformers reads them: `layer_types`
+ * ("sliding_attention" / "full_attention") with `sliding_window` when given; else Qwen2/Qwen3's
+ * `use_sliding_window` (default false) windowing layers ≥ `max_window_layers`; else Mistral's
+ * `sliding_window` on every layer. Undefined when no layer is windowed.
+ * @throws KvpackError('config') for a window that is not a positive integer, layer_types of the wrong
+ *   length or with an unknown entry, or windowed layers without `sliding_window`.
+ */
+export function parseSlidingWindows(cfg: Json, arch: string, nLayers: number, file: string): (number | null)[] | undefined {
+  const sw = cfg.sliding_window;
+  check(sw == null || (Number.isInteger(sw) && (sw as number) > 0), 'config', `${file}: "sliding_window" must be a positive integer (tokens) or null, got ${JSON.stringify(sw)}`);
+  const W = sw == null ? null : (sw as number);
+  let windowed: boolean[];
+  if (cfg.layer_types != null) {
+    const lt = cfg.layer_types;
+    check(Array.isArray(lt) && lt.length === nLayers, 'config', `${file}: "layer_types" must list one entry per layer (${nLayers}), got ${JSON.stringify(lt)}`);
+    windowed = (lt as unknown[]).map((t, l) => {
+      check(t === 'sliding_attention' || t === 'full_attention', 'config', `${file}: layer_types[${l}] = ${JSON.stringify(t)} is not "sliding_attention" or "full_attention"`);
+      return t === 'sliding_attention';
+    });
+  } else if (arch === 'Qwen2ForCausalLM' || arch === 'Qwen3ForCausalLM') {
+    const use = cfg.use_sliding_window === true;
+    const mw = cfg.max_window_layers;
+    check(mw == null || (Number.isInteger(mw) && (mw as number) >= 0), 'config', `${file}: "max_window_layers" must be an integer ≥ 0, got ${JSON.stringify(mw)}`);
+    const from = mw == null ? nLayers : (mw as number);
+    windowed = Array.from({ length: nLayers }, (_, l) => use && W !== null && l >= from);
+  } else if (arch === 'MistralForCausalLM') {
+    windowed = Array.from({ length: nLayers }, () => W !== null);
+  } else {
+    windowed = Array.from({ length: nLayers }, () => false);
+  }
+  if (!windowed.some(Boolean)) return undefined;
+  check(W !== null, 'config', `${file}: layers are marked sliding_attention but "sliding_window" is not set`);
+  return windowed.map((w) => (w ? W : null));
+}
+
+/**
+ * Maps a Hugging Face `config.json` (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM) to a
  * {@link LlamaConfig}: head_dim from `head_dim` when given, else hidden_size / num_attention_heads;
  * num_key_value_heads defaults to num_attention_heads (MHA); RoPE layout `half` (transformers'
- * `rotate_half`); Qwen2 always has q/k/v biases; `tie_word_embeddings` defaults to false as in
- * these architectures' config classes. Mistral's `sliding_window` is not modelled: kvpack attends to
- * the full context, which matches Mistral for prompts shorter than the window.
+ * `rotate_half`); Qwen2 always has q/k/v biases, Qwen3 has them only with `attention_bias` and
+ * normalizes each head's queries and keys (q_norm, k_norm) before RoPE; `tie_word_embeddings`
+ * defaults to false as in these architectures' config classes. Sliding-window layers follow
+ * {@link parseSlidingWindows}.
  *
  * Dimensions must be positive integers within {@link HF_CONFIG_LIMITS}. Keys neither read nor on the
  * allow-list {@link HF_CONFIG_KEYS_IGNORED} (typically misspellings, e.g. `num_hiden_layers`) are
@@ -244,6 +281,7 @@ export function parseHfConfig(cfg: Json, file = 'config.json', options: HfConfig
   check(act === 'silu', 'unsupported', `${file}: hidden_act ${JSON.stringify(act)} is not supported (Llama-family SwiGLU uses silu)`);
   check(!cfg.mlp_bias, 'unsupported', `${file}: mlp_bias = true is not supported`);
   const isQwen2 = arch === 'Qwen2ForCausalLM';
+  const isQwen3 = arch === 'Qwen3ForCausalLM';
   check(isQwen2 || !cfg.attention_bias, 'unsupported', `${file}: attention_bias = true (biases on q/k/v and o_proj) is not supported for ${arch}`);
 
   const L = HF_CONFIG_LIMITS;
@@ -253,8 +291,10 @@ export function parseHfConfig(cfg: Json, file = 'config.json', options: HfConfig
   check(nHeads % nKvHeads === 0, 'config', `${file}: num_attention_heads ${nHeads} is not a multiple of num_key_value_heads ${nKvHeads}`);
   const headDim = cfg.head_dim == null ? dim / nHeads : int(cfg, 'head_dim', file, undefined, L.head_dim);
   check(Number.isInteger(headDim) && headDim % 2 === 0, 'config', `${file}: head_dim ${headDim} (hidden_size / num_attention_heads) must be an even integer`);
+  const nLayers = int(cfg, 'num_hidden_layers', file, undefined, L.num_hidden_layers);
+  const windows = parseSlidingWindows(cfg, arch, nLayers, file);
   const config: LlamaConfig = {
-    nLayers: int(cfg, 'num_hidden_layers', file, undefined, L.num_hidden_layers),
+    nLayers,
     nHeads,
     nKvHeads,
     headDim,
@@ -266,6 +306,8 @@ export function parseHfConfig(cfg: Json, file = 'config.json', options: HfConfig
     rope: { theta: num(cfg, 'rope_theta', file, 10000), layout: 'half', scaling: parseRopeScaling(cfg.rope_scaling, file) },
     tiedEmbeddings: cfg.tie_word_embeddings === true,
     qkvBias: isQwen2,
+    ...(isQwen3 ? { qkNorm: true } : {}),
+    ...(windows ? { windows } : {}),
     bosId: tokenId(cfg.bos_token_id),
     eosId: tokenId(cfg.eos_token_id),
   };

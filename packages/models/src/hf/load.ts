@@ -16,6 +16,8 @@ const LAYER_NAMES: Record<LayerField, string> = {
   bq: 'self_attn.q_proj.bias',
   bk: 'self_attn.k_proj.bias',
   bv: 'self_attn.v_proj.bias',
+  qNorm: 'self_attn.q_norm.weight',
+  kNorm: 'self_attn.k_norm.weight',
   ffnNorm: 'post_attention_layernorm.weight',
   w1: 'mlp.gate_proj.weight',
   w2: 'mlp.down_proj.weight',
@@ -137,6 +139,8 @@ function checkHfHeaders(dir: string, cfg: LlamaConfig, shards: HfShards, files: 
       if (!slot || (slot === 'classifier' && cfg.tiedEmbeddings)) continue;
       if (typeof slot === 'object' && slot.field.startsWith('b') && !cfg.qkvBias)
         throw new KvpackError('unsupported', `${shards.files[i]}: tensor "${name}" is a bias this architecture's ${configName} does not declare`);
+      if (typeof slot === 'object' && (slot.field === 'qNorm' || slot.field === 'kNorm') && !cfg.qkNorm)
+        throw new KvpackError('unsupported', `${shards.files[i]}: tensor "${name}" is a per-head query/key norm that this architecture's ${configName} does not have`);
       const shape = f.header.tensors.get(name)!.shape;
       const want = checkpointShape(cfg, slot);
       check(

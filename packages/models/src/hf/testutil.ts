@@ -25,7 +25,7 @@ export function exactRandom(n: number, r: () => number, scale: number, bits = 7)
 
 /** Architecture of a small random test model. */
 export interface TinySpec {
-  arch?: 'LlamaForCausalLM' | 'Qwen2ForCausalLM' | 'MistralForCausalLM';
+  arch?: 'LlamaForCausalLM' | 'Qwen2ForCausalLM' | 'MistralForCausalLM' | 'Qwen3ForCausalLM';
   dim: number;
   hiddenDim: number;
   nLayers: number;
@@ -36,6 +36,8 @@ export interface TinySpec {
   tied?: boolean;
   ropeTheta?: number;
   maxSeqLen?: number;
+  /** More config.json keys (sliding_window, layer_types, use_sliding_window, …). */
+  extraConfig?: Record<string, unknown>;
 }
 
 /** A checkpoint: HF config.json object and tensors in PyTorch orientation ([out, in]). */
@@ -74,6 +76,10 @@ export function tinyCheckpoint(spec: TinySpec, seed = 1): TinyCheckpoint {
       vec(p + 'self_attn.k_proj.bias', kv, 0, 0.5);
       vec(p + 'self_attn.v_proj.bias', kv, 0, 0.5);
     }
+    if (arch === 'Qwen3ForCausalLM') {
+      vec(p + 'self_attn.q_norm.weight', d, 1, 0.25);
+      vec(p + 'self_attn.k_norm.weight', d, 1, 0.25);
+    }
     mat(p + 'self_attn.o_proj.weight', D, q);
     vec(p + 'post_attention_layernorm.weight', D, 1, 0.25);
     mat(p + 'mlp.gate_proj.weight', F, D);
@@ -84,7 +90,7 @@ export function tinyCheckpoint(spec: TinySpec, seed = 1): TinyCheckpoint {
   if (!spec.tied) mat('lm_head.weight', spec.vocabSize, D);
   const config: Record<string, unknown> = {
     architectures: [arch],
-    model_type: arch === 'Qwen2ForCausalLM' ? 'qwen2' : arch === 'MistralForCausalLM' ? 'mistral' : 'llama',
+    model_type: { Qwen2ForCausalLM: 'qwen2', Qwen3ForCausalLM: 'qwen3', MistralForCausalLM: 'mistral', LlamaForCausalLM: 'llama' }[arch],
     hidden_size: D,
     intermediate_size: F,
     num_hidden_layers: spec.nLayers,
@@ -99,6 +105,7 @@ export function tinyCheckpoint(spec: TinySpec, seed = 1): TinyCheckpoint {
     tie_word_embeddings: !!spec.tied,
     bos_token_id: 1,
     eos_token_id: 2,
+    ...spec.extraConfig,
   };
   return { config, tensors };
 }
@@ -125,4 +132,52 @@ export function writeHfDir(dir: string, ckpt: TinyCheckpoint, opts: { shards?: n
     writeFileSync(join(dir, file), encodeSafetensors(part, { format: 'pt' }));
   }
   writeFileSync(join(dir, 'model.safetensors.index.json'), JSON.stringify({ metadata: {}, weight_map: weightMap }, null, 1));
+}
+
+/**
+ * The float64 reference model (reference.testutil.ts's RefModel, PyTorch orientation) of a checkpoint,
+ * read straight from its tensors and config.json, independently of the loader.
+ */
+export function refModelOf(ckpt: TinyCheckpoint, windows?: (number | null)[]): import('../model/reference.testutil.js').RefModel {
+  const c = ckpt.config as Record<string, number & boolean>;
+  const t = (name: string) => Float64Array.from(ckpt.tensors.get(name)!.data);
+  const opt = (name: string) => (ckpt.tensors.has(name) ? t(name) : undefined);
+  const L = c.num_hidden_layers;
+  const emb = t('model.embed_tokens.weight');
+  return {
+    dim: c.hidden_size,
+    hidden: c.intermediate_size,
+    nLayers: L,
+    nHeads: c.num_attention_heads,
+    nKvHeads: c.num_key_value_heads,
+    vocab: c.vocab_size,
+    maxSeqLen: c.max_position_embeddings,
+    eps: c.rms_norm_eps,
+    theta: c.rope_theta,
+    ropeLayout: 'half',
+    ...(c.head_dim ? { headDim: c.head_dim } : {}),
+    ...(windows ? { windows } : {}),
+    emb,
+    cls: c.tie_word_embeddings ? emb : t('lm_head.weight'),
+    shared: !!c.tie_word_embeddings,
+    finalNorm: t('model.norm.weight'),
+    layers: Array.from({ length: L }, (_, l) => {
+      const p = `model.layers.${l}.`;
+      const bq = opt(p + 'self_attn.q_proj.bias');
+      const qNorm = opt(p + 'self_attn.q_norm.weight');
+      return {
+        attnNorm: t(p + 'input_layernorm.weight'),
+        wq: t(p + 'self_attn.q_proj.weight'),
+        wk: t(p + 'self_attn.k_proj.weight'),
+        wv: t(p + 'self_attn.v_proj.weight'),
+        wo: t(p + 'self_attn.o_proj.weight'),
+        ...(bq ? { bq, bk: t(p + 'self_attn.k_proj.bias'), bv: t(p + 'self_attn.v_proj.bias') } : {}),
+        ...(qNorm ? { qNorm, kNorm: t(p + 'self_attn.k_norm.weight') } : {}),
+        ffnNorm: t(p + 'post_attention_layernorm.weight'),
+        w1: t(p + 'mlp.gate_proj.weight'),
+        w2: t(p + 'mlp.down_proj.weight'),
+        w3: t(p + 'mlp.up_proj.weight'),
+      };
+    }),
+  };
 }

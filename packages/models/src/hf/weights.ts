@@ -61,6 +61,9 @@ export function checkpointShape(c: LlamaConfig, s: WeightSlot): number[] {
     case 'bk':
     case 'bv':
       return [kv];
+    case 'qNorm':
+    case 'kNorm':
+      return [c.headDim];
     case 'w1':
     case 'w3':
       return [c.hiddenDim, D];
@@ -75,6 +78,7 @@ export function requiredSlots(c: LlamaConfig): WeightSlot[] {
   for (let l = 0; l < c.nLayers; l++) {
     const fields: LayerField[] = ['attnNorm', 'wq', 'wk', 'wv', 'wo', 'ffnNorm', 'w1', 'w2', 'w3'];
     if (c.qkvBias) fields.push('bq', 'bk', 'bv');
+    if (c.qkNorm) fields.push('qNorm', 'kNorm');
     for (const field of fields) out.push({ layer: l, field });
   }
   out.push('finalNorm');
@@ -165,6 +169,7 @@ export class LlamaWeightsBuilder {
         wv: f('wv') as tf.Tensor2D,
         wo: f('wo') as tf.Tensor2D,
         ...(this.config.qkvBias ? { bq: f('bq') as tf.Tensor1D, bk: f('bk') as tf.Tensor1D, bv: f('bv') as tf.Tensor1D } : {}),
+        ...(this.config.qkNorm ? { qNorm: f('qNorm') as tf.Tensor1D, kNorm: f('kNorm') as tf.Tensor1D } : {}),
         ffnNorm: f('ffnNorm') as tf.Tensor1D,
         w1: f('w1') as tf.Tensor2D,
         w2: f('w2') as tf.Tensor2D,

@@ -22,7 +22,19 @@ export function projectQkv(w: LlamaWeights, layer: number, h: tf.Tensor2D): { q:
     const y = tf.matMul(h, m);
     return (b ? tf.add(y, b) : y).reshape([n, heads, d]) as tf.Tensor3D;
   };
-  return { q: proj(lw.wq, lw.bq, H), k: proj(lw.wk, lw.bk, Hkv), v: proj(lw.wv, lw.bv, Hkv) };
+  let q = proj(lw.wq, lw.bq, H);
+  let k = proj(lw.wk, lw.bk, Hkv);
+  if (lw.qNorm && lw.kNorm) {
+    // Qwen3: RMSNorm over each head's d channels, before RoPE (keys are cached after it).
+    q = headRmsNorm(q, lw.qNorm, w.config.normEps);
+    k = headRmsNorm(k, lw.kNorm, w.config.normEps);
+  }
+  return { q, k, v: proj(lw.wv, lw.bv, Hkv) };
+}
+
+/** RMSNorm of each head's d channels: x [n, heads, d] / sqrt(mean over d of x² + eps) · w [d]. */
+export function headRmsNorm(x: tf.Tensor3D, w: tf.Tensor1D, eps: number): tf.Tensor3D {
+  return tf.mul(tf.mul(x, tf.rsqrt(tf.add(tf.mean(tf.square(x), 2, true), eps))), w) as tf.Tensor3D;
 }
 
 /** Output projection + residual, then the SwiGLU block + residual. o: attention output [n, H, d]. */

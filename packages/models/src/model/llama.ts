@@ -152,7 +152,7 @@ export class LlamaModel {
           values.push(v);
           if (obs > 0) queries.push(tf.slice(qr, [T - obs, 0, 0], [obs, -1, -1]));
         }
-        x = finishLayer(this.weights, l, x, attention(qr, kr, v, T));
+        x = finishLayer(this.weights, l, x, attention(qr, kr, v, T, this.config.windows?.[l] ?? undefined));
       }
       const logits = classify(this.weights, lastOnly ? tf.slice(x, [T - 1, 0], [1, -1]) : x);
       return { logits, keys, values, queries };
@@ -175,7 +175,8 @@ export class LlamaModel {
     check(Number.isInteger(obs) && obs >= 0 && obs <= ids.length, 'shape', `prefill: observationWindow ${obs} must be an integer in [0, T = ${ids.length}]`);
     const model = await this.fingerprint();
     const { logits, keys, values, queries } = this.forward(ids, true, obs, opts.logits === 'last');
-    const cache: KVCache = { layout: this.layout, rope: this.config.rope, keys, values, startPosition: 0, model, ...(obs > 0 ? { queries } : {}) };
+    const windows = this.config.windows;
+    const cache: KVCache = { layout: this.layout, rope: this.config.rope, keys, values, startPosition: 0, model, ...(windows ? { windows: [...windows] } : {}), ...(obs > 0 ? { queries } : {}) };
     return { logits, cache };
   }
 
@@ -236,7 +237,8 @@ export class LlamaModel {
         let next: tf.Tensor2D;
         try {
           next = tf.tidy(() => {
-            const o = cache.attend ? cache.attend(l, q, { causalTail: n }) : attention(q, cache.keys(l), cache.values(l), n);
+            const W = this.config.windows?.[l] ?? undefined;
+            const o = W !== undefined ? this.windowedAttention(cache, l, q, n, position, W) : cache.attend ? cache.attend(l, q, { causalTail: n }) : attention(q, cache.keys(l), cache.values(l), n);
             return finishLayer(this.weights, l, x, o);
           });
         } finally {
@@ -249,6 +251,22 @@ export class LlamaModel {
     } finally {
       x.dispose();
     }
+  }
+
+  /**
+   * Attention of a sliding-window layer over a compressed cache: the reconstructed keys and values,
+   * masked to the W tokens ending at each query's position. The mask works on cache rows, so the
+   * cache must hold every token before the new ones at consecutive positions.
+   * @throws KvpackError('unsupported') when the cache dropped tokens of this layer (token eviction).
+   */
+  private windowedAttention(cache: CompressedCache, l: number, q: tf.Tensor3D, n: number, position: number, W: number): tf.Tensor3D {
+    const held = cache.tokenCount(l);
+    check(
+      held === position + n,
+      'unsupported',
+      `decode: layer ${l} uses a ${W}-token sliding window, but the ${cache.strategy} cache holds ${held} of its ${position + n} tokens: sliding-window layers need every token at its position (use a strategy that keeps all tokens)`,
+    );
+    return attention(q, cache.keys(l), cache.values(l), n, W);
   }
 
   /**

@@ -39,6 +39,10 @@ export interface RefModel {
   eps: number;
   theta: number;
   ropeLayout: 'interleaved' | 'half';
+  /** head_dim when it is not dim / nHeads (Qwen3). */
+  headDim?: number;
+  /** Per-layer sliding window (tokens) or null; absent = full attention everywhere. */
+  windows?: (number | null)[];
   emb: Float64Array; // [V, D]
   cls: Float64Array; // [V, D]
   shared: boolean;
@@ -52,6 +56,9 @@ export interface RefModel {
     bq?: Float64Array;
     bk?: Float64Array;
     bv?: Float64Array;
+    /** Qwen3 per-head RMSNorm of q and k (before RoPE), [d]. */
+    qNorm?: Float64Array;
+    kNorm?: Float64Array;
     ffnNorm: Float64Array;
     w1: Float64Array;
     w2: Float64Array;
@@ -102,7 +109,7 @@ export interface RefTrace {
 /** Token-by-token float64 forward (as run.c `forward()`), keeping every intermediate the tests need. */
 export function refForward(m: RefModel, ids: number[]): RefTrace {
   const D = m.dim;
-  const d = D / m.nHeads;
+  const d = m.headDim ?? D / m.nHeads;
   const q = m.nHeads * d;
   const kv = m.nKvHeads * d;
   const g = m.nHeads / m.nKvHeads;
@@ -112,8 +119,14 @@ export function refForward(m: RefModel, ids: number[]): RefTrace {
     let x = m.emb.slice(id * D, (id + 1) * D);
     m.layers.forEach((L, l) => {
       const h = rms(x, L.attnNorm, m.eps);
-      const qv = refRope(matvec(L.wq, h, q, D, L.bq), m.nHeads, d, p, m.theta, m.ropeLayout);
-      const k = matvec(L.wk, h, kv, D, L.bk);
+      const headNorm = (x: Float64Array, w: Float64Array | undefined, heads: number) => {
+        if (!w) return x;
+        const y = new Float64Array(x.length);
+        for (let hh = 0; hh < heads; hh++) y.set(rms(x.subarray(hh * d, (hh + 1) * d), w, m.eps), hh * d);
+        return y;
+      };
+      const qv = refRope(headNorm(matvec(L.wq, h, q, D, L.bq), L.qNorm, m.nHeads), m.nHeads, d, p, m.theta, m.ropeLayout);
+      const k = headNorm(matvec(L.wk, h, kv, D, L.bk), L.kNorm, m.nKvHeads);
       const v = matvec(L.wv, h, kv, D, L.bv);
       trace.keys[l].push(k);
       trace.values[l].push(v);
@@ -122,16 +135,19 @@ export function refForward(m: RefModel, ids: number[]): RefTrace {
       const att = new Float64Array(q);
       for (let hh = 0; hh < m.nHeads; hh++) {
         const kvh = Math.floor(hh / g);
-        const s = new Float64Array(p + 1);
-        for (let t = 0; t <= p; t++) {
+        // A sliding window W lets position p see keys at positions t > p − W.
+        const W = m.windows?.[l] ?? null;
+        const t0 = W === null ? 0 : Math.max(0, p - W + 1);
+        const s = new Float64Array(p + 1).fill(-Infinity);
+        for (let t = t0; t <= p; t++) {
           let dot = 0;
           for (let i = 0; i < d; i++) dot += qv[hh * d + i] * kRot[l][t][kvh * d + i];
           s[t] = dot / Math.sqrt(d);
         }
         const mx = Math.max(...s);
         let z = 0;
-        for (let t = 0; t <= p; t++) z += s[t] = Math.exp(s[t] - mx);
-        for (let t = 0; t <= p; t++) for (let i = 0; i < d; i++) att[hh * d + i] += (s[t] / z) * trace.values[l][t][kvh * d + i];
+        for (let t = t0; t <= p; t++) z += s[t] = Math.exp(s[t] - mx);
+        for (let t = t0; t <= p; t++) for (let i = 0; i < d; i++) att[hh * d + i] += (s[t] / z) * trace.values[l][t][kvh * d + i];
       }
       const o = matvec(L.wo, att, D, q);
       x = x.map((v, i) => v + o[i]);

@@ -38,6 +38,16 @@ export function checkLlamaWeights(w: LlamaWeights): void {
     expect(l.w1, [D, F], p + 'w1');
     expect(l.w2, [F, D], p + 'w2');
     expect(l.w3, [D, F], p + 'w3');
+    if (c.qkNorm) {
+      expect(l.qNorm, [c.headDim], p + 'qNorm');
+      expect(l.kNorm, [c.headDim], p + 'kNorm');
+    }
+    if (c.windows !== undefined)
+      check(
+        Array.isArray(c.windows) && c.windows.length === c.nLayers && c.windows.every((w) => w === null || (Number.isInteger(w) && w > 0)),
+        'config',
+        `model config: windows must give each of the ${c.nLayers} layers a sliding window (positive integer, tokens) or null`,
+      );
     if (c.qkvBias) {
       expect(l.bq, [q], p + 'bq');
       expect(l.bk, [kv], p + 'bk');
