@@ -40,7 +40,7 @@ export function browserBuild(opts = {}) {
             return { path: file };
           });
           build.onResolve({ filter: /^kvpack-errors$/ }, () =>
-            opts.core ? { path: join(process.cwd(), 'src/errors.ts') } : { path: '@kvpack/core', external: true },
+            opts.core ? { path: join(shims, '../../packages/core/src/errors.ts') } : { path: '@kvpack/core', external: true },
           );
         },
       },

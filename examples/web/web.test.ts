@@ -163,6 +163,11 @@ describe.skipIf(!chromium)('the browser example (examples/web) in headless Chrom
       expect(r.decodeTokensPerS).toBeGreaterThan(0);
     }
     expect(await page.locator('#metrics tbody tr').count()).toBe(2);
+    mkdirSync(artifacts, { recursive: true });
+    const shot = join(artifacts, 'browser-example.png');
+    await page.screenshot({ path: shot, fullPage: true });
+    expect(statSync(shot).size).toBeGreaterThan(10_000);
+    console.log(`screenshot of the page: ${shot}`);
     console.log(
       `browser example, headless Chromium, ${d.backendReason}\n` +
         `  ${'cache'.padEnd(8)} ${'bytes'.padStart(8)} ${'resident'.padStart(9)} ${'compress ms'.padStart(12)} ${'decode tok/s'.padStart(13)}\n` +
@@ -189,11 +194,7 @@ describe.skipIf(!chromium)('the browser example (examples/web) in headless Chrom
     expect(await act('#continue')).toBe('done');
     expect((await pageData()).continued[0]).toEqual(inMemory);
 
-    mkdirSync(artifacts, { recursive: true });
-    const shot = join(artifacts, 'browser-example.png');
-    await page.screenshot({ path: shot, fullPage: true });
-    expect(statSync(shot).size).toBeGreaterThan(10_000);
-    console.log(`screenshot of the page: ${shot}`);
+    await page.screenshot({ path: join(artifacts, 'browser-example-restored.png'), fullPage: true });
     expect(pageErrors).toEqual([]);
     expect(tf.memory().numTensors).toBe(tensors);
   });
