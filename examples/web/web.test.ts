@@ -3,7 +3,7 @@
 // xKV cache on the embedded stories260K, and checks the greedy ids against the same run under Node;
 // saves the compressed cache in IndexedDB, reloads, restores it and checks the continuation; checks
 // that bad input is a visible error. Skips only where no Chromium binary is installed (CI installs it).
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import { tmpdir } from 'node:os';
 import { extname, join, resolve } from 'node:path';
@@ -13,6 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { selectBackend } from '@kvpack/core';
 import '@kvpack/xkv';
 import { LlamaModel, Session, loadModel, type Tokenizer } from '@kvpack/models';
+import { tinyCheckpoint, writeHfDir } from '../../packages/models/src/hf/testutil.js';
 import type { Browser, Page } from 'playwright-core';
 
 const here = fileURLToPath(new URL('.', import.meta.url));
@@ -195,6 +196,17 @@ describe.skipIf(!chromium)('the browser example (examples/web) in headless Chrom
     expect((await pageData()).continued[0]).toEqual(inMemory);
 
     await page.screenshot({ path: join(artifacts, 'browser-example-restored.png'), fullPage: true });
+
+    // The same round trip through the origin private file system, without a reload.
+    await page.selectOption('#storage', 'opfs');
+    expect(await act('#save')).toBe('done');
+    expect((await pageData()).saved?.storage).toBe('opfs');
+    expect(await act('#continue')).toBe('done');
+    const afterSave = (await pageData()).continued[1];
+    expect(await act('#restore')).toBe('done');
+    expect(await act('#continue')).toBe('done');
+    expect((await pageData()).continued[2]).toEqual(afterSave);
+    await page.selectOption('#storage', 'indexeddb');
     expect(pageErrors).toEqual([]);
     expect(tf.memory().numTensors).toBe(tensors);
   });
@@ -227,6 +239,24 @@ describe.skipIf(!chromium)('the browser example (examples/web) in headless Chrom
     expect(await page.isVisible('#error')).toBe(true);
     expect(await page.textContent('#error')).toMatch(/broken\.gguf.*\[(truncated|corrupt)\]/s);
     expect(await page.textContent('#model-status')).toMatch(/stories260K/);
+    // A Hugging Face model (config.json, tokenizer.json, two safetensors shards) dropped on the page, then by URL.
+    const hf = join(out, 'tiny-hf');
+    writeHfDir(hf, tinyCheckpoint({ dim: 32, hiddenDim: 48, nLayers: 2, nHeads: 4, nKvHeads: 2, vocabSize: 4 }, 3), { shards: 2, dtype: 'BF16' });
+    const words = ['<unk>', '<s>', '</s>', 'hi'];
+    writeFileSync(
+      join(hf, 'tokenizer.json'),
+      JSON.stringify({ version: '1.0', added_tokens: [], normalizer: null, pre_tokenizer: { type: 'WhitespaceSplit' }, post_processor: null, decoder: null, model: { type: 'WordLevel', vocab: Object.fromEntries(words.map((w, i) => [w, i])), unk_token: '<unk>' } }),
+    );
+    const hfFiles = readdirSync(hf).map((name) => ({ name, mimeType: 'application/octet-stream', buffer: readFileSync(join(hf, name)) }));
+    await page.setInputFiles('#model-files', hfFiles);
+    await page.waitForFunction(() => ['done', 'error'].includes(document.body.dataset.state ?? ''), undefined, { timeout: 60_000 });
+    expect(await page.textContent('#model-status'), (await page.textContent('#error')) ?? '').toMatch(/: hf, 2 layers, 2 KV heads, head_dim 8, vocabulary 4$/);
+    await page.fill('#model-url', `${url}tiny-hf/`);
+    expect(await act('#load-url')).toBe('done');
+    expect(await page.textContent('#model-status')).toBe(`${url}tiny-hf/: hf, 2 layers, 2 KV heads, head_dim 8, vocabulary 4`);
+    expect(await act('#load-embedded')).toBe('done');
+    expect(await page.textContent('#model-status')).toMatch(/^stories260K \(embedded\): llama2c/);
+
     // Not a llama2.c, GGUF or safetensors model at all.
     await page.setInputFiles('#model-files', { name: 'notes.txt', mimeType: 'text/plain', buffer: Buffer.from('just text') });
     await page.waitForFunction(() => /unknown model format/.test(document.getElementById('error')?.textContent ?? ''), undefined, { timeout: 60_000 });

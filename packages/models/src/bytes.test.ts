@@ -110,6 +110,7 @@ describe('byte sources', () => {
     expect(sniffModelBytes(encodeGguf([], []))).toBe('gguf');
     expect(sniffModelBytes(new Uint8Array([1, 2, 3, 4, 5]), 'old.bin')).toBe('llama2c'); // version 0 has no magic
     expect(sniffModelBytes(new TextEncoder().encode('just text'))).toBeUndefined();
+    expect(sniffModelBytes(new Uint8Array([16, 0, 0, 0, 0, 0, 0, 0, 123]), 'cut.safetensors')).toBe('safetensors');
   });
 });
 
@@ -207,6 +208,9 @@ describe('loading models from bytes', () => {
     const st = readFileSync(join(dir, 'hf/model-00001-of-00003.safetensors'));
     e = await kvErr(loadModelFromBytes({ 'model.safetensors': st }));
     expect(e.message).toMatch(/safetensors weights need their config\.json/);
+    // A damaged safetensors file beside its config.json: the safetensors reader names it.
+    e = await kvErr(loadModelFromBytes({ 'config.json': readFileSync(join(dir, 'hf/config.json')), 'model.safetensors': st.subarray(0, 20) }));
+    expect([e.code, e.message]).toEqual(['truncated', expect.stringMatching(/^model\.safetensors is truncated/)]);
     const hf = join(dir, 'hf');
     const files = Object.fromEntries(readdirSync(hf).filter((f) => !f.startsWith('model-00002')).map((f) => [f, readFileSync(join(hf, f))]));
     e = await kvErr(loadModelFromBytes(files));

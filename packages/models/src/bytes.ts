@@ -93,7 +93,7 @@ const GGUF_MAGIC = 0x46554747; // "GGUF" little-endian
 /**
  * What a file's bytes hold, from their first bytes: `gguf` ("GGUF"), `llama2c` (llama2.c "ak42", or a
  * version 0 checkpoint, which has no magic: assumed for a `.bin` name), `safetensors` (a plausible
- * header length then `{`), `json` (text starting with `{`), else undefined.
+ * header length then `{`, or a `.safetensors` name), `json` (text starting with `{`), else undefined.
  */
 export function sniffModelBytes(bytes: Uint8Array, name = ''): 'gguf' | 'llama2c' | 'safetensors' | 'json' | undefined {
   if (bytes.length >= 4) {
@@ -109,6 +109,7 @@ export function sniffModelBytes(bytes: Uint8Array, name = ''): 'gguf' | 'llama2c
   while (i < bytes.length && i < 64 && (bytes[i] === 0x20 || bytes[i] === 0x0a || bytes[i] === 0x0d || bytes[i] === 0x09 || bytes[i] === 0xef || bytes[i] === 0xbb || bytes[i] === 0xbf)) i++;
   if (bytes[i] === 0x7b) return 'json';
   if (/\.bin$/i.test(name)) return 'llama2c';
+  if (/\.safetensors$/i.test(name)) return 'safetensors'; // damaged: its loader says how
   return undefined;
 }
 
