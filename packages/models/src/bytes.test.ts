@@ -1,4 +1,4 @@
-import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -134,6 +134,15 @@ describe('loading models from bytes', () => {
       expect(got.tokenizer!.encode(text, { bos: true })).toEqual(ids);
       expect(await fingerprint(got)).toBe(want);
     }
+    // By URL: the tokenizer beside the checkpoint (tok512.bin here) is found as loadModel finds it.
+    mkdirSync(join(dir, 'stories'), { recursive: true });
+    copyFileSync(CKPT, join(dir, 'stories/stories260K_q80.bin'));
+    copyFileSync(TOK, join(dir, 'stories/tok512.bin'));
+    requests.length = 0;
+    const byUrl = await loadModelFromUrl(`${base}stories/stories260K_q80.bin?v=1`);
+    expect(requests).toEqual(['/stories/stories260K_q80.bin?v=1', '/stories/tokenizer.bin', '/stories/tok512.bin']);
+    expect(byUrl.tokenizer!.encode(text, { bos: true })).toEqual(ids);
+    expect(await fingerprint(byUrl)).toBe(want);
     // A checkpoint alone: no tokenizer.
     const alone = await loadModelFromBytes(new Blob([ck]));
     expect(alone.tokenizer).toBeUndefined();
@@ -164,6 +173,8 @@ describe('loading models from bytes', () => {
     expect(requests.filter((r) => r.endsWith('.safetensors')).sort()).toEqual([1, 2, 3].map((i) => `/hf/model-0000${i}-of-00003.safetensors`));
     expect(progress).toContain('model-00002-of-00003.safetensors');
     expect(await fingerprint(await loadModelFromUrl(`${base}hf/config.json`))).toBe(want);
+    expect(await fingerprint(await loadModelFromUrl(`${base}hf/model.safetensors.index.json`))).toBe(want);
+    expect((await kvErr(loadModelFromUrl(`${base}hf/README.md`))).message).toMatch(/README\.md: expected a \.gguf or llama2\.c \.bin file, or a Hugging Face model folder/);
     expect(tf.memory().numTensors).toBe(start);
   });
 

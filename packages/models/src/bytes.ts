@@ -14,7 +14,7 @@ import {
   type HfShards,
 } from './hf/index.js';
 import { ggufTokenizer, loadGgufModelFromBytes, readGgufHeaderFromBytes } from './gguf/index.js';
-import { LLAMA2C_MAGIC, parseLlama2cCheckpoint, parseLlama2cTokenizer } from './llama2c/index.js';
+import { LLAMA2C_MAGIC, parseLlama2cCheckpoint, parseLlama2cTokenizer, readLlama2cHeader } from './llama2c/index.js';
 import type { LoadedModel } from './load.js';
 
 /**
@@ -316,7 +316,8 @@ export interface ModelUrlOptions extends ModelBytesOptions {
 
 /**
  * Loads a model by URL: a `.gguf` file, a llama2.c `.bin` checkpoint (its tokenizer from
- * `options.tokenizer`), or a Hugging Face model folder (a URL ending in `/`, or naming its config.json):
+ * `options.tokenizer`, else `tokenizer.bin` or `tok{vocab}.bin` beside it when the server has one), or a
+ * Hugging Face model folder (a URL ending in `/`, or naming one of its files):
  * config.json, tokenizer.json and tokenizer_config.json when present, then model.safetensors or the
  * shards named by model.safetensors.index.json, fetched one after another as they are loaded.
  * @throws KvpackError('io') for a failed request (naming the URL and HTTP status); loader errors otherwise.
@@ -334,18 +335,25 @@ export async function loadModelFromUrl(url: string, options: ModelUrlOptions = {
     return readByteSource(r, { name: u, ...(options.onProgress ? { onProgress: (l, t) => options.onProgress!(name, l, t) } : {}) });
   };
   const path = url.split(/[?#]/)[0];
-  const base = path.endsWith('/') ? url : url.replace(/[^/]*$/, '');
+  const base = path.replace(/[^/]*$/, '');
   const file = path.split('/').pop() ?? '';
-  if (/\.gguf$/i.test(path) || /\.bin$/i.test(path)) {
+  if (/\.gguf$/i.test(path)) return loadModelFromBytes({ [file]: (await get(url, file))! }, options);
+  if (/\.bin$/i.test(path)) {
+    // A llama2.c checkpoint: its tokenizer from options.tokenizer, else tokenizer.bin or tok{vocab}.bin beside it.
     const bytes = (await get(url, file))!;
-    const files: ModelFiles = { [file]: bytes };
-    if (options.tokenizer) {
-      const tn = options.tokenizer.split(/[?#]/)[0].split('/').pop() || 'tokenizer.bin';
-      files[/\.bin$/i.test(tn) && !/^(tokenizer|tok\d+)\.bin$/i.test(tn) ? 'tokenizer.bin' : tn] = (await get(options.tokenizer, tn))!;
+    let tok: Uint8Array | undefined;
+    if (options.tokenizer) tok = await get(options.tokenizer, options.tokenizer.split(/[?#]/)[0].split('/').pop() || 'tokenizer.bin');
+    else {
+      tok = await get(`${base}tokenizer.bin`, 'tokenizer.bin', true);
+      if (!tok) tok = await get(`${base}tok${Math.abs(readLlama2cHeader(bytes, file).vocabSize)}.bin`, 'tokenizer', true);
     }
-    return loadModelFromBytes(files, options);
+    return loadModelFromBytes({ [file]: bytes, ...(tok ? { 'tokenizer.bin': tok } : {}) }, options);
   }
-  check(path.endsWith('/') || file === 'config.json', 'unsupported', `${url}: expected a .gguf or .bin file, or a Hugging Face model folder (ending in "/" or config.json)`);
+  check(
+    path.endsWith('/') || /^(config\.json|tokenizer\.json|model\.safetensors\.index\.json)$/.test(file) || /\.safetensors$/i.test(file),
+    'unsupported',
+    `${url}: expected a .gguf or llama2.c .bin file, or a Hugging Face model folder (ending in "/", or one of its files)`,
+  );
   const names = ['config.json', 'tokenizer.json', 'tokenizer_config.json', 'model.safetensors.index.json'];
   const have = new Map<string, () => Promise<Uint8Array>>();
   const fetched = new Map<string, Uint8Array | undefined>();
