@@ -1,6 +1,6 @@
 import { existsSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, extname, resolve } from 'node:path';
-import { KvpackError, check, crc32, createStrategy, denseCacheBytes, readConfigFile, selectBackend, type Strategy } from '@kvpack/core';
+import { KvpackError, check, createStrategy, denseCacheBytes, readConfigFile, selectBackend, type Strategy } from '@kvpack/core';
 import { LlamaModel, Session } from '@kvpack/models';
 import { z } from 'zod';
 import { processIO, type CommandIO } from './commands.js';
@@ -36,78 +36,9 @@ export function defaultModelPaths(): { model: string; tokenizer: string } {
   return { model: resolveModelPath('stories260K/stories260K_q80.bin'), tokenizer: resolveModelPath('stories260K/tok512.bin') };
 }
 
-const MAGIC = 'KVPSESS2';
-/** The first format, whose header had no checksum. */
-const MAGIC_V1 = 'KVPSESS1';
-/** The serialized cache's own magic ("KVPK"): a bare cache. */
-const CACHE_MAGIC = 'KVPK';
-
-/** What a session file records beside the cache. */
-export interface SessionFileHeader {
-  format: 'kvpack-session';
-  version: 2;
-  /** Token ids the cache covers, in order. */
-  tokens: number[];
-  /** Generated tokens not yet fed to the cache (at most one): a continuation feeds them first. */
-  pending: number[];
-  /** The cache's strategy and model fingerprint (also inside the cache; here for `head`-style inspection). */
-  strategy: string;
-  model?: string;
-}
-
-const HeaderSchema = z.strictObject({
-  format: z.literal('kvpack-session'),
-  version: z.literal(2),
-  tokens: z.array(z.int().nonnegative()),
-  pending: z.array(z.int().nonnegative()).max(1),
-  strategy: z.string(),
-  model: z.string().optional(),
-});
-
-/**
- * A session file: the 8 bytes `KVPSESS2`, a little-endian uint32 n, the CRC-32 (uint32) of the n
- * header bytes, n bytes of UTF-8 JSON ({@link SessionFileHeader}: the token ids the cache covers and the
- * pending one), then the compressed cache exactly as `cache.serialize()` writes it (itself
- * checksummed, restorable with `deserializeCache`).
- */
-export function encodeSessionFile(header: SessionFileHeader, cache: Uint8Array): Uint8Array {
-  const json = new TextEncoder().encode(JSON.stringify(header));
-  const out = new Uint8Array(16 + json.length + cache.length);
-  out.set(new TextEncoder().encode(MAGIC), 0);
-  const dv = new DataView(out.buffer);
-  dv.setUint32(8, json.length, true);
-  dv.setUint32(12, crc32(json) >>> 0, true);
-  out.set(json, 16);
-  out.set(cache, 16 + json.length);
-  return out;
-}
-
-/**
- * Reads a session file, or a bare serialized cache (its own magic "KVPK"; its tokens are unknown).
- * @throws KvpackError('corrupt' | 'truncated') for a file that is neither, a header whose checksum or
- * schema does not hold, or the first session format (no checksum over its header).
- */
-export function decodeSessionFile(bytes: Uint8Array, path: string): { header: SessionFileHeader | null; cache: Uint8Array } {
-  const magic = new TextDecoder().decode(bytes.subarray(0, 8));
-  if (magic.startsWith(CACHE_MAGIC)) return { header: null, cache: bytes };
-  check(magic !== MAGIC_V1, 'corrupt', `${path}: a session file of the first format, whose header had no checksum; save the session again`);
-  check(magic === MAGIC, 'corrupt', `${path} is not a kvpack session or cache file (its first bytes are neither "${MAGIC}" nor "${CACHE_MAGIC}")`);
-  check(bytes.length >= 16, 'truncated', `${path}: ${bytes.length} bytes, shorter than a session file's 16-byte preamble`);
-  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const n = dv.getUint32(8, true);
-  check(16 + n <= bytes.length, 'truncated', `${path}: the session header claims ${n} bytes, the file holds ${bytes.length - 16}`);
-  const json = bytes.subarray(16, 16 + n);
-  check((crc32(json) >>> 0) === dv.getUint32(12, true), 'corrupt', `${path}: the session header fails its CRC-32 (the token ids or the pending token were changed or damaged)`);
-  let raw: unknown;
-  try {
-    raw = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(json));
-  } catch (e) {
-    throw new KvpackError('corrupt', `${path}: the session header is not JSON: ${(e as Error).message}`, { cause: e });
-  }
-  const h = HeaderSchema.safeParse(raw);
-  if (!h.success) throw new KvpackError('corrupt', `${path}: bad session header: ${z.prettifyError(h.error)}`);
-  return { header: h.data, cache: bytes.subarray(16 + n) };
-}
+// The session file format lives in @kvpack/models (the browser example writes it too).
+import { decodeSessionFile, encodeSessionFile, type SessionFileHeader } from '@kvpack/models';
+export { decodeSessionFile, encodeSessionFile, type SessionFileHeader };
 
 function int(v: string | number | undefined, name: string, dflt: number, min = 0): number {
   if (v === undefined) return dflt;

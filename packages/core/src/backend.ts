@@ -21,6 +21,9 @@ export interface BackendCandidate {
 
 const candidates = new Map<string, BackendCandidate>();
 
+/** True under Node (false in a browser page or worker, where Dawn and tfjs-node do not exist). */
+const isNode = typeof process !== 'undefined' && typeof process.versions?.node === 'string';
+
 /** Adds (or replaces) a candidate backend for {@link selectBackend}. */
 export function registerBackendCandidate(c: BackendCandidate): void {
   candidates.set(c.name, c);
@@ -36,7 +39,7 @@ const req: NodeRequire = createRequire(typeof metaUrl === 'string' && metaUrl !=
 
 async function optionalImport(name: string): Promise<unknown> {
   try {
-    return await import(name);
+    return await import(/* @vite-ignore */ name);
   } catch (e) {
     const msg = (e as Error).message.split('\n')[0];
     throw new Error(/Cannot find (package|module)/.test(msg) ? `${name} is not installed` : `${name} failed to load: ${msg}`);
@@ -47,6 +50,7 @@ registerBackendCandidate({
   name: 'tensorflow',
   priority: 4,
   async load() {
+    if (!isNode) throw new Error('tfjs-node runs only under Node, not in a browser');
     const reasons: string[] = [];
     for (const pkg of ['@tensorflow/tfjs-node-gpu', '@tensorflow/tfjs-node']) {
       try {
@@ -124,6 +128,7 @@ registerBackendCandidate({
   priority: 3,
   async load(opts) {
     const g = globalThis as unknown as { navigator?: { gpu?: { requestAdapter(): Promise<unknown> } } };
+    if (!g.navigator?.gpu && !isNode) throw new Error('this browser has no WebGPU (navigator.gpu is absent)');
     if (!g.navigator?.gpu && !opts?.explicit) {
       // `auto` passes over software adapters; ask a child process, so that Dawn's adapter warnings
       // (printed natively on stderr, e.g. lavapipe's "maxDynamic…BuffersPerPipelineLayout artificially
@@ -142,7 +147,7 @@ registerBackendCandidate({
       }
     }
     const adapter = await g.navigator!.gpu!.requestAdapter();
-    if (!adapter) throw new Error('Dawn found no GPU adapter (no Vulkan driver?)');
+    if (!adapter) throw new Error(!isNode ? 'navigator.gpu gave no adapter' : 'Dawn found no GPU adapter (no Vulkan driver?)');
     // A software Vulkan driver (Mesa's lavapipe, SwiftShader) runs WebGPU on the CPU, far slower than
     // wasm: `auto` passes over it; asking for webgpu by name still uses it (tests of the WGSL kernels).
     const soft = softwareAdapter(adapter);
@@ -176,8 +181,12 @@ registerBackendCandidate({
 type ErrorEvent = 'uncaughtException' | 'unhandledRejection';
 const ERROR_EVENTS: ErrorEvent[] = ['uncaughtException', 'unhandledRejection'];
 
+/** Node's process where there is one (not in a browser page). */
+const nodeProcess: NodeJS.Process | undefined =
+  typeof process !== 'undefined' && typeof process.listeners === 'function' ? process : undefined;
+
 function processErrorListeners(): Map<ErrorEvent, Set<Function>> {
-  return new Map(ERROR_EVENTS.map((ev) => [ev, new Set<Function>(process.listeners(ev as 'uncaughtException'))]));
+  return new Map(ERROR_EVENTS.map((ev) => [ev, new Set<Function>(nodeProcess?.listeners(ev as 'uncaughtException') ?? [])]));
 }
 
 /**
@@ -187,8 +196,9 @@ function processErrorListeners(): Map<ErrorEvent, Set<Function>> {
  * and exits with code 7. kvpack leaves the process's error handling to the application.
  */
 function removeAddedErrorListeners(before: Map<ErrorEvent, Set<Function>>): void {
+  if (!nodeProcess) return;
   for (const ev of ERROR_EVENTS)
-    for (const l of process.listeners(ev as 'uncaughtException')) if (!before.get(ev)!.has(l)) process.removeListener(ev, l as (...a: unknown[]) => void);
+    for (const l of nodeProcess.listeners(ev as 'uncaughtException')) if (!before.get(ev)!.has(l)) nodeProcess.removeListener(ev, l as (...a: unknown[]) => void);
 }
 
 /** Names of the registered backend candidates, best (highest priority) first. */
@@ -210,7 +220,7 @@ let current: BackendChoice | null = null;
  * loads and initializes; each skipped one gets a one-line reason.
  * @throws KvpackError('unsupported') when a named backend (or every backend) fails.
  */
-export async function selectBackend(preference: string = process.env.KVPACK_BACKEND || 'auto'): Promise<BackendChoice> {
+export async function selectBackend(preference: string = (typeof process !== 'undefined' && process.env?.KVPACK_BACKEND) || 'auto'): Promise<BackendChoice> {
   if (current && (preference === 'auto' || preference === current.name) && tf.getBackend() === current.name) return current;
   const order = [...candidates.values()].sort((a, b) => b.priority - a.priority);
   const tryList = preference === 'auto' ? order : order.filter((c) => c.name === preference);

@@ -255,13 +255,24 @@ export function readConfigFile(path: string): unknown {
     throw new KvpackError('io', `cannot read config file ${path}: ${(e as Error).message}`, { cause: e });
   }
   const ext = extname(path).toLowerCase();
+  if (ext !== '.json' && ext !== '.yaml' && ext !== '.yml')
+    throw new KvpackError('config', `config file ${path}: unsupported extension "${ext}" (use .json, .yaml or .yml)`);
+  return parseConfigText(text, ext === '.json' ? 'json' : 'yaml', `config file ${path}`);
+}
+
+/**
+ * Parses a strategy config (or any config object) written as JSON or YAML text — a text box on a page,
+ * a request body — as {@link readConfigFile} parses a file; pass the result to {@link createStrategy}.
+ * @param format `yaml` (default) also reads JSON, which is valid YAML
+ * @param source what the text is, for messages
+ * @throws KvpackError('config') for text that is not valid JSON / YAML, naming the line.
+ */
+export function parseConfigText(text: string, format: 'json' | 'yaml' = 'yaml', source = 'config'): unknown {
   try {
-    if (ext === '.json') return JSON.parse(text);
-    if (ext === '.yaml' || ext === '.yml') return parseYaml(text);
+    return format === 'json' ? JSON.parse(text) : parseYaml(text);
   } catch (e) {
-    throw new KvpackError('config', `config file ${path} is not valid ${ext.slice(1).toUpperCase()}: ${(e as Error).message}`, { cause: e });
+    throw new KvpackError('config', `${source} is not valid ${format.toUpperCase()}: ${(e as Error).message}`, { cause: e });
   }
-  throw new KvpackError('config', `config file ${path}: unsupported extension "${ext}" (use .json, .yaml or .yml)`);
 }
 
 /**

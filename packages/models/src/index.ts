@@ -7,3 +7,4 @@ export * from './hf/index.js';
 export * from './gguf/index.js';
 export * from './kvdump/index.js';
 export * from './load.js';
+export * from './bytes.js';

@@ -33,9 +33,9 @@ async function firstWord(file: string): Promise<number | undefined> {
     throw new KvpackError('io', `cannot open ${file}: ${e.message}`, { cause: e });
   });
   try {
-    const b = Buffer.alloc(4);
+    const b = new Uint8Array(4);
     const { bytesRead } = await fh.read(b, 0, 4, 0);
-    return bytesRead === 4 ? b.readUInt32LE(0) : undefined;
+    return bytesRead === 4 ? new DataView(b.buffer).getUint32(0, true) : undefined;
   } finally {
     await fh.close();
   }

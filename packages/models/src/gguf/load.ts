@@ -29,6 +29,8 @@ export interface GgufFile {
   version: number;
   metadata: Metadata;
   tensors: Map<string, GgufTensor>;
+  /** The whole file, when it was read from bytes ({@link readGgufHeaderFromBytes}) rather than a path. */
+  bytes?: Uint8Array;
 }
 
 /**
@@ -76,6 +78,22 @@ export async function readGgufHeader(file: string): Promise<GgufFile> {
 }
 
 /**
+ * Parses the header of a GGUF file held in memory (a file dropped on a page, a fetched model), with
+ * the checks of {@link readGgufHeader}; its tensors are then read from these bytes.
+ * @param file the file name, for messages
+ * @throws KvpackError('truncated' | 'corrupt' | 'unsupported') as {@link readGgufHeader}.
+ */
+export async function readGgufHeaderFromBytes(bytes: Uint8Array, file = 'model.gguf'): Promise<GgufFile> {
+  const name = basename(file);
+  check(bytes.length >= 24, 'truncated', `${name} is truncated: ${bytes.length} bytes, shorter than a GGUF header`);
+  const parsed = await parseGgufHeader(async (position, length) => bytes.subarray(position, position + length), bytes.length, name);
+  const spans = checkGgufTensorData(parsed, bytes.length, name);
+  const tensors = new Map<string, GgufTensor>();
+  parsed.tensorInfos.forEach((t, i) => tensors.set(t.name, { name: t.name, ne: t.ne, type: t.type, ...spans[i] }));
+  return { file, fileSize: bytes.length, version: parsed.version, metadata: parsed.metadata, tensors, bytes };
+}
+
+/**
  * Reads and dequantizes one tensor to float32, in row-major order of its reversed ne (PyTorch
  * orientation: a matrix comes back [out, in]).
  * @throws KvpackError('unsupported') naming the tensor and its ggml type.
@@ -85,6 +103,11 @@ export async function readGgufTensor(g: GgufFile, name: string): Promise<{ shape
   check(t, 'corrupt', `${basename(g.file)}: missing tensor "${name}"`);
   const count = t.ne.reduce((a, b) => a * b, 1);
   const bytes = new Uint8Array(ggmlTensorBytes(t.type, count, t.ne[0], name, basename(g.file)));
+  if (g.bytes) {
+    check(t.start + bytes.length <= g.bytes.length, 'truncated', `${basename(g.file)} is truncated inside tensor "${name}"`);
+    bytes.set(g.bytes.subarray(t.start, t.start + bytes.length));
+    return { shape: [...t.ne].reverse(), data: dequantizeGgml(t.type, bytes, count) };
+  }
   const fh = await open(g.file, 'r');
   try {
     const { bytesRead } = await fh.read(bytes, 0, bytes.length, t.start);
@@ -372,7 +395,19 @@ export interface GgufModel {
  * the metadata has one.
  */
 export async function loadGgufModel(file: string): Promise<GgufModel> {
-  const header = await readGgufHeader(file);
+  return ggufModelOf(await readGgufHeader(file));
+}
+
+/**
+ * Loads a GGUF model held in memory (see {@link readGgufHeaderFromBytes}), as {@link loadGgufModel}.
+ * @param file the file name, for messages
+ */
+export async function loadGgufModelFromBytes(bytes: Uint8Array, file = 'model.gguf'): Promise<GgufModel> {
+  return ggufModelOf(await readGgufHeaderFromBytes(bytes, file));
+}
+
+async function ggufModelOf(header: GgufFile): Promise<GgufModel> {
+  const file = header.file;
   const config = await ggufConfig(header);
   const tokenizer = header.metadata['tokenizer.ggml.model'] !== undefined ? ggufTokenizer(header) : undefined;
   if (tokenizer)

@@ -100,7 +100,7 @@ export async function loadHfConfig(dir: string, options: HfConfigOptions = {}): 
  * a shard is listed there; no tensor is in two shards; the layers held are exactly 0..num_hidden_layers−1;
  * every tensor the loader uses has the shape the config implies.
  */
-function checkHfHeaders(dir: string, cfg: LlamaConfig, shards: HfShards, files: SafetensorsFile[], configName: string): void {
+export function checkHfHeaders(dir: string, cfg: LlamaConfig, shards: HfShards, files: SafetensorsFile[], configName: string): void {
   const indexName = 'model.safetensors.index.json';
   const where = new Map<string, string>();
   const layers = new Set<number>();

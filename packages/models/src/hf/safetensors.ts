@@ -137,6 +137,24 @@ export function parseSafetensorsHeader(headerJson: Uint8Array, fileSize: number,
   return { file, fileSize, dataStart, tensors: new Map(entries.map((x) => [x.name, x])), metadata };
 }
 
+/** What a {@link SafetensorsFile} reads through: an open file, or bytes in memory. */
+interface ByteReader {
+  read(buffer: Uint8Array, offset: number, length: number, position: number): Promise<{ bytesRead: number }>;
+  close(): Promise<void>;
+}
+
+/** A {@link ByteReader} over bytes in memory. */
+function memoryReader(bytes: Uint8Array): ByteReader {
+  return {
+    async read(buffer, offset, length, position) {
+      const part = bytes.subarray(position, Math.min(bytes.length, position + length));
+      buffer.set(part, offset);
+      return { bytesRead: part.length };
+    },
+    async close() {},
+  };
+}
+
 /**
  * An open safetensors file: the header is parsed at open, tensors are read one at a time on demand
  * (so a loader never holds more than one tensor's raw bytes on the host). Close it when done.
@@ -144,7 +162,7 @@ export function parseSafetensorsHeader(headerJson: Uint8Array, fileSize: number,
 export class SafetensorsFile {
   private constructor(
     readonly header: SafetensorsHeader,
-    private fh: FileHandle | null,
+    private fh: ByteReader | null,
   ) {}
 
   /**
@@ -159,22 +177,35 @@ export class SafetensorsFile {
       throw new KvpackError('io', `cannot open ${file}: ${(e as Error).message}`, { cause: e });
     }
     try {
-      const size = (await fh.stat()).size;
-      const name = basename(file);
-      check(size >= 8, 'truncated', `${name} is truncated: ${size} bytes, less than the 8-byte safetensors header length`);
-      const lenBuf = Buffer.alloc(8);
-      await fh.read(lenBuf, 0, 8, 0);
-      const n = lenBuf.readBigUInt64LE(0);
-      check(n <= BigInt(MAX_HEADER_BYTES), 'corrupt', `${name}: safetensors header length ${n} is implausible (corrupt or not a safetensors file)`);
-      const len = Number(n);
-      check(8 + len <= size, 'truncated', `${name} is truncated: its header claims ${len} bytes but the file has ${size} bytes in all`);
-      const hb = Buffer.alloc(len);
-      await fh.read(hb, 0, len, 8);
-      return new SafetensorsFile(parseSafetensorsHeader(hb, size, file), fh);
+      return await SafetensorsFile.fromReader(fh, (await fh.stat()).size, file);
     } catch (e) {
       await fh.close();
       throw e;
     }
+  }
+
+  /**
+   * A safetensors file held in memory (a file dropped on a page, a fetched shard); its header is
+   * checked as {@link open} checks a file's.
+   * @param file the file name, for messages
+   * @throws KvpackError('truncated' | 'corrupt') for a bad header.
+   */
+  static async fromBytes(bytes: Uint8Array, file = 'model.safetensors'): Promise<SafetensorsFile> {
+    return SafetensorsFile.fromReader(memoryReader(bytes), bytes.length, file);
+  }
+
+  private static async fromReader(fh: ByteReader, size: number, file: string): Promise<SafetensorsFile> {
+    const name = basename(file);
+    check(size >= 8, 'truncated', `${name} is truncated: ${size} bytes, less than the 8-byte safetensors header length`);
+    const lenBuf = new Uint8Array(8);
+    await fh.read(lenBuf, 0, 8, 0);
+    const n = new DataView(lenBuf.buffer).getBigUint64(0, true);
+    check(n <= BigInt(MAX_HEADER_BYTES), 'corrupt', `${name}: safetensors header length ${n} is implausible (corrupt or not a safetensors file)`);
+    const len = Number(n);
+    check(8 + len <= size, 'truncated', `${name} is truncated: its header claims ${len} bytes but the file has ${size} bytes in all`);
+    const hb = new Uint8Array(len);
+    await fh.read(hb, 0, len, 8);
+    return new SafetensorsFile(parseSafetensorsHeader(hb, size, file), fh);
   }
 
   /** Tensor names in data order (`__metadata__` excluded). */

@@ -4,7 +4,16 @@ import type { Tokenizer } from '../types.js';
 import { fmtBytes } from '../bounds.js';
 
 /** Bytes as a JS string with one char per byte (0..255), so that map lookups compare raw bytes. */
-const bytesKey = (b: Uint8Array): string => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('latin1');
+function bytesKey(b: Uint8Array): string {
+  let s = '';
+  for (let i = 0; i < b.length; i += 8192) s += String.fromCharCode(...b.subarray(i, i + 8192));
+  return s;
+}
+
+/** The bytes of a {@link bytesKey} string. */
+const keyBytes = (k: string): Uint8Array => Uint8Array.from(k, (c) => c.charCodeAt(0));
+
+const utf8 = new TextEncoder();
 
 const BYTE_PIECE = /^<0x([0-9A-Fa-f]{2})>$/;
 
@@ -62,12 +71,12 @@ export class Llama2cTokenizer implements Tokenizer {
   /** The bytes of one piece. @throws KvpackError('shape') for an id outside [0, vocab). */
   piece(id: number): Uint8Array {
     this.checkId(id);
-    return Buffer.from(this.keys[id], 'latin1');
+    return keyBytes(this.keys[id]);
   }
 
   /** Id of a piece given as text (UTF-8), or undefined. */
   pieceId(text: string): number | undefined {
-    return this.ids.get(bytesKey(Buffer.from(text, 'utf8')));
+    return this.ids.get(bytesKey(utf8.encode(text)));
   }
 
   private checkId(id: number): void {
@@ -89,11 +98,11 @@ export class Llama2cTokenizer implements Tokenizer {
   encode(text: string, options: { bos?: boolean; eos?: boolean } = {}): number[] {
     const toks: number[] = [];
     if (options.bos) toks.push(this.bosId);
-    const bytes = Buffer.from(text, 'utf8');
+    const bytes = utf8.encode(text);
     if (bytes.length > 0) {
       const space = this.ids.get(' ');
       if (space !== undefined) toks.push(space);
-      else this.fallback(Buffer.from(' '), toks);
+      else this.fallback(utf8.encode(' '), toks);
     }
     // Code points: a byte that is not a continuation byte (10xxxxxx) starts a new one; at most 4 bytes.
     for (let i = 0; i < bytes.length; ) {

@@ -1,0 +1,2 @@
+export const cpus = (): unknown[] => Array.from({ length: globalThis.navigator?.hardwareConcurrency ?? 1 }, () => ({}));
+export const tmpdir = (): string => '/tmp';
