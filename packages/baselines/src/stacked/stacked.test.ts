@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { KvpackError, createStrategy, decodeContainer, decodeHalf, denseCacheBytes, headerBytes, selectBackend, type KVCache, type StoredTensor } from '@kvpack/core';
 import { disposeKVCache, runStrategyConformance, syntheticCache } from '@kvpack/core/conformance';
-import type { KeptTokensCache, StackedCache } from '@kvpack/strategy-utils';
+import { decodePositions, encodePositions, positionEncoding, type KeptTokensCache, type StackedCache } from '@kvpack/strategy-utils';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import '../index.js'; // registers the baselines, stacked and its eviction stages
 
@@ -98,7 +98,9 @@ describe('stacked: eviction → xKV over the kept tokens → int4 factors', () =
     const Rv = 6 * 2;
     const groups = L / 2;
     const factors = groups * (q(n, Rk) + 2 * q(Rk, F) + q(n, Rv) + 2 * q(Rv, F));
-    const positions = L * n * H * 4;
+    // Positions: a 64-bit mask per KV head and layer (8 bytes, smaller than 32 uint16 entries).
+    const positions = L * H * (T / 8);
+    expect(cont.get('pos.0').dtype).toBe('uint8');
     expect(c.byteSize()).toBe(factors + positions);
     const s = c.stats();
     expect(s.kept).toBe(n);
@@ -136,7 +138,12 @@ describe('stacked: eviction → xKV over the kept tokens → int4 factors', () =
     for (let l = 0; l < L; l++) {
       const pos = c.keptPositions(l);
       expect(pos).toEqual(snap.keptPositions(l));
-      expect(Array.from(get(`pos.${l}`)!.data as Int32Array)).toEqual(Array.from(pos));
+      // The stored mask, read bit by bit: head h keeps token t when bit t of its row is set.
+      const mask = get(`pos.${l}`)!.data as Uint8Array;
+      for (let h = 0; h < H; h++) {
+        const kept = Array.from({ length: 64 }, (_, t) => t).filter((t) => (mask[h * 8 + (t >> 3)] >> (t & 7)) & 1);
+        expect(kept).toEqual(Array.from({ length: n }, (_, j) => pos[j * H + h]));
+      }
       const g = Math.floor(l / 2);
       const recon = (kind: 'k' | 'v', R: number) => {
         const U = dequant64(get, `${kind}.basis.${g}`, n, R, 4, 8)!;
@@ -239,5 +246,22 @@ describe('stacked: eviction → xKV over the kept tokens → int4 factors', () =
     expect(back.keptPositions(3)).toEqual(c.keptPositions(3));
     back.dispose();
     c.dispose();
+  });
+});
+
+describe('stored kept positions: the smaller of a T-bit mask and a uint16/int32 list per KV head', () => {
+  it('chooses by bytes and round-trips; a mask with the wrong count is a corrupt error', () => {
+    const H = 2;
+    for (const [T, n, enc] of [[64, 32, 'mask'], [64, 4, 'mask'], [1000, 10, 'uint16'], [1000, 100, 'mask'], [100000, 3, 'int32']] as const) {
+      expect(positionEncoding(T, n)).toBe(enc);
+      const p = new Int32Array(n * H);
+      for (let h = 0; h < H; h++) for (let j = 0; j < n; j++) p[j * H + h] = Math.floor(((j + 0.5) * T) / n) - h;
+      const data = encodePositions(p, T, H);
+      expect(data.byteLength).toBe(enc === 'mask' ? H * Math.ceil(T / 8) : n * H * (enc === 'uint16' ? 2 : 4));
+      expect(decodePositions(data, T, n, H, 'stacked', 'pos.0')).toEqual(p);
+    }
+    const mask = encodePositions(Int32Array.from([0, 1, 5, 6]), 16, 2) as Uint8Array; // 2 bytes per head: a mask
+    mask[0] |= 0x80;
+    expect(() => decodePositions(mask, 16, 2, 2, 'stacked', 'pos.3')).toThrow(/"pos\.3" marks more than 2 kept tokens for KV head 0/);
   });
 });

@@ -12,7 +12,7 @@ import {
   type StoredItem,
   type StoredReader,
 } from '@kvpack/core';
-import { keptTokensBytes } from '../eviction/scorer.js';
+import { decodePositions, encodePositions, positionLayerBytes, positionSpec } from './positions.js';
 import type { GroupSvdConfig } from '../lowrank/group-config.js';
 import { GroupSvdCache } from '../lowrank/group-svd-cache.js';
 import { lowRankBytes } from '../lowrank/rank-target.js';
@@ -65,7 +65,8 @@ export interface StackedStats {
  *
  * Keys are rebuilt pre-RoPE (U_g·B_l) and rotated at their **true** positions startPosition + p (not at
  * their slot index), so decoding after compression sees every kept key where the model put it.
- * Stored: the low-rank stage's items plus `pos.l`; `byteSize()` is their payload (the serialized
+ * Stored: the low-rank stage's items plus `pos.l` (a T-bit mask per KV head or a uint16/int32 list,
+ * whichever is smaller: positions.ts); `byteSize()` is their payload (the serialized
  * length minus the container header).
  */
 export class StackedCache extends BaseCompressedCache {
@@ -130,7 +131,9 @@ export class StackedCache extends BaseCompressedCache {
     const { nKvHeads: H } = this.layout;
     return [
       ...this.lowRank.storedItems(),
-      ...(this.storePositions ? this.positions.map((p, l): StoredItem => ({ name: `pos.${l}`, dtype: 'int32', shape: [p.length / H, H], data: p })) : []),
+      ...(this.storePositions
+        ? this.positions.map((p, l): StoredItem => ({ name: `pos.${l}`, ...positionSpec(H, this.prefillLength, this.kept), data: encodePositions(p, this.prefillLength, H) }))
+        : []),
     ];
   }
 
@@ -144,7 +147,7 @@ export class StackedCache extends BaseCompressedCache {
 
   /**
    * Bytes and ratio per stage. Evict: dense fp16 bytes of T tokens → fp16 kept tokens + positions
-   * (`keptTokensBytes`); low rank: → float16 factors at the resolved ranks (`lowRankBytes` without
+   * (L · n · H_kv · d · 2 · 2 + the stored positions); low rank: → float16 factors at the resolved ranks (`lowRankBytes` without
    * quantization) + positions; quantize: → the stored factors as measured + positions. The last
    * stage's output is the measured prefill bytes, so the product of the stage ratios is the measured
    * ratio (dense ÷ byteSize() before decode tokens).
@@ -161,7 +164,7 @@ export class StackedCache extends BaseCompressedCache {
     const totalBytes = this.byteSize();
     const factorBytes = totalBytes - positionBytes - residualBytes;
     const dense = denseCacheBytes(layout, T);
-    const afterEvict = keptTokensBytes(layout, n, this.storePositions);
+    const afterEvict = layout.nLayers * n * layout.nKvHeads * layout.headDim * 4 + (this.storePositions ? layout.nLayers * positionLayerBytes(layout.nKvHeads, T, n) : 0);
     const cfg = this.lowRank.config;
     const fp16: GroupSvdConfig = { ...cfg, factorQuantization: undefined };
     const ranks = { k: this.lowRank.groups.map((g) => this.lowRank.groupRank('k', g.index)), v: this.lowRank.groups.map((g) => this.lowRank.groupRank('v', g.index)) };
@@ -240,8 +243,7 @@ export class StackedCache extends BaseCompressedCache {
           const one = impliedPositions(T, n);
           p = new Int32Array(n * H);
           for (let j = 0; j < n; j++) p.fill(one[j], j * H, (j + 1) * H);
-        } else p = Int32Array.from(r.host<Int32Array>(`pos.${l}`, { dtype: 'int32', shape: [n, H] }));
-        check(p.every((t) => t >= 0 && t < T), 'corrupt', `serialized ${strategy} cache is corrupt: "pos.${l}" holds a position outside [0, ${T})`);
+        } else p = decodePositions(r.host(`pos.${l}`, positionSpec(H, T, n)), T, n, H, strategy, `pos.${l}`);
         positions.push(p);
       }
       return new StackedCache(strategy, options, layout, rope, T, startPosition, positions, !impliedPositions, lowRank, evictLabel);

@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { KvpackError, applyRope, check, compressionRatioOf, denseCacheBytes, type KVCache, type ModelLayout, type TokenSelector } from '@kvpack/core';
-import { keptTokensBytes } from '../eviction/scorer.js';
+import { positionLayerBytes } from './positions.js';
 import { layerGroups, type GroupSvdConfig } from '../lowrank/group-config.js';
 import { compressGroupSvd } from '../lowrank/group-svd-compress.js';
 import { lowRankBytes, targetGroupRanks, type GroupRanks } from '../lowrank/rank-target.js';
@@ -26,9 +26,9 @@ export interface StackedStages {
   targetRatio?: number;
 }
 
-/** Bytes of the stored kept positions: L · n · H_kv · 4 (int32), 0 when implied. */
-export function keptPositionBytes(layout: ModelLayout, n: number, stored: boolean): number {
-  return stored ? layout.nLayers * n * layout.nKvHeads * 4 : 0;
+/** Bytes of the stored kept positions of n of T tokens (positions.ts: a mask or a list per KV head and layer), 0 when implied. */
+export function keptPositionBytes(layout: ModelLayout, T: number, n: number, stored: boolean): number {
+  return stored ? layout.nLayers * positionLayerBytes(layout.nKvHeads, T, n) : 0;
 }
 
 /**
@@ -41,7 +41,7 @@ export function keptPositionBytes(layout: ModelLayout, n: number, stored: boolea
  */
 export function stackedGroupRanks(strategy: string, config: GroupSvdConfig, layout: ModelLayout, T: number, n: number, storedPositions: boolean, rho: number): GroupRanks {
   const dense = denseCacheBytes(layout, T);
-  const pos = keptPositionBytes(layout, n, storedPositions);
+  const pos = keptPositionBytes(layout, T, n, storedPositions);
   const groups = layerGroups(layout.nLayers, config.layersPerGroup);
   const ones = { k: groups.map(() => 1), v: groups.map(() => 1) };
   const best = dense / (lowRankBytes(config, layout, n, ones) + pos);
@@ -139,7 +139,7 @@ export async function compressStacked(cache: KVCache, stages: StackedStages, T: 
 }
 
 /** Bytes a composed cache holds right after compress at these group ranks: factors + positions. */
-export function stackedBytes(config: GroupSvdConfig, layout: ModelLayout, n: number, storedPositions: boolean, ranks: GroupRanks): number {
-  return lowRankBytes(config, layout, n, ranks) + keptPositionBytes(layout, n, storedPositions);
+export function stackedBytes(config: GroupSvdConfig, layout: ModelLayout, T: number, n: number, storedPositions: boolean, ranks: GroupRanks): number {
+  return lowRankBytes(config, layout, n, ranks) + keptPositionBytes(layout, T, n, storedPositions);
 }
 
