@@ -43,7 +43,7 @@ function attnCell(x: number | null): string {
 export function accuracyTable(reference: AccuracyReference, results: AccuracySettingResult[]): string {
   const tasks = reference.accuracy.tasks.map((t) => t.task);
   const many = tasks.length > 1;
-  const header = ['setting', 'ratio', ...tasks, ...(many ? ['mean'] : []), 'agree', 'attn err', 'compress ms', 'resident ÷ stored'];
+  const header = ['setting', 'ratio', 'cr', ...tasks, ...(many ? ['mean'] : []), 'agree', 'attn err', 'compress ms', 'resident ÷ stored'];
   const acc = (r: { accuracy: AccuracyReference['accuracy'] }) => [
     ...tasks.map((t) => {
       const a = r.accuracy.tasks.find((x) => x.task === t);
@@ -58,7 +58,7 @@ export function accuracyTable(reference: AccuracyReference, results: AccuracySet
       continue;
     }
     const res = r.resident ? `${fmt(r.resident.afterCompress, 2)} / ${fmt(r.resident.peakDecode, 2)} / ${fmt(r.resident.afterDecode, 2)}` : '–';
-    rows.push([r.label, `${fmt(r.ratio, 2)}× (cr ${fmt(compressionRatioOf(r.ratio), 3)})`, ...acc(r), fmt(r.agreement, 2), attnCell(r.attentionError), fmt(r.compressMs, 0), res]);
+    rows.push([r.label, `${fmt(r.ratio, 2)}×`, fmt(compressionRatioOf(r.ratio), 3), ...acc(r), fmt(r.agreement, 2), attnCell(r.attentionError), fmt(r.compressMs, 0), res]);
   }
   return markdownTable(header, rows, ['l', ...header.slice(1).map(() => 'r' as const)]);
 }
