@@ -7,6 +7,7 @@ export * from './kivi/index.js';
 export * from './minicache/index.js';
 export * from './streamingllm/index.js';
 export * from './snapkv/index.js';
+export * from './stacked/index.js';
 
 import { registerStrategy } from '@kvpack/core';
 import { svdDefinition } from './svd/index.js';
@@ -15,13 +16,15 @@ import { kiviDefinition } from './kivi/index.js';
 import { miniCacheDefinition } from './minicache/index.js';
 import { streamingLlmDefinition } from './streamingllm/index.js';
 import { snapKvDefinition } from './snapkv/index.js';
+import { stackedDefinition } from './stacked/index.js';
 
 /**
- * Registers the baselines: `svd`, `quant`, `kivi`, `minicache`, `streamingllm`, `snapkv`. Importing
+ * Registers the baselines: `svd`, `quant`, `kivi`, `minicache`, `streamingllm`, `snapkv`, and the
+ * composed `stacked` strategy (eviction → low rank → quantized factors). Importing
  * this package already does; call it where a bundler may drop an import whose exports go unused, or
  * after `unregisterStrategy(name)`. Idempotent.
  */
 export function registerBaselines(): void {
-  for (const def of [svdDefinition, quantDefinition, kiviDefinition, miniCacheDefinition, streamingLlmDefinition, snapKvDefinition])
+  for (const def of [svdDefinition, quantDefinition, kiviDefinition, miniCacheDefinition, streamingLlmDefinition, snapKvDefinition, stackedDefinition])
     registerStrategy(def as Parameters<typeof registerStrategy>[0]);
 }

@@ -23,7 +23,11 @@ describe('kvpack CLI', () => {
     expect(io.stdout).toMatch(/^ {4}oversample +"auto" \| integer, ≥ 0, ≤ 4096, default "auto"/m);
     expect(io.stdout).toMatch(/^ {4}sparse\.budget +integer, > 0, ≤ 1048576, default 2048/m);
     expect(io.stdout).toMatch(/^ {4}factorQuantization\.quantGroupSize +integer, > 0, ≤ 65536, default 32/m);
-    expect(io.stdout).toMatch(/^ {4}budget +integer, > 0, ≤ 1048576, default 256/m);
+    expect(io.stdout).toMatch(/^ {4}budget +integer, > 0, ≤ 1048576 — .*\(default 256; excludes targetRatio\)/m);
+    // A target ratio in either form, and the knob it resolves.
+    expect(io.stdout).toMatch(/^ {4}target ratio: targetRatio .* or compressionRatio .* resolves budget at compress/m);
+    expect(io.stdout).toMatch(/^ {4}compressionRatio +number, ≥ 0, < 1 — kvpress's compression_ratio/m);
+    expect(io.stdout).toMatch(/^stacked — /m);
     expect(io.stdout).toMatch(/^dense — /m);
     expect(io.stdout).toMatch(/^svd — /m);
   });

@@ -1,6 +1,6 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { basename, extname, join, resolve } from 'node:path';
-import { KvpackError, describeBackend, getStrategyDefinition, listStrategies, selectBackend } from '@kvpack/core';
+import { KvpackError, describeBackend, getStrategyDefinition, listStrategies, parseStrategyOptions, selectBackend } from '@kvpack/core';
 import { z } from 'zod';
 import { loadConfig, quickOverrides, type BenchConfig } from './config.js';
 import { loadBenchModel, modelFilesPresent, tokenizePrompts } from './load.js';
@@ -11,6 +11,7 @@ import { ERROR_BASIS, markdownReport, type BenchReport } from './report.js';
 import { runBench } from './runner.js';
 import { runEnvironment } from './environment.js';
 import { loadConfigPlugins } from './plugins.js';
+import { withCompressionRatio } from './schemas.js';
 
 /** Where commands write: `out` for results (stdout), `err` for logs (stderr). */
 export interface CommandIO {
@@ -193,6 +194,18 @@ function optionRows(props: Record<string, Record<string, unknown>>, required: Se
   return rows;
 }
 
+/** The knob a target ratio resolves for a strategy (capability `ratioTarget` at a 2× target and default options), or null. */
+function ratioTargetKnob(name: string): { knob: string } | null {
+  const cap = getStrategyDefinition(name).capabilities?.ratioTarget;
+  if (!cap) return null;
+  try {
+    const r = cap(parseStrategyOptions(name, { targetRatio: 2 }));
+    return r ? { knob: r.knob } : null;
+  } catch {
+    return null;
+  }
+}
+
 /** `kvpack strategies`: registered names, descriptions and options. */
 export async function strategiesCommand(io: CommandIO = processIO, opts: { json?: boolean } = {}): Promise<number> {
   await import('@kvpack/xkv');
@@ -202,11 +215,11 @@ export async function strategiesCommand(io: CommandIO = processIO, opts: { json?
       const def = getStrategyDefinition(name);
       let options: unknown = null;
       try {
-        options = z.toJSONSchema(def.schema, { io: 'input', unrepresentable: 'any' });
+        options = withCompressionRatio(z.toJSONSchema(def.schema, { io: 'input', unrepresentable: 'any' }) as Record<string, unknown>);
       } catch {
         /* a schema JSON Schema cannot express */
       }
-      return { name, description: def.description, options };
+      return { name, description: def.description, options, ratioTarget: ratioTargetKnob(name) };
     });
     io.out(JSON.stringify(list, null, 2));
     return EXIT.ok;
@@ -215,9 +228,12 @@ export async function strategiesCommand(io: CommandIO = processIO, opts: { json?
   for (const name of listStrategies()) {
     const def = getStrategyDefinition(name);
     lines.push(`${name} — ${def.description}`);
+    const knob = ratioTargetKnob(name);
+    if (knob)
+      lines.push(`    target ratio: targetRatio (× = dense fp16 bytes ÷ bytes held) or compressionRatio (kvpress: fraction removed, 0.875 = 8×) resolves ${knob.knob} at compress so the measured ratio reaches it`);
     let schema: Record<string, unknown> = {};
     try {
-      schema = z.toJSONSchema(def.schema, { io: 'input', unrepresentable: 'any' }) as Record<string, unknown>;
+      schema = withCompressionRatio(z.toJSONSchema(def.schema, { io: 'input', unrepresentable: 'any' }) as Record<string, unknown>);
     } catch {
       /* a schema JSON Schema cannot express: list no options */
     }

@@ -1,6 +1,6 @@
 import { existsSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, extname, resolve } from 'node:path';
-import { KvpackError, check, createStrategy, denseCacheBytes, readConfigFile, selectBackend, type Strategy } from '@kvpack/core';
+import { KvpackError, check, compressionRatioOf, createStrategy, denseCacheBytes, readConfigFile, selectBackend, type Strategy } from '@kvpack/core';
 import { LlamaModel, Session } from '@kvpack/models';
 import { z } from 'zod';
 import { processIO, type CommandIO } from './commands.js';
@@ -155,7 +155,8 @@ export async function generateCommand(opts: GenerateCommandOptions, io: CommandI
       await session.prefill(ids);
       const c = await session.compress();
       promptTokens = ids.length;
-      compressedNote = `; the prompt's ${ids.length} tokens compressed ${(denseCacheBytes(c.layout, ids.length) / c.byteSize()).toFixed(2)}× against dense fp16`;
+      const ratio = denseCacheBytes(c.layout, ids.length) / c.byteSize();
+      compressedNote = `; the prompt's ${ids.length} tokens compressed ${ratio.toFixed(2)}× against dense fp16 (kvpress compression_ratio ${compressionRatioOf(ratio).toFixed(3)})`;
     }
     const covered = session.tokens;
     const write = io.write ?? io.out;

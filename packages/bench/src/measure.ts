@@ -1,5 +1,5 @@
 import { performance } from 'node:perf_hooks';
-import { check, compressionRatio, denseCacheBytes, type CompressedCache } from '@kvpack/core';
+import { check, compressionRatio, compressionRatioOf, denseCacheBytes, type CompressedCache } from '@kvpack/core';
 import type { ResolvedSetting } from './config.js';
 import { greedyAgreement, reconstructionSums } from './metrics.js';
 import type { BenchModel } from './model.js';
@@ -59,6 +59,7 @@ export async function measureSetting(model: BenchModel, s: ResolvedSetting, pp: 
       bytes,
       denseBytes,
       ratio: compressionRatio(cache.layout, T, bytes),
+      compressionRatio: compressionRatioOf(compressionRatio(cache.layout, T, bytes)),
       paperRatio: strategyPaperRatio(s, cache.layout, T),
       keyErrorSums: rec?.keys ?? null,
       valueErrorSums: rec?.values ?? null,

@@ -16,10 +16,18 @@ describe('Markdown rendering', () => {
     ]).split('\n');
     expect(t).toHaveLength(5);
     const cells = (row: string) => row.split('|').slice(1, -1).map((c) => c.trim());
-    expect(cells(t[0])).toEqual(['setting', 'ratio', 'paper ratio', 'key err', 'value err', 'NLL', 'ΔNLL', 'top-1', 'greedy', 'first div', 'compress ms']);
-    expect(cells(t[2])).toEqual(['xkv layersPerGroup=2', '4.00×', '3.50×', '0.1235', '0.5000', '1.2500', '+0.0500', '0.875', '0.750', '3', '12.3']);
-    expect(cells(t[3])).toEqual(['snapkv', '4.00×', '–', 'N/A', 'N/A', '1.2500', '-0.0010', '0.875', '1.000', 'none', '12.3']);
+    expect(cells(t[0])).toEqual(['setting', 'ratio', 'cr', 'paper ratio', 'key err', 'value err', 'NLL', 'ΔNLL', 'top-1', 'greedy', 'first div', 'compress ms']);
+    expect(cells(t[2])).toEqual(['xkv layersPerGroup=2', '4.00×', '0.750', '3.50×', '0.1235', '0.5000', '1.2500', '+0.0500', '0.875', '0.750', '3', '12.3']);
+    expect(cells(t[3])).toEqual(['snapkv', '4.00×', '0.750', '–', 'N/A', 'N/A', '1.2500', '-0.0010', '0.875', '1.000', 'none', '12.3']);
     expect(cells(t[4]).slice(0, 2)).toEqual(['bad', 'error']);
+  });
+
+  it('adds a target column when a setting was configured by a target ratio, with cr = 1 − 1/ratio', () => {
+    const t = resultsTable([fakeResult({ label: 'stacked', targetRatio: 16, ratio: 16.5 }), fakeResult({ label: 'xkv' })]).split('\n');
+    const cells = (row: string) => row.split('|').slice(1, -1).map((c) => c.trim());
+    expect(cells(t[0]).slice(0, 4)).toEqual(['setting', 'target', 'ratio', 'cr']);
+    expect(cells(t[2]).slice(0, 4)).toEqual(['stacked', '16.00×', '16.50×', (1 - 1 / 16.5).toFixed(3)]);
+    expect(cells(t[3]).slice(0, 4)).toEqual(['xkv', '–', '4.00×', '0.750']);
   });
 });
 

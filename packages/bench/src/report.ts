@@ -1,3 +1,4 @@
+import { compressionRatioOf } from '@kvpack/core';
 import type { BenchRunResult, PromptReference, SettingResult } from './runner.js';
 
 /** Where and how a run happened. */
@@ -59,10 +60,14 @@ export function markdownTable(header: string[], rows: string[][], align: ('l' | 
 
 /** The results table: one row per setting. */
 export function resultsTable(results: SettingResult[]): string {
-  const header = ['setting', 'ratio', 'paper ratio', 'key err', 'value err', 'NLL', 'ΔNLL', 'top-1', 'greedy', 'first div', 'compress ms'];
-  const rows = results.map((r) => r.error !== undefined ? [r.label, 'error', ...Array(header.length - 2).fill('')] : [
+  // A target column only when some setting was configured by a target ratio.
+  const targets = results.some((r) => r.targetRatio !== null && r.targetRatio !== undefined);
+  const header = ['setting', ...(targets ? ['target'] : []), 'ratio', 'cr', 'paper ratio', 'key err', 'value err', 'NLL', 'ΔNLL', 'top-1', 'greedy', 'first div', 'compress ms'];
+  const rows = results.map((r) => r.error !== undefined ? [r.label, ...(targets ? [r.targetRatio ? `${num(r.targetRatio, 2)}×` : '–'] : []), 'error', ...Array(header.length - 2 - (targets ? 1 : 0)).fill('')] : [
     r.label,
+    ...(targets ? [r.targetRatio ? `${num(r.targetRatio, 2)}×` : '–'] : []),
     `${num(r.ratio, 2)}×`,
+    num(compressionRatioOf(r.ratio), 3),
     r.paperRatio === null ? '–' : `${num(r.paperRatio, 2)}×`,
     num(r.keyError, 4),
     num(r.valueError, 4),
@@ -110,7 +115,8 @@ export function markdownReport(report: BenchReport): string {
     resultsTable(report.results),
     '',
     ...report.results.filter((r) => r.error !== undefined).map((r) => `**${r.label} failed:** ${r.error}\n`),
-    `ratio: fp16 dense bytes / bytes held (measured); paper ratio: the strategy's own formula. ` +
+    `ratio: fp16 dense bytes / bytes held (measured); cr: the same as kvpress's compression_ratio, the fraction removed (1 − 1/ratio)` +
+      `${report.results.some((r) => r.targetRatio) ? '; target: the ratio the setting asked for (its knob resolved so the measured ratio reaches it)' : ''}; paper ratio: the strategy's own formula. ` +
       `key/value err: ${ERROR_BASIS}. ΔNLL: continuation NLL (nats/token) with the compressed cache minus the uncompressed forward pass. ` +
       `top-1: fraction of held-out positions (teacher-forced) whose argmax matches the uncompressed pass. ` +
       `greedy: fraction of ${report.run.decodeTokens} free-running greedy tokens equal to the uncompressed run's; first div: first differing index. ` +

@@ -1,4 +1,5 @@
-import type { ModelLayout } from '@kvpack/core';
+import { compressionRatioOf, type ModelLayout } from '@kvpack/core';
+import { strategyRatioTarget } from './strategy.js';
 import type { ResolvedSetting } from './config.js';
 import { median, relativeError, type ErrorSums } from './metrics.js';
 
@@ -22,8 +23,10 @@ export interface PromptResult {
   bytes: number;
   /** fp16 dense bytes of the same tokens (`denseCacheBytes`). */
   denseBytes: number;
-  /** Measured compression ratio denseBytes / bytes. */
+  /** Measured compression ratio denseBytes / bytes (×). */
   ratio: number;
+  /** The same in kvpress's form, compression_ratio: the fraction removed, 1 − 1/ratio. */
+  compressionRatio: number;
   /** The strategy's own formula for the ratio (xKV paper), when it reports one. */
   paperRatio: number | null;
   keyErrorSums: ErrorSums | null;
@@ -66,8 +69,12 @@ export interface SettingSummary {
   bytes: number;
   /** Σ dense fp16 bytes. */
   denseBytes: number;
-  /** Measured compression ratio Σ denseBytes / Σ bytes. */
+  /** Measured compression ratio Σ denseBytes / Σ bytes (×). */
   ratio: number;
+  /** The same in kvpress's form, compression_ratio: the fraction removed, 1 − 1/ratio. */
+  compressionRatio: number;
+  /** The target ratio (×) the options ask for (capability `ratioTarget`), or null when they set the knob directly. */
+  targetRatio: number | null;
 }
 
 /** Results of one setting, aggregated over prompts. */
@@ -170,6 +177,7 @@ export function aggregate(s: ResolvedSetting, window: number | null, per: Prompt
     bytes: sum((p) => p.bytes),
     denseBytes: sum((p) => p.denseBytes),
     ratio: sum((p) => p.denseBytes) / sum((p) => p.bytes),
+    compressionRatio: compressionRatioOf(sum((p) => p.denseBytes) / sum((p) => p.bytes)),
     paperRatio: papers.every((x) => x !== null) ? (papers as number[]).reduce((a, b) => a + b, 0) / papers.length : null,
     keyError: pooled((p) => p.keyErrorSums),
     valueError: pooled((p) => p.valueErrorSums),
@@ -198,6 +206,8 @@ export function emptySummary(s: ResolvedSetting, window: number | null): Setting
     bytes: 0,
     denseBytes: 0,
     ratio: NaN,
+    compressionRatio: NaN,
+    targetRatio: strategyRatioTarget(s)?.target ?? null,
   };
 }
 

@@ -40,7 +40,12 @@ describe('config JSON Schemas', () => {
     const byName = new Map(s.oneOf.map((b) => [b.properties.name.const, b.properties.options]));
     expect([...byName.keys()]).toEqual(expect.arrayContaining(['dense', 'xkv', 'svd', 'kivi', 'quant', 'minicache', 'streamingllm', 'snapkv']));
     expect(byName.get('xkv')!.properties.rankK).toMatchObject({ type: 'integer', exclusiveMinimum: 0, default: 16 });
-    expect(byName.get('kivi')!.properties.bits).toMatchObject({ default: 2 });
+    // bits has no schema default since a targetRatio may resolve it (2 when neither is given).
+    expect(byName.get('kivi')!.properties.residualLength).toMatchObject({ default: 128 });
+    for (const n of ['kivi', 'quant', 'snapkv', 'streamingllm', 'minicache', 'svd', 'xkv', 'stacked']) {
+      expect(byName.get(n)!.properties.targetRatio).toMatchObject({ type: 'number', minimum: 1 });
+      expect(byName.get(n)!.properties.compressionRatio).toMatchObject({ type: 'number', minimum: 0, exclusiveMaximum: 1 });
+    }
     for (const b of s.oneOf) {
       const props = (b as unknown as { properties: Record<string, Json> }).properties;
       expect(props.name.description).toBeTruthy();

@@ -82,6 +82,27 @@ describeFields(AccuracyConfigSchema as unknown as { shape: Shape }, {
   strategies: 'Strategy entries, as in the bench config.',
 });
 
+/**
+ * A strategy options JSON Schema with `compressionRatio` beside `targetRatio` where the options take
+ * one: the registry accepts kvpress's compression_ratio (the fraction removed) for it.
+ */
+export function withCompressionRatio(options: Record<string, unknown>): Record<string, unknown> {
+  const props = options.properties as Record<string, unknown> | undefined;
+  if (!props || !('targetRatio' in props) || 'compressionRatio' in props) return options;
+  return {
+    ...options,
+    properties: {
+      ...props,
+      compressionRatio: {
+        type: 'number',
+        minimum: 0,
+        exclusiveMaximum: 1,
+        description: "kvpress's compression_ratio (the fraction of the cache removed: 0.5 is 2×, 0.875 is 8×) instead of targetRatio; both given must agree.",
+      },
+    },
+  };
+}
+
 const STRATEGY_FIELDS = {
   name: 'Registered strategy name (`kvpack strategies` lists them).',
   options: "Options of the strategy, checked against its schema; omitted ones take their defaults.",
@@ -93,7 +114,7 @@ export function strategyConfigJsonSchema(): Record<string, unknown> {
     const def = getStrategyDefinition(name);
     let options: Record<string, unknown> = { type: 'object' };
     try {
-      options = z.toJSONSchema(def.schema, { io: 'input', unrepresentable: 'any' }) as Record<string, unknown>;
+      options = withCompressionRatio(z.toJSONSchema(def.schema, { io: 'input', unrepresentable: 'any' }) as Record<string, unknown>);
       delete options.$schema;
     } catch {
       /* a schema JSON Schema cannot express: any object */

@@ -5,7 +5,7 @@ import type { Command } from 'commander';
 import * as tf from '@tensorflow/tfjs-core';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
-import { KvpackError, createStrategy, mulberry32, deserializeCache, describeBackend, selectBackend, type CompressedCache, type KVCache, type Strategy } from '@kvpack/core';
+import { KvpackError, createStrategy, mulberry32, deserializeCache, describeBackend, selectBackend, type CompressedCache, type KVCache, type Strategy, compressionRatioOf } from '@kvpack/core';
 import { PrefixStore, openBackend, redact, type StoreBackend } from '@kvpack/store';
 import { EXIT, processIO, type CommandIO } from './commands.js';
 import { backendOption, runEnvironment } from './environment.js';
@@ -52,6 +52,8 @@ export interface StoreBenchRow {
   denseFp16BytesPerToken: number;
   /** dense fp16 ÷ stored, raw ÷ stored. */
   ratioVsFp16: number;
+  /** The same in kvpress's form, compression_ratio: the fraction removed, 1 − 1/ratioVsFp16. */
+  compressionRatioVsFp16: number;
   ratioVsRaw: number;
   /** Medians, ms: prefill of T + 1 tokens (logits of the last); fetch (lookup + checks), restore (deserialize), the decode of token T over the restored cache. */
   prefillMs: number;
@@ -234,6 +236,7 @@ export async function storeBenchCommand(configPath: string, opts: StoreBenchOpti
           rawBytesPerToken: rput.recordBytes / T,
           denseFp16BytesPerToken: fp16,
           ratioVsFp16: (fp16 * T) / put.recordBytes,
+          compressionRatioVsFp16: compressionRatioOf((fp16 * T) / put.recordBytes),
           ratioVsRaw: rput.recordBytes / put.recordBytes,
           prefillMs: median(prefill),
           fetchMs: median(fetch),
@@ -263,7 +266,7 @@ export async function storeBenchCommand(configPath: string, opts: StoreBenchOpti
     '|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
     ...rows.map(
       (r) =>
-        `| ${r.model} | ${r.tokens} | ${f(r.storedBytesPerToken)} | ${r.denseFp16BytesPerToken} | ${f(r.rawBytesPerToken)} | ${f(r.ratioVsFp16, 2)}× | ${f(r.ratioVsRaw, 2)}× | ${f(r.prefillMs)} | ${f(r.fetchMs, 2)} | ${f(r.restoreMs, 2)} | ${f(r.decodeMs)} | ${f(r.storedPathMs)} | ${f(r.speedup, 2)}× | ${f(r.rawPathMs)} | ${f(r.rawSpeedup, 2)}× |`,
+        `| ${r.model} | ${r.tokens} | ${f(r.storedBytesPerToken)} | ${r.denseFp16BytesPerToken} | ${f(r.rawBytesPerToken)} | ${f(r.ratioVsFp16, 2)}× (cr ${f(r.compressionRatioVsFp16, 3)}) | ${f(r.ratioVsRaw, 2)}× | ${f(r.prefillMs)} | ${f(r.fetchMs, 2)} | ${f(r.restoreMs, 2)} | ${f(r.decodeMs)} | ${f(r.storedPathMs)} | ${f(r.speedup, 2)}× | ${f(r.rawPathMs)} | ${f(r.rawSpeedup, 2)}× |`,
     ),
     '',
     '| model | chat turns | prompt tokens | tokens from the store | token hit rate | ceiling (history share) | turns with a hit |',

@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { z } from 'zod';
-import { KvpackError, cutCachePrefix, deserializeCache, isHostBackend, type CompressedCache, type ModelLayout, type Strategy } from '@kvpack/core';
+import { KvpackError, cutCachePrefix, deserializeCache, isHostBackend, type CompressedCache, type ModelLayout, type Strategy, compressionRatioOf } from '@kvpack/core';
 import { PrefixStore, openBackend, type StoreBackend } from '@kvpack/store';
 import { LLAMA31_8B_LAYOUT, syntheticLlamaCache } from './perf/synthetic.js';
 import { median, syncTensors, timeOp } from './perf/stats.js';
@@ -126,6 +126,8 @@ export interface SyntheticStoreRow {
   /** 2 (K, V) × layers × H_kv × head_dim × 2 bytes. */
   denseFp16BytesPerToken: number;
   ratioVsFp16: number;
+  /** The same in kvpress's form, compression_ratio: the fraction removed, 1 − 1/ratioVsFp16. */
+  compressionRatioVsFp16: number;
   ratioVsRaw: number;
   /** Medians, ms: fetch (lookup: manifests, record, CRC), restore (deserializeCache), reconstruct (post-RoPE keys and values of every layer). */
   fetchMs: number;
@@ -251,6 +253,7 @@ export async function syntheticStoreRows(
         rawBytesPerToken: rput.recordBytes / T,
         denseFp16BytesPerToken: fp16,
         ratioVsFp16: (fp16 * T) / put.recordBytes,
+          compressionRatioVsFp16: compressionRatioOf((fp16 * T) / put.recordBytes),
         ratioVsRaw: rput.recordBytes / put.recordBytes,
         fetchMs: median(fetch),
         restoreMs: median(restore),
@@ -283,7 +286,7 @@ export function syntheticStoreTable(rows: SyntheticStoreRow[], backend: string):
     '|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|',
     ...rows.map(
       (r) =>
-        `| ${r.tokens} | ${f(r.storedBytesPerToken)} | ${r.denseFp16BytesPerToken} | ${f(r.rawBytesPerToken)} | ${f(r.ratioVsFp16, 2)}× | ${f(r.ratioVsRaw, 2)}× | ${f(r.fetchMs, 2)} | ${f(r.restoreMs, 2)} | ${f(r.reconstructMs)} | ${f(r.storedPathMs)} | ${f(r.rawPathMs)} | ${f(r.prefill.totalMs)} (${f(r.prefill.attentionMs)} + ${f(r.prefill.projectionMs)}) | ${f(r.speedup, 2)}× | ${f(r.rawSpeedup, 2)}× | ${r.cutPathMs === null ? '–' : `${f(r.cutPathMs)} (${r.cutTokens} of ${r.tokens})`} |`,
+        `| ${r.tokens} | ${f(r.storedBytesPerToken)} | ${r.denseFp16BytesPerToken} | ${f(r.rawBytesPerToken)} | ${f(r.ratioVsFp16, 2)}× (cr ${f(r.compressionRatioVsFp16, 3)}) | ${f(r.ratioVsRaw, 2)}× | ${f(r.fetchMs, 2)} | ${f(r.restoreMs, 2)} | ${f(r.reconstructMs)} | ${f(r.storedPathMs)} | ${f(r.rawPathMs)} | ${f(r.prefill.totalMs)} (${f(r.prefill.attentionMs)} + ${f(r.prefill.projectionMs)}) | ${f(r.speedup, 2)}× | ${f(r.rawSpeedup, 2)}× | ${r.cutPathMs === null ? '–' : `${f(r.cutPathMs)} (${r.cutTokens} of ${r.tokens})`} |`,
     ),
     '',
     `stored path = fetch (lookup: manifests, record, CRC checks) + restore (deserializeCache) + reconstruct (post-RoPE keys and values of every layer, synchronized). ` +

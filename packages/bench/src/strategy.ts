@@ -40,6 +40,11 @@ export function strategyPaperRatio(s: ResolvedStrategy, layout: ModelLayout, tok
   return r !== undefined && Number.isFinite(r) ? r : null;
 }
 
+/** The target ratio the options ask for and the knob it resolves (capability `ratioTarget`), or null when they set the knob directly. */
+export function strategyRatioTarget(s: ResolvedStrategy): { target: number; knob: string } | null {
+  return capabilities(s.name).ratioTarget?.(s.resolvedOptions) ?? null;
+}
+
 /** The low-rank matrices the strategy's `compress` factors over `layers` layers (empty for other strategies). */
 export function strategyFactoredShapes(s: ResolvedStrategy, layout: ModelLayout, layers: number): FactoredShape[] {
   return capabilities(s.name).factoredShapes?.(s.resolvedOptions, layout, layers) ?? [];

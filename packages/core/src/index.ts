@@ -34,3 +34,4 @@ export * from './scope.js';
 export * from './half.js';
 export * from './define.js';
 export * from './prefix-cut.js';
+export * from './ratio.js';

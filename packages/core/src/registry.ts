@@ -1,9 +1,11 @@
 import { readFileSync } from 'node:fs';
+import type * as tf from '@tensorflow/tfjs-core';
 import { extname } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { KvpackError, check } from './errors.js';
 import { BaseCompressedCache, unreadMessage } from './cache.js';
+import { normalizeRatioOptions } from './ratio.js';
 import { byteView, decodeContainer, withDecodedContainer, type ByteSource } from './serialize.js';
 import { disposeCreatedOnError } from './scope.js';
 import type { CompressedCache, KVCache, ModelLayout, Strategy } from './types.js';
@@ -43,6 +45,46 @@ export interface StrategyCapabilities<O = unknown> {
    * strategy's caches cannot be cut. Use {@link cutCachePrefix} rather than calling it directly.
    */
   cutPrefix?(options: O): PrefixCutter | string;
+  /**
+   * The target ratio these options ask for (`targetRatio`, or kvpress's `compressionRatio` as the
+   * registry converts it) and the knob compress resolves from it for the actual T and layout (e.g.
+   * `budget`, `bits`, `ranks`), so that the measured ratio (dense fp16 bytes ÷ `byteSize()` right
+   * after compress) is ≥ the target; null when these options set the knob directly. A strategy with
+   * this capability accepts `targetRatio`; one whose target is out of reach throws a KvpackError
+   * naming the reachable range.
+   */
+  ratioTarget?(options: O): { target: number; knob: string } | null;
+  /**
+   * The token selection of a token-eviction strategy, for compositions that evict first and compress
+   * the kept tokens further (the `stacked` strategy resolves it by name through the registry).
+   */
+  tokenSelector?(options: O): TokenSelector;
+}
+
+/**
+ * Which prefill tokens a token-eviction method keeps, apart from how the kept tokens are stored.
+ * Positions are 0-based token indices (the token at position startPosition + p).
+ */
+export interface TokenSelector {
+  /**
+   * Tokens kept per KV head and layer at T prefill tokens on this layout (the budget, resolved from
+   * a target ratio when the options give one).
+   * @throws KvpackError when a target ratio is out of reach.
+   */
+  kept(layout: ModelLayout, T: number): number;
+  /**
+   * Present when the positions depend only on T and the options (implied, not stored): the n kept
+   * positions [n], ascending, the same for every KV head.
+   */
+  impliedPositions?(T: number, n: number): Int32Array;
+  /** Checks what the selection needs (queries, layout) before any layer. @throws KvpackError */
+  check?(cache: KVCache): void;
+  /**
+   * Kept positions of one layer, ascending per head: host [n, H_kv] row-major, or an int32 backend
+   * tensor [H_kv, n] (handed over), or null to keep all T. `postKeys` are the layer's post-RoPE keys
+   * [T, H_kv, d] (owned by the caller). `n` is {@link kept}.
+   */
+  select(cache: KVCache, layer: number, postKeys: tf.Tensor3D, T: number, n: number): Promise<Int32Array | tf.Tensor2D | null>;
 }
 
 /**
@@ -133,7 +175,7 @@ export const FIRST_PARTY_STRATEGIES: Readonly<Record<string, { package: string; 
   dense: { package: '@kvpack/core', register: "import '@kvpack/core'" },
   xkv: { package: '@kvpack/xkv', register: "import { registerXkv } from '@kvpack/xkv'; registerXkv()" },
   ...Object.fromEntries(
-    ['svd', 'quant', 'kivi', 'minicache', 'streamingllm', 'snapkv'].map((n) => [
+    ['svd', 'quant', 'kivi', 'minicache', 'streamingllm', 'snapkv', 'stacked'].map((n) => [
       n,
       { package: '@kvpack/baselines', register: "import { registerBaselines } from '@kvpack/baselines'; registerBaselines()" },
     ]),
@@ -198,12 +240,15 @@ function optionKeys(schema: z.ZodType): string[] {
  */
 export function parseStrategyOptions(name: string, options: unknown): unknown {
   const def = getStrategyDefinition(name);
-  const r = def.schema.safeParse(renameOptions(name, options ?? {}, def.renamedOptions));
+  // A target ratio may be given as kvpress's compressionRatio (fraction removed) where the strategy takes targetRatio.
+  const renamed = renameOptions(name, options ?? {}, def.renamedOptions);
+  const r = def.schema.safeParse(optionKeys(def.schema).includes('targetRatio') ? normalizeRatioOptions(renamed, `options of strategy "${name}"`) : renamed);
   if (!r.success) {
     const allowed = optionKeys(def.schema);
     throw new KvpackError(
       'config',
-      `invalid options for strategy "${name}":\n${z.prettifyError(r.error)}` + (allowed.length ? `\nallowed options: ${allowed.join(', ')}` : ''),
+      `invalid options for strategy "${name}":\n${z.prettifyError(r.error)}` +
+        (allowed.length ? `\nallowed options: ${[...allowed, ...(allowed.includes('targetRatio') ? ['compressionRatio (kvpress form of targetRatio)'] : [])].join(', ')}` : ''),
     );
   }
   return r.data;

@@ -46,6 +46,7 @@ export const xkvDefinition = defineStrategy({
     factoredShapes: (o, layout, layers) => (hasRankTarget(o) ? [] : groupFactoredShapes(layout, layers, o.layersPerGroup, o.rankK, o.rankV)),
     // A token-basis row belongs to one token: any prefix keeps its rows and the same factors.
     cutPrefix: (o) => groupSvdPrefixCut('xkv', o),
+    ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'ranks' }),
   },
   renamedOptions: { groupSize: 'layersPerGroup', 'factorQuantization.groupSize': 'factorQuantization.quantGroupSize' },
 });

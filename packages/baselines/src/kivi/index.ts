@@ -10,11 +10,12 @@ import {
   checkKV,
   HalfTensor,
   defineStrategy,
+  denseCacheBytes,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
 } from '@kvpack/core';
-import { concatHalfRows, holdMinMaxOnBackend, dropHalfRows, type HeldMinMax, type MinMaxGrouping } from '@kvpack/strategy-utils';
+import { concatHalfRows, holdMinMaxOnBackend, dropHalfRows, resolveKnobByTarget, type HeldMinMax, type MinMaxGrouping } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 import { HeldMinMaxBlocks } from './held.js';
 
@@ -22,7 +23,7 @@ import { HeldMinMaxBlocks } from './held.js';
 export const KiviOptionsSchema = z
   .strictObject({
     /** Bits per code, for keys and values: 2 (KIVI-2) or 4 (KIVI-4). */
-    bits: z.union([z.literal(2), z.literal(4)], { error: 'bits must be 2 or 4' }).default(2).describe('Bits per code for keys and values: 2 (KIVI-2) or 4 (KIVI-4).'),
+    bits: z.union([z.literal(2), z.literal(4)], { error: 'bits must be 2 or 4' }).optional().describe('Bits per code for keys and values: 2 (KIVI-2, default) or 4 (KIVI-4); excludes targetRatio.'),
     /**
      * Group size g: keys are grouped over g tokens per channel, values over g channels per token; at
      * most 2^16 (core MAX_FEATURES: g divides head_dim, itself at most a layer's H_kv·d features).
@@ -30,12 +31,41 @@ export const KiviOptionsSchema = z
     quantGroupSize: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'g divides head_dim') }).default(32).describe('Group size g in elements: keys grouped over g tokens per channel, values over g channels per token; divides head_dim.'),
     /** Full-precision (16-bit) residual window R, in tokens; a multiple of g; at most 2^20 (core MAX_TOKENS). */
     residualLength: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap") }).default(128).describe('Full-precision (float16) residual window R in tokens; a multiple of quantGroupSize.'),
+    /**
+     * Target ratio (dense fp16 bytes ÷ bytes held) instead of bits: the most bits (4, then 2) whose
+     * measured bytes reach it at the actual T ({@link resolveKiviOptions}; the float16 window counts).
+     * Excludes bits; `compressionRatio` is accepted for it.
+     */
+    targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of bits: the most bits (4, then 2) reaching it at the actual T.'),
   })
+  .refine((o) => o.bits === undefined || o.targetRatio === undefined, { message: 'give bits or targetRatio, not both', path: ['targetRatio'] })
   .refine((o) => o.residualLength % o.quantGroupSize === 0, {
     message: 'residualLength (R) must be a multiple of quantGroupSize (g), as KIVI quantizes keys R tokens at a time in groups of g',
     path: ['residualLength'],
   });
 export type KiviOptions = z.output<typeof KiviOptionsSchema>;
+
+/**
+ * The options with bits fixed for a prefill of T tokens: as given, or 2 by default, or — with a
+ * targetRatio ρ — the most bits of 4 and 2 whose {@link kiviCacheBytes} · ρ ≤ dense fp16 bytes (the
+ * measured ratio right after compress is then ≥ ρ). The result records bits, not the target.
+ * @throws KvpackError('config') when 2 bits do not reach ρ (the float16 window of residualLength
+ *   tokens bounds the ratio at short T), naming the reachable range.
+ */
+export function resolveKiviOptions(options: KiviOptions, layout: ModelLayout, T: number): KiviOptions & { bits: 2 | 4 } {
+  if (options.targetRatio === undefined) return { ...options, bits: options.bits ?? 2 };
+  const bits = resolveKnobByTarget({
+    strategy: 'kivi',
+    knob: 'bits',
+    target: options.targetRatio,
+    tokens: T,
+    denseBytes: denseCacheBytes(layout, T),
+    candidates: [4, 2] as const,
+    bytesOf: (b) => kiviCacheBytes(layout, T, { ...options, bits: b }),
+  });
+  const { targetRatio: _, ...rest } = options;
+  return { ...rest, bits };
+}
 
 /**
  * What one layer of a KIVI cache holds on the backend, all in its stored form: the quantized keys and
@@ -110,7 +140,7 @@ function disposeLayer(s: KiviLayer): void {
 
 /** An empty layer: keys grouped over g tokens per channel (merged block by block), values over g channels per token (a tail of up to R tokens). */
 function emptyLayer(options: KiviOptions, H: number, d: number): KiviLayer {
-  const { bits, quantGroupSize: g, residualLength: R } = options;
+  const { bits = 2, quantGroupSize: g, residualLength: R } = options;
   return {
     k: new HeldMinMaxBlocks({ along: 'tokens', bits, H, d, g, tailTokens: R }),
     kWin: null,
@@ -128,7 +158,7 @@ function emptyLayer(options: KiviOptions, H: number, d: number): KiviLayer {
  */
 export function kiviCacheBytes(layout: ModelLayout, tokens: number, options: KiviOptions): number {
   const { nKvHeads: H, headDim: d, nLayers: L } = layout;
-  const { bits: b, quantGroupSize: g, residualLength: R } = options;
+  const { bits: b = 2, quantGroupSize: g, residualLength: R } = options;
   const rk = tokens % R;
   const nk = tokens - rk;
   const rv = Math.min(tokens, R);
@@ -215,7 +245,7 @@ export class KiviCache extends BaseCompressedCache {
     checkKV(values, this.layout, `append(layer ${layer}) values`, keys.shape[0]);
     const s = this.state[layer];
     const { nKvHeads: H, headDim: d } = this.layout;
-    const { bits, quantGroupSize: g, residualLength: R } = this.options;
+    const { bits = 2, quantGroupSize: g, residualLength: R } = this.options;
     // Keys: a window of R or more tokens is quantized R at a time; values: beyond R, the oldest tokens.
     const rk = rows(s.kWin);
     const nk = rk >= R ? Math.floor(rk / R) * R : 0;
@@ -287,12 +317,14 @@ export const kiviDefinition = defineStrategy({
   schema: KiviOptionsSchema,
   renamedOptions: { groupSize: 'quantGroupSize' },
   capabilities: {
+    ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'bits' }),
     cutPrefix: (o) =>
       `kivi quantizes keys per channel over groups of ${o.quantGroupSize} tokens with one scale and zero point per group, and keeps the last tokens in a float16 window: a prefix ending inside a key group would need that group's codes re-quantized, which changes the stored numbers; store and restore whole prefixes`,
   },
-  async compress(cache, options, T) {
+  async compress(cache, given, T) {
+    const options = resolveKiviOptions(given, cache.layout, T);
     const { nKvHeads: H, headDim: d } = cache.layout;
-    const { bits, quantGroupSize: g, residualLength: R } = options;
+    const { bits = 2, quantGroupSize: g, residualLength: R } = options;
     check(d % g === 0, 'shape', `kivi: head_dim ${d} is not a multiple of quantGroupSize ${g} (values are quantized in groups of g channels)`);
     const state: KiviLayer[] = [];
     const flags: tf.Scalar[] = [];
@@ -325,10 +357,11 @@ export const kiviDefinition = defineStrategy({
     }
     return new KiviCache(cache.layout, cache.rope, T, options, state);
   },
-  restore(r, options) {
+  restore(r, given) {
     const { layout, rope, prefillLength } = r.header;
+    const options = resolveKiviOptions(given, layout, prefillLength);
     const { nKvHeads: H, headDim: d } = layout;
-    const { bits, quantGroupSize: g, residualLength: R } = options;
+    const { bits = 2, quantGroupSize: g, residualLength: R } = options;
     check(d % g === 0, 'corrupt', `serialized kivi cache is corrupt: head_dim ${d} is not a multiple of its group size ${g}`);
     const state: KiviLayer[] = [];
     // The stored bytes are uploaded as they are (codes packed, scale, min and windows float16).

@@ -7,12 +7,13 @@ import {
   atMost,
   check,
   defineStrategy,
+  denseCacheBytes,
   disposeOwnedOnError,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
 } from '@kvpack/core';
-import { topKPositions } from '@kvpack/strategy-utils';
+import { resolveKnobByTarget, topKPositions } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /** Options of the `minicache` strategy (defaults: the paper's t = 0.6 and γ = 0.05). */
@@ -26,7 +27,33 @@ export const MiniCacheOptionsSchema = z.strictObject({
   t: z.number().min(0).max(1).default(0.6).describe('SLERP interpolation t in [0, 1] between the lower (0) and upper (1) layer direction.'),
   /** Retained fraction γ ∈ [0, 1]: per merged pair and KV head, round(γ·T) most distinct token pairs stay unmerged. */
   gamma: z.number().min(0).max(1).default(0.05).describe('Retained fraction: per merged pair and KV head, round(gamma·T) most distinct token pairs stay unmerged.'),
-});
+  /**
+   * Target ratio (dense fp16 bytes ÷ bytes held) instead of startLayer: the highest start layer (fewest
+   * merged pairs) whose measured bytes reach it at the actual T ({@link resolveStartLayer}). Excludes
+   * startLayer; `compressionRatio` is accepted for it. Merging pairs bounds the ratio below 2×.
+   */
+  targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of startLayer: the highest start layer reaching it at the actual T.'),
+}).refine((o) => o.startLayer === undefined || o.targetRatio === undefined, { message: 'give startLayer or targetRatio, not both', path: ['targetRatio'] });
+
+/**
+ * The start layer of a prefill of T tokens: `startLayer`, or ⌊L/2⌋ by default, or — with a
+ * targetRatio ρ — the highest S in [0, L − 2] whose {@link miniCacheBytes} · ρ ≤ dense fp16 bytes
+ * (the measured ratio right after compress is then ≥ ρ).
+ * @throws KvpackError('config') when S = 0 does not reach ρ, naming the reachable range.
+ */
+export function resolveStartLayer(options: MiniCacheOptions, layout: ModelLayout, T: number): number {
+  const L = layout.nLayers;
+  if (options.targetRatio === undefined || L < 2) return options.startLayer ?? Math.floor(L / 2);
+  return resolveKnobByTarget({
+    strategy: 'minicache',
+    knob: 'startLayer',
+    target: options.targetRatio,
+    tokens: T,
+    denseBytes: denseCacheBytes(layout, T),
+    candidates: Array.from({ length: L - 1 }, (_, i) => L - 2 - i),
+    bytesOf: (S) => miniCacheBytes(layout, T, { ...options, startLayer: S }),
+  });
+}
 export type MiniCacheOptions = z.output<typeof MiniCacheOptionsSchema>;
 
 /** Angles at or within this of 0 or π make SLERP's 1/sin Ω ill-conditioned: linear interpolation instead. */
@@ -297,7 +324,10 @@ export const miniCacheDefinition = defineStrategy({
   description: 'MiniCache: SLERP merging of adjacent layer pairs from mid-depth, per-layer norms, most distinct tokens retained (Liu et al. 2024)',
   schema: MiniCacheOptionsSchema,
   capabilities: {
+    ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'startLayer' }),
+    // With a target ratio the start layer depends on T, which this capability is not given: none is named.
     exactLayers: (o, L) => {
+      if (o.targetRatio !== undefined) return [];
       const merged = new Set(mergedPairs(L, o.startLayer ?? Math.floor(L / 2)).flat());
       return Array.from({ length: L }, (_, l) => l).filter((l) => !merged.has(l));
     },
@@ -305,7 +335,7 @@ export const miniCacheDefinition = defineStrategy({
   compress: (cache, options, T) =>
     disposeOwnedOnError(async (own) => {
       const { nLayers: L, nKvHeads: H, headDim: d } = cache.layout;
-      const start = options.startLayer ?? Math.floor(L / 2);
+      const start = resolveStartLayer(options, cache.layout, T);
       check(
         start + 1 < L,
         'config',

@@ -3,6 +3,7 @@ import {
   BaseCompressedCache,
   applyRope,
   defineStrategy,
+  denseCacheBytes,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
@@ -15,6 +16,7 @@ import {
   quantizeMatrix,
   quantizedBytes,
   readQuantized,
+  resolveKnobByTarget,
   type HeldQuantized,
   type QuantSpec,
 } from '@kvpack/strategy-utils';
@@ -23,18 +25,44 @@ import { z } from 'zod';
 /** Options of the `quant` strategy. */
 export const QuantOptionsSchema = z.strictObject({
   /** Bits per code: 8 (int8) or 4 (int4, two codes per byte). */
-  bits: z.union([z.literal(8), z.literal(4)], { error: 'bits must be 8 or 4' }).default(8).describe('Bits per code (8 or 4).'),
+  bits: z.union([z.literal(8), z.literal(4)], { error: 'bits must be 8 or 4' }).optional().describe('Bits per code (8 or 4; default 8; excludes targetRatio).'),
   /**
    * `symmetric`: one 16-bit scale per group, codes in [−2^(b−1), 2^(b−1) − 1].
    * `asymmetric`: a 16-bit scale and an integer zero point (1 byte) per group, codes in [0, 2^b − 1].
    */
   mode: z.enum(['symmetric', 'asymmetric']).default('symmetric').describe('Symmetric (scale only) or asymmetric (scale + zero point) per token and KV head.'),
-});
+  /**
+   * Target ratio (dense fp16 bytes ÷ bytes held) instead of bits: the most bits (8, then 4) whose
+   * measured bytes reach it ({@link resolveQuantOptions}). Excludes bits; `compressionRatio` is accepted for it.
+   */
+  targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of bits: the most bits (8, then 4) reaching it.'),
+}).refine((o) => o.bits === undefined || o.targetRatio === undefined, { message: 'give bits or targetRatio, not both', path: ['targetRatio'] });
 export type QuantOptions = z.output<typeof QuantOptionsSchema>;
+
+/**
+ * The options with bits fixed for a prefill of T tokens: as given, or 8 by default, or — with a
+ * targetRatio ρ — the most bits of 8 and 4 whose {@link quantCacheBytes} · ρ ≤ dense fp16 bytes (the
+ * measured ratio right after compress is then ≥ ρ). The result records bits, not the target.
+ * @throws KvpackError('config') when 4 bits do not reach ρ, naming the reachable range.
+ */
+export function resolveQuantOptions(options: QuantOptions, layout: ModelLayout, T: number): QuantOptions & { bits: 8 | 4 } {
+  if (options.targetRatio === undefined) return { ...options, bits: options.bits ?? 8 };
+  const bits = resolveKnobByTarget({
+    strategy: 'quant',
+    knob: 'bits',
+    target: options.targetRatio,
+    tokens: T,
+    denseBytes: denseCacheBytes(layout, T),
+    candidates: [8, 4] as const,
+    bytesOf: (b) => quantCacheBytes(layout, T, { ...options, bits: b }),
+  });
+  const { targetRatio: _, ...rest } = options;
+  return { ...rest, bits };
+}
 
 /** The quantization spec of one token's one KV head: a group of d channels. */
 export function perTokenSpec(options: QuantOptions, headDim: number): QuantSpec {
-  return { bits: options.bits, quantGroupSize: headDim, symmetric: options.mode === 'symmetric' };
+  return { bits: options.bits ?? 8, quantGroupSize: headDim, symmetric: options.mode === 'symmetric' };
 }
 
 /**
@@ -106,7 +134,9 @@ export const quantDefinition = defineStrategy({
   name: 'quant',
   description: 'per-token int8/int4 quantization of keys (pre-RoPE) and values, 16-bit scale per token per KV head',
   schema: QuantOptionsSchema,
-  async compress(cache, options, T) {
+  capabilities: { ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'bits' }) },
+  async compress(cache, given, T) {
+    const options = resolveQuantOptions(given, cache.layout, T);
     const { nKvHeads, headDim } = cache.layout;
     const spec = perTokenSpec(options, headDim);
     const qk: HeldQuantized[] = [];
@@ -123,8 +153,9 @@ export const quantDefinition = defineStrategy({
     }
     return new QuantCache(cache.layout, cache.rope, T, options, qk, qv, cache.startPosition ?? 0);
   },
-  restore(r, options) {
+  restore(r, given) {
     const { layout, rope, prefillLength, startPosition } = r.header;
+    const options = resolveQuantOptions(given, layout, prefillLength);
     const spec = perTokenSpec(options, layout.headDim);
     // The stored bytes are uploaded as they are (codes and zero points packed, scales float16).
     const load = (name: string): HeldQuantized => holdQuantized(readQuantized(r, name, prefillLength * layout.nKvHeads, layout.headDim, spec));

@@ -21,7 +21,7 @@ runStrategyConformance('quant', {
 function refQuant(x: Float32Array, rows: number, d: number, o: QuantOptions): { deq: Float64Array; scale: Float64Array } {
   const deq = new Float64Array(rows * d);
   const scale = new Float64Array(rows);
-  const b = o.bits;
+  const b = o.bits ?? 8;
   for (let r = 0; r < rows; r++) {
     const row = Array.from(x.subarray(r * d, (r + 1) * d));
     const lo = Math.min(...row);
@@ -79,7 +79,7 @@ describe('quant: per-token int8/int4 against a float64 re-computation', () => {
           }
       }
       expect(worstRel).toBeGreaterThan(0.3); // quantization really happened
-      const expected = 2 * layout.nLayers * (Math.ceil((T * H * d * options.bits) / 8) + 2 * T * H + (options.mode === 'asymmetric' ? T * H : 0));
+      const expected = 2 * layout.nLayers * (Math.ceil((T * H * d * (options.bits ?? 8)) / 8) + 2 * T * H + (options.mode === 'asymmetric' ? T * H : 0));
       expect(c.byteSize()).toBe(expected);
       expect(quantCacheBytes(layout, T, options)).toBe(expected);
       c.dispose();

@@ -5,11 +5,20 @@ import { defineEvictionStrategy, type ScoreContext } from '@kvpack/strategy-util
 
 const tokens = atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap");
 
+/** Budget when neither budget nor targetRatio is given (SnapKV's max_capacity_prompt in its examples is larger; 256 fits small models). */
+const DEFAULT_BUDGET = 256;
+
 /** Options of the `snapkv` strategy. Token counts are at most 2^20 (core MAX_TOKENS). */
 export const SnapKvOptionsSchema = z
   .strictObject({
     /** Prefill tokens kept per KV head and layer, the observation window included (SnapKV's max_capacity_prompt); at most 2^20. */
-    budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).default(256).describe('Prefill tokens kept per KV head and layer, the observation window included.'),
+    budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).optional().describe('Prefill tokens kept per KV head and layer, the observation window included (default 256; excludes targetRatio).'),
+    /**
+     * Target ratio (dense fp16 bytes ÷ bytes held, kept positions included) instead of a budget: the
+     * largest budget whose measured ratio is ≥ the target at the actual T (core `evictionBudget` rule
+     * in @kvpack/strategy-utils). Excludes budget; `compressionRatio` (kvpress's fraction removed) is accepted for it.
+     */
+    targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest budget reaching it at the actual T.'),
     /** Observation window w: the last w prompt tokens, whose queries vote and which are always kept; below budget, so at most 2^20 − 1. */
     window: z.int().positive().max(MAX_TOKENS - 1, { error: atMost(MAX_TOKENS - 1, 'the window is smaller than the budget, itself at most 2^20 tokens') }).default(32).describe('Observation window w in tokens: the last w prompt tokens vote and are always kept.'),
     /** 1-D pooling kernel over token positions (odd, so the pooled scores keep their length); at most 2^20 − 1, the largest odd token count. */
@@ -17,7 +26,8 @@ export const SnapKvOptionsSchema = z
     /** Pooling of the votes: avg (SnapKV's default) or max. */
     pooling: z.enum(['avg', 'max']).default('avg').describe('Pooling of the votes: avg (SnapKV default) or max.'),
   })
-  .refine((o) => o.budget > o.window, { message: 'budget must exceed window (the budget includes the observation window)', path: ['budget'] })
+  .refine((o) => o.budget === undefined || o.targetRatio === undefined, { message: 'give budget or targetRatio, not both', path: ['targetRatio'] })
+  .refine((o) => (o.budget ?? DEFAULT_BUDGET) > o.window, { message: 'budget must exceed window (the budget includes the observation window)', path: ['budget'] })
   .refine((o) => o.kernelSize % 2 === 1, { message: 'kernelSize must be odd', path: ['kernelSize'] });
 export type SnapKvOptions = z.output<typeof SnapKvOptionsSchema>;
 
@@ -127,6 +137,6 @@ export const snapKvDefinition = defineEvictionStrategy({
   name: 'snapkv',
   description: 'SnapKV: keep per KV head the prefix tokens the observation window attends to most, plus the window (Li et al. 2024)',
   schema: SnapKvOptionsSchema,
-  scorer: { budget: (o) => o.budget, check: checkQueries, score: snapkvScores },
+  scorer: { budget: (o) => o.budget ?? DEFAULT_BUDGET, targetRatio: (o) => o.targetRatio, minBudget: (o) => o.window + 1, check: checkQueries, score: snapkvScores },
   capabilities: { queryWindow: (o) => o.window },
 });

@@ -66,7 +66,7 @@ describe('snapkv: kept tokens against a direct float64 computation', () => {
 
   for (const [pooling, w] of [['avg', 8], ['max', 6]] as const) {
     it(`${pooling} pooling, window ${w}: per-head top-k of the votes plus the window`, async () => {
-      const o: SnapKvOptions = { budget: 20, window: w, kernelSize: 7, pooling };
+      const o = { budget: 20, window: w, kernelSize: 7, pooling } satisfies SnapKvOptions;
       const c = (await createStrategy({ name: 'snapkv', options: o }).compress(rc.cache)) as KeptTokensCache;
       const k = o.budget - w;
       let differ = false;

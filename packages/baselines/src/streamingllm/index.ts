@@ -4,15 +4,25 @@ import { z } from 'zod';
 
 const tokens = atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap");
 
+/** Budget when neither budget nor targetRatio is given. */
+const DEFAULT_BUDGET = 256;
+
 /** Options of the `streamingllm` strategy. */
 export const StreamingLlmOptionsSchema = z
   .strictObject({
     /** Attention sinks: the first tokens, always kept (StreamingLLM's default 4); at most 2^20 (core MAX_TOKENS). */
     sinks: z.int().nonnegative().max(MAX_TOKENS, { error: tokens }).default(4).describe('Attention-sink tokens kept from the start of the prompt.'),
     /** Prefill tokens kept per layer, sinks included (sinks + recent window); at most 2^20 (core MAX_TOKENS). */
-    budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).default(256).describe('Prefill tokens kept per layer: the sinks plus the most recent tokens.'),
+    budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).optional().describe('Prefill tokens kept per layer: the sinks plus the most recent tokens (default 256; excludes targetRatio).'),
+    /**
+     * Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest budget whose
+     * measured ratio is ≥ the target at the actual T (`evictionBudget` in @kvpack/strategy-utils; the
+     * positions are implied, so the ratio is T ÷ budget). Excludes budget; `compressionRatio` is accepted for it.
+     */
+    targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest budget reaching it at the actual T.'),
   })
-  .refine((o) => o.sinks <= o.budget, { message: 'sinks must not exceed budget (the budget counts the sinks)', path: ['sinks'] });
+  .refine((o) => o.budget === undefined || o.targetRatio === undefined, { message: 'give budget or targetRatio, not both', path: ['targetRatio'] })
+  .refine((o) => o.sinks <= (o.budget ?? DEFAULT_BUDGET), { message: 'sinks must not exceed budget (the budget counts the sinks)', path: ['sinks'] });
 export type StreamingLlmOptions = z.output<typeof StreamingLlmOptionsSchema>;
 
 /**
@@ -39,5 +49,10 @@ export const streamingLlmDefinition = defineEvictionStrategy({
   name: 'streamingllm',
   description: 'StreamingLLM: keep attention sinks + the most recent tokens of the prefill (Xiao et al. 2024)',
   schema: StreamingLlmOptionsSchema,
-  scorer: { budget: (o) => o.budget, impliedPositions: (T, o) => streamingKeptPositions(T, o.sinks, o.budget) },
+  scorer: {
+    budget: (o) => o.budget ?? DEFAULT_BUDGET,
+    targetRatio: (o) => o.targetRatio,
+    minBudget: (o) => Math.max(1, o.sinks),
+    impliedPositions: (T, o, budget) => streamingKeptPositions(T, o.sinks, budget),
+  },
 });

@@ -32,6 +32,7 @@ export const svdDefinition = defineStrategy({
     factoredShapes: (o, layout, layers) => (hasRankTarget(o) ? [] : groupFactoredShapes(layout, layers, 1, o.rankK, o.rankV)),
     // A token-basis row belongs to one token: any prefix keeps its rows and the same factors.
     cutPrefix: (o) => groupSvdPrefixCut('svd', o),
+    ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'ranks' }),
   },
   renamedOptions: { 'factorQuantization.groupSize': 'factorQuantization.quantGroupSize' },
 });

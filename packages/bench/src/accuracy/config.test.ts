@@ -24,6 +24,8 @@ describe('accuracy config', () => {
       'xkv-4 sparse budget=128',
       'xkv-4 sparse budget=256',
       'xkv-4 sparse budget=512',
+      'xkv-4 target targetRatio=16',
+      'xkv-4 target targetRatio=32',
     ]);
     // MiniCache once on all layers and once at its default start (⌊L/2⌋, left to the strategy).
     expect(cfg.settings.filter((s) => s.name === 'minicache').map((s) => s.resolvedOptions.startLayer)).toEqual([0, undefined]);

@@ -1,4 +1,4 @@
-import { getStrategyDefinition } from '@kvpack/core';
+import { compressionRatioOf, getStrategyDefinition } from '@kvpack/core';
 import type { PlotPanel } from '../plot.js';
 import { markdownTable, type BenchEnvironment } from '../report.js';
 import type { AccuracyReference, AccuracyRunResult, AccuracySettingResult } from './runner.js';
@@ -43,7 +43,7 @@ function attnCell(x: number | null): string {
 export function accuracyTable(reference: AccuracyReference, results: AccuracySettingResult[]): string {
   const tasks = reference.accuracy.tasks.map((t) => t.task);
   const many = tasks.length > 1;
-  const header = ['setting', 'ratio', ...tasks, ...(many ? ['mean'] : []), 'agree', 'attn err', 'compress ms', 'resident ÷ stored'];
+  const header = ['setting', 'ratio', 'cr', ...tasks, ...(many ? ['mean'] : []), 'agree', 'attn err', 'compress ms', 'resident ÷ stored'];
   const acc = (r: { accuracy: AccuracyReference['accuracy'] }) => [
     ...tasks.map((t) => {
       const a = r.accuracy.tasks.find((x) => x.task === t);
@@ -58,7 +58,7 @@ export function accuracyTable(reference: AccuracyReference, results: AccuracySet
       continue;
     }
     const res = r.resident ? `${fmt(r.resident.afterCompress, 2)} / ${fmt(r.resident.peakDecode, 2)} / ${fmt(r.resident.afterDecode, 2)}` : '–';
-    rows.push([r.label, `${fmt(r.ratio, 2)}×`, ...acc(r), fmt(r.agreement, 2), attnCell(r.attentionError), fmt(r.compressMs, 0), res]);
+    rows.push([r.label, `${fmt(r.ratio, 2)}×`, fmt(compressionRatioOf(r.ratio), 3), ...acc(r), fmt(r.agreement, 2), attnCell(r.attentionError), fmt(r.compressMs, 0), res]);
   }
   return markdownTable(header, rows, ['l', ...header.slice(1).map(() => 'r' as const)]);
 }
@@ -110,7 +110,7 @@ export function accuracyMarkdown(report: AccuracyReport): string {
     accuracyTable(report.reference, report.results),
     '',
     ...report.results.filter((r) => r.error !== undefined).map((r) => `**${r.label} failed:** ${r.error}\n`),
-    `ratio: fp16 dense bytes / bytes the compressed prefill holds (measured, Σ over examples). ` +
+    `ratio: fp16 dense bytes / bytes the compressed prefill holds (measured, Σ over examples); cr: kvpress's compression_ratio, the fraction removed (1 − 1/ratio). ` +
       `resident ÷ stored: tensor bytes the compressed cache holds on the backend over its byteSize(), after compress / at the peak of answering (with the decode steps' transient working set) / after answering; the largest over the examples. ` +
       `Task columns: exact-match accuracy — the greedy answer (len(answer_ids) tokens, or up to a stop id) equals answer_ids token for token. ` +
       `agree: fraction of answers identical to the uncompressed model's. ` +

@@ -53,7 +53,7 @@ describe.skipIf(!present)('kvpack bench accuracy on rulermini-19m (end to end, -
 
   it('prints the table and writes JSON, Markdown and the SVG plot', () => {
     expect(code, io.stderr).toBe(0);
-    expect(io.stdout).toMatch(/^\| setting +\| +ratio \| +niah_single \| +agree \| attn err \| compress ms \| +resident ÷ stored \|$/m);
+    expect(io.stdout).toMatch(/^\| setting +\| +ratio \| +cr \| +niah_single \| +agree \| attn err \| compress ms \| +resident ÷ stored \|$/m);
     expect(io.stdout).toMatch(/^\| uncompressed \(float32\) +\| +– \| +1\.00 \(2\/2\) \|/m);
     expect(io.stdout).toMatch(/^\| streamingllm +\| +[0-9.]+× \|/m);
     expect(report.eval).toMatchObject({ tasks: ['niah_single'], examples: 2 });

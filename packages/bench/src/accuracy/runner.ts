@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { performance } from 'node:perf_hooks';
-import { KvpackError, check, createStrategy, denseCacheBytes, disposeKVCache, type CompressedCache, type KVCache, type ModelLayout } from '@kvpack/core';
+import { KvpackError, check, compressionRatioOf, createStrategy, denseCacheBytes, disposeKVCache, type CompressedCache, type KVCache, type ModelLayout } from '@kvpack/core';
 import type { ResolvedSetting } from '../config.js';
 import { relativeError, type ErrorSums } from '../metrics.js';
 import type { BenchModel } from '../model.js';
@@ -190,6 +190,7 @@ export function aggregateSetting(r: AccuracySettingResult, tasks: string[]): Acc
   r.bytes = sum((o) => o.bytes);
   r.denseBytes = sum((o) => o.denseBytes);
   r.ratio = r.denseBytes / r.bytes;
+  r.compressionRatio = compressionRatioOf(r.ratio);
   r.accuracy = summarizeAccuracy(ex, tasks);
   r.agreement = ex.length ? sum((o) => (o.agrees ? 1 : 0)) / ex.length : NaN;
   r.compressMs = ex.length ? sum((o) => o.compressMs) / ex.length : NaN;

@@ -14,6 +14,8 @@ export function fakeResult(over: Partial<SettingResult> = {}): SettingResult {
     bytes: 1000,
     denseBytes: 4000,
     ratio: 4,
+    compressionRatio: 0.75,
+    targetRatio: null,
     paperRatio: 3.5,
     keyError: 0.12345,
     valueError: 0.5,

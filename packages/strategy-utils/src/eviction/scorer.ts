@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { check, defineStrategy, type KVCache, type StrategyCapabilities, type StrategyDefinition } from '@kvpack/core';
+import { KvpackError, check, defineStrategy, denseCacheBytes, type KVCache, type ModelLayout, type StrategyCapabilities, type StrategyDefinition, type TokenSelector } from '@kvpack/core';
 import type { z } from 'zod';
 import { KeptTokensCache } from './kept-tokens.js';
 import { topKPositions } from './top-k.js';
@@ -19,8 +19,15 @@ export interface ScoreContext {
  * original positions. When T ≤ budget nothing is evicted.
  */
 export interface TokenScorer<O> {
-  /** Prefill tokens kept per KV head and layer. */
+  /** Prefill tokens kept per KV head and layer, when the options set it (not a target ratio). */
   budget(options: O): number;
+  /**
+   * The target ratio (dense fp16 bytes ÷ bytes held) the options ask for instead of a budget, or
+   * undefined; the budget is then resolved per T ({@link evictionBudget}).
+   */
+  targetRatio?(options: O): number | undefined;
+  /** The smallest budget these options allow (e.g. SnapKV's window + 1); default 1. */
+  minBudget?(options: O): number;
   /**
    * Scores of one layer's prefill tokens, [H_kv, T]: higher is kept; +Infinity is always kept (a
    * window that must stay). Either a float32 tensor on the backend (handed over: the eviction layer
@@ -34,7 +41,44 @@ export interface TokenScorer<O> {
    * The kept positions [n] (the same for every KV head) when they depend only on T and the options,
    * not on the cache's values: then they are not stored, which saves their bytes. `score` is not called.
    */
-  impliedPositions?(T: number, options: O): Int32Array;
+  impliedPositions?(T: number, options: O, budget: number): Int32Array;
+}
+
+/**
+ * Bytes a {@link KeptTokensCache} holds right after compress when it keeps n tokens per KV head and
+ * layer: float16 keys and values, L · n · H_kv · d · 2 · 2, plus the stored positions, L · n · H_kv · 4
+ * (int32), unless they are implied.
+ */
+export function keptTokensBytes(layout: ModelLayout, n: number, storedPositions: boolean): number {
+  const { nLayers: L, nKvHeads: H, headDim: d } = layout;
+  return L * n * H * (4 * d + (storedPositions ? 4 : 0));
+}
+
+/**
+ * The budget of a token scorer at T tokens. With a target ratio ρ: the largest n ≤ T with
+ * `denseCacheBytes(layout, T) / keptTokensBytes(layout, n, stored) ≥ ρ` (so the measured ratio right
+ * after compress is ≥ ρ); else the options' budget.
+ * @throws KvpackError('config') when even the smallest budget the options allow (`minBudget`) stays
+ *   below ρ, naming the reachable range.
+ */
+export function evictionBudget<O>(name: string, scorer: TokenScorer<O>, options: O, layout: ModelLayout, T: number): number {
+  const rho = scorer.targetRatio?.(options);
+  if (rho === undefined) return scorer.budget(options);
+  const stored = !scorer.impliedPositions;
+  const dense = denseCacheBytes(layout, T);
+  const least = Math.max(1, scorer.minBudget?.(options) ?? 1);
+  let n = Math.min(T, Math.floor(dense / (rho * keptTokensBytes(layout, 1, stored))));
+  while (n > 0 && keptTokensBytes(layout, n, stored) * rho > dense) n--;
+  if (n < least) {
+    const best = dense / keptTokensBytes(layout, Math.min(least, T), stored);
+    const worst = dense / keptTokensBytes(layout, T, stored);
+    throw new KvpackError(
+      'config',
+      `${name}: targetRatio ${rho} (compressionRatio ${(1 - 1 / rho).toFixed(4)}) is out of reach at T=${T}: ` +
+        `the fewest tokens these options keep (${least} per KV head and layer) give ${best.toFixed(3)}×; reachable: ${Math.min(worst, best).toFixed(3)}× to ${best.toFixed(3)}×`,
+    );
+  }
+  return n;
 }
 
 /**
@@ -102,35 +146,51 @@ export interface EvictionStrategySpec<S extends z.ZodType> {
 export function defineEvictionStrategy<S extends z.ZodType>(spec: EvictionStrategySpec<S>): StrategyDefinition<S> {
   const { name, scorer } = spec;
   check(scorer.score || scorer.impliedPositions, 'config', `${name}: a token scorer needs score() or impliedPositions()`);
-  const implied = (options: z.output<S>) =>
-    scorer.impliedPositions ? (T: number, H: number) => repeatPerHead(scorer.impliedPositions!(T, options), H) : undefined;
+  const selector = (options: z.output<S>): TokenSelector => ({
+    kept: (layout, T) => Math.min(T, evictionBudget(name, scorer, options, layout, T)),
+    ...(scorer.impliedPositions ? { impliedPositions: (T: number, n: number) => scorer.impliedPositions!(T, options, n) } : {}),
+    check: scorer.check ? (cache) => scorer.check!(cache, options) : undefined,
+    async select(cache, l, postKeys, T, n) {
+      const H = cache.layout.nKvHeads;
+      if (scorer.impliedPositions) {
+        const p = repeatPerHead(scorer.impliedPositions(T, options, n), H);
+        check(p.length === n * H && p.every((t) => t >= 0 && t < T), 'shape', `${name}: impliedPositions must give ${n} positions in [0, ${T}), got ${p.length / H}`);
+        return p;
+      }
+      if (T <= n) return null;
+      return scoresTopK(await scorer.score!(cache, l, options, { postKeys }), H, T, n);
+    },
+  });
+  const implied = (options: z.output<S>, n: number) =>
+    scorer.impliedPositions ? (T: number, H: number) => repeatPerHead(scorer.impliedPositions!(T, options, n), H) : undefined;
   return defineStrategy({
     name,
     description: spec.description,
     schema: spec.schema,
-    capabilities: spec.capabilities,
+    capabilities: {
+      ...spec.capabilities,
+      tokenSelector: selector,
+      ...(scorer.targetRatio
+        ? { ratioTarget: (o: z.output<S>) => (scorer.targetRatio!(o) === undefined ? null : { target: scorer.targetRatio!(o)!, knob: 'budget' }) }
+        : {}),
+    },
     async compress(cache, options, T) {
-      scorer.check?.(cache, options);
-      const H = cache.layout.nKvHeads;
-      const budget = scorer.budget(options);
-      const fixed = implied(options);
-      return KeptTokensCache.fromSelection(name, options, cache, T, !fixed, async (l, postKeys) => {
-        if (fixed) {
-          const p = fixed(T, H);
-          const n = Math.min(T, budget);
-          check(p.length === n * H && p.every((t) => t >= 0 && t < T), 'shape', `${name}: impliedPositions must give ${n} positions in [0, ${T}), got ${p.length / H}`);
-          return p;
-        }
-        if (T <= budget) return null;
-        return scoresTopK(await scorer.score!(cache, l, options, { postKeys }), H, T, budget);
-      });
+      const sel = selector(options);
+      sel.check?.(cache);
+      const n = sel.kept(cache.layout, T);
+      return KeptTokensCache.fromSelection(name, options, cache, T, !sel.impliedPositions, (l, postKeys) => sel.select(cache, l, postKeys, T, n));
     },
     restore: (reader, options) => {
-      const cache = KeptTokensCache.restore(reader, name, options, implied(options));
       const T = reader.header.prefillLength;
-      const n = Math.min(T, scorer.budget(options));
+      let n: number;
+      try {
+        n = selector(options).kept(reader.header.layout, T);
+      } catch (e) {
+        throw new KvpackError('corrupt', `serialized ${name} cache is corrupt: its options give no budget at T = ${T} (${(e as Error).message})`);
+      }
+      const cache = KeptTokensCache.restore(reader, name, options, implied(options, n));
       for (let l = 0; l < cache.layout.nLayers; l++)
-        check(cache.tokenCount(l) === n, 'corrupt', `serialized ${name} cache is corrupt: layer ${l} keeps ${cache.tokenCount(l)} tokens, but T = ${T} at budget ${scorer.budget(options)} keeps ${n}`);
+        check(cache.tokenCount(l) === n, 'corrupt', `serialized ${name} cache is corrupt: layer ${l} keeps ${cache.tokenCount(l)} tokens, but T = ${T} at these options keeps ${n}`);
       return cache;
     },
   });

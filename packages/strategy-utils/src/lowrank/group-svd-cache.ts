@@ -214,6 +214,17 @@ export class GroupSvdCache extends BaseCompressedCache {
     return KINDS.flatMap((k) => [...this.blocks[k].basis, ...this.blocks[k].factors]);
   }
 
+  /** What this cache stores ({@link stored}), for a composed cache that holds it as a stage. @internal */
+  storedItems(): StoredItem[] {
+    this.assertLive();
+    return this.stored();
+  }
+
+  /** Its serialization metadata ({@link meta}), for a composed cache that holds it as a stage. @internal */
+  storedMeta(): Record<string, unknown> {
+    return this.meta();
+  }
+
   protected stored(): StoredItem[] {
     const items = this.allBlocks().flatMap(blockItems);
     return this.sparseIndex ? [...items, ...sparseTensors(this.sparseIndex, this.layout)] : items;

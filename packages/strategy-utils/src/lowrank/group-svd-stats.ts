@@ -1,4 +1,4 @@
-import { denseCacheBytes, specBytes, type ModelLayout } from '@kvpack/core';
+import { compressionRatioOf, denseCacheBytes, specBytes, type ModelLayout } from '@kvpack/core';
 import { blockSpecs, type Block } from './factor-blocks.js';
 import { rankOf, type GroupSvdConfig, type LayerGroup } from './group-config.js';
 import { groupRanksPaperRatio, paperCompressionRatio } from './ratio.js';
@@ -21,8 +21,10 @@ export interface GroupSvdStats {
   totalBytes: number;
   /** Bytes of the fp16 dense cache of the prefill: `denseCacheBytes(layout, T)`. */
   denseBytes: number;
-  /** denseBytes / totalBytes. */
+  /** denseBytes / totalBytes (×). */
   measuredRatio: number;
+  /** The same in kvpress's form, compression_ratio: the fraction removed, 1 − 1/measuredRatio. */
+  measuredCompressionRatio: number;
   /** The xKV authors' formula ({@link paperCompressionRatio}) at 16 bits per element; with resolved group ranks, {@link groupRanksPaperRatio}. */
   paperRatio: number;
 }
@@ -58,6 +60,7 @@ export function groupSvdStats(a: {
     totalBytes,
     denseBytes,
     measuredRatio: denseBytes / totalBytes,
+    measuredCompressionRatio: compressionRatioOf(denseBytes / totalBytes),
     paperRatio: config.groupRanks
       ? groupRanksPaperRatio(layout, tokens, config.layersPerGroup, config.groupRanks)
       : paperCompressionRatio({ layout, tokens, layersPerGroup: config.layersPerGroup, rankK: config.rankK, rankV: config.rankV }),
