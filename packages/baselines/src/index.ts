@@ -7,6 +7,9 @@ export * from './kivi/index.js';
 export * from './minicache/index.js';
 export * from './streamingllm/index.js';
 export * from './snapkv/index.js';
+export * from './adakv/index.js';
+export * from './pyramidkv/index.js';
+export * from './expected-attention/index.js';
 
 import { registerStrategy } from '@kvpack/core';
 import { svdDefinition } from './svd/index.js';
@@ -15,13 +18,17 @@ import { kiviDefinition } from './kivi/index.js';
 import { miniCacheDefinition } from './minicache/index.js';
 import { streamingLlmDefinition } from './streamingllm/index.js';
 import { snapKvDefinition } from './snapkv/index.js';
+import { adaKvDefinition } from './adakv/index.js';
+import { pyramidKvDefinition } from './pyramidkv/index.js';
+import { expectedAttentionDefinition } from './expected-attention/index.js';
 
 /**
- * Registers the baselines: `svd`, `quant`, `kivi`, `minicache`, `streamingllm`, `snapkv`. Importing
+ * Registers the baselines: `svd`, `quant`, `kivi`, `minicache`, `streamingllm`, `snapkv`, `adakv`,
+ * `pyramidkv`, `expected-attention`. Importing
  * this package already does; call it where a bundler may drop an import whose exports go unused, or
  * after `unregisterStrategy(name)`. Idempotent.
  */
 export function registerBaselines(): void {
-  for (const def of [svdDefinition, quantDefinition, kiviDefinition, miniCacheDefinition, streamingLlmDefinition, snapKvDefinition])
+  for (const def of [svdDefinition, quantDefinition, kiviDefinition, miniCacheDefinition, streamingLlmDefinition, snapKvDefinition, adaKvDefinition, pyramidKvDefinition, expectedAttentionDefinition])
     registerStrategy(def as Parameters<typeof registerStrategy>[0]);
 }

@@ -23,3 +23,7 @@ export * from './quant/words.js';
 export * from './quant/minmax-groups.js';
 export * from './eviction/kept-tokens.js';
 export * from './eviction/scorer.js';
+export * from './eviction/snapkv-votes.js';
+export * from './eviction/scorers.js';
+export * from './eviction/budgets.js';
+export * from './eviction/ragged-kept.js';
