@@ -10,6 +10,7 @@ export * from './snapkv/index.js';
 export * from './adakv/index.js';
 export * from './pyramidkv/index.js';
 export * from './expected-attention/index.js';
+export * from './turboquant/index.js';
 
 import { registerStrategy } from '@kvpack/core';
 import { svdDefinition } from './svd/index.js';
@@ -21,14 +22,15 @@ import { snapKvDefinition } from './snapkv/index.js';
 import { adaKvDefinition } from './adakv/index.js';
 import { pyramidKvDefinition } from './pyramidkv/index.js';
 import { expectedAttentionDefinition } from './expected-attention/index.js';
+import { turboQuantDefinition } from './turboquant/index.js';
 
 /**
  * Registers the baselines: `svd`, `quant`, `kivi`, `minicache`, `streamingllm`, `snapkv`, `adakv`,
- * `pyramidkv`, `expected-attention`. Importing
+ * `pyramidkv`, `expected-attention`, `turboquant`. Importing
  * this package already does; call it where a bundler may drop an import whose exports go unused, or
  * after `unregisterStrategy(name)`. Idempotent.
  */
 export function registerBaselines(): void {
-  for (const def of [svdDefinition, quantDefinition, kiviDefinition, miniCacheDefinition, streamingLlmDefinition, snapKvDefinition, adaKvDefinition, pyramidKvDefinition, expectedAttentionDefinition])
+  for (const def of [svdDefinition, quantDefinition, kiviDefinition, miniCacheDefinition, streamingLlmDefinition, snapKvDefinition, adaKvDefinition, pyramidKvDefinition, expectedAttentionDefinition, turboQuantDefinition])
     registerStrategy(def as Parameters<typeof registerStrategy>[0]);
 }

@@ -27,3 +27,4 @@ export * from './eviction/snapkv-votes.js';
 export * from './eviction/scorers.js';
 export * from './eviction/budgets.js';
 export * from './eviction/ragged-kept.js';
+export * from './quant/rotation.js';
