@@ -11,6 +11,7 @@ export * from './adakv/index.js';
 export * from './pyramidkv/index.js';
 export * from './expected-attention/index.js';
 export * from './turboquant/index.js';
+export * from './kvzip/index.js';
 
 import { registerStrategy } from '@kvpack/core';
 import { svdDefinition } from './svd/index.js';
@@ -23,14 +24,15 @@ import { adaKvDefinition } from './adakv/index.js';
 import { pyramidKvDefinition } from './pyramidkv/index.js';
 import { expectedAttentionDefinition } from './expected-attention/index.js';
 import { turboQuantDefinition } from './turboquant/index.js';
+import { kvzipDefinition } from './kvzip/index.js';
 
 /**
  * Registers the baselines: `svd`, `quant`, `kivi`, `minicache`, `streamingllm`, `snapkv`, `adakv`,
- * `pyramidkv`, `expected-attention`, `turboquant`. Importing
+ * `pyramidkv`, `expected-attention`, `turboquant`, `kvzip`. Importing
  * this package already does; call it where a bundler may drop an import whose exports go unused, or
  * after `unregisterStrategy(name)`. Idempotent.
  */
 export function registerBaselines(): void {
-  for (const def of [svdDefinition, quantDefinition, kiviDefinition, miniCacheDefinition, streamingLlmDefinition, snapKvDefinition, adaKvDefinition, pyramidKvDefinition, expectedAttentionDefinition, turboQuantDefinition])
+  for (const def of [svdDefinition, quantDefinition, kiviDefinition, miniCacheDefinition, streamingLlmDefinition, snapKvDefinition, adaKvDefinition, pyramidKvDefinition, expectedAttentionDefinition, turboQuantDefinition, kvzipDefinition])
     registerStrategy(def as Parameters<typeof registerStrategy>[0]);
 }

@@ -43,6 +43,29 @@ export interface StrategyCapabilities<O = unknown> {
    * strategy's caches cannot be cut. Use {@link cutCachePrefix} rather than calling it directly.
    */
   cutPrefix?(options: O): PrefixCutter | string;
+  /**
+   * The context-reconstruction pass `compress` reads (`KVCache.reconstructionScores`), or null when
+   * these options need none: the runner re-reads the prompt through the model after `prompt` and
+   * hands the attention maxima to `compress`.
+   */
+  reconstruction?(options: O): ReconstructionRequest | null;
+}
+
+/**
+ * A context-reconstruction pass (KVzip, Kim et al. 2025, arXiv 2505.23416): after the prefill of the
+ * context, the model reads `prompt` followed by the context again (in chunks of `chunkSize` context
+ * tokens, each after the prompt and the last 8 tokens of the chunk before) through the prefilled
+ * cache; each KV pair's score is the largest attention it receives from any query head and repeated
+ * token, the softmax taken over the first min(nSink, chunk start) tokens, the chunk and the repeated
+ * tokens.
+ */
+export interface ReconstructionRequest {
+  /** Instruction read before the context (text; a runner without a tokenizer reads the context alone). */
+  prompt: string;
+  /** Context tokens per reconstruction chunk. */
+  chunkSize: number;
+  /** Attention-sink tokens kept in every chunk's softmax. */
+  nSink: number;
 }
 
 /**

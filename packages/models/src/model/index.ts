@@ -3,3 +3,4 @@ export * from './weights-check.js';
 export type { CacheStats, ContinuationScore, GenerateOptions, GenerateResult, ScoreOptions } from './generation.js';
 export * from './session.js';
 export * from './sampling.js';
+export { RECONSTRUCTION_OVERLAP, withReconstructionScores, type ReconstructingModel } from './reconstruction.js';

@@ -67,3 +67,44 @@ export function pyramidBudgets(L: number, T: number, budget: number, window: num
   for (let i = 0; left > 0; i = (i + 1) % L, left--) out[order[i][1]]++;
   return out.map((b) => Math.min(b, T - window));
 }
+
+/**
+ * KVzip's budget over all layers at once (Kim et al. 2025, arXiv 2505.23416, §3.3 non-uniform
+ * head-wise budgets; kvpress `KVzipPress.compress_post` with `layerwise: False`): of the scores of
+ * every layer, KV head and token, the L·H_kv·B highest are kept (ties to the lower layer, head, then
+ * position), so layers and heads keep different counts. One selection on the backend, one readback
+ * of the kept indices to split them by layer.
+ * @param scores per layer [H_kv, T] float32 (not disposed); +Infinity is always kept
+ * @param budget B, tokens per KV head and layer on average (1 ≤ B ≤ T)
+ * @returns per layer the kept flat indices h·T + t ascending, int32 [N_l] (Σ N_l = L·H_kv·B), owned by the caller
+ * @throws KvpackError('shape') when B is not in [1, T] or L·H_kv·T reaches 2^24
+ */
+export async function globalTopKSelect(scores: tf.Tensor2D[], budget: number): Promise<tf.Tensor1D[]> {
+  const L = scores.length;
+  const [H, T] = scores[0].shape;
+  check(Number.isInteger(budget) && budget >= 1 && budget <= T, 'shape', `global selection: budget ${budget} is not a count of the T = ${T} tokens`);
+  check(L * H * T < 2 ** 24, 'shape', `global selection: L·H_kv·T = ${L * H * T} scores reach 2^24 (positions are ranked in float32)`);
+  const sel = tf.tidy(() => tf.reshape(topKPositions(tf.reshape(tf.concat(scores, 0), [1, L * H * T]) as tf.Tensor2D, L * H * budget), [L * H * budget]));
+  let idx: Int32Array;
+  try {
+    idx = (await sel.data()) as Int32Array;
+  } finally {
+    sel.dispose();
+  }
+  // The indices are ascending: layer l's are those in [l·H·T, (l + 1)·H·T).
+  const lower = (v: number) => {
+    let lo = 0;
+    let hi = idx.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (idx[mid] < v) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  };
+  return Array.from({ length: L }, (_, l) => {
+    const a = lower(l * H * T);
+    const b = lower((l + 1) * H * T);
+    return tf.tidy(() => tf.sub(tf.tensor1d(idx.subarray(a, b), 'int32'), tf.scalar(l * H * T, 'int32')) as tf.Tensor1D);
+  });
+}

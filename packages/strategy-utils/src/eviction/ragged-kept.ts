@@ -206,10 +206,11 @@ export class RaggedKeptCache extends BaseCompressedCache {
 
   /**
    * Restores a serialized cache of `strategy`; `expectTotal(layer)` gives the tokens the options keep
-   * in that layer over all heads (N), checked against the file.
+   * in that layer over all heads (N), checked against the file; without it N is read from the file
+   * (allocations that depend on the scores: check the totals after).
    * @throws KvpackError('corrupt') when counts, positions and rows disagree, a position is outside [0, T) or a head's positions are not ascending.
    */
-  static restore(r: StoredReader, strategy: string, options: unknown, expectTotal: (layer: number) => number): RaggedKeptCache {
+  static restore(r: StoredReader, strategy: string, options: unknown, expectTotal?: (layer: number) => number): RaggedKeptCache {
     const { layout, rope, prefillLength: T } = r.header;
     const { nKvHeads: H, headDim: d } = layout;
     const k: HalfTensor[] = [];
@@ -219,7 +220,7 @@ export class RaggedKeptCache extends BaseCompressedCache {
     const bad = (l: number, what: string) => `serialized ${strategy} cache is corrupt: layer ${l} ${what}`;
     try {
       for (let l = 0; l < layout.nLayers; l++) {
-        const N = expectTotal(l);
+        const N = expectTotal ? expectTotal(l) : r.shape(`pos.${l}`, { dtype: 'int32', shape: [null] })[0];
         const c = r.host<Int32Array>(`count.${l}`, { dtype: 'int32', shape: [H] });
         const p = r.host<Int32Array>(`pos.${l}`, { dtype: 'int32', shape: [N] });
         check(c.every((x) => x >= 0 && x <= T) && c.reduce((a, b) => a + b, 0) === N, 'corrupt', bad(l, `keeps ${N} tokens but its per-head counts [${c}] disagree`));
