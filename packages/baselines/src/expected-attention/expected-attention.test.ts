@@ -100,10 +100,10 @@ describe('expected attention: scores against a direct float64 computation', () =
   });
   afterAll(() => rc.dispose());
 
-  const querySamples = (l: number, nSink: number) =>
+  const querySamples = (l: number, nSink: number, window = tObs) =>
     Array.from({ length: Hq }, (_, qh) =>
       Array.from({ length: tObs }, (_, i) => i)
-        .filter((i) => T - tObs + i >= nSink)
+        .filter((i) => T - tObs + i >= nSink && i >= tObs - window)
         .map((i) => unrotate(Array.from(rc.queries[l].subarray((i * Hq + qh) * d, (i * Hq + qh + 1) * d)), T - tObs + i)),
     );
   const keySamples = (l: number, nSink: number, scale: number) =>
@@ -112,11 +112,12 @@ describe('expected attention: scores against a direct float64 computation', () =
   const cases: [string, Partial<ExpectedAttentionScorerOptions>, 'queries' | 'keys'][] = [
     ['queries, covariance, value norm', { nFuturePositions: 64, nSink: 4, epsilon: 0.01 }, 'queries'],
     ['queries, mean only, no value norm', { nFuturePositions: 7, nSink: 0, useCovariance: false, useValueNorm: false }, 'queries'],
+    ['the last 5 queries only', { nFuturePositions: 20, nSink: 0, queryWindow: 5 }, 'queries'],
     ['keys (no queries), covariance', { nFuturePositions: 100, nSink: 2, statistics: 'auto' }, 'keys'],
   ];
   for (const [what, over, source] of cases)
     it(what, () => {
-      const o: ExpectedAttentionScorerOptions = { name: 'expected-attention', nFuturePositions: 512, nSink: 4, useCovariance: true, useValueNorm: true, epsilon: 0, statistics: 'auto', ...over };
+      const o: ExpectedAttentionScorerOptions = { name: 'expected-attention', nFuturePositions: 512, nSink: 4, useCovariance: true, useValueNorm: true, epsilon: 0, statistics: 'auto', queryWindow: 64, ...over };
       const n0 = tf.memory().numTensors;
       // The keys' own statistics are wider than the queries' (per-channel scales up to 4.5): scaled by
       // 1/4 there, so that the expected attention is not one-hot and every term shows in the scores.
@@ -129,7 +130,7 @@ describe('expected attention: scores against a direct float64 computation', () =
         const s = expectedAttentionScores(cache, l, o, post);
         const got = s.dataSync();
         tf.dispose([s, post]);
-        const samples = source === 'queries' ? querySamples(l, o.nSink) : keySamples(l, o.nSink, scale);
+        const samples = source === 'queries' ? querySamples(l, o.nSink, o.queryWindow) : keySamples(l, o.nSink, scale);
         const want = refScores(samples, postHost, rc.values[l], T, layout, { nFuture: o.nFuturePositions, nSink: o.nSink, cov: o.useCovariance, vnorm: o.useValueNorm, eps: o.epsilon }).flat();
         const top = Math.max(...want.filter(Number.isFinite));
         expect(top, 'the scores are spread, not one-hot').toBeLessThan(0.5 * want.filter(Number.isFinite).reduce((a, b) => a + b, 0));

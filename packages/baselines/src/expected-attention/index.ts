@@ -25,6 +25,7 @@ export const expectedAttentionDefinition = defineEvictionStrategy({
   name: 'expected-attention',
   description: 'Expected Attention: query-agnostic eviction by the closed-form expected attention of future queries (NVIDIA kvpress 2025)',
   schema: ExpectedAttentionOptionsSchema,
+  capabilities: { queryWindow: (o) => (o.statistics === 'keys' ? 0 : o.queryWindow) },
   scorer: {
     budget: (o) => o.budget,
     check: (cache, o) => checkScorer(cache, { ...o, name: 'expected-attention' }, 'expected-attention'),

@@ -26,6 +26,12 @@ export const ExpectedAttentionScorerSchema = z.strictObject({
   useCovariance: z.boolean().default(true).describe('Add the covariance term kᵀΣk/(2d) of the query distribution to the expected logit.'),
   useValueNorm: z.boolean().default(true).describe('Rescale the expected attention by the L2 norm of each value: (score + epsilon)·‖v‖.'),
   epsilon: z.number().nonnegative().max(1).default(0).describe('Added to the expected attention before the value-norm rescaling.'),
+  queryWindow: z
+    .int()
+    .nonnegative()
+    .max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') })
+    .default(64)
+    .describe('Observed prompt queries the statistics use (the last ones, post-RoPE, asked of the runner as KVCache.queries); 0: none.'),
   statistics: z
     .enum(['auto', 'queries', 'keys'])
     .default('auto')
@@ -47,7 +53,8 @@ export function scorerWindow(s: TokenScorerOptions): number {
 
 /** Post-RoPE queries of the prompt's last tokens a scorer reads (`KVCache.queries`), in tokens; 0 when it needs none. */
 export function scorerQueryWindow(s: TokenScorerOptions): number {
-  return s.name === 'snapkv' ? s.window : 0;
+  if (s.name === 'snapkv') return s.window;
+  return s.statistics === 'keys' ? 0 : s.queryWindow;
 }
 
 /**
@@ -141,8 +148,8 @@ export function averagedRopeRotation(rope: RopeConfig, d: number, from: number, 
  * Expected Attention's scores of one layer [H_kv, T] (NVIDIA kvpress `ExpectedAttentionPress`, 2025;
  * "Expected Attention: KV cache compression by estimating attention from future queries
  * distribution"). Future queries are modelled as Gaussian with the mean μ and covariance Σ of the
- * observed pre-RoPE queries of each query head (`KVCache.queries` un-rotated, rows of the first
- * `nSink` tokens left out), or of the pre-RoPE keys of each KV head when the cache has no queries
+ * observed pre-RoPE queries of each query head (the last `queryWindow` rows of `KVCache.queries`
+ * un-rotated, rows of the first `nSink` tokens left out), or of the pre-RoPE keys of each KV head when the cache has no queries
  * (`statistics: 'auto'`) or when asked (`'keys'`); both are moved by the RoPE rotation averaged over
  * the next `nFuturePositions` positions ({@link averagedRopeRotation}): μ̂ = R̄μ, Σ̂ = R̄ΣR̄ᵀ. Since
  * E[exp(qᵀk/√d)] = exp(μ̂ᵀk/√d + kᵀΣ̂k/(2d)) for q ~ N(μ̂, Σ̂), the expected logit of post-RoPE key k_i
@@ -160,7 +167,8 @@ export function expectedAttentionScores(cache: KVCache, layer: number, s: Expect
   const sink = Math.min(s.nSink, T);
   if (sink >= T) return tf.fill([Hkv, T], Infinity) as tf.Tensor2D;
   const q = cache.queries?.[layer];
-  const tObs = q ? q.shape[0] : 0;
+  // The last `queryWindow` observed queries (a runner may hand over more, for other settings).
+  const tObs = q ? Math.min(q.shape[0], s.queryWindow) : 0;
   // Observed queries after the sinks (query row i sits at token T − T_obs + i).
   const usable = Math.max(0, tObs - Math.max(0, sink - (T - tObs)));
   const fromQueries = s.statistics === 'queries' || (s.statistics === 'auto' && usable > 0);
@@ -170,7 +178,7 @@ export function expectedAttentionScores(cache: KVCache, layer: number, s: Expect
     // Samples [S, n, d] per statistics head: S = H (queries, group g) or H_kv (keys, group 1).
     let samples: tf.Tensor3D;
     if (fromQueries) {
-      const pre = applyRope(q!, cache.rope, { start: start + T - tObs, count: tObs }, true);
+      const pre = applyRope(tf.slice(q!, [q!.shape[0] - tObs, 0, 0], [tObs, Hq, d]), cache.rope, { start: start + T - tObs, count: tObs }, true);
       samples = tf.transpose(tf.slice(pre, [tObs - usable, 0, 0], [usable, Hq, d]), [1, 0, 2]) as tf.Tensor3D;
     } else samples = tf.transpose(tf.slice(cache.keys[layer], [sink, 0, 0], [T - sink, Hkv, d]), [1, 0, 2]) as tf.Tensor3D;
     const S = samples.shape[0];
