@@ -21,6 +21,8 @@ export type AccuracyModel = BenchModel & { readonly config: BenchModel['config']
 export interface AccuracyRunOptions {
   /** See the config's `lastToken`. Default 'decode'. */
   lastToken?: 'decode' | 'prefill';
+  /** Text → token ids (no BOS), for the instruction of a context-reconstruction pass; without it the context alone is re-read. */
+  encode?: (text: string) => number[];
   /** End an answer at the model's EOS. Default true. */
   stopAtEos?: boolean;
   /** Other ids that end an answer. */
@@ -281,7 +283,7 @@ export async function runAccuracy(
           const base = tf.memory().numBytes;
           const t0 = performance.now();
           // A strategy that scores by context reconstruction gets the pass here (counted in its compress time).
-          const view = await withReconstructionScores(model, strategy, viewFor(p.cache, windows[si] !== null), ex.inputIds.slice(0, T));
+          const view = await withReconstructionScores(model, strategy, viewFor(p.cache, windows[si] !== null), ex.inputIds.slice(0, T), opts.encode);
           try {
             c = await strategy.compress(view.cache);
           } finally {
