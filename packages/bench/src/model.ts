@@ -1,5 +1,6 @@
 import type * as tf from '@tensorflow/tfjs-core';
 import type { CompressedCache, KVCache, ModelLayout } from '@kvpack/core';
+import type { ReconstructingModel } from '@kvpack/models';
 
 /**
  * What the bench needs from a model: an uncompressed prefill that returns the KV cache, and decode
@@ -18,6 +19,8 @@ export interface BenchModel {
    * values to it. @returns logits [n, V]
    */
   decode(ids: number[], cache: CompressedCache, position: number): Promise<tf.Tensor2D> | tf.Tensor2D;
+  /** The context-reconstruction pass of strategies that ask for it (capability `reconstruction`; `LlamaModel.reconstructionScores`). */
+  reconstructionScores?: ReconstructingModel['reconstructionScores'];
 }
 
 /** Text → token ids, as the bench needs it. */

@@ -27,6 +27,10 @@ const SETTINGS: [string, Record<string, unknown>][] = [
   ['minicache', {}],
   ['streamingllm', { sinks: 4, budget: 24 }],
   ['snapkv', { budget: 24, window: 8, kernelSize: 5 }],
+  ['adakv', { budget: 24, scorer: { name: 'snapkv', window: 8, kernelSize: 5 } }],
+  ['pyramidkv', { budget: 24, beta: 4, scorer: { name: 'snapkv', window: 8, kernelSize: 5 } }],
+  ['expected-attention', { budget: 24, nFuturePositions: 32 }],
+  ['turboquant', { keyBits: 2, valueBits: 2 }],
 ];
 
 describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {

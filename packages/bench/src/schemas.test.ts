@@ -52,6 +52,6 @@ describe('config JSON Schemas', () => {
       expect(props.options.description).toBeTruthy();
     }
     // Every strategy's option schema describes every field.
-    for (const name of ['dense', 'xkv', 'svd', 'quant', 'kivi', 'minicache', 'snapkv', 'streamingllm']) expect(undocumented(byName.get(name) as unknown as Json), name).toEqual([]);
+    for (const name of ['dense', 'xkv', 'svd', 'quant', 'kivi', 'minicache', 'snapkv', 'streamingllm', 'adakv', 'pyramidkv', 'expected-attention', 'turboquant', 'kvzip']) expect(undocumented(byName.get(name) as unknown as Json), name).toEqual([]);
   });
 });

@@ -59,6 +59,11 @@ export interface ConformanceCases {
    * must reject with a KvpackError and leave no tensor allocated. Omit when no such setting exists.
    */
   failingCompress?: Record<string, unknown>[];
+  /**
+   * Adds what a runner would hand the strategy besides keys, values and queries (e.g. the scores of a
+   * context-reconstruction pass, `KVCache.reconstructionScores`) to the synthetic cache.
+   */
+  augment?: (cache: KVCache) => KVCache;
   /** Synthetic cache size (defaults: T = 64, L = 4, H = 4, H_kv = 2, d = 16). */
   tokens?: number;
   layout?: Partial<ModelLayout>;
@@ -127,6 +132,7 @@ export function runStrategyConformance(name: string, cases: ConformanceCases): v
     beforeAll(async () => {
       await selectBackend(process.env.KVPACK_BACKEND ?? 'wasm');
       cache = syntheticCache(T, cases.layout);
+      if (cases.augment) cache = cases.augment(cache);
     });
 
     it('reconstructs [N, H_kv, d] float32 keys and values for every layer', async () => {

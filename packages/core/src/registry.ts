@@ -59,6 +59,12 @@ export interface StrategyCapabilities<O = unknown> {
    * the kept tokens further (the `stacked` strategy resolves it by name through the registry).
    */
   tokenSelector?(options: O): TokenSelector;
+  /**
+   * The context-reconstruction pass `compress` reads (`KVCache.reconstructionScores`), or null when
+   * these options need none: the runner re-reads the prompt through the model after `prompt` and
+   * hands the attention maxima to `compress`.
+   */
+  reconstruction?(options: O): ReconstructionRequest | null;
 }
 
 /**
@@ -85,6 +91,23 @@ export interface TokenSelector {
    * [T, H_kv, d] (owned by the caller). `n` is {@link kept}.
    */
   select(cache: KVCache, layer: number, postKeys: tf.Tensor3D, T: number, n: number): Promise<Int32Array | tf.Tensor2D | null>;
+}
+
+/**
+ * A context-reconstruction pass (KVzip, Kim et al. 2025, arXiv 2505.23416): after the prefill of the
+ * context, the model reads `prompt` followed by the context again (in chunks of `chunkSize` context
+ * tokens, each after the prompt and the last 8 tokens of the chunk before) through the prefilled
+ * cache; each KV pair's score is the largest attention it receives from any query head and repeated
+ * token, the softmax taken over the first min(nSink, chunk start) tokens, the chunk and the repeated
+ * tokens.
+ */
+export interface ReconstructionRequest {
+  /** Instruction read before the context (text; a runner without a tokenizer reads the context alone). */
+  prompt: string;
+  /** Context tokens per reconstruction chunk. */
+  chunkSize: number;
+  /** Attention-sink tokens kept in every chunk's softmax. */
+  nSink: number;
 }
 
 /**
@@ -175,7 +198,7 @@ export const FIRST_PARTY_STRATEGIES: Readonly<Record<string, { package: string; 
   dense: { package: '@kvpack/core', register: "import '@kvpack/core'" },
   xkv: { package: '@kvpack/xkv', register: "import { registerXkv } from '@kvpack/xkv'; registerXkv()" },
   ...Object.fromEntries(
-    ['svd', 'quant', 'kivi', 'minicache', 'streamingllm', 'snapkv', 'stacked'].map((n) => [
+    ['svd', 'quant', 'kivi', 'minicache', 'streamingllm', 'snapkv', 'adakv', 'pyramidkv', 'expected-attention', 'turboquant', 'kvzip', 'stacked'].map((n) => [
       n,
       { package: '@kvpack/baselines', register: "import { registerBaselines } from '@kvpack/baselines'; registerBaselines()" },
     ]),

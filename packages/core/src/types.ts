@@ -66,6 +66,13 @@ export interface KVCache {
    */
   queries?: tf.Tensor3D[];
   /**
+   * Optional per-layer scores of the prefill tokens from a context-reconstruction pass, [T, H_kv]
+   * float32: for each KV pair, the largest attention any query of the model re-reading its own
+   * context paid it (KVzip). A runner provides them when the strategy's capabilities ask for them
+   * (`StrategyCapabilities.reconstruction`); strategies never dispose them.
+   */
+  reconstructionScores?: tf.Tensor2D[];
+  /**
    * Fingerprint of the model that produced this cache (`LlamaModel.fingerprint()` in @kvpack/models).
    * Compressed caches carry it into their serialization, so that a cache is never restored into
    * another model (`deserializeCache(bytes, { model })`).

@@ -27,3 +27,8 @@ export { resolveKnobByTarget } from './ratio/knob-target.js';
 export { StackedCache, type StackedStats, type StageStats } from './stack/stacked-cache.js';
 export { compressStacked, keptPositionBytes, stackedBytes, stackedGroupRanks, type StackedStages } from './stack/stacked-compress.js';
 export { decodePositions, encodePositions, positionEncoding, positionLayerBytes, type PositionEncoding } from './stack/positions.js';
+export * from './eviction/snapkv-votes.js';
+export * from './eviction/scorers.js';
+export * from './eviction/budgets.js';
+export * from './eviction/ragged-kept.js';
+export * from './quant/rotation.js';

@@ -95,6 +95,7 @@ export async function accuracyCommand(configPath: string, opts: AccuracyCommandO
         cfg.settings,
         {
           lastToken: cfg.data.lastToken,
+          ...(loaded.tokenizer ? { encode: (text: string) => loaded.tokenizer!.encode(text, { bos: false }) } : {}),
           stopAtEos: cfg.data.stopAtEos,
           stopIds: cfg.data.stopIds,
           maxNewTokens: cfg.data.maxNewTokens,

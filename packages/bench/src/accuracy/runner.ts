@@ -7,6 +7,7 @@ import type { BenchModel } from '../model.js';
 import { settingQueryWindow } from '../query-window.js';
 import { emptySummary, type SettingSummary } from '../results.js';
 import { buildStrategy } from '../strategy.js';
+import { withReconstructionScores } from '@kvpack/models';
 import { measurePeakMemory } from '../perf/stats.js';
 import { greedyFrom, type GreedyStart } from '../prepare.js';
 import { attentionOutputError } from './attention-error.js';
@@ -20,6 +21,8 @@ export type AccuracyModel = BenchModel & { readonly config: BenchModel['config']
 export interface AccuracyRunOptions {
   /** See the config's `lastToken`. Default 'decode'. */
   lastToken?: 'decode' | 'prefill';
+  /** Text → token ids (no BOS), for the instruction of a context-reconstruction pass; without it the context alone is re-read. */
+  encode?: (text: string) => number[];
   /** End an answer at the model's EOS. Default true. */
   stopAtEos?: boolean;
   /** Other ids that end an answer. */
@@ -280,7 +283,13 @@ export async function runAccuracy(
           const strategy = buildStrategy(s);
           const base = tf.memory().numBytes;
           const t0 = performance.now();
-          c = await strategy.compress(viewFor(p.cache, windows[si] !== null));
+          // A strategy that scores by context reconstruction gets the pass here (counted in its compress time).
+          const view = await withReconstructionScores(model, strategy, viewFor(p.cache, windows[si] !== null), ex.inputIds.slice(0, T), opts.encode);
+          try {
+            c = await strategy.compress(view.cache);
+          } finally {
+            view.dispose();
+          }
           const compressMs = performance.now() - t0;
           const bytes = c.byteSize();
           check(bytes > 0, 'unsupported', `${s.label}: compressed cache reports ${bytes} bytes`);

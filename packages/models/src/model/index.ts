@@ -4,3 +4,4 @@ export type { CacheStats, ContinuationScore, GenerateOptions, GenerateResult, Sc
 export * from './session.js';
 export * from './sampling.js';
 export * from './session-file.js';
+export { RECONSTRUCTION_OVERLAP, withReconstructionScores, type ReconstructingModel } from './reconstruction.js';

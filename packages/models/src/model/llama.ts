@@ -8,6 +8,7 @@ import {
   type CompressedCache,
   type KVCache,
   type ModelLayout,
+  type ReconstructionRequest,
   type Strategy,
 } from '@kvpack/core';
 import type { LlamaConfig, LlamaWeights } from '../types.js';
@@ -15,6 +16,7 @@ import { disposeLlamaWeights } from '../hf/weights.js';
 import { classify, embed, finishLayer, projectQkv, rmsNorm } from './blocks.js';
 import { generate, scoreContinuation, type ContinuationScore, type GenerateOptions, type GenerateResult, type ScoreOptions } from './generation.js';
 import { checkLlamaWeights } from './weights-check.js';
+import { reconstructionScores } from './reconstruction.js';
 
 /** Options of {@link LlamaModel.prefill}. */
 export interface PrefillOptions {
@@ -178,6 +180,20 @@ export class LlamaModel {
     const windows = this.config.windows;
     const cache: KVCache = { layout: this.layout, rope: this.config.rope, keys, values, startPosition: 0, model, ...(windows ? { windows: [...windows] } : {}), ...(obs > 0 ? { queries } : {}) };
     return { logits, cache };
+  }
+
+  /**
+   * KVzip's context-reconstruction scores of a prefilled context: the model re-reads `promptIds` and
+   * the context through the cache, chunk by chunk; per layer, each KV pair's largest attention from
+   * the repeated tokens ([T, H_kv], float32, owned by the caller). See {@link reconstructionScores}
+   * in ./reconstruction.ts for the exact rule.
+   * @param cache the prefill cache of `contextIds` (from {@link prefill})
+   * @throws KvpackError('shape') for bad ids, a cache of another length, or a pass past max_seq_len
+   */
+  reconstructionScores(cache: KVCache, contextIds: readonly number[], promptIds: readonly number[], request: Pick<ReconstructionRequest, 'chunkSize' | 'nSink'>): tf.Tensor2D[] {
+    this.checkIds(contextIds as number[], 'reconstruction');
+    if (promptIds.length) this.checkIds(promptIds as number[], 'reconstruction prompt');
+    return reconstructionScores(this.weights, cache, contextIds, promptIds, request);
   }
 
   /**

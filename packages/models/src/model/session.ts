@@ -1,3 +1,4 @@
+import { withReconstructionScores, type ReconstructingModel } from './reconstruction.js';
 import type * as tf from '@tensorflow/tfjs-core';
 import {
   BaseCompressedCache,
@@ -40,6 +41,8 @@ export interface SessionModel extends DecodeModel {
   prefill(ids: number[], options?: { observationWindow?: number; logits?: 'all' | 'last' }): Promise<{ logits: tf.Tensor2D; cache: KVCache }> | { logits: tf.Tensor2D; cache: KVCache };
   /** The model's fingerprint (`sha256:…`), as caches record it (`KVCache.model`, `CompressedCache.model`). */
   fingerprint?(): Promise<string>;
+  /** The context-reconstruction pass, for strategies whose capabilities ask for it (`LlamaModel.reconstructionScores`). */
+  reconstructionScores?: ReconstructingModel['reconstructionScores'];
 }
 
 /** Logits of one decode step, read back to the host. */
@@ -372,7 +375,14 @@ export class Session {
     this.assertOpen();
     if (this.compressed) return this.compressed;
     check(this.prompt && this.strategy, 'config', 'session: nothing to compress; call prefill(tokens) first');
-    const c = await this.strategy.compress(this.prompt.kv);
+    // A strategy that scores by context reconstruction (capability `reconstruction`) gets the pass here.
+    const view = await withReconstructionScores(this.model as SessionModel, this.strategy, this.prompt.kv, this.prompt.tokens);
+    let c: CompressedCache;
+    try {
+      c = await this.strategy.compress(view.cache);
+    } finally {
+      view.dispose();
+    }
     // Strategies built outside the registry (e.g. core denseStrategy) do not record the model themselves.
     if (this.prompt.kv.model && c.model === undefined && c instanceof BaseCompressedCache) c.model = this.prompt.kv.model;
     disposeKVCache(this.prompt.kv);

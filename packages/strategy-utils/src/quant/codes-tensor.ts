@@ -4,7 +4,7 @@ import { decodeCodes } from './packing.js';
 import { concatWords } from './words.js';
 
 /**
- * Unsigned b-bit codes (b = 2, 4 or 8) held on a tfjs backend in their packed form: the bytes of
+ * Unsigned b-bit codes (b = 1, 2, 4 or 8) held on a tfjs backend in their packed form: the bytes of
  * {@link packCodes} (code i at bits i·b … i·b + b − 1, lowest first) as little-endian int32 words,
  * ⌈⌈n·b/8⌉/4⌉·4 bytes for n codes. {@link unpack} makes a transient float32 tensor of the codes for
  * compute (a WGSL kernel on webgpu; one readback and a host decode elsewhere).
@@ -13,7 +13,7 @@ export class CodesTensor {
   private constructor(
     /** The packed words, int32 [⌈bytes/4⌉]. */
     readonly packed: tf.Tensor1D,
-    readonly bits: 2 | 4 | 8,
+    readonly bits: 1 | 2 | 4 | 8,
     /** Number of codes n. */
     readonly count: number,
   ) {}
@@ -36,7 +36,7 @@ export class CodesTensor {
    * Uploads packed code bytes as they are stored (no decode).
    * @throws KvpackError('shape') when `bytes` is not ⌈count·bits/8⌉ long.
    */
-  static fromBytes(bytes: Uint8Array, bits: 2 | 4 | 8, count: number): CodesTensor {
+  static fromBytes(bytes: Uint8Array, bits: 1 | 2 | 4 | 8, count: number): CodesTensor {
     const n = Math.ceil((count * bits) / 8);
     check(bytes.length === n, 'shape', `packed codes: ${bytes.length} bytes cannot hold exactly ${count} ${bits}-bit codes`);
     const words = new Int32Array(Math.max(1, Math.ceil(n / 4)));
@@ -49,7 +49,7 @@ export class CodesTensor {
    * ownership of `words`.
    * @throws KvpackError('shape') when `words` is not that.
    */
-  static fromPacked(words: tf.Tensor1D, bits: 2 | 4 | 8, count: number): CodesTensor {
+  static fromPacked(words: tf.Tensor1D, bits: 1 | 2 | 4 | 8, count: number): CodesTensor {
     const n = Math.max(1, Math.ceil(Math.ceil((count * bits) / 8) / 4));
     check(words.dtype === 'int32' && words.rank === 1 && words.size === n, 'shape', `packed codes: ${words.dtype} [${words.shape}] are not the ${n} int32 words of ${count} ${bits}-bit codes`);
     return new CodesTensor(words, bits, count);
@@ -61,7 +61,7 @@ export class CodesTensor {
    * exact integer tf ops elsewhere (each 16-bit half of a word summed in float32, then joined in
    * int32). Bit-identical to {@link packCodes}. Does not dispose `codes`.
    */
-  static pack(codes: tf.Tensor, bits: 2 | 4 | 8): CodesTensor {
+  static pack(codes: tf.Tensor, bits: 1 | 2 | 4 | 8): CodesTensor {
     const count = codes.size;
     const per = 32 / bits;
     const words = Math.max(1, Math.ceil(count / per));
@@ -157,7 +157,7 @@ export class CodesTensor {
 }
 
 /** Packs float32 codes [n] into `words` int32 words on webgpu (one invocation per word). */
-function packWordsOnDevice(codes: tf.Tensor1D, bits: 2 | 4 | 8, words: number): tf.Tensor1D {
+function packWordsOnDevice(codes: tf.Tensor1D, bits: 1 | 2 | 4 | 8, words: number): tf.Tensor1D {
   const per = 32 / bits;
   return runWgsl({
     key: `pack_codes_${bits}`,

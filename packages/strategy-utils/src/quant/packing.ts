@@ -1,20 +1,20 @@
 import { check } from '@kvpack/core';
 
 /**
- * Bit-packing of unsigned b-bit codes (b = 2, 4 or 8) into bytes: element i occupies bits
+ * Bit-packing of unsigned b-bit codes (b = 1, 2, 4 or 8) into bytes: element i occupies bits
  * (i·b) mod 8 … (i·b) mod 8 + b − 1 of byte ⌊i·b / 8⌋, lowest bits first (so 4-bit codes sit two per
  * byte with the even element in the low nibble, and 2-bit codes four
- * per byte). A growable buffer, so decode-time blocks append in O(block).
+ * per byte, 1-bit codes eight). A growable buffer, so decode-time blocks append in O(block).
  */
 export class PackedCodes {
   private buf: Uint8Array;
   private n = 0;
 
   constructor(
-    readonly bits: 2 | 4 | 8,
+    readonly bits: 1 | 2 | 4 | 8,
     initial?: { bytes: Uint8Array; count: number },
   ) {
-    check(bits === 2 || bits === 4 || bits === 8, 'config', `packed codes: bits must be 2, 4 or 8, got ${bits}`);
+    check(bits === 1 || bits === 2 || bits === 4 || bits === 8, 'config', `packed codes: bits must be 1, 2, 4 or 8, got ${bits}`);
     if (initial) {
       check(
         initial.bytes.length === Math.ceil((initial.count * bits) / 8),
@@ -63,14 +63,14 @@ export class PackedCodes {
 }
 
 /** Packs codes into ⌈n·bits/8⌉ bytes (see {@link PackedCodes} for the layout). */
-export function packCodes(codes: ArrayLike<number>, bits: 2 | 4 | 8): Uint8Array {
+export function packCodes(codes: ArrayLike<number>, bits: 1 | 2 | 4 | 8): Uint8Array {
   const p = new PackedCodes(bits);
   p.push(codes);
   return p.bytes();
 }
 
 /** Unpacks `count` codes written by {@link packCodes}. @throws KvpackError('corrupt') on a size mismatch. */
-export function unpackCodes(bytes: Uint8Array, bits: 2 | 4 | 8, count: number): Uint8Array {
+export function unpackCodes(bytes: Uint8Array, bits: 1 | 2 | 4 | 8, count: number): Uint8Array {
   check(bytes.length === Math.ceil((count * bits) / 8), 'corrupt', `packed codes: ${bytes.length} bytes cannot hold exactly ${count} ${bits}-bit codes`);
   return decodeCodes(bytes, bits, 0, count, new Uint8Array(count));
 }
@@ -79,7 +79,7 @@ export function unpackCodes(bytes: Uint8Array, bits: 2 | 4 | 8, count: number): 
  * The host decoder of the packed layout (the one place it is written): codes start … start + count − 1
  * of `bytes` into `out[0 … count − 1]`, whole bytes at a time once byte-aligned. Returns `out`.
  */
-export function decodeCodes<T extends Uint8Array | Float32Array>(bytes: Uint8Array, bits: 2 | 4 | 8, start: number, count: number, out: T): T {
+export function decodeCodes<T extends Uint8Array | Float32Array>(bytes: Uint8Array, bits: 1 | 2 | 4 | 8, start: number, count: number, out: T): T {
   const mask = (1 << bits) - 1;
   const one = (i: number) => {
     const bit = (start + i) * bits;
@@ -98,6 +98,11 @@ export function decodeCodes<T extends Uint8Array | Float32Array>(bytes: Uint8Arr
       const x = bytes[at];
       out[i] = x & 15;
       out[i + 1] = x >> 4;
+    }
+  } else if (bits === 1) {
+    for (let k = 0; k < whole; k++, at++, i += 8) {
+      const x = bytes[at];
+      for (let j = 0; j < 8; j++) out[i + j] = (x >> j) & 1;
     }
   } else {
     for (let k = 0; k < whole; k++, at++, i += 4) {

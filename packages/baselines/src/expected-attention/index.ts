@@ -1,0 +1,34 @@
+import { MAX_TOKENS, atMost } from '@kvpack/core';
+import { z } from 'zod';
+import { ExpectedAttentionScorerSchema, checkScorer, defineEvictionStrategy, expectedAttentionScores } from '@kvpack/strategy-utils';
+
+/** Options of the `expected-attention` strategy: a budget and the scorer's options (kvpress `ExpectedAttentionPress` defaults). */
+export const ExpectedAttentionOptionsSchema = ExpectedAttentionScorerSchema.omit({ name: true }).extend({
+  /** Prefill tokens kept per KV head and layer, the sinks included; at most 2^20. */
+  budget: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') }).default(256).describe('Prefill tokens kept per KV head and layer, the sinks included.'),
+});
+export type ExpectedAttentionOptions = z.output<typeof ExpectedAttentionOptionsSchema>;
+
+/**
+ * The `expected-attention` strategy (NVIDIA kvpress `ExpectedAttentionPress`, 2025): query-agnostic
+ * token eviction by the closed-form attention that future queries are expected to pay each key
+ * ({@link expectedAttentionScores}: Gaussian future queries from the statistics of the observed
+ * pre-RoPE queries, or of the keys when the cache has none, moved by the RoPE rotation averaged over
+ * the next `nFuturePositions` positions; scores softmax(μ̂ᵀk/√d + kᵀΣ̂k/(2d)) times ‖v‖). Per layer and
+ * KV head the `budget` best tokens are kept, the first `nSink` always ({@link KeptTokensCache}:
+ * float16 [budget, H_kv, d] and int32 positions [budget, H_kv]). When T ≤ budget nothing is evicted.
+ *
+ * `compress` throws KvpackError('config') when `statistics: 'queries'` and the cache has no queries,
+ * KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache.
+ */
+export const expectedAttentionDefinition = defineEvictionStrategy({
+  name: 'expected-attention',
+  description: 'Expected Attention: query-agnostic eviction by the closed-form expected attention of future queries (NVIDIA kvpress 2025)',
+  schema: ExpectedAttentionOptionsSchema,
+  capabilities: { queryWindow: (o) => (o.statistics === 'keys' ? 0 : o.queryWindow) },
+  scorer: {
+    budget: (o) => o.budget,
+    check: (cache, o) => checkScorer(cache, { ...o, name: 'expected-attention' }, 'expected-attention'),
+    score: (cache, layer, o, { postKeys }) => expectedAttentionScores(cache, layer, { ...o, name: 'expected-attention' }, postKeys),
+  },
+});
