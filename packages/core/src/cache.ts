@@ -388,6 +388,15 @@ const RopeScalingSchema = z.union([
     highFreqFactor: z.number().positive(),
     originalMaxPositionEmbeddings: z.int().positive(),
   }),
+  z.strictObject({
+    type: z.literal('yarn'),
+    factor: z.number().positive(),
+    originalMaxPositionEmbeddings: z.int().positive(),
+    betaFast: z.number().positive(),
+    betaSlow: z.number().positive(),
+    mscale: z.number(),
+    mscaleAllDim: z.number(),
+  }),
 ]);
 
 const positiveInt = z.int().positive().max(2 ** 31 - 1);

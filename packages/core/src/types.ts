@@ -24,6 +24,26 @@ export type RopeScaling =
       lowFreqFactor: number;
       highFreqFactor: number;
       originalMaxPositionEmbeddings: number;
+    }
+  /**
+   * YaRN (Peng et al. 2023, arXiv 2309.00071) as DeepSeek-V2/V3 configure it (`rope_scaling.type: yarn`):
+   * frequencies ramp from interpolated (÷ factor) to extrapolated between the correction dimensions of
+   * `betaFast` and `betaSlow` rotations over `originalMaxPositionEmbeddings`; cos and sin are multiplied
+   * by {@link yarnAttentionFactor} = m(factor, mscale) / m(factor, mscaleAllDim), m(s, k) = 0.1·k·ln s + 1
+   * (1 for s ≤ 1). The softmax scale's own mscale² is the model's business, not RoPE's.
+   */
+  | {
+      type: 'yarn';
+      factor: number;
+      originalMaxPositionEmbeddings: number;
+      /** Default 32 in the reference implementation. */
+      betaFast: number;
+      /** Default 1. */
+      betaSlow: number;
+      /** Default 1. */
+      mscale: number;
+      /** Default 0 (then the cos/sin factor is m(factor, mscale)). */
+      mscaleAllDim: number;
     };
 
 /**
