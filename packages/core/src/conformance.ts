@@ -25,7 +25,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { disposeKVCache } from './validate.js';
-export { disposeKVCache };
+import { disposeMlaCache, type MlaKVCache, type MlaLayout } from './mla.js';
+export { disposeKVCache, disposeMlaCache };
 import type { CompressedCache, KVCache, ModelLayout, RopeConfig, Strategy } from './types.js';
 
 /** Settings a strategy is held to. */
@@ -100,6 +101,35 @@ export function syntheticCache(T = 64, layoutOver: Partial<ModelLayout> = {}, se
   return out;
 }
 
+/**
+ * A deterministic synthetic MLA prefill cache (defaults: T tokens, L = 4, H = 4, d_c = 24, d_R = 8):
+ * latents with low-rank structure shared across layers, pre-RoPE shared keys, and absorbed-form
+ * queries [8, H, d_c + d_R] of the last tokens (see {@link MlaKVCache.queries}). Caller disposes with
+ * {@link disposeMlaCache}.
+ */
+export function syntheticMlaCache(T = 64, layoutOver: Partial<MlaLayout> = {}, seed = 1, rope: RopeConfig = CONFORMANCE_ROPE, startPosition = 0): MlaKVCache {
+  const layout: MlaLayout = { nLayers: 4, nHeads: 4, kvLoraRank: 24, qkRopeHeadDim: 8, qkNopeHeadDim: 8, vHeadDim: 8, ...layoutOver };
+  const { kvLoraRank: dc, qkRopeHeadDim: dr, nHeads: H } = layout;
+  const obs = Math.min(8, T);
+  let out!: MlaKVCache;
+  tf.tidy(() => {
+    const shared = tf.randomNormal([T, 6], 0, 1, 'float32', seed);
+    const latents: tf.Tensor2D[] = [];
+    const ropeKeys: tf.Tensor2D[] = [];
+    const queries: tf.Tensor3D[] = [];
+    for (let l = 0; l < layout.nLayers; l++) {
+      const own = tf.randomNormal([T, 2], 0, 1, 'float32', seed + 10 * l + 1);
+      const basis = tf.concat([shared, own], 1);
+      const mk = (s: number, F: number) =>
+        tf.matMul(basis, tf.randomNormal([8, F], 0, 1, 'float32', s)).add(tf.randomNormal([T, F], 0, 0.05, 'float32', s + 1)) as tf.Tensor2D;
+      latents.push(tf.keep(mk(seed + 10 * l + 2, dc)));
+      ropeKeys.push(tf.keep(mk(seed + 10 * l + 4, dr)));
+      queries.push(tf.keep(tf.randomNormal([obs, H, dc + dr], 0, 1 / Math.sqrt(dc + dr), 'float32', seed + 10 * l + 6) as tf.Tensor3D));
+    }
+    out = { kind: 'mla', layout, rope, latents, ropeKeys, queries, startPosition };
+  });
+  return out;
+}
 
 async function relErr(a: tf.Tensor, b: tf.Tensor): Promise<number> {
   const r = tf.tidy(() => tf.stack([tf.sum(tf.square(tf.sub(a, b))), tf.sum(tf.square(b))]));

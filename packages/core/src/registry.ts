@@ -4,9 +4,11 @@ import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { KvpackError, check } from './errors.js';
 import { BaseCompressedCache, unreadMessage } from './cache.js';
+import { BaseCompressedMlaCache } from './mla.js';
 import { byteView, decodeContainer, withDecodedContainer, type ByteSource } from './serialize.js';
 import { disposeCreatedOnError } from './scope.js';
 import type { CompressedCache, KVCache, ModelLayout, Strategy } from './types.js';
+import { isMlaCache, isMlaContainer, mlaRefusal, type CompressedMlaCache, type MlaCompressor, type MlaKVCache } from './mla.js';
 
 /** A low-rank factorization a strategy computes: `count` matrices of [T, features] factored at `rank`. */
 export interface FactoredShape {
@@ -43,6 +45,23 @@ export interface StrategyCapabilities<O = unknown> {
    * strategy's caches cannot be cut. Use {@link cutCachePrefix} rather than calling it directly.
    */
   cutPrefix?(options: O): PrefixCutter | string;
+  /**
+   * How these options compress MLA latent caches ({@link MlaKVCache}: per layer c_KV [T, d_c] and
+   * the shared pre-RoPE k_R [T, d_R]), or a sentence saying why they do not. Absent: the strategy
+   * refuses MLA caches with KvpackError('unsupported') naming itself. `Strategy.compress` dispatches
+   * on the cache's `kind`; read {@link compressesMla} rather than calling it directly.
+   */
+  mla?(options: O): MlaCompressor | string;
+}
+
+/**
+ * Whether a registered strategy compresses MLA latent caches at these resolved options: true, or the
+ * sentence saying why not (from its definition, never from its name).
+ */
+export function compressesMla(name: string, resolvedOptions: unknown): true | string {
+  const m = getStrategyDefinition(name).capabilities?.mla?.(resolvedOptions);
+  if (m === undefined) return 'its definition declares no MLA support';
+  return typeof m === 'string' ? m : true;
 }
 
 /**
@@ -291,15 +310,17 @@ export function createResolvedStrategy(name: string, resolvedOptions: unknown): 
  * input cache's model fingerprint on the result, and `deserialize` is {@link restoreCache}.
  */
 function guardStrategy(s: Strategy): Strategy {
+  const compress = async (cache: KVCache | MlaKVCache): Promise<CompressedCache | CompressedMlaCache> => {
+    if (isMlaCache(cache) && !s.deserializeMla) throw mlaRefusal(s.name);
+    const c = await s.compress(cache);
+    if (cache.model && (c instanceof BaseCompressedCache || c instanceof BaseCompressedMlaCache)) c.model = cache.model;
+    return c;
+  };
   return {
     ...s,
     name: s.name,
     options: s.options,
-    async compress(cache: KVCache) {
-      const c = await s.compress(cache);
-      if (cache.model && c instanceof BaseCompressedCache) c.model = cache.model;
-      return c;
-    },
+    compress: compress as Strategy['compress'],
     deserialize: (bytes) => restoreCache(s, bytes),
   };
 }
@@ -365,6 +386,7 @@ export function restoreCache(strategy: Strategy, source: ByteSource, options: Re
 export function deserializeCache(source: ByteSource, options: RestoreOptions = {}): CompressedCache {
   const bytes = byteView(source);
   const c = decodeContainer(bytes);
+  check(!isMlaContainer(c), 'corrupt', `this serialized ${c.strategy} cache is an MLA latent cache: restore it with deserializeMlaCache`);
   const def = getStrategyDefinition(c.strategy);
   let strategy: Strategy;
   try {
@@ -375,4 +397,41 @@ export function deserializeCache(source: ByteSource, options: RestoreOptions = {
     throw e;
   }
   return withDecodedContainer(bytes, c, () => restoreCache(strategy, bytes, options));
+}
+
+/**
+ * Restores any registered strategy's serialized MLA latent cache (the container names its strategy
+ * and options), from any byte view.
+ * @throws KvpackError('corrupt' | 'truncated') naming the field or tensor at fault (a per-head KV cache
+ *         is named as such); KvpackError('unknown-strategy'); KvpackError('unsupported') when the strategy
+ *         does not restore MLA caches; KvpackError('model') when `options.model` is given and the cache
+ *         was made from another model. A failed restore leaks no tensor.
+ */
+export function deserializeMlaCache(source: ByteSource, options: RestoreOptions = {}): CompressedMlaCache {
+  const bytes = byteView(source);
+  const c = decodeContainer(bytes);
+  check(isMlaContainer(c), 'corrupt', `this serialized ${c.strategy} cache is a per-head KV cache, not an MLA latent cache: restore it with deserializeCache`);
+  const def = getStrategyDefinition(c.strategy);
+  let strategy: Strategy;
+  try {
+    strategy = def.create(parseStrategyOptions(c.strategy, c.options));
+  } catch (e) {
+    if (e instanceof KvpackError && e.code === 'config') throw new KvpackError('corrupt', `serialized ${c.strategy} cache is corrupt: it records ${e.message}`, { cause: e });
+    throw e;
+  }
+  if (!strategy.deserializeMla) throw mlaRefusal(c.strategy);
+  if (options.model !== undefined) {
+    check(
+      c.model === options.model,
+      'model',
+      `this ${c.strategy} MLA cache was made from ${c.model ? `model ${c.model}` : 'a cache without a model fingerprint'}, not from model ${options.model}`,
+    );
+  }
+  const restore = strategy.deserializeMla;
+  try {
+    return withDecodedContainer(bytes, c, () => disposeCreatedOnError(() => restore(bytes)));
+  } catch (e) {
+    if (e instanceof KvpackError) throw e;
+    throw new KvpackError('corrupt', `serialized ${c.strategy} MLA cache ${UNEXPECTED_RESTORE_FAILURE}: ${(e as Error).message}`, { cause: e });
+  }
 }

@@ -1,4 +1,5 @@
 import type * as tf from '@tensorflow/tfjs-core';
+import type { CompressedMlaCache, MlaKVCache } from './mla.js';
 
 /**
  * Attention layout of a decoder-only model.
@@ -139,8 +140,15 @@ export interface CompressedCache {
 export interface Strategy<Options = unknown> {
   readonly name: string;
   readonly options: Options;
-  /** Compresses a whole prefill cache. Does not dispose `cache`. */
+  /**
+   * Compresses a whole prefill cache. Does not dispose `cache`. An MLA latent cache
+   * ({@link MlaKVCache}, `kind: 'mla'`) gives a {@link CompressedMlaCache}; a strategy whose definition
+   * lacks the `mla` capability refuses it.
+   * @throws KvpackError('unsupported') for an MLA cache the strategy does not compress.
+   */
   compress(cache: KVCache): Promise<CompressedCache>;
+  compress(cache: MlaKVCache): Promise<CompressedMlaCache>;
+  compress(cache: KVCache | MlaKVCache): Promise<CompressedCache | CompressedMlaCache>;
   /**
    * Restores a cache from the bytes written by its `serialize`, from any byte view (Node Buffer,
    * subarray, SharedArrayBuffer-backed). Strategies built by `createStrategy` check the container,
@@ -148,4 +156,10 @@ export interface Strategy<Options = unknown> {
    * @throws KvpackError('corrupt' | 'truncated')
    */
   deserialize(bytes: Uint8Array): CompressedCache;
+  /**
+   * Restores an MLA latent cache from the bytes its `serialize` wrote (`deserializeMlaCache` in the
+   * registry finds the strategy). Absent on strategies that do not compress MLA caches.
+   * @throws KvpackError('corrupt' | 'truncated')
+   */
+  deserializeMla?(bytes: Uint8Array): CompressedMlaCache;
 }
