@@ -5,6 +5,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { KvpackError, denseStrategy, selectBackend, type CompressedMlaCache } from '@kvpack/core';
 import { writeHfDir } from '../hf/testutil.js';
+import { parseHfConfig } from '../hf/config.js';
+import { Session } from '../model/session.js';
 import { DeepseekModel, loadDeepseekModel, parseDeepseekConfig, type MlaAttentionForm } from './index.js';
 import { TINY, refDeepseekLogits, tinyDeepseekCheckpoint, type TinyDeepseekSpec } from './reference.testutil.js';
 
@@ -75,4 +77,98 @@ describe('DeepSeek MLA model vs an independent float64 reference', () => {
       expect(tf.memory().numTensors).toBe(start);
     });
   }
+});
+
+describe('DeepSeek MLA model in a generation Session', () => {
+  it('prefill → dense MLA cache → greedy decode follows the float64 argmax; a serialized cache resumes exactly', async () => {
+    const ckpt = tinyDeepseekCheckpoint(VARIANTS['V2 (q_lora_rank, group_limited_greedy)']);
+    const dir = join(root, 'session');
+    writeHfDir(dir, ckpt);
+    const start = tf.memory().numTensors;
+    const model = new DeepseekModel((await loadDeepseekModel(dir)).weights);
+    const s = await Session.start(model, { strategy: 'dense', options: { storage: 'float32' } });
+    await s.prefill(PROMPT);
+    const first = await s.greedy(5);
+    expect(s.cache.kind).toBe('mla');
+    expect(s.cache.model).toBe(await model.fingerprint());
+    const bytes = s.cache.serialize();
+    expect(bytes.length).toBeGreaterThan(s.cache.byteSize());
+    const pending = [...s.pendingTokens];
+    const rest = await s.greedy(5);
+    const r = await Session.resume(model, bytes, { remainingTokens: pending });
+    const again = await r.greedy(4);
+    expect(again.ids).toEqual(rest.ids.slice(0, 4));
+    r.dispose();
+    // Every greedy token is the argmax of the float64 reference over the same sequence.
+    const ids = [...first.ids, ...rest.ids];
+    const seq = [...PROMPT, ...ids];
+    const ref = refDeepseekLogits(ckpt, seq.slice(0, -1));
+    const V = ckpt.config.vocab_size as number;
+    for (let i = 0; i < ids.length; i++) {
+      const row = Array.from(ref.logits.subarray((PROMPT.length - 1 + i) * V, (PROMPT.length + i) * V));
+      const sorted = [...row].sort((a, b) => b - a);
+      if (sorted[0] - sorted[1] > 1e-3) expect(ids[i]).toBe(row.indexOf(sorted[0]));
+    }
+    s.dispose();
+    model.dispose();
+    expect(tf.memory().numTensors).toBe(start);
+  });
+});
+
+describe('DeepSeek loading errors', () => {
+  const spec = VARIANTS['V3 (sigmoid, noaux_tc)'];
+  const expectKvpack = async (p: Promise<unknown> | (() => unknown), code: string, fragment: RegExp | string) => {
+    let err: unknown;
+    try {
+      await (typeof p === 'function' ? p() : p);
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(KvpackError);
+    expect((err as KvpackError).code).toBe(code);
+    expect((err as Error).message).toMatch(fragment);
+  };
+  it('a DeepSeek config missing a field names it', async () => {
+    for (const key of ['kv_lora_rank', 'qk_rope_head_dim', 'v_head_dim', 'moe_intermediate_size', 'n_group']) {
+      const cfg = { ...tinyDeepseekCheckpoint(spec).config };
+      delete cfg[key];
+      await expectKvpack(() => parseDeepseekConfig(cfg), 'config', `lacks "${key}"`);
+    }
+  });
+  it('an expert tensor of the wrong shape is named before any tensor is read', async () => {
+    const ckpt = tinyDeepseekCheckpoint(spec);
+    const name = 'model.layers.2.mlp.experts.5.up_proj.weight';
+    ckpt.tensors.set(name, { shape: [TINY.Fe + 1, TINY.D], data: new Float32Array((TINY.Fe + 1) * TINY.D) });
+    const dir = join(root, 'bad-expert');
+    writeHfDir(dir, ckpt);
+    const n = tf.memory().numTensors;
+    await expectKvpack(loadDeepseekModel(dir), 'shape', `"${name}" has shape [${TINY.Fe + 1},${TINY.D}] but config.json implies [${TINY.Fe},${TINY.D}]`);
+    expect(tf.memory().numTensors).toBe(n);
+    ckpt.tensors.delete(name);
+    writeHfDir(join(root, 'missing-expert'), ckpt);
+    await expectKvpack(loadDeepseekModel(join(root, 'missing-expert')), 'corrupt', `missing tensor "${name}"`);
+    expect(tf.memory().numTensors).toBe(n);
+  });
+  it('an unknown model_type lists the supported ones', async () => {
+    const cfg = { ...tinyDeepseekCheckpoint(spec).config, model_type: 'gpt2', architectures: ['GPT2LMHeadModel'] };
+    const list = /llama, mistral, qwen2, deepseek_v2, deepseek_v3/;
+    await expectKvpack(() => parseDeepseekConfig(cfg), 'unsupported', list);
+    await expectKvpack(() => parseHfConfig(cfg), 'unsupported', list);
+    // A DeepSeek config given to the Llama-family loader says which loader reads it.
+    await expectKvpack(() => parseHfConfig({ ...cfg, model_type: 'deepseek_v2', architectures: [] }), 'unsupported', /loadDeepseekModel/);
+  });
+  it('decode refuses a per-head KV cache and a cache of another layout', async () => {
+    const dir = join(root, 'layout');
+    writeHfDir(dir, tinyDeepseekCheckpoint(spec));
+    const model = new DeepseekModel((await loadDeepseekModel(dir)).weights);
+    const { logits, cache } = await model.prefill(PROMPT.slice(0, 3));
+    logits.dispose();
+    const c = (await denseStrategy({ storage: 'float32' }).compress({ ...cache, layout: { ...cache.layout, vHeadDim: 7 } })) as CompressedMlaCache;
+    tf.dispose([...cache.latents, ...cache.ropeKeys]);
+    const n = tf.memory().numTensors;
+    await expectKvpack(model.decode([4], c, 3), 'layout', /vHeadDim/);
+    expect(tf.memory().numTensors).toBe(n);
+    c.dispose();
+    model.dispose();
+  });
 });
