@@ -321,3 +321,14 @@ export function refDeepseekLogits(ckpt: TinyCheckpoint, ids: readonly number[]):
   xs.forEach((x, t) => logits.set(mv(cls, rms(x, f64(ckpt, 'model.norm.weight'), eps), V), t * V));
   return { logits, margin: margin.min };
 }
+
+/** The tiny models of the transformers cross-check (scripts/gpu/hf_logits.py), by folder name. */
+export const HF_CHECK_MODELS: Record<string, TinyDeepseekSpec> = {
+  // transformers' DeepSeek-V2 scales the routed weights and never normalizes them: norm_topk_prob false.
+  deepseek_v2: { modelType: 'deepseek_v2', qLoraRank: 16, topkMethod: 'group_limited_greedy', scoring: 'softmax', normTopkProb: false, routedScalingFactor: 2 },
+  deepseek_v2_lite: { modelType: 'deepseek_v2', qLoraRank: null, topkMethod: 'greedy', scoring: 'softmax', normTopkProb: false, routedScalingFactor: 1 },
+  deepseek_v3: { modelType: 'deepseek_v3', qLoraRank: 16, topkMethod: 'noaux_tc', scoring: 'sigmoid', normTopkProb: true, routedScalingFactor: 2.5 },
+};
+/** Token ids of the cross-check: the first HF_CHECK_PREFILL are the prefill, the rest decode steps. */
+export const HF_CHECK_IDS = [1, 17, 42, 5, 33, 8, 61, 20, 3, 50, 12, 44, 9, 27, 63, 0, 38, 14, 2, 55, 31, 7, 46, 22];
+export const HF_CHECK_PREFILL = 8;
