@@ -172,3 +172,28 @@ describe('DeepSeek loading errors', () => {
     model.dispose();
   });
 });
+
+describe('DeepSeek config variants', () => {
+  it("transformers 5's rope_parameters read as rope_theta + rope_scaling; YaRN sets the softmax scale", () => {
+    const cfg = tinyDeepseekCheckpoint(VARIANTS['V2 (q_lora_rank, group_limited_greedy)']).config;
+    const a = parseDeepseekConfig(cfg);
+    const { rope_theta, rope_scaling, ...rest } = cfg as Record<string, unknown>;
+    const b = parseDeepseekConfig({ ...rest, rope_parameters: { rope_theta, rope_type: 'yarn', ...(rope_scaling as object), type: undefined } });
+    expect(b.rope).toEqual(a.rope);
+    expect(a.rope).toEqual({ theta: 10000, layout: 'interleaved', scaling: { type: 'yarn', factor: 4, originalMaxPositionEmbeddings: 64, betaFast: 32, betaSlow: 1, mscale: 1, mscaleAllDim: 0.8 } });
+    expect(a.softmaxScale).toBeCloseTo((0.1 * 0.8 * Math.log(4) + 1) ** 2 / Math.sqrt(TINY.dn + TINY.dr), 14);
+    expect(parseDeepseekConfig({ ...rest, rope_theta }).softmaxScale).toBe(1 / 4);
+  });
+  it('DeepSeek-V3 with rope_interleave false rotates half pairs (prefill vs the float64 reference)', async () => {
+    const ckpt = tinyDeepseekCheckpoint({ ...VARIANTS['V3 (sigmoid, noaux_tc)'], ropeInterleave: false });
+    const dir = join(root, 'v3-half');
+    writeHfDir(dir, ckpt);
+    const model = new DeepseekModel((await loadDeepseekModel(dir)).weights);
+    expect(model.config.rope.layout).toBe('half');
+    const { logits, cache } = await model.prefill(PROMPT, { observationWindow: 2 });
+    expect(cache.queries?.[0].shape).toEqual([2, TINY.H, TINY.r + TINY.dr]);
+    expect(maxDiff((await logits.data()) as Float32Array, refDeepseekLogits(ckpt, PROMPT).logits)).toBeLessThan(1e-4);
+    tf.dispose([logits, ...cache.latents, ...cache.ropeKeys, ...cache.queries!]);
+    model.dispose();
+  });
+});
