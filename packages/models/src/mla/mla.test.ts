@@ -109,6 +109,21 @@ describe('DeepSeek MLA model in a generation Session', () => {
       const sorted = [...row].sort((a, b) => b - a);
       if (sorted[0] - sorted[1] > 1e-3) expect(ids[i]).toBe(row.indexOf(sorted[0]));
     }
+    // LlamaModel-style generate / scoreContinuation on the MLA model.
+    const g = await model.generate(PROMPT, { maxNewTokens: 6, strategy: denseStrategy({ storage: 'float32' }) });
+    expect(g.ids).toEqual(ids.slice(0, 6));
+    const perTokenBytes = TINY.L * (TINY.r + TINY.dr);
+    expect(g.cache.prefillByteSize).toBe(perTokenBytes * PROMPT.length * 4);
+    expect(g.cache.compressionRatio).toBe(0.5); // fp16 dense / float32 storage
+    const sc = await model.scoreContinuation(PROMPT, CONT.slice(0, 6));
+    const refSc = refDeepseekLogits(ckpt, [...PROMPT, ...CONT.slice(0, 5)]);
+    let nll = 0;
+    for (let i = 0; i < 6; i++) {
+      const row = refSc.logits.subarray((PROMPT.length - 1 + i) * V, (PROMPT.length + i) * V);
+      const m = Math.max(...row);
+      nll += m + Math.log(row.reduce((a, v) => a + Math.exp(v - m), 0)) - row[CONT[i]];
+    }
+    expect(Math.abs(sc.meanNll - nll / 6)).toBeLessThan(1e-4);
     s.dispose();
     model.dispose();
     expect(tf.memory().numTensors).toBe(start);

@@ -8,8 +8,10 @@ import {
   type CompressedMlaCache,
   type MlaKVCache,
   type MlaLayout,
+  type Strategy,
 } from '@kvpack/core';
 import { rmsNorm } from '../model/blocks.js';
+import { generate, scoreContinuation, type ContinuationScore, type GenerateOptions, type GenerateResult, type ScoreOptions } from '../model/generation.js';
 import { isMoeLayer, type DeepseekConfig } from './config.js';
 import { moeForward, swiglu } from './moe.js';
 import { disposeDeepseekWeights, namedDeepseekTensors, type DeepseekWeights } from './weights.js';
@@ -310,7 +312,7 @@ export class DeepseekModel {
       const mine = await this.fingerprint();
       check(cache.model === mine, 'model', `decode: the cache was made from model ${cache.model}, not from this model (${mine})`);
     }
-    check(JSON.stringify(cache.rope) === JSON.stringify(this.config.rope), 'config', `decode: the cache's RoPE ${JSON.stringify(cache.rope)} is not the model's ${JSON.stringify(this.config.rope)}`);
+    check(canonical(cache.rope) === canonical(this.config.rope), 'config', `decode: the cache's RoPE ${canonical(cache.rope)} is not the model's ${canonical(this.config.rope)}`);
     let x = this.embed(ids);
     try {
       for (let l = 0; l < this.config.nLayers; l++) {
@@ -339,6 +341,26 @@ export class DeepseekModel {
     } finally {
       x.dispose();
     }
+  }
+
+  /**
+   * Generates up to `maxNewTokens` tokens after a prompt: prefill, compress the prompt's MLA cache
+   * with the strategy (default exact dense float32; it must declare MLA support), then decode (a
+   * `Session`). Same options and result as `LlamaModel.generate`; the compression ratio counts fp16
+   * latents and RoPE keys (core `mlaDenseBytes`).
+   * @throws KvpackError('shape' | 'config') for bad ids or options; ('unsupported') from a strategy that does not compress MLA caches.
+   */
+  generate(promptIds: number[], options: GenerateOptions<CompressedMlaCache>): Promise<GenerateResult<CompressedMlaCache>> {
+    return generate<CompressedMlaCache>(this, promptIds, options);
+  }
+
+  /**
+   * Scores a continuation given a prompt whose MLA cache is compressed by `strategy` (default exact),
+   * as `LlamaModel.scoreContinuation`: the first token from the prompt's last logits, the others
+   * teacher-forced in one decode call; NLLs in float64.
+   */
+  scoreContinuation(promptIds: number[], continuationIds: number[], strategy?: Strategy, options: ScoreOptions = {}): Promise<ContinuationScore> {
+    return scoreContinuation<CompressedMlaCache>(this, promptIds, continuationIds, strategy, options);
   }
 
   /**
@@ -375,4 +397,11 @@ export class DeepseekModel {
     this.absorbed.length = 0;
     disposeDeepseekWeights(this.weights);
   }
+}
+
+/** JSON with sorted keys and null for absent scaling, for comparing RoPE configs. */
+function canonical(v: unknown): string {
+  return JSON.stringify(v ?? null, (_k, x) =>
+    x && typeof x === 'object' && !Array.isArray(x) ? Object.fromEntries(Object.entries(x).filter(([, y]) => y != null).sort(([a], [b]) => (a < b ? -1 : 1))) : x,
+  );
 }
