@@ -23,4 +23,5 @@ export * from './quant/half-rows.js';
 export * from './quant/words.js';
 export * from './quant/minmax-groups.js';
 export * from './eviction/kept-tokens.js';
+export * from './eviction/mla-kept-tokens.js';
 export * from './eviction/scorer.js';
