@@ -364,3 +364,4 @@ export const kiviDefinition = defineStrategy({
     return new KiviCache(layout, rope, prefillLength, options, state);
   },
 });
+export { KiviMlaCache, kiviMlaCacheBytes, kiviMlaCompressor } from './mla.js';
