@@ -20,7 +20,7 @@ import { denseCacheBytes } from './memory.js';
 import { compressesMla, createStrategy, deserializeCache, deserializeMlaCache, parseStrategyOptions } from './registry.js';
 import { applyRope, sharedRopeTableBytes } from './rope.js';
 import { headerBytes, splitContainer, writeContainer } from './serialize.js';
-import { cacheSnapshot, fuzzRestore } from './restore-fuzz.js';
+import { cacheSnapshot, fuzzRestore, mlaCacheSnapshot } from './restore-fuzz.js';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -541,6 +541,43 @@ function runMlaConformance(name: string, cases: ConformanceCases): void {
       a.forEach((x, i) => expect(Buffer.from(b[i].buffer).equals(Buffer.from(x.buffer)), `array ${i}`).toBe(true));
       c.dispose();
       r.dispose();
+    });
+
+    mlaIt('frees what a restore built before it met a tensor of the wrong shape late in the file', async () => {
+      const c = await mk();
+      const bytes = c.serialize();
+      c.dispose();
+      const { header, payload } = splitContainer(bytes);
+      const h = JSON.parse(header) as { tensors: { name: string; shape: number[] }[] };
+      const victim = h.tensors.filter((t) => !t.name.startsWith('residual.') && t.shape.length >= 1).pop();
+      expect(victim, 'a stored tensor with a shape').toBeDefined();
+      const n = victim!.shape.reduce((a, b) => a * b, 1);
+      victim!.shape = victim!.shape.length >= 2 ? [n] : [1, n];
+      const start = tf.memory().numTensors;
+      expect(() => deserializeMlaCache(writeContainer(JSON.stringify(h), payload))).toThrow(KvpackError);
+      expect(tf.memory().numTensors).toBe(start);
+    });
+
+    mlaIt('ends every truncated, flipped or edited restore in the saved cache or a named error, leaking nothing (seeded fuzz)', async () => {
+      const c = await mk();
+      const a = tf.randomNormal([1, cache.layout.kvLoraRank], 0, 1, 'float32', 9) as tf.Tensor2D;
+      const b = tf.randomNormal([1, cache.layout.qkRopeHeadDim], 0, 1, 'float32', 10) as tf.Tensor2D;
+      c.append(0, a, b);
+      tf.dispose([a, b]);
+      const bytes = c.serialize();
+      const reference = await mlaCacheSnapshot(c);
+      c.dispose();
+      const trials = Number(process.env.KVPACK_FUZZ_TRIALS ?? 0) || Math.min(100, cases.fuzzTrials ?? 100);
+      const f = await fuzzRestore(bytes, reference, trials, Number(process.env.KVPACK_FUZZ_SEED ?? 0x5eed), { restore: deserializeMlaCache, snapshot: mlaCacheSnapshot });
+      console.log(
+        `restore fuzz ${name} MLA ${JSON.stringify(options)}: ${f.trials} trials, ${f.correct} correct, ${f.namedErrors} named errors, ${f.otherErrors} other errors, ` +
+          `${f.silentlyDifferent} silently different, ${f.differentAfterRechecksum} different after re-checksummed header edits, ${f.leaks} leaks`,
+      );
+      expect(f.examples).toEqual([]);
+      expect(f.otherErrors).toBe(0);
+      expect(f.silentlyDifferent).toBe(0);
+      expect(f.leaks).toBe(0);
+      expect(f.namedErrors).toBeGreaterThan(f.trials / 2);
     });
 
     mlaIt('compresses: measured ratio against dense fp16 latents and RoPE keys > 1', async () => {
