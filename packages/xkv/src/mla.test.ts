@@ -75,6 +75,7 @@ describe('xkv on MLA latent caches', () => {
         const got = relError(g.layers.map((l) => latents[l]), g.layers.map((l) => host(c.latents(l))));
         expect(want).toBeGreaterThan(0.01); // a truncation that loses something
         expect(Math.abs(got - want) / want, `group ${g.index}: ${got} vs float64 ${want}`).toBeLessThan(0.01);
+        console.log(`xkv MLA exact ${storage}: group ${g.index} latent error ${got.toFixed(6)} vs float64 SVD ${want.toFixed(6)} (${((100 * Math.abs(got - want)) / want).toFixed(3)}% apart)`);
       }
       c.dispose();
     });
