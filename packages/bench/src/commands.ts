@@ -11,6 +11,7 @@ import { ERROR_BASIS, markdownReport, type BenchReport } from './report.js';
 import { runBench } from './runner.js';
 import { runEnvironment } from './environment.js';
 import { loadConfigPlugins } from './plugins.js';
+import { resolveStrategy, strategyCompressesMla } from './strategy.js';
 
 /** Where commands write: `out` for results (stdout), `err` for logs (stderr). */
 export interface CommandIO {
@@ -193,7 +194,16 @@ function optionRows(props: Record<string, Record<string, unknown>>, required: Se
   return rows;
 }
 
-/** `kvpack strategies`: registered names, descriptions and options. */
+/** Whether a strategy compresses MLA latent caches at its default options (from its definition), or why not. */
+function mlaSupport(name: string): true | string {
+  try {
+    return strategyCompressesMla(resolveStrategy(name, {}));
+  } catch (e) {
+    return (e as Error).message;
+  }
+}
+
+/** `kvpack strategies`: registered names, descriptions, whether they compress MLA caches, and options. */
 export async function strategiesCommand(io: CommandIO = processIO, opts: { json?: boolean } = {}): Promise<number> {
   await import('@kvpack/xkv');
   await import('@kvpack/baselines');
@@ -206,7 +216,7 @@ export async function strategiesCommand(io: CommandIO = processIO, opts: { json?
       } catch {
         /* a schema JSON Schema cannot express */
       }
-      return { name, description: def.description, options };
+      return { name, description: def.description, options, mla: mlaSupport(name) };
     });
     io.out(JSON.stringify(list, null, 2));
     return EXIT.ok;
@@ -215,6 +225,8 @@ export async function strategiesCommand(io: CommandIO = processIO, opts: { json?
   for (const name of listStrategies()) {
     const def = getStrategyDefinition(name);
     lines.push(`${name} — ${def.description}`);
+    const mla = mlaSupport(name);
+    lines.push(`    MLA latent caches: ${mla === true ? 'yes' : `no (${mla})`}`);
     let schema: Record<string, unknown> = {};
     try {
       schema = z.toJSONSchema(def.schema, { io: 'input', unrepresentable: 'any' }) as Record<string, unknown>;

@@ -13,6 +13,7 @@ runStrategyConformance('dense', {
   losslessTolerance: 1e-6,
   badOptions: [{ storage: 'int3' }],
   ratioAboveOne: false,
+  mla: { lossless: { storage: 'float32' }, losslessTolerance: 1e-6 },
 });
 
 it('the resident measurement catches a planted float32 copy of a float16 cache', async () => {

@@ -14,11 +14,15 @@ import {
   selectBackend,
   validateMlaCache,
   yarnAttentionFactor,
+  compressesMla,
+  registerStrategy,
+  unregisterStrategy,
   type CompressedMlaCache,
   type MlaKVCache,
   type RopeConfig,
 } from './index.js';
 import './dense/index.js';
+import { z } from 'zod';
 import { syntheticMlaCache, disposeMlaCache } from './conformance.js';
 
 beforeAll(async () => {
@@ -71,6 +75,38 @@ describe('MLA latent caches', () => {
     await expect(validateMlaCache({ ...cache, layout: { ...cache.layout, qkRopeHeadDim: 3 } })).rejects.toThrow(KvpackError);
     tf.dispose([bad, wide]);
     disposeMlaCache(cache);
+  });
+});
+
+describe('strategies without MLA support', () => {
+  it('refuse MLA caches with a KvpackError naming the strategy, also when not built by defineStrategy; compressesMla reads the definition', async () => {
+    const cache = syntheticMlaCache(8);
+    const dense = createStrategy({ name: 'dense' });
+    // A hand-written strategy that only knows per-head caches (no mla capability on its definition).
+    registerStrategy({
+      name: 'mla-test-plain',
+      description: 'test: per-head only',
+      schema: z.strictObject({}),
+      create: (options) => ({ ...dense, name: 'mla-test-plain', options }),
+    });
+    try {
+      const before = tf.memory().numTensors;
+      let err: unknown;
+      try {
+        await createStrategy({ name: 'mla-test-plain' }).compress(cache);
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(KvpackError);
+      expect((err as KvpackError).code).toBe('unsupported');
+      expect((err as Error).message).toMatch(/^strategy "mla-test-plain" does not compress MLA latent caches/);
+      expect(tf.memory().numTensors).toBe(before);
+      expect(compressesMla('mla-test-plain', {})).toMatch(/declares no MLA support/);
+      expect(compressesMla('dense', { storage: 'float16' })).toBe(true);
+    } finally {
+      unregisterStrategy('mla-test-plain');
+      disposeMlaCache(cache);
+    }
   });
 });
 

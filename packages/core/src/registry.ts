@@ -293,7 +293,8 @@ export function createStrategy(config: StrategyConfig | string): Strategy {
   const parsed = StrategyConfigSchema.safeParse(raw);
   if (!parsed.success) throw new KvpackError('config', `invalid strategy config:\n${z.prettifyError(parsed.error)}\nexpected { name: string, options?: object }`);
   const def = getStrategyDefinition(parsed.data.name);
-  return guardStrategy(def.create(parseStrategyOptions(parsed.data.name, parsed.data.options)));
+  const options = parseStrategyOptions(parsed.data.name, parsed.data.options);
+  return guardStrategy(def.create(options), def, options);
 }
 
 /**
@@ -302,16 +303,22 @@ export function createStrategy(config: StrategyConfig | string): Strategy {
  * @throws KvpackError('unknown-strategy')
  */
 export function createResolvedStrategy(name: string, resolvedOptions: unknown): Strategy {
-  return guardStrategy(getStrategyDefinition(name).create(resolvedOptions));
+  const def = getStrategyDefinition(name);
+  return guardStrategy(def.create(resolvedOptions), def, resolvedOptions);
 }
 
 /**
  * The strategy with the guarantees every registered strategy gets from core: `compress` records the
- * input cache's model fingerprint on the result, and `deserialize` is {@link restoreCache}.
+ * input cache's model fingerprint on the result and refuses an MLA latent cache unless the definition's
+ * `mla` capability compresses it, and `deserialize` is {@link restoreCache}.
  */
-function guardStrategy(s: Strategy): Strategy {
+function guardStrategy(s: Strategy, def: StrategyDefinition, options: unknown): Strategy {
   const compress = async (cache: KVCache | MlaKVCache): Promise<CompressedCache | CompressedMlaCache> => {
-    if (isMlaCache(cache) && !s.deserializeMla) throw mlaRefusal(s.name);
+    if (isMlaCache(cache)) {
+      // Read from the definition, so that a strategy not built by defineStrategy refuses too.
+      const m = def.capabilities?.mla?.(options);
+      if (m === undefined || typeof m === 'string') throw mlaRefusal(s.name, m);
+    }
     const c = await s.compress(cache);
     if (cache.model && (c instanceof BaseCompressedCache || c instanceof BaseCompressedMlaCache)) c.model = cache.model;
     return c;

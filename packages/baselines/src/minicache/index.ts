@@ -297,6 +297,7 @@ export const miniCacheDefinition = defineStrategy({
   description: 'MiniCache: SLERP merging of adjacent layer pairs from mid-depth, per-layer norms, most distinct tokens retained (Liu et al. 2024)',
   schema: MiniCacheOptionsSchema,
   capabilities: {
+    mla: () => 'MiniCache merges the per-head key and value directions of adjacent layers; an MLA layer caches one shared latent instead (compress MLA caches with xkv or svd across/within layers)',
     exactLayers: (o, L) => {
       const merged = new Set(mergedPairs(L, o.startLayer ?? Math.floor(L / 2)).flat());
       return Array.from({ length: L }, (_, l) => l).filter((l) => !merged.has(l));

@@ -106,6 +106,9 @@ export const quantDefinition = defineStrategy({
   name: 'quant',
   description: 'per-token int8/int4 quantization of keys (pre-RoPE) and values, 16-bit scale per token per KV head',
   schema: QuantOptionsSchema,
+  capabilities: {
+    mla: () => 'its groups are one KV head’s d channels of a token; for MLA latent caches use kivi (latent quantization)',
+  },
   async compress(cache, options, T) {
     const { nKvHeads, headDim } = cache.layout;
     const spec = perTokenSpec(options, headDim);

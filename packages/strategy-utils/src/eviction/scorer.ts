@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { check, defineStrategy, type KVCache, type StrategyCapabilities, type StrategyDefinition } from '@kvpack/core';
+import { check, defineStrategy, type KVCache, type MlaKVCache, type StrategyCapabilities, type StrategyDefinition } from '@kvpack/core';
+import { MlaKeptTokensCache } from './mla-kept-tokens.js';
 import type { z } from 'zod';
 import { KeptTokensCache } from './kept-tokens.js';
 import { topKPositions } from './top-k.js';
@@ -35,6 +36,15 @@ export interface TokenScorer<O> {
    * not on the cache's values: then they are not stored, which saves their bytes. `score` is not called.
    */
   impliedPositions?(T: number, options: O): Int32Array;
+  /**
+   * Scores of one layer's prefill tokens on an MLA latent cache, [T] (host) or [1, T] / [T] (backend,
+   * handed over): one set for the layer, the latent being shared by every head. `postRopeKeys` [T, d_R]
+   * are the layer's rotated shared keys (owned by the caller). Called only when T > budget. Without it
+   * (and without `impliedPositions`) the strategy refuses MLA caches.
+   */
+  mlaScore?(cache: MlaKVCache, layer: number, options: O, postRopeKeys: tf.Tensor2D): Promise<ArrayLike<number> | tf.Tensor> | ArrayLike<number> | tf.Tensor;
+  /** Checks what `mlaScore` needs before any layer is scored. @throws KvpackError */
+  mlaCheck?(cache: MlaKVCache, options: O): void;
 }
 
 /**
@@ -81,6 +91,15 @@ function scoresTopK(scores: ArrayLike<number> | tf.Tensor, H: number, T: number,
   }
 }
 
+/** Host values of handed-over scores (disposed here). */
+async function readScores(s: tf.Tensor): Promise<Float32Array> {
+  try {
+    return Float32Array.from((await s.data()) as Float32Array);
+  } finally {
+    s.dispose();
+  }
+}
+
 /** A token-eviction strategy: its name, options schema and scorer (see {@link defineEvictionStrategy}). */
 export interface EvictionStrategySpec<S extends z.ZodType> {
   name: string;
@@ -104,11 +123,41 @@ export function defineEvictionStrategy<S extends z.ZodType>(spec: EvictionStrate
   check(scorer.score || scorer.impliedPositions, 'config', `${name}: a token scorer needs score() or impliedPositions()`);
   const implied = (options: z.output<S>) =>
     scorer.impliedPositions ? (T: number, H: number) => repeatPerHead(scorer.impliedPositions!(T, options), H) : undefined;
+  const mla: StrategyCapabilities<z.output<S>>['mla'] =
+    scorer.impliedPositions || scorer.mlaScore
+      ? (options) => ({
+          compress: (cache, T) => {
+            scorer.mlaCheck?.(cache, options);
+            const budget = scorer.budget(options);
+            const fixed = scorer.impliedPositions;
+            return MlaKeptTokensCache.fromSelection(name, options, cache, T, !fixed, async (l, post) => {
+              if (fixed) {
+                const p = fixed(T, options);
+                check(p.length === Math.min(T, budget) && p.every((t) => t >= 0 && t < T), 'shape', `${name}: impliedPositions must give ${Math.min(T, budget)} positions in [0, ${T}), got ${p.length}`);
+                return p;
+              }
+              if (T <= budget) return null;
+              const s = await scorer.mlaScore!(cache, l, options, post);
+              const host = s instanceof tf.Tensor ? await readScores(s) : s;
+              return keepTopScores(host, 1, T, budget);
+            });
+          },
+          restore: (reader) => {
+            const p = scorer.impliedPositions;
+            const c = MlaKeptTokensCache.restore(reader, name, options, p ? (T) => p(T, options) : undefined);
+            const T = reader.header.prefillLength;
+            const n = Math.min(T, scorer.budget(options));
+            for (let l = 0; l < c.layout.nLayers; l++)
+              check(c.tokenCount(l) === n, 'corrupt', `serialized ${name} MLA cache is corrupt: layer ${l} keeps ${c.tokenCount(l)} tokens, but T = ${T} at budget ${scorer.budget(options)} keeps ${n}`);
+            return c;
+          },
+        })
+      : undefined;
   return defineStrategy({
     name,
     description: spec.description,
     schema: spec.schema,
-    capabilities: spec.capabilities,
+    capabilities: mla ? { ...spec.capabilities, mla } : spec.capabilities,
     async compress(cache, options, T) {
       scorer.check?.(cache, options);
       const H = cache.layout.nKvHeads;
