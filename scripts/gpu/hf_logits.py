@@ -41,6 +41,19 @@ def load(path, dtype):
     return model.to(dtype).eval()
 
 
+def write_f32(t, path):
+    """Raw little-endian float32, row-major (numpy when present, else struct)."""
+    t = t.detach().to(torch.float32).contiguous().cpu()
+    try:
+        t.numpy().astype("<f4").tofile(path)
+    except (ImportError, RuntimeError):
+        import struct
+
+        vals = t.flatten().tolist()
+        with open(path, "wb") as f:
+            f.write(struct.pack(f"<{len(vals)}f", *vals))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root", help="folder with tokens.json and one model folder per name in it")
@@ -67,7 +80,7 @@ def main():
                 rows.append(o.logits[0])
                 past = o.past_key_values
             inc = torch.cat(rows)
-        full.to(torch.float32).cpu().numpy().tofile(os.path.join(a.out, f"{name}.logits.f32"))
+        write_f32(full, os.path.join(a.out, f"{name}.logits.f32"))
         diff = float((full - inc).abs().max())
         meta = {
             "format": "kvpack-hf-logits/1",
