@@ -2,6 +2,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
+import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { KvpackError, denseStrategy, selectBackend, type CompressedMlaCache } from '@kvpack/core';
 import { writeHfDir } from '../hf/testutil.js';
@@ -210,5 +211,26 @@ describe('DeepSeek config variants', () => {
     expect(maxDiff((await logits.data()) as Float32Array, refDeepseekLogits(ckpt, PROMPT).logits)).toBeLessThan(1e-4);
     tf.dispose([logits, ...cache.latents, ...cache.ropeKeys, ...cache.queries!]);
     model.dispose();
+  });
+});
+
+describe('DeepSeek config.json property', () => {
+  it('any value in any field gives a config or a KvpackError, never another error (seeded)', () => {
+    const base = tinyDeepseekCheckpoint(VARIANTS['V3 (sigmoid, noaux_tc)']).config;
+    const keys = Object.keys(base);
+    const value = fc.oneof(fc.jsonValue(), fc.integer({ min: -3, max: 1 << 30 }), fc.constantFrom(null, undefined, 0, 1.5, -1, 'yarn', true));
+    fc.assert(
+      fc.property(fc.array(fc.tuple(fc.constantFrom(...keys, 'rope_parameters'), value), { minLength: 1, maxLength: 3 }), (edits) => {
+        const cfg: Record<string, unknown> = structuredClone(base);
+        for (const [k, v] of edits) cfg[k] = v;
+        try {
+          const c = parseDeepseekConfig(cfg, 'config.json', { onWarning: () => {} });
+          expect(c.nLayers).toBeGreaterThan(0);
+        } catch (e) {
+          if (!(e instanceof KvpackError)) throw e;
+        }
+      }),
+      { seed: 16, numRuns: 400 },
+    );
   });
 });
