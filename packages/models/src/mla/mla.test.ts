@@ -185,6 +185,11 @@ describe('DeepSeek loading errors', () => {
     await expectKvpack(model.decode([4], c, 3), 'layout', /vHeadDim/);
     expect(tf.memory().numTensors).toBe(n);
     c.dispose();
+    const kv = { layout: { nLayers: TINY.L, nHeads: 2, nKvHeads: 1, headDim: 4 }, rope: { theta: 10000, layout: 'half' as const }, keys: [0, 1, 2].map(() => tf.ones([3, 1, 4]) as tf.Tensor3D), values: [0, 1, 2].map(() => tf.ones([3, 1, 4]) as tf.Tensor3D) };
+    const perHead = await denseStrategy({ storage: 'float32' }).compress(kv);
+    tf.dispose([...kv.keys, ...kv.values]);
+    await expectKvpack(model.decode([4], perHead as unknown as CompressedMlaCache, 3), 'layout', /per-head KV cache/);
+    perHead.dispose();
     model.dispose();
   });
 });
