@@ -4,8 +4,10 @@ import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { KvpackError, denseStrategy, selectBackend, type CompressedMlaCache } from '@kvpack/core';
-import { writeHfDir } from '../hf/testutil.js';
+import { KvpackError, denseStrategy, selectBackend, type CompressedCache, type CompressedMlaCache } from '@kvpack/core';
+import { tinyCheckpoint, writeHfDir } from '../hf/testutil.js';
+import { loadHfModel } from '../hf/load.js';
+import { LlamaModel } from '../model/llama.js';
 import { parseHfConfig } from '../hf/config.js';
 import { Session } from '../model/session.js';
 import { DeepseekModel, loadDeepseekModel, parseDeepseekConfig, type MlaAttentionForm } from './index.js';
@@ -173,12 +175,13 @@ describe('DeepSeek loading errors', () => {
     // A DeepSeek config given to the Llama-family loader says which loader reads it.
     await expectKvpack(() => parseHfConfig({ ...cfg, model_type: 'deepseek_v2', architectures: [] }), 'unsupported', /loadDeepseekModel/);
   });
-  it('decode refuses a per-head KV cache and a cache of another layout', async () => {
+  it('decode refuses a per-head KV cache and a cache of another layout; a Llama-family model refuses an MLA cache', async () => {
     const dir = join(root, 'layout');
     writeHfDir(dir, tinyDeepseekCheckpoint(spec));
     const model = new DeepseekModel((await loadDeepseekModel(dir)).weights);
     const { logits, cache } = await model.prefill(PROMPT.slice(0, 3));
     logits.dispose();
+    const spare = { ...cache, latents: cache.latents.map((t) => t.clone()), ropeKeys: cache.ropeKeys.map((t) => t.clone()), model: undefined };
     const c = (await denseStrategy({ storage: 'float32' }).compress({ ...cache, layout: { ...cache.layout, vHeadDim: 7 } })) as CompressedMlaCache;
     tf.dispose([...cache.latents, ...cache.ropeKeys]);
     const n = tf.memory().numTensors;
@@ -190,6 +193,14 @@ describe('DeepSeek loading errors', () => {
     tf.dispose([...kv.keys, ...kv.values]);
     await expectKvpack(model.decode([4], perHead as unknown as CompressedMlaCache, 3), 'layout', /per-head KV cache/);
     perHead.dispose();
+    // …and a Llama-family model refuses an MLA cache.
+    writeHfDir(join(root, 'llama'), tinyCheckpoint({ dim: 16, hiddenDim: 24, nLayers: TINY.L, nHeads: 2, nKvHeads: 1, vocabSize: 64 }));
+    const llama = new LlamaModel((await loadHfModel(join(root, 'llama'))).weights);
+    const mla = (await denseStrategy({ storage: 'float32' }).compress(spare)) as CompressedMlaCache;
+    tf.dispose([...spare.latents, ...spare.ropeKeys]);
+    await expectKvpack(async () => llama.decode([4], mla as unknown as CompressedCache, 3), 'layout', /MLA latent cache/);
+    mla.dispose();
+    llama.dispose();
     model.dispose();
   });
 });
