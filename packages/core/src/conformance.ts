@@ -607,26 +607,7 @@ function runMlaConformance(name: string, cases: ConformanceCases): void {
 
     mlaIt('holds on the backend only what it stores: resident ÷ stored ≤ 1.1 after compress, decode steps and restore', async () => {
       const limit = cases.maxResidentRatio ?? 1.1;
-      const base = tf.memory().numBytes;
-      const sharedBase = sharedRopeTableBytes();
-      const held = () => tf.memory().numBytes - base - (sharedRopeTableBytes() - sharedBase);
-      const c = await mk();
-      const afterCompress = held() / c.byteSize();
-      for (let step = 0; step < 4; step++) {
-        for (let l = 0; l < cache.layout.nLayers; l++) {
-          const a = tf.randomNormal([1, cache.layout.kvLoraRank], 0, 1, 'float32', 300 + step) as tf.Tensor2D;
-          const b = tf.randomNormal([1, cache.layout.qkRopeHeadDim], 0, 1, 'float32', 350 + step) as tf.Tensor2D;
-          c.append(l, a, b);
-          tf.dispose([a, b, c.latents(l), c.ropeKeys(l)]);
-        }
-      }
-      const afterDecode = held() / c.byteSize();
-      const bytes = await c.serializeAsync();
-      const stored = c.byteSize();
-      c.dispose();
-      const r = deserializeMlaCache(bytes);
-      const afterRestore = held() / stored;
-      r.dispose();
+      const { afterCompress, afterDecode, afterRestore } = await mlaResidentRatios(createStrategy({ name, options }), cache);
       console.log(`resident ÷ stored ${name} MLA ${JSON.stringify(options)}: ${afterCompress.toFixed(3)} after compress, ${afterDecode.toFixed(3)} after 4 decode steps, ${afterRestore.toFixed(3)} after restore`);
       expect(afterCompress).toBeLessThanOrEqual(limit);
       expect(afterDecode).toBeLessThanOrEqual(limit);
@@ -707,6 +688,39 @@ function runMlaConformance(name: string, cases: ConformanceCases): void {
       if (cache) disposeMlaCache(cache);
     });
   });
+}
+
+/**
+ * {@link residentRatios} for an MLA latent cache: resident ÷ stored bytes after compression, after
+ * `decodeSteps` decode steps per layer (append one latent and RoPE key, read both back), and after a
+ * serializeAsync → deserializeMlaCache round trip; the shared RoPE tables' growth is subtracted.
+ */
+export async function mlaResidentRatios(strategy: Strategy, cache: MlaKVCache, decodeSteps = 4): Promise<{ afterCompress: number; afterDecode: number; afterRestore: number }> {
+  const base = tf.memory().numBytes;
+  const sharedBase = sharedRopeTableBytes();
+  const held = () => tf.memory().numBytes - base - (sharedRopeTableBytes() - sharedBase);
+  const c = await strategy.compress(cache);
+  try {
+    const afterCompress = held() / c.byteSize();
+    for (let step = 0; step < decodeSteps; step++) {
+      for (let l = 0; l < cache.layout.nLayers; l++) {
+        const a = tf.randomNormal([1, cache.layout.kvLoraRank], 0, 1, 'float32', 300 + step) as tf.Tensor2D;
+        const b = tf.randomNormal([1, cache.layout.qkRopeHeadDim], 0, 1, 'float32', 350 + step) as tf.Tensor2D;
+        c.append(l, a, b);
+        tf.dispose([a, b, c.latents(l), c.ropeKeys(l)]);
+      }
+    }
+    const afterDecode = held() / c.byteSize();
+    const bytes = await c.serializeAsync();
+    const stored = c.byteSize();
+    c.dispose();
+    const restored = deserializeMlaCache(bytes);
+    const afterRestore = held() / stored;
+    restored.dispose();
+    return { afterCompress, afterDecode, afterRestore };
+  } finally {
+    c.dispose();
+  }
 }
 
 /**

@@ -65,6 +65,28 @@ describe('MLA latent caches', () => {
     disposeMlaCache(cache);
   });
 
+  it('records YaRN RoPE scaling in the serialization and rotates with it after a restore', async () => {
+    const rope: RopeConfig = {
+      theta: 10000,
+      layout: 'interleaved',
+      scaling: { type: 'yarn', factor: 40, originalMaxPositionEmbeddings: 4096, betaFast: 32, betaSlow: 1, mscale: 0.707, mscaleAllDim: 0.707 },
+    };
+    const cache = syntheticMlaCache(12, { nLayers: 2 }, 8, rope, 100);
+    const c = (await createStrategy({ name: 'dense', options: { storage: 'float32' } }).compress(cache)) as CompressedMlaCache;
+    const r = deserializeMlaCache(c.serialize());
+    expect(r.rope).toEqual(rope);
+    const a = r.ropeKeys(1);
+    const want = tf.tidy(() => applyRope(cache.ropeKeys[1].reshape([12, 1, 8]) as tf.Tensor3D, rope, { start: 100, count: 12 }).reshape([12, 8]));
+    expect(Array.from(await a.data())).toEqual(Array.from(await want.data()));
+    // With YaRN at factor 40 the slow frequencies are interpolated: the rotation differs from unscaled RoPE.
+    const plain = tf.tidy(() => applyRope(cache.ropeKeys[1].reshape([12, 1, 8]) as tf.Tensor3D, { theta: 10000, layout: 'interleaved' }, { start: 100, count: 12 }).reshape([12, 8]));
+    expect(tf.tidy(() => tf.max(tf.abs(tf.sub(a, plain))).dataSync()[0])).toBeGreaterThan(1e-3);
+    tf.dispose([a, want, plain]);
+    r.dispose();
+    c.dispose();
+    disposeMlaCache(cache);
+  });
+
   it('validation names the layer and tensor at fault', async () => {
     const cache = syntheticMlaCache(8);
     const bad = tf.tensor2d(new Float32Array(8 * cache.layout.kvLoraRank).fill(NaN), [8, cache.layout.kvLoraRank]);

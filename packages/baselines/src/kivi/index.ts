@@ -281,7 +281,7 @@ export class KiviCache extends BaseCompressedCache {
  * `compress` throws KvpackError('shape') when head_dim is not a multiple of g, and
  * KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache (a group beyond the float16
  * range of its scale included); a failed compress frees what it built. On MLA latent caches the
- * latents and RoPE keys are quantized per channel like keys, decode tokens kept exact (mla.ts).
+ * latents and RoPE keys are quantized per channel like keys, decode tokens too, R at a time (mla.ts).
  */
 export const kiviDefinition = defineStrategy({
   name: 'kivi',

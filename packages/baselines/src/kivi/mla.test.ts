@@ -2,7 +2,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createStrategy, headerBytes, selectBackend, type MlaKVCache } from '@kvpack/core';
 import { disposeMlaCache, syntheticMlaCache } from '@kvpack/core/conformance';
-import { kiviMlaCacheBytes, KiviOptionsSchema } from './index.js';
+import { deserializeMlaCache } from '@kvpack/core';
+import { KiviMlaCache, kiviMlaCacheBytes, KiviOptionsSchema } from './index.js';
 import { f16 } from '../testing/testkit.js';
 
 /** KIVI on MLA latent caches: bytes counted directly, and every dequantized value within its group's step. */
@@ -43,6 +44,46 @@ describe('kivi on MLA latent caches', () => {
         for (let t = n; t < T; t++) expect(y[t * 20 + ch]).toBe(f16(x[t * 20 + ch])); // the float16 window
       }
     }
+    c.dispose();
+  });
+
+  it('quantizes decode tokens R at a time as KIVI quantizes keys, and restores the result bit for bit', async () => {
+    const c = (await createStrategy({ name: 'kivi', options: { bits: 4, quantGroupSize: 8, residualLength: 16 } }).compress(cache)) as unknown as KiviMlaCache;
+    expect(c.quantizedTokens(1)).toBe(32);
+    expect(c.tokenCount(1)).toBe(40);
+    const add = tf.randomNormal([8, 20], 0, 1, 'float32', 5) as tf.Tensor2D;
+    const addR = tf.randomNormal([8, 6], 0, 1, 'float32', 6) as tf.Tensor2D;
+    c.append(1, add, addR); // window 8 + 8 = 16 = R: not yet quantized
+    expect([c.quantizedTokens(1), c.tokenCount(1)]).toEqual([32, 48]);
+    const one = tf.randomNormal([1, 20], 0, 1, 'float32', 7) as tf.Tensor2D;
+    const oneR = tf.randomNormal([1, 6], 0, 1, 'float32', 8) as tf.Tensor2D;
+    c.append(1, one, oneR); // the 16 window tokens become one block
+    expect([c.quantizedTokens(1), c.tokenCount(1)]).toEqual([48, 49]);
+    // The appended tokens 40…47 are now 4-bit codes: within half a step of their group (8 tokens, one channel).
+    const x = Float64Array.from(add.dataSync());
+    const got = c.latents(1);
+    const y = got.slice([40, 0], [8, 20]).dataSync();
+    const lastRow = got.slice([48, 0], [1, 20]).dataSync();
+    got.dispose();
+    for (let ch = 0; ch < 20; ch++) {
+      const col = Array.from({ length: 8 }, (_, t) => f16(x[t * 20 + ch])); // rounded to float16 in the window first
+      const step = (Math.max(...col) - Math.min(...col)) / 15;
+      for (let t = 0; t < 8; t++) expect(Math.abs(y[t * 20 + ch] - col[t])).toBeLessThanOrEqual(step / 2 + 2e-3 * Math.max(...col.map(Math.abs)) + 1e-6);
+      expect(lastRow[ch]).toBe(f16(one.dataSync()[ch])); // the newest token: float16 window
+    }
+    const bytes = c.serialize();
+    expect(c.byteSize()).toBe(bytes.length - headerBytes(bytes));
+    const r = deserializeMlaCache(bytes);
+    expect(r.tokenCount(1)).toBe(49);
+    for (const l of [0, 1]) {
+      const [a, b] = [c.latents(l), r.latents(l)];
+      const [p, q] = [c.ropeKeys(l), r.ropeKeys(l)];
+      expect(Array.from(b.dataSync())).toEqual(Array.from(a.dataSync()));
+      expect(Array.from(q.dataSync())).toEqual(Array.from(p.dataSync()));
+      tf.dispose([a, b, p, q]);
+    }
+    tf.dispose([add, addR, one, oneR]);
+    r.dispose();
     c.dispose();
   });
 });

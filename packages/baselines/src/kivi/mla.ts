@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { BaseCompressedMlaCache, HalfTensor, KvpackError, ropeSharedKeys, type MlaCompressor, type MlaLayout, type MlaStoredReader, type RopeConfig, type StoredItem } from '@kvpack/core';
-import { holdMinMaxOnBackend } from '@kvpack/strategy-utils';
+import { BaseCompressedMlaCache, HalfTensor, KvpackError, check, checkMlaRows, ropeSharedKeys, type MlaCompressor, type MlaLayout, type MlaStoredReader, type RopeConfig, type StoredItem } from '@kvpack/core';
+import { concatHalfRows, dropHalfRows, holdMinMaxOnBackend, type HeldMinMax } from '@kvpack/strategy-utils';
 import { HeldMinMaxBlocks } from './held.js';
 import type { KiviOptions } from './index.js';
 
@@ -9,7 +9,8 @@ import type { KiviOptions } from './index.js';
  * as values); like KIVI's keys, it is quantized per channel (groups of g tokens of one channel,
  * asymmetric min–max, float16 scale and minimum), R tokens at a time, the last T mod R tokens kept in
  * a float16 window. The shared RoPE keys (post-RoPE, as KIVI quantizes rotated keys) are treated the
- * same way. Per-channel grouping needs no divisibility of d_c or d_R by g.
+ * same way, and decode tokens too (R at a time, as KIVI's keys). Per-channel grouping needs no
+ * divisibility of d_c or d_R by g.
  */
 
 /** One layer: quantized latents and RoPE keys ([n, 1, d] as one "head"), and their float16 windows. */
@@ -41,8 +42,9 @@ export function kiviMlaCacheBytes(layout: MlaLayout, tokens: number, options: Ki
 }
 
 /**
- * A KIVI MLA cache. Decode tokens appended are kept exact (float32) in the base class's buffers; the
- * prefill's quantized blocks and windows are what is compressed.
+ * A KIVI MLA cache. Decode tokens join the float16 windows and are quantized as KIVI quantizes keys:
+ * once a window holds R tokens, those R tokens become one block (R/g groups per channel) at the start
+ * of the next `append`, so every step attends to its newest tokens in full precision.
  */
 export class KiviMlaCache extends BaseCompressedMlaCache {
   readonly strategy = 'kivi';
@@ -54,6 +56,82 @@ export class KiviMlaCache extends BaseCompressedMlaCache {
     private readonly state: MlaKiviLayer[],
   ) {
     super(layout, rope, prefillLength);
+  }
+
+  /** Quantized latent tokens of a layer (a multiple of R); the rest are in the float16 window. */
+  quantizedTokens(layer: number): number {
+    this.assertLive(layer);
+    return this.state[layer].c.tokens;
+  }
+
+  protected override prefillTokens(layer: number): number {
+    const s = this.state[layer];
+    return s.c.tokens + (s.cWin?.shape[0] ?? 0);
+  }
+
+  /**
+   * Appends decode tokens (latents [n, d_c], post-RoPE shared keys [n, d_R]) to the float16 windows,
+   * first quantizing R tokens at a time of what the windows hold (see the class comment); decode
+   * tokens are rounded to float16 and later quantized, not kept exact. Nothing changes if it throws.
+   * @throws KvpackError('shape' | 'dtype' | 'disposed')
+   */
+  override append(layer: number, latents: tf.Tensor2D, ropeKeys: tf.Tensor2D): void {
+    this.assertLive(layer);
+    const { kvLoraRank: dc, qkRopeHeadDim: dr } = this.layout;
+    checkMlaRows(latents, dc, `append(layer ${layer}) latents`, 'd_c');
+    checkMlaRows(ropeKeys, dr, `append(layer ${layer}) RoPE keys`, 'd_R', latents.shape[0]);
+    const s = this.state[layer];
+    const { bits, quantGroupSize: g, residualLength: R } = this.options;
+    const n = latents.shape[0];
+    const rk = s.cWin?.shape[0] ?? 0;
+    const nk = rk >= R ? Math.floor(rk / R) * R : 0;
+    const quantize = (win: HalfTensor, d: number): HeldMinMax => {
+      const x = tf.tidy(() => tf.slice(win.unpack(), [0, 0, 0], [nk, 1, d]));
+      try {
+        const b = holdMinMaxOnBackend({ along: 'tokens', n: nk, H: 1, d, g, bits }, x);
+        b.nonFinite.dispose(); // window values are float16 already
+        return b;
+      } finally {
+        x.dispose();
+      }
+    };
+    const next = (win: HalfTensor | null, add: tf.Tensor2D, d: number): HalfTensor => {
+      const add3 = tf.reshape(add, [n, 1, d]);
+      let added: HalfTensor;
+      try {
+        added = HalfTensor.fromTensorSync(add3);
+      } finally {
+        add3.dispose();
+      }
+      if (!win || nk >= win.shape[0]) return added;
+      let kept: HalfTensor | null = null;
+      try {
+        kept = nk === 0 ? win : dropHalfRows(win, nk);
+        return concatHalfRows(kept, added);
+      } finally {
+        added.dispose();
+        if (kept !== win) kept?.dispose();
+      }
+    };
+    const made: HeldMinMax[] = [];
+    const wins: HalfTensor[] = [];
+    try {
+      if (nk > 0) made.push(quantize(s.cWin!, dc), quantize(s.krWin!, dr));
+      wins.push(next(s.cWin, latents, dc));
+      wins.push(next(s.krWin, ropeKeys, dr));
+    } catch (e) {
+      for (const b of made) [b.codes, b.scale, b.min].forEach((t) => t.dispose());
+      wins.forEach((w) => w.dispose());
+      throw e;
+    }
+    // A push takes its block (and frees it if it fails).
+    if (nk > 0) {
+      s.c.push(made[0]);
+      s.kr.push(made[1]);
+    }
+    s.cWin?.dispose();
+    s.krWin?.dispose();
+    [s.cWin, s.krWin] = wins;
   }
 
   private joined(q: HeldMinMaxBlocks, win: HalfTensor | null, d: number): tf.Tensor2D {
@@ -139,8 +217,11 @@ export function kiviMlaCompressor(options: KiviOptions): MlaCompressor {
     },
     restore(r: MlaStoredReader) {
       const { layout, rope, prefillLength: T } = r.header;
-      const n = T - (T % R);
       const part = (name: string, d: number) => {
+        // Quantized tokens (a multiple of R, also after decode appends), from the scales' shape.
+        const n = r.shape(`${name}.scale`, { dtype: 'float16', shape: [null, 1, d] })[0] * g;
+        check(n % R === 0, 'corrupt', `serialized kivi MLA cache is corrupt: "${name}" holds ${n} quantized tokens, not a multiple of R = ${R}`);
+        const w = r.shape(`${name}.window`, { dtype: 'float16', shape: [null, 1, d] })[0];
         const b = HeldMinMaxBlocks.fromStored(
           { along: 'tokens', bits, H: 1, d, g, tailTokens: R },
           {
@@ -150,14 +231,19 @@ export function kiviMlaCompressor(options: KiviOptions): MlaCompressor {
             min: r.host<Uint16Array>(`${name}.min`, { dtype: 'float16', shape: [n / g, 1, d] }),
           },
         );
-        const win = T - n > 0 ? r.half(`${name}.window`, { shape: [T - n, 1, d] }) : (r.shape(`${name}.window`, { dtype: 'float16', shape: [0, 1, d] }), null);
-        return { b, win };
+        const win = w > 0 ? r.half(`${name}.window`, { shape: [w, 1, d] }) : null;
+        return { b, win, tokens: n + w };
       };
       const state: MlaKiviLayer[] = [];
       for (let l = 0; l < layout.nLayers; l++) {
         const c = part(`c.${l}`, layout.kvLoraRank);
         const kr = part(`kr.${l}`, layout.qkRopeHeadDim);
         state.push({ c: c.b, cWin: c.win, kr: kr.b, krWin: kr.win });
+        check(
+          c.tokens === kr.tokens && c.b.tokens === kr.b.tokens && c.tokens >= T,
+          'corrupt',
+          `serialized kivi MLA cache is corrupt: layer ${l} holds ${c.tokens} latent tokens (${c.b.tokens} quantized) and ${kr.tokens} RoPE key tokens (${kr.b.tokens} quantized), prefill ${T}`,
+        );
       }
       return new KiviMlaCache(layout, rope, T, options, state);
     },
