@@ -33,6 +33,12 @@ describe('kvpack CLI output', () => {
     expect(xkv.description).toMatch(/cross-layer SVD/);
     expect(xkv.options.properties.rankK).toMatchObject({ exclusiveMinimum: 0, default: 16 });
     expect(list.map((s) => s.name)).toEqual(expect.arrayContaining(['dense', 'xkv', 'svd', 'kivi', 'quant', 'minicache', 'streamingllm', 'snapkv']));
+    // MLA support comes from each definition's capability: a yes, or the definition's reason.
+    const mla = Object.fromEntries(list.map((s) => [s.name, (s as unknown as { mla: true | string }).mla]));
+    expect(mla).toMatchObject({ dense: true, xkv: true, svd: true, kivi: true, streamingllm: true, snapkv: true });
+    expect(mla.quant).toMatch(/kivi/);
+    expect(mla.minicache).toMatch(/adjacent layers/);
+    expect(t.stdout).toMatch(/^quant — .*\n {4}MLA latent caches: no \(/m);
   });
 
   it('bench --json prints the report as one JSON document on stdout', async () => {

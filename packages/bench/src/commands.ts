@@ -12,6 +12,7 @@ import { runBench } from './runner.js';
 import { runEnvironment } from './environment.js';
 import { loadConfigPlugins } from './plugins.js';
 import { withCompressionRatio } from './schemas.js';
+import { resolveStrategy, strategyCompressesMla } from './strategy.js';
 
 /** Where commands write: `out` for results (stdout), `err` for logs (stderr). */
 export interface CommandIO {
@@ -207,6 +208,16 @@ function ratioTargetKnob(name: string): { knob: string } | null {
 }
 
 /** `kvpack strategies`: registered names, descriptions and options. */
+/** Whether a strategy compresses MLA latent caches at its default options (from its definition), or why not. */
+function mlaSupport(name: string): true | string {
+  try {
+    return strategyCompressesMla(resolveStrategy(name, {}));
+  } catch (e) {
+    return (e as Error).message;
+  }
+}
+
+/** `kvpack strategies`: registered names, descriptions, whether they compress MLA caches, and options. */
 export async function strategiesCommand(io: CommandIO = processIO, opts: { json?: boolean } = {}): Promise<number> {
   await import('@kvpack/xkv');
   await import('@kvpack/baselines');
@@ -220,6 +231,7 @@ export async function strategiesCommand(io: CommandIO = processIO, opts: { json?
         /* a schema JSON Schema cannot express */
       }
       return { name, description: def.description, options, ratioTarget: ratioTargetKnob(name) };
+      return { name, description: def.description, options, mla: mlaSupport(name) };
     });
     io.out(JSON.stringify(list, null, 2));
     return EXIT.ok;
@@ -231,6 +243,8 @@ export async function strategiesCommand(io: CommandIO = processIO, opts: { json?
     const knob = ratioTargetKnob(name);
     if (knob)
       lines.push(`    target ratio: targetRatio (× = dense fp16 bytes ÷ bytes held) or compressionRatio (kvpress: fraction removed, 0.875 = 8×) resolves ${knob.knob} at compress so the measured ratio reaches it`);
+    const mla = mlaSupport(name);
+    lines.push(`    MLA latent caches: ${mla === true ? 'yes' : `no (${mla})`}`);
     let schema: Record<string, unknown> = {};
     try {
       schema = withCompressionRatio(z.toJSONSchema(def.schema, { io: 'input', unrepresentable: 'any' }) as Record<string, unknown>);

@@ -4,7 +4,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
 import { createStrategy, selectBackend, wgslValidationErrors } from '@kvpack/core';
-import { disposeKVCache, residentRatios, syntheticCache } from '@kvpack/core/conformance';
+import { disposeKVCache, disposeMlaCache, mlaResidentRatios, residentRatios, syntheticCache, syntheticMlaCache } from '@kvpack/core/conformance';
 import '@kvpack/xkv';
 import '@kvpack/baselines';
 
@@ -46,6 +46,29 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
       expect(r.afterRestore).toBeLessThanOrEqual(1.1);
       expect(tf.memory().numTensors).toBe(start);
       disposeKVCache(cache);
+    });
+  }
+  // MLA latent caches (synthetic: T = 64, L = 4, d_c = 24, d_R = 8), for the strategies that compress them.
+  const MLA: [string, Record<string, unknown>][] = [
+    ['dense', { storage: 'float16' }],
+    ['xkv', { mla: { rank: 3 } }],
+    ['xkv', { layersPerGroup: 2, mla: { rank: 4, ropeKeys: 'svd', ropeRank: 2 }, factorQuantization: { bits: 4, quantGroupSize: 16 } }],
+    ['svd', { mla: { rank: 4 } }],
+    ['kivi', { bits: 2, quantGroupSize: 8, residualLength: 16 }],
+    ['streamingllm', { sinks: 4, budget: 24 }],
+    ['snapkv', { budget: 24, window: 8, kernelSize: 5 }],
+  ];
+  for (const [name, options] of MLA) {
+    it(`${name} ${JSON.stringify(options)} on an MLA latent cache holds at most 1.1× its stored bytes`, async () => {
+      const cache = syntheticMlaCache(64);
+      const start = tf.memory().numTensors;
+      const r = await mlaResidentRatios(createStrategy({ name, options }), cache, 4);
+      console.log(`webgpu resident ÷ stored ${name} MLA ${JSON.stringify(options)}: ${r.afterCompress.toFixed(3)} after compress, ${r.afterDecode.toFixed(3)} after 4 decode steps, ${r.afterRestore.toFixed(3)} after restore`);
+      expect(r.afterCompress).toBeLessThanOrEqual(1.1);
+      expect(r.afterDecode).toBeLessThanOrEqual(1.1);
+      expect(r.afterRestore).toBeLessThanOrEqual(1.1);
+      expect(tf.memory().numTensors).toBe(start);
+      disposeMlaCache(cache);
     });
   }
   it('dispatched only valid WGSL', async () => {

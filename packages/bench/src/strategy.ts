@@ -1,4 +1,4 @@
-import { createResolvedStrategy, getStrategyDefinition, parseStrategyOptions, type FactoredShape, type ModelLayout, type Strategy, type StrategyCapabilities } from '@kvpack/core';
+import { compressesMla, createResolvedStrategy, getStrategyDefinition, parseStrategyOptions, type FactoredShape, type ModelLayout, type Strategy, type StrategyCapabilities } from '@kvpack/core';
 
 /**
  * A strategy and its options resolved by the strategy's schema (defaults applied). The bench parses
@@ -48,4 +48,9 @@ export function strategyRatioTarget(s: ResolvedStrategy): { target: number; knob
 /** The low-rank matrices the strategy's `compress` factors over `layers` layers (empty for other strategies). */
 export function strategyFactoredShapes(s: ResolvedStrategy, layout: ModelLayout, layers: number): FactoredShape[] {
   return capabilities(s.name).factoredShapes?.(s.resolvedOptions, layout, layers) ?? [];
+}
+
+/** Whether the strategy compresses MLA latent caches at these options: true, or the sentence its definition gives why not. */
+export function strategyCompressesMla(s: ResolvedStrategy): true | string {
+  return compressesMla(s.name, s.resolvedOptions);
 }

@@ -127,7 +127,8 @@ export type StoredItem =
   | { name: string; tensor: tf.Tensor; dtype: 'float16' | 'float32' }
   | { name: string; dtype: StoredDType; shape: number[]; data: StoredTensor['data'] };
 
-function itemSpec(i: StoredItem): StoredSpec {
+/** Name, dtype and shape of a stored item. @internal */
+export function itemSpec(i: StoredItem): StoredSpec {
   if ('held' in i) return itemSpec(heldItem(i.name, i.held));
   if ('read' in i) return { name: i.name, dtype: i.dtype, shape: [...i.shape] };
   if ('half' in i) return { name: i.name, dtype: 'float16', shape: [...i.half.shape] };
@@ -135,11 +136,12 @@ function itemSpec(i: StoredItem): StoredSpec {
 }
 
 /** A held float as the item it stores: float16 packed, or a float32 tensor. */
-function heldItem(name: string, h: HeldFloat): StoredItem {
+export function heldItem(name: string, h: HeldFloat): StoredItem {
   return h instanceof HalfTensor ? { name, half: h } : { name, tensor: h, dtype: 'float32' };
 }
 
-function itemTensor(i: StoredItem): StoredTensor {
+/** A stored item as the tensor a serialization writes (a synchronous readback). @internal */
+export function itemTensor(i: StoredItem): StoredTensor {
   if ('held' in i) return itemTensor(heldItem(i.name, i.held));
   if ('read' in i) return { name: i.name, dtype: i.dtype, shape: [...i.shape], data: i.read() };
   if ('half' in i) return { name: i.name, dtype: 'float16', shape: [...i.half.shape], data: i.half.bitsSync(`tensor "${i.name}"`) };
@@ -378,7 +380,8 @@ export abstract class BaseCompressedCache implements CompressedCache {
   }
 }
 
-const RopeScalingSchema = z.union([
+/** Schema of a serialized {@link RopeConfig}'s scaling. @internal */
+export const RopeScalingSchema = z.union([
   z.null(),
   z.strictObject({ type: z.literal('linear'), factor: z.number().positive() }),
   z.strictObject({
@@ -388,14 +391,26 @@ const RopeScalingSchema = z.union([
     highFreqFactor: z.number().positive(),
     originalMaxPositionEmbeddings: z.int().positive(),
   }),
+  z.strictObject({
+    type: z.literal('yarn'),
+    factor: z.number().positive(),
+    originalMaxPositionEmbeddings: z.int().positive(),
+    betaFast: z.number().positive(),
+    betaSlow: z.number().positive(),
+    mscale: z.number(),
+    mscaleAllDim: z.number(),
+  }),
 ]);
 
 const positiveInt = z.int().positive().max(2 ** 31 - 1);
 
+/** Schema of a serialized {@link RopeConfig}. @internal */
+export const RopeConfigSchema = z.strictObject({ theta: z.number().positive(), layout: z.enum(['interleaved', 'half']), scaling: RopeScalingSchema.optional() });
+
 /** The fields every serialized cache's metadata carries (see {@link BaseCompressedCache.serialize}). */
 const CacheMetaSchema = z.looseObject({
   layout: z.strictObject({ nLayers: positiveInt, nHeads: positiveInt, nKvHeads: positiveInt, headDim: positiveInt }),
-  rope: z.strictObject({ theta: z.number().positive(), layout: z.enum(['interleaved', 'half']), scaling: RopeScalingSchema.optional() }),
+  rope: RopeConfigSchema,
   prefillLength: positiveInt,
   startPosition: z.int().nonnegative().max(2 ** 31 - 1).optional(),
 });
@@ -407,6 +422,11 @@ const CacheMetaSchema = z.looseObject({
  * @throws KvpackError('corrupt') naming the field.
  */
 export function containerHeader(c: DecodedContainer): { layout: ModelLayout; rope: RopeConfig; prefillLength: number; startPosition: number } {
+  check(
+    (c.meta as { kind?: unknown } | null)?.kind !== 'mla',
+    'corrupt',
+    `this serialized ${c.strategy} cache is an MLA latent cache, not a per-head KV cache: restore it with deserializeMlaCache`,
+  );
   const r = CacheMetaSchema.safeParse(c.meta);
   if (!r.success) {
     const i = r.error.issues[0];
@@ -455,21 +475,10 @@ export interface StoredReader {
   shape(name: string, expect: TensorExpectation): number[];
 }
 
-/**
- * Restores a cache of `strategy` from its serialization: decodes and checks the container, validates
- * the common header (layout, RoPE, prefill length, start position), lets `build` read the declared
- * items by name and construct the cache, then restores the residual decode tokens and the model
- * fingerprint, and finally requires the file to hold exactly the tensors the restored cache declares
- * (`storedLayout()`: names, dtypes and shapes, in order). Every tensor created is disposed if
- * anything throws.
- * @throws KvpackError('corrupt' | 'truncated') naming the field or item at fault.
- */
-export function restoreStored<C extends BaseCompressedCache>(bytes: ByteSource, strategy: string, build: (r: StoredReader) => C): C {
-  const c = decodeContainer(bytes);
-  check(c.strategy === strategy, 'corrupt', `expected a serialized ${strategy} cache, got a ${c.strategy} cache`);
-  const { layout, rope, prefillLength, startPosition } = containerHeader(c);
-  const reader: StoredReader = {
-    header: { layout, rope, prefillLength, startPosition, meta: c.meta },
+/** A {@link StoredReader}-style reader over a decoded container, with the given header. @internal */
+export function containerReader<H>(c: DecodedContainer, header: H): Omit<StoredReader, 'header'> & { header: H } {
+  return {
+    header,
     has: (name) => c.has(name),
     half: (name, expect) => {
       const t = c.get(name, { ...expect, dtype: 'float16' });
@@ -483,6 +492,27 @@ export function restoreStored<C extends BaseCompressedCache>(bytes: ByteSource, 
     host: <A extends StoredTensor['data']>(name: string, expect: TensorExpectation) => c.get(name, expect).data as A,
     shape: (name, expect) => c.get(name, expect).shape,
   };
+}
+
+/** Where the tensors a restored cache declares differ from those in its file, or null when they agree. @internal */
+export function storedLayoutMismatch(declared: StoredSpec[], stored: StoredTensor[]): string | null {
+  return layoutMismatch(declared, stored);
+}
+
+/**
+ * Restores a cache of `strategy` from its serialization: decodes and checks the container, validates
+ * the common header (layout, RoPE, prefill length, start position), lets `build` read the declared
+ * items by name and construct the cache, then restores the residual decode tokens and the model
+ * fingerprint, and finally requires the file to hold exactly the tensors the restored cache declares
+ * (`storedLayout()`: names, dtypes and shapes, in order). Every tensor created is disposed if
+ * anything throws.
+ * @throws KvpackError('corrupt' | 'truncated') naming the field or item at fault.
+ */
+export function restoreStored<C extends BaseCompressedCache>(bytes: ByteSource, strategy: string, build: (r: StoredReader) => C): C {
+  const c = decodeContainer(bytes);
+  check(c.strategy === strategy, 'corrupt', `expected a serialized ${strategy} cache, got a ${c.strategy} cache`);
+  const { layout, rope, prefillLength, startPosition } = containerHeader(c);
+  const reader = containerReader(c, { layout, rope, prefillLength, startPosition, meta: c.meta });
   return disposeCreatedOnError(() => {
     const cache = build(reader);
     cache.restoreResidual(c);

@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { expect, it } from 'vitest';
 import { disposeKVCache, residentRatios, runStrategyConformance, syntheticCache } from './conformance.js';
-import { SHARED_ROPE_ENTRIES, createResolvedStrategy, releaseSharedRopeTables, selectBackend, sharedRopeTableBytes, sharedRopeTensors, type Strategy } from './index.js';
+import { SHARED_ROPE_ENTRIES, createResolvedStrategy, releaseSharedRopeTables, selectBackend, sharedRopeTableBytes, sharedRopeTensors, type KVCache, type Strategy } from './index.js';
 import './dense/index.js';
 
 // The dense strategy holds itself to the same contract as every plugin. float32 storage is the
@@ -13,6 +13,7 @@ runStrategyConformance('dense', {
   losslessTolerance: 1e-6,
   badOptions: [{ storage: 'int3' }],
   ratioAboveOne: false,
+  mla: { lossless: { storage: 'float32' }, losslessTolerance: 1e-6 },
 });
 
 it('the resident measurement catches a planted float32 copy of a float16 cache', async () => {
@@ -22,7 +23,7 @@ it('the resident measurement catches a planted float32 copy of a float16 cache',
   // The same strategy, but its cache also keeps a float32 copy of layer 0's keys on the backend.
   const planted: Strategy = {
     ...dense,
-    async compress(c) {
+    compress: (async (c: KVCache) => {
       const out = await dense.compress(c);
       const copy = tf.clone(c.keys[0]);
       const dispose = out.dispose.bind(out);
@@ -31,7 +32,7 @@ it('the resident measurement catches a planted float32 copy of a float16 cache',
         dispose();
       };
       return out;
-    },
+    }) as Strategy['compress'],
   };
   const honest = await residentRatios(dense, cache);
   const caught = await residentRatios(planted, cache);
@@ -67,7 +68,7 @@ it('shared device RoPE tables: one upload per key, kept across tf.tidy, bounded,
   const dense = createResolvedStrategy('dense', { storage: 'float16' });
   const withTables = (plant: boolean): Strategy => ({
     ...dense,
-    async compress(c) {
+    compress: (async (c: KVCache) => {
       const out = await dense.compress(c);
       const copy = plant ? tf.clone(c.keys[0]) : null;
       const attend = out.attend?.bind(out);
@@ -83,7 +84,7 @@ it('shared device RoPE tables: one upload per key, kept across tf.tidy, bounded,
         dispose();
       };
       return out;
-    },
+    }) as Strategy['compress'],
   });
   const honest = await residentRatios(withTables(false), cache);
   expect(sharedRopeTableBytes()).toBeGreaterThan(0);

@@ -13,19 +13,20 @@ import './chained.js';
  * bad options and bad caches are clear errors. Import from `@kvpack/core/conformance` (needs vitest).
  */
 import * as tf from '@tensorflow/tfjs-core';
-import { beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { selectBackend } from './backend.js';
 import { KvpackError } from './errors.js';
 import { denseCacheBytes } from './memory.js';
-import { createStrategy, deserializeCache } from './registry.js';
+import { compressesMla, createStrategy, deserializeCache, deserializeMlaCache, parseStrategyOptions } from './registry.js';
 import { applyRope, sharedRopeTableBytes } from './rope.js';
 import { headerBytes, splitContainer, writeContainer } from './serialize.js';
-import { cacheSnapshot, fuzzRestore } from './restore-fuzz.js';
+import { cacheSnapshot, fuzzRestore, mlaCacheSnapshot } from './restore-fuzz.js';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { disposeKVCache } from './validate.js';
-export { disposeKVCache };
+import { disposeMlaCache, mlaDenseBytes, ropeSharedKeys, type CompressedMlaCache, type MlaKVCache, type MlaLayout } from './mla.js';
+export { disposeKVCache, disposeMlaCache };
 import type { CompressedCache, KVCache, ModelLayout, RopeConfig, Strategy } from './types.js';
 
 /** Settings a strategy is held to. */
@@ -67,6 +68,27 @@ export interface ConformanceCases {
   /** Synthetic cache size (defaults: T = 64, L = 4, H = 4, H_kv = 2, d = 16). */
   tokens?: number;
   layout?: Partial<ModelLayout>;
+  /**
+   * MLA latent caches, for a strategy whose definition declares the `mla` capability (read from the
+   * definition at `mla.compressing`, default `compressing`): the suite runs the MLA checks on
+   * {@link syntheticMlaCache}. A strategy without the capability is checked to refuse MLA caches.
+   */
+  mla?: MlaConformanceCases;
+}
+
+/** Settings an MLA-compressing strategy is held to (see {@link ConformanceCases.mla}). */
+export interface MlaConformanceCases {
+  /** Options at which the strategy compresses an MLA cache (default: the per-head `compressing`). */
+  compressing?: Record<string, unknown>;
+  /** Options at which latents and RoPE keys are reconstructed exactly (within `losslessTolerance`, default 2e-3). */
+  lossless?: Record<string, unknown>;
+  losslessTolerance?: number;
+  /** Decode tokens appended are returned exactly (default true). */
+  exactDecode?: boolean;
+  /** Set false only for the uncompressed reference (`dense`). */
+  ratioAboveOne?: boolean;
+  /** Synthetic MLA cache layout (defaults: L = 4, H = 4, d_c = 24, d_R = 8). */
+  layout?: Partial<MlaLayout>;
 }
 
 /** Test layout and RoPE used by the suite. */
@@ -105,6 +127,35 @@ export function syntheticCache(T = 64, layoutOver: Partial<ModelLayout> = {}, se
   return out;
 }
 
+/**
+ * A deterministic synthetic MLA prefill cache (defaults: T tokens, L = 4, H = 4, d_c = 24, d_R = 8):
+ * latents with low-rank structure shared across layers, pre-RoPE shared keys, and absorbed-form
+ * queries [8, H, d_c + d_R] of the last tokens (see {@link MlaKVCache.queries}). Caller disposes with
+ * {@link disposeMlaCache}.
+ */
+export function syntheticMlaCache(T = 64, layoutOver: Partial<MlaLayout> = {}, seed = 1, rope: RopeConfig = CONFORMANCE_ROPE, startPosition = 0): MlaKVCache {
+  const layout: MlaLayout = { nLayers: 4, nHeads: 4, kvLoraRank: 24, qkRopeHeadDim: 8, qkNopeHeadDim: 8, vHeadDim: 8, ...layoutOver };
+  const { kvLoraRank: dc, qkRopeHeadDim: dr, nHeads: H } = layout;
+  const obs = Math.min(8, T);
+  let out!: MlaKVCache;
+  tf.tidy(() => {
+    const shared = tf.randomNormal([T, 6], 0, 1, 'float32', seed);
+    const latents: tf.Tensor2D[] = [];
+    const ropeKeys: tf.Tensor2D[] = [];
+    const queries: tf.Tensor3D[] = [];
+    for (let l = 0; l < layout.nLayers; l++) {
+      const own = tf.randomNormal([T, 2], 0, 1, 'float32', seed + 10 * l + 1);
+      const basis = tf.concat([shared, own], 1);
+      const mk = (s: number, F: number) =>
+        tf.matMul(basis, tf.randomNormal([8, F], 0, 1, 'float32', s)).add(tf.randomNormal([T, F], 0, 0.05, 'float32', s + 1)) as tf.Tensor2D;
+      latents.push(tf.keep(mk(seed + 10 * l + 2, dc)));
+      ropeKeys.push(tf.keep(mk(seed + 10 * l + 4, dr)));
+      queries.push(tf.keep(tf.randomNormal([obs, H, dc + dr], 0, 1 / Math.sqrt(dc + dr), 'float32', seed + 10 * l + 6) as tf.Tensor3D));
+    }
+    out = { kind: 'mla', layout, rope, latents, ropeKeys, queries, startPosition };
+  });
+  return out;
+}
 
 async function relErr(a: tf.Tensor, b: tf.Tensor): Promise<number> {
   const r = tf.tidy(() => tf.stack([tf.sum(tf.square(tf.sub(a, b))), tf.sum(tf.square(b))]));
@@ -405,6 +456,277 @@ export function runStrategyConformance(name: string, cases: ConformanceCases): v
       }
     });
   });
+  runMlaConformance(name, cases);
+}
+
+async function mlaSnapshot(c: CompressedMlaCache): Promise<Float32Array[]> {
+  const out: Float32Array[] = [];
+  for (let l = 0; l < c.layout.nLayers; l++) {
+    const a = c.latents(l);
+    const b = c.ropeKeys(l);
+    out.push(Float32Array.from((await a.data()) as Float32Array), Float32Array.from((await b.data()) as Float32Array));
+    tf.dispose([a, b]);
+  }
+  return out;
+}
+
+/**
+ * The MLA part of the suite: the checks of per-head caches on {@link syntheticMlaCache} when the
+ * strategy's definition declares the `mla` capability at its MLA options, else the refusal.
+ */
+function runMlaConformance(name: string, cases: ConformanceCases): void {
+  const m = cases.mla ?? {};
+  const options = m.compressing ?? cases.compressing;
+  const T = 64;
+  describe(`conformance: ${name} on MLA latent caches`, () => {
+    let cache: MlaKVCache;
+    let supported: true | string = 'not resolved';
+    beforeAll(async () => {
+      await selectBackend(process.env.KVPACK_BACKEND ?? 'wasm');
+      cache = syntheticMlaCache(T, m.layout, 5, CONFORMANCE_ROPE, 3);
+      supported = compressesMla(name, parseStrategyOptions(name, options));
+    });
+    const mk = () => createStrategy({ name, options }).compress(cache);
+
+    it('compresses MLA caches when its definition declares it, and otherwise refuses them naming itself, leaking nothing', async () => {
+      if (supported === true) return;
+      const before = tf.memory().numTensors;
+      let err: unknown;
+      try {
+        (await mk()).dispose();
+      } catch (e) {
+        err = e;
+      }
+      expect(err).toBeInstanceOf(KvpackError);
+      expect((err as KvpackError).code).toBe('unsupported');
+      expect((err as Error).message).toContain(`strategy "${name}" does not compress MLA latent caches`);
+      expect(tf.memory().numTensors).toBe(before);
+    });
+
+    const mlaIt = (what: string, fn: () => Promise<void>) =>
+      it(what, async (ctx) => {
+        if (supported !== true) ctx.skip();
+        await fn();
+      });
+
+    mlaIt('reconstructs [N, d_c] latents and [N, d_R] RoPE keys, float32 and finite, for every layer', async () => {
+      const c = await mk();
+      try {
+        expect(c.kind).toBe('mla');
+        expect(c.strategy).toBe(name);
+        expect(c.prefillLength).toBe(T);
+        for (let l = 0; l < cache.layout.nLayers; l++) {
+          const a = c.latents(l);
+          const b = c.ropeKeys(l);
+          const n = c.tokenCount(l);
+          expect(n).toBeGreaterThan(0);
+          expect(n).toBeLessThanOrEqual(T);
+          expect(a.shape).toEqual([n, cache.layout.kvLoraRank]);
+          expect(b.shape).toEqual([n, cache.layout.qkRopeHeadDim]);
+          expect([a.dtype, b.dtype]).toEqual(['float32', 'float32']);
+          expect(Number.isFinite(tf.tidy(() => tf.sum(tf.add(tf.sum(a.mul(0)), tf.sum(b.mul(0)))).dataSync()[0]))).toBe(true);
+          tf.dispose([a, b]);
+        }
+      } finally {
+        c.dispose();
+      }
+    });
+
+    mlaIt('measures bytes equal to the serialized payload, RoPE keys included, and round-trips bit-identically', async () => {
+      const c = await mk();
+      const bytes = c.serialize();
+      expect(c.byteSize()).toBe(bytes.length - headerBytes(bytes));
+      expect(Buffer.from(await c.serializeAsync()).equals(Buffer.from(bytes))).toBe(true);
+      expect(() => deserializeCache(bytes)).toThrow(/MLA latent cache/);
+      const r = deserializeMlaCache(bytes);
+      expect(r.strategy).toBe(name);
+      expect(r.byteSize()).toBe(c.byteSize());
+      const a = await mlaSnapshot(c);
+      const b = await mlaSnapshot(r);
+      expect(b.length).toBe(a.length);
+      a.forEach((x, i) => expect(Buffer.from(b[i].buffer).equals(Buffer.from(x.buffer)), `array ${i}`).toBe(true));
+      c.dispose();
+      r.dispose();
+    });
+
+    mlaIt('frees what a restore built before it met a tensor of the wrong shape late in the file', async () => {
+      const c = await mk();
+      const bytes = c.serialize();
+      c.dispose();
+      const { header, payload } = splitContainer(bytes);
+      const h = JSON.parse(header) as { tensors: { name: string; shape: number[] }[] };
+      const victim = h.tensors.filter((t) => !t.name.startsWith('residual.') && t.shape.length >= 1).pop();
+      expect(victim, 'a stored tensor with a shape').toBeDefined();
+      const n = victim!.shape.reduce((a, b) => a * b, 1);
+      victim!.shape = victim!.shape.length >= 2 ? [n] : [1, n];
+      const start = tf.memory().numTensors;
+      expect(() => deserializeMlaCache(writeContainer(JSON.stringify(h), payload))).toThrow(KvpackError);
+      expect(tf.memory().numTensors).toBe(start);
+    });
+
+    mlaIt('ends every truncated, flipped or edited restore in the saved cache or a named error, leaking nothing (seeded fuzz)', async () => {
+      const c = await mk();
+      const a = tf.randomNormal([1, cache.layout.kvLoraRank], 0, 1, 'float32', 9) as tf.Tensor2D;
+      const b = tf.randomNormal([1, cache.layout.qkRopeHeadDim], 0, 1, 'float32', 10) as tf.Tensor2D;
+      c.append(0, a, b);
+      tf.dispose([a, b]);
+      const bytes = c.serialize();
+      const reference = await mlaCacheSnapshot(c);
+      c.dispose();
+      const trials = Number(process.env.KVPACK_FUZZ_TRIALS ?? 0) || Math.min(100, cases.fuzzTrials ?? 100);
+      const f = await fuzzRestore(bytes, reference, trials, Number(process.env.KVPACK_FUZZ_SEED ?? 0x5eed), { restore: deserializeMlaCache, snapshot: mlaCacheSnapshot });
+      console.log(
+        `restore fuzz ${name} MLA ${JSON.stringify(options)}: ${f.trials} trials, ${f.correct} correct, ${f.namedErrors} named errors, ${f.otherErrors} other errors, ` +
+          `${f.silentlyDifferent} silently different, ${f.differentAfterRechecksum} different after re-checksummed header edits, ${f.leaks} leaks`,
+      );
+      expect(f.examples).toEqual([]);
+      expect(f.otherErrors).toBe(0);
+      expect(f.silentlyDifferent).toBe(0);
+      expect(f.leaks).toBe(0);
+      expect(f.namedErrors).toBeGreaterThan(f.trials / 2);
+    });
+
+    mlaIt('compresses: measured ratio against dense fp16 latents and RoPE keys > 1', async () => {
+      const c = await mk();
+      const ratio = mlaDenseBytes(cache.layout, T) / c.byteSize();
+      if (m.ratioAboveOne ?? cases.ratioAboveOne ?? true) expect(ratio).toBeGreaterThan(1);
+      else expect(ratio).toBeCloseTo(1, 12);
+      c.dispose();
+    });
+
+    if (m.lossless) {
+      mlaIt('is exact at its no-compression setting (RoPE keys rotated at their true positions)', async () => {
+        const c = await createStrategy({ name, options: m.lossless }).compress(cache);
+        const tol = m.losslessTolerance ?? 2e-3;
+        for (let l = 0; l < cache.layout.nLayers; l++) {
+          expect(c.tokenCount(l)).toBe(T);
+          const a = c.latents(l);
+          const b = c.ropeKeys(l);
+          const ref = ropeSharedKeys(cache.ropeKeys[l], cache.rope, cache.startPosition ?? 0);
+          expect(await relErr(a, cache.latents[l])).toBeLessThan(tol);
+          expect(await relErr(b, ref)).toBeLessThan(tol);
+          tf.dispose([a, b, ref]);
+        }
+        c.dispose();
+      });
+    }
+
+    mlaIt('holds on the backend only what it stores: resident ÷ stored ≤ 1.1 after compress, decode steps and restore', async () => {
+      const limit = cases.maxResidentRatio ?? 1.1;
+      const { afterCompress, afterDecode, afterRestore } = await mlaResidentRatios(createStrategy({ name, options }), cache);
+      console.log(`resident ÷ stored ${name} MLA ${JSON.stringify(options)}: ${afterCompress.toFixed(3)} after compress, ${afterDecode.toFixed(3)} after 4 decode steps, ${afterRestore.toFixed(3)} after restore`);
+      expect(afterCompress).toBeLessThanOrEqual(limit);
+      expect(afterDecode).toBeLessThanOrEqual(limit);
+      expect(afterRestore).toBeLessThanOrEqual(limit);
+    });
+
+    mlaIt('appends decode-time latents and post-RoPE keys to every layer, and serializes them', async () => {
+      const c = await mk();
+      const n = 3;
+      const { kvLoraRank: dc, qkRopeHeadDim: dr } = cache.layout;
+      for (let l = 0; l < cache.layout.nLayers; l++) {
+        const before = c.tokenCount(l);
+        const a = tf.randomNormal([n, dc], 0, 1, 'float32', 100 + l) as tf.Tensor2D;
+        const b = tf.randomNormal([n, dr], 0, 1, 'float32', 200 + l) as tf.Tensor2D;
+        c.append(l, a, b);
+        expect(c.tokenCount(l)).toBe(before + n);
+        const aa = c.latents(l);
+        const bb = c.ropeKeys(l);
+        expect(aa.shape[0]).toBe(before + n);
+        const at = aa.slice([before, 0], [n, dc]);
+        const bt = bb.slice([before, 0], [n, dr]);
+        if (m.exactDecode ?? true) {
+          expect(Array.from(await at.data())).toEqual(Array.from(await a.data()));
+          expect(Array.from(await bt.data())).toEqual(Array.from(await b.data()));
+        } else {
+          expect(await relErr(at, a)).toBeLessThan(0.5);
+        }
+        tf.dispose([a, b, aa, bb, at, bt]);
+      }
+      const bytes = c.serialize();
+      expect(c.byteSize()).toBe(bytes.length - headerBytes(bytes));
+      const r = deserializeMlaCache(bytes);
+      expect(r.tokenCount(0)).toBe(c.tokenCount(0));
+      const x = await mlaSnapshot(c);
+      const y = await mlaSnapshot(r);
+      x.forEach((v, i) => expect(Buffer.from(y[i].buffer).equals(Buffer.from(v.buffer))).toBe(true));
+      c.dispose();
+      r.dispose();
+    });
+
+    mlaIt('frees every tensor on dispose (repeated compress / reconstruct / dispose)', async () => {
+      const start = tf.memory().numTensors;
+      for (let i = 0; i < 2; i++) {
+        const c = await mk();
+        for (let l = 0; l < cache.layout.nLayers; l++) tf.dispose([c.latents(l), c.ropeKeys(l)]);
+        c.dispose();
+        c.dispose();
+        expect(tf.memory().numTensors).toBe(start);
+      }
+      const c = await mk();
+      c.dispose();
+      expect(() => c.latents(0)).toThrow(KvpackError);
+    });
+
+    mlaIt('rejects NaN/Inf, wrong widths and a layer count that does not match the layout, leaking nothing', async () => {
+      const s = createStrategy({ name, options });
+      const data = Float32Array.from(cache.latents[1].dataSync());
+      data[5] = NaN;
+      const poisoned = tf.tensor2d(data, cache.latents[1].shape);
+      const wide = tf.zeros([T, cache.layout.qkRopeHeadDim + 2]) as tf.Tensor2D;
+      const rejections: [string, RegExp, () => Promise<unknown>][] = [
+        ['a NaN in layer 1 latents', /layer 1 latents contain NaN or Inf/, () => s.compress({ ...cache, latents: cache.latents.map((x, l) => (l === 1 ? poisoned : x)) })],
+        ['RoPE keys of the wrong width', /layer 2 RoPE keys: shape must be/, () => s.compress({ ...cache, ropeKeys: cache.ropeKeys.map((x, l) => (l === 2 ? wide : x)) })],
+        ['a layer count that does not match the layout', /layers/, () => s.compress({ ...cache, latents: cache.latents.slice(1), ropeKeys: cache.ropeKeys.slice(1) })],
+      ];
+      try {
+        for (const [what, msg, run] of rejections) {
+          const before = tf.memory().numTensors;
+          await expect(run(), what).rejects.toThrow(msg);
+          expect(tf.memory().numTensors, `tensors left allocated after rejecting ${what}`).toBe(before);
+        }
+      } finally {
+        tf.dispose([poisoned, wide]);
+      }
+    });
+
+    afterAll(() => {
+      if (cache) disposeMlaCache(cache);
+    });
+  });
+}
+
+/**
+ * {@link residentRatios} for an MLA latent cache: resident ÷ stored bytes after compression, after
+ * `decodeSteps` decode steps per layer (append one latent and RoPE key, read both back), and after a
+ * serializeAsync → deserializeMlaCache round trip; the shared RoPE tables' growth is subtracted.
+ */
+export async function mlaResidentRatios(strategy: Strategy, cache: MlaKVCache, decodeSteps = 4): Promise<{ afterCompress: number; afterDecode: number; afterRestore: number }> {
+  const base = tf.memory().numBytes;
+  const sharedBase = sharedRopeTableBytes();
+  const held = () => tf.memory().numBytes - base - (sharedRopeTableBytes() - sharedBase);
+  const c = await strategy.compress(cache);
+  try {
+    const afterCompress = held() / c.byteSize();
+    for (let step = 0; step < decodeSteps; step++) {
+      for (let l = 0; l < cache.layout.nLayers; l++) {
+        const a = tf.randomNormal([1, cache.layout.kvLoraRank], 0, 1, 'float32', 300 + step) as tf.Tensor2D;
+        const b = tf.randomNormal([1, cache.layout.qkRopeHeadDim], 0, 1, 'float32', 350 + step) as tf.Tensor2D;
+        c.append(l, a, b);
+        tf.dispose([a, b, c.latents(l), c.ropeKeys(l)]);
+      }
+    }
+    const afterDecode = held() / c.byteSize();
+    const bytes = await c.serializeAsync();
+    const stored = c.byteSize();
+    c.dispose();
+    const restored = deserializeMlaCache(bytes);
+    const afterRestore = held() / stored;
+    restored.dispose();
+    return { afterCompress, afterDecode, afterRestore };
+  } finally {
+    c.dispose();
+  }
 }
 
 /**

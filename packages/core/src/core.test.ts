@@ -14,6 +14,8 @@ import {
   KvpackError,
   listStrategies,
   ropeInverseFrequencies,
+  ropeTableData64,
+  yarnAttentionFactor,
   ropeTableData,
   selectBackend,
   softwareAdapter,
@@ -151,6 +153,43 @@ describe('RoPE', () => {
         const sm = (8192 / wl - 1) / 3;
         expect(inv[i]).toBeCloseTo((1 - sm) * (base[i] / 8) + sm * base[i], 15);
       }
+    }
+  });
+});
+
+describe('YaRN RoPE scaling', () => {
+  // DeepSeek-V2's rope_scaling on its 64 RoPE dims: θ 10000, s = 40, original context 4096, β 32 / 1.
+  const yarn = { type: 'yarn' as const, factor: 40, originalMaxPositionEmbeddings: 4096, betaFast: 32, betaSlow: 1, mscale: 0.707, mscaleAllDim: 0.707 };
+  it('keeps the fast dimensions, divides the slow ones by the factor, ramps linearly between (float64)', () => {
+    const d = 64;
+    const base = ropeInverseFrequencies({ theta: 10000, layout: 'interleaved' }, d);
+    const inv = ropeInverseFrequencies({ theta: 10000, layout: 'interleaved', scaling: yarn }, d);
+    // Dimension making r turns over 4096 tokens: d·ln(4096 / (2πr)) / (2 ln θ) = 10.472 (r = 32), 22.513 (r = 1).
+    const dimOf = (r: number) => (d * Math.log(4096 / (2 * Math.PI * r))) / (2 * Math.log(10000));
+    expect(dimOf(32)).toBeCloseTo(10.4722, 3);
+    expect(dimOf(1)).toBeCloseTo(22.5134, 3);
+    const low = 10, high = 23; // floor / ceil
+    for (let i = 0; i < d / 2; i++) {
+      expect(base[i]).toBeCloseTo(Math.pow(10000, -(2 * i) / d), 15);
+      const r = Math.min(1, Math.max(0, (i - low) / (high - low)));
+      const want = (base[i] / 40) * r + base[i] * (1 - r);
+      expect(Math.abs(inv[i] - want) / base[i]).toBeLessThan(1e-14);
+      if (i <= low) expect(inv[i]).toBe(base[i]);
+      if (i >= high) expect(inv[i] / base[i]).toBeCloseTo(1 / 40, 14);
+    }
+  });
+  it('cos/sin carry m(s, mscale) / m(s, mscale_all_dim), m(s, k) = 0.1·k·ln(s) + 1', () => {
+    expect(yarnAttentionFactor({ theta: 1e4, layout: 'half', scaling: yarn })).toBe(1);
+    const m = (k: number) => 0.1 * k * Math.log(40) + 1;
+    const r = { theta: 1e4, layout: 'half' as const, scaling: { ...yarn, mscale: 1, mscaleAllDim: 0.5 } };
+    expect(yarnAttentionFactor(r)).toBeCloseTo(m(1) / m(0.5), 14);
+    expect(yarnAttentionFactor({ ...r, scaling: { ...yarn, mscale: 1, mscaleAllDim: 0 } })).toBeCloseTo(m(1), 14);
+    expect(yarnAttentionFactor({ theta: 1e4, layout: 'half', scaling: { type: 'linear', factor: 4 } })).toBe(1);
+    const inv = ropeInverseFrequencies(r, 8);
+    const t = ropeTableData64(r, 8, [5]);
+    for (let i = 0; i < 4; i++) {
+      expect(t.cos[i]).toBeCloseTo((m(1) / m(0.5)) * Math.cos(5 * inv[i]), 14);
+      expect(t.sin[i]).toBeCloseTo((m(1) / m(0.5)) * Math.sin(5 * inv[i]), 14);
     }
   });
 });

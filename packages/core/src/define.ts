@@ -4,6 +4,8 @@ import { restoreStored, type BaseCompressedCache, type StoredReader } from './ca
 import { registerStrategy, type StrategyCapabilities, type StrategyDefinition } from './registry.js';
 import type { KVCache, Strategy } from './types.js';
 import { validateKVCache } from './validate.js';
+import { isMlaCache, mlaRefusal, restoreMlaStored, validateMlaCache, type CompressedMlaCache, type MlaKVCache } from './mla.js';
+import type { CompressedCache } from './types.js';
 
 /**
  * A strategy in its shortest complete form. `compress` receives a validated cache (layer count,
@@ -28,11 +30,22 @@ export interface StrategySpec<S extends z.ZodType, C extends BaseCompressedCache
 
 /** The {@link Strategy} of a spec at resolved options. */
 export function specStrategy<S extends z.ZodType, C extends BaseCompressedCache>(spec: StrategySpec<S, C>, options: z.output<S>): Strategy<z.output<S>> {
+  const mla = spec.capabilities?.mla?.(options);
+  const compress = async (cache: KVCache | MlaKVCache): Promise<CompressedCache | CompressedMlaCache> => {
+    if (isMlaCache(cache)) {
+      if (mla === undefined || typeof mla === 'string') throw mlaRefusal(spec.name, mla);
+      return mla.compress(cache, await validateMlaCache(cache));
+    }
+    return spec.compress(cache, options, await validateKVCache(cache));
+  };
   return {
     name: spec.name,
     options,
-    compress: async (cache) => spec.compress(cache, options, await validateKVCache(cache)),
+    compress: compress as Strategy['compress'],
     deserialize: (bytes) => restoreStored(bytes, spec.name, (r) => spec.restore(r, options)),
+    ...(mla !== undefined && typeof mla !== 'string'
+      ? { deserializeMla: (bytes: Uint8Array) => restoreMlaStored(bytes, spec.name, (r) => mla.restore(r)) }
+      : {}),
   };
 }
 

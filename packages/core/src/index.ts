@@ -1,6 +1,7 @@
 // Registers tfjs's chained ops (x.reshape(), x.mul(), …) on Tensor; tfjs-core alone does not.
 import './chained.js';
 export * from './types.js';
+export * from './mla.js';
 export * from './errors.js';
 export * from './fp16.js';
 export * from './rope.js';

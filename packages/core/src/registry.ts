@@ -6,9 +6,11 @@ import { z } from 'zod';
 import { KvpackError, check } from './errors.js';
 import { BaseCompressedCache, unreadMessage } from './cache.js';
 import { normalizeRatioOptions } from './ratio.js';
+import { BaseCompressedMlaCache } from './mla.js';
 import { byteView, decodeContainer, withDecodedContainer, type ByteSource } from './serialize.js';
 import { disposeCreatedOnError } from './scope.js';
 import type { CompressedCache, KVCache, ModelLayout, Strategy } from './types.js';
+import { isMlaCache, isMlaContainer, mlaRefusal, type CompressedMlaCache, type MlaCompressor, type MlaKVCache } from './mla.js';
 
 /** A low-rank factorization a strategy computes: `count` matrices of [T, features] factored at `rank`. */
 export interface FactoredShape {
@@ -65,6 +67,13 @@ export interface StrategyCapabilities<O = unknown> {
    * hands the attention maxima to `compress`.
    */
   reconstruction?(options: O): ReconstructionRequest | null;
+  /**
+   * How these options compress MLA latent caches ({@link MlaKVCache}: per layer c_KV [T, d_c] and
+   * the shared pre-RoPE k_R [T, d_R]), or a sentence saying why they do not. Absent: the strategy
+   * refuses MLA caches with KvpackError('unsupported') naming itself. `Strategy.compress` dispatches
+   * on the cache's `kind`; read {@link compressesMla} rather than calling it directly.
+   */
+  mla?(options: O): MlaCompressor | string;
 }
 
 /**
@@ -108,6 +117,16 @@ export interface ReconstructionRequest {
   chunkSize: number;
   /** Attention-sink tokens kept in every chunk's softmax. */
   nSink: number;
+}
+
+/**
+ * Whether a registered strategy compresses MLA latent caches at these resolved options: true, or the
+ * sentence saying why not (from its definition, never from its name).
+ */
+export function compressesMla(name: string, resolvedOptions: unknown): true | string {
+  const m = getStrategyDefinition(name).capabilities?.mla?.(resolvedOptions);
+  if (m === undefined) return 'its definition declares no MLA support';
+  return typeof m === 'string' ? m : true;
 }
 
 /**
@@ -353,7 +372,8 @@ export function createStrategy(config: StrategyConfig | string): Strategy {
   const parsed = StrategyConfigSchema.safeParse(raw);
   if (!parsed.success) throw new KvpackError('config', `invalid strategy config:\n${z.prettifyError(parsed.error)}\nexpected { name: string, options?: object }`);
   const def = getStrategyDefinition(parsed.data.name);
-  return guardStrategy(def.create(parseStrategyOptions(parsed.data.name, parsed.data.options)));
+  const options = parseStrategyOptions(parsed.data.name, parsed.data.options);
+  return guardStrategy(def.create(options), def, options);
 }
 
 /**
@@ -362,23 +382,31 @@ export function createStrategy(config: StrategyConfig | string): Strategy {
  * @throws KvpackError('unknown-strategy')
  */
 export function createResolvedStrategy(name: string, resolvedOptions: unknown): Strategy {
-  return guardStrategy(getStrategyDefinition(name).create(resolvedOptions));
+  const def = getStrategyDefinition(name);
+  return guardStrategy(def.create(resolvedOptions), def, resolvedOptions);
 }
 
 /**
  * The strategy with the guarantees every registered strategy gets from core: `compress` records the
- * input cache's model fingerprint on the result, and `deserialize` is {@link restoreCache}.
+ * input cache's model fingerprint on the result and refuses an MLA latent cache unless the definition's
+ * `mla` capability compresses it, and `deserialize` is {@link restoreCache}.
  */
-function guardStrategy(s: Strategy): Strategy {
+function guardStrategy(s: Strategy, def: StrategyDefinition, options: unknown): Strategy {
+  const compress = async (cache: KVCache | MlaKVCache): Promise<CompressedCache | CompressedMlaCache> => {
+    if (isMlaCache(cache)) {
+      // Read from the definition, so that a strategy not built by defineStrategy refuses too.
+      const m = def.capabilities?.mla?.(options);
+      if (m === undefined || typeof m === 'string') throw mlaRefusal(s.name, m);
+    }
+    const c = await s.compress(cache);
+    if (cache.model && (c instanceof BaseCompressedCache || c instanceof BaseCompressedMlaCache)) c.model = cache.model;
+    return c;
+  };
   return {
     ...s,
     name: s.name,
     options: s.options,
-    async compress(cache: KVCache) {
-      const c = await s.compress(cache);
-      if (cache.model && c instanceof BaseCompressedCache) c.model = cache.model;
-      return c;
-    },
+    compress: compress as Strategy['compress'],
     deserialize: (bytes) => restoreCache(s, bytes),
   };
 }
@@ -444,6 +472,7 @@ export function restoreCache(strategy: Strategy, source: ByteSource, options: Re
 export function deserializeCache(source: ByteSource, options: RestoreOptions = {}): CompressedCache {
   const bytes = byteView(source);
   const c = decodeContainer(bytes);
+  check(!isMlaContainer(c), 'corrupt', `this serialized ${c.strategy} cache is an MLA latent cache: restore it with deserializeMlaCache`);
   const def = getStrategyDefinition(c.strategy);
   let strategy: Strategy;
   try {
@@ -454,4 +483,41 @@ export function deserializeCache(source: ByteSource, options: RestoreOptions = {
     throw e;
   }
   return withDecodedContainer(bytes, c, () => restoreCache(strategy, bytes, options));
+}
+
+/**
+ * Restores any registered strategy's serialized MLA latent cache (the container names its strategy
+ * and options), from any byte view.
+ * @throws KvpackError('corrupt' | 'truncated') naming the field or tensor at fault (a per-head KV cache
+ *         is named as such); KvpackError('unknown-strategy'); KvpackError('unsupported') when the strategy
+ *         does not restore MLA caches; KvpackError('model') when `options.model` is given and the cache
+ *         was made from another model. A failed restore leaks no tensor.
+ */
+export function deserializeMlaCache(source: ByteSource, options: RestoreOptions = {}): CompressedMlaCache {
+  const bytes = byteView(source);
+  const c = decodeContainer(bytes);
+  check(isMlaContainer(c), 'corrupt', `this serialized ${c.strategy} cache is a per-head KV cache, not an MLA latent cache: restore it with deserializeCache`);
+  const def = getStrategyDefinition(c.strategy);
+  let strategy: Strategy;
+  try {
+    strategy = def.create(parseStrategyOptions(c.strategy, c.options));
+  } catch (e) {
+    if (e instanceof KvpackError && e.code === 'config') throw new KvpackError('corrupt', `serialized ${c.strategy} cache is corrupt: it records ${e.message}`, { cause: e });
+    throw e;
+  }
+  if (!strategy.deserializeMla) throw mlaRefusal(c.strategy);
+  if (options.model !== undefined) {
+    check(
+      c.model === options.model,
+      'model',
+      `this ${c.strategy} MLA cache was made from ${c.model ? `model ${c.model}` : 'a cache without a model fingerprint'}, not from model ${options.model}`,
+    );
+  }
+  const restore = strategy.deserializeMla;
+  try {
+    return withDecodedContainer(bytes, c, () => disposeCreatedOnError(() => restore(bytes)));
+  } catch (e) {
+    if (e instanceof KvpackError) throw e;
+    throw new KvpackError('corrupt', `serialized ${c.strategy} MLA cache ${UNEXPECTED_RESTORE_FAILURE}: ${(e as Error).message}`, { cause: e });
+  }
 }

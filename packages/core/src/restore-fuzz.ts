@@ -10,6 +10,7 @@ import { KvpackError } from './errors.js';
 import { UNEXPECTED_RESTORE_FAILURE, deserializeCache } from './registry.js';
 import { splitContainer, writeContainer } from './serialize.js';
 import type { CompressedCache } from './types.js';
+import type { CompressedMlaCache } from './mla.js';
 
 /** How a set of trials ended. */
 export interface RestoreFuzzFigures {
@@ -43,6 +44,22 @@ export async function cacheSnapshot(c: CompressedCache): Promise<Float32Array[]>
       out.push((await k.data()) as Float32Array, (await v.data()) as Float32Array);
     } finally {
       tf.dispose([k, v]);
+    }
+  }
+  out.push(Float32Array.from({ length: c.layout.nLayers }, (_, l) => c.tokenCount(l)));
+  return out;
+}
+
+/** Every layer's reconstructed latents and RoPE keys (then the token counts) of an MLA cache, for a bitwise comparison. */
+export async function mlaCacheSnapshot(c: CompressedMlaCache): Promise<Float32Array[]> {
+  const out: Float32Array[] = [];
+  for (let l = 0; l < c.layout.nLayers; l++) {
+    const a = c.latents(l);
+    const b = c.ropeKeys(l);
+    try {
+      out.push(Float32Array.from((await a.data()) as Float32Array), Float32Array.from((await b.data()) as Float32Array));
+    } finally {
+      tf.dispose([a, b]);
     }
   }
   out.push(Float32Array.from({ length: c.layout.nLayers }, (_, l) => c.tokenCount(l)));
@@ -132,7 +149,14 @@ const mutationArb: fc.Arbitrary<Mutation> = fc.oneof(
  * from {@link cacheSnapshot}) through `deserializeCache` and counts how each ended. Does not assert;
  * the caller asserts on the figures.
  */
-export async function fuzzRestore(bytes: Uint8Array, reference: Float32Array[], trials: number, seed: number): Promise<RestoreFuzzFigures> {
+export async function fuzzRestore(
+  bytes: Uint8Array,
+  reference: Float32Array[],
+  trials: number,
+  seed: number,
+  /** How a cache is restored and compared (default: `deserializeCache` and {@link cacheSnapshot}; MLA caches: `deserializeMlaCache` and {@link mlaCacheSnapshot}). */
+  io: { restore(bytes: Uint8Array): { dispose(): void }; snapshot(c: never): Promise<Float32Array[]> } = { restore: deserializeCache, snapshot: cacheSnapshot },
+): Promise<RestoreFuzzFigures> {
   const f: RestoreFuzzFigures = { trials: 0, correct: 0, namedErrors: 0, otherErrors: 0, silentlyDifferent: 0, differentAfterRechecksum: 0, leaks: 0, examples: [] };
   const note = (what: string, m: Mutation, e?: unknown) => {
     if (f.examples.length < 5) f.examples.push(`${what} after ${JSON.stringify(m)}${e ? `: ${(e as Error).stack?.split('\n').slice(0, 3).join(' | ')}` : ''}`);
@@ -143,10 +167,10 @@ export async function fuzzRestore(bytes: Uint8Array, reference: Float32Array[], 
       const covered = !(m.kind === 'field' || (m.kind === 'digit' && m.rechecksum));
       const before = tf.memory().numTensors;
       f.trials++;
-      let restored: CompressedCache | null = null;
+      let restored: { dispose(): void } | null = null;
       try {
-        restored = deserializeCache(placed(mutated, offset, shared && f.trials % 4 === 0));
-        const snap = await cacheSnapshot(restored);
+        restored = io.restore(placed(mutated, offset, shared && f.trials % 4 === 0));
+        const snap = await io.snapshot(restored as never);
         if (sameSnapshot(snap, reference)) f.correct++;
         else if (covered) {
           f.silentlyDifferent++;

@@ -13,6 +13,19 @@ export function ropeInverseFrequencies(rope: RopeConfig, headDim: number): Float
   for (let i = 0; i < half; i++) inv[i] = 1 / Math.pow(rope.theta, (2 * i) / headDim);
   const s = rope.scaling;
   if (!s) return inv;
+  if (s.type === 'yarn') {
+    // DeepSeek's yarn_find_correction_range and yarn_linear_ramp_mask, over the d/2 frequencies.
+    const corrDim = (rot: number) => (headDim * Math.log(s.originalMaxPositionEmbeddings / (rot * 2 * Math.PI))) / (2 * Math.log(rope.theta));
+    const low = Math.max(Math.floor(corrDim(s.betaFast)), 0);
+    let high = Math.min(Math.ceil(corrDim(s.betaSlow)), headDim - 1);
+    if (low === high) high += 0.001;
+    for (let i = 0; i < half; i++) {
+      const ramp = Math.min(1, Math.max(0, (i - low) / (high - low)));
+      const extra = 1 - ramp; // weight of the extrapolated (unscaled) frequency
+      inv[i] = (inv[i] / s.factor) * (1 - extra) + inv[i] * extra;
+    }
+    return inv;
+  }
   if (s.type === 'linear') {
     for (let i = 0; i < half; i++) inv[i] /= s.factor;
     return inv;
@@ -29,6 +42,20 @@ export function ropeInverseFrequencies(rope: RopeConfig, headDim: number): Float
     }
   }
   return inv;
+}
+
+/** YaRN's magnitude factor m(s, k) = 0.1·k·ln s + 1, or 1 for s ≤ 1 (DeepSeek's `yarn_get_mscale`). */
+function yarnMscale(scale: number, k: number): number {
+  return scale <= 1 ? 1 : 0.1 * k * Math.log(scale) + 1;
+}
+
+/**
+ * The factor RoPE's cos and sin tables carry: m(factor, mscale) / m(factor, mscaleAllDim) for YaRN
+ * scaling (1 for DeepSeek-V2/V3's configs, where the two are equal), 1 otherwise.
+ */
+export function yarnAttentionFactor(rope: RopeConfig): number {
+  const s = rope.scaling;
+  return s?.type === 'yarn' ? yarnMscale(s.factor, s.mscale) / yarnMscale(s.factor, s.mscaleAllDim) : 1;
 }
 
 /** Positions as an explicit list, or `count` consecutive positions from `start`. */
@@ -50,7 +77,7 @@ const TABLE_MEMO_ENTRIES = 4;
 const TABLE_MEMO_MIN = 256;
 
 /**
- * cos/sin of p·θ_i for every position p and frequency i, [T, d/2] float64 each (row-major): the one
+ * cos/sin of p·θ_i for every position p and frequency i (times {@link yarnAttentionFactor}), [T, d/2] float64 each (row-major): the one
  * computation of kvpack's RoPE tables ({@link ropeTableData} rounds it to float32; float64 references
  * and the host sparse-index build use it as it is). Not cached.
  */
@@ -58,13 +85,14 @@ export function ropeTableData64(rope: RopeConfig, headDim: number, positions: Po
   const pos = positionList(positions);
   const inv = ropeInverseFrequencies(rope, headDim);
   const half = headDim / 2;
+  const m = yarnAttentionFactor(rope);
   const c = new Float64Array(pos.length * half);
   const s = new Float64Array(pos.length * half);
   for (let t = 0; t < pos.length; t++) {
     for (let i = 0; i < half; i++) {
       const a = pos[t] * inv[i];
-      c[t * half + i] = Math.cos(a);
-      s[t * half + i] = Math.sin(a);
+      c[t * half + i] = m * Math.cos(a);
+      s[t * half + i] = m * Math.sin(a);
     }
   }
   return { cos: c, sin: s };

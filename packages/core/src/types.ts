@@ -1,4 +1,5 @@
 import type * as tf from '@tensorflow/tfjs-core';
+import type { CompressedMlaCache, MlaKVCache } from './mla.js';
 
 /**
  * Attention layout of a decoder-only model.
@@ -24,6 +25,26 @@ export type RopeScaling =
       lowFreqFactor: number;
       highFreqFactor: number;
       originalMaxPositionEmbeddings: number;
+    }
+  /**
+   * YaRN (Peng et al. 2023, arXiv 2309.00071) as DeepSeek-V2/V3 configure it (`rope_scaling.type: yarn`):
+   * frequencies ramp from interpolated (÷ factor) to extrapolated between the correction dimensions of
+   * `betaFast` and `betaSlow` rotations over `originalMaxPositionEmbeddings`; cos and sin are multiplied
+   * by {@link yarnAttentionFactor} = m(factor, mscale) / m(factor, mscaleAllDim), m(s, k) = 0.1·k·ln s + 1
+   * (1 for s ≤ 1). The softmax scale's own mscale² is the model's business, not RoPE's.
+   */
+  | {
+      type: 'yarn';
+      factor: number;
+      originalMaxPositionEmbeddings: number;
+      /** Default 32 in the reference implementation. */
+      betaFast: number;
+      /** Default 1. */
+      betaSlow: number;
+      /** Default 1. */
+      mscale: number;
+      /** Default 0 (then the cos/sin factor is m(factor, mscale)). */
+      mscaleAllDim: number;
     };
 
 /**
@@ -134,8 +155,15 @@ export interface CompressedCache {
 export interface Strategy<Options = unknown> {
   readonly name: string;
   readonly options: Options;
-  /** Compresses a whole prefill cache. Does not dispose `cache`. */
+  /**
+   * Compresses a whole prefill cache. Does not dispose `cache`. An MLA latent cache
+   * ({@link MlaKVCache}, `kind: 'mla'`) gives a {@link CompressedMlaCache}; a strategy whose definition
+   * lacks the `mla` capability refuses it.
+   * @throws KvpackError('unsupported') for an MLA cache the strategy does not compress.
+   */
   compress(cache: KVCache): Promise<CompressedCache>;
+  compress(cache: MlaKVCache): Promise<CompressedMlaCache>;
+  compress(cache: KVCache | MlaKVCache): Promise<CompressedCache | CompressedMlaCache>;
   /**
    * Restores a cache from the bytes written by its `serialize`, from any byte view (Node Buffer,
    * subarray, SharedArrayBuffer-backed). Strategies built by `createStrategy` check the container,
@@ -143,4 +171,10 @@ export interface Strategy<Options = unknown> {
    * @throws KvpackError('corrupt' | 'truncated')
    */
   deserialize(bytes: Uint8Array): CompressedCache;
+  /**
+   * Restores an MLA latent cache from the bytes its `serialize` wrote (`deserializeMlaCache` in the
+   * registry finds the strategy). Absent on strategies that do not compress MLA caches.
+   * @throws KvpackError('corrupt' | 'truncated')
+   */
+  deserializeMla?(bytes: Uint8Array): CompressedMlaCache;
 }

@@ -27,9 +27,9 @@ export function checkKV(x: tf.Tensor, layout: ModelLayout, what: string, T?: num
 /**
  * A scalar that is NaN iff x holds a NaN or ±Inf (0 otherwise): x·0 summed, formed as a product of x
  * viewed as [size / last, last] with a zero vector — one pass over x at matmul speed (tfjs-webgpu's
- * full reductions are ~25 ms per 32K-token layer, the product ~100× less). Call inside tf.tidy.
+ * full reductions are ~25 ms per 32K-token layer, the product ~100× less). Call inside tf.tidy. @internal
  */
-function nonFiniteProbe(x: tf.Tensor): tf.Scalar {
+export function nonFiniteProbe(x: tf.Tensor): tf.Scalar {
   const last = x.rank === 0 ? 1 : x.shape[x.rank - 1] || 1;
   return tf.sum(tf.matMul(tf.reshape(x, [-1, last]) as tf.Tensor2D, tf.zeros([last, 1])));
 }

@@ -6,5 +6,6 @@ export * from './model/index.js';
 export * from './hf/index.js';
 export * from './gguf/index.js';
 export * from './kvdump/index.js';
+export * from './mla/index.js';
 export * from './load.js';
 export * from './bytes.js';

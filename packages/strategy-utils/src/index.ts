@@ -4,13 +4,14 @@ import type {} from '@tensorflow/tfjs-core/dist/public/chained_ops/register_all_
 // package, never each other. Registers nothing. Tuning switches and kernels are in ./internal.ts.
 
 // Grouped low-rank cache (xkv, svd): options, compression, the cache, its stats and the paper's ratio.
-export { lowRankOptionShape, refineRankTarget } from './lowrank/options.js';
+export { lowRankOptionShape, refineRankTarget, MlaLowRankOptionsSchema, type MlaLowRankOptions } from './lowrank/options.js';
 export { paperCompressionRatio, groupFactoredShapes, groupRanksPaperRatio, type PaperRatioArgs } from './lowrank/ratio.js';
 export { hasRankTarget, lowRankBytes, resolveRanks, targetGroupRanks, type GroupRanks } from './lowrank/rank-target.js';
 export type { FactorQuantization, GroupSvdConfig, Kind, LayerGroup, QuantTarget } from './lowrank/group-config.js';
 export { GroupSvdCache, groupSvdPrefixCut, lowRankStats, type SparseBudgetOptions } from './lowrank/group-svd-cache.js';
 export type { GroupSvdStats } from './lowrank/group-svd-stats.js';
 export { compressGroupSvd } from './lowrank/group-svd-compress.js';
+export { MlaGroupSvdCache, compressMlaGroupSvd, mlaGroupRanks, mlaGroupSvdCompressor, mlaLowRankBytes, restoreMlaGroupSvd, type MlaGroupRanks } from './lowrank/mla-group-svd.js';
 export { SparseOptionsSchema, type SparseOptions } from './lowrank/sparse-options.js';
 export type { SparseIndex, SparseLayer } from './lowrank/sparse-index.js';
 
@@ -22,6 +23,7 @@ export * from './quant/half-rows.js';
 export * from './quant/words.js';
 export * from './quant/minmax-groups.js';
 export * from './eviction/kept-tokens.js';
+export * from './eviction/mla-kept-tokens.js';
 export * from './eviction/scorer.js';
 export { resolveKnobByTarget } from './ratio/knob-target.js';
 export { StackedCache, type StackedStats, type StageStats } from './stack/stacked-cache.js';

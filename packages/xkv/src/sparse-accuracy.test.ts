@@ -29,7 +29,7 @@ function wrap(inner: Strategy, mode: 'count' | 'hide', counter: { calls: number 
         return typeof v === 'function' ? v.bind(target) : v;
       },
     });
-  return { ...inner, compress: async (cache: KVCache) => proxy(await inner.compress(cache)) };
+  return { ...inner, compress: (async (cache: KVCache) => proxy(await inner.compress(cache))) as Strategy['compress'] };
 }
 
 describe.skipIf(!S.have)(`xkv sparse decode on stories260K${S.skip}`, () => {

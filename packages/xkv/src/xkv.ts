@@ -1,5 +1,5 @@
 import { MAX_LAYERS, atMost, defineStrategy, type Strategy } from '@kvpack/core';
-import { GroupSvdCache, groupSvdPrefixCut, SparseOptionsSchema, compressGroupSvd, groupFactoredShapes, groupRanksPaperRatio, hasRankTarget, lowRankOptionShape, paperCompressionRatio, refineRankTarget, targetGroupRanks } from '@kvpack/strategy-utils';
+import { GroupSvdCache, groupSvdPrefixCut, mlaGroupSvdCompressor, SparseOptionsSchema, compressGroupSvd, groupFactoredShapes, groupRanksPaperRatio, hasRankTarget, lowRankOptionShape, paperCompressionRatio, refineRankTarget, targetGroupRanks } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /** Options of the `xkv` strategy. */
@@ -30,6 +30,9 @@ export type XkvOptions = z.output<typeof XkvOptionsSchema>;
  * prompt length at compress time (the ranks each group got: `stats().groups`).
  * `compress` throws KvpackError('rank' | 'layout' | 'shape' | 'dtype' | 'nonfinite') on bad input
  * ('rank' also for a target ratio out of reach).
+ * On MLA latent caches (DeepSeek-V2/V3) it factors each group's latents [T, G·d_c] (the paper's MLA
+ * experiment, which compresses the non-RoPE latents across layers); the RoPE keys are kept exact or
+ * factored by their own cross-layer SVD (`mla` options), and the measured bytes count them.
  */
 export const xkvDefinition = defineStrategy({
   name: 'xkv',
@@ -47,6 +50,10 @@ export const xkvDefinition = defineStrategy({
     // A token-basis row belongs to one token: any prefix keeps its rows and the same factors.
     cutPrefix: (o) => groupSvdPrefixCut('xkv', o),
     ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'ranks' }),
+    // MLA latent caches: cross-layer SVD of the latents c_KV over the same groups; the shared RoPE keys
+    // exact or factored separately (options.mla). Sparse decode needs per-head keys.
+    mla: (o) =>
+      o.decode === 'sparse' ? "decode: 'sparse' selects per-head key chunks, which an MLA latent cache does not have" : mlaGroupSvdCompressor('xkv', o, groupConfig(o)),
   },
   renamedOptions: { groupSize: 'layersPerGroup', 'factorQuantization.groupSize': 'factorQuantization.quantGroupSize' },
 });

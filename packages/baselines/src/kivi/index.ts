@@ -18,6 +18,7 @@ import {
 import { concatHalfRows, holdMinMaxOnBackend, dropHalfRows, resolveKnobByTarget, type HeldMinMax, type MinMaxGrouping } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 import { HeldMinMaxBlocks } from './held.js';
+import { kiviMlaCompressor } from './mla.js';
 
 /** Options of the `kivi` strategy (defaults as in jy-yuan/KIVI's scripts: 2 bits, g = 32, R = 128). */
 export const KiviOptionsSchema = z
@@ -309,7 +310,8 @@ export class KiviCache extends BaseCompressedCache {
  * stay in the float16 value window (jy-yuan/KIVI, models/llama_kivi.py, prefill branch).
  * `compress` throws KvpackError('shape') when head_dim is not a multiple of g, and
  * KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache (a group beyond the float16
- * range of its scale included); a failed compress frees what it built.
+ * range of its scale included); a failed compress frees what it built. On MLA latent caches the
+ * latents and RoPE keys are quantized per channel like keys, decode tokens too, R at a time (mla.ts).
  */
 export const kiviDefinition = defineStrategy({
   name: 'kivi',
@@ -318,6 +320,8 @@ export const kiviDefinition = defineStrategy({
   renamedOptions: { groupSize: 'quantGroupSize' },
   capabilities: {
     ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'bits' }),
+    // MLA latent caches: the latents and post-RoPE shared keys quantized per channel like KIVI's keys (mla.ts).
+    mla: (o) => kiviMlaCompressor(o),
     cutPrefix: (o) =>
       `kivi quantizes keys per channel over groups of ${o.quantGroupSize} tokens with one scale and zero point per group, and keeps the last tokens in a float16 window: a prefix ending inside a key group would need that group's codes re-quantized, which changes the stored numbers; store and restore whole prefixes`,
   },
@@ -393,3 +397,4 @@ export const kiviDefinition = defineStrategy({
     return new KiviCache(layout, rope, prefillLength, options, state);
   },
 });
+export { KiviMlaCache, kiviMlaCacheBytes, kiviMlaCompressor } from './mla.js';

@@ -14,6 +14,8 @@ runStrategyConformance('kivi', {
   lossless: { quantGroupSize: 16, residualLength: 128 },
   badOptions: [{ bits: 3 }, { bits: 8 }, { quantGroupSize: 8, residualLength: 20 }, { quantGroupSize: 0 }, { residualLength: -16 }],
   exactDecode: false,
+  // MLA: latents and RoPE keys quantized per channel, decode tokens too (R at a time); T = 64 < R = 128 keeps all in float16.
+  mla: { exactDecode: false, lossless: { quantGroupSize: 16, residualLength: 128 } },
   // head_dim 16 is not a multiple of g = 32.
   failingCompress: [{ quantGroupSize: 32, residualLength: 32 }],
 });

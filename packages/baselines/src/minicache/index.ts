@@ -326,6 +326,7 @@ export const miniCacheDefinition = defineStrategy({
   capabilities: {
     ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'startLayer' }),
     // With a target ratio the start layer depends on T, which this capability is not given: none is named.
+    mla: () => 'MiniCache merges the per-head key and value directions of adjacent layers; an MLA layer caches one shared latent instead (compress MLA caches with xkv or svd across/within layers)',
     exactLayers: (o, L) => {
       if (o.targetRatio !== undefined) return [];
       const merged = new Set(mergedPairs(L, o.startLayer ?? Math.floor(L / 2)).flat());

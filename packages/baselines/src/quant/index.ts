@@ -134,7 +134,10 @@ export const quantDefinition = defineStrategy({
   name: 'quant',
   description: 'per-token int8/int4 quantization of keys (pre-RoPE) and values, 16-bit scale per token per KV head',
   schema: QuantOptionsSchema,
-  capabilities: { ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'bits' }) },
+  capabilities: {
+    ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'bits' }),
+    mla: () => 'its groups are one KV head’s d channels of a token; for MLA latent caches use kivi (latent quantization)',
+  },
   async compress(cache, given, T) {
     const options = resolveQuantOptions(given, cache.layout, T);
     const { nKvHeads, headDim } = cache.layout;

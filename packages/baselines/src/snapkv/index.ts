@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { KvpackError, MAX_TOKENS, atMost, check, type KVCache } from '@kvpack/core';
+import { KvpackError, MAX_TOKENS, atMost, check, type KVCache, type MlaKVCache } from '@kvpack/core';
 import { z } from 'zod';
 import { defineEvictionStrategy, pool1d, snapkvVotes, type ScoreContext } from '@kvpack/strategy-utils';
 
@@ -79,6 +79,40 @@ function checkQueries(cache: KVCache, o: SnapKvOptions): void {
 }
 
 /**
+ * SnapKV's score of each prefill token of an MLA layer, [1, T]: the absorbed-form window queries
+ * (MlaKVCache.queries, [T_obs, H, d_c + d_R], softmax scale already in them) vote over the keys
+ * [c_KV ; RoPE(k_R)] [T, d_c + d_R] — one "KV head" shared by all H query heads, whose votes are
+ * averaged — pooled as on per-head caches; the window tokens score +Infinity.
+ */
+function snapkvMlaScores(cache: MlaKVCache, layer: number, o: SnapKvOptions, postRopeKeys: tf.Tensor2D): tf.Tensor2D {
+  const T = postRopeKeys.shape[0];
+  const { nHeads: H, kvLoraRank: dc, qkRopeHeadDim: dr } = cache.layout;
+  const w = o.window;
+  const q = cache.queries![layer];
+  return tf.tidy(() => {
+    const win = tf.slice(q, [q.shape[0] - w, 0, 0], [w, H, dc + dr]);
+    const keys = tf.reshape(tf.concat([cache.latents[layer], postRopeKeys], 1), [T, 1, dc + dr]) as tf.Tensor3D;
+    const pooled = pool1d(snapkvVotes(win, keys, 1), o.kernelSize, o.pooling);
+    return tf.concat([pooled, tf.fill([1, w], Infinity)], 1) as tf.Tensor2D;
+  });
+}
+
+/** Checks that an MLA cache carries the absorbed-form observation-window queries SnapKV needs. */
+function checkMlaQueries(cache: MlaKVCache, o: SnapKvOptions): void {
+  const w = o.window;
+  const q = cache.queries;
+  if (!q)
+    throw new KvpackError(
+      'config',
+      'snapkv on an MLA latent cache needs the absorbed-form observation-window queries (MlaKVCache.queries, [T_obs, H, d_c + d_R] per layer: ' +
+        'W_UKᵀ·q_nope and the post-RoPE q_R, softmax scale included); the model runner must provide them, or use a query-agnostic strategy (streamingllm)',
+    );
+  // Shapes were validated with the cache; the window must fit.
+  for (let l = 0; l < q.length; l++)
+    check(q[l].shape[0] >= w, 'config', `snapkv: MlaKVCache.queries layer ${l} covers ${q[l].shape[0]} prompt tokens but the observation window is ${w}; lower the window option`);
+}
+
+/**
  * The `snapkv` strategy (SnapKV, Li et al. 2024, arXiv 2404.14469) as a token scorer: per layer and
  * KV head, keep the budget − w prefix tokens with the highest pooled votes of the observation window
  * ({@link snapkvVotes}, {@link pool1d}; ties to the lower position) plus the window itself. Different
@@ -89,6 +123,8 @@ function checkQueries(cache: KVCache, o: SnapKvOptions): void {
  *
  * Needs `cache.queries`: the post-RoPE queries of at least the last `window` prompt tokens per layer
  * ([T_obs, H, d], T_obs ≥ window; the last `window` rows are used).
+ * On MLA latent caches one set of tokens is kept per layer (the latent is shared by every head),
+ * scored by the absorbed-form queries (`MlaKVCache.queries`); without them it refuses.
  * `compress` throws KvpackError('config') when the queries are missing or cover fewer than `window`
  * tokens; KvpackError('shape') when their shape disagrees with the layout;
  * KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache.
@@ -97,6 +133,6 @@ export const snapKvDefinition = defineEvictionStrategy({
   name: 'snapkv',
   description: 'SnapKV: keep per KV head the prefix tokens the observation window attends to most, plus the window (Li et al. 2024)',
   schema: SnapKvOptionsSchema,
-  scorer: { budget: (o) => o.budget ?? DEFAULT_BUDGET, targetRatio: (o) => o.targetRatio, minBudget: (o) => o.window + 1, check: checkQueries, score: snapkvScores },
+  scorer: { budget: (o) => o.budget ?? DEFAULT_BUDGET, targetRatio: (o) => o.targetRatio, minBudget: (o) => o.window + 1, check: checkQueries, score: snapkvScores, mlaCheck: checkMlaQueries, mlaScore: snapkvMlaScores },
   capabilities: { queryWindow: (o) => o.window },
 });

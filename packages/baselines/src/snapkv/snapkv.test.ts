@@ -11,6 +11,8 @@ import { f16, randomCache, take, type RandomCache } from '../testing/testkit.js'
 runStrategyConformance('snapkv', {
   compressing: { budget: 24, window: 8, kernelSize: 5 },
   lossless: { budget: 64, window: 8 },
+  // The synthetic MLA cache carries absorbed-form queries of its last 8 tokens.
+  mla: { lossless: { budget: 64, window: 8 } },
   badOptions: [{ budget: 8, window: 8 }, { kernelSize: 4 }, { pooling: 'sum' }, { window: 0 }],
   // The synthetic cache's queries cover its last 8 tokens.
   failingCompress: [{ budget: 24, window: 16 }],

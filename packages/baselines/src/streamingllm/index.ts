@@ -42,7 +42,8 @@ export function streamingKeptPositions(T: number, sinks: number, budget: number)
  * `budget`). The kept positions depend only on T, so they are implied, not stored. Kept keys keep
  * their **original** positions (rotated before eviction), as in kvpress without `KeyRerotationPress`;
  * the paper instead re-assigns positions within the cache. Decode tokens are appended exactly and
- * are not evicted. `compress` throws KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a
+ * are not evicted. On MLA latent caches the same tokens' latents and RoPE keys are kept.
+ * `compress` throws KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a
  * bad cache.
  */
 export const streamingLlmDefinition = defineEvictionStrategy({

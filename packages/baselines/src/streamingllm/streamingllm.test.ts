@@ -8,6 +8,7 @@ import { f16, randomCache, take, type RandomCache } from '../testing/testkit.js'
 runStrategyConformance('streamingllm', {
   compressing: { sinks: 4, budget: 24 },
   lossless: { budget: 64 },
+  mla: { lossless: { budget: 64 } },
   badOptions: [{ sinks: 10, budget: 5 }, { budget: 0 }, { sinks: -1 }],
 });
 

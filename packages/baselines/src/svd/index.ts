@@ -1,5 +1,5 @@
 import { defineStrategy } from '@kvpack/core';
-import { GroupSvdCache, groupSvdPrefixCut, compressGroupSvd, groupFactoredShapes, groupRanksPaperRatio, hasRankTarget, lowRankOptionShape, paperCompressionRatio, refineRankTarget, targetGroupRanks } from '@kvpack/strategy-utils';
+import { GroupSvdCache, groupSvdPrefixCut, mlaGroupSvdCompressor, compressGroupSvd, groupFactoredShapes, groupRanksPaperRatio, hasRankTarget, lowRankOptionShape, paperCompressionRatio, refineRankTarget, targetGroupRanks } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 /**
@@ -33,6 +33,8 @@ export const svdDefinition = defineStrategy({
     // A token-basis row belongs to one token: any prefix keeps its rows and the same factors.
     cutPrefix: (o) => groupSvdPrefixCut('svd', o),
     ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'ranks' }),
+    // MLA latent caches: each layer's latents [T, d_c] factored alone; RoPE keys exact or factored (options.mla).
+    mla: (o) => mlaGroupSvdCompressor('svd', o, { ...o, layersPerGroup: 1 }),
   },
   renamedOptions: { 'factorQuantization.groupSize': 'factorQuantization.quantGroupSize' },
 });

@@ -14,6 +14,7 @@ import { SvdOptionsSchema } from './index.js';
 runStrategyConformance('svd', {
   compressing: { rankK: 4, rankV: 6 },
   lossless: { rankK: 32, rankV: 32, exact: true },
+  mla: { compressing: { mla: { rank: 4 } }, lossless: { exact: true, mla: { rank: 24, ropeKeys: 'svd', ropeRank: 8 } } },
   badOptions: [{ layersPerGroup: 2 }, { rankK: -1 }, { rankV: 0 }, { storage: 'int8' }, { factorQuantization: { bits: 5 } }, { targetRatio: 4, rankFraction: 0.5 }, { rankFraction: 0 }, { targetRatio: 0.9 }],
   // Per-layer ranks above min(T = 64, H_kv·d = 32), and 0.
   failingCompress: [{ rankK: 33 }],

@@ -6,6 +6,7 @@ import { defineStrategy, disposeOwnedOnError } from '../define.js';
 import { KvpackError } from '../errors.js';
 import { applyRope } from '../rope.js';
 import type { ModelLayout, RopeConfig, Strategy } from '../types.js';
+import { BaseCompressedMlaCache, ropeSharedKeys, type MlaLayout } from '../mla.js';
 
 /** Options of the `dense` strategy. */
 export const DenseOptionsSchema = z.strictObject({
@@ -77,6 +78,45 @@ export class DenseCache extends BaseCompressedCache {
   }
 }
 
+/**
+ * The uncompressed MLA reference: every prefill token's latent c_KV [T, d_c] and pre-RoPE shared key
+ * k_R [T, d_R] at the storage precision, the key rotated at read time. Ratio 1.0 at float16 storage.
+ */
+export class DenseMlaCache extends BaseCompressedMlaCache {
+  readonly strategy = 'dense';
+  constructor(
+    layout: MlaLayout,
+    rope: RopeConfig,
+    prefillLength: number,
+    readonly options: DenseOptions,
+    /** Latents per layer, [T, d_c], at the storage precision. */
+    private readonly c: HeldFloat[],
+    /** Pre-RoPE shared keys per layer, [T, d_R], likewise. */
+    private readonly kr: HeldFloat[],
+    private readonly startPosition: number,
+  ) {
+    super(layout, rope, prefillLength);
+  }
+  protected prefillLatents(layer: number): tf.Tensor2D {
+    return heldValues<tf.Tensor2D>(this.c[layer]);
+  }
+  protected prefillRopeKeys(layer: number): tf.Tensor2D {
+    return tf.tidy(() => ropeSharedKeys(heldValues<tf.Tensor2D>(this.kr[layer]), this.rope, this.startPosition));
+  }
+  protected stored(): StoredItem[] {
+    return this.c.flatMap((c, l) => [
+      { name: `c.${l}`, held: c },
+      { name: `kr.${l}`, held: this.kr[l] },
+    ]);
+  }
+  protected meta(): Record<string, unknown> {
+    return { startPosition: this.startPosition };
+  }
+  protected disposeStored(): void {
+    [...this.c, ...this.kr].forEach(disposeHeld);
+  }
+}
+
 /** The `dense` reference strategy: every prefill token's keys and values at the storage precision. */
 export const denseDefinition = defineStrategy({
   name: 'dense',
@@ -105,6 +145,29 @@ export const denseDefinition = defineStrategy({
     return new DenseCache(h.layout, h.rope, h.prefillLength, options, k, v, h.startPosition);
   },
   capabilities: {
+    mla: (options) => ({
+      compress: (cache, T) =>
+        disposeOwnedOnError(async (own) => {
+          const hold = async (x: tf.Tensor2D) => {
+            const h = await holdFloat(x, options.storage);
+            own(h instanceof HalfTensor ? h.packed : h);
+            return h;
+          };
+          const c: HeldFloat[] = [];
+          const kr: HeldFloat[] = [];
+          for (let l = 0; l < cache.layout.nLayers; l++) {
+            c.push(await hold(cache.latents[l]));
+            kr.push(await hold(cache.ropeKeys[l]));
+          }
+          return new DenseMlaCache(cache.layout, cache.rope, T, options, c, kr, cache.startPosition ?? 0);
+        }),
+      restore: ({ header: h, held }) => {
+        const layers = Array.from({ length: h.layout.nLayers }, (_, l) => l);
+        const c = layers.map((l) => held(`c.${l}`, { dtype: options.storage, shape: [h.prefillLength, h.layout.kvLoraRank] }));
+        const kr = layers.map((l) => held(`kr.${l}`, { dtype: options.storage, shape: [h.prefillLength, h.layout.qkRopeHeadDim] }));
+        return new DenseMlaCache(h.layout, h.rope, h.prefillLength, options, c, kr, h.startPosition);
+      },
+    }),
     // Every token's keys and values are its own rows: any prefix is exact.
     cutPrefix: () => (cache, tokens) => {
       if (!(cache instanceof DenseCache)) throw new KvpackError('shape', `dense cut: expected a dense cache, got a ${cache.strategy} cache`);

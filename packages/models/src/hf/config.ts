@@ -11,6 +11,9 @@ const MODEL_TYPES: Record<string, (typeof HF_ARCHITECTURES)[number]> = {
   qwen3: 'Qwen3ForCausalLM',
 };
 
+/** Every Hugging Face `model_type` kvpack loads: Llama-family ones (LlamaModel) and DeepSeek MLA ones (DeepseekModel). */
+export const HF_MODEL_TYPES = ['llama', 'mistral', 'qwen2', 'deepseek_v2', 'deepseek_v3'] as const;
+
 type Json = Record<string, unknown>;
 
 function int(cfg: Json, key: string, file: string, fallback?: number, max = Number.MAX_SAFE_INTEGER): number {
@@ -192,10 +195,13 @@ function tokenId(v: unknown): number | undefined {
 /**
  * Maps Hugging Face `rope_scaling` to core's {@link RopeScaling} (`modeling_rope_utils.py`):
  * `linear` (factor) and `llama3` (factor, low_freq_factor, high_freq_factor,
- * original_max_position_embeddings). `null`, absent or `default` mean none.
- * @throws KvpackError('unsupported') for other types (dynamic, yarn, longrope, …).
+ * original_max_position_embeddings); with `options.yarn` (the DeepSeek MLA models) also `yarn` (factor,
+ * original_max_position_embeddings, beta_fast 32, beta_slow 1, mscale, mscale_all_dim). `null`, absent or
+ * `default` mean none.
+ * @throws KvpackError('unsupported') for other types (dynamic, longrope, …, and yarn without `options.yarn`);
+ *   ('config') for a missing or invalid field.
  */
-export function parseRopeScaling(raw: unknown, file = 'config.json'): RopeScaling | null {
+export function parseRopeScaling(raw: unknown, file = 'config.json', options: { yarn?: boolean } = {}): RopeScaling | null {
   if (raw === null || raw === undefined) return null;
   check(typeof raw === 'object', 'config', `${file}: "rope_scaling" must be an object or null`);
   const r = raw as Json;
@@ -211,7 +217,32 @@ export function parseRopeScaling(raw: unknown, file = 'config.json'): RopeScalin
       highFreqFactor: num(r, 'high_freq_factor', `${file} rope_scaling`, NaN),
       originalMaxPositionEmbeddings: int(r, 'original_max_position_embeddings', `${file} rope_scaling`),
     };
-  throw new KvpackError('unsupported', `${file}: rope_scaling type "${type}" is not supported (kvpack supports linear and llama3)`);
+  if (type === 'yarn' && options.yarn) {
+    const where = `${file} rope_scaling`;
+    const ms = (k: string) => {
+      const v = r[k];
+      check(v === undefined || v === null || (typeof v === 'number' && Number.isFinite(v) && v >= 0), 'config', `${where}: "${k}" must be a number ≥ 0, got ${JSON.stringify(v)}`);
+      return typeof v === 'number' ? v : 0;
+    };
+    const mscale = ms('mscale');
+    const mscaleAllDim = ms('mscale_all_dim');
+    check(r.attention_factor === undefined || r.attention_factor === null, 'unsupported', `${where}: an explicit yarn "attention_factor" is not supported (kvpack derives it from mscale and mscale_all_dim)`);
+    check(r.truncate === undefined || r.truncate === true, 'unsupported', `${where}: yarn "truncate": ${JSON.stringify(r.truncate)} is not supported (kvpack rounds the ramp's ends as DeepSeek does)`);
+    check(r.original_max_position_embeddings !== undefined && r.original_max_position_embeddings !== null, 'config', `${where}: yarn lacks "original_max_position_embeddings"`);
+    return {
+      type: 'yarn',
+      factor,
+      originalMaxPositionEmbeddings: int(r, 'original_max_position_embeddings', where),
+      betaFast: num(r, 'beta_fast', where, 32),
+      betaSlow: num(r, 'beta_slow', where, 1),
+      // cos/sin magnitude m(s, mscale) / m(s, mscale_all_dim) when both are set, else m(s, 1) (transformers' rule).
+      ...(mscale && mscaleAllDim ? { mscale, mscaleAllDim } : { mscale: 1, mscaleAllDim: 0 }),
+    };
+  }
+  throw new KvpackError(
+    'unsupported',
+    `${file}: rope_scaling type "${type}" is not supported (kvpack supports linear and llama3${type === 'yarn' ? '; yarn for deepseek_v2 and deepseek_v3' : ''})`,
+  );
 }
 
 /**
@@ -272,11 +303,14 @@ export function parseHfConfig(cfg: Json, file = 'config.json', options: HfConfig
   const arch =
     archs.find((a): a is (typeof HF_ARCHITECTURES)[number] => (HF_ARCHITECTURES as readonly unknown[]).includes(a)) ??
     (archs.length === 0 && typeof cfg.model_type === 'string' && Object.hasOwn(MODEL_TYPES, cfg.model_type) ? MODEL_TYPES[cfg.model_type] : undefined);
-  if (!arch)
+  if (!arch) {
+    if (cfg.model_type === 'deepseek_v2' || cfg.model_type === 'deepseek_v3')
+      throw new KvpackError('unsupported', `${file}: model_type "${cfg.model_type}" is a Multi-head Latent Attention model: load it with loadDeepseekModel (DeepseekModel), not as a Llama-family model`);
     throw new KvpackError(
       'unsupported',
-      `${file}: architecture ${JSON.stringify(archs.length ? archs : cfg.model_type)} is not supported (kvpack loads ${HF_ARCHITECTURES.join(', ')})`,
+      `${file}: architecture ${JSON.stringify(archs.length ? archs : cfg.model_type)} is not supported (kvpack loads ${HF_ARCHITECTURES.join(', ')}; model_type ${HF_MODEL_TYPES.join(', ')})`,
     );
+  }
   const act = cfg.hidden_act ?? cfg.hidden_activation ?? 'silu';
   check(act === 'silu', 'unsupported', `${file}: hidden_act ${JSON.stringify(act)} is not supported (Llama-family SwiGLU uses silu)`);
   check(!cfg.mlp_bias, 'unsupported', `${file}: mlp_bias = true is not supported`);

@@ -1,10 +1,25 @@
-import { check, denseCacheBytes, type CompressedCache, type Strategy } from '@kvpack/core';
-import type { LlamaModel } from './llama.js';
+import { check, denseCacheBytes, mlaDenseBytes, type CompressedCache, type MlaLayout, type ModelLayout, type Strategy } from '@kvpack/core';
 import type { SamplingOptions } from './sampling.js';
-import { Session, cachePosition } from './session.js';
+import { Session, cachePosition, type SessionCache, type SessionModel } from './session.js';
+
+/**
+ * What {@link generate} and {@link scoreContinuation} drive: a session model (LlamaModel over per-head
+ * KV caches, DeepseekModel over MLA latent caches) with its fingerprint, layout and id checks.
+ */
+export interface GenerationModel<C extends SessionCache = CompressedCache> extends SessionModel<C> {
+  readonly layout: ModelLayout | MlaLayout;
+  fingerprint(): Promise<string>;
+  checkIds(ids: readonly number[], what: string): void;
+  checkPositions(start: number, count: number, what: string): void;
+}
+
+/** fp16 dense bytes of T tokens of a layout (per-head keys and values, or MLA latents and RoPE keys). */
+function denseBytes(layout: ModelLayout | MlaLayout, tokens: number): number {
+  return 'kvLoraRank' in layout ? mlaDenseBytes(layout, tokens) : denseCacheBytes(layout, tokens);
+}
 
 /** Options of {@link LlamaModel.generate}. */
-export interface GenerateOptions {
+export interface GenerateOptions<C extends SessionCache = CompressedCache> {
   /** Tokens to generate (at most). */
   maxNewTokens: number;
   /** Compression applied to the prompt's cache after prefill. Default: `dense` with float32 storage (exact). */
@@ -23,7 +38,7 @@ export interface GenerateOptions {
    * `strategy` is not used. The cache grows by what is fed; the caller keeps owning it.
    * @see Session.resume
    */
-  cache?: CompressedCache;
+  cache?: C;
   /**
    * Return the cache generation ends with as `result.compressedCache` (the caller disposes it; with
    * `cache` it is that same object) instead of disposing it. Default false.
@@ -45,7 +60,7 @@ export interface CacheStats {
 }
 
 /** Result of {@link LlamaModel.generate}. */
-export interface GenerateResult {
+export interface GenerateResult<C extends SessionCache = CompressedCache> {
   /** Generated token ids (the prompt excluded). */
   ids: number[];
   /** Gap between the two largest logits at each generation step (same length as `ids`). */
@@ -58,7 +73,7 @@ export interface GenerateResult {
    * generated token but the last (which a continuation feeds first, e.g. as `remainingTokens[0]` of
    * `Session.resume`).
    */
-  compressedCache?: CompressedCache;
+  compressedCache?: C;
 }
 
 /** Result of {@link LlamaModel.scoreContinuation}. */
@@ -77,20 +92,20 @@ export interface ScoreOptions {
 }
 
 /** A session positioned after the prompt (compressed, or the cache's prefix plus the prompt fed), and its byte accounting. */
-async function promptSession(model: LlamaModel, promptIds: number[], strategy: Strategy | undefined, obs: number | undefined, cache: CompressedCache | undefined) {
-  let session: Session;
+async function promptSession<C extends SessionCache>(model: GenerationModel<C>, promptIds: number[], strategy: Strategy | undefined, obs: number | undefined, cache: C | undefined) {
+  let session: Session<C>;
   let prefillTokens: number;
   let prefillByteSize = 0;
   if (cache) {
     const fp = await model.fingerprint();
     check(cache.model === fp, 'model', `generate: the ${cache.strategy} cache was made from ${cache.model ? `model ${cache.model}` : 'a cache without a model fingerprint'}, not from this model (${fp})`);
     model.checkIds(promptIds, 'prompt');
-    session = new Session(model, cache, cachePosition(cache));
+    session = new Session<C>(model, cache, cachePosition(cache));
     prefillTokens = cache.prefillLength;
     prefillByteSize = cache.byteSize();
     await session.prefill(promptIds);
   } else {
-    session = await Session.start(model, { ...(strategy ? { strategy } : {}), ...(obs !== undefined ? { observationWindow: obs } : {}) });
+    session = (await Session.start(model as SessionModel<SessionCache>, { ...(strategy ? { strategy } : {}), ...(obs !== undefined ? { observationWindow: obs } : {}) })) as unknown as Session<C>;
     try {
       await session.prefill(promptIds);
       await session.compress();
@@ -107,13 +122,13 @@ async function promptSession(model: LlamaModel, promptIds: number[], strategy: S
     prefillTokens,
     prefillByteSize,
     byteSize: c.byteSize(),
-    compressionRatio: denseCacheBytes(model.layout, prefillTokens) / prefillByteSize,
+    compressionRatio: denseBytes(model.layout, prefillTokens) / prefillByteSize,
   });
   return { session, stats };
 }
 
 /** {@link LlamaModel.generate}. */
-export async function generate(model: LlamaModel, promptIds: number[], options: GenerateOptions): Promise<GenerateResult> {
+export async function generate<C extends SessionCache>(model: GenerationModel<C>, promptIds: number[], options: GenerateOptions<C>): Promise<GenerateResult<C>> {
   const maxNew = options.maxNewTokens;
   check(Number.isInteger(maxNew) && maxNew >= 0, 'config', `generate: maxNewTokens must be an integer ≥ 0, got ${maxNew}`);
   const eos = model.config.eosId;
@@ -122,7 +137,7 @@ export async function generate(model: LlamaModel, promptIds: number[], options: 
   try {
     const g = await session.sample(maxNew, options.sampling, { stopIds: [...(options.stopIds ?? []), ...(options.stopAtEos && eos !== undefined ? [eos] : [])] });
     const stopReason: GenerateResult['stopReason'] = g.stopReason === 'stopId' && options.stopAtEos && g.ids[g.ids.length - 1] === eos ? 'eos' : g.stopReason;
-    const result: GenerateResult = { ids: g.ids, margins: g.margins, stopReason, cache: stats() };
+    const result: GenerateResult<C> = { ids: g.ids, margins: g.margins, stopReason, cache: stats() };
     if (options.returnCache) {
       result.compressedCache = options.cache ?? session.detach();
       keep = true;
@@ -134,8 +149,8 @@ export async function generate(model: LlamaModel, promptIds: number[], options: 
 }
 
 /** {@link LlamaModel.scoreContinuation}. */
-export async function scoreContinuation(
-  model: LlamaModel,
+export async function scoreContinuation<C extends SessionCache>(
+  model: GenerationModel<C>,
   promptIds: number[],
   continuationIds: number[],
   strategy?: Strategy,

@@ -215,6 +215,7 @@ export class LlamaModel {
     this.checkPositions(position, ids.length, 'decode');
     const L = this.layout;
     const cl = cache.layout;
+    check((cache as { kind?: string }).kind !== 'mla', 'layout', 'decode: this is an MLA latent cache; a Llama-family model decodes over per-head KV caches');
     check(
       cl.nLayers === L.nLayers && cl.nHeads === L.nHeads && cl.nKvHeads === L.nKvHeads && cl.headDim === L.headDim,
       'layout',

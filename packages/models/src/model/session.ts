@@ -2,6 +2,14 @@ import { withReconstructionScores, type ReconstructingModel } from './reconstruc
 import type * as tf from '@tensorflow/tfjs-core';
 import {
   BaseCompressedCache,
+  BaseCompressedMlaCache,
+  decodeContainer,
+  deserializeMlaCache,
+  disposeMlaCache,
+  isMlaCache,
+  isMlaContainer,
+  type CompressedMlaCache,
+  type MlaKVCache,
   KvpackError,
   check,
   createStrategy,
@@ -18,27 +26,37 @@ import {
 } from '@kvpack/core';
 import { argmax, createSampler, top2Margin, type SamplingOptions } from './sampling.js';
 
+/** A compressed cache a session decodes over: per-head KV ({@link CompressedCache}) or MLA latent ({@link CompressedMlaCache}). */
+export type SessionCache = CompressedCache | CompressedMlaCache;
+
 /**
- * What a decode session drives: decode steps over a (compressed) cache. `LlamaModel` satisfies it,
- * and so does any model that appends the new tokens' keys and values to the cache and returns their
- * logits [n, V].
+ * What a decode session drives: decode steps over a (compressed) cache. `LlamaModel` (per-head KV
+ * caches) and `DeepseekModel` (MLA latent caches) satisfy it, and so does any model that appends the
+ * new tokens to the cache and returns their logits [n, V].
  */
-export interface DecodeModel {
+export interface DecodeModel<C extends SessionCache = CompressedCache> {
   readonly config: { readonly vocabSize: number; readonly maxSeqLen: number; readonly eosId?: number };
   /** Decodes `ids` at positions position … position + n − 1 over `cache`, appending to it. @returns logits [n, V] */
-  decode(ids: number[], cache: CompressedCache, position: number): Promise<tf.Tensor2D> | tf.Tensor2D;
+  decode(ids: number[], cache: C, position: number): Promise<tf.Tensor2D> | tf.Tensor2D;
 }
+
+/** The compressed cache type a model decodes over. */
+export type CacheOf<M> = M extends { decode(ids: number[], cache: infer C, position: number): unknown } ? (C extends SessionCache ? C : CompressedCache) : CompressedCache;
 
 /**
  * What a session started from a prompt drives: an exact prefill from position 0 as well as decode
  * steps. `LlamaModel` satisfies it. With `fingerprint`, restored caches are checked against the model.
  */
-export interface SessionModel extends DecodeModel {
+export interface SessionModel<C extends SessionCache = CompressedCache> extends DecodeModel<C> {
   /**
    * Exact causal forward over ids at positions 0 … T − 1. @returns logits ([1, V] with `logits:
-   * 'last'`) and the prompt's cache: **pre-RoPE** keys and values [T, H_kv, d] per layer.
+   * 'last'`) and the prompt's cache: **pre-RoPE** keys and values [T, H_kv, d] per layer, or for an
+   * MLA model the latents and pre-RoPE shared keys ({@link MlaKVCache}).
    */
-  prefill(ids: number[], options?: { observationWindow?: number; logits?: 'all' | 'last' }): Promise<{ logits: tf.Tensor2D; cache: KVCache }> | { logits: tf.Tensor2D; cache: KVCache };
+  prefill(
+    ids: number[],
+    options?: { observationWindow?: number; logits?: 'all' | 'last' },
+  ): Promise<{ logits: tf.Tensor2D; cache: KVCache | MlaKVCache }> | { logits: tf.Tensor2D; cache: KVCache | MlaKVCache };
   /** The model's fingerprint (`sha256:…`), as caches record it (`KVCache.model`, `CompressedCache.model`). */
   fingerprint?(): Promise<string>;
   /** The context-reconstruction pass, for strategies whose capabilities ask for it (`LlamaModel.reconstructionScores`). */
@@ -129,8 +147,8 @@ export interface SessionResumeOptions {
  * max(tokenCount(0), prefillLength + decode tokens held in the exact residual). For caches made by a
  * {@link Session}, whose prefill starts at position 0.
  */
-export function cachePosition(cache: CompressedCache): number {
-  const residual = cache instanceof BaseCompressedCache ? cache.residualTokens(0) : 0;
+export function cachePosition(cache: SessionCache): number {
+  const residual = cache instanceof BaseCompressedCache || cache instanceof BaseCompressedMlaCache ? cache.residualTokens(0) : 0;
   return Math.max(cache.tokenCount(0), cache.prefillLength + residual);
 }
 
@@ -176,8 +194,13 @@ function checkIds(ids: readonly number[], vocab: number, what: string): void {
 
 /** The uncompressed prompt of a started session, before {@link Session.compress}. */
 interface Prompt {
-  kv: KVCache;
+  kv: KVCache | MlaKVCache;
   tokens: number[];
+}
+
+function disposePrompt(kv: KVCache | MlaKVCache): void {
+  if (isMlaCache(kv)) disposeMlaCache(kv);
+  else disposeKVCache(kv);
 }
 
 /**
@@ -199,10 +222,10 @@ interface Prompt {
  * and restores with `Session.resume(model, bytes)` (`deserializeCache(bytes, { model })`). A sampled
  * token is fed at the next `prefill` or `generate` (it is {@link pendingTokens} until then).
  */
-export class Session {
+export class Session<C extends SessionCache = CompressedCache> {
   private pos: number;
   private next: Float32Array | undefined;
-  private compressed: CompressedCache | undefined;
+  private compressed: C | undefined;
   private owns: boolean;
   private prompt: Prompt | undefined;
   private known: number[] | undefined;
@@ -220,8 +243,8 @@ export class Session {
    * @throws KvpackError('shape') for a position that is not an integer ≥ 0.
    */
   constructor(
-    readonly model: DecodeModel,
-    cache: CompressedCache | undefined,
+    readonly model: DecodeModel<C>,
+    cache: C | undefined,
     position: number,
     nextLogits?: ArrayLike<number>,
   ) {
@@ -237,10 +260,10 @@ export class Session {
    * float32). Selects `options.backend` first when given.
    * @throws KvpackError('unknown-strategy' | 'config' | 'io') for a bad strategy; KvpackError('unsupported') for a backend that cannot start.
    */
-  static async start(model: SessionModel, options: SessionStartOptions = {}): Promise<Session> {
+  static async start<M extends SessionModel<SessionCache>>(model: M, options: SessionStartOptions = {}): Promise<Session<CacheOf<M>>> {
     if (options.backend !== undefined) await selectBackend(options.backend);
     const strategy = buildStrategy(options);
-    const s = new Session(model, undefined, 0);
+    const s = new Session<CacheOf<M>>(model as unknown as DecodeModel<CacheOf<M>>, undefined, 0);
     s.strategy = strategy;
     s.window = options.observationWindow;
     s.known = [];
@@ -259,10 +282,13 @@ export class Session {
    *   context, or `tokens` whose count differs from the cache's positions. The cache (restored here or
    *   given) is disposed when resume throws.
    */
-  static async resume(model: SessionModel | DecodeModel, cache: CompressedCache | ByteSource, options: SessionResumeOptions = {}): Promise<Session> {
-    const fp = 'fingerprint' in model && typeof model.fingerprint === 'function' ? await model.fingerprint() : undefined;
+  static async resume<M extends DecodeModel<SessionCache>>(model: M, cache: CacheOf<M> | ByteSource, options: SessionResumeOptions = {}): Promise<Session<CacheOf<M>>> {
+    const fp = 'fingerprint' in model && typeof model.fingerprint === 'function' ? await (model as { fingerprint(): Promise<string> }).fingerprint() : undefined;
     const given = isCompressedCache(cache);
-    const c = given ? cache : deserializeCache(cache, fp !== undefined ? { model: fp } : {});
+    const restoreOpts = fp !== undefined ? { model: fp } : {};
+    const c = (
+      given ? cache : isMlaContainer(decodeContainer(cache as ByteSource)) ? deserializeMlaCache(cache as ByteSource, restoreOpts) : deserializeCache(cache as ByteSource, restoreOpts)
+    ) as CacheOf<M>;
     try {
       if (given && fp !== undefined)
         check(
@@ -271,7 +297,7 @@ export class Session {
           `session: this ${c.strategy} cache was made from ${c.model ? `model ${c.model}` : 'a cache without a model fingerprint'}, not from model ${fp}`,
         );
       const position = options.position ?? cachePosition(c);
-      const s = new Session(model, c, position);
+      const s = new Session<CacheOf<M>>(model as unknown as DecodeModel<CacheOf<M>>, c, position);
       s.owns = true;
       if (options.tokens !== undefined) {
         checkIds(options.tokens, model.config.vocabSize, 'session tokens');
@@ -302,7 +328,7 @@ export class Session {
    * constructed over a caller's cache; it stays valid until {@link dispose}.
    * @throws KvpackError('config') before {@link compress} on a started session.
    */
-  get cache(): CompressedCache {
+  get cache(): C {
     this.assertOpen();
     check(this.compressed, 'config', 'session: no compressed cache yet; call compress() after prefill()');
     return this.compressed;
@@ -346,19 +372,19 @@ export class Session {
     }
     check(this.strategy, 'config', 'session: no cache to prefill into');
     const ids = [...(this.prompt?.tokens ?? []), ...tokens];
-    const model = this.model as SessionModel;
+    const model = this.model as unknown as SessionModel<C>;
     const obs = this.window ?? Math.min(ids.length, queryWindow(this.strategy));
     const r = await model.prefill(ids, { logits: 'last', ...(obs > 0 ? { observationWindow: obs } : {}) });
     let last: Float32Array;
     try {
       last = (await r.logits.data()) as Float32Array;
     } catch (e) {
-      disposeKVCache(r.cache);
+      disposePrompt(r.cache);
       throw e;
     } finally {
       r.logits.dispose();
     }
-    if (this.prompt) disposeKVCache(this.prompt.kv);
+    if (this.prompt) disposePrompt(this.prompt.kv);
     this.prompt = { kv: r.cache, tokens: ids };
     this.known = [...ids];
     this.pos = ids.length;
@@ -371,21 +397,22 @@ export class Session {
    * same cache.
    * @throws KvpackError('config') before any {@link prefill}; whatever the strategy throws (the prompt stays prefilled then).
    */
-  async compress(): Promise<CompressedCache> {
+  async compress(): Promise<C> {
     this.assertOpen();
     if (this.compressed) return this.compressed;
     check(this.prompt && this.strategy, 'config', 'session: nothing to compress; call prefill(tokens) first');
-    // A strategy that scores by context reconstruction (capability `reconstruction`) gets the pass here.
-    const view = await withReconstructionScores(this.model as SessionModel, this.strategy, this.prompt.kv, this.prompt.tokens);
-    let c: CompressedCache;
+    // A strategy that scores by context reconstruction (capability `reconstruction`) gets the pass here;
+    // a model without it (an MLA model) is named by withReconstructionScores.
+    const view = await withReconstructionScores(this.model as unknown as Partial<ReconstructingModel>, this.strategy, this.prompt.kv as KVCache, this.prompt.tokens);
+    let c: C;
     try {
-      c = await this.strategy.compress(view.cache);
+      c = (await this.strategy.compress(view.cache)) as C;
     } finally {
       view.dispose();
     }
     // Strategies built outside the registry (e.g. core denseStrategy) do not record the model themselves.
-    if (this.prompt.kv.model && c.model === undefined && c instanceof BaseCompressedCache) c.model = this.prompt.kv.model;
-    disposeKVCache(this.prompt.kv);
+    if (this.prompt.kv.model && c.model === undefined && (c instanceof BaseCompressedCache || c instanceof BaseCompressedMlaCache)) c.model = this.prompt.kv.model;
+    disposePrompt(this.prompt.kv);
     this.prompt = undefined;
     this.compressed = c;
     this.owns = true;
@@ -510,7 +537,7 @@ export class Session {
    * Hands the compressed cache to the caller (who disposes it) and closes the session.
    * @throws KvpackError('config') when there is no compressed cache.
    */
-  detach(): CompressedCache {
+  detach(): C {
     const c = this.cache;
     this.owns = false;
     this.dispose();
@@ -521,7 +548,7 @@ export class Session {
   dispose(): void {
     if (this.closed) return;
     this.closed = true;
-    if (this.prompt) disposeKVCache(this.prompt.kv);
+    if (this.prompt) disposePrompt(this.prompt.kv);
     this.prompt = undefined;
     if (this.owns) this.compressed?.dispose();
   }
@@ -535,7 +562,7 @@ export const DecodeSession = Session;
 /** @deprecated use {@link Session} */
 export type DecodeSession = Session;
 
-function isCompressedCache(x: unknown): x is CompressedCache {
+function isCompressedCache(x: unknown): x is SessionCache {
   return typeof x === 'object' && x !== null && typeof (x as CompressedCache).tokenCount === 'function' && typeof (x as CompressedCache).serialize === 'function';
 }
 

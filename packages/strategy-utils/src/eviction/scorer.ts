@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { KvpackError, check, defineStrategy, denseCacheBytes, type KVCache, type ModelLayout, type StrategyCapabilities, type StrategyDefinition, type TokenSelector } from '@kvpack/core';
+import { KvpackError, check, defineStrategy, denseCacheBytes, type KVCache, type MlaKVCache, type ModelLayout, type StrategyCapabilities, type StrategyDefinition, type TokenSelector } from '@kvpack/core';
+import { MlaKeptTokensCache } from './mla-kept-tokens.js';
 import type { z } from 'zod';
 import { KeptTokensCache } from './kept-tokens.js';
 import { topKPositions } from './top-k.js';
@@ -42,6 +43,15 @@ export interface TokenScorer<O> {
    * not on the cache's values: then they are not stored, which saves their bytes. `score` is not called.
    */
   impliedPositions?(T: number, options: O, budget: number): Int32Array;
+  /**
+   * Scores of one layer's prefill tokens on an MLA latent cache, [T] (host) or [1, T] / [T] (backend,
+   * handed over): one set for the layer, the latent being shared by every head. `postRopeKeys` [T, d_R]
+   * are the layer's rotated shared keys (owned by the caller). Called only when T > budget. Without it
+   * (and without `impliedPositions`) the strategy refuses MLA caches.
+   */
+  mlaScore?(cache: MlaKVCache, layer: number, options: O, postRopeKeys: tf.Tensor2D): Promise<ArrayLike<number> | tf.Tensor> | ArrayLike<number> | tf.Tensor;
+  /** Checks what `mlaScore` needs before any layer is scored. @throws KvpackError */
+  mlaCheck?(cache: MlaKVCache, options: O): void;
 }
 
 /**
@@ -125,6 +135,15 @@ function scoresTopK(scores: ArrayLike<number> | tf.Tensor, H: number, T: number,
   }
 }
 
+/** Host values of handed-over scores (disposed here). */
+async function readScores(s: tf.Tensor): Promise<Float32Array> {
+  try {
+    return Float32Array.from((await s.data()) as Float32Array);
+  } finally {
+    s.dispose();
+  }
+}
+
 /** A token-eviction strategy: its name, options schema and scorer (see {@link defineEvictionStrategy}). */
 export interface EvictionStrategySpec<S extends z.ZodType> {
   name: string;
@@ -163,6 +182,37 @@ export function defineEvictionStrategy<S extends z.ZodType>(spec: EvictionStrate
   });
   const implied = (options: z.output<S>, n: number) =>
     scorer.impliedPositions ? (T: number, H: number) => repeatPerHead(scorer.impliedPositions!(T, options, n), H) : undefined;
+  const mla: StrategyCapabilities<z.output<S>>['mla'] =
+    scorer.impliedPositions || scorer.mlaScore
+      ? (options) => ({
+          compress: (cache, T) => {
+            scorer.mlaCheck?.(cache, options);
+            check(scorer.targetRatio?.(options) === undefined, 'unsupported', `${name}: a target ratio is not resolved on MLA latent caches; give the budget`);
+            const budget = scorer.budget(options);
+            const fixed = scorer.impliedPositions;
+            return MlaKeptTokensCache.fromSelection(name, options, cache, T, !fixed, async (l, post) => {
+              if (fixed) {
+                const p = fixed(T, options, Math.min(T, budget));
+                check(p.length === Math.min(T, budget) && p.every((t) => t >= 0 && t < T), 'shape', `${name}: impliedPositions must give ${Math.min(T, budget)} positions in [0, ${T}), got ${p.length}`);
+                return p;
+              }
+              if (T <= budget) return null;
+              const s = await scorer.mlaScore!(cache, l, options, post);
+              const host = s instanceof tf.Tensor ? await readScores(s) : s;
+              return keepTopScores(host, 1, T, budget);
+            });
+          },
+          restore: (reader) => {
+            const p = scorer.impliedPositions;
+            const c = MlaKeptTokensCache.restore(reader, name, options, p ? (T) => p(T, options, Math.min(T, scorer.budget(options))) : undefined);
+            const T = reader.header.prefillLength;
+            const n = Math.min(T, scorer.budget(options));
+            for (let l = 0; l < c.layout.nLayers; l++)
+              check(c.tokenCount(l) === n, 'corrupt', `serialized ${name} MLA cache is corrupt: layer ${l} keeps ${c.tokenCount(l)} tokens, but T = ${T} at budget ${scorer.budget(options)} keeps ${n}`);
+            return c;
+          },
+        })
+      : undefined;
   return defineStrategy({
     name,
     description: spec.description,
@@ -170,6 +220,7 @@ export function defineEvictionStrategy<S extends z.ZodType>(spec: EvictionStrate
     capabilities: {
       ...spec.capabilities,
       tokenSelector: selector,
+      ...(mla ? { mla } : {}),
       ...(scorer.targetRatio
         ? { ratioTarget: (o: z.output<S>) => (scorer.targetRatio!(o) === undefined ? null : { target: scorer.targetRatio!(o)!, knob: 'budget' }) }
         : {}),

@@ -9,9 +9,10 @@ import * as tf from '@tensorflow/tfjs-core';
  * mask is built there too), float32.
  * @param queries post-RoPE window queries [w, H, d]
  * @param keys post-RoPE keys [T, H_kv, d]
+ * @param scale softmax scale of the logits (default 1/√d; MLA's absorbed queries carry theirs already)
  * @returns votes [H_kv, T − w], transient, owned by the caller
  */
-export function snapkvVotes(queries: tf.Tensor3D, keys: tf.Tensor3D): tf.Tensor2D {
+export function snapkvVotes(queries: tf.Tensor3D, keys: tf.Tensor3D, scale?: number): tf.Tensor2D {
   const [w, Hq, d] = queries.shape;
   const [T, Hkv] = keys.shape;
   const g = Hq / Hkv;
@@ -21,7 +22,7 @@ export function snapkvVotes(queries: tf.Tensor3D, keys: tf.Tensor3D): tf.Tensor2
     const mask = tf.reshape(tf.mul(tf.cast(hidden, 'float32'), -1e30), [1, 1, w, T]);
     const qh = tf.reshape(tf.transpose(tf.reshape(queries, [w, Hkv, g, d]), [1, 2, 0, 3]), [Hkv, g * w, d]);
     const kT = tf.transpose(keys, [1, 2, 0]); // [H_kv, d, T], explicit (transposed matMul is slow on wasm)
-    const logits = tf.reshape(tf.mul(tf.matMul(qh, kT), 1 / Math.sqrt(d)), [Hkv, g, w, T]);
+    const logits = tf.reshape(tf.mul(tf.matMul(qh, kT), scale ?? 1 / Math.sqrt(d)), [Hkv, g, w, T]);
     const p = tf.softmax(tf.add(logits, mask), -1);
     return tf.mean(tf.sum(tf.slice(p, [0, 0, 0, 0], [Hkv, g, w, T - w]), 2), 1) as tf.Tensor2D;
   });

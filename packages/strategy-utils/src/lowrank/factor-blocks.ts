@@ -150,7 +150,7 @@ export function disposeBlock(b: Block): void {
 }
 
 /** Restores a stored block from a decoded container: float16 packed as stored, float32 as a tensor, quantized parts as stored. */
-export function loadBlock(r: StoredReader, config: GroupSvdConfig, name: string, rows: number, cols: number, part: 'basis' | 'factors'): Block {
+export function loadBlock(r: Omit<StoredReader, 'header'>, config: GroupSvdConfig, name: string, rows: number, cols: number, part: 'basis' | 'factors'): Block {
   const spec = quantFor(config, part);
   if (!spec) {
     const expect = { dtype: config.storage, shape: [rows, cols] };

@@ -1,6 +1,7 @@
 import { check, type ModelLayout, type Orthogonalization } from '@kvpack/core';
 import type { QuantSpec } from '../quant/quantize.js';
 import type { SparseOptions } from './sparse-options.js';
+import type { MlaLowRankOptions } from './options.js';
 
 /* Settings of a grouped low-rank cache: the config, its layer groups, and the rank bounds checked before any work. */
 
@@ -51,6 +52,8 @@ export interface GroupSvdConfig {
   decode?: 'full' | 'sparse';
   /** Sparse decode settings; used when `decode` is `sparse`. */
   sparse?: SparseOptions;
+  /** MLA latent caches: latent rank, RoPE keys exact or factored (defaults when absent). */
+  mla?: MlaLowRankOptions;
 }
 
 /** A group of consecutive layers sharing one token basis. */

@@ -29,7 +29,6 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
   const F = layout.nKvHeads * layout.headDim;
   const groups = layerGroups(layout.nLayers, config.layersPerGroup);
   const blocks: Record<Kind, KindBlocks> = { k: { basis: [], factors: [] }, v: { basis: [], factors: [] } };
-  const live: tf.Tensor[] = [];
   const made: Block[] = [];
   try {
     for (const g of groups) {
@@ -39,44 +38,18 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
         // per-layer factors come back as its coefficient blocks). On wasm/cpu each block is a fresh copy:
         // the wasm backend keeps a packed copy of a product's right operand until that tensor's data is
         // freed, which for the cache's own tensors would be never during compression.
-        const X = g.layers.map((l) => tf.tidy(() => (isHostBackend() ? tf.add(tf.reshape(src[l], [T, F]), 0) : tf.reshape(src[l], [T, F])) as tf.Tensor2D));
-        live.push(...X);
+        const X = g.layers.map((l) => groupColumnBlock(src[l], T, F));
         const R = rankOf(config, kind, g);
-        const svd = await truncatedSvd(X, {
-          rank: R,
-          oversample: config.oversample,
-          powerIters: config.powerIters,
-          seed: config.seed,
-          exact: config.exact,
-          orthogonalization: config.orthogonalization,
-          // On webgpu the products (X·Ω, Yᵀ·X, X·P, Qᵀ·X and the k×k work) run as a tiled WGSL GEMM.
-          matmul: rangeFinderMatmul(),
+        const out = await factorGroupBlocks(X, R, config, `${kind}.basis.${g.index}`, g.layers.map((l) => `${kind}.factor.${l}`));
+        blocks[kind].basis[g.index] = out.basis;
+        made.push(out.basis);
+        g.layers.forEach((l, i) => {
+          blocks[kind].factors[l] = out.factors[i];
+          made.push(out.factors[i]);
         });
-        live.push(svd.basis, ...svd.coeffs);
-        tf.dispose(X);
-        // Split Σ evenly between the basis and the factors (U·√Σ, √Σ·Vᵀ) by the factor rows' norms
-        // (over all the group's layers), on the backend: no host round-trip between the SVD and the
-        // stored factors.
-        const [basis, ...factors] = tf.tidy(() => {
-          const norms = tf.sqrt(tf.addN(svd.coeffs.map((c) => tf.sum(tf.square(c), 1))));
-          const s = tf.where(tf.logicalAnd(tf.greater(norms, 0), tf.isFinite(norms)), tf.sqrt(norms), tf.onesLike(norms));
-          const sr = tf.reshape(s, [R, 1]);
-          return [tf.mul(svd.basis, tf.reshape(s, [1, R])) as tf.Tensor2D, ...svd.coeffs.map((c) => tf.div(c, sr) as tf.Tensor2D)];
-        });
-        tf.dispose([svd.basis, ...svd.coeffs]);
-        live.push(basis, ...factors);
-        const bb = await makeBlock(`${kind}.basis.${g.index}`, basis, config, 'basis');
-        blocks[kind].basis[g.index] = bb;
-        made.push(bb);
-        for (let i = 0; i < g.layers.length; i++) {
-          const fb = await makeBlock(`${kind}.factor.${g.layers[i]}`, factors[i], config, 'factors');
-          blocks[kind].factors[g.layers[i]] = fb;
-          made.push(fb);
-        }
       }
     }
   } catch (e) {
-    for (const t of live) if (!t.isDisposed) t.dispose();
     for (const b of made) disposeBlock(b);
     if (e instanceof KvpackError) throw e;
     throw new KvpackError('unsupported', `${strategy}: compression failed: ${(e as Error).message}`, { cause: e });
@@ -91,4 +64,61 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
     }
   }
   return new GroupSvdCache(strategy, options, config, layout, cache.rope, T, cache.startPosition ?? 0, blocks, sparse);
+}
+
+/**
+ * One column block of a group matrix: `x` viewed as [T, F]. On wasm/cpu a fresh copy: the wasm
+ * backend keeps a packed copy of a product's right operand until that tensor's data is freed, which
+ * for the cache's own tensors would be never during compression.
+ */
+export function groupColumnBlock(x: tf.Tensor, T: number, F: number): tf.Tensor2D {
+  return tf.tidy(() => (isHostBackend() ? tf.add(tf.reshape(x, [T, F]), 0) : tf.reshape(x, [T, F])) as tf.Tensor2D);
+}
+
+/**
+ * Factors one group matrix X_g = [X_1 … X_n] (column blocks [T, F_i], never concatenated) by core's
+ * `truncatedSvd` at rank R, splits Σ evenly between the token basis and the factors (U·√Σ, √Σ·Vᵀ, by
+ * the factor rows' norms over all blocks, as the xKV authors' `fake_svd` does) on the backend, and
+ * stores them as configured (`makeBlock`): the basis [T, R] as `basisName`, factor i [R, F_i] as
+ * `factorNames[i]`. Takes ownership of `X` (disposed); leaks nothing when it throws.
+ */
+export async function factorGroupBlocks(X: tf.Tensor2D[], R: number, config: GroupSvdConfig, basisName: string, factorNames: string[]): Promise<{ basis: Block; factors: Block[] }> {
+  const live: tf.Tensor[] = [...X];
+  const made: Block[] = [];
+  try {
+    const svd = await truncatedSvd(X, {
+      rank: R,
+      oversample: config.oversample,
+      powerIters: config.powerIters,
+      seed: config.seed,
+      exact: config.exact,
+      orthogonalization: config.orthogonalization,
+      // On webgpu the products (X·Ω, Yᵀ·X, X·P, Qᵀ·X and the k×k work) run as a tiled WGSL GEMM.
+      matmul: rangeFinderMatmul(),
+    });
+    live.push(svd.basis, ...svd.coeffs);
+    tf.dispose(X);
+    // No host round-trip between the SVD and the stored factors.
+    const [basis, ...factors] = tf.tidy(() => {
+      const norms = tf.sqrt(tf.addN(svd.coeffs.map((c) => tf.sum(tf.square(c), 1))));
+      const s = tf.where(tf.logicalAnd(tf.greater(norms, 0), tf.isFinite(norms)), tf.sqrt(norms), tf.onesLike(norms));
+      const sr = tf.reshape(s, [R, 1]);
+      return [tf.mul(svd.basis, tf.reshape(s, [1, R])) as tf.Tensor2D, ...svd.coeffs.map((c) => tf.div(c, sr) as tf.Tensor2D)];
+    });
+    tf.dispose([svd.basis, ...svd.coeffs]);
+    live.push(basis, ...factors);
+    const bb = await makeBlock(basisName, basis, config, 'basis');
+    made.push(bb);
+    const fbs: Block[] = [];
+    for (let i = 0; i < factors.length; i++) {
+      const fb = await makeBlock(factorNames[i], factors[i], config, 'factors');
+      made.push(fb);
+      fbs.push(fb);
+    }
+    return { basis: bb, factors: fbs };
+  } catch (e) {
+    for (const t of live) if (!t.isDisposed) t.dispose();
+    for (const b of made) disposeBlock(b);
+    throw e;
+  }
 }

@@ -21,6 +21,23 @@ const FactorQuantizationSchema = z.strictObject({
 });
 
 /**
+ * Options of a grouped low-rank strategy on MLA latent caches (DeepSeek-V2/V3): the latents c_KV of a
+ * group of n layers, X_g = [T, n·d_c], are factored at rank `rank` · n; the shared RoPE keys k_R are
+ * kept exact or factored separately (their own cross-layer SVD over [T, n·d_R] at `ropeRank` · n).
+ * With `targetRatio` / `rankFraction` the ranks are resolved per prompt length instead, `rank` :
+ * `ropeRank` as the proportion.
+ */
+export const MlaLowRankOptionsSchema = z.strictObject({
+  /** Per-layer latent rank r_c (group rank r_c × layers); compress bounds it by min(T, d_c). Default 64 (1/8 of DeepSeek-V2's d_c = 512). */
+  rank: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the d_c features of a layer') }).default(64).describe('Per-layer latent rank r_c (group rank = r_c × layers in the group); compress bounds it by min(T, d_c).'),
+  /** The shared RoPE keys: `exact` (stored at the factors' storage precision, default) or `svd` (their own cross-layer SVD). */
+  ropeKeys: z.enum(['exact', 'svd']).default('exact').describe('RoPE keys kept exact (default) or compressed by their own cross-layer SVD (svd).'),
+  /** Per-layer RoPE key rank with ropeKeys: 'svd' (group rank × layers); bounded by min(T, d_R). Default 16. */
+  ropeRank: z.int().positive().max(MAX_FEATURES, { error: atMost(MAX_FEATURES, 'a rank is at most the d_R features of a layer') }).default(16).describe("Per-layer RoPE key rank with ropeKeys: 'svd' (group rank = rank × layers); compress bounds it by min(T, d_R)."),
+});
+export type MlaLowRankOptions = z.output<typeof MlaLowRankOptionsSchema>;
+
+/**
  * Options shared by `xkv` and the per-layer `svd` baseline (everything but the group size).
  * Default per-layer ranks 16 (keys) and 24 (values) keep the paper's K:V = 2:3 and fit every
  * bundled model (stories260K: H_kv·d = 32; rulermini-19m: 128, where they are 1/8 and 3/16 of the
@@ -82,6 +99,8 @@ export const lowRankOptionShape = {
   storage: z.enum(['float16', 'float32']).default('float16').describe('Storage of unquantized factors.'),
   /** Optional int8/int4 quantization of the factors. */
   factorQuantization: FactorQuantizationSchema.optional().describe('Optional group-wise int8/int4 quantization of the factors.'),
+  /** How MLA latent caches are compressed (ranks, RoPE keys); defaults apply when absent. Unused on per-head KV caches. */
+  mla: MlaLowRankOptionsSchema.optional().describe('MLA latent caches (DeepSeek-V2/V3): latent rank, RoPE keys exact or svd, RoPE key rank.'),
 };
 
 /** The refinement every low-rank schema adds: targetRatio and rankFraction exclude each other. */

@@ -25,7 +25,8 @@ function quantFor(config: GroupSvdConfig, part: 'basis' | 'factors'): QuantSpec 
   return { bits: q.bits, quantGroupSize: q.quantGroupSize, symmetric: q.symmetric };
 }
 
-function matrixBytes(config: GroupSvdConfig, part: 'basis' | 'factors', rows: number, cols: number): number {
+/** Bytes of one stored [rows, cols] factor matrix at the config's storage or quantization. */
+export function matrixBytes(config: GroupSvdConfig, part: 'basis' | 'factors', rows: number, cols: number): number {
   const q = quantFor(config, part);
   return q ? quantizedBytes(rows, cols, q) : rows * cols * (config.storage === 'float16' ? 2 : 4);
 }

@@ -154,7 +154,7 @@ export function dequantizeMatrix(q: QuantizedMatrix): Float32Array {
  * @throws KvpackError('corrupt') naming the tensor when a part is missing or has the wrong dtype or
  *         length for [rows, cols] at spec.bits.
  */
-export function readQuantized(r: StoredReader, name: string, rows: number, cols: number, spec: QuantSpec): QuantizedMatrix {
+export function readQuantized(r: Omit<StoredReader, 'header'>, name: string, rows: number, cols: number, spec: QuantSpec): QuantizedMatrix {
   const groups = rows * groupsPerRow(cols, spec.quantGroupSize);
   return {
     ...spec,
