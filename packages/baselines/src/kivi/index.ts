@@ -321,7 +321,7 @@ export const kiviDefinition = defineStrategy({
   capabilities: {
     ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'bits' }),
     // MLA latent caches: the latents and post-RoPE shared keys quantized per channel like KIVI's keys (mla.ts).
-    mla: (o) => kiviMlaCompressor(o),
+    mla: (o) => (o.targetRatio !== undefined ? 'a target ratio is not resolved on MLA latent caches; give bits' : kiviMlaCompressor({ ...o, bits: o.bits ?? 2 })),
     cutPrefix: (o) =>
       `kivi quantizes keys per channel over groups of ${o.quantGroupSize} tokens with one scale and zero point per group, and keeps the last tokens in a float16 window: a prefix ending inside a key group would need that group's codes re-quantized, which changes the stored numbers; store and restore whole prefixes`,
   },

@@ -22,7 +22,7 @@ describe('kivi on MLA latent caches', () => {
     const n = 32; // T − T mod R
     const part = (d: number) => (n * d * 2) / 8 + 2 * 2 * (n / 8) * d + 2 * (T - n) * d;
     expect(c.byteSize()).toBe(2 * (part(20) + part(6)));
-    expect(c.byteSize()).toBe(kiviMlaCacheBytes(cache.layout, T, options));
+    expect(c.byteSize()).toBe(kiviMlaCacheBytes(cache.layout, T, { ...options, bits: 2 }));
     const bytes = c.serialize();
     expect(c.byteSize()).toBe(bytes.length - headerBytes(bytes));
     for (let l = 0; l < 2; l++) {

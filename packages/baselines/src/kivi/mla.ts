@@ -4,6 +4,9 @@ import { concatHalfRows, dropHalfRows, holdMinMaxOnBackend, type HeldMinMax } fr
 import { HeldMinMaxBlocks } from './held.js';
 import type { KiviOptions } from './index.js';
 
+/** KIVI's options with the bits fixed (an MLA cache takes bits, not a target ratio). */
+export type KiviMlaOptions = KiviOptions & { bits: 2 | 4 };
+
 /*
  * KIVI-style quantization of MLA latent caches. The latent c_KV is what W_UK reads as keys (and W_UV
  * as values); like KIVI's keys, it is quantized per channel (groups of g tokens of one channel,
@@ -33,7 +36,7 @@ function disposeLayer(s: MlaKiviLayer): void {
  * d_c) and the RoPE keys (d = d_R): ⌈n·d·b/8⌉ code bytes + 2·2 bytes per group of g tokens of each
  * channel + 2 bytes per element of the r = T mod R window tokens (n = T − r).
  */
-export function kiviMlaCacheBytes(layout: MlaLayout, tokens: number, options: KiviOptions): number {
+export function kiviMlaCacheBytes(layout: MlaLayout, tokens: number, options: KiviMlaOptions): number {
   const { bits: b, quantGroupSize: g, residualLength: R } = options;
   const r = tokens % R;
   const n = tokens - r;
@@ -52,7 +55,7 @@ export class KiviMlaCache extends BaseCompressedMlaCache {
     layout: MlaLayout,
     rope: RopeConfig,
     prefillLength: number,
-    readonly options: KiviOptions,
+    readonly options: KiviMlaOptions,
     private readonly state: MlaKiviLayer[],
   ) {
     super(layout, rope, prefillLength);
@@ -158,7 +161,7 @@ export class KiviMlaCache extends BaseCompressedMlaCache {
 }
 
 /** The `mla` capability of `kivi` at these options. */
-export function kiviMlaCompressor(options: KiviOptions): MlaCompressor {
+export function kiviMlaCompressor(options: KiviMlaOptions): MlaCompressor {
   const { bits, quantGroupSize: g, residualLength: R } = options;
   const blocks = (d: number) => new HeldMinMaxBlocks({ along: 'tokens', bits, H: 1, d, g, tailTokens: R });
   return {
