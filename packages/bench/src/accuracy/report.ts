@@ -1,7 +1,7 @@
 import { getStrategyDefinition } from '@kvpack/core';
 import type { PlotPanel } from '../plot.js';
 import { markdownTable, type BenchEnvironment } from '../report.js';
-import type { AccuracyReference, AccuracyRunResult, AccuracySettingResult } from './runner.js';
+import type { AccuracyReference, AccuracyRunResult, AccuracySettingResult, QueryMode } from './runner.js';
 
 /** The JSON report `kvpack bench accuracy` writes. */
 export interface AccuracyReport {
@@ -13,12 +13,16 @@ export interface AccuracyReport {
   eval: { path: string; tasks: string[]; examples: number; available: Record<string, number> };
   run: {
     lastToken: 'decode' | 'prefill';
+    /** Query modes run, in order (results carry theirs). */
+    queryModes?: QueryMode[];
     attentionQueries: number;
     /** Prefill tokens per example, min and max. */
     prefillTokens: { min: number; max: number; mean: number };
   };
   /** The uncompressed model (dense float32 cache, same decode path). */
   reference: AccuracyReference;
+  /** The uncompressed reference per query mode, when several ran (`reference` is the first mode's). */
+  references?: Partial<Record<QueryMode, AccuracyReference>>;
   results: AccuracySettingResult[];
   /** Notes printed under the table (config notes and automatic ones). */
   notes: string[];
