@@ -11,7 +11,7 @@ import { createProgress, progressBarEnabled } from '../progress.js';
 import { loadAccuracyConfig, type AccuracyConfig } from './config.js';
 import { readEvalSet } from './dataset.js';
 import { accuracyMarkdown, accuracyPanels, automaticNotes, type AccuracyReport } from './report.js';
-import { leaderboardPanels, writeLeaderboard, type LeaderboardMode } from './leaderboard.js';
+import { leaderboardMarkdown, leaderboardPanels, summarizeLeaderboardDir, writeLeaderboard, type LeaderboardMode } from './leaderboard.js';
 import { runAccuracy, type AccuracyModel, type AccuracySettingResult, type QueryMode } from './runner.js';
 
 /** Options of `kvpack bench accuracy CONFIG`. */
@@ -227,5 +227,32 @@ export function registerAccuracyCommand(bench: Command, io: CommandIO, state: { 
       // `bench` declares --out, --backend, --model, --tokenizer, --require-model and --no-plot too and
       // (commander's default) consumes them wherever they appear: read the merged values.
       state.code = await accuracyCommand(config, cmd.optsWithGlobals<AccuracyCommandOptions>(), io);
+    });
+}
+
+/**
+ * `kvpack bench leaderboard DIR`: summarizes the run folders under DIR (kvpress's layout, written by
+ * `kvpack bench accuracy` runs) into DIR/leaderboard.md, .json and .svg, and prints the table.
+ */
+export async function leaderboardCommand(dir: string, opts: { plot?: boolean }, io: CommandIO = processIO): Promise<number> {
+  const root = resolve(dir);
+  if (!existsSync(root)) throw new KvpackError('io', `leaderboard folder ${root} does not exist`);
+  const summary = summarizeLeaderboardDir(root);
+  io.out(leaderboardMarkdown(summary));
+  if (opts.plot !== false)
+    writeFileSync(join(root, 'leaderboard.svg'), await renderRatioPlot(leaderboardPanels(summary), { title: `${summary.dataset} ${summary.dataDir} · ${summary.model}: average score against the measured ratio` }));
+  io.err(`summarized ${summary.rows.length} run folder(s) into ${join(root, 'leaderboard.md')}, .json${opts.plot !== false ? ' and .svg' : ''}`);
+  return EXIT.ok;
+}
+
+/** Adds `leaderboard` under the `bench` command: `kvpack bench leaderboard DIR [--no-plot]`. */
+export function registerLeaderboardCommand(bench: Command, io: CommandIO, state: { code: number }): void {
+  bench
+    .command('leaderboard')
+    .description("summarize kvpress-layout run folders (ruler__<length>__<model>__<method>__<compression_ratio>/) into a table and plot of average score against ratio")
+    .argument('<dir>', 'folder holding the run folders')
+    .option('--no-plot', 'skip the SVG plot')
+    .action(async (dir: string, _opts: { plot?: boolean }, cmd: Command) => {
+      state.code = await leaderboardCommand(dir, cmd.optsWithGlobals<{ plot?: boolean }>(), io);
     });
 }

@@ -17,10 +17,12 @@ import {
   ratioOfRemovedFraction,
   readLeaderboardRun,
   removedFraction,
+  summarizeLeaderboardDir,
   writeLeaderboard,
   type LeaderboardSummary,
 } from './leaderboard.js';
 import { runAccuracy, type AccuracyRunResult } from './runner.js';
+import { runCli } from '../program.js';
 
 const layout = { nLayers: 4, nHeads: 4, nKvHeads: 2, headDim: 8 };
 const V = 48;
@@ -231,6 +233,19 @@ describe("kvpress's leaderboard layout", () => {
     const md = readFileSync(join(root, 'leaderboard.md'), 'utf8');
     expect(md).toMatch(/### query-agnostic/);
     expect(md).toMatch(/\| method +\| +2× \(0\.5\) \| +4× \(0\.75\) \| +8× \(0\.875\) \| +16× \(0\.938\) \| +32× \(0\.969\) \| other ratios \|/);
+  });
+
+  it('the folders alone give the same summary back (kvpack bench leaderboard DIR), with its plot', async () => {
+    const again = summarizeLeaderboardDir(root);
+    const byFolder = (x: LeaderboardSummary) => [...x.rows].sort((a, b) => a.folder.localeCompare(b.folder));
+    expect(byFolder(again)).toEqual(byFolder(summary));
+    expect(again.best).toEqual(summary.best);
+    const io = { stdout: '', stderr: '', out: (t: string) => void (io.stdout += `${t}\n`), err: (t: string) => void (io.stderr += `${t}\n`) };
+    expect(await runCli(['bench', 'leaderboard', root], io)).toBe(0);
+    expect(io.stdout).toContain('### query-aware');
+    expect(readFileSync(join(root, 'leaderboard.svg'), 'utf8')).toMatch(/^<svg[\s\S]*query-agnostic[\s\S]*average score/);
+    expect(await runCli(['bench', 'leaderboard', join(root, 'absent')], io)).toBe(2);
+    expect(io.stderr).toMatch(/absent does not exist/);
   });
 
   it('a second write of the same run goes into a numbered folder inside it (as kvpress does); a corrupt file is named', () => {

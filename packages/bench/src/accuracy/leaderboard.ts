@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { KvpackError } from '@kvpack/core';
 import { parse as parseYaml, stringify as stringifyYaml } from 'yaml';
@@ -289,6 +289,14 @@ export function writeLeaderboard(root: string, input: LeaderboardInput): Leaderb
       });
     }
   }
+  return summarizeLeaderboard(root, rows, input);
+}
+
+/**
+ * The summary of `rows`: the best run per query mode and column, written as leaderboard.json and
+ * leaderboard.md under `root`.
+ */
+export function summarizeLeaderboard(root: string, rows: LeaderboardRow[], id: { dataset: string; dataDir: string; model: string }): LeaderboardSummary {
   const best: LeaderboardSummary['best'] = [];
   for (const aware of [false, true])
     for (const col of LEADERBOARD_RATIOS) {
@@ -297,10 +305,52 @@ export function writeLeaderboard(root: string, input: LeaderboardInput): Leaderb
       const b = at.reduce((x, y) => (y.score > x.score || (y.score === x.score && y.ratio > x.ratio) ? y : x));
       best.push({ queryAware: aware, ratio: col, folder: b.folder, method: b.method, score: b.score, measuredRatio: b.ratio });
     }
-  const summary: LeaderboardSummary = { format: 'kvpack-leaderboard/1', dataset: input.dataset, dataDir: input.dataDir, model: input.model, ratios: [...LEADERBOARD_RATIOS], rows, best };
+  const summary: LeaderboardSummary = { format: 'kvpack-leaderboard/1', dataset: id.dataset, dataDir: id.dataDir, model: id.model, ratios: [...LEADERBOARD_RATIOS], rows, best };
   writeFileSync(join(root, 'leaderboard.json'), `${JSON.stringify(summary, null, 2)}\n`);
   writeFileSync(join(root, 'leaderboard.md'), `${leaderboardMarkdown(summary)}\n`);
   return summary;
+}
+
+/** The summary row of a run folder read back. */
+export function leaderboardRow(folder: string, run: LeaderboardRun): LeaderboardRow {
+  const scores = Object.values(run.metrics).map((m) => m.string_match);
+  const compressed = run.config.kvpack.bytes > 0;
+  return {
+    folder,
+    method: run.config.press_name,
+    label: run.config.kvpack.label,
+    queryAware: run.config.query_aware,
+    ratio: run.config.kvpack.ratio,
+    compressionRatio: run.config.compression_ratio,
+    score: scores.reduce((a, b) => a + b, 0) / scores.length,
+    tasks: run.metrics,
+    column: compressed ? ratioColumn(run.config.kvpack.ratio) : null,
+  };
+}
+
+/**
+ * Summarizes the run folders under `root` (e.g. written by several runs: one per query mode or per
+ * method): every folder holding a config.yaml, or for a folder rerun in place its latest numbered
+ * run. Runs of another dataset, data_dir or model than the first one found are an error.
+ * @throws KvpackError('config') when there is no run folder or the runs disagree; read errors as {@link readLeaderboardRun}.
+ */
+export function summarizeLeaderboardDir(root: string): LeaderboardSummary {
+  const rows: LeaderboardRow[] = [];
+  let id: { dataset: string; dataDir: string; model: string } | undefined;
+  for (const name of readdirSync(root).sort()) {
+    const dir = join(root, name);
+    if (!statSync(dir).isDirectory() || !existsSync(join(dir, 'config.yaml'))) continue;
+    const reruns = readdirSync(dir).filter((n) => /^\d+$/.test(n) && existsSync(join(dir, n, 'config.yaml')));
+    const latest = reruns.length ? join(name, String(Math.max(...reruns.map(Number)))) : name;
+    const run = readLeaderboardRun(join(root, latest));
+    const c = run.config;
+    id ??= { dataset: c.dataset, dataDir: c.data_dir, model: c.model };
+    if (c.dataset !== id.dataset || c.data_dir !== id.dataDir || c.model !== id.model)
+      throw new KvpackError('config', `${latest}: a run of ${c.dataset} ${c.data_dir} ${c.model}, the others are of ${id.dataset} ${id.dataDir} ${id.model}`);
+    rows.push(leaderboardRow(latest, run));
+  }
+  if (!id) throw new KvpackError('config', `${root} holds no leaderboard run folder (a folder with config.yaml, metrics.json and predictions.csv)`);
+  return summarizeLeaderboard(root, rows, id);
 }
 
 /**
