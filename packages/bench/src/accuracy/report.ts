@@ -98,6 +98,21 @@ function layerSpan(layers: number[]): string {
   return parts.join(', ');
 }
 
+/** What was compressed and how the answer started, per query mode. */
+function protocolText(run: AccuracyReport['run']): string {
+  const last = `last prompt token ${run.lastToken === 'decode' ? 'decoded through the compressed cache' : 'in the exact prefill'}`;
+  const modes = run.queryModes ?? ['aware'];
+  return modes
+    .map((m) =>
+      m === 'agnostic'
+        ? 'query-agnostic: the context compressed alone, the question prefilled through the compressed cache'
+        : modes.length > 1
+          ? `query-aware: the question compressed with the context, ${last}`
+          : last,
+    )
+    .join('; ');
+}
+
 /** The full Markdown report: title, environment, table, legend and notes. */
 export function accuracyMarkdown(report: AccuracyReport): string {
   const e = report.environment;
@@ -109,7 +124,7 @@ export function accuracyMarkdown(report: AccuracyReport): string {
     `${e.backendLine} · node ${e.node} · ${e.date}`,
     `model ${report.model.path} (${l.nLayers} layers, ${l.nHeads} heads, ${l.nKvHeads} KV heads, head_dim ${l.headDim}) · ` +
       `eval ${report.eval.path}: ${report.eval.examples} example(s) of ${report.eval.tasks.join(', ')} · ` +
-      `${p.min === p.max ? p.min : `${p.min}–${p.max}`} prefill tokens · last prompt token ${report.run.lastToken === 'decode' ? 'decoded through the compressed cache' : 'in the exact prefill'}`,
+      `${p.min === p.max ? p.min : `${p.min}–${p.max}`} prefill tokens · ${protocolText(report.run)}`,
     '',
     accuracyTable(report.reference, report.results),
     '',
