@@ -57,8 +57,12 @@ export const AccuracyConfigSchema = z.strictObject({
    */
   question: z
     .union([
-      z.strictObject({ field: z.string().min(1) }),
-      z.strictObject({ separator: z.union([z.string().min(1), z.array(z.string().min(1)).min(1), z.array(z.int().nonnegative()).min(1)]) }),
+      z.strictObject({ field: z.string().min(1).describe('JSONL field holding the question (text, tokenized without BOS, or token ids); `input`/`input_ids` is then the context.') }),
+      z.strictObject({
+        separator: z
+          .union([z.string().min(1), z.array(z.string().min(1)).min(1), z.array(z.int().nonnegative()).min(1)])
+          .describe("Where the question starts: the last occurrence of this text (tokenized without BOS), of any of these texts, or of these token ids in the prompt's ids."),
+      }),
     ])
     .optional(),
   /**
@@ -74,7 +78,12 @@ export const AccuracyConfigSchema = z.strictObject({
    * (default: the model folder's name).
    */
   leaderboard: z
-    .strictObject({ dataset: z.string().min(1).default('ruler'), dataDir: z.string().min(1).optional(), model: z.string().min(1).optional(), dir: z.string().min(1).optional() })
+    .strictObject({
+      dataset: z.string().min(1).default('ruler').describe("kvpress's `dataset` (first part of each run folder's name)."),
+      dataDir: z.string().min(1).optional().describe("kvpress's `data_dir`: the context length (default: the digits of the eval file's name)."),
+      model: z.string().min(1).optional().describe("Model name in the folder names (default: the model folder's name)."),
+      dir: z.string().min(1).optional().describe('Folder under --out for the run folders (default `<config name>-leaderboard`).'),
+    })
     .optional(),
   /** Free-text notes printed under the table (e.g. model-specific caveats). */
   notes: z.array(z.string()).optional(),
