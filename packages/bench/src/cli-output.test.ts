@@ -17,7 +17,7 @@ describe('kvpack CLI output', () => {
   it('--help lists every command, subcommands of bench included', async () => {
     const h = capture();
     expect(await runCli(['--help'], h)).toBe(0);
-    for (const c of ['kvpack bench <config>', 'kvpack bench accuracy <config>', 'kvpack bench perf', 'kvpack bench structure', 'kvpack strategies'])
+    for (const c of ['kvpack bench <config>', 'kvpack bench accuracy <config>', 'kvpack bench needle', 'kvpack bench leaderboard <dir>', 'kvpack bench perf', 'kvpack bench structure', 'kvpack strategies'])
       expect(h.stdout).toContain(c);
   });
 

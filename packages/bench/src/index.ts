@@ -15,6 +15,8 @@ export * from './commands.js';
 export * from './program.js';
 export * from './generate.js';
 export * from './accuracy/index.js';
+export * from './needle.js';
+export * from './needle-command.js';
 // The perf suite (`kvpack bench perf`, `kvpack bench structure`; see PERF.md).
 export * from './perf/index.js';
 // metrics' median (the perf suite's checked median stays internal to it).

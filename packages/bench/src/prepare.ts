@@ -19,17 +19,18 @@ function rowArgmax(data: Float32Array, vocab: number): number[] {
 }
 
 /** How greedy decoding through a compressed cache starts: feed a token at `position`, or take the known logits row that predicts it. */
-export type GreedyStart = { feed: number; position: number } | { lastRow: Float32Array; position: number };
+export type GreedyStart = { feed: number | number[]; position: number } | { lastRow: Float32Array; position: number };
 
 /**
  * Greedy decoding of up to `n` tokens through `cache` (the caller's) with a models `Session`: in
- * `feed` mode the token is fed at `position` first; in `lastRow` mode that row predicts the first
+ * `feed` mode the token (or tokens, in one causal decode call: a question read through the
+ * compressed cache) is fed at `position` first; in `lastRow` mode that row predicts the first
  * token. Stops after `n` tokens or at a stop id. Every greedy loop of the bench goes through here.
  */
 export async function greedyFrom(model: BenchModel, cache: CompressedCache, start: GreedyStart, n: number, stopIds?: Iterable<number>): Promise<SessionGeneration> {
   if (n <= 0) return { ids: [], margins: [], stopReason: 'maxNewTokens' };
   const session = new Session(model, cache, start.position, 'lastRow' in start ? start.lastRow : undefined);
-  if ('feed' in start) await session.prefill([start.feed]);
+  if ('feed' in start) await session.prefill(typeof start.feed === 'number' ? [start.feed] : start.feed);
   return session.greedy(n, { stopIds });
 }
 

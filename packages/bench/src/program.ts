@@ -2,7 +2,8 @@ import { Command, CommanderError } from 'commander';
 import { KvpackError } from '@kvpack/core';
 import { EXIT, benchCommand, processIO, strategiesCommand, type BenchCommandOptions, type CommandIO } from './commands.js';
 import { registerPerfCommand } from './perf-hook.js';
-import { registerAccuracyCommand } from './accuracy/command.js';
+import { registerAccuracyCommand, registerLeaderboardCommand } from './accuracy/command.js';
+import { registerNeedleCommand } from './needle-command.js';
 import { backendOption } from './environment.js';
 import { generateCommand, type GenerateCommandOptions } from './generate.js';
 import { registerStoreCommands } from './store-commands.js';
@@ -42,6 +43,8 @@ export function buildProgram(io: CommandIO, state: { code: number }): Command {
     });
   registerPerfCommand(bench);
   registerAccuracyCommand(bench, io, state);
+  registerNeedleCommand(bench, io, state);
+  registerLeaderboardCommand(bench, io, state);
 
   program
     .command('generate')

@@ -31,6 +31,30 @@ describe('accuracy config', () => {
     expect(cfg.settings.filter((s) => s.name === 'minicache').map((s) => s.resolvedOptions.startLayer)).toEqual([0, undefined]);
   });
 
+  it('the leaderboard examples: both query modes with a question separator; 16×/32× and 2×…32× settings', () => {
+    const must = loadAccuracyConfig(resolve(repoRoot, 'examples', 'rulermini-leaderboard.yaml'), {});
+    expect(must.data).toMatchObject({ question: { separator: 'what is' }, queryModes: ['agnostic', 'aware'], leaderboard: { dataset: 'ruler', dataDir: '1024' } });
+    expect(must.settings.map((s) => s.label)).toEqual([
+      'xkv targetRatio=16',
+      'xkv targetRatio=32',
+      'snapkv budget=64',
+      'snapkv budget=32',
+      'streamingllm budget=64',
+      'streamingllm budget=32',
+    ]);
+    const sweep = loadAccuracyConfig(resolve(repoRoot, 'examples', 'rulermini-leaderboard-sweep.yaml'), {});
+    expect(sweep.settings.filter((s) => s.name === 'xkv').map((s) => s.resolvedOptions.targetRatio)).toEqual([2, 4, 8, 16, 32]);
+    expect(sweep.settings.filter((s) => s.name === 'snapkv').map((s) => s.resolvedOptions.budget)).toEqual([512, 256, 128, 64, 32]);
+  });
+
+  it('question: a field or a separator; queryModes agnostic needs one', () => {
+    const base = { model: 'm', eval: 'e.jsonl', strategies: [{ name: 'dense' }] };
+    expect(resolveAccuracyConfig({ ...base, question: { field: 'question' } }, '/tmp').data.question).toEqual({ field: 'question' });
+    expect(resolveAccuracyConfig({ ...base, question: { separator: ['what is', 'what are'] } }, '/tmp').data.question).toEqual({ separator: ['what is', 'what are'] });
+    expect(() => resolveAccuracyConfig({ ...base, question: { field: 'q', separator: 'x' } }, '/tmp', 'c.yaml')).toThrow(/invalid accuracy config c\.yaml/);
+    expect(() => resolveAccuracyConfig({ ...base, queryModes: ['agnostic'] }, '/tmp', 'c.yaml')).toThrow(/queryModes: "agnostic" needs "question"/);
+  });
+
   it('KVPACK_MODELS_DIR replaces modelsDir for the model and the eval file', () => {
     const cfg = loadAccuracyConfig(example, { KVPACK_MODELS_DIR: '/elsewhere/models' });
     expect(cfg.modelPath).toBe('/elsewhere/models/rulermini-19m');

@@ -48,6 +48,43 @@ export const AccuracyConfigSchema = z.strictObject({
   lastToken: z.enum(['decode', 'prefill']).default('decode'),
   /** Query rows (the prompt's last tokens) for the attention-output error; 0 skips it. Default 8. */
   attentionQueries: tokenCountSchema(0).default(8),
+  /**
+   * Split each prompt into context and question (kvpress's protocol): `{ field: question }` (the
+   * line's context is `input`/`input_ids`, the question this field: text or ids) or
+   * `{ separator: "what is" }` (the question starts at the separator's last occurrence in the
+   * prompt's ids; text is tokenized without BOS; a list of texts are alternatives, the latest
+   * occurrence wins; or give ids).
+   */
+  question: z
+    .union([
+      z.strictObject({ field: z.string().min(1).describe('JSONL field holding the question (text, tokenized without BOS, or token ids); `input`/`input_ids` is then the context.') }),
+      z.strictObject({
+        separator: z
+          .union([z.string().min(1), z.array(z.string().min(1)).min(1), z.array(z.int().nonnegative()).min(1)])
+          .describe("Where the question starts: the last occurrence of this text (tokenized without BOS), of any of these texts, or of these token ids in the prompt's ids."),
+      }),
+    ])
+    .optional(),
+  /**
+   * Query modes to run: `agnostic` (the context is compressed alone, the question read through the
+   * compressed cache; needs `question`) and `aware` (the question is compressed with the context).
+   * Default: both when `question` is set, else `aware`.
+   */
+  queryModes: z.array(z.enum(['agnostic', 'aware'])).min(1).optional(),
+  /**
+   * Also write kvpress's leaderboard layout (one folder per run, a summary table and plot) under
+   * OUT/<leaderboard.dir or the config's name>-leaderboard. `dataset` (default `ruler`), `dataDir`
+   * (the context length; default: the digits of the eval file's name, e.g. eval_1024 → 1024), `model`
+   * (default: the model folder's name).
+   */
+  leaderboard: z
+    .strictObject({
+      dataset: z.string().min(1).default('ruler').describe("kvpress's `dataset` (first part of each run folder's name)."),
+      dataDir: z.string().min(1).optional().describe("kvpress's `data_dir`: the context length (default: the digits of the eval file's name)."),
+      model: z.string().min(1).optional().describe("Model name in the folder names (default: the model folder's name)."),
+      dir: z.string().min(1).optional().describe('Folder under --out for the run folders (default `<config name>-leaderboard`).'),
+    })
+    .optional(),
   /** Free-text notes printed under the table (e.g. model-specific caveats). */
   notes: z.array(z.string()).optional(),
   /** Modules to import first, so that third-party strategies register (see plugins.ts). */
@@ -81,6 +118,8 @@ export function resolveAccuracyConfig(raw: unknown, baseDir: string, source = '<
   const modelsDir = env.KVPACK_MODELS_DIR ? resolve(env.KVPACK_MODELS_DIR) : data.modelsDir ? resolve(baseDir, data.modelsDir) : baseDir;
   const at = (p: string) => (isAbsolute(p) ? p : resolve(modelsDir, p));
   const settings = resolveSettings(data.strategies, source);
+  if (data.queryModes?.includes('agnostic') && !data.question)
+    throw new KvpackError('config', `invalid accuracy config ${source}:\nqueryModes: "agnostic" needs "question" (a field or a separator) to split the prompts`);
   return {
     source,
     data,

@@ -85,4 +85,28 @@ describe('JSONL eval sets', () => {
     expect(e.code).toBe('io');
     expect(e.message).toMatch(/cannot read eval file .*missing\.jsonl/);
   });
+
+  it('question split: a field (text or ids) appended to the context, or the last occurrence of a separator', () => {
+    const text = [
+      JSON.stringify({ task: 'a', input: '<bos> the number is 7 .', question: 'what is the number ?', answer: '7 .' }),
+      JSON.stringify({ task: 'a', input_ids: [1, 3, 4], question: [9, 4, 10], answer_ids: [6] }),
+    ].join('\n');
+    const f = parseEvalJsonl(text, 'q.jsonl', { tokenizer: tok, question: { field: 'question' } });
+    expect(f.examples.map((e) => [e.inputIds, e.contextTokens])).toEqual([
+      [[1, 3, 4, 5, 6, 8, 9, 5, 3, 4, 10], 6],
+      [[1, 3, 4, 9, 4, 10], 3],
+    ]);
+    expect(() => parseEvalJsonl(text, 'q.jsonl', { tokenizer: tok, question: { field: 'query' } })).toThrow(/^q\.jsonl:1: no question field "query"$/);
+    // "what is" twice: the question starts at the last one; alternatives take the latest of any.
+    const two = JSON.stringify({ task: 'b', input_ids: [1, 9, 5, 3, 8, 9, 5, 4, 10], answer_ids: [6] });
+    const sep = (separator: string | string[] | number[]) => parseEvalJsonl(two, 's.jsonl', { tokenizer: tok, question: { separator } }).examples[0].contextTokens;
+    expect(sep('what is')).toBe(5);
+    expect(sep([9, 5])).toBe(5);
+    expect(sep(['the', 'number ?'])).toBe(7);
+    expect(sep(['the', '7 ?'])).toBe(3);
+    expect(() => sep('7 ?')).toThrow(/^s\.jsonl:1: the question separator "7 \?" \(ids 6 10\) does not occur in the prompt$/);
+    // Only the selected examples are split: task "a" lacks the separator but is not selected.
+    const mixed = [text.split('\n')[1], two].join('\n');
+    expect(parseEvalJsonl(mixed, 'm.jsonl', { tokenizer: tok, tasks: ['b'], question: { separator: 'what is' } }).examples.map((e) => e.contextTokens)).toEqual([5]);
+  });
 });

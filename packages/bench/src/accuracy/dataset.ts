@@ -19,7 +19,22 @@ export interface EvalExample {
   answerIds: number[];
   /** The answer text, when the line has one. */
   answer?: string;
+  /**
+   * Where the question starts: `inputIds.slice(0, contextTokens)` is the context (compressed alone in
+   * query-agnostic runs), the rest is the question. Set when the eval set is split (see
+   * {@link QuestionSplit}); `inputIds` is then always context + question.
+   */
+  contextTokens?: number;
 }
+
+/**
+ * How a prompt splits into context and question (as kvpress's `context` / `question` columns):
+ * - `field`: the line carries the question in this field (text, tokenized without BOS, or token ids);
+ *   `input` / `input_ids` is the context, and the prompt is context + question;
+ * - `separator`: the question starts at the last occurrence of this text (tokenized without BOS) or
+ *   token-id sequence in the prompt's ids, the separator included.
+ */
+export type QuestionSplit = { field: string; separator?: undefined } | { separator: string | string[] | number[]; field?: undefined };
 
 /** Options of {@link parseEvalJsonl} / {@link readEvalSet}. */
 export interface EvalSetOptions {
@@ -31,6 +46,54 @@ export interface EvalSetOptions {
   tasks?: readonly string[];
   /** Keep at most this many examples per task (the first ones in the file). */
   limit?: number;
+  /** Split each prompt into context and question. */
+  question?: QuestionSplit;
+}
+
+/** Last start index of `needle` in `hay`, or -1. */
+export function lastIndexOfSeq(hay: readonly number[], needle: readonly number[]): number {
+  outer: for (let i = hay.length - needle.length; i >= 0; i--) {
+    for (let j = 0; j < needle.length; j++) if (hay[i + j] !== needle[j]) continue outer;
+    return i;
+  }
+  return -1;
+}
+
+/** Token-id sequences of a separator: text (or alternative texts) tokenized without BOS, or ids as given. */
+function separatorIds(sep: string | string[] | number[], tokenizer: BenchTokenizer | undefined): number[][] {
+  if (Array.isArray(sep) && sep.every((x) => typeof x === 'number')) return [sep as number[]];
+  return (typeof sep === 'string' ? [sep] : (sep as string[])).map((t) => {
+    check(tokenizer, 'config', `question separator "${t}" is text, but no tokenizer is available to encode it (give token ids instead)`);
+    const ids = tokenizer.encode(t, { bos: false });
+    check(ids.length > 0, 'config', `question separator "${t}" encodes to no tokens`);
+    return ids;
+  });
+}
+
+/** Sets `contextTokens` of the selected examples (and appends a `field` question to `inputIds`). */
+function splitQuestions(examples: EvalExample[], raw: Map<string, Record<string, unknown>>, q: QuestionSplit, tokenizer: BenchTokenizer | undefined): void {
+  const seps = q.separator !== undefined ? separatorIds(q.separator, tokenizer) : [];
+  for (const ex of examples) {
+    const where = ex.id;
+    const o = raw.get(where)!;
+    if (q.field !== undefined) {
+      const v = o[q.field];
+      check(v !== undefined, 'config', `${where}: no question field "${q.field}"`);
+      let qIds: number[];
+      if (typeof v === 'string') {
+        check(tokenizer, 'config', `${where}: "${q.field}" is text, but no tokenizer is available to encode it`);
+        qIds = tokenizer.encode(v, { bos: false });
+        check(qIds.length > 0, 'config', `${where}: "${q.field}" encodes to no tokens`);
+      } else qIds = idArray(v, where, q.field);
+      ex.contextTokens = ex.inputIds.length;
+      ex.inputIds = [...ex.inputIds, ...qIds];
+    } else {
+      const at = Math.max(...seps.map((s) => lastIndexOfSeq(ex.inputIds, s)));
+      check(at >= 0, 'config', () => `${where}: the question separator ${JSON.stringify(q.separator)} (ids ${seps.map((s) => s.join(' ')).join(' | ')}) does not occur in the prompt`);
+      check(at > 0, 'config', `${where}: the question separator starts the prompt: the context is empty`);
+      ex.contextTokens = at;
+    }
+  }
 }
 
 /** A parsed eval set. */
@@ -68,6 +131,7 @@ function idArray(v: unknown, where: string, field: string): number[] {
 export function parseEvalJsonl(text: string, file: string, options: EvalSetOptions = {}): EvalSet {
   const name = basename(file);
   const all: EvalExample[] = [];
+  const objects = new Map<string, Record<string, unknown>>();
   const lines = text.split(/\r?\n/);
   for (let i = 0; i < lines.length; i++) {
     const raw = lines[i].trim();
@@ -105,7 +169,15 @@ export function parseEvalJsonl(text: string, file: string, options: EvalSetOptio
       answerIds = tok.encode(o.answer as string, { bos: false });
       check(inputIds.length > 0 && answerIds.length > 0, 'config', `${where}: "input" or "answer" encodes to no tokens`);
     }
-    all.push({ id: where, task, line: i + 1, inputIds, answerIds, ...(typeof o.answer === 'string' ? { answer: o.answer } : {}) });
+    all.push({
+      id: where,
+      task,
+      line: i + 1,
+      inputIds,
+      answerIds,
+      ...(typeof o.answer === 'string' ? { answer: o.answer } : {}),
+    });
+    objects.set(where, o);
   }
   check(all.length > 0, 'config', `${name}: no examples (the file is empty)`);
   const available: Record<string, number> = {};
@@ -119,6 +191,7 @@ export function parseEvalJsonl(text: string, file: string, options: EvalSetOptio
     const of = all.filter((e) => e.task === t);
     return limit === undefined ? of : of.slice(0, limit);
   });
+  if (options.question) splitQuestions(examples, objects, options.question, options.tokenizer);
   return { file, examples, tasks, available };
 }
 

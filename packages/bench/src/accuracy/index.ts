@@ -8,3 +8,5 @@ export * from './runner.js';
 export * from './report.js';
 export * from './command.js';
 export * from './kvdump.js';
+export * from './csv.js';
+export * from './leaderboard.js';

@@ -1,7 +1,7 @@
 import { compressionRatioOf, getStrategyDefinition } from '@kvpack/core';
 import type { PlotPanel } from '../plot.js';
 import { markdownTable, type BenchEnvironment } from '../report.js';
-import type { AccuracyReference, AccuracyRunResult, AccuracySettingResult } from './runner.js';
+import type { AccuracyReference, AccuracyRunResult, AccuracySettingResult, QueryMode } from './runner.js';
 
 /** The JSON report `kvpack bench accuracy` writes. */
 export interface AccuracyReport {
@@ -13,12 +13,16 @@ export interface AccuracyReport {
   eval: { path: string; tasks: string[]; examples: number; available: Record<string, number> };
   run: {
     lastToken: 'decode' | 'prefill';
+    /** Query modes run, in order (results carry theirs). */
+    queryModes?: QueryMode[];
     attentionQueries: number;
     /** Prefill tokens per example, min and max. */
     prefillTokens: { min: number; max: number; mean: number };
   };
   /** The uncompressed model (dense float32 cache, same decode path). */
   reference: AccuracyReference;
+  /** The uncompressed reference per query mode, when several ran (`reference` is the first mode's). */
+  references?: Partial<Record<QueryMode, AccuracyReference>>;
   results: AccuracySettingResult[];
   /** Notes printed under the table (config notes and automatic ones). */
   notes: string[];
@@ -94,6 +98,21 @@ function layerSpan(layers: number[]): string {
   return parts.join(', ');
 }
 
+/** What was compressed and how the answer started, per query mode. */
+function protocolText(run: AccuracyReport['run']): string {
+  const last = `last prompt token ${run.lastToken === 'decode' ? 'decoded through the compressed cache' : 'in the exact prefill'}`;
+  const modes = run.queryModes ?? ['aware'];
+  return modes
+    .map((m) =>
+      m === 'agnostic'
+        ? 'query-agnostic: the context compressed alone, the question prefilled through the compressed cache'
+        : modes.length > 1
+          ? `query-aware: the question compressed with the context, ${last}`
+          : last,
+    )
+    .join('; ');
+}
+
 /** The full Markdown report: title, environment, table, legend and notes. */
 export function accuracyMarkdown(report: AccuracyReport): string {
   const e = report.environment;
@@ -105,7 +124,7 @@ export function accuracyMarkdown(report: AccuracyReport): string {
     `${e.backendLine} · node ${e.node} · ${e.date}`,
     `model ${report.model.path} (${l.nLayers} layers, ${l.nHeads} heads, ${l.nKvHeads} KV heads, head_dim ${l.headDim}) · ` +
       `eval ${report.eval.path}: ${report.eval.examples} example(s) of ${report.eval.tasks.join(', ')} · ` +
-      `${p.min === p.max ? p.min : `${p.min}–${p.max}`} prefill tokens · last prompt token ${report.run.lastToken === 'decode' ? 'decoded through the compressed cache' : 'in the exact prefill'}`,
+      `${p.min === p.max ? p.min : `${p.min}–${p.max}`} prefill tokens · ${protocolText(report.run)}`,
     '',
     accuracyTable(report.reference, report.results),
     '',

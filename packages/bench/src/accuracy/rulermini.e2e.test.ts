@@ -8,6 +8,7 @@ import { LlamaModel, loadModel } from '@kvpack/models';
 import type { CommandIO } from '../commands.js';
 import { runCli } from '../program.js';
 import type { AccuracyReport } from './report.js';
+import { readLeaderboardRun, summarizeLeaderboardDir } from './leaderboard.js';
 
 // rulermini-19m (PROVENANCE.md): niah_single at 1,024 tokens is solved (1.00); correct = the greedy
 // continuation equals answer_ids exactly.
@@ -97,5 +98,79 @@ describe.skipIf(!present)('kvpack bench accuracy on rulermini-19m (end to end, -
         expect(g.ids).toEqual(r.answer_ids);
       }
     });
+  });
+});
+
+describe.skipIf(!present)('rulermini-19m: context and question, both query modes, leaderboard layout (one prompt)', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'kvpack-acc-lb-'));
+  const config = join(dir, 'lb.yaml');
+  let io: ReturnType<typeof capture>;
+  let code: number;
+  let report: AccuracyReport;
+  const vocab: Record<string, number> = present ? (JSON.parse(readFileSync(join(modelDir, 'tokenizer.json'), 'utf8')) as { model: { vocab: Record<string, number> } }).model.vocab : {};
+  const rows = () =>
+    readFileSync(evalFile, 'utf8')
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { task: string; input: string; input_ids: number[]; answer_ids: number[]; answer: string })
+      .filter((r) => r.task === 'niah_single')
+      .slice(0, 1);
+
+  beforeAll(async () => {
+    writeFileSync(
+      config,
+      JSON.stringify({
+        modelsDir,
+        model: 'rulermini-19m',
+        eval: 'rulermini-19m/eval_1024.jsonl',
+        tasks: ['niah_single'],
+        limit: 1,
+        attentionQueries: 0,
+        question: { separator: 'what is' },
+        leaderboard: { dir: 'lb' },
+        strategies: [
+          { name: 'dense', options: { storage: 'float32' } },
+          { name: 'streamingllm', options: { sinks: 4, budget: 64 } },
+        ],
+      }),
+    );
+    io = capture();
+    code = await runCli(['bench', 'accuracy', config, '--out', join(dir, 'out'), '--backend', 'wasm', '--no-plot'], io);
+    report = JSON.parse(readFileSync(join(dir, 'out', 'lb.json'), 'utf8'));
+  }, 400_000);
+
+  it('query-agnostic compresses the context up to the last "what is"; the exact cache answers as the uncompressed model', () => {
+    expect(code, io.stderr).toBe(0);
+    expect(report.run.queryModes).toEqual(['agnostic', 'aware']);
+    const [denseAgnostic, , denseAware] = report.results;
+    expect(denseAgnostic.label).toBe('dense · query-agnostic');
+    expect(denseAware.label).toBe('dense · query-aware');
+    for (const [i, r] of rows().entries()) {
+      // WordLevel: one token per word; the context ends before the last "what".
+      const words = r.input.split(/\s+/).filter(Boolean);
+      expect(words).toHaveLength(r.input_ids.length);
+      expect(denseAgnostic.examples[i].tokens).toBe(words.lastIndexOf('what'));
+      expect(denseAware.examples[i].tokens).toBe(r.input_ids.length - 1);
+      expect(denseAgnostic.examples[i].predicted).toEqual(r.answer_ids);
+      expect(denseAware.examples[i].predicted).toEqual(r.answer_ids);
+    }
+  });
+
+  it('writes one folder per run in kvpress layout; they read back to the report', () => {
+    const root = join(dir, 'out', 'lb');
+    const summary = summarizeLeaderboardDir(root);
+    expect(summary.rows).toHaveLength(6);
+    for (const r of report.results) {
+      const aware = r.queryMode === 'aware';
+      const row = summary.rows.find((x) => x.queryAware === aware && x.method === r.name)!;
+      expect(row.folder).toBe(`ruler__1024__rulermini-19m__${r.name}__${(1 - r.bytes / r.denseBytes).toFixed(2)}${aware ? '__query_aware' : ''}`);
+      const back = readLeaderboardRun(join(root, row.folder));
+      expect(back.config.kvpack.ratio).toBe(r.ratio);
+      expect(back.metrics.niah_single.exact_match).toBe(r.accuracy.mean * 100);
+      // Prediction text: the predicted ids through the tokenizer's vocabulary (WordLevel, one word per id).
+      expect(back.predictions.map((p) => p.predicted_answer.split(' ').map((w) => vocab[w]))).toEqual(r.examples.map((e) => e.predicted));
+      expect(back.predictions.map((p) => p.correct === 'True')).toEqual(r.examples.map((e) => e.correct));
+      expect(back.predictions.map((p) => p.answer)).toEqual(rows().map((x) => x.answer));
+    }
   });
 });

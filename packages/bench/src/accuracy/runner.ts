@@ -33,7 +33,19 @@ export interface AccuracyRunOptions {
   attentionQueries?: number;
   /** Task order of the summaries (default: order of first appearance). */
   tasks?: string[];
+  /**
+   * What is compressed (kvpress's two protocols):
+   * - `aware` (default): the whole prompt, question included (see `lastToken`), so query-aware
+   *   strategies (SnapKV) see the question in their observation window;
+   * - `agnostic`: only the context (`EvalExample.contextTokens` tokens; needs a question split); the
+   *   question is then prefilled on top of the compressed cache in one decode call and the answer
+   *   is decoded greedily after it. `lastToken` does not apply.
+   */
+  queryMode?: QueryMode;
 }
+
+/** Whether the question is seen at compression time ({@link AccuracyRunOptions.queryMode}). */
+export type QueryMode = 'agnostic' | 'aware';
 
 /** Outcome of one setting on one example. */
 export interface ExampleOutcome {
@@ -80,6 +92,8 @@ export interface AccuracySettingResult extends SettingSummary {
   examples: ExampleOutcome[];
   /** Set when the strategy rejected the input (KvpackError); metrics are then NaN / empty. */
   error?: string;
+  /** The query mode it ran in (set by the command when it runs several). */
+  queryMode?: QueryMode;
 }
 
 /** The uncompressed model's answers (dense float32 cache, the same decode path). */
@@ -146,9 +160,14 @@ async function prepare(model: AccuracyModel, ex: EvalExample, window: number, op
     const bad = arr.findIndex((t) => t >= V);
     check(bad < 0, 'config', () => `${ex.id}: ${field}[${bad}] = ${arr[bad]} is outside the model's vocabulary [0, ${V})`);
   }
-  const decodeLast = (opts.lastToken ?? 'decode') === 'decode';
+  const agnostic = opts.queryMode === 'agnostic';
+  if (agnostic) {
+    check(ex.contextTokens !== undefined, 'config', `${ex.id}: query-agnostic runs need a context/question split (the config's "question": a field or a separator)`);
+    check(ex.contextTokens >= 1 && ex.contextTokens < ids.length, 'config', `${ex.id}: the context/question split at ${ex.contextTokens} leaves no context or no question in ${ids.length} tokens`);
+  }
+  const decodeLast = agnostic || (opts.lastToken ?? 'decode') === 'decode';
   const maxNew = Math.min(ex.answerIds.length, opts.maxNewTokens ?? Infinity);
-  const T = decodeLast ? ids.length - 1 : ids.length;
+  const T = agnostic ? ex.contextTokens! : decodeLast ? ids.length - 1 : ids.length;
   check(T >= 1, 'config', `${ex.id}: the prompt needs at least ${decodeLast ? 2 : 1} tokens (lastToken: ${opts.lastToken ?? 'decode'})`);
   check(
     ids.length + maxNew - 1 <= model.config.maxSeqLen,
@@ -158,6 +177,7 @@ async function prepare(model: AccuracyModel, ex: EvalExample, window: number, op
   const w = Math.min(window, T);
   const r = await model.prefill(ids.slice(0, T), w > 0 ? { observationWindow: w } : undefined);
   try {
+    if (agnostic) return { cache: r.cache, start: { feed: ids.slice(T), position: T }, maxNew };
     if (decodeLast) return { cache: r.cache, start: { feed: ids[T], position: T }, maxNew };
     return { cache: r.cache, start: { lastRow: await rowOf(r.logits, r.logits.shape[0] - 1), position: T }, maxNew };
   } finally {
