@@ -230,8 +230,7 @@ export async function strategiesCommand(io: CommandIO = processIO, opts: { json?
       } catch {
         /* a schema JSON Schema cannot express */
       }
-      return { name, description: def.description, options, ratioTarget: ratioTargetKnob(name) };
-      return { name, description: def.description, options, mla: mlaSupport(name) };
+      return { name, description: def.description, options, ratioTarget: ratioTargetKnob(name), mla: mlaSupport(name) };
     });
     io.out(JSON.stringify(list, null, 2));
     return EXIT.ok;
