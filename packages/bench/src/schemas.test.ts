@@ -42,7 +42,7 @@ describe('config JSON Schemas', () => {
     expect(byName.get('xkv')!.properties.rankK).toMatchObject({ type: 'integer', exclusiveMinimum: 0, default: 16 });
     // bits has no schema default since a targetRatio may resolve it (2 when neither is given).
     expect(byName.get('kivi')!.properties.residualLength).toMatchObject({ default: 128 });
-    for (const n of ['kivi', 'quant', 'snapkv', 'streamingllm', 'minicache', 'svd', 'xkv', 'stacked']) {
+    for (const n of ['kivi', 'quant', 'snapkv', 'streamingllm', 'minicache', 'svd', 'xkv', 'stacked', 'adakv', 'pyramidkv', 'expected-attention', 'kvzip', 'turboquant']) {
       expect(byName.get(n)!.properties.targetRatio).toMatchObject({ type: 'number', minimum: 1 });
       expect(byName.get(n)!.properties.compressionRatio).toMatchObject({ type: 'number', minimum: 0, exclusiveMaximum: 1 });
     }

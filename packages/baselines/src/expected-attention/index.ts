@@ -3,10 +3,18 @@ import { z } from 'zod';
 import { ExpectedAttentionScorerSchema, checkScorer, defineEvictionStrategy, expectedAttentionScores } from '@kvpack/strategy-utils';
 
 /** Options of the `expected-attention` strategy: a budget and the scorer's options (kvpress `ExpectedAttentionPress` defaults). */
-export const ExpectedAttentionOptionsSchema = ExpectedAttentionScorerSchema.omit({ name: true }).extend({
-  /** Prefill tokens kept per KV head and layer, the sinks included; at most 2^20. */
-  budget: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') }).default(256).describe('Prefill tokens kept per KV head and layer, the sinks included.'),
-});
+export const ExpectedAttentionOptionsSchema = ExpectedAttentionScorerSchema.omit({ name: true })
+  .extend({
+    /** Prefill tokens kept per KV head and layer, the sinks included; at most 2^20. */
+    budget: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') }).optional().describe('Prefill tokens kept per KV head and layer, the sinks included (default 256; excludes targetRatio).'),
+    /**
+     * Target ratio (dense fp16 bytes ÷ bytes held, kept positions included) instead of a budget: the
+     * largest budget whose measured ratio is ≥ the target at the actual T (the `evictionBudget` rule
+     * of @kvpack/strategy-utils). Excludes budget; `compressionRatio` (kvpress's fraction removed) is accepted for it.
+     */
+    targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest budget reaching it at the actual T.'),
+  })
+  .refine((o) => o.budget === undefined || o.targetRatio === undefined, { message: 'give budget or targetRatio, not both', path: ['targetRatio'] });
 export type ExpectedAttentionOptions = z.output<typeof ExpectedAttentionOptionsSchema>;
 
 /**
@@ -17,8 +25,10 @@ export type ExpectedAttentionOptions = z.output<typeof ExpectedAttentionOptionsS
  * the next `nFuturePositions` positions; scores softmax(μ̂ᵀk/√d + kᵀΣ̂k/(2d)) times ‖v‖). Per layer and
  * KV head the `budget` best tokens are kept, the first `nSink` always ({@link KeptTokensCache}:
  * float16 [budget, H_kv, d] and int32 positions [budget, H_kv]). When T ≤ budget nothing is evicted.
+ * A `targetRatio` resolves the budget per T (`evictionBudget`).
  *
- * `compress` throws KvpackError('config') when `statistics: 'queries'` and the cache has no queries,
+ * `compress` throws KvpackError('config') when `statistics: 'queries'` and the cache has no queries
+ * or a target ratio is out of reach,
  * KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite') on a bad cache.
  */
 export const expectedAttentionDefinition = defineEvictionStrategy({
@@ -27,7 +37,8 @@ export const expectedAttentionDefinition = defineEvictionStrategy({
   schema: ExpectedAttentionOptionsSchema,
   capabilities: { queryWindow: (o) => (o.statistics === 'keys' ? 0 : o.queryWindow) },
   scorer: {
-    budget: (o) => o.budget,
+    budget: (o) => o.budget ?? 256,
+    targetRatio: (o) => o.targetRatio,
     check: (cache, o) => checkScorer(cache, { ...o, name: 'expected-attention' }, 'expected-attention'),
     score: (cache, layer, o, { postKeys }) => expectedAttentionScores(cache, layer, { ...o, name: 'expected-attention' }, postKeys),
   },

@@ -1,22 +1,60 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { KvpackError, MAX_TOKENS, atMost, check, defineStrategy, type KVCache } from '@kvpack/core';
+import { KvpackError, MAX_TOKENS, atMost, check, defineStrategy, denseCacheBytes, type KVCache, type ModelLayout } from '@kvpack/core';
 import { z } from 'zod';
-import { RaggedKeptCache, adaKvSelect, globalTopKSelect } from '@kvpack/strategy-utils';
+import { RaggedKeptCache, adaKvSelect, globalTopKSelect, raggedKeptBytes, resolveBudgetByTarget } from '@kvpack/strategy-utils';
+
+/** Budget when neither budget nor targetRatio is given. */
+const DEFAULT_BUDGET = 256;
 
 /** Options of the `kvzip` strategy. */
-export const KvzipOptionsSchema = z.strictObject({
-  /** Average prefill tokens kept per KV head and layer (B); the cache keeps L·H_kv·B in all. */
-  budget: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') }).default(256).describe('Average prefill tokens kept per KV head and layer (B); L·H_kv·B tokens in all, split by score.'),
-  /** First tokens always kept (attention sinks; KVzip's n_sink). */
-  nSink: z.int().nonnegative().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') }).default(4).describe('First tokens always kept (attention sinks).'),
-  /** false: one budget over all layers and heads (KVzip's default); true: B·H_kv per layer, over its heads. */
-  layerwise: z.boolean().default(false).describe('false: the L·H_kv·B best over all layers and heads (KVzip default); true: B·H_kv per layer over its heads.'),
-  /** The instruction the model reads before re-reading its context. */
-  prompt: z.string().max(4096).default('Repeat the previous context:').describe('Instruction read before the context in the reconstruction pass.'),
-  /** Context tokens per reconstruction chunk. */
-  chunkSize: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') }).default(2048).describe('Context tokens re-read per reconstruction chunk (tokens).'),
-});
+export const KvzipOptionsSchema = z
+  .strictObject({
+    /** Average prefill tokens kept per KV head and layer (B); the cache keeps L·H_kv·B in all. */
+    budget: z
+      .int()
+      .positive()
+      .max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') })
+      .optional()
+      .describe('Average prefill tokens kept per KV head and layer (B; default 256; excludes targetRatio); L·H_kv·B tokens in all, split by score.'),
+    /**
+     * Target ratio (dense fp16 bytes ÷ bytes held, positions and per-head counts included) instead of a
+     * budget: the largest B whose measured ratio is ≥ the target at the actual T. Excludes budget;
+     * `compressionRatio` (kvpress's fraction removed) is accepted for it.
+     */
+    targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest budget reaching it at the actual T.'),
+    /** First tokens always kept (attention sinks; KVzip's n_sink). */
+    nSink: z.int().nonnegative().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') }).default(4).describe('First tokens always kept (attention sinks).'),
+    /** false: one budget over all layers and heads (KVzip's default); true: B·H_kv per layer, over its heads. */
+    layerwise: z.boolean().default(false).describe('false: the L·H_kv·B best over all layers and heads (KVzip default); true: B·H_kv per layer over its heads.'),
+    /** The instruction the model reads before re-reading its context. */
+    prompt: z.string().max(4096).default('Repeat the previous context:').describe('Instruction read before the context in the reconstruction pass.'),
+    /** Context tokens per reconstruction chunk. */
+    chunkSize: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') }).default(2048).describe('Context tokens re-read per reconstruction chunk (tokens).'),
+  })
+  .refine((o) => o.budget === undefined || o.targetRatio === undefined, { message: 'give budget or targetRatio, not both', path: ['targetRatio'] });
 export type KvzipOptions = z.output<typeof KvzipOptionsSchema>;
+
+/**
+ * The options with the budget B fixed for a prefill of T tokens: as given (256 by default), or — with
+ * a targetRatio ρ — the largest B ≥ 1 whose bytes right after compress,
+ * `raggedKeptBytes(layout, L·H_kv·min(T, B))` (the same total in both allocations), times ρ are ≤ the
+ * dense fp16 bytes. The result records the budget, not the target.
+ * @throws KvpackError('config') when even one token per KV head and layer stays below ρ, naming the reachable range.
+ */
+export function resolveKvzipOptions(o: KvzipOptions, layout: ModelLayout, T: number): KvzipOptions & { budget: number } {
+  if (o.targetRatio === undefined) return { ...o, budget: o.budget ?? DEFAULT_BUDGET };
+  const { nLayers: L, nKvHeads: H } = layout;
+  const budget = resolveBudgetByTarget({
+    strategy: 'kvzip',
+    target: o.targetRatio,
+    tokens: T,
+    denseBytes: denseCacheBytes(layout, T),
+    least: 1,
+    bytesOf: (B) => raggedKeptBytes(layout, L * H * Math.min(T, B)),
+  });
+  const { targetRatio: _, ...rest } = o;
+  return { ...rest, budget };
+}
 
 /** Checks the reconstruction scores a runner provided: per layer float32 [T, H_kv]. */
 function checkScores(cache: KVCache, T: number): tf.Tensor2D[] {
@@ -48,9 +86,10 @@ function checkScores(cache: KVCache, T: number): tf.Tensor2D[] {
  * [T, H_kv] per layer to `compress` (`KVCache.reconstructionScores`). The first `nSink` tokens are
  * always kept; of the rest, the L·H_kv·B highest scores over all layers and heads (or, `layerwise`,
  * B·H_kv per layer over its heads) — so heads and layers keep different counts, stored ragged
- * ({@link RaggedKeptCache}). When T ≤ B nothing is evicted.
+ * ({@link RaggedKeptCache}). When T ≤ B nothing is evicted. A `targetRatio` resolves B per T
+ * ({@link resolveKvzipOptions}).
  *
- * `compress` throws KvpackError('config') without reconstruction scores, KvpackError('shape' |
+ * `compress` throws KvpackError('config') without reconstruction scores or when a target ratio is out of reach, KvpackError('shape' |
  * 'layout') when they disagree with the cache, KvpackError('layout' | 'shape' | 'dtype' | 'nonfinite')
  * on a bad cache.
  */
@@ -58,9 +97,13 @@ export const kvzipDefinition = defineStrategy({
   name: 'kvzip',
   description: 'KVzip: query-agnostic eviction by context reconstruction, the largest attention each KV pair gets when the model re-reads its context (Kim et al. 2025)',
   schema: KvzipOptionsSchema,
-  capabilities: { reconstruction: (o) => ({ prompt: o.prompt, chunkSize: o.chunkSize, nSink: o.nSink }) },
-  async compress(cache, o, T) {
+  capabilities: {
+    reconstruction: (o) => ({ prompt: o.prompt, chunkSize: o.chunkSize, nSink: o.nSink }),
+    ratioTarget: (o) => (o.targetRatio === undefined ? null : { target: o.targetRatio, knob: 'budget' }),
+  },
+  async compress(cache, options, T) {
     const given = checkScores(cache, T);
+    const o = resolveKvzipOptions(options, cache.layout, T);
     const B = Math.min(T, o.budget);
     let picked: tf.Tensor1D[] | null = null;
     if (T > o.budget) {
@@ -91,8 +134,14 @@ export const kvzipDefinition = defineStrategy({
       if (picked) tf.dispose(picked.filter((p) => p && !p.isDisposed));
     }
   },
-  restore: (reader, o) => {
+  restore: (reader, options) => {
     const { layout, prefillLength: T } = reader.header;
+    let o: KvzipOptions & { budget: number };
+    try {
+      o = resolveKvzipOptions(options, layout, T);
+    } catch (e) {
+      throw new KvpackError('corrupt', `serialized kvzip cache is corrupt: its options give no budget at T = ${T} (${(e as Error).message})`);
+    }
     const H = layout.nKvHeads;
     const B = Math.min(T, o.budget);
     const c = RaggedKeptCache.restore(reader, 'kvzip', o, o.layerwise ? () => H * B : undefined);

@@ -14,6 +14,15 @@ import {
 } from '@kvpack/core';
 
 /**
+ * Bytes a {@link RaggedKeptCache} holds right after compress when it keeps `rows` token rows over all
+ * layers and KV heads: float16 keys and values, rows · d · 2 · 2, the int32 positions, rows · 4, and
+ * the int32 per-head counts, L · H_kv · 4.
+ */
+export function raggedKeptBytes(layout: ModelLayout, rows: number): number {
+  return rows * (4 * layout.headDim + 4) + layout.nLayers * layout.nKvHeads * 4;
+}
+
+/**
  * A cache that keeps a different number of prefill tokens per KV head (head-wise budgets, as AdaKV).
  * Per layer it stores exactly the kept rows, ragged, nothing padded: float16 post-RoPE keys and values
  * [N, d] with N = Σ_h n_h (head 0's rows, then head 1's, …, each in ascending position order), the

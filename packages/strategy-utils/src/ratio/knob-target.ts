@@ -27,3 +27,41 @@ export function resolveKnobByTarget<K>(a: {
       `${a.knob} ${String(last)} already gives only ${(a.denseBytes / a.bytesOf(last)).toFixed(3)}×; reachable with these options: ${lo.toFixed(3)}× to ${hi.toFixed(3)}×`,
   );
 }
+
+/**
+ * Resolves a token budget (tokens kept per KV head and layer, on average) from a target ratio ρ
+ * (dense fp16 bytes ÷ bytes held): the largest n in [least, tokens] whose bytes right after compress
+ * satisfy `bytes(n) · ρ ≤ denseBytes`, so the measured ratio is ≥ ρ with the most tokens kept.
+ * `bytesOf` must not decrease with n (binary search).
+ * @throws KvpackError('config') when even `least` tokens (the fewest the options allow) stay below ρ,
+ *   naming the reachable range at this T.
+ */
+export function resolveBudgetByTarget(a: {
+  strategy: string;
+  target: number;
+  tokens: number;
+  denseBytes: number;
+  /** The smallest budget the options allow (≥ 1). */
+  least: number;
+  bytesOf: (n: number) => number;
+}): number {
+  const least = Math.max(1, Math.min(a.least, a.tokens));
+  const fits = (n: number) => a.bytesOf(n) * a.target <= a.denseBytes;
+  if (!fits(least)) {
+    const best = a.denseBytes / a.bytesOf(least);
+    const worst = a.denseBytes / a.bytesOf(a.tokens);
+    throw new KvpackError(
+      'config',
+      `${a.strategy}: targetRatio ${a.target} (compressionRatio ${compressionRatioOf(a.target).toFixed(4)}) is out of reach at T=${a.tokens}: ` +
+        `the fewest tokens these options keep (${least} per KV head and layer) give ${best.toFixed(3)}×; reachable: ${Math.min(worst, best).toFixed(3)}× to ${best.toFixed(3)}×`,
+    );
+  }
+  let lo = least; // fits
+  let hi = a.tokens + 1; // first that does not fit, or past the end
+  while (hi - lo > 1) {
+    const mid = (lo + hi) >> 1;
+    if (fits(mid)) lo = mid;
+    else hi = mid;
+  }
+  return lo;
+}
