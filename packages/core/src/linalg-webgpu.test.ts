@@ -3,7 +3,7 @@
 // finder built on it, against float64 oracles. Without an adapter the suite is skipped and says why.
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
-import { deviceCholesky, relativeFrobeniusError, selectBackend, truncatedSvd, wgslValidationErrors } from './index.js';
+import { HalfTensor, deviceCholesky, encodeHalf, relativeFrobeniusError, selectBackend, truncatedSvd, wgslValidationErrors } from './index.js';
 import { GRAM_CHOL_SHIFT, gramCholInverseWgsl } from './gram-chol-wgsl.js';
 import { mulberry32, normalPair } from './random.js';
 
@@ -169,5 +169,27 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     tf.dispose([A, Ab, f.basis, f.coeffs, fb.basis, ...fb.coeffs]);
     expect(tf.memory().numTensors).toBe(before);
     tf.dispose([X, ...blocks]);
+  });
+
+  it('HalfTensor.fromTensor packs on the device in one kernel, bit-identical to the host encoding (ties to even, subnormals, overflow, ±0, ±Inf, NaN)', async () => {
+    const vals: number[] = [0, -0, 1 + 2 ** -11, 1 + 3 * 2 ** -11, 65504, 65519.99, 65520, -70000, Infinity, -Infinity, NaN, 2 ** -24, 2 ** -25, 3 * 2 ** -26, 2 ** -25 * 1.0001, -(2 ** -14) * 0.75, 1e-40, -1e-40];
+    const u = mulberry32(17);
+    for (let i = 0; i < 4001; i++) {
+      const e = Math.floor(u() * 50) - 30;
+      vals.push((u() - 0.5) * 2 ** e);
+    }
+    // Exact float16 midpoints in every binade (ties must go to the even neighbour).
+    for (let e = -24; e < 16; e++) vals.push((1 + 2 ** -11) * 2 ** e, -(1 + 3 * 2 ** -11) * 2 ** e);
+    const want = Float32Array.from(vals);
+    const x = tf.tensor1d(want);
+    const before = tf.memory().numTensors;
+    const h = await HalfTensor.fromTensor(x);
+    const words = new Uint32Array(((await h.packed.data()) as Int32Array).buffer.slice(0));
+    const got = new Uint16Array(want.length);
+    for (let i = 0; i < want.length; i++) got[i] = (words[i >> 1] >>> (16 * (i & 1))) & 0xffff;
+    expect(Array.from(got)).toEqual(Array.from(encodeHalf(want)));
+    h.dispose();
+    expect(tf.memory().numTensors).toBe(before);
+    x.dispose();
   });
 });
