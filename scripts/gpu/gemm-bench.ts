@@ -77,6 +77,8 @@ async function main(): Promise<void> {
     .option('--reps <n>', 'timed runs (default 5; --small 1)')
     .option('--warmup <n>', 'warm-up runs (default 2; --small 1)')
     .option('--seed <n>', 'seed', '1')
+    .option('--power-iters <list>', 'xkv powerIters q of the group compression, one timed row each (e.g. 1,2,3)', '1')
+    .option('--compress-oversample <n>', 'xkv oversample p of the group compression (auto: 0 at rank 512)', 'auto')
     .option('--skip-products', 'skip the product table')
     .option('--skip-compress', 'skip the group compression')
     .option('--matrices <dir>', "write the group's matrices here for the peer (default a folder under the system temp dir)")
@@ -97,6 +99,8 @@ async function main(): Promise<void> {
     reps?: string;
     warmup?: string;
     seed: string;
+    powerIters: string;
+    compressOversample: string;
     skipProducts?: boolean;
     skipCompress?: boolean;
     matrices?: string;
@@ -190,18 +194,55 @@ async function main(): Promise<void> {
     const cache = await syntheticLlamaCache({ T, layers: 4, layout, seed });
     const Fg = 4 * cache.layout.nKvHeads * cache.layout.headDim;
     const rankPerLayer = Math.max(1, Math.round(r / 4));
-    const strategy = createStrategy({ name: 'xkv', options: { layersPerGroup: 4, rankK: rankPerLayer, rankV: rankPerLayer } });
-    const run = (kind: 'wgsl' | 'tfjs', tile?: string) => async () => {
-      setRangeFinderProducts(kind, tile);
-      try {
-        return await strategy.compress(cache);
-      } finally {
-        setRangeFinderProducts('wgsl');
-      }
+    const oversample = a.compressOversample === 'auto' ? 'auto' : Number(a.compressOversample);
+    const qs = a.powerIters.split(',').map((x) => Number(x.trim()));
+    const strategyFor = (q: number) => createStrategy({ name: 'xkv', options: { layersPerGroup: 4, rankK: rankPerLayer, rankV: rankPerLayer, powerIters: q, oversample } });
+    const run = (q: number, kind: 'wgsl' | 'tfjs', tile?: string) => {
+      const strategy = strategyFor(q);
+      return async () => {
+        setRangeFinderProducts(kind, tile);
+        try {
+          return await strategy.compress(cache);
+        } finally {
+          setRangeFinderProducts('tfjs');
+        }
+      };
     };
-    const ops: Record<string, () => Promise<CompressedCache>> = { tfjs: run('tfjs') };
-    if (wgsl) for (const tile of a.compressTiles.split(',').map((x) => x.trim())) ops[`wgsl ${tile}`] = run('wgsl', tile);
-    const wgslNames = Object.keys(ops).filter((n) => n !== 'tfjs');
+    const ops: Record<string, () => Promise<CompressedCache>> = {};
+    for (const q of qs) {
+      const sfx = qs.length > 1 || q !== 1 ? ` q=${q}` : '';
+      ops[`tfjs${sfx}`] = run(q, 'tfjs');
+      if (wgsl) for (const tile of a.compressTiles.split(',').map((x) => x.trim())) ops[`wgsl ${tile}${sfx}`] = run(q, 'wgsl', tile);
+    }
+    const baseName = Object.keys(ops)[0];
+    const wgslNames = Object.keys(ops).filter((n) => n !== baseName);
+    // Kernel dispatches of one compression (K+V): every tfjs and kvpack WGSL program goes through the
+    // backend's runWebGPUProgram; on a GPU each costs far more than its arithmetic for the k×k work.
+    const dispatches: Record<string, number> = {};
+    if (wgsl) {
+      const be = tf.backend() as unknown as { runWebGPUProgram: (...x: unknown[]) => unknown };
+      const orig = be.runWebGPUProgram;
+      for (const name of Object.keys(ops)) {
+        let n = 0;
+        const byKernel: Record<string, number> = {};
+        be.runWebGPUProgram = function (this: unknown, ...x: unknown[]) {
+          n++;
+          const key = String((x[0] as { shaderKey?: string }).shaderKey ?? '?').replace(/_\d[\d_,-]*$/, '').slice(0, 40);
+          byKernel[key] = (byKernel[key] ?? 0) + 1;
+          return orig.apply(this, x);
+        };
+        try {
+          (await ops[name]()).dispose();
+        } finally {
+          be.runWebGPUProgram = orig;
+        }
+        dispatches[name] = n;
+        if (name === Object.keys(ops)[0])
+          console.log(`dispatches of ${name} by kernel: ${Object.entries(byKernel).sort((x, y) => y[1] - x[1]).map(([k, c]) => `${k} ${c}`).join(', ')}`);
+      }
+      console.log(`
+kernel dispatches per compression (K+V, one group): ${Object.entries(dispatches).map(([n, c]) => `${n} ${c}`).join(', ')}`);
+    }
     const t = (await timeInterleaved(ops, { reps, warmup })) as Record<string, { medianMs: number; samplesMs: number[] }>;
     const errs: Record<string, { k: number; v: number }> = {};
     for (const name of Object.keys(ops)) {
@@ -212,10 +253,10 @@ async function main(): Promise<void> {
     console.log(`\n| xkv compress K+V, one G=4 group [${T}, ${Fg}] r=${4 * rankPerLayer} (${choice.name}) | median ms | runs | rel. error K | rel. error V |`);
     console.log('| --- | --- | --- | --- | --- |');
     for (const name of Object.keys(ops))
-      console.log(`| products: ${name === 'tfjs' ? 'tf.matMul (old)' : `${name} GEMM (new)`} | ${t[name].medianMs.toFixed(1)} | ${t[name].samplesMs.map((x) => x.toFixed(0)).join(', ')} | ${errs[name].k.toFixed(5)} | ${errs[name].v.toFixed(5)} |`);
+      console.log(`| products: ${name.startsWith('tfjs') ? `tf.matMul${name.slice(4)}` : `${name} GEMM`} | ${t[name].medianMs.toFixed(1)} | ${t[name].samplesMs.map((x) => x.toFixed(0)).join(', ')} | ${errs[name].k.toFixed(5)} | ${errs[name].v.toFixed(5)} |`);
     for (const n of wgslNames)
-      console.log(`${n} / old: ${(t[n].medianMs / t.tfjs.medianMs).toFixed(3)} (time), error K ${(errs[n].k / errs.tfjs.k).toFixed(4)}×, V ${(errs[n].v / errs.tfjs.v).toFixed(4)}× the old path's`);
-    result.compress = { T, F: Fg, rank: 4 * rankPerLayer, timings: t, relErr: errs };
+      console.log(`${n} / ${baseName}: ${(t[n].medianMs / t[baseName].medianMs).toFixed(3)} (time), error K ${(errs[n].k / errs[baseName].k).toFixed(4)}×, V ${(errs[n].v / errs[baseName].v).toFixed(4)}× its`);
+    result.compress = { T, F: Fg, rank: 4 * rankPerLayer, powerIters: qs, oversample, timings: t, relErr: errs, dispatches };
     if (a.peer) {
       const dir = a.matrices ?? join(tmpdir(), 'kvpack-gemm-peer');
       await writeGroupMatrices(cache, dir);
@@ -231,6 +272,11 @@ async function main(): Promise<void> {
           const ms = peer.svd_lowrank_kv_ms[n];
           const e = peer.matrices.map((m) => `${m.name} ${m.rel_err[n]?.toFixed(5)}`).join(', ');
           if (ms > 0) console.log(`torch.svd_lowrank(q=${peer.rank}, niter=${n}) K+V: ${ms.toFixed(1)} ms (rel. error ${e}); our fastest path is ${(ours / ms).toFixed(2)}× it`);
+        }
+        const exact = Object.fromEntries(peer.matrices.map((m) => [m.name, m.exact_rel_err ?? Number.NaN]));
+        if (Number.isFinite(exact.xk) && Number.isFinite(exact.xv)) {
+          for (const n of Object.keys(ops))
+            console.log(`${n}: rel. error / exact truncated SVD's: K ${(errs[n].k / exact.xk).toFixed(4)}×, V ${(errs[n].v / exact.xv).toFixed(4)}× (target ≤ 1.02×); time / four torch products ${(t[n].medianMs / (peer.range_finder_products_kv_ms ?? Number.NaN)).toFixed(2)}× (target ≤ 2×)`);
         }
         console.log(`PyTorch xKV compress (svd_lowrank niter 2 + fp16 factors) K+V: ${peer.xkv_compress_kv_ms.toFixed(1)} ms (${peer.torch}, ${peer.device})`);
       }

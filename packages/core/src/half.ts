@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { check } from './errors.js';
 import { decodeHalf, encodeHalf } from './fp16.js';
-import { readSyncOrExplain, roundToHalfOnDevice } from './cache.js';
+import { readSyncOrExplain } from './cache.js';
 import { FLAT_WORKGROUP, flatDispatch, isWebGpuBackend, runWgsl, wgslFlatIndex } from './webgpu.js';
 
 /**
@@ -199,28 +199,55 @@ function unpackRowsOnDevice(packed: tf.Tensor1D, rows: tf.Tensor1D, w: number): 
 function packOnDevice(x: tf.Tensor): tf.Tensor1D {
   const n = x.size;
   const words = Math.ceil(n / 2);
-  // Round exactly first (bit-identical to the host rounding): pack2x16float then converts exact values.
-  const rounded = tf.tidy(() => tf.reshape(roundToHalfOnDevice(x), [n]));
+  // One kernel: each value is converted to float16 bits by integer arithmetic on its float32 bits,
+  // round to nearest even with subnormals, overflow to ±Inf and NaN as host toHalfBits does (so the
+  // result is bit-identical to the host encoding; WGSL's pack2x16float leaves the rounding to the
+  // implementation), then two are packed to a word. (A chain of tfjs ops did the rounding before:
+  // ~25 dispatches per tensor.)
+  const flat = tf.reshape(x, [n]);
   try {
     return runWgsl({
-      key: 'pack_half',
+      key: 'pack_half_exact',
       names: ['x'],
-      inputs: [rounded],
+      inputs: [flat],
       outputShape: [words],
       dtype: 'int32',
       workgroupSize: WG,
       dispatch: grid(words),
       workgroupBytes: 0,
-      code: `fn kernel(index: i32) {
+      code: `fn halfBits(v: f32) -> u32 {
+  let b = bitcast<u32>(v);
+  let sign = (b >> 16u) & 0x8000u;
+  let ex = i32((b >> 23u) & 0xffu);
+  var mant = b & 0x7fffffu;
+  if (ex == 255) { return sign | 0x7c00u | select(0u, 0x200u, mant != 0u); }
+  let e = ex - 112;
+  if (e >= 31) { return sign | 0x7c00u; }
+  if (e <= 0) {
+    if (e < -10) { return sign; }
+    mant = mant | 0x800000u;
+    let shift = u32(14 - e);
+    let halfway = 1u << (shift - 1u);
+    let rest = mant & ((1u << shift) - 1u);
+    var m = mant >> shift;
+    if (rest > halfway || (rest == halfway && (m & 1u) == 1u)) { m = m + 1u; }
+    return sign | m;
+  }
+  let rest = mant & 0x1fffu;
+  var h = sign | (u32(e) << 10u) | (mant >> 13u);
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u) == 1u)) { h = h + 1u; }
+  return h;
+}
+fn kernel(index: i32) {
   ${FLAT}
   if (flat >= uniforms.outShape) { return; }
-  let lo = x[2 * flat];
-  let hi = select(0.0, x[min(2 * flat + 1, uniforms.xShape - 1)], 2 * flat + 1 < uniforms.xShape);
-  result[flat] = bitcast<i32>(pack2x16float(vec2<f32>(lo, hi)));
+  let lo = halfBits(x[2 * flat]);
+  let hi = select(0u, halfBits(x[min(2 * flat + 1, uniforms.xShape - 1)]), 2 * flat + 1 < uniforms.xShape);
+  result[flat] = bitcast<i32>(lo | (hi << 16u));
 }`,
     }) as tf.Tensor1D;
   } finally {
-    rounded.dispose();
+    flat.dispose();
   }
 }
 

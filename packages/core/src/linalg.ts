@@ -2,6 +2,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import { choleskyUpper, invertUpper, symmetricEigHost } from './hostla.js';
 import { check } from './errors.js';
 import { isHostBackend } from './backend.js';
+import { GRAM_CHOL_MAX, gramCholInverseWgsl } from './gram-chol-wgsl.js';
+import { isWebGpuBackend } from './webgpu.js';
 import { mulberry32, normalPair } from './random.js';
 import { MAX_ORTHONORMALIZE_PASSES, MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_SEED, MIN_SEED } from './limits.js';
 
@@ -31,8 +33,10 @@ export function symmetricEig(a: Float64Array | Float32Array, n: number): { value
 /**
  * Where {@link truncatedSvd} and the orthonormalizations do their k×k work (k = rank + oversample):
  * - `host`: the Gram matrix YᵀY is read back and factored in float64 on the host (Cholesky-QR);
- * - `device`: everything stays on the tfjs backend, with a Newton–Schulz iteration for (YᵀY)^(-1/2)
- *   (no host round-trip; 24–27 k×k float32 products per pass, see {@link orthonormalizeDevice});
+ * - `device`: everything stays on the tfjs backend (no host round-trip): on webgpu each Gram matrix
+ *   is factored by one WGSL shifted-Cholesky-and-inverse dispatch ({@link deviceCholesky}), elsewhere
+ *   by a Newton–Schulz iteration for (YᵀY)^(-1/2) (24–27 k×k float32 products per pass, see
+ *   {@link orthonormalizeDevice});
  * - `auto` (default): `host` on the wasm and cpu backends (where the backend's k×k products are no
  *   faster than host float64 code), `device` elsewhere (webgpu, webgl, tensorflow), where a host
  *   factorization of k = 512 (≥ 50–300 ms in JS) would cost more than the whole sketch.
@@ -179,8 +183,23 @@ export function orthonormalizeDevice(Y: tf.Tensor2D, passes = 2, mm: MatmulFn = 
   return Q === Y ? tf.clone(Y) : Q;
 }
 
-/** Device factor W ≈ G^(-1/2) of a Gram matrix G = SᵀS (pass `pass` of an orthonormalization), with S·W orthonormal. */
+/**
+ * True when the device factorizations of k×k Gram matrices run as one WGSL Cholesky-and-inverse
+ * dispatch ({@link gramCholInverseWgsl}): on webgpu, for k ≤ {@link GRAM_CHOL_MAX}. Elsewhere
+ * (webgl, tensorflow) they are Newton–Schulz iterations of tfjs ops.
+ */
+export function deviceCholesky(k: number): boolean {
+  return isWebGpuBackend() && k <= GRAM_CHOL_MAX;
+}
+
+/**
+ * Device factor W of a Gram matrix G = SᵀS (pass `pass` of an orthonormalization), with S·W
+ * orthonormal: W = R⁻¹ of a shifted Cholesky factorization in one WGSL dispatch on webgpu (see
+ * {@link deviceCholesky}; one pass leaves S·W orthonormal to ~1e-3 on a Gram matrix of condition
+ * 1e4, a second pass to float32 rounding), else W ≈ G^(-1/2) by Newton–Schulz.
+ */
 function deviceGramFactor(G: tf.Tensor2D, pass: number, mm: MatmulFn = matmul): tf.Tensor2D {
+  if (deviceCholesky(G.shape[0])) return gramCholInverseWgsl(G);
   return newtonSchulzInvSqrt(G, pass === 0 ? NS_FIRST : NS_SECOND, mm);
 }
 
@@ -297,6 +316,13 @@ type Blocks = tf.Tensor2D[];
  * it goes, so at most two partial products are alive at once.
  */
 function blockSum(A: Blocks, B: Blocks, transposeA = false, transposeB = false, mm: MatmulFn = matmul): tf.Tensor2D {
+  if (A.length > 1 && !isHostBackend()) {
+    // On a GPU every kernel is a dispatch: the partial products, then one addN.
+    const parts = A.map((a, i) => mm(a, B[i], transposeA, transposeB));
+    const sum = tf.addN(parts) as tf.Tensor2D;
+    tf.dispose(parts);
+    return sum;
+  }
   let acc = mm(A[0], B[0], transposeA, transposeB);
   for (let i = 1; i < A.length; i++) {
     const next = tf.tidy(() => tf.add(acc, mm(A[i], B[i], transposeA, transposeB)) as tf.Tensor2D);
@@ -343,6 +369,19 @@ export async function truncatedSvd(X: tf.Tensor2D | tf.Tensor2D[], opts: Truncat
 }
 
 async function truncatedSvdBlocks(X: Blocks, opts: TruncatedSvdOptions): Promise<LowRankBlockFactors> {
+  if (X.length > 1 && !isHostBackend() && !opts.exact) {
+    // On a GPU each block product is one more dispatch (and dispatches, not flops, dominate the
+    // k×k work): factor the concatenated matrix (one copy of X), then split the coefficients. Ω is
+    // the same either way (drawn for the whole F).
+    const whole = tf.concat(X, 1) as tf.Tensor2D;
+    let f: LowRankBlockFactors;
+    try {
+      f = await truncatedSvdBlocks([whole], opts);
+    } finally {
+      whole.dispose();
+    }
+    return { ...f, coeffs: splitColumns(f.coeffs[0], X) };
+  }
   const T = X[0].shape[0];
   const F = X.reduce((a, x) => a + x.shape[1], 0);
   const m = Math.min(T, F);
@@ -414,10 +453,12 @@ function gaussianRowBlocks(X: Blocks, k: number, seed: number): Blocks {
 async function rangeFinder(X: Blocks, k: number, halfSteps: number, seed: number, orth: 'host' | 'device', mm: MatmulFn = matmul): Promise<{ Q: tf.Tensor2D; B: Blocks }> {
   const T = X[0].shape[0];
   const factor = async (G: tf.Tensor2D, pass: number): Promise<tf.Tensor2D> => (orth === 'host' ? hostGramFactor(G) : deviceGramFactor(G, pass, mm));
+  // The WGSL Cholesky reads (G + Gᵀ)/2 itself.
+  const chol = orth === 'device' && deviceCholesky(k);
   const gramOf = (A: Blocks, M: Blocks): tf.Tensor2D =>
     tf.tidy(() => {
       const G = blockSum(A, M, false, false, mm);
-      return tf.mul(tf.add(G, tf.transpose(G)), 0.5) as tf.Tensor2D;
+      return chol ? G : (tf.mul(tf.add(G, tf.transpose(G)), 0.5) as tf.Tensor2D);
     });
   let M: Blocks; // Y = X·M
   let Y: tf.Tensor2D;
@@ -436,7 +477,7 @@ async function rangeFinder(X: Blocks, k: number, halfSteps: number, seed: number
   }
   for (;;) {
     const last = steps === 0;
-    if (last && orth === 'device') {
+    if (last && orth === 'device' && !chol) {
       // Two passes, then B = Qᵀ·X from the explicit basis: folding Newton–Schulz factors into Yᵀ·X
       // loses ~1e-3 of B in float32 when Y is ill conditioned.
       tf.dispose(M);
@@ -460,8 +501,9 @@ async function rangeFinder(X: Blocks, k: number, halfSteps: number, seed: number
       let Q = mm(Y, W, false, false);
       let B = leftTimes(W, A, true, mm);
       tf.dispose([Y, W, ...A]);
-      if (halfSteps === 0) {
-        // Second pass on the raw sketch X·Ω, which can be too ill-conditioned for one pass in float32.
+      if (halfSteps === 0 || chol) {
+        // Second pass (Cholesky-QR2) on the raw sketch X·Ω, which can be too ill-conditioned for one
+        // pass in float32, and after a float32 (device) Cholesky of the first pass's F-side Gram.
         const G2 = mm(Q, Q, true, false);
         const W2 = await factor(G2, 1);
         const Q2 = mm(Q, W2, false, false);
@@ -483,6 +525,14 @@ async function rangeFinder(X: Blocks, k: number, halfSteps: number, seed: number
 
 /** Orthonormal P [F, k'] (as row blocks) spanning the columns of Z = (Zᵀ)ᵀ, from the row sketch Zᵀ [k, F] (column blocks; one pass). */
 async function rowToColumnBasis(Zt: Blocks, factor: (G: tf.Tensor2D, pass: number) => Promise<tf.Tensor2D>, mm: MatmulFn = matmul): Promise<Blocks> {
+  if (!isHostBackend()) {
+    // Zᵀ read transposed in place (no transposed copies: each is one more dispatch on a GPU).
+    const G = blockSum(Zt, Zt, false, true, mm);
+    const W = await factor(G, 0);
+    const P = Zt.map((z) => mm(z, W, true, false));
+    tf.dispose([G, W]);
+    return P;
+  }
   const Z = Zt.map((z) => tf.transpose(z) as tf.Tensor2D);
   const G = blockSum(Zt, Z, false, false, mm);
   const W = await factor(G, 0);
