@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { check } from './errors.js';
 import { decodeHalf, encodeHalf } from './fp16.js';
-import { readSyncOrExplain, roundToHalfOnDevice } from './cache.js';
+import { readSyncOrExplain } from './cache.js';
 import { FLAT_WORKGROUP, flatDispatch, isWebGpuBackend, runWgsl, wgslFlatIndex } from './webgpu.js';
 
 /**
@@ -196,31 +196,62 @@ function unpackRowsOnDevice(packed: tf.Tensor1D, rows: tf.Tensor1D, w: number): 
   });
 }
 
+/**
+ * WGSL `fn halfBits(v: f32) -> u32`: the float16 bit pattern of a float32 value, round half to even,
+ * overflow to ±Inf, subnormals, NaN kept NaN — integer arithmetic on the float32 bits, the same
+ * steps as the host's `toHalfBits`, so device and host packing agree bit for bit. For kernels that
+ * write float16 results packed two per 32-bit word (`halfBits(lo) | (halfBits(hi) << 16)`).
+ */
+export const WGSL_HALF_BITS = `fn halfBits(v: f32) -> u32 {
+  let x = bitcast<u32>(v);
+  let sign = (x >> 16u) & 0x8000u;
+  let ex = i32((x >> 23u) & 0xffu);
+  var mant = x & 0x7fffffu;
+  if (ex == 255) { return sign | 0x7c00u | select(0u, 0x200u, mant != 0u); }
+  let e = ex - 112;
+  if (e >= 31) { return sign | 0x7c00u; }
+  if (e <= 0) {
+    if (e < -10) { return sign; }
+    mant = mant | 0x800000u;
+    let shift = u32(14 - e);
+    let half = 1u << (shift - 1u);
+    let rest = mant & ((1u << shift) - 1u);
+    var m = mant >> shift;
+    if (rest > half || (rest == half && (m & 1u) == 1u)) { m = m + 1u; }
+    return sign | m;
+  }
+  let rest = mant & 0x1fffu;
+  var h = sign | (u32(e) << 10u) | (mant >> 13u);
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u) == 1u)) { h = h + 1u; }
+  return h;
+}`;
+
+/** Rounds and packs in one kernel: word i holds values 2i (low half) and 2i + 1 (high half, 0 past the end). */
 function packOnDevice(x: tf.Tensor): tf.Tensor1D {
   const n = x.size;
   const words = Math.ceil(n / 2);
-  // Round exactly first (bit-identical to the host rounding): pack2x16float then converts exact values.
-  const rounded = tf.tidy(() => tf.reshape(roundToHalfOnDevice(x), [n]));
+  const flat = x.dtype === 'float32' ? tf.reshape(x, [n]) : tf.cast(tf.reshape(x, [n]), 'float32');
   try {
     return runWgsl({
-      key: 'pack_half',
+      key: 'pack_half_rne',
       names: ['x'],
-      inputs: [rounded],
+      inputs: [flat],
       outputShape: [words],
       dtype: 'int32',
       workgroupSize: WG,
       dispatch: grid(words),
       workgroupBytes: 0,
-      code: `fn kernel(index: i32) {
+      code: `${WGSL_HALF_BITS}
+fn kernel(index: i32) {
   ${FLAT}
   if (flat >= uniforms.outShape) { return; }
-  let lo = x[2 * flat];
-  let hi = select(0.0, x[min(2 * flat + 1, uniforms.xShape - 1)], 2 * flat + 1 < uniforms.xShape);
-  result[flat] = bitcast<i32>(pack2x16float(vec2<f32>(lo, hi)));
+  let lo = halfBits(x[2 * flat]);
+  let hi = select(0u, halfBits(x[min(2 * flat + 1, uniforms.xShape - 1)]), 2 * flat + 1 < uniforms.xShape);
+  result[flat] = bitcast<i32>(lo | (hi << 16u));
 }`,
     }) as tf.Tensor1D;
   } finally {
-    rounded.dispose();
+    flat.dispose();
   }
 }
 
