@@ -23,3 +23,5 @@ export * from './quant/words.js';
 export * from './quant/minmax-groups.js';
 export * from './eviction/kept-tokens.js';
 export * from './eviction/scorer.js';
+export { gatherRowsPackedWgsl } from './eviction/gather-wgsl.js';
+export { topKPositionsWgsl, plainScores, type WgslScoreSource } from './eviction/top-k-wgsl.js';

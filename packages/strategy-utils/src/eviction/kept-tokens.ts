@@ -10,7 +10,9 @@ import {
   type RopeConfig,
   type StoredItem,
   type StoredReader,
+  isWebGpuBackend,
 } from '@kvpack/core';
+import { gatherRowsPackedWgsl } from './gather-wgsl.js';
 
 /**
  * Gathers the kept tokens of one layer, per KV head, as float16 bit patterns: x is [T, H, d]
@@ -189,9 +191,10 @@ function repeatAll(T: number, H: number): Int32Array {
 /**
  * The kept rows of x [T, H, d] packed to float16, [n, H, d]: `idx` [H, n] gives each KV head's own
  * tokens (one gather of rows t·H + h of x viewed as [T·H, d], every head at once), or [n] the same
- * tokens for every head.
+ * tokens for every head. On webgpu one kernel gathers, rounds and packs ({@link gatherRowsPackedWgsl}).
  */
 async function gatherPacked(x: tf.Tensor, idx: tf.Tensor): Promise<HalfTensor> {
+  if (isWebGpuBackend() && x.dtype === 'float32') return gatherRowsPackedWgsl(x, idx);
   const [T, H, d] = x.shape;
   const kept = tf.tidy(() => {
     if (idx.rank === 1) return tf.gather(x, idx, 0);
