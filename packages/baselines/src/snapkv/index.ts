@@ -1,7 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { KvpackError, MAX_TOKENS, atMost, check, type KVCache } from '@kvpack/core';
+import { KvpackError, MAX_TOKENS, atMost, check, isWebGpuBackend, type KVCache } from '@kvpack/core';
 import { z } from 'zod';
 import { defineEvictionStrategy, type ScoreContext } from '@kvpack/strategy-utils';
+import { snapkvScoresWgsl } from './scores-wgsl.js';
 
 const tokens = atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap");
 
@@ -67,7 +68,8 @@ export function pool1d(x: tf.Tensor2D, kernel: number, mode: 'avg' | 'max'): tf.
 /**
  * SnapKV's score of each prefill token, [H_kv, T] on the backend: the pooled votes of the
  * observation window for the T − w prefix tokens, +Infinity for the w window tokens (always kept).
- * The keys are the eviction layer's post-RoPE keys (rotated once, shared with the gather).
+ * The keys are the eviction layer's post-RoPE keys (rotated once, shared with the gather). On webgpu
+ * the softmax statistics, votes and pooling are fused WGSL kernels around one matMul (scores-wgsl.ts).
  */
 function snapkvScores(cache: KVCache, layer: number, o: SnapKvOptions, { postKeys }: ScoreContext): tf.Tensor2D {
   const T = postKeys.shape[0];
@@ -76,6 +78,7 @@ function snapkvScores(cache: KVCache, layer: number, o: SnapKvOptions, { postKey
   const q = cache.queries![layer];
   return tf.tidy(() => {
     const win = tf.slice(q, [q.shape[0] - w, 0, 0], [w, Hq, d]);
+    if (isWebGpuBackend()) return snapkvScoresWgsl(win, postKeys, o.kernelSize, o.pooling);
     const pooled = pool1d(snapkvVotes(win, postKeys), o.kernelSize, o.pooling);
     return tf.concat([pooled, tf.fill([Hkv, w], Infinity)], 1) as tf.Tensor2D;
   });

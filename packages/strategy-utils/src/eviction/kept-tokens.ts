@@ -147,7 +147,24 @@ export class KeptTokensCache extends BaseCompressedCache {
           post.dispose();
         }
       }
-      const host = await Promise.all(positions.map(async (p) => (p instanceof tf.Tensor ? Int32Array.from((await p.data()) as Int32Array) : p)));
+      // Every layer's backend positions in one readback.
+      const onBackend = positions.filter((p): p is tf.Tensor2D => p instanceof tf.Tensor);
+      let flat = new Int32Array(0);
+      if (onBackend.length) {
+        const joined = onBackend.length === 1 ? onBackend[0] : tf.tidy(() => tf.concat(onBackend.map((p) => tf.reshape(p, [-1]))));
+        try {
+          flat = Int32Array.from((await joined.data()) as Int32Array);
+        } finally {
+          if (joined !== onBackend[0]) joined.dispose();
+        }
+      }
+      let at = 0;
+      const host = positions.map((p) => {
+        if (!(p instanceof tf.Tensor)) return p;
+        const part = flat.subarray(at, at + p.size);
+        at += p.size;
+        return Int32Array.from(part);
+      });
       tf.dispose(positions.filter((p): p is tf.Tensor2D => p instanceof tf.Tensor));
       return new KeptTokensCache(strategy, cache.layout, cache.rope, T, options, k, v, host, storePositions);
     } catch (e) {
