@@ -3,7 +3,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { HalfTensor, countWebGpuDispatches, encodeHalf, fromHalfBits, runWgsl, selectBackend, wgslValidationErrors, wgslWorkgroupStorageLimit, type WgslKernel } from './index.js';
+import { HalfTensor, applyRope, releaseSharedRopeTables, countWebGpuDispatches, encodeHalf, fromHalfBits, runWgsl, selectBackend, wgslValidationErrors, wgslWorkgroupStorageLimit, type WgslKernel } from './index.js';
 
 const unavailable = await selectBackend('webgpu').then(
   () => null,
@@ -75,6 +75,34 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     expect(nb[1]).toBe(0x3c00);
     tf.dispose(nan);
     hn.dispose();
+  });
+  it('applyRope is one kernel, bit for bit the wasm tfjs ops: both layouts, inverse, a range (shared tables) and a position list', async () => {
+    const T = 300;
+    const H = 3;
+    const d = 16;
+    let s = 7;
+    const x32 = Float32Array.from({ length: T * H * d }, () => ((s = (s * 1103515245 + 12345) % 2147483648) / 2147483648 - 0.5) * 6);
+    for (const layout of ['half', 'interleaved'] as const) {
+      for (const inverse of [false, true]) {
+        for (const positions of [{ start: 5, count: T }, Int32Array.from({ length: T }, (_, i) => 3 * i + 1)]) {
+          const rope = { theta: 10000, layout };
+          await selectBackend('wasm');
+          const xw = tf.tensor3d(x32, [T, H, d]);
+          const rw = applyRope(xw, rope, positions, inverse);
+          const want = (await rw.data()) as Float32Array;
+          tf.dispose([xw, rw]);
+          await selectBackend('webgpu');
+          const xg = tf.tensor3d(x32, [T, H, d]);
+          const { result: rg, dispatches } = await countWebGpuDispatches(() => applyRope(xg, rope, positions, inverse));
+          expect(dispatches).toBe(1);
+          const got = (await rg.data()) as Float32Array;
+          tf.dispose([xg, rg]);
+          const bad = Array.from(want.keys()).filter((i) => !Object.is(got[i], want[i]));
+          expect(bad.slice(0, 3).map((i) => [i, got[i], want[i]]), `${layout} inverse ${inverse}`).toEqual([]);
+        }
+      }
+    }
+    releaseSharedRopeTables();
   });
   it('a kernel over the workgroup-memory limit is refused before dispatch; an invalid shader is reported, then refused', async () => {
     const x = tf.tensor1d([1, 2]);

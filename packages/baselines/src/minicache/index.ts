@@ -334,8 +334,18 @@ export const miniCacheDefinition = defineStrategy({
       }
       // The retained positions, host metadata, in one readback after every pair is merged.
       const held = pairs.flatMap((p) => [p.k, p.v]);
-      const hostIdx = await Promise.all(held.map(async (p) => Int32Array.from((await p.idx.data()) as Int32Array)));
-      held.forEach((p, i) => (p.idxHost = hostIdx[i]));
+      const joined = held.length === 1 ? held[0].idx : tf.tidy(() => tf.concat(held.map((p) => tf.reshape(p.idx, [-1]))));
+      let all: Int32Array;
+      try {
+        all = Int32Array.from((await joined.data()) as Int32Array);
+      } finally {
+        if (joined !== held[0].idx) joined.dispose();
+      }
+      let at = 0;
+      for (const p of held) {
+        p.idxHost = all.slice(at, at + p.idx.size);
+        at += p.idx.size;
+      }
       const merged = new Set(pairs.flatMap((p) => p.layers));
       const exactK: (HalfTensor | null)[] = new Array(L).fill(null);
       const exactV: (HalfTensor | null)[] = new Array(L).fill(null);
