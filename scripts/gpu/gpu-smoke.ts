@@ -16,6 +16,7 @@ import {
   truncatedSvd,
   relativeFrobeniusError,
   wgslValidationErrors,
+  releaseSharedRopeTables,
 } from '@kvpack/core';
 import '@kvpack/xkv';
 import { attendWith } from '@kvpack/strategy-utils/internal';
@@ -110,6 +111,7 @@ async function checks(): Promise<number> {
   const errHere = await keyError();
   tf.dispose([q, k, v, ...cache.keys, ...cache.values]);
   c.dispose();
+  releaseSharedRopeTables(); // the process-wide device RoPE tables (kept between calls by design)
   const n1 = tf.memory().numTensors;
   await selectBackend('wasm');
   const errWasm = await keyError();

@@ -196,30 +196,17 @@ function unpackRowsOnDevice(packed: tf.Tensor1D, rows: tf.Tensor1D, w: number): 
   });
 }
 
-function packOnDevice(x: tf.Tensor): tf.Tensor1D {
-  const n = x.size;
-  const words = Math.ceil(n / 2);
-  // One kernel: each value is converted to float16 bits by integer arithmetic on its float32 bits,
-  // round to nearest even with subnormals, overflow to ±Inf and NaN as host toHalfBits does (so the
-  // result is bit-identical to the host encoding; WGSL's pack2x16float leaves the rounding to the
-  // implementation), then two are packed to a word. (A chain of tfjs ops did the rounding before:
-  // ~25 dispatches per tensor.)
-  const flat = tf.reshape(x, [n]);
-  try {
-    return runWgsl({
-      key: 'pack_half_exact',
-      names: ['x'],
-      inputs: [flat],
-      outputShape: [words],
-      dtype: 'int32',
-      workgroupSize: WG,
-      dispatch: grid(words),
-      workgroupBytes: 0,
-      code: `fn halfBits(v: f32) -> u32 {
-  let b = bitcast<u32>(v);
-  let sign = (b >> 16u) & 0x8000u;
-  let ex = i32((b >> 23u) & 0xffu);
-  var mant = b & 0x7fffffu;
+/**
+ * WGSL `fn halfBits(v: f32) -> u32`: the float16 bit pattern of a float32 value, round half to even,
+ * overflow to ±Inf, subnormals, NaN kept NaN — integer arithmetic on the float32 bits, the same
+ * steps as the host's `toHalfBits`, so device and host packing agree bit for bit. For kernels that
+ * write float16 results packed two per 32-bit word (`halfBits(lo) | (halfBits(hi) << 16)`).
+ */
+export const WGSL_HALF_BITS = `fn halfBits(v: f32) -> u32 {
+  let x = bitcast<u32>(v);
+  let sign = (x >> 16u) & 0x8000u;
+  let ex = i32((x >> 23u) & 0xffu);
+  var mant = x & 0x7fffffu;
   if (ex == 255) { return sign | 0x7c00u | select(0u, 0x200u, mant != 0u); }
   let e = ex - 112;
   if (e >= 31) { return sign | 0x7c00u; }
@@ -227,17 +214,37 @@ function packOnDevice(x: tf.Tensor): tf.Tensor1D {
     if (e < -10) { return sign; }
     mant = mant | 0x800000u;
     let shift = u32(14 - e);
-    let halfway = 1u << (shift - 1u);
+    let half = 1u << (shift - 1u);
     let rest = mant & ((1u << shift) - 1u);
     var m = mant >> shift;
-    if (rest > halfway || (rest == halfway && (m & 1u) == 1u)) { m = m + 1u; }
+    if (rest > half || (rest == half && (m & 1u) == 1u)) { m = m + 1u; }
     return sign | m;
   }
   let rest = mant & 0x1fffu;
   var h = sign | (u32(e) << 10u) | (mant >> 13u);
   if (rest > 0x1000u || (rest == 0x1000u && (h & 1u) == 1u)) { h = h + 1u; }
   return h;
-}
+}`;
+
+/** Rounds and packs in one kernel: word i holds values 2i (low half) and 2i + 1 (high half, 0 past the end). */
+function packOnDevice(x: tf.Tensor): tf.Tensor1D {
+  const n = x.size;
+  const words = Math.ceil(n / 2);
+  // One kernel: each value is converted to float16 bits by integer arithmetic on its float32 bits
+  // (WGSL_HALF_BITS: round to nearest even, subnormals, overflow to ±Inf, NaN kept, as the host's
+  // toHalfBits, so the result is bit-identical to the host encoding), then two are packed to a word.
+  const flat = x.dtype === 'float32' ? tf.reshape(x, [n]) : tf.cast(tf.reshape(x, [n]), 'float32');
+  try {
+    return runWgsl({
+      key: 'pack_half_rne',
+      names: ['x'],
+      inputs: [flat],
+      outputShape: [words],
+      dtype: 'int32',
+      workgroupSize: WG,
+      dispatch: grid(words),
+      workgroupBytes: 0,
+      code: `${WGSL_HALF_BITS}
 fn kernel(index: i32) {
   ${FLAT}
   if (flat >= uniforms.outShape) { return; }

@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { check } from './errors.js';
+import { FLAT_WORKGROUP, flatDispatch, isWebGpuBackend, runWgsl, wgslFlatIndex } from './webgpu.js';
 import type { RopeConfig } from './types.js';
 
 /**
@@ -146,6 +147,7 @@ export function applyRope(x: tf.Tensor3D, rope: RopeConfig, positions: Positions
   const [T, H, d] = x.shape;
   const pos = positionList(positions);
   check(pos.length === T, 'shape', `applyRope: ${pos.length} positions for ${T} tokens`);
+  if (isWebGpuBackend() && x.dtype === 'float32' && T > 0) return ropeOnDevice(x, rope, positions, inverse);
   return tf.tidy(() => {
     const { cos, sin } = tablesOf(rope, d, positions, false); // internal to this tidy: no copy needed
     const c = cos.reshape([T, 1, d / 2]);
@@ -162,6 +164,63 @@ export function applyRope(x: tf.Tensor3D, rope: RopeConfig, positions: Positions
     const o1 = a3.mul(s).add(b3.mul(c));
     return tf.stack([o0, o1], 3).reshape([T, H, d]) as tf.Tensor3D;
   });
+}
+
+/**
+ * {@link applyRope} on webgpu in one WGSL kernel, bit for bit the tfjs ops' result: each product and
+ * sum rounded on its own as separate kernels round them (`keep` hides each product from the shader
+ * compiler, so none is contracted into a fused multiply–add). Tables of a range of at least
+ * {@link SHARED_ROPE_MIN_TOKENS} positions come from the shared device tables (uploaded once).
+ */
+function ropeOnDevice(x: tf.Tensor3D, rope: RopeConfig, positions: Positions, inverse: boolean): tf.Tensor3D {
+  const [T, H, d] = x.shape;
+  const range = 'start' in positions && !Array.isArray(positions) && !(positions instanceof Int32Array) ? positions : null;
+  const upload = () => {
+    const t = tablesOf(rope, d, positions, true);
+    return [t.cos, t.sin] as [tf.Tensor2D, tf.Tensor2D];
+  };
+  const shared = range !== null && T >= SHARED_ROPE_MIN_TOKENS;
+  const [cos, sin] = shared ? sharedRopeTensors(`half|${JSON.stringify(rope)}|${d}|${range.start}|${range.count}`, upload) : upload();
+  const half = d / 2;
+  const n = T * H * d;
+  // Element (t, h, i): its partner j and whether it is the first of the pair; frequency f = pair index.
+  const pair =
+    rope.layout === 'half'
+      ? `let first = i < ${half}u; let f = select(i - ${half}u, i, first); let j = select(i - ${half}u, i + ${half}u, first);`
+      : `let first = (i & 1u) == 0u; let f = i >> 1u; let j = i ^ 1u;`;
+  try {
+    return runWgsl({
+      key: `rope_${rope.layout === 'half' ? 'half' : 'pairs'}_${H}_${d}_${inverse ? 'inv' : 'fwd'}`,
+      names: ['x', 'c', 's'],
+      inputs: [x, cos, sin],
+      outputShape: [T, H, d],
+      dtype: 'float32',
+      workgroupSize: FLAT_WORKGROUP,
+      dispatch: flatDispatch(n),
+      workgroupBytes: 0,
+      code: `var<private> keepZero: u32;
+fn keep(v: f32) -> f32 { return bitcast<f32>(bitcast<u32>(v) + keepZero); }
+fn kernel(index: i32) {
+  ${wgslFlatIndex('flat')}
+  keepZero = u32(uniforms.cShape[1]) >> 31u; // 0, unknown to the compiler
+  let n = u32(uniforms.outShape[0]) * ${H * d}u;
+  if (u32(flat) >= n) { return; }
+  let e = u32(flat);
+  let row = e / ${d}u;
+  let t = row / ${H}u;
+  let i = e - row * ${d}u;
+  ${pair}
+  let cv = c[t * ${half}u + f];
+  let sv = ${inverse ? '-' : ''}s[t * ${half}u + f];
+  let a = x[e];
+  let b = x[row * ${d}u + j];
+  // first: a·c − b·s; second: b·s + a·c (the tfjs ops' order: x2·c + x1·s, a·s + b·c).
+  result[flat] = select(keep(b * sv) + keep(a * cv), keep(a * cv) - keep(b * sv), first);
+}`,
+    }) as tf.Tensor3D;
+  } finally {
+    if (!shared) tf.dispose([cos, sin]);
+  }
 }
 
 /**

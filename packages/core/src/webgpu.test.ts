@@ -2,7 +2,8 @@
 // scripts/webgpu-software.sh). Without an adapter the suite is skipped and says why.
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
-import { runWgsl, selectBackend, wgslValidationErrors, wgslWorkgroupStorageLimit, type WgslKernel } from './index.js';
+import fc from 'fast-check';
+import { HalfTensor, applyRope, releaseSharedRopeTables, countWebGpuDispatches, encodeHalf, fromHalfBits, runWgsl, selectBackend, wgslValidationErrors, wgslWorkgroupStorageLimit, type WgslKernel } from './index.js';
 
 const unavailable = await selectBackend('webgpu').then(
   () => null,
@@ -46,6 +47,63 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     expect(await wgslValidationErrors()).toEqual([]);
   });
 
+  it('HalfTensor.fromTensor packs in one kernel, bit for bit as the host encodeHalf: ties, subnormals, overflow, ±Inf, NaN, float32 subnormals', async () => {
+    const xs: number[] = [0, -0, 1e-30, -1e-30, 1e-40, -1e-40, 2 ** -25, 2 ** -25 * 1.0000001, 65504, 65519.99, 65520, -65520, 1e6, -3e38, Infinity, -Infinity];
+    for (let h = 0; h < 0x7c00; h += 5) {
+      const v = fromHalfBits(h);
+      const mid = Math.fround((v + fromHalfBits(h + 1)) / 2);
+      xs.push(v, -v, mid, -mid, mid * (1 + 2 ** -23), -mid * (1 - 2 ** -24));
+    }
+    xs.push(...fc.sample(fc.float({ noNaN: true }), { numRuns: 3000, seed: 11 }));
+    const x32 = Float32Array.from(xs);
+    const want = encodeHalf(x32);
+    const n0 = tf.memory().numTensors;
+    const t = tf.tensor1d(x32);
+    const { result: h, dispatches } = await countWebGpuDispatches(() => HalfTensor.fromTensor(t));
+    expect(dispatches).toBe(1);
+    const got = await h.bits();
+    tf.dispose(t);
+    h.dispose();
+    expect(tf.memory().numTensors).toBe(n0);
+    const bad = Array.from(x32.keys()).filter((i) => got[i] !== want[i]);
+    expect(bad.slice(0, 5).map((i) => [i, x32[i], got[i], want[i]]), `${bad.length} of ${x32.length} differ`).toEqual([]);
+    // NaN stays NaN (a quiet NaN pattern).
+    const nan = tf.tensor1d([NaN, 1]);
+    const hn = await HalfTensor.fromTensor(nan);
+    const nb = await hn.bits();
+    expect((nb[0] & 0x7c00) === 0x7c00 && (nb[0] & 0x3ff) !== 0).toBe(true);
+    expect(nb[1]).toBe(0x3c00);
+    tf.dispose(nan);
+    hn.dispose();
+  });
+  it('applyRope is one kernel, bit for bit the wasm tfjs ops: both layouts, inverse, a range (shared tables) and a position list', async () => {
+    const T = 300;
+    const H = 3;
+    const d = 16;
+    let s = 7;
+    const x32 = Float32Array.from({ length: T * H * d }, () => ((s = (s * 1103515245 + 12345) % 2147483648) / 2147483648 - 0.5) * 6);
+    for (const layout of ['half', 'interleaved'] as const) {
+      for (const inverse of [false, true]) {
+        for (const positions of [{ start: 5, count: T }, Int32Array.from({ length: T }, (_, i) => 3 * i + 1)]) {
+          const rope = { theta: 10000, layout };
+          await selectBackend('wasm');
+          const xw = tf.tensor3d(x32, [T, H, d]);
+          const rw = applyRope(xw, rope, positions, inverse);
+          const want = (await rw.data()) as Float32Array;
+          tf.dispose([xw, rw]);
+          await selectBackend('webgpu');
+          const xg = tf.tensor3d(x32, [T, H, d]);
+          const { result: rg, dispatches } = await countWebGpuDispatches(() => applyRope(xg, rope, positions, inverse));
+          expect(dispatches).toBe(1);
+          const got = (await rg.data()) as Float32Array;
+          tf.dispose([xg, rg]);
+          const bad = Array.from(want.keys()).filter((i) => !Object.is(got[i], want[i]));
+          expect(bad.slice(0, 3).map((i) => [i, got[i], want[i]]), `${layout} inverse ${inverse}`).toEqual([]);
+        }
+      }
+    }
+    releaseSharedRopeTables();
+  });
   it('a kernel over the workgroup-memory limit is refused before dispatch; an invalid shader is reported, then refused', async () => {
     const x = tf.tensor1d([1, 2]);
     const y = tf.tensor1d([3]);

@@ -139,3 +139,37 @@ export function runWgsl(k: WgslKernel): tf.Tensor {
   }
   return tf.engine().makeTensorFromTensorInfo(info);
 }
+
+/**
+ * Runs `fn` (awaited) and counts the compute programs the webgpu backend dispatches meanwhile (tfjs's
+ * own op kernels and {@link runWgsl} kernels alike: each is one `runWebGPUProgram`, one Dawn dispatch),
+ * and the readbacks to the host (`read` / `readSync`). Off webgpu both counts are null. For the perf
+ * report's "kernels per compress / per decode step"; not reentrant.
+ */
+export async function countWebGpuDispatches<T>(fn: () => Promise<T> | T): Promise<{ result: T; dispatches: number | null; readbacks: number | null }> {
+  if (!isWebGpuBackend()) return { result: await fn(), dispatches: null, readbacks: null };
+  const backend = tf.backend() as unknown as Record<'runWebGPUProgram' | 'read' | 'readSync', (...a: unknown[]) => unknown>;
+  const names = ['runWebGPUProgram', 'read', 'readSync'] as const;
+  const own = names.filter((n) => Object.prototype.hasOwnProperty.call(backend, n));
+  const saved = { run: backend.runWebGPUProgram, read: backend.read, readSync: backend.readSync };
+  let dispatches = 0;
+  let readbacks = 0;
+  backend.runWebGPUProgram = function (this: unknown, ...a: unknown[]) {
+    dispatches++;
+    return saved.run.apply(this, a);
+  };
+  backend.read = function (this: unknown, ...a: unknown[]) {
+    readbacks++;
+    return saved.read.apply(this, a);
+  };
+  backend.readSync = function (this: unknown, ...a: unknown[]) {
+    readbacks++;
+    return saved.readSync.apply(this, a);
+  };
+  try {
+    return { result: await fn(), dispatches, readbacks };
+  } finally {
+    for (const n of names) delete backend[n];
+    if (own.length) Object.assign(backend, { runWebGPUProgram: saved.run, read: saved.read, readSync: saved.readSync });
+  }
+}

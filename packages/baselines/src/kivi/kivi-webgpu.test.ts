@@ -5,7 +5,8 @@
 // the dequantized cache. Without an adapter the suite is skipped and says why.
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
-import { createStrategy, deserializeCache, selectBackend, wgslValidationErrors, type KVCache, type ModelLayout } from '@kvpack/core';
+import { countWebGpuDispatches, createStrategy, deserializeCache, selectBackend, wgslValidationErrors, type KVCache, type ModelLayout } from '@kvpack/core';
+import { holdMinMaxOnBackend } from '@kvpack/strategy-utils';
 import { residentRatios } from '@kvpack/core/conformance';
 import './index.js';
 import type { KiviCache, KiviOptions } from './index.js';
@@ -129,6 +130,21 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     expect(await wgslValidationErrors()).toEqual([]);
   });
 
+  it('quantizes a block in five kernels and flags a group beyond the float16 range', async () => {
+    await selectBackend('webgpu');
+    const start = tf.memory().numTensors;
+    for (const [big, flag] of [[3, 0], [1e6, 1]] as const) {
+      const x = tf.tensor3d(Float32Array.from({ length: 64 * 2 * 8 }, (_, i) => (i === 77 ? big : (i % 7) / 3)), [64, 2, 8]);
+      const { result: h, dispatches } = await countWebGpuDispatches(() => holdMinMaxOnBackend({ along: 'tokens', n: 64, H: 2, d: 8, g: 32, bits: 2 }, x));
+      expect(dispatches).toBe(5); // group stats, codes, scale, minimum, flag
+      expect((await h.nonFinite.data())[0]).toBe(flag);
+      tf.dispose([x, h.nonFinite]);
+      h.codes.dispose();
+      h.scale.dispose();
+      h.min.dispose();
+    }
+    expect(tf.memory().numTensors).toBe(start);
+  });
   it(`decodes ${STEPS} steps across a key flush and value slides: the same cache as wasm, attention as float64 over it`, async () => {
     await selectBackend('wasm');
     const rc = randomCache(T, layout, 21);

@@ -9,12 +9,14 @@ import {
   defineStrategy,
   denseCacheBytes,
   disposeOwnedOnError,
+  isWebGpuBackend,
   type ModelLayout,
   type RopeConfig,
   type StoredItem,
 } from '@kvpack/core';
 import { resolveKnobByTarget, topKPositions } from '@kvpack/strategy-utils';
 import { z } from 'zod';
+import { mergeAndPackWgsl } from './merge-wgsl.js';
 
 /** Options of the `minicache` strategy (defaults: the paper's t = 0.6 and γ = 0.05). */
 export const MiniCacheOptionsSchema = z.strictObject({
@@ -184,10 +186,17 @@ function pairShapes(T: number, H: number, d: number, k: number): Record<(typeof 
 /**
  * Merges a layer pair on the backend ({@link mergeLayerPairOnBackend}) and holds its stored parts:
  * the floats packed to float16 ({@link HalfTensor.fromTensor}: on the device on webgpu), the retained
- * positions as int32. `idxHost` is left empty: the positions are host metadata (serialized,
+ * positions as int32 (on webgpu all in a few fused kernels, merge-wgsl.ts). `idxHost` is left empty: the positions are host metadata (serialized,
  * {@link MiniCacheCache.retainedPositions}) and come back in one readback after every pair is merged.
  */
 async function mergeAndHold(x0: tf.Tensor3D, x1: tf.Tensor3D, t: number, gamma: number): Promise<HeldPair> {
+  const [T] = x0.shape;
+  const k = retainedCount(T, gamma);
+  // On webgpu, a handful of fused kernels write the stored parts directly (merge-wgsl.ts).
+  if (isWebGpuBackend() && k > 0 && k < T && x0.dtype === 'float32' && x1.dtype === 'float32') {
+    const m = mergeAndPackWgsl(x0, x1, t, k, PARALLEL_EPS);
+    return { ...m, idxHost: new Int32Array(0), retained: k };
+  }
   const m = mergeLayerPairOnBackend(x0, x1, t, gamma);
   const held: Partial<HeldPair> = { idx: m.idx, idxHost: new Int32Array(0), retained: m.idx.shape[0] };
   try {
@@ -356,8 +365,18 @@ export const miniCacheDefinition = defineStrategy({
       }
       // The retained positions, host metadata, in one readback after every pair is merged.
       const held = pairs.flatMap((p) => [p.k, p.v]);
-      const hostIdx = await Promise.all(held.map(async (p) => Int32Array.from((await p.idx.data()) as Int32Array)));
-      held.forEach((p, i) => (p.idxHost = hostIdx[i]));
+      const joined = held.length === 1 ? held[0].idx : tf.tidy(() => tf.concat(held.map((p) => tf.reshape(p.idx, [-1]))));
+      let all: Int32Array;
+      try {
+        all = Int32Array.from((await joined.data()) as Int32Array);
+      } finally {
+        if (joined !== held[0].idx) joined.dispose();
+      }
+      let at = 0;
+      for (const p of held) {
+        p.idxHost = all.slice(at, at + p.idx.size);
+        at += p.idx.size;
+      }
       const merged = new Set(pairs.flatMap((p) => p.layers));
       const exactK: (HalfTensor | null)[] = new Array(L).fill(null);
       const exactV: (HalfTensor | null)[] = new Array(L).fill(null);

@@ -3,7 +3,7 @@
 // parts match the float64 host merge. Without an adapter the suite is skipped and says why.
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
-import { createStrategy, decodeContainer, decodeHalf, selectBackend, type ModelLayout } from '@kvpack/core';
+import { countWebGpuDispatches, validateKVCache, createStrategy, decodeContainer, decodeHalf, selectBackend, type ModelLayout } from '@kvpack/core';
 import './index.js'; // registers the strategy
 import { mergeLayerPair } from './oracle.js';
 import { randomCache } from '../testing/testkit.js';
@@ -25,7 +25,13 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     const rc = randomCache(T, layout, 17);
     await selectBackend('webgpu');
     const n0 = tf.memory().numTensors;
-    const c = await createStrategy({ name: 'minicache', options: { gamma } }).compress(rc.cache); // merges (2, 3)
+    const { result: c, dispatches, readbacks } = await countWebGpuDispatches(() => createStrategy({ name: 'minicache', options: { gamma } }).compress(rc.cache)); // merges (2, 3)
+    // The cache's validation (every compress), then fused kernels: per kind of the merged pair, row
+    // stats, direction, two norms, top-k, two gathers and the positions' transpose (8); one pack per
+    // exact layer's keys and values (4); one join of the retained positions for their single readback.
+    const validation = (await countWebGpuDispatches(() => validateKVCache(rc.cache))).dispatches!;
+    expect(dispatches).toBe(validation + 2 * 8 + 4 + 1);
+    expect(readbacks).toBe(2); // the validation's flags, the retained positions
     const stored = decodeContainer(await c.serializeAsync());
     c.dispose();
     expect(tf.memory().numTensors).toBe(n0);

@@ -1,7 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { KvpackError, MAX_TOKENS, atMost, check, type KVCache, type MlaKVCache } from '@kvpack/core';
+import { KvpackError, MAX_TOKENS, atMost, check, isWebGpuBackend, type KVCache, type MlaKVCache } from '@kvpack/core';
 import { z } from 'zod';
 import { defineEvictionStrategy, pool1d, snapkvVotes, type ScoreContext } from '@kvpack/strategy-utils';
+import { snapkvScoresWgsl } from './scores-wgsl.js';
 
 // The votes and the pooling are shared with the head- and layer-budget strategies (AdaKV, PyramidKV).
 export { pool1d, snapkvVotes } from '@kvpack/strategy-utils';
@@ -37,7 +38,8 @@ export type SnapKvOptions = z.output<typeof SnapKvOptionsSchema>;
 /**
  * SnapKV's score of each prefill token, [H_kv, T] on the backend: the pooled votes of the
  * observation window for the T − w prefix tokens, +Infinity for the w window tokens (always kept).
- * The keys are the eviction layer's post-RoPE keys (rotated once, shared with the gather).
+ * The keys are the eviction layer's post-RoPE keys (rotated once, shared with the gather). On webgpu
+ * the softmax statistics, votes and pooling are fused WGSL kernels around one matMul (scores-wgsl.ts).
  */
 function snapkvScores(cache: KVCache, layer: number, o: SnapKvOptions, { postKeys }: ScoreContext): tf.Tensor2D {
   const T = postKeys.shape[0];
@@ -46,6 +48,7 @@ function snapkvScores(cache: KVCache, layer: number, o: SnapKvOptions, { postKey
   const q = cache.queries![layer];
   return tf.tidy(() => {
     const win = tf.slice(q, [q.shape[0] - w, 0, 0], [w, Hq, d]);
+    if (isWebGpuBackend()) return snapkvScoresWgsl(win, postKeys, o.kernelSize, o.pooling);
     const pooled = pool1d(snapkvVotes(win, postKeys), o.kernelSize, o.pooling);
     return tf.concat([pooled, tf.fill([Hkv, w], Infinity)], 1) as tf.Tensor2D;
   });

@@ -3,7 +3,10 @@
 // tokens equal the wasm compress's. Without an adapter the suite is skipped and says why.
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
-import { createStrategy, selectBackend, type ModelLayout } from '@kvpack/core';
+import { countWebGpuDispatches, createStrategy, selectBackend, validateKVCache, type ModelLayout } from '@kvpack/core';
+import fc from 'fast-check';
+import { snapkvScoresWgsl } from './scores-wgsl.js';
+import { pool1dHost } from './oracle.js';
 import type { KeptTokensCache } from '@kvpack/strategy-utils';
 import './index.js'; // registers the strategy
 import { randomCache } from '../testing/testkit.js';
@@ -45,6 +48,71 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
       expect(Array.from(g.v[l])).toEqual(Array.from(w.v[l]));
       for (let i = 0; i < w.k[l].length; i++) expect(Math.abs(g.k[l][i] - w.k[l][i])).toBeLessThanOrEqual(Math.max(Math.abs(w.k[l][i]) * 2 ** -10, 2 ** -24));
     }
+    await selectBackend('wasm');
+    rc.dispose();
+  });
+  it('the fused scores equal a float64 recomputation (causal softmax over the window, votes summed over it and averaged over the GQA group, avg and max pooling, window at +∞)', async () => {
+    await selectBackend('webgpu');
+    await fc.assert(
+      fc.asyncProperty(fc.integer({ min: 1, max: 3 }), fc.integer({ min: 1, max: 3 }), fc.integer({ min: 1, max: 12 }), fc.integer({ min: 20, max: 700 }), fc.integer({ min: 0, max: 3 }), fc.boolean(), fc.nat(), async (Hkv, g, w, T, kr, max, seed) => {
+        const d = 8;
+        const Hq = Hkv * g;
+        const kernel = 2 * kr + 1;
+        let s = seed + 1;
+        const rnd = () => ((s = (s * 1103515245 + 12345) % 2147483648) / 2147483648 - 0.5) * 4;
+        const q = Float32Array.from({ length: w * Hq * d }, rnd);
+        const k = Float32Array.from({ length: T * Hkv * d }, rnd);
+        const n0 = tf.memory().numTensors;
+        const qt = tf.tensor3d(q, [w, Hq, d]);
+        const kt = tf.tensor3d(k, [T, Hkv, d]);
+        const out = snapkvScoresWgsl(qt, kt, kernel, max ? 'max' : 'avg');
+        const got = (await out.data()) as Float32Array;
+        tf.dispose([qt, kt, out]);
+        expect(tf.memory().numTensors).toBe(n0);
+        // float64: votes[h, j] = (1/g) Σ_{query head of h, window query i} softmax_i(q·k/√d)[j], j < T − w.
+        const P = T - w;
+        const votes = new Float64Array(Hkv * P);
+        for (let hq = 0; hq < Hq; hq++) {
+          const h = Math.floor(hq / g);
+          for (let i = 0; i < w; i++) {
+            const seen = T - w + i + 1;
+            const lg = new Float64Array(seen);
+            for (let j = 0; j < seen; j++) {
+              let a = 0;
+              for (let c = 0; c < d; c++) a += q[(i * Hq + hq) * d + c] * k[(j * Hkv + h) * d + c];
+              lg[j] = a / Math.sqrt(d);
+            }
+            const m = Math.max(...lg);
+            const z = lg.reduce((acc, v) => acc + Math.exp(v - m), 0);
+            for (let j = 0; j < P; j++) votes[h * P + j] += Math.exp(lg[j] - m) / z / g;
+          }
+        }
+        const pooled = pool1dHost(votes, Hkv, P, kernel, max ? 'max' : 'avg');
+        for (let h = 0; h < Hkv; h++) {
+          for (let j = 0; j < T; j++) {
+            const v = got[h * T + j];
+            if (j >= P) expect(v).toBe(Infinity);
+            else expect(Math.abs(v - pooled[h * P + j]), `head ${h} token ${j}`).toBeLessThanOrEqual(1e-5 * pooled[h * P + j] + 1e-9);
+          }
+        }
+      }),
+      { seed: 9, numRuns: 4 },
+    );
+  });
+  it('compresses in a few kernels per layer', async () => {
+    const layout: ModelLayout = { nLayers: 2, nHeads: 4, nKvHeads: 2, headDim: 16 };
+    await selectBackend('wasm');
+    const rc = randomCache(96, layout, 21);
+    await selectBackend('webgpu');
+    const st = createStrategy({ name: 'snapkv', options: { budget: 30, window: 8, kernelSize: 5 } });
+    const validation = (await countWebGpuDispatches(() => validateKVCache(rc.cache))).dispatches!;
+    const { result: c, dispatches, readbacks } = await countWebGpuDispatches(() => st.compress(rc.cache));
+    c.dispose();
+    // Per layer, besides the key rotation: the window slice, the queries' and the keys' transposes, the
+    // matMul, row stats, votes, pooling, top-k, two gather+pack kernels and the positions' transpose.
+    console.log(`snapkv compress of ${layout.nLayers} layers on webgpu: ${dispatches} dispatches (validation ${validation}), ${readbacks} readbacks`);
+    expect(dispatches! - validation).toBeLessThanOrEqual(layout.nLayers * 24);
+    expect(readbacks).toBe(2); // the validation's flags, and the kept positions of every layer at once
     await selectBackend('wasm');
     rc.dispose();
   });

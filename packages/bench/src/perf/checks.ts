@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { applyRope, attention, createStrategy, disposeKVCache, gaussianMatrix, type CompressedCache, type KVCache } from '@kvpack/core';
+import { applyRope, attention, countWebGpuDispatches, createStrategy, disposeKVCache, gaussianMatrix, type CompressedCache, type KVCache } from '@kvpack/core';
 import { attendWith } from '@kvpack/strategy-utils/internal';
 import { decodeQuery, stepTiming } from './baselines.js';
 import { decodeModes } from './decode-modes.js';
@@ -65,15 +65,21 @@ export async function compressCheck(
     log(res.line);
     const relErr = await groupRelErr(await strategy.compress(cache), cache);
     const baselineMs: Record<string, number> = {};
+    const baselineKernels: Record<string, { dispatches: number; readbacks: number }> = {};
     for (const bl of baselineLabels) {
       const s = PERF_SETTINGS.find((x) => x.label === bl);
       if (!s) throw new Error(`unknown perf setting "${bl}" (settings: ${PERF_SETTINGS.map((x) => x.label).join(', ')})`);
       const st = createStrategy({ name: s.name, options: s.options });
       const tb = await timeInterleaved({ compress: () => st.compress(cache) }, { reps: o.reps, warmup: o.warmup });
       baselineMs[bl] = tb.compress.medianMs;
-      log(`${bl}: compress of the check's ${G}-layer cache [${T}] ${tb.compress.medianMs.toFixed(1)} ms`);
+      // One more compress, its GPU kernels (dispatches) and host readbacks counted (webgpu only).
+      const counted = await countWebGpuDispatches(() => st.compress(cache));
+      counted.result.dispose();
+      if (counted.dispatches !== null) baselineKernels[bl] = { dispatches: counted.dispatches, readbacks: counted.readbacks! };
+      const kernels = counted.dispatches === null ? '' : `; ${counted.dispatches} kernels, ${counted.readbacks} readbacks per compress`;
+      log(`${bl}: compress of the check's ${G}-layer cache [${T}] ${tb.compress.medianMs.toFixed(1)} ms${kernels}`);
     }
-    return { ...res, detail: { tokens: T, features: F, rank: r, compressMs: t.compress.medianMs, relErr, baselineMs } };
+    return { ...res, detail: { tokens: T, features: F, rank: r, compressMs: t.compress.medianMs, relErr, baselineMs, baselineKernels } };
   } catch (e) {
     return { label, reason: (e as Error).message.split('\n')[0] };
   } finally {
@@ -158,6 +164,8 @@ export async function sparseDecodeCheck(
     const ops: Record<string, () => tf.Tensor> = { sparse: () => mode.step(layer, q), core: () => attention(q, k, V, 0), ready: () => denseDecodeStep(q, rd) };
     if (tf.getBackend() === 'webgpu') ops.tfjsOps = () => attendWith(xc, layer, q, { budget: o.sparseBudget, kernels: 'tfjs' });
     const t = await timeInterleaved(ops, stepTiming(o));
+    const counted = await countWebGpuDispatches(() => mode.step(layer, q));
+    counted.result.dispose();
     const dense = Math.min(t.core.medianMs, t.ready.medianMs);
     const res = ratioCheck(
       label,
@@ -170,7 +178,8 @@ export async function sparseDecodeCheck(
         `(${t.core.medianMs.toFixed(1)} ms, sparse is ${(t.sparse.medianMs / t.core.medianMs).toFixed(2)}× it) and the attention-ready layout ` +
         `(${t.ready.medianMs.toFixed(1)} ms); xkv G=4 r=${4 * ranks.rankK}/${4 * ranks.rankV}` +
         `; rebuilding the selected keys alone is ${keyRebuildVsDense(cache.layout, T, o.sparseBudget, 4 * ranks.rankK).toFixed(2)}× dense attention's multiply–adds` +
-        (t.tfjsOps ? `; sparse step as WGSL kernels; the same step composed of tfjs ops: ${t.tfjsOps.medianMs.toFixed(2)} ms` : ''),
+        (t.tfjsOps ? `; sparse step as WGSL kernels; the same step composed of tfjs ops: ${t.tfjsOps.medianMs.toFixed(2)} ms` : '') +
+        (counted.dispatches === null ? '' : `; ${counted.dispatches} kernels, ${counted.readbacks} readbacks per step`),
     );
     log(res.line);
     return res;

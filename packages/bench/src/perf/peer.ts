@@ -104,7 +104,9 @@ export function peerChecks(report: PerfReport, peer: PeerResult): RatioCheck[] {
   for (const [label, ms] of Object.entries(d.baselineMs)) {
     const p = peer.baselines?.[label];
     if (!p || !(p.median_ms > 0)) continue;
-    out.push(ratioCheck(`${report.environment.backend}: ${label} compress, ${peer.group_layers ?? 4} layers [${d.tokens}]`, ms, p.median_ms, 3, 'its PyTorch peer', where));
+    const k = d.baselineKernels?.[label];
+    const kernels = k ? `; ${k.dispatches} GPU kernels and ${k.readbacks} readbacks per compress` : '';
+    out.push(ratioCheck(`${report.environment.backend}: ${label} compress, ${peer.group_layers ?? 4} layers [${d.tokens}]`, ms, p.median_ms, 3, 'its PyTorch peer', `${where}${kernels}`));
   }
   return out;
 }

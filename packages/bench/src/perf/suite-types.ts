@@ -54,6 +54,8 @@ export interface CompressCheckDetail {
   relErr: { xk: number; xv: number };
   /** Median ms of compressing the same cache with each of {@link PerfSuiteOptions.checkBaselines}, by setting label. */
   baselineMs: Record<string, number>;
+  /** GPU kernels (dispatches) and host readbacks of one compress of each baseline, on webgpu (absent elsewhere). */
+  baselineKernels?: Record<string, { dispatches: number; readbacks: number }>;
 }
 
 /** Progress and log callbacks of {@link runPerfSuite}. */

@@ -4,7 +4,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { selectBackend } from '@kvpack/core';
+import { countWebGpuDispatches, selectBackend } from '@kvpack/core';
 import { keepTopScores, topKPositions } from './scorer.js';
 
 const unavailable = await selectBackend('webgpu').then(
@@ -32,6 +32,23 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
       }),
       { seed: 5, numRuns: 40 },
     );
+    expect(tf.memory().numTensors).toBe(n0);
+  });
+  it('one kernel selects over many blocks of a long row: heavy ties, a k-th value shared by thousands, NaN and -0', async () => {
+    const n0 = tf.memory().numTensors;
+    const H = 3;
+    const T = 9001;
+    // Few distinct values (many ties at the k-th), negative zeros against zeros, some NaN.
+    const scores = Float32Array.from({ length: H * T }, (_, i) => ((i * 2654435761) >>> 0) % 97 === 0 ? NaN : (((i * 40503) >>> 7) % 5) - 2 || (i % 2 ? -0 : 0));
+    for (const k of [1, 17, 2048, 4500, 9000]) {
+      const want = keepTopScores(scores, H, T, k);
+      const t = tf.tensor2d(scores, [H, T]);
+      const { result: p, dispatches } = await countWebGpuDispatches(() => topKPositions(t, k));
+      expect(dispatches).toBe(1);
+      const got = (await p.data()) as Int32Array;
+      tf.dispose([t, p]);
+      for (let h = 0; h < H; h++) expect(Array.from(got.subarray(h * k, (h + 1) * k)), `k = ${k}, head ${h}`).toEqual(Array.from({ length: k }, (_, j) => want[j * H + h]));
+    }
     expect(tf.memory().numTensors).toBe(n0);
   });
 });

@@ -10,7 +10,9 @@ import {
   type RopeConfig,
   type StoredItem,
   type StoredReader,
+  isWebGpuBackend,
 } from '@kvpack/core';
+import { gatherRowsPackedWgsl } from './gather-wgsl.js';
 
 /**
  * Gathers the kept tokens of one layer, per KV head, as float16 bit patterns: x is [T, H, d]
@@ -145,7 +147,24 @@ export class KeptTokensCache extends BaseCompressedCache {
           post.dispose();
         }
       }
-      const host = await Promise.all(positions.map(async (p) => (p instanceof tf.Tensor ? Int32Array.from((await p.data()) as Int32Array) : p)));
+      // Every layer's backend positions in one readback.
+      const onBackend = positions.filter((p): p is tf.Tensor2D => p instanceof tf.Tensor);
+      let flat = new Int32Array(0);
+      if (onBackend.length) {
+        const joined = onBackend.length === 1 ? onBackend[0] : tf.tidy(() => tf.concat(onBackend.map((p) => tf.reshape(p, [-1]))));
+        try {
+          flat = Int32Array.from((await joined.data()) as Int32Array);
+        } finally {
+          if (joined !== onBackend[0]) joined.dispose();
+        }
+      }
+      let at = 0;
+      const host = positions.map((p) => {
+        if (!(p instanceof tf.Tensor)) return p;
+        const part = flat.subarray(at, at + p.size);
+        at += p.size;
+        return Int32Array.from(part);
+      });
       tf.dispose(positions.filter((p): p is tf.Tensor2D => p instanceof tf.Tensor));
       return new KeptTokensCache(strategy, cache.layout, cache.rope, T, options, k, v, host, storePositions);
     } catch (e) {
@@ -189,9 +208,10 @@ function repeatAll(T: number, H: number): Int32Array {
 /**
  * The kept rows of x [T, H, d] packed to float16, [n, H, d]: `idx` [H, n] gives each KV head's own
  * tokens (one gather of rows t·H + h of x viewed as [T·H, d], every head at once), or [n] the same
- * tokens for every head.
+ * tokens for every head. On webgpu one kernel gathers, rounds and packs ({@link gatherRowsPackedWgsl}).
  */
 async function gatherPacked(x: tf.Tensor, idx: tf.Tensor): Promise<HalfTensor> {
+  if (isWebGpuBackend() && x.dtype === 'float32') return gatherRowsPackedWgsl(x, idx);
   const [T, H, d] = x.shape;
   const kept = tf.tidy(() => {
     if (idx.rank === 1) return tf.gather(x, idx, 0);

@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { check } from '@kvpack/core';
+import { check, isWebGpuBackend } from '@kvpack/core';
+import { plainScores, topKPositionsWgsl } from './top-k-wgsl.js';
 
 /** The largest finite float32. */
 const FLOAT32_MAX = 3.4028234663852886e38;
@@ -12,7 +13,8 @@ const FLOAT32_MAX = 3.4028234663852886e38;
  * position scoring above v_k is kept, and of those scoring exactly v_k the lowest positions fill the
  * rest (a running count of the ties); a second `tf.topk` over T − position of the kept positions
  * (distinct, exact in float32 below 2^24) lists them ascending. So the result does not depend on how
- * a backend's top-k resolves ties (nor on how it treats ±∞: the top-k sees only finite values). Same rule as the host `keepTopScores`. Transient, owned by the caller.
+ * a backend's top-k resolves ties (nor on how it treats ±∞: the top-k sees only finite values). Same rule as the host `keepTopScores`.
+ * On webgpu the whole selection is one WGSL kernel ({@link topKPositionsWgsl}). Transient, owned by the caller.
  * @throws KvpackError('shape') when `scores` is not 2-D or k is not in [0, T].
  */
 export function topKPositions(scores: tf.Tensor2D, k: number): tf.Tensor2D {
@@ -21,6 +23,15 @@ export function topKPositions(scores: tf.Tensor2D, k: number): tf.Tensor2D {
   check(Number.isInteger(k) && k >= 0 && k <= T, 'shape', `top-k positions: k = ${k} is not a count of the T = ${T} positions`);
   if (k === 0) return tf.zeros([R, 0], 'int32') as tf.Tensor2D;
   if (k === T) return tf.tidy(() => tf.tile(tf.range(0, T, 1, 'int32').reshape([1, T]), [R, 1]) as tf.Tensor2D);
+  if (isWebGpuBackend() && R <= 65535) {
+    if (scores.dtype === 'float32') return topKPositionsWgsl(plainScores(scores), R, T, k);
+    const f = tf.cast(scores, 'float32');
+    try {
+      return topKPositionsWgsl(plainScores(f), R, T, k);
+    } finally {
+      f.dispose();
+    }
+  }
   return tf.tidy(() => {
     const raw = scores.dtype === 'float32' ? scores : tf.cast(scores, 'float32');
     // NaN ≠ NaN (webgpu has no IsNan kernel): NaN ranks as −∞.

@@ -1,7 +1,8 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { HalfTensor, check, isHostBackend, roundToHalfOnDevice } from '@kvpack/core';
+import { HalfTensor, check, isHostBackend, isWebGpuBackend, roundToHalfOnDevice } from '@kvpack/core';
 import { CodesTensor } from './codes-tensor.js';
 import { concatAllWords } from './words.js';
+import { holdMinMaxWgsl } from './minmax-wgsl.js';
 
 /**
  * Grouping of a min–max quantized [n, H, d] block (KIVI's two layouts):
@@ -181,7 +182,8 @@ const chunkElements = () => (isHostBackend() ? 2 ** 20 : 2 ** 23);
  * scale and minimum as float16 ({@link HalfTensor.fromTensorSync}). Synchronous; no host round trip on
  * webgpu (on the host backends, where tensors live in host memory, the float16 packing reads back).
  * `nonFinite` (a scalar the caller owns and may read later) is 1 when a group's scale or minimum is
- * beyond the float16 range. Does not dispose `x`.
+ * beyond the float16 range. On webgpu the whole block is quantized and packed by a few fused WGSL
+ * kernels (minmax-wgsl.ts: the same arithmetic, bit for bit), unchunked. Does not dispose `x`.
  * @throws KvpackError('shape') when x is not [n, H, d] grouped by g.
  */
 export function holdMinMaxOnBackend(block: { along: MinMaxGrouping; n: number; H: number; d: number; g: number; bits: 2 | 4 }, x: tf.Tensor): HeldMinMax & { nonFinite: tf.Scalar } {
@@ -191,6 +193,7 @@ export function holdMinMaxOnBackend(block: { along: MinMaxGrouping; n: number; H
     'shape',
     `min–max quantization of [${n}, ${H}, ${d}] grouped by ${g} ${along}: got a tensor of shape [${x.shape}]`,
   );
+  if (isWebGpuBackend() && x.dtype === 'float32') return holdMinMaxWgsl(block, x);
   // A chunk is whole key groups (a multiple of g tokens) and whole packed words (of 16 tokens: 16·b ≥ 32 bits a channel).
   const unit = (along === 'tokens' ? g : 1) * 16;
   const chunk = Math.max(1, Math.floor(chunkElements() / (H * d * unit))) * unit;

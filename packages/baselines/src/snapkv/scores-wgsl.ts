@@ -1,0 +1,156 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { FLAT_WORKGROUP, flatDispatch, runWgsl, wgslFlatIndex } from '@kvpack/core';
+
+// SnapKV's scores on webgpu as three WGSL kernels around one tfjs matMul (the same math as
+// snapkvVotes + pool1d, see there): the window's logits Q·Kᵀ for every KV head's GQA group at once,
+// then per logit row the causal softmax's max and normalizer, then per prefix token the votes
+// (softmax weights summed over the window, averaged over the group), then the pooling with the
+// window's tokens at +∞ — no host round trip and no [w, T] mask tensor.
+
+const WG = 256;
+const FLAT = wgslFlatIndex('flat');
+
+/**
+ * Per logit row r = (h·g + q)·w + i (KV head h, query head q of its group, window query i) of
+ * logits [H_kv, g·w, T] (unscaled): the max m_r and normalizer s_r of softmax(logits·scale) over the
+ * keys query i sees (j ≤ T − w + i), float32 [H_kv·g·w, 2]. One workgroup per row.
+ */
+function softmaxRowStats(logits: tf.Tensor3D, w: number, scale: number): tf.Tensor2D {
+  const [Hkv, gw] = logits.shape;
+  const rows = Hkv * gw;
+  return runWgsl({
+    key: `snapkv_row_stats_${w}_${scale}`,
+    names: ['L'],
+    inputs: [logits],
+    outputShape: [rows, 2],
+    dtype: 'float32',
+    workgroupSize: WG,
+    dispatch: [rows, 1, 1],
+    workgroupBytes: 4 * WG,
+    code: `const W: u32 = ${w}u;
+const SCALE: f32 = ${scale};
+var<workgroup> red: array<f32, ${WG}>;
+fn kernel(index: i32) {
+  let r = workgroupId.x;
+  let lid = localIndex;
+  let T = u32(uniforms.lShape[2]);
+  let visible = T - W + r % W + 1u; // keys 0 … T − w + i
+  let base = r * T;
+  var m = -3.0e38;
+  for (var j = lid; j < visible; j += ${WG}u) { m = max(m, L[base + j] * SCALE); }
+  red[lid] = m;
+  workgroupBarrier();
+  for (var off = ${WG / 2}u; off > 0u; off = off >> 1u) {
+    if (lid < off) { red[lid] = max(red[lid], red[lid + off]); }
+    workgroupBarrier();
+  }
+  m = red[0];
+  workgroupBarrier();
+  var s = 0.0;
+  for (var j = lid; j < visible; j += ${WG}u) { s = s + exp(L[base + j] * SCALE - m); }
+  red[lid] = s;
+  workgroupBarrier();
+  for (var off = ${WG / 2}u; off > 0u; off = off >> 1u) {
+    if (lid < off) { red[lid] = red[lid] + red[lid + off]; }
+    workgroupBarrier();
+  }
+  if (lid == 0u) {
+    result[r * 2u] = m;
+    result[r * 2u + 1u] = red[0];
+  }
+}`,
+  }) as tf.Tensor2D;
+}
+
+/** Votes [H_kv, T − w]: per prefix token, Σ over the g·w rows of its KV head of softmax weights, ÷ g. */
+function votes(logits: tf.Tensor3D, stats: tf.Tensor2D, g: number, w: number, scale: number): tf.Tensor2D {
+  const [Hkv, gw, T] = logits.shape;
+  const n = Hkv * (T - w);
+  return runWgsl({
+    key: `snapkv_votes_${g}_${w}_${scale}`,
+    names: ['L', 'st'],
+    inputs: [logits, stats],
+    outputShape: [Hkv, T - w],
+    dtype: 'float32',
+    workgroupSize: FLAT_WORKGROUP,
+    dispatch: flatDispatch(n),
+    workgroupBytes: 0,
+    code: `const GW: u32 = ${gw}u;
+const SCALE: f32 = ${scale};
+fn kernel(index: i32) {
+  ${FLAT}
+  let P = u32(uniforms.outShape[1]);
+  if (u32(flat) >= u32(uniforms.outShape[0]) * P) { return; }
+  let T = u32(uniforms.lShape[2]);
+  let h = u32(flat) / P;
+  let j = u32(flat) - h * P;
+  var v = 0.0;
+  for (var q = 0u; q < GW; q++) {
+    let r = h * GW + q;
+    v = v + exp(L[r * T + j] * SCALE - st[r * 2u]) / st[r * 2u + 1u];
+  }
+  result[flat] = v / ${g}.0;
+}`,
+  }) as tf.Tensor2D;
+}
+
+/**
+ * Pooled votes with the window at +∞: [H_kv, T] from votes [H_kv, T − w]; `avg` sums the `kernel`
+ * positions centred on each (zeros past the ends) ÷ kernel, `max` takes their max (ends ignored).
+ */
+function poolWithWindow(v: tf.Tensor2D, T: number, kernel: number, mode: 'avg' | 'max'): tf.Tensor2D {
+  const [Hkv] = v.shape;
+  const R = Math.floor(kernel / 2);
+  return runWgsl({
+    key: `snapkv_pool_${kernel}_${mode}`,
+    names: ['V'],
+    inputs: [v],
+    outputShape: [Hkv, T],
+    dtype: 'float32',
+    workgroupSize: FLAT_WORKGROUP,
+    dispatch: flatDispatch(Hkv * T),
+    workgroupBytes: 0,
+    code: `fn kernel(index: i32) {
+  ${FLAT}
+  let T = u32(uniforms.outShape[1]);
+  if (u32(flat) >= u32(uniforms.outShape[0]) * T) { return; }
+  let P = i32(uniforms.vShape[1]);
+  let h = u32(flat) / T;
+  let j = i32(u32(flat) - h * T);
+  if (j >= P) {
+    result[flat] = bitcast<f32>(0x7f800000u | (u32(flat) & 0u)); // +∞ (a runtime value: WGSL constants must be finite)
+    return;
+  }
+  var acc = ${mode === 'avg' ? '0.0' : 'bitcast<f32>(0xff800000u | (u32(flat) & 0u))'};
+  for (var o = -${R}; o <= ${R}; o++) {
+    let p = j + o;
+    if (p >= 0 && p < P) { acc = ${mode === 'avg' ? 'acc + V[i32(h) * P + p]' : 'max(acc, V[i32(h) * P + p])'}; }
+  }
+  result[flat] = ${mode === 'avg' ? `acc / ${kernel}.0` : 'acc'};
+}`,
+  }) as tf.Tensor2D;
+}
+
+/**
+ * SnapKV's scores [H_kv, T] on webgpu: pooled votes of the window queries `win` [w, H, d] (post-RoPE)
+ * over the post-RoPE keys [T, H_kv, d] for the T − w prefix tokens, +∞ for the w window tokens.
+ * Transient, owned by the caller.
+ */
+export function snapkvScoresWgsl(win: tf.Tensor3D, keys: tf.Tensor3D, kernel: number, mode: 'avg' | 'max'): tf.Tensor2D {
+  const [w, Hq, d] = win.shape;
+  const [T, Hkv] = keys.shape;
+  const g = Hq / Hkv;
+  const scale = 1 / Math.sqrt(d);
+  const logits = tf.tidy(() => {
+    const qh = tf.reshape(tf.transpose(tf.reshape(win, [w, Hkv, g, d]), [1, 2, 0, 3]), [Hkv, g * w, d]);
+    return tf.matMul(qh, tf.transpose(keys, [1, 0, 2]), false, true) as tf.Tensor3D; // [H_kv, g·w, T]
+  });
+  const stats = softmaxRowStats(logits, w, scale);
+  const v = votes(logits, stats, g, w, scale);
+  tf.dispose([logits, stats]);
+  try {
+    return poolWithWindow(v, T, kernel, mode);
+  } finally {
+    v.dispose();
+  }
+}
