@@ -38,7 +38,7 @@ describe('kvpack CLI output', () => {
     expect(mla).toMatchObject({ dense: true, xkv: true, svd: true, kivi: true, streamingllm: true, snapkv: true });
     expect(mla.quant).toMatch(/kivi/);
     expect(mla.minicache).toMatch(/adjacent layers/);
-    expect(t.stdout).toMatch(/^quant — .*\n {4}MLA latent caches: no \(/m);
+    expect(t.stdout).toMatch(/^quant — .*\n( {4}target ratio: .*\n)? {4}MLA latent caches: no \(/m);
   });
 
   it('bench --json prints the report as one JSON document on stdout', async () => {

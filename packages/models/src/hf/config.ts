@@ -12,7 +12,7 @@ const MODEL_TYPES: Record<string, (typeof HF_ARCHITECTURES)[number]> = {
 };
 
 /** Every Hugging Face `model_type` kvpack loads: Llama-family ones (LlamaModel) and DeepSeek MLA ones (DeepseekModel). */
-export const HF_MODEL_TYPES = ['llama', 'mistral', 'qwen2', 'deepseek_v2', 'deepseek_v3'] as const;
+export const HF_MODEL_TYPES = ['llama', 'mistral', 'qwen2', 'qwen3', 'deepseek_v2', 'deepseek_v3'] as const;
 
 type Json = Record<string, unknown>;
 
