@@ -105,12 +105,32 @@ function timeOptions(opts: TimeOptions): { warmup: number; reps: number; batch: 
 }
 
 /** One timed sample: `batch` runs, one synchronization after the last, ms per run; results disposed after the clock stops. */
+/**
+ * Waits until the backend has finished everything queued so far (webgpu: submits tfjs's pending
+ * commands and waits for the device queue); a result that is not a tensor (a compressed cache)
+ * leaves nothing to read back, so the clock must wait for the queue itself. No-op on synchronous
+ * backends.
+ */
+export async function syncBackend(): Promise<void> {
+  if (isSynchronousBackend()) return;
+  const b = tf.backend() as unknown as { submitQueue?: () => void; device?: { queue?: { onSubmittedWorkDone?: () => Promise<void> } } };
+  if (typeof b.submitQueue === 'function' && typeof b.device?.queue?.onSubmittedWorkDone === 'function') {
+    b.submitQueue();
+    await b.device.queue.onSubmittedWorkDone();
+    return;
+  }
+  const one = tf.zeros([1]);
+  await one.data();
+  one.dispose();
+}
+
 async function sample(op: () => OpResult | Promise<OpResult>, batch: number): Promise<number> {
   const results: OpResult[] = [];
   try {
     const t0 = performance.now();
     for (let j = 0; j < batch; j++) results.push(await op());
     await syncTensors(tensorsOf(results[batch - 1]));
+    await syncBackend();
     return (performance.now() - t0) / batch;
   } finally {
     for (const r of results) release(r);

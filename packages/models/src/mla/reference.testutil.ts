@@ -84,7 +84,7 @@ export function tinyDeepseekCheckpoint(spec: TinyDeepseekSpec, seed = 7): TinyCh
     rms_norm_eps: 1e-6,
     rope_theta: 10000,
     ...(yarn
-      ? { rope_scaling: { type: 'yarn', factor: 4, original_max_position_embeddings: 64, beta_fast: 32, beta_slow: 1, mscale: 1, mscale_all_dim: 0.8 } }
+      ? { rope_scaling: { type: 'yarn', factor: 4, original_max_position_embeddings: 64, beta_fast: 32, beta_slow: 1, mscale: 0.9, mscale_all_dim: 0.8 } }
       : {}),
     q_lora_rank: spec.qLoraRank,
     kv_lora_rank: kvr,
@@ -325,8 +325,8 @@ export function refDeepseekLogits(ckpt: TinyCheckpoint, ids: readonly number[]):
 /** The tiny models of the transformers cross-check (scripts/gpu/hf_logits.py), by folder name. */
 export const HF_CHECK_MODELS: Record<string, TinyDeepseekSpec> = {
   // transformers' DeepSeek-V2 scales the routed weights and never normalizes them: norm_topk_prob false.
-  deepseek_v2: { modelType: 'deepseek_v2', qLoraRank: 16, topkMethod: 'group_limited_greedy', scoring: 'softmax', normTopkProb: false, routedScalingFactor: 2 },
-  deepseek_v2_lite: { modelType: 'deepseek_v2', qLoraRank: null, topkMethod: 'greedy', scoring: 'softmax', normTopkProb: false, routedScalingFactor: 1 },
+  deepseek_v2: { modelType: 'deepseek_v2', qLoraRank: 16, topkMethod: 'group_limited_greedy', scoring: 'softmax', normTopkProb: false, routedScalingFactor: 2.25 },
+  deepseek_v2_lite: { modelType: 'deepseek_v2', qLoraRank: null, topkMethod: 'greedy', scoring: 'softmax', normTopkProb: false, routedScalingFactor: 1.25 },
   deepseek_v3: { modelType: 'deepseek_v3', qLoraRank: 16, topkMethod: 'noaux_tc', scoring: 'sigmoid', normTopkProb: true, routedScalingFactor: 2.5 },
 };
 /** Token ids of the cross-check: the first HF_CHECK_PREFILL are the prefill, the rest decode steps. */

@@ -106,11 +106,10 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
       }),
     );
     const n0 = tf.memory().numTensors;
-    expect(rangeFinderMatmul()).toBeUndefined(); // tfjs's matMul by default
-    setRangeFinderProducts('wgsl');
-    const mm = rangeFinderMatmul();
-    setRangeFinderProducts('tfjs');
+    const mm = rangeFinderMatmul(); // the WGSL GEMM by default on webgpu
     expect(mm).toBeDefined();
+    setRangeFinderProducts('tfjs');
+    expect(rangeFinderMatmul()).toBeUndefined();
     const opts = { rank: 10, oversample: 4, powerIters: 1, seed: 5 };
     const a = await truncatedSvd(X, { ...opts, matmul: mm });
     const b = await truncatedSvd(X, opts);
@@ -136,8 +135,8 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     for (let j = 0; j < 10; j++) expect(a.singularValues![j]).toBeCloseTo(b.singularValues![j], 2);
     tf.dispose([a.basis, ...a.coeffs, b.basis, ...b.coeffs]);
     expect(tf.memory().numTensors).toBe(n0);
-    setRangeFinderProducts('tfjs');
-    expect(rangeFinderMatmul()).toBeUndefined();
+    setRangeFinderProducts('wgsl');
+    expect(rangeFinderMatmul()).toBeDefined();
     tf.dispose(X);
     expect(await wgslValidationErrors()).toEqual([]);
   });

@@ -290,18 +290,18 @@ export function wgslMatmul(a: tf.Tensor2D, b: tf.Tensor2D, transposeA = false, t
 }
 
 /**
- * Which product {@link rangeFinderMatmul} picks on webgpu: tfjs's matMul (default) or the WGSL GEMM.
- * tfjs's matMul reached 17.8 TFLOP/s on the range finder's [32768, 4096]·[4096, 512] on an H200, and
- * the GEMM here has not yet been timed against it on a GPU (scripts/gpu/gemm-bench.ts does), so it is
- * opt-in until it is.
+ * Which product {@link rangeFinderMatmul} picks on webgpu: the WGSL GEMM of this file (default) or
+ * tfjs's matMul. Measured on an H100 (scripts/gpu/gemm-bench.ts, one G = 4 group at T = 32K, rank
+ * 512, 2026-12-07): the whole compression of keys and values took 358 ms with the GEMM and 690 ms
+ * with tf.matMul in the same run.
  */
-let productKernels: 'wgsl' | 'tfjs' = 'tfjs';
+let productKernels: 'wgsl' | 'tfjs' = 'wgsl';
 let productTile: GemmTile | undefined;
 
 /**
  * Chooses the products of the range finder on the webgpu backend (for benchmarks comparing the two):
- * `wgsl` the tiled GEMM of this file, with `tile` (a key of {@link GEMM_TILES}; default 128x64), or
- * `tfjs` tf.matMul (default).
+ * `wgsl` the tiled GEMM of this file (default), with `tile` (a key of {@link GEMM_TILES}; default
+ * 128x64), or `tfjs` tf.matMul.
  * @throws KvpackError('config') for another value or an unknown tile.
  */
 export function setRangeFinderProducts(kind: 'wgsl' | 'tfjs', tile?: string): void {
