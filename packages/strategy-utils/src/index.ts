@@ -36,4 +36,5 @@ export * from './eviction/budgets.js';
 export * from './eviction/ragged-kept.js';
 export * from './quant/rotation.js';
 export { gatherRowsPackedWgsl } from './eviction/gather-wgsl.js';
+export { packStatsColumn } from './quant/minmax-wgsl.js';
 export { topKPositionsWgsl, plainScores, type WgslScoreSource } from './eviction/top-k-wgsl.js';
