@@ -4,6 +4,7 @@ import {
   RaggedKeptCache,
   TokenScorerSchema,
   adaKvSelect,
+  budgetAboveScorerWindow,
   budgetOption,
   budgetOrTarget,
   checkScorer,
@@ -37,7 +38,7 @@ export const AdaKvOptionsSchema = z
     scorer: TokenScorerSchema.prefault({ name: 'snapkv' }),
   })
   .refine(...budgetOrTarget)
-  .refine((o) => (o.budget ?? DEFAULT_BUDGET) > scorerWindow(o.scorer), { message: 'budget must exceed the scorer\'s window (the budget includes the window)', path: ['budget'] });
+  .refine(...budgetAboveScorerWindow(DEFAULT_BUDGET));
 export type AdaKvOptions = z.output<typeof AdaKvOptionsSchema>;
 
 /**

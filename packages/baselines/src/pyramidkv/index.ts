@@ -3,6 +3,7 @@ import { z } from 'zod';
 import {
   KeptTokensCache,
   TokenScorerSchema,
+  budgetAboveScorerWindow,
   budgetOption,
   budgetOrTarget,
   checkScorer,
@@ -38,7 +39,7 @@ export const PyramidKvOptionsSchema = z
     scorer: TokenScorerSchema.prefault({ name: 'snapkv' }),
   })
   .refine(...budgetOrTarget)
-  .refine((o) => (o.budget ?? DEFAULT_BUDGET) > scorerWindow(o.scorer), { message: 'budget must exceed the scorer\'s window (the budget includes the window)', path: ['budget'] });
+  .refine(...budgetAboveScorerWindow(DEFAULT_BUDGET));
 export type PyramidKvOptions = z.output<typeof PyramidKvOptionsSchema>;
 
 /** Tokens per KV head each layer of an L-layer cache of T tokens keeps at these options' budget (256 when unset), bottom layer first. */

@@ -1,5 +1,6 @@
 import { KvpackError, MAX_TOKENS, atMost } from '@kvpack/core';
 import { z } from 'zod';
+import { scorerWindow, type TokenScorerOptions } from '../eviction/scorers.js';
 
 /**
  * The `budget` option of a token-eviction strategy: tokens kept per KV head and layer, a positive
@@ -24,6 +25,14 @@ export const budgetOrTarget: [(o: { budget?: number; targetRatio?: number }) => 
   (o) => o.budget === undefined || o.targetRatio === undefined,
   { message: 'give budget or targetRatio, not both', path: ['targetRatio'] },
 ];
+
+/**
+ * Arguments of the schema refinement that the budget (`fallback` when unset) exceeds the scorer's
+ * window, which it includes: `.refine(...budgetAboveScorerWindow(256))`.
+ */
+export function budgetAboveScorerWindow(fallback: number): [(o: { budget?: number; scorer: TokenScorerOptions }) => boolean, { message: string; path: string[] }] {
+  return [(o) => (o.budget ?? fallback) > scorerWindow(o.scorer), { message: "budget must exceed the scorer's window (the budget includes the window)", path: ['budget'] }];
+}
 
 /**
  * Options with the budget fixed: as given (`fallback` when unset) without a target ratio, else the
