@@ -25,7 +25,7 @@ export * from './quant/minmax-groups.js';
 export * from './eviction/kept-tokens.js';
 export * from './eviction/mla-kept-tokens.js';
 export * from './eviction/scorer.js';
-export { resolveKnobByTarget, resolveBudgetByTarget } from './ratio/knob-target.js';
+export { resolveBitsOption, resolveKnobByTarget, resolveBudgetByTarget } from './ratio/knob-target.js';
 export { budgetAboveScorerWindow, budgetOption, budgetOrTarget, resolveBudgetOption, restoredBudget, targetRatioOption } from './ratio/budget-options.js';
 export { StackedCache, type StackedStats, type StageStats } from './stack/stacked-cache.js';
 export { compressStacked, keptPositionBytes, stackedBytes, stackedGroupRanks, type StackedStages } from './stack/stacked-compress.js';
