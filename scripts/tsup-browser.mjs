@@ -47,3 +47,27 @@ export function browserBuild(opts = {}) {
     ],
   };
 }
+
+/**
+ * The two builds of a kvpack library package: ESM + CJS with type declarations for Node, then the
+ * browser build above. With several entries, both share one copy of every module in CommonJS too
+ * (classes, registries, switches).
+ * @param {{ entries?: string[]; external?: string[]; core?: boolean }} opts `core` as for browserBuild.
+ */
+export function packageBuilds(opts = {}) {
+  const entries = opts.entries ?? ['src/index.ts'];
+  const split = entries.length > 1 ? { splitting: true, shims: true } : {};
+  return [
+    {
+      entry: entries,
+      format: ['esm', 'cjs'],
+      ...split,
+      dts: { entry: entries.length > 1 ? entries : entries[0] },
+      ...(opts.external ? { external: opts.external } : {}),
+      sourcemap: true,
+      clean: ['!browser.js', '!browser.js.map'], // the browser build writes those
+      target: 'node20',
+    },
+    browserBuild({ entry: entries[0], ...(opts.core ? { core: true } : {}) }),
+  ];
+}

@@ -1,20 +1,6 @@
 import { defineConfig } from 'tsup';
 // @ts-expect-error a plain ESM helper without type declarations
-import { browserBuild } from '../../scripts/tsup-browser.mjs';
+import { packageBuilds } from '../../scripts/tsup-browser.mjs';
 
-export default defineConfig([
-  {
-    entry: ['src/index.ts', 'src/conformance.ts'],
-    format: ['esm', 'cjs'],
-    // Both entries share one copy of every module in CommonJS too (classes, registries, switches).
-    splitting: true,
-    shims: true,
-    dts: { entry: ['src/index.ts', 'src/conformance.ts'] },
-    external: ['vitest'],
-    sourcemap: true,
-    clean: ['!browser.js', '!browser.js.map'], // the browser build writes those
-    target: 'node20',
-  },
-  // The browser build (export condition `browser`): Node built-ins replaced, see scripts/tsup-browser.mjs.
-  browserBuild({ core: true }),
-]);
+// ESM + CJS for Node and the browser build (export condition `browser`), see scripts/tsup-browser.mjs.
+export default defineConfig(packageBuilds({ entries: ['src/index.ts', 'src/conformance.ts'], external: ['vitest'], core: true }));

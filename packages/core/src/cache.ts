@@ -149,20 +149,34 @@ export function itemTensor(i: StoredItem): StoredTensor {
 }
 
 /**
- * Base class for compressed caches. A subclass declares what it stores ({@link stored}) and
- * reconstructs its prefill (`prefillKeys` / `prefillValues`); this class derives from the declaration
- * byte counting, serialization (`serialize`, `serializeAsync`) and, with {@link restoreStored},
- * deserialization; it adds the exact float32 residual buffer for decode tokens, and disposal.
- *
- * `byteSize()` = Σ bytes of `stored()` + residual buffer, which equals the payload that `serialize()`
- * writes (the container header is the only overhead).
+ * How a cache base names its exact decode buffers: the two per-layer tensors' serialization names
+ * (`residual.<a>.<l>`, `residual.<b>.<l>`), their trailing shapes, the nouns that error messages use,
+ * the label before "cache" in messages ('' or 'MLA ') and metadata written before the common fields.
+ * @internal
  */
-export abstract class BaseCompressedCache implements CompressedCache {
+export interface DecodeBufferSpec<Lay> {
+  names: [string, string];
+  tails(layout: Lay): [number[], number[]];
+  nouns: [string, string];
+  label: string;
+  metaHead: Record<string, unknown>;
+}
+
+/**
+ * What {@link BaseCompressedCache} and the MLA cache base share: a subclass declares what its
+ * compressed prefill stores ({@link stored}); this class keeps the exact float32 decode buffers —
+ * per layer two row-stacked tensors of the same token count n (keys and values [n, H_kv, d], or
+ * latents [n, d_c] and RoPE keys [n, d_R]) — and derives byte counting, serialization, restore of
+ * the buffers and disposal. `byteSize()` = Σ bytes of `stored()` + decode buffers = the payload
+ * `serialize()` writes.
+ * @internal
+ */
+export abstract class DecodeBufferedCache<T extends tf.Tensor, Lay extends { nLayers: number }> {
   abstract readonly strategy: string;
-  /** Options recorded in the serialization, so that `deserializeCache` can rebuild the strategy. */
+  /** Options recorded in the serialization, so that deserialization can rebuild the strategy. */
   abstract readonly options: unknown;
-  private resK: (tf.Tensor3D | null)[];
-  private resV: (tf.Tensor3D | null)[];
+  protected resA: (T | null)[];
+  protected resB: (T | null)[];
   protected disposed = false;
   /**
    * Fingerprint of the model whose KV cache was compressed (`KVCache.model`), written into the
@@ -171,26 +185,23 @@ export abstract class BaseCompressedCache implements CompressedCache {
   model?: string;
 
   constructor(
-    readonly layout: ModelLayout,
+    readonly layout: Lay,
     readonly rope: RopeConfig,
     readonly prefillLength: number,
+    private readonly buffers: DecodeBufferSpec<Lay>,
   ) {
-    this.resK = new Array(layout.nLayers).fill(null);
-    this.resV = new Array(layout.nLayers).fill(null);
+    this.resA = new Array(layout.nLayers).fill(null);
+    this.resB = new Array(layout.nLayers).fill(null);
   }
 
-  /** Post-RoPE reconstructed prefill keys of one layer, [T_kept, H_kv, d]. */
-  protected abstract prefillKeys(layer: number): tf.Tensor3D;
-  /** Reconstructed prefill values of one layer, [T_kept, H_kv, d]. */
-  protected abstract prefillValues(layer: number): tf.Tensor3D;
   /** Number of prefill tokens kept for a layer (T unless tokens are evicted or merged away). */
   protected prefillTokens(_layer: number): number {
     return this.prefillLength;
   }
   /**
    * What the compressed prefill stores, in serialization order: each item's name, storage dtype and
-   * backend tensor or host array. Names are unique; a restore ({@link restoreStored}) reads them back
-   * by name, and every restored cache must declare exactly the tensors of its file.
+   * backend tensor or host array. Names are unique; a restore reads them back by name, and every
+   * restored cache must declare exactly the tensors of its file.
    */
   protected abstract stored(): StoredItem[];
   /** Strategy-specific JSON metadata for the serialization. */
@@ -201,33 +212,162 @@ export abstract class BaseCompressedCache implements CompressedCache {
   protected abstract disposeStored(): void;
 
   protected assertLive(layer?: number): void {
-    if (this.disposed) throw new KvpackError('disposed', `${this.strategy} cache was disposed`);
+    if (this.disposed) throw new KvpackError('disposed', `${this.strategy} ${this.buffers.label}cache was disposed`);
     if (layer !== undefined)
       check(Number.isInteger(layer) && layer >= 0 && layer < this.layout.nLayers, 'shape', `layer ${layer} is out of range [0, ${this.layout.nLayers})`);
   }
 
   tokenCount(layer: number): number {
     this.assertLive(layer);
-    return this.prefillTokens(layer) + (this.resK[layer]?.shape[0] ?? 0);
+    return this.prefillTokens(layer) + (this.resA[layer]?.shape[0] ?? 0);
   }
 
-  /** Decode tokens held in the residual buffer of a layer. */
+  /** Decode tokens held in the exact buffer of a layer. */
   residualTokens(layer: number): number {
-    return this.resK[layer]?.shape[0] ?? 0;
+    return this.resA[layer]?.shape[0] ?? 0;
   }
+
+  /** A layer's prefill rows followed by its decode rows of buffer `which`. */
+  protected withDecodeRows(layer: number, which: 'a' | 'b', prefill: (layer: number) => T): T {
+    this.assertLive(layer);
+    const r = (which === 'a' ? this.resA : this.resB)[layer];
+    if (!r) return prefill(layer);
+    return tf.tidy(() => tf.concat([prefill(layer), r], 0)) as T;
+  }
+
+  /** Appends validated decode rows to both buffers of a layer. */
+  protected appendRows(layer: number, a: T, b: T): void {
+    const x = this.resA[layer];
+    const y = this.resB[layer];
+    this.resA[layer] = x ? (tf.concat([x, a], 0) as T) : (tf.clone(a) as T);
+    this.resB[layer] = y ? (tf.concat([y, b], 0) as T) : (tf.clone(b) as T);
+    x?.dispose();
+    y?.dispose();
+  }
+
+  /** The decode buffers as stored tensors, layer by layer, each layer's pair in order. */
+  private residualTensors(): { name: string; tensor: T }[] {
+    const [na, nb] = this.buffers.names;
+    const out: { name: string; tensor: T }[] = [];
+    for (let l = 0; l < this.layout.nLayers; l++) {
+      const a = this.resA[l];
+      const b = this.resB[l];
+      if (!a || !b) continue;
+      out.push({ name: `residual.${na}.${l}`, tensor: a }, { name: `residual.${nb}.${l}`, tensor: b });
+    }
+    return out;
+  }
+
+  /** Name, dtype and shape of every tensor `serialize()` writes, in order (the compressed prefill's, then the decode buffers'). */
+  storedLayout(): StoredSpec[] {
+    this.assertLive();
+    return [...this.stored().map(itemSpec), ...this.residualTensors().map(({ name, tensor }) => ({ name, dtype: 'float32' as const, shape: [...tensor.shape] }))];
+  }
+
+  byteSize(): number {
+    return this.storedLayout().reduce((a, s) => a + specBytes(s), 0);
+  }
+
+  serialize(): Uint8Array {
+    this.assertLive();
+    const tensors = [...this.stored().map(itemTensor), ...this.residualTensors().map(({ name, tensor }) => storeTensor(name, tensor, 'float32'))];
+    const bytes = encodeContainer({
+      strategy: this.strategy,
+      options: this.options,
+      ...(this.model ? { model: this.model } : {}),
+      meta: { ...this.buffers.metaHead, layout: this.layout, rope: this.rope, prefillLength: this.prefillLength, ...this.meta() },
+      tensors,
+    });
+    check(payloadBytes(tensors) === this.byteSize(), 'corrupt', `${this.strategy}: ${this.buffers.label}byte accounting disagrees with the serialization`);
+    return bytes;
+  }
+
+  /**
+   * {@link serialize} for backends without a synchronous readback (tfjs-webgpu under Node): the
+   * declared tensors and the decode buffers are read back asynchronously first (tfjs keeps their
+   * values on the host afterwards), then `serialize()` runs. Same bytes on every backend (the
+   * conformance suite checks it).
+   */
+  async serializeAsync(): Promise<Uint8Array> {
+    this.assertLive();
+    const seen: tf.Tensor[] = this.stored().flatMap((i) => {
+      if ('read' in i) return i.backing;
+      const it = 'held' in i ? heldItem(i.name, i.held) : i;
+      return 'half' in it ? [it.half.packed] : 'tensor' in it ? [it.tensor] : [];
+    });
+    seen.push(...this.residualTensors().map((r) => r.tensor));
+    await Promise.all(seen.map((t) => t.data()));
+    return this.serialize();
+  }
+
+  /**
+   * Restores the decode buffers written by `serialize`: for each layer either both tensors, float32
+   * with the same row count, or neither. Also restores the model fingerprint. Replaces (and frees)
+   * decode tokens already held.
+   * @internal
+   * @throws KvpackError('corrupt') naming the tensor that does not fit.
+   */
+  restoreResidual(c: DecodedContainer): void {
+    const { names: [na, nb], nouns: [wa, wb], label } = this.buffers;
+    const [ta, tb] = this.buffers.tails(this.layout);
+    if (c.model) this.model = c.model;
+    for (let l = 0; l < this.layout.nLayers; l++) {
+      const has = c.has(`residual.${na}.${l}`);
+      check(has === c.has(`residual.${nb}.${l}`), 'corrupt', `serialized ${this.strategy} ${label}cache is corrupt: layer ${l} has residual ${has ? `${wa} without ${wb}` : `${wb} without ${wa}`}`);
+      if (!has) continue;
+      const a = c.get(`residual.${na}.${l}`, { dtype: 'float32', shape: [null, ...ta] });
+      const b = c.get(`residual.${nb}.${l}`, { dtype: 'float32', shape: [a.shape[0], ...tb] });
+      this.resA[l]?.dispose();
+      this.resB[l]?.dispose();
+      this.resA[l] = loadTensor(a) as T;
+      this.resB[l] = loadTensor(b) as T;
+    }
+  }
+
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    for (const t of [...this.resA, ...this.resB]) t?.dispose();
+    this.disposeStored();
+  }
+}
+
+const KV_BUFFERS: DecodeBufferSpec<ModelLayout> = {
+  names: ['k', 'v'],
+  tails: ({ nKvHeads, headDim }) => [
+    [nKvHeads, headDim],
+    [nKvHeads, headDim],
+  ],
+  nouns: ['keys', 'values'],
+  label: '',
+  metaHead: {},
+};
+
+/**
+ * Base class for compressed caches. A subclass declares what it stores ({@link stored}) and
+ * reconstructs its prefill (`prefillKeys` / `prefillValues`); this class derives from the declaration
+ * byte counting, serialization (`serialize`, `serializeAsync`) and, with {@link restoreStored},
+ * deserialization; it adds the exact float32 residual buffer for decode tokens, and disposal.
+ *
+ * `byteSize()` = Σ bytes of `stored()` + residual buffer, which equals the payload that `serialize()`
+ * writes (the container header is the only overhead).
+ */
+export abstract class BaseCompressedCache extends DecodeBufferedCache<tf.Tensor3D, ModelLayout> implements CompressedCache {
+  constructor(layout: ModelLayout, rope: RopeConfig, prefillLength: number) {
+    super(layout, rope, prefillLength, KV_BUFFERS);
+  }
+
+  /** Post-RoPE reconstructed prefill keys of one layer, [T_kept, H_kv, d]. */
+  protected abstract prefillKeys(layer: number): tf.Tensor3D;
+  /** Reconstructed prefill values of one layer, [T_kept, H_kv, d]. */
+  protected abstract prefillValues(layer: number): tf.Tensor3D;
 
   keys(layer: number): tf.Tensor3D {
-    this.assertLive(layer);
-    const r = this.resK[layer];
-    if (!r) return this.prefillKeys(layer);
-    return tf.tidy(() => tf.concat([this.prefillKeys(layer), r], 0));
+    return this.withDecodeRows(layer, 'a', (l) => this.prefillKeys(l));
   }
 
   values(layer: number): tf.Tensor3D {
-    this.assertLive(layer);
-    const r = this.resV[layer];
-    if (!r) return this.prefillValues(layer);
-    return tf.tidy(() => tf.concat([this.prefillValues(layer), r], 0));
+    return this.withDecodeRows(layer, 'b', (l) => this.prefillValues(l));
   }
 
   /**
@@ -251,8 +391,8 @@ export abstract class BaseCompressedCache implements CompressedCache {
       const n = tokens - this.prefillLength;
       if (n > 0) {
         for (let l = 0; l < this.layout.nLayers; l++) {
-          out.resK[l] = tf.slice(this.resK[l]!, 0, n);
-          out.resV[l] = tf.slice(this.resV[l]!, 0, n);
+          out.resA[l] = tf.slice(this.resA[l]!, 0, n);
+          out.resB[l] = tf.slice(this.resB[l]!, 0, n);
         }
       }
       if (this.model) out.model = this.model;
@@ -265,8 +405,8 @@ export abstract class BaseCompressedCache implements CompressedCache {
 
   /** Residual (decode) keys and values of a layer, or null when none were appended. Not copies. */
   protected residual(layer: number): { k: tf.Tensor3D; v: tf.Tensor3D } | null {
-    const k = this.resK[layer];
-    const v = this.resV[layer];
+    const k = this.resA[layer];
+    const v = this.resB[layer];
     return k && v ? { k, v } : null;
   }
 
@@ -274,109 +414,11 @@ export abstract class BaseCompressedCache implements CompressedCache {
     this.assertLive(layer);
     checkKV(keys, this.layout, `append(layer ${layer}) keys`);
     checkKV(values, this.layout, `append(layer ${layer}) values`, keys.shape[0]);
-    const k = this.resK[layer];
-    const v = this.resV[layer];
-    this.resK[layer] = k ? tf.concat([k, keys], 0) : (tf.clone(keys) as tf.Tensor3D);
-    this.resV[layer] = v ? tf.concat([v, values], 0) : (tf.clone(values) as tf.Tensor3D);
-    k?.dispose();
-    v?.dispose();
+    this.appendRows(layer, keys, values);
   }
 
   attend(layer: number, queries: tf.Tensor3D, options?: AttendOptions): tf.Tensor3D {
     return tf.tidy(() => attention(queries, this.keys(layer), this.values(layer), options?.causalTail ?? queries.shape[0]));
-  }
-
-  private residualSpecs(): StoredSpec[] {
-    const out: StoredSpec[] = [];
-    for (let l = 0; l < this.layout.nLayers; l++) {
-      const k = this.resK[l];
-      if (!k) continue;
-      out.push({ name: `residual.k.${l}`, dtype: 'float32', shape: [...k.shape] });
-      out.push({ name: `residual.v.${l}`, dtype: 'float32', shape: [...k.shape] });
-    }
-    return out;
-  }
-
-  /** Name, dtype and shape of every tensor `serialize()` writes, in order (the compressed prefill's, then the residual's). */
-  storedLayout(): StoredSpec[] {
-    this.assertLive();
-    return [...this.stored().map(itemSpec), ...this.residualSpecs()];
-  }
-
-  byteSize(): number {
-    return this.storedLayout().reduce((a, s) => a + specBytes(s), 0);
-  }
-
-  serialize(): Uint8Array {
-    this.assertLive();
-    const tensors = this.stored().map(itemTensor);
-    for (let l = 0; l < this.layout.nLayers; l++) {
-      const k = this.resK[l];
-      const v = this.resV[l];
-      if (!k || !v) continue;
-      tensors.push(storeTensor(`residual.k.${l}`, k, 'float32'), storeTensor(`residual.v.${l}`, v, 'float32'));
-    }
-    const bytes = encodeContainer({
-      strategy: this.strategy,
-      options: this.options,
-      ...(this.model ? { model: this.model } : {}),
-      meta: { layout: this.layout, rope: this.rope, prefillLength: this.prefillLength, ...this.meta() },
-      tensors,
-    });
-    check(payloadBytes(tensors) === this.byteSize(), 'corrupt', `${this.strategy}: byte accounting disagrees with the serialization`);
-    return bytes;
-  }
-
-  /**
-   * {@link serialize} for backends without a synchronous readback (tfjs-webgpu under Node): the
-   * declared tensors and the residual are read back asynchronously first (tfjs keeps their values on
-   * the host afterwards), then `serialize()` runs. Same bytes on every backend (the conformance suite
-   * checks it).
-   */
-  async serializeAsync(): Promise<Uint8Array> {
-    this.assertLive();
-    const seen: tf.Tensor[] = this.stored().flatMap((i) => {
-      if ('read' in i) return i.backing;
-      const it = 'held' in i ? heldItem(i.name, i.held) : i;
-      return 'half' in it ? [it.half.packed] : 'tensor' in it ? [it.tensor] : [];
-    });
-    for (let l = 0; l < this.layout.nLayers; l++) {
-      const k = this.resK[l];
-      const v = this.resV[l];
-      if (k && v) seen.push(k, v);
-    }
-    await Promise.all(seen.map((t) => t.data()));
-    return this.serialize();
-  }
-
-  /**
-   * Restores the residual buffers written by `serialize` (called by {@link restoreStored}): for each
-   * layer either both `residual.k.l` and `residual.v.l`, float32 [n, H_kv, d] with the same n, or
-   * neither. Also restores the model fingerprint. Replaces (and frees) residual tokens already held.
-   * @internal
-   * @throws KvpackError('corrupt') naming the tensor that does not fit.
-   */
-  restoreResidual(c: DecodedContainer): void {
-    const { nLayers, nKvHeads: H, headDim: d } = this.layout;
-    if (c.model) this.model = c.model;
-    for (let l = 0; l < nLayers; l++) {
-      const hasK = c.has(`residual.k.${l}`);
-      check(hasK === c.has(`residual.v.${l}`), 'corrupt', `serialized ${this.strategy} cache is corrupt: layer ${l} has residual ${hasK ? 'keys without values' : 'values without keys'}`);
-      if (!hasK) continue;
-      const k = c.get(`residual.k.${l}`, { dtype: 'float32', shape: [null, H, d] });
-      const v = c.get(`residual.v.${l}`, { dtype: 'float32', shape: [k.shape[0], H, d] });
-      this.resK[l]?.dispose();
-      this.resV[l]?.dispose();
-      this.resK[l] = loadTensor(k) as tf.Tensor3D;
-      this.resV[l] = loadTensor(v) as tf.Tensor3D;
-    }
-  }
-
-  dispose(): void {
-    if (this.disposed) return;
-    this.disposed = true;
-    for (const t of [...this.resK, ...this.resV]) t?.dispose();
-    this.disposeStored();
   }
 }
 

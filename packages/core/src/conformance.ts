@@ -164,6 +164,21 @@ async function relErr(a: tf.Tensor, b: tf.Tensor): Promise<number> {
   return Math.sqrt(n / d);
 }
 
+/**
+ * A serialization with its last prefill tensor reshaped (flattened, or a row added to a vector): the
+ * table stays valid (same element count), so a restore meets it only after restoring everything
+ * before it.
+ */
+function lastStoredReshaped(bytes: Uint8Array): Uint8Array {
+  const { header, payload } = splitContainer(bytes);
+  const h = JSON.parse(header) as { tensors: { name: string; shape: number[] }[] };
+  const victim = h.tensors.filter((t) => !t.name.startsWith('residual.') && t.shape.length >= 1).pop();
+  expect(victim, 'a stored tensor with a shape').toBeDefined();
+  const n = victim!.shape.reduce((a, b) => a * b, 1);
+  victim!.shape = victim!.shape.length >= 2 ? [n] : [1, n];
+  return writeContainer(JSON.stringify(h), payload);
+}
+
 async function snapshot(c: CompressedCache): Promise<Float32Array[]> {
   const out: Float32Array[] = [];
   for (let l = 0; l < c.layout.nLayers; l++) {
@@ -270,16 +285,9 @@ export function runStrategyConformance(name: string, cases: ConformanceCases): v
       const c = await createStrategy({ name, options: cases.compressing }).compress(cache);
       const bytes = c.serialize();
       c.dispose();
-      const { header, payload } = splitContainer(bytes);
-      const h = JSON.parse(header) as { tensors: { name: string; shape: number[] }[] };
-      // The last prefill tensor reshaped (flattened, or a row added to a vector): the table stays valid
-      // (same element count), so the strategy meets it only after restoring everything before it.
-      const victim = h.tensors.filter((t) => !t.name.startsWith('residual.') && t.shape.length >= 1).pop();
-      expect(victim, 'a stored tensor with a shape').toBeDefined();
-      const n = victim!.shape.reduce((a, b) => a * b, 1);
-      victim!.shape = victim!.shape.length >= 2 ? [n] : [1, n];
+      const edited = lastStoredReshaped(bytes);
       const start = tf.memory().numTensors;
-      expect(() => deserializeCache(writeContainer(JSON.stringify(h), payload))).toThrow(KvpackError);
+      expect(() => deserializeCache(edited)).toThrow(KvpackError);
       expect(tf.memory().numTensors).toBe(start);
     });
 
@@ -553,14 +561,9 @@ function runMlaConformance(name: string, cases: ConformanceCases): void {
       const c = await mk();
       const bytes = c.serialize();
       c.dispose();
-      const { header, payload } = splitContainer(bytes);
-      const h = JSON.parse(header) as { tensors: { name: string; shape: number[] }[] };
-      const victim = h.tensors.filter((t) => !t.name.startsWith('residual.') && t.shape.length >= 1).pop();
-      expect(victim, 'a stored tensor with a shape').toBeDefined();
-      const n = victim!.shape.reduce((a, b) => a * b, 1);
-      victim!.shape = victim!.shape.length >= 2 ? [n] : [1, n];
+      const edited = lastStoredReshaped(bytes);
       const start = tf.memory().numTensors;
-      expect(() => deserializeMlaCache(writeContainer(JSON.stringify(h), payload))).toThrow(KvpackError);
+      expect(() => deserializeMlaCache(edited)).toThrow(KvpackError);
       expect(tf.memory().numTensors).toBe(start);
     });
 

@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { check } from './errors.js';
 import { decodeHalf, encodeHalf } from './fp16.js';
 import { readSyncOrExplain } from './cache.js';
-import { FLAT_WORKGROUP, flatDispatch, isWebGpuBackend, runWgsl, wgslFlatIndex } from './webgpu.js';
+import { isWebGpuBackend, runFlatWgsl, wgslFlatIndex } from './webgpu.js';
 
 /**
  * A float16 tensor as it is held on a tfjs backend, which has no 16-bit dtype: the IEEE binary16 bit
@@ -150,20 +150,16 @@ export class HalfTensor {
   }
 }
 
-const WG = FLAT_WORKGROUP;
-const grid = (n: number) => flatDispatch(n);
 const FLAT = wgslFlatIndex('flat');
 
 function unpackOnDevice(packed: tf.Tensor1D, n: number): tf.Tensor {
-  return runWgsl({
+  return runFlatWgsl({
     key: 'unpack_half',
     names: ['x'],
     inputs: [packed],
     outputShape: [n],
     dtype: 'float32',
-    workgroupSize: WG,
-    dispatch: grid(n),
-    workgroupBytes: 0,
+    invocations: n,
     code: `fn kernel(index: i32) {
   ${FLAT}
   if (flat >= uniforms.outShape) { return; }
@@ -176,15 +172,13 @@ function unpackOnDevice(packed: tf.Tensor1D, n: number): tf.Tensor {
 /** Rows `rows` of a packed float16 matrix of width w, unpacked: float32 [S·w] (one kernel, only those rows read). */
 function unpackRowsOnDevice(packed: tf.Tensor1D, rows: tf.Tensor1D, w: number): tf.Tensor {
   const n = rows.shape[0] * w;
-  return runWgsl({
+  return runFlatWgsl({
     key: `unpack_half_rows_${w}`,
     names: ['x', 'rows'],
     inputs: [packed, rows],
     outputShape: [n],
     dtype: 'float32',
-    workgroupSize: WG,
-    dispatch: grid(n),
-    workgroupBytes: 0,
+    invocations: n,
     code: `fn kernel(index: i32) {
   ${FLAT}
   if (flat >= uniforms.outShape) { return; }
@@ -226,6 +220,39 @@ export const WGSL_HALF_BITS = `fn halfBits(v: f32) -> u32 {
   return h;
 }`;
 
+/**
+ * One WGSL kernel that computes float32 values and writes them as float16 packed two per word
+ * (rounded by {@link WGSL_HALF_BITS}, bit-identical to the host's encoding): `code` defines
+ * `fn <value>(e: u32) -> f32`, the value of element e of the result, and reads the inputs `names`;
+ * `size` is a WGSL u32 expression for the element count (from the inputs' uniform shapes, so the
+ * shader serves every size). Word i holds elements 2i and 2i + 1 (0 past the end). Returns a
+ * {@link HalfTensor} of `shape` (whose product is the element count). Disposes no input.
+ * @throws as {@link runFlatWgsl} (KvpackError('unsupported') off the webgpu backend).
+ */
+export function runPackedHalfWgsl(k: { key: string; names: string[]; inputs: tf.Tensor[]; shape: number[]; code: string; value: string; size: string }): HalfTensor {
+  const words = Math.ceil(k.shape.reduce((a, b) => a * b, 1) / 2);
+  const packed = runFlatWgsl({
+    key: k.key,
+    names: k.names,
+    inputs: k.inputs,
+    outputShape: [words],
+    dtype: 'int32',
+    invocations: words,
+    code: `${WGSL_HALF_BITS}
+${k.code}
+fn kernel(index: i32) {
+  ${FLAT}
+  if (flat >= uniforms.outShape) { return; }
+  let size = ${k.size};
+  let e = 2u * u32(flat);
+  let lo = halfBits(${k.value}(e));
+  let hi = select(0u, halfBits(${k.value}(min(e + 1u, size - 1u))), e + 1u < size);
+  result[flat] = bitcast<i32>(lo | (hi << 16u));
+}`,
+  }) as tf.Tensor1D;
+  return HalfTensor.fromPacked(packed, k.shape);
+}
+
 /** Rounds and packs in one kernel: word i holds values 2i (low half) and 2i + 1 (high half, 0 past the end). */
 function packOnDevice(x: tf.Tensor): tf.Tensor1D {
   const n = x.size;
@@ -235,15 +262,13 @@ function packOnDevice(x: tf.Tensor): tf.Tensor1D {
   // toHalfBits, so the result is bit-identical to the host encoding), then two are packed to a word.
   const flat = x.dtype === 'float32' ? tf.reshape(x, [n]) : tf.cast(tf.reshape(x, [n]), 'float32');
   try {
-    return runWgsl({
+    return runFlatWgsl({
       key: 'pack_half_rne',
       names: ['x'],
       inputs: [flat],
       outputShape: [words],
       dtype: 'int32',
-      workgroupSize: WG,
-      dispatch: grid(words),
-      workgroupBytes: 0,
+      invocations: words,
       code: `${WGSL_HALF_BITS}
 fn kernel(index: i32) {
   ${FLAT}

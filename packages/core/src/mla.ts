@@ -3,20 +3,14 @@ import { z } from 'zod';
 import { check, KvpackError } from './errors.js';
 import {
   containerReader,
-  itemSpec,
-  itemTensor,
-  heldItem,
-  loadTensor,
+  DecodeBufferedCache,
   RopeConfigSchema,
-  specBytes,
-  storeTensor,
   storedLayoutMismatch,
+  type DecodeBufferSpec,
   unreadMessage,
-  type StoredItem,
   type StoredReader,
-  type StoredSpec,
 } from './cache.js';
-import { decodeContainer, encodeContainer, payloadBytes, type ByteSource, type DecodedContainer } from './serialize.js';
+import { decodeContainer, type ByteSource, type DecodedContainer } from './serialize.js';
 import { disposeCreatedOnError } from './scope.js';
 import { applyRope } from './rope.js';
 import { nonFiniteProbe } from './validate.js';
@@ -213,169 +207,45 @@ export function ropeSharedKeys(x: tf.Tensor2D, rope: RopeConfig, start: number):
   });
 }
 
+const MLA_BUFFERS: DecodeBufferSpec<MlaLayout> = {
+  names: ['c', 'kr'],
+  tails: ({ kvLoraRank, qkRopeHeadDim }) => [[kvLoraRank], [qkRopeHeadDim]],
+  nouns: ['latents', 'RoPE keys'],
+  label: 'MLA ',
+  metaHead: { kind: 'mla' },
+};
+
 /**
  * Base class for compressed MLA caches, the counterpart of `BaseCompressedCache`: a subclass
- * declares what it stores and reconstructs its prefill latents and (post-RoPE) RoPE keys; this class
- * derives byte counting, serialization, the exact float32 decode buffers and disposal. `byteSize()` =
- * Σ bytes of `stored()` + decode buffers = the payload `serialize()` writes.
+ * declares what it stores and reconstructs its prefill latents and (post-RoPE) RoPE keys; the shared
+ * base derives byte counting, serialization, the exact float32 decode buffers and disposal.
+ * `byteSize()` = Σ bytes of `stored()` + decode buffers = the payload `serialize()` writes.
  */
-export abstract class BaseCompressedMlaCache implements CompressedMlaCache {
+export abstract class BaseCompressedMlaCache extends DecodeBufferedCache<tf.Tensor2D, MlaLayout> implements CompressedMlaCache {
   readonly kind = 'mla' as const;
-  abstract readonly strategy: string;
-  /** Options recorded in the serialization. */
-  abstract readonly options: unknown;
-  private resC: (tf.Tensor2D | null)[];
-  private resR: (tf.Tensor2D | null)[];
-  protected disposed = false;
-  model?: string;
 
-  constructor(
-    readonly layout: MlaLayout,
-    readonly rope: RopeConfig,
-    readonly prefillLength: number,
-  ) {
-    this.resC = new Array(layout.nLayers).fill(null);
-    this.resR = new Array(layout.nLayers).fill(null);
+  constructor(layout: MlaLayout, rope: RopeConfig, prefillLength: number) {
+    super(layout, rope, prefillLength, MLA_BUFFERS);
   }
 
   /** Reconstructed prefill latents of one layer, [T_kept, d_c]. */
   protected abstract prefillLatents(layer: number): tf.Tensor2D;
   /** Reconstructed post-RoPE prefill RoPE keys of one layer, [T_kept, d_R]. */
   protected abstract prefillRopeKeys(layer: number): tf.Tensor2D;
-  /** Prefill tokens kept for a layer (T unless tokens are evicted). */
-  protected prefillTokens(_layer: number): number {
-    return this.prefillLength;
-  }
-  /** What the compressed prefill stores, in serialization order (unique names). */
-  protected abstract stored(): StoredItem[];
-  /** Strategy-specific JSON metadata for the serialization. */
-  protected meta(): Record<string, unknown> {
-    return {};
-  }
-  /** Frees the subclass's tensors. */
-  protected abstract disposeStored(): void;
-
-  protected assertLive(layer?: number): void {
-    if (this.disposed) throw new KvpackError('disposed', `${this.strategy} MLA cache was disposed`);
-    if (layer !== undefined)
-      check(Number.isInteger(layer) && layer >= 0 && layer < this.layout.nLayers, 'shape', `layer ${layer} is out of range [0, ${this.layout.nLayers})`);
-  }
-
-  tokenCount(layer: number): number {
-    this.assertLive(layer);
-    return this.prefillTokens(layer) + (this.resC[layer]?.shape[0] ?? 0);
-  }
-
-  /** Decode tokens held in the exact buffer of a layer. */
-  residualTokens(layer: number): number {
-    return this.resC[layer]?.shape[0] ?? 0;
-  }
 
   latents(layer: number): tf.Tensor2D {
-    this.assertLive(layer);
-    const r = this.resC[layer];
-    if (!r) return this.prefillLatents(layer);
-    return tf.tidy(() => tf.concat([this.prefillLatents(layer), r], 0));
+    return this.withDecodeRows(layer, 'a', (l) => this.prefillLatents(l));
   }
 
   ropeKeys(layer: number): tf.Tensor2D {
-    this.assertLive(layer);
-    const r = this.resR[layer];
-    if (!r) return this.prefillRopeKeys(layer);
-    return tf.tidy(() => tf.concat([this.prefillRopeKeys(layer), r], 0));
+    return this.withDecodeRows(layer, 'b', (l) => this.prefillRopeKeys(l));
   }
 
   append(layer: number, latents: tf.Tensor2D, ropeKeys: tf.Tensor2D): void {
     this.assertLive(layer);
     checkMlaRows(latents, this.layout.kvLoraRank, `append(layer ${layer}) latents`, 'd_c');
     checkMlaRows(ropeKeys, this.layout.qkRopeHeadDim, `append(layer ${layer}) RoPE keys`, 'd_R', latents.shape[0]);
-    const c = this.resC[layer];
-    const r = this.resR[layer];
-    this.resC[layer] = c ? tf.concat([c, latents], 0) : (tf.clone(latents) as tf.Tensor2D);
-    this.resR[layer] = r ? tf.concat([r, ropeKeys], 0) : (tf.clone(ropeKeys) as tf.Tensor2D);
-    c?.dispose();
-    r?.dispose();
-  }
-
-  private residualSpecs(): StoredSpec[] {
-    const out: StoredSpec[] = [];
-    for (let l = 0; l < this.layout.nLayers; l++) {
-      const c = this.resC[l];
-      if (!c) continue;
-      out.push({ name: `residual.c.${l}`, dtype: 'float32', shape: [...c.shape] });
-      out.push({ name: `residual.kr.${l}`, dtype: 'float32', shape: [c.shape[0], this.layout.qkRopeHeadDim] });
-    }
-    return out;
-  }
-
-  /** Name, dtype and shape of every tensor `serialize()` writes, in order. */
-  storedLayout(): StoredSpec[] {
-    this.assertLive();
-    return [...this.stored().map(itemSpec), ...this.residualSpecs()];
-  }
-
-  byteSize(): number {
-    return this.storedLayout().reduce((a, s) => a + specBytes(s), 0);
-  }
-
-  serialize(): Uint8Array {
-    this.assertLive();
-    const tensors = this.stored().map(itemTensor);
-    for (let l = 0; l < this.layout.nLayers; l++) {
-      const c = this.resC[l];
-      const r = this.resR[l];
-      if (!c || !r) continue;
-      tensors.push(storeTensor(`residual.c.${l}`, c, 'float32'), storeTensor(`residual.kr.${l}`, r, 'float32'));
-    }
-    const bytes = encodeContainer({
-      strategy: this.strategy,
-      options: this.options,
-      ...(this.model ? { model: this.model } : {}),
-      meta: { kind: 'mla', layout: this.layout, rope: this.rope, prefillLength: this.prefillLength, ...this.meta() },
-      tensors,
-    });
-    check(payloadBytes(tensors) === this.byteSize(), 'corrupt', `${this.strategy}: MLA byte accounting disagrees with the serialization`);
-    return bytes;
-  }
-
-  async serializeAsync(): Promise<Uint8Array> {
-    this.assertLive();
-    const seen: tf.Tensor[] = this.stored().flatMap((i) => {
-      if ('read' in i) return i.backing;
-      const it = 'held' in i ? heldItem(i.name, i.held) : i;
-      return 'half' in it ? [it.half.packed] : 'tensor' in it ? [it.tensor] : [];
-    });
-    for (let l = 0; l < this.layout.nLayers; l++) {
-      const c = this.resC[l];
-      const r = this.resR[l];
-      if (c && r) seen.push(c, r);
-    }
-    await Promise.all(seen.map((t) => t.data()));
-    return this.serialize();
-  }
-
-  /** Restores the decode buffers and model fingerprint written by `serialize`. @internal */
-  restoreResidual(c: DecodedContainer): void {
-    const { nLayers, kvLoraRank: dc, qkRopeHeadDim: dr } = this.layout;
-    if (c.model) this.model = c.model;
-    for (let l = 0; l < nLayers; l++) {
-      const has = c.has(`residual.c.${l}`);
-      check(has === c.has(`residual.kr.${l}`), 'corrupt', `serialized ${this.strategy} MLA cache is corrupt: layer ${l} has residual ${has ? 'latents without RoPE keys' : 'RoPE keys without latents'}`);
-      if (!has) continue;
-      const lat = c.get(`residual.c.${l}`, { dtype: 'float32', shape: [null, dc] });
-      const kr = c.get(`residual.kr.${l}`, { dtype: 'float32', shape: [lat.shape[0], dr] });
-      this.resC[l]?.dispose();
-      this.resR[l]?.dispose();
-      this.resC[l] = loadTensor(lat) as tf.Tensor2D;
-      this.resR[l] = loadTensor(kr) as tf.Tensor2D;
-    }
-  }
-
-  dispose(): void {
-    if (this.disposed) return;
-    this.disposed = true;
-    for (const t of [...this.resC, ...this.resR]) t?.dispose();
-    this.disposeStored();
+    this.appendRows(layer, latents, ropeKeys);
   }
 }
 

@@ -7,7 +7,7 @@ import { KvpackError, check } from './errors.js';
 import { BaseCompressedCache, unreadMessage } from './cache.js';
 import { normalizeRatioOptions } from './ratio.js';
 import { BaseCompressedMlaCache } from './mla.js';
-import { byteView, decodeContainer, withDecodedContainer, type ByteSource } from './serialize.js';
+import { byteView, decodeContainer, withDecodedContainer, type ByteSource, type DecodedContainer } from './serialize.js';
 import { disposeCreatedOnError } from './scope.js';
 import type { CompressedCache, KVCache, ModelLayout, Strategy } from './types.js';
 import { isMlaCache, isMlaContainer, mlaRefusal, type CompressedMlaCache, type MlaCompressor, type MlaKVCache } from './mla.js';
@@ -462,6 +462,21 @@ export function restoreCache(strategy: Strategy, source: ByteSource, options: Re
 }
 
 /**
+ * The strategy a decoded container records (its definition's own, from the recorded options).
+ * @throws KvpackError('unknown-strategy') when it is not registered; KvpackError('corrupt') when its
+ *         definition rejects the recorded options.
+ */
+function recordedStrategy(c: DecodedContainer): Strategy {
+  const def = getStrategyDefinition(c.strategy);
+  try {
+    return def.create(parseStrategyOptions(c.strategy, c.options));
+  } catch (e) {
+    if (e instanceof KvpackError && e.code === 'config') throw new KvpackError('corrupt', `serialized ${c.strategy} cache is corrupt: it records ${e.message}`, { cause: e });
+    throw e;
+  }
+}
+
+/**
  * Restores any registered strategy's serialized cache (the container names its strategy and options),
  * from any byte view: a Node Buffer (`readFileSync`), a subarray at any offset, a SharedArrayBuffer.
  * @throws KvpackError('corrupt' | 'truncated') naming the field or tensor at fault (the options
@@ -473,15 +488,8 @@ export function deserializeCache(source: ByteSource, options: RestoreOptions = {
   const bytes = byteView(source);
   const c = decodeContainer(bytes);
   check(!isMlaContainer(c), 'corrupt', `this serialized ${c.strategy} cache is an MLA latent cache: restore it with deserializeMlaCache`);
-  const def = getStrategyDefinition(c.strategy);
-  let strategy: Strategy;
-  try {
-    // The definition's own strategy: restoreCache below gives it the guarantees a guarded one has.
-    strategy = def.create(parseStrategyOptions(c.strategy, c.options));
-  } catch (e) {
-    if (e instanceof KvpackError && e.code === 'config') throw new KvpackError('corrupt', `serialized ${c.strategy} cache is corrupt: it records ${e.message}`, { cause: e });
-    throw e;
-  }
+  // The definition's own strategy: restoreCache below gives it the guarantees a guarded one has.
+  const strategy = recordedStrategy(c);
   return withDecodedContainer(bytes, c, () => restoreCache(strategy, bytes, options));
 }
 
@@ -497,14 +505,7 @@ export function deserializeMlaCache(source: ByteSource, options: RestoreOptions 
   const bytes = byteView(source);
   const c = decodeContainer(bytes);
   check(isMlaContainer(c), 'corrupt', `this serialized ${c.strategy} cache is a per-head KV cache, not an MLA latent cache: restore it with deserializeCache`);
-  const def = getStrategyDefinition(c.strategy);
-  let strategy: Strategy;
-  try {
-    strategy = def.create(parseStrategyOptions(c.strategy, c.options));
-  } catch (e) {
-    if (e instanceof KvpackError && e.code === 'config') throw new KvpackError('corrupt', `serialized ${c.strategy} cache is corrupt: it records ${e.message}`, { cause: e });
-    throw e;
-  }
+  const strategy = recordedStrategy(c);
   if (!strategy.deserializeMla) throw mlaRefusal(c.strategy);
   if (options.model !== undefined) {
     check(

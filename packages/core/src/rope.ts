@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { check } from './errors.js';
-import { FLAT_WORKGROUP, flatDispatch, isWebGpuBackend, runWgsl, wgslFlatIndex } from './webgpu.js';
+import { isWebGpuBackend, runFlatWgsl, wgslFlatIndex } from './webgpu.js';
 import type { RopeConfig } from './types.js';
 
 /**
@@ -189,15 +189,13 @@ function ropeOnDevice(x: tf.Tensor3D, rope: RopeConfig, positions: Positions, in
       ? `let first = i < ${half}u; let f = select(i - ${half}u, i, first); let j = select(i - ${half}u, i + ${half}u, first);`
       : `let first = (i & 1u) == 0u; let f = i >> 1u; let j = i ^ 1u;`;
   try {
-    return runWgsl({
+    return runFlatWgsl({
       key: `rope_${rope.layout === 'half' ? 'half' : 'pairs'}_${H}_${d}_${inverse ? 'inv' : 'fwd'}`,
       names: ['x', 'c', 's'],
       inputs: [x, cos, sin],
       outputShape: [T, H, d],
       dtype: 'float32',
-      workgroupSize: FLAT_WORKGROUP,
-      dispatch: flatDispatch(n),
-      workgroupBytes: 0,
+      invocations: n,
       code: `var<private> keepZero: u32;
 fn keep(v: f32) -> f32 { return bitcast<f32>(bitcast<u32>(v) + keepZero); }
 fn kernel(index: i32) {

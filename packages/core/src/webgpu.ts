@@ -49,6 +49,17 @@ export function wgslFlatIndex(name: string, size = FLAT_WORKGROUP): string {
   return `let ${name} = (i32(workgroupId.y) * i32(numWorkgroups.x) + i32(workgroupId.x)) * ${size} + i32(localId.x);`;
 }
 
+/**
+ * {@link runWgsl} for a flat kernel without workgroup memory: `invocations` 1-D invocations in
+ * workgroups of {@link FLAT_WORKGROUP} over a {@link flatDispatch} grid (the kernel reads its index
+ * with {@link wgslFlatIndex}).
+ * @throws as runWgsl.
+ */
+export function runFlatWgsl(k: Omit<WgslKernel, 'workgroupSize' | 'dispatch' | 'workgroupBytes'> & { invocations: number }): tf.Tensor {
+  const { invocations, ...rest } = k;
+  return runWgsl({ ...rest, workgroupSize: FLAT_WORKGROUP, dispatch: flatDispatch(invocations), workgroupBytes: 0 });
+}
+
 /** True when the active tfjs backend is webgpu (custom WGSL kernels can run). */
 export function isWebGpuBackend(): boolean {
   return tf.getBackend() === 'webgpu';

@@ -1,6 +1,22 @@
-import { KvpackError, MAX_TOKENS, atMost, defineStrategy, denseCacheBytes, type ModelLayout } from '@kvpack/core';
+import { defineStrategy, denseCacheBytes, type ModelLayout } from '@kvpack/core';
 import { z } from 'zod';
-import { RaggedKeptCache, TokenScorerSchema, adaKvSelect, checkScorer, raggedKeptBytes, resolveBudgetByTarget, scoreTokens, scorerQueryWindow, scorerWindow } from '@kvpack/strategy-utils';
+import {
+  RaggedKeptCache,
+  TokenScorerSchema,
+  adaKvSelect,
+  budgetAboveScorerWindow,
+  budgetOption,
+  budgetOrTarget,
+  checkScorer,
+  raggedKeptBytes,
+  resolveBudgetByTarget,
+  resolveBudgetOption,
+  restoredBudget,
+  scoreTokens,
+  scorerQueryWindow,
+  scorerWindow,
+  targetRatioOption,
+} from '@kvpack/strategy-utils';
 
 /** Budget when neither budget nor targetRatio is given. */
 const DEFAULT_BUDGET = 256;
@@ -9,25 +25,20 @@ const DEFAULT_BUDGET = 256;
 export const AdaKvOptionsSchema = z
   .strictObject({
     /** Average prefill tokens kept per KV head and layer (B), the scorer's window included; the layer keeps B·H_kv in all. */
-    budget: z
-      .int()
-      .positive()
-      .max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') })
-      .optional()
-      .describe('Average prefill tokens kept per KV head and layer (B; default 256; excludes targetRatio); each layer keeps B·H_kv tokens over its heads, split by score.'),
+    budget: budgetOption('Average prefill tokens kept per KV head and layer (B; default 256; excludes targetRatio); each layer keeps B·H_kv tokens over its heads, split by score.'),
     /**
      * Target ratio (dense fp16 bytes ÷ bytes held, positions and per-head counts included) instead of
      * a budget: the largest B whose measured ratio is ≥ the target at the actual T. Excludes budget;
      * `compressionRatio` (kvpress's fraction removed) is accepted for it.
      */
-    targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest budget reaching it at the actual T.'),
+    targetRatio: targetRatioOption(),
     /** Safeguard α: each head keeps at least ⌊α·B⌋ of its own highest-scoring tokens (Ada-KV §4.2; kvpress alpha_safeguard). */
     alphaSafeguard: z.number().min(0).max(1).default(0.2).describe('Safeguard fraction α in [0, 1]: each KV head keeps at least ⌊α·B⌋ tokens.'),
     /** The scorer the budget is allocated over. */
     scorer: TokenScorerSchema.prefault({ name: 'snapkv' }),
   })
-  .refine((o) => o.budget === undefined || o.targetRatio === undefined, { message: 'give budget or targetRatio, not both', path: ['targetRatio'] })
-  .refine((o) => (o.budget ?? DEFAULT_BUDGET) > scorerWindow(o.scorer), { message: 'budget must exceed the scorer\'s window (the budget includes the window)', path: ['budget'] });
+  .refine(...budgetOrTarget)
+  .refine(...budgetAboveScorerWindow(DEFAULT_BUDGET));
 export type AdaKvOptions = z.output<typeof AdaKvOptionsSchema>;
 
 /**
@@ -38,18 +49,17 @@ export type AdaKvOptions = z.output<typeof AdaKvOptionsSchema>;
  * @throws KvpackError('config') when even window + 1 tokens stay below ρ, naming the reachable range.
  */
 export function resolveAdaKvOptions(o: AdaKvOptions, layout: ModelLayout, T: number): AdaKvOptions & { budget: number } {
-  if (o.targetRatio === undefined) return { ...o, budget: o.budget ?? DEFAULT_BUDGET };
   const { nLayers: L, nKvHeads: H } = layout;
-  const budget = resolveBudgetByTarget({
-    strategy: 'adakv',
-    target: o.targetRatio,
-    tokens: T,
-    denseBytes: denseCacheBytes(layout, T),
-    least: scorerWindow(o.scorer) + 1,
-    bytesOf: (B) => raggedKeptBytes(layout, L * H * Math.min(T, B)),
-  });
-  const { targetRatio: _, ...rest } = o;
-  return { ...rest, budget };
+  return resolveBudgetOption(o, DEFAULT_BUDGET, (target) =>
+    resolveBudgetByTarget({
+      strategy: 'adakv',
+      target,
+      tokens: T,
+      denseBytes: denseCacheBytes(layout, T),
+      least: scorerWindow(o.scorer) + 1,
+      bytesOf: (B) => raggedKeptBytes(layout, L * H * Math.min(T, B)),
+    }),
+  );
 }
 
 /**
@@ -89,12 +99,7 @@ export const adaKvDefinition = defineStrategy({
   },
   restore: (reader, given) => {
     const { layout, prefillLength: T } = reader.header;
-    let o: AdaKvOptions & { budget: number };
-    try {
-      o = resolveAdaKvOptions(given, layout, T);
-    } catch (e) {
-      throw new KvpackError('corrupt', `serialized adakv cache is corrupt: its options give no budget at T = ${T} (${(e as Error).message})`);
-    }
+    const o = restoredBudget('adakv', T, () => resolveAdaKvOptions(given, layout, T));
     return RaggedKeptCache.restore(reader, 'adakv', o, () => layout.nKvHeads * Math.min(T, o.budget));
   },
 });

@@ -1,20 +1,19 @@
-import { MAX_TOKENS, atMost } from '@kvpack/core';
 import { z } from 'zod';
-import { ExpectedAttentionScorerSchema, checkScorer, defineEvictionStrategy, expectedAttentionScores } from '@kvpack/strategy-utils';
+import { ExpectedAttentionScorerSchema, budgetOption, budgetOrTarget, checkScorer, targetRatioOption, defineEvictionStrategy, expectedAttentionScores } from '@kvpack/strategy-utils';
 
 /** Options of the `expected-attention` strategy: a budget and the scorer's options (kvpress `ExpectedAttentionPress` defaults). */
 export const ExpectedAttentionOptionsSchema = ExpectedAttentionScorerSchema.omit({ name: true })
   .extend({
     /** Prefill tokens kept per KV head and layer, the sinks included; at most 2^20. */
-    budget: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') }).optional().describe('Prefill tokens kept per KV head and layer, the sinks included (default 256; excludes targetRatio).'),
+    budget: budgetOption('Prefill tokens kept per KV head and layer, the sinks included (default 256; excludes targetRatio).'),
     /**
      * Target ratio (dense fp16 bytes ÷ bytes held, kept positions included) instead of a budget: the
      * largest budget whose measured ratio is ≥ the target at the actual T (the `evictionBudget` rule
      * of @kvpack/strategy-utils). Excludes budget; `compressionRatio` (kvpress's fraction removed) is accepted for it.
      */
-    targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest budget reaching it at the actual T.'),
+    targetRatio: targetRatioOption(),
   })
-  .refine((o) => o.budget === undefined || o.targetRatio === undefined, { message: 'give budget or targetRatio, not both', path: ['targetRatio'] });
+  .refine(...budgetOrTarget);
 export type ExpectedAttentionOptions = z.output<typeof ExpectedAttentionOptionsSchema>;
 
 /**

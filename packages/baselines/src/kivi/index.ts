@@ -15,7 +15,7 @@ import {
   type RopeConfig,
   type StoredItem,
 } from '@kvpack/core';
-import { concatHalfRows, holdMinMaxOnBackend, dropHalfRows, resolveKnobByTarget, type HeldMinMax, type MinMaxGrouping } from '@kvpack/strategy-utils';
+import { concatHalfRows, holdMinMaxOnBackend, dropHalfRows, resolveBitsOption, type HeldMinMax, type MinMaxGrouping } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 import { HeldMinMaxBlocks } from './held.js';
 import { kiviMlaCompressor } from './mla.js';
@@ -54,18 +54,15 @@ export type KiviOptions = z.output<typeof KiviOptionsSchema>;
  *   tokens bounds the ratio at short T), naming the reachable range.
  */
 export function resolveKiviOptions(options: KiviOptions, layout: ModelLayout, T: number): KiviOptions & { bits: 2 | 4 } {
-  if (options.targetRatio === undefined) return { ...options, bits: options.bits ?? 2 };
-  const bits = resolveKnobByTarget({
+  return resolveBitsOption({
     strategy: 'kivi',
-    knob: 'bits',
-    target: options.targetRatio,
+    options,
+    fallback: 2,
     tokens: T,
     denseBytes: denseCacheBytes(layout, T),
     candidates: [4, 2] as const,
     bytesOf: (b) => kiviCacheBytes(layout, T, { ...options, bits: b }),
   });
-  const { targetRatio: _, ...rest } = options;
-  return { ...rest, bits };
 }
 
 /**

@@ -1,7 +1,18 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { KvpackError, MAX_TOKENS, atMost, check, defineStrategy, denseCacheBytes, type KVCache, type ModelLayout } from '@kvpack/core';
 import { z } from 'zod';
-import { RaggedKeptCache, adaKvSelect, globalTopKSelect, raggedKeptBytes, resolveBudgetByTarget } from '@kvpack/strategy-utils';
+import {
+  RaggedKeptCache,
+  adaKvSelect,
+  budgetOption,
+  budgetOrTarget,
+  globalTopKSelect,
+  raggedKeptBytes,
+  resolveBudgetByTarget,
+  resolveBudgetOption,
+  restoredBudget,
+  targetRatioOption,
+} from '@kvpack/strategy-utils';
 
 /** Budget when neither budget nor targetRatio is given. */
 const DEFAULT_BUDGET = 256;
@@ -10,18 +21,13 @@ const DEFAULT_BUDGET = 256;
 export const KvzipOptionsSchema = z
   .strictObject({
     /** Average prefill tokens kept per KV head and layer (B); the cache keeps L·H_kv·B in all. */
-    budget: z
-      .int()
-      .positive()
-      .max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') })
-      .optional()
-      .describe('Average prefill tokens kept per KV head and layer (B; default 256; excludes targetRatio); L·H_kv·B tokens in all, split by score.'),
+    budget: budgetOption('Average prefill tokens kept per KV head and layer (B; default 256; excludes targetRatio); L·H_kv·B tokens in all, split by score.'),
     /**
      * Target ratio (dense fp16 bytes ÷ bytes held, positions and per-head counts included) instead of a
      * budget: the largest B whose measured ratio is ≥ the target at the actual T. Excludes budget;
      * `compressionRatio` (kvpress's fraction removed) is accepted for it.
      */
-    targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest budget reaching it at the actual T.'),
+    targetRatio: targetRatioOption(),
     /** First tokens always kept (attention sinks; KVzip's n_sink). */
     nSink: z.int().nonnegative().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') }).default(4).describe('First tokens always kept (attention sinks).'),
     /** false: one budget over all layers and heads (KVzip's default); true: B·H_kv per layer, over its heads. */
@@ -31,7 +37,7 @@ export const KvzipOptionsSchema = z
     /** Context tokens per reconstruction chunk. */
     chunkSize: z.int().positive().max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') }).default(2048).describe('Context tokens re-read per reconstruction chunk (tokens).'),
   })
-  .refine((o) => o.budget === undefined || o.targetRatio === undefined, { message: 'give budget or targetRatio, not both', path: ['targetRatio'] });
+  .refine(...budgetOrTarget);
 export type KvzipOptions = z.output<typeof KvzipOptionsSchema>;
 
 /**
@@ -42,18 +48,17 @@ export type KvzipOptions = z.output<typeof KvzipOptionsSchema>;
  * @throws KvpackError('config') when even one token per KV head and layer stays below ρ, naming the reachable range.
  */
 export function resolveKvzipOptions(o: KvzipOptions, layout: ModelLayout, T: number): KvzipOptions & { budget: number } {
-  if (o.targetRatio === undefined) return { ...o, budget: o.budget ?? DEFAULT_BUDGET };
   const { nLayers: L, nKvHeads: H } = layout;
-  const budget = resolveBudgetByTarget({
-    strategy: 'kvzip',
-    target: o.targetRatio,
-    tokens: T,
-    denseBytes: denseCacheBytes(layout, T),
-    least: 1,
-    bytesOf: (B) => raggedKeptBytes(layout, L * H * Math.min(T, B)),
-  });
-  const { targetRatio: _, ...rest } = o;
-  return { ...rest, budget };
+  return resolveBudgetOption(o, DEFAULT_BUDGET, (target) =>
+    resolveBudgetByTarget({
+      strategy: 'kvzip',
+      target,
+      tokens: T,
+      denseBytes: denseCacheBytes(layout, T),
+      least: 1,
+      bytesOf: (B) => raggedKeptBytes(layout, L * H * Math.min(T, B)),
+    }),
+  );
 }
 
 /** Checks the reconstruction scores a runner provided: per layer float32 [T, H_kv]. */
@@ -136,12 +141,7 @@ export const kvzipDefinition = defineStrategy({
   },
   restore: (reader, options) => {
     const { layout, prefillLength: T } = reader.header;
-    let o: KvzipOptions & { budget: number };
-    try {
-      o = resolveKvzipOptions(options, layout, T);
-    } catch (e) {
-      throw new KvpackError('corrupt', `serialized kvzip cache is corrupt: its options give no budget at T = ${T} (${(e as Error).message})`);
-    }
+    const o = restoredBudget('kvzip', T, () => resolveKvzipOptions(options, layout, T));
     const H = layout.nKvHeads;
     const B = Math.min(T, o.budget);
     const c = RaggedKeptCache.restore(reader, 'kvzip', o, o.layerwise ? () => H * B : undefined);

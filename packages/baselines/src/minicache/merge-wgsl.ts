@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { FLAT_WORKGROUP, HalfTensor, WGSL_HALF_BITS, flatDispatch, runWgsl, wgslFlatIndex } from '@kvpack/core';
-import { gatherRowsPackedWgsl, topKPositionsWgsl } from '@kvpack/strategy-utils';
+import { HalfTensor, runFlatWgsl, runPackedHalfWgsl, wgslFlatIndex } from '@kvpack/core';
+import { gatherRowsPackedWgsl, packStatsColumn, topKPositionsWgsl } from '@kvpack/strategy-utils';
 
 // MiniCache's merge of one layer pair as a few WGSL kernels on webgpu (the same math as the tfjs
 // path of mergeLayerPairOnBackend, see there): per (token, KV head) row the norms and the angle,
@@ -14,15 +14,13 @@ const FLAT = wgslFlatIndex('flat');
 function rowStats(x0: tf.Tensor3D, x1: tf.Tensor3D): tf.Tensor2D {
   const [T, H, d] = x0.shape;
   const rows = T * H;
-  return runWgsl({
+  return runFlatWgsl({
     key: `minicache_row_stats_${d}`,
     names: ['a', 'b'],
     inputs: [x0, x1],
     outputShape: [rows, 4],
     dtype: 'float32',
-    workgroupSize: FLAT_WORKGROUP,
-    dispatch: flatDispatch(rows),
-    workgroupBytes: 0,
+    invocations: rows,
     code: `const D: u32 = ${d}u;
 fn kernel(index: i32) {
   ${FLAT}
@@ -60,19 +58,14 @@ fn kernel(index: i32) {
 /** The SLERP direction e [T, H, d] rounded to float16 and packed. */
 function direction(x0: tf.Tensor3D, x1: tf.Tensor3D, stats: tf.Tensor2D, t: number, eps: number): HalfTensor {
   const [T, H, d] = x0.shape;
-  const size = T * H * d;
-  const words = Math.ceil(size / 2);
-  const packed = runWgsl({
+  return runPackedHalfWgsl({
     key: `minicache_direction_${d}_${t}_${eps}`,
     names: ['a', 'b', 'st'],
     inputs: [x0, x1, stats],
-    outputShape: [words],
-    dtype: 'int32',
-    workgroupSize: FLAT_WORKGROUP,
-    dispatch: flatDispatch(words),
-    workgroupBytes: 0,
-    code: `${WGSL_HALF_BITS}
-const D: u32 = ${d}u;
+    shape: [T, H, d],
+    value: 'dirAt',
+    size: 'u32(uniforms.aShape[0]) * u32(uniforms.aShape[1]) * D',
+    code: `const D: u32 = ${d}u;
 const TT: f32 = ${t};
 fn dirAt(e: u32) -> f32 {
   let r = e / D;
@@ -87,45 +80,8 @@ fn dirAt(e: u32) -> f32 {
   let u0 = a[e] * select(0.0, 1.0 / n0, n0 > 0.0);
   let u1 = b[e] * select(0.0, 1.0 / n1, n1 > 0.0);
   return w0 * u0 + w1 * u1;
-}
-fn kernel(index: i32) {
-  ${FLAT}
-  if (flat >= uniforms.outShape) { return; }
-  let size = u32(uniforms.aShape[0]) * u32(uniforms.aShape[1]) * D;
-  let e = 2u * u32(flat);
-  let lo = halfBits(dirAt(e));
-  let hi = select(0u, halfBits(dirAt(min(e + 1u, size - 1u))), e + 1u < size);
-  result[flat] = bitcast<i32>(lo | (hi << 16u));
 }`,
-  }) as tf.Tensor1D;
-  return HalfTensor.fromPacked(packed, [T, H, d]);
-}
-
-/** Column `col` of the row stats [T·H, 4] as float16 [T, H], packed. */
-function packStat(stats: tf.Tensor2D, col: number, T: number, H: number): HalfTensor {
-  const n = T * H;
-  const words = Math.ceil(n / 2);
-  const packed = runWgsl({
-    key: `minicache_pack_stat_${col}`,
-    names: ['st'],
-    inputs: [stats],
-    outputShape: [words],
-    dtype: 'int32',
-    workgroupSize: FLAT_WORKGROUP,
-    dispatch: flatDispatch(words),
-    workgroupBytes: 0,
-    code: `${WGSL_HALF_BITS}
-fn kernel(index: i32) {
-  ${FLAT}
-  if (flat >= uniforms.outShape) { return; }
-  let n = u32(uniforms.stShape[0]);
-  let e = 2u * u32(flat);
-  let lo = halfBits(st[e * 4u + ${col}u]);
-  let hi = select(0u, halfBits(st[min(e + 1u, n - 1u) * 4u + ${col}u]), e + 1u < n);
-  result[flat] = bitcast<i32>(lo | (hi << 16u));
-}`,
-  }) as tf.Tensor1D;
-  return HalfTensor.fromPacked(packed, [T, H]);
+  });
 }
 
 /**
@@ -150,8 +106,8 @@ export function mergeAndPackWgsl(
   };
   try {
     const dir = keepMade(direction(x0, x1, stats, t, eps));
-    const norm0 = keepMade(packStat(stats, 0, T, H));
-    const norm1 = keepMade(packStat(stats, 1, T, H));
+    const norm0 = keepMade(packStatsColumn(stats, 0, [T, H]));
+    const norm1 = keepMade(packStatsColumn(stats, 1, [T, H]));
     // Row h of the selection scores position t by Ω of row t·H + h.
     const idxHK = keepMade(
       topKPositionsWgsl(

@@ -1,6 +1,23 @@
-import { KvpackError, MAX_TOKENS, atMost, check, defineStrategy, denseCacheBytes, type ModelLayout } from '@kvpack/core';
+import { MAX_TOKENS, check, defineStrategy, denseCacheBytes, type ModelLayout } from '@kvpack/core';
 import { z } from 'zod';
-import { KeptTokensCache, TokenScorerSchema, checkScorer, keptTokensBytes, pyramidBudgets, resolveBudgetByTarget, scoreTokens, scorerQueryWindow, scorerWindow, topKPositions } from '@kvpack/strategy-utils';
+import {
+  KeptTokensCache,
+  TokenScorerSchema,
+  budgetAboveScorerWindow,
+  budgetOption,
+  budgetOrTarget,
+  checkScorer,
+  keptTokensBytes,
+  pyramidBudgets,
+  resolveBudgetByTarget,
+  resolveBudgetOption,
+  restoredBudget,
+  scoreTokens,
+  scorerQueryWindow,
+  scorerWindow,
+  targetRatioOption,
+  topKPositions,
+} from '@kvpack/strategy-utils';
 
 /** Budget when neither budget nor targetRatio is given. */
 const DEFAULT_BUDGET = 256;
@@ -9,25 +26,20 @@ const DEFAULT_BUDGET = 256;
 export const PyramidKvOptionsSchema = z
   .strictObject({
     /** Average prefill tokens kept per KV head and layer, the scorer's window included: the total equals a uniform budget's. */
-    budget: z
-      .int()
-      .positive()
-      .max(MAX_TOKENS, { error: atMost(MAX_TOKENS, 'tokens') })
-      .optional()
-      .describe('Average prefill tokens kept per KV head and layer, the window included (the total of a uniform budget; default 256; excludes targetRatio).'),
+    budget: budgetOption('Average prefill tokens kept per KV head and layer, the window included (the total of a uniform budget; default 256; excludes targetRatio).'),
     /**
      * Target ratio (dense fp16 bytes ÷ bytes held, kept positions included) instead of a budget: the
      * largest average budget whose measured ratio is ≥ the target at the actual T. Excludes budget;
      * `compressionRatio` (kvpress's fraction removed) is accepted for it.
      */
-    targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest average budget reaching it at the actual T.'),
+    targetRatio: targetRatioOption('Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest average budget reaching it at the actual T.'),
     /** β ≥ 1: the top layer keeps S/β prefix tokens, the bottom one 2S − S/β (S = budget − window); PyramidKV's default 20. */
     beta: z.number().min(1).max(MAX_TOKENS).default(20).describe('Pyramid steepness β ≥ 1: the top layer keeps S/β prefix tokens, the bottom 2S − S/β (S = budget − window).'),
     /** The scorer the tokens of each layer are chosen by. */
     scorer: TokenScorerSchema.prefault({ name: 'snapkv' }),
   })
-  .refine((o) => o.budget === undefined || o.targetRatio === undefined, { message: 'give budget or targetRatio, not both', path: ['targetRatio'] })
-  .refine((o) => (o.budget ?? DEFAULT_BUDGET) > scorerWindow(o.scorer), { message: 'budget must exceed the scorer\'s window (the budget includes the window)', path: ['budget'] });
+  .refine(...budgetOrTarget)
+  .refine(...budgetAboveScorerWindow(DEFAULT_BUDGET));
 export type PyramidKvOptions = z.output<typeof PyramidKvOptionsSchema>;
 
 /** Tokens per KV head each layer of an L-layer cache of T tokens keeps at these options' budget (256 when unset), bottom layer first. */
@@ -44,18 +56,17 @@ export function pyramidLayerTokens(o: PyramidKvOptions, L: number, T: number): n
  * @throws KvpackError('config') when even window + 1 tokens stay below ρ, naming the reachable range.
  */
 export function resolvePyramidKvOptions(o: PyramidKvOptions, layout: ModelLayout, T: number): PyramidKvOptions & { budget: number } {
-  if (o.targetRatio === undefined) return { ...o, budget: o.budget ?? DEFAULT_BUDGET };
-  const { targetRatio: rho, ...rest } = o;
   const perLayer = { ...layout, nLayers: 1 };
-  const budget = resolveBudgetByTarget({
-    strategy: 'pyramidkv',
-    target: rho,
-    tokens: T,
-    denseBytes: denseCacheBytes(layout, T),
-    least: scorerWindow(o.scorer) + 1,
-    bytesOf: (b) => pyramidLayerTokens({ ...rest, budget: b }, layout.nLayers, T).reduce((a, n) => a + keptTokensBytes(perLayer, n, true), 0),
-  });
-  return { ...rest, budget };
+  return resolveBudgetOption(o, DEFAULT_BUDGET, (target, rest) =>
+    resolveBudgetByTarget({
+      strategy: 'pyramidkv',
+      target,
+      tokens: T,
+      denseBytes: denseCacheBytes(layout, T),
+      least: scorerWindow(o.scorer) + 1,
+      bytesOf: (b) => pyramidLayerTokens({ ...rest, budget: b }, layout.nLayers, T).reduce((a, n) => a + keptTokensBytes(perLayer, n, true), 0),
+    }),
+  );
 }
 
 /**
@@ -96,12 +107,7 @@ export const pyramidKvDefinition = defineStrategy({
   },
   restore: (reader, given) => {
     const { layout, prefillLength: T } = reader.header;
-    let o: PyramidKvOptions;
-    try {
-      o = resolvePyramidKvOptions(given, layout, T);
-    } catch (e) {
-      throw new KvpackError('corrupt', `serialized pyramidkv cache is corrupt: its options give no budget at T = ${T} (${(e as Error).message})`);
-    }
+    const o = restoredBudget('pyramidkv', T, () => resolvePyramidKvOptions(given, layout, T));
     const c = KeptTokensCache.restore(reader, 'pyramidkv', o);
     const n = pyramidLayerTokens(o, layout.nLayers, T);
     for (let l = 0; l < layout.nLayers; l++) {

@@ -16,7 +16,7 @@ import {
   quantizeMatrix,
   quantizedBytes,
   readQuantized,
-  resolveKnobByTarget,
+  resolveBitsOption,
   type HeldQuantized,
   type QuantSpec,
 } from '@kvpack/strategy-utils';
@@ -46,18 +46,15 @@ export type QuantOptions = z.output<typeof QuantOptionsSchema>;
  * @throws KvpackError('config') when 4 bits do not reach ρ, naming the reachable range.
  */
 export function resolveQuantOptions(options: QuantOptions, layout: ModelLayout, T: number): QuantOptions & { bits: 8 | 4 } {
-  if (options.targetRatio === undefined) return { ...options, bits: options.bits ?? 8 };
-  const bits = resolveKnobByTarget({
+  return resolveBitsOption({
     strategy: 'quant',
-    knob: 'bits',
-    target: options.targetRatio,
+    options,
+    fallback: 8,
     tokens: T,
     denseBytes: denseCacheBytes(layout, T),
     candidates: [8, 4] as const,
     bytesOf: (b) => quantCacheBytes(layout, T, { ...options, bits: b }),
   });
-  const { targetRatio: _, ...rest } = options;
-  return { ...rest, bits };
 }
 
 /** The quantization spec of one token's one KV head: a group of d channels. */

@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { KvpackError, MAX_TOKENS, atMost, check, isWebGpuBackend, type KVCache, type MlaKVCache } from '@kvpack/core';
 import { z } from 'zod';
-import { defineEvictionStrategy, pool1d, snapkvVotes, type ScoreContext } from '@kvpack/strategy-utils';
+import { budgetOption, budgetOrTarget, defineEvictionStrategy, pool1d, targetRatioOption, snapkvVotes, type ScoreContext } from '@kvpack/strategy-utils';
 import { snapkvScoresWgsl } from './scores-wgsl.js';
 
 // The votes and the pooling are shared with the head- and layer-budget strategies (AdaKV, PyramidKV).
@@ -16,13 +16,13 @@ const DEFAULT_BUDGET = 256;
 export const SnapKvOptionsSchema = z
   .strictObject({
     /** Prefill tokens kept per KV head and layer, the observation window included (SnapKV's max_capacity_prompt); at most 2^20. */
-    budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).optional().describe('Prefill tokens kept per KV head and layer, the observation window included (default 256; excludes targetRatio).'),
+    budget: budgetOption('Prefill tokens kept per KV head and layer, the observation window included (default 256; excludes targetRatio).', tokens),
     /**
      * Target ratio (dense fp16 bytes ÷ bytes held, kept positions included) instead of a budget: the
      * largest budget whose measured ratio is ≥ the target at the actual T (core `evictionBudget` rule
      * in @kvpack/strategy-utils). Excludes budget; `compressionRatio` (kvpress's fraction removed) is accepted for it.
      */
-    targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest budget reaching it at the actual T.'),
+    targetRatio: targetRatioOption(),
     /** Observation window w: the last w prompt tokens, whose queries vote and which are always kept; below budget, so at most 2^20 − 1. */
     window: z.int().positive().max(MAX_TOKENS - 1, { error: atMost(MAX_TOKENS - 1, 'the window is smaller than the budget, itself at most 2^20 tokens') }).default(32).describe('Observation window w in tokens: the last w prompt tokens vote and are always kept.'),
     /** 1-D pooling kernel over token positions (odd, so the pooled scores keep their length); at most 2^20 − 1, the largest odd token count. */
@@ -30,7 +30,7 @@ export const SnapKvOptionsSchema = z
     /** Pooling of the votes: avg (SnapKV's default) or max. */
     pooling: z.enum(['avg', 'max']).default('avg').describe('Pooling of the votes: avg (SnapKV default) or max.'),
   })
-  .refine((o) => o.budget === undefined || o.targetRatio === undefined, { message: 'give budget or targetRatio, not both', path: ['targetRatio'] })
+  .refine(...budgetOrTarget)
   .refine((o) => (o.budget ?? DEFAULT_BUDGET) > o.window, { message: 'budget must exceed window (the budget includes the observation window)', path: ['budget'] })
   .refine((o) => o.kernelSize % 2 === 1, { message: 'kernelSize must be odd', path: ['kernelSize'] });
 export type SnapKvOptions = z.output<typeof SnapKvOptionsSchema>;

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { FLAT_WORKGROUP, flatDispatch, runWgsl, wgslFlatIndex } from '@kvpack/core';
+import { runFlatWgsl, runWgsl, wgslFlatIndex } from '@kvpack/core';
 
 // SnapKV's scores on webgpu as three WGSL kernels around one tfjs matMul (the same math as
 // snapkvVotes + pool1d, see there): the window's logits Q·Kᵀ for every KV head's GQA group at once,
@@ -66,15 +66,13 @@ fn kernel(index: i32) {
 function votes(logits: tf.Tensor3D, stats: tf.Tensor2D, g: number, w: number, scale: number): tf.Tensor2D {
   const [Hkv, gw, T] = logits.shape;
   const n = Hkv * (T - w);
-  return runWgsl({
+  return runFlatWgsl({
     key: `snapkv_votes_${g}_${w}_${scale}`,
     names: ['L', 'st'],
     inputs: [logits, stats],
     outputShape: [Hkv, T - w],
     dtype: 'float32',
-    workgroupSize: FLAT_WORKGROUP,
-    dispatch: flatDispatch(n),
-    workgroupBytes: 0,
+    invocations: n,
     code: `const GW: u32 = ${gw}u;
 const SCALE: f32 = ${scale};
 fn kernel(index: i32) {
@@ -101,15 +99,13 @@ fn kernel(index: i32) {
 function poolWithWindow(v: tf.Tensor2D, T: number, kernel: number, mode: 'avg' | 'max'): tf.Tensor2D {
   const [Hkv] = v.shape;
   const R = Math.floor(kernel / 2);
-  return runWgsl({
+  return runFlatWgsl({
     key: `snapkv_pool_${kernel}_${mode}`,
     names: ['V'],
     inputs: [v],
     outputShape: [Hkv, T],
     dtype: 'float32',
-    workgroupSize: FLAT_WORKGROUP,
-    dispatch: flatDispatch(Hkv * T),
-    workgroupBytes: 0,
+    invocations: Hkv * T,
     code: `fn kernel(index: i32) {
   ${FLAT}
   let T = u32(uniforms.outShape[1]);

@@ -1,5 +1,5 @@
 import { MAX_TOKENS, atMost } from '@kvpack/core';
-import { defineEvictionStrategy } from '@kvpack/strategy-utils';
+import { budgetOption, budgetOrTarget, defineEvictionStrategy, targetRatioOption } from '@kvpack/strategy-utils';
 import { z } from 'zod';
 
 const tokens = atMost(MAX_TOKENS, "tokens; 2^20 tokens of one layer's keys already fill the wasm heap");
@@ -13,15 +13,15 @@ export const StreamingLlmOptionsSchema = z
     /** Attention sinks: the first tokens, always kept (StreamingLLM's default 4); at most 2^20 (core MAX_TOKENS). */
     sinks: z.int().nonnegative().max(MAX_TOKENS, { error: tokens }).default(4).describe('Attention-sink tokens kept from the start of the prompt.'),
     /** Prefill tokens kept per layer, sinks included (sinks + recent window); at most 2^20 (core MAX_TOKENS). */
-    budget: z.int().positive().max(MAX_TOKENS, { error: tokens }).optional().describe('Prefill tokens kept per layer: the sinks plus the most recent tokens (default 256; excludes targetRatio).'),
+    budget: budgetOption('Prefill tokens kept per layer: the sinks plus the most recent tokens (default 256; excludes targetRatio).', tokens),
     /**
      * Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest budget whose
      * measured ratio is ≥ the target at the actual T (`evictionBudget` in @kvpack/strategy-utils; the
      * positions are implied, so the ratio is T ÷ budget). Excludes budget; `compressionRatio` is accepted for it.
      */
-    targetRatio: z.number().min(1).max(1e9).optional().describe('Target ratio (dense fp16 bytes ÷ bytes held) instead of a budget: the largest budget reaching it at the actual T.'),
+    targetRatio: targetRatioOption(),
   })
-  .refine((o) => o.budget === undefined || o.targetRatio === undefined, { message: 'give budget or targetRatio, not both', path: ['targetRatio'] })
+  .refine(...budgetOrTarget)
   .refine((o) => o.sinks <= (o.budget ?? DEFAULT_BUDGET), { message: 'sinks must not exceed budget (the budget counts the sinks)', path: ['sinks'] });
 export type StreamingLlmOptions = z.output<typeof StreamingLlmOptionsSchema>;
 

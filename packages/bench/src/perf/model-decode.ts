@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { FLAT_WORKGROUP, HalfTensor, applyRope, check, createStrategy, disposeKVCache, flatDispatch, isWebGpuBackend, runWgsl, wgslFlatIndex, sharedRopeTableBytes, type CompressedCache, type ModelLayout } from '@kvpack/core';
+import { HalfTensor, applyRope, check, createStrategy, disposeKVCache, isWebGpuBackend, runFlatWgsl, sharedRopeTableBytes, wgslFlatIndex, type CompressedCache, type ModelLayout } from '@kvpack/core';
 import { decodeModes, type DecodeMode } from './decode-modes.js';
 import { halfMatMul } from './half-matmul.js';
 import { timeInterleaved, fmtBytes, fmtMs } from './stats.js';
@@ -102,15 +102,13 @@ async function randomHalf(K: number, N: number, seed: number): Promise<HalfTenso
       x.dispose();
     }
   }
-  const packed = runWgsl({
+  const packed = runFlatWgsl({
     key: `random_half_words_${seed >>> 0}_${a.toPrecision(9)}`,
     names: [],
     inputs: [],
     outputShape: [words],
     dtype: 'int32',
-    workgroupSize: FLAT_WORKGROUP,
-    dispatch: flatDispatch(words),
-    workgroupBytes: 0,
+    invocations: words,
     code: `fn mix(x: u32) -> u32 {
   var h = x;
   h = (h ^ (h >> 16u)) * 0x7feb352du;

@@ -1,6 +1,6 @@
 import { KvpackError, check, type RopeScaling } from '@kvpack/core';
 import type { LlamaConfig } from '../types.js';
-import { editDistance } from '../bounds.js';
+import { positiveNumber as num, tokenId, unknownConfigKeys, warnUnknownKeys, type HfUnknownKey, type Json } from '../config-json.js';
 
 /** Hugging Face architectures {@link parseHfConfig} maps onto {@link LlamaConfig}. */
 export const HF_ARCHITECTURES = ['LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'] as const;
@@ -14,7 +14,6 @@ const MODEL_TYPES: Record<string, (typeof HF_ARCHITECTURES)[number]> = {
 /** Every Hugging Face `model_type` kvpack loads: Llama-family ones (LlamaModel) and DeepSeek MLA ones (DeepseekModel). */
 export const HF_MODEL_TYPES = ['llama', 'mistral', 'qwen2', 'qwen3', 'deepseek_v2', 'deepseek_v3'] as const;
 
-type Json = Record<string, unknown>;
 
 function int(cfg: Json, key: string, file: string, fallback?: number, max = Number.MAX_SAFE_INTEGER): number {
   const v = cfg[key] ?? fallback;
@@ -139,12 +138,7 @@ export const HF_CONFIG_KEYS_IGNORED = [
 const READ = new Set<string>(HF_CONFIG_KEYS_READ);
 const IGNORED = new Set<string>(HF_CONFIG_KEYS_IGNORED);
 
-/** A config.json key {@link parseHfConfig} neither reads nor knows to be irrelevant. */
-export interface HfUnknownKey {
-  key: string;
-  /** The key read by the loader that this one most likely misspells (edit distance ≤ 2), if any. */
-  suggestion?: string;
-}
+export type { HfUnknownKey } from '../config-json.js';
 
 /**
  * The keys of a config.json object that are neither read by {@link parseHfConfig} nor on the
@@ -153,22 +147,7 @@ export interface HfUnknownKey {
  * to a default or is reported missing.
  */
 export function unknownHfConfigKeys(cfg: Json): HfUnknownKey[] {
-  const out: HfUnknownKey[] = [];
-  for (const key of Object.keys(cfg)) {
-    if (READ.has(key) || IGNORED.has(key)) continue;
-    let best: string | undefined;
-    let bestD = Infinity;
-    for (const k of READ) {
-      if (Math.abs(k.length - key.length) > 2) continue;
-      const d = editDistance(key.toLowerCase(), k);
-      if (d < bestD) {
-        bestD = d;
-        best = k;
-      }
-    }
-    out.push(bestD <= 2 ? { key, suggestion: best } : { key });
-  }
-  return out;
+  return unknownConfigKeys(cfg, READ, IGNORED);
 }
 
 /** Options of {@link parseHfConfig}. */
@@ -181,16 +160,6 @@ export interface HfConfigOptions {
   onWarning?: (message: string, unknownKeys: HfUnknownKey[]) => void;
 }
 
-function num(cfg: Json, key: string, file: string, fallback: number): number {
-  const v = cfg[key] ?? fallback;
-  check(typeof v === 'number' && Number.isFinite(v) && v > 0, 'config', `${file}: "${key}" must be a positive number, got ${JSON.stringify(cfg[key])}`);
-  return v;
-}
-
-function tokenId(v: unknown): number | undefined {
-  if (Array.isArray(v)) return tokenId(v[0]);
-  return Number.isInteger(v) ? (v as number) : undefined;
-}
 
 /**
  * Maps Hugging Face `rope_scaling` to core's {@link RopeScaling} (`modeling_rope_utils.py`):
@@ -345,11 +314,6 @@ export function parseHfConfig(cfg: Json, file = 'config.json', options: HfConfig
     bosId: tokenId(cfg.bos_token_id),
     eosId: tokenId(cfg.eos_token_id),
   };
-  const unknown = unknownHfConfigKeys(cfg);
-  if (unknown.length) {
-    const list = unknown.map((u) => (u.suggestion ? `"${u.key}" (did you mean "${u.suggestion}"?)` : `"${u.key}"`)).join(', ');
-    const msg = `${file}: ignoring ${unknown.length} key${unknown.length > 1 ? 's' : ''} kvpack does not understand: ${list}; settings they were meant to give take their defaults`;
-    (options.onWarning ?? ((m: string) => console.warn(m)))(msg, unknown);
-  }
+  warnUnknownKeys(unknownHfConfigKeys(cfg), file, options.onWarning);
   return config;
 }

@@ -1,6 +1,6 @@
 import { KvpackError, check, type RopeConfig } from '@kvpack/core';
-import { HF_MODEL_TYPES, parseRopeScaling, type HfConfigOptions, type HfUnknownKey } from '../hf/config.js';
-import { editDistance } from '../bounds.js';
+import { HF_MODEL_TYPES, parseRopeScaling, type HfConfigOptions } from '../hf/config.js';
+import { positiveNumber as posNum, tokenId, unknownConfigKeys, warnUnknownKeys, type Json } from '../config-json.js';
 
 /** Hugging Face `model_type`s of Multi-head Latent Attention models {@link parseDeepseekConfig} reads. */
 export const DEEPSEEK_MODEL_TYPES = ['deepseek_v2', 'deepseek_v3'] as const;
@@ -175,7 +175,6 @@ export const DEEPSEEK_CONFIG_KEYS_IGNORED = [
 const READ = new Set<string>(DEEPSEEK_CONFIG_KEYS_READ);
 const IGNORED = new Set<string>(DEEPSEEK_CONFIG_KEYS_IGNORED);
 
-type Json = Record<string, unknown>;
 
 /** A required positive integer: missing → named as missing. */
 function req(cfg: Json, key: string, file: string, max: number): number {
@@ -194,32 +193,6 @@ function optInt(cfg: Json, key: string, file: string, fallback: number, max: num
   return v === undefined || v === null ? fallback : posInt(v, key, file, max, min);
 }
 
-function posNum(cfg: Json, key: string, file: string, fallback: number): number {
-  const v = cfg[key] ?? fallback;
-  check(typeof v === 'number' && Number.isFinite(v) && v > 0, 'config', `${file}: "${key}" must be a positive number, got ${JSON.stringify(cfg[key])}`);
-  return v;
-}
-
-function tokenId(v: unknown): number | undefined {
-  if (Array.isArray(v)) return tokenId(v[0]);
-  return Number.isInteger(v) ? (v as number) : undefined;
-}
-
-function unknownKeys(cfg: Json): HfUnknownKey[] {
-  const out: HfUnknownKey[] = [];
-  for (const key of Object.keys(cfg)) {
-    if (READ.has(key) || IGNORED.has(key)) continue;
-    let best: string | undefined;
-    let bestD = Infinity;
-    for (const k of READ) {
-      if (Math.abs(k.length - key.length) > 2) continue;
-      const d = editDistance(key.toLowerCase(), k);
-      if (d < bestD) [bestD, best] = [d, k];
-    }
-    out.push(bestD <= 2 ? { key, suggestion: best } : { key });
-  }
-  return out;
-}
 
 /**
  * Maps a Hugging Face DeepSeek-V2 / V2-Lite / V3 `config.json` (model_type `deepseek_v2`,
@@ -350,11 +323,6 @@ export function parseDeepseekConfig(cfg: Json, file = 'config.json', options: Hf
     bosId: tokenId(cfg.bos_token_id),
     eosId: tokenId(cfg.eos_token_id),
   };
-  const unknown = unknownKeys(cfg);
-  if (unknown.length) {
-    const list = unknown.map((u) => (u.suggestion ? `"${u.key}" (did you mean "${u.suggestion}"?)` : `"${u.key}"`)).join(', ');
-    const msg = `${file}: ignoring ${unknown.length} key${unknown.length > 1 ? 's' : ''} kvpack does not understand: ${list}; settings they were meant to give take their defaults`;
-    (options.onWarning ?? ((m: string) => console.warn(m)))(msg, unknown);
-  }
+  warnUnknownKeys(unknownConfigKeys(cfg, READ, IGNORED), file, options.onWarning);
   return config;
 }

@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { checkPositionSpan, checkTokenIds, readWeightBytes, weightsDigest } from '../model/identity.js';
 import * as tf from '@tensorflow/tfjs-core';
 import {
   applyRope,
@@ -103,17 +103,13 @@ export class DeepseekModel {
   }
 
   private digest(data: (t: tf.Tensor) => Uint8Array): string {
-    const h = createHash('sha256');
-    h.update(JSON.stringify(this.config, (_k, v) => (v && typeof v === 'object' && !Array.isArray(v) ? Object.fromEntries(Object.entries(v).sort()) : v)));
-    for (const [name, t] of namedDeepseekTensors(this.weights)) {
-      h.update(`\n${name} ${t.dtype} [${t.shape}]\n`);
-      h.update(data(t));
-    }
-    this.weights.layers.forEach((l, i) => {
-      const b = l.moe?.scoreBias;
-      if (b) h.update(`\nlayers.${i}.moe.scoreBias\n`).update(new Uint8Array(b.buffer, b.byteOffset, b.byteLength));
-    });
-    return `sha256:${h.digest('hex')}`;
+    const config = JSON.stringify(this.config, (_k, v) => (v && typeof v === 'object' && !Array.isArray(v) ? Object.fromEntries(Object.entries(v).sort()) : v));
+    return weightsDigest(config, namedDeepseekTensors(this.weights), data, (h) =>
+      this.weights.layers.forEach((l, i) => {
+        const b = l.moe?.scoreBias;
+        if (b) h.update(`\nlayers.${i}.moe.scoreBias\n`).update(new Uint8Array(b.buffer, b.byteOffset, b.byteLength));
+      }),
+    );
   }
 
   /**
@@ -122,33 +118,20 @@ export class DeepseekModel {
    */
   async fingerprint(): Promise<string> {
     if (this.fingerprintValue === undefined) {
-      const bytes = new Map<tf.Tensor, Uint8Array>();
-      for (const [, t] of namedDeepseekTensors(this.weights)) {
-        const d = (await t.data()) as Float32Array;
-        bytes.set(t, new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
-      }
-      this.fingerprintValue ??= this.digest((t) => bytes.get(t)!);
+      const bytes = await readWeightBytes(namedDeepseekTensors(this.weights));
+      this.fingerprintValue ??= this.digest(bytes);
     }
     return this.fingerprintValue;
   }
 
   /** Throws unless ids are integers in [0, V). @internal */
   checkIds(ids: readonly number[], what: string): void {
-    check(Array.isArray(ids), 'shape', `${what}: token ids must be an array of integers`);
-    check(ids.length > 0, 'shape', `${what}: no token ids`);
-    const V = this.config.vocabSize;
-    for (let i = 0; i < ids.length; i++)
-      check(Number.isInteger(ids[i]) && ids[i] >= 0 && ids[i] < V, 'shape', () => `${what}: token id ${ids[i]} at index ${i} is not an integer in [0, vocab ${V})`);
+    checkTokenIds(ids, this.config.vocabSize, what);
   }
 
   /** Throws unless positions start … start + count − 1 fit the model's context. @internal */
   checkPositions(start: number, count: number, what: string): void {
-    check(Number.isInteger(start) && start >= 0, 'shape', `${what}: position ${start} must be an integer ≥ 0`);
-    check(
-      start + count <= this.config.maxSeqLen,
-      'shape',
-      `${what}: ${count} tokens at positions ${start}..${start + count - 1} exceed the model's max_position_embeddings ${this.config.maxSeqLen}`,
-    );
+    checkPositionSpan(start, count, this.config.maxSeqLen, 'max_position_embeddings', what);
   }
 
   /**

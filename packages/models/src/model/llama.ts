@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { checkPositionSpan, checkTokenIds, readWeightBytes, weightBytesSync, weightsDigest } from './identity.js';
 import * as tf from '@tensorflow/tfjs-core';
 import {
   applyRope,
@@ -72,13 +72,7 @@ export class LlamaModel {
   }
 
   private digest(data: (t: tf.Tensor) => Uint8Array): string {
-    const h = createHash('sha256');
-    h.update(JSON.stringify(this.config, Object.keys(this.config).sort()));
-    for (const [name, t] of this.namedWeights()) {
-      h.update(`\n${name} ${t.dtype} [${t.shape}]\n`);
-      h.update(data(t));
-    }
-    return `sha256:${h.digest('hex')}`;
+    return weightsDigest(JSON.stringify(this.config, Object.keys(this.config).sort()), this.namedWeights(), data);
   }
 
   /**
@@ -90,12 +84,8 @@ export class LlamaModel {
    */
   async fingerprint(): Promise<string> {
     if (this.fingerprintValue === undefined) {
-      const bytes = new Map<tf.Tensor, Uint8Array>();
-      for (const [, t] of this.namedWeights()) {
-        const d = (await t.data()) as Float32Array;
-        bytes.set(t, new Uint8Array(d.buffer, d.byteOffset, d.byteLength));
-      }
-      this.fingerprintValue ??= this.digest((t) => bytes.get(t)!);
+      const bytes = await readWeightBytes(this.namedWeights());
+      this.fingerprintValue ??= this.digest(bytes);
     }
     return this.fingerprintValue;
   }
@@ -103,10 +93,7 @@ export class LlamaModel {
   /** The fingerprint when known or computable without an asynchronous readback (wasm, cpu), else undefined. */
   private knownFingerprint(): string | undefined {
     if (this.fingerprintValue === undefined && isHostBackend()) {
-      this.fingerprintValue = this.digest((t) => {
-        const d = t.dataSync() as Float32Array;
-        return new Uint8Array(d.buffer, d.byteOffset, d.byteLength);
-      });
+      this.fingerprintValue = this.digest(weightBytesSync);
     }
     return this.fingerprintValue;
   }
@@ -119,21 +106,12 @@ export class LlamaModel {
 
   /** Throws unless ids are integers in [0, V). @internal */
   checkIds(ids: readonly number[], what: string): void {
-    check(Array.isArray(ids), 'shape', `${what}: token ids must be an array of integers`);
-    check(ids.length > 0, 'shape', `${what}: no token ids`);
-    const V = this.config.vocabSize;
-    for (let i = 0; i < ids.length; i++)
-      check(Number.isInteger(ids[i]) && ids[i] >= 0 && ids[i] < V, 'shape', () => `${what}: token id ${ids[i]} at index ${i} is not an integer in [0, vocab ${V})`);
+    checkTokenIds(ids, this.config.vocabSize, what);
   }
 
   /** Throws unless positions start … start + count − 1 fit the model's context. @internal */
   checkPositions(start: number, count: number, what: string): void {
-    check(Number.isInteger(start) && start >= 0, 'shape', `${what}: position ${start} must be an integer ≥ 0`);
-    check(
-      start + count <= this.config.maxSeqLen,
-      'shape',
-      `${what}: ${count} tokens at positions ${start}..${start + count - 1} exceed the model's max_seq_len ${this.config.maxSeqLen}`,
-    );
+    checkPositionSpan(start, count, this.config.maxSeqLen, 'max_seq_len', what);
   }
 
   /** Causal forward over ids at positions 0..T−1 with exact attention. */

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { FLAT_WORKGROUP, HalfTensor, WGSL_HALF_BITS, check, flatDispatch, runWgsl, wgslFlatIndex } from '@kvpack/core';
+import { check, runPackedHalfWgsl, type HalfTensor } from '@kvpack/core';
 
 /**
  * The kept rows of x [T, H, d] (float32), rounded to float16 and packed, [n, H, d] — in **one** WGSL
@@ -14,20 +14,15 @@ export function gatherRowsPackedWgsl(x: tf.Tensor, idx: tf.Tensor): HalfTensor {
   const [, H, d] = x.shape as [number, number, number];
   check(idx.dtype === 'int32' && (idx.rank === 1 || (idx.rank === 2 && idx.shape[0] === H)), 'shape', `per-head gather: positions must be int32 [H = ${H}, n] or [n], got ${idx.dtype} [${idx.shape}]`);
   const n = idx.rank === 1 ? idx.shape[0] : idx.shape[1]!;
-  const size = n * H * d;
-  const words = Math.ceil(size / 2);
   const shared = idx.rank === 1;
-  const packed = runWgsl({
+  return runPackedHalfWgsl({
     key: `gather_rows_half_${shared ? 's' : 'h'}`,
     names: ['x', 'idx'],
     inputs: [x, idx],
-    outputShape: [words],
-    dtype: 'int32',
-    workgroupSize: FLAT_WORKGROUP,
-    dispatch: flatDispatch(words),
-    workgroupBytes: 0,
-    code: `${WGSL_HALF_BITS}
-fn gathered(e: u32) -> f32 {
+    shape: [n, H, d],
+    value: 'gathered',
+    size: `u32(uniforms.idxShape${shared ? '' : '[1]'}) * u32(uniforms.xShape[1]) * u32(uniforms.xShape[2])`,
+    code: `fn gathered(e: u32) -> f32 {
   let H = u32(uniforms.xShape[1]);
   let D = u32(uniforms.xShape[2]);
   let row = e / D;
@@ -36,16 +31,6 @@ fn gathered(e: u32) -> f32 {
   let h = row - j * H;
   let t = u32(${shared ? 'idx[j]' : 'idx[h * u32(uniforms.idxShape[1]) + j]'});
   return x[(t * H + h) * D + c];
-}
-fn kernel(index: i32) {
-  ${wgslFlatIndex('flat')}
-  if (flat >= uniforms.outShape) { return; }
-  let size = u32(uniforms.idxShape${shared ? '' : '[1]'}) * u32(uniforms.xShape[1]) * u32(uniforms.xShape[2]);
-  let e = 2u * u32(flat);
-  let lo = halfBits(gathered(e));
-  let hi = select(0u, halfBits(gathered(min(e + 1u, size - 1u))), e + 1u < size);
-  result[flat] = bitcast<i32>(lo | (hi << 16u));
 }`,
-  }) as tf.Tensor1D;
-  return HalfTensor.fromPacked(packed, [n, H, d]);
+  });
 }

@@ -3,6 +3,7 @@ import { KvpackError, check, defineStrategy, denseCacheBytes, type KVCache, type
 import { MlaKeptTokensCache } from './mla-kept-tokens.js';
 import type { z } from 'zod';
 import { KeptTokensCache } from './kept-tokens.js';
+import { restoredBudget } from '../ratio/budget-options.js';
 import { topKPositions } from './top-k.js';
 
 export { topKPositions } from './top-k.js';
@@ -233,12 +234,7 @@ export function defineEvictionStrategy<S extends z.ZodType>(spec: EvictionStrate
     },
     restore: (reader, options) => {
       const T = reader.header.prefillLength;
-      let n: number;
-      try {
-        n = selector(options).kept(reader.header.layout, T);
-      } catch (e) {
-        throw new KvpackError('corrupt', `serialized ${name} cache is corrupt: its options give no budget at T = ${T} (${(e as Error).message})`);
-      }
+      const n = restoredBudget(name, T, () => selector(options).kept(reader.header.layout, T));
       const cache = KeptTokensCache.restore(reader, name, options, implied(options, n));
       for (let l = 0; l < cache.layout.nLayers; l++)
         check(cache.tokenCount(l) === n, 'corrupt', `serialized ${name} cache is corrupt: layer ${l} keeps ${cache.tokenCount(l)} tokens, but T = ${T} at these options keeps ${n}`);

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { FLAT_WORKGROUP, HalfTensor, check, flatDispatch, isWebGpuBackend, readSyncOrExplain, runWgsl, wgslFlatIndex, type StoredItem } from '@kvpack/core';
+import { HalfTensor, check, isWebGpuBackend, readSyncOrExplain, runFlatWgsl, wgslFlatIndex, type StoredItem } from '@kvpack/core';
 import { decodeCodes } from './packing.js';
 import { concatWords } from './words.js';
 
@@ -124,15 +124,13 @@ export class CodesTensor {
     check(!this.isDisposed, 'disposed', 'packed codes were disposed');
     if (this.count === 0) return tf.tensor1d([], 'float32');
     if (!isWebGpuBackend()) return this.unpackOnHost();
-    return runWgsl({
+    return runFlatWgsl({
       key: `unpack_codes_${this.bits}`,
       names: ['w'],
       inputs: [this.packed],
       outputShape: [this.count],
       dtype: 'float32',
-      workgroupSize: FLAT_WORKGROUP,
-      dispatch: flatDispatch(this.count),
-      workgroupBytes: 0,
+      invocations: this.count,
       code: `fn kernel(index: i32) {
   ${wgslFlatIndex('i')}
   if (i >= uniforms.outShape) { return; }
@@ -159,15 +157,13 @@ export class CodesTensor {
 /** Packs float32 codes [n] into `words` int32 words on webgpu (one invocation per word). */
 function packWordsOnDevice(codes: tf.Tensor1D, bits: 1 | 2 | 4 | 8, words: number): tf.Tensor1D {
   const per = 32 / bits;
-  return runWgsl({
+  return runFlatWgsl({
     key: `pack_codes_${bits}`,
     names: ['c'],
     inputs: [codes],
     outputShape: [words],
     dtype: 'int32',
-    workgroupSize: FLAT_WORKGROUP,
-    dispatch: flatDispatch(words),
-    workgroupBytes: 0,
+    invocations: words,
     code: `fn kernel(index: i32) {
   ${wgslFlatIndex('w')}
   if (w >= uniforms.outShape) { return; }

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { FLAT_WORKGROUP, HalfTensor, WGSL_HALF_BITS, flatDispatch, runWgsl, wgslFlatIndex } from '@kvpack/core';
+import { HalfTensor, WGSL_HALF_BITS, runFlatWgsl, runPackedHalfWgsl, runWgsl, wgslFlatIndex } from '@kvpack/core';
 import { CodesTensor } from './codes-tensor.js';
 import { minMaxGroupShape, type MinMaxGrouping } from './minmax-groups.js';
 
@@ -40,15 +40,13 @@ fn groupOf(e: u32) -> u32 { return e / ${g}u; }`;
 
 /** Per group: (scale, minimum, non-finite flag, 0), float32 [groups, 4], scale and minimum float16 values. */
 function groupStats(x: tf.Tensor, groups: number, idx: string, g: number, maxq: number): tf.Tensor2D {
-  return runWgsl({
+  return runFlatWgsl({
     key: `minmax_stats_${maxq}_${g}_${idx.length}_${hash(idx)}`,
     names: ['x'],
     inputs: [x],
     outputShape: [groups, 4],
     dtype: 'float32',
-    workgroupSize: FLAT_WORKGROUP,
-    dispatch: flatDispatch(groups),
-    workgroupBytes: 0,
+    invocations: groups,
     code: `${HELPERS}
 ${idx}
 fn finite16(v: f32) -> bool { return abs(v) <= 65504.0 && v == v; }
@@ -88,15 +86,13 @@ fn kernel(index: i32) {
 function packedCodes(x: tf.Tensor, stats: tf.Tensor2D, count: number, idx: string, bits: 2 | 4, maxq: number): tf.Tensor1D {
   const per = 32 / bits;
   const words = Math.max(1, Math.ceil(count / per));
-  return runWgsl({
+  return runFlatWgsl({
     key: `minmax_codes_${bits}_${idx.length}_${hash(idx)}`,
     names: ['x', 'st'],
     inputs: [x, stats],
     outputShape: [words],
     dtype: 'int32',
-    workgroupSize: FLAT_WORKGROUP,
-    dispatch: flatDispatch(words),
-    workgroupBytes: 0,
+    invocations: words,
     code: `${HELPERS}
 ${idx}
 fn kernel(index: i32) {
@@ -131,31 +127,20 @@ fn kernel(index: i32) {
   }) as tf.Tensor1D;
 }
 
-/** Column `col` of stats [groups, 4] (float16 values) packed two per word, as a float16 tensor of `shape`. */
-function packColumn(stats: tf.Tensor2D, col: number, shape: number[]): HalfTensor {
-  const n = stats.shape[0];
-  const words = Math.ceil(n / 2);
-  const packed = runWgsl({
+/**
+ * Column `col` of row statistics [rows, 4] (float32 on webgpu), rounded to float16 and packed two per
+ * word in one WGSL dispatch, as a float16 tensor of `shape` (product = rows). Disposes no input.
+ */
+export function packStatsColumn(stats: tf.Tensor2D, col: number, shape: number[]): HalfTensor {
+  return runPackedHalfWgsl({
     key: `minmax_pack_column_${col}`,
     names: ['st'],
     inputs: [stats],
-    outputShape: [words],
-    dtype: 'int32',
-    workgroupSize: FLAT_WORKGROUP,
-    dispatch: flatDispatch(words),
-    workgroupBytes: 0,
-    code: `${WGSL_HALF_BITS}
-fn kernel(index: i32) {
-  ${FLAT}
-  if (flat >= uniforms.outShape) { return; }
-  let n = u32(uniforms.stShape[0]);
-  let e = 2u * u32(flat);
-  let lo = halfBits(st[e * 4u + ${col}u]);
-  let hi = select(0u, halfBits(st[min(e + 1u, n - 1u) * 4u + ${col}u]), e + 1u < n);
-  result[flat] = bitcast<i32>(lo | (hi << 16u));
-}`,
-  }) as tf.Tensor1D;
-  return HalfTensor.fromPacked(packed, shape);
+    shape,
+    value: 'column',
+    size: 'u32(uniforms.stShape[0])',
+    code: `fn column(r: u32) -> f32 { return st[r * 4u + ${col}u]; }`,
+  });
 }
 
 /** The max of the flags (column 2), one workgroup: a float32 scalar. */
@@ -217,9 +202,9 @@ export function holdMinMaxWgsl(
     stats = groupStats(flat, groups, idx, g, maxq);
     const codes = CodesTensor.fromPacked(packedCodes(flat, stats, n * H * d, idx, bits, maxq), bits, n * H * d);
     made.push(codes);
-    const scale = packColumn(stats, 0, groupShape);
+    const scale = packStatsColumn(stats, 0, groupShape);
     made.push(scale);
-    const min = packColumn(stats, 1, groupShape);
+    const min = packStatsColumn(stats, 1, groupShape);
     made.push(min);
     const nonFinite = anyFlag(stats);
     return { tokens: n, codes, scale, min, nonFinite };

@@ -65,3 +65,26 @@ export function resolveBudgetByTarget(a: {
   }
   return lo;
 }
+
+/**
+ * Options with a quantizer's `bits` fixed for a prefill of T tokens: as given, `fallback` when unset,
+ * or — with a targetRatio ρ — the first of `candidates` (most bits first) whose bytes right after
+ * compress, `bytesOf(b)`, times ρ are ≤ the dense fp16 bytes ({@link resolveKnobByTarget}). The
+ * result records bits, not the target.
+ * @throws KvpackError('config') when the last candidate does not reach ρ, naming the reachable range.
+ */
+export function resolveBitsOption<O extends { bits?: B; targetRatio?: number }, B extends number>(a: {
+  strategy: string;
+  options: O;
+  fallback: B;
+  tokens: number;
+  denseBytes: number;
+  candidates: readonly B[];
+  bytesOf: (b: B) => number;
+}): O & { bits: B } {
+  const o = a.options;
+  if (o.targetRatio === undefined) return { ...o, bits: o.bits ?? a.fallback };
+  const bits = resolveKnobByTarget({ strategy: a.strategy, knob: 'bits', target: o.targetRatio, tokens: a.tokens, denseBytes: a.denseBytes, candidates: a.candidates, bytesOf: a.bytesOf });
+  const { targetRatio: _, ...rest } = o;
+  return { ...rest, bits } as O & { bits: B };
+}
