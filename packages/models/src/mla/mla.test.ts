@@ -169,7 +169,7 @@ describe('DeepSeek loading errors', () => {
   });
   it('an unknown model_type lists the supported ones', async () => {
     const cfg = { ...tinyDeepseekCheckpoint(spec).config, model_type: 'gpt2', architectures: ['GPT2LMHeadModel'] };
-    const list = /llama, mistral, qwen2, deepseek_v2, deepseek_v3/;
+    const list = /llama, mistral, qwen2, qwen3, deepseek_v2, deepseek_v3/;
     await expectKvpack(() => parseDeepseekConfig(cfg), 'unsupported', list);
     await expectKvpack(() => parseHfConfig(cfg), 'unsupported', list);
     // A DeepSeek config given to the Llama-family loader says which loader reads it.
@@ -212,7 +212,7 @@ describe('DeepSeek config variants', () => {
     const { rope_theta, rope_scaling, ...rest } = cfg as Record<string, unknown>;
     const b = parseDeepseekConfig({ ...rest, rope_parameters: { rope_theta, rope_type: 'yarn', ...(rope_scaling as object), type: undefined } });
     expect(b.rope).toEqual(a.rope);
-    expect(a.rope).toEqual({ theta: 10000, layout: 'interleaved', scaling: { type: 'yarn', factor: 4, originalMaxPositionEmbeddings: 64, betaFast: 32, betaSlow: 1, mscale: 1, mscaleAllDim: 0.8 } });
+    expect(a.rope).toEqual({ theta: 10000, layout: 'interleaved', scaling: { type: 'yarn', factor: 4, originalMaxPositionEmbeddings: 64, betaFast: 32, betaSlow: 1, mscale: 0.9, mscaleAllDim: 0.8 } });
     expect(a.softmaxScale).toBeCloseTo((0.1 * 0.8 * Math.log(4) + 1) ** 2 / Math.sqrt(TINY.dn + TINY.dr), 14);
     expect(parseDeepseekConfig({ ...rest, rope_theta }).softmaxScale).toBe(1 / 4);
   });
