@@ -66,6 +66,8 @@ function checkQueries(cache: KVCache, o: SnapKvOptions): void {
         `the model runner must provide them, e.g. LlamaModel.prefill(tokens, { observationWindow: ${w} })`,
     );
   check(Array.isArray(q) && q.length === L, 'layout', `snapkv: KVCache.queries has ${Array.isArray(q) ? q.length : 'no'} layers but the model has ${L} layers`);
+  const T = cache.keys[0]?.shape[0] ?? 0;
+  check(T >= w, 'config', `snapkv: the prompt has ${T} tokens, fewer than the ${w}-token observation window: give a smaller window option (at most ${T}) or a longer prompt`);
   for (let l = 0; l < L; l++) {
     check(
       q[l] instanceof tf.Tensor && q[l].dtype === 'float32' && q[l].rank === 3 && q[l].shape[1] === Hq && q[l].shape[2] === d,
