@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { KvpackError, MAX_TOKENS, atMost, check, isWebGpuBackend, type KVCache, type MlaKVCache } from '@kvpack/core';
 import { z } from 'zod';
-import { budgetOption, budgetOrTarget, defineEvictionStrategy, pool1d, targetRatioOption, snapkvVotes, type ScoreContext } from '@kvpack/strategy-utils';
+import { budgetOption, budgetOrTarget, checkWindowQueries, defineEvictionStrategy, pool1d, targetRatioOption, snapkvVotes, type ScoreContext } from '@kvpack/strategy-utils';
 import { snapkvScoresWgsl } from './scores-wgsl.js';
 
 // The votes and the pooling are shared with the head- and layer-budget strategies (AdaKV, PyramidKV).
@@ -56,31 +56,7 @@ function snapkvScores(cache: KVCache, layer: number, o: SnapKvOptions, { postKey
 
 /** Checks that the cache carries the observation-window queries SnapKV needs. */
 function checkQueries(cache: KVCache, o: SnapKvOptions): void {
-  const { nLayers: L, nHeads: Hq, headDim: d } = cache.layout;
-  const w = o.window;
-  const q = cache.queries;
-  if (!q)
-    throw new KvpackError(
-      'config',
-      'snapkv needs the observation-window queries (KVCache.queries, post-RoPE [T_obs, H, d] per layer); ' +
-        `the model runner must provide them, e.g. LlamaModel.prefill(tokens, { observationWindow: ${w} })`,
-    );
-  check(Array.isArray(q) && q.length === L, 'layout', `snapkv: KVCache.queries has ${Array.isArray(q) ? q.length : 'no'} layers but the model has ${L} layers`);
-  const T = cache.keys[0]?.shape[0] ?? 0;
-  check(T >= w, 'config', `snapkv: the prompt has ${T} tokens, fewer than the ${w}-token observation window: give a smaller window option (at most ${T}) or a longer prompt`);
-  for (let l = 0; l < L; l++) {
-    check(
-      q[l] instanceof tf.Tensor && q[l].dtype === 'float32' && q[l].rank === 3 && q[l].shape[1] === Hq && q[l].shape[2] === d,
-      'shape',
-      `snapkv: KVCache.queries layer ${l} must be float32 [T_obs, H=${Hq}, d=${d}], got ${q[l] instanceof tf.Tensor ? `${q[l].dtype} [${q[l].shape}]` : typeof q[l]}`,
-    );
-    check(
-      q[l].shape[0] >= w,
-      'config',
-      `snapkv: KVCache.queries layer ${l} covers ${q[l].shape[0]} prompt tokens but the observation window is ${w}; ` +
-        `prefill with observationWindow ≥ ${w} or lower the window option`,
-    );
-  }
+  checkWindowQueries(cache, o.window, 'snapkv');
 }
 
 /**

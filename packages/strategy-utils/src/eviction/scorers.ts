@@ -71,6 +71,8 @@ export function checkWindowQueries(cache: KVCache, window: number, who: string):
         `the model runner must provide them, e.g. LlamaModel.prefill(tokens, { observationWindow: ${window} })`,
     );
   check(Array.isArray(q) && q.length === L, 'layout', `${who}: KVCache.queries has ${Array.isArray(q) ? q.length : 'no'} layers but the model has ${L} layers`);
+  const T = cache.keys[0]?.shape[0] ?? 0;
+  check(T >= window, 'config', `${who}: the prompt has ${T} tokens, fewer than the ${window}-token observation window: give a smaller window option (at most ${T}) or a longer prompt`);
   for (let l = 0; l < L; l++) {
     check(
       q[l] instanceof tf.Tensor && q[l].dtype === 'float32' && q[l].rank === 3 && q[l].shape[1] === Hq && q[l].shape[2] === d,
@@ -80,7 +82,7 @@ export function checkWindowQueries(cache: KVCache, window: number, who: string):
     check(
       q[l].shape[0] >= window,
       'config',
-      `${who}: KVCache.queries layer ${l} covers ${q[l].shape[0]} prompt tokens but the window is ${window}; prefill with observationWindow ≥ ${window} or lower the window`,
+      `${who}: KVCache.queries layer ${l} covers ${q[l].shape[0]} prompt tokens but the observation window is ${window}; prefill with observationWindow ≥ ${window} or lower the window option`,
     );
   }
 }
