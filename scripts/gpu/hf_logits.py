@@ -18,6 +18,10 @@ largest difference between the two runs). kvpack then compares its logits with t
 Needs python3 with torch and transformers (with DeepseekV2 / DeepseekV3); nothing else.
 
     python3 scripts/gpu/hf_logits.py gpu-bundle/mla-check --out /tmp/mla-hf [--dtype float32]
+
+The float64 results are committed under packages/models/src/mla/transformers-logits/ (with the SHA-256
+of each model file they belong to), so the comparison runs in every test run; after a change to the
+tiny checkpoints, rerun steps 1-2 with --out pointing there.
 """
 import argparse
 import json
@@ -32,13 +36,21 @@ def load(path, dtype):
 
     kwargs = dict(attn_implementation="eager", output_loading_info=True)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except TypeError:  # transformers 4.x names it torch_dtype
+        # Eager experts too: the grouped-matmul MoE path has no float64 kernel.
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation="eager", **kwargs)
+    except TypeError:  # transformers 4.x names it torch_dtype and has no experts_implementation
         model, info = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)
     bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise SystemExit(f"{path}: weights did not load one-to-one: {json.dumps(bad)[:2000]}")
     return model.to(dtype).eval()
+
+
+def file_sha256(path):
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def write_f32(t, path):
@@ -70,34 +82,50 @@ def main():
     torch.manual_seed(0)
     ok = True
     for name in spec["models"]:
-        model = load(os.path.join(a.root, name), dtype)
-        with torch.no_grad():
-            full = model(ids).logits[0]
-            out = model(ids[:, :P], use_cache=True)
-            rows, past = [out.logits[0]], out.past_key_values
-            for t in range(P, ids.shape[1]):
-                o = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-                rows.append(o.logits[0])
-                past = o.past_key_values
-            inc = torch.cat(rows)
-        write_f32(full, os.path.join(a.out, f"{name}.logits.f32"))
-        diff = float((full - inc).abs().max())
-        meta = {
-            "format": "kvpack-hf-logits/1",
-            "model": name,
-            "model_type": model.config.model_type,
-            "shape": list(full.shape),
-            "dtype": a.dtype,
-            "prefill": P,
-            "max_abs_full_vs_cached": diff,
-            "max_abs_logit": float(full.abs().max()),
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-        }
-        json.dump(meta, open(os.path.join(a.out, f"{name}.json"), "w"), indent=1)
-        print(json.dumps(meta))
-        ok = ok and diff < 1e-3
+        try:
+            meta = run_one(a, name, dtype, ids, P, transformers)
+        except Exception as e:  # one model's failure (config, weights) must not hide the others' results
+            import traceback
+
+            traceback.print_exc()
+            print(f"{name}: FAILED: {type(e).__name__}: {str(e)[:2000]}", file=sys.stderr)
+            ok = False
+            continue
+        ok = ok and meta["max_abs_full_vs_cached"] < 1e-3
     sys.exit(0 if ok else 1)
+
+
+def run_one(a, name, dtype, ids, P, transformers):
+    """Loads one model folder, writes its logits and meta, returns the meta."""
+    model = load(os.path.join(a.root, name), dtype)
+    with torch.no_grad():
+        full = model(ids).logits[0]
+        out = model(ids[:, :P], use_cache=True)
+        rows, past = [out.logits[0]], out.past_key_values
+        for t in range(P, ids.shape[1]):
+            o = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            rows.append(o.logits[0])
+            past = o.past_key_values
+        inc = torch.cat(rows)
+    write_f32(full, os.path.join(a.out, f"{name}.logits.f32"))
+    diff = float((full - inc).abs().max())
+    meta = {
+        "format": "kvpack-hf-logits/1",
+        "model": name,
+        "model_type": model.config.model_type,
+        "shape": list(full.shape),
+        "dtype": a.dtype,
+        "prefill": P,
+        "max_abs_full_vs_cached": diff,
+        "max_abs_logit": float(full.abs().max()),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        # What the logits belong to: kvpack's test checks these against the folder it writes.
+        "sha256": {f: file_sha256(os.path.join(a.root, name, f)) for f in sorted(os.listdir(os.path.join(a.root, name)))},
+    }
+    json.dump(meta, open(os.path.join(a.out, f"{name}.json"), "w"), indent=1)
+    print(json.dumps(meta))
+    return meta
 
 
 if __name__ == "__main__":
