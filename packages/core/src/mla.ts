@@ -13,7 +13,7 @@ import {
 import { decodeContainer, type ByteSource, type DecodedContainer } from './serialize.js';
 import { disposeCreatedOnError } from './scope.js';
 import { applyRope } from './rope.js';
-import { nonFiniteProbe } from './validate.js';
+import { nonFiniteIndices } from './validate.js';
 import type { RopeConfig } from './types.js';
 
 /**
@@ -172,11 +172,9 @@ export async function validateMlaCache(cache: MlaKVCache): Promise<number> {
     }
   }
   const all = [...cache.latents.flatMap((c, l) => [c, cache.ropeKeys[l]]), ...(q ?? [])];
-  const flags = tf.tidy(() => tf.stack(all.map(nonFiniteProbe)));
-  const sums = (await flags.data()) as Float32Array;
-  flags.dispose();
-  for (let i = 0; i < all.length; i++) {
-    if (Number.isFinite(sums[i])) continue;
+  const bad = await nonFiniteIndices(all);
+  if (bad.length) {
+    const i = bad[0];
     const what = i < 2 * L ? `layer ${i >> 1} ${i & 1 ? 'RoPE keys' : 'latents'}` : `layer ${i - 2 * L} queries`;
     throw new KvpackError('nonfinite', `MLA cache ${what} contain NaN or Inf`);
   }

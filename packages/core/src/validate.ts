@@ -1,5 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { KvpackError, check } from './errors.js';
+import { nonFiniteFlagsWgsl } from './finite-wgsl.js';
+import { isWebGpuBackend } from './webgpu.js';
 import type { KVCache, ModelLayout } from './types.js';
 
 /** Checks a layout's integers and head grouping. @throws KvpackError('layout') */
@@ -34,13 +36,33 @@ export function nonFiniteProbe(x: tf.Tensor): tf.Scalar {
   return tf.sum(tf.matMul(tf.reshape(x, [-1, last]) as tf.Tensor2D, tf.zeros([last, 1])));
 }
 
-/** True when every element is finite (one product and one readback on the backend). */
+/**
+ * One value per tensor, non-zero (or NaN) exactly when that tensor holds a NaN or ±Inf: on webgpu a
+ * memory-bound scan kernel per float32 tensor ({@link nonFiniteFlagsWgsl}), elsewhere
+ * {@link nonFiniteProbe} per tensor. Empty tensors are finite. Call inside tf.tidy. @internal
+ */
+export function nonFiniteFlags(xs: readonly tf.Tensor[]): tf.Tensor1D {
+  const full = xs.filter((x) => x.size > 0);
+  if (full.length === 0) return tf.zeros([xs.length]);
+  if (isWebGpuBackend() && full.length === xs.length && xs.every((x) => x.dtype === 'float32')) return nonFiniteFlagsWgsl(xs);
+  return tf.stack(xs.map((x) => (x.size === 0 ? tf.scalar(0) : nonFiniteProbe(x)))) as tf.Tensor1D;
+}
+
+/** The indices of the tensors whose {@link nonFiniteFlags} are set, in one readback. */
+export async function nonFiniteIndices(xs: readonly tf.Tensor[]): Promise<number[]> {
+  const flags = tf.tidy(() => nonFiniteFlags(xs));
+  const v = await flags.data();
+  flags.dispose();
+  const out: number[] = [];
+  v.forEach((f, i) => {
+    if (f !== 0) out.push(i);
+  });
+  return out;
+}
+
+/** True when every element is finite (one scan or product and one readback on the backend). */
 export async function allFinite(x: tf.Tensor): Promise<boolean> {
-  if (x.size === 0) return true;
-  const s = tf.tidy(() => nonFiniteProbe(x));
-  const v = (await s.data())[0];
-  s.dispose();
-  return Number.isFinite(v);
+  return (await nonFiniteIndices([x])).length === 0;
 }
 
 /**
@@ -70,13 +92,9 @@ export async function validateKVCache(cache: KVCache): Promise<number> {
     checkKV(cache.keys[l], cache.layout, `KV cache layer ${l} keys`, T);
     checkKV(cache.values[l], cache.layout, `KV cache layer ${l} values`, T);
   }
-  // One probe per tensor, stacked into a single readback: one host round-trip for the whole cache.
-  const flags = tf.tidy(() => tf.stack(cache.keys.flatMap((k, l) => [k, cache.values[l]]).map(nonFiniteProbe)));
-  const sums = (await flags.data()) as Float32Array;
-  flags.dispose();
-  for (let i = 0; i < 2 * L; i++) {
-    if (!Number.isFinite(sums[i])) throw new KvpackError('nonfinite', `KV cache layer ${i >> 1} ${i & 1 ? 'values' : 'keys'} contain NaN or Inf`);
-  }
+  // One flag per tensor, in a single readback: one host round-trip for the whole cache.
+  const bad = await nonFiniteIndices(cache.keys.flatMap((k, l) => [k, cache.values[l]]));
+  if (bad.length) throw new KvpackError('nonfinite', `KV cache layer ${bad[0] >> 1} ${bad[0] & 1 ? 'values' : 'keys'} contain NaN or Inf`);
   return T;
 }
 

@@ -3,7 +3,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { HalfTensor, applyRope, releaseSharedRopeTables, countWebGpuDispatches, encodeHalf, fromHalfBits, runWgsl, selectBackend, wgslValidationErrors, wgslWorkgroupStorageLimit, type WgslKernel } from './index.js';
+import { HalfTensor, KvpackError, applyRope, nonFiniteFlags, validateKVCache, releaseSharedRopeTables, countWebGpuDispatches, encodeHalf, fromHalfBits, runWgsl, selectBackend, wgslValidationErrors, wgslWorkgroupStorageLimit, type WgslKernel } from './index.js';
 
 const unavailable = await selectBackend('webgpu').then(
   () => null,
@@ -44,6 +44,42 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     r.dispose();
     for (let i = 0; i < 1000; i++) expect(got[i]).toBeCloseTo(2 * (i / 7) + [1, -2, 3][i % 3], 4);
     tf.dispose([x, y]);
+    expect(await wgslValidationErrors()).toEqual([]);
+  });
+
+  it('nonFiniteFlags scans each float32 tensor in one kernel: NaN, ±Inf anywhere (grid-stride tails included), finite extremes pass', async () => {
+    // Sizes around the scan's grid: below one workgroup, not a multiple of 256, beyond 512 workgroups × 4 strides.
+    const sizes = [1, 255, 257, 5000, 512 * 256 * 4 + 3, 700_001];
+    const specials = [Number.NaN, Infinity, -Infinity];
+    const n0 = tf.memory().numTensors;
+    const cases: { data: Float32Array; bad: boolean }[] = [];
+    let seed = 5;
+    const next = () => (seed = (seed * 1103515245 + 12345) % 2 ** 31);
+    for (const n of sizes) {
+      const base = Float32Array.from({ length: n }, (_, i) => ((i % 97) - 48) * 1e-3);
+      base[0] = 3.4e38;
+      if (n > 2) base[1] = -1e-45; // a float32 subnormal
+      cases.push({ data: base, bad: false });
+      for (const at of [0, n - 1, next() % n]) {
+        const d = Float32Array.from(base);
+        d[at] = specials[next() % 3];
+        cases.push({ data: d, bad: true });
+      }
+    }
+    const xs = cases.map((c, i) => (i % 2 ? tf.tensor1d(c.data) : tf.tensor2d(c.data, [1, c.data.length])));
+    const flags = tf.tidy(() => nonFiniteFlags(xs));
+    const got = Array.from(await flags.data());
+    flags.dispose();
+    expect(got).toEqual(cases.map((c) => (c.bad ? 1 : 0)));
+    // The cache validation names the first bad layer and tensor.
+    const layout = { nLayers: 2, nHeads: 2, nKvHeads: 1, headDim: 8 };
+    const keys = [tf.ones([40, 1, 8]), tf.ones([40, 1, 8])] as tf.Tensor3D[];
+    const vals: tf.Tensor3D[] = [tf.ones([40, 1, 8]), tf.tensor3d(Float32Array.from({ length: 320 }, (_, i) => (i === 301 ? Number.NaN : 1)), [40, 1, 8])];
+    const rope = { theta: 10000, layout: 'half' as const };
+    await expect(validateKVCache({ layout, rope, keys, values: vals })).rejects.toThrow(KvpackError);
+    await expect(validateKVCache({ layout, rope, keys, values: vals })).rejects.toThrow(/layer 1 values contain NaN or Inf/);
+    tf.dispose([...xs, ...keys, ...vals]);
+    expect(tf.memory().numTensors).toBe(n0);
     expect(await wgslValidationErrors()).toEqual([]);
   });
 

@@ -113,9 +113,19 @@ function timeOptions(opts: TimeOptions): { warmup: number; reps: number; batch: 
  */
 export async function syncBackend(): Promise<void> {
   if (isSynchronousBackend()) return;
-  const b = tf.backend() as unknown as { submitQueue?: () => void; device?: { queue?: { onSubmittedWorkDone?: () => Promise<void> } } };
-  if (typeof b.submitQueue === 'function' && typeof b.device?.queue?.onSubmittedWorkDone === 'function') {
-    b.submitQueue();
+  const b = tf.backend() as unknown as {
+    submitQueue?: () => void;
+    endComputePassEncoder?: () => void;
+    commandEncoder?: unknown;
+    device?: { queue?: { onSubmittedWorkDone?: () => Promise<void> } };
+  };
+  if (typeof b.submitQueue === 'function' && typeof b.endComputePassEncoder === 'function' && typeof b.device?.queue?.onSubmittedWorkDone === 'function') {
+    // As tfjs submits: the open compute pass ended first (a command buffer finished inside a pass is
+    // invalid, and Dawn drops it with the work in it); nothing to submit when no encoder is open.
+    if (b.commandEncoder) {
+      b.endComputePassEncoder();
+      b.submitQueue();
+    }
     await b.device.queue.onSubmittedWorkDone();
     return;
   }
