@@ -130,13 +130,14 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     expect(await wgslValidationErrors()).toEqual([]);
   });
 
-  it('quantizes a block in five kernels and flags a group beyond the float16 range', async () => {
+  it('quantizes a block in six kernels and flags a group beyond the float16 range (one group of many, anywhere)', async () => {
     await selectBackend('webgpu');
     const start = tf.memory().numTensors;
-    for (const [big, flag] of [[3, 0], [1e6, 1]] as const) {
-      const x = tf.tensor3d(Float32Array.from({ length: 64 * 2 * 8 }, (_, i) => (i === 77 ? big : (i % 7) / 3)), [64, 2, 8]);
-      const { result: h, dispatches } = await countWebGpuDispatches(() => holdMinMaxOnBackend({ along: 'tokens', n: 64, H: 2, d: 8, g: 32, bits: 2 }, x));
-      expect(dispatches).toBe(5); // group stats, codes, scale, minimum, flag
+    // n = 8192 tokens: 4,096 groups, more than one workgroup of the flag's reduction.
+    for (const [n, at, big, flag] of [[64, 77, 3, 0], [64, 77, 1e6, 1], [8192, 8192 * 16 - 3, 1e6, 1], [8192, 5000, -1e6, 1], [8192, 5000, 3, 0]] as const) {
+      const x = tf.tensor3d(Float32Array.from({ length: n * 2 * 8 }, (_, i) => (i === at ? big : (i % 7) / 3)), [n, 2, 8]);
+      const { result: h, dispatches } = await countWebGpuDispatches(() => holdMinMaxOnBackend({ along: 'tokens', n, H: 2, d: 8, g: 32, bits: 2 }, x));
+      expect(dispatches).toBe(6); // group stats, codes, scale, minimum, the flag's two reductions
       expect((await h.nonFinite.data())[0]).toBe(flag);
       tf.dispose([x, h.nonFinite]);
       h.codes.dispose();

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { HalfTensor, runFlatWgsl, runPackedHalfWgsl, wgslFlatIndex } from '@kvpack/core';
+import { FLAT_WORKGROUP, HalfTensor, flatDispatch, runPackedHalfWgsl, runWgsl, wgslFlatIndex } from '@kvpack/core';
 import { gatherRowsPackedWgsl, packStatsColumn, topKPositionsWgsl } from '@kvpack/strategy-utils';
 
 // MiniCache's merge of one layer pair as a few WGSL kernels on webgpu (the same math as the tfjs
@@ -8,45 +8,86 @@ import { gatherRowsPackedWgsl, packStatsColumn, topKPositionsWgsl } from '@kvpac
 // selected by the shared top-k kernel straight from the angles, and the retained rows gathered and
 // packed. No host round trip; six kernels and one transpose per pair and kind.
 
-const FLAT = wgslFlatIndex('flat');
 
-/** Per row r = t·H + h of x0, x1 viewed as [T·H, d]: (‖x0_r‖, ‖x1_r‖, Ω_r, 0), float32 [T·H, 4]. */
+/** Lanes that share one row in {@link rowStats}: a warp's worth, so a row's d floats are read contiguously. */
+const ROW_LANES = 32;
+
+/**
+ * Per row r = t·H + h of x0, x1 viewed as [T·H, d]: (‖x0_r‖, ‖x1_r‖, Ω_r, 0), float32 [T·H, 4].
+ * {@link ROW_LANES} invocations read each row together (coalesced), keep their ⌈d/32⌉ elements in
+ * registers and reduce the sums in workgroup memory; a workgroup covers 256 / 32 = 8 rows.
+ */
 function rowStats(x0: tf.Tensor3D, x1: tf.Tensor3D): tf.Tensor2D {
   const [T, H, d] = x0.shape;
   const rows = T * H;
-  return runFlatWgsl({
-    key: `minicache_row_stats_${d}`,
+  const per = Math.ceil(d / ROW_LANES);
+  return runWgsl({
+    key: `minicache_row_stats_lanes_${d}`,
     names: ['a', 'b'],
     inputs: [x0, x1],
     outputShape: [rows, 4],
     dtype: 'float32',
-    invocations: rows,
+    workgroupSize: FLAT_WORKGROUP,
+    dispatch: flatDispatch(rows * ROW_LANES),
+    workgroupBytes: 2 * 4 * FLAT_WORKGROUP,
     code: `const D: u32 = ${d}u;
+const LANES: u32 = ${ROW_LANES}u;
+var<workgroup> r0: array<f32, ${FLAT_WORKGROUP}>;
+var<workgroup> r1: array<f32, ${FLAT_WORKGROUP}>;
+// Tree sum of each row's LANES partial sums (every invocation reaches every barrier).
+fn laneSums(x: f32, y: f32) -> vec2<f32> {
+  let lid = localIndex;
+  r0[lid] = x;
+  r1[lid] = y;
+  workgroupBarrier();
+  for (var off = LANES / 2u; off > 0u; off = off >> 1u) {
+    if ((lid % LANES) < off) {
+      r0[lid] = r0[lid] + r0[lid + off];
+      r1[lid] = r1[lid] + r1[lid + off];
+    }
+    workgroupBarrier();
+  }
+  let first = lid - lid % LANES;
+  let out = vec2<f32>(r0[first], r1[first]);
+  workgroupBarrier();
+  return out;
+}
 fn kernel(index: i32) {
-  ${FLAT}
-  if (flat >= uniforms.outShape[0]) { return; }
-  let base = u32(flat) * D;
+  ${wgslFlatIndex('flat')}
+  let row = u32(flat) / LANES;
+  let lane = u32(flat) % LANES;
+  let live = row < u32(uniforms.outShape[0]);
+  let base = row * D;
+  var va: array<f32, ${per}>;
+  var vb: array<f32, ${per}>;
   var s0 = 0.0;
   var s1 = 0.0;
-  for (var c = 0u; c < D; c++) {
-    s0 = s0 + a[base + c] * a[base + c];
-    s1 = s1 + b[base + c] * b[base + c];
+  for (var j = 0u; j < ${per}u; j++) {
+    let c = lane + j * LANES;
+    let ok = live && c < D;
+    va[j] = select(0.0, a[select(0u, base + c, ok)], ok);
+    vb[j] = select(0.0, b[select(0u, base + c, ok)], ok);
+    s0 = s0 + va[j] * va[j];
+    s1 = s1 + vb[j] * vb[j];
   }
-  let n0 = sqrt(s0);
-  let n1 = sqrt(s1);
+  let s = laneSums(s0, s1);
+  let n0 = sqrt(s.x);
+  let n1 = sqrt(s.y);
   let i0 = select(0.0, 1.0 / n0, n0 > 0.0);
   let i1 = select(0.0, 1.0 / n1, n1 > 0.0);
   var dm = 0.0;
   var dp = 0.0;
-  for (var c = 0u; c < D; c++) {
-    let u0 = a[base + c] * i0;
-    let u1 = b[base + c] * i1;
+  for (var j = 0u; j < ${per}u; j++) {
+    let u0 = va[j] * i0;
+    let u1 = vb[j] * i1;
     dm = dm + (u0 - u1) * (u0 - u1);
     dp = dp + (u0 + u1) * (u0 + u1);
   }
+  let m = laneSums(dm, dp);
+  if (!live || lane != 0u) { return; }
   // Ω = 2·atan2(‖u0 − u1‖, ‖u0 + u1‖) (arccos(u0·u1), accurate near 0 and π); π/2 for a zero vector.
-  let omega = select(2.0 * atan2(sqrt(dm), sqrt(dp)), ${Math.PI / 2}, n0 == 0.0 || n1 == 0.0);
-  let o = u32(flat) * 4u;
+  let omega = select(2.0 * atan2(sqrt(m.x), sqrt(m.y)), ${Math.PI / 2}, n0 == 0.0 || n1 == 0.0);
+  let o = row * 4u;
   result[o] = n0;
   result[o + 1u] = n1;
   result[o + 2u] = omega;

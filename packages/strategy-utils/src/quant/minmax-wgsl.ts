@@ -143,34 +143,40 @@ export function packStatsColumn(stats: tf.Tensor2D, col: number, shape: number[]
   });
 }
 
-/** The max of the flags (column 2), one workgroup: a float32 scalar. */
+/**
+ * The max of the flags (column 2) as a float32 scalar: up to 512 workgroups each reduce a strided
+ * share of the rows (a single workgroup over ~10⁶ rows is latency-bound: milliseconds on a GPU), then
+ * one max over the workgroups' results.
+ */
 function anyFlag(stats: tf.Tensor2D): tf.Scalar {
   const WG = 256;
+  const groups = Math.max(1, Math.min(512, Math.ceil(stats.shape[0] / WG)));
   const out = runWgsl({
-    key: 'minmax_any_flag',
+    key: 'minmax_any_flag_grid',
     names: ['st'],
     inputs: [stats],
-    outputShape: [1],
+    outputShape: [groups],
     dtype: 'float32',
     workgroupSize: WG,
-    dispatch: [1, 1, 1],
+    dispatch: [groups, 1, 1],
     workgroupBytes: 4 * WG,
     code: `var<workgroup> red: array<f32, ${WG}>;
 fn kernel(index: i32) {
   let lid = localIndex;
   let n = u32(uniforms.stShape[0]);
+  let stride = numWorkgroups.x * ${WG}u;
   var m = 0.0;
-  for (var q = lid; q < n; q += ${WG}u) { m = max(m, st[q * 4u + 2u]); }
+  for (var q = workgroupId.x * ${WG}u + lid; q < n; q += stride) { m = max(m, st[q * 4u + 2u]); }
   red[lid] = m;
   workgroupBarrier();
   for (var off = ${WG / 2}u; off > 0u; off = off >> 1u) {
     if (lid < off) { red[lid] = max(red[lid], red[lid + off]); }
     workgroupBarrier();
   }
-  if (lid == 0u) { result[0] = red[0]; }
+  if (lid == 0u) { result[workgroupId.x] = red[0]; }
 }`,
   });
-  const s = tf.reshape(out, []) as tf.Scalar;
+  const s = tf.max(out) as tf.Scalar;
   out.dispose();
   return s;
 }
@@ -183,7 +189,7 @@ function hash(s: string): string {
 }
 
 /**
- * `holdMinMaxOnBackend` on webgpu in four fused kernels (plus one reduction for the flag): the same
+ * `holdMinMaxOnBackend` on webgpu in four fused kernels (plus two reductions for the flag): the same
  * codes, float16 scale and minimum bit for bit. Does not dispose `x` (float32, n·H·d values).
  */
 export function holdMinMaxWgsl(
