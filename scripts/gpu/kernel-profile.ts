@@ -10,6 +10,7 @@
 // a timestamp query around every dispatch (each then its own compute pass, so that run's wall time is
 // not comparable; its kernel times are). No top-level await (CJS bundle).
 import { writeFileSync } from 'node:fs';
+import { Session } from 'node:inspector/promises';
 import * as tf from '@tensorflow/tfjs-core';
 import { Command } from 'commander';
 import { applyRope, attention, createStrategy, describeBackend, nonFiniteProbe, disposeKVCache, selectBackend, validateKVCache, wgslValidationErrors, type CompressedCache } from '@kvpack/core';
@@ -110,9 +111,11 @@ async function main(): Promise<void> {
     .option('--reps <n>', 'timed runs', (v) => Number(v), 3)
     .option('--settings <list>', 'perf settings to profile (labels, comma-separated)', 'dense fp16,dense fp32,kivi 2-bit,minicache,snapkv 2048,streamingllm 2048,xkv G=4 r=512/768')
     .option('--skip-sparse', 'no sparse decode step profile')
+    .option('--sparse-loop <n>', 'also run n sparse decode steps back to back', (v) => Number(v), 0)
+    .option('--cpu-profile <path>', 'write a V8 CPU profile of the back-to-back sparse steps (.cpuprofile)')
     .option('--json <path>', 'write the profiles as JSON')
     .parse()
-    .opts<{ backend: string; tokens: number; reps: number; settings: string; skipSparse?: boolean; json?: string }>();
+    .opts<{ backend: string; tokens: number; reps: number; settings: string; skipSparse?: boolean; sparseLoop: number; cpuProfile?: string; json?: string }>();
   const choice = await selectBackend(a.backend);
   const lines: string[] = [];
   const log = (l: string) => {
@@ -182,6 +185,27 @@ async function main(): Promise<void> {
       try {
         const mode = decodeModes(c, { sparseBudget: 2048 }).find((m) => m.mode === 'sparse');
         if (mode) out.profiles.push(await profileOp('xkv sparse decode step, budget 2048, one layer', async () => mode.step(3, qy), Math.max(a.reps, 5), log));
+        if (mode && a.sparseLoop > 0) {
+          const session = a.cpuProfile ? new Session() : null;
+          if (session) {
+            session.connect();
+            await session.post('Profiler.enable');
+            await session.post('Profiler.setSamplingInterval', { interval: 50 });
+            await session.post('Profiler.start');
+          }
+          const t0 = performance.now();
+          for (let s = 0; s < a.sparseLoop; s++) mode.step(3, qy).dispose();
+          const issued = performance.now() - t0;
+          await syncBackend();
+          const total = performance.now() - t0;
+          if (session) {
+            const { profile } = await session.post('Profiler.stop');
+            writeFileSync(a.cpuProfile!, JSON.stringify(profile));
+            session.disconnect();
+          }
+          out.micro.sparseLoopMsPerStep = total / a.sparseLoop;
+          log(`sparse decode steps back to back: ${(total / a.sparseLoop).toFixed(3)} ms per step (host issue ${(issued / a.sparseLoop).toFixed(3)} ms per step), ${a.sparseLoop} steps`);
+        }
         const full = decodeModes(c, { sparseBudget: 2048 }).find((m) => m.mode === 'attend-full');
         if (full) out.profiles.push(await profileOp(`xkv decode step, ${full.label}, one layer`, async () => full.step(3, qy), Math.max(a.reps, 5), log));
         // Dense attention over the same uncompressed layer, the sparse step's baseline.

@@ -1,11 +1,9 @@
-import type * as tf from '@tensorflow/tfjs-core';
+import * as tf from '@tensorflow/tfjs-core';
 import { check } from './errors.js';
 import { runWgsl } from './webgpu.js';
 
-/** Largest k of {@link gramCholInverseWgsl} (one pivot column is held in workgroup memory). */
+/** Largest k of {@link gramCholInverseWgsl} (2·k/32 dispatches: beyond this a factorization is better done another way). */
 export const GRAM_CHOL_MAX = 2048;
-/** Invocations of its single workgroup. */
-const WG = 256;
 /**
  * Shift added to the diagonal, relative to the largest diagonal entry (shifted Cholesky-QR, Fukaya et
  * al. 2020): float32 Cholesky of a Gram matrix whose condition number nears 1/ε would fail; with the
@@ -14,107 +12,257 @@ const WG = 256;
  */
 export const GRAM_CHOL_SHIFT = 1e-6;
 
+/** Block size b of the blocked factorization (a b×b tile is 4 KiB of workgroup memory). */
+const B = 32;
+/** Row stride of a tile in workgroup memory (b + 1: column reads hit distinct banks). */
+const P = B + 1;
+/** Invocations per workgroup: 32 columns × 8 row groups, four rows of a tile each. */
+const WG = 256;
+
+// Both kernels: workgroup x owns block row (Cholesky) or block row of W (inverse) x; the step index
+// comes in a one-element int32 tensor. Both are made workgroup-uniform (they bound loops with barriers).
+const COMMON = `
+const B: u32 = ${B}u;
+const P: u32 = ${P}u;
+var<workgroup> Dm: array<f32, ${B * P}>;
+var<workgroup> Ta: array<f32, ${B * P}>;
+var<workgroup> Tb: array<f32, ${B * P}>;
+var<workgroup> red: array<f32, ${WG}>;
+var<workgroup> stepW: u32;
+var<workgroup> blockW: u32;
+`;
+
+/**
+ * Step j of a left-looking blocked Cholesky of A = (G + Gᵀ)/2 + s·I (s = SHIFT·max diag G), padded to
+ * K = ⌈k/b⌉·b with the identity: block row i computes its block of column j,
+ * L_ij = (A_ij − Σ_{m<j} L_im·L_jmᵀ)·L_jj⁻ᵀ, with L_jj the factor of A_jj − Σ_{m<j} L_jm·L_jmᵀ
+ * (factored in workgroup memory by every workgroup; b³/3 multiply–adds); columns < j are copied
+ * from the previous step's L, columns > j are zero.
+ */
+const CHOL_CODE = `${COMMON}
+fn aAt(r: u32, c: u32, k: u32, s: f32) -> f32 {
+  if (r < k && c < k) {
+    let v = 0.5 * (G[r * k + c] + G[c * k + r]);
+    return select(v, v + s, r == c);
+  }
+  return select(0.0, 1.0, r == c);
+}
+fn kernel(index: i32) {
+  let lid = localIndex;
+  let k = u32(uniforms.gShape.x);
+  let K = u32(uniforms.outShape.x);
+  if (lid == 0u) {
+    stepW = u32(step[0]);
+    blockW = workgroupId.x;
+  }
+  let j = workgroupUniformLoad(&stepW);
+  let i = workgroupUniformLoad(&blockW);
+  var mx = 0.0;
+  for (var q = lid; q < k; q += ${WG}u) { mx = max(mx, G[q * k + q]); }
+  red[lid] = mx;
+  workgroupBarrier();
+  for (var h = ${WG / 2}u; h > 0u; h = h >> 1u) {
+    if (lid < h) { red[lid] = max(red[lid], red[lid + h]); }
+    workgroupBarrier();
+  }
+  let s = max(${GRAM_CHOL_SHIFT} * red[0], 1e-30);
+  for (var e = lid; e < B * K; e += ${WG}u) {
+    let r = i * B + e / K;
+    let c = e % K;
+    if (c < j * B) { result[r * K + c] = Lp[r * K + c]; }
+    else if (c >= (j + 1u) * B || i < j) { result[r * K + c] = 0.0; }
+  }
+  if (i < j) { return; }
+  let tx = lid % B;
+  let ty = lid / B;
+  var dacc: array<f32, 4>;
+  var cacc: array<f32, 4>;
+  for (var q = 0u; q < 4u; q++) {
+    let r = ty + 8u * q;
+    dacc[q] = aAt(j * B + r, j * B + tx, k, s);
+    cacc[q] = aAt(i * B + r, j * B + tx, k, s);
+  }
+  for (var m = 0u; m < j; m++) {
+    for (var e = lid; e < B * B; e += ${WG}u) {
+      let r = e / B;
+      let c = e % B;
+      Tb[r * P + c] = Lp[(j * B + r) * K + m * B + c];
+      Ta[r * P + c] = Lp[(i * B + r) * K + m * B + c];
+    }
+    workgroupBarrier();
+    for (var q = 0u; q < 4u; q++) {
+      let r = ty + 8u * q;
+      var sd = 0.0;
+      var sc = 0.0;
+      for (var c = 0u; c < B; c++) {
+        let t = Tb[tx * P + c];
+        sd = sd + Tb[r * P + c] * t;
+        sc = sc + Ta[r * P + c] * t;
+      }
+      dacc[q] = dacc[q] - sd;
+      cacc[q] = cacc[q] - sc;
+    }
+    workgroupBarrier();
+  }
+  for (var q = 0u; q < 4u; q++) { Dm[(ty + 8u * q) * P + tx] = dacc[q]; }
+  workgroupBarrier();
+  for (var c = 0u; c < B; c++) {
+    if (lid == 0u) { Dm[c * P + c] = sqrt(max(Dm[c * P + c], s)); }
+    workgroupBarrier();
+    if (lid > c && lid < B) { Dm[lid * P + c] = Dm[lid * P + c] / Dm[c * P + c]; }
+    workgroupBarrier();
+    for (var e = lid; e < B * B; e += ${WG}u) {
+      let r = e / B;
+      let q = e % B;
+      if (q > c && q <= r) { Dm[r * P + q] = Dm[r * P + q] - Dm[r * P + c] * Dm[q * P + c]; }
+    }
+    workgroupBarrier();
+  }
+  if (i == j) {
+    for (var e = lid; e < B * B; e += ${WG}u) {
+      let r = e / B;
+      let c = e % B;
+      result[(j * B + r) * K + j * B + c] = select(0.0, Dm[r * P + c], c <= r);
+    }
+    return;
+  }
+  // L_ij = C·L_jj⁻ᵀ: each row x of it solves x·L_jjᵀ = c (forward substitution along the row).
+  for (var q = 0u; q < 4u; q++) { Ta[(ty + 8u * q) * P + tx] = cacc[q]; }
+  workgroupBarrier();
+  if (lid < B) {
+    for (var c = 0u; c < B; c++) {
+      var v = Ta[lid * P + c];
+      for (var q = 0u; q < c; q++) { v = v - Ta[lid * P + q] * Dm[c * P + q]; }
+      Ta[lid * P + c] = v / Dm[c * P + c];
+    }
+  }
+  workgroupBarrier();
+  for (var e = lid; e < B * B; e += ${WG}u) {
+    let r = e / B;
+    let c = e % B;
+    result[(i * B + r) * K + j * B + c] = Ta[r * P + c];
+  }
+}`;
+
+/**
+ * Step i of W = (L⁻¹)ᵀ by block rows of X = L⁻¹: X_ii = L_ii⁻¹ and, for j < i,
+ * X_ij = −L_ii⁻¹·Σ_{m=j}^{i−1} L_im·X_mj; workgroup j writes W_ji = X_ijᵀ (zero below the diagonal)
+ * and copies the rest of W's block row j from the previous step.
+ */
+const INV_CODE = `${COMMON}
+fn kernel(index: i32) {
+  let lid = localIndex;
+  let K = u32(uniforms.outShape.x);
+  if (lid == 0u) {
+    stepW = u32(step[0]);
+    blockW = workgroupId.x;
+  }
+  let i = workgroupUniformLoad(&stepW);
+  let j = workgroupUniformLoad(&blockW);
+  for (var e = lid; e < B * K; e += ${WG}u) {
+    let r = j * B + e / K;
+    let c = e % K;
+    if (c < i * B || c >= (i + 1u) * B) { result[r * K + c] = select(0.0, Wp[r * K + c], i > 0u); }
+    else if (j > i) { result[r * K + c] = 0.0; }
+  }
+  if (j > i) { return; }
+  let tx = lid % B;
+  let ty = lid / B;
+  for (var e = lid; e < B * B; e += ${WG}u) {
+    let r = e / B;
+    let c = e % B;
+    Dm[r * P + c] = L[(i * B + r) * K + i * B + c];
+  }
+  workgroupBarrier();
+  // L_ii⁻¹ into Tb, one column per invocation (forward substitution).
+  if (lid < B) {
+    for (var r = 0u; r < B; r++) {
+      var v = select(0.0, 1.0, r == lid);
+      for (var q = lid; q < r; q++) { v = v - Dm[r * P + q] * Tb[q * P + lid]; }
+      Tb[r * P + lid] = select(0.0, v / Dm[r * P + r], r >= lid);
+    }
+  }
+  workgroupBarrier();
+  if (j == i) {
+    for (var e = lid; e < B * B; e += ${WG}u) {
+      let r = e / B;
+      let c = e % B;
+      result[(i * B + r) * K + i * B + c] = Tb[c * P + r];
+    }
+    return;
+  }
+  var acc: array<f32, 4>;
+  for (var m = j; m < i; m++) {
+    for (var e = lid; e < B * B; e += ${WG}u) {
+      let r = e / B;
+      let c = e % B;
+      Ta[r * P + c] = L[(i * B + r) * K + m * B + c];
+      // X_mj[c][r] = W_jm[r][c]: row r of W's block (j, m), read along its columns.
+      Dm[c * P + r] = Wp[(j * B + r) * K + m * B + c];
+    }
+    workgroupBarrier();
+    for (var q = 0u; q < 4u; q++) {
+      let r = ty + 8u * q;
+      var sum = 0.0;
+      for (var c = 0u; c < B; c++) { sum = sum + Ta[r * P + c] * Dm[c * P + tx]; }
+      acc[q] = acc[q] + sum;
+    }
+    workgroupBarrier();
+  }
+  for (var q = 0u; q < 4u; q++) { Ta[(ty + 8u * q) * P + tx] = acc[q]; }
+  workgroupBarrier();
+  for (var q = 0u; q < 4u; q++) {
+    let r = ty + 8u * q;
+    var x = 0.0;
+    for (var t = 0u; t < B; t++) { x = x - Tb[r * P + t] * Ta[t * P + tx]; }
+    Dm[tx * P + r] = x;
+  }
+  workgroupBarrier();
+  for (var e = lid; e < B * B; e += ${WG}u) {
+    let r = e / B;
+    let c = e % B;
+    result[(j * B + r) * K + i * B + c] = Dm[r * P + c];
+  }
+}`;
+
 /**
  * W = R⁻¹ [k, k] (upper triangular) for a Gram matrix G = SᵀS [k, k] (float32, symmetric positive
  * semi-definite; only (G + Gᵀ)/2 is read), with (G + s·I) = RᵀR its Cholesky factorization,
  * s = {@link GRAM_CHOL_SHIFT}·max diag(G): S·W then has orthonormal columns (up to the shift and
- * float32 rounding). Runs as ONE webgpu dispatch (a single workgroup: right-looking Cholesky, then
- * the in-place inverse of the triangular factor by forward substitution, then a transpose), instead of the
- * 25–30 k×k products and ~40 elementwise kernels of a Newton–Schulz iteration: on a GPU whose
- * per-dispatch cost (~0.4 ms measured for a 512³ product on an H100 under Dawn) exceeds the
- * arithmetic, one dispatch of k³/3 + k³/3 multiply-adds on one compute unit is the cheaper form.
+ * float32 rounding). Blocked over 32×32 tiles on the webgpu backend, 2·⌈k/32⌉ dispatches of ⌈k/32⌉
+ * workgroups each: a left-looking Cholesky one block column per dispatch, then the inverse one
+ * block row per dispatch, each tile product in workgroup memory. (A single-workgroup factorization,
+ * a k³/3 chain of dependent global-memory updates on one compute unit, took 82 ms at k = 512 on an
+ * H100; this form spreads the work over k/32 compute units and keeps each tile's updates on-chip.)
+ * Pivots are floored at s, so a singular G still gives finite W.
  * @throws KvpackError('shape') for a G that is not square or larger than {@link GRAM_CHOL_MAX};
  *   KvpackError('unsupported') off the webgpu backend.
  */
 export function gramCholInverseWgsl(G: tf.Tensor2D): tf.Tensor2D {
   const [k, k2] = G.shape;
   check(G.rank === 2 && k === k2 && k >= 1 && k <= GRAM_CHOL_MAX, 'shape', `gramCholInverseWgsl: G must be square with 1 ≤ k ≤ ${GRAM_CHOL_MAX}, got [${G.shape}]`);
-  return runWgsl({
-    key: `gram_chol_inv_${WG}`,
-    names: ['G'],
-    inputs: [G],
-    outputShape: [k, k],
-    dtype: 'float32',
-    workgroupSize: WG,
-    dispatch: [1, 1, 1],
-    workgroupBytes: 4 * (GRAM_CHOL_MAX + WG),
-    code: `
-var<workgroup> col: array<f32, ${GRAM_CHOL_MAX}>;
-var<workgroup> red: array<f32, ${WG}>;
-fn kernel(index: i32) {
-  let n = u32(uniforms.gShape.y);
-  let lid = localIndex;
-  // Shift s = SHIFT · max diag(G).
-  var m = 0.0;
-  for (var i = lid; i < n; i += ${WG}u) { m = max(m, G[i * n + i]); }
-  red[lid] = m;
-  workgroupBarrier();
-  for (var h = ${WG / 2}u; h > 0u; h = h >> 1u) {
-    if (lid < h) { red[lid] = max(red[lid], red[lid + h]); }
-    workgroupBarrier();
-  }
-  let shift = max(${GRAM_CHOL_SHIFT} * red[0], 1e-30);
-  // L ← lower triangle of (G + Gᵀ)/2 + s·I; upper triangle 0.
-  for (var idx = lid; idx < n * n; idx += ${WG}u) {
-    let i = idx / n;
-    let j = idx % n;
-    var v = 0.0;
-    if (j <= i) {
-      v = 0.5 * (G[idx] + G[j * n + i]);
-      if (i == j) { v += shift; }
+  const nb = Math.ceil(k / B);
+  const K = nb * B;
+  const tiles = 4 * (3 * B * P + WG + 2);
+  const run = (key: string, code: string, names: string[], inputs: tf.Tensor[]) =>
+    runWgsl({ key, names, inputs, outputShape: [K, K], dtype: 'float32', workgroupSize: WG, dispatch: [nb, 1, 1], workgroupBytes: tiles, code }) as tf.Tensor2D;
+  return tf.tidy(() => {
+    let L: tf.Tensor2D = G;
+    for (let j = 0; j < nb; j++) {
+      const step = tf.tensor1d([j], 'int32');
+      const next = run('gram_chol_block_32', CHOL_CODE, ['G', 'Lp', 'step'], [G, L, step]);
+      if (L !== G) L.dispose();
+      step.dispose();
+      L = next;
     }
-    result[idx] = v;
-  }
-  storageBarrier();
-  // Right-looking Cholesky G + s·I = L·Lᵀ: per column j, scale it by √pivot (held in col), then
-  // update the trailing lower triangle, 16×16 invocations striding over (row, column).
-  let tx = lid % 16u;
-  let ty = lid / 16u;
-  for (var j = 0u; j < n; j++) {
-    let piv = sqrt(max(result[j * n + j], shift));
-    workgroupBarrier(); // every invocation has read the pivot before it is overwritten
-    for (var i = j + lid; i < n; i += ${WG}u) {
-      var v = piv;
-      if (i > j) { v = result[i * n + j] / piv; }
-      col[i] = v;
-      result[i * n + j] = v;
+    let W: tf.Tensor2D = L;
+    for (let i = 0; i < nb; i++) {
+      const step = tf.tensor1d([i], 'int32');
+      const next = run('gram_chol_inverse_block_32', INV_CODE, ['L', 'Wp', 'step'], [L, W, step]);
+      if (W !== L) W.dispose();
+      step.dispose();
+      W = next;
     }
-    workgroupBarrier();
-    for (var i = j + 1u + ty; i < n; i += 16u) {
-      let ci = col[i];
-      for (var l = j + 1u + tx; l <= i; l += 16u) { result[i * n + l] -= ci * col[l]; }
-    }
-    storageBarrier();
-  }
-  // In-place inverse of L by forward substitution L·X = I, row j at a time: X[j, :j] = S[j, :j]/L[j, j]
-  // (S the sums accumulated so far), X[j, j] = 1/L[j, j], then every later row i takes
-  // S[i, :j+1] −= L[i, j]·X[j, :j+1] — a rank-1 update spread over 16×16 invocations, like the
-  // factorization's. Entry (i, c), c < i, holds L[i, c] until step c reads column c, then S[i, c].
-  for (var j = 0u; j < n; j++) {
-    let inv = 1.0 / result[j * n + j];
-    for (var i = j + 1u + lid; i < n; i += ${WG}u) { col[i] = result[i * n + j]; }
-    workgroupBarrier(); // the pivot and column j are read before row j is rewritten
-    for (var c = lid; c <= j; c += ${WG}u) {
-      if (c == j) { result[j * n + j] = inv; } else { result[j * n + c] *= inv; }
-    }
-    storageBarrier();
-    for (var i = j + 1u + ty; i < n; i += 16u) {
-      let li = col[i];
-      for (var c = tx; c <= j; c += 16u) {
-        if (c == j) { result[i * n + j] = -li * inv; } else { result[i * n + c] -= li * result[j * n + c]; }
-      }
-    }
-    storageBarrier();
-  }
-  // W = (L⁻¹)ᵀ, upper triangular.
-  for (var idx = lid; idx < n * n; idx += ${WG}u) {
-    let i = idx / n;
-    let j = idx % n;
-    if (i > j) {
-      result[j * n + i] = result[idx];
-      result[idx] = 0.0;
-    }
-  }
-}`,
-  }) as tf.Tensor2D;
+    return K === k ? W : (tf.slice(W, [0, 0], [k, k]) as tf.Tensor2D);
+  });
 }

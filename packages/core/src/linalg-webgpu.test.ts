@@ -83,11 +83,12 @@ function orthogonalityError(q: Float32Array, m: number, n: number): number {
 }
 
 describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
-  it('the WGSL Gram Cholesky gives W upper triangular with S·W orthonormal, and equals the float64 R⁻¹ of G + s·I', async () => {
+  it('the WGSL Gram Cholesky gives W upper triangular with S·W orthonormal, and equals the float64 R⁻¹ of G + s·I (one block, several, padded)', async () => {
     expect(deviceCholesky(64)).toBe(true);
     for (const [m, n, seed] of [
       [40, 1, 1],
       [90, 37, 2],
+      [200, 64, 4],
       [300, 130, 3],
     ]) {
       const s = gaussian64(m * n, seed);
