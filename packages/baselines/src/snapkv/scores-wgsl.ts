@@ -1,11 +1,12 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { runFlatWgsl, runWgsl, wgslFlatIndex } from '@kvpack/core';
+import { windowLogitsWgsl } from './logits-wgsl.js';
 
-// SnapKV's scores on webgpu as three WGSL kernels around one tfjs matMul (the same math as
-// snapkvVotes + pool1d, see there): the window's logits Q·Kᵀ for every KV head's GQA group at once,
-// then per logit row the causal softmax's max and normalizer, then per prefix token the votes
-// (softmax weights summed over the window, averaged over the group), then the pooling with the
-// window's tokens at +∞ — no host round trip and no [w, T] mask tensor.
+// SnapKV's scores on webgpu as four WGSL kernels (the same math as snapkvVotes + pool1d, see there):
+// the window's logits Q·Kᵀ for every KV head's GQA group at once, read from the cache layouts
+// (logits-wgsl.ts), then per logit row the causal softmax's max and normalizer in one pass, then per
+// prefix token the votes (softmax weights summed over the window, averaged over the group), then the
+// pooling with the window's tokens at +∞ — no host round trip and no [w, T] mask tensor.
 
 const WG = 256;
 const FLAT = wgslFlatIndex('flat');
@@ -13,23 +14,31 @@ const FLAT = wgslFlatIndex('flat');
 /**
  * Per logit row r = (h·g + q)·w + i (KV head h, query head q of its group, window query i) of
  * logits [H_kv, g·w, T] (unscaled): the max m_r and normalizer s_r of softmax(logits·scale) over the
- * keys query i sees (j ≤ T − w + i), float32 [H_kv·g·w, 2]. One workgroup per row.
+ * keys query i sees (j ≤ T − w + i), float32 [H_kv·g·w, 2]. One workgroup per row, one pass over it:
+ * each invocation keeps a running (max, normalizer) pair, rescaled when the max grows, and the pairs
+ * are merged in a tree.
  */
 function softmaxRowStats(logits: tf.Tensor3D, w: number, scale: number): tf.Tensor2D {
   const [Hkv, gw] = logits.shape;
   const rows = Hkv * gw;
   return runWgsl({
-    key: `snapkv_row_stats_${w}_${scale}`,
+    key: `snapkv_row_stats_online_${w}_${scale}`,
     names: ['L'],
     inputs: [logits],
     outputShape: [rows, 2],
     dtype: 'float32',
     workgroupSize: WG,
     dispatch: [rows, 1, 1],
-    workgroupBytes: 4 * WG,
+    workgroupBytes: 8 * WG,
     code: `const W: u32 = ${w}u;
 const SCALE: f32 = ${scale};
-var<workgroup> red: array<f32, ${WG}>;
+var<workgroup> red: array<vec2<f32>, ${WG}>;
+// (max, normalizer) of two parts: the normalizers rescaled to the larger max. An empty part is
+// (−3e38, 0), whose term vanishes.
+fn merge(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+  let m = max(a.x, b.x);
+  return vec2<f32>(m, a.y * exp(a.x - m) + b.y * exp(b.x - m));
+}
 fn kernel(index: i32) {
   let r = workgroupId.x;
   let lid = localIndex;
@@ -37,26 +46,25 @@ fn kernel(index: i32) {
   let visible = T - W + r % W + 1u; // keys 0 … T − w + i
   let base = r * T;
   var m = -3.0e38;
-  for (var j = lid; j < visible; j += ${WG}u) { m = max(m, L[base + j] * SCALE); }
-  red[lid] = m;
-  workgroupBarrier();
-  for (var off = ${WG / 2}u; off > 0u; off = off >> 1u) {
-    if (lid < off) { red[lid] = max(red[lid], red[lid + off]); }
-    workgroupBarrier();
-  }
-  m = red[0];
-  workgroupBarrier();
   var s = 0.0;
-  for (var j = lid; j < visible; j += ${WG}u) { s = s + exp(L[base + j] * SCALE - m); }
-  red[lid] = s;
+  for (var j = lid; j < visible; j += ${WG}u) {
+    let x = L[base + j] * SCALE;
+    if (x > m) {
+      s = s * exp(m - x) + 1.0;
+      m = x;
+    } else {
+      s = s + exp(x - m);
+    }
+  }
+  red[lid] = vec2<f32>(m, s);
   workgroupBarrier();
   for (var off = ${WG / 2}u; off > 0u; off = off >> 1u) {
-    if (lid < off) { red[lid] = red[lid] + red[lid + off]; }
+    if (lid < off) { red[lid] = merge(red[lid], red[lid + off]); }
     workgroupBarrier();
   }
   if (lid == 0u) {
-    result[r * 2u] = m;
-    result[r * 2u + 1u] = red[0];
+    result[r * 2u] = red[0].x;
+    result[r * 2u + 1u] = red[0].y;
   }
 }`,
   }) as tf.Tensor2D;
@@ -128,22 +136,28 @@ function poolWithWindow(v: tf.Tensor2D, T: number, kernel: number, mode: 'avg' |
 }
 
 /**
- * SnapKV's scores [H_kv, T] on webgpu: pooled votes of the window queries `win` [w, H, d] (post-RoPE)
- * over the post-RoPE keys [T, H_kv, d] for the T − w prefix tokens, +∞ for the w window tokens.
- * Transient, owned by the caller.
+ * SnapKV's scores [H_kv, T] on webgpu: pooled votes of the last w of the post-RoPE queries
+ * [T_obs, H, d] (T_obs ≥ w) over the post-RoPE keys [T, H_kv, d] for the T − w prefix tokens, +∞ for
+ * the w window tokens. Neither input is copied. Transient, owned by the caller.
+ * @throws as {@link windowLogitsWgsl}.
  */
-export function snapkvScoresWgsl(win: tf.Tensor3D, keys: tf.Tensor3D, kernel: number, mode: 'avg' | 'max'): tf.Tensor2D {
-  const [w, Hq, d] = win.shape;
+export function snapkvScoresWgsl(queries: tf.Tensor3D, w: number, keys: tf.Tensor3D, kernel: number, mode: 'avg' | 'max'): tf.Tensor2D {
+  const [, Hq, d] = queries.shape;
   const [T, Hkv] = keys.shape;
   const g = Hq / Hkv;
   const scale = 1 / Math.sqrt(d);
-  const logits = tf.tidy(() => {
-    const qh = tf.reshape(tf.transpose(tf.reshape(win, [w, Hkv, g, d]), [1, 2, 0, 3]), [Hkv, g * w, d]);
-    return tf.matMul(qh, tf.transpose(keys, [1, 0, 2]), false, true) as tf.Tensor3D; // [H_kv, g·w, T]
-  });
-  const stats = softmaxRowStats(logits, w, scale);
-  const v = votes(logits, stats, g, w, scale);
-  tf.dispose([logits, stats]);
+  const logits = windowLogitsWgsl(queries, w, keys); // [H_kv, g·w, T]
+  let v: tf.Tensor2D;
+  try {
+    const stats = softmaxRowStats(logits, w, scale);
+    try {
+      v = votes(logits, stats, g, w, scale);
+    } finally {
+      stats.dispose();
+    }
+  } finally {
+    logits.dispose();
+  }
   try {
     return poolWithWindow(v, T, kernel, mode);
   } finally {
