@@ -70,32 +70,48 @@ fn kernel(index: i32) {
   }) as tf.Tensor2D;
 }
 
-/** Votes [H_kv, T − w]: per prefix token, Σ over the g·w rows of its KV head of softmax weights, ÷ g. */
+/** Votes per workgroup: 64 prefix tokens × 4 groups of logit rows. */
+const VOTE_COLS = 64;
+const VOTE_GROUPS = WG / VOTE_COLS;
+
+/**
+ * Votes [H_kv, T − w]: per prefix token, Σ over the g·w rows of its KV head of softmax weights, ÷ g.
+ * A workgroup takes 64 consecutive tokens of one KV head; each of its 4 row groups sums every 4th
+ * row (coalesced reads along the tokens, 4× the invocations of one per token, so more reads are in
+ * flight), and the 4 partial sums are added in workgroup memory.
+ */
 function votes(logits: tf.Tensor3D, stats: tf.Tensor2D, g: number, w: number, scale: number): tf.Tensor2D {
   const [Hkv, gw, T] = logits.shape;
-  const n = Hkv * (T - w);
-  return runFlatWgsl({
-    key: `snapkv_votes_${g}_${w}_${scale}`,
+  return runWgsl({
+    key: `snapkv_votes_${VOTE_GROUPS}x${VOTE_COLS}_${g}_${w}_${scale}`,
     names: ['L', 'st'],
     inputs: [logits, stats],
     outputShape: [Hkv, T - w],
     dtype: 'float32',
-    invocations: n,
+    workgroupSize: WG,
+    dispatch: [Math.ceil((T - w) / VOTE_COLS), Hkv, 1],
+    workgroupBytes: 4 * WG,
     code: `const GW: u32 = ${gw}u;
 const SCALE: f32 = ${scale};
+var<workgroup> part: array<f32, ${WG}>;
 fn kernel(index: i32) {
-  ${FLAT}
   let P = u32(uniforms.outShape[1]);
-  if (u32(flat) >= u32(uniforms.outShape[0]) * P) { return; }
   let T = u32(uniforms.lShape[2]);
-  let h = u32(flat) / P;
-  let j = u32(flat) - h * P;
+  let h = workgroupId.y;
+  let lid = localIndex;
+  let j = workgroupId.x * ${VOTE_COLS}u + lid % ${VOTE_COLS}u;
   var v = 0.0;
-  for (var q = 0u; q < GW; q++) {
-    let r = h * GW + q;
-    v = v + exp(L[r * T + j] * SCALE - st[r * 2u]) / st[r * 2u + 1u];
+  if (j < P) {
+    for (var q = lid / ${VOTE_COLS}u; q < GW; q += ${VOTE_GROUPS}u) {
+      let r = h * GW + q;
+      v = v + exp(L[r * T + j] * SCALE - st[r * 2u]) / st[r * 2u + 1u];
+    }
   }
-  result[flat] = v / ${g}.0;
+  part[lid] = v;
+  workgroupBarrier();
+  if (lid < ${VOTE_COLS}u && j < P) {
+    result[h * P + j] = (${Array.from({ length: VOTE_GROUPS }, (_, k) => `part[lid + ${k * VOTE_COLS}u]`).join(' + ')}) / ${g}.0;
+  }
 }`,
   }) as tf.Tensor2D;
 }
