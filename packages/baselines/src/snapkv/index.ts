@@ -39,16 +39,17 @@ export type SnapKvOptions = z.output<typeof SnapKvOptionsSchema>;
  * SnapKV's score of each prefill token, [H_kv, T] on the backend: the pooled votes of the
  * observation window for the T − w prefix tokens, +Infinity for the w window tokens (always kept).
  * The keys are the eviction layer's post-RoPE keys (rotated once, shared with the gather). On webgpu
- * the softmax statistics, votes and pooling are fused WGSL kernels around one matMul (scores-wgsl.ts).
+ * the window logits (a tiled GEMM reading the queries and keys in place), softmax statistics, votes
+ * and pooling are four WGSL kernels (scores-wgsl.ts, logits-wgsl.ts).
  */
 function snapkvScores(cache: KVCache, layer: number, o: SnapKvOptions, { postKeys }: ScoreContext): tf.Tensor2D {
   const T = postKeys.shape[0];
   const { nHeads: Hq, nKvHeads: Hkv, headDim: d } = cache.layout;
   const w = o.window;
   const q = cache.queries![layer];
+  if (isWebGpuBackend()) return snapkvScoresWgsl(q, w, postKeys, o.kernelSize, o.pooling);
   return tf.tidy(() => {
     const win = tf.slice(q, [q.shape[0] - w, 0, 0], [w, Hq, d]);
-    if (isWebGpuBackend()) return snapkvScoresWgsl(win, postKeys, o.kernelSize, o.pooling);
     const pooled = pool1d(snapkvVotes(win, postKeys), o.kernelSize, o.pooling);
     return tf.concat([pooled, tf.fill([Hkv, w], Infinity)], 1) as tf.Tensor2D;
   });
