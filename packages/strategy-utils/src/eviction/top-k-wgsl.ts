@@ -205,15 +205,14 @@ fn kernel(index: i32) {
 // spent on a per-row reduction and no global atomics (tfjs outputs are not zeroed) are needed.
 const CHUNKED_COMMON = `
 const WG: u32 = ${WG}u;
-var<workgroup> tk_hist: array<atomic<u32>, 256>;
-var<workgroup> tk_tot: array<u32, 256>;
-var<workgroup> tk_pre: array<u32, 256>;
-var<workgroup> tk_sel: array<u32, 4>;
 ${KEY_WGSL}
 // Scores per chunk: T / chunks rounded up to 32 (uniform: shapes only).
 fn tk_chunkLen(T: u32, NC: u32) -> u32 {
   return ((T + NC - 1u) / NC + 31u) / 32u * 32u;
-}
+}`;
+
+const HISTOGRAM_WGSL = `
+var<workgroup> tk_hist: array<atomic<u32>, 256>;
 // Adds the chunk's keys [start, end) of row that share prefix (under hiMask) to tk_hist by their
 // digit at shift; a lane adds a run of equal digits at once (heavy ties do not serialize on one bin).
 fn tk_histogram(row: u32, start: u32, end: u32, prefix: u32, hiMask: u32, shift: u32) {
@@ -236,6 +235,11 @@ fn tk_histogram(row: u32, start: u32, end: u32, prefix: u32, hiMask: u32, shift:
 
 // Reads the previous round's state from the input tkh.
 const SELECT_WGSL = `
+var<workgroup> tk_tot: array<u32, 256>;
+var<workgroup> tk_pre: array<u32, 256>;
+var<workgroup> tk_tot2: array<u32, 256>;
+var<workgroup> tk_pre2: array<u32, 256>;
+var<workgroup> tk_sel: array<u32, 4>;
 // From the histograms at tkh[hist + c·256 + bin] of a row's NC chunks, with remaining keys to find:
 // tk_sel = [digit d (the largest with at least remaining keys at or above it), remaining − keys
 // above d, keys above d in the chunks before c, keys at d in the chunks before c].
@@ -251,15 +255,24 @@ fn tk_select(hist: u32, c: u32, NC: u32, remaining: u32) {
   tk_tot[lid] = tot;
   tk_pre[lid] = pre;
   workgroupBarrier();
-  // Inclusive suffix sums over the bins, both arrays at once.
-  for (var off = 1u; off < WG; off = off << 1u) {
+  // Inclusive suffix sums over the bins, both arrays at once, ping-ponged (one barrier a step).
+  for (var off = 1u; off < WG; off = off << 2u) {
     var t = tk_tot[lid];
     var p = tk_pre[lid];
     if (lid + off < WG) {
       t += tk_tot[lid + off];
       p += tk_pre[lid + off];
     }
+    tk_tot2[lid] = t;
+    tk_pre2[lid] = p;
     workgroupBarrier();
+    let off2 = off << 1u;
+    t = tk_tot2[lid];
+    p = tk_pre2[lid];
+    if (lid + off2 < WG) {
+      t += tk_tot2[lid + off2];
+      p += tk_pre2[lid + off2];
+    }
     tk_tot[lid] = t;
     tk_pre[lid] = p;
     workgroupBarrier();
@@ -277,6 +290,9 @@ fn tk_select(hist: u32, c: u32, NC: u32, remaining: u32) {
   workgroupBarrier();
 }`;
 
+/** Scores a lane takes in each tile of the compaction (a tile is 256 lanes × this, staged in workgroup memory). */
+const TILE_PER_LANE = 8;
+
 function chunkedTopK(src: WgslScoreSource, R: number, T: number, k: number, chunks: number): tf.Tensor2D {
   const made: tf.Tensor[] = [];
   try {
@@ -287,6 +303,7 @@ function chunkedTopK(src: WgslScoreSource, R: number, T: number, k: number, chun
       const shift = 24 - 8 * round;
       const first = round === 0;
       const code = `${CHUNKED_COMMON}
+${HISTOGRAM_WGSL}
 ${first ? '' : SELECT_WGSL}
 ${src.code}
 fn kernel(index: i32) {
@@ -329,7 +346,7 @@ ${
         dtype: 'int32',
         workgroupSize: WG,
         dispatch: [chunks, R, 1],
-        workgroupBytes: 4 * (3 * 256 + 4),
+        workgroupBytes: 4 * (first ? 256 : 5 * 256 + 4),
         code,
       });
       made.push(next);
@@ -337,7 +354,12 @@ ${
     }
     const code = `${CHUNKED_COMMON}
 ${SELECT_WGSL}
-var<workgroup> tk_scan: array<u32, ${WG}>;
+const TL: u32 = ${TILE_PER_LANE}u;
+// A tile of keys, one padding slot every 32 (a lane's TL consecutive keys fall in distinct banks).
+var<workgroup> tk_keys: array<u32, ${WG * TILE_PER_LANE + (WG * TILE_PER_LANE) / 32}>;
+var<workgroup> tk_scan: array<u32, 256>;
+var<workgroup> tk_scan2: array<u32, 256>;
+fn tk_slot(p: u32) -> u32 { return p + (p >> 5u); }
 ${src.code}
 fn kernel(index: i32) {
   let c = workgroupId.x;
@@ -350,37 +372,57 @@ fn kernel(index: i32) {
   let h = row * (NC + 1u) * 256u;
   tk_select(h + 256u, c, NC, u32(tkh[h + 1u]));
   // prefix is the K-th largest key; of the keys equal to it the first \`need\` by position are kept.
-  // above and tied count the keys above it and equal to it before this block of the row.
+  // above and tied count the row's keys above it and equal to it before the current tile.
   let prefix = bitcast<u32>(tkh[h]) | tk_sel[0];
   let need = tk_sel[1];
   var above = u32(tkh[h + 2u + c]) + tk_sel[2];
   var tied = tk_sel[3];
   let start = c * C;
   let end = min(T, start + C);
-  for (var base = 0u; base < C; base += WG) {
-    let i = start + base + lid;
-    var key = 0u;
-    var mine = 0u;
-    if (i < end) {
-      key = tk_key(score(row, i));
-      mine = select(0u, 1u, key > prefix) | select(0u, 0x10000u, key == prefix);
+  // Tiles of WG·TL positions: read coalesced into workgroup memory (key 0, below every key, past
+  // the chunk), then lane l takes positions l·TL … l·TL + TL − 1 of the tile in order; one scan of
+  // the lanes' (above, tied) counts, packed in 16 bits each, gives every kept position its slot.
+  for (var base = 0u; base < C; base += WG * TL) {
+    for (var j = 0u; j < TL; j++) {
+      let p = j * WG + lid;
+      let i = start + base + p;
+      var key = 0u;
+      if (i < end) { key = tk_key(score(row, i)); }
+      tk_keys[tk_slot(p)] = key;
     }
+    workgroupBarrier();
+    var mine = 0u;
+    for (var j = 0u; j < TL; j++) {
+      let key = tk_keys[tk_slot(lid * TL + j)];
+      mine += select(0u, 1u, key > prefix) + select(0u, 0x10000u, key == prefix);
+    }
+    // Inclusive scan over the lanes, ping-ponged (one barrier a step).
     tk_scan[lid] = mine;
     workgroupBarrier();
-    for (var off = 1u; off < WG; off = off << 1u) {
+    for (var off = 1u; off < WG; off = off << 2u) {
       var v = tk_scan[lid];
       if (lid >= off) { v += tk_scan[lid - off]; }
+      tk_scan2[lid] = v;
       workgroupBarrier();
+      let off2 = off << 1u;
+      v = tk_scan2[lid];
+      if (lid >= off2) { v += tk_scan2[lid - off2]; }
       tk_scan[lid] = v;
       workgroupBarrier();
     }
-    let before = tk_scan[lid] - mine; // exclusive counts in this block
-    let aboveBefore = above + (before & 0xffffu);
-    let tiedBefore = tied + (before >> 16u);
-    if (i < end && key > prefix) {
-      result[row * K + aboveBefore + min(tiedBefore, need)] = i32(i);
-    } else if (i < end && key == prefix && tiedBefore < need) {
-      result[row * K + aboveBefore + tiedBefore] = i32(i);
+    let before = tk_scan[lid] - mine; // exclusive counts in this tile
+    var a = above + (before & 0xffffu);
+    var t = tied + (before >> 16u);
+    for (var j = 0u; j < TL; j++) {
+      let key = tk_keys[tk_slot(lid * TL + j)];
+      let i = i32(start + base + lid * TL + j);
+      if (key > prefix) {
+        result[row * K + a + min(t, need)] = i;
+        a += 1u;
+      } else if (key == prefix) {
+        if (t < need) { result[row * K + a + t] = i; }
+        t += 1u;
+      }
     }
     let total = tk_scan[WG - 1u];
     above += total & 0xffffu;
@@ -396,7 +438,7 @@ fn kernel(index: i32) {
       dtype: 'int32',
       workgroupSize: WG,
       dispatch: [chunks, R, 1],
-      workgroupBytes: 4 * (4 * 256 + 4),
+      workgroupBytes: 4 * (6 * 256 + 4 + WG * TILE_PER_LANE + (WG * TILE_PER_LANE) / 32),
       code,
     }) as tf.Tensor2D;
   } finally {
