@@ -51,7 +51,7 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
           expectRows(got, want, H, k, `T = ${T}, k = ${k}, ${chunks} chunks`);
         },
       ),
-      { seed: 11, numRuns: 40 },
+      { seed: 11, numRuns: 25 },
     );
     expect(tf.memory().numTensors).toBe(n0);
   });

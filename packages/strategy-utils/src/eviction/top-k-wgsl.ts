@@ -16,9 +16,6 @@ const MAX_CHUNKS = 254;
 /** Chunks per row the chunked path picks on its own (more would make every workgroup's read of the partial histograms long). */
 const AUTO_MAX_CHUNKS = 128;
 
-/** Dispatches of the chunked path: four 8-bit histogram rounds and the compaction. */
-export const TOP_K_CHUNKED_DISPATCHES = 5;
-
 /**
  * Where the top-k kernel reads its scores: WGSL defining `fn score(row: u32, i: u32) -> f32` (the
  * score of position i of row) and `fn rowLength() -> u32` (T, best read from an input's shape uniform
@@ -46,9 +43,9 @@ fn score(row: u32, i: u32) -> f32 { return S[row * u32(uniforms.sShape[1]) + i];
 
 /**
  * Chunks per row {@link topKPositionsWgsl} splits R rows of T scores into: 1 (one workgroup per row)
- * for rows of at most 4,096 scores or more than 512 rows, else about √(T / 512) chunks of 256·E
- * scores with E a power of two near √(T / 512) (at most 128 chunks), so that a workgroup's own scores
- * and its read of every chunk's partial histogram cost about the same.
+ * for rows of at most 4,096 scores or more than 512 rows, else ⌈T / (256·E)⌉ (at most 128), E a power
+ * of two near √(T / 512) and at least 4 (16 chunks of 2,048 at T = 32,768), so that the scores a lane
+ * reads per round and the chunks' partial histograms every workgroup sums cost about the same.
  */
 export function topKChunksPerRow(R: number, T: number): number {
   if (T <= SINGLE_WORKGROUP_MAX_T || R > CHUNKED_MAX_ROWS) return 1;
