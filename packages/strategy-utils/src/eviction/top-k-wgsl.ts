@@ -13,6 +13,9 @@ const CHUNKED_MAX_ROWS = 512;
 /** Most chunks per row of the chunked path (its per-row header holds one count per chunk in 256 slots). */
 const MAX_CHUNKS = 254;
 
+/** Workgroups (rows × chunks) past which the chunked path takes fewer, longer chunks (the partial histograms' traffic grows with both). */
+const MAX_WORKGROUPS = 4096;
+
 /** Chunks per row the chunked path picks on its own (more would make every workgroup's read of the partial histograms long). */
 const AUTO_MAX_CHUNKS = 128;
 
@@ -43,14 +46,15 @@ fn score(row: u32, i: u32) -> f32 { return S[row * u32(uniforms.sShape[1]) + i];
 
 /**
  * Chunks per row {@link topKPositionsWgsl} splits R rows of T scores into: 1 (one workgroup per row)
- * for rows of at most 4,096 scores or more than 512 rows, else ⌈T / (256·E)⌉ (at most 128), E a power
- * of two near √(T / 512) and at least 4 (16 chunks of 2,048 at T = 32,768), so that the scores a lane
- * reads per round and the chunks' partial histograms every workgroup sums cost about the same.
+ * for rows of at most 4,096 scores or more than 512 rows, else ⌈T / (256·E)⌉, E a power of two near
+ * √(T / 512) and at least 4 (16 chunks of 2,048 at T = 32,768), so that the scores a lane reads per
+ * round and the chunks' partial histograms every workgroup sums cost about the same; at most 128
+ * chunks, and at most max(2, ⌈4,096 / R⌉) so that R × chunks stays near 4,096 workgroups.
  */
 export function topKChunksPerRow(R: number, T: number): number {
   if (T <= SINGLE_WORKGROUP_MAX_T || R > CHUNKED_MAX_ROWS) return 1;
   const perLane = Math.max(4, 2 ** Math.round(Math.log2(Math.sqrt(T / 512))));
-  return Math.min(AUTO_MAX_CHUNKS, Math.ceil(T / (WG * perLane)));
+  return Math.min(AUTO_MAX_CHUNKS, Math.max(2, Math.ceil(MAX_WORKGROUPS / R)), Math.ceil(T / (WG * perLane)));
 }
 
 /**
