@@ -14,7 +14,8 @@ const FLOAT32_MAX = 3.4028234663852886e38;
  * rest (a running count of the ties); a second `tf.topk` over T − position of the kept positions
  * (distinct, exact in float32 below 2^24) lists them ascending. So the result does not depend on how
  * a backend's top-k resolves ties (nor on how it treats ±∞: the top-k sees only finite values). Same rule as the host `keepTopScores`.
- * On webgpu the whole selection is one WGSL kernel ({@link topKPositionsWgsl}). Transient, owned by the caller.
+ * On webgpu the selection is WGSL kernels with no readback ({@link topKPositionsWgsl}: one dispatch for rows of
+ * at most 4,096 scores, five for longer rows, spread over many workgroups). Transient, owned by the caller.
  * @throws KvpackError('shape') when `scores` is not 2-D or k is not in [0, T].
  */
 export function topKPositions(scores: tf.Tensor2D, k: number): tf.Tensor2D {
