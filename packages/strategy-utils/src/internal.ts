@@ -18,6 +18,6 @@ export { sparseGeometry } from './lowrank/sparse-index.js';
 // Timing hook of the perf suite.
 export { decodeStepTimes } from './lowrank/decode-timing.js';
 // The WGSL chunk selection of the sparse step (webgpu), tested on its own.
-export { selectChunkTokens } from './lowrank/sparse-wgsl.js';
+export { keyRowsFits, keyRowsWgsl, selectChunkTokens } from './lowrank/sparse-wgsl.js';
 // The tiled WGSL GEMM of the range finder (webgpu), its tiles and the switch back to tf.matMul.
 export { GEMM_TILES, defaultSplitK, rangeFinderMatmul, setRangeFinderProducts, wgslMatmul, type GemmTile, type WgslMatmulOptions } from './lowrank/tall-skinny-wgsl.js';

@@ -2,13 +2,13 @@
 // them, a software one too: on a machine without a GPU, Mesa's lavapipe (Debian: mesa-vulkan-drivers
 // ≥ 24, e.g. from bookworm-backports) is enough. Without an adapter the suite is skipped and says why.
 import * as tf from '@tensorflow/tfjs-core';
-import { disposeKVCache, gaussian } from '@kvpack/core';
+import { HalfTensor, disposeKVCache, gaussian } from '@kvpack/core';
 import { afterAll, describe, expect, it } from 'vitest';
 import { attention, createStrategy, selectBackend, wgslValidationErrors, wgslWorkgroupStorageLimit } from '@kvpack/core';
 import type { KVCache, ModelLayout } from '@kvpack/core';
 import './index.js'; // registers xkv
 import type { GroupSvdCache } from '@kvpack/strategy-utils';
-import { attendWith, selectChunkTokens } from '@kvpack/strategy-utils/internal';
+import { attendWith, keyRowsFits, keyRowsWgsl, selectChunkTokens } from '@kvpack/strategy-utils/internal';
 import { relMax, syntheticCache } from './test-utils.js';
 
 const unavailable = await selectBackend('webgpu').then(
@@ -95,6 +95,49 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
       const eligible = Array.from({ length: C }, (_, ch) => ch).filter((ch) => (h * C + ch) % 3 !== 0);
       expect(Array.from({ length: k }, (_, i) => tok[(h * k + i) * c] / c), `head ${h}`).toEqual(eligible.slice(0, k));
     }
+  });
+
+  it('the selected keys product U_k[tokens]·B_k per KV head equals float64, factors float16-packed or float32, ragged tiles', async () => {
+    // d = 40: a partial last column group; S and R_k not multiples of the tile (64 rows, 16 rank columns).
+    for (const [H, S, T, Rk, d, half] of [
+      [2, 100, 300, 37, 40, true],
+      [3, 64, 90, 16, 128, false],
+    ] as const) {
+      const g = gaussian(H * 100 + S);
+      const u = Float32Array.from({ length: T * Rk }, g);
+      const b = Float32Array.from({ length: Rk * H * d }, g);
+      const tok = Int32Array.from({ length: H * S }, (_, i) => (i * 7919 + 13) % T);
+      const before = tf.memory().numTensors;
+      const U = tf.tensor2d(u, [T, Rk]);
+      const Bt = tf.tensor2d(b, [Rk, H * d]);
+      const Uh = half ? await HalfTensor.fromTensor(U) : null;
+      const Bh = half ? await HalfTensor.fromTensor(Bt) : null;
+      // Oracle over the values the kernel reads (float16-rounded when packed).
+      const uq = Uh ? await host(Uh.unpack()) : Float64Array.from(u);
+      const bq = Bh ? await host(Bh.unpack()) : Float64Array.from(b);
+      const tt = tf.tensor2d(tok, [H, S], 'int32');
+      const got = await host(keyRowsWgsl(tt, Uh ?? U, Bh ?? Bt, d));
+      let worst = 0;
+      for (let h = 0; h < H; h++)
+        for (let s = 0; s < S; s++)
+          for (let e = 0; e < d; e++) {
+            let want = 0;
+            let mag = 0;
+            for (let r = 0; r < Rk; r++) {
+              const x = uq[tok[h * S + s] * Rk + r] * bq[r * H * d + h * d + e];
+              want += x;
+              mag += Math.abs(x);
+            }
+            worst = Math.max(worst, Math.abs(got[(h * S + s) * d + e] - want) / Math.max(mag, 1e-30));
+          }
+      expect(worst, `H ${H} S ${S} Rk ${Rk} d ${d}`).toBeLessThan(1e-6);
+      tf.dispose([U, Bt, tt]);
+      Uh?.dispose();
+      Bh?.dispose();
+      expect(tf.memory().numTensors).toBe(before);
+    }
+    expect(keyRowsFits(16)).toBe(true);
+    expect(keyRowsFits(256)).toBe(false);
   });
 
   it('falls back to the tfjs kernels where the WGSL arrays do not fit the device (32 query heads on one KV head)', async () => {

@@ -83,6 +83,16 @@ export class DecodeState {
     return b.held instanceof HalfTensor ? b.held : blockValues(b);
   }
 
+  /**
+   * B_l of a layer as a kernel can read it in place, [R_g, H_kv·d]: the stored float16 tensor itself
+   * when the block is float16 (never dispose it), else its float32 values (transient, or a float32
+   * block's own tensor; inside tf.tidy).
+   */
+  factorHeld(kind: Kind, layer: number): HalfTensor | tf.Tensor2D {
+    const b = this.src.factorBlock(kind, layer);
+    return b.held instanceof HalfTensor ? b.held : blockValues(b);
+  }
+
   /** U_g of a layer at the given token rows, float32 [S, R_g] (only those rows unpacked; transient; inside tf.tidy). */
   basisRows(kind: Kind, layer: number, rows: tf.Tensor1D): tf.Tensor2D {
     return blockRows(this.src.basisBlock(kind, layer), rows);

@@ -3,7 +3,7 @@ import { attention, check, isHostBackend, isWebGpuBackend, wgslWorkgroupStorageL
 import type { ValuePath } from './attend-full.js';
 import { addRowMask, causalParts, ownHeadBlock, queryBlocks, ropeScores } from './query-blocks.js';
 import type { SparseDecoder } from './sparse-decoder.js';
-import { ropeScoresWgsl, selectChunkTokens, softmaxExactWgsl, valuesWgsl, wgslStepFits } from './sparse-wgsl.js';
+import { keyRowsFits, keyRowsWgsl, ropeScoresWgsl, selectChunkTokens, softmaxExactWgsl, valuesWgsl, wgslStepFits } from './sparse-wgsl.js';
 
 /*
  * The attend paths of sparse decode (xKV-SR, sparse-index.ts) over a {@link SparseDecoder}: the
@@ -34,9 +34,10 @@ export interface SparseSwitches {
    */
   heads?: 'auto' | 'loop' | 'batched';
   /**
-   * Kernels of the batched path on the webgpu backend: `wgsl` runs a one-token step as 8 dispatches
-   * (sparse-wgsl.ts: chunk selection, RoPE scores, softmax, values — plus tfjs's gather and matMul for
-   * the key product); `tfjs` composes tfjs ops. Default (`auto`): `wgsl` on webgpu for one query token
+   * Kernels of the batched path on the webgpu backend: `wgsl` runs a one-token step as 9 dispatches
+   * (sparse-wgsl.ts: chunk selection, the selected keys' product read from the packed factors, RoPE
+   * scores, softmax, values — plus tfjs's query scale and the exact rows' unpacking); `tfjs` composes
+   * tfjs ops. Default (`auto`): `wgsl` on webgpu for one query token
    * with exact rows (E₀ > 0), else `tfjs`. Both compute the same attention.
    */
   kernels?: 'auto' | 'tfjs' | 'wgsl';
@@ -200,7 +201,7 @@ function attendLoop(
 }
 
 /**
- * One query token's sparse step on the webgpu backend in 8 dispatches (see sparse-wgsl.ts): the same
+ * One query token's sparse step on the webgpu backend in 9 dispatches (see sparse-wgsl.ts): the same
  * selection, scores and softmax as {@link attendBatched}, values in the compressed domain. A single
  * query token is never causally masked (the residual rows all precede it).
  */
@@ -223,7 +224,9 @@ function attendWgsl(dec: SparseDecoder, layer: number, q: tf.Tensor3D, residual:
     const tok = selectChunkTokens(qh, t.lt, mask, k, c); // [H_kv, S]
     const S = k * c;
     const Rk = dec.state.rank('k', layer);
-    const y = tf.matMul(tf.reshape(dec.state.basisRows('k', layer, tf.reshape(tok, [-1])), [Hkv, S, Rk]), dec.state.stackedHeadFactors(dec.state.factor('k', layer))) as tf.Tensor3D;
+    const y = keyRowsFits(d)
+      ? keyRowsWgsl(tok, dec.state.basisHeld('k', layer), dec.state.factorHeld('k', layer), d)
+      : (tf.matMul(tf.reshape(dec.state.basisRows('k', layer, tf.reshape(tok, [-1])), [Hkv, S, Rk]), dec.state.stackedHeadFactors(dec.state.factor('k', layer))) as tf.Tensor3D);
     const { cos, sin } = dec.state.tables();
     const ss = ropeScoresWgsl(qh, y, tok, cos, sin, src.rope.layout === 'interleaved');
     let kx = tf.reshape(t.exactK, [Hkv, E0, d]) as tf.Tensor3D;
@@ -233,7 +236,7 @@ function attendWgsl(dec: SparseDecoder, layer: number, q: tf.Tensor3D, residual:
       vx = tf.concat([vx, tf.transpose(residual.v, [1, 0, 2])], 1) as tf.Tensor3D;
     }
     const p = softmaxExactWgsl(ss, qh, kx);
-    const o = valuesWgsl(p, tok, dec.state.basisHeld('v', layer), dec.state.stackedHeadFactors(dec.state.factor('v', layer)), vx);
+    const o = valuesWgsl(p, tok, dec.state.basisHeld('v', layer), dec.state.factorHeld('v', layer), vx);
     return tf.reshape(o, [1, H, d]) as tf.Tensor3D;
   });
 }

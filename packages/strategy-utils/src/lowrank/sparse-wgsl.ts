@@ -4,16 +4,17 @@ import { HalfTensor, check, runWgsl } from '@kvpack/core';
 /*
  * WGSL kernels of one sparse decode step (xKV-SR, see sparse-index.ts and sparse-attend.ts) on the webgpu backend, for one query
  * token. tfjs-webgpu runs the batched tfjs formulation as ~35 kernels plus a ~72-dispatch bitonic
- * top-k, and a decode step of one layer is launch-bound there. These five kernels, with tfjs's query
- * scale, gather and batched matMul for the one large product, do the same step in 8 dispatches:
+ * top-k, and a decode step of one layer is launch-bound there. These six kernels, with tfjs's query
+ * scale and the exact rows' unpacking, do the same step; the factors are read packed in place:
  *
  *   selectChunks    chunk logits q·landmark, softmax per query row, max over the GQA group, top-k by
  *                   a radix select — one workgroup per KV head — and the selected chunks' token ids
- *   (tfjs)          U_k[tokens] gathered and multiplied by B_k[:, h] → pre-RoPE keys [H_kv, S, d]
+ *   keyRows         U_k[tokens]·B_k[:, h] → pre-RoPE keys [H_kv, S, d], a tiled product that reads the
+ *                   selected basis rows and the factor in place (nothing gathered or unpacked first)
  *   ropeScores      RoPE at each token's position applied in registers, scores against the queries
  *   softmaxExact    the exact (outlier, local, residual) keys' scores and one softmax over all
  *   valuePartials   p·U_v[tokens] in SPLIT partial sums, never gathering U_v
- *   valueCombine    (Σ partials)·B_v[:, h] + p_exact·V_exact
+ *   valueCombine    (Σ partials)·B_v[:, h] + p_exact·V_exact (B_v read in place)
  *
  * Shapes: H = H_kv, G = query rows per KV head (g query heads × 1 token), d = head_dim, C = landmark
  * chunks, c = chunk size, S = k·c selected tokens, R_v = value rank, E = exact rows per head.
@@ -58,6 +59,99 @@ function floatInput(x: tf.Tensor | HalfTensor, name: string, read: string): { te
     };
   }
   return { tensor: x, code: `fn ${read}(f: u32) -> f32 { return ${name}[f]; }` };
+}
+
+/** Selected rows per workgroup of {@link keyRowsWgsl} (8 per invocation row group). */
+const KEY_ROWS = 64;
+/** Rank columns per step of {@link keyRowsWgsl}'s slab loop. */
+const KEY_SLAB = 16;
+
+/**
+ * Pre-RoPE keys of the selected tokens, [H, S, d]: y[h, s, :] = U_k[tokens[h, s], :]·B_k[:, h·d : (h+1)·d],
+ * with U_k [T, R_k] and B_k [R_k, H·d] each float32 or float16 packed (read in place: no gathered or
+ * unpacked copy). A tiled product: a workgroup computes 64 selected rows × d for one KV head, 16 rank
+ * columns at a time through workgroup memory (at most 12.5 KiB); each invocation owns 8 rows × ⌈d/32⌉
+ * columns. Needs d ≤ 128 ({@link keyRowsFits}).
+ */
+export function keyRowsWgsl(tokens: tf.Tensor2D, uk: tf.Tensor2D | HalfTensor, bk: tf.Tensor2D | HalfTensor, d: number): tf.Tensor3D {
+  const [H, S] = tokens.shape;
+  const Rk = uk.shape[1];
+  check(keyRowsFits(d) && uk.shape.length === 2 && bk.shape.length === 2 && bk.shape[0] === Rk && bk.shape[1] === H * d, 'shape', `keyRowsWgsl: U_k [${uk.shape}], B_k [${bk.shape}] do not match tokens [${tokens.shape}] and head_dim ${d} (at most 128)`);
+  const ukIn = floatInput(uk, 'Uk', 'uk_at');
+  const bkIn = floatInput(bk, 'Bk', 'bk_at');
+  const cj = Math.ceil(d / 32);
+  const code = `
+const S: u32 = ${S}u;
+const D: u32 = ${d}u;
+const RK: u32 = ${Rk}u;
+const HD: u32 = ${H * d}u;
+const ROWS: u32 = ${KEY_ROWS}u;
+const SLAB: u32 = ${KEY_SLAB}u;
+const CJ: u32 = ${cj}u;
+var<workgroup> us: array<f32, ${KEY_ROWS * (KEY_SLAB + 1)}>;
+var<workgroup> bs: array<f32, ${KEY_SLAB * d}>;
+${ukIn.code}
+${bkIn.code}
+fn kernel(index: i32) {
+  let lid = localIndex;
+  let tx = lid % 32u;
+  let ty = lid / 32u;
+  let s0 = workgroupId.x * ROWS;
+  let h = workgroupId.y;
+  var acc: array<f32, ${8 * cj}>;
+  // A constant trip count: barriers need uniform control flow, and workgroupId is a private variable here.
+  for (var r0 = 0u; r0 < RK; r0 += SLAB) {
+    for (var e = lid; e < ROWS * SLAB; e += ${WG}u) {
+      let row = e / SLAB;
+      let c = e % SLAB;
+      var v = 0.0;
+      if (s0 + row < S && r0 + c < RK) { v = uk_at(u32(Tok[h * S + s0 + row]) * RK + r0 + c); }
+      us[row * (SLAB + 1u) + c] = v;
+    }
+    for (var e = lid; e < SLAB * D; e += ${WG}u) {
+      let rr = e / D;
+      let c = e % D;
+      var v = 0.0;
+      if (r0 + rr < RK) { v = bk_at((r0 + rr) * HD + h * D + c); }
+      bs[e] = v;
+    }
+    workgroupBarrier();
+    for (var rr = 0u; rr < SLAB; rr++) {
+      for (var i = 0u; i < 8u; i++) {
+        let u = us[(ty + 8u * i) * (SLAB + 1u) + rr];
+        for (var j = 0u; j < CJ; j++) {
+          let c = min(tx + 32u * j, D - 1u);
+          acc[i * CJ + j] = acc[i * CJ + j] + u * bs[rr * D + c];
+        }
+      }
+    }
+    workgroupBarrier();
+  }
+  for (var i = 0u; i < 8u; i++) {
+    let s = s0 + ty + 8u * i;
+    if (s < S) {
+      for (var j = 0u; j < CJ; j++) {
+        if (tx + 32u * j < D) { result[(h * S + s) * D + tx + 32u * j] = acc[i * CJ + j]; }
+      }
+    }
+  }
+}`;
+  return runWgsl({
+    key: `keyrows_${S}_${d}_${Rk}_${H}_${uk instanceof HalfTensor ? 'h' : 'f'}${bk instanceof HalfTensor ? 'h' : 'f'}`,
+    names: ['Tok', 'Uk', 'Bk'],
+    inputs: [tokens, ukIn.tensor, bkIn.tensor],
+    outputShape: [H, S, d],
+    dtype: 'float32',
+    workgroupSize: WG,
+    dispatch: [Math.ceil(S / KEY_ROWS), H, 1],
+    workgroupBytes: 4 * (KEY_ROWS * (KEY_SLAB + 1) + KEY_SLAB * d),
+    code,
+  }) as tf.Tensor3D;
+}
+
+/** Whether {@link keyRowsWgsl} handles head_dim d. */
+export function keyRowsFits(d: number): boolean {
+  return Number.isInteger(d) && d >= 1 && d <= 128;
 }
 
 /** Partial sums of p·U_v[tokens] per KV head (more workgroups in flight than H_kv·⌈R_v/256⌉). */
@@ -356,19 +450,20 @@ fn kernel(index: i32) {
 /**
  * The attention output of one step in the compressed domain for the values, [H, G, d]:
  * (p_S · U_v[tokens]) · B_v[:, h] + p_E · v_exact, with p [H, G, S + E] from {@link softmaxExactWgsl},
- * tokens [H, S], U_v [T, R_v] (float32, or float16 packed and read in place), B_v per KV head
- * [H, R_v, d], exact values vx [H, E, d]. Two kernels:
+ * tokens [H, S], U_v [T, R_v] and the layer factor B_v [R_v, H·d] (each float32, or float16 packed
+ * and read in place), exact values vx [H, E, d]. Two kernels:
  * SPLIT partial sums of p_S · U_v[tokens] (read row by row, never gathered), then their sum times B_v
  * plus the exact rows.
  */
-export function valuesWgsl(p: tf.Tensor3D, tokens: tf.Tensor2D, uv: tf.Tensor2D | HalfTensor, bv: tf.Tensor3D, vx: tf.Tensor3D): tf.Tensor3D {
+export function valuesWgsl(p: tf.Tensor3D, tokens: tf.Tensor2D, uv: tf.Tensor2D | HalfTensor, bv: tf.Tensor2D | HalfTensor, vx: tf.Tensor3D): tf.Tensor3D {
   const [H, G] = p.shape;
   const S = tokens.shape[1];
   const Rv = uv.shape[1];
-  const d = bv.shape[2];
+  const d = vx.shape[2];
   const E = vx.shape[1];
   const uvIn = floatInput(uv, 'Uv', 'uv_at');
-  check(uv.shape.length === 2 && bv.shape[0] === H && bv.shape[1] === Rv && vx.shape[0] === H && vx.shape[2] === d && p.shape[2] === S + E, 'shape', `valuesWgsl: p [${p.shape}], U_v [${uv.shape}], B_v [${bv.shape}], exact values [${vx.shape}] do not match`);
+  const bvIn = floatInput(bv, 'Bv', 'bv_at');
+  check(uv.shape.length === 2 && bv.shape.length === 2 && bv.shape[0] === Rv && bv.shape[1] === H * d && vx.shape[0] === H && p.shape[2] === S + E, 'shape', `valuesWgsl: p [${p.shape}], U_v [${uv.shape}], B_v [${bv.shape}], exact values [${vx.shape}] do not match`);
   const per = Math.ceil(S / SPLIT);
   const partial = `
 const G: u32 = ${G}u;
@@ -426,7 +521,9 @@ const G: u32 = ${G}u;
 const S: u32 = ${S}u;
 const RV: u32 = ${Rv}u;
 const D: u32 = ${d}u;
+const HD: u32 = ${H * d}u;
 var<workgroup> ws: array<f32, ${Rv}>;
+${bvIn.code}
 fn kernel(index: i32) {
   let lid = localIndex;
   let r = workgroupId.x;
@@ -441,16 +538,16 @@ fn kernel(index: i32) {
   workgroupBarrier();
   for (var e = lid; e < D; e += ${wg}u) {
     var o = 0.0;
-    for (var i = 0u; i < RV; i++) { o = o + ws[i] * Bv[(h * RV + i) * D + e]; }
+    for (var i = 0u; i < RV; i++) { o = o + ws[i] * bv_at(i * HD + h * D + e); }
     for (var x = 0u; x < E; x++) { o = o + P[(h * G + r) * W + S + x] * Vx[(h * E + x) * D + e]; }
     result[(h * G + r) * D + e] = o;
   }
 }`;
   try {
     return runWgsl({
-      key: `valuecombine_${G}_${S}_${Rv}_${d}`,
+      key: `valuecombine_${G}_${S}_${Rv}_${d}_${H}_${bv instanceof HalfTensor ? 'h' : 'f'}`,
       names: ['Parts', 'Bv', 'P', 'Vx'],
-      inputs: [parts, bv, p, vx],
+      inputs: [parts, bvIn.tensor, p, vx],
       outputShape: [H, G, d],
       dtype: 'float32',
       workgroupSize: wg,
