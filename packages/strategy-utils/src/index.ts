@@ -38,3 +38,4 @@ export * from './quant/rotation.js';
 export { gatherRowsPackedWgsl } from './eviction/gather-wgsl.js';
 export { packStatsColumn } from './quant/minmax-wgsl.js';
 export { topKPositionsWgsl, plainScores, type WgslScoreSource } from './eviction/top-k-wgsl.js';
+export { gemmTileWgsl, type GemmTileParts } from './wgsl-gemm-tile.js';

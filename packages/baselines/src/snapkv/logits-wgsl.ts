@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { check, runWgsl } from '@kvpack/core';
+import { gemmTileWgsl } from '@kvpack/strategy-utils';
 
 /*
  * SnapKV's window logits on webgpu as one register-tiled WGSL GEMM read straight from the cache
@@ -49,7 +50,6 @@ function logitsCode(t: LogitsTile): { code: string; bytes: number; threads: numb
   const tx = t.bn / t.tn;
   const tm4 = t.tm / 4;
   const tn4 = t.tn / 4;
-  const comps = ['x', 'y', 'z', 'w'];
   // Slab group j of an invocation: 4 consecutive rows (queries) or keys at one k, whose 4 scalar
   // loads are coalesced across invocations along head_dim; stored as one whole vec4 (no two
   // invocations write parts of one vec4).
@@ -76,23 +76,6 @@ function logitsCode(t: LogitsTile): { code: string; bytes: number; threads: numb
   const storeB = range(lb)
     .map((j) => `    Bs[(${pos(j)} % BK) * SB + ${pos(j)} / BK] = rb${j};`)
     .join('\n');
-  const fmas: string[] = [];
-  for (let i = 0; i < tm4; i++)
-    for (let c = 0; c < 4; c++) {
-      fmas.push(`      let s${i * 4 + c} = vec4<f32>(a${i}.${comps[c]});`);
-      for (let q = 0; q < tn4; q++) fmas.push(`      c${i * 4 + c}_${q} = fma(s${i * 4 + c}, b${q}, c${i * 4 + c}_${q});`);
-    }
-  const writes: string[] = [];
-  for (let i = 0; i < tm4; i++)
-    for (let c = 0; c < 4; c++) {
-      const r = i * 4 + c;
-      writes.push(`  { let gm = m0 + ${i * ty * 4}u + ty * 4u + ${c}u;\n    if (gm < M) {`);
-      for (let q = 0; q < tn4; q++)
-        writes.push(`      { let gn = n0 + ${q * tx * 4}u + tx * 4u; let o = (h * M + gm) * T + gn; let v = c${r}_${q};
-        if (gn + 3u < T) { result[o] = v.x; result[o + 1u] = v.y; result[o + 2u] = v.z; result[o + 3u] = v.w; }
-        else { if (gn < T) { result[o] = v.x; } if (gn + 1u < T) { result[o + 1u] = v.y; } if (gn + 2u < T) { result[o + 2u] = v.z; } } }`);
-      writes.push('    }\n  }');
-    }
   const code = `
 const BM: u32 = ${t.bm}u;
 const BN: u32 = ${t.bn}u;
@@ -138,40 +121,8 @@ fn kernel(index: i32) {
   let ty = lid / ${tx}u;
   let m0 = workgroupId.y * BM;
   let n0 = workgroupId.x * BN;
-${range(t.tm)
-  .flatMap((r) => range(tn4).map((q) => `  var c${r}_${q} = vec4<f32>(0.0);`))
-  .join('\n')}
-${range(la)
-  .map((j) => `  var ra${j}: vec4<f32>;`)
-  .join('\n')}
-${range(lb)
-  .map((j) => `  var rb${j}: vec4<f32>;`)
-  .join('\n')}
-  // Slab 0 into registers.
-${loadA('0u')}
-${loadB('0u')}
   let slabs = (u32(uniforms.kShape.z) + BK - 1u) / BK; // from the uniform itself: the barriers stay in uniform control flow
-  for (var s = 0u; s < slabs; s++) {
-${storeA}
-${storeB}
-    workgroupBarrier();
-    if (s + 1u < slabs) {
-      let kb = (s + 1u) * BK;
-${loadA('kb')}
-${loadB('kb')}
-    }
-    for (var kk = 0u; kk < BK; kk++) {
-${range(tm4)
-  .map((i) => `      let a${i} = As[kk * SA + ${i * ty}u + ty];`)
-  .join('\n')}
-${range(tn4)
-  .map((q) => `      let b${q} = Bs[kk * SB + ${q * tx}u + tx];`)
-  .join('\n')}
-${fmas.join('\n')}
-    }
-    workgroupBarrier();
-  }
-${writes.join('\n')}
+${gemmTileWgsl({ tm4, tn4, ty, tx, la, lb, start: '0u', slabs: 'slabs', loadA, loadB, storeA, storeB, rows: 'M', cols: 'T', out: (gm, gn) => `(h * M + ${gm}) * T + ${gn}` })}
 }`;
   return { code, bytes: 16 * t.bk * (sa + sb), threads };
 }

@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { KvpackError, isWebGpuBackend, matmul, runWgsl } from '@kvpack/core';
+import { gemmTileWgsl } from '../wgsl-gemm-tile.js';
 
 /*
  * Register-tiled float32 GEMM in WGSL for the products of the randomized range finder on the webgpu
@@ -130,24 +131,6 @@ function gemmCode(split: boolean, tA: boolean, tB: boolean, t: GemmTile, threads
       return `    Bs[${kl} * SB + ${n4}] = rb${j};`;
     })
     .join('\n');
-  const comps = ['x', 'y', 'z', 'w'];
-  const fmas: string[] = [];
-  for (let i = 0; i < tm4; i++)
-    for (let c = 0; c < 4; c++) {
-      fmas.push(`      let s${i * 4 + c} = vec4<f32>(a${i}.${comps[c]});`);
-      for (let q = 0; q < tn4; q++) fmas.push(`      c${i * 4 + c}_${q} = fma(s${i * 4 + c}, b${q}, c${i * 4 + c}_${q});`);
-    }
-  const writes: string[] = [];
-  for (let i = 0; i < tm4; i++)
-    for (let c = 0; c < 4; c++) {
-      const r = i * 4 + c;
-      writes.push(`  { let gm = m0 + ${i * ty * 4}u + ty * 4u + ${c}u;\n    if (gm < M) {`);
-      for (let q = 0; q < tn4; q++)
-        writes.push(`      { let gn = n0 + ${q * tx * 4}u + tx * 4u; let o = base + gm * N + gn; let v = c${r}_${q};
-        if (gn + 3u < N) { result[o] = v.x; result[o + 1u] = v.y; result[o + 2u] = v.z; result[o + 3u] = v.w; }
-        else { if (gn < N) { result[o] = v.x; } if (gn + 1u < N) { result[o + 1u] = v.y; } if (gn + 2u < N) { result[o + 2u] = v.z; } } }`);
-      writes.push('    }\n  }');
-    }
   const code = `
 const BM: u32 = ${t.bm}u;
 const BN: u32 = ${t.bn}u;
@@ -174,40 +157,8 @@ fn kernel(index: i32) {
   let n0 = workgroupId.x * BN;
   let k0 = workgroupId.z * KC;
   let kEnd = min(K, k0 + KC);
-${range(t.tm)
-  .flatMap((r) => range(tn4).map((q) => `  var c${r}_${q} = vec4<f32>(0.0);`))
-  .join('\n')}
-${range(la)
-  .map((j) => `  var ra${j}: vec4<f32>;`)
-  .join('\n')}
-${range(lb)
-  .map((j) => `  var rb${j}: vec4<f32>;`)
-  .join('\n')}
-  // Slab 0 into registers.
-${loadA('k0')}
-${loadB('k0')}
-  for (var s = 0u; s < slabs; s++) {
-${storeA}
-${storeB}
-    workgroupBarrier();
-    if (s + 1u < slabs) {
-      let kb = k0 + (s + 1u) * BK;
-${loadA('kb')}
-${loadB('kb')}
-    }
-    for (var kk = 0u; kk < BK; kk++) {
-${range(tm4)
-  .map((i) => `      let a${i} = As[kk * SA + ${i * ty}u + ty];`)
-  .join('\n')}
-${range(tn4)
-  .map((q) => `      let b${q} = Bs[kk * SB + ${q * tx}u + tx];`)
-  .join('\n')}
-${fmas.join('\n')}
-    }
-    workgroupBarrier();
-  }
   let base = workgroupId.z * M * N;
-${writes.join('\n')}
+${gemmTileWgsl({ tm4, tn4, ty, tx, la, lb, start: 'k0', slabs: 'slabs', loadA, loadB, storeA, storeB, rows: 'M', cols: 'N', out: (gm, gn) => `base + ${gm} * N + ${gn}` })}
 }`;
   return { code, bytes: 16 * t.bk * (sa + sb) };
 }
