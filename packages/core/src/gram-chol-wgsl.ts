@@ -19,8 +19,8 @@ const P = B + 1;
 /** Invocations per workgroup: 32 columns × 8 row groups, four rows of a tile each. */
 const WG = 256;
 
-// Both kernels: workgroup x owns block row (Cholesky) or block row of W (inverse) x; the step index
-// comes in a one-element int32 tensor. Both are made workgroup-uniform (they bound loops with barriers).
+// Both kernels: workgroup x owns block row (Cholesky) or block row of W (inverse) x (made
+// workgroup-uniform: it bounds loops with barriers); the step index is a program uniform (no upload).
 const COMMON = `
 const B: u32 = ${B}u;
 const P: u32 = ${P}u;
@@ -28,7 +28,6 @@ var<workgroup> Dm: array<f32, ${B * P}>;
 var<workgroup> Ta: array<f32, ${B * P}>;
 var<workgroup> Tb: array<f32, ${B * P}>;
 var<workgroup> red: array<f32, ${WG}>;
-var<workgroup> stepW: u32;
 var<workgroup> blockW: u32;
 `;
 
@@ -51,11 +50,8 @@ fn kernel(index: i32) {
   let lid = localIndex;
   let k = u32(uniforms.gShape.x);
   let K = u32(uniforms.outShape.x);
-  if (lid == 0u) {
-    stepW = u32(step[0]);
-    blockW = workgroupId.x;
-  }
-  let j = workgroupUniformLoad(&stepW);
+  if (lid == 0u) { blockW = workgroupId.x; }
+  let j = u32(uniforms.step);
   let i = workgroupUniformLoad(&blockW);
   var mx = 0.0;
   for (var q = lid; q < k; q += ${WG}u) { mx = max(mx, G[q * k + q]); }
@@ -153,11 +149,8 @@ const INV_CODE = `${COMMON}
 fn kernel(index: i32) {
   let lid = localIndex;
   let K = u32(uniforms.outShape.x);
-  if (lid == 0u) {
-    stepW = u32(step[0]);
-    blockW = workgroupId.x;
-  }
-  let i = workgroupUniformLoad(&stepW);
+  if (lid == 0u) { blockW = workgroupId.x; }
+  let i = u32(uniforms.step);
   let j = workgroupUniformLoad(&blockW);
   for (var e = lid; e < B * K; e += ${WG}u) {
     let r = j * B + e / K;
@@ -243,24 +236,20 @@ export function gramCholInverseWgsl(G: tf.Tensor2D): tf.Tensor2D {
   check(G.rank === 2 && k === k2 && k >= 1 && k <= GRAM_CHOL_MAX, 'shape', `gramCholInverseWgsl: G must be square with 1 ≤ k ≤ ${GRAM_CHOL_MAX}, got [${G.shape}]`);
   const nb = Math.ceil(k / B);
   const K = nb * B;
-  const tiles = 4 * (3 * B * P + WG + 2);
-  const run = (key: string, code: string, names: string[], inputs: tf.Tensor[]) =>
-    runWgsl({ key, names, inputs, outputShape: [K, K], dtype: 'float32', workgroupSize: WG, dispatch: [nb, 1, 1], workgroupBytes: tiles, code }) as tf.Tensor2D;
+  const tiles = 4 * (3 * B * P + WG + 1);
+  const run = (key: string, code: string, names: string[], inputs: tf.Tensor[], step: number) =>
+    runWgsl({ key, names, inputs, outputShape: [K, K], dtype: 'float32', workgroupSize: WG, dispatch: [nb, 1, 1], workgroupBytes: tiles, code, uniforms: [{ name: 'step', type: 'i32', value: step }] }) as tf.Tensor2D;
   return tf.tidy(() => {
     let L: tf.Tensor2D = G;
     for (let j = 0; j < nb; j++) {
-      const step = tf.tensor1d([j], 'int32');
-      const next = run('gram_chol_block_32', CHOL_CODE, ['G', 'Lp', 'step'], [G, L, step]);
+      const next = run('gram_chol_block_32', CHOL_CODE, ['G', 'Lp'], [G, L], j);
       if (L !== G) L.dispose();
-      step.dispose();
       L = next;
     }
     let W: tf.Tensor2D = L;
     for (let i = 0; i < nb; i++) {
-      const step = tf.tensor1d([i], 'int32');
-      const next = run('gram_chol_inverse_block_32', INV_CODE, ['L', 'Wp', 'step'], [L, W, step]);
+      const next = run('gram_chol_inverse_block_32', INV_CODE, ['L', 'Wp'], [L, W], i);
       if (W !== L) W.dispose();
-      step.dispose();
       W = next;
     }
     return K === k ? W : (tf.slice(W, [0, 0], [k, k]) as tf.Tensor2D);

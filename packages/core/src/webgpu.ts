@@ -29,6 +29,12 @@ export interface WgslKernel {
   /** Bytes of the shader's workgroup-address-space arrays (checked against the device limit before dispatch). */
   workgroupBytes: number;
   code: string;
+  /**
+   * Scalars of this dispatch read as `uniforms.<name>` (written into tfjs's uniform buffer with the
+   * shapes: no tensor upload and no new pipeline when a value changes; uniform values also keep
+   * barriers in uniform control flow).
+   */
+  uniforms?: { name: string; type: 'i32' | 'f32'; value: number }[];
 }
 
 /** Invocations per workgroup of the flat (1-D) kernels. */
@@ -73,7 +79,7 @@ interface GpuErrorScopes {
 
 interface WebGpuRunner {
   device: GpuErrorScopes;
-  runWebGPUProgram(program: unknown, inputs: tf.TensorInfo[], dtype: tf.DataType): tf.TensorInfo;
+  runWebGPUProgram(program: unknown, inputs: tf.TensorInfo[], dtype: tf.DataType, uniforms?: { type: string; data: number[] }[]): tf.TensorInfo;
 }
 
 /** Workgroup memory of the active webgpu device, bytes (16,384 is WebGPU's default; tfjs asks for the adapter's maximum). */
@@ -124,6 +130,7 @@ export function runWgsl(k: WgslKernel): tf.Tensor {
     dispatchLayout: { x: k.outputShape.map((_, i) => i) },
     dispatch: k.dispatch,
     workgroupSize: [k.workgroupSize, 1, 1] as [number, number, number],
+    ...(k.uniforms?.length ? { uniforms: k.uniforms.map((u) => `${u.name} : ${u.type},`).join(' ') } : {}),
     // tfjs always binds its uniform buffer; a pipeline whose shader never reads it has no such binding
     // and Dawn rejects the bind group. The wrapper reads one uniform (NAN, always NaN, so the branch is
     // never taken; uniform data keeps the kernel's barriers in uniform control flow).
@@ -136,7 +143,8 @@ export function runWgsl(k: WgslKernel): tf.Tensor {
   }
   let info: tf.TensorInfo;
   try {
-    info = backend.runWebGPUProgram(program, k.inputs, k.dtype);
+    const values = k.uniforms?.map((u) => ({ type: u.type === 'f32' ? 'float32' : 'int32', data: [u.value] }));
+    info = backend.runWebGPUProgram(program, k.inputs, k.dtype, values);
   } finally {
     if (first)
       pending.push(

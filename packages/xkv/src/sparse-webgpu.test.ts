@@ -40,19 +40,26 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     const g = gaussian(3);
     const q = Float32Array.from({ length: H * G * d }, () => 0.5 * g());
     const lt = Float32Array.from({ length: H * d * C }, g);
+    // 20 outlier chunks per head (their logits get −1e30); the queries are scaled by the kernel.
+    const scale = 0.7;
     const mask = new Float32Array(H * C);
-    for (let h = 0; h < H; h++) for (let j = 0; j < 20; j++) mask[h * C + ((j * 37 + h * 11) % C)] = -1e30;
+    const oc = new Int32Array(H * 20);
+    for (let h = 0; h < H; h++)
+      for (let j = 0; j < 20; j++) {
+        oc[h * 20 + j] = (j * 37 + h * 11) % C;
+        mask[h * C + oc[h * 20 + j]] = -1e30;
+      }
     const qt = tf.tensor3d(q, [H, G, d]);
     const ltt = tf.tensor3d(lt, [H, d, C]);
-    const mt = tf.tensor2d(mask, [H, C]);
-    const tok = Int32Array.from(await selectChunkTokens(qt, ltt, mt, k, c).data());
-    tf.dispose([qt, ltt, mt]);
+    const ot = tf.tensor2d(oc, [H, 20], 'int32');
+    const tok = Int32Array.from(await selectChunkTokens(qt, ltt, ot, k, c, scale).data());
+    tf.dispose([qt, ltt, ot]);
     for (let h = 0; h < H; h++) {
       const score = new Float64Array(C);
       for (let r = 0; r < G; r++) {
         const a = Array.from({ length: C }, (_, ch) => {
           let s = 0;
-          for (let e = 0; e < d; e++) s += q[(h * G + r) * d + e] * lt[(h * d + e) * C + ch];
+          for (let e = 0; e < d; e++) s += Math.fround(q[(h * G + r) * d + e] * Math.fround(scale)) * lt[(h * d + e) * C + ch];
           return s + mask[h * C + ch];
         });
         const m = Math.max(...a);
@@ -85,11 +92,15 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     const [H, G, d, C, k, c] = [2, 3, 16, 600, 50, 4];
     const qt = tf.zeros([H, G, d]) as tf.Tensor3D;
     const ltt = tf.ones([H, d, C]) as tf.Tensor3D;
-    const m = new Float32Array(H * C);
-    for (let j = 0; j < H * C; j += 3) m[j] = -1e30;
-    const mt = tf.tensor2d(m, [H, C]);
-    const tok = Int32Array.from(await selectChunkTokens(qt, ltt, mt, k, c).data());
-    tf.dispose([qt, ltt, mt]);
+    // Every third chunk of the flattened [H, C] grid is an outlier: C / 3 per head.
+    const oc = Int32Array.from({ length: H * (C / 3) }, (_, i) => {
+      const h = Math.floor(i / (C / 3));
+      const first = (3 - ((h * C) % 3)) % 3;
+      return first + 3 * (i % (C / 3));
+    });
+    const ot = tf.tensor2d(oc, [H, C / 3], 'int32');
+    const tok = Int32Array.from(await selectChunkTokens(qt, ltt, ot, k, c).data());
+    tf.dispose([qt, ltt, ot]);
     for (let h = 0; h < H; h++) {
       // Ties go to the lowest chunk indices (as tf.topk): the first k chunks that are not outliers.
       const eligible = Array.from({ length: C }, (_, ch) => ch).filter((ch) => (h * C + ch) % 3 !== 0);

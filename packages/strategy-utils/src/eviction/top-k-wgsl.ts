@@ -297,8 +297,6 @@ const TILE_PER_LANE = 8;
 function chunkedTopK(src: WgslScoreSource, R: number, T: number, k: number, chunks: number): tf.Tensor2D {
   const made: tf.Tensor[] = [];
   try {
-    const kTensor = tf.tensor1d([k], 'int32');
-    made.push(kTensor);
     let hist: tf.Tensor | null = null;
     for (let round = 0; round < 4; round++) {
       const shift = 24 - 8 * round;
@@ -319,7 +317,7 @@ fn kernel(index: i32) {
 ${
   first
     ? `  let prefix = 0u;
-  let remaining = u32(tkk[0]);
+  let remaining = u32(uniforms.kSel);
   let above = 0u;
   workgroupBarrier();`
     : `  tk_select(h + 256u, c, NC, u32(tkh[h + 1u]));
@@ -341,8 +339,9 @@ ${
 }`;
       const next: tf.Tensor = runWgsl({
         key: `topk_chunked_hist${round}_${src.key}`,
-        names: [...src.names, first ? 'tkk' : 'tkh'],
-        inputs: [...src.inputs, first ? kTensor : hist!],
+        names: first ? src.names : [...src.names, 'tkh'],
+        inputs: first ? src.inputs : [...src.inputs, hist!],
+        ...(first ? { uniforms: [{ name: 'kSel', type: 'i32' as const, value: k }] } : {}),
         outputShape: [R, chunks + 1, 256],
         dtype: 'int32',
         workgroupSize: WG,

@@ -219,23 +219,24 @@ function attendWgsl(dec: SparseDecoder, layer: number, q: tf.Tensor3D, residual:
     const t = dec.wgslTensors(layer);
     const H = q.shape[1];
     const g = H / Hkv;
-    const qh = tf.reshape(tf.mul(q, 1 / Math.sqrt(d)), [Hkv, g, d]) as tf.Tensor3D;
-    const mask = t.mask ? (tf.reshape(t.mask, [Hkv, C]) as tf.Tensor2D) : null;
-    const tok = selectChunkTokens(qh, t.lt, mask, k, c); // [H_kv, S]
+    // The attention scale 1/√d is applied by the kernels as they read the queries (no scalar upload).
+    const scale = 1 / Math.sqrt(d);
+    const qh = tf.reshape(q, [Hkv, g, d]) as tf.Tensor3D;
+    const tok = selectChunkTokens(qh, t.lt, t.outliers, k, c, scale); // [H_kv, S]
     const S = k * c;
     const Rk = dec.state.rank('k', layer);
     const y = keyRowsFits(d)
       ? keyRowsWgsl(tok, dec.state.basisHeld('k', layer), dec.state.factorHeld('k', layer), d)
       : (tf.matMul(tf.reshape(dec.state.basisRows('k', layer, tf.reshape(tok, [-1])), [Hkv, S, Rk]), dec.state.stackedHeadFactors(dec.state.factor('k', layer))) as tf.Tensor3D);
     const { cos, sin } = dec.state.tables();
-    const ss = ropeScoresWgsl(qh, y, tok, cos, sin, src.rope.layout === 'interleaved');
+    const ss = ropeScoresWgsl(qh, y, tok, cos, sin, src.rope.layout === 'interleaved', scale);
     let kx = tf.reshape(t.exactK, [Hkv, E0, d]) as tf.Tensor3D;
     let vx = tf.reshape(t.exactV, [Hkv, E0, d]) as tf.Tensor3D;
     if (residual && residual.k.shape[0] > 0) {
       kx = tf.concat([kx, tf.transpose(residual.k, [1, 0, 2])], 1) as tf.Tensor3D;
       vx = tf.concat([vx, tf.transpose(residual.v, [1, 0, 2])], 1) as tf.Tensor3D;
     }
-    const p = softmaxExactWgsl(ss, qh, kx);
+    const p = softmaxExactWgsl(ss, qh, kx, scale);
     const o = valuesWgsl(p, tok, dec.state.basisHeld('v', layer), dec.state.factorHeld('v', layer), vx);
     return tf.reshape(o, [1, H, d]) as tf.Tensor3D;
   });

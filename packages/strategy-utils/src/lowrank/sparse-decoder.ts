@@ -15,6 +15,8 @@ interface SparseLayerHeld {
   lt: HalfTensor;
   exactK: HalfTensor;
   exactV: HalfTensor;
+  /** Each KV head's outlier chunk indices, int32 [H_kv, O] (stored in the index as int32); null when O = 0. */
+  outliers: tf.Tensor2D | null;
 }
 
 /** Per-call tensors of one layer's sparse index (transient: built inside the caller's tf.tidy). */
@@ -96,9 +98,11 @@ export class SparseDecoder {
       for (const m of made) m.dispose();
       throw e;
     }
+    const outliers = O > 0 ? tf.tensor2d(Int32Array.from(L.outlierChunks.subarray(0, H * O)), [H, O], 'int32') : null;
     // First use may come inside a caller's tf.tidy: the held tensors outlive it.
     for (const m of made) tf.keep(m.packed);
-    t = { lt: made[0], exactK: made[1], exactV: made[2] };
+    if (outliers) tf.keep(outliers);
+    t = { lt: made[0], exactK: made[1], exactV: made[2], outliers };
     this.perLayer.set(layer, t);
     return t;
   }
@@ -131,10 +135,10 @@ export class SparseDecoder {
    * (float16 packed [H_kv, d, C], read in place by the chunk selection kernel), and the exact rows
    * unpacked (small: [H_kv·E₀, d] each).
    */
-  wgslTensors(layer: number): { mask: tf.Tensor3D | null; lt: HalfTensor; exactK: tf.Tensor2D; exactV: tf.Tensor2D } {
+  wgslTensors(layer: number): { outliers: tf.Tensor2D | null; lt: HalfTensor; exactK: tf.Tensor2D; exactV: tf.Tensor2D } {
     const held = this.held(layer);
     const unpack = (h: HalfTensor) => (h.size > 0 ? h.unpack() : tf.zeros(h.shape));
-    return { mask: this.mask(layer), lt: held.lt, exactK: unpack(held.exactK) as tf.Tensor2D, exactV: unpack(held.exactV) as tf.Tensor2D };
+    return { outliers: held.outliers, lt: held.lt, exactK: unpack(held.exactK) as tf.Tensor2D, exactV: unpack(held.exactV) as tf.Tensor2D };
   }
 
   /**
@@ -171,6 +175,7 @@ export class SparseDecoder {
       t.lt.dispose();
       t.exactK.dispose();
       t.exactV.dispose();
+      t.outliers?.dispose();
     }
     this.perLayer.clear();
   }

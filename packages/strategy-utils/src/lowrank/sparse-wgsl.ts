@@ -154,6 +154,12 @@ export function keyRowsFits(d: number): boolean {
   return Number.isInteger(d) && d >= 1 && d <= 128;
 }
 
+/** A float32 constant as WGSL source (the value of Math.fround(x), exactly). */
+function f32(x: number): string {
+  const v = Math.fround(x);
+  return Number.isInteger(v) ? `${v}.0` : `${v}`;
+}
+
 /** Partial sums of p·U_v[tokens] per KV head (more workgroups in flight than H_kv·⌈R_v/256⌉). */
 const SPLIT = 8;
 
@@ -187,10 +193,11 @@ fn kv_reduce_sum(v: f32, lid: u32) -> f32 {
  * tokens in order; ties at the k-th score go to the lowest chunk indices, as with tf.topk). Scores as
  * `SparseDecoder.chunkScores`: softmax over chunks of each query row's q·landmark (outlier chunks
  * masked out), the maximum over the G rows, outlier chunks never selected.
- * @param q scaled queries [H, G, d]; lt landmarks [H, d, C], float32 or float16 packed (read in place);
- *   mask [H, C] (0, or −1e30 at outlier chunks) or null.
+ * @param q queries [H, G, d], multiplied by `scale` as they are read (1/√d: the attention scale);
+ *   lt landmarks [H, d, C], float32 or float16 packed (read in place); outliers int32 [H, O], each
+ *   head's outlier chunk indices (their logits get −1e30), or null.
  */
-export function selectChunkTokens(q: tf.Tensor3D, lt: tf.Tensor3D | HalfTensor, mask: tf.Tensor2D | null, k: number, c: number): tf.Tensor2D {
+export function selectChunkTokens(q: tf.Tensor3D, lt: tf.Tensor3D | HalfTensor, outliers: tf.Tensor2D | null, k: number, c: number, scale = 1): tf.Tensor2D {
   const [H, G, d] = q.shape;
   const C = lt.shape[2];
   check(lt.shape.length === 3 && lt.shape[0] === H && lt.shape[1] === d, 'shape', `selectChunkTokens: landmarks [${lt.shape}] do not match queries [${q.shape}]`);
@@ -209,6 +216,15 @@ var<workgroup> kv_count: atomic<u32>;
 var<workgroup> kv_offs: array<u32, ${2 * WG + 2}>;
 ${reductions}
 ${ltIn.code}
+fn kv_outlier(h: u32, ch: u32) -> bool {
+${
+  outliers
+    ? `  let n = u32(uniforms.ocShape.y);
+  for (var o = 0u; o < n; o++) { if (u32(Oc[h * n + o]) == ch) { return true; } }`
+    : ''
+}
+  return false;
+}
 fn kv_logits(h: u32, ch: u32) -> array<f32, ${G}> {
   var a: array<f32, ${G}>;
   for (var r = 0u; r < G; r++) { a[r] = 0.0; }
@@ -216,7 +232,7 @@ fn kv_logits(h: u32, ch: u32) -> array<f32, ${G}> {
     let l = lt_at((h * D + e) * C + ch);
     for (var r = 0u; r < G; r++) { a[r] = a[r] + qs[r * D + e] * l; }
   }
-  let m = ${mask ? 'Mask[h * C + ch]' : '0.0'};
+  let m = select(0.0, -1e30, kv_outlier(h, ch));
   for (var r = 0u; r < G; r++) { a[r] = a[r] + m; }
   return a;
 }
@@ -229,7 +245,7 @@ fn kv_ord(x: f32) -> u32 {
 fn kernel(index: i32) {
   let h = workgroupId.x;
   let lid = localIndex;
-  for (var i = lid; i < G * D; i += ${WG}u) { qs[i] = Q[h * G * D + i]; }
+  for (var i = lid; i < G * D; i += ${WG}u) { qs[i] = Q[h * G * D + i] * ${f32(scale)}; }
   workgroupBarrier();
   // Invocation lid owns chunks lid·CPT … lid·CPT + CPT − 1 (so its compaction order is chunk order and
   // ties at the k-th score go to the lowest chunks, as tf.topk); their logits stay in registers
@@ -262,7 +278,7 @@ fn kernel(index: i32) {
     if (ch < C) {
       var s = 0.0;
       for (var r = 0u; r < G; r++) { s = max(s, exp(lg[i * G + r] - mx[r]) / z[r]); }
-      keys[i] = kv_ord(s + ${mask ? 'Mask[h * C + ch]' : '0.0'});
+      keys[i] = kv_ord(s + select(0.0, -1e30, kv_outlier(h, ch)));
     }
   }
   // Radix select of the K-th largest key, most significant bit first.
@@ -321,10 +337,11 @@ fn kernel(index: i32) {
     }
   }
 }`;
-  const names = mask ? ['Q', 'Lt', 'Mask'] : ['Q', 'Lt'];
-  const inputs = mask ? [q, ltIn.tensor, mask] : [q, ltIn.tensor];
+  check(!outliers || (outliers.dtype === 'int32' && outliers.rank === 2 && outliers.shape[0] === H), 'shape', () => `selectChunkTokens: outlier chunks must be int32 [${H}, O], got ${outliers!.dtype} [${outliers!.shape}]`);
+  const names = outliers ? ['Q', 'Lt', 'Oc'] : ['Q', 'Lt'];
+  const inputs = outliers ? [q, ltIn.tensor, outliers] : [q, ltIn.tensor];
   return runWgsl({
-    key: `select_${G}_${d}_${C}_${k}_${c}_${mask ? 1 : 0}_${lt instanceof HalfTensor ? 'h' : 'f'}`,
+    key: `select_${G}_${d}_${C}_${k}_${c}_${outliers ? 1 : 0}_${lt instanceof HalfTensor ? 'h' : 'f'}_${f32(scale)}`,
     names,
     inputs,
     outputShape: [H, k * c],
@@ -341,7 +358,7 @@ fn kernel(index: i32) {
  * RoPE at each row's token (cos/sin tables [T, d], full width as `fullWidthRopeTables`; pairs
  * (2i, 2i+1) when `interleaved`, else (i, i + d/2)).
  */
-export function ropeScoresWgsl(q: tf.Tensor3D, y: tf.Tensor3D, tokens: tf.Tensor2D, cos: tf.Tensor2D, sin: tf.Tensor2D, interleaved: boolean): tf.Tensor3D {
+export function ropeScoresWgsl(q: tf.Tensor3D, y: tf.Tensor3D, tokens: tf.Tensor2D, cos: tf.Tensor2D, sin: tf.Tensor2D, interleaved: boolean, scale = 1): tf.Tensor3D {
   const [H, G, d] = q.shape;
   const S = y.shape[1];
   check(y.shape[0] === H && y.shape[2] === d && tokens.shape[0] === H && tokens.shape[1] === S, 'shape', `ropeScoresWgsl: keys [${y.shape}] / tokens [${tokens.shape}] do not match queries [${q.shape}]`);
@@ -354,7 +371,7 @@ var<workgroup> qs: array<f32, ${G * d}>;
 fn kernel(index: i32) {
   let h = workgroupId.y;
   let lid = localIndex;
-  for (var i = lid; i < G * D; i += ${wg}u) { qs[i] = Q[h * G * D + i]; }
+  for (var i = lid; i < G * D; i += ${wg}u) { qs[i] = Q[h * G * D + i] * ${f32(scale)}; }
   workgroupBarrier();
   let s = workgroupId.x * ${wg}u + lid;
   if (s >= S) { return; }
@@ -376,7 +393,7 @@ fn kernel(index: i32) {
   for (var r = 0u; r < G; r++) { result[(h * G + r) * S + s] = acc[r]; }
 }`;
   return runWgsl({
-    key: `ropescore_${G}_${d}_${S}_${interleaved ? 1 : 0}`,
+    key: `ropescore_${G}_${d}_${S}_${interleaved ? 1 : 0}_${f32(scale)}`,
     names: ['Q', 'Y', 'Tok', 'Cos', 'Sin'],
     inputs: [q, y, tokens, cos, sin],
     outputShape: [H, G, S],
@@ -392,7 +409,7 @@ fn kernel(index: i32) {
  * Attention probabilities [H, G, S + E]: the selected tokens' scores ss [H, G, S] next to the exact
  * rows' scores q·kx (kx [H, E, d], post-RoPE), one softmax per row.
  */
-export function softmaxExactWgsl(ss: tf.Tensor3D, q: tf.Tensor3D, kx: tf.Tensor3D): tf.Tensor3D {
+export function softmaxExactWgsl(ss: tf.Tensor3D, q: tf.Tensor3D, kx: tf.Tensor3D, scale = 1): tf.Tensor3D {
   const [H, G, d] = q.shape;
   const S = ss.shape[2];
   const E = kx.shape[1];
@@ -409,7 +426,7 @@ fn kernel(index: i32) {
   let lid = localIndex;
   let E = u32(uniforms.kxShape.y);
   let W = S + E;
-  for (var i = lid; i < D; i += ${WG}u) { qs[i] = Q[(h * G + r) * D + i]; }
+  for (var i = lid; i < D; i += ${WG}u) { qs[i] = Q[(h * G + r) * D + i] * ${f32(scale)}; }
   workgroupBarrier();
   let ob = (h * G + r) * W;
   var mx = -3.0e38;
@@ -435,7 +452,7 @@ fn kernel(index: i32) {
   for (var j = lid; j < W; j += ${WG}u) { result[ob + j] = result[ob + j] * inv; }
 }`;
   return runWgsl({
-    key: `softmaxexact_${G}_${d}_${S}`,
+    key: `softmaxexact_${G}_${d}_${S}_${f32(scale)}`,
     names: ['Ss', 'Q', 'Kx'],
     inputs: [ss, q, kx],
     outputShape: [H, G, S + E],
