@@ -83,6 +83,39 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     expect(await wgslValidationErrors()).toEqual([]);
   });
 
+  it('passes per-dispatch scalars as uniforms: one pipeline, new values each call, no tensor upload', async () => {
+    const x = tf.tensor1d(Float32Array.from({ length: 300 }, (_, i) => i));
+    const n0 = tf.memory().numTensors;
+    const scaled = (a: number, b: number) =>
+      runWgsl({
+        key: 'test_uniform_affine',
+        names: ['X'],
+        inputs: [x],
+        outputShape: [300],
+        dtype: 'float32',
+        workgroupSize: 64,
+        dispatch: [5, 1, 1],
+        workgroupBytes: 0,
+        uniforms: [
+          { name: 'mulBy', type: 'f32', value: a },
+          { name: 'addN', type: 'i32', value: b },
+        ],
+        code: `fn kernel(index: i32) {
+  if (index < uniforms.xShape) { result[index] = X[index] * uniforms.mulBy + f32(uniforms.addN); }
+}`,
+      });
+    for (const [a, b] of [[2, 1], [-0.5, 7], [3, -4]]) {
+      const { result: y, dispatches } = await countWebGpuDispatches(() => scaled(a, b));
+      expect(dispatches).toBe(1);
+      const got = await y.data();
+      y.dispose();
+      for (let i = 0; i < 300; i++) expect(got[i]).toBe(Math.fround(i * a) + b);
+    }
+    expect(tf.memory().numTensors).toBe(n0);
+    x.dispose();
+    expect(await wgslValidationErrors()).toEqual([]);
+  });
+
   it('HalfTensor.fromTensor packs in one kernel, bit for bit as the host encodeHalf: ties, subnormals, overflow, ±Inf, NaN, float32 subnormals', async () => {
     const xs: number[] = [0, -0, 1e-30, -1e-30, 1e-40, -1e-40, 2 ** -25, 2 ** -25 * 1.0000001, 65504, 65519.99, 65520, -65520, 1e6, -3e38, Infinity, -Infinity];
     for (let h = 0; h < 0x7c00; h += 5) {
