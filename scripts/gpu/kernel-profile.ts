@@ -113,16 +113,18 @@ async function main(): Promise<void> {
     .option('--skip-sparse', 'no sparse decode step profile')
     .option('--sparse-loop <n>', 'also run n sparse decode steps back to back', (v) => Number(v), 0)
     .option('--cpu-profile <path>', 'write a V8 CPU profile of the back-to-back sparse steps (.cpuprofile)')
+    .option('--submit-batch <n>', "tfjs-webgpu's WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE (dispatches per queue submit; tfjs default 15)", (v) => Number(v))
     .option('--json <path>', 'write the profiles as JSON')
     .parse()
-    .opts<{ backend: string; tokens: number; reps: number; settings: string; skipSparse?: boolean; sparseLoop: number; cpuProfile?: string; json?: string }>();
+    .opts<{ backend: string; tokens: number; reps: number; settings: string; skipSparse?: boolean; sparseLoop: number; cpuProfile?: string; submitBatch?: number; json?: string }>();
   const choice = await selectBackend(a.backend);
+  if (a.submitBatch !== undefined) tf.env().set('WEBGPU_DEFERRED_SUBMIT_BATCH_SIZE', a.submitBatch);
   const lines: string[] = [];
   const log = (l: string) => {
     lines.push(l);
     console.log(l);
   };
-  log(`# kernel profile: ${describeBackend(choice)} T=${a.tokens}`);
+  log(`# kernel profile: ${describeBackend(choice)} T=${a.tokens}${a.submitBatch !== undefined ? `, ${a.submitBatch} dispatches per submit` : ''}`);
   const out: { micro: Record<string, number>; profiles: Profile[] } = { micro: {}, profiles: [] };
 
   // Fixed costs: one readback of a tiny tensor; an empty queue wait; 100 trivial dispatches.
