@@ -112,6 +112,13 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
       for (let i = 0; i < 300; i++) expect(got[i]).toBe(Math.fround(i * a) + b);
     }
     expect(tf.memory().numTensors).toBe(n0);
+    // A name of tfjs's own uniforms, or a value that is not an int32, is refused before dispatch.
+    const bad = (u: { name: string; type: 'i32' | 'f32'; value: number }) => () =>
+      runWgsl({ key: 'test_uniform_bad', names: ['X'], inputs: [x], outputShape: [1], dtype: 'float32', workgroupSize: 64, dispatch: [1, 1, 1], workgroupBytes: 0, uniforms: [u], code: 'fn kernel(index: i32) { result[0] = X[0]; }' });
+    expect(bad({ name: 'xShape', type: 'i32', value: 1 })).toThrow(/uniform name "xShape"/);
+    expect(bad({ name: 'step', type: 'i32', value: 1.5 })).toThrow(/not a finite int32/);
+    expect(bad({ name: 'scale', type: 'f32', value: Number.NaN })).toThrow(/not a finite float/);
+    expect(tf.memory().numTensors).toBe(n0);
     x.dispose();
     expect(await wgslValidationErrors()).toEqual([]);
   });

@@ -120,12 +120,17 @@ export function runWgsl(k: WgslKernel): tf.Tensor {
   const backend = tf.backend() as unknown as WebGpuRunner;
   const limit = backend.device.limits.maxComputeWorkgroupStorageSize;
   check(k.workgroupBytes <= limit, 'unsupported', `WGSL kernel ${k.key} needs ${k.workgroupBytes} bytes of workgroup memory; this device allows ${limit}`);
+  for (const u of k.uniforms ?? []) {
+    check(/^[a-z][A-Za-z0-9_]*$/.test(u.name) && !/^(outShape|outShapeStrides|size|.*Shape(Strides)?)$/.test(u.name), 'config', `WGSL kernel ${k.key}: uniform name "${u.name}" must be a lower-case WGSL identifier that is not one of tfjs's (outShape, size, <input>Shape)`);
+    check(u.type === 'f32' ? Number.isFinite(u.value) : Number.isInteger(u.value) && u.value >= -(2 ** 31) && u.value < 2 ** 31, 'config', `WGSL kernel ${k.key}: uniform ${u.name} = ${u.value} is not a finite ${u.type === 'f32' ? 'float' : 'int32'}`);
+  }
   const failed = failures.get(k.key);
   check(failed === undefined, 'unsupported', `WGSL kernel ${k.key} failed WebGPU validation: ${failed}`);
   const program = {
     variableNames: k.names,
     outputShape: k.outputShape,
-    shaderKey: `kvpack_${k.key}`,
+    // tfjs caches pipelines by this key, which does not see the uniform layout: it is part of the key.
+    shaderKey: `kvpack_${k.key}${k.uniforms?.length ? `_u_${k.uniforms.map((u) => `${u.name}:${u.type}`).join(',')}` : ''}`,
     // A flat layout: tfjs then calls main(index) and leaves the dispatch as given.
     dispatchLayout: { x: k.outputShape.map((_, i) => i) },
     dispatch: k.dispatch,

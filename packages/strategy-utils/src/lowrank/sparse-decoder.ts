@@ -15,7 +15,7 @@ interface SparseLayerHeld {
   lt: HalfTensor;
   exactK: HalfTensor;
   exactV: HalfTensor;
-  /** Each KV head's outlier chunk indices, int32 [H_kv, O] (stored in the index as int32); null when O = 0. */
+  /** Each KV head's outlier chunk indices, int32 [H_kv, O] (stored in the index as int32), held once the WGSL step needs them; null before that and when O = 0. */
   outliers: tf.Tensor2D | null;
 }
 
@@ -98,11 +98,9 @@ export class SparseDecoder {
       for (const m of made) m.dispose();
       throw e;
     }
-    const outliers = O > 0 ? tf.tensor2d(Int32Array.from(L.outlierChunks.subarray(0, H * O)), [H, O], 'int32') : null;
     // First use may come inside a caller's tf.tidy: the held tensors outlive it.
     for (const m of made) tf.keep(m.packed);
-    if (outliers) tf.keep(outliers);
-    t = { lt: made[0], exactK: made[1], exactV: made[2], outliers };
+    t = { lt: made[0], exactK: made[1], exactV: made[2], outliers: null };
     this.perLayer.set(layer, t);
     return t;
   }
@@ -137,6 +135,9 @@ export class SparseDecoder {
    */
   wgslTensors(layer: number): { outliers: tf.Tensor2D | null; lt: HalfTensor; exactK: tf.Tensor2D; exactV: tf.Tensor2D } {
     const held = this.held(layer);
+    const { nKvHeads: H } = this.state.src.layout;
+    const O = this.index.outliers;
+    if (O > 0 && !held.outliers) held.outliers = tf.keep(tf.tensor2d(Int32Array.from(this.index.layers[layer].outlierChunks.subarray(0, H * O)), [H, O], 'int32'));
     const unpack = (h: HalfTensor) => (h.size > 0 ? h.unpack() : tf.zeros(h.shape));
     return { outliers: held.outliers, lt: held.lt, exactK: unpack(held.exactK) as tf.Tensor2D, exactV: unpack(held.exactV) as tf.Tensor2D };
   }
