@@ -84,6 +84,8 @@ export function topKPositionsWgsl(src: WgslScoreSource, R: number, T: number, k:
 export function topKPositionsChunkedWgsl(src: WgslScoreSource, R: number, T: number, k: number, chunks: number): tf.Tensor2D {
   checkTopK(R, T, k);
   check(Number.isInteger(chunks) && chunks >= 1 && chunks <= MAX_CHUNKS, 'shape', `top-k kernel: ${chunks} chunks per row must be in 1 … ${MAX_CHUNKS}`);
+  // The histogram state [R, chunks + 1, 256] int32 must fit one storage binding (WebGPU's guaranteed 128 MiB).
+  check(R * (chunks + 1) * 256 * 4 <= 2 ** 27, 'shape', `top-k kernel: ${R} rows × ${chunks} chunks need a ${R * (chunks + 1) * 1024}-byte histogram state, above 128 MiB`);
   return chunks > 1 ? chunkedTopK(src, R, T, k, chunks) : singleWorkgroupTopK(src, R, T, k);
 }
 

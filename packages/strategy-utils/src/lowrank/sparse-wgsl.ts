@@ -154,9 +154,10 @@ export function keyRowsFits(d: number): boolean {
   return Number.isInteger(d) && d >= 1 && d <= 128;
 }
 
-/** A float32 constant as WGSL source (the value of Math.fround(x), exactly). */
+/** A float32 constant as WGSL source (the value of Math.fround(x), exactly); x finite, |x| < 1e21. */
 function f32(x: number): string {
   const v = Math.fround(x);
+  check(Number.isFinite(v) && Math.abs(v) < 1e21, 'config', `a WGSL constant must be a finite float32 below 1e21 in size, got ${x}`);
   return Number.isInteger(v) ? `${v}.0` : `${v}`;
 }
 
