@@ -209,13 +209,12 @@ function attendWgsl(dec: SparseDecoder, layer: number, q: tf.Tensor3D, residual:
   const src = dec.state.src;
   const { nKvHeads: Hkv, headDim: d } = src.layout;
   const c = dec.index.chunkSize;
-  const C = dec.index.chunks;
   const E0 = dec.exactPerHead;
   const k = dec.selectedChunks(budget);
   return tf.tidy(() => {
-    // Per call: the landmarks and the value basis are read packed by the kernels (unpack2x16float), only
-    // the selected key-basis rows are unpacked, the small factors and exact rows unpacked whole; the
-    // RoPE tables are core's shared device tables (not the cache's).
+    // Per call: the landmarks, both bases and both factors are read packed by the kernels
+    // (unpack2x16float), only the small exact rows are unpacked; the RoPE tables are core's shared
+    // device tables (not the cache's).
     const t = dec.wgslTensors(layer);
     const H = q.shape[1];
     const g = H / Hkv;
