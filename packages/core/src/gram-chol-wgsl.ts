@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { check } from './errors.js';
 import { runWgsl } from './webgpu.js';
 
-/** Largest k of {@link gramCholInverseWgsl} (2·k/32 dispatches: beyond this a factorization is better done another way). */
+/** Largest k of {@link gramCholInverseWgsl} (k/32 + 1 dispatches: beyond this a factorization is better done another way). */
 export const GRAM_CHOL_MAX = 2048;
 /**
  * Shift added to the diagonal, relative to the largest diagonal entry (shifted Cholesky-QR, Fukaya et
@@ -38,23 +38,19 @@ var<workgroup> blockW: u32;
  * (factored in workgroup memory by every workgroup; b³/3 multiply–adds); columns < j are copied
  * from the previous step's L, columns > j are zero.
  */
-const CHOL_CODE = `${COMMON}
-fn aAt(r: u32, c: u32, k: u32, s: f32) -> f32 {
+const CHOL_CODE = `
+fn aAt(g0: u32, r: u32, c: u32, k: u32, s: f32) -> f32 {
   if (r < k && c < k) {
-    let v = 0.5 * (G[r * k + c] + G[c * k + r]);
+    let v = 0.5 * (G[g0 + r * k + c] + G[g0 + c * k + r]);
     return select(v, v + s, r == c);
   }
   return select(0.0, 1.0, r == c);
 }
-fn kernel(index: i32) {
-  let lid = localIndex;
-  let k = u32(uniforms.gShape.x);
-  let K = u32(uniforms.outShape.x);
-  if (lid == 0u) { blockW = workgroupId.x; }
-  let j = u32(uniforms.step);
-  let i = workgroupUniformLoad(&blockW);
+// Block row i of L at column step j (j ≤ nb − 1; at j = nb the finished L is only copied) of matrix
+// b: L at state offset l0, G at g0.
+fn cholStep(lid: u32, i: u32, j: u32, k: u32, K: u32, g0: u32, l0: u32) {
   var mx = 0.0;
-  for (var q = lid; q < k; q += ${WG}u) { mx = max(mx, G[q * k + q]); }
+  for (var q = lid; q < k; q += ${WG}u) { mx = max(mx, G[g0 + q * k + q]); }
   red[lid] = mx;
   workgroupBarrier();
   for (var h = ${WG / 2}u; h > 0u; h = h >> 1u) {
@@ -65,25 +61,25 @@ fn kernel(index: i32) {
   for (var e = lid; e < B * K; e += ${WG}u) {
     let r = i * B + e / K;
     let c = e % K;
-    if (c < j * B) { result[r * K + c] = Lp[r * K + c]; }
-    else if (c >= (j + 1u) * B || i < j) { result[r * K + c] = 0.0; }
+    if (c < j * B) { result[l0 + r * K + c] = S[l0 + r * K + c]; }
+    else if (c >= (j + 1u) * B || i < j) { result[l0 + r * K + c] = 0.0; }
   }
-  if (i < j) { return; }
+  if (i < j || j * B >= K) { return; }
   let tx = lid % B;
   let ty = lid / B;
   var dacc: array<f32, 4>;
   var cacc: array<f32, 4>;
   for (var q = 0u; q < 4u; q++) {
     let r = ty + 8u * q;
-    dacc[q] = aAt(j * B + r, j * B + tx, k, s);
-    cacc[q] = aAt(i * B + r, j * B + tx, k, s);
+    dacc[q] = aAt(g0, j * B + r, j * B + tx, k, s);
+    cacc[q] = aAt(g0, i * B + r, j * B + tx, k, s);
   }
   for (var m = 0u; m < j; m++) {
     for (var e = lid; e < B * B; e += ${WG}u) {
       let r = e / B;
       let c = e % B;
-      Tb[r * P + c] = Lp[(j * B + r) * K + m * B + c];
-      Ta[r * P + c] = Lp[(i * B + r) * K + m * B + c];
+      Tb[r * P + c] = S[l0 + (j * B + r) * K + m * B + c];
+      Ta[r * P + c] = S[l0 + (i * B + r) * K + m * B + c];
     }
     workgroupBarrier();
     for (var q = 0u; q < 4u; q++) {
@@ -118,7 +114,7 @@ fn kernel(index: i32) {
     for (var e = lid; e < B * B; e += ${WG}u) {
       let r = e / B;
       let c = e % B;
-      result[(j * B + r) * K + j * B + c] = select(0.0, Dm[r * P + c], c <= r);
+      result[l0 + (j * B + r) * K + j * B + c] = select(0.0, Dm[r * P + c], c <= r);
     }
     return;
   }
@@ -136,7 +132,7 @@ fn kernel(index: i32) {
   for (var e = lid; e < B * B; e += ${WG}u) {
     let r = e / B;
     let c = e % B;
-    result[(i * B + r) * K + j * B + c] = Ta[r * P + c];
+    result[l0 + (i * B + r) * K + j * B + c] = Ta[r * P + c];
   }
 }`;
 
@@ -145,26 +141,29 @@ fn kernel(index: i32) {
  * X_ij = −L_ii⁻¹·Σ_{m=j}^{i−1} L_im·X_mj; workgroup j writes W_ji = X_ijᵀ (zero below the diagonal)
  * and copies the rest of W's block row j from the previous step.
  */
-const INV_CODE = `${COMMON}
-fn kernel(index: i32) {
-  let lid = localIndex;
-  let K = u32(uniforms.outShape.x);
-  if (lid == 0u) { blockW = workgroupId.x; }
-  let i = u32(uniforms.step);
-  let j = workgroupUniformLoad(&blockW);
+const INV_CODE = `
+// Block row j of W at step i (i = −1: zeros) of matrix b: the finished rows ≤ i of L at state offset
+// l0, W at w0.
+fn invStep(lid: u32, si: i32, j: u32, K: u32, l0: u32, w0: u32) {
+  if (si < 0) {
+    for (var e = lid; e < B * K; e += ${WG}u) { result[w0 + j * B * K + e] = 0.0; }
+    return;
+  }
+  let iu = u32(si);
   for (var e = lid; e < B * K; e += ${WG}u) {
     let r = j * B + e / K;
     let c = e % K;
-    if (c < i * B || c >= (i + 1u) * B) { result[r * K + c] = select(0.0, Wp[r * K + c], i > 0u); }
-    else if (j > i) { result[r * K + c] = 0.0; }
+    if (c < iu * B || c >= (iu + 1u) * B) { result[w0 + r * K + c] = S[w0 + r * K + c]; }
+    else if (j > iu) { result[w0 + r * K + c] = 0.0; }
   }
-  if (j > i) { return; }
+  if (j > iu) { return; }
+  let i = iu;
   let tx = lid % B;
   let ty = lid / B;
   for (var e = lid; e < B * B; e += ${WG}u) {
     let r = e / B;
     let c = e % B;
-    Dm[r * P + c] = L[(i * B + r) * K + i * B + c];
+    Dm[r * P + c] = S[l0 + (i * B + r) * K + i * B + c];
   }
   workgroupBarrier();
   // L_ii⁻¹ into Tb, one column per invocation (forward substitution).
@@ -180,7 +179,7 @@ fn kernel(index: i32) {
     for (var e = lid; e < B * B; e += ${WG}u) {
       let r = e / B;
       let c = e % B;
-      result[(i * B + r) * K + i * B + c] = Tb[c * P + r];
+      result[w0 + (i * B + r) * K + i * B + c] = Tb[c * P + r];
     }
     return;
   }
@@ -189,9 +188,9 @@ fn kernel(index: i32) {
     for (var e = lid; e < B * B; e += ${WG}u) {
       let r = e / B;
       let c = e % B;
-      Ta[r * P + c] = L[(i * B + r) * K + m * B + c];
+      Ta[r * P + c] = S[l0 + (i * B + r) * K + m * B + c];
       // X_mj[c][r] = W_jm[r][c]: row r of W's block (j, m), read along its columns.
-      Dm[c * P + r] = Wp[(j * B + r) * K + m * B + c];
+      Dm[c * P + r] = S[w0 + (j * B + r) * K + m * B + c];
     }
     workgroupBarrier();
     for (var q = 0u; q < 4u; q++) {
@@ -214,44 +213,91 @@ fn kernel(index: i32) {
   for (var e = lid; e < B * B; e += ${WG}u) {
     let r = e / B;
     let c = e % B;
-    result[(j * B + r) * K + i * B + c] = Dm[r * P + c];
+    result[w0 + (j * B + r) * K + i * B + c] = Dm[r * P + c];
   }
+}`;
+
+/**
+ * Step s of the factorization of a batch of Gram matrices: the state S [n, 2, K, K] holds each
+ * matrix's L and W. Workgroup (x, b): x < nb computes Cholesky block row x at column step s, x ≥ nb
+ * inverse block row x − nb at step s − 1 (its rows of L are final one step earlier), so the two run
+ * side by side: nb + 1 dispatches in all, for every matrix of the batch at once.
+ */
+const STEP_CODE = `${COMMON}
+${CHOL_CODE}
+${INV_CODE}
+fn kernel(index: i32) {
+  let lid = localIndex;
+  let k = u32(uniforms.gShape.y);
+  let K = u32(uniforms.outShape.z);
+  if (lid == 0u) { blockW = workgroupId.x; }
+  let x = workgroupUniformLoad(&blockW);
+  let s = u32(uniforms.step);
+  let nb = K / B;
+  let b = workgroupId.y;
+  let l0 = b * 2u * K * K;
+  if (x < nb) { cholStep(lid, x, s, k, K, b * k * k, l0); }
+  else { invStep(lid, i32(s) - 1, x - nb, K, l0, l0 + K * K); }
 }`;
 
 /**
  * W = R⁻¹ [k, k] (upper triangular) for a Gram matrix G = SᵀS [k, k] (float32, symmetric positive
  * semi-definite; only (G + Gᵀ)/2 is read), with (G + s·I) = RᵀR its Cholesky factorization,
  * s = {@link GRAM_CHOL_SHIFT}·max diag(G): S·W then has orthonormal columns (up to the shift and
- * float32 rounding). Blocked over 32×32 tiles on the webgpu backend, 2·⌈k/32⌉ dispatches of ⌈k/32⌉
- * workgroups each: a left-looking Cholesky one block column per dispatch, then the inverse one
- * block row per dispatch, each tile product in workgroup memory. (A single-workgroup factorization,
- * a k³/3 chain of dependent global-memory updates on one compute unit, took 82 ms at k = 512 on an
- * H100; this form spreads the work over k/32 compute units and keeps each tile's updates on-chip.)
- * Pivots are floored at s, so a singular G still gives finite W.
+ * float32 rounding). Blocked over 32×32 tiles on the webgpu backend: a left-looking Cholesky one
+ * block column per dispatch, with the inverse one block row per dispatch running a step behind in
+ * the same dispatches, ⌈k/32⌉ + 1 dispatches of 2·⌈k/32⌉ workgroups; each tile product in workgroup
+ * memory. (A single-workgroup factorization, a k³/3 chain of dependent global-memory updates on one
+ * compute unit, took 82 ms at k = 512 on an H100; this form spreads the work over compute units and
+ * keeps each tile's updates on-chip.) Pivots are floored at s, so a singular G still gives finite W.
+ * See {@link gramCholInverseWgslBatch} for several matrices in the same dispatches.
  * @throws KvpackError('shape') for a G that is not square or larger than {@link GRAM_CHOL_MAX};
  *   KvpackError('unsupported') off the webgpu backend.
  */
 export function gramCholInverseWgsl(G: tf.Tensor2D): tf.Tensor2D {
-  const [k, k2] = G.shape;
-  check(G.rank === 2 && k === k2 && k >= 1 && k <= GRAM_CHOL_MAX, 'shape', `gramCholInverseWgsl: G must be square with 1 ≤ k ≤ ${GRAM_CHOL_MAX}, got [${G.shape}]`);
+  return gramCholInverseWgslBatch([G])[0];
+}
+
+/**
+ * {@link gramCholInverseWgsl} of n Gram matrices of one size [k, k] in the same ⌈k/32⌉ + 1
+ * dispatches (the matrices side by side in each dispatch: a step's time is its slowest workgroup, so
+ * a batch costs about what one matrix does). Each W equals the one factored alone, bit for bit.
+ * Disposes no input.
+ * @throws KvpackError('shape') for an empty batch, matrices that are not square, of different sizes
+ *   or larger than {@link GRAM_CHOL_MAX}; KvpackError('unsupported') off the webgpu backend.
+ */
+export function gramCholInverseWgslBatch(Gs: readonly tf.Tensor2D[]): tf.Tensor2D[] {
+  check(Gs.length >= 1, 'shape', 'gramCholInverseWgsl: no matrices');
+  const [k, k2] = Gs[0].shape;
+  check(
+    Gs.every((G) => G.rank === 2 && G.shape[0] === k && G.shape[1] === k) && k === k2 && k >= 1 && k <= GRAM_CHOL_MAX,
+    'shape',
+    `gramCholInverseWgsl: every G must be square of one size k, 1 ≤ k ≤ ${GRAM_CHOL_MAX}, got ${Gs.map((G) => `[${G.shape}]`).join(', ')}`,
+  );
+  const n = Gs.length;
   const nb = Math.ceil(k / B);
   const K = nb * B;
   const tiles = 4 * (3 * B * P + WG + 1);
-  const run = (key: string, code: string, names: string[], inputs: tf.Tensor[], step: number) =>
-    runWgsl({ key, names, inputs, outputShape: [K, K], dtype: 'float32', workgroupSize: WG, dispatch: [nb, 1, 1], workgroupBytes: tiles, code, uniforms: [{ name: 'step', type: 'i32', value: step }] }) as tf.Tensor2D;
   return tf.tidy(() => {
-    let L: tf.Tensor2D = G;
-    for (let j = 0; j < nb; j++) {
-      const next = run('gram_chol_block_32', CHOL_CODE, ['G', 'Lp'], [G, L], j);
-      if (L !== G) L.dispose();
-      L = next;
+    const G = n === 1 ? tf.reshape(Gs[0], [1, k, k]) : tf.stack([...Gs]);
+    // The state starts as G itself: step 0 reads no earlier L or W.
+    let state: tf.Tensor = G;
+    for (let step = 0; step <= nb; step++) {
+      const next = runWgsl({
+        key: 'gram_chol_inverse_step_32',
+        names: ['G', 'S'],
+        inputs: [G, state],
+        outputShape: [n, 2, K, K],
+        dtype: 'float32',
+        workgroupSize: WG,
+        dispatch: [2 * nb, n, 1],
+        workgroupBytes: tiles,
+        code: STEP_CODE,
+        uniforms: [{ name: 'step', type: 'i32', value: step }],
+      });
+      if (state !== G) state.dispose();
+      state = next;
     }
-    let W: tf.Tensor2D = L;
-    for (let i = 0; i < nb; i++) {
-      const next = run('gram_chol_inverse_block_32', INV_CODE, ['L', 'Wp'], [L, W], i);
-      if (W !== L) W.dispose();
-      W = next;
-    }
-    return K === k ? W : (tf.slice(W, [0, 0], [k, k]) as tf.Tensor2D);
+    return Gs.map((_, b) => tf.reshape(tf.slice(state, [b, 1, 0, 0], [1, 1, k, k]), [k, k]) as tf.Tensor2D);
   });
 }

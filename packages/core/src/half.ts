@@ -153,6 +153,29 @@ export class HalfTensor {
 const FLAT = wgslFlatIndex('flat');
 
 function unpackOnDevice(packed: tf.Tensor1D, n: number): tf.Tensor {
+  if (n % 8 === 0) {
+    // Eight values per invocation: one 16-byte load of four words, two 16-byte stores.
+    return runFlatWgsl({
+      key: 'unpack_half_x8',
+      names: ['x'],
+      inputs: [packed],
+      outputShape: [n],
+      dtype: 'float32',
+      invocations: n / 8,
+      components: { inputs: [4], output: 4 },
+      code: `fn kernel(index: i32) {
+  ${FLAT}
+  if (flat >= uniforms.outShape / 8) { return; }
+  let w = bitcast<vec4<u32>>(x[flat]);
+  let a = unpack2x16float(w.x);
+  let b = unpack2x16float(w.y);
+  let c = unpack2x16float(w.z);
+  let d = unpack2x16float(w.w);
+  result[2 * flat] = vec4<f32>(a, b);
+  result[2 * flat + 1] = vec4<f32>(c, d);
+}`,
+    });
+  }
   return runFlatWgsl({
     key: 'unpack_half',
     names: ['x'],
@@ -262,6 +285,26 @@ function packOnDevice(x: tf.Tensor): tf.Tensor1D {
   // toHalfBits, so the result is bit-identical to the host encoding), then two are packed to a word.
   const flat = x.dtype === 'float32' ? tf.reshape(x, [n]) : tf.cast(tf.reshape(x, [n]), 'float32');
   try {
+    if (n % 8 === 0)
+      // Eight values per invocation: two 16-byte loads, one 16-byte store of four words.
+      return runFlatWgsl({
+        key: 'pack_half_rne_x8',
+        names: ['x'],
+        inputs: [flat],
+        outputShape: [words],
+        dtype: 'int32',
+        invocations: words / 4,
+        components: { inputs: [4], output: 4 },
+        code: `${WGSL_HALF_BITS}
+fn pair(a: f32, b: f32) -> u32 { return halfBits(a) | (halfBits(b) << 16u); }
+fn kernel(index: i32) {
+  ${FLAT}
+  if (flat >= uniforms.outShape / 4) { return; }
+  let u = x[2 * flat];
+  let v = x[2 * flat + 1];
+  result[flat] = bitcast<vec4<i32>>(vec4<u32>(pair(u.x, u.y), pair(u.z, u.w), pair(v.x, v.y), pair(v.z, v.w)));
+}`,
+      }) as tf.Tensor1D;
     return runFlatWgsl({
       key: 'pack_half_rne',
       names: ['x'],

@@ -3,8 +3,8 @@
 // finder built on it, against float64 oracles. Without an adapter the suite is skipped and says why.
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
-import { HalfTensor, deviceCholesky, encodeHalf, relativeFrobeniusError, selectBackend, truncatedSvd, wgslValidationErrors } from './index.js';
-import { GRAM_CHOL_SHIFT, gramCholInverseWgsl } from './gram-chol-wgsl.js';
+import { HalfTensor, countWebGpuDispatches, deviceCholesky, encodeHalf, relativeFrobeniusError, selectBackend, truncatedSvd, truncatedSvdBatch, wgslValidationErrors } from './index.js';
+import { GRAM_CHOL_SHIFT, gramCholInverseWgsl, gramCholInverseWgslBatch } from './gram-chol-wgsl.js';
 import { mulberry32, normalPair } from './random.js';
 
 const unavailable = await selectBackend('webgpu').then(
@@ -145,6 +145,46 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     const W = gramCholInverseWgsl(G);
     expect(Array.from((await W.data()) as Float32Array).every(Number.isFinite)).toBe(true);
     tf.dispose([S, G, W]);
+    expect(await wgslValidationErrors()).toEqual([]);
+  });
+
+  it('factors a batch of Gram matrices in the same k/32 + 1 dispatches, each W bit for bit the one factored alone; mixed sizes are refused', async () => {
+    const n = 70;
+    const Ss = [5, 6, 7].map((seed) => tf.tensor2d(Float32Array.from(gaussian64(90 * n, seed)), [90, n]));
+    const Gs = Ss.map((S) => tf.matMul(S, S, true, false) as tf.Tensor2D);
+    const before = tf.memory().numTensors;
+    const alone = await Promise.all(Gs.map(async (G) => { const W = gramCholInverseWgsl(G); const d = await W.data(); W.dispose(); return d; }));
+    const { result: Ws, dispatches } = await countWebGpuDispatches(() => gramCholInverseWgslBatch(Gs));
+    // Stack, ⌈70/32⌉ + 1 = 4 steps, one slice per matrix.
+    expect(dispatches).toBe(1 + 4 + 3);
+    for (let b = 0; b < 3; b++) expect(Array.from(await Ws[b].data())).toEqual(Array.from(alone[b]));
+    tf.dispose(Ws);
+    expect(tf.memory().numTensors).toBe(before);
+    const small = tf.eye(8) as tf.Tensor2D;
+    expect(() => gramCholInverseWgslBatch([Gs[0], small])).toThrow(/one size/);
+    expect(() => gramCholInverseWgslBatch([])).toThrow(/no matrices/);
+    tf.dispose([small, ...Gs, ...Ss]);
+    expect(await wgslValidationErrors()).toEqual([]);
+  });
+
+  it('truncatedSvdBatch factors keys-and-values-like pairs in lockstep: each result bit for bit its truncatedSvd, fewer dispatches', async () => {
+    const T = 256, F = 128, r = 32;
+    const Xs = [11, 12].map((seed) => tf.tensor2d(planted(T, F, 1.0, 0.02, seed).data, [T, F]));
+    const items = Xs.map((X) => tf.split(X, [64, 64], 1) as tf.Tensor2D[]);
+    const before = tf.memory().numTensors;
+    const opts = { rank: r, oversample: 0, powerIters: 1, orthogonalization: 'device' as const, seed: 2 };
+    const alone = await countWebGpuDispatches(() => Promise.all(items.map((X) => truncatedSvd(X, opts))));
+    const both = await countWebGpuDispatches(() => truncatedSvdBatch(items, opts));
+    for (let i = 0; i < 2; i++) {
+      expect(Array.from(await both.result[i].basis.data())).toEqual(Array.from(await alone.result[i].basis.data()));
+      for (let b = 0; b < 2; b++) expect(Array.from(await both.result[i].coeffs[b].data())).toEqual(Array.from(await alone.result[i].coeffs[b].data()));
+    }
+    // Four orthonormalizations at q = 1: a batch of two runs the ⌈32/32⌉ + 1 = 2 factorization
+    // steps once instead of twice, for one stack.
+    expect(both.dispatches).toBeLessThan(alone.dispatches!);
+    for (const f of [...alone.result, ...both.result]) tf.dispose([f.basis, ...f.coeffs]);
+    expect(tf.memory().numTensors).toBe(before);
+    tf.dispose([...items.flat(), ...Xs]);
     expect(await wgslValidationErrors()).toEqual([]);
   });
 

@@ -2,7 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { choleskyUpper, invertUpper, symmetricEigHost } from './hostla.js';
 import { check } from './errors.js';
 import { isHostBackend } from './backend.js';
-import { GRAM_CHOL_MAX, gramCholInverseWgsl } from './gram-chol-wgsl.js';
+import { GRAM_CHOL_MAX, gramCholInverseWgsl, gramCholInverseWgslBatch } from './gram-chol-wgsl.js';
 import { isWebGpuBackend } from './webgpu.js';
 import { mulberry32, normalPair } from './random.js';
 import { MAX_ORTHONORMALIZE_PASSES, MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_SEED, MIN_SEED } from './limits.js';
@@ -363,30 +363,38 @@ export async function truncatedSvd(X: tf.Tensor2D, opts: TruncatedSvdOptions): P
 export async function truncatedSvd(X: tf.Tensor2D[], opts: TruncatedSvdOptions): Promise<LowRankBlockFactors>;
 export async function truncatedSvd(X: tf.Tensor2D | tf.Tensor2D[], opts: TruncatedSvdOptions): Promise<LowRankFactors | LowRankBlockFactors> {
   const blocks = Array.isArray(X) ? X : [X];
-  check(blocks.length >= 1 && blocks.every((x) => x.rank === 2 && x.shape[0] === blocks[0].shape[0]), 'shape', () => `truncatedSvd: column blocks must be 2-D with equal row counts, got ${blocks.map((x) => `[${x.shape}]`).join(', ')}`);
-  const f = await truncatedSvdBlocks(blocks, opts);
+  const [f] = await truncatedSvdBatch([blocks], opts);
   return Array.isArray(X) ? f : { ...f, coeffs: f.coeffs[0] };
 }
 
-async function truncatedSvdBlocks(X: Blocks, opts: TruncatedSvdOptions): Promise<LowRankBlockFactors> {
-  if (X.length > 1 && !isHostBackend() && !opts.exact) {
+/**
+ * {@link truncatedSvd} of several matrices with the same options (e.g. the keys and the values of one
+ * xKV group), each given as column blocks; the result i is that of `truncatedSvd(items[i], opts)`,
+ * bit for bit. The range finders of the items with the same sketch width run in lockstep, so each
+ * orthonormalization factors all their Gram matrices at once: on webgpu one batch of the WGSL Cholesky
+ * ({@link gramCholInverseWgslBatch}) instead of one per matrix, which halves the factorization
+ * dispatches of a keys-and-values pair. Does not dispose the items.
+ * @throws as {@link truncatedSvd}.
+ */
+export async function truncatedSvdBatch(items: tf.Tensor2D[][], opts: TruncatedSvdOptions): Promise<LowRankBlockFactors[]> {
+  for (const blocks of items)
+    check(blocks.length >= 1 && blocks.every((x) => x.rank === 2 && x.shape[0] === blocks[0].shape[0]), 'shape', () => `truncatedSvd: column blocks must be 2-D with equal row counts, got ${blocks.map((x) => `[${x.shape}]`).join(', ')}`);
+  if (!isHostBackend() && !opts.exact && items.some((X) => X.length > 1)) {
     // On a GPU each block product is one more dispatch (and dispatches, not flops, dominate the
     // k×k work): factor the concatenated matrix (one copy of X), then split the coefficients. Ω is
     // the same either way (drawn for the whole F).
-    const whole = tf.concat(X, 1) as tf.Tensor2D;
-    let f: LowRankBlockFactors;
+    const wholes = items.map((X) => (X.length > 1 ? (tf.concat(X, 1) as tf.Tensor2D) : X[0]));
     try {
-      f = await truncatedSvdBlocks([whole], opts);
+      const fs = await truncatedSvdBatch(
+        wholes.map((w) => [w]),
+        opts,
+      );
+      return fs.map((f, i) => ({ ...f, coeffs: splitColumns(f.coeffs[0], items[i]) }));
     } finally {
-      whole.dispose();
+      wholes.forEach((w, i) => w !== items[i][0] && w.dispose());
     }
-    return { ...f, coeffs: splitColumns(f.coeffs[0], X) };
   }
-  const T = X[0].shape[0];
-  const F = X.reduce((a, x) => a + x.shape[1], 0);
-  const m = Math.min(T, F);
   const r = opts.rank;
-  check(Number.isInteger(r) && r >= 1 && r <= m, 'rank', `rank ${r} is out of range: it must be an integer in [1, min(T=${T}, features=${F}) = ${m}]`);
   const p = opts.oversample === undefined || opts.oversample === 'auto' ? autoOversample(r) : opts.oversample;
   check(Number.isInteger(p) && p >= 0, 'config', `oversample must be a non-negative integer or 'auto', got ${p}`);
   check(p <= MAX_OVERSAMPLE, 'config', `oversample ${p} is too large: it must be at most ${MAX_OVERSAMPLE} (the k×k host work grows as (rank + oversample)³)`);
@@ -396,23 +404,46 @@ async function truncatedSvdBlocks(X: Blocks, opts: TruncatedSvdOptions): Promise
   const seed = opts.seed ?? 0;
   check(Number.isInteger(seed) && seed >= MIN_SEED && seed <= MAX_SEED, 'config', `seed must be an integer in [${MIN_SEED}, ${MAX_SEED}] (the int32 range), got ${seed}`);
   const orth = resolveOrthogonalization(opts.orthogonalization);
-  const k = opts.exact ? m : Math.min(m, r + p);
-  if (k >= m && T > F) {
-    // Exact path (small matrices): the F×F Gram needs X whole.
-    const whole = X.length === 1 ? X[0] : (tf.concat(X, 1) as tf.Tensor2D);
-    const f = await exactTallSvd(whole, r);
-    if (whole !== X[0]) whole.dispose();
-    return { ...f, coeffs: splitColumns(f.coeffs, X) };
-  }
-  if (k >= m) {
-    // T ≤ F: the range of X is all of R^T.
-    const Q = tf.eye(T) as tf.Tensor2D;
-    return rayleighRitz(Q, X.map((x) => tf.clone(x)), r);
-  }
   const mm = opts.matmul ?? matmul;
-  const { Q, B } = await rangeFinder(X, k, Math.round(2 * qIn), seed, orth, mm);
-  if (B[0].shape[0] === r) return { basis: Q, coeffs: B };
-  return rayleighRitz(Q, B, r, mm);
+  const shapes = items.map((X) => {
+    const T = X[0].shape[0];
+    const F = X.reduce((a, x) => a + x.shape[1], 0);
+    const m = Math.min(T, F);
+    check(Number.isInteger(r) && r >= 1 && r <= m, 'rank', `rank ${r} is out of range: it must be an integer in [1, min(T=${T}, features=${F}) = ${m}]`);
+    return { T, F, m, k: opts.exact ? m : Math.min(m, r + p) };
+  });
+  const out: LowRankBlockFactors[] = new Array(items.length);
+  // Items whose sketch covers min(T, F) are decomposed exactly, one by one; the others by range
+  // finders in lockstep, one batch per sketch width k.
+  const sketched = new Map<number, number[]>();
+  for (const [i, X] of items.entries()) {
+    const { T, F, m, k } = shapes[i];
+    if (k >= m && T > F) {
+      // Exact path (small matrices): the F×F Gram needs X whole.
+      const whole = X.length === 1 ? X[0] : (tf.concat(X, 1) as tf.Tensor2D);
+      const f = await exactTallSvd(whole, r);
+      if (whole !== X[0]) whole.dispose();
+      out[i] = { ...f, coeffs: splitColumns(f.coeffs, X) };
+    } else if (k >= m) {
+      // T ≤ F: the range of X is all of R^T.
+      out[i] = await rayleighRitz(tf.eye(T) as tf.Tensor2D, X.map((x) => tf.clone(x)), r);
+    } else sketched.set(k, [...(sketched.get(k) ?? []), i]);
+  }
+  for (const [k, idx] of sketched) {
+    const found = await rangeFinder(
+      idx.map((i) => items[i]),
+      k,
+      Math.round(2 * qIn),
+      seed,
+      orth,
+      mm,
+    );
+    for (const [j, i] of idx.entries()) {
+      const { Q, B } = found[j];
+      out[i] = B[0].shape[0] === r ? { basis: Q, coeffs: B } : await rayleighRitz(Q, B, r, mm);
+    }
+  }
+  return out;
 }
 
 /** Splits C [r, Σ F_i] into blocks [r, F_i] shaped like X's blocks; disposes C (unless one block). */
@@ -440,7 +471,8 @@ function gaussianRowBlocks(X: Blocks, k: number, seed: number): Blocks {
 /**
  * Orthonormal Q [T, k'] whose range approximates X's dominant left singular subspace, and
  * B = Qᵀ·X [k', F] (as column blocks like X's), with 2 + `halfSteps` products of X (with an odd
- * number of half steps the first sketch is of the row space, Ω'ᵀ·X).
+ * number of half steps the first sketch is of the row space, Ω'ᵀ·X); for each X of `Xs`, in lockstep,
+ * so that every orthonormalization factors the Gram matrices of all of them in one call.
  *
  * No [T, k] Gram matrix is formed: a column sketch Y = X·M (M = Ω, or an orthonormal P [F, k]) is
  * always followed by the product A = Yᵀ·X [k, F], and YᵀY = A·M is a [k, F]·[F, k] product. With W
@@ -450,29 +482,36 @@ function gaussianRowBlocks(X: Blocks, k: number, seed: number): Blocks {
  * then well conditioned) and two (Cholesky-QR2-like) when it is the raw X·Ω. Every F-side matrix
  * (M, A, Zᵀ, B) is kept as blocks matching X's.
  */
-async function rangeFinder(X: Blocks, k: number, halfSteps: number, seed: number, orth: 'host' | 'device', mm: MatmulFn = matmul): Promise<{ Q: tf.Tensor2D; B: Blocks }> {
-  const T = X[0].shape[0];
-  const factor = async (G: tf.Tensor2D, pass: number): Promise<tf.Tensor2D> => (orth === 'host' ? hostGramFactor(G) : deviceGramFactor(G, pass, mm));
-  // The WGSL Cholesky reads (G + Gᵀ)/2 itself.
+async function rangeFinder(Xs: Blocks[], k: number, halfSteps: number, seed: number, orth: 'host' | 'device', mm: MatmulFn = matmul): Promise<{ Q: tf.Tensor2D; B: Blocks }[]> {
+  // The WGSL Cholesky reads (G + Gᵀ)/2 itself, and factors a batch in the same dispatches.
   const chol = orth === 'device' && deviceCholesky(k);
+  const factorAll = async (Gs: tf.Tensor2D[], pass: number): Promise<tf.Tensor2D[]> => {
+    if (orth === 'host') return Promise.all(Gs.map((G) => hostGramFactor(G)));
+    if (chol) return gramCholInverseWgslBatch(Gs);
+    return Gs.map((G) => deviceGramFactor(G, pass, mm));
+  };
   const gramOf = (A: Blocks, M: Blocks): tf.Tensor2D =>
     tf.tidy(() => {
       const G = blockSum(A, M, false, false, mm);
       return chol ? G : (tf.mul(tf.add(G, tf.transpose(G)), 0.5) as tf.Tensor2D);
     });
-  let M: Blocks; // Y = X·M
-  let Y: tf.Tensor2D;
+  const columnSketches = (M: Blocks[]) => Xs.map((X, i) => blockSum(X, M[i], false, false, mm));
+  let M: Blocks[]; // Y = X·M
+  let Y: tf.Tensor2D[];
   let steps = halfSteps;
   if (halfSteps % 2 === 0) {
-    M = gaussianRowBlocks(X, k, seed);
-    Y = blockSum(X, M, false, false, mm);
+    M = Xs.map((X) => gaussianRowBlocks(X, k, seed));
+    Y = columnSketches(M);
   } else {
-    const omegaT = gaussianMatrix(k, T, seed);
-    const Zt0 = leftTimes(omegaT, X, false, mm);
-    omegaT.dispose();
-    M = await rowToColumnBasis(Zt0, factor, mm);
-    tf.dispose(Zt0);
-    Y = blockSum(X, M, false, false, mm);
+    const Zt0 = Xs.map((X) => {
+      const omegaT = gaussianMatrix(k, X[0].shape[0], seed);
+      const z = leftTimes(omegaT, X, false, mm);
+      omegaT.dispose();
+      return z;
+    });
+    M = await rowToColumnBasis(Zt0, factorAll, mm);
+    tf.dispose(Zt0.flat());
+    Y = columnSketches(M);
     steps -= 1;
   }
   for (;;) {
@@ -480,64 +519,66 @@ async function rangeFinder(X: Blocks, k: number, halfSteps: number, seed: number
     if (last && orth === 'device' && !chol) {
       // Two passes, then B = Qᵀ·X from the explicit basis: folding Newton–Schulz factors into Yᵀ·X
       // loses ~1e-3 of B in float32 when Y is ill conditioned.
-      tf.dispose(M);
-      const Q = orthonormalizeDevice(Y, 2, mm);
-      Y.dispose();
-      return { Q, B: leftTimes(Q, X, true, mm) };
+      tf.dispose(M.flat());
+      return Xs.map((X, i) => {
+        const Q = orthonormalizeDevice(Y[i], 2, mm);
+        Y[i].dispose();
+        return { Q, B: leftTimes(Q, X, true, mm) };
+      });
     }
     // Yᵀ·X [k, F]: a custom product reads Y transposed in place; core matmul gets one explicit Yᵀ.
-    let A: Blocks;
-    if (mm !== matmul) A = leftTimes(Y, X, true, mm);
-    else {
-      const Yt = tf.transpose(Y) as tf.Tensor2D;
-      A = leftTimes(Yt, X);
+    const A = Xs.map((X, i) => {
+      if (mm !== matmul) return leftTimes(Y[i], X, true, mm);
+      const Yt = tf.transpose(Y[i]) as tf.Tensor2D;
+      const a = leftTimes(Yt, X);
       Yt.dispose();
-    }
-    const G = gramOf(A, M); // = YᵀY
-    tf.dispose(M);
-    const W = await factor(G, 0);
-    G.dispose();
+      return a;
+    });
+    const G = A.map((a, i) => gramOf(a, M[i])); // = YᵀY
+    tf.dispose(M.flat());
+    const W = await factorAll(G, 0);
+    tf.dispose(G);
     if (last) {
-      let Q = mm(Y, W, false, false);
-      let B = leftTimes(W, A, true, mm);
-      tf.dispose([Y, W, ...A]);
+      let Q = Y.map((y, i) => mm(y, W[i], false, false));
+      let B = A.map((a, i) => leftTimes(W[i], a, true, mm));
+      tf.dispose([...Y, ...W, ...A.flat()]);
       if (halfSteps === 0 || chol) {
         // Second pass (Cholesky-QR2) on the raw sketch X·Ω, which can be too ill-conditioned for one
         // pass in float32, and after a float32 (device) Cholesky of the first pass's F-side Gram.
-        const G2 = mm(Q, Q, true, false);
-        const W2 = await factor(G2, 1);
-        const Q2 = mm(Q, W2, false, false);
-        const B2 = leftTimes(W2, B, true, mm);
-        tf.dispose([G2, W2, Q, ...B]);
+        const G2 = Q.map((q) => mm(q, q, true, false));
+        const W2 = await factorAll(G2, 1);
+        const Q2 = Q.map((q, i) => mm(q, W2[i], false, false));
+        const B2 = B.map((b, i) => leftTimes(W2[i], b, true, mm));
+        tf.dispose([...G2, ...W2, ...Q, ...B.flat()]);
         Q = Q2;
         B = B2;
       }
-      return { Q, B };
+      return Q.map((q, i) => ({ Q: q, B: B[i] }));
     }
-    const Zt = leftTimes(W, A, true, mm);
-    tf.dispose([Y, W, ...A]);
-    M = await rowToColumnBasis(Zt, factor, mm);
-    tf.dispose(Zt);
-    Y = blockSum(X, M, false, false, mm);
+    const Zt = A.map((a, i) => leftTimes(W[i], a, true, mm));
+    tf.dispose([...Y, ...W, ...A.flat()]);
+    M = await rowToColumnBasis(Zt, factorAll, mm);
+    tf.dispose(Zt.flat());
+    Y = columnSketches(M);
     steps -= 2;
   }
 }
 
-/** Orthonormal P [F, k'] (as row blocks) spanning the columns of Z = (Zᵀ)ᵀ, from the row sketch Zᵀ [k, F] (column blocks; one pass). */
-async function rowToColumnBasis(Zt: Blocks, factor: (G: tf.Tensor2D, pass: number) => Promise<tf.Tensor2D>, mm: MatmulFn = matmul): Promise<Blocks> {
+/** Orthonormal P [F, k'] (as row blocks) spanning the columns of Z = (Zᵀ)ᵀ, from each row sketch Zᵀ [k, F] (column blocks; one pass). */
+async function rowToColumnBasis(Zts: Blocks[], factorAll: (Gs: tf.Tensor2D[], pass: number) => Promise<tf.Tensor2D[]>, mm: MatmulFn = matmul): Promise<Blocks[]> {
   if (!isHostBackend()) {
     // Zᵀ read transposed in place (no transposed copies: each is one more dispatch on a GPU).
-    const G = blockSum(Zt, Zt, false, true, mm);
-    const W = await factor(G, 0);
-    const P = Zt.map((z) => mm(z, W, true, false));
-    tf.dispose([G, W]);
+    const G = Zts.map((Zt) => blockSum(Zt, Zt, false, true, mm));
+    const W = await factorAll(G, 0);
+    const P = Zts.map((Zt, i) => Zt.map((z) => mm(z, W[i], true, false)));
+    tf.dispose([...G, ...W]);
     return P;
   }
-  const Z = Zt.map((z) => tf.transpose(z) as tf.Tensor2D);
-  const G = blockSum(Zt, Z, false, false, mm);
-  const W = await factor(G, 0);
-  const P = Z.map((z) => mm(z, W, false, false));
-  tf.dispose([...Z, G, W]);
+  const Z = Zts.map((Zt) => Zt.map((z) => tf.transpose(z) as tf.Tensor2D));
+  const G = Zts.map((Zt, i) => blockSum(Zt, Z[i], false, false, mm));
+  const W = await factorAll(G, 0);
+  const P = Z.map((zs, i) => zs.map((z) => mm(z, W[i], false, false)));
+  tf.dispose([...Z.flat(), ...G, ...W]);
   return P;
 }
 

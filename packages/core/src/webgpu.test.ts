@@ -3,7 +3,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { HalfTensor, KvpackError, applyRope, nonFiniteFlags, validateKVCache, releaseSharedRopeTables, countWebGpuDispatches, encodeHalf, fromHalfBits, runWgsl, selectBackend, wgslValidationErrors, wgslWorkgroupStorageLimit, type WgslKernel } from './index.js';
+import { HalfTensor, KvpackError, applyRope, nonFiniteFlags, validateKVCache, releaseSharedRopeTables, countWebGpuDispatches, encodeHalf, fromHalfBits, toHalfBits, runWgsl, selectBackend, wgslValidationErrors, wgslWorkgroupStorageLimit, type WgslKernel } from './index.js';
 
 const unavailable = await selectBackend('webgpu').then(
   () => null,
@@ -48,8 +48,9 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
   });
 
   it('nonFiniteFlags scans each float32 tensor in one kernel: NaN, ±Inf anywhere (grid-stride tails included), finite extremes pass', async () => {
-    // Sizes around the scan's grid: below one workgroup, not a multiple of 256, beyond 512 workgroups × 4 strides.
-    const sizes = [1, 255, 257, 5000, 512 * 256 * 4 + 3, 700_001];
+    // Sizes around the scan's grid: below one workgroup, not a multiple of 256, beyond 512 workgroups × 4
+    // strides (of floats, and of vec4s for sizes divisible by 4).
+    const sizes = [1, 255, 257, 5000, 512 * 256 * 4 + 3, 700_001, 512 * 256 * 16 + 4];
     const specials = [Number.NaN, Infinity, -Infinity];
     const n0 = tf.memory().numTensors;
     const cases: { data: Float32Array; bad: boolean }[] = [];
@@ -118,6 +119,13 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     expect(bad({ name: 'xShape', type: 'i32', value: 1 })).toThrow(/uniform name "xShape"/);
     expect(bad({ name: 'step', type: 'i32', value: 1.5 })).toThrow(/not a finite int32/);
     expect(bad({ name: 'scale', type: 'f32', value: Number.NaN })).toThrow(/not a finite float/);
+    // vec4 element widths: a size not divisible by 4, or a width other than 1 or 4, is refused before dispatch.
+    const odd = tf.tensor1d([1, 2, 3]);
+    const wide = (x: tf.Tensor, w: number) => () =>
+      runWgsl({ key: 'test_wide_bad', names: ['X'], inputs: [x], outputShape: [1], dtype: 'float32', workgroupSize: 64, dispatch: [1, 1, 1], workgroupBytes: 0, components: { inputs: [w] }, code: 'fn kernel(index: i32) { result[0] = X[0].x; }' });
+    expect(wide(odd, 4)).toThrow(/size divisible by 4/);
+    expect(wide(x, 2)).toThrow(/widths must be 1 or 4/);
+    odd.dispose();
     expect(tf.memory().numTensors).toBe(n0);
     x.dispose();
     expect(await wgslValidationErrors()).toEqual([]);
@@ -131,18 +139,26 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
       xs.push(v, -v, mid, -mid, mid * (1 + 2 ** -23), -mid * (1 - 2 ** -24));
     }
     xs.push(...fc.sample(fc.float({ noNaN: true }), { numRuns: 3000, seed: 11 }));
-    const x32 = Float32Array.from(xs);
-    const want = encodeHalf(x32);
-    const n0 = tf.memory().numTensors;
-    const t = tf.tensor1d(x32);
-    const { result: h, dispatches } = await countWebGpuDispatches(() => HalfTensor.fromTensor(t));
-    expect(dispatches).toBe(1);
-    const got = await h.bits();
-    tf.dispose(t);
-    h.dispose();
-    expect(tf.memory().numTensors).toBe(n0);
-    const bad = Array.from(x32.keys()).filter((i) => got[i] !== want[i]);
-    expect(bad.slice(0, 5).map((i) => [i, x32[i], got[i], want[i]]), `${bad.length} of ${x32.length} differ`).toEqual([]);
+    // A count divisible by 8 takes the eight-per-invocation kernels, another count the scalar ones.
+    const n8 = xs.length - (xs.length % 8);
+    for (const n of [n8, n8 - 3]) {
+      const x32 = Float32Array.from(xs.slice(0, n));
+      const want = encodeHalf(x32);
+      const n0 = tf.memory().numTensors;
+      const t = tf.tensor1d(x32);
+      const { result: h, dispatches } = await countWebGpuDispatches(() => HalfTensor.fromTensor(t));
+      expect(dispatches).toBe(1);
+      const got = await h.bits();
+      const bad = Array.from(x32.keys()).filter((i) => got[i] !== want[i]);
+      expect(bad.slice(0, 5).map((i) => [i, x32[i], got[i], want[i]]), `${bad.length} of ${x32.length} differ`).toEqual([]);
+      // Unpacked on the device: the float16 values, bit for bit.
+      const u = h.unpack();
+      const back = Array.from(await u.data()).map(toHalfBits);
+      expect(back.filter((b, i) => b !== want[i]).length, `unpack of ${n}`).toBe(0);
+      tf.dispose([t, u]);
+      h.dispose();
+      expect(tf.memory().numTensors).toBe(n0);
+    }
     // NaN stays NaN (a quiet NaN pattern).
     const nan = tf.tensor1d([NaN, 1]);
     const hn = await HalfTensor.fromTensor(nan);

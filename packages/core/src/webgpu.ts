@@ -35,6 +35,14 @@ export interface WgslKernel {
    * barriers in uniform control flow).
    */
   uniforms?: { name: string; type: 'i32' | 'f32'; value: number }[];
+  /**
+   * Element widths of the storage arrays: `inputs[i]` = 4 declares input i as `array<vec4<f32>>`
+   * (`vec4<i32>` for int32) and `output` = 4 the result likewise (one 16-byte load or store per
+   * element: memory-bound kernels reach the bandwidth with fewer, wider accesses). The array then has
+   * ⌊size/4⌋ elements, so the caller uses width 4 only for sizes divisible by 4; the shape uniforms
+   * still count scalars. Default 1 everywhere.
+   */
+  components?: { inputs?: number[]; output?: number };
 }
 
 /** Invocations per workgroup of the flat (1-D) kernels. */
@@ -124,17 +132,27 @@ export function runWgsl(k: WgslKernel): tf.Tensor {
     check(/^[a-z][A-Za-z0-9_]*$/.test(u.name) && !/^(outShape|outShapeStrides|size|.*Shape(Strides)?)$/.test(u.name), 'config', `WGSL kernel ${k.key}: uniform name "${u.name}" must be a lower-case WGSL identifier that is not one of tfjs's (outShape, size, <input>Shape)`);
     check(u.type === 'f32' ? Number.isFinite(u.value) : Number.isInteger(u.value) && u.value >= -(2 ** 31) && u.value < 2 ** 31, 'config', `WGSL kernel ${k.key}: uniform ${u.name} = ${u.value} is not a finite ${u.type === 'f32' ? 'float' : 'int32'}`);
   }
+  const widths = k.components?.inputs ?? k.names.map(() => 1);
+  const outWidth = k.components?.output ?? 1;
+  check(widths.length === k.names.length && [...widths, outWidth].every((w) => w === 1 || w === 4), 'config', `WGSL kernel ${k.key}: element widths must be 1 or 4, one per input, got [${widths}] → ${outWidth}`);
+  check(
+    k.inputs.every((x, i) => widths[i] === 1 || x.size % 4 === 0) && (outWidth === 1 || k.outputShape.reduce((a, b) => a * b, 1) % 4 === 0),
+    'shape',
+    `WGSL kernel ${k.key}: an input or output read as vec4 must have a size divisible by 4`,
+  );
+  const wide = k.components !== undefined && [...widths, outWidth].some((w) => w !== 1);
   const failed = failures.get(k.key);
   check(failed === undefined, 'unsupported', `WGSL kernel ${k.key} failed WebGPU validation: ${failed}`);
   const program = {
     variableNames: k.names,
     outputShape: k.outputShape,
     // tfjs caches pipelines by this key, which does not see the uniform layout: it is part of the key.
-    shaderKey: `kvpack_${k.key}${k.uniforms?.length ? `_u_${k.uniforms.map((u) => `${u.name}:${u.type}`).join(',')}` : ''}`,
+    shaderKey: `kvpack_${k.key}${k.uniforms?.length ? `_u_${k.uniforms.map((u) => `${u.name}:${u.type}`).join(',')}` : ''}${wide ? `_w_${widths.join(',')}_${outWidth}` : ''}`,
     // A flat layout: tfjs then calls main(index) and leaves the dispatch as given.
     dispatchLayout: { x: k.outputShape.map((_, i) => i) },
     dispatch: k.dispatch,
     workgroupSize: [k.workgroupSize, 1, 1] as [number, number, number],
+    ...(wide ? { variableComponents: widths, outputComponent: outWidth } : {}),
     ...(k.uniforms?.length ? { uniforms: k.uniforms.map((u) => `${u.name} : ${u.type},`).join(' ') } : {}),
     // tfjs always binds its uniform buffer; a pipeline whose shader never reads it has no such binding
     // and Dawn rejects the bind group. The wrapper reads one uniform (NAN, always NaN, so the branch is

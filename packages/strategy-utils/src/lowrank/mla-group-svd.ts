@@ -220,7 +220,7 @@ export async function compressMlaGroupSvd(cache: MlaKVCache, strategy: string, o
     const out: KindBlocks = { basis: [], factors: [] };
     for (const g of groups) {
       const X = g.layers.map((l) => groupColumnBlock(src[l], T, d));
-      const f = await factorGroupBlocks(X, rankOf[g.index], config, `${prefix}.basis.${g.index}`, g.layers.map((l) => `${prefix}.factor.${l}`));
+      const [f] = await factorGroupBlocks([{ X, R: rankOf[g.index], basisName: `${prefix}.basis.${g.index}`, factorNames: g.layers.map((l) => `${prefix}.factor.${l}`) }], config);
       made.push(f.basis, ...f.factors);
       out.basis[g.index] = f.basis;
       g.layers.forEach((l, i) => (out.factors[l] = f.factors[i]));
