@@ -77,6 +77,7 @@ async function main(): Promise<void> {
     .option('--reps <n>', 'timed runs (default 5; --small 1)')
     .option('--warmup <n>', 'warm-up runs (default 2; --small 1)')
     .option('--seed <n>', 'seed', '1')
+    .option('--sketches <list>', 'test matrices of the timed group compressions (gaussian, sparse-sign)', 'gaussian')
     .option('--power-iters <list>', 'xkv powerIters q of the group compression, one timed row each (e.g. 1,2,3)', '1')
     .option('--compress-oversample <n>', 'xkv oversample p of the group compression (auto: 0 at rank 512)', 'auto')
     .option('--skip-products', 'skip the product table')
@@ -100,6 +101,7 @@ async function main(): Promise<void> {
     warmup?: string;
     seed: string;
     powerIters: string;
+    sketches: string;
     compressOversample: string;
     skipProducts?: boolean;
     skipCompress?: boolean;
@@ -196,9 +198,10 @@ async function main(): Promise<void> {
     const rankPerLayer = Math.max(1, Math.round(r / 4));
     const oversample = a.compressOversample === 'auto' ? 'auto' : Number(a.compressOversample);
     const qs = a.powerIters.split(',').map((x) => Number(x.trim()));
-    const strategyFor = (q: number) => createStrategy({ name: 'xkv', options: { layersPerGroup: 4, rankK: rankPerLayer, rankV: rankPerLayer, powerIters: q, oversample } });
-    const run = (q: number, kind: 'wgsl' | 'tfjs', tile?: string) => {
-      const strategy = strategyFor(q);
+    const sketches = a.sketches.split(',').map((x) => x.trim());
+    const strategyFor = (q: number, sketch: string) => createStrategy({ name: 'xkv', options: { layersPerGroup: 4, rankK: rankPerLayer, rankV: rankPerLayer, powerIters: q, oversample, sketch } });
+    const run = (q: number, kind: 'wgsl' | 'tfjs', tile?: string, sketch = 'gaussian') => {
+      const strategy = strategyFor(q, sketch);
       return async () => {
         setRangeFinderProducts(kind, tile);
         try {
@@ -212,7 +215,9 @@ async function main(): Promise<void> {
     for (const q of qs) {
       const sfx = qs.length > 1 || q !== 1 ? ` q=${q}` : '';
       ops[`tfjs${sfx}`] = run(q, 'tfjs');
-      if (wgsl) for (const tile of a.compressTiles.split(',').map((x) => x.trim())) ops[`wgsl ${tile}${sfx}`] = run(q, 'wgsl', tile);
+      if (wgsl)
+        for (const tile of a.compressTiles.split(',').map((x) => x.trim()))
+          for (const sketch of sketches) ops[`wgsl ${tile}${sfx}${sketch === 'gaussian' ? '' : ` ${sketch}`}`] = run(q, 'wgsl', tile, sketch);
     }
     const baseName = Object.keys(ops)[0];
     const wgslNames = Object.keys(ops).filter((n) => n !== baseName);

@@ -3,7 +3,7 @@
 // finder built on it, against float64 oracles. Without an adapter the suite is skipped and says why.
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
-import { HalfTensor, countWebGpuDispatches, deviceCholesky, encodeHalf, relativeFrobeniusError, selectBackend, truncatedSvd, truncatedSvdBatch, wgslValidationErrors } from './index.js';
+import { HalfTensor, countWebGpuDispatches, deviceCholesky, encodeHalf, relativeFrobeniusError, selectBackend, sparseSignDense, sparseSignMatrix, sparseSignProductWgsl, truncatedSvd, truncatedSvdBatch, wgslValidationErrors } from './index.js';
 import { GRAM_CHOL_SHIFT, gramCholInverseWgsl, gramCholInverseWgslBatch } from './gram-chol-wgsl.js';
 import { mulberry32, normalPair } from './random.js';
 
@@ -164,6 +164,48 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     expect(() => gramCholInverseWgslBatch([Gs[0], small])).toThrow(/one size/);
     expect(() => gramCholInverseWgslBatch([])).toThrow(/no matrices/);
     tf.dispose([small, ...Gs, ...Ss]);
+    expect(await wgslValidationErrors()).toEqual([]);
+  });
+
+  it('the sparse sign product X·Ω gathers exactly the float64 product (rows not a multiple of 4, k below ζ), and the range finder with it stays near the exact SVD', async () => {
+    for (const [M, n, k] of [
+      [37, 50, 24],
+      [9, 30, 5],
+    ] as const) {
+      const x = gaussian64(M * n, M + n);
+      const X = tf.tensor2d(Float32Array.from(x), [M, n]);
+      const s = sparseSignMatrix(n, k, 3);
+      const ptr = tf.tensor1d(s.ptr, 'int32');
+      const ent = tf.tensor1d(s.entries, 'int32');
+      const before = tf.memory().numTensors;
+      const Y = sparseSignProductWgsl(X, s, ptr, ent);
+      expect(Y.shape).toEqual([M, k]);
+      const y = await Y.data();
+      Y.dispose();
+      expect(tf.memory().numTensors).toBe(before);
+      const d = sparseSignDense(s);
+      let worst = 0;
+      for (let t = 0; t < M; t++)
+        for (let j = 0; j < k; j++) {
+          let ref = 0;
+          for (let f = 0; f < n; f++) ref += Math.fround(x[t * n + f]) * d[f * k + j];
+          worst = Math.max(worst, Math.abs(y[t * k + j] - ref));
+        }
+      expect(worst).toBeLessThan(1e-5);
+      expect(() => sparseSignProductWgsl(tf.zeros([2, n + 1]) as tf.Tensor2D, s, ptr, ent)).toThrow(/test matrix is/);
+      tf.dispose([X, ptr, ent]);
+    }
+    const T = 384, F = 192, r = 24;
+    const { data, sigma } = planted(T, F, 1.0, 0.02, 9);
+    const X = tf.tensor2d(data, [T, F]);
+    const before = tf.memory().numTensors;
+    const f = await truncatedSvd(X, { rank: r, oversample: 0, powerIters: 1, orthogonalization: 'device', seed: 3, sketch: 'sparse-sign' });
+    const A = tf.matMul(f.basis, f.coeffs);
+    const err = await relativeFrobeniusError(X, A);
+    tf.dispose([A, f.basis, f.coeffs]);
+    expect(tf.memory().numTensors).toBe(before);
+    expect(err / exactErrorOf(sigma, r)).toBeLessThan(1.1);
+    X.dispose();
     expect(await wgslValidationErrors()).toEqual([]);
   });
 

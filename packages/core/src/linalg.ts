@@ -5,6 +5,7 @@ import { isHostBackend } from './backend.js';
 import { GRAM_CHOL_MAX, gramCholInverseWgsl, gramCholInverseWgslBatch } from './gram-chol-wgsl.js';
 import { isWebGpuBackend } from './webgpu.js';
 import { mulberry32, normalPair } from './random.js';
+import { sparseSignDense, sparseSignMatrix, sparseSignProductWgsl } from './sparse-sign.js';
 import { MAX_ORTHONORMALIZE_PASSES, MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_SEED, MIN_SEED } from './limits.js';
 
 /**
@@ -272,8 +273,16 @@ export interface TruncatedSvdOptions {
    * spectrum, limits the error, while each iteration costs two more products with X).
    */
   powerIters?: number;
-  /** Seed of the Gaussian test matrix Ω (drawn on the host, so identical on every backend); an int32. */
+  /** Seed of the test matrix Ω (drawn on the host, so identical on every backend); an int32. */
   seed?: number;
+  /**
+   * The test matrix Ω: `gaussian` (default) or `sparse-sign`, {@link SPARSE_SIGN_NONZEROS} = 8 entries
+   * ±1 per row (Tropp et al. 2019, §3.3; Martinsson & Tropp 2020, §9.2), with the same error in
+   * practice. On webgpu the first sketch X·Ω is then a gather kernel instead of a [T, F]-by-k product
+   * (one of the 2q + 2 products almost free at integer q); elsewhere, and for the row-space first
+   * sketch of a half-integer q, Ω is multiplied densely.
+   */
+  sketch?: Sketch;
   /** Force an exact decomposition: the sketch covers min(T, F). */
   exact?: boolean;
   /** Where the k×k orthonormalization runs; default `auto` (see {@link Orthogonalization}). */
@@ -285,6 +294,9 @@ export interface TruncatedSvdOptions {
    */
   matmul?: MatmulFn;
 }
+
+/** The test matrix of {@link truncatedSvd}'s range finder. */
+export type Sketch = 'gaussian' | 'sparse-sign';
 
 /** A matrix product op(a)·op(b) → [M, N], as {@link matmul}. */
 export type MatmulFn = (a: tf.Tensor2D, b: tf.Tensor2D, transposeA: boolean, transposeB: boolean) => tf.Tensor2D;
@@ -404,6 +416,8 @@ export async function truncatedSvdBatch(items: tf.Tensor2D[][], opts: TruncatedS
   const seed = opts.seed ?? 0;
   check(Number.isInteger(seed) && seed >= MIN_SEED && seed <= MAX_SEED, 'config', `seed must be an integer in [${MIN_SEED}, ${MAX_SEED}] (the int32 range), got ${seed}`);
   const orth = resolveOrthogonalization(opts.orthogonalization);
+  const sketch = opts.sketch ?? 'gaussian';
+  check(sketch === 'gaussian' || sketch === 'sparse-sign', 'config', `sketch must be 'gaussian' or 'sparse-sign', got ${String(sketch)}`);
   const mm = opts.matmul ?? matmul;
   const shapes = items.map((X) => {
     const T = X[0].shape[0];
@@ -435,6 +449,7 @@ export async function truncatedSvdBatch(items: tf.Tensor2D[][], opts: TruncatedS
       k,
       Math.round(2 * qIn),
       seed,
+      sketch,
       orth,
       mm,
     );
@@ -454,11 +469,14 @@ function splitColumns(C: tf.Tensor2D, X: Blocks): Blocks {
   return parts;
 }
 
-/** Ω [F, k] drawn for the whole F (so blocks and the concatenated matrix see the same Ω), uploaded as row blocks [F_i, k]. */
-function gaussianRowBlocks(X: Blocks, k: number, seed: number): Blocks {
+/**
+ * Ω [F, k] drawn for the whole F (so blocks and the concatenated matrix see the same Ω), uploaded as
+ * row blocks [F_i, k]: Gaussian, or a sparse sign matrix written out densely.
+ */
+function testRowBlocks(X: Blocks, k: number, seed: number, sketch: Sketch): Blocks {
   const F = X.reduce((a, x) => a + x.shape[1], 0);
-  if (X.length === 1) return [gaussianMatrix(F, k, seed)];
-  const data = gaussianData(F, k, seed);
+  if (X.length === 1 && sketch === 'gaussian') return [gaussianMatrix(F, k, seed)];
+  const data = sketch === 'gaussian' ? gaussianData(F, k, seed) : sparseSignDense(sparseSignMatrix(F, k, seed));
   let off = 0;
   return X.map((x) => {
     const rows = x.shape[1];
@@ -466,6 +484,21 @@ function gaussianRowBlocks(X: Blocks, k: number, seed: number): Blocks {
     off += rows;
     return t;
   });
+}
+
+/** Ω'ᵀ [k, T] of the row-space first sketch Ω'ᵀ·X (Ω' [T, k] Gaussian or sparse sign). */
+function testRowsMatrix(k: number, T: number, seed: number, sketch: Sketch): tf.Tensor2D {
+  if (sketch === 'gaussian') return gaussianMatrix(k, T, seed);
+  const d = sparseSignDense(sparseSignMatrix(T, k, seed));
+  const t = new Float32Array(k * T);
+  for (let r = 0; r < T; r++) for (let j = 0; j < k; j++) t[j * T + r] = d[r * k + j];
+  return tf.tensor2d(t, [k, T]);
+}
+
+/** A right operand M [F, k] of the range finder (Ω, or a basis P), applied as A·M to column blocks A. */
+interface ColumnOperand {
+  times(A: Blocks): tf.Tensor2D;
+  dispose(): void;
 }
 
 /**
@@ -482,7 +515,7 @@ function gaussianRowBlocks(X: Blocks, k: number, seed: number): Blocks {
  * then well conditioned) and two (Cholesky-QR2-like) when it is the raw X·Ω. Every F-side matrix
  * (M, A, Zᵀ, B) is kept as blocks matching X's.
  */
-async function rangeFinder(Xs: Blocks[], k: number, halfSteps: number, seed: number, orth: 'host' | 'device', mm: MatmulFn = matmul): Promise<{ Q: tf.Tensor2D; B: Blocks }[]> {
+async function rangeFinder(Xs: Blocks[], k: number, halfSteps: number, seed: number, sketch: Sketch, orth: 'host' | 'device', mm: MatmulFn = matmul): Promise<{ Q: tf.Tensor2D; B: Blocks }[]> {
   // The WGSL Cholesky reads (G + Gᵀ)/2 itself, and factors a batch in the same dispatches.
   const chol = orth === 'device' && deviceCholesky(k);
   const factorAll = async (Gs: tf.Tensor2D[], pass: number): Promise<tf.Tensor2D[]> => {
@@ -490,26 +523,38 @@ async function rangeFinder(Xs: Blocks[], k: number, halfSteps: number, seed: num
     if (chol) return gramCholInverseWgslBatch(Gs);
     return Gs.map((G) => deviceGramFactor(G, pass, mm));
   };
-  const gramOf = (A: Blocks, M: Blocks): tf.Tensor2D =>
+  const gramOf = (A: Blocks, M: ColumnOperand): tf.Tensor2D =>
     tf.tidy(() => {
-      const G = blockSum(A, M, false, false, mm);
+      const G = M.times(A);
       return chol ? G : (tf.mul(tf.add(G, tf.transpose(G)), 0.5) as tf.Tensor2D);
     });
-  const columnSketches = (M: Blocks[]) => Xs.map((X, i) => blockSum(X, M[i], false, false, mm));
-  let M: Blocks[]; // Y = X·M
+  const dense = (blocks: Blocks): ColumnOperand => ({ times: (A) => blockSum(A, blocks, false, false, mm), dispose: () => tf.dispose(blocks) });
+  const testOperand = (X: Blocks): ColumnOperand => {
+    if (sketch === 'sparse-sign' && isWebGpuBackend() && X.length === 1) {
+      // Gathers instead of a dense product with a mostly-zero Ω.
+      const s = sparseSignMatrix(X[0].shape[1], k, seed);
+      const ptr = tf.tensor1d(s.ptr, 'int32');
+      const entries = tf.tensor1d(s.entries, 'int32');
+      return { times: (A) => sparseSignProductWgsl(A[0], s, ptr, entries), dispose: () => tf.dispose([ptr, entries]) };
+    }
+    return dense(testRowBlocks(X, k, seed, sketch));
+  };
+  const columnSketches = (M: ColumnOperand[]) => Xs.map((X, i) => M[i].times(X));
+  const disposeAll = (M: ColumnOperand[]) => M.forEach((m) => m.dispose());
+  let M: ColumnOperand[]; // Y = X·M
   let Y: tf.Tensor2D[];
   let steps = halfSteps;
   if (halfSteps % 2 === 0) {
-    M = Xs.map((X) => gaussianRowBlocks(X, k, seed));
+    M = Xs.map(testOperand);
     Y = columnSketches(M);
   } else {
     const Zt0 = Xs.map((X) => {
-      const omegaT = gaussianMatrix(k, X[0].shape[0], seed);
+      const omegaT = testRowsMatrix(k, X[0].shape[0], seed, sketch);
       const z = leftTimes(omegaT, X, false, mm);
       omegaT.dispose();
       return z;
     });
-    M = await rowToColumnBasis(Zt0, factorAll, mm);
+    M = (await rowToColumnBasis(Zt0, factorAll, mm)).map(dense);
     tf.dispose(Zt0.flat());
     Y = columnSketches(M);
     steps -= 1;
@@ -519,7 +564,7 @@ async function rangeFinder(Xs: Blocks[], k: number, halfSteps: number, seed: num
     if (last && orth === 'device' && !chol) {
       // Two passes, then B = Qᵀ·X from the explicit basis: folding Newton–Schulz factors into Yᵀ·X
       // loses ~1e-3 of B in float32 when Y is ill conditioned.
-      tf.dispose(M.flat());
+      disposeAll(M);
       return Xs.map((X, i) => {
         const Q = orthonormalizeDevice(Y[i], 2, mm);
         Y[i].dispose();
@@ -535,7 +580,7 @@ async function rangeFinder(Xs: Blocks[], k: number, halfSteps: number, seed: num
       return a;
     });
     const G = A.map((a, i) => gramOf(a, M[i])); // = YᵀY
-    tf.dispose(M.flat());
+    disposeAll(M);
     const W = await factorAll(G, 0);
     tf.dispose(G);
     if (last) {
@@ -557,7 +602,7 @@ async function rangeFinder(Xs: Blocks[], k: number, halfSteps: number, seed: num
     }
     const Zt = A.map((a, i) => leftTimes(W[i], a, true, mm));
     tf.dispose([...Y, ...W, ...A.flat()]);
-    M = await rowToColumnBasis(Zt, factorAll, mm);
+    M = (await rowToColumnBasis(Zt, factorAll, mm)).map(dense);
     tf.dispose(Zt.flat());
     Y = columnSketches(M);
     steps -= 2;

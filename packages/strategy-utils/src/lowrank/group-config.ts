@@ -1,4 +1,4 @@
-import { check, type ModelLayout, type Orthogonalization } from '@kvpack/core';
+import { check, type ModelLayout, type Orthogonalization, type Sketch } from '@kvpack/core';
 import type { QuantSpec } from '../quant/quantize.js';
 import type { SparseOptions } from './sparse-options.js';
 import type { MlaLowRankOptions } from './options.js';
@@ -38,8 +38,10 @@ export interface GroupSvdConfig {
   oversample: number | 'auto';
   /** Randomized SVD power iterations q (a multiple of 0.5). */
   powerIters: number;
-  /** Seed of the randomized SVD's Gaussian test matrix. */
+  /** Seed of the randomized SVD's test matrix. */
   seed: number;
+  /** The randomized SVD's test matrix (core `Sketch`; default `gaussian`). */
+  sketch?: Sketch;
   /** Exact truncated SVD instead of the randomized one. */
   exact: boolean;
   /** Where the randomized SVD's k×k orthonormalizations run (core `Orthogonalization`; default `auto`). */

@@ -118,6 +118,7 @@ export async function factorGroupBlocks(jobs: GroupFactorJob[], config: GroupSvd
         oversample: config.oversample,
         powerIters: config.powerIters,
         seed: config.seed,
+        sketch: config.sketch,
         exact: config.exact,
         orthogonalization: config.orthogonalization,
         // On webgpu the products (X·Ω, Yᵀ·X, X·P, Qᵀ·X and the k×k work) run as a tiled WGSL GEMM.

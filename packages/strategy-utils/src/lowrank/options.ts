@@ -91,6 +91,12 @@ export const lowRankOptionShape = {
    * device on webgpu/webgl/tensorflow).
    */
   orthogonalization: z.enum(['auto', 'host', 'device']).default('auto').describe('Where the k×k orthonormalizations run: host (float64 Cholesky), device (Newton–Schulz) or auto (host on wasm/cpu).'),
+  /**
+   * The randomized SVD's test matrix: `gaussian` (default) or `sparse-sign` (8 entries ±1 per row, the
+   * same error in practice; on webgpu the first sketch is then a gather instead of a product with
+   * the whole group matrix — core `Sketch`).
+   */
+  sketch: z.enum(['gaussian', 'sparse-sign']).default('gaussian').describe("The randomized SVD's test matrix: gaussian, or sparse-sign (8 signs per row; on webgpu the first sketch becomes a cheap gather)."),
   /** Seed of the randomized SVD's test matrix, an int32 (the generator folds seeds to 32 bits). */
   seed: z.int().min(MIN_SEED).max(MAX_SEED, { error: atMost(MAX_SEED, 'seeds are int32; larger ones alias smaller ones') }).default(0).describe("Seed of the randomized SVD's test matrix (int32)."),
   /** Exact truncated SVD (slower) instead of the randomized one. */

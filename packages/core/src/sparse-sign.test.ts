@@ -1,0 +1,70 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { describe, expect, it } from 'vitest';
+import { KvpackError, SPARSE_SIGN_NONZEROS, relativeFrobeniusError, selectBackend, sparseSignDense, sparseSignMatrix, truncatedSvd } from './index.js';
+
+describe('sparse sign test matrix', () => {
+  it('has min(8, k) entries ±1 in distinct columns per row, columns sorted by row, the same for a seed, dense form equal', () => {
+    for (const [n, k] of [
+      [300, 40],
+      [50, 5],
+    ] as const) {
+      const s = sparseSignMatrix(n, k, 7);
+      const z = Math.min(SPARSE_SIGN_NONZEROS, k);
+      expect(s.ptr[k]).toBe(n * z);
+      const perRow = new Int32Array(n);
+      let plus = 0;
+      for (let j = 0; j < k; j++) {
+        let prev = -1;
+        for (let e = s.ptr[j]; e < s.ptr[j + 1]; e++) {
+          const f = s.entries[e] >= 0 ? s.entries[e] : ~s.entries[e];
+          expect(f).toBeGreaterThan(prev); // sorted, so no column holds a row twice
+          prev = f;
+          perRow[f]++;
+          if (s.entries[e] >= 0) plus++;
+        }
+      }
+      expect(perRow.every((c) => c === z)).toBe(true);
+      // Signs are fair coins: within 5 standard deviations of half.
+      expect(Math.abs(plus - (n * z) / 2)).toBeLessThan(5 * Math.sqrt(n * z) / 2);
+      const d = sparseSignDense(s);
+      for (let f = 0; f < n; f++) {
+        const row = Array.from(d.subarray(f * k, (f + 1) * k));
+        expect(row.filter((v) => v !== 0).length).toBe(z);
+        expect(row.every((v) => v === 0 || v === 1 || v === -1)).toBe(true);
+      }
+      const again = sparseSignMatrix(n, k, 7);
+      expect(Array.from(again.entries)).toEqual(Array.from(s.entries));
+      expect(Array.from(sparseSignMatrix(n, k, 8).entries)).not.toEqual(Array.from(s.entries));
+    }
+  });
+
+  it('truncatedSvd with the sparse sign sketch matches the Gaussian one in error on a decaying spectrum (cpu), and refuses another sketch name', async () => {
+    await selectBackend('cpu');
+    const T = 200, F = 120, r = 10;
+    const U = tf.randomNormal([T, 40], 0, 1, 'float32', 1);
+    const V = tf.randomNormal([40, F], 0, 1, 'float32', 2);
+    const w = tf.tensor1d(Float32Array.from({ length: 40 }, (_, j) => 1 / (j + 1)));
+    const X = tf.tidy(() => tf.add(tf.matMul(tf.mul(U, w), V), tf.randomNormal([T, F], 0, 0.01, 'float32', 3))) as tf.Tensor2D;
+    tf.dispose([U, V, w]);
+    const before = tf.memory().numTensors;
+    const err = async (sketch: 'gaussian' | 'sparse-sign', exact = false) => {
+      const f = await truncatedSvd(X, { rank: r, oversample: 0, powerIters: 1, seed: 4, sketch, exact });
+      const A = tf.matMul(f.basis, f.coeffs);
+      const e = await relativeFrobeniusError(X, A);
+      tf.dispose([A, f.basis, f.coeffs]);
+      return e;
+    };
+    const opt = await err('gaussian', true);
+    const g = await err('gaussian');
+    const s = await err('sparse-sign');
+    console.log(`sparse sign vs gaussian error ratios: ${(s / opt).toFixed(4)} ${(g / opt).toFixed(4)}`);
+    expect(g / opt).toBeLessThan(1.2);
+    expect(s / opt).toBeLessThan(1.2);
+    expect(s).not.toBe(g);
+    const bad = await truncatedSvd(X, { rank: r, sketch: 'srht' as never }).then(() => null, (e: unknown) => e);
+    expect(bad).toBeInstanceOf(KvpackError);
+    expect((bad as KvpackError).message).toMatch(/sketch must be 'gaussian' or 'sparse-sign'/);
+    expect(tf.memory().numTensors).toBe(before);
+    X.dispose();
+  });
+});

@@ -1,0 +1,126 @@
+import * as tf from '@tensorflow/tfjs-core';
+import { check } from './errors.js';
+import { mulberry32 } from './random.js';
+import { runWgsl } from './webgpu.js';
+
+/**
+ * Nonzeros per row ζ of a sparse sign test matrix (Tropp, Yurtsever, Udell & Cevher 2019,
+ * "Streaming low-rank matrix approximation with an application to scientific simulation", §3.3:
+ * ζ = 8 behaves like a Gaussian test matrix in practice, as in Martinsson & Tropp 2020, §9.2).
+ */
+export const SPARSE_SIGN_NONZEROS = 8;
+
+/**
+ * A sparse sign test matrix Ω [n, k]: each row holds min(ζ, k) entries ±1 in distinct columns drawn
+ * uniformly (mulberry32 from the seed, the same on every backend), the rest zero. Stored by column for
+ * the product X·Ω: column j's entries are `entries[ptr[j] … ptr[j + 1])`, each a row index f (for +1)
+ * or its bitwise complement ~f (for −1), in increasing f.
+ */
+export interface SparseSign {
+  rows: number;
+  cols: number;
+  ptr: Int32Array;
+  entries: Int32Array;
+}
+
+const memo: { key: string; s: SparseSign }[] = [];
+
+/** The sparse sign matrix [rows, cols] of `seed` (the last two drawn are kept on the host). */
+export function sparseSignMatrix(rows: number, cols: number, seed: number): SparseSign {
+  const key = `${rows}x${cols}@${Math.trunc(seed)}`;
+  const hit = memo.find((e) => e.key === key);
+  if (hit) return hit.s;
+  const z = Math.min(SPARSE_SIGN_NONZEROS, cols);
+  const uniform = mulberry32((Math.trunc(seed) ^ 0x5bd1e995) >>> 0);
+  const rowCols = new Int32Array(rows * z);
+  const rowSign = new Uint8Array(rows * z);
+  const count = new Int32Array(cols + 1);
+  for (let f = 0; f < rows; f++) {
+    for (let s = 0; s < z; s++) {
+      let c: number;
+      // Distinct columns within a row (z ≤ 8 draws: a linear scan).
+      do c = Math.floor(uniform() * cols);
+      while (rowCols.subarray(f * z, f * z + s).includes(c));
+      rowCols[f * z + s] = c;
+      rowSign[f * z + s] = uniform() < 0.5 ? 1 : 0;
+      count[c + 1]++;
+    }
+  }
+  const ptr = new Int32Array(cols + 1);
+  for (let j = 0; j < cols; j++) ptr[j + 1] = ptr[j] + count[j + 1];
+  const fill = ptr.slice(0, cols);
+  const entries = new Int32Array(rows * z);
+  // Rows in increasing order, so each column's entries come out sorted by row.
+  for (let f = 0; f < rows; f++)
+    for (let s = 0; s < z; s++) {
+      const c = rowCols[f * z + s];
+      entries[fill[c]++] = rowSign[f * z + s] ? ~f : f;
+    }
+  const out = { rows, cols, ptr, entries };
+  memo.push({ key, s: out });
+  if (memo.length > 2) memo.shift();
+  return out;
+}
+
+/** The matrix written out densely, [rows, cols] row-major float32 (host backends multiply with it). */
+export function sparseSignDense(s: SparseSign): Float32Array {
+  const out = new Float32Array(s.rows * s.cols);
+  for (let j = 0; j < s.cols; j++)
+    for (let e = s.ptr[j]; e < s.ptr[j + 1]; e++) {
+      const v = s.entries[e];
+      out[(v >= 0 ? v : ~v) * s.cols + j] = v >= 0 ? 1 : -1;
+    }
+  return out;
+}
+
+/** Rows of X each invocation of {@link sparseSignProductWgsl} sums (one decoded entry serves all of them). */
+const ROWS_PER_INVOCATION = 4;
+
+/**
+ * X·Ω [M, k] for X [M, n] float32 and a sparse sign Ω [n, k] on the webgpu backend: per output column
+ * j, the signed sum of the columns of X that Ω's column j selects (about ζ·n/k of them), for four rows
+ * per invocation. Reads X ζ times over instead of k times: for the range finder's first sketch
+ * ([32768, 4096]·[4096, 512]) that is a gather-bound kernel instead of a 137 GFLOP product. `ptr` and
+ * `entries` are Ω's columns ({@link SparseSign}) as int32 tensors. Disposes no input.
+ * @throws KvpackError('shape') when X's columns are not Ω's rows.
+ */
+export function sparseSignProductWgsl(X: tf.Tensor2D, s: SparseSign, ptr: tf.Tensor1D, entries: tf.Tensor1D): tf.Tensor2D {
+  const [M, n] = X.shape;
+  check(n === s.rows && ptr.size === s.cols + 1 && entries.size === s.entries.length, 'shape', `sparse sign product: X is [${X.shape}] but the test matrix is [${s.rows}, ${s.cols}]`);
+  const invocations = Math.ceil(M / ROWS_PER_INVOCATION) * s.cols;
+  const groups = Math.ceil(invocations / 256);
+  const gx = Math.min(groups, 65535);
+  return runWgsl({
+    key: 'sparse_sign_product',
+    names: ['X', 'ptr', 'ent'],
+    inputs: [X, ptr, entries],
+    outputShape: [M, s.cols],
+    dtype: 'float32',
+    workgroupSize: 256,
+    dispatch: [gx, Math.ceil(groups / gx), 1],
+    workgroupBytes: 0,
+    code: `
+fn kernel(index: i32) {
+  let M = u32(uniforms.xShape.x);
+  let n = u32(uniforms.xShape.y);
+  let k = u32(uniforms.outShape.y);
+  let flat = (workgroupId.y * numWorkgroups.x + workgroupId.x) * 256u + localIndex;
+  if (flat >= ((M + ${ROWS_PER_INVOCATION - 1}u) / ${ROWS_PER_INVOCATION}u) * k) { return; }
+  // Neighbouring invocations take neighbouring columns of the same rows (their gathers share rows of X).
+  let j = flat % k;
+  let t0 = (flat / k) * ${ROWS_PER_INVOCATION}u;
+  let last = (M - 1u) * n;
+  var acc = vec4<f32>(0.0);
+  for (var e = u32(ptr[j]); e < u32(ptr[j + 1u]); e++) {
+    let v = ent[e];
+    let f = u32(select(~v, v, v >= 0));
+    let sg = select(-1.0, 1.0, v >= 0);
+    let o = t0 * n + f;
+    acc += sg * vec4<f32>(X[o], X[min(o + n, last + f)], X[min(o + 2u * n, last + f)], X[min(o + 3u * n, last + f)]);
+  }
+  for (var q = 0u; q < ${ROWS_PER_INVOCATION}u; q++) {
+    if (t0 + q < M) { result[(t0 + q) * k + j] = acc[q]; }
+  }
+}`,
+  }) as tf.Tensor2D;
+}
