@@ -72,6 +72,11 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     // Each tile through the split path with A read transposed (the whole-K path and the other
     // transposes share the tile's code and are checked above with the default tile).
     for (const tile of Object.values(GEMM_TILES)) await expectProduct(133, 70, 45, true, false, { tile, splitK: 3 }, 4);
+    // vec4 loads: Aᵀ and B rows a multiple of 4 (not of the tile), split and whole; B alone in X·B.
+    for (const tile of Object.values(GEMM_TILES).filter((t) => t.vec4Loads)) {
+      await expectProduct(132, 68, 45, true, false, { tile, splitK: 3 }, 8);
+      await expectProduct(132, 68, 45, false, false, { tile }, 9);
+    }
     // Xᵀ·Q shape: short sides, long reduction → split by default.
     expect(defaultSplitK(24, 20, 1500)).toBeGreaterThan(1);
     await expectProduct(24, 20, 1500, true, false, {}, 5);

@@ -27,6 +27,11 @@ export interface GemmTile {
   bk: number;
   tm: number;
   tn: number;
+  /**
+   * Load an operand stored along the tile's rows or columns (op(A) = Aᵀ, or B not transposed) as one
+   * vec4 per four elements instead of four scalar loads, when its stored row length is a multiple of 4.
+   */
+  vec4Loads?: boolean;
 }
 
 /** Tiles the benchmark compares; `128x64` is the default. */
@@ -34,6 +39,8 @@ export const GEMM_TILES: Record<string, GemmTile> = {
   '128x64': { bm: 128, bn: 64, bk: 16, tm: 8, tn: 4 },
   '128x128': { bm: 128, bn: 128, bk: 8, tm: 8, tn: 8 },
   '128x128x16': { bm: 128, bn: 128, bk: 16, tm: 8, tn: 8 },
+  '128x64v': { bm: 128, bn: 64, bk: 16, tm: 8, tn: 4, vec4Loads: true },
+  '128x128x16v': { bm: 128, bn: 128, bk: 16, tm: 8, tn: 8, vec4Loads: true },
   '64x64': { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4 },
   '64x128': { bm: 64, bn: 128, bk: 16, tm: 4, tn: 8 },
 };
@@ -77,7 +84,7 @@ function checkTile(t: GemmTile): number {
   return threads;
 }
 
-function gemmCode(split: boolean, tA: boolean, tB: boolean, t: GemmTile, threads: number): { code: string; bytes: number } {
+function gemmCode(split: boolean, tA: boolean, tB: boolean, t: GemmTile, threads: number, vecA: boolean, vecB: boolean): { code: string; bytes: number } {
   const padA = tA ? 0 : 4; // A stored [M, K] is written k-major with stride BM: pad against bank conflicts
   const padB = tB ? 4 : 0;
   const sa = (t.bm + padA) / 4;
@@ -109,7 +116,9 @@ function gemmCode(split: boolean, tA: boolean, tB: boolean, t: GemmTile, threads
       .map((j) => {
         const { m4, kl } = aPos(j);
         const one = (c: number) => `select(0.0, A[min(${tA ? `gk * M + gm + ${c}u` : `(gm + ${c}u) * K + gk`}, lastA)], gm + ${c}u < M && kOk)`;
-        return `    { let gm = m0 + 4u * ${m4}; let gk = ${kb} + ${kl}; let kOk = gk < kEnd;\n      ra${j} = vec4<f32>(${comps4.map(one).join(', ')}); }`;
+        // vec4: M is a multiple of 4, so gm < M covers the four rows.
+        const load = vecA ? `select(vec4<f32>(0.0), A[min((gk * M + gm) / 4u, lastA / 4u)], gm < M && kOk)` : `vec4<f32>(${comps4.map(one).join(', ')})`;
+        return `    { let gm = m0 + 4u * ${m4}; let gk = ${kb} + ${kl}; let kOk = gk < kEnd;\n      ra${j} = ${load}; }`;
       })
       .join('\n');
   const loadB = (kb: string) =>
@@ -117,7 +126,8 @@ function gemmCode(split: boolean, tA: boolean, tB: boolean, t: GemmTile, threads
       .map((j) => {
         const { n4, kl } = bPos(j);
         const one = (c: number) => `select(0.0, B[min(${tB ? `(gn + ${c}u) * K + gk` : `gk * N + gn + ${c}u`}, lastB)], gn + ${c}u < N && kOk)`;
-        return `    { let gn = n0 + 4u * ${n4}; let gk = ${kb} + ${kl}; let kOk = gk < kEnd;\n      rb${j} = vec4<f32>(${comps4.map(one).join(', ')}); }`;
+        const load = vecB ? `select(vec4<f32>(0.0), B[min((gk * N + gn) / 4u, lastB / 4u)], gn < N && kOk)` : `vec4<f32>(${comps4.map(one).join(', ')})`;
+        return `    { let gn = n0 + 4u * ${n4}; let gk = ${kb} + ${kl}; let kOk = gk < kEnd;\n      rb${j} = ${load}; }`;
       })
       .join('\n');
   const storeA = range(la)
@@ -220,8 +230,11 @@ export function wgslMatmul(a: tf.Tensor2D, b: tf.Tensor2D, transposeA = false, t
   if (M === 0 || N === 0) return tf.zeros([M, N]) as tf.Tensor2D;
   if (K === 0) return tf.zeros([M, N]) as tf.Tensor2D;
   // The shader's slice length from (K, slices) must cover K as the host's does.
-  const { code, bytes } = gemmCode(slices > 1, transposeA, transposeB, tile, threads);
-  const tileKey = `${tile.bm}x${tile.bn}x${tile.bk}_${tile.tm}x${tile.tn}`;
+  // vec4 loads of an operand stored along the tile's rows (Aᵀ) or columns (B), rows a multiple of 4.
+  const vecA = !!tile.vec4Loads && transposeA && M % 4 === 0;
+  const vecB = !!tile.vec4Loads && !transposeB && N % 4 === 0;
+  const { code, bytes } = gemmCode(slices > 1, transposeA, transposeB, tile, threads, vecA, vecB);
+  const tileKey = `${tile.bm}x${tile.bn}x${tile.bk}_${tile.tm}x${tile.tn}${vecA ? '_va' : ''}${vecB ? '_vb' : ''}`;
   const out = runWgsl({
     key: `tsgemm_${transposeA ? 't' : 'n'}${transposeB ? 't' : 'n'}_${slices > 1 ? 'split' : 'whole'}_${tileKey}`,
     names: ['A', 'B'],
@@ -232,6 +245,7 @@ export function wgslMatmul(a: tf.Tensor2D, b: tf.Tensor2D, transposeA = false, t
     dispatch: [Math.ceil(N / tile.bn), Math.ceil(M / tile.bm), slices],
     workgroupBytes: bytes,
     code,
+    ...(vecA || vecB ? { components: { inputs: [vecA ? 4 : 1, vecB ? 4 : 1] } } : {}),
   });
   if (slices === 1) return out as tf.Tensor2D;
   try {
