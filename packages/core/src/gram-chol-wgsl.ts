@@ -19,7 +19,7 @@ const P = B + 1;
 /** Invocations per workgroup: 32 columns × 8 row groups, four rows of a tile each. */
 const WG = 256;
 
-// Both kernels: workgroup x owns block row (Cholesky) or block row of W (inverse) x (made
+// The stepped kernel: workgroup x owns a block row of L (Cholesky) or of W (inverse) (made
 // workgroup-uniform: it bounds loops with barriers); the step index is a program uniform (no upload).
 const COMMON = `
 const B: u32 = ${B}u;
@@ -228,7 +228,7 @@ ${CHOL_CODE}
 ${INV_CODE}
 fn kernel(index: i32) {
   let lid = localIndex;
-  let k = u32(uniforms.gShape.y);
+  let k = u32(uniforms.gShape.z);
   let K = u32(uniforms.outShape.z);
   if (lid == 0u) { blockW = workgroupId.x; }
   let x = workgroupUniformLoad(&blockW);
@@ -279,7 +279,8 @@ export function gramCholInverseWgslBatch(Gs: readonly tf.Tensor2D[]): tf.Tensor2
   const K = nb * B;
   const tiles = 4 * (3 * B * P + WG + 1);
   return tf.tidy(() => {
-    const G = n === 1 ? tf.reshape(Gs[0], [1, k, k]) : tf.stack([...Gs]);
+    // G as [n, 1, k, k]: the same rank as the state, so every step runs one pipeline.
+    const G = tf.reshape(n === 1 ? Gs[0] : tf.stack([...Gs]), [n, 1, k, k]);
     // The state starts as G itself: step 0 reads no earlier L or W.
     let state: tf.Tensor = G;
     for (let step = 0; step <= nb; step++) {

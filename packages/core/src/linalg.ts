@@ -35,7 +35,7 @@ export function symmetricEig(a: Float64Array | Float32Array, n: number): { value
  * Where {@link truncatedSvd} and the orthonormalizations do their k×k work (k = rank + oversample):
  * - `host`: the Gram matrix YᵀY is read back and factored in float64 on the host (Cholesky-QR);
  * - `device`: everything stays on the tfjs backend (no host round-trip): on webgpu each Gram matrix
- *   is factored by one WGSL shifted-Cholesky-and-inverse dispatch ({@link deviceCholesky}), elsewhere
+ *   is factored by the blocked WGSL shifted Cholesky and inverse ({@link deviceCholesky}), elsewhere
  *   by a Newton–Schulz iteration for (YᵀY)^(-1/2) (24–27 k×k float32 products per pass, see
  *   {@link orthonormalizeDevice});
  * - `auto` (default): `host` on the wasm and cpu backends (where the backend's k×k products are no
@@ -185,8 +185,8 @@ export function orthonormalizeDevice(Y: tf.Tensor2D, passes = 2, mm: MatmulFn = 
 }
 
 /**
- * True when the device factorizations of k×k Gram matrices run as one WGSL Cholesky-and-inverse
- * dispatch ({@link gramCholInverseWgsl}): on webgpu, for k ≤ {@link GRAM_CHOL_MAX}. Elsewhere
+ * True when the device factorizations of k×k Gram matrices run as the blocked WGSL Cholesky and
+ * inverse ({@link gramCholInverseWgsl}, k/32 + 1 dispatches): on webgpu, for k ≤ {@link GRAM_CHOL_MAX}. Elsewhere
  * (webgl, tensorflow) they are Newton–Schulz iterations of tfjs ops.
  */
 export function deviceCholesky(k: number): boolean {
@@ -195,7 +195,7 @@ export function deviceCholesky(k: number): boolean {
 
 /**
  * Device factor W of a Gram matrix G = SᵀS (pass `pass` of an orthonormalization), with S·W
- * orthonormal: W = R⁻¹ of a shifted Cholesky factorization in one WGSL dispatch on webgpu (see
+ * orthonormal: W = R⁻¹ of a shifted Cholesky factorization by the blocked WGSL kernel on webgpu (see
  * {@link deviceCholesky}; one pass leaves S·W orthonormal to ~1e-3 on a Gram matrix of condition
  * 1e4, a second pass to float32 rounding), else W ≈ G^(-1/2) by Newton–Schulz.
  */
@@ -366,7 +366,8 @@ function leftTimes(L: tf.Tensor2D, X: Blocks, transposeL = false, mm: MatmulFn =
  *
  * Cost: 2q + 2 products of X ([T, F]) with k-column matrices, plus O((T + F)·k²) for the
  * orthonormalizations, plus k³ host work per host orthonormalization and for p > 0.
- * @throws KvpackError('rank') when rank is not an integer in [1, min(T, F)];
+ * @throws KvpackError('rank') when rank is not an integer in [1, min(T, F)]; KvpackError('config')
+ *         for a sketch other than 'gaussian' or 'sparse-sign';
  *         KvpackError('config') for an oversample that is not an integer in [0, MAX_OVERSAMPLE = 4096],
  *         powerIters not a multiple of 0.5 in [0, MAX_POWER_ITERS = 16], or a seed outside the
  *         int32 range; KvpackError('shape') for blocks of different row counts.
@@ -426,7 +427,24 @@ export async function truncatedSvdBatch(items: tf.Tensor2D[][], opts: TruncatedS
     check(Number.isInteger(r) && r >= 1 && r <= m, 'rank', `rank ${r} is out of range: it must be an integer in [1, min(T=${T}, features=${F}) = ${m}]`);
     return { T, F, m, k: opts.exact ? m : Math.min(m, r + p) };
   });
-  const out: LowRankBlockFactors[] = new Array(items.length);
+  const out: (LowRankBlockFactors | undefined)[] = new Array(items.length);
+  try {
+    await factorItems(items, shapes, out, { r, qIn, seed, sketch, orth, mm });
+  } catch (e) {
+    // Results already made are freed: a failing batch leaves nothing behind.
+    for (const f of out) if (f) tf.dispose([f.basis, ...f.coeffs]);
+    throw e;
+  }
+  return out as LowRankBlockFactors[];
+}
+
+async function factorItems(
+  items: Blocks[],
+  shapes: { T: number; F: number; m: number; k: number }[],
+  out: (LowRankBlockFactors | undefined)[],
+  o: { r: number; qIn: number; seed: number; sketch: Sketch; orth: 'host' | 'device'; mm: MatmulFn },
+): Promise<void> {
+  const { r, qIn, seed, sketch, orth, mm } = o;
   // Items whose sketch covers min(T, F) are decomposed exactly, one by one; the others by range
   // finders in lockstep, one batch per sketch width k.
   const sketched = new Map<number, number[]>();
@@ -458,7 +476,6 @@ export async function truncatedSvdBatch(items: tf.Tensor2D[][], opts: TruncatedS
       out[i] = B[0].shape[0] === r ? { basis: Q, coeffs: B } : await rayleighRitz(Q, B, r, mm);
     }
   }
-  return out;
 }
 
 /** Splits C [r, Σ F_i] into blocks [r, F_i] shaped like X's blocks; disposes C (unless one block). */
@@ -519,7 +536,15 @@ async function rangeFinder(Xs: Blocks[], k: number, halfSteps: number, seed: num
   // The WGSL Cholesky reads (G + Gᵀ)/2 itself, and factors a batch in the same dispatches.
   const chol = orth === 'device' && deviceCholesky(k);
   const factorAll = async (Gs: tf.Tensor2D[], pass: number): Promise<tf.Tensor2D[]> => {
-    if (orth === 'host') return Promise.all(Gs.map((G) => hostGramFactor(G)));
+    if (orth === 'host') {
+      const rs = await Promise.allSettled(Gs.map((G) => hostGramFactor(G)));
+      const failed = rs.find((x) => x.status === 'rejected');
+      if (failed) {
+        for (const x of rs) if (x.status === 'fulfilled') x.value.dispose();
+        throw failed.reason;
+      }
+      return rs.map((x) => (x as PromiseFulfilledResult<tf.Tensor2D>).value);
+    }
     if (chol) return gramCholInverseWgslBatch(Gs);
     return Gs.map((G) => deviceGramFactor(G, pass, mm));
   };

@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
-import { KvpackError, SPARSE_SIGN_NONZEROS, relativeFrobeniusError, selectBackend, sparseSignDense, sparseSignMatrix, truncatedSvd } from './index.js';
+import { KvpackError, SPARSE_SIGN_NONZEROS, relativeFrobeniusError, selectBackend, sparseSignDense, sparseSignMatrix, truncatedSvd, truncatedSvdBatch } from './index.js';
 
 describe('sparse sign test matrix', () => {
   it('has min(8, k) entries ±1 in distinct columns per row, columns sorted by row, the same for a seed, dense form equal', () => {
@@ -66,5 +66,47 @@ describe('sparse sign test matrix', () => {
     expect((bad as KvpackError).message).toMatch(/sketch must be 'gaussian' or 'sparse-sign'/);
     expect(tf.memory().numTensors).toBe(before);
     X.dispose();
+  });
+});
+
+describe('truncatedSvdBatch (lockstep range finders)', () => {
+  it('gives each item bit for bit its truncatedSvd (q = 0, 0.5, 1, 1.5; both sketches; an exact item among sketched ones), and frees the finished results when an item fails', async () => {
+    await selectBackend('cpu');
+    const mk = (seed: number, T: number, F: number) => tf.randomNormal([T, F], 0, 1, 'float32', seed) as tf.Tensor2D;
+    const items = [[mk(1, 60, 20), mk(2, 60, 12)], [mk(3, 60, 32)], [mk(4, 60, 5)]];
+    const before = tf.memory().numTensors;
+    for (const powerIters of [0, 0.5, 1, 1.5])
+      for (const sketch of ['gaussian', 'sparse-sign'] as const) {
+        // rank 5 of the [60, 5] item covers min(T, F): that item is decomposed exactly.
+        const opts = { rank: 5, oversample: 0, powerIters, seed: 9, sketch };
+        const both = await truncatedSvdBatch(items, opts);
+        for (const [i, X] of items.entries()) {
+          const one = await truncatedSvd(X, opts);
+          expect(Array.from(await both[i].basis.data()), `q ${powerIters} ${sketch} item ${i}`).toEqual(Array.from(await one.basis.data()));
+          for (const [b, c] of one.coeffs.entries()) expect(Array.from(await both[i].coeffs[b].data())).toEqual(Array.from(await c.data()));
+          tf.dispose([one.basis, ...one.coeffs, both[i].basis, ...both[i].coeffs]);
+        }
+      }
+    expect(tf.memory().numTensors).toBe(before);
+    // A range finder product that fails: the batch leaves no more behind than the failing item alone
+    // (the exact item's finished factors are freed).
+    const leftAfterFailure = async (batch: tf.Tensor2D[][]) => {
+      let calls = 0;
+      const failing = (a: tf.Tensor2D, b: tf.Tensor2D, tA: boolean, tB: boolean) => {
+        if (++calls === 2) throw new KvpackError('unsupported', 'planted failure');
+        return tf.matMul(a, b, tA, tB) as tf.Tensor2D;
+      };
+      const n0 = tf.memory().numTensors;
+      await expect(truncatedSvdBatch(batch, { rank: 5, oversample: 0, powerIters: 0, orthogonalization: 'host', matmul: failing })).rejects.toThrow(/planted failure/);
+      return tf.memory().numTensors - n0;
+    };
+    expect(await leftAfterFailure([items[2], items[1]])).toBe(await leftAfterFailure([items[1]]));
+    tf.dispose(items.flat());
+  });
+
+  it('sparseSignMatrix and its product refuse bad shapes, seeds and dtypes with a KvpackError', () => {
+    expect(() => sparseSignMatrix(0, 4, 1)).toThrow(/positive integers/);
+    expect(() => sparseSignMatrix(5, 2.5, 1)).toThrow(/positive integers/);
+    expect(() => sparseSignMatrix(5, 4, 2 ** 31)).toThrow(/int32/);
   });
 });

@@ -2,6 +2,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { check } from './errors.js';
 import { mulberry32 } from './random.js';
 import { runWgsl } from './webgpu.js';
+import { MAX_SEED, MIN_SEED } from './limits.js';
 
 /**
  * Nonzeros per row ζ of a sparse sign test matrix (Tropp, Yurtsever, Udell & Cevher 2019,
@@ -25,8 +26,15 @@ export interface SparseSign {
 
 const memo: { key: string; s: SparseSign }[] = [];
 
-/** The sparse sign matrix [rows, cols] of `seed` (the last two drawn are kept on the host). */
+/**
+ * The sparse sign matrix [rows, cols] of `seed`. The last two drawn are kept on the host and handed
+ * out again: treat the arrays as read-only.
+ * @throws KvpackError('shape') for rows or cols that are not positive integers (cols at most 2³¹ / ζ
+ *   entries in all); KvpackError('config') for a seed that is not an int32.
+ */
 export function sparseSignMatrix(rows: number, cols: number, seed: number): SparseSign {
+  check(Number.isInteger(rows) && Number.isInteger(cols) && rows >= 1 && cols >= 1 && rows * Math.min(SPARSE_SIGN_NONZEROS, cols) < 2 ** 31, 'shape', `sparse sign matrix: [${rows}, ${cols}] must be positive integers with fewer than 2³¹ entries`);
+  check(Number.isInteger(seed) && seed >= MIN_SEED && seed <= MAX_SEED, 'config', `sparse sign matrix: seed must be an int32, got ${seed}`);
   const key = `${rows}x${cols}@${Math.trunc(seed)}`;
   const hit = memo.find((e) => e.key === key);
   if (hit) return hit.s;
@@ -82,9 +90,11 @@ const ROWS_PER_INVOCATION = 4;
  * per invocation. Reads X ζ times over instead of k times: for the range finder's first sketch
  * ([32768, 4096]·[4096, 512]) that is a gather-bound kernel instead of a 137 GFLOP product. `ptr` and
  * `entries` are Ω's columns ({@link SparseSign}) as int32 tensors. Disposes no input.
- * @throws KvpackError('shape') when X's columns are not Ω's rows.
+ * @throws KvpackError('dtype') for X not a float32 matrix or index tensors not int32;
+ *   KvpackError('shape') when X's columns are not Ω's rows.
  */
 export function sparseSignProductWgsl(X: tf.Tensor2D, s: SparseSign, ptr: tf.Tensor1D, entries: tf.Tensor1D): tf.Tensor2D {
+  check(X.rank === 2 && X.dtype === 'float32' && ptr.dtype === 'int32' && entries.dtype === 'int32', 'dtype', `sparse sign product: X must be a float32 matrix and the columns int32, got X ${X.dtype} [${X.shape}], ${ptr.dtype} / ${entries.dtype}`);
   const [M, n] = X.shape;
   check(n === s.rows && ptr.size === s.cols + 1 && entries.size === s.entries.length, 'shape', `sparse sign product: X is [${X.shape}] but the test matrix is [${s.rows}, ${s.cols}]`);
   const invocations = Math.ceil(M / ROWS_PER_INVOCATION) * s.cols;

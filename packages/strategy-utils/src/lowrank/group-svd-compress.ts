@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { KvpackError, isHostBackend, truncatedSvdBatch, validateKVCache, type KVCache } from '@kvpack/core';
+import { KvpackError, autoOversample, deviceCholesky, isHostBackend, resolveOrthogonalization, truncatedSvdBatch, validateKVCache, type KVCache } from '@kvpack/core';
 import { disposeBlock, makeBlock, type Block, type KindBlocks } from './factor-blocks.js';
 import { KINDS, checkGroupRanks, layerGroups, rankOf, type GroupSvdConfig, type Kind } from './group-config.js';
 import { GroupSvdCache } from './group-svd-cache.js';
@@ -42,9 +42,12 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
         basisName: `${kind}.basis.${g.index}`,
         factorNames: g.layers.map((l) => `${kind}.factor.${l}`),
       }));
-      // On a GPU the keys and the values of a group are factored together when their ranks agree (one
-      // batch of orthonormalizations for both); on wasm/cpu one at a time (one sketch alive at once).
-      const together = !isHostBackend() && jobs[0].R === jobs[1].R;
+      // On webgpu the keys and the values of a group are factored together when their ranks agree and
+      // the WGSL Cholesky factors their Gram matrices (one batch of dispatches for both); elsewhere one
+      // at a time (one sketch alive at once: batching would only raise the peak memory).
+      const R = jobs[0].R;
+      const k = R + (config.oversample === 'auto' ? autoOversample(R) : config.oversample);
+      const together = !config.exact && R === jobs[1].R && resolveOrthogonalization(config.orthogonalization) === 'device' && deviceCholesky(k);
       for (const batch of together ? [jobs] : jobs.map((j) => [j])) {
         const outs = await factorGroupBlocks(
           batch.map((j) => ({ ...j, X: g.layers.map((l) => groupColumnBlock((j.kind === 'k' ? cache.keys : cache.values)[l], T, F)) })),

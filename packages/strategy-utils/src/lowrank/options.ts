@@ -87,10 +87,10 @@ export const lowRankOptionShape = {
     .default(1).describe('Randomized SVD power iterations q, a multiple of 0.5 (2q + 2 products with the group matrix).'),
   /**
    * Where the randomized SVD's k×k orthonormalizations run: `host` (float64 Cholesky), `device`
-   * (Newton–Schulz on the tfjs backend, no host round-trip) or `auto` (default: host on wasm/cpu,
-   * device on webgpu/webgl/tensorflow).
+   * (on the tfjs backend, no host round-trip: a blocked WGSL Cholesky on webgpu, Newton–Schulz
+   * elsewhere) or `auto` (default: host on wasm/cpu, device on webgpu/webgl/tensorflow).
    */
-  orthogonalization: z.enum(['auto', 'host', 'device']).default('auto').describe('Where the k×k orthonormalizations run: host (float64 Cholesky), device (Newton–Schulz) or auto (host on wasm/cpu).'),
+  orthogonalization: z.enum(['auto', 'host', 'device']).default('auto').describe('Where the k×k orthonormalizations run: host (float64 Cholesky), device (WGSL Cholesky on webgpu, Newton–Schulz elsewhere) or auto (host on wasm/cpu).'),
   /**
    * The randomized SVD's test matrix: `gaussian` (default) or `sparse-sign` (8 entries ±1 per row, the
    * same error in practice; on webgpu the first sketch is then a gather instead of a product with
