@@ -41,16 +41,16 @@ var<workgroup> blockW: u32;
 const CHOL_CODE = `
 fn aAt(g0: u32, r: u32, c: u32, k: u32, s: f32) -> f32 {
   if (r < k && c < k) {
-    let v = 0.5 * (G[g0 + r * k + c] + G[g0 + c * k + r]);
+    let v = 0.5 * (G[g0 + r * GS + c] + G[g0 + c * GS + r]);
     return select(v, v + s, r == c);
   }
   return select(0.0, 1.0, r == c);
 }
-// Block row i of L at column step j (j ≤ nb − 1; at j = nb the finished L is only copied) of matrix
-// b: L at state offset l0, G at g0.
+// Block row i of L at column step j (j ≤ nb − 1; at j = nb the finished L is only copied) of a
+// matrix of size k: L at state offset l0, G at g0 (row stride GS; entries past k read as the identity).
 fn cholStep(lid: u32, i: u32, j: u32, k: u32, K: u32, g0: u32, l0: u32) {
   var mx = 0.0;
-  for (var q = lid; q < k; q += ${WG}u) { mx = max(mx, G[g0 + q * k + q]); }
+  for (var q = lid; q < k; q += ${WG}u) { mx = max(mx, G[g0 + q * GS + q]); }
   red[lid] = mx;
   workgroupBarrier();
   for (var h = ${WG / 2}u; h > 0u; h = h >> 1u) {
@@ -219,24 +219,31 @@ fn invStep(lid: u32, si: i32, j: u32, K: u32, l0: u32, w0: u32) {
 
 /**
  * Step s of the factorization of a batch of Gram matrices: the state S [n, 2, K, K] holds each
- * matrix's L and W. Workgroup (x, b): x < nb computes Cholesky block row x at column step s, x ≥ nb
+ * matrix's L and W. Workgroup x of matrix b (2·nb per matrix, along x): x < nb computes Cholesky block row x at column step s, x ≥ nb
  * inverse block row x − nb at step s − 1 (its rows of L are final one step earlier), so the two run
  * side by side: nb + 1 dispatches in all, for every matrix of the batch at once.
  */
 const STEP_CODE = `${COMMON}
+// Row stride of the stacked Gram matrices.
+var<private> GS: u32;
 ${CHOL_CODE}
 ${INV_CODE}
 fn kernel(index: i32) {
   let lid = localIndex;
-  let k = u32(uniforms.gShape.z);
+  GS = u32(uniforms.gs);
   let K = u32(uniforms.outShape.z);
-  if (lid == 0u) { blockW = workgroupId.x; }
-  let x = workgroupUniformLoad(&blockW);
-  let s = u32(uniforms.step);
   let nb = K / B;
-  let b = workgroupId.y;
+  // Workgroups run along x only (matrix b's 2·nb side by side): tfjs generates other code, another
+  // pipeline, for a grid with y > 1.
+  if (lid == 0u) { blockW = workgroupId.x; }
+  let w = workgroupUniformLoad(&blockW);
+  let b = w / (2u * nb);
+  let x = w % (2u * nb);
+  // This matrix's size (the batch is stacked padded to the largest, row stride GS).
+  let k = u32(select(select(select(uniforms.k3, uniforms.k2, b == 2u), uniforms.k1, b == 1u), uniforms.k0, b == 0u));
+  let s = u32(uniforms.step);
   let l0 = b * 2u * K * K;
-  if (x < nb) { cholStep(lid, x, s, k, K, b * k * k, l0); }
+  if (x < nb) { cholStep(lid, x, s, k, K, b * GS * GS, l0); }
   else { invStep(lid, i32(s) - 1, x - nb, K, l0, l0 + K * K); }
 }`;
 
@@ -258,47 +265,63 @@ export function gramCholInverseWgsl(G: tf.Tensor2D): tf.Tensor2D {
   return gramCholInverseWgslBatch([G])[0];
 }
 
+/** Most Gram matrices of one {@link gramCholInverseWgslBatch} dispatch sequence (longer batches run in chunks). */
+export const GRAM_CHOL_BATCH = 4;
+
 /**
- * {@link gramCholInverseWgsl} of n Gram matrices of one size [k, k] in the same ⌈k/32⌉ + 1
- * dispatches (the matrices side by side in each dispatch: a step's time is its slowest workgroup, so
- * a batch costs about what one matrix does). Each W equals the one factored alone, bit for bit.
- * Disposes no input.
- * @throws KvpackError('shape') for an empty batch, matrices that are not square, of different sizes
- *   or larger than {@link GRAM_CHOL_MAX}; KvpackError('unsupported') off the webgpu backend.
+ * {@link gramCholInverseWgsl} of several Gram matrices (sizes k_b may differ) in the same
+ * ⌈max k_b/32⌉ + 1 dispatches, {@link GRAM_CHOL_BATCH} at a time: the matrices side by side in each
+ * dispatch (a step's time is its slowest workgroup, so a batch costs about what its largest matrix
+ * does), smaller ones padded with the identity, which leaves their factors unchanged. Each W equals
+ * the one factored alone, bit for bit. Disposes no input.
+ * @throws KvpackError('shape') for an empty batch, or a matrix that is not square or is larger than
+ *   {@link GRAM_CHOL_MAX}; KvpackError('unsupported') off the webgpu backend.
  */
 export function gramCholInverseWgslBatch(Gs: readonly tf.Tensor2D[]): tf.Tensor2D[] {
   check(Gs.length >= 1, 'shape', 'gramCholInverseWgsl: no matrices');
-  const [k, k2] = Gs[0].shape;
   check(
-    Gs.every((G) => G.rank === 2 && G.shape[0] === k && G.shape[1] === k) && k === k2 && k >= 1 && k <= GRAM_CHOL_MAX,
+    Gs.every((G) => G.rank === 2 && G.shape[0] === G.shape[1] && G.shape[0] >= 1 && G.shape[0] <= GRAM_CHOL_MAX),
     'shape',
-    `gramCholInverseWgsl: every G must be square of one size k, 1 ≤ k ≤ ${GRAM_CHOL_MAX}, got ${Gs.map((G) => `[${G.shape}]`).join(', ')}`,
+    `gramCholInverseWgsl: every G must be square, 1 ≤ k ≤ ${GRAM_CHOL_MAX}, got ${Gs.map((G) => `[${G.shape}]`).join(', ')}`,
   );
+  if (Gs.length > GRAM_CHOL_BATCH) {
+    const out: tf.Tensor2D[] = [];
+    for (let i = 0; i < Gs.length; i += GRAM_CHOL_BATCH) out.push(...gramCholInverseWgslBatch(Gs.slice(i, i + GRAM_CHOL_BATCH)));
+    return out;
+  }
   const n = Gs.length;
-  const nb = Math.ceil(k / B);
+  const ks = Gs.map((G) => G.shape[0]);
+  const kmax = Math.max(...ks);
+  const nb = Math.ceil(kmax / B);
   const K = nb * B;
   const tiles = 4 * (3 * B * P + WG + 1);
+  const sizes = [0, 1, 2, 3].map((b) => ({ name: `k${b}`, type: 'i32' as const, value: ks[b] ?? 0 }));
   return tf.tidy(() => {
-    // G as [n, 1, k, k]: the same rank as the state, so every step runs one pipeline.
-    const G = tf.reshape(n === 1 ? Gs[0] : tf.stack([...Gs]), [n, 1, k, k]);
+    // G stacked [n, kmax, kmax] (a smaller matrix zero-padded; the kernel reads past its size as the
+    // identity). G and the state go in flat: tfjs keys its pipelines by the inputs' ranks and
+    // broadcasts against the output, so flat inputs keep one pipeline for every batch and size.
+    const padded = Gs.map((G) => (G.shape[0] === kmax ? G : tf.pad(G, [[0, kmax - G.shape[0]], [0, kmax - G.shape[0]]])));
+    const flat = tf.reshape(n === 1 ? padded[0] : tf.stack(padded), [-1]);
+    // A single 1×1 G would be a one-element input, which tfjs broadcasts: another pipeline.
+    const G = flat.size === 1 ? tf.pad(flat, [[0, 1]]) : flat;
     // The state starts as G itself: step 0 reads no earlier L or W.
     let state: tf.Tensor = G;
     for (let step = 0; step <= nb; step++) {
       const next = runWgsl({
         key: 'gram_chol_inverse_step_32',
         names: ['G', 'S'],
-        inputs: [G, state],
+        inputs: [G, tf.reshape(state, [-1])],
         outputShape: [n, 2, K, K],
         dtype: 'float32',
         workgroupSize: WG,
-        dispatch: [2 * nb, n, 1],
+        dispatch: [2 * nb * n, 1, 1],
         workgroupBytes: tiles,
         code: STEP_CODE,
-        uniforms: [{ name: 'step', type: 'i32', value: step }],
+        uniforms: [{ name: 'step', type: 'i32', value: step }, { name: 'gs', type: 'i32', value: kmax }, ...sizes],
       });
       if (state !== G) state.dispose();
       state = next;
     }
-    return Gs.map((_, b) => tf.reshape(tf.slice(state, [b, 1, 0, 0], [1, 1, k, k]), [k, k]) as tf.Tensor2D);
+    return ks.map((k, b) => tf.reshape(tf.slice(state, [b, 1, 0, 0], [1, 1, k, k]), [k, k]) as tf.Tensor2D);
   });
 }

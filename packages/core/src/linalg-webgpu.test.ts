@@ -148,22 +148,28 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     expect(await wgslValidationErrors()).toEqual([]);
   });
 
-  it('factors a batch of Gram matrices in the same k/32 + 1 dispatches, each W bit for bit the one factored alone; mixed sizes are refused', async () => {
-    const n = 70;
-    const Ss = [5, 6, 7].map((seed) => tf.tensor2d(Float32Array.from(gaussian64(90 * n, seed)), [90, n]));
+  it('factors a batch of Gram matrices, of different sizes, in the same ⌈max k/32⌉ + 1 dispatches, each W bit for bit the one factored alone', async () => {
+    const sizes = [70, 70, 40, 1, 33];
+    const Ss = sizes.map((n, i) => tf.tensor2d(Float32Array.from(gaussian64(90 * n, 5 + i)), [90, n]));
     const Gs = Ss.map((S) => tf.matMul(S, S, true, false) as tf.Tensor2D);
     const before = tf.memory().numTensors;
     const alone = await Promise.all(Gs.map(async (G) => { const W = gramCholInverseWgsl(G); const d = await W.data(); W.dispose(); return d; }));
-    const { result: Ws, dispatches } = await countWebGpuDispatches(() => gramCholInverseWgslBatch(Gs));
-    // Stack, ⌈70/32⌉ + 1 = 4 steps, one slice per matrix.
-    expect(dispatches).toBe(1 + 4 + 3);
-    for (let b = 0; b < 3; b++) expect(Array.from(await Ws[b].data())).toEqual(Array.from(alone[b]));
+    const first = await countWebGpuDispatches(() => gramCholInverseWgslBatch(Gs.slice(0, 3)));
+    // Two pads (40 → 70 is one; the 70s are not padded), a stack, ⌈70/32⌉ + 1 = 4 steps, one slice per matrix.
+    expect(first.dispatches).toBe(1 + 1 + 4 + 3);
+    tf.dispose(first.result);
+    // Five matrices: a chunk of GRAM_CHOL_BATCH = 4, then one.
+    const Ws = gramCholInverseWgslBatch(Gs);
+    for (let b = 0; b < sizes.length; b++) {
+      expect(Ws[b].shape).toEqual([sizes[b], sizes[b]]);
+      expect(Array.from(await Ws[b].data()), `matrix ${b} (k = ${sizes[b]})`).toEqual(Array.from(alone[b]));
+    }
     tf.dispose(Ws);
     expect(tf.memory().numTensors).toBe(before);
-    const small = tf.eye(8) as tf.Tensor2D;
-    expect(() => gramCholInverseWgslBatch([Gs[0], small])).toThrow(/one size/);
     expect(() => gramCholInverseWgslBatch([])).toThrow(/no matrices/);
-    tf.dispose([small, ...Gs, ...Ss]);
+    const wide = tf.zeros([3, 4]) as tf.Tensor2D;
+    expect(() => gramCholInverseWgslBatch([Gs[0], wide])).toThrow(/square/);
+    tf.dispose([wide, ...Gs, ...Ss]);
     expect(await wgslValidationErrors()).toEqual([]);
   });
 
@@ -209,21 +215,21 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     expect(await wgslValidationErrors()).toEqual([]);
   });
 
-  it('truncatedSvdBatch factors keys-and-values-like pairs in lockstep: each result bit for bit its truncatedSvd, fewer dispatches', async () => {
-    const T = 256, F = 128, r = 32;
+  it('truncatedSvdBatch factors keys-and-values-like pairs (ranks 64 and 96) in lockstep: each result bit for bit its truncatedSvd, fewer dispatches', async () => {
+    const T = 256, F = 128, ranks = [64, 96];
     const Xs = [11, 12].map((seed) => tf.tensor2d(planted(T, F, 1.0, 0.02, seed).data, [T, F]));
     const items = Xs.map((X) => tf.split(X, [64, 64], 1) as tf.Tensor2D[]);
     const before = tf.memory().numTensors;
-    const opts = { rank: r, oversample: 0, powerIters: 1, orthogonalization: 'device' as const, seed: 2 };
-    const alone = await countWebGpuDispatches(() => Promise.all(items.map((X) => truncatedSvd(X, opts))));
-    const both = await countWebGpuDispatches(() => truncatedSvdBatch(items, opts));
+    const opts = { oversample: 0, powerIters: 1, orthogonalization: 'device' as const, seed: 2 };
+    const alone = await countWebGpuDispatches(() => Promise.all(items.map((X, i) => truncatedSvd(X, { ...opts, rank: ranks[i] }))));
+    const both = await countWebGpuDispatches(() => truncatedSvdBatch(items.map((blocks, i) => ({ blocks, rank: ranks[i] })), opts));
     for (let i = 0; i < 2; i++) {
       expect(Array.from(await both.result[i].basis.data())).toEqual(Array.from(await alone.result[i].basis.data()));
       for (let b = 0; b < 2; b++) expect(Array.from(await both.result[i].coeffs[b].data())).toEqual(Array.from(await alone.result[i].coeffs[b].data()));
     }
-    // Four orthonormalizations at q = 1: a batch of two runs the ⌈32/32⌉ + 1 = 2 factorization
-    // steps once instead of twice, for one stack.
-    expect(both.dispatches).toBeLessThan(alone.dispatches!);
+    // Four orthonormalizations at q = 1: a batch runs ⌈96/32⌉ + 1 = 4 factorization steps instead of
+    // 3 + 4, for a pad and a stack: one dispatch fewer each.
+    expect(both.dispatches).toBe(alone.dispatches! - 4);
     for (const f of [...alone.result, ...both.result]) tf.dispose([f.basis, ...f.coeffs]);
     expect(tf.memory().numTensors).toBe(before);
     tf.dispose([...items.flat(), ...Xs]);

@@ -376,41 +376,43 @@ export async function truncatedSvd(X: tf.Tensor2D, opts: TruncatedSvdOptions): P
 export async function truncatedSvd(X: tf.Tensor2D[], opts: TruncatedSvdOptions): Promise<LowRankBlockFactors>;
 export async function truncatedSvd(X: tf.Tensor2D | tf.Tensor2D[], opts: TruncatedSvdOptions): Promise<LowRankFactors | LowRankBlockFactors> {
   const blocks = Array.isArray(X) ? X : [X];
-  const [f] = await truncatedSvdBatch([blocks], opts);
+  const [f] = await truncatedSvdBatch([{ blocks, rank: opts.rank }], opts);
   return Array.isArray(X) ? f : { ...f, coeffs: f.coeffs[0] };
 }
 
+/** One matrix of {@link truncatedSvdBatch}: its column blocks X_i [T, F_i] and its target rank. */
+export interface SvdBatchItem {
+  blocks: tf.Tensor2D[];
+  rank: number;
+}
+
 /**
- * {@link truncatedSvd} of several matrices with the same options (e.g. the keys and the values of one
- * xKV group), each given as column blocks; the result i is that of `truncatedSvd(items[i], opts)`,
- * bit for bit. The range finders of the items with the same sketch width run in lockstep, so each
- * orthonormalization factors all their Gram matrices at once: on webgpu one batch of the WGSL Cholesky
- * ({@link gramCholInverseWgslBatch}) instead of one per matrix, which halves the factorization
- * dispatches of a keys-and-values pair. Does not dispose the items.
+ * {@link truncatedSvd} of several matrices with shared options (e.g. the keys and the values of one
+ * xKV group, ranks r_K·G and r_V·G); result i is that of `truncatedSvd(items[i].blocks, { ...opts,
+ * rank: items[i].rank })`, bit for bit. Their range finders run in lockstep, so each
+ * orthonormalization factors all their Gram matrices at once: on webgpu one batch of the WGSL
+ * Cholesky ({@link gramCholInverseWgslBatch}, sizes may differ) instead of one per matrix, which
+ * halves the factorization dispatches of a keys-and-values pair. Does not dispose the items.
  * @throws as {@link truncatedSvd}.
  */
-export async function truncatedSvdBatch(items: tf.Tensor2D[][], opts: TruncatedSvdOptions): Promise<LowRankBlockFactors[]> {
-  for (const blocks of items)
+export async function truncatedSvdBatch(items: SvdBatchItem[], opts: Omit<TruncatedSvdOptions, 'rank'>): Promise<LowRankBlockFactors[]> {
+  for (const { blocks } of items)
     check(blocks.length >= 1 && blocks.every((x) => x.rank === 2 && x.shape[0] === blocks[0].shape[0]), 'shape', () => `truncatedSvd: column blocks must be 2-D with equal row counts, got ${blocks.map((x) => `[${x.shape}]`).join(', ')}`);
-  if (!isHostBackend() && !opts.exact && items.some((X) => X.length > 1)) {
+  if (!isHostBackend() && !opts.exact && items.some((it) => it.blocks.length > 1)) {
     // On a GPU each block product is one more dispatch (and dispatches, not flops, dominate the
     // k×k work): factor the concatenated matrix (one copy of X), then split the coefficients. Ω is
     // the same either way (drawn for the whole F).
-    const wholes = items.map((X) => (X.length > 1 ? (tf.concat(X, 1) as tf.Tensor2D) : X[0]));
+    const wholes = items.map(({ blocks: X }) => (X.length > 1 ? (tf.concat(X, 1) as tf.Tensor2D) : X[0]));
     try {
       const fs = await truncatedSvdBatch(
-        wholes.map((w) => [w]),
+        wholes.map((w, i) => ({ blocks: [w], rank: items[i].rank })),
         opts,
       );
-      return fs.map((f, i) => ({ ...f, coeffs: splitColumns(f.coeffs[0], items[i]) }));
+      return fs.map((f, i) => ({ ...f, coeffs: splitColumns(f.coeffs[0], items[i].blocks) }));
     } finally {
-      wholes.forEach((w, i) => w !== items[i][0] && w.dispose());
+      wholes.forEach((w, i) => w !== items[i].blocks[0] && w.dispose());
     }
   }
-  const r = opts.rank;
-  const p = opts.oversample === undefined || opts.oversample === 'auto' ? autoOversample(r) : opts.oversample;
-  check(Number.isInteger(p) && p >= 0, 'config', `oversample must be a non-negative integer or 'auto', got ${p}`);
-  check(p <= MAX_OVERSAMPLE, 'config', `oversample ${p} is too large: it must be at most ${MAX_OVERSAMPLE} (the k×k host work grows as (rank + oversample)³)`);
   const qIn = opts.powerIters ?? DEFAULT_POWER_ITERS;
   check(Number.isInteger(2 * qIn) && qIn >= 0, 'config', `powerIters must be a non-negative multiple of 0.5, got ${qIn}`);
   check(qIn <= MAX_POWER_ITERS, 'config', `powerIters ${qIn} is too large: it must be at most ${MAX_POWER_ITERS} (each iteration is two more products with the whole matrix)`);
@@ -420,16 +422,24 @@ export async function truncatedSvdBatch(items: tf.Tensor2D[][], opts: TruncatedS
   const sketch = opts.sketch ?? 'gaussian';
   check(sketch === 'gaussian' || sketch === 'sparse-sign', 'config', `sketch must be 'gaussian' or 'sparse-sign', got ${String(sketch)}`);
   const mm = opts.matmul ?? matmul;
-  const shapes = items.map((X) => {
+  const shapes = items.map(({ blocks: X, rank: r }) => {
+    const p = opts.oversample === undefined || opts.oversample === 'auto' ? autoOversample(r) : opts.oversample;
+    check(Number.isInteger(p) && p >= 0, 'config', `oversample must be a non-negative integer or 'auto', got ${p}`);
+    check(p <= MAX_OVERSAMPLE, 'config', `oversample ${p} is too large: it must be at most ${MAX_OVERSAMPLE} (the k×k host work grows as (rank + oversample)³)`);
     const T = X[0].shape[0];
     const F = X.reduce((a, x) => a + x.shape[1], 0);
     const m = Math.min(T, F);
     check(Number.isInteger(r) && r >= 1 && r <= m, 'rank', `rank ${r} is out of range: it must be an integer in [1, min(T=${T}, features=${F}) = ${m}]`);
-    return { T, F, m, k: opts.exact ? m : Math.min(m, r + p) };
+    return { T, F, m, r, k: opts.exact ? m : Math.min(m, r + p) };
   });
   const out: (LowRankBlockFactors | undefined)[] = new Array(items.length);
   try {
-    await factorItems(items, shapes, out, { r, qIn, seed, sketch, orth, mm });
+    await factorItems(
+      items.map((it) => it.blocks),
+      shapes,
+      out,
+      { qIn, seed, sketch, orth, mm },
+    );
   } catch (e) {
     // Results already made are freed: a failing batch leaves nothing behind.
     for (const f of out) if (f) tf.dispose([f.basis, ...f.coeffs]);
@@ -440,16 +450,16 @@ export async function truncatedSvdBatch(items: tf.Tensor2D[][], opts: TruncatedS
 
 async function factorItems(
   items: Blocks[],
-  shapes: { T: number; F: number; m: number; k: number }[],
+  shapes: { T: number; F: number; m: number; r: number; k: number }[],
   out: (LowRankBlockFactors | undefined)[],
-  o: { r: number; qIn: number; seed: number; sketch: Sketch; orth: 'host' | 'device'; mm: MatmulFn },
+  o: { qIn: number; seed: number; sketch: Sketch; orth: 'host' | 'device'; mm: MatmulFn },
 ): Promise<void> {
-  const { r, qIn, seed, sketch, orth, mm } = o;
+  const { qIn, seed, sketch, orth, mm } = o;
   // Items whose sketch covers min(T, F) are decomposed exactly, one by one; the others by range
-  // finders in lockstep, one batch per sketch width k.
-  const sketched = new Map<number, number[]>();
+  // finders in lockstep.
+  const sketched: number[] = [];
   for (const [i, X] of items.entries()) {
-    const { T, F, m, k } = shapes[i];
+    const { T, F, m, r, k } = shapes[i];
     if (k >= m && T > F) {
       // Exact path (small matrices): the F×F Gram needs X whole.
       const whole = X.length === 1 ? X[0] : (tf.concat(X, 1) as tf.Tensor2D);
@@ -459,20 +469,23 @@ async function factorItems(
     } else if (k >= m) {
       // T ≤ F: the range of X is all of R^T.
       out[i] = await rayleighRitz(tf.eye(T) as tf.Tensor2D, X.map((x) => tf.clone(x)), r);
-    } else sketched.set(k, [...(sketched.get(k) ?? []), i]);
+    } else sketched.push(i);
   }
-  for (const [k, idx] of sketched) {
+  // Sketch widths the WGSL Cholesky takes and those it does not are factored differently: apart.
+  for (const part of [sketched.filter((i) => deviceCholesky(shapes[i].k)), sketched.filter((i) => !deviceCholesky(shapes[i].k))]) {
+    if (!part.length) continue;
     const found = await rangeFinder(
-      idx.map((i) => items[i]),
-      k,
+      part.map((i) => items[i]),
+      part.map((i) => shapes[i].k),
       Math.round(2 * qIn),
       seed,
       sketch,
       orth,
       mm,
     );
-    for (const [j, i] of idx.entries()) {
+    for (const [j, i] of part.entries()) {
       const { Q, B } = found[j];
+      const r = shapes[i].r;
       out[i] = B[0].shape[0] === r ? { basis: Q, coeffs: B } : await rayleighRitz(Q, B, r, mm);
     }
   }
@@ -532,9 +545,9 @@ interface ColumnOperand {
  * then well conditioned) and two (Cholesky-QR2-like) when it is the raw X·Ω. Every F-side matrix
  * (M, A, Zᵀ, B) is kept as blocks matching X's.
  */
-async function rangeFinder(Xs: Blocks[], k: number, halfSteps: number, seed: number, sketch: Sketch, orth: 'host' | 'device', mm: MatmulFn = matmul): Promise<{ Q: tf.Tensor2D; B: Blocks }[]> {
+async function rangeFinder(Xs: Blocks[], ks: number[], halfSteps: number, seed: number, sketch: Sketch, orth: 'host' | 'device', mm: MatmulFn = matmul): Promise<{ Q: tf.Tensor2D; B: Blocks }[]> {
   // The WGSL Cholesky reads (G + Gᵀ)/2 itself, and factors a batch in the same dispatches.
-  const chol = orth === 'device' && deviceCholesky(k);
+  const chol = orth === 'device' && deviceCholesky(Math.max(...ks));
   const factorAll = async (Gs: tf.Tensor2D[], pass: number): Promise<tf.Tensor2D[]> => {
     if (orth === 'host') {
       const rs = await Promise.allSettled(Gs.map((G) => hostGramFactor(G)));
@@ -554,7 +567,7 @@ async function rangeFinder(Xs: Blocks[], k: number, halfSteps: number, seed: num
       return chol ? G : (tf.mul(tf.add(G, tf.transpose(G)), 0.5) as tf.Tensor2D);
     });
   const dense = (blocks: Blocks): ColumnOperand => ({ times: (A) => blockSum(A, blocks, false, false, mm), dispose: () => tf.dispose(blocks) });
-  const testOperand = (X: Blocks): ColumnOperand => {
+  const testOperand = (X: Blocks, k: number): ColumnOperand => {
     if (sketch === 'sparse-sign' && isWebGpuBackend() && X.length === 1) {
       // Gathers instead of a dense product with a mostly-zero Ω.
       const s = sparseSignMatrix(X[0].shape[1], k, seed);
@@ -570,11 +583,11 @@ async function rangeFinder(Xs: Blocks[], k: number, halfSteps: number, seed: num
   let Y: tf.Tensor2D[];
   let steps = halfSteps;
   if (halfSteps % 2 === 0) {
-    M = Xs.map(testOperand);
+    M = Xs.map((X, i) => testOperand(X, ks[i]));
     Y = columnSketches(M);
   } else {
-    const Zt0 = Xs.map((X) => {
-      const omegaT = testRowsMatrix(k, X[0].shape[0], seed, sketch);
+    const Zt0 = Xs.map((X, i) => {
+      const omegaT = testRowsMatrix(ks[i], X[0].shape[0], seed, sketch);
       const z = leftTimes(omegaT, X, false, mm);
       omegaT.dispose();
       return z;

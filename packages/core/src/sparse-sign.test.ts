@@ -77,11 +77,13 @@ describe('truncatedSvdBatch (lockstep range finders)', () => {
     const before = tf.memory().numTensors;
     for (const powerIters of [0, 0.5, 1, 1.5])
       for (const sketch of ['gaussian', 'sparse-sign'] as const) {
-        // rank 5 of the [60, 5] item covers min(T, F): that item is decomposed exactly.
-        const opts = { rank: 5, oversample: 0, powerIters, seed: 9, sketch };
-        const both = await truncatedSvdBatch(items, opts);
+        // Rank 5 of the [60, 5] item covers min(T, F): that item is decomposed exactly; the others
+        // at ranks 5 and 7 (oversample auto: sketch widths 13 and 15).
+        const ranks = [5, 7, 5];
+        const opts = { oversample: 'auto' as const, powerIters, seed: 9, sketch };
+        const both = await truncatedSvdBatch(items.map((blocks, i) => ({ blocks, rank: ranks[i] })), opts);
         for (const [i, X] of items.entries()) {
-          const one = await truncatedSvd(X, opts);
+          const one = await truncatedSvd(X, { ...opts, rank: ranks[i] });
           expect(Array.from(await both[i].basis.data()), `q ${powerIters} ${sketch} item ${i}`).toEqual(Array.from(await one.basis.data()));
           for (const [b, c] of one.coeffs.entries()) expect(Array.from(await both[i].coeffs[b].data())).toEqual(Array.from(await c.data()));
           tf.dispose([one.basis, ...one.coeffs, both[i].basis, ...both[i].coeffs]);
@@ -97,7 +99,7 @@ describe('truncatedSvdBatch (lockstep range finders)', () => {
         return tf.matMul(a, b, tA, tB) as tf.Tensor2D;
       };
       const n0 = tf.memory().numTensors;
-      await expect(truncatedSvdBatch(batch, { rank: 5, oversample: 0, powerIters: 0, orthogonalization: 'host', matmul: failing })).rejects.toThrow(/planted failure/);
+      await expect(truncatedSvdBatch(batch.map((blocks) => ({ blocks, rank: 5 })), { oversample: 0, powerIters: 0, orthogonalization: 'host', matmul: failing })).rejects.toThrow(/planted failure/);
       return tf.memory().numTensors - n0;
     };
     expect(await leftAfterFailure([items[2], items[1]])).toBe(await leftAfterFailure([items[1]]));

@@ -42,12 +42,11 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
         basisName: `${kind}.basis.${g.index}`,
         factorNames: g.layers.map((l) => `${kind}.factor.${l}`),
       }));
-      // On webgpu the keys and the values of a group are factored together when their ranks agree and
-      // the WGSL Cholesky factors their Gram matrices (one batch of dispatches for both); elsewhere one
-      // at a time (one sketch alive at once: batching would only raise the peak memory).
-      const R = jobs[0].R;
-      const k = R + (config.oversample === 'auto' ? autoOversample(R) : config.oversample);
-      const together = !config.exact && R === jobs[1].R && resolveOrthogonalization(config.orthogonalization) === 'device' && deviceCholesky(k);
+      // On webgpu the keys and the values of a group are factored together when the WGSL Cholesky
+      // factors their Gram matrices (one batch of dispatches for both, whatever their ranks); elsewhere
+      // one at a time (one sketch alive at once: batching would only raise the peak memory).
+      const widths = jobs.map((j) => j.R + (config.oversample === 'auto' ? autoOversample(j.R) : config.oversample));
+      const together = !config.exact && resolveOrthogonalization(config.orthogonalization) === 'device' && widths.every((k) => deviceCholesky(k));
       for (const batch of together ? [jobs] : jobs.map((j) => [j])) {
         const outs = await factorGroupBlocks(
           batch.map((j) => ({ ...j, X: g.layers.map((l) => groupColumnBlock((j.kind === 'k' ? cache.keys : cache.values)[l], T, F)) })),
@@ -101,23 +100,20 @@ export interface GroupFactorJob {
 
 /**
  * Factors group matrices X_g = [X_1 … X_n] (column blocks [T, F_i], never concatenated) by core's
- * `truncatedSvdBatch` at rank R (jobs of one rank share each orthonormalization's dispatches on a
- * GPU), splits Σ evenly between the token basis and the factors (U·√Σ, √Σ·Vᵀ, by the factor rows'
+ * `truncatedSvdBatch` at their ranks R (the jobs share each orthonormalization's dispatches on
+ * webgpu), splits Σ evenly between the token basis and the factors (U·√Σ, √Σ·Vᵀ, by the factor rows'
  * norms over all blocks, as the xKV authors' `fake_svd` does) on the backend, and stores them as
  * configured (`makeBlock`): the basis [T, R] as `basisName`, factor i [R, F_i] as `factorNames[i]`.
  * Takes ownership of every job's `X` (disposed); leaks nothing when it throws.
- * @throws KvpackError('config') for jobs of different ranks; as core's truncatedSvd.
+ * @throws as core's truncatedSvd.
  */
 export async function factorGroupBlocks(jobs: GroupFactorJob[], config: GroupSvdConfig): Promise<{ basis: Block; factors: Block[] }[]> {
   const live: tf.Tensor[] = jobs.flatMap((j) => j.X);
   const made: Block[] = [];
   try {
-    if (jobs.some((j) => j.R !== jobs[0].R)) throw new KvpackError('config', `factorGroupBlocks: one batch needs one rank, got ${jobs.map((j) => j.R).join(', ')}`);
-    const R = jobs[0].R;
     const svds = await truncatedSvdBatch(
-      jobs.map((j) => j.X),
+      jobs.map((j) => ({ blocks: j.X, rank: j.R })),
       {
-        rank: R,
         oversample: config.oversample,
         powerIters: config.powerIters,
         seed: config.seed,
@@ -133,6 +129,7 @@ export async function factorGroupBlocks(jobs: GroupFactorJob[], config: GroupSvd
     const outs: { basis: Block; factors: Block[] }[] = [];
     for (const [ji, svd] of svds.entries()) {
       // No host round-trip between the SVD and the stored factors.
+      const R = jobs[ji].R;
       const [basis, ...factors] = tf.tidy(() => {
         const norms = tf.sqrt(tf.addN(svd.coeffs.map((c) => tf.sum(tf.square(c), 1))));
         const s = tf.where(tf.logicalAnd(tf.greater(norms, 0), tf.isFinite(norms)), tf.sqrt(norms), tf.onesLike(norms));
