@@ -34,6 +34,11 @@ await esbuild.build({
   // the entry resolve from the bench package's dependencies.
   alias: {
     ...Object.fromEntries(['core', 'xkv', 'baselines', 'models', 'bench'].map((p) => [`@kvpack/${p}`, join(root, 'packages', p)])),
+    // strategy-utils by its CommonJS files, entry and subpath alike: the packages' dist/ files require
+    // it, and an ESM copy beside the CommonJS one would hold its own module state (the benchmarks'
+    // product selection would not reach the strategies).
+    '@kvpack/strategy-utils/internal': join(root, 'packages', 'strategy-utils', 'dist', 'internal.cjs'),
+    '@kvpack/strategy-utils': join(root, 'packages', 'strategy-utils', 'dist', 'index.cjs'),
     // No plots on the GPU host (and vega's Node build has a top-level await CommonJS cannot hold).
     vega: join(root, 'scripts', 'gpu', 'no-plots.cjs'),
     'vega-lite': join(root, 'scripts', 'gpu', 'no-plots.cjs'),
