@@ -330,23 +330,50 @@ type Blocks = tf.Tensor2D[];
 function blockSum(A: Blocks, B: Blocks, transposeA = false, transposeB = false, mm: MatmulFn = matmul): tf.Tensor2D {
   if (A.length > 1 && !isHostBackend()) {
     // On a GPU every kernel is a dispatch: the partial products, then one addN.
-    const parts = A.map((a, i) => mm(a, B[i], transposeA, transposeB));
-    const sum = tf.addN(parts) as tf.Tensor2D;
-    tf.dispose(parts);
-    return sum;
+    const parts: tf.Tensor2D[] = [];
+    try {
+      for (const [i, a] of A.entries()) parts.push(mm(a, B[i], transposeA, transposeB));
+      return tf.addN(parts) as tf.Tensor2D;
+    } finally {
+      tf.dispose(parts);
+    }
   }
   let acc = mm(A[0], B[0], transposeA, transposeB);
-  for (let i = 1; i < A.length; i++) {
-    const next = tf.tidy(() => tf.add(acc, mm(A[i], B[i], transposeA, transposeB)) as tf.Tensor2D);
+  try {
+    for (let i = 1; i < A.length; i++) {
+      const next = tf.tidy(() => tf.add(acc, mm(A[i], B[i], transposeA, transposeB)) as tf.Tensor2D);
+      acc.dispose();
+      acc = next;
+    }
+  } catch (e) {
     acc.dispose();
-    acc = next;
+    throw e;
   }
   return acc;
 }
 
+/** [op(Z_1)·W … op(Z_G)·W]: a right product applied block by block (nothing left behind if one throws). */
+function leftTimesT(Z: Blocks, W: tf.Tensor2D, transposeZ: boolean, mm: MatmulFn): Blocks {
+  const out: Blocks = [];
+  try {
+    for (const z of Z) out.push(mm(z, W, transposeZ, false));
+    return out;
+  } catch (e) {
+    tf.dispose(out);
+    throw e;
+  }
+}
+
 /** [L·X_1 … L·X_G]: a left product applied block by block. */
 function leftTimes(L: tf.Tensor2D, X: Blocks, transposeL = false, mm: MatmulFn = matmul): Blocks {
-  return X.map((x) => mm(L, x, transposeL, false));
+  const out: Blocks = [];
+  try {
+    for (const x of X) out.push(mm(L, x, transposeL, false));
+    return out;
+  } catch (e) {
+    tf.dispose(out);
+    throw e;
+  }
 }
 
 /**
@@ -486,7 +513,13 @@ async function factorItems(
     for (const [j, i] of part.entries()) {
       const { Q, B } = found[j];
       const r = shapes[i].r;
-      out[i] = B[0].shape[0] === r ? { basis: Q, coeffs: B } : await rayleighRitz(Q, B, r, mm);
+      try {
+        out[i] = B[0].shape[0] === r ? { basis: Q, coeffs: B } : await rayleighRitz(Q, B, r, mm);
+      } catch (e) {
+        // rayleighRitz freed its own Q and B; the items after it are freed here.
+        for (const f of found.slice(j + 1)) tf.dispose([f.Q, ...f.B]);
+        throw e;
+      }
     }
   }
 }
@@ -546,6 +579,31 @@ interface ColumnOperand {
  * (M, A, Zᵀ, B) is kept as blocks matching X's.
  */
 async function rangeFinder(Xs: Blocks[], ks: number[], halfSteps: number, seed: number, sketch: Sketch, orth: 'host' | 'device', mm: MatmulFn = matmul): Promise<{ Q: tf.Tensor2D; B: Blocks }[]> {
+  // Every tensor made here is recorded, so that a failure part way (a product or a factorization
+  // that throws) frees what is still alive; on success the results are returned, the rest disposed.
+  const made: tf.Tensor[] = [];
+  const own = <T extends tf.Tensor | tf.Tensor[] | tf.Tensor[][]>(x: T): T => {
+    made.push(...([x] as unknown[]).flat(2) as tf.Tensor[]);
+    return x;
+  };
+  try {
+    return await rangeFinderSteps(Xs, ks, halfSteps, seed, sketch, orth, mm, own);
+  } catch (e) {
+    for (const t of made) if (!t.isDisposed) t.dispose();
+    throw e;
+  }
+}
+
+async function rangeFinderSteps(
+  Xs: Blocks[],
+  ks: number[],
+  halfSteps: number,
+  seed: number,
+  sketch: Sketch,
+  orth: 'host' | 'device',
+  mm: MatmulFn,
+  own: <T extends tf.Tensor | tf.Tensor[] | tf.Tensor[][]>(x: T) => T,
+): Promise<{ Q: tf.Tensor2D; B: Blocks }[]> {
   // The WGSL Cholesky reads (G + Gᵀ)/2 itself, and factors a batch in the same dispatches.
   const chol = orth === 'device' && deviceCholesky(Math.max(...ks));
   const factorAll = async (Gs: tf.Tensor2D[], pass: number): Promise<tf.Tensor2D[]> => {
@@ -556,24 +614,24 @@ async function rangeFinder(Xs: Blocks[], ks: number[], halfSteps: number, seed: 
         for (const x of rs) if (x.status === 'fulfilled') x.value.dispose();
         throw failed.reason;
       }
-      return rs.map((x) => (x as PromiseFulfilledResult<tf.Tensor2D>).value);
+      return own(rs.map((x) => (x as PromiseFulfilledResult<tf.Tensor2D>).value));
     }
-    if (chol) return gramCholInverseWgslBatch(Gs);
-    return Gs.map((G) => deviceGramFactor(G, pass, mm));
+    if (chol) return own(gramCholInverseWgslBatch(Gs));
+    return Gs.map((G) => own(deviceGramFactor(G, pass, mm)));
   };
   const gramOf = (A: Blocks, M: ColumnOperand): tf.Tensor2D =>
-    tf.tidy(() => {
+    own(tf.tidy(() => {
       const G = M.times(A);
       return chol ? G : (tf.mul(tf.add(G, tf.transpose(G)), 0.5) as tf.Tensor2D);
-    });
-  const dense = (blocks: Blocks): ColumnOperand => ({ times: (A) => blockSum(A, blocks, false, false, mm), dispose: () => tf.dispose(blocks) });
+    }));
+  const dense = (blocks: Blocks): ColumnOperand => (own(blocks), { times: (A) => own(blockSum(A, blocks, false, false, mm)), dispose: () => tf.dispose(blocks) });
   const testOperand = (X: Blocks, k: number): ColumnOperand => {
     if (sketch === 'sparse-sign' && isWebGpuBackend() && X.length === 1) {
       // Gathers instead of a dense product with a mostly-zero Ω.
       const s = sparseSignMatrix(X[0].shape[1], k, seed);
-      const ptr = tf.tensor1d(s.ptr, 'int32');
-      const entries = tf.tensor1d(s.entries, 'int32');
-      return { times: (A) => sparseSignProductWgsl(A[0], s, ptr, entries), dispose: () => tf.dispose([ptr, entries]) };
+      const ptr = own(tf.tensor1d(s.ptr, 'int32'));
+      const entries = own(tf.tensor1d(s.entries, 'int32'));
+      return { times: (A) => own(sparseSignProductWgsl(A[0], s, ptr, entries)), dispose: () => tf.dispose([ptr, entries]) };
     }
     return dense(testRowBlocks(X, k, seed, sketch));
   };
@@ -587,8 +645,8 @@ async function rangeFinder(Xs: Blocks[], ks: number[], halfSteps: number, seed: 
     Y = columnSketches(M);
   } else {
     const Zt0 = Xs.map((X, i) => {
-      const omegaT = testRowsMatrix(ks[i], X[0].shape[0], seed, sketch);
-      const z = leftTimes(omegaT, X, false, mm);
+      const omegaT = own(testRowsMatrix(ks[i], X[0].shape[0], seed, sketch));
+      const z = own(leftTimes(omegaT, X, false, mm));
       omegaT.dispose();
       return z;
     });
@@ -604,16 +662,16 @@ async function rangeFinder(Xs: Blocks[], ks: number[], halfSteps: number, seed: 
       // loses ~1e-3 of B in float32 when Y is ill conditioned.
       disposeAll(M);
       return Xs.map((X, i) => {
-        const Q = orthonormalizeDevice(Y[i], 2, mm);
+        const Q = own(orthonormalizeDevice(Y[i], 2, mm));
         Y[i].dispose();
-        return { Q, B: leftTimes(Q, X, true, mm) };
+        return { Q, B: own(leftTimes(Q, X, true, mm)) };
       });
     }
     // Yᵀ·X [k, F]: a custom product reads Y transposed in place; core matmul gets one explicit Yᵀ.
     const A = Xs.map((X, i) => {
-      if (mm !== matmul) return leftTimes(Y[i], X, true, mm);
-      const Yt = tf.transpose(Y[i]) as tf.Tensor2D;
-      const a = leftTimes(Yt, X);
+      if (mm !== matmul) return own(leftTimes(Y[i], X, true, mm));
+      const Yt = own(tf.transpose(Y[i]) as tf.Tensor2D);
+      const a = own(leftTimes(Yt, X));
       Yt.dispose();
       return a;
     });
@@ -622,23 +680,23 @@ async function rangeFinder(Xs: Blocks[], ks: number[], halfSteps: number, seed: 
     const W = await factorAll(G, 0);
     tf.dispose(G);
     if (last) {
-      let Q = Y.map((y, i) => mm(y, W[i], false, false));
-      let B = A.map((a, i) => leftTimes(W[i], a, true, mm));
+      let Q = Y.map((y, i) => own(mm(y, W[i], false, false)));
+      let B = A.map((a, i) => own(leftTimes(W[i], a, true, mm)));
       tf.dispose([...Y, ...W, ...A.flat()]);
       if (halfSteps === 0 || chol) {
         // Second pass (Cholesky-QR2) on the raw sketch X·Ω, which can be too ill-conditioned for one
         // pass in float32, and after a float32 (device) Cholesky of the first pass's F-side Gram.
-        const G2 = Q.map((q) => mm(q, q, true, false));
+        const G2 = Q.map((q) => own(mm(q, q, true, false)));
         const W2 = await factorAll(G2, 1);
-        const Q2 = Q.map((q, i) => mm(q, W2[i], false, false));
-        const B2 = B.map((b, i) => leftTimes(W2[i], b, true, mm));
+        const Q2 = Q.map((q, i) => own(mm(q, W2[i], false, false)));
+        const B2 = B.map((b, i) => own(leftTimes(W2[i], b, true, mm)));
         tf.dispose([...G2, ...W2, ...Q, ...B.flat()]);
         Q = Q2;
         B = B2;
       }
       return Q.map((q, i) => ({ Q: q, B: B[i] }));
     }
-    const Zt = A.map((a, i) => leftTimes(W[i], a, true, mm));
+    const Zt = A.map((a, i) => own(leftTimes(W[i], a, true, mm)));
     tf.dispose([...Y, ...W, ...A.flat()]);
     M = (await rowToColumnBasis(Zt, factorAll, mm)).map(dense);
     tf.dispose(Zt.flat());
@@ -649,20 +707,25 @@ async function rangeFinder(Xs: Blocks[], ks: number[], halfSteps: number, seed: 
 
 /** Orthonormal P [F, k'] (as row blocks) spanning the columns of Z = (Zᵀ)ᵀ, from each row sketch Zᵀ [k, F] (column blocks; one pass). */
 async function rowToColumnBasis(Zts: Blocks[], factorAll: (Gs: tf.Tensor2D[], pass: number) => Promise<tf.Tensor2D[]>, mm: MatmulFn = matmul): Promise<Blocks[]> {
-  if (!isHostBackend()) {
-    // Zᵀ read transposed in place (no transposed copies: each is one more dispatch on a GPU).
-    const G = Zts.map((Zt) => blockSum(Zt, Zt, false, true, mm));
+  // Zᵀ read transposed in place on a GPU (no transposed copies: each is one more dispatch there).
+  const Z = isHostBackend() ? Zts.map((Zt) => Zt.map((z) => tf.transpose(z) as tf.Tensor2D)) : null;
+  const G: tf.Tensor2D[] = [];
+  try {
+    for (const [i, Zt] of Zts.entries()) G.push(blockSum(Zt, Z ? Z[i] : Zt, false, !Z, mm));
     const W = await factorAll(G, 0);
-    const P = Zts.map((Zt, i) => Zt.map((z) => mm(z, W[i], true, false)));
-    tf.dispose([...G, ...W]);
-    return P;
+    const P: Blocks[] = [];
+    try {
+      for (const [i, Zt] of Zts.entries()) P.push(leftTimesT(Z ? Z[i] : Zt, W[i], !Z, mm));
+      return P;
+    } catch (e) {
+      tf.dispose(P.flat());
+      throw e;
+    } finally {
+      tf.dispose(W);
+    }
+  } finally {
+    tf.dispose([...(Z ? Z.flat() : []), ...G]);
   }
-  const Z = Zts.map((Zt) => Zt.map((z) => tf.transpose(z) as tf.Tensor2D));
-  const G = Zts.map((Zt, i) => blockSum(Zt, Z[i], false, false, mm));
-  const W = await factorAll(G, 0);
-  const P = Z.map((zs, i) => zs.map((z) => mm(z, W[i], false, false)));
-  tf.dispose([...Z.flat(), ...G, ...W]);
-  return P;
 }
 
 /**
@@ -672,20 +735,28 @@ async function rowToColumnBasis(Zts: Blocks[], factorAll: (Gs: tf.Tensor2D[], pa
  */
 async function rayleighRitz(Q: tf.Tensor2D, B: Blocks, r: number, mm: MatmulFn = matmul): Promise<LowRankBlockFactors> {
   const kk = B[0].shape[0];
-  const BBt = blockSum(B, B, false, true, mm);
-  const g = (await BBt.data()) as Float32Array;
-  BBt.dispose();
-  const { values, vectors } = symmetricEig(g, kk);
-  const rr = Math.min(r, kk);
-  const W = new Float32Array(kk * r);
-  for (let i = 0; i < kk; i++) for (let j = 0; j < rr; j++) W[i * r + j] = vectors[i * kk + j];
-  const Wt = tf.tensor2d(W, [kk, r]);
-  const basis = mm(Q, Wt, false, false);
-  const coeffs = leftTimes(Wt, B, true, mm);
-  tf.dispose([Wt, ...B, Q]);
-  const singularValues = new Float64Array(r);
-  for (let j = 0; j < rr; j++) singularValues[j] = Math.sqrt(Math.max(values[j], 0));
-  return { basis, coeffs, singularValues };
+  let Wt: tf.Tensor2D | null = null;
+  let basis: tf.Tensor2D | null = null;
+  try {
+    const BBt = blockSum(B, B, false, true, mm);
+    const g = (await BBt.data()) as Float32Array;
+    BBt.dispose();
+    const { values, vectors } = symmetricEig(g, kk);
+    const rr = Math.min(r, kk);
+    const W = new Float32Array(kk * r);
+    for (let i = 0; i < kk; i++) for (let j = 0; j < rr; j++) W[i * r + j] = vectors[i * kk + j];
+    Wt = tf.tensor2d(W, [kk, r]);
+    basis = mm(Q, Wt, false, false);
+    const coeffs = leftTimes(Wt, B, true, mm);
+    const singularValues = new Float64Array(r);
+    for (let j = 0; j < rr; j++) singularValues[j] = Math.sqrt(Math.max(values[j], 0));
+    return { basis, coeffs, singularValues };
+  } catch (e) {
+    basis?.dispose();
+    throw e;
+  } finally {
+    tf.dispose([...(Wt ? [Wt] : []), ...B, Q]);
+  }
 }
 
 /**

@@ -90,19 +90,24 @@ describe('truncatedSvdBatch (lockstep range finders)', () => {
         }
       }
     expect(tf.memory().numTensors).toBe(before);
-    // A range finder product that fails: the batch leaves no more behind than the failing item alone
-    // (the exact item's finished factors are freed).
-    const leftAfterFailure = async (batch: tf.Tensor2D[][]) => {
-      let calls = 0;
-      const failing = (a: tf.Tensor2D, b: tf.Tensor2D, tA: boolean, tB: boolean) => {
-        if (++calls === 2) throw new KvpackError('unsupported', 'planted failure');
-        return tf.matMul(a, b, tA, tB) as tf.Tensor2D;
-      };
-      const n0 = tf.memory().numTensors;
-      await expect(truncatedSvdBatch(batch.map((blocks) => ({ blocks, rank: 5 })), { oversample: 0, powerIters: 0, orthogonalization: 'host', matmul: failing })).rejects.toThrow(/planted failure/);
-      return tf.memory().numTensors - n0;
-    };
-    expect(await leftAfterFailure([items[2], items[1]])).toBe(await leftAfterFailure([items[1]]));
+    // A range finder product that fails, at each of its calls in turn: nothing is left behind (the
+    // exact item's finished factors and the range finder's tensors in flight are freed).
+    for (const [powerIters, oversample] of [[1, 0], [1.5, 0], [1, 3]] as const)
+      for (const orthogonalization of ['host', 'device'] as const)
+        for (let failAt = 1; failAt <= 60; failAt++) {
+          let calls = 0;
+          const failing = (a: tf.Tensor2D, b: tf.Tensor2D, tA: boolean, tB: boolean) => {
+            if (++calls === failAt) throw new KvpackError('unsupported', 'planted failure');
+            return tf.matMul(a, b, tA, tB) as tf.Tensor2D;
+          };
+          const n0 = tf.memory().numTensors;
+          const got = await truncatedSvdBatch([items[2], items[1], items[0]].map((blocks) => ({ blocks, rank: 5 })), { oversample, powerIters, orthogonalization, matmul: failing }).then(
+            (fs) => (fs.forEach((f) => tf.dispose([f.basis, ...f.coeffs])), null),
+            (e: Error) => e,
+          );
+          if (got) expect(got.message).toMatch(/planted failure/);
+          expect(tf.memory().numTensors, `q ${powerIters} p ${oversample} ${orthogonalization}, failing product ${failAt}`).toBe(n0);
+        }
     tf.dispose(items.flat());
   });
 
