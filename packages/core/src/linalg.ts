@@ -352,11 +352,11 @@ function blockSum(A: Blocks, B: Blocks, transposeA = false, transposeB = false, 
   return acc;
 }
 
-/** [op(Z_1)·W … op(Z_G)·W]: a right product applied block by block (nothing left behind if one throws). */
-function leftTimesT(Z: Blocks, W: tf.Tensor2D, transposeZ: boolean, mm: MatmulFn): Blocks {
+/** f applied to each block, as a new block list; when one call throws, the blocks made so far are freed. */
+function blockwise(X: Blocks, f: (x: tf.Tensor2D) => tf.Tensor2D): Blocks {
   const out: Blocks = [];
   try {
-    for (const z of Z) out.push(mm(z, W, transposeZ, false));
+    for (const x of X) out.push(f(x));
     return out;
   } catch (e) {
     tf.dispose(out);
@@ -364,16 +364,14 @@ function leftTimesT(Z: Blocks, W: tf.Tensor2D, transposeZ: boolean, mm: MatmulFn
   }
 }
 
+/** [op(Z_1)·W … op(Z_G)·W]: a right product applied block by block. */
+function rightTimes(Z: Blocks, W: tf.Tensor2D, transposeZ: boolean, mm: MatmulFn): Blocks {
+  return blockwise(Z, (z) => mm(z, W, transposeZ, false));
+}
+
 /** [L·X_1 … L·X_G]: a left product applied block by block. */
 function leftTimes(L: tf.Tensor2D, X: Blocks, transposeL = false, mm: MatmulFn = matmul): Blocks {
-  const out: Blocks = [];
-  try {
-    for (const x of X) out.push(mm(L, x, transposeL, false));
-    return out;
-  } catch (e) {
-    tf.dispose(out);
-    throw e;
-  }
+  return blockwise(X, (x) => mm(L, x, transposeL, false));
 }
 
 /**
@@ -715,7 +713,7 @@ async function rowToColumnBasis(Zts: Blocks[], factorAll: (Gs: tf.Tensor2D[], pa
     const W = await factorAll(G, 0);
     const P: Blocks[] = [];
     try {
-      for (const [i, Zt] of Zts.entries()) P.push(leftTimesT(Z ? Z[i] : Zt, W[i], !Z, mm));
+      for (const [i, Zt] of Zts.entries()) P.push(rightTimes(Z ? Z[i] : Zt, W[i], !Z, mm));
       return P;
     } catch (e) {
       tf.dispose(P.flat());
