@@ -15,7 +15,7 @@ if (!entry || !out) {
   console.error('usage: node scripts/gpu/bundle.mjs ENTRY.ts OUTDIR');
   process.exit(2);
 }
-for (const p of ['core', 'xkv', 'baselines', 'models', 'bench'])
+for (const p of ['core', 'strategy-utils', 'xkv', 'baselines', 'models', 'bench'])
   if (!existsSync(join(root, 'packages', p, 'dist', 'index.cjs'))) {
     console.error(`bundle.mjs: packages/${p}/dist is missing; run pnpm build first`);
     process.exit(1);

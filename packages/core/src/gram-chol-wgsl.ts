@@ -32,8 +32,8 @@ var<workgroup> blockW: u32;
 `;
 
 /**
- * Step j of a left-looking blocked Cholesky of A = (G + Gᵀ)/2 + s·I (s = SHIFT·max diag G), padded to
- * K = ⌈k/b⌉·b with the identity: block row i computes its block of column j,
+ * Step j of a left-looking blocked Cholesky of A = (G + Gᵀ)/2 + s·I (s = SHIFT·max diag G), padded
+ * with the identity to K = ⌈k_max/b⌉·b (k_max the largest matrix of the batch): block row i computes its block of column j,
  * L_ij = (A_ij − Σ_{m<j} L_im·L_jmᵀ)·L_jj⁻ᵀ, with L_jj the factor of A_jj − Σ_{m<j} L_jm·L_jmᵀ
  * (factored in workgroup memory by every workgroup; b³/3 multiply–adds); columns < j are copied
  * from the previous step's L, columns > j are zero.

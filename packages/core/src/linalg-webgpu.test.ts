@@ -155,7 +155,7 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
     const before = tf.memory().numTensors;
     const alone = await Promise.all(Gs.map(async (G) => { const W = gramCholInverseWgsl(G); const d = await W.data(); W.dispose(); return d; }));
     const first = await countWebGpuDispatches(() => gramCholInverseWgslBatch(Gs.slice(0, 3)));
-    // Two pads (40 → 70 is one; the 70s are not padded), a stack, ⌈70/32⌉ + 1 = 4 steps, one slice per matrix.
+    // One pad (40 → 70), a stack, ⌈70/32⌉ + 1 = 4 steps, one slice per matrix.
     expect(first.dispatches).toBe(1 + 1 + 4 + 3);
     tf.dispose(first.result);
     // Five matrices: a chunk of GRAM_CHOL_BATCH = 4, then one.

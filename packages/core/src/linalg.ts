@@ -176,10 +176,15 @@ function newtonSchulzInvSqrt(G: tf.Tensor2D, sch: NsSchedule, mm: MatmulFn = mat
 export function orthonormalizeDevice(Y: tf.Tensor2D, passes = 2, mm: MatmulFn = matmul): tf.Tensor2D {
   checkPasses(passes);
   let Q = Y;
-  for (let p = 0; p < passes; p++) {
-    const next = tf.tidy(() => mm(Q, deviceGramFactor(mm(Q, Q, true, false), p, mm), false, false));
+  try {
+    for (let p = 0; p < passes; p++) {
+      const next = tf.tidy(() => mm(Q, deviceGramFactor(mm(Q, Q, true, false), p, mm), false, false));
+      if (Q !== Y) Q.dispose();
+      Q = next;
+    }
+  } catch (e) {
     if (Q !== Y) Q.dispose();
-    Q = next;
+    throw e;
   }
   return Q === Y ? tf.clone(Y) : Q;
 }
@@ -416,8 +421,8 @@ export interface SvdBatchItem {
  * xKV group, ranks r_K·G and r_V·G); result i is that of `truncatedSvd(items[i].blocks, { ...opts,
  * rank: items[i].rank })`, bit for bit. Their range finders run in lockstep, so each
  * orthonormalization factors all their Gram matrices at once: on webgpu one batch of the WGSL
- * Cholesky ({@link gramCholInverseWgslBatch}, sizes may differ) instead of one per matrix, which
- * halves the factorization dispatches of a keys-and-values pair. Does not dispose the items.
+ * Cholesky ({@link gramCholInverseWgslBatch}, sizes may differ: ⌈max k/32⌉ + 1 steps instead of the
+ * sum over the matrices) instead of one per matrix. Does not dispose the items.
  * @throws as {@link truncatedSvd}.
  */
 export async function truncatedSvdBatch(items: SvdBatchItem[], opts: Omit<TruncatedSvdOptions, 'rank'>): Promise<LowRankBlockFactors[]> {
@@ -433,7 +438,14 @@ export async function truncatedSvdBatch(items: SvdBatchItem[], opts: Omit<Trunca
         wholes.map((w, i) => ({ blocks: [w], rank: items[i].rank })),
         opts,
       );
-      return fs.map((f, i) => ({ ...f, coeffs: splitColumns(f.coeffs[0], items[i].blocks) }));
+      const split: LowRankBlockFactors[] = [];
+      try {
+        for (const [i, f] of fs.entries()) split.push({ ...f, coeffs: splitColumns(f.coeffs[0], items[i].blocks) });
+        return split;
+      } catch (e) {
+        for (const f of [...split, ...fs.slice(split.length)]) tf.dispose([f.basis, ...f.coeffs]);
+        throw e;
+      }
     } finally {
       wholes.forEach((w, i) => w !== items[i].blocks[0] && w.dispose());
     }
@@ -488,8 +500,12 @@ async function factorItems(
     if (k >= m && T > F) {
       // Exact path (small matrices): the F×F Gram needs X whole.
       const whole = X.length === 1 ? X[0] : (tf.concat(X, 1) as tf.Tensor2D);
-      const f = await exactTallSvd(whole, r);
-      if (whole !== X[0]) whole.dispose();
+      let f: LowRankFactors;
+      try {
+        f = await exactTallSvd(whole, r);
+      } finally {
+        if (whole !== X[0]) whole.dispose();
+      }
       out[i] = { ...f, coeffs: splitColumns(f.coeffs, X) };
     } else if (k >= m) {
       // T ≤ F: the range of X is all of R^T.
@@ -737,8 +753,12 @@ async function rayleighRitz(Q: tf.Tensor2D, B: Blocks, r: number, mm: MatmulFn =
   let basis: tf.Tensor2D | null = null;
   try {
     const BBt = blockSum(B, B, false, true, mm);
-    const g = (await BBt.data()) as Float32Array;
-    BBt.dispose();
+    let g: Float32Array;
+    try {
+      g = (await BBt.data()) as Float32Array;
+    } finally {
+      BBt.dispose();
+    }
     const { values, vectors } = symmetricEig(g, kk);
     const rr = Math.min(r, kk);
     const W = new Float32Array(kk * r);
@@ -767,8 +787,12 @@ async function rayleighRitz(Q: tf.Tensor2D, B: Blocks, r: number, mm: MatmulFn =
 async function exactTallSvd(X: tf.Tensor2D, r: number): Promise<LowRankFactors> {
   const F = X.shape[1];
   const G = matmul(X, X, true, false);
-  const g = (await G.data()) as Float32Array;
-  G.dispose();
+  let g: Float32Array;
+  try {
+    g = (await G.data()) as Float32Array;
+  } finally {
+    G.dispose();
+  }
   const { vectors } = symmetricEig(g, F);
   const V = new Float32Array(F * r);
   for (let i = 0; i < F; i++) for (let j = 0; j < r; j++) V[i * r + j] = vectors[i * F + j];

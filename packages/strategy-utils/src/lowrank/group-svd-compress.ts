@@ -43,8 +43,9 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
         factorNames: g.layers.map((l) => `${kind}.factor.${l}`),
       }));
       // On webgpu the keys and the values of a group are factored together when the WGSL Cholesky
-      // factors their Gram matrices (one batch of dispatches for both, whatever their ranks); elsewhere
-      // one at a time (one sketch alive at once: batching would only raise the peak memory).
+      // factors their Gram matrices (one batch of dispatches for both, whatever their ranks), at the
+      // cost of both sketches (and both concatenated group matrices) alive at once; elsewhere one at a
+      // time, where batching would only raise the peak memory.
       const widths = jobs.map((j) => j.R + (config.oversample === 'auto' ? autoOversample(j.R) : config.oversample));
       const together = !config.exact && resolveOrthogonalization(config.orthogonalization) === 'device' && widths.every((k) => deviceCholesky(k));
       for (const batch of together ? [jobs] : jobs.map((j) => [j])) {
