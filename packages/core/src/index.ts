@@ -28,7 +28,7 @@ export * from './registry.js';
 export * from './backend.js';
 export * from './webgpu.js';
 export * from './linalg.js';
-export { SPARSE_SIGN_NONZEROS, sparseSignDense, sparseSignMatrix, sparseSignProductWgsl, type SparseSign } from './sparse-sign.js';
+export { SPARSE_SIGN_NONZEROS, sparseSignDense, sparseSignMatrix, sparseSignProductWgsl, sparseSignRowsProductWgsl, type SparseSign } from './sparse-sign.js';
 export { GRAM_CHOL_BATCH, GRAM_CHOL_MAX, GRAM_CHOL_SHIFT, gramCholInverseWgsl, gramCholInverseWgslBatch } from './gram-chol-wgsl.js';
 export * from './limits.js';
 export * from './dense/index.js';

@@ -3,7 +3,7 @@
 // finder built on it, against float64 oracles. Without an adapter the suite is skipped and says why.
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
-import { HalfTensor, countWebGpuDispatches, deviceCholesky, encodeHalf, relativeFrobeniusError, selectBackend, sparseSignDense, sparseSignMatrix, sparseSignProductWgsl, truncatedSvd, truncatedSvdBatch, wgslValidationErrors } from './index.js';
+import { HalfTensor, countWebGpuDispatches, deviceCholesky, encodeHalf, relativeFrobeniusError, selectBackend, sparseSignDense, sparseSignMatrix, sparseSignProductWgsl, sparseSignRowsProductWgsl, truncatedSvd, truncatedSvdBatch, wgslValidationErrors } from './index.js';
 import { GRAM_CHOL_SHIFT, gramCholInverseWgsl, gramCholInverseWgslBatch } from './gram-chol-wgsl.js';
 import { mulberry32, normalPair } from './random.js';
 
@@ -200,17 +200,37 @@ describe.skipIf(unavailable !== null)(title, { timeout: 600_000 }, () => {
       expect(worst).toBeLessThan(1e-5);
       expect(() => sparseSignProductWgsl(tf.zeros([2, n + 1]) as tf.Tensor2D, s, ptr, ent)).toThrow(/test matrix is/);
       tf.dispose([X, ptr, ent]);
+      // Ω'ᵀ·X of the row-space sketch: Ω' [M, k] over X's rows, X [M, n] (n not a multiple of 4).
+      const sr = sparseSignMatrix(M, k, 4);
+      const ptrR = tf.tensor1d(sr.ptr, 'int32');
+      const entR = tf.tensor1d(sr.entries, 'int32');
+      const Xr = tf.tensor2d(Float32Array.from(x), [M, n]);
+      const Z = sparseSignRowsProductWgsl(Xr, sr, ptrR, entR);
+      expect(Z.shape).toEqual([k, n]);
+      const z = await Z.data();
+      const dr = sparseSignDense(sr);
+      let worstR = 0;
+      for (let j = 0; j < k; j++)
+        for (let f = 0; f < n; f++) {
+          let ref = 0;
+          for (let t = 0; t < M; t++) ref += dr[t * k + j] * Math.fround(x[t * n + f]);
+          worstR = Math.max(worstR, Math.abs(z[j * n + f] - ref));
+        }
+      expect(worstR).toBeLessThan(1e-5);
+      tf.dispose([Z, Xr, ptrR, entR]);
     }
     const T = 384, F = 192, r = 24;
     const { data, sigma } = planted(T, F, 1.0, 0.02, 9);
     const X = tf.tensor2d(data, [T, F]);
     const before = tf.memory().numTensors;
-    const f = await truncatedSvd(X, { rank: r, oversample: 0, powerIters: 1, orthogonalization: 'device', seed: 3, sketch: 'sparse-sign' });
-    const A = tf.matMul(f.basis, f.coeffs);
-    const err = await relativeFrobeniusError(X, A);
-    tf.dispose([A, f.basis, f.coeffs]);
-    expect(tf.memory().numTensors).toBe(before);
-    expect(err / exactErrorOf(sigma, r)).toBeLessThan(1.1);
+    for (const powerIters of [1, 1.5]) {
+      const f = await truncatedSvd(X, { rank: r, oversample: 0, powerIters, orthogonalization: 'device', seed: 3, sketch: 'sparse-sign' });
+      const A = tf.matMul(f.basis, f.coeffs);
+      const err = await relativeFrobeniusError(X, A);
+      tf.dispose([A, f.basis, f.coeffs]);
+      expect(tf.memory().numTensors).toBe(before);
+      expect(err / exactErrorOf(sigma, r), `q ${powerIters}`).toBeLessThan(1.1);
+    }
     X.dispose();
     expect(await wgslValidationErrors()).toEqual([]);
   });

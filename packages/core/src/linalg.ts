@@ -5,7 +5,7 @@ import { isHostBackend } from './backend.js';
 import { GRAM_CHOL_MAX, gramCholInverseWgsl, gramCholInverseWgslBatch } from './gram-chol-wgsl.js';
 import { isWebGpuBackend } from './webgpu.js';
 import { mulberry32, normalPair } from './random.js';
-import { sparseSignDense, sparseSignMatrix, sparseSignProductWgsl } from './sparse-sign.js';
+import { sparseSignDense, sparseSignMatrix, sparseSignProductWgsl, sparseSignRowsProductWgsl } from './sparse-sign.js';
 import { MAX_ORTHONORMALIZE_PASSES, MAX_OVERSAMPLE, MAX_POWER_ITERS, MAX_SEED, MIN_SEED } from './limits.js';
 
 /**
@@ -283,9 +283,9 @@ export interface TruncatedSvdOptions {
   /**
    * The test matrix Ω: `gaussian` (default) or `sparse-sign`, {@link SPARSE_SIGN_NONZEROS} = 8 entries
    * ±1 per row (Tropp et al. 2019, §3.3; Martinsson & Tropp 2020, §9.2), with the same error in
-   * practice. On webgpu the first sketch X·Ω is then a gather kernel instead of a [T, F]-by-k product
-   * (one of the 2q + 2 products almost free at integer q); elsewhere, and for the row-space first
-   * sketch of a half-integer q, Ω is multiplied densely.
+   * practice. On webgpu the first sketch (X·Ω, or Ω'ᵀ·X for a half-integer q) is then a gather kernel
+   * instead of a [T, F]-by-k product: one of the 2q + 2 products almost free; elsewhere Ω is
+   * multiplied densely.
    */
   sketch?: Sketch;
   /** Force an exact decomposition: the sketch covers min(T, F). */
@@ -659,6 +659,15 @@ async function rangeFinderSteps(
     Y = columnSketches(M);
   } else {
     const Zt0 = Xs.map((X, i) => {
+      if (sketch === 'sparse-sign' && isWebGpuBackend() && X.length === 1) {
+        // Row gathers instead of a dense product with a mostly-zero Ω'.
+        const s = sparseSignMatrix(X[0].shape[0], ks[i], seed);
+        const ptr = own(tf.tensor1d(s.ptr, 'int32'));
+        const entries = own(tf.tensor1d(s.entries, 'int32'));
+        const z = [own(sparseSignRowsProductWgsl(X[0], s, ptr, entries))];
+        tf.dispose([ptr, entries]);
+        return z;
+      }
       const omegaT = own(testRowsMatrix(ks[i], X[0].shape[0], seed, sketch));
       const z = own(leftTimes(omegaT, X, false, mm));
       omegaT.dispose();

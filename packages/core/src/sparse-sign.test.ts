@@ -1,6 +1,6 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { describe, expect, it } from 'vitest';
-import { KvpackError, SPARSE_SIGN_NONZEROS, relativeFrobeniusError, selectBackend, sparseSignDense, sparseSignMatrix, truncatedSvd, truncatedSvdBatch } from './index.js';
+import { KvpackError, SPARSE_SIGN_NONZEROS, relativeFrobeniusError, selectBackend, sparseSignDense, sparseSignMatrix, sparseSignProductWgsl, sparseSignRowsProductWgsl, truncatedSvd, truncatedSvdBatch } from './index.js';
 
 describe('sparse sign test matrix', () => {
   it('has min(8, k) entries ±1 in distinct columns per row, columns sorted by row, the same for a seed, dense form equal', () => {
@@ -121,5 +121,15 @@ describe('truncatedSvdBatch (lockstep range finders)', () => {
     expect(() => sparseSignMatrix(0, 4, 1)).toThrow(/positive integers/);
     expect(() => sparseSignMatrix(5, 2.5, 1)).toThrow(/positive integers/);
     expect(() => sparseSignMatrix(5, 4, 2 ** 31)).toThrow(/int32/);
+    // Operands are checked before any kernel runs (on every backend).
+    const s = sparseSignMatrix(5, 4, 1);
+    const ptr = tf.tensor1d(s.ptr, 'int32');
+    const ent = tf.tensor1d(s.entries, 'int32');
+    const ints = tf.zeros([3, 5], 'int32') as tf.Tensor2D;
+    const wrong = tf.zeros([3, 6]) as tf.Tensor2D;
+    expect(() => sparseSignProductWgsl(ints, s, ptr, ent)).toThrow(/float32 matrix/);
+    expect(() => sparseSignProductWgsl(wrong, s, ptr, ent)).toThrow(/test matrix is \[5, 4\]/);
+    expect(() => sparseSignRowsProductWgsl(wrong, s, ptr, ent)).toThrow(/test matrix is \[5, 4\]/);
+    tf.dispose([ptr, ent, ints, wrong]);
   });
 });

@@ -94,22 +94,8 @@ const ROWS_PER_INVOCATION = 4;
  *   KvpackError('shape') when X's columns are not Ω's rows.
  */
 export function sparseSignProductWgsl(X: tf.Tensor2D, s: SparseSign, ptr: tf.Tensor1D, entries: tf.Tensor1D): tf.Tensor2D {
-  check(X.rank === 2 && X.dtype === 'float32' && ptr.dtype === 'int32' && entries.dtype === 'int32', 'dtype', `sparse sign product: X must be a float32 matrix and the columns int32, got X ${X.dtype} [${X.shape}], ${ptr.dtype} / ${entries.dtype}`);
-  const [M, n] = X.shape;
-  check(n === s.rows && ptr.size === s.cols + 1 && entries.size === s.entries.length, 'shape', `sparse sign product: X is [${X.shape}] but the test matrix is [${s.rows}, ${s.cols}]`);
-  const invocations = Math.ceil(M / ROWS_PER_INVOCATION) * s.cols;
-  const groups = Math.ceil(invocations / 256);
-  const gx = Math.min(groups, 65535);
-  return runWgsl({
-    key: 'sparse_sign_product',
-    names: ['X', 'ptr', 'ent'],
-    inputs: [X, ptr, entries],
-    outputShape: [M, s.cols],
-    dtype: 'float32',
-    workgroupSize: 256,
-    dispatch: [gx, Math.ceil(groups / gx), 1],
-    workgroupBytes: 0,
-    code: `
+  const [M] = X.shape;
+  return runSparseSign('sparse_sign_product', X, 1, s, ptr, entries, [M, s.cols], Math.ceil(M / ROWS_PER_INVOCATION) * s.cols, `
 fn kernel(index: i32) {
   let M = u32(uniforms.xShape.x);
   let n = u32(uniforms.xShape.y);
@@ -120,17 +106,71 @@ fn kernel(index: i32) {
   let j = flat % k;
   let t0 = (flat / k) * ${ROWS_PER_INVOCATION}u;
   let last = (M - 1u) * n;
-  var acc = vec4<f32>(0.0);
-  for (var e = u32(ptr[j]); e < u32(ptr[j + 1u]); e++) {
-    let v = ent[e];
-    let f = u32(select(~v, v, v >= 0));
-    let sg = select(-1.0, 1.0, v >= 0);
-    let o = t0 * n + f;
-    acc += sg * vec4<f32>(X[o], X[min(o + n, last + f)], X[min(o + 2u * n, last + f)], X[min(o + 3u * n, last + f)]);
-  }
+${signedSum('f', 'o = t0 * n + f', 'X[o], X[min(o + n, last + f)], X[min(o + 2u * n, last + f)], X[min(o + 3u * n, last + f)]')}
   for (var q = 0u; q < ${ROWS_PER_INVOCATION}u; q++) {
     if (t0 + q < M) { result[(t0 + q) * k + j] = acc[q]; }
   }
-}`,
+}`);
+}
+
+
+/**
+ * Ωᵀ·X [k, F] for X [T, F] float32 and a sparse sign Ω [T, k] on the webgpu backend (the row-space
+ * first sketch of a half-integer q): row j is the signed sum of the rows of X that Ω's column j
+ * selects (about ζ·T/k of them), four columns of X per invocation, read along X's rows. Disposes no
+ * input.
+ * @throws as {@link sparseSignProductWgsl} (X's rows must be Ω's rows).
+ */
+export function sparseSignRowsProductWgsl(X: tf.Tensor2D, s: SparseSign, ptr: tf.Tensor1D, entries: tf.Tensor1D): tf.Tensor2D {
+  const F = X.shape[1];
+  return runSparseSign('sparse_sign_rows_product', X, 0, s, ptr, entries, [s.cols, F], Math.ceil(F / 4) * s.cols, `
+fn kernel(index: i32) {
+  let F = u32(uniforms.xShape.y);
+  let k = u32(uniforms.outShape.x);
+  let F4 = (F + 3u) / 4u;
+  let flat = (workgroupId.y * numWorkgroups.x + workgroupId.x) * 256u + localIndex;
+  if (flat >= F4 * k) { return; }
+  // Neighbouring invocations take neighbouring columns of X (coalesced row reads).
+  let j = flat / F4;
+  let f0 = (flat % F4) * 4u;
+  let last = u32(uniforms.xShape.x) * F - 1u;
+${signedSum('t', 'o = t * F + f0', 'X[o], X[min(o + 1u, last)], X[min(o + 2u, last)], X[min(o + 3u, last)]')}
+  for (var q = 0u; q < 4u; q++) {
+    if (f0 + q < F) { result[j * F + f0 + q] = acc[q]; }
+  }
+}`);
+}
+
+/**
+ * WGSL of the signed sum over Ω's column j: for each entry, index `idx` (decoded from the entry), the
+ * offset `let <offset>`, and the four values `four` (a vec4 of X) added with the entry's sign into `acc`.
+ */
+function signedSum(idx: string, offset: string, four: string): string {
+  return `  var acc = vec4<f32>(0.0);
+  for (var e = u32(ptr[j]); e < u32(ptr[j + 1u]); e++) {
+    let v = ent[e];
+    let ${idx} = u32(select(~v, v, v >= 0));
+    let sg = select(-1.0, 1.0, v >= 0);
+    let ${offset};
+    acc += sg * vec4<f32>(${four});
+  }`;
+}
+
+/** Checks the operands (X's dimension `dim` must be Ω's rows) and runs one of the two gather kernels. */
+function runSparseSign(key: string, X: tf.Tensor2D, dim: 0 | 1, s: SparseSign, ptr: tf.Tensor1D, entries: tf.Tensor1D, outputShape: [number, number], invocations: number, code: string): tf.Tensor2D {
+  check(X.rank === 2 && X.dtype === 'float32' && ptr.dtype === 'int32' && entries.dtype === 'int32', 'dtype', `sparse sign product: X must be a float32 matrix and the columns int32, got X ${X.dtype} [${X.shape}], ${ptr.dtype} / ${entries.dtype}`);
+  check(X.shape[dim] === s.rows && ptr.size === s.cols + 1 && entries.size === s.entries.length, 'shape', `sparse sign product: X is [${X.shape}] but the test matrix is [${s.rows}, ${s.cols}]`);
+  const groups = Math.ceil(invocations / 256);
+  const gx = Math.min(groups, 65535);
+  return runWgsl({
+    key,
+    names: ['X', 'ptr', 'ent'],
+    inputs: [X, ptr, entries],
+    outputShape,
+    dtype: 'float32',
+    workgroupSize: 256,
+    dispatch: [gx, Math.ceil(groups / gx), 1],
+    workgroupBytes: 0,
+    code,
   }) as tf.Tensor2D;
 }
