@@ -38,9 +38,7 @@ export interface GemmTile {
 export const GEMM_TILES: Record<string, GemmTile> = {
   '128x64': { bm: 128, bn: 64, bk: 16, tm: 8, tn: 4 },
   '128x128': { bm: 128, bn: 128, bk: 8, tm: 8, tn: 8 },
-  '128x128x16': { bm: 128, bn: 128, bk: 16, tm: 8, tn: 8 },
   '128x64v': { bm: 128, bn: 64, bk: 16, tm: 8, tn: 4, vec4Loads: true },
-  '128x128x16v': { bm: 128, bn: 128, bk: 16, tm: 8, tn: 8, vec4Loads: true },
   '64x64': { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4 },
   '64x128': { bm: 64, bn: 128, bk: 16, tm: 4, tn: 8 },
 };
