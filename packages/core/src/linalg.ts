@@ -257,6 +257,11 @@ export function autoOversample(rank: number): number {
   return rank <= AUTO_OVERSAMPLE_MAX_RANK ? 8 : 0;
 }
 
+/** Oversampling p of {@link truncatedSvd} at rank r for an `oversample` option (`auto` or absent: {@link autoOversample}). */
+export function oversampleOf(rank: number, oversample?: number | 'auto'): number {
+  return oversample === undefined || oversample === 'auto' ? autoOversample(rank) : oversample;
+}
+
 /** Options of {@link truncatedSvd}. */
 export interface TruncatedSvdOptions {
   /** Target rank r (1 ≤ r ≤ min(T, F)). */
@@ -460,7 +465,7 @@ export async function truncatedSvdBatch(items: SvdBatchItem[], opts: Omit<Trunca
   check(sketch === 'gaussian' || sketch === 'sparse-sign', 'config', `sketch must be 'gaussian' or 'sparse-sign', got ${String(sketch)}`);
   const mm = opts.matmul ?? matmul;
   const shapes = items.map(({ blocks: X, rank: r }) => {
-    const p = opts.oversample === undefined || opts.oversample === 'auto' ? autoOversample(r) : opts.oversample;
+    const p = oversampleOf(r, opts.oversample);
     check(Number.isInteger(p) && p >= 0, 'config', `oversample must be a non-negative integer or 'auto', got ${p}`);
     check(p <= MAX_OVERSAMPLE, 'config', `oversample ${p} is too large: it must be at most ${MAX_OVERSAMPLE} (the k×k host work grows as (rank + oversample)³)`);
     const T = X[0].shape[0];

@@ -1,7 +1,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { check } from './errors.js';
 import { mulberry32 } from './random.js';
-import { runWgsl } from './webgpu.js';
+import { runFlatWgsl, wgslFlatIndex } from './webgpu.js';
 import { MAX_SEED, MIN_SEED } from './limits.js';
 
 /**
@@ -81,6 +81,9 @@ export function sparseSignDense(s: SparseSign): Float32Array {
   return out;
 }
 
+/** The flat invocation index as a u32 (the kernels' grid is {@link runFlatWgsl}'s). */
+const FLAT = `${wgslFlatIndex('fi')}\n  let flat = u32(fi);`;
+
 /** Rows of X each invocation of {@link sparseSignProductWgsl} sums (one decoded entry serves all of them). */
 const ROWS_PER_INVOCATION = 4;
 
@@ -100,7 +103,7 @@ fn kernel(index: i32) {
   let M = u32(uniforms.xShape.x);
   let n = u32(uniforms.xShape.y);
   let k = u32(uniforms.outShape.y);
-  let flat = (workgroupId.y * numWorkgroups.x + workgroupId.x) * 256u + localIndex;
+  ${FLAT}
   if (flat >= ((M + ${ROWS_PER_INVOCATION - 1}u) / ${ROWS_PER_INVOCATION}u) * k) { return; }
   // Neighbouring invocations take neighbouring columns of the same rows (their gathers share rows of X).
   let j = flat % k;
@@ -128,7 +131,7 @@ fn kernel(index: i32) {
   let F = u32(uniforms.xShape.y);
   let k = u32(uniforms.outShape.x);
   let F4 = (F + 3u) / 4u;
-  let flat = (workgroupId.y * numWorkgroups.x + workgroupId.x) * 256u + localIndex;
+  ${FLAT}
   if (flat >= F4 * k) { return; }
   // Neighbouring invocations take neighbouring columns of X (coalesced row reads).
   let j = flat / F4;
@@ -160,17 +163,13 @@ function signedSum(idx: string, offset: string, four: string): string {
 function runSparseSign(key: string, X: tf.Tensor2D, dim: 0 | 1, s: SparseSign, ptr: tf.Tensor1D, entries: tf.Tensor1D, outputShape: [number, number], invocations: number, code: string): tf.Tensor2D {
   check(X.rank === 2 && X.dtype === 'float32' && ptr.dtype === 'int32' && entries.dtype === 'int32', 'dtype', `sparse sign product: X must be a float32 matrix and the columns int32, got X ${X.dtype} [${X.shape}], ${ptr.dtype} / ${entries.dtype}`);
   check(X.shape[dim] === s.rows && ptr.size === s.cols + 1 && entries.size === s.entries.length, 'shape', `sparse sign product: X is [${X.shape}] but the test matrix is [${s.rows}, ${s.cols}]`);
-  const groups = Math.ceil(invocations / 256);
-  const gx = Math.min(groups, 65535);
-  return runWgsl({
+  return runFlatWgsl({
     key,
     names: ['X', 'ptr', 'ent'],
     inputs: [X, ptr, entries],
     outputShape,
     dtype: 'float32',
-    workgroupSize: 256,
-    dispatch: [gx, Math.ceil(groups / gx), 1],
-    workgroupBytes: 0,
+    invocations,
     code,
   }) as tf.Tensor2D;
 }

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs-core';
-import { KvpackError, autoOversample, deviceCholesky, isHostBackend, resolveOrthogonalization, truncatedSvdBatch, validateKVCache, type KVCache } from '@kvpack/core';
+import { KvpackError, deviceCholesky, oversampleOf, isHostBackend, resolveOrthogonalization, truncatedSvdBatch, validateKVCache, type KVCache } from '@kvpack/core';
 import { disposeBlock, makeBlock, type Block, type KindBlocks } from './factor-blocks.js';
 import { KINDS, checkGroupRanks, layerGroups, rankOf, type GroupSvdConfig, type Kind } from './group-config.js';
 import { GroupSvdCache } from './group-svd-cache.js';
@@ -46,7 +46,7 @@ export async function compressGroupSvd(cache: KVCache, strategy: string, options
       // factors their Gram matrices (one batch of dispatches for both, whatever their ranks), at the
       // cost of both sketches (and both concatenated group matrices) alive at once; elsewhere one at a
       // time, where batching would only raise the peak memory.
-      const widths = jobs.map((j) => j.R + (config.oversample === 'auto' ? autoOversample(j.R) : config.oversample));
+      const widths = jobs.map((j) => j.R + oversampleOf(j.R, config.oversample));
       const together = !config.exact && resolveOrthogonalization(config.orthogonalization) === 'device' && widths.every((k) => deviceCholesky(k));
       for (const batch of together ? [jobs] : jobs.map((j) => [j])) {
         const outs = await factorGroupBlocks(
