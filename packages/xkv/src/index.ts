@@ -3,6 +3,8 @@ import type {} from '@tensorflow/tfjs-core/dist/public/chained_ops/register_all_
 // Importing this package registers the `xkv` strategy. Its cache (GroupSvdCache), the decode paths
 // and the quantizer live in @kvpack/strategy-utils, shared with the per-layer SVD baseline.
 export * from './xkv.js';
+/** Bytes and ratios of a compressed xKV cache (from @kvpack/strategy-utils, where the cache lives). */
+export { lowRankStats } from '@kvpack/strategy-utils';
 
 import { registerStrategy } from '@kvpack/core';
 import { xkvDefinition } from './xkv.js';
